@@ -1,0 +1,389 @@
+"""BF16/FP32 arithmetic units shared by the PIM processing units and the NPU.
+
+Numerics (the contract of ARCHITECTURE.md section 4, decided here once):
+
+* BF16 x BF16 products are exact in FP32 (8-bit x 8-bit significands).
+* FP32 additions round to nearest, ties to even.
+* **Subnormals are flushed to zero** on every input and every output; the
+  flushed zero keeps the sign of the value it replaces. (Accelerator practice:
+  the PIM processing units and most NPUs do the same; it keeps the adder
+  small.) A product or sum whose exponent underflows becomes a signed zero.
+* **Overflow** gives infinity of the right sign.
+* **NaN**: any NaN input, ``Inf - Inf`` or ``0 x Inf`` gives the canonical
+  quiet NaN ``0x7FC00000``.
+* **Exact cancellation** ``x + (-x)`` gives ``+0``; ``(-0) + (-0)`` gives ``-0``.
+
+``sim/golden/fp.py`` is the independent numpy model of the same rules.
+
+Every block exposes its ``latency`` in cycles; data enters on one cycle and the
+result is on the output ``latency`` cycles later. The blocks have no stall:
+the surrounding control carries a valid bit alongside.
+"""
+
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = [
+    "QNAN",
+    "bf16_mul",
+    "fp32_add_align",
+    "fp32_add_round",
+    "BF16Multiplier",
+    "FP32Adder",
+    "AdderTree",
+    "MacUnit",
+    "ArithArray",
+]
+
+QNAN = 0x7FC00000
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, not {value!r}")
+
+
+def bf16_mul(m: Module, dom, a, b, prefix="mul"):
+    """Build a BF16 x BF16 -> FP32 multiplier; the result is assigned in domain ``dom``.
+
+    Returns the 32-bit result signal (registered when ``dom`` is a sync domain).
+    """
+    ea, eb = a[7:15], b[7:15]
+    fa, fb = a[0:7], b[0:7]
+    sign = a[15] ^ b[15]
+    a_zero, b_zero = ea == 0, eb == 0           # subnormals are zeros (DAZ)
+    a_inf = (ea == 0xFF) & (fa == 0)
+    b_inf = (eb == 0xFF) & (fb == 0)
+    a_nan = (ea == 0xFF) & (fa != 0)
+    b_nan = (eb == 0xFF) & (fb != 0)
+
+    prod = Signal(16, name=f"{prefix}_prod")
+    m.d.comb += prod.eq(Cat(fa, 1) * Cat(fb, 1))    # 1.fa x 1.fb in [1, 4)
+    # Biased exponent of the product before normalisation, as a signed number.
+    exp = Signal(range(-256, 512), name=f"{prefix}_exp")
+    m.d.comb += exp.eq(ea + eb - 127 + prod[15])
+    frac = Signal(23, name=f"{prefix}_frac")
+    m.d.comb += frac.eq(Mux(prod[15], Cat(Const(0, 8), prod[0:15]), Cat(Const(0, 9), prod[0:14])))
+
+    result = Signal(32, name=f"{prefix}_p")
+    with m.If(a_nan | b_nan | (a_inf & b_zero) | (b_inf & a_zero)):
+        dom += result.eq(QNAN)
+    with m.Elif(a_inf | b_inf | (exp >= 255)):
+        dom += result.eq(Cat(Const(0, 23), Const(0xFF, 8), sign))
+    with m.Elif(a_zero | b_zero | (exp <= 0)):
+        dom += result.eq(Cat(Const(0, 31), sign))
+    with m.Else():
+        dom += result.eq(Cat(frac, exp[0:8], sign))
+    return result
+
+
+def fp32_add_align(m: Module, dom, a, b, prefix="add"):
+    """First half of the FP32 adder: special cases, swap, align, add/subtract.
+
+    Assigns its outputs in ``dom`` (a pipeline register when it is a sync
+    domain) and returns them as a dict for :func:`fp32_add_round`.
+    """
+    def unpack(x):
+        e, f, s = x[23:31], x[0:23], x[31]
+        zero = e == 0
+        return s, e, f, zero, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
+
+    sa, ea, fa, za, ia, na = unpack(a)
+    sb, eb, fb, zb, ib, nb = unpack(b)
+    mag_a = Mux(za, 0, a[0:31])
+    mag_b = Mux(zb, 0, b[0:31])
+    swap = Signal(name=f"{prefix}_swap")
+    m.d.comb += swap.eq(mag_b > mag_a)
+
+    sx, ex, fx, zx = Mux(swap, sb, sa), Mux(swap, eb, ea), Mux(swap, fb, fa), Mux(swap, zb, za)
+    sy, ey, fy, zy = Mux(swap, sa, sb), Mux(swap, ea, eb), Mux(swap, fa, fb), Mux(swap, za, zb)
+
+    # Significands with three extra low bits (guard, round, sticky): 27 bits.
+    mx = Signal(27, name=f"{prefix}_mx")
+    my = Signal(27, name=f"{prefix}_my")
+    m.d.comb += [
+        mx.eq(Mux(zx, 0, Cat(Const(0, 3), fx, 1))),
+        my.eq(Mux(zy, 0, Cat(Const(0, 3), fy, 1))),
+    ]
+    d = Signal(8, name=f"{prefix}_d")
+    m.d.comb += d.eq(ex - ey)
+    dc = Signal(5, name=f"{prefix}_dc")      # shift distance, clamped: 27 or more leaves only sticky
+    m.d.comb += dc.eq(Mux(d > 27, 27, d))
+    shifted = Signal(27, name=f"{prefix}_shifted")
+    m.d.comb += shifted.eq(my >> dc)
+    lost = Signal(name=f"{prefix}_lost")
+    m.d.comb += lost.eq((shifted << dc)[0:27] != my)
+    my_al = Cat(shifted[0] | lost, shifted[1:27])
+
+    sub = sx ^ sy
+    total = Signal(28, name=f"{prefix}_sum")
+    exp = Signal(8, name=f"{prefix}_ex")
+    sign = Signal(name=f"{prefix}_sx")
+    nan = Signal(name=f"{prefix}_nan")
+    inf = Signal(name=f"{prefix}_inf")
+    inf_sign = Signal(name=f"{prefix}_inf_sign")
+    zero_sign = Signal(name=f"{prefix}_zero_sign")
+    dom += [
+        total.eq(Mux(sub, mx - my_al, mx + my_al)),
+        exp.eq(ex),
+        sign.eq(sx),
+        nan.eq(na | nb | (ia & ib & (sa != sb))),
+        inf.eq(ia | ib),
+        inf_sign.eq(Mux(ia, sa, sb)),
+        # Sign of a zero result: -0 only for (-0) + (-0); exact cancellation gives +0.
+        zero_sign.eq(zx & zy & sa & sb),
+    ]
+    return dict(total=total, exp=exp, sign=sign, nan=nan, inf=inf, inf_sign=inf_sign,
+                zero_sign=zero_sign)
+
+
+def fp32_add_round(m: Module, dom, st: dict, prefix="add"):
+    """Second half of the FP32 adder: normalise, round to nearest even, pack."""
+    total, exp = st["total"], st["exp"]
+    # Leading-zero count of the low 27 bits (bit 26 is the hidden-one position).
+    lz = Signal(5, name=f"{prefix}_lz")
+    m.d.comb += lz.eq(27)
+    for i in range(27):
+        with m.If(total[i]):
+            m.d.comb += lz.eq(26 - i)
+
+    norm = Signal(27, name=f"{prefix}_norm")
+    nexp = Signal(range(-32, 512), name=f"{prefix}_nexp")
+    with m.If(total[27]):
+        m.d.comb += [norm.eq(Cat(total[1] | total[0], total[2:28])), nexp.eq(exp + 1)]
+    with m.Else():
+        m.d.comb += [norm.eq((total[0:27] << lz)[0:27]), nexp.eq(exp - lz)]
+
+    lsb, guard, rest = norm[3], norm[2], norm[1] | norm[0]
+    round_up = guard & (rest | lsb)
+    rounded = Signal(25, name=f"{prefix}_rounded")
+    m.d.comb += rounded.eq(norm[3:27] + round_up)
+    rexp = Signal(range(-32, 512), name=f"{prefix}_rexp")
+    m.d.comb += rexp.eq(nexp + rounded[24])
+    frac = Mux(rounded[24], 0, rounded[0:23])
+
+    result = Signal(32, name=f"{prefix}_s")
+    with m.If(st["nan"]):
+        dom += result.eq(QNAN)
+    with m.Elif(st["inf"]):
+        dom += result.eq(Cat(Const(0, 23), Const(0xFF, 8), st["inf_sign"]))
+    with m.Elif(total == 0):
+        dom += result.eq(Cat(Const(0, 31), st["zero_sign"]))
+    with m.Elif(rexp >= 255):
+        dom += result.eq(Cat(Const(0, 23), Const(0xFF, 8), st["sign"]))
+    with m.Elif(rexp <= 0):
+        dom += result.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
+    with m.Else():
+        dom += result.eq(Cat(frac, rexp[0:8], st["sign"]))
+    return result
+
+
+class BF16Multiplier(wiring.Component):
+    """BF16 x BF16 -> FP32 multiplier, one registered stage.
+
+    Members
+    -------
+    a, b : In(16)
+        BF16 operands.
+    p : Out(32)
+        FP32 product, ``latency`` cycles later.
+    """
+
+    latency = 1
+    a: In(16)
+    b: In(16)
+    p: Out(32)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.p.eq(bf16_mul(m, m.d.sync, self.a, self.b))
+        return m
+
+
+class FP32Adder(wiring.Component):
+    """FP32 adder, round to nearest even.
+
+    Parameters
+    ----------
+    stages : int
+        0: combinational; 1: registered output; 2: a pipeline register
+        between alignment and normalisation as well. ``latency == stages``.
+    """
+
+    a: In(32)
+    b: In(32)
+    s: Out(32)
+
+    def __init__(self, stages: int = 2):
+        if stages not in (0, 1, 2):
+            raise ValueError(f"FP32Adder stages must be 0, 1 or 2, not {stages!r}")
+        self._stages = stages
+        super().__init__()
+
+    @property
+    def latency(self) -> int:
+        return self._stages
+
+    def elaborate(self, platform):
+        m = Module()
+        st = fp32_add_align(m, m.d.sync if self._stages == 2 else m.d.comb, self.a, self.b)
+        m.d.comb += self.s.eq(fp32_add_round(m, m.d.sync if self._stages >= 1 else m.d.comb, st))
+        return m
+
+
+class AdderTree(wiring.Component):
+    """N-input pipelined FP32 adder tree with a fixed addition order.
+
+    Level 1 adds neighbours ``(x0+x1), (x2+x3), ...``; each further level adds
+    neighbouring partial sums, so 16 inputs are summed as
+    ``((((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7))) + (((x8+x9)+...)))``.
+    Each level is a 2-stage :class:`FP32Adder`: ``latency = 2 * log2(n)``.
+
+    Members
+    -------
+    i : In(ArrayLayout(32, n))
+    o : Out(32)
+    """
+
+    def __init__(self, n: int, stages_per_level: int = 2):
+        if not isinstance(n, int) or n < 2 or n & (n - 1):
+            raise ValueError(f"Adder tree width must be a power of two of at least 2, not {n!r}")
+        self._n = n
+        self._stages = stages_per_level
+        super().__init__({"i": In(data.ArrayLayout(32, n)), "o": Out(32)})
+
+    @property
+    def n(self) -> int:
+        return self._n
+
+    @property
+    def latency(self) -> int:
+        return self._stages * (self._n.bit_length() - 1)
+
+    def elaborate(self, platform):
+        m = Module()
+        level = [self.i[k] for k in range(self._n)]
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for k in range(0, len(level), 2):
+                add = FP32Adder(self._stages)
+                m.submodules[f"l{depth}_{k // 2}"] = add
+                m.d.comb += [add.a.eq(level[k]), add.b.eq(level[k + 1])]
+                nxt.append(add.s)
+            level = nxt
+            depth += 1
+        m.d.comb += self.o.eq(level[0])
+        return m
+
+
+class MacUnit(wiring.Component):
+    """One processing-unit datapath: ``lanes`` BF16 multipliers, adder tree, FP32 accumulator.
+
+    A column of weights ``w`` and inputs ``x`` entering with ``valid`` is added
+    to the accumulator ``latency`` cycles later: ``acc = acc + tree(w * x)``
+    (the sum of the lanes first, then one addition into the accumulator). The
+    accumulator adder is combinational with a registered result, so
+    back-to-back columns accumulate at one per cycle.
+
+    ``acc_load`` writes ``acc_value`` into the accumulator at once (bias
+    preload or clear); the caller must not load while MACs are in flight.
+
+    Members
+    -------
+    valid : In(1)
+    w, x : In(ArrayLayout(16, lanes))
+    acc_load : In(1)
+    acc_value : In(32)
+    acc : Out(32)
+    """
+
+    def __init__(self, lanes: int = 16):
+        if not isinstance(lanes, int) or lanes < 2 or lanes & (lanes - 1):
+            raise ValueError(f"MAC lanes must be a power of two of at least 2, not {lanes!r}")
+        self._lanes = lanes
+        self._tree = AdderTree(lanes)
+        super().__init__({
+            "valid": In(1),
+            "w": In(data.ArrayLayout(16, lanes)),
+            "x": In(data.ArrayLayout(16, lanes)),
+            "acc_load": In(1),
+            "acc_value": In(32),
+            "acc": Out(32),
+        })
+
+    @property
+    def lanes(self) -> int:
+        return self._lanes
+
+    @property
+    def latency(self) -> int:
+        """Cycles from a column entering to the accumulator holding its sum."""
+        return BF16Multiplier.latency + self._tree.latency + 1
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.tree = tree = self._tree
+        for k in range(self._lanes):
+            p = bf16_mul(m, m.d.sync, self.w[k], self.x[k], prefix=f"mul{k}")
+            m.d.comb += tree.i[k].eq(p)
+        # valid travels alongside the multiplier and the tree.
+        valid = self.valid
+        for stage in range(BF16Multiplier.latency + tree.latency):
+            nxt = Signal(name=f"valid_s{stage + 1}")
+            m.d.sync += nxt.eq(valid)
+            valid = nxt
+
+        acc = Signal(32, name="acc_reg")
+        st = fp32_add_align(m, m.d.comb, acc, tree.o, prefix="acc")
+        total = fp32_add_round(m, m.d.comb, st, prefix="acc")
+        with m.If(self.acc_load):
+            m.d.sync += acc.eq(self.acc_value)
+        with m.Elif(valid):
+            m.d.sync += acc.eq(total)
+        m.d.comb += self.acc.eq(acc)
+        return m
+
+
+class ArithArray(wiring.Component):
+    """Test and benchmark harness: ``k`` multipliers and ``k`` 2-stage adders side by side.
+
+    Lets a testbench push ``k`` independent operand sets per cycle through the
+    same units the processing elements use.
+
+    Members
+    -------
+    ma, mb : In(ArrayLayout(16, k))     multiplier operands
+    aa, ab : In(ArrayLayout(32, k))     adder operands
+    mp : Out(ArrayLayout(32, k))        products, ``mul_latency`` cycles later
+    as_ : Out(ArrayLayout(32, k))       sums, ``add_latency`` cycles later
+    """
+
+    mul_latency = BF16Multiplier.latency
+    add_latency = 2
+
+    def __init__(self, k: int = 32):
+        _check_int("ArithArray k", k, 1)
+        self._k = k
+        super().__init__({
+            "ma": In(data.ArrayLayout(16, k)), "mb": In(data.ArrayLayout(16, k)),
+            "aa": In(data.ArrayLayout(32, k)), "ab": In(data.ArrayLayout(32, k)),
+            "mp": Out(data.ArrayLayout(32, k)), "sum": Out(data.ArrayLayout(32, k)),
+        })
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    def elaborate(self, platform):
+        m = Module()
+        for j in range(self._k):
+            mul = m.submodules[f"mul{j}"] = BF16Multiplier()
+            add = m.submodules[f"add{j}"] = FP32Adder(2)
+            m.d.comb += [
+                mul.a.eq(self.ma[j]), mul.b.eq(self.mb[j]), self.mp[j].eq(mul.p),
+                add.a.eq(self.aa[j]), add.b.eq(self.ab[j]), self.sum[j].eq(add.s),
+            ]
+        return m

@@ -1,0 +1,466 @@
+"""One parameter set for the whole system.
+
+The hardware generators, the golden models, the firmware (assembler, compiler,
+driver) and the performance model all read the same :class:`SystemConfig`.
+Every part is a frozen dataclass, checked when it is constructed; a variant is a
+copy with a few fields changed (:meth:`SystemConfig.replace`).
+
+Three presets:
+
+``tiny``
+    For unit tests: few banks, short rows and short DRAM timings, so that a
+    Verilator build takes seconds and a test a few thousand cycles.
+``default``
+    What ``make demo`` simulates in RTL: GDDR6-AiM geometry (16 banks, 2 KB
+    rows, 16 BF16 lanes per column, 2 KB global buffer) and the paper's DRAM
+    timings at a 1 GHz command clock, over 4 channels with enough rows for a
+    whole GPT-2-small decoder layer.
+``ianus``
+    The paper's Table 1 system (8 channels of GDDR6-AiM, 4 NPU cores with a
+    128x64 systolic array, 12 MB + 4 MB scratchpads). Used for performance
+    projection, not for RTL.
+
+Clocking convention: the PIM command bus is modelled at ``pim_mhz`` (1 GHz for
+AiM: one column command, i.e. one 16-lane MAC per bank, per ns; real GDDR6 has a
+2 GHz CK with separate row and column command slots, which the 1 GHz model folds
+into one slot per cycle). DRAM timings are stored in cycles of that clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ConfigError",
+    "PimGeometry",
+    "DramTiming",
+    "NpuConfig",
+    "Clocks",
+    "SystemConfig",
+    "TIMING_NS_IANUS",
+    "timing_from_ns",
+    "preset",
+    "PRESETS",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule. The message names the field, the value and the rule."""
+
+    def __init__(self, where: str, field_name: str, value, rule: str):
+        self.where = where
+        self.field_name = field_name
+        self.value = value
+        self.rule = rule
+        super().__init__(f"{where}.{field_name} must be {rule}, not {value!r}")
+
+
+def _is_pow2(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Checked:
+    """Mixin: helpers for ``__post_init__`` validation."""
+
+    def _fail(self, name, rule):
+        raise ConfigError(type(self).__name__, name, getattr(self, name), rule)
+
+    def _pow2(self, *names):
+        for name in names:
+            if not _is_pow2(getattr(self, name)):
+                self._fail(name, "a power of two")
+
+    def _at_least(self, minimum, *names, unit=""):
+        for name in names:
+            value = getattr(self, name)
+            if not _is_int(value) or value < minimum:
+                self._fail(name, f"an integer of at least {minimum}{unit}")
+
+
+@dataclass(frozen=True)
+class PimGeometry(_Checked):
+    """Geometry of the GDDR6-AiM-style PIM memory.
+
+    Parameters
+    ----------
+    channels : int
+        PIM channels (each with its own command bus, memory controller and
+        global buffer). Power of two.
+    banks : int
+        Banks per channel, each with a processing unit. Power of two.
+    rows : int
+        Rows per bank. Power of two.
+    columns : int
+        Columns per row. Power of two.
+    lanes : int
+        BF16 values per column, i.e. multipliers per processing unit.
+    column_bits : int
+        Width of one column access; must equal ``lanes * 16``.
+    gb_bytes : int
+        Global-buffer size per channel in bytes; a whole number of columns and
+        at most one row.
+    af_rows : int
+        Rows at the top of every bank reserved for activation-function lookup
+        tables (AiM keeps its AF tables in DRAM).
+    """
+
+    channels: int = 1
+    banks: int = 16
+    rows: int = 64
+    columns: int = 64
+    lanes: int = 16
+    column_bits: int = 256
+    gb_bytes: int = 2048
+    af_rows: int = 1
+
+    def __post_init__(self):
+        self._pow2("channels", "banks", "rows", "columns", "lanes")
+        if self.lanes < 2:
+            self._fail("lanes", "a power of two of at least 2")
+        if self.column_bits != self.lanes * 16:
+            self._fail("column_bits", f"lanes x 16 bits = {self.lanes * 16}")
+        column_bytes = self.column_bits // 8
+        if not _is_int(self.gb_bytes) or self.gb_bytes < column_bytes or self.gb_bytes % column_bytes:
+            self._fail("gb_bytes", f"a positive multiple of the column size ({column_bytes} bytes)")
+        if self.gb_bytes > self.row_bytes:
+            self._fail("gb_bytes", f"at most one row ({self.row_bytes} bytes)")
+        if not _is_pow2(self.gb_bytes // column_bytes):
+            self._fail("gb_bytes", "a power-of-two number of columns")
+        if not _is_int(self.af_rows) or not 0 <= self.af_rows < self.rows:
+            self._fail("af_rows", f"an integer in [0, rows={self.rows})")
+
+    # Derived values ------------------------------------------------------
+    @property
+    def column_bytes(self) -> int:
+        return self.column_bits // 8
+
+    @property
+    def row_bytes(self) -> int:
+        return self.columns * self.column_bytes
+
+    @property
+    def bank_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    @property
+    def channel_bytes(self) -> int:
+        return self.banks * self.bank_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.channels * self.channel_bytes
+
+    @property
+    def gb_columns(self) -> int:
+        """Columns (of ``lanes`` BF16 values) in the global buffer."""
+        return self.gb_bytes // self.column_bytes
+
+    @property
+    def gb_values(self) -> int:
+        """BF16 values the global buffer holds: the longest input-vector chunk of one PIM tile."""
+        return self.gb_bytes // 2
+
+    @property
+    def data_rows(self) -> int:
+        """Rows per bank available for data (the rest hold AF tables)."""
+        return self.rows - self.af_rows
+
+    # Address bit widths (Row-Channel-Bank-Column mapping, MSB to LSB).
+    @property
+    def column_offset_bits(self) -> int:
+        return (self.column_bytes - 1).bit_length()
+
+    @property
+    def column_addr_bits(self) -> int:
+        return (self.columns - 1).bit_length()
+
+    @property
+    def bank_addr_bits(self) -> int:
+        return (self.banks - 1).bit_length()
+
+    @property
+    def channel_addr_bits(self) -> int:
+        return (self.channels - 1).bit_length()
+
+    @property
+    def row_addr_bits(self) -> int:
+        return (self.rows - 1).bit_length()
+
+    @property
+    def addr_bits(self) -> int:
+        """Byte-address width of the whole device memory."""
+        return (self.total_bytes - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class DramTiming(_Checked):
+    """DRAM timing constraints in command-clock cycles.
+
+    Row timings (``tRCD*``, ``tRP``, ``tRAS``, ``tWR``, ``tRTP``) are per bank;
+    ``tRRD`` and ``tFAW`` limit activations across banks of a channel; ``tCCD``
+    is the column-command spacing (RD, WR, MAC, WRGB); ``tRFC`` is the
+    all-bank refresh time and ``tREFI`` the average refresh interval. A channel
+    that goes ``refresh_deadline`` cycles without REF violates refresh.
+    """
+
+    tRCDRD: int = 4
+    tRCDWR: int = 3
+    tRP: int = 4
+    tRAS: int = 6
+    tCCD: int = 1
+    tRRD: int = 1
+    tFAW: int = 4
+    tWR: int = 4
+    tRTP: int = 2
+    tRFC: int = 12
+    tREFI: int = 400
+    tRL: int = 2
+    """Read latency: cycles from RD/RDMAC/RDAF to its data on the bus."""
+    refresh_postpone: int = 8
+    """REF commands that may be postponed (JEDEC allows 8): the deadline is
+    ``tREFI * (refresh_postpone + 1)`` cycles after the previous REF."""
+
+    def __post_init__(self):
+        self._at_least(1, "tRCDRD", "tRCDWR", "tRP", "tRAS", "tCCD", "tRRD", "tFAW", "tWR",
+                       "tRTP", "tRFC", "tREFI", "tRL", unit=" cycle")
+        self._at_least(0, "refresh_postpone")
+        if self.tFAW < self.tRRD:
+            self._fail("tFAW", f"at least tRRD={self.tRRD}")
+        if self.tREFI <= self.tRFC:
+            self._fail("tREFI", f"greater than tRFC={self.tRFC}")
+
+    @property
+    def tRC(self) -> int:
+        return self.tRAS + self.tRP
+
+    @property
+    def refresh_deadline(self) -> int:
+        return self.tREFI * (self.refresh_postpone + 1)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class NpuConfig(_Checked):
+    """NPU sizes.
+
+    Parameters
+    ----------
+    array_rows, array_cols : int
+        Systolic array shape (processing elements).
+    macs_per_pe : int
+        MACs per processing element (the paper's PE does 4); the RTL array has 1.
+    vector_lanes : int
+        FP32 lanes of the vector unit.
+    act_spm_words, wgt_spm_words, acc_spm_words : int
+        Scratchpad depths in words of one array row/column of BF16 (act, wgt)
+        or FP32 (acc) values.
+    cores : int
+        NPU cores sharing the PIM channels (projection only; the RTL has one).
+    """
+
+    array_rows: int = 4
+    array_cols: int = 4
+    macs_per_pe: int = 1
+    vector_lanes: int = 4
+    act_spm_words: int = 1024
+    wgt_spm_words: int = 1024
+    acc_spm_words: int = 1024
+    cores: int = 1
+
+    def __post_init__(self):
+        self._at_least(1, "array_rows", "array_cols", "macs_per_pe", "cores")
+        self._pow2("vector_lanes")
+        for name in ("act_spm_words", "wgt_spm_words", "acc_spm_words"):
+            self._pow2(name)
+        if self.act_spm_words < self.array_rows:
+            self._fail("act_spm_words", f"at least array_rows={self.array_rows}")
+        if self.wgt_spm_words < self.array_rows:
+            self._fail("wgt_spm_words", f"at least array_rows={self.array_rows}")
+        if self.acc_spm_words < self.array_rows:
+            self._fail("acc_spm_words", f"at least array_rows={self.array_rows}")
+
+    @property
+    def peak_macs_per_cycle(self) -> int:
+        return self.array_rows * self.array_cols * self.macs_per_pe
+
+
+@dataclass(frozen=True)
+class Clocks(_Checked):
+    """Clock frequencies in MHz. The RTL runs one clock domain at ``pim_mhz``."""
+
+    npu_mhz: float = 1000.0
+    pim_mhz: float = 1000.0
+    host_link_gbps: float = 64.0
+    """Host link bandwidth in GB/s (PCIe 5.0 x16 is about 64 GB/s per direction)."""
+
+    def __post_init__(self):
+        for name in ("npu_mhz", "pim_mhz", "host_link_gbps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
+                    or not math.isfinite(value):
+                self._fail(name, "a positive finite number")
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """The whole system: PIM geometry, DRAM timing, NPU and clocks."""
+
+    name: str = "custom"
+    pim: PimGeometry = field(default_factory=PimGeometry)
+    timing: DramTiming = field(default_factory=DramTiming)
+    npu: NpuConfig = field(default_factory=NpuConfig)
+    clocks: Clocks = field(default_factory=Clocks)
+
+    def __post_init__(self):
+        for name, cls in (("pim", PimGeometry), ("timing", DramTiming), ("npu", NpuConfig),
+                          ("clocks", Clocks)):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError("SystemConfig", name, getattr(self, name), f"a {cls.__name__}")
+        if self.pim.gb_values < self.npu.vector_lanes:
+            raise ConfigError("SystemConfig", "pim.gb_bytes", self.pim.gb_bytes,
+                              f"large enough for one vector of {self.npu.vector_lanes} lanes")
+
+    def replace(self, **changes) -> "SystemConfig":
+        """A copy with fields changed; nested fields as ``"pim.banks"=8`` or ``pim__banks=8``.
+
+        >>> preset("tiny").replace(**{"pim.banks": 8}).pim.banks
+        8
+        """
+        nested: dict[str, dict] = {}
+        top = {}
+        for key, value in changes.items():
+            key = key.replace("__", ".")
+            if "." in key:
+                part, sub = key.split(".", 1)
+                if part not in ("pim", "timing", "npu", "clocks"):
+                    raise ConfigError("SystemConfig", part, value, "one of pim, timing, npu, clocks")
+                nested.setdefault(part, {})[sub] = value
+            else:
+                top[key] = value
+        for part, subchanges in nested.items():
+            obj = top.get(part, getattr(self, part))
+            names = {f.name for f in dataclasses.fields(obj)}
+            for sub in subchanges:
+                if sub not in names:
+                    raise ConfigError(type(obj).__name__, sub, subchanges[sub],
+                                      f"an existing field ({', '.join(sorted(names))})")
+            top[part] = dataclasses.replace(obj, **subchanges)
+        return dataclasses.replace(self, **top)
+
+    # Derived system figures ---------------------------------------------
+    @property
+    def pim_peak_internal_gbps(self) -> float:
+        """Peak internal (all-bank MAC) bandwidth in GB/s: every bank reads one column per tCCD."""
+        per_bank = self.pim.column_bytes * self.clocks.pim_mhz * 1e6 / self.timing.tCCD
+        return per_bank * self.pim.banks * self.pim.channels / 1e9
+
+    @property
+    def pim_peak_external_gbps(self) -> float:
+        """Peak external bandwidth in GB/s: one column per tCCD per channel."""
+        return self.pim.column_bytes * self.clocks.pim_mhz * 1e6 / self.timing.tCCD \
+            * self.pim.channels / 1e9
+
+    @property
+    def pim_peak_gflops(self) -> float:
+        """Peak PIM compute: 2 FLOP per lane per bank per MAC command."""
+        return 2 * self.pim.lanes * self.pim.banks * self.pim.channels * self.clocks.pim_mhz \
+            / self.timing.tCCD / 1e3
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "pim": dataclasses.asdict(self.pim),
+            "timing": dataclasses.asdict(self.timing),
+            "npu": dataclasses.asdict(self.npu),
+            "clocks": dataclasses.asdict(self.clocks),
+            "memory_mib": self.pim.total_bytes / 2**20,
+            "pim_peak_internal_gbps": self.pim_peak_internal_gbps,
+            "pim_peak_external_gbps": self.pim_peak_external_gbps,
+            "pim_peak_gflops": self.pim_peak_gflops,
+        }
+
+
+# Timings in ns. From IANUS (ASPLOS'24) Table 1: tCCD, tRAS, tWR, tRP, tRCDRD,
+# tRCDWR. Not in the paper (typical GDDR6 datasheet figures, kept as
+# parameters): tRRD, tFAW, tRTP, tRFC (all-bank, 8 Gb die), tREFI, read latency.
+TIMING_NS_IANUS = {
+    "tCCD": 1.0,
+    "tRAS": 21.0,
+    "tWR": 36.0,
+    "tRP": 30.0,
+    "tRCDRD": 36.0,
+    "tRCDWR": 24.0,
+    "tRRD": 2.0,
+    "tFAW": 16.0,
+    "tRTP": 2.0,
+    "tRFC": 210.0,
+    "tREFI": 1900.0,
+    "tRL": 20.0,
+}
+
+
+def timing_from_ns(ns: dict, clock_mhz: float, **extra) -> DramTiming:
+    """Convert timings in ns to a :class:`DramTiming` in cycles of ``clock_mhz`` (rounded up)."""
+    period = 1000.0 / clock_mhz
+    cycles = {name: max(1, math.ceil(value / period - 1e-9)) for name, value in ns.items()}
+    cycles.update(extra)
+    return DramTiming(**cycles)
+
+
+def _tiny() -> SystemConfig:
+    return SystemConfig(
+        name="tiny",
+        pim=PimGeometry(channels=2, banks=4, rows=16, columns=8, lanes=16, column_bits=256,
+                        gb_bytes=256, af_rows=1),
+        timing=DramTiming(tRCDRD=4, tRCDWR=3, tRP=4, tRAS=6, tCCD=1, tRRD=1, tFAW=4, tWR=4,
+                          tRTP=2, tRFC=12, tREFI=300, tRL=2, refresh_postpone=8),
+        npu=NpuConfig(array_rows=4, array_cols=4, vector_lanes=4, act_spm_words=256,
+                      wgt_spm_words=256, acc_spm_words=256),
+        clocks=Clocks(npu_mhz=1000.0, pim_mhz=1000.0),
+    )
+
+
+def _default() -> SystemConfig:
+    return SystemConfig(
+        name="default",
+        pim=PimGeometry(channels=4, banks=16, rows=512, columns=64, lanes=16, column_bits=256,
+                        gb_bytes=2048, af_rows=1),
+        timing=timing_from_ns(TIMING_NS_IANUS, 1000.0),
+        npu=NpuConfig(array_rows=16, array_cols=16, vector_lanes=16, act_spm_words=4096,
+                      wgt_spm_words=4096, acc_spm_words=1024),
+        clocks=Clocks(npu_mhz=1000.0, pim_mhz=1000.0),
+    )
+
+
+def _ianus() -> SystemConfig:
+    # 8 GB over 8 channels x 16 banks x 2 KB rows = 32768 rows per bank.
+    return SystemConfig(
+        name="ianus",
+        pim=PimGeometry(channels=8, banks=16, rows=32768, columns=64, lanes=16, column_bits=256,
+                        gb_bytes=2048, af_rows=1),
+        timing=timing_from_ns(TIMING_NS_IANUS, 1000.0),
+        # 12 MB activation SPM / (128 BF16 = 256 B per word) = 49152 -> 64Ki words (power of two);
+        # 4 MB weight SPM / 256 B = 16Ki words; sixteen 4-wide VLIW vector processors = 64 lanes.
+        npu=NpuConfig(array_rows=128, array_cols=64, macs_per_pe=4, vector_lanes=64,
+                      act_spm_words=65536, wgt_spm_words=16384, acc_spm_words=16384, cores=4),
+        clocks=Clocks(npu_mhz=700.0, pim_mhz=1000.0, host_link_gbps=64.0),
+    )
+
+
+PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus}
+
+
+def preset(name: str) -> SystemConfig:
+    """The preset configuration called ``name`` (``tiny``, ``default`` or ``ianus``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError("preset", "name", name, f"one of {', '.join(PRESETS)}") from None

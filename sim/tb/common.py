@@ -1,0 +1,99 @@
+"""Helpers shared by the cocotb testbenches."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+__all__ = ["tb_test", "pack", "unpack", "start", "env_int", "env_str", "write_metrics", "Stopwatch"]
+
+
+def tb_test(*args, **kwargs):
+    """``cocotb.test`` that also records a failure's message for the pytest driver.
+
+    cocotb's results file only says "Test failed with RANDOM_SEED=..."; the
+    wrapper appends ``name: ExceptionType: message`` to ``$IANUS_FAILFILE`` so
+    :meth:`sim.build.SimBuild.run` can raise with the real message.
+    """
+    import functools
+
+    import cocotb
+
+    def decorate(func):
+        @functools.wraps(func)
+        async def wrapper(dut, *a, **kw):
+            try:
+                return await func(dut, *a, **kw)
+            except BaseException as exc:  # noqa: B036 - re-raised below
+                path = os.environ.get("IANUS_FAILFILE")
+                if path:
+                    with open(path, "a") as f:
+                        f.write(f"{func.__name__}: {type(exc).__name__}: {exc}\n")
+                raise
+        return cocotb.test(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+def pack(values: np.ndarray, width: int) -> int:
+    """Pack an array of ``width``-bit fields into one integer, element 0 in the low bits."""
+    dtype = {8: "<u1", 16: "<u2", 32: "<u4", 64: "<u8"}.get(width)
+    if dtype is not None:
+        return int.from_bytes(np.asarray(values).astype(dtype).tobytes(), "little")
+    out = 0
+    for i, v in enumerate(np.asarray(values).tolist()):
+        out |= int(v) << (i * width)
+    return out
+
+
+def unpack(value: int, width: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack`."""
+    dtype = {8: "<u1", 16: "<u2", 32: "<u4", 64: "<u8"}.get(width)
+    if dtype is not None:
+        return np.frombuffer(int(value).to_bytes(count * width // 8, "little"), dtype=dtype).copy()
+    mask = (1 << width) - 1
+    return np.array([(int(value) >> (i * width)) & mask for i in range(count)], dtype=np.uint64)
+
+
+async def start(dut, period_ns: int = 10, reset_cycles: int = 2, zero_inputs=()):
+    """Start the clock on ``dut.clk`` and pulse ``dut.rst``; drive ``zero_inputs`` to 0 first."""
+    import cocotb
+    from cocotb.clock import Clock
+    from cocotb.triggers import RisingEdge
+
+    for name in zero_inputs:
+        getattr(dut, name).value = 0
+    cocotb.start_soon(Clock(dut.clk, period_ns, units="ns").start())
+    dut.rst.value = 1
+    for _ in range(reset_cycles):
+        await RisingEdge(dut.clk)
+    dut.rst.value = 0
+    await RisingEdge(dut.clk)
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def write_metrics(**metrics):
+    """Append metrics as one JSON line to ``$IANUS_METRICS`` (for benchmarks)."""
+    path = os.environ.get("IANUS_METRICS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+class Stopwatch:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
