@@ -304,7 +304,6 @@ class MacUnit(wiring.Component):
         if not isinstance(lanes, int) or lanes < 2 or lanes & (lanes - 1):
             raise ValueError(f"MAC lanes must be a power of two of at least 2, not {lanes!r}")
         self._lanes = lanes
-        self._tree = AdderTree(lanes)
         super().__init__({
             "valid": In(1),
             "w": In(data.ArrayLayout(16, lanes)),
@@ -321,11 +320,11 @@ class MacUnit(wiring.Component):
     @property
     def latency(self) -> int:
         """Cycles from a column entering to the accumulator holding its sum."""
-        return BF16Multiplier.latency + self._tree.latency + 1
+        return BF16Multiplier.latency + 2 * (self._lanes.bit_length() - 1) + 1
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.tree = tree = self._tree
+        m.submodules.tree = tree = AdderTree(self._lanes)
         for k in range(self._lanes):
             p = bf16_mul(m, m.d.sync, self.w[k], self.x[k], prefix=f"mul{k}")
             m.d.comb += tree.i[k].eq(p)
