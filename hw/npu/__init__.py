@@ -1,0 +1,1 @@
+"""NPU blocks: matrix unit, scratchpads, DMA, vector unit."""
