@@ -46,7 +46,7 @@ class Func(enum.Enum, shape=2):
 def delay(m: Module, sig, cycles: int, name: str):
     """``sig`` delayed by ``cycles`` sync registers (``cycles == 0`` returns ``sig``)."""
     for k in range(cycles):
-        nxt = Signal.like(sig, name=f"{name}_d{k + 1}")
+        nxt = Signal(sig.shape(), name=f"{name}_d{k + 1}")
         m.d.sync += nxt.eq(sig)
         sig = nxt
     return sig

@@ -1,0 +1,499 @@
+"""DMA engines between device memory and the matrix unit's scratchpads.
+
+Both engines speak the unified memory's normal-request interface
+(:class:`hw.memif.MemPortSignature`): 32-byte column requests, one response per
+request. They keep at most ``max_outstanding`` requests in flight and rely on
+responses returning **in request order** (the memory model and, per requester,
+the memory controller guarantee it); the low seven tag bits carry a sequence
+number that the engines check (``ErrorCode.MEM_ORDER`` otherwise). The eighth
+tag bit belongs to :class:`MemArbiter`, which merges the two engines onto one
+port and routes responses back by it.
+
+:class:`DmaLoad`
+    ``LOAD``: memory tile ``rows x cols`` (BF16, row ``r`` at
+    ``mem_addr + r * mem_stride``) into the activation or weight scratchpad,
+    in the layout of :mod:`hw.npu.isa`; lanes past ``cols`` are written as
+    zero. Non-transposed, one memory column holds ``16 / W`` scratchpad words
+    (``W`` lanes each), written one per cycle; at ``W = 16`` this is one
+    column per cycle, the memory's rate. Transposed, the engine reads ``W``
+    rows of one column into a ``W x 16`` buffer and then writes the 16
+    scratchpad words of its transpose (``W + 16`` cycles per ``W`` columns).
+:class:`DmaStore`
+    ``STORE``: accumulator tile ``rows x cols`` to memory as FP32 or rounded
+    to BF16 (RNE, flush-to-zero, canonical NaN ``0x7FC0``), byte-masked at the
+    right edge; one accumulator read per cycle, pieces of ``min(C, E)``
+    elements assembled into columns of ``E`` (8 FP32 or 16 BF16) elements.
+"""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from ..config import SystemConfig
+from ..memif import MemPortSignature
+from .isa import INSTRUCTION, N_SEMAPHORES, ErrorCode, Target
+from .spm import SpmReadSignature, SpmWriteSignature
+
+__all__ = ["fp32_to_bf16", "DmaLoad", "DmaStore", "MemArbiter", "COLUMN_BYTES"]
+
+COLUMN_BYTES = 32
+COLUMN_ELEMS = 16   # BF16 elements per memory column
+SEQ_BITS = 7
+
+
+def fp32_to_bf16(x):
+    """FP32 bit pattern -> BF16 (RNE, subnormals to signed zero, NaN -> 0x7FC0); combinational."""
+    exp, frac, sign = x[23:31], x[0:23], x[31]
+    upper, lower = x[16:32], x[0:16]
+    round_up = lower[15] & ((lower[0:15] != 0) | upper[0])
+    rounded = (upper + round_up)[0:16]
+    return Mux((exp == 0xFF) & (frac != 0), Const(0x7FC0, 16),
+               Mux(exp == 0, Cat(Const(0, 15), sign), rounded))
+
+
+def _check_lanes(lanes):
+    if not isinstance(lanes, int) or lanes < 1 or lanes > COLUMN_ELEMS or lanes & (lanes - 1):
+        raise ValueError(f"DMA scratchpad word lanes must be a power of two of at most {COLUMN_ELEMS} "
+                         f"(one memory column), not {lanes!r}")
+
+
+class DmaLoad(wiring.Component):
+    """``LOAD`` engine: memory -> activation / weight scratchpad, optionally transposed.
+
+    Parameters
+    ----------
+    cfg : SystemConfig
+    lanes : int
+        BF16 lanes per scratchpad word (``W``); a power of two up to 16.
+    max_outstanding : int
+        Read requests in flight at most.
+
+    Members
+    -------
+    cmd : In(stream.Signature(INSTRUCTION))
+        A LOAD whose tokens have been taken; accepted when idle.
+    mem : Out(MemPortSignature(cfg))
+    spm : Out(SpmWriteSignature(16, ArrayLayout(16, lanes)))
+    spm_target : Out(Target)
+    signal : Out(N_SEMAPHORES)
+        Tokens to give, for one cycle, when the instruction has finished.
+    busy : Out(1)
+    error : Out(ErrorCode)
+        Error event (``NONE`` otherwise), one cycle per event.
+    """
+
+    def __init__(self, cfg: SystemConfig, lanes: int, max_outstanding: int = 32):
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        _check_lanes(lanes)
+        if not isinstance(max_outstanding, int) or not 1 <= max_outstanding <= 64:
+            raise ValueError(f"Outstanding requests must be an integer in [1, 64], not {max_outstanding!r}")
+        self._cfg = cfg
+        self._lanes = lanes
+        self._max_out = max_outstanding
+        super().__init__({
+            "cmd": In(stream.Signature(INSTRUCTION)),
+            "mem": Out(MemPortSignature(cfg)),
+            "spm": Out(SpmWriteSignature(16, data.ArrayLayout(16, lanes))),
+            "spm_target": Out(Target),
+            "signal": Out(N_SEMAPHORES),
+            "busy": Out(1),
+            "error": Out(ErrorCode),
+        })
+
+    @property
+    def lanes(self) -> int:
+        return self._lanes
+
+    def elaborate(self, platform):
+        m = Module()
+        W = self._lanes
+        ppc = COLUMN_ELEMS // W                  # scratchpad words per memory column
+        log_w = W.bit_length() - 1
+
+        busy = Signal()
+        transpose = Signal()
+        target = Signal(Target)
+        mem_stride = Signal(24)
+        rows = Signal(16)
+        cols = Signal(16)
+        spm_addr = Signal(16)
+        spm_stride = Signal(16)
+        sig = Signal(N_SEMAPHORES)
+        ncol = Signal(13)                         # memory columns per tile row
+        blk = Signal(range(W + 1))                # tile rows per request block (1, or W transposed)
+        blk_step = Signal(40)                     # blk * mem_stride
+
+        m.d.comb += [self.busy.eq(busy), self.spm_target.eq(target), self.cmd.ready.eq(~busy)]
+
+        # ---- request generator: for block b, column mc, row w of the block ----
+        g_blk_base = Signal(40)
+        g_row_addr = Signal(40)
+        g_mc_off = Signal(24)
+        g_mc = Signal(13)
+        g_w = Signal(range(W + 1))
+        g_rows_left = Signal(17)
+        g_done = Signal()
+        seq = Signal(SEQ_BITS)
+        outstanding = Signal(range(self._max_out + 1))
+
+        g_nrows = Mux(g_rows_left < blk, g_rows_left, blk)
+        req = self.mem.req
+        m.d.comb += [
+            req.valid.eq(busy & ~g_done & (outstanding < self._max_out)),
+            req.payload.addr.eq(g_row_addr + g_mc_off),
+            req.payload.write.eq(0),
+            req.payload.mask.eq(0),
+            req.payload.tag.eq(seq),
+        ]
+        issued = req.valid & req.ready
+        with m.If(issued):
+            m.d.sync += seq.eq(seq + 1)
+            with m.If(g_w + 1 < g_nrows):
+                m.d.sync += [g_w.eq(g_w + 1), g_row_addr.eq(g_row_addr + mem_stride)]
+            with m.Else():
+                m.d.sync += g_w.eq(0)
+                with m.If(g_mc + 1 < ncol):
+                    m.d.sync += [g_mc.eq(g_mc + 1), g_mc_off.eq(g_mc_off + COLUMN_BYTES),
+                                 g_row_addr.eq(g_blk_base)]
+                with m.Else():
+                    m.d.sync += [g_mc.eq(0), g_mc_off.eq(0),
+                                 g_blk_base.eq(g_blk_base + blk_step), g_row_addr.eq(g_blk_base + blk_step),
+                                 g_rows_left.eq(g_rows_left - blk)]
+                    with m.If(g_rows_left <= blk):
+                        m.d.sync += g_done.eq(1)
+
+        # ---- response handler, mirroring the same loops ----
+        resp = self.mem.resp
+        h_mc = Signal(13)
+        h_w = Signal(range(W + 1))
+        h_rows_left = Signal(17)
+        h_done = Signal()
+        h_seq = Signal(SEQ_BITS)
+        h_nrows = Mux(h_rows_left < blk, h_rows_left, blk)
+        # non-transposed addressing
+        h_row_spm = Signal(16)                    # spm_addr + r
+        h_piece_addr = Signal(16)                 # spm_addr + c * spm_stride + r
+        h_elem = Signal(17)                       # c * W
+        h_q = Signal(range(max(ppc, 2)))          # piece within the column
+        # transposed addressing
+        h_tbase = Signal(16)                      # spm_addr + b * spm_stride
+        h_mc_elem = Signal(17)                    # mc * 16
+        tbuf = Signal(data.ArrayLayout(COLUMN_BYTES * 8, W))
+        emit = Signal()
+        e_idx = Signal(range(COLUMN_ELEMS))
+
+        spm = self.spm
+        resp_ready = Signal()
+        m.d.comb += resp.ready.eq(resp_ready)
+
+        def advance_loops():
+            with m.If(h_w + 1 < h_nrows):
+                m.d.sync += h_w.eq(h_w + 1)
+            with m.Else():
+                m.d.sync += h_w.eq(0)
+                with m.If(h_mc + 1 < ncol):
+                    m.d.sync += h_mc.eq(h_mc + 1)
+                with m.Else():
+                    m.d.sync += [h_mc.eq(0), h_rows_left.eq(h_rows_left - blk)]
+                    with m.If(h_rows_left <= blk):
+                        m.d.sync += h_done.eq(1)
+
+        err_evt = Signal(ErrorCode)
+        with m.If(resp.valid & resp.ready):
+            m.d.sync += h_seq.eq(h_seq + 1)
+            with m.If(resp.payload.error):
+                m.d.comb += err_evt.eq(ErrorCode.MEM_ERROR)
+            with m.Elif(resp.payload.tag[:SEQ_BITS] != h_seq):
+                m.d.comb += err_evt.eq(ErrorCode.MEM_ORDER)
+        m.d.comb += self.error.eq(err_evt)
+
+        with m.If(busy & ~h_done):
+            with m.If(~transpose):
+                # One piece (scratchpad word) of the response column per cycle.
+                piece = resp.payload.data.word_select(h_q, W * 16) if ppc > 1 else resp.payload.data
+                last_piece = (h_elem + W >= cols) | (h_q == ppc - 1)
+                with m.If(resp.valid):
+                    m.d.comb += [spm.en.eq(1), spm.addr.eq(h_piece_addr), resp_ready.eq(last_piece)]
+                    for lane in range(W):
+                        m.d.comb += spm.data[lane].eq(Mux(h_elem + lane < cols, piece[lane * 16:(lane + 1) * 16], 0))
+                    with m.If(last_piece):
+                        m.d.sync += h_q.eq(0)
+                        with m.If(h_mc + 1 < ncol):
+                            m.d.sync += [h_piece_addr.eq(h_piece_addr + spm_stride), h_elem.eq(h_elem + W)]
+                        with m.Else():   # next tile row
+                            m.d.sync += [h_row_spm.eq(h_row_spm + 1), h_piece_addr.eq(h_row_spm + 1),
+                                         h_elem.eq(0)]
+                        advance_loops()
+                    with m.Else():
+                        m.d.sync += [h_q.eq(h_q + 1), h_piece_addr.eq(h_piece_addr + spm_stride),
+                                     h_elem.eq(h_elem + W)]
+            with m.Elif(~emit):
+                # Transposed: gather the block's rows of one column.
+                m.d.comb += resp_ready.eq(1)
+                with m.If(resp.valid):
+                    with m.Switch(h_w):
+                        for w in range(W):
+                            with m.Case(w):
+                                m.d.sync += tbuf[w].eq(resp.payload.data)
+                    with m.If(h_w + 1 >= h_nrows):
+                        m.d.sync += [emit.eq(1), e_idx.eq(0)]
+                    with m.Else():
+                        m.d.sync += h_w.eq(h_w + 1)
+            with m.Else():
+                # Transposed: write element column e of the buffer as one scratchpad word.
+                m.d.comb += [spm.en.eq(1), spm.addr.eq(h_tbase + h_mc_elem + e_idx)]
+                for w in range(W):
+                    m.d.comb += spm.data[w].eq(Mux(w < h_nrows, tbuf[w].word_select(e_idx, 16), 0))
+                last_e = (e_idx == COLUMN_ELEMS - 1) | (h_mc_elem + e_idx + 1 >= cols)
+                m.d.sync += e_idx.eq(e_idx + 1)
+                with m.If(last_e):
+                    m.d.sync += emit.eq(0)
+                    m.d.sync += h_w.eq(0)
+                    with m.If(h_mc + 1 < ncol):
+                        m.d.sync += [h_mc.eq(h_mc + 1), h_mc_elem.eq(h_mc_elem + COLUMN_ELEMS)]
+                    with m.Else():
+                        m.d.sync += [h_mc.eq(0), h_mc_elem.eq(0), h_tbase.eq(h_tbase + spm_stride),
+                                     h_rows_left.eq(h_rows_left - blk)]
+                        with m.If(h_rows_left <= blk):
+                            m.d.sync += h_done.eq(1)
+
+        # ---- outstanding count, start, finish ----
+        consumed = resp.valid & resp.ready
+        m.d.sync += outstanding.eq(outstanding + issued - consumed)
+
+        with m.If(busy & h_done & g_done):
+            m.d.sync += busy.eq(0)
+            m.d.comb += self.signal.eq(sig)
+
+        with m.If(self.cmd.valid & self.cmd.ready):
+            h = self.cmd.payload.header
+            b = self.cmd.payload.body.dma
+            c_cols = b.cols
+            t = h.transpose
+            m.d.sync += [
+                busy.eq(1), transpose.eq(t), target.eq(h.target), sig.eq(h.signal),
+                mem_stride.eq(b.mem_stride), rows.eq(b.rows), cols.eq(c_cols),
+                spm_addr.eq(b.spm_addr), spm_stride.eq(b.spm_stride),
+                ncol.eq((c_cols + COLUMN_ELEMS - 1) >> 4),
+                blk.eq(Mux(t, W, 1)),
+                blk_step.eq(Mux(t, b.mem_stride << log_w, b.mem_stride)),
+                g_blk_base.eq(b.mem_addr), g_row_addr.eq(b.mem_addr), g_mc_off.eq(0), g_mc.eq(0),
+                g_w.eq(0), g_rows_left.eq(b.rows), g_done.eq(0),
+                h_mc.eq(0), h_w.eq(0), h_rows_left.eq(b.rows), h_done.eq(0),
+                h_row_spm.eq(b.spm_addr), h_piece_addr.eq(b.spm_addr), h_elem.eq(0), h_q.eq(0),
+                h_tbase.eq(b.spm_addr), h_mc_elem.eq(0), emit.eq(0),
+            ]
+        return m
+
+
+class DmaStore(wiring.Component):
+    """``STORE`` engine: accumulator scratchpad -> memory, FP32 or BF16.
+
+    Parameters
+    ----------
+    cfg : SystemConfig
+    lanes : int
+        FP32 lanes per accumulator word (``C``); a power of two up to 16.
+    acc_addr_bits : int
+        Address width of the accumulator scratchpad.
+
+    Members
+    -------
+    cmd : In(stream.Signature(INSTRUCTION))
+    mem : Out(MemPortSignature(cfg))
+    acc : Out(SpmReadSignature(acc_addr_bits, ArrayLayout(32, lanes)))
+    signal, busy, error
+        As for :class:`DmaLoad`.
+    """
+
+    FIFO_DEPTH = 4
+
+    def __init__(self, cfg: SystemConfig, lanes: int, acc_addr_bits: int, max_outstanding: int = 32):
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        _check_lanes(lanes)
+        self._cfg = cfg
+        self._lanes = lanes
+        self._max_out = max_outstanding
+        super().__init__({
+            "cmd": In(stream.Signature(INSTRUCTION)),
+            "mem": Out(MemPortSignature(cfg)),
+            "acc": Out(SpmReadSignature(acc_addr_bits, data.ArrayLayout(32, lanes))),
+            "signal": Out(N_SEMAPHORES),
+            "busy": Out(1),
+            "error": Out(ErrorCode),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        C = self._lanes
+        pf, pb = min(C, 8), min(C, 16)           # piece sizes (elements): FP32, BF16
+
+        busy = Signal()
+        bf16 = Signal()
+        mem_stride = Signal(24)
+        rows = Signal(16)
+        cols = Signal(16)
+        spm_stride = Signal(16)
+        sig = Signal(N_SEMAPHORES)
+        m.d.comb += [self.busy.eq(busy), self.cmd.ready.eq(~busy)]
+
+        # ---- generator: one accumulator read per cycle ----
+        g_r = Signal(16)
+        g_e = Signal(17)                         # element index within the row
+        g_row_word = Signal(16)                  # spm_addr + r
+        g_word = Signal(16)                      # spm_addr + (e // C) * spm_stride + r
+        g_row_mem = Signal(40)
+        g_col_mem = Signal(40)
+        g_done = Signal()
+
+        piece = Mux(bf16, pb, pf)
+        emask = Mux(bf16, 15, 7)                 # E - 1
+        e_next = g_e + piece
+        col_end = ((e_next & emask) == 0) | (e_next >= cols)
+        word_end = (e_next & (C - 1)) == 0
+        row_end = e_next >= cols
+
+        fifo = m.submodules.fifo = SyncFIFOBuffered(width=40 + 256 + 32, depth=self.FIFO_DEPTH)
+        p1_valid = Signal()
+        p1_last = Signal()
+        can_issue = busy & ~g_done & (fifo.level + (p1_valid & p1_last) < self.FIFO_DEPTH)
+        m.d.comb += [self.acc.addr.eq(g_word), self.acc.en.eq(can_issue)]
+
+        p1_lo = Signal(range(C))
+        p1_pos = Signal(4)
+        p1_first = Signal()
+        p1_addr = Signal(40)
+        p1_rem = Signal(17)                      # elements of the row from the column's start
+        m.d.sync += p1_valid.eq(can_issue)
+        with m.If(can_issue):
+            m.d.sync += [
+                p1_lo.eq(g_e & (C - 1)), p1_pos.eq(g_e & emask), p1_first.eq((g_e & emask) == 0),
+                p1_last.eq(col_end), p1_addr.eq(g_col_mem), p1_rem.eq(cols - (g_e - (g_e & emask))),
+            ]
+            with m.If(row_end):
+                m.d.sync += [g_r.eq(g_r + 1), g_e.eq(0), g_row_word.eq(g_row_word + 1),
+                             g_word.eq(g_row_word + 1), g_row_mem.eq(g_row_mem + mem_stride),
+                             g_col_mem.eq(g_row_mem + mem_stride)]
+                with m.If(g_r + 1 >= rows):
+                    m.d.sync += g_done.eq(1)
+            with m.Else():
+                m.d.sync += g_e.eq(e_next)
+                with m.If(word_end):
+                    m.d.sync += g_word.eq(g_word + spm_stride)
+                with m.If(col_end):
+                    m.d.sync += g_col_mem.eq(g_col_mem + COLUMN_BYTES)
+
+        # ---- assembly: place the piece into the column ----
+        word = self.acc.data
+        fp_bits = Cat(*[word[i] for i in range(C)])
+        bf_bits = Cat(*[fp32_to_bf16(word[i]) for i in range(C)])
+        fp_piece = fp_bits.word_select(p1_lo >> (pf.bit_length() - 1), pf * 32) if C > pf else fp_bits
+        bf_piece = bf_bits.word_select(p1_lo >> (pb.bit_length() - 1), pb * 16) if C > pb else bf_bits
+        colbuf = Signal(256)
+        placed = Signal(256)
+        with m.If(bf16):
+            with m.Switch(p1_pos >> (pb.bit_length() - 1)):
+                for s in range(16 // pb):
+                    with m.Case(s):
+                        m.d.comb += placed.eq(bf_piece << (s * pb * 16))
+        with m.Else():
+            with m.Switch(p1_pos >> (pf.bit_length() - 1)):
+                for s in range(8 // pf):
+                    with m.Case(s):
+                        m.d.comb += placed.eq(fp_piece << (s * pf * 32))
+        assembled = Mux(p1_first, 0, colbuf) | placed
+        mask = Signal(32)
+        for byte in range(32):
+            m.d.comb += mask[byte].eq(Mux(bf16, byte // 2 < p1_rem, byte // 4 < p1_rem))
+        with m.If(p1_valid):
+            m.d.sync += colbuf.eq(assembled)
+        m.d.comb += [fifo.w_en.eq(p1_valid & p1_last), fifo.w_data.eq(Cat(p1_addr, assembled, mask))]
+
+        # ---- write requests and their acknowledgements ----
+        req, resp = self.mem.req, self.mem.resp
+        seq = Signal(SEQ_BITS)
+        a_seq = Signal(SEQ_BITS)
+        pending = Signal(range(self._max_out + 1))
+        m.d.comb += [
+            req.valid.eq(fifo.r_rdy & (pending < self._max_out)),
+            req.payload.addr.eq(fifo.r_data[0:40]),
+            req.payload.data.eq(fifo.r_data[40:296]),
+            req.payload.mask.eq(fifo.r_data[296:328]),
+            req.payload.write.eq(1),
+            req.payload.tag.eq(seq),
+            fifo.r_en.eq(req.valid & req.ready),
+            resp.ready.eq(1),
+        ]
+        issued = req.valid & req.ready
+        acked = resp.valid
+        m.d.sync += pending.eq(pending + issued - acked)
+        with m.If(issued):
+            m.d.sync += seq.eq(seq + 1)
+        err_evt = Signal(ErrorCode)
+        with m.If(acked):
+            m.d.sync += a_seq.eq(a_seq + 1)
+            with m.If(resp.payload.error):
+                m.d.comb += err_evt.eq(ErrorCode.MEM_ERROR)
+            with m.Elif((resp.payload.tag[:SEQ_BITS] != a_seq) | ~resp.payload.write):
+                m.d.comb += err_evt.eq(ErrorCode.MEM_ORDER)
+        m.d.comb += self.error.eq(err_evt)
+
+        with m.If(busy & g_done & ~p1_valid & ~fifo.r_rdy & (pending == 0)):
+            m.d.sync += busy.eq(0)
+            m.d.comb += self.signal.eq(sig)
+
+        with m.If(self.cmd.valid & self.cmd.ready):
+            h = self.cmd.payload.header
+            b = self.cmd.payload.body.dma
+            m.d.sync += [
+                busy.eq(1), bf16.eq(h.bf16), sig.eq(h.signal), mem_stride.eq(b.mem_stride),
+                rows.eq(b.rows), cols.eq(b.cols), spm_stride.eq(b.spm_stride),
+                g_r.eq(0), g_e.eq(0), g_row_word.eq(b.spm_addr), g_word.eq(b.spm_addr),
+                g_row_mem.eq(b.mem_addr), g_col_mem.eq(b.mem_addr), g_done.eq(0),
+            ]
+        return m
+
+
+class MemArbiter(wiring.Component):
+    """Round-robin merge of two requesters onto one memory port.
+
+    The top tag bit names the requester (0: ``a``, 1: ``b``); responses are
+    routed back by it. Requesters use the low seven tag bits.
+
+    Members
+    -------
+    a, b : In(MemPortSignature(cfg))
+        Requesters (memory side of their ports).
+    out : Out(MemPortSignature(cfg))
+    """
+
+    def __init__(self, cfg: SystemConfig):
+        super().__init__({
+            "a": In(MemPortSignature(cfg)),
+            "b": In(MemPortSignature(cfg)),
+            "out": Out(MemPortSignature(cfg)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        prefer_b = Signal()
+        pick_b = Mux(self.a.req.valid & self.b.req.valid, prefer_b, self.b.req.valid)
+        src_a, src_b, out = self.a.req, self.b.req, self.out.req
+        m.d.comb += [
+            out.valid.eq(src_a.valid | src_b.valid),
+            out.payload.eq(Mux(pick_b, src_b.payload.as_value(), src_a.payload.as_value())),
+            out.payload.tag[7].eq(pick_b),
+            src_a.ready.eq(out.ready & ~pick_b),
+            src_b.ready.eq(out.ready & pick_b),
+        ]
+        with m.If(out.valid & out.ready):
+            m.d.sync += prefer_b.eq(~pick_b)
+        resp = self.out.resp
+        to_b = resp.payload.tag[7]
+        for port, sel in ((self.a, ~to_b), (self.b, to_b)):
+            m.d.comb += [port.resp.valid.eq(resp.valid & sel), port.resp.payload.eq(resp.payload)]
+        m.d.comb += resp.ready.eq(Mux(to_b, self.b.resp.ready, self.a.resp.ready))
+        return m
