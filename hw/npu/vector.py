@@ -42,6 +42,12 @@ follows the pipeline. Multi-pass instructions (layernorm statistics, softmax)
 wait for a row's reduction before the next pass of that row; the first pass of
 the next row starts as soon as the last pass of the previous row is issued.
 
+Aliasing: rows stream through the pipeline, so the destination may alias
+operand A (or B in ``ROW`` mode) only row for row and with a destination pitch
+no larger than the source's (for example in place with the same format, or
+FP32 -> BF16); B in ``VEC`` / ``COL`` mode, the stats and the mask must not
+be overwritten by the same instruction. The unit does not check this.
+
 Errors (:class:`VecError`) are detected before anything is read or written:
 an instruction with an error touches no memory and finishes at once with
 ``done`` and the error code.
@@ -163,19 +169,24 @@ class VectorInstr(data.Struct):
 
 
 def encode(**fields) -> int:
-    """The instruction word (an int) of ``fields``; missing fields are 0, enums may be given by name."""
-    conv = {}
+    """The instruction word (an int) of ``fields``; missing fields are 0, enums may be given by name.
+
+    An integer that is not a member of its field's enum (an undefined opcode or
+    mask mode, to test the error path) is placed as raw bits.
+    """
+    layout = data.Layout.cast(VectorInstr)
+    enums = {"op": Opcode, "a_fmt": Fmt, "b_fmt": Fmt, "d_fmt": Fmt, "b_mode": BMode, "mask": MaskMode}
+    conv, raw = {}, 0
     for name, value in fields.items():
-        if name == "op" and isinstance(value, str):
-            value = Opcode[value]
-        elif name.endswith("_fmt") and isinstance(value, str):
-            value = Fmt[value]
-        elif name == "b_mode" and isinstance(value, str):
-            value = BMode[value]
-        elif name == "mask" and isinstance(value, str):
-            value = MaskMode[value]
+        kind = enums.get(name)
+        if kind is not None and isinstance(value, str):
+            value = kind[value]
+        elif kind is not None and not isinstance(value, kind) and value not in {e.value for e in kind}:
+            field = layout[name]
+            raw |= (int(value) & ((1 << field.width) - 1)) << field.offset
+            continue
         conv[name] = value
-    return VectorInstr.const(conv).as_value().value
+    return VectorInstr.const(conv).as_value().value | raw
 
 
 # -- micro-program: stage settings per (opcode, phase) --------------------------------------
