@@ -73,11 +73,13 @@ class ComputeEngine(wiring.Component):
 
     MIN_SLOT = 4
 
-    def __init__(self, rows: int, cols: int, act_bits: int, wgt_bits: int, acc_bits: int):
+    def __init__(self, rows: int, cols: int, act_bits: int, wgt_bits: int, acc_bits: int,
+                 pe_instance: bool = False):
         for what, v in (("Array rows", rows), ("Array columns", cols)):
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"{what} must be a power of two, not {v!r}")
         self._rows, self._cols = rows, cols
+        self._pe_instance = pe_instance
         super().__init__({
             "cmd": In(stream.Signature(INSTRUCTION)),
             "act": Out(SpmReadSignature(act_bits, data.ArrayLayout(16, rows))),
@@ -97,7 +99,7 @@ class ComputeEngine(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C = self._rows, self._cols
-        m.submodules.array = array = SystolicArray(R, C)
+        m.submodules.array = array = SystolicArray(R, C, self._pe_instance)
         log_r, log_c = R.bit_length() - 1, C.bit_length() - 1
 
         run = Signal()
@@ -247,6 +249,8 @@ class MatrixUnit(wiring.Component):
         ``cfg.npu`` gives the array shape and scratchpad depths. The RTL needs
         a square array whose side is a power of two of at most 16 (a
         scratchpad word is at most one 32-byte memory column).
+    pe_instance : bool
+        Passed to :class:`SystolicArray` (Verilog builds).
 
     Members
     -------
@@ -266,9 +270,10 @@ class MatrixUnit(wiring.Component):
 
     QUEUE_DEPTH = 4
 
-    def __init__(self, cfg: SystemConfig):
+    def __init__(self, cfg: SystemConfig, pe_instance: bool = False):
         if not isinstance(cfg, SystemConfig):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        self._pe_instance = pe_instance
         R, C = cfg.npu.array_rows, cfg.npu.array_cols
         if R != C or R > 16 or R & (R - 1):
             raise ValueError(f"Matrix unit RTL needs a square array with a power-of-two side of at most 16, "
@@ -310,7 +315,8 @@ class MatrixUnit(wiring.Component):
         act = m.submodules.spm_act = Scratchpad(npu.act_spm_words, R, 16)
         wgt = m.submodules.spm_wgt = Scratchpad(npu.wgt_spm_words, C, 16)
         acc = m.submodules.spm_acc = Scratchpad(npu.acc_spm_words, C, 32, read_ports=2)
-        comp = m.submodules.compute = ComputeEngine(R, C, act.addr_bits, wgt.addr_bits, acc.addr_bits)
+        comp = m.submodules.compute = ComputeEngine(R, C, act.addr_bits, wgt.addr_bits, acc.addr_bits,
+                                                    self._pe_instance)
         load = m.submodules.load = DmaLoad(cfg, R)
         store = m.submodules.store = DmaStore(cfg, C, acc.addr_bits)
         arb = m.submodules.arbiter = MemArbiter(cfg)

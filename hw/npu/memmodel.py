@@ -170,10 +170,10 @@ class MatrixSystem(wiring.Component):
     ``mem_bp_enable``, ``mem_load``, ..., and ``clk_out``.
     """
 
-    def __init__(self, cfg: SystemConfig, words_log2: int, mem_latency: int = 6):
+    def __init__(self, cfg: SystemConfig, words_log2: int, mem_latency: int = 6, pe_instance: bool = True):
         from .matrix_unit import MatrixUnit
 
-        self._unit = MatrixUnit(cfg)
+        self._unit = MatrixUnit(cfg, pe_instance)
         self._memory = MemoryModel(cfg, words_log2, mem_latency)
         members = {name: member for name, member in self._unit.signature.members.items() if name != "mem"}
         for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):

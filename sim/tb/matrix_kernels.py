@@ -29,7 +29,7 @@ import numpy as np
 
 from hw.npu.isa import Opcode, Target, encode
 
-__all__ = ["MemImage", "Matrix", "GemmSpec", "plan_tiles", "gemm_program", "Segment", "write_run", "read_dump",
+__all__ = ["check_f64", "gpt2_case", "run_gpt2", "GPT2_GEMMS", "MemImage", "Matrix", "GemmSpec", "plan_tiles", "gemm_program", "Segment", "write_run", "read_dump",
            "extract", "utilization", "system_build", "run_segments"]
 
 COL = 32
@@ -153,14 +153,21 @@ def plan_tiles(M, K, N, side, act_words, wgt_words, acc_words):
 
 
 def gemm_program(spec: GemmSpec, side: int, act_words: int, wgt_words: int, acc_words: int,
-                 tiles=None) -> tuple[list[int], dict]:
-    """Instructions computing ``spec`` and a summary (tiles, MACs)."""
+                 tiles=None, buffers: int = 2) -> tuple[list[int], dict]:
+    """Instructions computing ``spec`` and a summary (tiles, MACs).
+
+    ``tiles = (Mt, Kt, Nt)`` overrides :func:`plan_tiles` (``Kt`` and ``Nt``
+    multiples of 16 unless they cover the whole dimension); ``buffers`` is 2
+    (double-buffered weights and accumulators) or 1.
+    """
     M, K, N = spec.mkn
     Mt, Kt, Nt = tiles or plan_tiles(M, K, N, side, act_words, wgt_words, acc_words)
     KB = _ceil(K, side)
     n_mt, n_kt, n_nt = _ceil(M, Mt), _ceil(K, Kt), _ceil(N, Nt)
-    acc_half = acc_words // 2
-    wgt_half = wgt_words // 2
+    if buffers not in (1, 2):
+        raise ValueError(f"buffers must be 1 or 2, not {buffers!r}")
+    acc_half = acc_words // buffers
+    wgt_half = wgt_words // buffers
     total_w = n_mt * n_nt * n_kt
     total_acc = n_mt * n_nt
     prog: list[int] = []
@@ -175,10 +182,10 @@ def gemm_program(spec: GemmSpec, side: int, act_words: int, wgt_words: int, acc_
                            rows=m_len, cols=K, spm_addr=0, spm_stride=m_len))
         for nt in range(n_nt):
             n0, n_len = nt * Nt, min(Nt, N - nt * Nt)
-            a_buf = ai % 2
+            a_buf = ai % buffers
             for kt in range(n_kt):
                 k0, k_len = kt * Kt, min(Kt, K - kt * Kt)
-                b = wi % 2
+                b = wi % buffers
                 if spec.w_transposed:
                     src = spec.w.addr + n0 * spec.w.stride + k0 * 2
                     load = dict(transpose=1, rows=n_len, cols=k_len)
@@ -186,14 +193,14 @@ def gemm_program(spec: GemmSpec, side: int, act_words: int, wgt_words: int, acc_
                     src = spec.w.addr + k0 * spec.w.stride + n0 * 2
                     load = dict(rows=k_len, cols=n_len)
                 prog.append(encode(Opcode.LOAD, target=Target.WGT,
-                                   wait=(1 << (SEM_W_FREE + b)) if wi >= 2 else 0,
+                                   wait=(1 << (SEM_W_FREE + b)) if wi >= buffers else 0,
                                    signal=1 << (SEM_W_LOADED + b),
                                    mem_addr=src, mem_stride=spec.w.stride,
                                    spm_addr=b * wgt_half, spm_stride=k_len, **load))
                 wait = 1 << (SEM_W_LOADED + b)
-                if kt == 0 and ai >= 2:
+                if kt == 0 and ai >= buffers:
                     wait |= 1 << (SEM_ACC_FREE + a_buf)
-                signal = (1 << (SEM_W_FREE + b)) if wi + 2 < total_w else 0
+                signal = (1 << (SEM_W_FREE + b)) if wi + buffers < total_w else 0
                 if kt == n_kt - 1:
                     signal |= 1 << (SEM_ACC_DONE + a_buf)
                 if kt == n_kt - 1 and nt == n_nt - 1 and mt < n_mt - 1:
@@ -207,7 +214,7 @@ def gemm_program(spec: GemmSpec, side: int, act_words: int, wgt_words: int, acc_
                 ci += 1
             c = spec.c
             prog.append(encode(Opcode.STORE, bf16=int(spec.out_bf16), wait=1 << (SEM_ACC_DONE + a_buf),
-                               signal=(1 << (SEM_ACC_FREE + a_buf)) if ai + 2 < total_acc else 0,
+                               signal=(1 << (SEM_ACC_FREE + a_buf)) if ai + buffers < total_acc else 0,
                                mem_addr=c.addr + m0 * c.stride + n0 * c.esize, mem_stride=c.stride,
                                rows=m_len, cols=n_len, spm_addr=a_buf * acc_half, spm_stride=m_len))
             ai += 1
@@ -254,12 +261,15 @@ MEM_WORDS_LOG2 = {"tiny": 10, "default": 18}
 def system_build(cfg, words_log2: int | None = None):
     """Cached Verilator build of :class:`hw.npu.memmodel.MatrixSystem` for ``cfg``."""
     from hw.npu.memmodel import CLOCK_VERILOG, STORAGE_VERILOG, MatrixSystem
-    from sim.build import build
+    from hw.npu.systolic import PE_MODULE, ProcessingElement
+    from sim.build import build, verilog_for
 
     if words_log2 is None:
         words_log2 = MEM_WORDS_LOG2.get(cfg.name, 16)
-    sb = build(lambda: MatrixSystem(cfg, words_log2), name=f"matrix_{cfg.name}",
-               key=f"{cfg!r} words_log2={words_log2}", extra_sources=(STORAGE_VERILOG, CLOCK_VERILOG),
+    pe_verilog = verilog_for(lambda: ProcessingElement(), name=PE_MODULE, key="pe")
+    sb = build(lambda: MatrixSystem(cfg, words_log2, pe_instance=True), name=f"matrix_{cfg.name}",
+               key=f"{cfg!r} words_log2={words_log2} pe_instance",
+               extra_sources=(STORAGE_VERILOG, CLOCK_VERILOG, pe_verilog),
                build_args=("--timing", "--timescale", "1ns/1ps"))
     sb.extra["words_log2"] = words_log2
     return sb
@@ -274,3 +284,98 @@ def run_segments(sb, run_dir: Path, image: MemImage, segments: list[Segment], du
     res = json.loads((test_dir / "result.json").read_text())["segments"]
     words = read_dump(test_dir / "mem_dump.hex", dump[0])
     return res, words
+
+
+# -- GPT-2 small prefill GEMMs ----------------------------------------------------------------
+
+def check_f64(a, w, got_bits, rows, what=""):
+    """Result against float64 within the bound stated in ``sim/golden/gemm.py``; (max abs, max rel) error."""
+    from sim.golden import fp as G
+    from sim.golden.gemm import error_bound, gemm_f64
+
+    exact, abs_sum = gemm_f64(a, w)
+    got = G.bits_to_f32(got_bits).astype(np.float64)
+    bound = error_bound(abs_sum, a.shape[1], rows)
+    err = np.abs(got - exact)
+    assert np.all(err <= bound), f"{what}: max error {err.max():.3g} exceeds the bound"
+    rel = err / np.maximum(abs_sum, 1e-30)
+    return float(err.max()), float(rel.max())
+
+
+D_MODEL, D_HEAD = 768, 64
+FC_SHAPES = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
+GPT2_GEMMS = ("qkv", "proj", "fc1", "fc2", "qk", "sv")
+
+
+def gpt2_case(img, rng, L, which):
+    """(a, w, spec) for one GPT-2 small prefill GEMM with sequence length L."""
+    from sim.golden import fp as G
+
+    if which in FC_SHAPES:
+        K, N = FC_SHAPES[which]
+        a = G.bf16_bits(rng.standard_normal((L, K)))
+        w = G.bf16_bits(rng.standard_normal((K, N)) * 0.02)
+        A, W = img.put(a), img.put(w)
+        return a, w, GemmSpec(A, W, img.alloc(L, N, 4))
+    if which == "qk":    # Q (L x 64) @ K^T, K stored (L x 64): the DMA transposes it
+        q = G.bf16_bits(rng.standard_normal((L, D_HEAD)))
+        k = G.bf16_bits(rng.standard_normal((L, D_HEAD)))
+        Q, Km = img.put(q), img.put(k)
+        return q, np.ascontiguousarray(k.T), GemmSpec(Q, Km, img.alloc(L, L, 4), w_transposed=True)
+    if which == "sv":    # softmax(S) (L x L) @ V (L x 64), result rounded to BF16
+        s = G.bf16_bits(rng.random((L, L)) / L)
+        v = G.bf16_bits(rng.standard_normal((L, D_HEAD)))
+        S, V = img.put(s), img.put(v)
+        return s, v, GemmSpec(S, V, img.alloc(L, D_HEAD, 2), out_bf16=True)
+    raise ValueError(which)
+
+
+def run_gpt2(L, names, run_name, cfg_name="default", test_name=None):
+    """Run GPT-2 small prefill GEMMs (one segment each); returns per-GEMM dicts.
+
+    Every result is checked bit for bit against the golden model and the
+    golden model against float64 (AssertionError otherwise). ``util_compute``
+    is MACs / (R C x compute-engine busy cycles); ``util_e2e`` uses all
+    cycles of the segment, DMA included.
+    """
+    from hw.config import preset
+    from hw.npu.isa import ErrorCode
+    from sim.build import BUILD_ROOT
+    from sim.golden import fp as G
+    from sim.golden.gemm import gemm, to_bf16
+
+    cfg = preset(cfg_name)
+    sb = system_build(cfg)
+    rng = np.random.default_rng(L)
+    img = MemImage(1 << sb.extra["words_log2"])
+    cases, segments = [], []
+    for name in names:
+        a, w, spec = gpt2_case(img, rng, L, name)
+        n = cfg.npu
+        prog, info = gemm_program(spec, n.array_rows, n.act_spm_words, n.wgt_spm_words, n.acc_spm_words)
+        cases.append((name, a, w, spec, info))
+        segments.append(Segment(prog, name, info=info))
+    res, words = run_segments(sb, BUILD_ROOT / "runs" / run_name, img, segments, (0, img.top // 32),
+                              test_name=test_name or run_name,
+                              timeout_cycles=20_000_000)
+    out = []
+    side = cfg.npu.array_rows
+    for (name, a, w, spec, info), r in zip(cases, res):
+        assert r["error_code"] == 0, f"{name}: error {ErrorCode(r['error_code']).name}"
+        got = extract(words, spec.c)
+        acc = gemm(a, w, side)
+        want = to_bf16(acc) if spec.out_bf16 else acc
+        nbad = int((got != want).sum())
+        assert nbad == 0, f"L={L} {name}: {nbad} of {got.size} results differ from the golden model"
+        max_abs, max_rel = check_f64(a, w, acc, side, f"L={L} {name}")
+        c = r["counters"]
+        out.append({
+            "name": name, "L": L, "mkn": info["mkn"], "tiles": info["tiles"],
+            "compute_cycles": c["compute"], "cycles": c["cycles"],
+            "util_compute": utilization(info["macs"], side, c["compute"]),
+            "util_e2e": utilization(info["macs"], side, c["cycles"]),
+            "max_abs_err": max_abs, "max_rel_err": max_rel,
+        })
+    return out
+
+
