@@ -30,6 +30,8 @@ __all__ = [
     "bf16_mul",
     "fp32_add_align",
     "fp32_add_round",
+    "fp32_to_bf16",
+    "leading_zeros",
     "BF16Multiplier",
     "FP32Adder",
     "AdderTree",
@@ -139,15 +141,29 @@ def fp32_add_align(m: Module, dom, a, b, prefix="add"):
                 zero_sign=zero_sign)
 
 
+def leading_zeros(bits):
+    """Leading-zero count of ``bits`` (width a power of two) as a log-depth mux tree.
+
+    Returns ``(all_zero, count)``; ``count`` is meaningful when ``all_zero`` is 0.
+    """
+    n = len(bits)
+    if n & (n - 1) or n < 2:
+        raise ValueError(f"leading_zeros width must be a power of two of at least 2, not {n}")
+    if n == 2:
+        return ~(bits[1] | bits[0]), ~bits[1]
+    zh, ch = leading_zeros(bits[n // 2:])
+    zl, cl = leading_zeros(bits[:n // 2])
+    return zh & zl, Mux(zh, Cat(cl, 1), Cat(ch, 0))
+
+
 def fp32_add_round(m: Module, dom, st: dict, prefix="add"):
     """Second half of the FP32 adder: normalise, round to nearest even, pack."""
     total, exp = st["total"], st["exp"]
-    # Leading-zero count of the low 27 bits (bit 26 is the hidden-one position).
+    # Leading-zero count of the low 27 bits (bit 26 is the hidden-one position),
+    # padded at the bottom to 32 bits for a log-depth count. An all-zero sum is
+    # handled separately below, so the count's value for it does not matter.
     lz = Signal(5, name=f"{prefix}_lz")
-    m.d.comb += lz.eq(27)
-    for i in range(27):
-        with m.If(total[i]):
-            m.d.comb += lz.eq(26 - i)
+    m.d.comb += lz.eq(leading_zeros(Cat(Const(0, 5), total[0:27]))[1])
 
     norm = Signal(27, name=f"{prefix}_norm")
     nexp = Signal(range(-32, 512), name=f"{prefix}_nexp")
@@ -178,6 +194,18 @@ def fp32_add_round(m: Module, dom, st: dict, prefix="add"):
     with m.Else():
         dom += result.eq(Cat(frac, rexp[0:8], st["sign"]))
     return result
+
+
+def fp32_to_bf16(x):
+    """Combinational FP32 -> BF16 rounding (nearest even), with the module's FTZ/NaN rules.
+
+    Overflow rounds to infinity; a NaN becomes the canonical ``0x7FC0``; a
+    zero or subnormal input gives a signed zero.
+    """
+    e = x[23:31]
+    nan = (e == 0xFF) & (x[0:23] != 0)
+    rounded = (x + 0x7FFF + x[16])[16:32]
+    return Mux(nan, 0x7FC0, Mux(e == 0, Cat(Const(0, 15), x[31]), rounded))
 
 
 class BF16Multiplier(wiring.Component):
@@ -317,10 +345,14 @@ class MacUnit(wiring.Component):
     def lanes(self) -> int:
         return self._lanes
 
+    @staticmethod
+    def latency_for(lanes: int) -> int:
+        """Cycles from a column entering to the accumulator holding its sum."""
+        return BF16Multiplier.latency + 2 * (lanes.bit_length() - 1) + 1
+
     @property
     def latency(self) -> int:
-        """Cycles from a column entering to the accumulator holding its sum."""
-        return BF16Multiplier.latency + 2 * (self._lanes.bit_length() - 1) + 1
+        return self.latency_for(self._lanes)
 
     def elaborate(self, platform):
         m = Module()

@@ -134,6 +134,8 @@ class PimGeometry(_Checked):
             self._fail("gb_bytes", "a power-of-two number of columns")
         if not _is_int(self.af_rows) or not 0 <= self.af_rows < self.rows:
             self._fail("af_rows", f"an integer in [0, rows={self.rows})")
+        if self.af_rows and self.row_bytes < 128:
+            self._fail("af_rows", f"0 when a row holds fewer than 16 AF segments ({self.row_bytes} bytes)")
 
     # Derived values ------------------------------------------------------
     @property
@@ -170,6 +172,28 @@ class PimGeometry(_Checked):
     def data_rows(self) -> int:
         """Rows per bank available for data (the rest hold AF tables)."""
         return self.rows - self.af_rows
+
+    @property
+    def af_segments(self) -> int:
+        """Activation-function LUT segments in one reserved row: (slope, intercept) FP32 pairs.
+
+        The segments split [-8, 8) evenly; inputs outside use the end segments' lines."""
+        return self.row_bytes // 8
+
+    @property
+    def af_scale_log2(self) -> int:
+        """Segment index = floor(x * 2**af_scale_log2) + af_segments / 2 (clamped)."""
+        return (self.af_segments // 16).bit_length() - 1
+
+    @property
+    def banks_per_word(self) -> int:
+        """FP32 accumulators packed in one column word (WRBIAS, RDMAC, RDAF)."""
+        return self.column_bits // 32
+
+    @property
+    def acc_groups(self) -> int:
+        """Column words needed to read or preload every bank's accumulator."""
+        return -(-self.banks // self.banks_per_word)
 
     # Address bit widths (Row-Channel-Bank-Column mapping, MSB to LSB).
     @property
@@ -222,13 +246,19 @@ class DramTiming(_Checked):
     tREFI: int = 400
     tRL: int = 2
     """Read latency: cycles from RD/RDMAC/RDAF to its data on the bus."""
+    tMAC: int = 11
+    """PIM MAC latency: cycles from a MAC command until WRBIAS, RDMAC or AF may
+    touch the accumulators (the processing unit's pipeline depth; the RTL
+    refuses a value below its own depth)."""
+    tAF: int = 5
+    """Activation-function latency: cycles from AF until RDAF may read its result."""
     refresh_postpone: int = 8
     """REF commands that may be postponed (JEDEC allows 8): the deadline is
     ``tREFI * (refresh_postpone + 1)`` cycles after the previous REF."""
 
     def __post_init__(self):
         self._at_least(1, "tRCDRD", "tRCDWR", "tRP", "tRAS", "tCCD", "tRRD", "tFAW", "tWR",
-                       "tRTP", "tRFC", "tREFI", "tRL", unit=" cycle")
+                       "tRTP", "tRFC", "tREFI", "tRL", "tMAC", "tAF", unit=" cycle")
         self._at_least(0, "refresh_postpone")
         if self.tFAW < self.tRRD:
             self._fail("tFAW", f"at least tRRD={self.tRRD}")
@@ -411,6 +441,7 @@ def timing_from_ns(ns: dict, clock_mhz: float, **extra) -> DramTiming:
     """Convert timings in ns to a :class:`DramTiming` in cycles of ``clock_mhz`` (rounded up)."""
     period = 1000.0 / clock_mhz
     cycles = {name: max(1, math.ceil(value / period - 1e-9)) for name, value in ns.items()}
+    # tMAC and tAF are pipeline depths of the processing unit, in cycles already.
     cycles.update(extra)
     return DramTiming(**cycles)
 

@@ -36,7 +36,6 @@ Verilator flags, chosen for speed of build plus run on a 2-core machine:
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
@@ -48,15 +47,16 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from hw.gen import BUILD_ROOT, ROOT, sha, verilog_for
+
 __all__ = ["ROOT", "BUILD_ROOT", "CocotbFailure", "SimBuild", "build", "verilog_for", "waves_requested",
            "VERILATOR_FLAGS"]
 
-ROOT = Path(__file__).resolve().parent.parent
-BUILD_ROOT = Path(os.environ.get("IANUS_BUILD_DIR", ROOT / "build"))
 
 VERILATOR_FLAGS = [
     "-O3", "--x-assign", "fast", "--x-initial", "fast", "--noassert",
     "-Wno-fatal", "-Wno-WIDTH", "-Wno-UNOPTFLAT", "-Wno-CASEOVERLAP", "-Wno-UNSIGNED",
+    "-Wno-CASEINCOMPLETE",
 ]
 # Options of the generated C++ Makefile: hot code at -O2, start-up code at -O0.
 VERILATOR_MAKE = ["OPT_FAST=-O2", "OPT_SLOW=-O0", "OPT_GLOBAL=-O1"]
@@ -90,46 +90,6 @@ def _tool_version(sim: str) -> str:
     return f"{out} cocotb-{cocotb.__version__}"
 
 
-@functools.cache
-def _hw_source_hash() -> str:
-    """Hash of every generator source file: a change to any of them invalidates cached Verilog."""
-    h = hashlib.sha256()
-    for path in sorted((ROOT / "hw").rglob("*.py")) + sorted((ROOT / "hw").rglob("*.v")):
-        h.update(path.relative_to(ROOT).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def _sha(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else str(part).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def verilog_for(factory, name: str, key: str = "") -> Path:
-    """Verilog for the component ``factory()`` as ``build/verilog/<name>-<hash>.v``.
-
-    Cached by ``name``, ``key`` (describe every parameter of the component in
-    it) and the source of every ``hw/`` file, so unchanged designs are not
-    converted again.
-    """
-    from amaranth.back import verilog
-
-    out_dir = BUILD_ROOT / "verilog"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-{_sha(name, key, _hw_source_hash())}.v"
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            component = factory() if callable(factory) and not hasattr(factory, "elaborate") else factory
-            text = verilog.convert(component, name=name, emit_src=False)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
-    return path
-
-
 @dataclass
 class SimBuild:
     """A built simulation: run cocotb tests on it with :meth:`run`."""
@@ -156,6 +116,7 @@ class SimBuild:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in test_name)[:150]
         test_dir = BUILD_ROOT / "tests" / f"{safe}-{self.sim}"
         test_dir.mkdir(parents=True, exist_ok=True)
+        (test_dir / "backdoor").mkdir(exist_ok=True)
         results = test_dir / "results.xml"
         failfile = test_dir / "failures.txt"
         for stale in (results, failfile):
@@ -165,6 +126,8 @@ class SimBuild:
             "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in sys.path if p]),
             "IANUS_ROOT": str(ROOT),
             "IANUS_FAILFILE": str(failfile),
+            "IANUS_BACKDOOR": str(test_dir / "backdoor"),
+            "IANUS_TEST_DIR": str(test_dir),
         }
         extra_env.update({k: str(v) for k, v in (env or {}).items()})
         if seed is not None:
@@ -182,7 +145,8 @@ class SimBuild:
         try:
             runner.test(hdl_toplevel=self.toplevel, hdl_toplevel_lang="verilog", test_module=test_module,
                         testcase=testcases, build_dir=self.build_dir, test_dir=test_dir, extra_env=extra_env,
-                        waves=self.waves, results_xml=str(results), test_args=test_args, **kwargs)
+                        waves=self.waves, results_xml=str(results), test_args=test_args,
+                        plusargs=[f"+PIM_BACKDOOR={test_dir / 'backdoor'}"], **kwargs)
         except (RuntimeError, SystemExit) as exc:
             messages = _failures(results, failfile) if results.exists() else []
             detail = "\n".join(messages) or f"{exc} (no results file: the simulator crashed)"
@@ -233,8 +197,9 @@ def _verilator_runner():
     return FastVerilator()
 
 
-def _public_vlt(build_dir: Path, toplevel: str, public: tuple) -> Path:
+def _public_vlt(build_dir: Path, toplevel: str, public: tuple, no_inline: tuple = ()) -> Path:
     lines = ["`verilator_config", f'public_flat_rw -module "{toplevel}" -var "*"']
+    lines += [f'no_inline -module "{module}"' for module in no_inline]
     for item in public:
         module, _, var = item.partition(":")
         lines.append(f'public_flat_rw -module "{module}" -var "{var or "*"}"')
@@ -244,7 +209,8 @@ def _public_vlt(build_dir: Path, toplevel: str, public: tuple) -> Path:
 
 
 def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: bool | None = None,
-          extra_sources: tuple = (), build_args: tuple = (), public: tuple = ()) -> SimBuild:
+          extra_sources: tuple = (), build_args: tuple = (), public: tuple = (),
+          no_inline: tuple = ()) -> SimBuild:
     """Build ``factory()`` (an Amaranth component, or a callable returning one) for ``sim``.
 
     Parameters
@@ -266,6 +232,9 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
     public
         Extra signals made VPI-visible on Verilator, as ``"module:var"`` glob
         patterns (the top module's signals always are).
+    no_inline
+        Verilator: module-name patterns not to inline, so that a module
+        instantiated many times is compiled once (the PIM bank).
     """
     from cocotb.runner import get_runner
 
@@ -280,8 +249,8 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
     flags = list(VERILATOR_FLAGS if sim == "verilator" else ICARUS_FLAGS) + list(build_args)
     if waves and sim == "verilator":
         flags += ["--trace-fst", "--trace-structs"]
-    digest = _sha(*(p.read_bytes() for p in sources), " ".join(flags), " ".join(VERILATOR_MAKE),
-                  _tool_version(sim), waves, name, public)
+    digest = sha(*(p.read_bytes() for p in sources), " ".join(flags), " ".join(VERILATOR_MAKE),
+                  _tool_version(sim), waves, name, public, no_inline)
     base = BUILD_ROOT / "sim" / sim
     base.mkdir(parents=True, exist_ok=True)
     build_dir = base / f"{name}-{digest}"
@@ -296,7 +265,7 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
             build_dir.mkdir(parents=True)
             if sim == "verilator":
                 runner = _verilator_runner()
-                flags = flags + [str(_public_vlt(build_dir, name, public))]
+                flags = flags + [str(_public_vlt(build_dir, name, public, no_inline))]
             else:
                 runner = get_runner(sim)
             kwargs = {"timescale": ("1ns", "1ps")} if sim == "icarus" else {}

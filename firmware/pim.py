@@ -1,0 +1,276 @@
+"""PIM firmware side: weight layout for GEMV, activation-function tables, GEMV command programs.
+
+Layout of a weight matrix ``W`` of shape ``[K, N]`` (used as ``y = x @ W``,
+the Hugging Face GPT-2 convention) on a PIM device:
+
+* Outputs are spread over banks, then channels: output ``n`` belongs to tile
+  ``n // (banks * channels)``, channel ``(n // banks) % channels``, bank
+  ``n % banks``. One tile is ``banks * channels`` outputs computed at once by
+  all-bank MACs in every channel.
+* Inputs are cut into chunks of ``gb_values`` (the global buffer holds one
+  chunk: 1024 BF16 values for 2 KB). In the bank that owns output ``n``, DRAM
+  row ``base_row + tile * chunks + chunk`` holds ``W[chunk*gbv : (chunk+1)*gbv, n]``,
+  ``lanes`` values per column. Unused lanes, columns and outputs are zero.
+
+GEMV program per channel (all channels run the same program in lockstep, on
+their own slice of outputs): for every chunk, for every tile: preload the
+accumulators (WRBIAS: the bias for the first chunk, the partial sums read back
+for later chunks), ACTAB the tile's row, write the chunk into the global
+buffer (first tile of a chunk only), MACAB over the chunk's columns, PREAB,
+RDMAC the results. An FP32 partial sum read out and preloaded again is
+unchanged, so the accumulation order is that of one long accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from hw.config import SystemConfig
+from sim.golden import fp as G
+
+__all__ = ["gelu", "af_lut_row", "GemvLayout", "gemv_golden", "gemv_program", "gemv_lower_bound",
+           "hex_lines"]
+
+
+def gelu(x):
+    """GELU, tanh form (GPT-2), in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def af_lut_row(cfg: SystemConfig, fn=gelu) -> np.ndarray:
+    """The reserved DRAM row holding ``fn`` as a piecewise-linear table: ``[columns, lanes]`` BF16 lanes.
+
+    Segment ``i`` covers ``[x0, x0 + step)`` with ``x0 = -8 + i * step``; its line
+    goes through ``(x0, fn(x0))`` and ``(x0 + step, fn(x0 + step))``. The slope is
+    rounded to BF16 (the AF unit multiplies BF16 x BF16) and the intercept is
+    then chosen in FP32 so that the line passes through the segment's midpoint
+    value as closely as FP32 allows.
+    """
+    p = cfg.pim
+    segs = p.af_segments
+    step = 16.0 / segs
+    x0 = -8.0 + step * np.arange(segs)
+    x1 = x0 + step
+    slope = (fn(x1) - fn(x0)) / step
+    slope_bf16 = G.bf16_to_f32(G.bf16_bits(slope)).astype(np.float64)
+    mid = (x0 + x1) / 2
+    icpt = (fn(x0) + fn(x1)) / 2 - slope_bf16 * mid
+    words = np.empty(2 * segs, dtype=np.uint32)
+    words[0::2] = G.f32_bits(slope_bf16.astype(np.float32))
+    words[1::2] = G.f32_bits(icpt.astype(np.float32))
+    return np.frombuffer(words.astype("<u4").tobytes(), dtype="<u2").reshape(p.columns, p.lanes).copy()
+
+
+@dataclass(frozen=True)
+class GemvLayout:
+    """Where the weights of one ``[K, N]`` GEMV live. See the module docstring."""
+
+    cfg: SystemConfig
+    K: int
+    N: int
+    base_row: int = 0
+
+    def __post_init__(self):
+        p = self.cfg.pim
+        for name in ("K", "N"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"GEMV {name} must be a positive integer, not {v!r}")
+        if not isinstance(self.base_row, int) or self.base_row < 0:
+            raise ValueError(f"GEMV base_row must be a non-negative integer, not {self.base_row!r}")
+        if self.base_row + self.rows_used > p.data_rows:
+            raise ValueError(f"GEMV {self.K}x{self.N} needs rows {self.base_row}..{self.base_row + self.rows_used - 1} "
+                             f"but only {p.data_rows} data rows exist per bank")
+
+    @property
+    def per_tile(self) -> int:
+        return self.cfg.pim.banks * self.cfg.pim.channels
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.N // self.per_tile)
+
+    @property
+    def chunk(self) -> int:
+        return self.cfg.pim.gb_values
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.K // self.chunk)
+
+    @property
+    def rows_used(self) -> int:
+        return self.tiles * self.chunks
+
+    def chunk_cols(self, c: int) -> int:
+        """Columns (of ``lanes`` values) used by chunk ``c``."""
+        length = min(self.chunk, self.K - c * self.chunk)
+        return -(-length // self.cfg.pim.lanes)
+
+    def row_of(self, tile: int, chunk: int) -> int:
+        return self.base_row + tile * self.chunks + chunk
+
+    def pack(self, w_bits: np.ndarray) -> np.ndarray:
+        """BF16 weights ``[K, N]`` -> DRAM contents ``[channels, banks, rows_used, columns, lanes]``."""
+        p = self.cfg.pim
+        if w_bits.shape != (self.K, self.N):
+            raise ValueError(f"weights must have shape ({self.K}, {self.N}), not {w_bits.shape}")
+        kp = self.chunks * self.chunk
+        npad = self.tiles * self.per_tile
+        wp = np.zeros((kp, npad), dtype=np.uint16)
+        wp[:self.K, :self.N] = w_bits
+        # [chunks, cols_per_row(=gb cols), lanes, tiles, channels, banks]
+        gbc = self.chunk // p.lanes
+        v = wp.reshape(self.chunks, gbc, p.lanes, self.tiles, p.channels, p.banks)
+        v = v.transpose(4, 5, 3, 0, 1, 2)          # channels, banks, tiles, chunks, gbc, lanes
+        out = np.zeros((p.channels, p.banks, self.tiles, self.chunks, p.columns, p.lanes), dtype=np.uint16)
+        out[..., :gbc, :] = v
+        return out.reshape(p.channels, p.banks, self.rows_used, p.columns, p.lanes)
+
+    def output_index(self, tile: int, channel: int, bank: int) -> int:
+        p = self.cfg.pim
+        return (tile * p.channels + channel) * p.banks + bank
+
+
+def gemv_golden(cfg: SystemConfig, w_bits: np.ndarray, x_bits: np.ndarray, bias_bits=None) -> np.ndarray:
+    """FP32 result bits of the PIM GEMV, in the hardware's order (bit-exact with the RTL).
+
+    ``acc = bias``; for every chunk, for every column of ``lanes`` inputs:
+    ``acc = acc + tree(w_col * x_col)``.
+    """
+    p = cfg.pim
+    K, N = w_bits.shape
+    lanes = p.lanes
+    kp = -(-K // lanes) * lanes
+    wp = np.zeros((kp, N), dtype=np.uint16)
+    wp[:K] = w_bits
+    xp = np.zeros(kp, dtype=np.uint16)
+    xp[:K] = x_bits
+    acc = np.zeros(N, dtype=np.uint32) if bias_bits is None else np.asarray(bias_bits, dtype=np.uint32).copy()
+    for c in range(kp // lanes):
+        wc = wp[c * lanes:(c + 1) * lanes].T            # [N, lanes]
+        acc = G.add_f32(acc, G.mac_lanes(wc, xp[c * lanes:(c + 1) * lanes][None, :]))
+    return acc
+
+
+def gemv_program(layout: GemvLayout, with_bias: bool = True):
+    """The per-channel GEMV command program, in issue order.
+
+    Yields ``(op, fields)``; ``fields`` may hold ``bank``, ``row``, ``col``,
+    ``data`` and ``tag``. ``data`` is a symbolic reference resolved by the
+    issuer: ``("x", chunk, col)`` a global-buffer column of the input,
+    ``("bias", tile, group)`` the first chunk's preload, ``("partial", tile,
+    group)`` a later chunk's preload (the words read back by the RDMAC tagged
+    ``("result", tile, group)``), ``("zero",)``.
+
+    Order around a tile row boundary: ... MACAB PREAB | [WRGB of a new chunk,
+    first part] REFRESH_POINT ACTAB RDMAC(previous row) WRBIAS [WRGB, rest]
+    MACAB ... The next row's activation starts tRP after the precharge while
+    the accumulators drain (tMAC) and are read and preloaded; a new chunk's
+    global-buffer writes fill the precharge and activation gaps.
+    ``REFRESH_POINT`` marks where a refresh may go (all banks closed).
+    """
+    cfg = layout.cfg
+    p, t = cfg.pim, cfg.timing
+    groups = p.acc_groups
+    before_pre = max(0, t.tRTP // t.tCCD - 1)       # free slots between the last MAC and PREAB
+    before_act = max(0, t.tRP // t.tCCD - 1)        # free slots between PREAB and the next ACTAB
+    rows = [(tile, chunk) for chunk in range(layout.chunks) for tile in range(layout.tiles)]
+    written = 0          # global-buffer columns of the current row's chunk already written
+    for i, (tile, chunk) in enumerate(rows):
+        n = layout.chunk_cols(chunk)
+        yield "REFRESH_POINT", {}
+        yield "ACTAB", {"row": layout.row_of(tile, chunk)}
+        if i > 0:
+            for g in range(groups):
+                yield "RDMAC", {"col": g, "tag": ("result", rows[i - 1][0], g)}
+        for g in range(groups):
+            if chunk > 0:
+                data = ("partial", tile, g)
+            else:
+                data = ("bias", tile, g) if with_bias else ("zero",)
+            yield "WRBIAS", {"col": g, "data": data}
+        if tile == 0:
+            for c in range(written, n):
+                yield "WRGB", {"col": c, "data": ("x", chunk, c)}
+        for c in range(n):
+            yield "MACAB", {"col": c}
+        # A new chunk next: start writing it into the slots around the precharge.
+        nxt = rows[i + 1] if i + 1 < len(rows) else None
+        written = 0
+        if nxt is not None and nxt[0] == 0:
+            n_next = layout.chunk_cols(nxt[1])
+            for c in range(min(before_pre, n_next)):
+                yield "WRGB", {"col": c, "data": ("x", nxt[1], c)}
+            written = min(before_pre, n_next)
+        yield "PREAB", {}
+        if nxt is not None and nxt[0] == 0:
+            extra = min(before_act, n_next - written)
+            for c in range(written, written + extra):
+                yield "WRGB", {"col": c, "data": ("x", nxt[1], c)}
+            written += extra
+    for g in range(groups):
+        yield "RDMAC", {"col": g, "tag": ("result", rows[-1][0], g)}
+
+
+def gemv_lower_bound(cfg: SystemConfig, K: int, N: int) -> dict:
+    """Lower bound on the cycles of a GEMV on one channel, from the timing parameters alone.
+
+    Measured from the first command to the last result word. With ``n`` MACs in
+    the next tile row, the last MACs of consecutive rows are at least
+
+    * ``tRTP + tRP + tRCD + (n-1)*tCCD`` apart (bank path: precharge, activate
+      the next row, its MACs),
+    * ``tMAC + 2*groups*tCCD + (n-1)*tCCD`` apart (accumulator path: the
+      results leave through RDMAC and the next preload enters through WRBIAS
+      only after the MAC pipeline drained), and
+    * for the first row of a new input chunk, ``(2 + 2*groups + 2n)*tCCD``
+      apart (bus: the single global buffer is rewritten after the previous
+      row's back-to-back MACs);
+
+    the first row needs ``max(tRCD + (n-1)*tCCD, (groups + 2n)*tCCD)`` to its last MAC,
+    the last row ``tMAC + groups*tCCD + tRL`` after it until its results are out. The
+    command bus gives another bound: one command per cycle, column commands
+    ``tCCD`` apart. Bound = max(rows, bus) + one REF (``tRFC``) per ``tREFI``.
+    (``tRAS`` is left out: it cannot bind unless ``tRAS > tRCD + (n-1)*tCCD + tRTP``,
+    and leaving a term out keeps the bound a lower bound.)
+    """
+    t, p = cfg.timing, cfg.pim
+    layout = GemvLayout(cfg, K, N)
+    g = p.acc_groups
+    rows = [(tile, chunk) for chunk in range(layout.chunks) for tile in range(layout.tiles)]
+    n0 = layout.chunk_cols(0)
+    # Up to the first row's last MAC: tRCD and its MACs; on the bus ACT, the preloads and the
+    # chunk's WRGBs come first.
+    total = max(t.tRCDRD + (n0 - 1) * t.tCCD, (g + 2 * n0) * t.tCCD)
+    col_cmds = 0
+    for i, (tile, chunk) in enumerate(rows):
+        n = layout.chunk_cols(chunk)
+        col_cmds += n + 2 * g + (n if tile == 0 else 0)
+        if i == 0:
+            continue
+        # From the previous row's last MAC to this row's last MAC.
+        bank = t.tRTP + t.tRP + t.tRCDRD + (n - 1) * t.tCCD
+        acc = t.tMAC + 2 * g * t.tCCD + (n - 1) * t.tCCD
+        # A new chunk: with a single global buffer its writes cannot overlap the previous
+        # row's back-to-back MACs, so PRE, ACT, the RDMAC/WRBIAS pairs, n WRGB and n MACs follow it.
+        bus = (2 + 2 * g + 2 * n) * t.tCCD if tile == 0 else 0
+        total += max(bank, acc, bus)
+    total += t.tMAC + g * t.tCCD + t.tRL
+    bus = col_cmds * t.tCCD + 2 * len(rows)
+    compute = max(total, bus)
+    refreshes = compute // t.tREFI
+    return {"cycles": compute + refreshes * t.tRFC, "rows_path": total, "bus": bus,
+            "refreshes": refreshes, "rows": len(rows),
+            "macs": sum(layout.chunk_cols(c) for _, c in rows)}
+
+
+def hex_lines(words: np.ndarray) -> list[str]:
+    """``[n, lanes]`` BF16 column words -> ``$readmemh`` lines (lane 0 in the low bits)."""
+    be = np.ascontiguousarray(words[:, ::-1]).astype(">u2").tobytes().hex()
+    width = words.shape[1] * 4
+    return [be[i:i + width] for i in range(0, len(be), width)]

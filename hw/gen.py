@@ -1,0 +1,80 @@
+"""Verilog generation: cached conversion of Amaranth components, and ``make verilog``.
+
+:func:`verilog_for` converts a component to ``build/verilog/<name>-<hash>.v``,
+cached by the name, a key describing its parameters and the source of every
+``hw/`` file. ``python -m hw.gen`` writes the Verilog of the major blocks for
+the tiny and default configurations.
+"""
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from filelock import FileLock
+
+__all__ = ["ROOT", "BUILD_ROOT", "verilog_for", "sha"]
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_ROOT = Path(os.environ.get("IANUS_BUILD_DIR", ROOT / "build"))
+
+
+def sha(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def _hw_source_hash() -> str:
+    """Hash of every generator source file: a change to any of them invalidates cached Verilog."""
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "hw").rglob("*.py")) + sorted((ROOT / "hw").rglob("*.v")):
+        h.update(path.relative_to(ROOT).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def verilog_for(factory, name: str, key: str = "") -> Path:
+    """Verilog for the component ``factory()`` as ``build/verilog/<name>-<hash>.v``.
+
+    Cached by ``name``, ``key`` (describe every parameter of the component in
+    it) and the source of every ``hw/`` file, so unchanged designs are not
+    converted again.
+    """
+    from amaranth.back import verilog
+
+    out_dir = BUILD_ROOT / "verilog"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{sha(name, key, _hw_source_hash())}.v"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            component = factory() if callable(factory) and not hasattr(factory, "elaborate") else factory
+            text = verilog.convert(component, name=name, emit_src=False)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    return path
+
+
+
+
+def main(argv=None) -> int:
+    from hw.blocks import BLOCKS
+
+    out = BUILD_ROOT / "verilog" / "blocks"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (factory, sources) in BLOCKS.items():
+        path = verilog_for(factory, name, key=name)
+        files = [path] + [Path(s) for s in sources()]
+        target = out / f"{name}.v"
+        target.write_text("\n".join(f.read_text() for f in files))
+        print(f"{target.relative_to(ROOT)}  ({sum(1 for _ in target.open())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""One PIM bank: DRAM storage, open-row state and timing, and its processing unit.
+
+The channel (:mod:`hw.pim.channel`) decodes commands, checks every rule, and
+drives this bank with ``do_*`` strobes only for commands that are legal; the
+bank reports the per-bank timing state the channel needs to decide.
+
+Processing unit: a :class:`hw.arith.MacUnit` (``lanes`` BF16 multipliers,
+FP32 adder tree, FP32 accumulator with bias preload) and an activation-function
+unit that evaluates a piecewise-linear function from a lookup table held in a
+reserved DRAM row of this bank (as AiM keeps its AF tables in DRAM).
+
+Pipelines (cycle 0 = the command's cycle):
+
+MAC  0: storage read of column ``col`` of the open row (and, in the channel,
+        global-buffer column ``col mod gb_columns``);
+     1: weights and inputs enter the MacUnit;
+     1 + MacUnit.latency (= 11 for 16 lanes): the accumulator holds the sum.
+     Hence ``tMAC >= MAC_DEPTH`` (11): WRBIAS/RDMAC/AF wait that long.
+AF   0: segment index from the accumulator ``x``; storage read of the LUT
+        column; ``x`` rounded to BF16;
+     1: (slope, intercept) selected; BF16 product ``x * slope`` (registered);
+     2: adder alignment (registered);  3: rounding, result registered;
+     4: ``af_out`` holds ``f(x) = x * slope + intercept``. ``tAF >= AF_DEPTH`` (3,
+        since RDAF samples one cycle after its command).
+
+AF lookup table (one reserved row): ``af_segments`` (slope, intercept) pairs of
+FP32 words covering [-8, 8) evenly; pair ``i`` at words ``2i`` (slope, a BF16
+value stored as FP32) and ``2i+1`` (intercept). Segment index =
+``clamp(floor(x * 2**af_scale_log2) + af_segments/2, 0, af_segments-1)``;
+inputs beyond the range use the end segments' lines.
+"""
+
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from ..arith import MacUnit, bf16_mul, fp32_add_align, fp32_add_round, fp32_to_bf16
+from ..config import SystemConfig
+
+__all__ = ["PimBank", "AF_DEPTH", "mac_depth", "countdown", "af_segment_index"]
+
+AF_DEPTH = 3
+
+
+def mac_depth(lanes: int) -> int:
+    """PIM MAC pipeline depth: storage read + MacUnit (11 for 16 lanes)."""
+    return 1 + MacUnit.latency_for(lanes)
+
+
+def countdown(m: Module, name: str, cycles: int, start):
+    """A timing constraint: after ``start``, ``ok`` is low for ``cycles - 1`` cycles.
+
+    A command on cycle ``t`` that starts the counter allows the constrained
+    command from cycle ``t + cycles`` on. Returns ``ok``.
+    """
+    if cycles <= 1:
+        return Const(1, 1)
+    cnt = Signal(range(cycles), name=f"{name}_cnt")
+    with m.If(start):
+        m.d.sync += cnt.eq(cycles - 1)
+    with m.Elif(cnt != 0):
+        m.d.sync += cnt.eq(cnt - 1)
+    ok = Signal(name=f"{name}_ok")
+    m.d.comb += ok.eq(cnt == 0)
+    return ok
+
+
+def af_segment_index(m: Module, x, segments: int, scale_log2: int, prefix="af"):
+    """Combinational LUT segment index of FP32 ``x``: clamp(floor(x * 2**k) + segments/2)."""
+    half = segments // 2
+    e = x[23:31]
+    sign = x[31]
+    mant = Cat(x[0:23], Const(1, 1))                    # 1.f, 24 bits
+    # x * 2**k = 1.f * 2**E with E = e - 127 + k. |x * 2**k| < half needs E < log2(half).
+    E = Signal(range(-160, 160), name=f"{prefix}_E")
+    m.d.comb += E.eq(e - 127 + scale_log2)
+    hb = (half - 1).bit_length()                         # bits of the integer part
+    ipart = Signal(hb + 1, name=f"{prefix}_ipart")
+    frac_nz = Signal(name=f"{prefix}_frac_nz")
+    shift = Signal(range(24), name=f"{prefix}_shift")
+    big = Signal(name=f"{prefix}_big")                  # |x * 2**k| >= half (or Inf/NaN)
+    m.d.comb += [
+        big.eq(E >= hb),
+        shift.eq(Mux(E < 0, 23, 23 - E)),
+        ipart.eq(Mux(E < 0, 0, mant >> shift)),
+        frac_nz.eq(Mux(E < 0, e != 0, (mant & ((Const(1, 24) << shift) - 1)) != 0)),
+    ]
+    zero = e == 0
+    idx = Signal(range(segments), name=f"{prefix}_idx")
+    with m.If(zero):
+        m.d.comb += idx.eq(half)
+    with m.Elif(big):
+        m.d.comb += idx.eq(Mux(sign, 0, segments - 1))
+    with m.Elif(~sign):
+        m.d.comb += idx.eq(half + ipart)
+    with m.Else():
+        # floor(-v) = -ipart - (1 if fraction else 0)
+        low = Signal(range(-segments, segments), name=f"{prefix}_low")
+        m.d.comb += low.eq(half - ipart - frac_nz)
+        m.d.comb += idx.eq(Mux(low < 0, 0, low))
+    return idx
+
+
+class PimBank(wiring.Component):
+    """A DRAM bank with a processing unit.
+
+    Parameters
+    ----------
+    cfg : SystemConfig
+
+    Members
+    -------
+    do_act, do_pre, do_rd, do_wr, do_mac, do_af : In(1)
+        Execute a (validated) command this cycle.
+    row, col, wdata, wmask : In
+        Command fields (``row`` for ACT, ``col`` for RD/WR/MAC).
+    gb_data : In(column_bits)
+        Global-buffer column for a MAC, one cycle after ``do_mac``.
+    bias_load, bias_value : In
+        Preload the accumulator (WRBIAS).
+    is_open, open_row : Out
+        Row state.
+    rcdrd_ok, rcdwr_ok, ras_ok, rp_ok, wr_ok, rtp_ok : Out(1)
+        Per-bank timing constraints satisfied this cycle.
+    rdata : Out(column_bits)
+        Storage read data, one cycle after ``do_rd``.
+    acc, af_out : Out(32)
+        Accumulator and activation-function result.
+    """
+
+    def __init__(self, cfg: SystemConfig):
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        p, t = cfg.pim, cfg.timing
+        self.cfg = cfg
+        depth = mac_depth(p.lanes)
+        if t.tMAC < depth:
+            raise ValueError(f"DramTiming.tMAC must be at least the PIM MAC pipeline depth {depth}, "
+                             f"not {t.tMAC}")
+        if t.tAF < AF_DEPTH:
+            raise ValueError(f"DramTiming.tAF must be at least the AF pipeline depth {AF_DEPTH}, not {t.tAF}")
+        super().__init__({
+            "chan_id": In(8), "bank_id": In(8), "bd_load": In(1),
+            "do_act": In(1), "do_pre": In(1), "do_rd": In(1), "do_wr": In(1), "do_mac": In(1), "do_af": In(1),
+            "row": In(p.row_addr_bits), "col": In(p.column_addr_bits),
+            "wdata": In(p.column_bits), "wmask": In(p.column_bytes),
+            "gb_data": In(p.column_bits),
+            "bias_load": In(1), "bias_value": In(32),
+            "is_open": Out(1), "open_row": Out(p.row_addr_bits),
+            "rcdrd_ok": Out(1), "rcdwr_ok": Out(1), "ras_ok": Out(1), "rp_ok": Out(1),
+            "wr_ok": Out(1), "rtp_ok": Out(1),
+            "rdata": Out(p.column_bits),
+            "acc": Out(32), "af_out": Out(32),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p, t = self.cfg.pim, self.cfg.timing
+
+        # Row state and per-bank timing ---------------------------------
+        with m.If(self.do_act):
+            m.d.sync += [self.is_open.eq(1), self.open_row.eq(self.row)]
+        with m.Elif(self.do_pre):
+            m.d.sync += self.is_open.eq(0)
+        rd_type = self.do_rd | self.do_mac | self.do_af
+        m.d.comb += [
+            self.rcdrd_ok.eq(countdown(m, "rcdrd", t.tRCDRD, self.do_act)),
+            self.rcdwr_ok.eq(countdown(m, "rcdwr", t.tRCDWR, self.do_act)),
+            self.ras_ok.eq(countdown(m, "ras", t.tRAS, self.do_act)),
+            self.rp_ok.eq(countdown(m, "rp", t.tRP, self.do_pre)),
+            self.wr_ok.eq(countdown(m, "wr", t.tWR, self.do_wr)),
+            self.rtp_ok.eq(countdown(m, "rtp", t.tRTP, rd_type)),
+        ]
+
+        # Activation-function segment (combinational from the accumulator).
+        pairs_per_col = p.column_bits // 64
+        seg = af_segment_index(m, self.acc, p.af_segments, p.af_scale_log2) if p.af_rows else Const(0, 1)
+        pair_bits = (pairs_per_col - 1).bit_length()
+        af_col = seg >> pair_bits if pair_bits else seg
+
+        # Storage --------------------------------------------------------
+        abits = p.row_addr_bits + p.column_addr_bits
+        raddr = Signal(abits)
+        m.d.comb += raddr.eq(Cat(Mux(self.do_af, af_col, self.col)[:p.column_addr_bits], self.open_row))
+        m.submodules.storage = Instance(
+            "pim_storage",
+            p_WIDTH=p.column_bits, p_DEPTH=p.rows * p.columns, p_ABITS=abits,
+            i_clk=ClockSignal(), i_chan_id=self.chan_id, i_bank_id=self.bank_id,
+            i_re=rd_type, i_raddr=raddr, o_rdata=self.rdata,
+            i_we=self.do_wr, i_waddr=Cat(self.col, self.open_row), i_wdata=self.wdata, i_wmask=self.wmask,
+            i_bd_load=self.bd_load,
+        )
+
+        # MAC ------------------------------------------------------------
+        m.submodules.mac = mac = MacUnit(p.lanes)
+        mac_v = Signal()
+        m.d.sync += mac_v.eq(self.do_mac)
+        m.d.comb += [
+            mac.valid.eq(mac_v),
+            mac.w.eq(self.rdata),
+            mac.x.eq(self.gb_data),
+            mac.acc_load.eq(self.bias_load),
+            mac.acc_value.eq(self.bias_value),
+            self.acc.eq(mac.acc),
+        ]
+
+        # Activation function -------------------------------------------
+        if p.af_rows:
+            x_bf16 = Signal(16)
+            sel = Signal(max(pair_bits, 1))
+            v1, v2, v3 = Signal(), Signal(), Signal()
+            m.d.sync += [
+                x_bf16.eq(fp32_to_bf16(self.acc)),
+                sel.eq(seg[:pair_bits] if pair_bits else 0),
+                v1.eq(self.do_af), v2.eq(v1), v3.eq(v2),
+            ]
+            words = [self.rdata[32 * k:32 * (k + 1)] for k in range(p.column_bits // 32)]
+            slope = Signal(32)
+            icpt = Signal(32)
+            with m.Switch(sel):
+                for k in range(pairs_per_col):
+                    with m.Case(k):
+                        m.d.comb += [slope.eq(words[2 * k]), icpt.eq(words[2 * k + 1])]
+            prod = bf16_mul(m, m.d.sync, x_bf16, slope[16:32], prefix="af_mul")
+            icpt_d = Signal(32)
+            m.d.sync += icpt_d.eq(icpt)
+            st = fp32_add_align(m, m.d.sync, prod, icpt_d, prefix="af_add")
+            y = fp32_add_round(m, m.d.comb, st, prefix="af_add")
+            with m.If(v3):
+                m.d.sync += self.af_out.eq(y)
+        return m

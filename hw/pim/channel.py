@@ -1,0 +1,399 @@
+"""A PIM channel (banks + global buffer + command decoder) and the multi-channel PIM device.
+
+The channel is driven by a DRAM-like command bus (:class:`PimBusSignature`),
+one command per cycle (``op = NOP`` when idle). Every command is checked
+against the bank state and every timing rule of :mod:`hw.pim.commands`; a
+command that breaks one is **not executed** and sets a sticky violation
+(code, opcode, cycle) that stays until ``clear``. Refresh is checked with a
+credit counter: one refresh falls due every ``tREFI`` cycles, and more than
+``refresh_postpone`` owed sets ``REFRESH_LATE``.
+
+Read data (RD, RDMAC, RDAF) returns on ``rvalid``/``rdata`` exactly ``tRL``
+cycles after the command.
+
+Banks and channels are instantiated by module name (``Instance``) from
+separately generated Verilog (:func:`pim_sources`): every bank of every
+channel shares one Verilog module, so Verilator compiles the bank once
+instead of once per instance (64 copies of a MAC datapath in the default
+device would otherwise dominate the build).
+"""
+
+import hashlib
+
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal, Signal
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from ..config import SystemConfig
+from .bank import PimBank, countdown
+from .commands import PimOp, ViolationCode
+
+__all__ = ["PimBusSignature", "PimStatusSignature", "PimChannel", "PimDevice", "pim_module_names",
+           "STATUS_COUNTERS"]
+
+STATUS_COUNTERS = ("n_act", "n_pre", "n_rd", "n_wr", "n_ref", "n_wrgb", "n_mac", "n_rdmac", "n_af", "n_cmd")
+
+
+class PimBusSignature(wiring.Signature):
+    """Command bus of one channel, from the controller's side."""
+
+    def __init__(self, cfg: SystemConfig):
+        p = cfg.pim
+        super().__init__({
+            "op": Out(PimOp),
+            "bank": Out(p.bank_addr_bits),
+            "row": Out(p.row_addr_bits),
+            "col": Out(p.column_addr_bits),
+            "data": Out(p.column_bits),
+            "mask": Out(p.column_bytes),
+            "rvalid": In(1),
+            "rdata": In(p.column_bits),
+        })
+
+
+class PimStatusSignature(wiring.Signature):
+    """Violation and event counters of one channel, from the device's side."""
+
+    def __init__(self):
+        members = {
+            "clear": In(1),
+            "violation": Out(1),
+            "vcode": Out(ViolationCode),
+            "vop": Out(PimOp),
+            "vcycle": Out(32),
+            "nviol": Out(16),
+            "owed": Out(8),
+            "cycle": Out(32),
+        }
+        members.update({name: Out(32) for name in STATUS_COUNTERS})
+        super().__init__(members)
+
+
+def pim_module_names(cfg: SystemConfig) -> dict:
+    """Verilog module names of the bank and channel for ``cfg`` (unique per configuration)."""
+    key = hashlib.sha256(repr((cfg.pim, cfg.timing)).encode()).hexdigest()[:8]
+    return {"bank": f"pim_bank_{key}", "channel": f"pim_channel_{key}"}
+
+
+def _bank_ports(p):
+    ins = ["chan_id", "bank_id", "bd_load", "do_act", "do_pre", "do_rd", "do_wr", "do_mac", "do_af",
+           "row", "col", "wdata", "wmask", "gb_data", "bias_load", "bias_value"]
+    outs = ["is_open", "open_row", "rcdrd_ok", "rcdwr_ok", "ras_ok", "rp_ok", "wr_ok", "rtp_ok",
+            "rdata", "acc", "af_out"]
+    return ins, outs
+
+
+class PimChannel(wiring.Component):
+    """One PIM channel: ``banks`` :class:`~hw.pim.bank.PimBank` + global buffer + decoder + checks.
+
+    Members
+    -------
+    bus : In(PimBusSignature)
+    status : Out(PimStatusSignature)
+    chan_id : In(8)
+        This channel's index (for back-door file names).
+    bd_load : In(1)
+        Back door: load every bank's storage from ``+PIM_BACKDOOR`` files.
+    """
+
+    def __init__(self, cfg: SystemConfig, bank_module: str | None = None):
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        self.cfg = cfg
+        self.bank_module = bank_module
+        PimBank(cfg)        # parameter checks (tMAC, tAF) at construction
+        super().__init__({
+            "bus": In(PimBusSignature(cfg)),
+            "status": Out(PimStatusSignature()),
+            "chan_id": In(8),
+            "bd_load": In(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        p, t = cfg.pim, cfg.timing
+        nb = p.banks
+        bus, st = self.bus, self.status
+        op, bank, col = bus.op, bus.bank, bus.col
+
+        # Banks ----------------------------------------------------------
+        ins, outs = _bank_ports(p)
+        banks = []
+        for b in range(nb):
+            sig = {name: Signal(_width(cfg, name), name=f"b{b}_{name}") for name in ins + outs}
+            banks.append(sig)
+            if self.bank_module is None:
+                bank_c = PimBank(cfg)
+                m.submodules[f"bank{b}"] = bank_c
+                for name in ins:
+                    m.d.comb += getattr(bank_c, name).eq(sig[name])
+                for name in outs:
+                    m.d.comb += sig[name].eq(getattr(bank_c, name))
+            else:
+                kwargs = {"i_clk": ClockSignal(), "i_rst": ResetSignal()}
+                kwargs.update({f"i_{n}": sig[n] for n in ins})
+                kwargs.update({f"o_{n}": sig[n] for n in outs})
+                m.submodules[f"bank{b}"] = Instance(self.bank_module, **kwargs)
+
+        is_open = Cat(bk["is_open"] for bk in banks)
+        rcdrd_ok = Cat(bk["rcdrd_ok"] for bk in banks)
+        rcdwr_ok = Cat(bk["rcdwr_ok"] for bk in banks)
+        rp_ok = Cat(bk["rp_ok"] for bk in banks)
+        pre_ok = Cat(bk["ras_ok"] & bk["wr_ok"] & bk["rtp_ok"] for bk in banks)
+        ras_ok = Cat(bk["ras_ok"] for bk in banks)
+        wr_ok = Cat(bk["wr_ok"] for bk in banks)
+        rtp_ok = Cat(bk["rtp_ok"] for bk in banks)
+        af_row_ok = Cat(bk["open_row"] >= p.data_rows for bk in banks)
+        all_banks = (1 << nb) - 1
+
+        def sel(vec):      # the addressed bank's bit
+            return vec.bit_select(bank, 1) if nb > 1 else vec[0]
+
+        # Channel-wide timing --------------------------------------------
+        execute = Signal()
+        col_cmd = Signal()
+        is_act = (op == PimOp.ACT) | (op == PimOp.ACTAB)
+        m.d.comb += col_cmd.eq(op.as_value().matches(PimOp.RD, PimOp.WR, PimOp.WRGB, PimOp.MACSB, PimOp.MACAB,
+                                          PimOp.WRBIAS, PimOp.RDMAC, PimOp.AF, PimOp.RDAF))
+        is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
+        ccd_ok = countdown(m, "ccd", t.tCCD, execute & col_cmd)
+        rrd_ok = countdown(m, "rrd", t.tRRD, execute & is_act)
+        rfc_ok = countdown(m, "rfc", t.tRFC, execute & (op == PimOp.REF))
+        mac_ok = countdown(m, "mac", t.tMAC, execute & is_mac)
+        af_ok = countdown(m, "afl", t.tAF, execute & (op == PimOp.AF))
+        # tFAW: ACTs executed in the last tFAW-1 cycles (a shift register) must be fewer than 4.
+        faw_ok = Signal()
+        if t.tFAW > 1:
+            window = Signal(t.tFAW - 1)
+            m.d.sync += window.eq(Cat(execute & is_act, window[:-1]) if t.tFAW > 2 else execute & is_act)
+            count = Signal(range(t.tFAW + 1))
+            m.d.comb += count.eq(sum(window[i] for i in range(len(window))))
+            m.d.comb += faw_ok.eq(count < 4)
+        else:
+            m.d.comb += faw_ok.eq(1)
+
+        # Violation decision (first failing rule) -------------------------
+        code = Signal(ViolationCode)
+        legal_ops = [c for c in PimOp]
+        with m.If(~op.as_value().matches(*legal_ops)):
+            m.d.comb += code.eq(ViolationCode.ILLEGAL_OPCODE)
+        with m.Else():
+            with m.Switch(op):
+                with m.Case(PimOp.ACT):
+                    self._first(m, code, [
+                        (sel(is_open), ViolationCode.BANK_OPEN), (~sel(rp_ok), ViolationCode.T_RP),
+                        (~rfc_ok, ViolationCode.T_RFC), (~rrd_ok, ViolationCode.T_RRD),
+                        (~faw_ok, ViolationCode.T_FAW)])
+                with m.Case(PimOp.ACTAB):
+                    self._first(m, code, [
+                        (is_open != 0, ViolationCode.BANK_OPEN), (rp_ok != all_banks, ViolationCode.T_RP),
+                        (~rfc_ok, ViolationCode.T_RFC), (~rrd_ok, ViolationCode.T_RRD),
+                        (~faw_ok, ViolationCode.T_FAW)])
+                with m.Case(PimOp.PRE):
+                    self._first(m, code, [
+                        (sel(is_open) & ~sel(ras_ok), ViolationCode.T_RAS),
+                        (sel(is_open) & ~sel(wr_ok), ViolationCode.T_WR),
+                        (sel(is_open) & ~sel(rtp_ok), ViolationCode.T_RTP)])
+                with m.Case(PimOp.PREAB):
+                    self._first(m, code, [
+                        ((is_open & ~ras_ok) != 0, ViolationCode.T_RAS),
+                        ((is_open & ~wr_ok) != 0, ViolationCode.T_WR),
+                        ((is_open & ~rtp_ok) != 0, ViolationCode.T_RTP)])
+                with m.Case(PimOp.RD, PimOp.MACSB):
+                    self._first(m, code, [
+                        (~sel(is_open), ViolationCode.BANK_CLOSED), (~sel(rcdrd_ok), ViolationCode.T_RCD),
+                        (~ccd_ok, ViolationCode.T_CCD)])
+                with m.Case(PimOp.WR):
+                    self._first(m, code, [
+                        (~sel(is_open), ViolationCode.BANK_CLOSED), (~sel(rcdwr_ok), ViolationCode.T_RCD),
+                        (~ccd_ok, ViolationCode.T_CCD)])
+                with m.Case(PimOp.MACAB):
+                    self._first(m, code, [
+                        (is_open != all_banks, ViolationCode.BANK_CLOSED),
+                        (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~ccd_ok, ViolationCode.T_CCD)])
+                with m.Case(PimOp.AF):
+                    self._first(m, code, [
+                        (is_open != all_banks, ViolationCode.BANK_CLOSED),
+                        (af_row_ok != all_banks, ViolationCode.BAD_ADDRESS),
+                        (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~mac_ok, ViolationCode.PU_BUSY),
+                        (~ccd_ok, ViolationCode.T_CCD)])
+                with m.Case(PimOp.REF):
+                    self._first(m, code, [
+                        (is_open != 0, ViolationCode.BANK_OPEN), (rp_ok != all_banks, ViolationCode.T_RP),
+                        (~rfc_ok, ViolationCode.T_RFC)])
+                with m.Case(PimOp.WRGB):
+                    self._first(m, code, [
+                        (col >= p.gb_columns, ViolationCode.BAD_ADDRESS), (~ccd_ok, ViolationCode.T_CCD)])
+                with m.Case(PimOp.WRBIAS, PimOp.RDMAC):
+                    self._first(m, code, [
+                        (col >= p.acc_groups, ViolationCode.BAD_ADDRESS), (~mac_ok, ViolationCode.PU_BUSY),
+                        (~ccd_ok, ViolationCode.T_CCD)])
+                with m.Case(PimOp.RDAF):
+                    self._first(m, code, [
+                        (col >= p.acc_groups, ViolationCode.BAD_ADDRESS), (~af_ok, ViolationCode.PU_BUSY),
+                        (~ccd_ok, ViolationCode.T_CCD)])
+        m.d.comb += execute.eq((op != PimOp.NOP) & (code == ViolationCode.NONE))
+
+        # Refresh credit --------------------------------------------------
+        refi = Signal(range(t.tREFI))
+        owed = Signal(range(-t.refresh_postpone - 1, t.refresh_postpone + 3))
+        tick = refi == t.tREFI - 1
+        m.d.sync += refi.eq(Mux(tick, 0, refi + 1))
+        did_ref = execute & (op == PimOp.REF)
+        new_owed = owed + tick - did_ref
+        with m.If(new_owed >= -t.refresh_postpone):
+            m.d.sync += owed.eq(Mux(new_owed > t.refresh_postpone + 1, t.refresh_postpone + 1, new_owed))
+        late = owed > t.refresh_postpone
+        m.d.comb += st.owed.eq(Mux(owed < 0, 0, owed))
+
+        # Sticky violation record -----------------------------------------
+        cycle = Signal(32)
+        m.d.sync += cycle.eq(cycle + 1)
+        m.d.comb += st.cycle.eq(cycle)
+        bad = (op != PimOp.NOP) & (code != ViolationCode.NONE)
+        with m.If(st.clear):
+            m.d.sync += [st.violation.eq(0), st.nviol.eq(0)]
+        with m.Elif(bad | late):
+            with m.If(~st.violation):
+                m.d.sync += [st.violation.eq(1), st.vcode.eq(Mux(bad, code, ViolationCode.REFRESH_LATE)),
+                             st.vop.eq(Mux(bad, op, PimOp.NOP)), st.vcycle.eq(cycle)]
+            with m.If(bad & (st.nviol != 0xFFFF)):
+                m.d.sync += st.nviol.eq(st.nviol + 1)
+
+        # Global buffer ---------------------------------------------------
+        m.submodules.gb = gb = Memory(shape=p.column_bits, depth=p.gb_columns, init=[])
+        gb_w = gb.write_port()
+        gb_r = gb.read_port()
+        gb_bits = (p.gb_columns - 1).bit_length()
+        m.d.comb += [
+            gb_w.en.eq(execute & (op == PimOp.WRGB)),
+            gb_w.addr.eq(col[:gb_bits] if gb_bits else 0),
+            gb_w.data.eq(bus.data),
+            gb_r.addr.eq(col[:gb_bits] if gb_bits else 0),
+        ]
+
+        # Bank strobes -------------------------------------------------------
+        bpw = p.banks_per_word
+        for b, bk in enumerate(banks):
+            here = bank == b
+            m.d.comb += [
+                bk["chan_id"].eq(self.chan_id), bk["bank_id"].eq(b), bk["bd_load"].eq(self.bd_load),
+                bk["do_act"].eq(execute & (((op == PimOp.ACT) & here) | (op == PimOp.ACTAB))),
+                bk["do_pre"].eq(execute & bk["is_open"] & (((op == PimOp.PRE) & here) | (op == PimOp.PREAB))),
+                bk["do_rd"].eq(execute & (op == PimOp.RD) & here),
+                bk["do_wr"].eq(execute & (op == PimOp.WR) & here),
+                bk["do_mac"].eq(execute & (((op == PimOp.MACSB) & here) | (op == PimOp.MACAB))),
+                bk["do_af"].eq(execute & (op == PimOp.AF)),
+                bk["row"].eq(bus.row), bk["col"].eq(col), bk["wdata"].eq(bus.data), bk["wmask"].eq(bus.mask),
+                bk["gb_data"].eq(gb_r.data),
+                bk["bias_load"].eq(execute & (op == PimOp.WRBIAS) & (col == b // bpw)),
+                bk["bias_value"].eq(bus.data[32 * (b % bpw):32 * (b % bpw + 1)]),
+            ]
+
+        # Read return: sample one cycle after the command, deliver at tRL --------
+        r_valid = Signal()
+        r_kind = Signal(PimOp)
+        r_bank = Signal(max(p.bank_addr_bits, 1))
+        r_col = Signal(p.column_addr_bits)
+        returns = execute & op.as_value().matches(PimOp.RD, PimOp.RDMAC, PimOp.RDAF)
+        m.d.sync += [r_valid.eq(returns), r_kind.eq(op), r_bank.eq(bank), r_col.eq(col)]
+        r_data = Signal(p.column_bits)
+        with m.Switch(r_kind):
+            with m.Case(PimOp.RD):
+                with m.Switch(r_bank):
+                    for b, bk in enumerate(banks):
+                        with m.Case(b):
+                            m.d.comb += r_data.eq(bk["rdata"])
+            for kind, src in ((PimOp.RDMAC, "acc"), (PimOp.RDAF, "af_out")):
+                with m.Case(kind):
+                    with m.Switch(r_col):
+                        for g in range(p.acc_groups):
+                            with m.Case(g):
+                                group = [banks[b][src] for b in range(g * bpw, min(nb, (g + 1) * bpw))]
+                                m.d.comb += r_data.eq(Cat(*group))
+        valid, data = r_valid, r_data
+        for stage in range(t.tRL - 1):
+            nv, nd = Signal(name=f"rl_v{stage}"), Signal(p.column_bits, name=f"rl_d{stage}")
+            m.d.sync += [nv.eq(valid), nd.eq(data)]
+            valid, data = nv, nd
+        m.d.comb += [bus.rvalid.eq(valid), bus.rdata.eq(data)]
+
+        # Event counters ---------------------------------------------------
+        events = {
+            "n_act": Mux(op == PimOp.ACTAB, nb, 1) * is_act,
+            "n_pre": Mux(op == PimOp.PREAB, sum(bk["is_open"] for bk in banks), sel(is_open)) *
+            op.as_value().matches(PimOp.PRE, PimOp.PREAB),
+            "n_rd": op == PimOp.RD, "n_wr": op == PimOp.WR, "n_ref": op == PimOp.REF,
+            "n_wrgb": op == PimOp.WRGB,
+            "n_mac": Mux(op == PimOp.MACAB, nb, 1) * is_mac,
+            "n_rdmac": op == PimOp.RDMAC, "n_af": op == PimOp.AF, "n_cmd": Const(1, 1),
+        }
+        for name in STATUS_COUNTERS:
+            counter = getattr(st, name)
+            with m.If(execute):
+                m.d.sync += counter.eq(counter + events[name])
+        return m
+
+    @staticmethod
+    def _first(m, code, rules):
+        """Set ``code`` to the first rule whose condition holds."""
+        with m.If(rules[0][0]):
+            m.d.comb += code.eq(rules[0][1])
+        for cond, value in rules[1:]:
+            with m.Elif(cond):
+                m.d.comb += code.eq(value)
+
+
+def _width(cfg, name):
+    p = cfg.pim
+    return {
+        "chan_id": 8, "bank_id": 8, "row": p.row_addr_bits, "col": p.column_addr_bits,
+        "wdata": p.column_bits, "wmask": p.column_bytes, "gb_data": p.column_bits, "bias_value": 32,
+        "open_row": p.row_addr_bits, "rdata": p.column_bits, "acc": 32, "af_out": 32,
+    }.get(name, 1)
+
+
+class PimDevice(wiring.Component):
+    """The PIM memory: ``channels`` independent :class:`PimChannel` s.
+
+    Members
+    -------
+    c<i> : In(PimBusSignature)      command bus of channel i
+    s<i> : Out(PimStatusSignature)  status of channel i
+    bd_load : In(1)                 back door for every bank of every channel
+    """
+
+    def __init__(self, cfg: SystemConfig, channel_module: str | None = None, bank_module: str | None = None):
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        self.cfg = cfg
+        self.channel_module = channel_module
+        self.bank_module = bank_module
+        members = {"bd_load": In(1)}
+        for c in range(cfg.pim.channels):
+            members[f"c{c}"] = In(PimBusSignature(cfg))
+            members[f"s{c}"] = Out(PimStatusSignature())
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        for c in range(self.cfg.pim.channels):
+            bus, st = getattr(self, f"c{c}"), getattr(self, f"s{c}")
+            if self.channel_module is None:
+                ch = m.submodules[f"ch{c}"] = PimChannel(self.cfg, self.bank_module)
+                wiring.connect(m, wiring.flipped(bus), ch.bus)
+                wiring.connect(m, ch.status, wiring.flipped(st))
+                m.d.comb += [ch.chan_id.eq(c), ch.bd_load.eq(self.bd_load)]
+            else:
+                kwargs = {"i_clk": ClockSignal(), "i_rst": ResetSignal(), "i_chan_id": Const(c, 8),
+                          "i_bd_load": self.bd_load}
+                for path, member, value in bus.signature.flatten(bus):
+                    name = "bus__" + "__".join(str(x) for x in path)
+                    kwargs[("i_" if member.flow == In else "o_") + name] = value
+                for path, member, value in st.signature.flatten(st):
+                    name = "status__" + "__".join(str(x) for x in path)
+                    kwargs[("o_" if member.flow == Out else "i_") + name] = value
+                m.submodules[f"ch{c}"] = Instance(self.channel_module, **kwargs)
+        return m

@@ -1,0 +1,136 @@
+"""The PIM command vocabulary: one table read by the RTL decoder, the golden model, the checker and the docs.
+
+Each row of :data:`COMMANDS` names a command on a channel's DRAM-like command
+bus, its opcode, which bus fields it uses, its timing class and what it does.
+:class:`PimOp` (an ``enum.Enum`` with an explicit shape) is generated from the
+table, so the RTL and Python share the encoding.
+
+Timing classes (see :class:`hw.config.DramTiming`):
+
+``act``    row activation: bank(s) closed, ``tRP`` after PRE, ``tRRD`` after the
+           previous ACT, at most 4 ACTs in ``tFAW``, ``tRFC`` after REF.
+           ACTAB opens the same row in every bank and counts as one activation
+           for ``tRRD``/``tFAW`` (AiM's ACT16: the device is specified for it).
+``pre``    precharge: ``tRAS`` after ACT, ``tRTP`` after a read-type column
+           command (RD, MAC, AF), ``tWR`` after WR.
+``col_rd`` read-type column command on an open row: ``tRCDRD`` after ACT.
+``col_wr`` write-type column command on an open row: ``tRCDWR`` after ACT.
+``gb``     global-buffer / accumulator access (no bank row involved).
+``ref``    all-bank refresh: every bank closed and ``tRP`` after its PRE;
+           blocks ACT and REF for ``tRFC``.
+
+Every column-type command (``col_rd``, ``col_wr``, ``gb``) is spaced by
+``tCCD`` from the previous one on the channel.
+"""
+
+import types
+from dataclasses import dataclass
+
+from amaranth.lib import enum as aenum
+
+__all__ = ["Command", "COMMANDS", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
+
+OP_BITS = 5
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    opcode: int
+    timing: str          # act, pre, col_rd, col_wr, gb, ref, nop
+    fields: tuple        # bus fields used: bank, row, col, data
+    all_banks: bool
+    returns_data: bool
+    meaning: str
+
+
+COMMANDS = (
+    Command("NOP", 0, "nop", (), False, False, "No operation."),
+    Command("ACT", 1, "act", ("bank", "row"), False, False, "Open `row` in `bank`."),
+    Command("ACTAB", 2, "act", ("row",), True, False,
+            "Open `row` in every bank (AiM ACT16): the weight rows of one PIM tile at once."),
+    Command("PRE", 3, "pre", ("bank",), False, False, "Close the open row of `bank`."),
+    Command("PREAB", 4, "pre", (), True, False, "Close the open row of every bank that has one."),
+    Command("RD", 5, "col_rd", ("bank", "col"), False, True,
+            "Read column `col` of the open row of `bank`; data on the bus tRL cycles later."),
+    Command("WR", 6, "col_wr", ("bank", "col", "data"), False, False,
+            "Write `data` (with the byte mask) to column `col` of the open row of `bank`."),
+    Command("REF", 7, "ref", (), True, False, "All-bank refresh; every bank must be closed."),
+    Command("WRGB", 8, "gb", ("col", "data"), True, False,
+            "Write `data` (16 BF16 values) to global-buffer column `col`."),
+    Command("MACSB", 9, "col_rd", ("bank", "col"), False, False,
+            "Single-bank MAC: acc[bank] += sum over lanes of W[bank][row][col] x GB[col mod gb_columns]."),
+    Command("MACAB", 10, "col_rd", ("col",), True, False,
+            "All-bank MAC: MACSB on every bank at once with the same column (each bank's open row)."),
+    Command("WRBIAS", 11, "gb", ("col", "data"), True, False,
+            "Preload accumulators of banks 8*col .. 8*col+7 with the FP32 values packed in `data` "
+            "(word k for bank 8*col+k; column_bits/32 banks per command)."),
+    Command("RDMAC", 12, "gb", ("col",), True, True,
+            "Read the FP32 accumulators of banks 8*col .. 8*col+7 packed in one word, tRL cycles later."),
+    Command("AF", 13, "col_rd", (), True, False,
+            "Activation function on every bank: af[b] = LUT-interpolated f(acc[b]); each bank's open row "
+            "must be a reserved AF row (it holds the lookup table)."),
+    Command("RDAF", 14, "gb", ("col",), True, True,
+            "Read the activation results of banks 8*col .. 8*col+7 packed in one word, tRL cycles later."),
+)
+
+
+def by_name(name: str) -> Command:
+    for c in COMMANDS:
+        if c.name == name:
+            return c
+    raise KeyError(f"unknown PIM command {name!r}")
+
+
+def _enum(name, items, shape):
+    def body(ns):
+        for key, value in items:
+            ns[key] = value
+    return types.new_class(name, (aenum.Enum,), {"shape": shape}, body)
+
+
+PimOp = _enum("PimOp", [(c.name, c.opcode) for c in COMMANDS], OP_BITS)
+PimOp.__doc__ = "PIM command opcodes, generated from :data:`COMMANDS`."
+
+
+@dataclass(frozen=True)
+class Violation:
+    name: str
+    code: int
+    meaning: str
+
+
+VIOLATIONS = (
+    Violation("NONE", 0, "No violation."),
+    Violation("ILLEGAL_OPCODE", 1, "Opcode not in the command table."),
+    Violation("BANK_CLOSED", 2, "Column command or AF to a bank with no open row."),
+    Violation("BANK_OPEN", 3, "ACT to a bank that already has an open row, or REF with a row open."),
+    Violation("T_RCD", 4, "Column command too soon after ACT (tRCDRD / tRCDWR)."),
+    Violation("T_RAS", 5, "PRE too soon after ACT (tRAS)."),
+    Violation("T_RP", 6, "ACT or REF too soon after PRE (tRP)."),
+    Violation("T_CCD", 7, "Column command too soon after the previous one (tCCD)."),
+    Violation("T_RRD", 8, "ACT too soon after the previous ACT (tRRD)."),
+    Violation("T_FAW", 9, "Fifth ACT inside a tFAW window."),
+    Violation("T_WR", 10, "PRE too soon after WR (tWR)."),
+    Violation("T_RTP", 11, "PRE too soon after a read-type column command (tRTP)."),
+    Violation("T_RFC", 12, "ACT or REF too soon after REF (tRFC)."),
+    Violation("REFRESH_LATE", 13, "More than refresh_postpone refreshes owed (tREFI deadline missed)."),
+    Violation("BAD_ADDRESS", 14, "Global-buffer or accumulator-group column out of range, or AF with a "
+                                 "non-reserved row open."),
+    Violation("PU_BUSY", 15, "WRBIAS, RDMAC or AF within tMAC of a MAC, or RDAF within tAF of AF."),
+)
+
+ViolationCode = _enum("ViolationCode", [(v.name, v.code) for v in VIOLATIONS], 4)
+ViolationCode.__doc__ = "Sticky violation codes of a PIM channel, generated from :data:`VIOLATIONS`."
+
+
+def command_table_md() -> str:
+    """The command table as Markdown (for the docs)."""
+    lines = ["| command | opcode | timing class | fields | all banks | returns data | meaning |",
+             "|---|---|---|---|---|---|---|"]
+    for c in COMMANDS:
+        lines.append(f"| {c.name} | {c.opcode} | {c.timing} | {', '.join(c.fields) or '-'} | "
+                     f"{'yes' if c.all_banks else ''} | {'yes' if c.returns_data else ''} | {c.meaning} |")
+    lines += ["", "| violation | code | meaning |", "|---|---|---|"]
+    lines += [f"| {v.name} | {v.code} | {v.meaning} |" for v in VIOLATIONS]
+    return "\n".join(lines)

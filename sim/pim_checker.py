@@ -1,0 +1,173 @@
+"""Independent DRAM protocol checker for a PIM channel's command bus.
+
+Written from the timing table (:class:`hw.config.DramTiming` and the rules in
+``hw/pim/commands.py``'s docstring), not from the RTL: it keeps, per bank, the
+cycle of the last ACT, PRE, WR and read-type column command and, per channel,
+the last column command, the recent ACTs, the last REF and refresh credit.
+
+``check(cycle, op, bank, row, col)`` returns the name of the first rule the
+command breaks (the same names and priority as the RTL's violation codes) or
+``None``, and updates the state only for legal commands (the device does not
+execute illegal ones). ``earliest(op, bank, ...)`` returns the first cycle at
+which the command's timing rules are met; the test sequencer uses it to place
+commands, so sequencer, checker and RTL cross-check one another.
+
+:class:`BusMonitor` samples a channel's bus in cocotb every cycle and feeds
+the checker; a test fails if any violation was recorded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from hw.config import SystemConfig
+
+NEVER = -(10**12)
+
+COL_OPS = {"RD", "WR", "WRGB", "MACSB", "MACAB", "WRBIAS", "RDMAC", "AF", "RDAF"}
+READ_TYPE = {"RD", "MACSB", "MACAB", "AF"}
+OPCODES = {"NOP": 0, "ACT": 1, "ACTAB": 2, "PRE": 3, "PREAB": 4, "RD": 5, "WR": 6, "REF": 7, "WRGB": 8,
+           "MACSB": 9, "MACAB": 10, "WRBIAS": 11, "RDMAC": 12, "AF": 13, "RDAF": 14}
+OPNAMES = {v: k for k, v in OPCODES.items()}
+
+
+@dataclass
+class _Bank:
+    open: bool = False
+    row: int = 0
+    act: int = NEVER
+    pre: int = NEVER
+    wr: int = NEVER
+    rd: int = NEVER
+
+
+@dataclass
+class ProtocolChecker:
+    cfg: SystemConfig
+    channel: int = 0
+    violations: list = field(default_factory=list)
+
+    def __post_init__(self):
+        p = self.cfg.pim
+        self.banks = [_Bank() for _ in range(p.banks)]
+        self.last_col = NEVER
+        self.acts = deque(maxlen=4)
+        self.last_ref = NEVER
+        self.last_mac = NEVER
+        self.last_af = NEVER
+        self.refs = 0
+        self.late_reported = False
+        self.counts = {name: 0 for name in OPCODES}
+
+    # -- rules ---------------------------------------------------------------
+    def _timing_rules(self, op, bank):
+        """(violation name, earliest legal cycle) for the timing rules of ``op``, in priority order."""
+        t = self.cfg.timing
+        banks = self.banks
+        rules = []
+        if op in ("ACT", "ACTAB"):
+            targets = banks if op == "ACTAB" else [banks[bank]]
+            rules.append(("T_RP", max(b.pre for b in targets) + t.tRP))
+            rules.append(("T_RFC", self.last_ref + t.tRFC))
+            rules.append(("T_RRD", (self.acts[-1] if self.acts else NEVER) + t.tRRD))
+            rules.append(("T_FAW", (self.acts[0] + t.tFAW) if len(self.acts) == 4 else NEVER))
+        elif op in ("PRE", "PREAB"):
+            targets = [b for b in (banks if op == "PREAB" else [banks[bank]]) if b.open]
+            rules.append(("T_RAS", max((b.act for b in targets), default=NEVER) + t.tRAS))
+            rules.append(("T_WR", max((b.wr for b in targets), default=NEVER) + t.tWR))
+            rules.append(("T_RTP", max((b.rd for b in targets), default=NEVER) + t.tRTP))
+        elif op == "REF":
+            rules.append(("T_RP", max(b.pre for b in banks) + t.tRP))
+            rules.append(("T_RFC", self.last_ref + t.tRFC))
+        if op in ("RD", "MACSB", "MACAB", "AF", "WR"):
+            targets = banks if op in ("MACAB", "AF") else [banks[bank]]
+            trcd = t.tRCDWR if op == "WR" else t.tRCDRD
+            rules.append(("T_RCD", max(b.act for b in targets) + trcd))
+        if op in ("WRBIAS", "RDMAC", "AF"):
+            rules.append(("PU_BUSY", self.last_mac + t.tMAC))
+        if op == "RDAF":
+            rules.append(("PU_BUSY", self.last_af + t.tAF))
+        if op in COL_OPS:
+            rules.append(("T_CCD", self.last_col + t.tCCD))
+        return rules
+
+    def _state_violation(self, op, bank, col):
+        p = self.cfg.pim
+        banks = self.banks
+        if op not in OPCODES:
+            return "ILLEGAL_OPCODE"
+        if op == "ACT" and banks[bank].open:
+            return "BANK_OPEN"
+        if op in ("ACTAB", "REF") and any(b.open for b in banks):
+            return "BANK_OPEN"
+        if op in ("RD", "WR", "MACSB") and not banks[bank].open:
+            return "BANK_CLOSED"
+        if op in ("MACAB", "AF") and not all(b.open for b in banks):
+            return "BANK_CLOSED"
+        if op == "AF" and any(b.row < p.data_rows for b in banks):
+            return "BAD_ADDRESS"
+        if op == "WRGB" and col >= p.gb_columns:
+            return "BAD_ADDRESS"
+        if op in ("WRBIAS", "RDMAC", "RDAF") and col >= p.acc_groups:
+            return "BAD_ADDRESS"
+        return None
+
+
+    def earliest(self, op, bank=0):
+        """First cycle at which ``op`` meets its timing rules (state rules not considered)."""
+        return max((c for _, c in self._timing_rules(op, bank)), default=NEVER)
+
+    def violation(self, cycle, op, bank=0, row=0, col=0):
+        """The first rule ``op`` breaks at ``cycle`` (or ``None``), without changing state."""
+        if op == "NOP":
+            return None
+        state = self._state_violation(op, bank, col)
+        timing = next((name for name, c in self._timing_rules(op, bank) if cycle < c), None) \
+            if op in OPCODES else None
+        return state or timing     # state rules come first, as in the RTL's priority
+
+    def check(self, cycle, op, bank=0, row=0, col=0):
+        """Check a command seen on the bus at ``cycle``; record and return its violation, if any."""
+        if isinstance(op, int):
+            op = OPNAMES.get(op, f"OP{op}")
+        owed = cycle // self.cfg.timing.tREFI - self.refs
+        if owed > self.cfg.timing.refresh_postpone and not self.late_reported:
+            self.late_reported = True
+            self.violations.append((cycle, "REFRESH_LATE", "-", self.channel))
+        v = self.violation(cycle, op, bank, row, col)
+        if v is not None:
+            self.violations.append((cycle, v, op, self.channel))
+            return v
+        if op != "NOP":
+            self._apply(cycle, op, bank, row)
+        return None
+
+    def _apply(self, cycle, op, bank, row):
+        self.counts[op] += 1
+        banks = self.banks
+        if op in ("ACT", "ACTAB"):
+            for b in (banks if op == "ACTAB" else [banks[bank]]):
+                b.open, b.row, b.act = True, row, cycle
+            self.acts.append(cycle)
+        elif op in ("PRE", "PREAB"):
+            for b in (banks if op == "PREAB" else [banks[bank]]):
+                if b.open:
+                    b.open, b.pre = False, cycle
+        elif op == "REF":
+            self.last_ref = cycle
+            self.refs += 1
+        if op in COL_OPS:
+            self.last_col = cycle
+        if op in READ_TYPE:
+            for b in (banks if op in ("MACAB", "AF") else [banks[bank]]):
+                b.rd = cycle
+        if op == "WR":
+            banks[bank].wr = cycle
+        if op in ("MACSB", "MACAB"):
+            self.last_mac = cycle
+        if op == "AF":
+            self.last_af = cycle
+
+    def owed(self, cycle) -> int:
+        return cycle // self.cfg.timing.tREFI - self.refs

@@ -1,0 +1,410 @@
+"""cocotb testbenches for the PIM device (hw/pim): normal traffic, GEMV, GELU, illegal sequences, back door.
+
+Every test runs the independent protocol checker (sim/pim_checker.py) on the
+bus the device saw and requires both it and the device's own sticky violation
+flag to stay clean (except the illegal-sequence test, which expects them).
+The configuration comes from ``IANUS_CONFIG`` (a preset name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from cocotb.triggers import FallingEdge
+
+from firmware.pim import GemvLayout, af_lut_row, gelu, gemv_golden, gemv_lower_bound, gemv_program
+from hw.config import preset
+from sim.golden import fp as G
+from sim.golden.pim import PimChannelModel, af_eval
+from sim.pim_sequencer import PimDriver, Scheduler, write_backdoor
+from sim.tb.common import env_int, env_str, tb_test, write_metrics
+
+
+def _cfg():
+    return preset(env_str("IANUS_CONFIG", "tiny"))
+
+
+def _backdoor_dir():
+    d = os.environ["IANUS_BACKDOOR"]
+    os.makedirs(d, exist_ok=True)
+    for f in os.listdir(d):
+        os.unlink(os.path.join(d, f))
+    return d
+
+
+def _words_to_u32(word: int, count: int) -> np.ndarray:
+    return np.frombuffer(int(word).to_bytes(count * 4, "little"), dtype="<u4")[:count].copy()
+
+
+@tb_test()
+async def normal_traffic(dut):
+    """Random ACT/RD/WR/PRE on every channel with refreshes, scoreboarded against the golden channel model."""
+    cfg = _cfg()
+    p = cfg.pim
+    rng = np.random.default_rng(env_int("SEED", 7))
+    n_ops = env_int("N_OPS", 400)
+    drv = PimDriver(dut, cfg)
+    await drv.reset()
+    schedules, expected = [], []
+    forced_ref_at = n_ops // 2
+    for c in range(p.channels):
+        sch = Scheduler(cfg, start=drv.cycle + 1)
+        model = PimChannelModel(cfg)
+        exp = []
+        for i in range(n_ops):
+            if i == forced_ref_at:                 # a refresh in the middle, whatever is owed
+                sch.place("PREAB")
+                model.execute("PREAB")
+                sch.place("REF")
+            sch.refresh_point() if not any(b.open for b in sch.model.banks) else None
+            bank = int(rng.integers(p.banks))
+            if not sch.model.banks[bank].open:
+                row = int(rng.integers(p.rows))
+                sch.place("ACT", bank=bank, row=row)
+                model.execute("ACT", bank=bank, row=row)
+                continue
+            kind = rng.random()
+            col = int(rng.integers(p.columns))
+            if kind < 0.4:
+                data = int.from_bytes(rng.bytes(p.column_bytes), "little")
+                mask = (1 << p.column_bytes) - 1 if rng.random() < 0.8 else int(rng.integers(1, 1 << p.column_bytes))
+                sch.place("WR", bank=bank, col=col, data=data, mask=mask)
+                model.execute("WR", bank=bank, col=col, data=data, mask=mask)
+            elif kind < 0.85:
+                slot = sch.place("RD", bank=bank, col=col)
+                exp.append((slot.cycle, model.execute("RD", bank=bank, col=col)))
+            else:
+                sch.place("PRE", bank=bank)
+                model.execute("PRE", bank=bank)
+                sch.refresh_point() if not any(b.open for b in sch.model.banks) else None
+        schedules.append(sch.slots)
+        expected.append(exp)
+
+    got = [[] for _ in range(p.channels)]
+    await drv.play(schedules, on_read=lambda c, slot, word: got[c].append((slot.cycle, word)))
+    drv.assert_clean()
+    for c in range(p.channels):
+        assert len(got[c]) == len(expected[c]), f"channel {c}: {len(got[c])} reads returned, {len(expected[c])} issued"
+        for (cyc, word), (ecyc, eword) in zip(got[c], expected[c]):
+            assert cyc == ecyc and word == eword, f"channel {c} RD at cycle {cyc}: {word:#x} != {eword:#x}"
+    refs = [drv.rtl_status(c)["n_ref"] for c in range(p.channels)]
+    assert all(r >= 1 for r in refs), f"no refresh executed: {refs}"
+    dut._log.info("%d reads bit-exact per channel, refreshes %s", len(expected[0]), refs)
+
+
+def _gemv_data(cfg, K, N, seed):
+    rng = np.random.default_rng(seed)
+    w = G.bf16_bits(rng.standard_normal((K, N)) / np.sqrt(K))
+    x = G.bf16_bits(rng.standard_normal(K))
+    bias = G.f32_bits(rng.standard_normal(N).astype(np.float32) * np.float32(0.1))
+    return w, x, bias
+
+
+async def run_gemv(drv: PimDriver, sch_for, layout: GemvLayout, w, x, bias, backdoor=True):
+    """Load ``w`` for ``layout`` (back door), run the GEMV program on every channel; return (y bits, cycles)."""
+    cfg = drv.cfg
+    p = cfg.pim
+    if backdoor:
+        d = _backdoor_dir()
+        packed = layout.pack(w)
+        for c in range(p.channels):
+            for b in range(p.banks):
+                write_backdoor(d, c, b, layout.base_row, packed[c, b], p.columns)
+        await drv.backdoor_load()
+    sch = sch_for(drv.cycle + 1)
+    sch.refresh_ahead()
+    first = len(sch.slots)
+    slots = sch.run_program(gemv_program(layout, with_bias=True))
+    bpw = p.banks_per_word
+    results = {}
+    xpad = np.zeros(layout.chunks * layout.chunk, dtype=np.uint16)
+    xpad[:layout.K] = x
+    npad = layout.tiles * layout.per_tile
+    bpad = np.zeros(npad, dtype=np.uint32)
+    bpad[:layout.N] = bias
+
+    def resolve(c, ref):
+        kind = ref[0]
+        if kind == "x":
+            _, chunk, col = ref
+            base = chunk * layout.chunk + col * p.lanes
+            return PimChannelModel.lanes_to_word(xpad[base:base + p.lanes])
+        if kind == "zero":
+            return 0
+        _, tile, g = ref
+        if kind == "bias":
+            vals = [bpad[layout.output_index(tile, c, b)] if b < p.banks else 0
+                    for b in range(g * bpw, (g + 1) * bpw)]
+        else:
+            vals = results[(c, tile, g)]
+        return int.from_bytes(np.asarray(vals, dtype="<u4").tobytes(), "little")
+
+    def on_read(c, slot, word):
+        results[(c, slot.tag[1], slot.tag[2])] = _words_to_u32(word, bpw)
+
+    t0 = slots[first].cycle
+    end = await drv.play([slots] * p.channels, resolve=resolve, on_read=on_read)
+    cycles = slots[-1].cycle + cfg.timing.tRL + 1 - t0
+    y = np.zeros(npad, dtype=np.uint32)
+    for (c, tile, g), vals in results.items():
+        for k in range(bpw):
+            b = g * bpw + k
+            if b < p.banks:
+                y[layout.output_index(tile, c, b)] = vals[k]
+    return y[:layout.N], cycles, end
+
+
+@tb_test()
+async def gemv(dut):
+    """GEMV shapes from env GEMV_SHAPES ("KxN,KxN"): bit-exact vs golden, bounded vs float64, cycle efficiency."""
+    cfg = _cfg()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in env_str("GEMV_SHAPES", "96x64").split(",")]
+    min_eff = float(env_str("MIN_EFFICIENCY", "0.95"))
+    drv = PimDriver(dut, cfg)
+    await drv.reset()
+    state = {}
+
+    def sch_for(start):
+        # One scheduler (the controller's view of the device) across the whole test.
+        if "sch" not in state:
+            state["sch"] = Scheduler(cfg, start=start)
+        sch = state["sch"]
+        sch.slots = []
+        sch.t = max(sch.t, start - 1)
+        return sch
+
+    report = []
+    for i, (K, N) in enumerate(shapes):
+        w, x, bias = _gemv_data(cfg, K, N, seed=100 + i)
+        layout = GemvLayout(cfg, K, N, base_row=0)
+        y, cycles, _ = await run_gemv(drv, sch_for, layout, w, x, bias)
+        want = gemv_golden(cfg, w, x, bias)
+        bad = np.flatnonzero(y != want)
+        assert bad.size == 0, (f"GEMV {K}x{N}: {bad.size} outputs differ from the golden model; first n={bad[0]}: "
+                               f"RTL {int(y[bad[0]]):#x} golden {int(want[bad[0]]):#x}")
+        # Golden vs float64: |err| <= (log2(lanes) + K/lanes + 1) * 2^-24 * (sum |w x| + |bias|).
+        wf = G.bf16_to_f32(w).astype(np.float64)
+        xf = G.bf16_to_f32(x).astype(np.float64)
+        bf = G.bits_to_f32(bias).astype(np.float64)
+        exact = xf @ wf + bf
+        scale = np.abs(xf) @ np.abs(wf) + np.abs(bf)
+        err = np.abs(G.bits_to_f32(y).astype(np.float64) - exact)
+        nterms = np.log2(cfg.pim.lanes) + -(-K // cfg.pim.lanes) + 1
+        bound = nterms * 2.0**-24 * scale
+        assert np.all(err <= bound), f"GEMV {K}x{N}: error vs float64 above bound at {np.argmax(err - bound)}"
+        lb = gemv_lower_bound(cfg, K, N)
+        eff = lb["cycles"] / cycles
+        rel = float(np.max(err / np.maximum(scale, 1e-30)))
+        report.append({"shape": f"{K}x{N}", "cycles": cycles, "bound": lb["cycles"], "efficiency": eff,
+                       "max_rel_err": rel, "refreshes": lb["refreshes"]})
+        dut._log.info("GEMV %dx%d: %d cycles, bound %d, efficiency %.3f, max err/scale %.2e",
+                      K, N, cycles, lb["cycles"], eff, rel)
+        assert eff >= min_eff, f"GEMV {K}x{N}: efficiency {eff:.3f} below {min_eff} ({cycles} cycles, bound {lb})"
+    drv.assert_clean()
+    st = drv.rtl_status(0)
+    write_metrics(name="pim_gemv", config=cfg.name, shapes=report, n_ref=st["n_ref"], n_mac=st["n_mac"])
+
+
+@tb_test()
+async def gelu_af(dut):
+    """AF unit with the GELU table in the reserved row: bit-exact vs golden, bounded vs float64 GELU."""
+    cfg = _cfg()
+    p = cfg.pim
+    rng = np.random.default_rng(env_int("SEED", 11))
+    n_rounds = env_int("N_ROUNDS", 8)
+    drv = PimDriver(dut, cfg)
+    await drv.reset()
+    lut = af_lut_row(cfg)
+    d = _backdoor_dir()
+    for c in range(p.channels):
+        for b in range(p.banks):
+            write_backdoor(d, c, b, p.data_rows, lut[None], p.columns)
+    await drv.backdoor_load()
+    sch = Scheduler(cfg, start=drv.cycle + 1)
+    bpw = p.banks_per_word
+    xs = []
+    for r in range(n_rounds):
+        vals = rng.uniform(-10, 10, (p.channels, p.acc_groups * bpw)).astype(np.float32)
+        if r == 0:      # specials: zeros, segment edges, out of range
+            special = np.array([0.0, -0.0, 8.0, -8.0, 7.9999, -7.9999, 100.0, -100.0, 0.0625, -0.0625,
+                                1e-30, 3.0, -3.0, 0.5, -0.5, 1.0], dtype=np.float32)
+            vals[:, :min(special.size, vals.shape[1])] = special[:vals.shape[1]]
+        xs.append(G.f32_bits(vals))
+        for g in range(p.acc_groups):
+            sch.place("WRBIAS", col=g, data=("x", r, g))
+        sch.place("ACTAB", row=p.data_rows)
+        sch.place("AF")
+        sch.place("PREAB")
+        for g in range(p.acc_groups):
+            sch.place("RDAF", col=g, tag=(r, g))
+        sch.refresh_point()
+    out = {}
+
+    def resolve(c, ref):
+        _, r, g = ref
+        return int.from_bytes(xs[r][c, g * bpw:(g + 1) * bpw].astype("<u4").tobytes(), "little")
+
+    def on_read(c, slot, word):
+        out[(c, *slot.tag)] = _words_to_u32(word, bpw)
+
+    await drv.play([sch.slots] * p.channels, resolve=resolve, on_read=on_read)
+    drv.assert_clean()
+    worst = 0.0
+    for r in range(n_rounds):
+        for c in range(p.channels):
+            x = xs[r][c, :p.banks]
+            got = np.concatenate([out[(c, r, g)] for g in range(p.acc_groups)])[:p.banks]
+            want = af_eval(cfg, x, lut)
+            assert np.array_equal(got, want), f"AF round {r} channel {c}: RTL {got} golden {want}"
+            xf = G.bits_to_f32(x).astype(np.float64)
+            err = np.abs(G.bits_to_f32(got).astype(np.float64) - gelu(xf))
+            step = 16.0 / p.af_segments
+            # Interpolation (step^2/8 * max|gelu''| ~ 0.8) + BF16 rounding of x (2^-8 |slope x|) + FP32.
+            bound = 0.8 * step**2 / 8 + 2.0**-8 * np.abs(xf) * 1.13 + 1e-6
+            assert np.all(err <= bound), f"AF error {err.max():.3g} above bound at x={xf[np.argmax(err - bound)]}"
+            worst = max(worst, float(err.max()))
+    write_metrics(name="pim_gelu", config=cfg.name, max_abs_err=worst)
+    dut._log.info("GELU via AF: %d values bit-exact, max |err| vs float64 %.3g", n_rounds * p.banks * p.channels,
+                  worst)
+
+
+@tb_test()
+async def illegal_sequences(dut):
+    """Deliberately illegal commands: each must be flagged by the device (code) and the checker (same name),
+    and must not execute (a read afterwards still returns the old data)."""
+    from hw.pim.commands import VIOLATIONS
+
+    cfg = _cfg()
+    t = cfg.timing
+    drv = PimDriver(dut, cfg)
+    await drv.reset()
+    names = {v.code: v.name for v in VIOLATIONS}
+    bus, st = drv.bus[0], drv.status[0]
+    ck = drv.checkers[0]
+
+    async def issue(op, bank=0, row=0, col=0, data=0):
+        from sim.pim_checker import OPCODES
+        bus["op"].value = OPCODES.get(op, op) if isinstance(op, str) else op
+        bus["bank"].value, bus["row"].value, bus["col"].value = bank, row, col
+        bus["data"].value, bus["mask"].value = data, drv.full_mask
+        await FallingEdge(dut.clk)
+        drv.cycle += 1
+        opv = int(bus["op"].value)
+        ck.check(drv.cycle - 1, opv, bank, row, col)
+        bus["op"].value = 0
+
+    async def idle(n):
+        for _ in range(n):
+            await FallingEdge(dut.clk)
+            drv.cycle += 1
+            ck.check(drv.cycle - 1, "NOP")
+
+    async def expect(name, *cmd, **kw):
+        before = len(ck.violations)
+        await issue(*cmd, **kw)
+        await idle(1)
+        code = int(st["vcode"].value)
+        assert int(st["violation"].value) == 1, f"{cmd}: device did not flag {name}"
+        assert names[code] == name, f"{cmd}: device flagged {names[code]}, expected {name}"
+        new = ck.violations[before:]
+        assert new and new[0][1] == name, f"{cmd}: checker saw {new}, expected {name}"
+        st["clear"].value = 1
+        await idle(1)
+        st["clear"].value = 0
+        await idle(1)
+
+    await idle(2)
+    await expect("BANK_CLOSED", "RD", bank=1, col=0)
+    await issue("ACT", bank=1, row=3)
+    await expect("T_RCD", "RD", bank=1, col=0)          # tRCD not yet elapsed
+    await expect("T_RAS", "PRE", bank=1)
+    await expect("BANK_OPEN", "ACT", bank=1, row=4)
+    if t.tRRD > 1:
+        await issue("ACT", bank=2, row=0)
+        await expect("T_RRD", "ACT", bank=3, row=0)
+    await idle(max(t.tRCDWR, t.tRCDRD, t.tRAS, t.tFAW) + 1)
+    await issue("WR", bank=1, col=2, data=0x1234)
+    await expect("T_WR", "PRE", bank=1)                  # write recovery
+    await expect("ILLEGAL_OPCODE", 31)
+    await expect("BAD_ADDRESS", "RDMAC", col=cfg.pim.acc_groups)
+    await expect("BANK_OPEN", "REF")
+    await issue("MACSB", bank=1, col=0)
+    await expect("PU_BUSY", "RDMAC", col=0)              # within tMAC of a MAC
+    await expect("BANK_CLOSED", "MACAB", col=0)          # not every bank is open
+    await idle(t.tWR + t.tMAC + 2)
+    # The illegal RD/WR/ACT above did not execute: the row still holds 0x1234 at column 2.
+    got = []
+    await issue("RD", bank=1, col=2)
+    for _ in range(t.tRL + 1):
+        if int(bus["rvalid"].value):
+            got.append(int(bus["rdata"].value))
+        await idle(1)
+    assert got == [0x1234], f"read after illegal commands returned {got}"
+    assert int(st["violation"].value) == 0
+    dut._log.info("every illegal command flagged by device and checker, none executed")
+
+
+@tb_test()
+async def backdoor_layer(dut):
+    """Fill the banks with a whole GPT-2-small layer's FC weights (~7M BF16) through the back door,
+    then read samples back with normal RD commands."""
+    cfg = _cfg()
+    p = cfg.pim
+    d_model = env_int("D_MODEL", 768)
+    n_samples = env_int("N_SAMPLES", 64)
+    shapes = [(d_model, 3 * d_model), (d_model, d_model), (d_model, 4 * d_model), (4 * d_model, d_model)]
+    rng = np.random.default_rng(5)
+    drv = PimDriver(dut, cfg)
+    await drv.reset()
+    d = _backdoor_dir()
+    t0 = time.perf_counter()
+    layouts, packs = [], []
+    base = 0
+    total_values = 0
+    for K, N in shapes:
+        lay = GemvLayout(cfg, K, N, base_row=base)
+        w = rng.integers(0, 1 << 16, (K, N), dtype=np.uint16)
+        total_values += w.size
+        packed = lay.pack(w)
+        for c in range(p.channels):
+            for b in range(p.banks):
+                write_backdoor(d, c, b, base, packed[c, b], p.columns)
+        layouts.append(lay)
+        packs.append(packed)
+        base += lay.rows_used
+    t_files = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    await drv.backdoor_load()
+    t_load = time.perf_counter() - t1
+    # Samples through normal RD commands.
+    schedules, expect = [], []
+    for c in range(p.channels):
+        sch = Scheduler(cfg, start=drv.cycle + 1)
+        exp = []
+        for _ in range(n_samples):
+            i = int(rng.integers(len(layouts)))
+            lay, packed = layouts[i], packs[i]
+            b = int(rng.integers(p.banks))
+            r = int(rng.integers(lay.rows_used))
+            col = int(rng.integers(p.columns))
+            sch.place("ACT", bank=b, row=lay.base_row + r)
+            sch.place("RD", bank=b, col=col)
+            sch.place("PRE", bank=b)
+            sch.refresh_point()
+            exp.append(PimChannelModel.lanes_to_word(packed[c, b, r, col]))
+        schedules.append(sch.slots)
+        expect.append(exp)
+    got = [[] for _ in range(p.channels)]
+    await drv.play(schedules, on_read=lambda c, slot, word: got[c].append(word))
+    drv.assert_clean()
+    for c in range(p.channels):
+        assert got[c] == expect[c], f"channel {c}: back-door contents differ from RD results"
+    write_metrics(name="pim_backdoor", config=cfg.name, values=total_values, rows=base,
+                  file_seconds=t_files, load_seconds=t_load, seconds=t_files + t_load)
+    dut._log.info("%d BF16 values in %d rows per bank: files %.2f s, $readmemh %.2f s; %d samples verified",
+                  total_values, base, t_files, t_load, n_samples * p.channels)
+    with open(os.path.join(os.environ["IANUS_TEST_DIR"], "backdoor.json"), "w") as f:
+        json.dump({"values": total_values, "seconds": t_files + t_load}, f)

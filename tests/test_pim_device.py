@@ -1,0 +1,55 @@
+"""PIM device RTL (hw/pim) on Verilator: normal traffic, GEMV, GELU, illegal sequences, back door.
+
+Every cocotb test here runs the independent protocol checker; see sim/tb/pim_tb.py.
+"""
+
+import pytest
+
+from hw.config import preset
+from hw.pim import device_factory, device_sources
+from sim.build import build
+
+TB = "sim.tb.pim_tb"
+
+
+def pim_build(config: str, sim: str = "verilator"):
+    cfg = preset(config)
+    return build(device_factory(cfg), name=f"pim_device_{config}", key=repr(cfg), sim=sim,
+                 extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+
+
+def run(config, testcase, sim="verilator", **env):
+    env = {"IANUS_CONFIG": config, **env}
+    return pim_build(config, sim).run(TB, testcase, env=env)
+
+
+@pytest.mark.parametrize("config", ["tiny", "default"])
+def test_normal_traffic(config):
+    run(config, "normal_traffic", N_OPS=300 if config == "tiny" else 200)
+
+
+def test_gemv_tiny():
+    # Shapes the tiny device holds (15 data rows): one chunk, several chunks, ragged edges.
+    run("tiny", "gemv", GEMV_SHAPES="96x64,200x24,128x8,17x5")
+
+
+def test_gemv_default_gpt2_small():
+    run("default", "gemv", GEMV_SHAPES="768x768,768x2304,768x3072,3072x768")
+
+
+@pytest.mark.parametrize("config", ["tiny", "default"])
+def test_gelu_af(config):
+    run(config, "gelu_af", N_ROUNDS=8 if config == "tiny" else 4)
+
+
+@pytest.mark.parametrize("config", ["tiny", "default"])
+def test_illegal_sequences_are_caught(config):
+    run(config, "illegal_sequences")
+
+
+def test_backdoor_gpt2_small_layer():
+    run("default", "backdoor_layer", D_MODEL=768, N_SAMPLES=48)
+
+
+def test_backdoor_tiny():
+    run("tiny", "backdoor_layer", D_MODEL=8, N_SAMPLES=32)
