@@ -56,7 +56,7 @@ class ComputeEngine(wiring.Component):
     cycles. In slot ``s`` the engine reads activation rows ``m < M`` of pass
     ``s`` and weight rows ``i < R`` of pass ``s + 1`` (one each per cycle, at
     the same slot cycle, so the array's weight timing contract holds); a
-    preamble slot loads pass 0's weights. The next instruction may start as
+    preamble of ``max(R, 4)`` cycles loads pass 0's weights. The next instruction may start as
     soon as the last slot has been issued; the array and the accumulator
     read-modify-write drain meanwhile.
 
@@ -67,7 +67,7 @@ class ComputeEngine(wiring.Component):
     of its last row.
 
     Cycles of one instruction (compute engine busy, alone):
-    ``slot * (1 + KB * NB) + latency_drain`` with
+    ``max(R, 4) + slot * KB * NB + latency_drain`` with
     ``latency_drain = R + C + 3`` (SPM read 1, array ``R + C``, RMW 2).
     """
 
@@ -132,7 +132,8 @@ class ComputeEngine(wiring.Component):
         a_row_base = Signal(16)
         a_acc_base = Signal(16)
 
-        slot_end = c + 1 >= slot_len
+        # The preamble (no activations yet) only loads pass 0's weights: R cycles, not a whole slot.
+        slot_end = c + 1 >= Mux(a_has, slot_len, max(R, self.MIN_SLOT))
         w_rd = run & w_has & (c < R)
         a_rd = run & a_has & (c < M)
         m.d.comb += [

@@ -56,7 +56,7 @@ an instruction with an error touches no memory and finishes at once with
 import types
 from collections import namedtuple
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal, Signal
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -68,7 +68,7 @@ from .fp32ext import (Func, FuncUnit, bf16_load, bf16_store, coefficient_rom, de
 __all__ = [
     "ADDR_BITS", "OpSpec", "ISA_TABLE", "Opcode", "Fmt", "BMode", "MaskMode", "VecError", "Phase",
     "VectorInstr", "encode", "MICRO", "ReadPortSignature", "WritePortSignature", "VectorLane",
-    "VectorUnit", "VectorTop",
+    "VectorUnit", "VectorTop", "LANE_MODULE", "lane_verilog",
 ]
 
 ADDR_BITS = 24
@@ -307,6 +307,16 @@ class VectorLane(wiring.Component):
         return m
 
 
+LANE_MODULE = "vector_lane"
+
+
+def lane_verilog() -> str:
+    """Verilog of one :class:`VectorLane` as module ``vector_lane`` (for ``lane_instance=True``)."""
+    from amaranth.back import verilog
+
+    return verilog.convert(VectorLane(), name=LANE_MODULE, emit_src=False)
+
+
 # -- the unit ----------------------------------------------------------------------------------------
 
 def _check_pow2(what, value, minimum=1):
@@ -330,6 +340,12 @@ class VectorUnit(wiring.Component):
         it is a ``BAD_ADDRESS`` error.
     max_n : int
         Longest row (elements); a longer ``n`` is a ``BAD_LENGTH`` error.
+    lane_instance : bool
+        Instantiate the lanes as ``Instance("vector_lane")`` of a separately
+        converted :class:`VectorLane` (:func:`lane_verilog`) instead of
+        elaborating ``L`` copies: the simulator then compiles one lane module
+        for all ``L`` instances (a 16-lane Verilator build is several times
+        smaller). Not for Amaranth's own simulator.
 
     Members
     -------
@@ -347,8 +363,9 @@ class VectorUnit(wiring.Component):
         Cycles since the current (or last) instruction was accepted, up to its ``done``.
     """
 
-    def __init__(self, lanes: int = 16, depth: int = 4096, max_n: int = 4096):
+    def __init__(self, lanes: int = 16, depth: int = 4096, max_n: int = 4096, lane_instance: bool = False):
         _check_pow2("Lanes", lanes, 2)
+        self._lane_instance = bool(lane_instance)
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 1 << ADDR_BITS:
             raise ValueError(f"Depth must be an integer in 1..2**{ADDR_BITS}, not {depth!r}")
         if not isinstance(max_n, int) or isinstance(max_n, bool) or not 1 <= max_n < 1 << 16:
@@ -783,7 +800,14 @@ class VectorUnit(wiring.Component):
 
         lanes_y = []
         for ln in range(L):
-            lane = m.submodules[f"lane{ln}"] = VectorLane()
+            lane = VectorLane()
+            if self._lane_instance:
+                m.submodules[f"lane{ln}"] = Instance(
+                    LANE_MODULE, i_clk=ClockSignal(), i_rst=ResetSignal(),
+                    **{("o_" if member.flow == wiring.Flow.Out else "i_") + name: getattr(lane, name)
+                       for name, member in lane.signature.members.items()})
+            else:
+                m.submodules[f"lane{ln}"] = lane
             port = rom.read_port()
             neg_s0 = Cat(tag1.s0[0:31], ~tag1.s0[31])
             m.d.comb += [
@@ -899,12 +923,12 @@ class VectorTop(wiring.Component):
 
     Parameters
     ----------
-    lanes, depth, max_n
+    lanes, depth, max_n, lane_instance
         As for :class:`VectorUnit`; ``depth`` words of ``lanes x 32`` bits.
     """
 
-    def __init__(self, lanes: int = 4, depth: int = 1024, max_n: int = 4096):
-        self._unit = VectorUnit(lanes, depth, max_n)
+    def __init__(self, lanes: int = 4, depth: int = 1024, max_n: int = 4096, lane_instance: bool = False):
+        self._unit = VectorUnit(lanes, depth, max_n, lane_instance)
         aw, W = self._unit.addr_width, 32 * lanes
         super().__init__({
             "instr": In(stream.Signature(VectorInstr)),

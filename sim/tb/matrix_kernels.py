@@ -255,7 +255,8 @@ def utilization(macs: int, side: int, cycles: int) -> float:
 
 # -- driver: build, run, read back ---------------------------------------------------------
 
-MEM_WORDS_LOG2 = {"tiny": 10, "default": 18}
+MEM_WORDS_LOG2 = {"tiny": 10, "default": 19}
+NO_INLINE_VLT = Path(__file__).resolve().parents[2] / "hw" / "verilog" / "npu_no_inline.vlt"
 
 
 def system_build(cfg, words_log2: int | None = None):
@@ -270,7 +271,7 @@ def system_build(cfg, words_log2: int | None = None):
     sb = build(lambda: MatrixSystem(cfg, words_log2, pe_instance=True), name=f"matrix_{cfg.name}",
                key=f"{cfg!r} words_log2={words_log2} pe_instance",
                extra_sources=(STORAGE_VERILOG, CLOCK_VERILOG, pe_verilog),
-               build_args=("--timing", "--timescale", "1ns/1ps"))
+               build_args=("--timing", "--timescale", "1ns/1ps", str(NO_INLINE_VLT)))
     sb.extra["words_log2"] = words_log2
     return sb
 
@@ -347,20 +348,31 @@ def run_gpt2(L, names, run_name, cfg_name="default", test_name=None):
     cfg = preset(cfg_name)
     sb = system_build(cfg)
     rng = np.random.default_rng(L)
-    img = MemImage(1 << sb.extra["words_log2"])
-    cases, segments = [], []
+    n = cfg.npu
+    groups = []                        # as many GEMMs per simulator run as fit the memory model
+    img, cases = MemImage(1 << sb.extra["words_log2"]), []
     for name in names:
-        a, w, spec = gpt2_case(img, rng, L, name)
-        n = cfg.npu
+        try:
+            a, w, spec = gpt2_case(img, rng, L, name)
+        except ValueError:
+            if not cases:
+                raise
+            groups.append((img, cases))
+            img, cases = MemImage(1 << sb.extra["words_log2"]), []
+            a, w, spec = gpt2_case(img, rng, L, name)
         prog, info = gemm_program(spec, n.array_rows, n.act_spm_words, n.wgt_spm_words, n.acc_spm_words)
-        cases.append((name, a, w, spec, info))
-        segments.append(Segment(prog, name, info=info))
-    res, words = run_segments(sb, BUILD_ROOT / "runs" / run_name, img, segments, (0, img.top // 32),
-                              test_name=test_name or run_name,
-                              timeout_cycles=20_000_000)
+        cases.append((name, a, w, spec, info, Segment(prog, name, info=info)))
+    groups.append((img, cases))
+    results = []
+    for g, (img, cases) in enumerate(groups):
+        tag = f"{run_name}_{g}" if len(groups) > 1 else run_name
+        res, words = run_segments(sb, BUILD_ROOT / "runs" / tag, img, [c[-1] for c in cases],
+                                  (0, img.top // 32), test_name=f"{test_name or run_name}_{g}",
+                                  timeout_cycles=20_000_000)
+        results += [(c[:-1], r, words) for c, r in zip(cases, res)]
     out = []
     side = cfg.npu.array_rows
-    for (name, a, w, spec, info), r in zip(cases, res):
+    for (name, a, w, spec, info), r, words in results:
         assert r["error_code"] == 0, f"{name}: error {ErrorCode(r['error_code']).name}"
         got = extract(words, spec.c)
         acc = gemm(a, w, side)
