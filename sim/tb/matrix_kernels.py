@@ -137,6 +137,8 @@ def plan_tiles(M, K, N, side, act_words, wgt_words, acc_words):
     Mt = min(M, act_words // KB)
     if Mt < 1:
         raise ValueError(f"K={K} does not fit the activation scratchpad even for one row")
+    # Balanced M-tiles: a short last tile (M < R) would waste most of its passes.
+    Mt = _ceil(M, _ceil(M, Mt))
     NB = _ceil(N, side)
     nb_align = max(1, 16 // side)               # N-tiles start on a 32-byte boundary
     NBt = min(NB, acc_words // (2 * Mt))
