@@ -57,7 +57,7 @@ def gpt2_program(lanes=16, depth=4096, seed=0, ln_rows=16, seqs=(1, 7, 64, 128),
     a_gb = p.put_gamma_beta(gamma, beta)
     a_stats = p.alloc(-(-2 * S // lanes))
     a_ln = p.alloc(S * p.model.pitch(d, BF16))
-    a_sum = p.alloc(S * p.model.pitch(d, BF16))
+    a_sum = a_ln                                     # residual and bias adds in place
     reg.update(a_stats=a_stats, a_ln=a_ln, S=S)
     scores = {}
     for seq in seqs:
@@ -66,8 +66,9 @@ def gpt2_program(lanes=16, depth=4096, seed=0, ln_rows=16, seqs=(1, 7, 64, 128),
             s[0] = -np.inf
             s[1] = 5e30
             s[2] = 7.0
-        scores[seq] = (p.put_rows(G.f32_bits(s), FP32), p.alloc(seq * p.model.pitch(seq, FP32)),
-                       p.alloc(seq * p.model.pitch(seq, BF16)), G.f32_bits(s))
+        a_s = p.put_rows(G.f32_bits(s), FP32)
+        # Scores are scaled in place (as after the QK^T matmul), probabilities stored as BF16.
+        scores[seq] = (a_s, a_s, p.alloc(seq * p.model.pitch(seq, BF16)), G.f32_bits(s))
     h = (rng.standard_normal((gelu_rows, D_FF)) * 2).astype(np.float32)
     a_h = p.put_rows(G.bf16_bits(h), BF16)
     a_g = p.alloc(gelu_rows * p.model.pitch(D_FF, BF16))
@@ -79,6 +80,7 @@ def gpt2_program(lanes=16, depth=4096, seed=0, ln_rows=16, seqs=(1, 7, 64, 128),
     p.add("LN_STATS", op=O.LN_STATS.value, a=a_x, d=a_stats, n=d, rows=S, a_fmt=BF16,
           imm0=_f(1.0 / d), imm1=_f(1e-5))
     p.add("LN_APPLY", op=O.LN_APPLY.value, a=a_x, b=a_gb, aux=a_stats, d=a_ln, n=d, rows=S, a_fmt=BF16, d_fmt=BF16)
+    reg["ln_out"] = p.model.get(a_ln, S, d, BF16)
     p.add("ADD_residual", op=O.ADD.value, a=a_ln, b=a_res, d=a_sum, n=d, rows=S, a_fmt=BF16, b_fmt=BF16,
           d_fmt=BF16, b_mode=ROW)
     p.add("ADD_bias", op=O.ADD.value, a=a_sum, b=a_bias, d=a_sum, n=d, rows=S, a_fmt=BF16, b_fmt=BF16,
@@ -93,11 +95,20 @@ def gpt2_program(lanes=16, depth=4096, seed=0, ln_rows=16, seqs=(1, 7, 64, 128),
 
 
 def vector_build(lanes, depth, sim="verilator"):
-    from hw.npu.vector import VectorTop
-    from sim.build import build
+    """Cached simulator build of the harness; the lanes are one shared ``vector_lane`` module (faster build)."""
+    from hw.npu.vector import LANE_MODULE, VectorLane, VectorTop
+    from sim.build import build, verilog_for
 
-    return build(lambda: VectorTop(lanes, depth), name=f"vector_top_l{lanes}", key=f"L={lanes},depth={depth}",
-                 sim=sim)
+    lane_v = verilog_for(lambda: VectorLane(), name=LANE_MODULE, key="lane")
+    args = ()
+    if sim == "verilator":
+        # Keep the lane one C++ class shared by its L instances (Verilator would inline all of them).
+        vlt = lane_v.with_suffix(".vlt")
+        if not vlt.exists():
+            vlt.write_text(f'`verilator_config\nno_inline -module "{LANE_MODULE}"\n')
+        args = (str(vlt),)
+    return build(lambda: VectorTop(lanes, depth, lane_instance=True), name=f"vector_top_l{lanes}",
+                 key=f"L={lanes},depth={depth},lane_instance", sim=sim, extra_sources=(lane_v,), build_args=args)
 
 
 def run_program(program, lanes, depth, test_name):
