@@ -7,7 +7,6 @@ clock inside the simulation): tiled GEMMs bit-exact against
 utilization on the default 16 x 16 array.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,17 @@ from sim.build import BUILD_ROOT
 from sim.golden import fp as G
 from sim.golden.gemm import gemm, to_bf16
 from sim.golden.operands import bf16_pairs
-from sim.tb.matrix_kernels import (GemmSpec, MemImage, Segment, check_f64, extract, gemm_program,
-                                   run_gpt2, run_segments, system_build)
+from sim.tb.matrix_kernels import (
+    GemmSpec,
+    MemImage,
+    Segment,
+    check_f64,
+    extract,
+    gemm_program,
+    run_gpt2,
+    run_segments,
+    system_build,
+)
 
 RUNS = BUILD_ROOT / "runs"
 
@@ -251,7 +259,7 @@ def _tiny_run(name, backpressure=False):
         segments.append(Segment(prog, f"{M}x{K}x{N} {opt}"))
     res, words = run_segments(sb, RUNS / name, img, segments, (0, img.top // 32), backpressure=backpressure,
                               test_name=name, timeout_cycles=200_000)
-    for (a, w, spec), seg, r in zip(cases, segments, res):
+    for (a, w, spec), seg, r in zip(cases, segments, res, strict=True):
         assert r["error_code"] == 0, f"{seg.name}: error {ErrorCode(r['error_code']).name}"
         got = extract(words, spec.c)
         want = _expected(a, w, spec, cfg.npu.array_rows)
@@ -323,7 +331,7 @@ def test_tiny_rejected_instructions():
     res, words = run_segments(sb, RUNS / "tiny_errors", img, segments, (0, img.top // 32),
                               test_name="tiny_errors", timeout_cycles=50_000)
     got_codes = [ErrorCode(r["error_code"]) for r in res]
-    assert got_codes == expect, list(zip([s.name for s in segments], got_codes))
+    assert got_codes == expect, list(zip([s.name for s in segments], got_codes, strict=True))
     np.testing.assert_array_equal(extract(words, S), sentinel)      # rejected STORE wrote nothing
     np.testing.assert_array_equal(extract(words, spec.c), gemm(a, w, cfg.npu.array_rows))
 

@@ -419,7 +419,7 @@ class MatrixUnit(wiring.Component):
             m.d.comb += mask.eq(head.header.wait)
             valid = Signal(name=f"grant{k}")
             blocked = Const(0)
-            for v_hi, mask_hi in zip(valids, masks):
+            for v_hi, mask_hi in zip(valids, masks, strict=True):
                 blocked = blocked | (v_hi & ((mask_hi & mask) != 0))
             m.d.comb += valid.eq(q.r_rdy & ((nonzero | ~mask) == (1 << N_SEMAPHORES) - 1) & ~blocked)
             hs = Signal(name=f"handshake{k}")
@@ -431,7 +431,7 @@ class MatrixUnit(wiring.Component):
         overflow = Signal()
         for i in range(N_SEMAPHORES):
             dec = Const(0)
-            for hs, mask in zip(handshakes, masks):
+            for hs, mask in zip(handshakes, masks, strict=True):
                 dec = dec | (hs & mask[i])
             inc = load.signal[i] + comp.signal[i] + store.signal[i]
             nxt = Signal(range(-1, 19), name=f"sem{i}_next")

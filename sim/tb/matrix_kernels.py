@@ -344,7 +344,6 @@ def run_gpt2(L, names, run_name, cfg_name="default", test_name=None):
     from hw.config import preset
     from hw.npu.isa import ErrorCode
     from sim.build import BUILD_ROOT
-    from sim.golden import fp as G
     from sim.golden.gemm import gemm, to_bf16
 
     cfg = preset(cfg_name)
@@ -371,7 +370,7 @@ def run_gpt2(L, names, run_name, cfg_name="default", test_name=None):
         res, words = run_segments(sb, BUILD_ROOT / "runs" / tag, img, [c[-1] for c in cases],
                                   (0, img.top // 32), test_name=f"{test_name or run_name}_{g}",
                                   timeout_cycles=20_000_000)
-        results += [(c[:-1], r, words) for c, r in zip(cases, res)]
+        results += [(c[:-1], r, words) for c, r in zip(cases, res, strict=True)]
     out = []
     side = cfg.npu.array_rows
     for (name, a, w, spec, info), r, words in results:

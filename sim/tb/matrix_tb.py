@@ -74,12 +74,12 @@ async def run_program(dut):
         await _cycle(dut)
         dut.clear.value = 0
 
-        async def body():
-            for word in seg["instructions"]:
+        async def body(words):
+            for word in words:
                 await _push(dut, int(word, 16))
             await _idle(dut)
 
-        await with_timeout(body(), timeout, "ns")
+        await with_timeout(body(seg["instructions"]), timeout, "ns")
         results.append({"name": seg["name"], "counters": _counters(dut),
                         "error_code": int(dut.error_code.value)})
         dut._log.info("segment %s: %s error %d", seg["name"], results[-1]["counters"],
