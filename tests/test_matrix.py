@@ -257,7 +257,7 @@ def _tiny_run(name, backpressure=False):
         prog, info = gemm_program(spec, *_npu_args(cfg), tiles=tiles, buffers=buffers)
         cases.append((a, w, spec))
         segments.append(Segment(prog, f"{M}x{K}x{N} {opt}"))
-    res, words = run_segments(sb, RUNS / name, img, segments, (0, img.top // 32), backpressure=backpressure,
+    res, words = run_segments(sb, RUNS / name, img, segments, (0, img.top // 32 - 1), backpressure=backpressure,
                               test_name=name, timeout_cycles=200_000)
     order_sensitive = 0
     for (a, w, spec), seg, r in zip(cases, segments, res, strict=True):
@@ -333,7 +333,7 @@ def test_tiny_rejected_instructions():
     prog, _ = gemm_program(spec, *_npu_args(cfg))
     segments.append(Segment(prog, "gemm after errors"))
     expect.append(ErrorCode.NONE)
-    res, words = run_segments(sb, RUNS / "tiny_errors", img, segments, (0, img.top // 32),
+    res, words = run_segments(sb, RUNS / "tiny_errors", img, segments, (0, img.top // 32 - 1),
                               test_name="tiny_errors", timeout_cycles=50_000)
     got_codes = [ErrorCode(r["error_code"]) for r in res]
     assert got_codes == expect, list(zip([s.name for s in segments], got_codes, strict=True))

@@ -59,9 +59,10 @@ class MemImage:
     def alloc(self, rows: int, cols: int, esize: int) -> Matrix:
         stride = _ceil(cols * esize, COL) * COL
         addr = self.top
-        self.top += _ceil(rows * stride, COL) * COL
-        if self.top > self.words * COL:
-            raise ValueError(f"memory image needs {self.top} bytes, the model holds {self.words * COL}")
+        top = addr + _ceil(rows * stride, COL) * COL
+        if top > self.words * COL:
+            raise ValueError(f"memory image needs {top} bytes, the model holds {self.words * COL}")
+        self.top = top
         return Matrix(addr, rows, cols, stride, esize)
 
     def put(self, bits: np.ndarray, esize: int = 2) -> Matrix:
@@ -368,7 +369,7 @@ def run_gpt2(L, names, run_name, cfg_name="default", test_name=None):
     for g, (img, cases) in enumerate(groups):
         tag = f"{run_name}_{g}" if len(groups) > 1 else run_name
         res, words = run_segments(sb, BUILD_ROOT / "runs" / tag, img, [c[-1] for c in cases],
-                                  (0, img.top // 32), test_name=f"{test_name or run_name}_{g}",
+                                  (0, img.top // 32 - 1), test_name=f"{test_name or run_name}_{g}",
                                   timeout_cycles=20_000_000)
         results += [(c[:-1], r, words) for c, r in zip(cases, res, strict=True)]
     out = []
