@@ -179,7 +179,7 @@ def test_fp32_to_bf16_amaranth_sim():
     from amaranth.hdl import Module, Signal
     from amaranth.sim import Simulator
 
-    from hw.npu.dma import fp32_to_bf16
+    from hw.arith import fp32_to_bf16  # the rounding the store DMA uses
     from sim.golden.operands import SPECIAL_F32
 
     rng = np.random.default_rng(5)

@@ -25,31 +25,22 @@ port and routes responses back by it.
     elements assembled into columns of ``E`` (8 FP32 or 16 BF16) elements.
 """
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal
+from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from ..arith import fp32_to_bf16
 from ..config import SystemConfig
 from ..memif import MemPortSignature
 from .isa import INSTRUCTION, N_SEMAPHORES, ErrorCode, Target
 from .spm import SpmReadSignature, SpmWriteSignature
 
-__all__ = ["fp32_to_bf16", "DmaLoad", "DmaStore", "MemArbiter", "COLUMN_BYTES"]
+__all__ = ["DmaLoad", "DmaStore", "MemArbiter", "COLUMN_BYTES"]
 
 COLUMN_BYTES = 32
 COLUMN_ELEMS = 16   # BF16 elements per memory column
 SEQ_BITS = 7
-
-
-def fp32_to_bf16(x):
-    """FP32 bit pattern -> BF16 (RNE, subnormals to signed zero, NaN -> 0x7FC0); combinational."""
-    exp, frac, sign = x[23:31], x[0:23], x[31]
-    upper, lower = x[16:32], x[0:16]
-    round_up = lower[15] & ((lower[0:15] != 0) | upper[0])
-    rounded = (upper + round_up)[0:16]
-    return Mux((exp == 0xFF) & (frac != 0), Const(0x7FC0, 16),
-               Mux(exp == 0, Cat(Const(0, 15), sign), rounded))
 
 
 def _check_lanes(lanes):
