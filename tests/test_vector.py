@@ -348,6 +348,68 @@ def test_fp32ext_amaranth_sim():
         np.testing.assert_array_equal(out[fn][0][fl - 1:fl - 1 + n], model(a), err_msg=str(fn))
 
 
+def test_vector_unit_amaranth_sim():
+    """The unit elaborated in Amaranth (no Instance lanes), 2 lanes, on Amaranth's simulator: a few
+    instructions back to back with the next one waiting (valid high) while the unit is busy."""
+    from amaranth.sim import Simulator
+
+    from hw.npu.vector import VectorTop
+
+    lanes, depth = 2, 64
+    rng = np.random.default_rng(40)
+    p = Program(lanes, depth)
+    x = F((rng.standard_normal((2, 5)) * 3).astype(np.float32))
+    a = p.put_rows(x, FP32)
+    gb = p.put_gamma_beta(G.bf16_bits(rng.standard_normal(5)), G.bf16_bits(rng.standard_normal(5)))
+    st, y1, y2, y3 = p.alloc(2), p.alloc(6), p.alloc(6), p.alloc(6)
+    p.add(op=Opcode.SOFTMAX.value, a=a, d=y1, n=5, rows=2, mask=MASK_CAUSAL, pos=1)
+    p.add(op=Opcode.LN_STATS.value, a=a, d=st, n=5, rows=2, imm0=f(0.2), imm1=f(1e-5))
+    p.add(op=Opcode.LN_APPLY.value, a=a, b=gb, aux=st, d=y2, n=5, rows=2, d_fmt=BF16)
+    p.add(op=Opcode.GELU.value, a=a, d=y3, n=5, rows=2)
+    p.add(op=Opcode.COPY.value, a=depth - 1, d=y3, n=5, rows=2)           # BAD_ADDRESS
+    dut = VectorTop(lanes, depth)
+    errors, accepted_while_busy = [], []
+
+    async def bench(ctx):
+        for word in range(depth):
+            ctx.set(dut.host_wr_addr, word)
+            ctx.set(dut.host_wr_data, int.from_bytes(p.init[word].astype("<u4").tobytes(), "little"))
+            ctx.set(dut.host_wr_en, (1 << (2 * lanes)) - 1)
+            await ctx.tick()
+        ctx.set(dut.host_wr_en, 0)
+        # The next instruction is offered (valid high) as soon as the previous one is accepted.
+        ctx.set(dut.instr.payload.as_value(), p.instrs[0])
+        ctx.set(dut.instr.valid, 1)
+        issued = 0
+        while len(errors) < len(p.instrs):
+            *_, ready, busy, done, err = await ctx.tick().sample(dut.instr.ready, dut.busy, dut.done,
+                                                                 dut.error.as_value())
+            if ready and issued < len(p.instrs):
+                accepted_while_busy.append(busy)
+                issued += 1
+                if issued < len(p.instrs):
+                    ctx.set(dut.instr.payload.as_value(), p.instrs[issued])
+                else:
+                    ctx.set(dut.instr.valid, 0)
+            if done:
+                errors.append(err)
+        await ctx.tick()
+        got = []
+        for word in range(depth):
+            ctx.set(dut.host_rd_addr, word)
+            ctx.set(dut.host_rd_en, 1)
+            await ctx.tick()
+            got.append(np.frombuffer(ctx.get(dut.host_rd_data).to_bytes(4 * lanes, "little"), dtype="<u4"))
+        np.testing.assert_array_equal(np.stack(got), p.model.mem)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert errors == p.errors and p.errors[-1] == ERR["BAD_ADDRESS"]
+    assert not any(accepted_while_busy)
+
+
 # =====================================================================================================
 # Verilator: whole instructions, bit-exact against the golden model
 # =====================================================================================================

@@ -802,6 +802,7 @@ class VectorUnit(wiring.Component):
         for ln in range(L):
             lane = VectorLane()
             if self._lane_instance:
+                lane._MustUse__silence = True       # only its ports are used, for the Instance
                 m.submodules[f"lane{ln}"] = Instance(
                     LANE_MODULE, i_clk=ClockSignal(), i_rst=ResetSignal(),
                     **{("o_" if member.flow == wiring.Flow.Out else "i_") + name: getattr(lane, name)
