@@ -1,0 +1,161 @@
+"""The ``ianus`` command line.
+
+``ianus demo``     the main job on the embedded default configuration (``make demo``)
+``ianus gemv``     PIM GEMVs of chosen shapes on the RTL device
+``ianus config``   print a configuration and its derived figures
+``ianus synth``    FPGA synthesis (same as ``make synth``)
+``ianus bench``    benchmarks as JSON lines (same as ``make bench``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+GPT2_SMALL_FC = [("QKV (c_attn)", 768, 2304), ("attn proj (c_proj)", 768, 768),
+                 ("FC1 (mlp.c_fc)", 768, 3072), ("FC2 (mlp.c_proj)", 3072, 768)]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+
+
+def run_pim_gemvs(config: str, shapes, sim: str = "verilator", waves: bool = False, quiet: bool = True) -> dict:
+    """Run GEMV shapes on the RTL PIM device; returns the testbench's metrics."""
+    from hw.config import preset
+    from hw.pim import device_factory, device_sources
+    from sim.build import build
+
+    cfg = preset(config)
+    b = build(device_factory(cfg), name=f"pim_device_{config}", key=repr(cfg), sim=sim, waves=waves,
+              extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = os.path.join(tmp, "metrics.jsonl")
+        env = {"IANUS_CONFIG": config, "GEMV_SHAPES": ",".join(f"{k}x{n}" for k, n in shapes),
+               "IANUS_METRICS": metrics, "MIN_EFFICIENCY": "0"}
+        stdout = sys.stdout
+        if quiet:
+            devnull = open(os.devnull, "w")
+            saved = os.dup(1)
+            os.dup2(devnull.fileno(), 1)
+        try:
+            t0 = time.perf_counter()
+            b.run("sim.tb.pim_tb", "gemv", env=env, test_name=f"cli_gemv_{config}_{sim}")
+            wall = time.perf_counter() - t0
+        finally:
+            if quiet:
+                os.dup2(saved, 1)
+                os.close(saved)
+                devnull.close()
+                sys.stdout = stdout
+        result = [json.loads(line) for line in open(metrics)][-1]
+    result["wall_s"] = wall
+    result["build_dir"] = str(b.build_dir)
+    return result
+
+
+def cmd_demo(args) -> int:
+    from rich.table import Table
+
+    from hw.config import preset
+
+    con = _console()
+    cfg = preset(args.config)
+    p = cfg.pim
+    con.print(f"[bold]IANUS-RTL demo[/]: the four FC GEMVs of one generated token of a GPT-2-small decoder "
+              f"layer on the PIM device RTL ({args.config}: {p.channels} channels x {p.banks} banks, "
+              f"{p.gb_bytes} B global buffer, {cfg.clocks.pim_mhz:.0f} MHz command clock), "
+              f"simulated with {args.sim}, protocol checker on every channel.")
+    con.print("building and simulating (the first run builds the Verilator model, a few minutes) ...")
+    t0 = time.perf_counter()
+    shapes = [(k, n) for _, k, n in GPT2_SMALL_FC]
+    res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
+    table = Table(title="PIM GEMV, bit-exact against the golden model")
+    for col in ("operation", "K x N", "cycles", "time (us)", "REFs", "bound*", "efficiency*",
+                "internal GB/s", "of peak", "max |err| vs fp64"):
+        table.add_column(col, justify="right" if col not in ("operation",) else "left")
+    tot_cycles = 0
+    tot_bytes = 0
+    for (name, k, n), r in zip(GPT2_SMALL_FC, res["shapes"]):
+        tot_cycles += r["cycles"]
+        tot_bytes += r["weight_bytes"]
+        table.add_row(name, r["shape"], f"{r['cycles']:,}", f"{r['cycles'] / cfg.clocks.pim_mhz:.2f}",
+                      str(r["refreshes"]), f"{r['amortized_bound']:,.0f}", f"{r['efficiency']:.3f}",
+                      f"{r['internal_gbps']:.0f}", f"{r['internal_gbps'] / r['peak_gbps']:.1%}",
+                      f"{r['max_abs_err']:.2e}")
+    con.print(table)
+    con.print("* bound: analytical lower bound from the timing parameters (firmware.pim.gemv_lower_bound); "
+              "efficiency = bound / measured, both with refresh charged at tRFC per tREFI")
+    gbps = tot_bytes / (tot_cycles / (cfg.clocks.pim_mhz * 1e6)) / 1e9
+    con.print(f"all four: {tot_cycles:,} cycles = {tot_cycles / cfg.clocks.pim_mhz:.2f} us at "
+              f"{cfg.clocks.pim_mhz:.0f} MHz; weights streamed {tot_bytes / 2**20:.1f} MiB at {gbps:.0f} GB/s "
+              f"internal ({gbps / cfg.pim_peak_internal_gbps:.1%} of the {cfg.pim_peak_internal_gbps:.0f} GB/s "
+              f"peak); device refreshes so far {res['n_ref']}, MAC column operations {res['n_mac']:,}")
+    con.print(f"simulation wall time {res['wall_s']:.1f} s, total {time.perf_counter() - t0:.1f} s")
+    if args.waves:
+        con.print(f"waves: build/tests/cli_gemv_{args.config}_{args.sim}-{args.sim}/dump.fst")
+    return 0
+
+
+def cmd_gemv(args) -> int:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from hw.config import preset
+
+    print(json.dumps(preset(args.config).summary(), indent=2))
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from hw import synth
+
+    return synth.main(args.rest)
+
+
+def cmd_bench(args) -> int:
+    from sim import bench
+
+    return bench.main(args.rest)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ianus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="the main job on the default configuration")
+    d.add_argument("--config", default="default", choices=["tiny", "default"])
+    d.add_argument("--sim", default="verilator", choices=["verilator", "icarus"])
+    d.add_argument("--waves", action="store_true", help="write an FST of the run")
+    d.set_defaults(func=cmd_demo)
+    g = sub.add_parser("gemv", help="PIM GEMVs of given shapes (KxN,...)")
+    g.add_argument("--shapes", default="768x768")
+    g.add_argument("--config", default="default", choices=["tiny", "default"])
+    g.add_argument("--sim", default="verilator", choices=["verilator", "icarus"])
+    g.add_argument("--waves", action="store_true")
+    g.set_defaults(func=cmd_gemv)
+    c = sub.add_parser("config", help="print a configuration")
+    c.add_argument("--config", default="default", choices=["tiny", "default", "ianus"])
+    c.set_defaults(func=cmd_config)
+    s = sub.add_parser("synth", help="FPGA synthesis")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_synth)
+    b = sub.add_parser("bench", help="benchmarks")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
