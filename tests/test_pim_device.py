@@ -53,3 +53,36 @@ def test_backdoor_gpt2_small_layer():
 
 def test_backdoor_tiny():
     run("tiny", "backdoor_layer", D_MODEL=8, N_SAMPLES=32)
+
+
+def test_pu_latency_rules():
+    from hw.pim.bank import PimBank
+    from hw.pim.channel import PimChannel
+
+    cfg = preset("tiny")
+    with pytest.raises(ValueError, match="tMAC must be at least the PIM MAC pipeline depth 11, not 5"):
+        PimChannel(cfg.replace(timing__tMAC=5))
+    with pytest.raises(ValueError, match="tAF must be at least the AF pipeline depth 3, not 2"):
+        PimBank(cfg.replace(timing__tAF=2))
+
+
+def test_command_table_is_consistent():
+    """RTL enum, checker opcodes and docs come from one table."""
+    from hw.pim.commands import COMMANDS, PimOp, command_table_md
+    from sim.pim_checker import OPCODES
+
+    assert {c.name: c.opcode for c in COMMANDS} == OPCODES
+    assert {m.name: m.value for m in PimOp} == OPCODES
+    assert len(set(OPCODES.values())) == len(OPCODES)
+    md = command_table_md()
+    assert all(f"| {c.name} |" in md for c in COMMANDS)
+
+
+def test_gemv_layout_errors():
+    from firmware.pim import GemvLayout
+
+    cfg = preset("tiny")
+    with pytest.raises(ValueError, match="GEMV K must be a positive integer, not 0"):
+        GemvLayout(cfg, 0, 8)
+    with pytest.raises(ValueError, match="GEMV 768x768 needs rows 0..575 but only 15 data rows exist per bank"):
+        GemvLayout(cfg, 768, 768)

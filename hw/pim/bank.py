@@ -37,7 +37,7 @@ from amaranth.lib.wiring import In, Out
 from ..arith import MacUnit, bf16_mul, fp32_add_align, fp32_add_round, fp32_to_bf16
 from ..config import SystemConfig
 
-__all__ = ["PimBank", "AF_DEPTH", "mac_depth", "countdown", "af_segment_index"]
+__all__ = ["PimBank", "AF_DEPTH", "check_pu_timing", "mac_depth", "countdown", "af_segment_index"]
 
 AF_DEPTH = 3
 
@@ -101,6 +101,16 @@ def af_segment_index(m: Module, x, segments: int, scale_log2: int, prefix="af"):
     return idx
 
 
+def check_pu_timing(cfg: SystemConfig):
+    """The configuration's tMAC/tAF must cover the processing unit's pipeline depths."""
+    t = cfg.timing
+    depth = mac_depth(cfg.pim.lanes)
+    if t.tMAC < depth:
+        raise ValueError(f"DramTiming.tMAC must be at least the PIM MAC pipeline depth {depth}, not {t.tMAC}")
+    if t.tAF < AF_DEPTH:
+        raise ValueError(f"DramTiming.tAF must be at least the AF pipeline depth {AF_DEPTH}, not {t.tAF}")
+
+
 class PimBank(wiring.Component):
     """A DRAM bank with a processing unit.
 
@@ -131,14 +141,9 @@ class PimBank(wiring.Component):
     def __init__(self, cfg: SystemConfig):
         if not isinstance(cfg, SystemConfig):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
-        p, t = cfg.pim, cfg.timing
+        p = cfg.pim
         self.cfg = cfg
-        depth = mac_depth(p.lanes)
-        if t.tMAC < depth:
-            raise ValueError(f"DramTiming.tMAC must be at least the PIM MAC pipeline depth {depth}, "
-                             f"not {t.tMAC}")
-        if t.tAF < AF_DEPTH:
-            raise ValueError(f"DramTiming.tAF must be at least the AF pipeline depth {AF_DEPTH}, not {t.tAF}")
+        check_pu_timing(cfg)
         super().__init__({
             "chan_id": In(8), "bank_id": In(8), "bd_load": In(1),
             "do_act": In(1), "do_pre": In(1), "do_rd": In(1), "do_wr": In(1), "do_mac": In(1), "do_af": In(1),

@@ -26,7 +26,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
-from .bank import PimBank, countdown
+from .bank import PimBank, check_pu_timing, countdown
 from .commands import PimOp, ViolationCode
 
 __all__ = ["PimBusSignature", "PimStatusSignature", "PimChannel", "PimDevice", "pim_module_names",
@@ -102,7 +102,7 @@ class PimChannel(wiring.Component):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
         self.cfg = cfg
         self.bank_module = bank_module
-        PimBank(cfg)        # parameter checks (tMAC, tAF) at construction
+        check_pu_timing(cfg)
         super().__init__({
             "bus": In(PimBusSignature(cfg)),
             "status": Out(PimStatusSignature()),
