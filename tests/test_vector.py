@@ -14,8 +14,6 @@ Three tiers:
   dimensions.
 """
 
-import math
-import os
 
 import numpy as np
 import pytest
@@ -27,8 +25,21 @@ from sim.benchmarks.vector import D_MODEL, HEADS, gpt2_program, run_program
 from sim.golden import fp as G
 from sim.golden import fp32ext as X
 from sim.golden.operands import SPECIAL_F32, fp32_pairs
-from sim.golden.vector import (BF16, COL, ERR, FP32, IMM, MASK_BITMAP, MASK_CAUSAL, MASK_NONE, ROW, VEC, Program,
-                               VectorModel, row_sum)
+from sim.golden.vector import (
+    BF16,
+    COL,
+    ERR,
+    FP32,
+    IMM,
+    MASK_BITMAP,
+    MASK_CAUSAL,
+    MASK_NONE,
+    ROW,
+    VEC,
+    Program,
+    VectorModel,
+    row_sum,
+)
 
 F = G.f32_bits
 TINY = preset("tiny").npu.vector_lanes          # 4
@@ -58,6 +69,13 @@ def test_isa_table_is_the_one_source():
     view = VectorInstr.const({"op": Opcode.SOFTMAX, "a": 3, "d": 7, "n": 128, "rows": 5, "mask": 2,
                               "imm0": f(0.5)})
     assert word == view.as_value().value
+
+
+def test_from_config():
+    for name in ("tiny", "default", "ianus"):
+        cfg = preset(name)
+        unit = VectorUnit.from_config(cfg)
+        assert unit.lanes == cfg.npu.vector_lanes and unit.depth == cfg.npu.act_spm_words
 
 
 @pytest.mark.parametrize("kwargs,msg", [
@@ -168,7 +186,7 @@ def _softmax64(x, vis):
     m = np.max(x, axis=1, keepdims=True)
     with np.errstate(invalid="ignore"):
         e = np.where(vis, np.exp(x - m), 0.0)
-    return e / e.sum(axis=1, keepdims=True)
+        return e / e.sum(axis=1, keepdims=True)
 
 
 def _softmax_golden(lanes, x_bits, vis, d_fmt, mode=MASK_BITMAP, pos=0):
@@ -189,7 +207,7 @@ def _softmax_golden(lanes, x_bits, vis, d_fmt, mode=MASK_BITMAP, pos=0):
 def test_golden_softmax_gpt2_causal(seq):
     """12 heads of causal attention scores (seq x seq): rows sum to 1, elements close to float64."""
     rng = np.random.default_rng(seq)
-    for head in range(HEADS):
+    for _head in range(HEADS):
         x = (rng.standard_normal((seq, seq)) * rng.uniform(0.5, 8)).astype(np.float32)
         vis = np.arange(seq)[None, :] <= np.arange(seq)[:, None]
         y = _softmax_golden(DEFAULT, F(x), vis, FP32, mode=MASK_CAUSAL)
@@ -627,7 +645,6 @@ def test_vector_rtl_gpt2_default():
     assert all(m["error"] == 0 for m in metrics)
     # Golden (= RTL) against float64 on the same data.
     model = p.model
-    S = reg["S"]
     x = G.bf16_to_f32(reg["x"]).astype(np.float64)
     y = G.bf16_to_f32(reg["ln_out"]).astype(np.float64)
     ref, _ = _layernorm64(x)

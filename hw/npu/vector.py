@@ -62,8 +62,18 @@ from amaranth.lib.wiring import In, Out
 
 from ..arith import AdderTree, fp32_add_align, fp32_add_round
 from . import vector_tables as T
-from .fp32ext import (Func, FuncUnit, bf16_load, bf16_store, coefficient_rom, delay, f32_load, fp32_add,
-                      fp32_mul, max_key)
+from .fp32ext import (
+    Func,
+    FuncUnit,
+    bf16_load,
+    bf16_store,
+    coefficient_rom,
+    delay,
+    f32_load,
+    fp32_add,
+    fp32_mul,
+    max_key,
+)
 
 __all__ = [
     "ADDR_BITS", "OpSpec", "ISA_TABLE", "Opcode", "Fmt", "BMode", "MaskMode", "VecError", "Phase",
@@ -386,6 +396,12 @@ class VectorUnit(wiring.Component):
             "cycles": Out(32),
         })
 
+    @classmethod
+    def from_config(cls, cfg, depth=None, **kwargs):
+        """The vector unit of a :class:`hw.config.SystemConfig`: ``cfg.npu.vector_lanes`` lanes over
+        ``depth`` words (default: the activation scratchpad's ``act_spm_words``)."""
+        return cls(cfg.npu.vector_lanes, cfg.npu.act_spm_words if depth is None else depth, **kwargs)
+
     @property
     def lanes(self) -> int:
         return self._lanes
@@ -420,7 +436,6 @@ class VectorUnit(wiring.Component):
         L = self._lanes
         lg = L.bit_length() - 1
         aw = self._aw
-        W = 32 * L
 
         ins = Signal(VectorInstr)
         op = ins.op
@@ -442,7 +457,6 @@ class VectorUnit(wiring.Component):
                      mpitch.eq(_ceil_shift(n, lg + 5))]
         uses_b = op.as_value().matches(Opcode.ADD, Opcode.MUL)
         b_mem = uses_b & (ins.b_mode != BMode.IMM)
-        elementwise = ~op.as_value().matches(Opcode.MAX, Opcode.SUM, Opcode.LN_STATS)
 
         # ---- error check (combinational on the latched instruction) -----------------------
         rows = ins.rows
@@ -773,7 +787,6 @@ class VectorUnit(wiring.Component):
 
         # ---- lanes --------------------------------------------------------------------------------
         m.submodules.rom = rom = coefficient_rom()
-        cfg = {}
 
         def stage_cfg(stage_name):
             """Micro settings of ``stage_name`` for the beat at that stage."""

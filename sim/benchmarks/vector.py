@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 
 from sim.golden import fp as G
-from sim.golden.vector import BF16, FP32, Program, ROW, VEC
+from sim.golden.vector import BF16, FP32, ROW, VEC, Program
 
 D_MODEL = 768
 HEADS = 12

@@ -38,7 +38,8 @@ _QNAN = np.uint32(0x7FC00000)
 
 
 def _f64(bits):
-    return G.ftz(G.bits_to_f32(bits)).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        return G.ftz(G.bits_to_f32(bits)).astype(np.float64)
 
 
 def _pack_f64(v, sign_src=None):

@@ -45,7 +45,7 @@ class VectorTB:
     async def write(self, addrs, words):
         dut = self.dut
         full = (1 << (2 * self.lanes)) - 1
-        for addr, word in zip(addrs, words):
+        for addr, word in zip(addrs, words, strict=True):
             await self.FallingEdge(dut.clk)
             dut.host_wr_addr.value = int(addr)
             dut.host_wr_data.value = pack(word, 32)
@@ -84,7 +84,7 @@ class VectorTB:
 
 def _mismatch(got, want, names, errs_got, errs_want):
     msgs = []
-    for j, (g, w) in enumerate(zip(errs_got, errs_want)):
+    for j, (g, w) in enumerate(zip(errs_got, errs_want, strict=True)):
         if g != w:
             msgs.append(f"{names[j]}: error code RTL {g} golden {w}")
     bad = np.argwhere(got != want)
