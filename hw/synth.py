@@ -61,7 +61,7 @@ class IoWrapper(wiring.Component):
         m = Module()
         m.submodules.inner = inner = self.inner
         ins, outs = [], []
-        for path, member, value in inner.signature.flatten(inner):
+        for _path, member, value in inner.signature.flatten(inner):
             (ins if member.flow == wiring.In else outs).append(value)
         width = sum(len(Value.cast(v)) for v in ins)
         sin = self.sin

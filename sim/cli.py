@@ -82,7 +82,7 @@ def cmd_demo(args) -> int:
         table.add_column(col, justify="right" if col not in ("operation",) else "left")
     tot_cycles = 0
     tot_bytes = 0
-    for (name, k, n), r in zip(GPT2_SMALL_FC, res["shapes"]):
+    for (name, _k, _n), r in zip(GPT2_SMALL_FC, res["shapes"], strict=True):
         tot_cycles += r["cycles"]
         tot_bytes += r["weight_bytes"]
         table.add_row(name, r["shape"], f"{r['cycles']:,}", f"{r['cycles'] / cfg.clocks.pim_mhz:.2f}",

@@ -166,7 +166,7 @@ def test_arith_rtl_verilator_1m():
 
 def test_mac_unit_rtl_verilator():
     mac_build("verilator").run("sim.tb.arith_tb", "mac_unit_random",
-                               env={"N_DOTS": 300, "MAX_COLS": 64, "MAC_LATENCY": MacUnit(16).latency})
+                               env={"N_DOTS": 300, "MAX_COLS": 64, "MAC_LATENCY": MacUnit.latency_for(16)})
 
 
 @pytest.mark.icarus
@@ -177,7 +177,7 @@ def test_arith_rtl_icarus_subset():
 @pytest.mark.icarus
 def test_mac_unit_rtl_icarus_subset():
     mac_build("icarus").run("sim.tb.arith_tb", "mac_unit_random",
-                            env={"N_DOTS": 8, "MAX_COLS": 8, "MAC_LATENCY": MacUnit(16).latency})
+                            env={"N_DOTS": 8, "MAX_COLS": 8, "MAC_LATENCY": MacUnit.latency_for(16)})
 
 
 def test_build_cache_reused():
@@ -198,5 +198,18 @@ def test_failing_cocotb_test_fails_pytest():
 
 
 def test_mac_latency():
-    assert MacUnit(16).latency == 1 + 8 + 1
+    assert MacUnit.latency_for(16) == 1 + 8 + 1
     assert math.log2(16) * 2 == AdderTree(16).latency
+
+
+def test_waves_written(monkeypatch):
+    """WAVES=1 builds with FST tracing and writes build/tests/<test>/dump.fst."""
+    from sim.build import BUILD_ROOT
+
+    monkeypatch.setenv("WAVES", "1")
+    b = mac_build("verilator")
+    assert b.waves
+    b.run("sim.tb.arith_tb", "mac_unit_random", test_name="waves_check",
+          env={"N_DOTS": 2, "MAX_COLS": 4, "MAC_LATENCY": MacUnit.latency_for(16)})
+    fst = BUILD_ROOT / "tests" / "waves_check-verilator" / "dump.fst"
+    assert fst.exists() and fst.stat().st_size > 1000

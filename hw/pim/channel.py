@@ -141,7 +141,6 @@ class PimChannel(wiring.Component):
         rcdrd_ok = Cat(bk["rcdrd_ok"] for bk in banks)
         rcdwr_ok = Cat(bk["rcdwr_ok"] for bk in banks)
         rp_ok = Cat(bk["rp_ok"] for bk in banks)
-        pre_ok = Cat(bk["ras_ok"] & bk["wr_ok"] & bk["rtp_ok"] for bk in banks)
         ras_ok = Cat(bk["ras_ok"] for bk in banks)
         wr_ok = Cat(bk["wr_ok"] for bk in banks)
         rtp_ok = Cat(bk["rtp_ok"] for bk in banks)

@@ -15,7 +15,7 @@ def _cycles_per_s(sim: str, n_dots: int, max_cols: int):
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "m.jsonl")
         b.run("sim.tb.arith_tb", "mac_unit_random", test_name=f"bench_mac_{sim}",
-              env={"N_DOTS": n_dots, "MAX_COLS": max_cols, "MAC_LATENCY": MacUnit(16).latency,
+              env={"N_DOTS": n_dots, "MAX_COLS": max_cols, "MAC_LATENCY": MacUnit.latency_for(16),
                    "IANUS_METRICS": metrics})
         m = [json.loads(line) for line in open(metrics)][-1]
     return m["cycles"] / m["seconds"], m

@@ -11,7 +11,7 @@ from cocotb.triggers import FallingEdge
 
 from sim.golden import fp as G
 from sim.golden.operands import bf16_pairs, fp32_pairs
-from sim.tb.common import Stopwatch, tb_test, env_int, pack, start, unpack, write_metrics
+from sim.tb.common import Stopwatch, env_int, pack, start, tb_test, unpack, write_metrics
 
 
 def _first_mismatch(what, got, want, *operands):

@@ -58,7 +58,7 @@ async def normal_traffic(dut):
     await drv.reset()
     schedules, expected = [], []
     forced_ref_at = n_ops // 2
-    for c in range(p.channels):
+    for _ in range(p.channels):
         sch = Scheduler(cfg, start=drv.cycle + 1)
         model = PimChannelModel(cfg)
         exp = []
@@ -96,7 +96,7 @@ async def normal_traffic(dut):
     drv.assert_clean()
     for c in range(p.channels):
         assert len(got[c]) == len(expected[c]), f"channel {c}: {len(got[c])} reads returned, {len(expected[c])} issued"
-        for (cyc, word), (ecyc, eword) in zip(got[c], expected[c]):
+        for (cyc, word), (ecyc, eword) in zip(got[c], expected[c], strict=True):
             assert cyc == ecyc and word == eword, f"channel {c} RD at cycle {cyc}: {word:#x} != {eword:#x}"
     refs = [drv.rtl_status(c)["n_ref"] for c in range(p.channels)]
     assert all(r >= 1 for r in refs), f"no refresh executed: {refs}"

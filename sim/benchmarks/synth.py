@@ -1,0 +1,20 @@
+"""FPGA figures from the synthesis flow (hw/synth.py; cached by the Verilog, so re-runs are instant)."""
+
+from __future__ import annotations
+
+import os
+
+from hw import synth
+
+
+def run(quick: bool = False):
+    os.environ["PATH"] = os.path.dirname(os.path.abspath(__import__("sys").executable)) + os.pathsep + \
+        os.environ.get("PATH", "")
+    synth._load_extra_targets()
+    r = synth.synth("mac16", pnr=True)
+    e, x = r["ecp5"], r["xcup"]
+    yield {"name": "fpga_ecp5_fmax_mhz", "value": e["fmax_mhz"], "unit": "MHz", "target": "mac16",
+           "device": "LFE5U-85F CABGA381", "lut4": e["LUT4"], "ff": e["FF"], "mult18": e["MULT18X18D"],
+           "note": "critical path: the single-cycle FP32 accumulator loop"}
+    yield {"name": "fpga_xcup_luts", "value": x["LUT"], "unit": "LUT", "target": "mac16", "ff": x["FF"],
+           "dsp": x["DSP"], "bram36": x["BRAM36"], "share_of_xcvu9p_lut": round(x["share_of_xcvu9p"]["LUT"], 5)}
