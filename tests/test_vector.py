@@ -539,6 +539,13 @@ def _rows_program(lanes, depth, seed):
     kv_n, cap = 2 * lanes + 2, 5
     a_k = p.put_rows(F(rng.standard_normal((2, kv_n)).astype(np.float32)), FP32)
     a_cache = p.alloc(cap * p.model.pitch(kv_n, BF16))
+    # many rows: per-row scalars (COL operands, MAX/SUM results) spanning several words
+    many = 2 * 2 * lanes + 3
+    a_m = p.put_rows(_hostile_rows(rng, many, 3), FP32)
+    col_b = p.put_elems(G.bf16_bits(rng.standard_normal(many)), BF16)
+    col_f = p.put_elems(F(rng.standard_normal(many).astype(np.float32)), FP32)
+    a_mo = p.alloc(many * p.model.pitch(3, FP32))
+    a_red = p.alloc(2 * (-(-many // lanes)))
     guard = p.alloc(2)                                   # stays zero: no instruction may write it
 
     p.add("LN_STATS fp32", op=Opcode.LN_STATS.value, a=a_x, d=a_stats, n=n, rows=rows, imm0=f(1 / n), imm1=f(1e-5))
@@ -555,6 +562,10 @@ def _rows_program(lanes, depth, seed):
               rows=g["rows"], mask=MASK_BITMAP)
     p.add("KV_APPEND", op=Opcode.KV_APPEND.value, a=a_k, d=a_cache, n=kv_n, rows=2, pos=2, imm0=cap, d_fmt=BF16)
     p.add("KV_APPEND last", op=Opcode.KV_APPEND.value, a=a_k, d=a_cache, n=kv_n, rows=1, pos=4, imm0=cap, d_fmt=BF16)
+    p.add("ADD COL bf16 many rows", op=Opcode.ADD.value, a=a_m, b=col_b, b_mode=COL, b_fmt=BF16, d=a_mo, n=3, rows=many)
+    p.add("MUL COL fp32 many rows", op=Opcode.MUL.value, a=a_m, b=col_f, b_mode=COL, d=a_mo, n=3, rows=many)
+    p.add("MAX many rows bf16", op=Opcode.MAX.value, a=a_m, d=a_red, n=3, rows=many, d_fmt=BF16)
+    p.add("SUM many rows fp32", op=Opcode.SUM.value, a=a_m, d=a_red + 2, n=3, rows=many)
     # Errors: each must leave memory untouched.
     bad = [
         ("bad opcode", dict(op=31, a=0, d=guard, n=4, rows=1), ERR["BAD_OPCODE"]),
@@ -634,6 +645,27 @@ def test_vector_rtl_random_tiny():
     """200 random instructions back to back (in-place and overlapping regions included)."""
     p = _random_program(TINY, TINY_DEPTH, seed=3, count=200)
     run_program(p, TINY, TINY_DEPTH, "test_vector_rtl_random_tiny")
+
+
+def test_vector_rtl_mismatch_fails(tmp_path):
+    """The testbench can fail: a golden image with one flipped bit, or a wrong expected error code."""
+    from sim.benchmarks.vector import vector_build
+    from sim.build import CocotbFailure
+
+    p = Program(TINY, TINY_DEPTH)
+    a = p.put_rows(F(np.arange(6, dtype=np.float32)[None, :]), FP32)
+    p.add(op=Opcode.EXP.value, a=a, d=a + 4, n=6, rows=1)
+    p.model.mem[a + 4, 1] ^= 1
+    p.save(tmp_path / "bad.npz")
+    with pytest.raises(CocotbFailure, match="1 words differ; first at word 4 lane 1"):
+        vector_build(TINY, TINY_DEPTH).run("sim.tb.vector_tb", "run_scenarios",
+                                           env={"SCENARIOS": str(tmp_path / "bad.npz")})
+    p.model.mem[a + 4, 1] ^= 1
+    p.errors[0] = ERR["BAD_LENGTH"]
+    p.save(tmp_path / "bad_err.npz")
+    with pytest.raises(CocotbFailure, match="error code RTL 0 golden 2"):
+        vector_build(TINY, TINY_DEPTH).run("sim.tb.vector_tb", "run_scenarios",
+                                           env={"SCENARIOS": str(tmp_path / "bad_err.npz")})
 
 
 def test_vector_rtl_gpt2_default():
