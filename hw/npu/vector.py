@@ -42,6 +42,17 @@ follows the pipeline. Multi-pass instructions (layernorm statistics, softmax)
 wait for a row's reduction before the next pass of that row; the first pass of
 the next row starts as soon as the last pass of the previous row is issued.
 
+Timing (cycles from acceptance to ``done``; ``nb = ceil(n / L)`` beats per
+row pass, ``E = 23`` cycles from issue to the lane result, ``R = 2 log2 L``
+for the reduction tree; ``C = E + R + 6`` once per instruction for checking,
+fill and drain): element-wise ops, MAX and SUM ``rows * nb + C`` (rows stream
+back to back, one beat per cycle); LN_APPLY ``rows * (nb + 2) + C`` (two
+cycles to read a row's statistics); LN_STATS ``rows * (2 nb + 2 (E + R + 1)
++ E + 2) + C``; SOFTMAX ``rows * (3 nb + 2 (E + R + 1) + E + 1) + C``. These
+match the RTL's cycle counter exactly on the GPT-2 benchmark. The waits are
+the pipeline depth between a row's reduction and the pass that needs its
+result; overlapping them with the next row is left for later.
+
 Aliasing: rows stream through the pipeline, so the destination may alias
 operand A (or B in ``ROW`` mode) only row for row and with a destination pitch
 no larger than the source's (for example in place with the same format, or
