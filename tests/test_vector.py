@@ -14,6 +14,7 @@ Three tiers:
   dimensions.
 """
 
+import math
 
 import numpy as np
 import pytest
@@ -696,3 +697,14 @@ def test_vector_rtl_gpt2_default():
     assert np.all(np.abs(g - gref) <= 2.0**-8 * np.abs(gref) + 2.0**-20)
     cpe = {m["name"]: m["cycles"] / m["elements"] for m in metrics}
     assert cpe["ADD_residual"] < 1.2 / DEFAULT        # rows stream back to back: about 1/L cycles per element
+    # The cycle model of the VectorUnit docstring, exactly.
+    E, R = VectorUnit.EXIT, 2 * int(math.log2(DEFAULT))
+    C = E + R + 6
+    for m, fields in zip(metrics, p.fields, strict=True):
+        n, rows = fields["n"], fields["rows"]
+        nb = -(-n // DEFAULT)
+        op = Opcode(fields["op"])
+        want = {Opcode.LN_STATS: rows * (2 * nb + 2 * (E + R + 1) + E + 2) + C,
+                Opcode.LN_APPLY: rows * (nb + 2) + C,
+                Opcode.SOFTMAX: rows * (3 * nb + 2 * (E + R + 1) + E + 1) + C}.get(op, rows * nb + C)
+        assert m["cycles"] == want, (m["name"], m["cycles"], want)
