@@ -369,3 +369,23 @@ def test_default_gpt2_l128_all():
     for r in run_gpt2(128, ["qkv", "fc1", "fc2"], "default_gpt2_l128"):
         print(r)
         assert r["util_compute"] >= 0.90, r
+
+
+def test_default_memory_error_response():
+    """A LOAD beyond the memory model's range gets error responses: MEM_ERROR, and the unit still
+    finishes the instruction (its token is given, so a waiting COMPUTE runs); after ``clear`` a GEMM works."""
+    cfg = preset("default")
+    sb = system_build(cfg)
+    rng = np.random.default_rng(11)
+    img = MemImage(1 << sb.extra["words_log2"])
+    beyond = (1 << sb.extra["words_log2"]) * 32          # first byte the model does not hold
+    bad = [encode(Opcode.LOAD, target=Target.WGT, signal=1, mem_addr=beyond, mem_stride=32, rows=4, cols=16,
+                  spm_addr=0, spm_stride=4),
+           encode(Opcode.COMPUTE, wait=1, m=1, k=4, n=16, wgt_stride=4)]
+    a, w, spec = _gemm_case(img, rng, 20, 40, 24)
+    prog, _ = gemm_program(spec, *_npu_args(cfg))
+    res, words = run_segments(sb, RUNS / "default_mem_error", img,
+                              [Segment(bad, "load beyond memory"), Segment(prog, "gemm after error")],
+                              (0, img.top // 32 - 1), test_name="default_mem_error", timeout_cycles=100_000)
+    assert [ErrorCode(r["error_code"]) for r in res] == [ErrorCode.MEM_ERROR, ErrorCode.NONE]
+    np.testing.assert_array_equal(extract(words, spec.c), gemm(a, w, cfg.npu.array_rows))
