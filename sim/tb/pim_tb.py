@@ -361,6 +361,30 @@ async def illegal_sequences(dut):
         await idle(1)
     assert got == [0x1234], f"read after illegal commands returned {got}"
     assert int(st["violation"].value) == 0
+    # Row-cycle and refresh rules.
+    await issue("PREAB")
+    await expect("T_RP", "ACT", bank=1, row=0)           # tRP after PRE
+    await idle(t.tRP + 1)
+    await issue("REF")
+    await expect("T_RFC", "ACT", bank=0, row=0)          # tRFC after REF
+    await idle(t.tRFC + 1)
+    p = cfg.pim
+    if p.banks >= 5 and t.tFAW > 4 * t.tRRD:
+        for b in range(4):
+            await issue("ACT", bank=b, row=0)
+            await idle(t.tRRD - 1)
+        await expect("T_FAW", "ACT", bank=4, row=0)      # fifth ACT inside tFAW
+        await idle(t.tFAW + t.tRAS)
+        await issue("PREAB")
+        await idle(t.tRP + 1)
+    if env_int("CHECK_REFRESH_LATE", 0):
+        # No REF for more than refresh_postpone x tREFI: both must report REFRESH_LATE.
+        before = len(ck.violations)
+        owed = ck.owed(drv.cycle)
+        await idle((t.refresh_postpone + 1 - owed) * t.tREFI + 2)
+        assert int(st["violation"].value) == 1 and names[int(st["vcode"].value)] == "REFRESH_LATE", \
+            f"device did not flag REFRESH_LATE: code {names[int(st['vcode'].value)]}"
+        assert any(v[1] == "REFRESH_LATE" for v in ck.violations[before:]), "checker did not flag REFRESH_LATE"
     dut._log.info("every illegal command flagged by device and checker, none executed")
 
 
