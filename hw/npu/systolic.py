@@ -39,6 +39,13 @@ Cycle arithmetic for a GEMM ``(M x K) @ (K x N)`` with ``KB = ceil(K / R)``,
   prefill GEMM with ``L >= R``. The accumulation over K-blocks happens once
   per row in ``C`` FP32 adders at the accumulator scratchpad.
 
+Clock rate: the partial-sum path of a PE is one whole FP32 addition
+(align, add, normalise, round) between two registers; on ECP5 the 4 x 4
+array closes at 21.5 MHz (nextpnr, 16,699 LUT4, 1,776 FF, 16 MULT18). The
+planned fix keeps the order: a register between ``fp32_add_align`` and
+``fp32_add_round`` makes the partial sum move one row every 2 cycles, so the
+activation skew becomes 2 cycles per row and the latency ``2R + C``.
+
 Accumulation order (the numerics contract, reproduced by
 ``sim/golden/gemm.py``): for output ``(m, n)`` and K-block ``kb``, the column
 sum is ``s = +0; s = s + a[k] * w[k]`` for ``k = kb*R, ..., kb*R + R - 1``
