@@ -21,8 +21,24 @@ def _pim_device(name):
     return device_factory(cfg), lambda: device_sources(cfg)
 
 
+def _vector(name):
+    from .npu.vector import VectorUnit
+
+    return lambda: VectorUnit.from_config(preset(name))
+
+
+def _matrix(name):
+    from .npu.matrix_unit import MatrixUnit
+
+    return lambda: MatrixUnit(preset(name))
+
+
 BLOCKS = {
     "mac16": (_mac16, lambda: []),
     "pim_device_tiny": _pim_device("tiny"),
     "pim_device_default": _pim_device("default"),
+    "vector_unit_tiny": (_vector("tiny"), lambda: []),
+    "vector_unit_default": (_vector("default"), lambda: []),
+    "matrix_unit_tiny": (_matrix("tiny"), lambda: []),
+    "matrix_unit_default": (_matrix("default"), lambda: []),
 }

@@ -73,11 +73,10 @@ class IoWrapper(wiring.Component):
             m.d.comb += v.eq(shreg[offset:offset + n])
             offset += n
         fold = self.sout
-        bits = [b for v in outs for b in Value.cast(v)]
-        acc = bits[0] if bits else sin
-        for b in bits[1:]:
-            acc = acc ^ b
-        m.d.sync += fold.eq(acc)
+        bits = [b for v in outs for b in Value.cast(v)] or [sin]
+        while len(bits) > 1:          # balanced XOR tree (a chain recurses too deep for wide ports)
+            bits = [bits[i] ^ bits[i + 1] if i + 1 < len(bits) else bits[i] for i in range(0, len(bits), 2)]
+        m.d.sync += fold.eq(bits[0])
         return m
 
 

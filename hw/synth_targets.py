@@ -1,0 +1,22 @@
+"""Further synthesis targets for ``make synth`` (registered with :func:`hw.synth.register`)."""
+
+from .synth import register
+
+
+def _array(n):
+    def factory():
+        from .npu.systolic import SystolicArray
+
+        return SystolicArray(n, n)
+    return factory
+
+
+def _vector_tiny():
+    from .config import preset
+    from .npu.vector import VectorUnit
+
+    return VectorUnit.from_config(preset("tiny"))
+
+
+register("array4x4", _array(4), "NPU systolic array 4x4 (tiny), BF16 x BF16 -> FP32 PEs, weight-stationary")
+register("vector_tiny", _vector_tiny, "NPU vector unit, 4 FP32 lanes (tiny)")
