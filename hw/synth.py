@@ -214,6 +214,8 @@ def _load_extra_targets():
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
+    # Run as ``python -m hw.synth`` this module is ``__main__``; the targets registered into ``hw.synth``.
+    TARGETS.update(importlib.import_module("hw.synth").TARGETS)
 
 
 if __name__ == "__main__":
