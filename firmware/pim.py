@@ -158,7 +158,7 @@ def gemv_golden(cfg: SystemConfig, w_bits: np.ndarray, x_bits: np.ndarray, bias_
     return acc
 
 
-def gemv_program(layout: GemvLayout, with_bias: bool = True):
+def gemv_program(layout: GemvLayout, with_bias: bool = True, activation: bool = False):
     """The per-channel GEMV command program, in issue order.
 
     Yields ``(op, fields)``; ``fields`` may hold ``bank``, ``row``, ``col``,
@@ -174,6 +174,10 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True):
     the accumulators drain (tMAC) and are read and preloaded; a new chunk's
     global-buffer writes fill the precharge and activation gaps.
     ``REFRESH_POINT`` marks where a refresh may go (all banks closed).
+
+    With ``activation`` the rows of the last chunk end with the activation
+    function: PREAB, ACTAB of the reserved LUT row, AF, PREAB; the results
+    leave through RDAF instead of RDMAC (tagged the same way).
     """
     cfg = layout.cfg
     p, t = cfg.pim, cfg.timing
@@ -187,8 +191,9 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True):
         yield "REFRESH_POINT", {}
         yield "ACTAB", {"row": layout.row_of(tile, chunk)}
         if i > 0:
+            read = "RDAF" if activation and rows[i - 1][1] == layout.chunks - 1 else "RDMAC"
             for g in range(groups):
-                yield "RDMAC", {"col": g, "tag": ("result", rows[i - 1][0], g)}
+                yield read, {"col": g, "tag": ("result", rows[i - 1][0], g)}
         for g in range(groups):
             if chunk > 0:
                 data = ("partial", tile, g)
@@ -209,16 +214,20 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True):
                 yield "WRGB", {"col": c, "data": ("x", nxt[1], c)}
             written = min(before_pre, n_next)
         yield "PREAB", {}
+        if activation and chunk == layout.chunks - 1:
+            yield "ACTAB", {"row": p.data_rows}
+            yield "AF", {}
+            yield "PREAB", {}
         if nxt is not None and nxt[0] == 0:
             extra = min(before_act, n_next - written)
             for c in range(written, written + extra):
                 yield "WRGB", {"col": c, "data": ("x", nxt[1], c)}
             written += extra
     for g in range(groups):
-        yield "RDMAC", {"col": g, "tag": ("result", rows[-1][0], g)}
+        yield ("RDAF" if activation else "RDMAC"), {"col": g, "tag": ("result", rows[-1][0], g)}
 
 
-def gemv_lower_bound(cfg: SystemConfig, K: int, N: int) -> dict:
+def gemv_lower_bound(cfg: SystemConfig, K: int, N: int, activation: bool = False) -> dict:
     """Lower bound on the cycles of a GEMV on one channel, from the timing parameters alone.
 
     Measured from the first command to the last result word. With ``n`` MACs in
@@ -241,6 +250,11 @@ def gemv_lower_bound(cfg: SystemConfig, K: int, N: int) -> dict:
     compared with :func:`amortized_cycles` of a measurement.
     (``tRAS`` is left out: it cannot bind unless ``tRAS > tRCD + (n-1)*tCCD + tRTP``,
     and leaving a term out keeps the bound a lower bound.)
+
+    With ``activation``, each row of the last chunk also opens the LUT row:
+    its bank path gains ``tRP + max(tRAS, tRCD + tRTP)`` (the AF row's ACT to
+    PRE, after the data row's precharge) and the AF waits ``tMAC`` after the
+    last MAC; the last row ends ``tAF + groups*tCCD + tRL`` after its AF.
     """
     t, p = cfg.timing, cfg.pim
     layout = GemvLayout(cfg, K, N)
@@ -253,18 +267,24 @@ def gemv_lower_bound(cfg: SystemConfig, K: int, N: int) -> dict:
     col_cmds = 0
     for i, (tile, chunk) in enumerate(rows):
         n = layout.chunk_cols(chunk)
-        col_cmds += n + 2 * g + (n if tile == 0 else 0)
+        col_cmds += n + 2 * g + (n if tile == 0 else 0) + (1 if activation and chunk == layout.chunks - 1 else 0)
         if i == 0:
             continue
         # From the previous row's last MAC to this row's last MAC.
         bank = t.tRTP + t.tRP + t.tRCDRD + (n - 1) * t.tCCD
+        if activation and rows[i - 1][1] == layout.chunks - 1:
+            bank += t.tRP + max(t.tRAS, t.tRCDRD + t.tRTP)
         acc = t.tMAC + 2 * g * t.tCCD + (n - 1) * t.tCCD
         # A new chunk: with a single global buffer its writes cannot overlap the previous
         # row's back-to-back MACs, so PRE, ACT, the RDMAC/WRBIAS pairs, n WRGB and n MACs follow it.
         bus = (2 + 2 * g + 2 * n) * t.tCCD if tile == 0 else 0
         total += max(bank, acc, bus)
-    total += t.tMAC + g * t.tCCD + t.tRL
-    bus = col_cmds * t.tCCD + 2 * len(rows)
+    if activation:
+        af_at = max(t.tMAC, t.tRTP + t.tRP + t.tRCDRD)
+        total += af_at + t.tAF + g * t.tCCD + t.tRL
+    else:
+        total += t.tMAC + g * t.tCCD + t.tRL
+    bus = col_cmds * t.tCCD + 2 * len(rows) + (2 * layout.tiles if activation else 0)
     compute = max(total, bus)
     refresh_factor = t.tREFI / (t.tREFI - t.tRFC)
     return {"cycles": compute, "amortized_cycles": compute * refresh_factor, "refresh_factor": refresh_factor,

@@ -16,8 +16,9 @@ import sys
 import tempfile
 import time
 
-GPT2_SMALL_FC = [("QKV (c_attn)", 768, 2304), ("attn proj (c_proj)", 768, 768),
-                 ("FC1 (mlp.c_fc)", 768, 3072), ("FC2 (mlp.c_proj)", 3072, 768)]
+# (name, K, N, GELU in PIM)
+GPT2_SMALL_FC = [("QKV (c_attn)", 768, 2304, False), ("attn proj (c_proj)", 768, 768, False),
+                 ("FC1 + GELU (mlp.c_fc)", 768, 3072, True), ("FC2 (mlp.c_proj)", 3072, 768, False)]
 
 
 def _console():
@@ -37,7 +38,8 @@ def run_pim_gemvs(config: str, shapes, sim: str = "verilator", waves: bool = Fal
               extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "metrics.jsonl")
-        env = {"IANUS_CONFIG": config, "GEMV_SHAPES": ",".join(f"{k}x{n}" for k, n in shapes),
+        env = {"IANUS_CONFIG": config,
+               "GEMV_SHAPES": ",".join(f"{s[0]}x{s[1]}" + ("g" if len(s) > 2 and s[2] else "") for s in shapes),
                "IANUS_METRICS": metrics, "MIN_EFFICIENCY": "0"}
         stdout = sys.stdout
         if quiet:
@@ -69,12 +71,12 @@ def cmd_demo(args) -> int:
     cfg = preset(args.config)
     p = cfg.pim
     con.print(f"[bold]IANUS-RTL demo[/]: the four FC GEMVs of one generated token of a GPT-2-small decoder "
-              f"layer on the PIM device RTL ({args.config}: {p.channels} channels x {p.banks} banks, "
+              f"layer (FC1 with GELU in the banks' AF units) on the PIM device RTL ({args.config}: {p.channels} channels x {p.banks} banks, "
               f"{p.gb_bytes} B global buffer, {cfg.clocks.pim_mhz:.0f} MHz command clock), "
               f"simulated with {args.sim}, protocol checker on every channel.")
     con.print("building and simulating (the first run builds the Verilator model, a few minutes) ...")
     t0 = time.perf_counter()
-    shapes = [(k, n) for _, k, n in GPT2_SMALL_FC]
+    shapes = [(k, n, act) for _, k, n, act in GPT2_SMALL_FC]
     res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
     table = Table(title="PIM GEMV, bit-exact against the golden model")
     for col in ("operation", "K x N", "cycles", "time (us)", "REFs", "bound*", "efficiency*",
@@ -82,7 +84,7 @@ def cmd_demo(args) -> int:
         table.add_column(col, justify="right" if col not in ("operation",) else "left")
     tot_cycles = 0
     tot_bytes = 0
-    for (name, _k, _n), r in zip(GPT2_SMALL_FC, res["shapes"], strict=True):
+    for (name, _k, _n, _act), r in zip(GPT2_SMALL_FC, res["shapes"], strict=True):
         tot_cycles += r["cycles"]
         tot_bytes += r["weight_bytes"]
         table.add_row(name, r["shape"], f"{r['cycles']:,}", f"{r['cycles'] / cfg.clocks.pim_mhz:.2f}",
@@ -104,7 +106,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_gemv(args) -> int:
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = [(int(s.split("x")[0]), int(s.split("x")[1].rstrip("g")), s.endswith("g"))
+              for s in args.shapes.split(",")]
     res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
     print(json.dumps(res, indent=2))
     return 0
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     d.add_argument("--sim", default="verilator", choices=["verilator", "icarus"])
     d.add_argument("--waves", action="store_true", help="write an FST of the run")
     d.set_defaults(func=cmd_demo)
-    g = sub.add_parser("gemv", help="PIM GEMVs of given shapes (KxN,...)")
+    g = sub.add_parser("gemv", help="PIM GEMVs of given shapes (KxN or KxNg for GELU, comma-separated)")
     g.add_argument("--shapes", default="768x768")
     g.add_argument("--config", default="default", choices=["tiny", "default"])
     g.add_argument("--sim", default="verilator", choices=["verilator", "icarus"])

@@ -30,11 +30,11 @@ def test_normal_traffic(config):
 
 def test_gemv_tiny():
     # Shapes the tiny device holds (15 data rows): one chunk, several chunks, ragged edges.
-    run("tiny", "gemv", GEMV_SHAPES="96x64,200x24,128x8,17x5")
+    run("tiny", "gemv", GEMV_SHAPES="96x64,200x24,128x8,17x5,200x24g,64x16g")
 
 
 def test_gemv_default_gpt2_small():
-    run("default", "gemv", GEMV_SHAPES="768x768,768x2304,768x3072,3072x768")
+    run("default", "gemv", GEMV_SHAPES="768x768,768x2304,768x3072,3072x768,768x3072g")
 
 
 @pytest.mark.parametrize("config", ["tiny", "default"])

@@ -11,7 +11,7 @@ from sim.cli import GPT2_SMALL_FC, run_pim_gemvs
 
 
 def run(quick: bool = False):
-    shapes = [(k, n) for _, k, n in GPT2_SMALL_FC]
+    shapes = [(k, n, act) for _, k, n, act in GPT2_SMALL_FC]
     res = run_pim_gemvs("default", shapes[:1] if quick else shapes)
     for r in res["shapes"]:
         yield {"name": "pim_gemv_efficiency", "value": round(r["efficiency"], 4), "unit": "bound/measured",

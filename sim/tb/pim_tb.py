@@ -111,21 +111,27 @@ def _gemv_data(cfg, K, N, seed):
     return w, x, bias
 
 
-async def run_gemv(drv: PimDriver, sch_for, layout: GemvLayout, w, x, bias, backdoor=True):
-    """Load ``w`` for ``layout`` (back door), run the GEMV program on every channel; return (y bits, cycles)."""
+async def run_gemv(drv: PimDriver, sch_for, layout: GemvLayout, w, x, bias, backdoor=True, activation=False):
+    """Load ``w`` for ``layout`` (back door), run the GEMV program on every channel; return (y bits, cycles).
+
+    With ``activation`` the GELU table goes into every bank's reserved row and the
+    results come from the AF units."""
     cfg = drv.cfg
     p = cfg.pim
     if backdoor:
         d = _backdoor_dir()
         packed = layout.pack(w)
+        lut = af_lut_row(cfg)
         for c in range(p.channels):
             for b in range(p.banks):
                 write_backdoor(d, c, b, layout.base_row, packed[c, b], p.columns)
+                if activation:
+                    write_backdoor(d, c, b, p.data_rows, lut[None], p.columns)
         await drv.backdoor_load()
     sch = sch_for(drv.cycle + 1)
     sch.refresh_ahead()
     first = len(sch.slots)
-    slots = sch.run_program(gemv_program(layout, with_bias=True))
+    slots = sch.run_program(gemv_program(layout, with_bias=True, activation=activation))
     bpw = p.banks_per_word
     results = {}
     xpad = np.zeros(layout.chunks * layout.chunk, dtype=np.uint16)
@@ -170,7 +176,9 @@ async def run_gemv(drv: PimDriver, sch_for, layout: GemvLayout, w, x, bias, back
 async def gemv(dut):
     """GEMV shapes from env GEMV_SHAPES ("KxN,KxN"): bit-exact vs golden, bounded vs float64, cycle efficiency."""
     cfg = _cfg()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in env_str("GEMV_SHAPES", "96x64").split(",")]
+    # "KxN" or "KxNg" (with GELU through the AF units).
+    shapes = [(int(s.split("x")[0]), int(s.split("x")[1].rstrip("g")), s.endswith("g"))
+              for s in env_str("GEMV_SHAPES", "96x64").split(",")]
     min_eff = float(env_str("MIN_EFFICIENCY", "0.95"))
     drv = PimDriver(dut, cfg)
     await drv.reset()
@@ -186,11 +194,14 @@ async def gemv(dut):
         return sch
 
     report = []
-    for i, (K, N) in enumerate(shapes):
+    for i, (K, N, act) in enumerate(shapes):
         w, x, bias = _gemv_data(cfg, K, N, seed=100 + i)
         layout = GemvLayout(cfg, K, N, base_row=0)
-        y, cycles, _, refs = await run_gemv(drv, sch_for, layout, w, x, bias)
+        y, cycles, _, refs = await run_gemv(drv, sch_for, layout, w, x, bias, activation=act)
         want = gemv_golden(cfg, w, x, bias)
+        pre = want
+        if act:
+            want = af_eval(cfg, pre, af_lut_row(cfg))
         bad = np.flatnonzero(y != want)
         assert bad.size == 0, (f"GEMV {K}x{N}: {bad.size} outputs differ from the golden model; first n={bad[0]}: "
                                f"RTL {int(y[bad[0]]):#x} golden {int(want[bad[0]]):#x}")
@@ -200,24 +211,31 @@ async def gemv(dut):
         bf = G.bits_to_f32(bias).astype(np.float64)
         exact = xf @ wf + bf
         scale = np.abs(xf) @ np.abs(wf) + np.abs(bf)
-        err = np.abs(G.bits_to_f32(y).astype(np.float64) - exact)
         nterms = np.log2(cfg.pim.lanes) + -(-K // cfg.pim.lanes) + 1
         bound = nterms * 2.0**-24 * scale
+        if act:
+            # GELU of the exact pre-activation; GELU's slope is at most 1.13, plus the AF unit's bound.
+            step = 16.0 / cfg.pim.af_segments
+            pref = G.bits_to_f32(pre).astype(np.float64)
+            bound = 1.13 * bound + 0.8 * step**2 / 8 + 2.0**-8 * np.abs(pref) * 1.13 + 1e-6
+            exact = gelu(exact)
+            scale = np.maximum(np.abs(exact), 1.0)
+        err = np.abs(G.bits_to_f32(y).astype(np.float64) - exact)
         assert np.all(err <= bound), f"GEMV {K}x{N}: error vs float64 above bound at {np.argmax(err - bound)}"
-        lb = gemv_lower_bound(cfg, K, N)
+        lb = gemv_lower_bound(cfg, K, N, activation=act)
         measured_am = amortized_cycles(cfg, cycles, refs)
         eff = lb["amortized_cycles"] / measured_am
         rel = float(np.max(err / np.maximum(scale, 1e-30)))
         p = cfg.pim
         weight_bytes = lb["macs"] * p.banks * p.channels * p.column_bytes
-        report.append({"shape": f"{K}x{N}", "cycles": cycles, "bound": lb["cycles"], "efficiency": eff,
+        report.append({"shape": f"{K}x{N}" + ("+GELU" if act else ""), "cycles": cycles, "bound": lb["cycles"], "efficiency": eff,
                        "amortized_cycles": measured_am, "amortized_bound": lb["amortized_cycles"],
                        "max_rel_err": rel, "max_abs_err": float(err.max()), "refreshes": refs,
                        "weight_bytes": weight_bytes,
                        "internal_gbps": weight_bytes / (cycles / (cfg.clocks.pim_mhz * 1e6)) / 1e9,
                        "peak_gbps": cfg.pim_peak_internal_gbps})
-        dut._log.info("GEMV %dx%d: %d cycles (%d REF), amortized %.0f, bound %.0f, efficiency %.3f, "
-                      "max err/scale %.2e", K, N, cycles, refs, measured_am, lb["amortized_cycles"], eff, rel)
+        dut._log.info("GEMV %dx%d%s: %d cycles (%d REF), amortized %.0f, bound %.0f, efficiency %.3f, "
+                      "max err/scale %.2e", K, N, "+GELU" if act else "", cycles, refs, measured_am, lb["amortized_cycles"], eff, rel)
         assert min_eff <= 0 or measured_am <= lb["amortized_cycles"] / min_eff, (
             f"GEMV {K}x{N}: efficiency {eff:.3f} below {min_eff} ({cycles} cycles with {refs} REF, bound {lb})")
     drv.assert_clean()
