@@ -59,3 +59,7 @@ def test_timing_checks():
         MemoryController(cfg.replace(**{"timing.tREFI": 20}))
     with pytest.raises(TypeError, match="SystemConfig"):
         MemoryController("tiny")
+
+
+def test_pim_refresh_reopen_tiny():
+    run("tiny", "pim_refresh_reopen")

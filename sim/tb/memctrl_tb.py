@@ -537,3 +537,75 @@ async def pim_gemv(dut):
     dut._log.info("GEMV %dx%d through the controllers: %d cycles, bit-exact; normal requests waited %s cycles; "
                   "refreshes %s", K, N, gemv_cycles, waited, refs)
     write_metrics(name="memctrl_gemv", config=cfg.name, shape=f"{K}x{N}", cycles=gemv_cycles, waited=waited)
+
+
+@tb_test()
+async def pim_refresh_reopen(dut):
+    """The PIM stream stalls with its rows open for longer than the refresh deadline: the controller forces
+    refreshes (PREAB, REF) and re-opens the rows before the stream continues; the GEMV stays bit-exact."""
+    cfg = _cfg()
+    p, t = cfg.pim, cfg.timing
+    K, N = p.gb_values // 2, p.banks * p.channels          # one tile, one chunk
+    tb = TB(dut, cfg, seed=8)
+    await tb.reset()
+    layout = GemvLayout(cfg, K, N, base_row=2)
+    w, x, bias = _gemv_data(K, N, seed=12)
+    packed = layout.pack(w)
+    for ch in tb.ch:
+        for b in range(p.banks):
+            for col in range(p.columns):
+                tb.write(ch.c, tb.amap.encode(layout.base_row, ch.c, b, col),
+                         PimChannelModel.lanes_to_word(packed[ch.c, b, 0, col]))
+    await tb.drain()
+    bpw = p.banks_per_word
+    xpad = np.zeros(layout.chunk, dtype=np.uint16)
+    xpad[:K] = x
+    results = {}
+
+    def resolve(c, ref):
+        if ref[0] == "x":
+            return PimChannelModel.lanes_to_word(xpad[ref[2] * p.lanes:(ref[2] + 1) * p.lanes])
+        if ref[0] == "bias":
+            vals = [bias[layout.output_index(0, c, b)] if b < p.banks else 0
+                    for b in range(ref[2] * bpw, (ref[2] + 1) * bpw)]
+            return int.from_bytes(np.asarray(vals, dtype="<u4").tobytes(), "little")
+        return 0
+
+    tb.resolve = resolve
+    program = [(op, f) for op, f in gemv_program(layout, with_bias=True) if op not in ("REFRESH_POINT", "TILE_END")]
+    first_mac = next(i for i, (op, _) in enumerate(program) if op == "MACAB")
+    for ch in tb.ch:
+        ch.mode.value = 1
+        for op, f in program[:first_mac + 1]:
+            tb.pim(ch.c, op, **f)
+    await tb.run_until(lambda: all(not ch.pims and ch.cur_pim is None for ch in tb.ch), 2000, "first part")
+    forced0 = [tb.counters(c)["forced_refreshes"] for c in range(p.channels)]
+    stall = (t.refresh_postpone + 2) * t.tREFI
+    n0 = [len(ch.bus_log) for ch in tb.ch]
+    for _ in range(stall):
+        await tb.step()
+    for ch in tb.ch:
+        for op, f in program[first_mac + 1:]:
+            tb.pim(ch.c, op, **f)
+    await tb.run_until(lambda: all(not ch.pims and ch.cur_pim is None and not ch.pim_expect for ch in tb.ch),
+                       2000, "second part")
+    tb.assert_clean()
+    for ch in tb.ch:
+        forced = tb.counters(ch.c)["forced_refreshes"] - forced0[ch.c]
+        assert forced >= 1, f"channel {ch.c}: no forced refresh while the PIM rows stayed open"
+        ops = [e[1] for e in ch.bus_log[n0[ch.c]:]]
+        i = ops.index("REF")
+        assert ops[i - 1] == "PREAB" and ops[i + 1] == "ACTAB", f"channel {ch.c}: refresh sequence {ops[:12]}"
+        assert ch.pim_errors == 0
+        results[ch.c] = ch.pim_results
+    y = np.zeros(layout.per_tile, dtype=np.uint32)
+    for c, res in results.items():
+        for (_kind, tile, g), word in res.items():
+            vals = np.frombuffer(int(word).to_bytes(bpw * 4, "little"), dtype="<u4")
+            for k_ in range(bpw):
+                if g * bpw + k_ < p.banks:
+                    y[layout.output_index(tile, c, g * bpw + k_)] = vals[k_]
+    want = gemv_golden(cfg, w, x, bias)
+    assert np.array_equal(y[:N], want), f"GEMV after forced refresh differs: {y[:N]} vs {want}"
+    dut._log.info("stall of %d cycles with PIM rows open: forced refreshes %s, rows re-opened, GEMV bit-exact",
+                  stall, [tb.counters(c)["forced_refreshes"] - forced0[c] for c in range(p.channels)])
