@@ -86,3 +86,10 @@ def test_gemv_layout_errors():
         GemvLayout(cfg, 0, 8)
     with pytest.raises(ValueError, match="GEMV 768x768 needs rows 0..575 but only 15 data rows exist per bank"):
         GemvLayout(cfg, 768, 768)
+
+
+@pytest.mark.icarus
+def test_pim_on_icarus():
+    """The second simulator runs the same device and testbenches (back door included)."""
+    run("tiny", "normal_traffic", sim="icarus", N_OPS=60)
+    run("tiny", "gemv", sim="icarus", GEMV_SHAPES="64x16g")

@@ -5,8 +5,9 @@
 // `initial` assignment for every word, so a DRAM-sized array becomes tens of
 // thousands of Verilog lines, minutes of C++ compile, and time-0 back-door
 // writes are overwritten (see shared/TOOLCHAIN.md). This module has no
-// per-word initialisation; its contents start as zero (Verilator's
-// --x-initial fast) and are loaded through the back door or WR commands.
+// per-word initialisation list: one loop zeroes it at time 0 in simulation
+// (so every simulator starts from the same defined contents), and it is then
+// loaded through the back door or WR commands.
 //
 // Back door: on a rising edge of `bd_load`, if the simulator was started with
 // +PIM_BACKDOOR=<dir> and <dir>/ch<C>_b<B>.hex exists, the file is read with
@@ -41,6 +42,12 @@ module pim_storage #(
     end
 
 `ifndef SYNTHESIS
+    initial begin
+        for (i = 0; i < DEPTH; i = i + 1)
+            mem[i] = {WIDTH{1'b0}};
+        rdata = {WIDTH{1'b0}};
+    end
+
     reg bd_load_q = 1'b0;
     string dir;
     string fname;
