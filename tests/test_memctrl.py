@@ -63,3 +63,12 @@ def test_timing_checks():
 
 def test_pim_refresh_reopen_tiny():
     run("tiny", "pim_refresh_reopen")
+
+
+def test_random_traffic_default():
+    # Paper timings (tRCDRD 36, tRP 30, tREFI 1900, tRFC 210), 16 banks: forced refreshes under saturation.
+    run("default", "random_traffic", N_REQ=400)
+
+
+def test_pim_gemv_with_queued_traffic_default():
+    run("default", "pim_gemv", GEMV_SHAPE="768x64")

@@ -82,6 +82,7 @@ class Chan:
         self.gap = 0.0
         self.backpressure = 0.0
         self.pim_ready_prob = 1.0
+        self.pim_gap = 0.0
         self.next_tag = 0
         self.seq = 0
 
@@ -182,7 +183,7 @@ class TB:
             ch.q_ready.value = int(rng.random() >= ch.backpressure)
             ch.pr_ready.value = int(rng.random() < ch.pim_ready_prob)
             # PIM command: resolved data only (a partial sum waits for its RDMAC).
-            if ch.cur_pim is None and ch.pims:
+            if ch.cur_pim is None and ch.pims and rng.random() >= ch.pim_gap:
                 cmd = ch.pims[0]
                 data = cmd["data"]
                 if not isinstance(data, int):
@@ -470,6 +471,7 @@ async def pim_gemv(dut):
     # 2. pim_mode up, normal traffic queued (including writes into the weight rows, which must wait).
     for ch in tb.ch:
         ch.mode.value = 1
+        ch.pim_gap, ch.pim_ready_prob = 0.3, 0.7
         _random_traffic(tb, ch.c, env_int("N_NORMAL", 40), list(range(min(p.data_rows, layout.rows_used + 3))))
     # 3. The GEMV program on every channel.
     bpw = p.banks_per_word
