@@ -450,7 +450,7 @@ def timing_from_ns(ns: dict, clock_mhz: float, **extra) -> DramTiming:
 def _tiny() -> SystemConfig:
     return SystemConfig(
         name="tiny",
-        pim=PimGeometry(channels=2, banks=4, rows=16, columns=8, lanes=16, column_bits=256,
+        pim=PimGeometry(channels=2, banks=8, rows=16, columns=8, lanes=16, column_bits=256,
                         gb_bytes=256, af_rows=1),
         timing=DramTiming(tRCDRD=4, tRCDWR=3, tRP=4, tRAS=6, tCCD=1, tRRD=1, tFAW=4, tWR=4,
                           tRTP=2, tRFC=12, tREFI=300, tRL=2, refresh_postpone=8),

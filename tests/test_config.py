@@ -57,9 +57,9 @@ def test_address_bits():
 
 
 def test_replace_variants():
-    cfg = preset("tiny").replace(**{"pim.banks": 8}, timing__tRP=7, name="v")
-    assert cfg.pim.banks == 8 and cfg.timing.tRP == 7 and cfg.name == "v"
-    assert preset("tiny").pim.banks == 4            # the preset itself is untouched
+    cfg = preset("tiny").replace(**{"pim.banks": 16}, timing__tRP=7, name="v")
+    assert cfg.pim.banks == 16 and cfg.timing.tRP == 7 and cfg.name == "v"
+    assert preset("tiny").pim.banks == 8            # the preset itself is untouched
     with pytest.raises(ConfigError, match="PimGeometry.banks must be a power of two, not 12"):
         preset("tiny").replace(**{"pim.banks": 12})
     with pytest.raises(ConfigError, match="PimGeometry.bankz must be an existing field"):

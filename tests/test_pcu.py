@@ -1,0 +1,63 @@
+"""PCU (hw/pcu.py) on the memory controllers and the PIM device: macro programs bit-identical to the
+functional model, error codes identical to it, recovery after CLEAR."""
+
+import pytest
+
+from firmware.macro import MacroError, MacroFlag, MacroOp, pcu_limits
+from hw.config import preset
+from hw.pcu import (
+    E_BAD_ADDRESS,
+    E_BAD_FLAGS,
+    E_BAD_LENGTH,
+    E_BAD_OPCODE,
+    E_BAD_REGION,
+    E_DEVICE_VIOLATION,
+    E_NO_INPUT,
+    E_NO_RESULT,
+    E_RESERVED_NONZERO,
+    F_BF16,
+    F_BIAS,
+    F_GELU,
+    MACRO_LIMITS,
+    OP_GEMV,
+    OP_NOP,
+    OP_READ_RES,
+    OP_WRITE_VEC,
+    Pcu,
+    PcuSystem,
+)
+from hw.pim import device_factory, device_sources
+from sim.build import build
+
+TB = "sim.tb.pcu_tb"
+
+
+def pcu_build(config):
+    cfg = preset(config)
+    return build(lambda: PcuSystem(cfg, device_factory(cfg)), name=f"pcu_system_{config}", key=repr(cfg),
+                 extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+
+
+def test_constants_match_the_table():
+    assert (OP_NOP, OP_WRITE_VEC, OP_GEMV, OP_READ_RES) == tuple(MacroOp)
+    assert (F_BIAS, F_GELU, F_BF16) == (MacroFlag.BIAS, MacroFlag.GELU, MacroFlag.BF16)
+    assert (E_BAD_OPCODE, E_BAD_FLAGS, E_BAD_LENGTH, E_BAD_ADDRESS, E_BAD_REGION, E_NO_INPUT, E_NO_RESULT,
+            E_DEVICE_VIOLATION, E_RESERVED_NONZERO) == (
+        MacroError.BAD_OPCODE, MacroError.BAD_FLAGS, MacroError.BAD_LENGTH, MacroError.BAD_ADDRESS,
+        MacroError.BAD_REGION, MacroError.NO_INPUT, MacroError.NO_RESULT, MacroError.DEVICE_VIOLATION,
+        MacroError.RESERVED_NONZERO)
+    assert MACRO_LIMITS == pcu_limits(preset("default"))
+
+
+def test_pcu_rejects_unsupported_geometry():
+    with pytest.raises(ValueError, match="banks to be a multiple of column_bits/32 = 8, not 4"):
+        Pcu(preset("tiny").replace(**{"pim.banks": 4}))
+
+
+def test_pcu_gemv_tiny():
+    # one chunk; several chunks (K > 128); GELU; BF16 results
+    pcu_build("tiny").run(TB, "pcu_gemv", env={"IANUS_CONFIG": "tiny", "PCU_SHAPES": "64x32,200x16,96x32g,64x16h"})
+
+
+def test_pcu_errors_tiny():
+    pcu_build("tiny").run(TB, "pcu_errors", env={"IANUS_CONFIG": "tiny"})
