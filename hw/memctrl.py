@@ -494,6 +494,7 @@ class MemoryController(wiring.Component):
                 m.d.comb += reopen_bank.eq(b)
         same_rows = Cat(*[open_row[b] == open_row[0] for b in range(nb)]).all()
         refreshing = Signal()
+        ref_start = Signal()
         forced = Signal()
         n_forced = Signal(32)
 
@@ -505,6 +506,8 @@ class MemoryController(wiring.Component):
         with m.FSM(name="refresh"):
             with m.State("Idle"):
                 with m.If((owed >= 1) & (urgent | chan_idle)):
+                    # Nothing else issues in this cycle either, so ``is_open`` is what Drain closes.
+                    m.d.comb += ref_start.eq(1)
                     m.d.sync += [reopen.eq(Mux(mode_pim, is_open, 0)), forced.eq(urgent)]
                     m.next = "Drain"
             with m.State("Drain"):
@@ -535,7 +538,7 @@ class MemoryController(wiring.Component):
         pim_refuse = Signal()
         sel_bank = Array(q_bank)[row_sel]
         sel_row = Array(q_row)[row_sel]
-        with m.If(~refreshing):
+        with m.If(~refreshing & ~ref_start):
             with m.If(closing):
                 with m.If(~all_closed & preab_ok):
                     issue(PimOp.PREAB)

@@ -331,7 +331,8 @@ async def random_traffic(dut):
     after = [tb.counters(c) for c in range(p.channels)]
     for c in range(p.channels):
         k = after[c]
-        assert k["refreshes"] >= sat_cycles // t.tREFI, f"channel {c}: only {k['refreshes']} refreshes"
+        due = tb.cycle // t.tREFI - t.refresh_postpone      # at most refresh_postpone may stay owed
+        assert k["refreshes"] >= max(3, due), f"channel {c}: only {k['refreshes']} refreshes, {due} due"
         assert k["forced_refreshes"] - before[c]["forced_refreshes"] >= 1, \
             f"channel {c}: saturating traffic never forced a refresh ({k})"
         dev_refs = int(tb.ch[c].status["n_ref"].value)
