@@ -551,12 +551,12 @@ class PcuSystem(wiring.Component):
     -------------------------
     macro, busy, error, clear, completed : as :class:`Pcu`
     r<c>, q<c> : normal requests in, responses out (the host window)
-    mon<c>, s<c> : the command bus the device sees, the device's status
+    mon<c>, s<c>, k<c> : the command bus the device sees, the device's status, the controller's counters
     bd_load : the device's back door
     """
 
     def __init__(self, cfg: SystemConfig, device_factory):
-        from .memctrl import BusMonitorSignature
+        from .memctrl import BusMonitorSignature, MemCtrlCounters
         from .memif import request_layout, response_layout
         from .pim.channel import PimStatusSignature
 
@@ -570,6 +570,7 @@ class PcuSystem(wiring.Component):
                 f"q{c}": Out(stream.Signature(response_layout(cfg))),
                 f"mon{c}": Out(BusMonitorSignature(cfg)),
                 f"s{c}": Out(PimStatusSignature()),
+                f"k{c}": Out(MemCtrlCounters()),
             })
         super().__init__(members)
 
@@ -593,4 +594,5 @@ class PcuSystem(wiring.Component):
             wiring.connect(m, getattr(mem, f"q{c}"), wiring.flipped(getattr(self, f"q{c}")))
             wiring.connect(m, getattr(mem, f"mon{c}"), wiring.flipped(getattr(self, f"mon{c}")))
             wiring.connect(m, getattr(mem, f"s{c}"), wiring.flipped(getattr(self, f"s{c}")))
+            wiring.connect(m, getattr(mem, f"k{c}"), wiring.flipped(getattr(self, f"k{c}")))
         return m

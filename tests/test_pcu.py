@@ -61,3 +61,10 @@ def test_pcu_gemv_tiny():
 
 def test_pcu_errors_tiny():
     pcu_build("tiny").run(TB, "pcu_errors", env={"IANUS_CONFIG": "tiny"})
+
+
+def test_pcu_gemv_default_gpt2_small():
+    """GPT-2-small FC shapes through the PCU on the default device: attention projection, FC1 with GELU in
+    PIM, FC2 (three input chunks)."""
+    pcu_build("default").run(TB, "pcu_gemv", env={"IANUS_CONFIG": "default",
+                                                  "PCU_SHAPES": "768x768,768x3072g,3072x768"})

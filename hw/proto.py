@@ -1,0 +1,292 @@
+"""The FPGA-prototype top: AXI4-Lite registers and an AXI4 window onto device memory, in front of the
+PCU, the memory controllers and (in simulation) the PIM device.
+
+This is what the paper's VCU118 prototype exposes through its PCIe bridge
+(ARCHITECTURE.md §2): the host writes macro PIM commands into registers and
+rings a doorbell (a queue of ``QUEUE_DEPTH`` commands feeds the PCU), reads
+status, the error code and performance counters, and reads and writes device
+memory through the AXI4 window.
+
+``s_axil`` (AXI4-Lite, 32-bit data): the register map of
+:data:`firmware.macro.CSR_TABLE`. An unmapped offset, or a write to a
+read-only register, answers SLVERR. A doorbell with a full queue drops the
+command and sets ``QUEUE_OVERFLOW``.
+
+``s_axi`` (AXI4, one 32-byte column per beat, INCR bursts): every beat
+becomes one normal request to the channel that owns its address, issued after
+the previous beat's response (in order, one outstanding beat). A burst that
+is misaligned or reaches outside device memory touches nothing and answers
+SLVERR (every read beat SLVERR with zero data).
+
+Port names follow AXI (``s_axi__awaddr``...), so cocotbext-axi builds its bus
+from the prefix ``s_axi_`` (Amaranth's ``__`` separator supplies the second
+underscore).
+"""
+
+from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from .config import SystemConfig
+from .memif import AddressMap
+from .pcu import PcuSystem
+
+__all__ = ["ProtoTop", "AxiLiteSignature", "AxiSignature"]
+
+# Kept equal to firmware.macro (the tests check it).
+QUEUE_DEPTH = 8
+DEVICE_ID = 0x1AA05001
+CSR_ID, CSR_CTRL, CSR_STATUS, CSR_ERROR = 0x00, 0x04, 0x08, 0x0C
+CSR_MACRO0, CSR_DOORBELL, CSR_QUEUE_LEVEL, CSR_COMPLETED, CSR_CYCLES, CSR_CH_BASE = 0x10, 0x20, 0x24, 0x28, 0x2C, 0x100
+E_QUEUE_OVERFLOW = 8
+CH_COUNTERS = ("busy_cycles", "commands", "refreshes", "wait_cycles", "macs")   # at CH_BASE + 0x20*c + 4*i
+
+
+class AxiLiteSignature(wiring.Signature):
+    """AXI4-Lite, from the master's side."""
+
+    def __init__(self, addr_width=12, data_width=32):
+        super().__init__({
+            "awaddr": Out(addr_width), "awprot": Out(3), "awvalid": Out(1), "awready": In(1),
+            "wdata": Out(data_width), "wstrb": Out(data_width // 8), "wvalid": Out(1), "wready": In(1),
+            "bresp": In(2), "bvalid": In(1), "bready": Out(1),
+            "araddr": Out(addr_width), "arprot": Out(3), "arvalid": Out(1), "arready": In(1),
+            "rdata": In(data_width), "rresp": In(2), "rvalid": In(1), "rready": Out(1),
+        })
+
+
+class AxiSignature(wiring.Signature):
+    """AXI4 (INCR bursts), from the master's side."""
+
+    def __init__(self, addr_width=32, data_width=256, id_width=4):
+        super().__init__({
+            "awid": Out(id_width), "awaddr": Out(addr_width), "awlen": Out(8), "awsize": Out(3),
+            "awburst": Out(2), "awvalid": Out(1), "awready": In(1),
+            "wdata": Out(data_width), "wstrb": Out(data_width // 8), "wlast": Out(1), "wvalid": Out(1),
+            "wready": In(1),
+            "bid": In(id_width), "bresp": In(2), "bvalid": In(1), "bready": Out(1),
+            "arid": Out(id_width), "araddr": Out(addr_width), "arlen": Out(8), "arsize": Out(3),
+            "arburst": Out(2), "arvalid": Out(1), "arready": In(1),
+            "rid": In(id_width), "rdata": In(data_width), "rresp": In(2), "rlast": In(1), "rvalid": In(1),
+            "rready": Out(1),
+        })
+
+
+OKAY, SLVERR = 0, 2
+
+
+class ProtoTop(wiring.Component):
+    """The prototype: AXI4-Lite CSRs + AXI4 memory window + macro queue + :class:`hw.pcu.PcuSystem`.
+
+    Members
+    -------
+    s_axil : In(AxiLiteSignature())
+    s_axi : In(AxiSignature(data_width=column_bits))
+    bd_load : In(1)       the device's back door (simulation)
+    mon<c> : the command bus the device sees (for the protocol checker)
+    s<c> : the device's status
+    """
+
+    def __init__(self, cfg: SystemConfig, device_factory):
+        from .memctrl import BusMonitorSignature
+        from .pim.channel import PimStatusSignature
+
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        self.cfg = cfg
+        self._device_factory = device_factory
+        members = {"s_axil": In(AxiLiteSignature()), "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)),
+                   "bd_load": In(1)}
+        for c in range(cfg.pim.channels):
+            members[f"mon{c}"] = Out(BusMonitorSignature(cfg))
+            members[f"s{c}"] = Out(PimStatusSignature())
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        p = cfg.pim
+        C = p.channels
+        m.submodules.sys = sysm = PcuSystem(cfg, self._device_factory)
+        m.d.comb += sysm.bd_load.eq(self.bd_load)
+        for c in range(C):
+            wiring.connect(m, getattr(sysm, f"mon{c}"), wiring.flipped(getattr(self, f"mon{c}")))
+            wiring.connect(m, getattr(sysm, f"s{c}"), wiring.flipped(getattr(self, f"s{c}")))
+
+        # ---------------- registers (AXI4-Lite) ----------------
+        al = self.s_axil
+        cycles = Signal(32)
+        m.d.sync += cycles.eq(cycles + 1)
+        macro_words = [Signal(32, name=f"macro{i}") for i in range(4)]
+        m.submodules.queue = queue = SyncFIFOBuffered(width=128, depth=QUEUE_DEPTH)
+        q_err = Signal(8)
+        clear = Signal()
+        m.d.comb += sysm.clear.eq(clear)
+        level = queue.level
+        error = Mux(sysm.error != 0, sysm.error, q_err)
+        busy = (level != 0) | sysm.busy
+        status = Cat(busy, error != 0, level == QUEUE_DEPTH, level == 0)
+        m.d.comb += [sysm.macro.valid.eq(queue.r_rdy), sysm.macro.payload.eq(queue.r_data),
+                     queue.r_en.eq(sysm.macro.ready)]
+        # Per-channel counters: controller busy/commands/refreshes/pim_wait and the device's MAC count.
+        counters = {}
+        for c in range(C):
+            k = getattr(sysm, f"k{c}")
+            st = getattr(sysm, f"s{c}")
+            srcs = (k.busy, k.commands, k.refreshes, k.pim_wait, st.n_mac)
+            for i, src in enumerate(srcs):
+                counters[CSR_CH_BASE + 0x20 * c + 4 * i] = src
+
+        # Write channel: take AW and W together, then B.
+        bvalid, bresp = Signal(), Signal(2)
+        m.d.comb += [al.bvalid.eq(bvalid), al.bresp.eq(bresp)]
+        take_w = al.awvalid & al.wvalid & ~bvalid
+        m.d.comb += [al.awready.eq(take_w), al.wready.eq(take_w)]
+        with m.If(bvalid & al.bready):
+            m.d.sync += bvalid.eq(0)
+        waddr = al.awaddr
+        with m.If(take_w):
+            m.d.sync += [bvalid.eq(1), bresp.eq(OKAY)]
+            with m.Switch(waddr):
+                with m.Case(CSR_CTRL):
+                    with m.If(al.wdata[0]):
+                        m.d.comb += clear.eq(1)
+                        m.d.sync += q_err.eq(0)
+                for i in range(4):
+                    with m.Case(CSR_MACRO0 + 4 * i):
+                        m.d.sync += macro_words[i].eq(al.wdata)
+                with m.Case(CSR_DOORBELL):
+                    with m.If(queue.w_rdy):
+                        m.d.comb += [queue.w_en.eq(1), queue.w_data.eq(Cat(*macro_words))]
+                    with m.Elif(error == 0):
+                        m.d.sync += q_err.eq(E_QUEUE_OVERFLOW)
+                with m.Default():
+                    m.d.sync += bresp.eq(SLVERR)
+
+        # Read channel.
+        rvalid, rdata, rresp = Signal(), Signal(32), Signal(2)
+        m.d.comb += [al.rvalid.eq(rvalid), al.rdata.eq(rdata), al.rresp.eq(rresp)]
+        m.d.comb += al.arready.eq(~rvalid)
+        with m.If(rvalid & al.rready):
+            m.d.sync += rvalid.eq(0)
+        with m.If(al.arvalid & ~rvalid):
+            m.d.sync += [rvalid.eq(1), rresp.eq(OKAY), rdata.eq(0)]
+            with m.Switch(al.araddr):
+                with m.Case(CSR_ID):
+                    m.d.sync += rdata.eq(DEVICE_ID)
+                with m.Case(CSR_STATUS):
+                    m.d.sync += rdata.eq(status)
+                with m.Case(CSR_ERROR):
+                    m.d.sync += rdata.eq(error)
+                for i in range(4):
+                    with m.Case(CSR_MACRO0 + 4 * i):
+                        m.d.sync += rdata.eq(macro_words[i])
+                with m.Case(CSR_QUEUE_LEVEL):
+                    m.d.sync += rdata.eq(level)
+                with m.Case(CSR_COMPLETED):
+                    m.d.sync += rdata.eq(sysm.completed)
+                with m.Case(CSR_CYCLES):
+                    m.d.sync += rdata.eq(cycles)
+                for off, src in counters.items():
+                    with m.Case(off):
+                        m.d.sync += rdata.eq(src)
+                with m.Default():
+                    m.d.sync += rresp.eq(SLVERR)
+
+        # ---------------- memory window (AXI4) ----------------
+        ax = self.s_axi
+        amap = AddressMap(p)
+        cb = p.column_bytes
+        reqs = [getattr(sysm, f"r{c}") for c in range(C)]
+        resps = [getattr(sysm, f"q{c}") for c in range(C)]
+
+        def window_ok(addr, length):
+            end = addr + (length + 1) * cb
+            return (addr[:amap.col_lo] == 0) & (end <= p.total_bytes)
+
+        # One transaction at a time (writes first), one beat in flight.
+        t_id = Signal(len(ax.awid))
+        t_addr = Signal(32)
+        t_left = Signal(9)
+        t_bad = Signal()
+        t_err = Signal()
+        t_data = Signal(p.column_bits)
+        t_resp = Signal(2)
+        t_ch = Signal(range(C))
+        cur_ch = Signal(range(C))
+        m.d.comb += t_ch.eq(amap.rtl_fields(t_addr)["channel"] if p.channel_addr_bits else 0)
+        m.d.comb += [ax.bid.eq(t_id), ax.rid.eq(t_id), ax.rdata.eq(t_data), ax.rresp.eq(t_resp),
+                     ax.rlast.eq(t_left == 0), ax.bresp.eq(Mux(t_bad | t_err, SLVERR, OKAY))]
+        size_ok_w = ax.awsize == (cb - 1).bit_length()
+        size_ok_r = ax.arsize == (cb - 1).bit_length()
+        for c in range(C):
+            pl = reqs[c].payload
+            m.d.comb += [pl.addr.eq(t_addr), pl.data.eq(ax.wdata), pl.mask.eq(ax.wstrb), pl.tag.eq(0)]
+        with m.FSM(name="axi"):
+            with m.State("Idle"):
+                with m.If(ax.awvalid):
+                    m.d.comb += ax.awready.eq(1)
+                    m.d.sync += [t_id.eq(ax.awid), t_addr.eq(ax.awaddr), t_err.eq(0),
+                                 t_bad.eq(~window_ok(ax.awaddr, ax.awlen) | (ax.awburst != 1) | ~size_ok_w)]
+                    m.next = "Write-Data"
+                with m.Elif(ax.arvalid):
+                    m.d.comb += ax.arready.eq(1)
+                    m.d.sync += [t_id.eq(ax.arid), t_addr.eq(ax.araddr), t_left.eq(ax.arlen),
+                                 t_bad.eq(~window_ok(ax.araddr, ax.arlen) | (ax.arburst != 1) | ~size_ok_r)]
+                    m.next = "Read-Request"
+            with m.State("Write-Data"):
+                with m.If(t_bad):
+                    m.d.comb += ax.wready.eq(1)
+                    with m.If(ax.wvalid & ax.wlast):
+                        m.next = "Write-Response"
+                with m.Else():
+                    for c in range(C):
+                        with m.If(t_ch == c):
+                            m.d.comb += [reqs[c].payload.write.eq(1), reqs[c].valid.eq(ax.wvalid),
+                                         ax.wready.eq(reqs[c].ready)]
+                    with m.If(ax.wvalid & ax.wready):
+                        m.d.sync += [t_addr.eq(t_addr + cb), cur_ch.eq(t_ch), t_left.eq(ax.wlast)]
+                        m.next = "Write-Ack"
+            with m.State("Write-Ack"):
+                for c in range(C):
+                    with m.If(cur_ch == c):
+                        m.d.comb += resps[c].ready.eq(1)
+                        with m.If(resps[c].valid):
+                            m.d.sync += t_err.eq(t_err | resps[c].payload.error)
+                            with m.If(t_left[0]):
+                                m.next = "Write-Response"
+                            with m.Else():
+                                m.next = "Write-Data"
+            with m.State("Write-Response"):
+                m.d.comb += ax.bvalid.eq(1)
+                with m.If(ax.bready):
+                    m.next = "Idle"
+            with m.State("Read-Request"):
+                with m.If(t_bad):
+                    m.d.sync += [t_data.eq(0), t_resp.eq(SLVERR)]
+                    m.next = "Read-Beat"
+                with m.Else():
+                    for c in range(C):
+                        with m.If(t_ch == c):
+                            m.d.comb += [reqs[c].payload.write.eq(0), reqs[c].valid.eq(1)]
+                            with m.If(reqs[c].ready):
+                                m.d.sync += cur_ch.eq(t_ch)
+                                m.next = "Read-Wait"
+            with m.State("Read-Wait"):
+                for c in range(C):
+                    with m.If(cur_ch == c):
+                        m.d.comb += resps[c].ready.eq(1)
+                        with m.If(resps[c].valid):
+                            m.d.sync += [t_data.eq(resps[c].payload.data),
+                                         t_resp.eq(Mux(resps[c].payload.error, SLVERR, OKAY))]
+                            m.next = "Read-Beat"
+            with m.State("Read-Beat"):
+                m.d.comb += ax.rvalid.eq(1)
+                with m.If(ax.rready):
+                    m.d.sync += [t_addr.eq(t_addr + cb), t_left.eq(t_left - 1)]
+                    with m.If(t_left == 0):
+                        m.next = "Idle"
+                    with m.Else():
+                        m.next = "Read-Request"
+        return m
