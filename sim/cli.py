@@ -1,7 +1,8 @@
 """The ``ianus`` command line.
 
-``ianus demo``     the main job on the embedded default configuration (``make demo``)
-``ianus gemv``     PIM GEMVs of chosen shapes on the RTL device
+``ianus demo``     the main job on the embedded default configuration (``make demo``): a GPT-2-small
+                   layer's generation-step FCs through driver, AXI, PCU, controllers and PIM device RTL
+``ianus gemv``     PIM GEMVs of chosen shapes on the PIM device RTL alone, against the lower bound
 ``ianus config``   print a configuration and its derived figures
 ``ianus synth``    FPGA synthesis (same as ``make synth``)
 ``ianus bench``    benchmarks as JSON lines (same as ``make bench``)
@@ -62,6 +63,39 @@ def run_pim_gemvs(config: str, shapes, sim: str = "verilator", waves: bool = Fal
     return result
 
 
+def run_proto_layer(config: str, sim: str = "verilator", waves: bool = False, quiet: bool = True) -> dict:
+    """The generation-step FC GEMVs of a GPT-2-small layer through the host driver over AXI on the RTL prototype."""
+    from hw.config import preset
+    from hw.pim import device_factory, device_sources
+    from hw.proto import ProtoTop
+    from sim.build import build
+
+    cfg = preset(config)
+    b = build(lambda: ProtoTop(cfg, device_factory(cfg)), name=f"proto_{config}", key=repr(cfg), sim=sim,
+              waves=waves, extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+    d_model, head_dim = (768, 64) if config == "default" else (16, 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "demo.json")
+        env = {"IANUS_CONFIG": config, "D_MODEL": d_model, "HEAD_DIM": head_dim, "IANUS_DEMO_OUT": out}
+        saved = None
+        if quiet:
+            devnull = open(os.devnull, "w")
+            saved = os.dup(1)
+            os.dup2(devnull.fileno(), 1)
+        try:
+            t0 = time.perf_counter()
+            b.run("sim.tb.proto_tb", "layer_fc", env=env, test_name=f"demo_{config}_{sim}")
+            wall = time.perf_counter() - t0
+        finally:
+            if saved is not None:
+                os.dup2(saved, 1)
+                os.close(saved)
+                devnull.close()
+        result = json.load(open(out))
+    result["wall_s"] = wall
+    return result
+
+
 def cmd_demo(args) -> int:
     from rich.table import Table
 
@@ -70,13 +104,50 @@ def cmd_demo(args) -> int:
     con = _console()
     cfg = preset(args.config)
     p = cfg.pim
-    con.print(f"[bold]IANUS-RTL demo[/]: the four FC GEMVs of one generated token of a GPT-2-small decoder "
-              f"layer (FC1 with GELU in the banks' AF units) on the PIM device RTL ({args.config}: {p.channels} channels x {p.banks} banks, "
-              f"{p.gb_bytes} B global buffer, {cfg.clocks.pim_mhz:.0f} MHz command clock), "
-              f"simulated with {args.sim}, protocol checker on every channel.")
-    con.print("building and simulating (the first run builds the Verilator model, a few minutes) ...")
+    con.print(f"[bold]IANUS-RTL demo[/]: one generated token's FC GEMVs of a GPT-2-small decoder layer through "
+              f"the host driver -> AXI4 -> registers -> PCU -> memory controllers -> PIM device RTL "
+              f"({args.config}: {p.channels} channels x {p.banks} banks, {cfg.clocks.pim_mhz:.0f} MHz), "
+              f"simulated with {args.sim}; bit-exact against the functional model, protocol checker on every "
+              f"channel.")
+    con.print("building and simulating (the first run builds the Verilator model, several minutes) ...")
     t0 = time.perf_counter()
-    shapes = [(k, n, act) for _, k, n, act in GPT2_SMALL_FC]
+    res = run_proto_layer(args.config, sim=args.sim, waves=args.waves)
+    table = Table(title="through the prototype (driver, AXI, PCU, controllers, device)")
+    for col in ("operation", "K x N", "cycles", "time (us)", "internal GB/s", "of peak", "max |err| vs fp64",
+                "bound"):
+        table.add_column(col, justify="left" if col == "operation" else "right")
+    for r in res["ops"]:
+        table.add_row(r["name"], r["shape"], f"{r['cycles']:,}", f"{r['cycles'] / cfg.clocks.pim_mhz:.2f}",
+                      f"{r['internal_gbps']:.0f}", f"{r['internal_gbps'] / r['peak_gbps']:.1%}",
+                      f"{r['max_abs_err']:.2e}", f"{r['max_bound']:.1e}")
+    con.print(table)
+    k = res["counters"]
+    refs = [k[f"ch{c}_refreshes"] for c in range(p.channels)]
+    con.print(f"cycles per operation include writing x over AXI, the macro commands and reading y back; "
+              f"refreshes per channel {refs}; total {res['total_cycles']:,} cycles simulated "
+              f"(weights entered through the simulation back door: {res['backdoor_bytes'] / 2**20:.1f} MiB)")
+    con.print(f"simulation wall time {res['wall_s']:.1f} s, total {time.perf_counter() - t0:.1f} s")
+    con.print("PIM device alone with an optimal command schedule: `ianus gemv --shapes 768x3072g` "
+              "(cycles against the analytical lower bound)")
+    return 0
+
+
+def cmd_gemv_table(args) -> int:
+    from rich.table import Table
+
+    from hw.config import preset
+
+    con = _console()
+    cfg = preset(args.config)
+    p = cfg.pim
+    con.print(f"[bold]PIM GEMV[/] on the PIM device RTL alone ({args.config}: {p.channels} channels x "
+              f"{p.banks} banks, {p.gb_bytes} B global buffer, {cfg.clocks.pim_mhz:.0f} MHz command clock), "
+              f"commands placed at their earliest legal cycle by the test sequencer, simulated with {args.sim}, "
+              f"protocol checker on every channel.")
+    t0 = time.perf_counter()
+    spec = [s_.strip() for s_ in args.shapes.split(",")]
+    shapes = [(int(x.split("x")[0]), int(x.split("x")[1].rstrip("g")), x.endswith("g")) for x in spec]
+    names = {(k, n, act): name for name, k, n, act in GPT2_SMALL_FC}
     res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
     table = Table(title="PIM GEMV, bit-exact against the golden model")
     for col in ("operation", "K x N", "cycles", "time (us)", "REFs", "bound*", "efficiency*",
@@ -84,7 +155,8 @@ def cmd_demo(args) -> int:
         table.add_column(col, justify="right" if col not in ("operation",) else "left")
     tot_cycles = 0
     tot_bytes = 0
-    for (name, _k, _n, _act), r in zip(GPT2_SMALL_FC, res["shapes"], strict=True):
+    for shape, r in zip(shapes, res["shapes"], strict=True):
+        name = names.get(shape, "GEMV" + (" + GELU" if shape[2] else ""))
         tot_cycles += r["cycles"]
         tot_bytes += r["weight_bytes"]
         table.add_row(name, r["shape"], f"{r['cycles']:,}", f"{r['cycles'] / cfg.clocks.pim_mhz:.2f}",
@@ -95,7 +167,7 @@ def cmd_demo(args) -> int:
     con.print("* bound: analytical lower bound from the timing parameters (firmware.pim.gemv_lower_bound); "
               "efficiency = bound / measured, both with refresh charged at tRFC per tREFI")
     gbps = tot_bytes / (tot_cycles / (cfg.clocks.pim_mhz * 1e6)) / 1e9
-    con.print(f"all four: {tot_cycles:,} cycles = {tot_cycles / cfg.clocks.pim_mhz:.2f} us at "
+    con.print(f"all: {tot_cycles:,} cycles = {tot_cycles / cfg.clocks.pim_mhz:.2f} us at "
               f"{cfg.clocks.pim_mhz:.0f} MHz; weights streamed {tot_bytes / 2**20:.1f} MiB at {gbps:.0f} GB/s "
               f"internal ({gbps / cfg.pim_peak_internal_gbps:.1%} of the {cfg.pim_peak_internal_gbps:.0f} GB/s "
               f"peak); device refreshes so far {res['n_ref']}, MAC column operations {res['n_mac']:,}")
@@ -106,6 +178,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_gemv(args) -> int:
+    if not args.json:
+        return cmd_gemv_table(args)
     shapes = [(int(s.split("x")[0]), int(s.split("x")[1].rstrip("g")), s.endswith("g"))
               for s in args.shapes.split(",")]
     res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
@@ -142,7 +216,9 @@ def main(argv=None) -> int:
     d.add_argument("--waves", action="store_true", help="write an FST of the run")
     d.set_defaults(func=cmd_demo)
     g = sub.add_parser("gemv", help="PIM GEMVs of given shapes (KxN or KxNg for GELU, comma-separated)")
-    g.add_argument("--shapes", default="768x768")
+    g.add_argument("--shapes", default="768x2304,768x768,768x3072g,3072x768",
+                   help="KxN or KxNg (GELU in the AF units), comma-separated; default: the GPT-2-small FCs")
+    g.add_argument("--json", action="store_true", help="print the raw metrics as JSON")
     g.add_argument("--config", default="default", choices=["tiny", "default"])
     g.add_argument("--sim", default="verilator", choices=["verilator", "icarus"])
     g.add_argument("--waves", action="store_true")

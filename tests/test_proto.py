@@ -37,3 +37,8 @@ def test_bad_input():
 
 def test_random_load_with_backpressure():
     proto_build().run(TB, "random_load", env={"IANUS_CONFIG": "tiny", "N_OPS": 40, "N_GEMV": 2})
+
+
+def test_layer_fc_tiny():
+    """The demo's program on the tiny device (a narrow model: d_model 16, head dim 4)."""
+    proto_build().run(TB, "layer_fc", env={"IANUS_CONFIG": "tiny", "D_MODEL": 16, "HEAD_DIM": 4})
