@@ -32,7 +32,7 @@ from .config import SystemConfig
 from .memif import AddressMap
 from .pcu import PcuSystem
 
-__all__ = ["ProtoTop", "AxiLiteSignature", "AxiSignature"]
+__all__ = ["ProtoTop", "PhyStub", "AxiLiteSignature", "AxiSignature"]
 
 # Kept equal to firmware.macro (the tests check it).
 QUEUE_DEPTH = 8
@@ -289,4 +289,46 @@ class ProtoTop(wiring.Component):
                         m.next = "Idle"
                     with m.Else():
                         m.next = "Read-Request"
+        return m
+
+
+class PhyStub(wiring.Component):
+    """Synthesis stand-in for the PIM device: the FPGA part of the prototype without the device model.
+
+    On the VCU118 the controllers drive real AiM chips through a PHY; for resource and Fmax figures this
+    stub takes every command-bus bit (folded into a registered word per channel, so nothing is
+    optimised away) and returns read data ``tRL`` cycles after a read command, as the device would.
+    Same ports as :class:`hw.pim.channel.PimDevice`.
+    """
+
+    def __init__(self, cfg: SystemConfig):
+        from .pim.channel import PimBusSignature, PimStatusSignature
+
+        self.cfg = cfg
+        members = {"bd_load": In(1)}
+        for c in range(cfg.pim.channels):
+            members[f"c{c}"] = In(PimBusSignature(cfg))
+            members[f"s{c}"] = Out(PimStatusSignature())
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        from .pim.commands import PimOp
+
+        m = Module()
+        t = self.cfg.timing
+        for c in range(self.cfg.pim.channels):
+            bus, st = getattr(self, f"c{c}"), getattr(self, f"s{c}")
+            bits = Cat(bus.op, bus.bank, bus.row, bus.col, bus.mask, bus.data)
+            words = [bits[i:i + 32] for i in range(0, len(bits), 32)]
+            fold = words[0]
+            for w in words[1:]:
+                fold = fold ^ w
+            m.d.sync += st.vcycle.eq(st.vcycle ^ fold)
+            valid = bus.op.as_value().matches(PimOp.RD, PimOp.RDMAC, PimOp.RDAF)
+            data = bus.data
+            for i in range(t.tRL):
+                nv, nd = Signal(name=f"phy{c}_v{i}"), Signal(len(bus.data), name=f"phy{c}_d{i}")
+                m.d.sync += [nv.eq(valid), nd.eq(data)]
+                valid, data = nv, nd
+            m.d.comb += [bus.rvalid.eq(valid), bus.rdata.eq(data)]
         return m

@@ -20,3 +20,15 @@ def _vector_tiny():
 
 register("array4x4", _array(4), "NPU systolic array 4x4 (tiny), BF16 x BF16 -> FP32 PEs, weight-stationary")
 register("vector_tiny", _vector_tiny, "NPU vector unit, 4 FP32 lanes (tiny)")
+
+
+def _proto_fpga():
+    from .config import preset
+    from .proto import PhyStub, ProtoTop
+
+    cfg = preset("default")
+    return ProtoTop(cfg, lambda: PhyStub(cfg))
+
+
+register("proto_fpga", _proto_fpga, "prototype FPGA part (default config): AXI4-Lite CSRs + AXI4 window + macro "
+         "queue + PCU + 2 memory controllers, device replaced by a PHY stand-in")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,27 @@ import time
 # (name, K, N, GELU in PIM)
 GPT2_SMALL_FC = [("QKV (c_attn)", 768, 2304, False), ("attn proj (c_proj)", 768, 768, False),
                  ("FC1 + GELU (mlp.c_fc)", 768, 3072, True), ("FC2 (mlp.c_proj)", 3072, 768, False)]
+
+
+class _Quiet:
+    """Send the simulator's and the compiler's stdout to a log file (the CLI prints its own summary)."""
+
+    def __init__(self, log_path):
+        self.log_path = log_path
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        self.log = open(self.log_path, "w")
+        sys.stdout.flush()
+        self.saved = os.dup(1)
+        os.dup2(self.log.fileno(), 1)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+        os.dup2(self.saved, 1)
+        os.close(self.saved)
+        self.log.close()
 
 
 def _console():
@@ -32,31 +54,20 @@ def run_pim_gemvs(config: str, shapes, sim: str = "verilator", waves: bool = Fal
     """Run GEMV shapes on the RTL PIM device; returns the testbench's metrics."""
     from hw.config import preset
     from hw.pim import device_factory, device_sources
-    from sim.build import build
+    from sim.build import BUILD_ROOT, build
 
     cfg = preset(config)
-    b = build(device_factory(cfg), name=f"pim_device_{config}", key=repr(cfg), sim=sim, waves=waves,
-              extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
-    with tempfile.TemporaryDirectory() as tmp:
+    log = str(BUILD_ROOT / "logs" / f"gemv_{config}_{sim}.log")
+    with tempfile.TemporaryDirectory() as tmp, (_Quiet(log) if quiet else contextlib.nullcontext()):
+        b = build(device_factory(cfg), name=f"pim_device_{config}", key=repr(cfg), sim=sim, waves=waves,
+                  extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
         metrics = os.path.join(tmp, "metrics.jsonl")
         env = {"IANUS_CONFIG": config,
                "GEMV_SHAPES": ",".join(f"{s[0]}x{s[1]}" + ("g" if len(s) > 2 and s[2] else "") for s in shapes),
                "IANUS_METRICS": metrics, "MIN_EFFICIENCY": "0"}
-        stdout = sys.stdout
-        if quiet:
-            devnull = open(os.devnull, "w")
-            saved = os.dup(1)
-            os.dup2(devnull.fileno(), 1)
-        try:
-            t0 = time.perf_counter()
-            b.run("sim.tb.pim_tb", "gemv", env=env, test_name=f"cli_gemv_{config}_{sim}")
-            wall = time.perf_counter() - t0
-        finally:
-            if quiet:
-                os.dup2(saved, 1)
-                os.close(saved)
-                devnull.close()
-                sys.stdout = stdout
+        t0 = time.perf_counter()
+        b.run("sim.tb.pim_tb", "gemv", env=env, test_name=f"cli_gemv_{config}_{sim}")
+        wall = time.perf_counter() - t0
         result = [json.loads(line) for line in open(metrics)][-1]
     result["wall_s"] = wall
     result["build_dir"] = str(b.build_dir)
@@ -68,29 +79,19 @@ def run_proto_layer(config: str, sim: str = "verilator", waves: bool = False, qu
     from hw.config import preset
     from hw.pim import device_factory, device_sources
     from hw.proto import ProtoTop
-    from sim.build import build
+    from sim.build import BUILD_ROOT, build
 
     cfg = preset(config)
-    b = build(lambda: ProtoTop(cfg, device_factory(cfg)), name=f"proto_{config}", key=repr(cfg), sim=sim,
-              waves=waves, extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
     d_model, head_dim = (768, 64) if config == "default" else (16, 4)
-    with tempfile.TemporaryDirectory() as tmp:
+    log = str(BUILD_ROOT / "logs" / f"demo_{config}_{sim}.log")
+    with tempfile.TemporaryDirectory() as tmp, (_Quiet(log) if quiet else contextlib.nullcontext()):
+        b = build(lambda: ProtoTop(cfg, device_factory(cfg)), name=f"proto_{config}", key=repr(cfg), sim=sim,
+                  waves=waves, extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
         out = os.path.join(tmp, "demo.json")
         env = {"IANUS_CONFIG": config, "D_MODEL": d_model, "HEAD_DIM": head_dim, "IANUS_DEMO_OUT": out}
-        saved = None
-        if quiet:
-            devnull = open(os.devnull, "w")
-            saved = os.dup(1)
-            os.dup2(devnull.fileno(), 1)
-        try:
-            t0 = time.perf_counter()
-            b.run("sim.tb.proto_tb", "layer_fc", env=env, test_name=f"demo_{config}_{sim}")
-            wall = time.perf_counter() - t0
-        finally:
-            if saved is not None:
-                os.dup2(saved, 1)
-                os.close(saved)
-                devnull.close()
+        t0 = time.perf_counter()
+        b.run("sim.tb.proto_tb", "layer_fc", env=env, test_name=f"demo_{config}_{sim}")
+        wall = time.perf_counter() - t0
         result = json.load(open(out))
     result["wall_s"] = wall
     return result
@@ -109,7 +110,8 @@ def cmd_demo(args) -> int:
               f"({args.config}: {p.channels} channels x {p.banks} banks, {cfg.clocks.pim_mhz:.0f} MHz), "
               f"simulated with {args.sim}; bit-exact against the functional model, protocol checker on every "
               f"channel.")
-    con.print("building and simulating (the first run builds the Verilator model, several minutes) ...")
+    con.print("building and simulating (the first run builds the Verilator model, several minutes; "
+              "log in build/logs/) ...")
     t0 = time.perf_counter()
     res = run_proto_layer(args.config, sim=args.sim, waves=args.waves)
     table = Table(title="through the prototype (driver, AXI, PCU, controllers, device)")
