@@ -65,10 +65,12 @@ def test_pim_refresh_reopen_tiny():
     run("tiny", "pim_refresh_reopen")
 
 
+@pytest.mark.long          # a 5-minute Verilator build of its own; the tiny tests cover the same logic
 def test_random_traffic_default():
     # Paper timings (tRCDRD 36, tRP 30, tREFI 1900, tRFC 210), 16 banks: forced refreshes under saturation.
     run("default", "random_traffic", N_REQ=400)
 
 
+@pytest.mark.long
 def test_pim_gemv_with_queued_traffic_default():
     run("default", "pim_gemv", GEMV_SHAPE="768x64")

@@ -63,6 +63,7 @@ def test_pcu_errors_tiny():
     pcu_build("tiny").run(TB, "pcu_errors", env={"IANUS_CONFIG": "tiny"})
 
 
+@pytest.mark.long          # its own 5-minute build; `make demo` runs the same path on the default device
 def test_pcu_gemv_default_gpt2_small():
     """GPT-2-small FC shapes through the PCU on the default device: attention projection, FC1 with GELU in
     PIM, FC2 (three input chunks)."""
