@@ -84,7 +84,7 @@ def test_gemv_layout_errors():
     cfg = preset("tiny")
     with pytest.raises(ValueError, match="GEMV K must be a positive integer, not 0"):
         GemvLayout(cfg, 0, 8)
-    with pytest.raises(ValueError, match="GEMV 768x768 needs rows 0..575 but only 15 data rows exist per bank"):
+    with pytest.raises(ValueError, match="GEMV 768x768 needs rows 0..287 but only 15 data rows exist per bank"):
         GemvLayout(cfg, 768, 768)
 
 
