@@ -22,7 +22,7 @@ from sim.golden import fp as G
 from sim.pim_checker import ProtocolChecker
 from sim.pim_model import FunctionalDevice
 from sim.pim_sequencer import write_backdoor
-from sim.tb.common import env_int, env_str, start, tb_test, write_metrics
+from sim.tb.common import env_str, start, tb_test, write_metrics
 from sim.tb.memctrl_tb import pack_struct, unpack_struct
 
 
@@ -249,4 +249,3 @@ async def pcu_errors(dut):
     assert int(tb.error.value) == 0
     assert await tb.read_words(y_addr, len(expected) // 32) == expected
     tb.assert_clean()
-    _ = env_int

@@ -260,8 +260,6 @@ async def layer_fc(dut):
     if env_int("BACKDOOR", 1):
         tr.backdoor_cfg = cfg
     dev = await D.Device.open(tr, cfg)
-    cyc = {"v": 0}
-
     def timer():
         return mon.cycle
 
@@ -306,5 +304,4 @@ async def layer_fc(dut):
     for r in report:
         dut._log.info("%s %s: %d cycles, %.0f GB/s internal, max err %.2e", r["name"], r["shape"], r["cycles"],
                       r["internal_gbps"], r["max_abs_err"])
-    _ = cyc
 
