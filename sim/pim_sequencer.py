@@ -229,3 +229,36 @@ def write_backdoor(directory, channel: int, bank: int, first_row: int, rows: np.
         f.write(f"@{first_row * columns:x}\n")
         f.write("\n".join(lines))
         f.write("\n")
+
+
+def gemv_resolver(cfg: SystemConfig, layout, x_bits, bias_bits, partial):
+    """``resolve(channel, ref)`` for the symbolic data of :func:`firmware.pim.gemv_program`.
+
+    ``partial(channel, tile, group)`` returns the word read back by that RDMAC (an int), or
+    ``None`` while it is not back yet (the caller then waits).
+    """
+    from sim.golden.pim import PimChannelModel
+
+    p = cfg.pim
+    bpw = p.banks_per_word
+    xpad = np.zeros(layout.chunks * layout.chunk, dtype=np.uint16)
+    xpad[:layout.K] = x_bits
+    bpad = np.zeros(layout.tiles * layout.per_tile, dtype=np.uint32)
+    bpad[:layout.N] = bias_bits
+
+    def resolve(c, ref):
+        kind = ref[0]
+        if kind == "x":
+            _, chunk, col = ref
+            base = chunk * layout.chunk + col * p.lanes
+            return PimChannelModel.lanes_to_word(xpad[base:base + p.lanes])
+        if kind == "zero":
+            return 0
+        _, tile, g = ref
+        if kind == "bias":
+            vals = [bpad[layout.output_index(tile, c, b)] if b < p.banks else 0
+                    for b in range(g * bpw, (g + 1) * bpw)]
+            return int.from_bytes(np.asarray(vals, dtype="<u4").tobytes(), "little")
+        return partial(c, tile, g)
+
+    return resolve

@@ -28,6 +28,7 @@ from hw.memif import AddressMap, request_layout, response_layout
 from sim.golden import fp as G
 from sim.golden.pim import PimChannelModel
 from sim.pim_checker import OPCODES, OPNAMES, ProtocolChecker
+from sim.pim_sequencer import gemv_resolver
 from sim.tb.common import env_int, env_str, start, tb_test, write_metrics
 
 
@@ -475,27 +476,8 @@ async def pim_gemv(dut):
         ch.pim_gap, ch.pim_ready_prob = 0.3, 0.7
         _random_traffic(tb, ch.c, env_int("N_NORMAL", 40), list(range(min(p.data_rows, layout.rows_used + 3))))
     # 3. The GEMV program on every channel.
-    bpw = p.banks_per_word
-    xpad = np.zeros(layout.chunks * layout.chunk, dtype=np.uint16)
-    xpad[:K] = x
-    bpad = np.zeros(layout.tiles * layout.per_tile, dtype=np.uint32)
-    bpad[:N] = bias
-
-    def resolve(c, ref):
-        kind = ref[0]
-        if kind == "x":
-            _, chunk, col = ref
-            base = chunk * layout.chunk + col * p.lanes
-            return PimChannelModel.lanes_to_word(xpad[base:base + p.lanes])
-        if kind == "zero":
-            return 0
-        _, tile, g = ref
-        if kind == "bias":
-            vals = [bpad[layout.output_index(tile, c, b)] if b < p.banks else 0
-                    for b in range(g * bpw, (g + 1) * bpw)]
-            return int.from_bytes(np.asarray(vals, dtype="<u4").tobytes(), "little")
-        return tb.ch[c].pim_results.get(("result", tile, g))       # None: not read back yet
-
+    resolve = gemv_resolver(cfg, layout, x, bias,
+                            lambda c, tile, g: tb.ch[c].pim_results.get(("result", tile, g)))   # None: not back yet
     tb.resolve = resolve
     n_cmds = 0
     for ch in tb.ch:
@@ -522,6 +504,7 @@ async def pim_gemv(dut):
     await tb.drain()
     tb.assert_clean()
     # 5. Results.
+    bpw = p.banks_per_word
     npad = layout.tiles * layout.per_tile
     y = np.zeros(npad, dtype=np.uint32)
     for c in range(p.channels):

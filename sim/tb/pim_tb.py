@@ -27,7 +27,7 @@ from firmware.pim import (
 from hw.config import preset
 from sim.golden import fp as G
 from sim.golden.pim import PimChannelModel, af_eval
-from sim.pim_sequencer import PimDriver, Scheduler, write_backdoor
+from sim.pim_sequencer import PimDriver, Scheduler, gemv_resolver, write_backdoor
 from sim.tb.common import env_int, env_str, tb_test, write_metrics
 
 
@@ -134,27 +134,9 @@ async def run_gemv(drv: PimDriver, sch_for, layout: GemvLayout, w, x, bias, back
     slots = sch.run_program(gemv_program(layout, with_bias=True, activation=activation))
     bpw = p.banks_per_word
     results = {}
-    xpad = np.zeros(layout.chunks * layout.chunk, dtype=np.uint16)
-    xpad[:layout.K] = x
+    resolve = gemv_resolver(cfg, layout, x, bias, lambda c, tile, g: int.from_bytes(
+        np.asarray(results[(c, tile, g)], dtype="<u4").tobytes(), "little"))
     npad = layout.tiles * layout.per_tile
-    bpad = np.zeros(npad, dtype=np.uint32)
-    bpad[:layout.N] = bias
-
-    def resolve(c, ref):
-        kind = ref[0]
-        if kind == "x":
-            _, chunk, col = ref
-            base = chunk * layout.chunk + col * p.lanes
-            return PimChannelModel.lanes_to_word(xpad[base:base + p.lanes])
-        if kind == "zero":
-            return 0
-        _, tile, g = ref
-        if kind == "bias":
-            vals = [bpad[layout.output_index(tile, c, b)] if b < p.banks else 0
-                    for b in range(g * bpw, (g + 1) * bpw)]
-        else:
-            vals = results[(c, tile, g)]
-        return int.from_bytes(np.asarray(vals, dtype="<u4").tobytes(), "little")
 
     def on_read(c, slot, word):
         results[(c, slot.tag[1], slot.tag[2])] = _words_to_u32(word, bpw)
