@@ -171,3 +171,45 @@ class ProtocolChecker:
 
     def owed(self, cycle) -> int:
         return cycle // self.cfg.timing.tREFI - self.refs
+
+
+class BusMonitor:
+    """cocotb monitor: feeds a :class:`ProtocolChecker` per channel from the bus copies ``mon<c>__*``
+    of a top (what the device sees), every cycle, and checks the device's sticky violation flags.
+
+    Start :meth:`run` with ``cocotb.start_soon`` right after reset, at a falling edge.
+    """
+
+    def __init__(self, dut, cfg: SystemConfig):
+        self.dut = dut
+        C = cfg.pim.channels
+        self.mon = [{n: getattr(dut, f"mon{c}__{n}") for n in ("op", "bank", "row", "col")} for c in range(C)]
+        self.viol = [getattr(dut, f"s{c}__violation") for c in range(C)]
+        self.vcode = [getattr(dut, f"s{c}__vcode") for c in range(C)]
+        self.nref = [getattr(dut, f"s{c}__n_ref") for c in range(C)]
+        self.checkers = [ProtocolChecker(cfg, channel=c) for c in range(C)]
+        # The checker's cycle numbering follows the device's reset-relative cycle counter.
+        self.cycle = int(dut.s0__cycle.value)
+
+    async def run(self):
+        from cocotb.triggers import FallingEdge
+
+        while True:
+            for c, mon in enumerate(self.mon):
+                op = int(mon["op"].value)
+                if op:
+                    self.checkers[c].check(self.cycle, op, int(mon["bank"].value), int(mon["row"].value),
+                                           int(mon["col"].value))
+                else:
+                    self.checkers[c].check(self.cycle, "NOP")
+            await FallingEdge(self.dut.clk)
+            self.cycle += 1
+
+    def assert_clean(self):
+        errors = []
+        for c, ck in enumerate(self.checkers):
+            if ck.violations:
+                errors.append(f"checker channel {c}: {ck.violations[:5]}")
+            if int(self.viol[c].value):
+                errors.append(f"device channel {c}: violation code {int(self.vcode[c].value)}")
+        assert not errors, "; ".join(errors)

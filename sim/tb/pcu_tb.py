@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+import cocotb
 import numpy as np
 from cocotb.triggers import FallingEdge
 
@@ -19,7 +20,7 @@ from hw.config import preset
 from hw.memif import AddressMap, request_layout, response_layout
 from hw.pcu import MacroLayout
 from sim.golden import fp as G
-from sim.pim_checker import ProtocolChecker
+from sim.pim_checker import BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.pim_sequencer import write_backdoor
 from sim.tb.common import env_str, start, tb_test, write_metrics
@@ -40,10 +41,7 @@ class PcuTB:
         self.busy, self.error, self.completed, self.clear = g("busy"), g("error"), g("completed"), g("clear")
         self.r = [(g(f"r{c}__valid"), g(f"r{c}__payload"), g(f"r{c}__ready")) for c in range(C)]
         self.q = [(g(f"q{c}__valid"), g(f"q{c}__payload"), g(f"q{c}__ready")) for c in range(C)]
-        self.mon = [{n: g(f"mon{c}__{n}") for n in ("op", "bank", "row", "col")} for c in range(C)]
-        self.viol = [g(f"s{c}__violation") for c in range(C)]
-        self.vcode = [g(f"s{c}__vcode") for c in range(C)]
-        self.checkers = [ProtocolChecker(cfg, channel=c) for c in range(C)]
+        self.monitor = None
         self.cycle = 0
         self.rl, self.ql = request_layout(cfg), response_layout(cfg)
 
@@ -52,17 +50,11 @@ class PcuTB:
         await start(self.dut, zero_inputs=["macro__valid", "clear", "bd_load"]
                     + [f"r{c}__valid" for c in range(C)] + [f"q{c}__ready" for c in range(C)])
         await FallingEdge(self.dut.clk)
-        self.cycle = int(self.dut.s0__cycle.value)
+        self.monitor = BusMonitor(self.dut, self.cfg)
+        cocotb.start_soon(self.monitor.run())
+        self.cycle = self.monitor.cycle
 
     async def tick(self):
-        # The monitor copy of the bus shows what the device samples at the next rising edge.
-        for c, mon in enumerate(self.mon):
-            op = int(mon["op"].value)
-            if op:
-                self.checkers[c].check(self.cycle, op, int(mon["bank"].value), int(mon["row"].value),
-                                       int(mon["col"].value))
-            else:
-                self.checkers[c].check(self.cycle, "NOP")
         await FallingEdge(self.dut.clk)
         self.cycle += 1
 
@@ -137,13 +129,7 @@ class PcuTB:
         return b"".join(out)
 
     def assert_clean(self):
-        errors = []
-        for c, ck in enumerate(self.checkers):
-            if ck.violations:
-                errors.append(f"checker channel {c}: {ck.violations[:5]}")
-            if int(self.viol[c].value):
-                errors.append(f"device channel {c}: violation code {int(self.vcode[c].value)}")
-        assert not errors, "; ".join(errors)
+        self.monitor.assert_clean()
 
 
 def prepare(cfg, K, N, gelu, bf16, seed):

@@ -14,7 +14,7 @@ from firmware import driver as D
 from firmware.macro import CSR, Macro, MacroOp
 from hw.config import preset
 from sim.golden import fp as G
-from sim.pim_checker import ProtocolChecker
+from sim.pim_checker import BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.tb.common import env_int, env_str, start, tb_test, write_metrics
 from sim.transports import AxiResponseError, AxiTransport
@@ -24,45 +24,10 @@ def _cfg():
     return preset(env_str("IANUS_CONFIG", "tiny"))
 
 
-class Monitor:
-    """Feeds the protocol checker from every channel's bus copy, every cycle."""
-
-    def __init__(self, dut, cfg):
-        self.dut = dut
-        C = cfg.pim.channels
-        self.mon = [{n: getattr(dut, f"mon{c}__{n}") for n in ("op", "bank", "row", "col")} for c in range(C)]
-        self.viol = [getattr(dut, f"s{c}__violation") for c in range(C)]
-        self.vcode = [getattr(dut, f"s{c}__vcode") for c in range(C)]
-        self.nref = [getattr(dut, f"s{c}__n_ref") for c in range(C)]
-        self.checkers = [ProtocolChecker(cfg, channel=c) for c in range(C)]
-        self.cycle = int(dut.s0__cycle.value)
-
-    async def run(self):
-        while True:
-            for c, mon in enumerate(self.mon):
-                op = int(mon["op"].value)
-                if op:
-                    self.checkers[c].check(self.cycle, op, int(mon["bank"].value), int(mon["row"].value),
-                                           int(mon["col"].value))
-                else:
-                    self.checkers[c].check(self.cycle, "NOP")
-            await FallingEdge(self.dut.clk)
-            self.cycle += 1
-
-    def assert_clean(self):
-        errors = []
-        for c, ck in enumerate(self.checkers):
-            if ck.violations:
-                errors.append(f"checker channel {c}: {ck.violations[:5]}")
-            if int(self.viol[c].value):
-                errors.append(f"device channel {c}: violation code {int(self.vcode[c].value)}")
-        assert not errors, "; ".join(errors)
-
-
 async def bring_up(dut, cfg, pause_prob=0.0):
     await start(dut, zero_inputs=["bd_load"])
     await FallingEdge(dut.clk)
-    mon = Monitor(dut, cfg)
+    mon = BusMonitor(dut, cfg)
     cocotb.start_soon(mon.run())
     tr = AxiTransport(dut, pause_seed=env_int("SEED", 1), pause_prob=pause_prob)
     return mon, tr
