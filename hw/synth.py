@@ -98,9 +98,16 @@ TARGETS = {
 }
 
 
-def register(name: str, factory, description: str):
-    """Add a synthesis target (used by later blocks: controller, PCU, prototype top, arrays)."""
+NO_PNR = set()
+
+
+def register(name: str, factory, description: str, pnr: bool = True):
+    """Add a synthesis target (used by later blocks: controller, PCU, prototype top, arrays).
+
+    ``pnr=False``: synthesis only by default (place and route with ``--pnr-all``)."""
     TARGETS[name] = (factory, description)
+    if not pnr:
+        NO_PNR.add(name)
 
 
 def _run(cmd: list[str], log: Path, timeout: int = 3600) -> str:
@@ -194,12 +201,13 @@ def main(argv=None) -> int:
     parser.add_argument("targets", nargs="*", help=f"targets (default: all of {', '.join(TARGETS)})")
     parser.add_argument("--no-pnr", action="store_true", help="skip nextpnr (no Fmax)")
     parser.add_argument("--force", action="store_true", help="ignore cached results")
+    parser.add_argument("--pnr-all", action="store_true", help="place and route targets registered without it")
     args = parser.parse_args(argv)
     _load_extra_targets()
     for name in args.targets or list(TARGETS):
         if name not in TARGETS:
             parser.error(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
-        r = synth(name, pnr=not args.no_pnr, force=args.force)
+        r = synth(name, pnr=not args.no_pnr and (args.pnr_all or name not in NO_PNR), force=args.force)
         print(format_result(r), flush=True)
     return 0
 
@@ -216,6 +224,7 @@ def _load_extra_targets():
                 raise
     # Run as ``python -m hw.synth`` this module is ``__main__``; the targets registered into ``hw.synth``.
     TARGETS.update(importlib.import_module("hw.synth").TARGETS)
+    NO_PNR.update(importlib.import_module("hw.synth").NO_PNR)
 
 
 if __name__ == "__main__":

@@ -23,5 +23,6 @@ def _proto_fpga():
     return ProtoTop(cfg, lambda: PhyStub(cfg))
 
 
+# nextpnr-ecp5 did not finish placing this target within 50 minutes here: synthesis only unless --pnr-all.
 register("proto_fpga", _proto_fpga, "prototype FPGA part (default config): AXI4-Lite CSRs + AXI4 window + macro "
-         "queue + PCU + 2 memory controllers, device replaced by a PHY stand-in")
+         "queue + PCU + 2 memory controllers, device replaced by a PHY stand-in", pnr=False)
