@@ -295,6 +295,8 @@ class NpuConfig(_Checked):
         or FP32 (acc) values.
     cores : int
         NPU cores sharing the PIM channels (projection only; the RTL has one).
+    vector_spm_words : int
+        Depth of the vector unit's scratchpad in words of ``vector_lanes`` FP32 values.
     """
 
     array_rows: int = 4
@@ -305,11 +307,12 @@ class NpuConfig(_Checked):
     wgt_spm_words: int = 1024
     acc_spm_words: int = 1024
     cores: int = 1
+    vector_spm_words: int = 1024
 
     def __post_init__(self):
         self._at_least(1, "array_rows", "array_cols", "macs_per_pe", "cores")
         self._pow2("vector_lanes")
-        for name in ("act_spm_words", "wgt_spm_words", "acc_spm_words"):
+        for name in ("act_spm_words", "wgt_spm_words", "acc_spm_words", "vector_spm_words"):
             self._pow2(name)
         if self.act_spm_words < self.array_rows:
             self._fail("act_spm_words", f"at least array_rows={self.array_rows}")
@@ -467,7 +470,7 @@ def _default() -> SystemConfig:
                         gb_bytes=2048, af_rows=1),
         timing=timing_from_ns(TIMING_NS_IANUS, 1000.0),
         npu=NpuConfig(array_rows=16, array_cols=16, vector_lanes=16, act_spm_words=4096,
-                      wgt_spm_words=4096, acc_spm_words=1024),
+                      wgt_spm_words=4096, acc_spm_words=1024, vector_spm_words=4096),
         clocks=Clocks(npu_mhz=1000.0, pim_mhz=1000.0),
     )
 
@@ -482,7 +485,8 @@ def _ianus() -> SystemConfig:
         # 12 MB activation SPM / (128 BF16 = 256 B per word) = 49152 -> 64Ki words (power of two);
         # 4 MB weight SPM / 256 B = 16Ki words; sixteen 4-wide VLIW vector processors = 64 lanes.
         npu=NpuConfig(array_rows=128, array_cols=64, macs_per_pe=4, vector_lanes=64,
-                      act_spm_words=65536, wgt_spm_words=16384, acc_spm_words=16384, cores=4),
+                      act_spm_words=65536, wgt_spm_words=16384, acc_spm_words=16384, cores=4,
+                      vector_spm_words=65536),
         clocks=Clocks(npu_mhz=700.0, pim_mhz=1000.0, host_link_gbps=64.0),
     )
 
