@@ -1,0 +1,316 @@
+"""The command processor (CP): fetches a program of SoC instructions and dispatches it to the units.
+
+The program format is :mod:`firmware.isa` (one 256-bit instruction per 32-byte
+column of device memory). The CP decodes each instruction's ``op`` and, in
+program order, pushes the payload to the unit's queue (MATRIX -> matrix unit,
+VECTOR/VLOAD/VSTORE -> vector queue with the whole 256-bit word, PIM -> PCU),
+waits at a FENCE until the named units are idle, and at END until every unit
+is idle, then raises ``done``.
+
+::
+
+    start, prog_addr, prog_len
+       |
+    fetch: one 32-byte read per instruction, in order, at most fetch_depth
+       |   outstanding or buffered (credits); responses go to the FIFO
+       v
+    instruction FIFO (fetch_depth)  -- head --> decode --> mu / vq / pcu streams
+                                                  |-> FENCE / END: wait for idle units
+
+The prefetch FIFO keeps dispatching while memory is blocked (a PIM macro
+holds the controllers in PIM mode): up to ``fetch_depth`` instructions are
+fetched ahead. One instruction leaves the FIFO per cycle when its unit is
+ready (a MATRIX after a VECTOR goes out in the next cycle).
+
+Fetch responses carry the start's *epoch* (an 8-bit counter bumped at every
+start) as their tag; a response of an earlier run (fetched ahead before an
+END, an error or a ``clear``) is dropped, so a new program can start at once.
+
+Idle units: a unit is idle when its ``busy`` input is low and nothing was
+handed to it in the previous cycle (a unit raises ``busy`` the cycle after it
+accepts an instruction). END also needs the units idle in the previous
+cycle, so that an error raised as a unit goes idle is reported, not ``done``.
+
+Errors (``error``: :class:`firmware.isa.CpError` in bits 0..7, the unit's own
+code in bits 8..15; the first error is kept until ``clear``):
+
+* ``BAD_PROGRAM``: start with ``prog_addr`` not a multiple of 32, ``prog_len``
+  zero, or ``prog_addr + 32 * prog_len`` beyond device memory (``error_pc``
+  0; nothing is fetched);
+* ``FETCH``: the fetch of the head instruction was answered with ``error``;
+* ``ILLEGAL``: reserved op code, a non-zero reserved header bit, payload bits
+  set beyond the op's payload width or a non-zero END payload (exactly what
+  :func:`firmware.isa.decode` rejects; it ignores a FENCE's bits 32 and up),
+  or the program ran past ``prog_len`` instructions without an END
+  (``error_pc = prog_len``);
+* ``MU`` / ``VQ`` / ``PCU``: the unit's error input is non-zero (checked every
+  cycle while running); ``error_pc`` is the index of the last instruction
+  handed to that unit at least one cycle before the error was seen (exact for
+  errors a unit raises at its decode stage, the cycle after accepting).
+
+After an error the CP stops (``busy`` falls; nothing more is dispatched) and
+ignores ``start`` until ``clear``. ``clear`` also aborts a running program.
+``start`` while busy is ignored.
+
+Counters (32-bit, wrapping, zeroed by ``reset_counters``): ``cycles``
+(busy), ``fetch_stall`` (busy with no instruction at the FIFO head),
+``fence_mu`` / ``fence_vq`` / ``fence_pcu`` (a FENCE or END waiting for that
+unit), ``dispatch_stall`` (the head's unit not ready), ``instructions``
+(instructions retired, FENCE and END included).
+"""
+
+from amaranth.hdl import Cat, Const, Module, ResetInserter, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from firmware.isa import INSTR_BITS, PAYLOAD_LO, PAYLOAD_WIDTH, UNITS_BITS, UNITS_LO, CpError, SocOp
+
+from .config import SystemConfig
+from .memif import MemPortSignature
+from .npu.isa import INSTRUCTION
+
+__all__ = ["CommandProcessor", "COUNTERS", "UNITS"]
+
+COUNTERS = data.StructLayout({
+    "cycles": 32, "fetch_stall": 32, "fence_mu": 32, "fence_vq": 32, "fence_pcu": 32, "dispatch_stall": 32,
+    "instructions": 32,
+})
+
+# (port name, FENCE mask bit, ops, payload width on the stream, CpError)
+UNITS = (
+    ("mu", 0, (SocOp.MATRIX,), INSTRUCTION.size, CpError.MU),
+    ("vq", 1, (SocOp.VECTOR, SocOp.VLOAD, SocOp.VSTORE), INSTR_BITS, CpError.VQ),
+    ("pcu", 2, (SocOp.PIM,), PAYLOAD_WIDTH[SocOp.PIM], CpError.PCU),
+)
+
+
+class CommandProcessor(wiring.Component):
+    """Fetches and dispatches a program (see the module docstring).
+
+    Parameters
+    ----------
+    cfg : SystemConfig
+    fetch_depth : int
+        Instructions fetched ahead (outstanding reads plus the FIFO), a power
+        of two in [2, 256].
+
+    Members
+    -------
+    mem : Out(MemPortSignature(cfg))
+        Instruction fetch (reads only; the tag is the run's epoch).
+    start : In(1)
+        Pulse: run the program of ``prog_len`` instructions at byte ``prog_addr``.
+    prog_addr, prog_len : In(32)
+        Sampled with ``start``.
+    busy : Out(1)
+    done : Out(1)
+        Set when END retires; cleared by the next ``start``.
+    error : Out(16)
+        ``CpError | unit_code << 8`` of the first error; 0 when none.
+    error_pc : Out(32)
+        Index (from 0) of the failing instruction.
+    clear : In(1)
+        Clears ``error`` and ``error_pc`` and aborts a running program.
+    reset_counters : In(1)
+    mu : Out(stream.Signature(hw.npu.isa.INSTRUCTION)), mu_busy : In(1), mu_error : In(4)
+    vq : Out(stream.Signature(256)), vq_busy : In(1), vq_error : In(8)
+    pcu : Out(stream.Signature(128)), pcu_busy : In(1), pcu_error : In(8)
+    counters : Out(COUNTERS)
+    """
+
+    def __init__(self, cfg: SystemConfig, fetch_depth: int = 32):
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        if (not isinstance(fetch_depth, int) or isinstance(fetch_depth, bool) or not 2 <= fetch_depth <= 256
+                or fetch_depth & (fetch_depth - 1)):
+            raise ValueError(f"Fetch depth must be a power of two in [2, 256], not {fetch_depth!r}")
+        self._cfg = cfg
+        self._fetch_depth = fetch_depth
+        super().__init__({
+            "mem": Out(MemPortSignature(cfg)),
+            "start": In(1),
+            "prog_addr": In(32),
+            "prog_len": In(32),
+            "busy": Out(1),
+            "done": Out(1),
+            "error": Out(16),
+            "error_pc": Out(32),
+            "clear": In(1),
+            "reset_counters": In(1),
+            "mu": Out(stream.Signature(INSTRUCTION)),
+            "mu_busy": In(1),
+            "mu_error": In(4),
+            "vq": Out(stream.Signature(INSTR_BITS)),
+            "vq_busy": In(1),
+            "vq_error": In(8),
+            "pcu": Out(stream.Signature(PAYLOAD_WIDTH[SocOp.PIM])),
+            "pcu_busy": In(1),
+            "pcu_error": In(8),
+            "counters": Out(COUNTERS),
+        })
+
+    @property
+    def cfg(self) -> SystemConfig:
+        return self._cfg
+
+    @property
+    def fetch_depth(self) -> int:
+        return self._fetch_depth
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self._cfg.pim
+        depth = self._fetch_depth
+
+        run = Signal()
+        err = Signal(16)
+        err_pc = Signal(32)
+        m.d.comb += [self.busy.eq(run), self.error.eq(err), self.error_pc.eq(err_pc)]
+        epoch = Signal(8)
+        prog_len = Signal(32)
+        f_idx = Signal(32)          # next instruction to fetch
+        f_addr = Signal(32)
+        pc = Signal(32)             # instruction at the FIFO head
+
+        accept = Signal()           # a start that runs
+        m.d.comb += accept.eq(self.start & ~run & (err == 0) & ~self.clear)
+        bad_program = ((self.prog_addr[:5] != 0) | (self.prog_len == 0)
+                       | (self.prog_addr + (self.prog_len << 5) > p.total_bytes))
+
+        fifo = ResetInserter(accept)(SyncFIFOBuffered(width=INSTR_BITS + 1, depth=depth))
+        m.submodules.fifo = fifo
+
+        # ---------------- fetch ----------------
+        req, resp = self.mem.req, self.mem.resp
+        rq_valid = Signal()
+        rq_addr = Signal(32)
+        rq_tag = Signal(8)
+        inflight = Signal(range(depth + 1))     # reads issued (into rq) and not answered, any epoch
+        m.d.comb += [
+            req.valid.eq(rq_valid), req.payload.addr.eq(rq_addr), req.payload.write.eq(0),
+            req.payload.mask.eq(0), req.payload.data.eq(0), req.payload.tag.eq(rq_tag),
+        ]
+        issue = Signal()
+        m.d.comb += issue.eq(run & (~rq_valid | req.ready) & (f_idx != prog_len)
+                             & (inflight + fifo.level < depth))
+        with m.If(issue):
+            m.d.sync += [rq_valid.eq(1), rq_addr.eq(f_addr), rq_tag.eq(epoch),
+                         f_addr.eq(f_addr + 32), f_idx.eq(f_idx + 1)]
+        with m.Elif(req.ready):
+            m.d.sync += rq_valid.eq(0)
+        m.d.comb += resp.ready.eq(1)
+        m.d.sync += inflight.eq(inflight + issue - resp.valid)
+        m.d.comb += [
+            fifo.w_data.eq(Cat(resp.payload.data, resp.payload.error)),
+            fifo.w_en.eq(resp.valid & run & (resp.payload.tag == epoch)),
+        ]
+
+        # ---------------- decode ----------------
+        word = fifo.r_data[:INSTR_BITS]
+        f_err = fifo.r_data[INSTR_BITS]
+        head = Signal()
+        m.d.comb += head.eq(run & fifo.r_rdy)
+        op = word[:4]
+        fence_mask = word[UNITS_LO:UNITS_LO + UNITS_BITS]
+        payload = word[PAYLOAD_LO:]
+        illegal = Signal()
+        hdr_bad = (word[4:UNITS_LO] != 0) | (word[UNITS_LO + UNITS_BITS:PAYLOAD_LO] != 0)
+        with m.Switch(op):
+            with m.Case(SocOp.END):
+                m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload != 0))
+            with m.Case(SocOp.FENCE):
+                # Bits 32 and up of a FENCE are ignored, as firmware.isa.decode does.
+                m.d.comb += illegal.eq(hdr_bad)
+            for sop, width in PAYLOAD_WIDTH.items():
+                with m.Case(sop):
+                    m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload[width:] != 0))
+            with m.Default():
+                m.d.comb += illegal.eq(1)
+        legal = head & ~f_err & ~illegal
+
+        # ---------------- units ----------------
+        unit_err = [self.mu_error, self.vq_error, self.pcu_error]
+        fault_unit = Signal()
+        m.d.comb += fault_unit.eq(run & Cat(e != 0 for e in unit_err).any())
+        idle = Signal(3)
+        idle_prev = Signal(3)
+        m.d.sync += idle_prev.eq(idle)
+        hs = []
+        last_pc_d = []
+        for name, bit, ops, width, _ in UNITS:
+            port = getattr(self, name)
+            busy_in = getattr(self, f"{name}_busy")
+            sel = Const(0)
+            for o in ops:
+                sel = sel | (op == o)
+            m.d.comb += [port.valid.eq(legal & sel & ~fault_unit),
+                         port.payload.eq(word if width == INSTR_BITS else payload[:width])]
+            h = Signal(name=f"{name}_hs")
+            m.d.comb += h.eq(port.valid & port.ready)
+            h_prev = Signal(name=f"{name}_hs_prev")
+            last_pc = Signal(32, name=f"{name}_last_pc")
+            lpd = Signal(32, name=f"{name}_last_pc_d")
+            m.d.sync += [h_prev.eq(h), lpd.eq(last_pc)]
+            with m.If(h):
+                m.d.sync += last_pc.eq(pc)
+            m.d.comb += idle[bit].eq(~busy_in & ~h_prev)
+            hs.append(h)
+            last_pc_d.append(lpd)
+        dispatched = Cat(*hs).any()
+        is_end = op == SocOp.END
+        is_fence = op == SocOp.FENCE
+        end_ok = (idle == 0b111) & (idle_prev == 0b111)
+        fence_ok = (fence_mask & ~idle) == 0
+        retire_ctl = legal & ~fault_unit & ((is_end & end_ok) | (is_fence & fence_ok))
+        pop = Signal()
+        m.d.comb += [pop.eq(dispatched | retire_ctl), fifo.r_en.eq(pop)]
+        with m.If(pop):
+            m.d.sync += pc.eq(pc + 1)
+
+        # ---------------- control and errors ----------------
+        with m.If(self.clear):
+            m.d.sync += [run.eq(0), err.eq(0), err_pc.eq(0)]
+        with m.Elif(accept):
+            m.d.sync += [self.done.eq(0), epoch.eq(epoch + 1)]
+            with m.If(bad_program):
+                m.d.sync += [err.eq(CpError.BAD_PROGRAM), err_pc.eq(0)]
+            with m.Else():
+                m.d.sync += [run.eq(1), prog_len.eq(self.prog_len), f_idx.eq(0), f_addr.eq(self.prog_addr),
+                             pc.eq(0)]
+        with m.Elif(run):
+            with m.If(fault_unit):
+                m.d.sync += run.eq(0)
+                first = True
+                for k, (_, _, _, _, code) in enumerate(UNITS):
+                    with (m.If if first else m.Elif)(unit_err[k] != 0):
+                        m.d.sync += [err.eq(Cat(Const(code, 8), unit_err[k])),
+                                     err_pc.eq(last_pc_d[k])]
+                    first = False
+            with m.Elif(head & f_err):
+                m.d.sync += [run.eq(0), err.eq(CpError.FETCH), err_pc.eq(pc)]
+            with m.Elif(head & illegal):
+                m.d.sync += [run.eq(0), err.eq(CpError.ILLEGAL), err_pc.eq(pc)]
+            with m.Elif(pc == prog_len):
+                m.d.sync += [run.eq(0), err.eq(CpError.ILLEGAL), err_pc.eq(pc)]
+            with m.Elif(retire_ctl & is_end):
+                m.d.sync += [run.eq(0), self.done.eq(1)]
+
+        # ---------------- counters ----------------
+        waiting = legal & (is_end | is_fence)
+        events = {
+            "cycles": run,
+            "fetch_stall": run & ~fifo.r_rdy & (pc != prog_len),
+            "fence_mu": waiting & (is_end | fence_mask[0]) & ~idle[0],
+            "fence_vq": waiting & (is_end | fence_mask[1]) & ~idle[1],
+            "fence_pcu": waiting & (is_end | fence_mask[2]) & ~idle[2],
+            "dispatch_stall": Cat(getattr(self, n).valid & ~getattr(self, n).ready for n, *_ in UNITS).any(),
+            "instructions": pop,
+        }
+        for name, ev in events.items():
+            reg = getattr(self.counters, name)
+            with m.If(self.reset_counters):
+                m.d.sync += reg.eq(0)
+            with m.Elif(ev):
+                m.d.sync += reg.eq(reg + 1)
+        return m
