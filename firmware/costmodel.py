@@ -1,0 +1,81 @@
+"""Analytical cost model used by the compiler (the paper's Algorithm 1 decides with such a model).
+
+Cycles at the SoC clock, from the configuration alone (no simulation):
+
+* matrix unit GEMM: ``max(compute, weight DMA, activation DMA) + latency``; compute is the
+  array's slot arithmetic of :class:`hw.npu.matrix_unit.ComputeEngine`
+  (``max(R, 4) + max(M, R, 4) * KB * NB + R + C + 3`` per instruction), the
+  transposed weight DMA moves ``W x 16`` elements per ``W + 16`` cycles
+  (:class:`hw.npu.dma.DmaLoad`), plain DMA one 32-byte column per cycle, both
+  capped by the channels' external bandwidth (``channels x 32`` bytes per cycle)
+  at :data:`DRAM_EFFICIENCY`;
+* PIM FC: :func:`firmware.pim.gemv_lower_bound` scaled by :data:`PCU_OVERHEAD` (the
+  ratio measured on the RTL PCU, ``tests/test_pcu.py``: 5,253 / 2,986 cycles for 768 x 768),
+  plus moving the input vector in and the results out;
+* vector unit: the cycle formulas of :mod:`hw.npu.vector`; vector DMA one column per cycle
+  plus :data:`MEM_LATENCY`.
+
+It is an estimate for mapping decisions and for comparison with the RTL's cycles, which
+the runner prints side by side; it is not calibrated (that is the performance model's job).
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["mu_gemm_cycles", "pim_fc_cycles", "vector_cycles", "vdma_cycles", "stage_total"]
+
+DRAM_EFFICIENCY = 0.5
+PCU_OVERHEAD = 1.76
+MEM_LATENCY = 60
+
+
+def _mem_rate(cfg) -> float:
+    return cfg.pim.channels * cfg.pim.column_bytes * DRAM_EFFICIENCY
+
+
+def mu_gemm_cycles(cfg, M, K, N, transposed=True) -> int:
+    n = cfg.npu
+    R, C = n.array_rows, n.array_cols
+    KB, NB = -(-K // R), -(-N // C)
+    compute = max(R, 4) + max(M, R, 4) * KB * NB + R + C + 3
+    w_rate = min(32 * C / (C + 16) if transposed else 32.0, _mem_rate(cfg))
+    wdma = K * N * 2 / w_rate
+    adma = M * K * 2 / min(32.0, _mem_rate(cfg)) * max(1, -(-N // 256))
+    return int(max(compute, wdma, adma) + MEM_LATENCY)
+
+
+def pim_fc_cycles(cfg, K, N, gelu=False, write_vec=True) -> int:
+    from firmware.pim import gemv_lower_bound
+
+    b = gemv_lower_bound(cfg, K, N, activation=gelu)["cycles"]
+    io = (K * 2 / 32 if write_vec else 0) + N * 4 / 32
+    return int(PCU_OVERHEAD * b + io + 2 * MEM_LATENCY)
+
+
+def vector_cycles(cfg, f: dict) -> int:
+    L = cfg.npu.vector_lanes
+    E, Rt = 23, 2 * int(math.log2(L))
+    C = E + Rt + 6
+    n, rows = int(f.get("n", 1)), int(f.get("rows", 1))
+    nb = -(-n // L)
+    op = f.get("op")
+    if op == "LN_STATS":
+        return rows * (2 * nb + 2 * (E + Rt + 1) + E + 2) + C
+    if op == "SOFTMAX":
+        return rows * (3 * nb + 2 * (E + Rt + 1) + E + 1) + C
+    if op == "LN_APPLY":
+        return rows * (nb + 2) + C
+    return rows * nb + C
+
+
+def vdma_cycles(cfg, rows, row_bytes) -> int:
+    return rows * (row_bytes // 32) + MEM_LATENCY
+
+
+def stage_total(est: dict, overlap: bool) -> int:
+    parts = [est.get(k, 0) for k in ("mu", "vq", "pim")]
+    if overlap:
+        # PIM runs beside the NPU except for the first head group; the NPU units run in turn
+        return int(max(parts[2], parts[0] + parts[1]) + 0.25 * min(parts[2], parts[0] + parts[1]))
+    return int(sum(parts))

@@ -1,0 +1,95 @@
+"""Runtime: put a compiled model in device memory, run its stage programs, read the outputs.
+
+:func:`build_job` produces everything a backend needs: the initial device
+memory (weights in the PIM layout, biases, layernorm parameters, the GELU
+table in every bank's reserved row, the input hidden states and every stage's
+program) and the list of programs to start in order. The functional model
+(:class:`sim.soc_model.SocModel`) runs a job in-process (:func:`run_model`);
+the RTL testbench (``sim/tb/soc_tb.py``) loads the same image through the
+device's back door and starts the same programs through the CSRs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from firmware import isa
+from firmware.compiler import CompiledModel, CompileError, Stage, pack_layer
+from firmware.gpt2 import LayerWeights
+from firmware.pim import af_lut_row
+from sim.pim_model import MemoryImage
+
+__all__ = ["Job", "build_job", "run_model", "read_outputs", "RunError"]
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class Job:
+    compiled: CompiledModel
+    image: MemoryImage
+    programs: list                      # (Stage, byte address, instructions)
+    results: list = field(default_factory=list)     # per program: dict(cycles=..., counters...)
+
+
+def build_job(compiled: CompiledModel, weights: list[LayerWeights], x: np.ndarray) -> Job:
+    cfg, plan, shape = compiled.cfg, compiled.plan, compiled.shape
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape != (compiled.total, shape.d_model):
+        raise RunError(f"input must have shape ({compiled.total}, {shape.d_model}), not {x.shape}")
+    if len(weights) != shape.layers:
+        raise RunError(f"{shape.layers} layers compiled but {len(weights)} given")
+    img = MemoryImage(cfg)
+    for i, w in enumerate(weights):
+        for addr, data in pack_layer(plan, i, w):
+            img.write(addr, data)
+    p = cfg.pim
+    if p.af_rows:
+        row = af_lut_row(cfg)
+        img.rows(p.data_rows, 1)[0][...] = row
+    img.write(plan.layers[0].x_in, x.astype("<f4").tobytes())
+    programs = []
+    addr = plan.prog_base
+    limit = p.data_rows * plan.row_bytes
+    for st in compiled.stages:
+        data = isa.to_bytes(st.words)
+        if addr + len(data) > limit:
+            raise CompileError(f"programs do not fit device memory: {addr + len(data):#x} > {limit:#x}")
+        img.write(addr, data)
+        programs.append((st, addr, len(st.words)))
+        addr += -(-len(data) // 64) * 64
+    return Job(compiled, img, programs)
+
+
+def read_outputs(compiled: CompiledModel, read) -> np.ndarray:
+    """Last layer's outputs [tokens, d_model] float32 through ``read(addr, n) -> bytes``."""
+    plan, shape = compiled.plan, compiled.shape
+    raw = read(plan.layers[-1].x_out, compiled.total * shape.d_model * 4)
+    return np.frombuffer(raw, dtype="<f4").reshape(compiled.total, shape.d_model).copy()
+
+
+def run_model(job: Job, progress=None):
+    """Run every program of ``job`` on the functional model; returns the model (its memory holds the results)."""
+    from sim.soc_model import SocModel
+
+    m = SocModel(job.compiled.cfg)
+    m.mem.data[:] = job.image.data
+    for st, addr, n in job.programs:
+        t0 = time.perf_counter()
+        r = m.run(addr, n)
+        if not r.ok:
+            raise RunError(f"layer {st.layer} {st.phase} {st.name} (pos {st.pos}): error {r.error:#x} "
+                           f"at instruction {r.error_pc}")
+        job.results.append({"instructions": r.instructions, "wall_s": time.perf_counter() - t0})
+        if progress:
+            progress()
+    return m
+
+
+def stage_rows(st: Stage) -> str:
+    return f"L{st.layer} {st.phase}@{st.pos} {st.name}"
