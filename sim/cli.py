@@ -1,5 +1,6 @@
 """The ``ianus`` command line.
 
+``ianus run``      GPT-2 decoder layers on the SoC: prefill + generation, policies ianus / npu-mem / naive
 ``ianus demo``     the main job on the embedded default configuration (``make demo``): a GPT-2-small
                    layer's generation-step FCs through driver, AXI, PCU, controllers and PIM device RTL
 ``ianus gemv``     PIM GEMVs of chosen shapes on the PIM device RTL alone, against the lower bound
@@ -225,6 +226,10 @@ def main(argv=None) -> int:
     g.add_argument("--sim", default="verilator", choices=["verilator", "icarus"])
     g.add_argument("--waves", action="store_true")
     g.set_defaults(func=cmd_gemv)
+    from sim import run as run_mod
+
+    r = run_mod.add_parser(sub)
+    r.set_defaults(func=lambda a: run_mod.main_run(run_mod.fill_defaults(a)))
     c = sub.add_parser("config", help="print a configuration")
     c.add_argument("--config", default="default", choices=["tiny", "default", "ianus"])
     c.set_defaults(func=cmd_config)

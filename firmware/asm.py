@@ -1,0 +1,191 @@
+"""Assembler and disassembler for SoC programs (text <-> 256-bit instructions).
+
+One instruction per line, ``#`` starts a comment::
+
+    fence mu,vq
+    matrix LOAD target=ACT transpose=0 mem_addr=0x1000 mem_stride=64 rows=8 cols=32 spm_addr=0 spm_stride=8 signal=0x1
+    matrix COMPUTE wait=0x1 act_addr=0 act_stride=8 wgt_addr=0 wgt_stride=32 acc_addr=0 acc_stride=8 m=8 k=32 n=16
+    vector ADD a=0 b=64 d=0 n=32 rows=2 a_fmt=FP32 b_fmt=FP32 d_fmt=BF16 b_mode=VEC
+    vload mem_addr=0x2000 mem_stride=128 rows=2 cols=4 spm_addr=0 spm_pitch=4
+    pim GEMV n=768 m=2304 row=0 addr0=0x400 flags=1
+    end
+
+The field names are those of the instruction tables (:mod:`firmware.isa`,
+:mod:`hw.npu.isa`, :class:`hw.npu.vector.VectorInstr`, :mod:`firmware.macro`),
+so :func:`disassemble` and :func:`assemble` round-trip every instruction.
+Errors name the line and the problem (:class:`AsmError`).
+"""
+
+from __future__ import annotations
+
+from amaranth.lib import data
+
+from firmware import isa
+from firmware import macro as mc
+from firmware.isa import SocOp, Unit
+from hw.npu import isa as mu_isa
+from hw.npu import vector as vu
+
+__all__ = ["assemble", "disassemble", "AsmError", "disassemble_word"]
+
+
+class AsmError(ValueError):
+    pass
+
+
+_VEC_LAYOUT = data.Layout.cast(vu.VectorInstr)
+_VEC_ENUMS = {"op": vu.Opcode, "a_fmt": vu.Fmt, "b_fmt": vu.Fmt, "d_fmt": vu.Fmt, "b_mode": vu.BMode,
+              "mask": vu.MaskMode}
+_MACRO_FIELDS = [name for name, _, _ in mc._FIELDS]
+_UNIT_NAMES = {"mu": Unit.MU, "vq": Unit.VQ, "pcu": Unit.PCU}
+
+
+def _int(text: str, line: int, name: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise AsmError(f"line {line}: field {name} needs an integer, not {text!r}") from None
+
+
+def _kv(tokens, line):
+    out = {}
+    for t in tokens:
+        if "=" not in t:
+            raise AsmError(f"line {line}: expected name=value, got {t!r}")
+        k, v = t.split("=", 1)
+        if k in out:
+            raise AsmError(f"line {line}: field {k} given twice")
+        out[k] = v
+    return out
+
+
+def disassemble_word(word: int) -> str:
+    f = isa.decode(word)
+    op = f["op"]
+    if op == SocOp.END:
+        return "end"
+    if op == SocOp.FENCE:
+        names = [n for n, u in _UNIT_NAMES.items() if f["units"] & u]
+        return "fence " + (",".join(names) if names else "none")
+    if op in (SocOp.VLOAD, SocOp.VSTORE):
+        return op.name.lower() + " " + " ".join(f"{n}={f[n]:#x}" for n, _, _ in isa.VDMA_FIELDS)
+    if op == SocOp.MATRIX:
+        d = mu_isa.decode(f["word"])
+        opc = d.pop("opcode")
+        body = mu_isa.COMPUTE_BODY if opc == mu_isa.Opcode.COMPUTE else mu_isa.DMA_BODY
+        keep = ["wait", "signal"]
+        if opc in (mu_isa.Opcode.LOAD, mu_isa.Opcode.STORE):
+            keep += ["target", "transpose", "bf16"]
+        if opc == mu_isa.Opcode.COMPUTE:
+            keep += ["accumulate"]
+        if opc != mu_isa.Opcode.NOP:
+            keep += [n for n, _ in body if not n.startswith("_")]
+        return f"matrix {opc.name} " + " ".join(f"{k}={d[k]:#x}" for k in keep)
+    if op == SocOp.VECTOR:
+        w = f["word"]
+        parts = []
+        for name, fld in _VEC_LAYOUT:
+            v = (w >> fld.offset) & ((1 << fld.width) - 1)
+            if name in _VEC_ENUMS:
+                try:
+                    v = _VEC_ENUMS[name](v).name
+                except ValueError:
+                    v = str(v)
+            else:
+                v = f"{v:#x}"
+            parts.append(f"{name}={v}")
+        head, rest = parts[0].split("=", 1)[1], parts[1:]
+        return "vector " + head + " " + " ".join(rest)
+    m = mc.decode([(f["word"] >> (32 * i)) & 0xFFFFFFFF for i in range(4)])
+    try:
+        name = mc.MacroOp(m.op).name
+    except ValueError:
+        name = str(m.op)
+    return f"pim {name} " + " ".join(f"{n}={getattr(m, n):#x}" for n in _MACRO_FIELDS[1:])
+
+
+def disassemble(words) -> str:
+    return "\n".join(disassemble_word(w) for w in words) + "\n"
+
+
+def _assemble_line(tokens, line) -> int:
+    mnem = tokens[0].lower()
+    try:
+        if mnem == "end":
+            if len(tokens) > 1:
+                raise AsmError(f"line {line}: end takes no operands")
+            return isa.encode(SocOp.END)
+        if mnem == "fence":
+            if len(tokens) != 2:
+                raise AsmError(f"line {line}: fence takes one operand (units, e.g. mu,vq,pcu or none)")
+            units = 0
+            if tokens[1] != "none":
+                for u in tokens[1].split(","):
+                    if u not in _UNIT_NAMES:
+                        raise AsmError(f"line {line}: unknown unit {u!r} (mu, vq, pcu)")
+                    units |= _UNIT_NAMES[u]
+            return isa.encode(SocOp.FENCE, units=units)
+        if mnem in ("vload", "vstore"):
+            kv = _kv(tokens[1:], line)
+            return isa.encode(SocOp[mnem.upper()], **{k: _int(v, line, k) for k, v in kv.items()})
+        if len(tokens) < 2:
+            raise AsmError(f"line {line}: {mnem} needs an operation name")
+        if mnem == "matrix":
+            try:
+                opc = mu_isa.Opcode[tokens[1].upper()]
+            except KeyError:
+                raise AsmError(f"line {line}: unknown matrix operation {tokens[1]!r}") from None
+            kv = {k: _int(v, line, k) for k, v in _kv(tokens[2:], line).items()}
+            try:
+                return isa.encode(SocOp.MATRIX, word=mu_isa.encode(opc, **kv))
+            except (KeyError, ValueError) as e:
+                raise AsmError(f"line {line}: {e}") from None
+        if mnem == "vector":
+            kv = _kv(tokens[2:], line)
+            fields = {"op": tokens[1].upper()}
+            for k, v in kv.items():
+                if k not in dict(_VEC_LAYOUT):
+                    raise AsmError(f"line {line}: unknown vector field {k!r}")
+                if k in _VEC_ENUMS and not v[:1].isdigit():
+                    if v not in _VEC_ENUMS[k].__members__:
+                        raise AsmError(f"line {line}: {k} must be one of {', '.join(_VEC_ENUMS[k].__members__)}")
+                    fields[k] = v
+                else:
+                    fields[k] = _int(v, line, k)
+            if not fields["op"][:1].isdigit() and fields["op"] not in vu.Opcode.__members__:
+                raise AsmError(f"line {line}: unknown vector operation {tokens[1]!r}")
+            if fields["op"][:1].isdigit():
+                fields["op"] = int(fields["op"], 0)
+            for k, fld in _VEC_LAYOUT:
+                if isinstance(fields.get(k), int) and not 0 <= fields[k] < (1 << fld.width):
+                    raise AsmError(f"line {line}: field {k} must fit in {fld.width} bits")
+            return isa.encode(SocOp.VECTOR, word=vu.encode(**fields))
+        if mnem == "pim":
+            name = tokens[1].upper()
+            op = int(name, 0) if name[:1].isdigit() else None
+            if op is None:
+                if name not in mc.MacroOp.__members__:
+                    raise AsmError(f"line {line}: unknown PIM operation {tokens[1]!r}")
+                op = mc.MacroOp[name]
+            kv = {k: _int(v, line, k) for k, v in _kv(tokens[2:], line).items()}
+            bad = set(kv) - set(_MACRO_FIELDS[1:])
+            if bad:
+                raise AsmError(f"line {line}: unknown PIM fields {sorted(bad)}")
+            words = mc.encode(mc.Macro(op=op, **kv))
+            return isa.encode(SocOp.PIM, word=sum(w << (32 * i) for i, w in enumerate(words)))
+    except isa.IsaError as e:
+        raise AsmError(f"line {line}: {e}") from None
+    except ValueError as e:
+        if isinstance(e, AsmError):
+            raise
+        raise AsmError(f"line {line}: {e}") from None
+    raise AsmError(f"line {line}: unknown mnemonic {tokens[0]!r} (end, fence, matrix, vector, vload, vstore, pim)")
+
+
+def assemble(text: str) -> list[int]:
+    out = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        body = raw.split("#", 1)[0].strip()
+        if body:
+            out.append(_assemble_line(body.split(), n))
+    return out

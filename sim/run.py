@@ -1,0 +1,218 @@
+"""``ianus run``: GPT-2 decoder layers on the SoC (RTL on Verilator / Icarus, or the functional model).
+
+Compiles the layers for the chosen policy (:mod:`firmware.compiler`), builds the
+device-memory image (:mod:`firmware.runtime`), runs every stage program on the
+backend, checks the outputs against a float64 numpy GPT-2 block, and prints
+per-stage cycles beside the cost model's estimate, per-unit busy cycles and
+(RTL) the speedup of ``ianus`` over ``npu-mem`` on the same RTL. Writes a
+Perfetto / Chrome trace JSON of unit activity and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from firmware.compiler import compile_model
+from firmware.gpt2 import GptShape, load_weights, random_weights, reference_block
+from firmware.runtime import build_job, read_outputs, run_model
+
+__all__ = ["soc_config", "prepare", "run_backend", "main_run", "TINY_SHAPE", "DEFAULT_SHAPE"]
+
+TINY_SHAPE = GptShape(32, 2, 1)
+DEFAULT_SHAPE = GptShape(768, 12, 1)
+
+
+def soc_config(name: str):
+    """The SoC configurations: ``tiny`` gets 64 DRAM rows per bank (a tiny GPT layer's weights, KV cache
+    and programs need more than the PIM unit tests' 16); ``default`` is the preset."""
+    from hw.config import preset
+
+    cfg = preset(name)
+    if name == "tiny":
+        cfg = cfg.replace(**{"pim.rows": 64})
+    return cfg
+
+
+def reference(x, weights, shape, prefill=None):
+    """float64 outputs of the last layer for every position (causal, so prefill/generation do not matter)."""
+    h = np.asarray(x, dtype=np.float64)
+    for w in weights:
+        h = reference_block(h, w, shape)
+    return h
+
+
+def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weights=None, input_file=None,
+            heads=None, seed=0):
+    cfg = soc_config(config)
+    if weights:
+        shape, ws = load_weights(weights, heads=heads, layers=layers)
+    else:
+        base = TINY_SHAPE if config == "tiny" else DEFAULT_SHAPE
+        shape = GptShape(base.d_model, heads or base.heads, layers)
+        ws = random_weights(shape, seed)
+    if input_file:
+        x = np.load(input_file).astype(np.float32)
+        if x.ndim != 2 or x.shape[1] != shape.d_model:
+            raise SystemExit(f"--input must hold [tokens, {shape.d_model}] hidden states, not {x.shape}")
+        total = x.shape[0]
+    else:
+        total = prefill + generate
+        x = np.random.default_rng(seed + 1).standard_normal((total, shape.d_model)).astype(np.float32)
+    cm = compile_model(cfg, shape, policy, prefill, total)
+    job = build_job(cm, ws, x)
+    return cm, job, x, ws
+
+
+def run_backend(job, backend="model", waves=False, test_name=None, progress=None):
+    """Run ``job``; returns (outputs [T, d] float32, per-program results list)."""
+    if backend == "model":
+        m = run_model(job, progress)
+        return read_outputs(job.compiled, m.read), job.results, m
+    from sim.tb.soc_run import run_rtl
+    out, results = run_rtl(job, sim=backend, waves=waves, test_name=test_name)
+    job.results[:] = results
+    return out, results, None
+
+
+def trace_events(job) -> list:
+    """Chrome trace events: stages on one track, unit activity (RTL: measured intervals) on others."""
+    events = []
+    t = 0.0
+    mhz = job.compiled.cfg.clocks.pim_mhz
+    for (st, _, _), res in zip(job.programs, job.results, strict=True):
+        cyc = res.get("cycles", st.est.get("total", 0))
+        us = cyc / mhz
+        events.append({"name": f"L{st.layer} {st.name}", "ph": "X", "ts": t, "dur": us, "pid": 1, "tid": "stages",
+                       "args": {"phase": st.phase, "pos": st.pos, "cycles": cyc, "estimate": st.est.get("total")}})
+        for unit, spans in res.get("spans", {}).items():
+            for a, b in spans:
+                events.append({"name": unit, "ph": "X", "ts": t + a / mhz, "dur": (b - a) / mhz, "pid": 1,
+                               "tid": unit})
+        t += us
+    return events
+
+
+def plot(job, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{st.phase[:3]}@{st.pos} {st.name}" for st, _, _ in job.programs]
+    sim = [r.get("cycles", 0) for r in job.results]
+    est = [st.est.get("total", 0) for st, _, _ in job.programs]
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.35), 4.5))
+    xs = np.arange(len(names))
+    if any(sim):
+        ax.bar(xs - 0.2, sim, 0.4, label="simulated (RTL)")
+    ax.bar(xs + (0.2 if any(sim) else 0), est, 0.4, label="cost model")
+    ax.set_xticks(xs, names, rotation=90, fontsize=7)
+    ax.set_ylabel("cycles")
+    ax.set_yscale("log")
+    ax.set_title(f"{job.compiled.policy}: cycles per stage ({job.compiled.cfg.name})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(job, out, x, weights, console, wall=None):
+    from rich.table import Table
+
+    cm = job.compiled
+    ref = reference(x, weights, cm.shape)
+    err = np.abs(out.astype(np.float64) - ref)
+    delta = np.abs(ref - x).max()
+    mhz = cm.cfg.clocks.pim_mhz
+    tab = Table(title=f"{cm.policy} on {cm.cfg.name}: {cm.shape.layers} layer(s) d={cm.shape.d_model} "
+                      f"heads={cm.shape.heads}, prefill {cm.prefill}, generate {cm.total - cm.prefill}")
+    for col in ("phase", "stage", "map", "cycles", "us", "estimate", "MU busy", "VQ busy", "PCU busy"):
+        tab.add_column(col, justify="right")
+    agg = {}
+    for (st, _, _), r in zip(job.programs, job.results, strict=True):
+        key = (st.phase if st.phase == "prefill" else "gen", st.name)
+        a = agg.setdefault(key, {"cycles": 0, "est": 0, "mu": 0, "vq": 0, "pcu": 0, "map": st.mapping, "n": 0})
+        a["cycles"] += r.get("cycles", 0)
+        a["est"] += st.est.get("total", 0)
+        for u in ("mu", "vq", "pcu"):
+            a[u] += r.get("busy", {}).get(u, 0)
+        a["n"] += 1
+    tot = {"prefill": 0, "gen": 0}
+    for (phase, name), a in agg.items():
+        tot[phase] += a["cycles"]
+        tab.add_row(phase, name, a["map"] or "-", f"{a['cycles']:,}" if a["cycles"] else "-",
+                    f"{a['cycles'] / mhz:,.1f}" if a["cycles"] else "-", f"{a['est']:,}",
+                    f"{a['mu']:,}", f"{a['vq']:,}", f"{a['pcu']:,}")
+    console.print(tab)
+    steps = cm.total - cm.prefill
+    summary = {"policy": cm.policy, "config": cm.cfg.name, "prefill_cycles": tot["prefill"],
+               "gen_cycles": tot["gen"], "gen_cycles_per_token": tot["gen"] / steps if steps else 0,
+               "max_abs_err": float(err.max()), "block_delta": float(delta),
+               "rel_err": float(err.max() / delta) if delta else 0.0}
+    if tot["prefill"]:
+        console.print(f"prefill {tot['prefill']:,} cycles ({tot['prefill'] / mhz:,.1f} us at {mhz:g} MHz); "
+                      f"generation {summary['gen_cycles_per_token']:,.0f} cycles/token")
+    console.print(f"error vs float64 GPT-2 block: max |err| {err.max():.3g} "
+                  f"({summary['rel_err']:.2%} of max |block output - input| = {delta:.3g})")
+    if wall:
+        console.print(f"wall time {wall:.1f} s")
+    return summary
+
+
+def main_run(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(highlight=False)
+    t0 = time.time()
+    cm, job, x, ws = prepare(args.config, args.policy, args.layers, args.prefill, args.generate, args.weights,
+                             args.input, args.heads, args.seed)
+    console.print(f"compiled {len(cm.stages)} stage programs, "
+                  f"{sum(len(s.words) for s in cm.stages):,} instructions; mapping: "
+                  + ", ".join(f"{ph}/{fc}={w}" for (ph, fc), w in cm.mapping.items()))
+    with Progress(console=console, transient=True) as prog:
+        task = prog.add_task(f"{args.backend}", total=len(job.programs))
+        out, results, _ = run_backend(job, args.backend, args.waves, progress=lambda: prog.advance(task))
+    summary = summarize(job, out, x, ws, console, time.time() - t0)
+    trace = Path(args.trace or f"build/run/{args.policy}_{args.config}_trace.json")
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    trace.write_text(json.dumps({"traceEvents": trace_events(job), "displayTimeUnit": "ns"}))
+    png = trace.with_suffix(".png")
+    plot(job, png)
+    console.print(f"trace: {trace} (open in https://ui.perfetto.dev); plot: {png}")
+    if args.output:
+        np.save(args.output, out.astype(np.float32))
+        console.print(f"outputs [{out.shape[0]}, {out.shape[1]}] float32 -> {args.output}")
+    if os.environ.get("IANUS_RUN_JSON"):
+        Path(os.environ["IANUS_RUN_JSON"]).write_text(json.dumps(summary))
+    return 0
+
+
+def add_parser(sub):
+    r = sub.add_parser("run", help="GPT-2 decoder layers on the SoC (prefill + generation)")
+    r.add_argument("--config", default="default", choices=["tiny", "default"])
+    r.add_argument("--policy", default="ianus", choices=["ianus", "npu-mem", "naive"])
+    r.add_argument("--backend", default="verilator", choices=["verilator", "icarus", "model"])
+    r.add_argument("--layers", type=int, default=1)
+    r.add_argument("--prefill", type=int, default=None, help="tokens prefilled (default 32, tiny 8)")
+    r.add_argument("--generate", type=int, default=None, help="tokens generated (no --input; default 4, tiny 2)")
+    r.add_argument("--weights", help="GPT-2 weights (.safetensors or .npz, Hugging Face names)")
+    r.add_argument("--heads", type=int, default=None, help="attention heads (default d_model / 64)")
+    r.add_argument("--input", help="hidden states entering the first layer, [tokens, d_model] .npy")
+    r.add_argument("--output", help="write the last layer's outputs, [tokens, d_model] float32 .npy")
+    r.add_argument("--waves", action="store_true", help="write an FST of the RTL run")
+    r.add_argument("--trace", help="Perfetto/Chrome trace JSON path")
+    r.add_argument("--seed", type=int, default=0)
+    return r
+
+
+def fill_defaults(args):
+    if args.prefill is None:
+        args.prefill = 8 if args.config == "tiny" else 32
+    if args.generate is None:
+        args.generate = 2 if args.config == "tiny" else 4
+    return args
