@@ -122,7 +122,7 @@ class SocModel:
                 continue
             if op == SocOp.MATRIX:
                 e = self.mu.run(f["word"])
-                code = (CpError.MU | (int(e) << 8)) if e != ErrorCode.NONE else 0
+                code = (CpError.MU | (e.value << 8)) if e != ErrorCode.NONE else 0
             elif op == SocOp.VECTOR:
                 e = self.vu.run(vector_fields(f["word"]))
                 code = (CpError.VQ | (int(e) << 8)) if e else 0
