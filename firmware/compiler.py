@@ -329,6 +329,7 @@ class LayerPlan:
     vc: list
     x_in: int        # [T, d] FP32 (hidden states entering the layer)
     x_out: int       # [T, d] FP32
+    lin: dict = field(default_factory=dict)     # npu-mem: FC name -> address of row-major W [K, N] BF16
 
 
 @dataclass
@@ -364,8 +365,10 @@ class MemoryPlan:
         return g * 3 * hd * hpg + kind * hd * hpg + j * hd
 
 
-def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, prog_bytes: int = 1 << 16,
-                groups: int = 4) -> MemoryPlan:
+def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int = 4,
+                pim_layout: bool = True) -> MemoryPlan:
+    """Addresses of everything. ``pim_layout=False`` (policy npu-mem: memory is plain DRAM) stores the FC
+    weights row-major ``[K, N]``, the layout the matrix unit's non-transposed DMA reads fastest."""
     p = cfg.pim
     d, f, H, hd = shape.d_model, shape.ffn, shape.heads, shape.head_dim
     if d % 16 or hd % 16:
@@ -387,6 +390,9 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, prog_bytes:
 
     lays = []
     for _ in range(shape.layers):
+        if not pim_layout:
+            lays.append((None, None, None, None))
+            continue
         try:
             lays.append((layout(d, 3 * d), layout(d, d), layout(d, f), layout(f, d)))
         except ValueError as e:
@@ -412,6 +418,9 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, prog_bytes:
             proj_b=alloc(d * 4), fc1_b=alloc(f * 4), fc2_b=alloc(d * 4),
             kc=[alloc(T * hd * 2) for _ in range(H)], vc=[alloc(T * hd * 2) for _ in range(H)],
             x_in=xs[i], x_out=xs[i + 1]))
+        if not pim_layout:
+            plan.layers[-1].lin = {"qkv": alloc(d * 3 * d * 2), "proj": alloc(d * d * 2), "fc1": alloc(d * f * 2),
+                                   "fc2": alloc(f * d * 2)}
     Tp = _up(T, 16)
     b = plan.buffers
     b["h"] = alloc(T * d * 2)
@@ -434,16 +443,19 @@ def pack_layer(plan: MemoryPlan, i: int, w: LayerWeights) -> list[tuple[int, byt
     d = plan.shape.d_model
     out = []
 
-    def put_w(lay: GemvLayout, mat):
+    def put_w(name, lay: GemvLayout, mat):
+        if lay is None:
+            out.append((lp.lin[name], G.bf16_bits(mat).astype("<u2").tobytes()))
+            return
         packed = lay.pack(G.bf16_bits(mat))                    # [ch, banks, rows, cols, lanes]
         arr = packed.transpose(2, 0, 1, 3, 4)                   # rows, ch, banks, cols, lanes
         out.append((lay.base_row * plan.row_bytes, np.ascontiguousarray(arr).astype("<u2").tobytes()))
 
     perm = plan.qkv_perm()
-    put_w(lp.qkv, w.qkv_w[:, perm])
-    put_w(lp.proj, w.proj_w)
-    put_w(lp.fc1, w.fc1_w)
-    put_w(lp.fc2, w.fc2_w)
+    put_w("qkv", lp.qkv, w.qkv_w[:, perm])
+    put_w("proj", lp.proj, w.proj_w)
+    put_w("fc1", lp.fc1, w.fc1_w)
+    put_w("fc2", lp.fc2, w.fc2_w)
 
     def f32(a):
         return np.asarray(a, dtype=np.float32).astype("<f4").tobytes()
@@ -618,10 +630,11 @@ class LayerCompiler:
             pb.spm_top = top
 
     # -- FCs --------------------------------------------------------------------------------------
-    def fc_mu(self, pb, a_addr, K, lay, N, rows, out_addr):
+    def fc_mu(self, pb, a_addr, K, lay, N, rows, out_addr, name):
         blk = MuBlock()
-        gemm(self.cfg, blk, a_addr, K * 2, PimWeights(lay, self.plan.row_bytes), out_addr, N * 4, rows, K, N, False,
-             pb.est)
+        lp = self.plan.layers[self._layer]
+        src = PimWeights(lay, self.plan.row_bytes) if lay is not None else RowsK(lp.lin[name], N * 2)
+        gemm(self.cfg, blk, a_addr, K * 2, src, out_addr, N * 4, rows, K, N, False, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)
 
@@ -637,6 +650,7 @@ class LayerCompiler:
     # -- stages ----------------------------------------------------------------------------------
     def stage(self, i, phase, name, rows, pos0) -> Stage:
         cfg, plan, lp = self.cfg, self.plan, self.plan.layers[i]
+        self._layer = i
         d, f, H = self.shape.d_model, self.shape.ffn, self.shape.heads
         b = plan.buffers
         pb = ProgramBuilder(cfg)
@@ -649,7 +663,7 @@ class LayerCompiler:
         elif name == "qkv_attn":
             where = self.mapping[(phase, "qkv")]
             if where == "mu":
-                self.fc_mu(pb, b["h"], d, lp.qkv, 3 * d, rows, b["qkv"])
+                self.fc_mu(pb, b["h"], d, lp.qkv, 3 * d, rows, b["qkv"], "qkv")
                 self.scatter_qkv(pb, lp, rows, pos0, True, range(H), True)
                 pb.fence(Unit.VQ)
                 self.attention(pb, lp, rows, pos0, range(H))
@@ -684,7 +698,7 @@ class LayerCompiler:
         elif name == "proj":
             where = self.mapping[(phase, "proj")]
             if where == "mu":
-                self.fc_mu(pb, b["o"], d, lp.proj, d, rows, b["y"])
+                self.fc_mu(pb, b["o"], d, lp.proj, d, rows, b["y"], "proj")
                 self.residual(pb, xin, b["y"], rows, lp.proj_b, b["x2"])
             else:
                 self.fc_pim(pb, b["o"], d, lp.proj, d, lp.proj_b, b["y"])
@@ -695,14 +709,14 @@ class LayerCompiler:
         elif name == "fc1":
             where = self.mapping[(phase, "fc1")]
             if where == "mu":
-                self.fc_mu(pb, b["h"], d, lp.fc1, f, rows, b["y"])
+                self.fc_mu(pb, b["h"], d, lp.fc1, f, rows, b["y"], "fc1")
                 self.bias_act(pb, b["y"], rows, f, lp.fc1_b, True, b["g"])
             else:
                 self.fc_pim(pb, b["h"], d, lp.fc1, f, lp.fc1_b, b["g"], gelu=True, bf16=True)
         elif name == "fc2":
             where = self.mapping[(phase, "fc2")]
             if where == "mu":
-                self.fc_mu(pb, b["g"], f, lp.fc2, d, rows, b["y"])
+                self.fc_mu(pb, b["g"], f, lp.fc2, d, rows, b["y"], "fc2")
                 self.residual(pb, b["x2"], b["y"], rows, lp.fc2_b, xout)
             else:
                 self.fc_pim(pb, b["g"], f, lp.fc2, d, lp.fc2_b, b["y"])
@@ -777,7 +791,7 @@ def compile_model(cfg: SystemConfig, shape: GptShape, policy: str, prefill: int,
         raise CompileError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     if not 1 <= prefill <= total:
         raise CompileError(f"prefill ({prefill}) must be in 1..tokens ({total})")
-    plan = plan_memory(cfg, shape, total, groups=groups)
+    plan = plan_memory(cfg, shape, total, groups=groups, pim_layout=(policy != "npu-mem"))
     mapping = choose_mapping(cfg, shape, policy, prefill)
     lc = LayerCompiler(plan, policy, mapping)
     stages = []
