@@ -110,6 +110,9 @@ class CommandProcessor(wiring.Component):
         ``CpError | unit_code << 8`` of the first error; 0 when none.
     error_pc : Out(32)
         Index (from 0) of the failing instruction.
+    pc : Out(32)
+        Index of the instruction at the FIFO head: the one a unit stream carries (for a queue in front
+        of a unit that wants to know which instruction failed).
     clear : In(1)
         Clears ``error`` and ``error_pc`` and aborts a running program.
     reset_counters : In(1)
@@ -136,6 +139,7 @@ class CommandProcessor(wiring.Component):
             "done": Out(1),
             "error": Out(16),
             "error_pc": Out(32),
+            "pc": Out(32),
             "clear": In(1),
             "reset_counters": In(1),
             "mu": Out(stream.Signature(INSTRUCTION)),
@@ -172,6 +176,7 @@ class CommandProcessor(wiring.Component):
         f_idx = Signal(32)          # next instruction to fetch
         f_addr = Signal(32)
         pc = Signal(32)             # instruction at the FIFO head
+        m.d.comb += self.pc.eq(pc)
 
         accept = Signal()           # a start that runs
         m.d.comb += accept.eq(self.start & ~run & (err == 0) & ~self.clear)
