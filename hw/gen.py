@@ -28,11 +28,16 @@ def sha(*parts) -> str:
     return h.hexdigest()[:16]
 
 
+# Tables outside hw/ that the RTL reads (the SoC instruction set, the SoC register map).
+FIRMWARE_TABLES = ("firmware/isa.py", "firmware/soc_regs.py")
+
+
 @functools.cache
 def _hw_source_hash() -> str:
     """Hash of every generator source file: a change to any of them invalidates cached Verilog."""
     h = hashlib.sha256()
-    for path in sorted((ROOT / "hw").rglob("*.py")) + sorted((ROOT / "hw").rglob("*.v")):
+    tables = [ROOT / f for f in FIRMWARE_TABLES if (ROOT / f).exists()]
+    for path in sorted((ROOT / "hw").rglob("*.py")) + sorted((ROOT / "hw").rglob("*.v")) + tables:
         h.update(path.relative_to(ROOT).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
