@@ -1,0 +1,434 @@
+"""The SoC top: command processor, NPU (matrix unit, vector queue), PCU, memory fabric, one memory
+controller per channel and (in simulation) the PIM device, behind AXI4-Lite registers and an AXI4
+window onto device memory.
+
+::
+
+    s_axil (CSRs: firmware.soc_regs)          s_axi (AXI4 window, 32-byte beats)
+        |  START / CLEAR / counters                 |
+        v                                           v
+    CommandProcessor --mu--> MatrixUnit        AxiWindow
+        |        |--vq--> VectorQueue              |
+        |        +--pcu-> macro queue -> Pcu --+   |
+        | fetch      | DMA       | DMA        |    |
+        v            v           v            |    v
+    MemFabric  m1 (CP)  m2 (MU)  m3 (VQ)      |   m0 (host)      in-order responses per requester
+        | r<c> / q<c>                         | p<c> / pr<c> / mode<c>  (PIM micro commands)
+        v                                     v
+    MemCtrlSystem: one MemoryController per channel + the PIM device (mon<c>, s<c>, bd_load)
+
+The host writes a program (:mod:`firmware.isa`) and its data into device memory
+through the window, sets ``PROG_ADDR`` / ``PROG_LEN`` and writes ``CTRL.START``;
+``done`` (also ``STATUS.DONE``) rises when the program's END retires. The
+register map is :func:`firmware.soc_regs.register_table` (one table for RTL,
+host and docs); every counter it names is wired here from its source.
+
+Queues: the matrix unit and the vector queue have their own instruction
+queues; the PCU takes one macro at a time, so a queue of ``macro_depth``
+macros sits in front of it and the command processor runs ahead of PIM
+(NPU instructions after a PIM sequence are dispatched while it runs). A
+FENCE or END on the PCU waits for that queue too.
+
+``START`` is taken when the command processor is idle (a START while it runs
+is dropped) and waits until the units are idle (after a ``CLEAR`` they finish
+what they had queued first); ``CLEAR | START`` in one write clears, then
+starts.
+
+``ERROR_PC``: the command processor's, except for errors of the PCU and the
+vector queue, which fail instructions they took from a queue earlier: the
+index travels with each macro through the macro queue, and the indices of
+vector-queue instructions are kept in dispatch order and retired one per
+instruction the queue finishes (its ``instructions`` counter), so
+``ERROR_PC`` names the failing instruction. For the matrix unit it is exact
+for the errors found when an instruction is decoded (all but memory errors
+and token overflow, which name the last MATRIX instruction dispatched).
+
+``s_axi``: one 32-byte column per beat, INCR bursts of ``AxSIZE = 5``. Beats
+become normal requests on the fabric's host port, pipelined (requests go out
+as fast as the fabric takes them; read data returns in order as it arrives; a
+write burst's B response waits for every acknowledgement). A burst that is
+misaligned, reaches outside device memory, or has another size or burst type
+touches nothing and answers SLVERR (every read beat SLVERR with zero data);
+a beat the memory answers with ``error`` answers SLVERR too.
+
+Counters are reset by ``CTRL.RESET_COUNTERS``: the command processor's and the
+SoC's own counters are zeroed; the others (the units', the fabric's, the
+controllers', which only wrap) are read relative to a snapshot taken then. The
+matrix unit and the vector queue also zero theirs with their error at
+``CTRL.CLEAR`` (their snapshots are zeroed with them).
+
+Known limit: ``CLEAR`` clears errors but does not flush the units' queues. A
+matrix-unit instruction rejected with an error gives none of its tokens, so
+matrix instructions that wait on them stay queued (the unit stays busy, and a
+later START waits for it) until reset; programs must not depend on a failing
+instruction's tokens to recover without a reset.
+"""
+
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from firmware.isa import CpError
+from firmware.soc_regs import CSR, REQUESTERS, SOC_ID, Ctrl, register_table
+
+from .config import SystemConfig
+from .cp import CommandProcessor
+from .memif import MemPortSignature
+from .proto import OKAY, SLVERR, AxiLiteSignature, AxiSignature
+
+__all__ = ["SocTop", "AxiWindow"]
+
+VQ_DEPTH = 8            # the vector queue's instruction FIFO
+
+
+class AxiWindow(wiring.Component):
+    """AXI4 slave onto unified memory: every 32-byte beat one normal request, pipelined, in order.
+
+    Parameters
+    ----------
+    cfg : SystemConfig
+
+    Members
+    -------
+    s_axi : In(AxiSignature(data_width=column_bits))
+    mem : Out(MemPortSignature(cfg))
+        Responses must come back in request order (a :class:`hw.fabric.MemFabric` port).
+    busy : Out(1)
+        A burst in progress.
+    """
+
+    def __init__(self, cfg: SystemConfig):
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        self._cfg = cfg
+        super().__init__({
+            "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)),
+            "mem": Out(MemPortSignature(cfg)),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self._cfg.pim
+        cb = p.column_bytes
+        size = (cb - 1).bit_length()
+        ax = self.s_axi
+        req, resp = self.mem.req, self.mem.resp
+
+        def window_ok(addr, length, burst, asize):
+            end = addr + (length + 1) * cb
+            return (addr[:size] == 0) & (end <= p.total_bytes) & (burst == 1) & (asize == size)
+
+        t_id = Signal(len(ax.awid))
+        t_addr = Signal(32)
+        t_len = Signal(9)            # beats - 1
+        t_bad = Signal()
+        t_err = Signal()
+        issued = Signal(9)           # requests issued (read) / beats taken (write)
+        answered = Signal(9)         # responses received
+        w_last_in = Signal()         # the write burst's last beat was taken
+        m.d.comb += [ax.bid.eq(t_id), ax.rid.eq(t_id), ax.bresp.eq(Mux(t_bad | t_err, SLVERR, OKAY))]
+        m.d.comb += [req.payload.addr.eq(t_addr), req.payload.data.eq(ax.wdata), req.payload.mask.eq(ax.wstrb),
+                     req.payload.tag.eq(0)]
+        with m.FSM(name="window") as fsm:
+            with m.State("Idle"):
+                with m.If(ax.awvalid):
+                    m.d.comb += ax.awready.eq(1)
+                    m.d.sync += [t_id.eq(ax.awid), t_addr.eq(ax.awaddr), t_err.eq(0), issued.eq(0),
+                                 answered.eq(0), w_last_in.eq(0),
+                                 t_bad.eq(~window_ok(ax.awaddr, ax.awlen, ax.awburst, ax.awsize))]
+                    m.next = "Write"
+                with m.Elif(ax.arvalid):
+                    m.d.comb += ax.arready.eq(1)
+                    m.d.sync += [t_id.eq(ax.arid), t_addr.eq(ax.araddr), t_len.eq(ax.arlen), issued.eq(0),
+                                 answered.eq(0),
+                                 t_bad.eq(~window_ok(ax.araddr, ax.arlen, ax.arburst, ax.arsize))]
+                    m.next = "Read"
+            with m.State("Write"):
+                with m.If(t_bad):
+                    m.d.comb += ax.wready.eq(1)
+                    with m.If(ax.wvalid & ax.wlast):
+                        m.next = "Write-Response"
+                with m.Else():
+                    m.d.comb += resp.ready.eq(1)
+                    with m.If(~w_last_in):
+                        m.d.comb += [req.payload.write.eq(1), req.valid.eq(ax.wvalid), ax.wready.eq(req.ready)]
+                    take = ax.wvalid & ax.wready
+                    got = resp.valid
+                    with m.If(take):
+                        m.d.sync += [t_addr.eq(t_addr + cb), issued.eq(issued + 1)]
+                        with m.If(ax.wlast):
+                            m.d.sync += w_last_in.eq(1)
+                    with m.If(got):
+                        m.d.sync += [answered.eq(answered + 1), t_err.eq(t_err | resp.payload.error)]
+                    with m.If(w_last_in & ~take & (answered + got == issued)):
+                        m.next = "Write-Response"
+            with m.State("Write-Response"):
+                m.d.comb += ax.bvalid.eq(1)
+                with m.If(ax.bready):
+                    m.next = "Idle"
+            with m.State("Read"):
+                with m.If(t_bad):
+                    m.d.comb += [ax.rvalid.eq(1), ax.rdata.eq(0), ax.rresp.eq(SLVERR), ax.rlast.eq(answered == t_len)]
+                    with m.If(ax.rready):
+                        m.d.sync += answered.eq(answered + 1)
+                        with m.If(answered == t_len):
+                            m.next = "Idle"
+                with m.Else():
+                    m.d.comb += [req.payload.write.eq(0), req.valid.eq(issued <= t_len)]
+                    with m.If(req.valid & req.ready):
+                        m.d.sync += [t_addr.eq(t_addr + cb), issued.eq(issued + 1)]
+                    m.d.comb += [ax.rvalid.eq(resp.valid), ax.rdata.eq(resp.payload.data),
+                                 ax.rresp.eq(Mux(resp.payload.error, SLVERR, OKAY)), ax.rlast.eq(answered == t_len),
+                                 resp.ready.eq(ax.rready)]
+                    with m.If(resp.valid & resp.ready):
+                        m.d.sync += answered.eq(answered + 1)
+                        with m.If(answered == t_len):
+                            m.next = "Idle"
+        m.d.comb += self.busy.eq(~fsm.ongoing("Idle"))
+        return m
+
+
+class SocTop(wiring.Component):
+    """The SoC (see the module docstring).
+
+    Parameters
+    ----------
+    cfg : SystemConfig
+    device_factory : callable
+        Zero-argument factory of the PIM device (:func:`hw.pim.device_factory`).
+    fetch_depth : int
+        The command processor's prefetch depth.
+    rob_depth : int
+        The memory fabric's reorder-buffer slots per requester.
+    macro_depth : int
+        Macro PIM commands queued in front of the PCU.
+    pe_instance, lane_instance : bool
+        Instantiate the systolic array's PEs and the vector lanes as Verilog modules by name (Verilog
+        builds; see :mod:`hw.npu.systolic` and :func:`hw.npu.vector.lane_verilog`).
+
+    Members
+    -------
+    s_axil : In(AxiLiteSignature())
+        Registers (:func:`firmware.soc_regs.register_table`).
+    s_axi : In(AxiSignature(data_width=column_bits))
+        Window onto device memory.
+    bd_load : In(1)
+        The device's back door (simulation).
+    done, busy : Out(1)
+        The command processor's ``done`` and ``busy``.
+    error : Out(16)
+        The command processor's ``error``.
+    unit_busy : Out(3)
+        Matrix unit, vector queue, PCU (with its macro queue) busy.
+    mon<c>, s<c>
+        The command bus the device sees (for the protocol checker) and the device's status.
+    """
+
+    def __init__(self, cfg: SystemConfig, device_factory, fetch_depth: int = 32, rob_depth: int = 32,
+                 macro_depth: int = 8, pe_instance: bool = True, lane_instance: bool = True):
+        from .memctrl import BusMonitorSignature
+        from .pim.channel import PimStatusSignature
+
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        if not callable(device_factory):
+            raise TypeError(f"Device factory must be callable, not {device_factory!r}")
+        self._cfg = cfg
+        self._device_factory = device_factory
+        self._fetch_depth = fetch_depth
+        self._rob_depth = rob_depth
+        if not isinstance(macro_depth, int) or isinstance(macro_depth, bool) or macro_depth < 1:
+            raise ValueError(f"Macro queue depth must be a positive integer, not {macro_depth!r}")
+        self._macro_depth = macro_depth
+        self._pe_instance = pe_instance
+        self._lane_instance = lane_instance
+        self.regs = register_table(cfg.pim.channels)
+        members = {"s_axil": In(AxiLiteSignature()), "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)),
+                   "bd_load": In(1), "done": Out(1), "busy": Out(1), "error": Out(16), "unit_busy": Out(3)}
+        for c in range(cfg.pim.channels):
+            members[f"mon{c}"] = Out(BusMonitorSignature(cfg))
+            members[f"s{c}"] = Out(PimStatusSignature())
+        super().__init__(members)
+
+    @property
+    def cfg(self) -> SystemConfig:
+        return self._cfg
+
+    def elaborate(self, platform):
+        from .fabric import MemFabric
+        from .memctrl import MemCtrlSystem
+        from .npu.matrix_unit import MatrixUnit
+        from .npu.vector_queue import VectorQueue
+        from .pcu import Pcu
+
+        m = Module()
+        cfg = self._cfg
+        C = cfg.pim.channels
+        cp = m.submodules.cp = CommandProcessor(cfg, self._fetch_depth)
+        mu = m.submodules.mu = MatrixUnit(cfg, pe_instance=self._pe_instance)
+        vq = m.submodules.vq = VectorQueue(cfg, queue_depth=VQ_DEPTH, lane_instance=self._lane_instance)
+        pcu = m.submodules.pcu = Pcu(cfg)
+        mem = m.submodules.mem = MemCtrlSystem(cfg, self._device_factory)
+        fabric = m.submodules.fabric = MemFabric(cfg, len(REQUESTERS), self._rob_depth)
+        win = m.submodules.window = AxiWindow(cfg)
+
+        # ---------------- datapath wiring ----------------
+        wiring.connect(m, wiring.flipped(self.s_axi), win.s_axi)
+        for i, port in enumerate((win.mem, cp.mem, mu.mem, vq.mem)):
+            wiring.connect(m, port, getattr(fabric, f"m{i}"))
+        for c in range(C):
+            wiring.connect(m, getattr(fabric, f"r{c}"), getattr(mem, f"r{c}"))
+            wiring.connect(m, getattr(mem, f"q{c}"), getattr(fabric, f"q{c}"))
+            wiring.connect(m, getattr(pcu, f"p{c}"), getattr(mem, f"p{c}"))
+            wiring.connect(m, getattr(mem, f"pr{c}"), getattr(pcu, f"pr{c}"))
+            m.d.comb += [getattr(mem, f"mode{c}").eq(getattr(pcu, f"mode{c}")),
+                         getattr(pcu, f"pidle{c}").eq(getattr(mem, f"pidle{c}")),
+                         getattr(pcu, f"perr{c}").eq(getattr(mem, f"perr{c}"))]
+            wiring.connect(m, getattr(mem, f"mon{c}"), wiring.flipped(getattr(self, f"mon{c}")))
+            wiring.connect(m, getattr(mem, f"s{c}"), wiring.flipped(getattr(self, f"s{c}")))
+        m.d.comb += mem.bd_load.eq(self.bd_load)
+        wiring.connect(m, cp.mu, mu.instr)
+        wiring.connect(m, cp.vq, vq.instr)
+        # The PCU takes one macro at a time; a queue lets the command processor run ahead (NPU work
+        # overlaps a PIM sequence). Each entry carries its instruction index for ERROR_PC.
+        mq = m.submodules.macro_queue = SyncFIFOBuffered(width=128 + 32, depth=self._macro_depth)
+        pcu_busy = Signal()
+        m.d.comb += [
+            mq.w_data.eq(Cat(cp.pcu.payload, cp.pc)), mq.w_en.eq(cp.pcu.valid), cp.pcu.ready.eq(mq.w_rdy),
+            pcu.macro.valid.eq(mq.r_rdy), pcu.macro.payload.eq(mq.r_data[:128]), mq.r_en.eq(pcu.macro.ready),
+            pcu_busy.eq(pcu.busy | mq.r_rdy),
+            cp.mu_busy.eq(mu.busy), cp.mu_error.eq(mu.error_code.as_value()),
+            cp.vq_busy.eq(vq.busy), cp.vq_error.eq(vq.error),
+            cp.pcu_busy.eq(pcu_busy), cp.pcu_error.eq(pcu.error),
+            self.done.eq(cp.done), self.busy.eq(cp.busy), self.error.eq(cp.error),
+            self.unit_busy.eq(Cat(mu.busy, vq.busy, pcu_busy)),
+        ]
+
+        # ---------------- control ----------------
+        clear = Signal()
+        reset_counters = Signal()
+        start_req = Signal()            # CTRL.START written while the command processor was idle
+        start = Signal()
+        prog_addr = Signal(32)
+        prog_len = Signal(32)
+        units_idle = ~mu.busy & ~vq.busy & ~pcu_busy
+        # After a CLEAR the units may still finish instructions they had queued: START waits for them.
+        m.d.comb += start.eq(start_req & units_idle & ~clear)
+        with m.If(start | clear):
+            m.d.sync += start_req.eq(0)
+        m.d.comb += [cp.clear.eq(clear), mu.clear.eq(clear), vq.clear.eq(clear), pcu.clear.eq(clear),
+                     cp.reset_counters.eq(reset_counters), cp.start.eq(start),
+                     cp.prog_addr.eq(prog_addr), cp.prog_len.eq(prog_len)]
+
+        # ---------------- ERROR_PC of queued units ----------------
+        # The PCU and the vector queue fail instructions they took from a queue some time ago. PCU: the
+        # index of the macro it took last (it takes the next one only after the failing one finished).
+        # Vector queue: indices in dispatch order, one popped per instruction it finishes (its
+        # ``instructions`` counter); the failing one is at the head when its error appears.
+        pcu_pc = Signal(32)
+        with m.If(pcu.macro.valid & pcu.macro.ready):
+            m.d.sync += pcu_pc.eq(mq.r_data[128:])
+        vq_pcs = m.submodules.vq_pcs = ResetInserter(clear | start)(
+            SyncFIFOBuffered(width=32, depth=2 * VQ_DEPTH))
+        vq_done_prev = Signal(32)
+        m.d.sync += vq_done_prev.eq(vq.counters.instructions)
+        m.d.comb += [vq_pcs.w_data.eq(cp.pc), vq_pcs.w_en.eq(cp.vq.valid & cp.vq.ready),
+                     vq_pcs.r_en.eq(vq.counters.instructions != vq_done_prev)]
+        fail_pc = Signal(32)
+        fail_seen = Signal()
+        with m.If(clear):
+            m.d.sync += fail_seen.eq(0)
+        with m.Elif(~fail_seen & cp.busy):
+            # The same priority as the command processor's (MU, VQ, PCU).
+            with m.If(mu.error):
+                m.d.sync += fail_seen.eq(1)
+            with m.Elif((vq.error != 0) & vq_pcs.r_rdy):
+                m.d.sync += [fail_seen.eq(1), fail_pc.eq(vq_pcs.r_data)]
+            with m.Elif(pcu.error != 0):
+                m.d.sync += [fail_seen.eq(1), fail_pc.eq(pcu_pc)]
+        cp_code = cp.error[:8]
+        error_pc = Mux(fail_seen & ((cp_code == CpError.PCU) | (cp_code == CpError.VQ)), fail_pc, cp.error_pc)
+
+        # ---------------- counters ----------------
+        cycles = Signal(32)
+        pcu_busy_cycles = Signal(32)
+        with m.If(reset_counters):
+            m.d.sync += [cycles.eq(0), pcu_busy_cycles.eq(0)]
+        with m.Else():
+            m.d.sync += [cycles.eq(cycles + 1), pcu_busy_cycles.eq(pcu_busy_cycles + pcu.busy)]
+        sources = {("soc", "cycles"): cycles, ("pcu", "busy"): pcu_busy_cycles}
+        for name, _ in cp.counters.shape():
+            sources[("cp", name)] = getattr(cp.counters, name)
+        relative = {}             # counters read against a snapshot: (group, name) -> (raw, zeroed by CLEAR)
+        for name, _ in mu.counters.shape():
+            relative[("mu", name)] = (getattr(mu.counters, name), True)
+        for name, _ in vq.counters.shape():
+            relative[("vq", name)] = (getattr(vq.counters, name), True)
+        relative[("pcu", "completed")] = (pcu.completed, False)
+        for i in range(len(REQUESTERS)):
+            relative[("fabric", f"req_stall{i}")] = (getattr(fabric, f"req_stall{i}"), False)
+        for c in range(C):
+            k = getattr(mem, f"k{c}")
+            for name in k.signature.members:
+                relative[(f"ch{c}", name)] = (getattr(k, name), False)
+        for key, (raw, cleared) in relative.items():
+            snap = Signal(32, name=f"snap_{key[0]}_{key[1]}")
+            with m.If(reset_counters):
+                m.d.sync += snap.eq(raw)
+            if cleared:
+                with m.Elif(clear):
+                    m.d.sync += snap.eq(0)
+            sources[key] = (raw - snap)[:32]
+        writable = {reg.offset for reg in self.regs if "w" in reg.access}
+        if writable != {CSR.CTRL, CSR.PROG_ADDR, CSR.PROG_LEN}:
+            raise ValueError(f"The register table's writable registers {sorted(writable)} are not the SoC's")
+        for reg in self.regs:
+            if reg.source is not None and reg.source not in sources:
+                raise KeyError(f"Register {reg.name} reads counter {reg.source}, which the SoC does not have")
+
+        status = Cat(cp.busy, cp.done, cp.error != 0, mu.busy, vq.busy, pcu.busy, win.busy)
+
+        # ---------------- registers (AXI4-Lite) ----------------
+        al = self.s_axil
+        bvalid, bresp = Signal(), Signal(2)
+        m.d.comb += [al.bvalid.eq(bvalid), al.bresp.eq(bresp)]
+        take_w = al.awvalid & al.wvalid & ~bvalid
+        m.d.comb += [al.awready.eq(take_w), al.wready.eq(take_w)]
+        with m.If(bvalid & al.bready):
+            m.d.sync += bvalid.eq(0)
+        with m.If(take_w):
+            m.d.sync += [bvalid.eq(1), bresp.eq(OKAY)]
+            with m.Switch(al.awaddr):
+                with m.Case(CSR.CTRL):
+                    m.d.comb += [clear.eq(al.wdata[(Ctrl.CLEAR.value - 1).bit_length()]),
+                                 reset_counters.eq(al.wdata[(Ctrl.RESET_COUNTERS.value - 1).bit_length()])]
+                    with m.If(al.wdata[(Ctrl.START.value - 1).bit_length()] & (~cp.busy | clear)):
+                        m.d.sync += start_req.eq(1)
+                with m.Case(CSR.PROG_ADDR):
+                    m.d.sync += prog_addr.eq(al.wdata)
+                with m.Case(CSR.PROG_LEN):
+                    m.d.sync += prog_len.eq(al.wdata)
+                with m.Default():
+                    m.d.sync += bresp.eq(SLVERR)
+
+        readable = {CSR.ID: Const(SOC_ID, 32), CSR.STATUS: status, CSR.ERROR: cp.error, CSR.ERROR_PC: error_pc,
+                    CSR.PROG_ADDR: prog_addr, CSR.PROG_LEN: prog_len}
+        rvalid, rdata, rresp = Signal(), Signal(32), Signal(2)
+        m.d.comb += [al.rvalid.eq(rvalid), al.rdata.eq(rdata), al.rresp.eq(rresp)]
+        m.d.comb += al.arready.eq(~rvalid)
+        with m.If(rvalid & al.rready):
+            m.d.sync += rvalid.eq(0)
+        with m.If(al.arvalid & ~rvalid):
+            m.d.sync += [rvalid.eq(1), rresp.eq(OKAY), rdata.eq(0)]
+            with m.Switch(al.araddr):
+                for reg in self.regs:
+                    if "r" not in reg.access:
+                        continue
+                    with m.Case(reg.offset):
+                        src = sources[reg.source] if reg.source is not None else readable[CSR(reg.offset)]
+                        m.d.sync += rdata.eq(src)
+                with m.Default():
+                    m.d.sync += rresp.eq(SLVERR)
+        return m
