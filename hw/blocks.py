@@ -33,6 +33,26 @@ def _matrix(name):
     return lambda: MatrixUnit(preset(name))
 
 
+def _soc(name):
+    def factory():
+        from .pim import device_factory
+        from .soc import SocTop
+
+        cfg = preset(name)
+        return SocTop(cfg, device_factory(cfg))
+
+    def sources():
+        from .gen import verilog_for
+        from .npu.systolic import PE_MODULE, ProcessingElement
+        from .npu.vector import LANE_MODULE, VectorLane
+        from .pim import device_sources
+
+        return [*device_sources(preset(name)), verilog_for(lambda: ProcessingElement(), name=PE_MODULE, key="pe"),
+                verilog_for(lambda: VectorLane(), name=LANE_MODULE, key="lane")]
+
+    return factory, sources
+
+
 BLOCKS = {
     "mac16": (_mac16, lambda: []),
     "pim_device_tiny": _pim_device("tiny"),
@@ -41,4 +61,6 @@ BLOCKS = {
     "vector_unit_default": (_vector("default"), lambda: []),
     "matrix_unit_tiny": (_matrix("tiny"), lambda: []),
     "matrix_unit_default": (_matrix("default"), lambda: []),
+    "soc_tiny": _soc("tiny"),
+    "soc_default": _soc("default"),
 }
