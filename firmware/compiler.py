@@ -87,6 +87,11 @@ class MuBlock:
 
     def __init__(self):
         self.ins: list[dict] = []
+        # Scratchpad double-buffer state shared by every GEMM of the block: the next buffer of each kind
+        # and the last instruction that used each buffer (so a later GEMM waits for an earlier one).
+        self.bufs = {"act": 0, "wgt": 0, "acc": 0}
+        self.last_c: dict = {}
+        self.last_s: dict = {}
 
     def add(self, opcode, deps=(), **fields) -> int:
         self.ins.append({"opcode": opcode, "deps": [d for d in deps if d is not None], "fields": fields,
@@ -204,9 +209,7 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
     ntiles = [(n0, min(Nt, N - n0)) for n0 in range(0, N, Nt)]
     Gn = max(1, min(len(ntiles), CW // (nbt * Mt)))
     esize = 2 if out_bf16 else 4
-    last_c = {}
-    last_s = {}
-    bufs = {"act": 0, "wgt": 0, "acc": 0}
+    last_c, last_s, bufs = blk.last_c, blk.last_s, blk.bufs
     L, Cc, S = mu_isa.Opcode.LOAD, mu_isa.Opcode.COMPUTE, mu_isa.Opcode.STORE
     for m0 in range(0, M, Mt):
         mt = min(Mt, M - m0)
@@ -242,7 +245,9 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
             bufs["acc"] ^= 1
     if est is not None:
         from firmware import costmodel
-        est["mu"] = est.get("mu", 0) + costmodel.mu_gemm_cycles(cfg, M, K, N, transposed=isinstance(w, (PimWeights, RowsN)))
+        mem, comp = costmodel.mu_gemm_parts(cfg, M, K, N, transposed=isinstance(w, (PimWeights, RowsN)))
+        est["mu"] = est.get("mu", 0) + mem + comp
+        est["npu_mem"] = est.get("npu_mem", 0) + mem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +279,9 @@ class ProgramBuilder:
         return b // 32
 
     def fence(self, units):
+        from firmware import costmodel
         self.words.append(isa.encode(SocOp.FENCE, units=int(units)))
+        self.est["fence"] = self.est.get("fence", 0) + costmodel.FENCE_CYCLES
 
     def end(self):
         self.words.append(isa.encode(SocOp.END))
@@ -294,7 +301,9 @@ class ProgramBuilder:
                                      mem_stride=mem_stride, rows=rows, cols=row_bytes // 32,
                                      spm_addr=self.unit(spm_word), spm_pitch=self.unit(spm_pitch_words)))
         from firmware import costmodel
-        self.est["vq"] = self.est.get("vq", 0) + costmodel.vdma_cycles(self.cfg, rows, row_bytes)
+        c = costmodel.vdma_cycles(self.cfg, rows, row_bytes)
+        self.est["vq"] = self.est.get("vq", 0) + c
+        self.est["npu_mem"] = self.est.get("npu_mem", 0) + c
 
     def pim(self, **fields):
         w = macro_encode(Macro(**fields))
@@ -552,7 +561,9 @@ class LayerCompiler:
                     pb.words.append(isa.encode(SocOp.VSTORE, mem_addr=mem, mem_stride=stride, rows=rg,
                                                cols=hd * 2 // 32, spm_addr=unit, spm_pitch=pb.unit(pitch)))
                     from firmware import costmodel
-                    pb.est["vq"] = pb.est.get("vq", 0) + costmodel.vdma_cycles(self.cfg, rg, hd * 2)
+                    c = costmodel.vdma_cycles(self.cfg, rg, hd * 2)
+                    pb.est["vq"] = pb.est.get("vq", 0) + c
+                    pb.est["npu_mem"] = pb.est.get("npu_mem", 0) + c
             pb.spm_top = top
 
     def attention(self, pb, lp, rows, pos0, heads):
@@ -647,6 +658,49 @@ class LayerCompiler:
         pb.pim(op=MacroOp.READ_RES, n=N, addr0=out_addr, flags=int(MacroFlag.BF16) if bf16 else 0)
         pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, K, N, gelu, write_vec)
 
+    def _qkv_attn_plain(self, pb, lp, pos0):
+        b, d, H = self.plan.buffers, self.shape.d_model, self.shape.heads
+        self.fc_pim(pb, b["h"], d, lp.qkv, 3 * d, lp.qkv_b, b["qkv"], bf16=True)
+        pb.fence(Unit.PCU)
+        self.scatter_qkv(pb, lp, 1, pos0, False, range(H), False)
+        pb.fence(Unit.VQ)
+        self.attention(pb, lp, 1, pos0, range(H))
+
+    def _qkv_attn_split(self, pb, lp, pos0) -> int:
+        """QKV GEMV per head group, the NPU attending to group g while PIM computes group g + 1; returns
+        the cost model's estimate ``pim_0 + sum_g (mem_g + max(compute_g, pim_{g+1}))``: the NPU's DRAM
+        traffic waits while PIM holds the channels, only its compute overlaps."""
+        cfg, plan, b, d, H = self.cfg, self.plan, self.plan.buffers, self.shape.d_model, self.shape.heads
+        hpg = plan.hpg
+        ng = 3 * self.shape.head_dim * hpg
+        groups = H // hpg
+        tiles = ng // lp.qkv.per_tile
+
+        def npu():
+            return pb.est.get("mu", 0) + pb.est.get("vq", 0), pb.est.get("npu_mem", 0)
+
+        def issue(g):
+            before = pb.est.get("pim", 0)
+            lay = GemvLayout(cfg, d, ng, base_row=lp.qkv.base_row + g * tiles * lp.qkv.chunks)
+            self.fc_pim(pb, b["h"], d, lay, ng, lp.qkv_b + g * ng * 4, b["qkv"] + g * ng * 2, bf16=True,
+                        write_vec=(g == 0))
+            return pb.est["pim"] - before
+
+        total = issue(0)
+        pb.fence(Unit.PCU)
+        for g in range(groups):
+            pim_next = issue(g + 1) if g + 1 < groups else 0     # PIM computes the next head group ...
+            before = npu()
+            heads = range(g * hpg, (g + 1) * hpg)
+            self.scatter_qkv(pb, lp, 1, pos0, False, heads, False)   # ... while the NPU attends to this one
+            pb.fence(Unit.VQ)
+            self.attention(pb, lp, 1, pos0, heads)
+            pb.fence(Unit.PCU)
+            after = npu()
+            mem = after[1] - before[1]
+            total += mem + max(after[0] - before[0] - mem, pim_next)
+        return int(total)
+
     # -- stages ----------------------------------------------------------------------------------
     def stage(self, i, phase, name, rows, pos0) -> Stage:
         cfg, plan, lp = self.cfg, self.plan, self.plan.layers[i]
@@ -668,33 +722,26 @@ class LayerCompiler:
                 pb.fence(Unit.VQ)
                 self.attention(pb, lp, rows, pos0, range(H))
             elif self.policy == "ianus" and rows == 1:
-                hpg = plan.hpg
-                ng = 3 * self.shape.head_dim * hpg
-                groups = H // hpg
-                tiles = ng // lp.qkv.per_tile
-
-                def issue(g):
-                    lay = GemvLayout(cfg, d, ng, base_row=lp.qkv.base_row + g * tiles * lp.qkv.chunks)
-                    self.fc_pim(pb, b["h"], d, lay, ng, lp.qkv_b + g * ng * 4, b["qkv"] + g * ng * 2, bf16=True,
-                                write_vec=(g == 0))
-                issue(0)
-                pb.fence(Unit.PCU)
-                for g in range(groups):
-                    if g + 1 < groups:
-                        issue(g + 1)            # PIM computes the next head group ...
-                    heads = range(g * hpg, (g + 1) * hpg)
-                    self.scatter_qkv(pb, lp, rows, pos0, False, heads, False)   # ... while the NPU attends
-                    pb.fence(Unit.VQ)
-                    self.attention(pb, lp, rows, pos0, heads)
-                    pb.fence(Unit.PCU)
+                # Head-group pipelining (PIM computes group g + 1 while the NPU attends to group g) when
+                # the cost model says the overlap beats its extra per-group overheads.
+                split, split_est = ProgramBuilder(cfg), None
+                if H // plan.hpg > 1:
+                    split_est = self._qkv_attn_split(split, lp, pos0)
+                plain = ProgramBuilder(cfg)
+                self._qkv_attn_plain(plain, lp, pos0)
+                plain_est = sum(plain.est.get(k, 0) for k in ("pim", "mu", "vq", "fence"))
+                if split_est is not None:
+                    split_est += split.est.get("fence", 0)
+                best = split if split_est is not None and split_est < plain_est else plain
+                pb.words, pb.est = best.words, dict(best.est)
+                pb.est["overlap"] = best is split
+                pb.est["alternative"] = plain_est if best is split else split_est
+                if best is split:
+                    pb.est["split_total"] = split_est
             else:
                 if rows != 1:
                     raise CompileError("PIM FCs run one token at a time (generation)")
-                self.fc_pim(pb, b["h"], d, lp.qkv, 3 * d, lp.qkv_b, b["qkv"], bf16=True)
-                pb.fence(Unit.PCU)
-                self.scatter_qkv(pb, lp, rows, pos0, False, range(H), False)
-                pb.fence(Unit.VQ)
-                self.attention(pb, lp, rows, pos0, range(H))
+                self._qkv_attn_plain(pb, lp, pos0)
         elif name == "proj":
             where = self.mapping[(phase, "proj")]
             if where == "mu":
@@ -727,7 +774,7 @@ class LayerCompiler:
             pb.words = _fence_pim(pb.words)
         est = dict(pb.est)
         from firmware import costmodel
-        est["total"] = costmodel.stage_total(est, overlap=(self.policy == "ianus" and name == "qkv_attn"))
+        est["total"] = est.get("split_total") or costmodel.stage_total(est, overlap=False)
         return Stage(i, phase, pos0, name, pb.words, est, where)
 
 

@@ -28,6 +28,9 @@ __all__ = ["mu_gemm_cycles", "pim_fc_cycles", "vector_cycles", "vdma_cycles", "s
 DRAM_EFFICIENCY = 0.5
 PCU_OVERHEAD = 1.76
 MEM_LATENCY = 60
+FENCE_CYCLES = 24
+"""A FENCE: the fenced unit's pipeline drains before the next instruction starts, and the next unit
+refills its own (the matrix unit's array and accumulator drain, the vector unit's 23-stage lanes)."""
 
 
 def _mem_rate(cfg) -> float:
@@ -35,6 +38,12 @@ def _mem_rate(cfg) -> float:
 
 
 def mu_gemm_cycles(cfg, M, K, N, transposed=True) -> int:
+    return sum(mu_gemm_parts(cfg, M, K, N, transposed))
+
+
+def mu_gemm_parts(cfg, M, K, N, transposed=True) -> tuple[int, int]:
+    """(memory-bound cycles, compute-only cycles) of a GEMM: only the second can overlap a PIM operation
+    (normal DRAM traffic waits while a macro PIM command holds the channels)."""
     n = cfg.npu
     R, C = n.array_rows, n.array_cols
     KB, NB = -(-K // R), -(-N // C)
@@ -42,7 +51,8 @@ def mu_gemm_cycles(cfg, M, K, N, transposed=True) -> int:
     w_rate = min(32 * C / (C + 16) if transposed else 32.0, _mem_rate(cfg))
     wdma = K * N * 2 / w_rate
     adma = M * K * 2 / min(32.0, _mem_rate(cfg)) * max(1, -(-N // 256))
-    return int(max(compute, wdma, adma) + MEM_LATENCY)
+    mem = max(wdma, adma) + MEM_LATENCY
+    return int(mem), int(max(0, compute - max(wdma, adma)))
 
 
 def pim_fc_cycles(cfg, K, N, gelu=False, write_vec=True) -> int:
@@ -73,9 +83,6 @@ def vdma_cycles(cfg, rows, row_bytes) -> int:
     return rows * (row_bytes // 32) + MEM_LATENCY
 
 
-def stage_total(est: dict, overlap: bool) -> int:
-    parts = [est.get(k, 0) for k in ("mu", "vq", "pim")]
-    if overlap:
-        # PIM runs beside the NPU except for the first head group; the NPU units run in turn
-        return int(max(parts[2], parts[0] + parts[1]) + 0.25 * min(parts[2], parts[0] + parts[1]))
-    return int(sum(parts))
+def stage_total(est: dict, overlap: bool = False) -> int:
+    """Units in turn (FENCEs between them); overlapped stages compute their own estimate."""
+    return int(sum(est.get(k, 0) for k in ("mu", "vq", "pim", "fence")))

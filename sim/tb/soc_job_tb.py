@@ -1,0 +1,158 @@
+"""cocotb testbench: run a compiled job's programs on :class:`sim.tb.soc_run.SocSim`.
+
+Python runs only on register accesses, on ``done`` / ``error`` edges and on the
+unit-busy edges it records for the trace (the clock is generated inside the
+simulation). Results go to ``result.json`` (per program: cycles, every counter,
+busy spans of the units) and ``dump_<name>.bin`` (memory regions read through
+the AXI4 window) in the test directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import cocotb
+from cocotb.triggers import Edge, FallingEdge, First, RisingEdge, Timer
+
+from firmware.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
+from sim.tb.common import tb_test
+
+PERIOD_NS = 10
+
+AXIL = ("awaddr", "awprot", "awvalid", "awready", "wdata", "wstrb", "wvalid", "wready", "bresp", "bvalid", "bready",
+        "araddr", "arprot", "arvalid", "arready", "rdata", "rresp", "rvalid", "rready")
+AXI = ("awid", "awaddr", "awlen", "awsize", "awburst", "awvalid", "awready", "wdata", "wstrb", "wlast", "wvalid",
+       "wready", "bid", "bresp", "bvalid", "bready", "arid", "araddr", "arlen", "arsize", "arburst", "arvalid",
+       "arready", "rid", "rdata", "rresp", "rlast", "rvalid", "rready")
+
+
+class Host:
+    """The host side: cocotbext-axi masters on the register and memory interfaces."""
+
+    def __init__(self, dut):
+        from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiMaster
+
+        for prefix, names in (("s_axil__", AXIL), ("s_axi__", AXI)):
+            for n in names:
+                getattr(dut, prefix + n)
+        self.axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axil_"), dut.clk_out)
+        self.axi = AxiMaster(AxiBus.from_prefix(dut, "s_axi_"), dut.clk_out)
+        for master in (self.axi, self.axil):
+            for iface in (master.write_if, master.read_if):
+                iface.log.setLevel(logging.WARNING)
+
+    async def wr(self, off, value):
+        resp = await self.axil.write(off, int(value).to_bytes(4, "little"))
+        assert int(resp.resp) == 0, f"register write {off:#x}: {resp.resp!r}"
+
+    async def rd(self, off):
+        resp = await self.axil.read(off, 4)
+        assert int(resp.resp) == 0, f"register read {off:#x}: {resp.resp!r}"
+        return int.from_bytes(bytes(resp.data), "little")
+
+    async def read_mem(self, addr, n):
+        out = bytearray()
+        step = 1 << 13
+        for a in range(addr, addr + n, step):
+            resp = await self.axi.read(a, min(step, addr + n - a))
+            assert int(resp.resp) == 0, f"memory read at {a:#x}: {resp.resp!r}"
+            out += bytes(resp.data)
+        return bytes(out)
+
+
+def _now():
+    return int(cocotb.utils.get_sim_time("ns")) // PERIOD_NS
+
+
+async def _busy_spans(dut, spans, t0):
+    """Record [start, end) cycles (relative to the program's start) of each unit's busy (MU, VQ, PCU)."""
+    names = ("mu", "vq", "pcu")
+    prev = int(dut.unit_busy.value)
+    start = [0, 0, 0]
+    while True:
+        await Edge(dut.unit_busy)
+        now = _now() - t0
+        v = int(dut.unit_busy.value)
+        for i, n in enumerate(names):
+            if (v >> i) & 1 and not (prev >> i) & 1:
+                start[i] = now
+            elif not (v >> i) & 1 and (prev >> i) & 1:
+                spans.setdefault(n, []).append((start[i], now))
+        prev = v
+
+
+@tb_test()
+async def run_job(dut):
+    run_dir = Path(os.environ["RUN_DIR"])
+    spec = json.loads((run_dir / "job.json").read_text())
+    C = spec["channels"]
+    dut.bd_load.value = 0
+    await RisingEdge(dut.clk_out)
+    # Back door: the image files into the directory the simulator was told (+PIM_BACKDOOR).
+    bd = Path(os.environ["IANUS_BACKDOOR"])
+    bd.mkdir(parents=True, exist_ok=True)
+    for f in (run_dir / "backdoor").glob("*.hex"):
+        shutil.copy(f, bd / f.name)
+    await FallingEdge(dut.clk_out)
+    dut.bd_load.value = 1
+    await FallingEdge(dut.clk_out)
+    dut.bd_load.value = 0
+    await FallingEdge(dut.clk_out)
+    for f in bd.glob("*.hex"):
+        f.unlink()
+    mon = None
+    if spec["checker"]:
+        from sim.pim_checker import BusMonitor
+        from sim.run import soc_config
+
+        class _Dut:             # BusMonitor waits on ``dut.clk``: here the clock is ``clk_out``
+            def __getattr__(self, name):
+                return getattr(dut, "clk_out" if name == "clk" else name)
+
+        mon = BusMonitor(_Dut(), soc_config(spec["config"]))
+        cocotb.start_soon(mon.run())
+    host = Host(dut)
+    assert await host.rd(CSR.ID) == SOC_ID, "not the SoC"
+    regs = counter_registers(C)
+    results = []
+    for prog in spec["programs"]:
+        spans = {}
+        await host.wr(CSR.PROG_ADDR, prog["addr"])
+        await host.wr(CSR.PROG_LEN, prog["n"])
+        await host.wr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+        watcher = cocotb.start_soon(_busy_spans(dut, spans, _now()))
+        await host.wr(CSR.CTRL, Ctrl.START)
+        budget = spec["timeout_cycles"]
+        timer = Timer(budget * PERIOD_NS, "ns")
+        while True:
+            trig = await First(RisingEdge(dut.done), Edge(dut.error), timer)
+            if int(dut.error.value) or int(dut.done.value) or trig is timer:
+                break
+        watcher.kill()
+        err = int(dut.error.value)
+        status = await host.rd(CSR.STATUS)
+        if err:
+            pc = await host.rd(CSR.ERROR_PC)
+            raise AssertionError(f"{prog['name']}: SoC error {err:#06x} at instruction {pc} (STATUS {status:#x})")
+        assert status & Status.DONE, f"{prog['name']}: no done within {budget} cycles (STATUS {status:#x})"
+        counters = {k: await host.rd(off) for k, off in regs.items()}
+        results.append({"name": prog["name"], "cycles": counters["cp.cycles"], "counters": counters,
+                        "busy": {"mu": counters["mu.busy"], "vq": counters["vq.busy"], "pcu": counters["pcu.busy"]},
+                        "spans": spans})
+        dut._log.info("%s: %d cycles", prog["name"], counters["cp.cycles"])
+    # DRAM protocol: the device's own checks (and the Python checker when enabled).
+    for c in range(C):
+        nviol = int(getattr(dut, f"s{c}__nviol").value)
+        assert nviol == 0, f"channel {c}: the device flagged {nviol} protocol violations " \
+                           f"(code {int(getattr(dut, f's{c}__vcode').value)})"
+    if mon is not None:
+        mon.assert_clean()
+    test_dir = Path(os.environ.get("IANUS_TEST_DIR", "."))
+    for name, (addr, n) in spec["dumps"].items():
+        (test_dir / f"dump_{name}.bin").write_bytes(await host.read_mem(addr, n))
+    refreshes = [int(getattr(dut, f"s{c}__n_ref").value) for c in range(C)]
+    (test_dir / "result.json").write_text(json.dumps({"programs": results, "refreshes": refreshes}))

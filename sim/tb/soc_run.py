@@ -1,0 +1,144 @@
+"""Run a compiled job (:mod:`firmware.runtime`) on the SoC RTL: build, back-door image, start programs.
+
+:class:`SocSim` is :class:`hw.soc.SocTop` with its own free-running clock
+(``hw/verilog/npu_clock_gen.v``; Verilator ``--timing``), so the simulator runs
+without Python per clock edge: the testbench (``sim/tb/soc_tb.py``) sleeps on
+``done`` / ``error`` edges and on the unit-busy edges it records for the trace.
+The whole device image (weights, parameters, GELU table, inputs, programs) is
+loaded through the device's ``$readmemh`` back door; every program is started
+through the AXI4-Lite registers; the outputs are read back through the AXI4
+window.
+
+DRAM protocol: the device model checks every command against its timing and
+bank-state rules and counts violations (``s<c>__nviol``); the testbench fails
+on any. With ``checker=True`` (the tiny-configuration tests) the independent
+Python :class:`sim.pim_checker.ProtocolChecker` also watches every bus cycle
+(that costs Python per cycle, so the long default-configuration runs rely on
+the device's own checks, which tests/test_pim_device.py holds equal to the
+Python checker on every violation class).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from amaranth.hdl import ClockDomain, ClockSignal, Instance, Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from sim.build import BUILD_ROOT
+
+__all__ = ["SocSim", "soc_sim_build", "run_rtl", "write_image_backdoor"]
+
+
+class SocSim(wiring.Component):
+    """:class:`hw.soc.SocTop` + clock generator; same ports plus ``clk_out`` and ``unit_busy`` (MU, VQ, PCU)."""
+
+    def __init__(self, cfg, device_factory):
+        from hw.soc import SocTop
+
+        self._top = SocTop(cfg, device_factory)
+        members = dict(self._top.signature.members.items())
+        members["clk_out"] = Out(1)
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        clk = Signal()
+        m.submodules.clock = Instance("npu_clock_gen", p_HALF_PERIOD=5, o_clk=clk)
+        m.domains.sync = ClockDomain("sync")
+        m.d.comb += [ClockSignal("sync").eq(clk), self.clk_out.eq(clk)]
+        m.submodules.top = top = self._top
+        for name, member in self._top.signature.members.items():
+            ours, theirs = getattr(self, name), getattr(top, name)
+            if member.is_signature:
+                wiring.connect(m, wiring.flipped(ours), theirs)
+            elif member.flow == In:
+                m.d.comb += theirs.eq(ours)
+            else:
+                m.d.comb += ours.eq(theirs)
+        return m
+
+
+def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None):
+    from hw.npu.memmodel import CLOCK_VERILOG
+    from hw.npu.systolic import PE_MODULE, ProcessingElement
+    from hw.npu.vector import LANE_MODULE, VectorLane
+    from hw.pim import device_factory, device_sources
+    from sim.build import build, verilog_for
+
+    pe_v = verilog_for(lambda: ProcessingElement(), name=PE_MODULE, key="pe")
+    lane_v = verilog_for(lambda: VectorLane(), name=LANE_MODULE, key="lane")
+    args = ("--timing", "--timescale", "1ns/1ps") if sim == "verilator" else ()
+    return build(lambda: SocSim(cfg, device_factory(cfg)), name=f"soc_sim_{cfg.name}", key=repr(cfg) + " socsim",
+                 sim=sim, waves=waves, extra_sources=(*device_sources(cfg), CLOCK_VERILOG, pe_v, lane_v),
+                 build_args=args, no_inline=("pim_bank_*", PE_MODULE, LANE_MODULE))
+
+
+def write_image_backdoor(image, directory: Path, used_bytes: int):
+    """``$readmemh`` files (``ch{c}_b{b}.hex``) with the rows of ``image`` below ``used_bytes`` and the AF rows."""
+    from sim.pim_sequencer import write_backdoor
+
+    cfg = image.cfg
+    p = cfg.pim
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in directory.glob("*.hex"):
+        f.unlink()
+    per_row = p.channels * p.banks * p.row_bytes
+    nrows = min(p.data_rows, -(-used_bytes // per_row))
+    parts = [(0, image.rows(0, nrows))]
+    if p.af_rows:
+        parts.append((p.data_rows, image.rows(p.data_rows, p.af_rows)))
+    for first, rows in parts:
+        for c in range(p.channels):
+            for b in range(p.banks):
+                write_backdoor(directory, c, b, first, np.ascontiguousarray(rows[:, c, b]), p.columns)
+
+
+def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, timeout_cycles=50_000_000,
+            dump_buffers=False):
+    """Run ``job`` on the RTL; returns (outputs [T, d] float32, per-program results)."""
+    cm = job.compiled
+    cfg = cm.cfg
+    sb = soc_sim_build(cfg, sim, waves)
+    name = test_name or f"run_{cm.policy}_{cfg.name}_{sim}"
+    run_dir = BUILD_ROOT / "runs" / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    bd = run_dir / "backdoor"
+    last = max(a + 32 * n for _, a, n in job.programs)
+    write_image_backdoor(job.image, bd, last)
+    plan = cm.plan
+    dumps = {"out": [plan.layers[-1].x_out, cm.total * cm.shape.d_model * 4]}
+    for i, lp in enumerate(plan.layers):
+        H = cm.shape.heads
+        dumps[f"k{i}"] = [lp.kc[0], (lp.vc[H - 1] + cm.total * cm.shape.head_dim * 2) - lp.kc[0]]
+    if dump_buffers:
+        ends = sorted(plan.buffers.values()) + [plan.prog_base]
+        for k, a in plan.buffers.items():
+            dumps[k] = [a, min(e for e in ends if e > a) - a]
+    spec = {"programs": [{"addr": a, "n": n, "name": f"L{st.layer} {st.phase}@{st.pos} {st.name}"}
+                         for st, a, n in job.programs],
+            "dumps": dumps, "channels": cfg.pim.channels, "config": cfg.name,
+            "checker": bool(checker if checker is not None else cfg.name == "tiny"),
+            "timeout_cycles": timeout_cycles}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(json.dumps(spec))
+    env = {"RUN_DIR": str(run_dir)}
+    results_xml = sb.run("sim.tb.soc_job_tb", "run_job", test_name=name, env=env)
+    test_dir = Path(results_xml).parent
+    res = json.loads((test_dir / "result.json").read_text())
+    raw = {k: (test_dir / f"dump_{k}.bin").read_bytes() for k in dumps}
+    out = np.frombuffer(raw["out"], dtype="<f4").reshape(cm.total, cm.shape.d_model).copy()
+    for k, (addr, n) in dumps.items():
+        res.setdefault("dumps", {})[k] = {"addr": addr, "n": n, "path": str(test_dir / f"dump_{k}.bin")}
+    job.rtl = res
+    return out, res["programs"]
+
+
+def env_flag(name):
+    return os.environ.get(name, "") not in ("", "0")
