@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup tools test test-long test-all demo bench synth verilog lint clean distclean
+.PHONY: setup tools test test-long test-all demo demo-proto bench synth verilog lint clean distclean
 
 setup: tools $(STAMP)
 
@@ -57,6 +57,9 @@ test-all: setup
 	$(VPY) -m pytest -n $(JOBS) $(PYTEST_ARGS) tests
 
 demo: setup
+	$(VPY) -m sim.cli run --config default
+
+demo-proto: setup
 	$(VPY) -m sim.cli demo
 
 bench: setup

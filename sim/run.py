@@ -73,8 +73,37 @@ def run_backend(job, backend="model", waves=False, test_name=None, progress=None
     if backend == "model":
         m = run_model(job, progress)
         return read_outputs(job.compiled, m.read), job.results, m
+    import threading
+
+    from sim.build import BUILD_ROOT
+    from sim.cli import _Quiet
     from sim.tb.soc_run import run_rtl
-    out, results = run_rtl(job, sim=backend, waves=waves, test_name=test_name)
+
+    name = test_name or f"run_{job.compiled.policy}_{job.compiled.cfg.name}_{backend}"
+    prog_file = BUILD_ROOT / "logs" / f"{name}.progress"
+    prog_file.parent.mkdir(parents=True, exist_ok=True)
+    prog_file.write_text("")
+    box = {}
+
+    def work():
+        try:
+            with _Quiet(str(BUILD_ROOT / "logs" / f"{name}.log")):
+                box["out"] = run_rtl(job, sim=backend, waves=waves, test_name=name, progress_file=prog_file)
+        except BaseException as e:  # noqa: B036 - re-raised in the caller's thread
+            box["exc"] = e
+
+    th = threading.Thread(target=work)
+    th.start()
+    seen = 0
+    while th.is_alive():
+        th.join(0.5)
+        n = len(prog_file.read_text().splitlines())
+        while progress and seen < n:
+            progress()
+            seen += 1
+    if "exc" in box:
+        raise box["exc"]
+    out, results = box["out"]
     job.results[:] = results
     return out, results, None
 
@@ -153,14 +182,38 @@ def summarize(job, out, x, weights, console, wall=None):
                "gen_cycles": tot["gen"], "gen_cycles_per_token": tot["gen"] / steps if steps else 0,
                "max_abs_err": float(err.max()), "block_delta": float(delta),
                "rel_err": float(err.max() / delta) if delta else 0.0}
+    if not tot["prefill"]:          # functional model: no cycles, report the cost model's estimates
+        for (st, _, _) in job.programs:
+            tot["prefill" if st.phase == "prefill" else "gen"] += st.est.get("total", 0)
+        summary.update({"prefill_cycles": tot["prefill"], "gen_cycles": tot["gen"],
+                        "gen_cycles_per_token": tot["gen"] / steps if steps else 0, "estimated": True})
     if tot["prefill"]:
         console.print(f"prefill {tot['prefill']:,} cycles ({tot['prefill'] / mhz:,.1f} us at {mhz:g} MHz); "
                       f"generation {summary['gen_cycles_per_token']:,.0f} cycles/token")
     console.print(f"error vs float64 GPT-2 block: max |err| {err.max():.3g} "
                   f"({summary['rel_err']:.2%} of max |block output - input| = {delta:.3g})")
+    refs = job.rtl.get("refreshes") if hasattr(job, "rtl") else None
+    if refs:
+        console.print(f"refreshes per channel: {refs}; DRAM protocol: no violation (device checks"
+                      + (" + Python checker)" if cm.cfg.name == "tiny" else ")"))
     if wall:
         console.print(f"wall time {wall:.1f} s")
     return summary
+
+
+def compare_policies(s, base, console, backend) -> dict:
+    """Speedups of a PIM policy over npu-mem (measured cycles on the RTL; the cost model on the model)."""
+    out = {}
+    key = "cycles" if backend != "model" else "estimate"
+    if s["gen_cycles_per_token"] and base["gen_cycles_per_token"]:
+        out["ianus_vs_npu_mem_generation_speedup"] = base["gen_cycles_per_token"] / s["gen_cycles_per_token"]
+    if s["prefill_cycles"] and base["prefill_cycles"]:
+        out["ianus_vs_npu_mem_prefill_ratio"] = base["prefill_cycles"] / s["prefill_cycles"]
+    if out:
+        console.print(f"[bold]{s['policy']} vs npu-mem ({key}s): generation "
+                      f"{out.get('ianus_vs_npu_mem_generation_speedup', 0):.2f}x faster per token, prefill "
+                      f"{out.get('ianus_vs_npu_mem_prefill_ratio', 0):.2f}x[/bold]")
+    return out
 
 
 def main_run(args) -> int:
@@ -177,7 +230,17 @@ def main_run(args) -> int:
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task(f"{args.backend}", total=len(job.programs))
         out, results, _ = run_backend(job, args.backend, args.waves, progress=lambda: prog.advance(task))
-    summary = summarize(job, out, x, ws, console, time.time() - t0)
+    summary = summarize(job, out, x, ws, console)
+    if args.policy != "npu-mem" and not args.no_compare:
+        cm2, job2, _, _ = prepare(args.config, "npu-mem", args.layers, args.prefill, args.generate, args.weights,
+                                  args.input, args.heads, args.seed)
+        with Progress(console=console, transient=True) as prog:
+            task = prog.add_task(f"{args.backend} (npu-mem baseline)", total=len(job2.programs))
+            out2, _, _ = run_backend(job2, args.backend, False, progress=lambda: prog.advance(task))
+        console.rule("baseline: npu-mem (no PIM) on the same " + ("RTL" if args.backend != "model" else "model"))
+        base = summarize(job2, out2, x, ws, console)
+        summary.update(compare_policies(summary, base, console, args.backend))
+    console.print(f"wall time {time.time() - t0:.1f} s")
     trace = Path(args.trace or f"build/run/{args.policy}_{args.config}_trace.json")
     trace.parent.mkdir(parents=True, exist_ok=True)
     trace.write_text(json.dumps({"traceEvents": trace_events(job), "displayTimeUnit": "ns"}))
@@ -207,6 +270,7 @@ def add_parser(sub):
     r.add_argument("--waves", action="store_true", help="write an FST of the RTL run")
     r.add_argument("--trace", help="Perfetto/Chrome trace JSON path")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-compare", action="store_true", help="do not also run the npu-mem baseline")
     return r
 
 

@@ -144,6 +144,9 @@ async def run_job(dut):
                         "busy": {"mu": counters["mu.busy"], "vq": counters["vq.busy"], "pcu": counters["pcu.busy"]},
                         "spans": spans})
         dut._log.info("%s: %d cycles", prog["name"], counters["cp.cycles"])
+        if os.environ.get("IANUS_PROGRESS"):
+            with open(os.environ["IANUS_PROGRESS"], "a") as f:
+                f.write(f"{prog['name']} {counters['cp.cycles']}\n")
     # DRAM protocol: the device's own checks (and the Python checker when enabled).
     for c in range(C):
         nviol = int(getattr(dut, f"s{c}__nviol").value)

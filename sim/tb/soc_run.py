@@ -100,7 +100,7 @@ def write_image_backdoor(image, directory: Path, used_bytes: int):
 
 
 def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, timeout_cycles=50_000_000,
-            dump_buffers=False):
+            dump_buffers=False, progress_file=None):
     """Run ``job`` on the RTL; returns (outputs [T, d] float32, per-program results)."""
     cm = job.compiled
     cfg = cm.cfg
@@ -129,6 +129,8 @@ def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, tim
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(json.dumps(spec))
     env = {"RUN_DIR": str(run_dir)}
+    if progress_file:
+        env["IANUS_PROGRESS"] = str(progress_file)
     results_xml = sb.run("sim.tb.soc_job_tb", "run_job", test_name=name, env=env)
     test_dir = Path(results_xml).parent
     res = json.loads((test_dir / "result.json").read_text())
