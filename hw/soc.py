@@ -30,9 +30,10 @@ macros sits in front of it and the command processor runs ahead of PIM
 FENCE or END on the PCU waits for that queue too.
 
 ``START`` is taken when the command processor is idle (a START while it runs
-is dropped) and waits until the units are idle (after a ``CLEAR`` they finish
-what they had queued first); ``CLEAR | START`` in one write clears, then
-starts.
+is dropped) and waits until the units are idle; ``CLEAR | START`` in one
+write clears, then starts. ``CLEAR`` aborts the command processor and drops
+the queued macros; the matrix unit and the vector queue finish the
+instructions they had queued (START waits for them).
 
 ``ERROR_PC``: the command processor's, except for errors of the PCU and the
 vector queue, which fail instructions they took from a queue earlier: the
@@ -293,7 +294,11 @@ class SocTop(wiring.Component):
         wiring.connect(m, cp.vq, vq.instr)
         # The PCU takes one macro at a time; a queue lets the command processor run ahead (NPU work
         # overlaps a PIM sequence). Each entry carries its instruction index for ERROR_PC.
-        mq = m.submodules.macro_queue = SyncFIFOBuffered(width=128 + 32, depth=self._macro_depth)
+        clear = Signal()
+        # CLEAR drops the macros still queued (the PCU, in error, would discard them; after the CLEAR it
+        # would run them). The PCU itself is not reset: a macro in flight finishes (rows closed).
+        mq = m.submodules.macro_queue = ResetInserter(clear)(
+            SyncFIFOBuffered(width=128 + 32, depth=self._macro_depth))
         pcu_busy = Signal()
         m.d.comb += [
             mq.w_data.eq(Cat(cp.pcu.payload, cp.pc)), mq.w_en.eq(cp.pcu.valid), cp.pcu.ready.eq(mq.w_rdy),
@@ -307,7 +312,6 @@ class SocTop(wiring.Component):
         ]
 
         # ---------------- control ----------------
-        clear = Signal()
         reset_counters = Signal()
         start_req = Signal()            # CTRL.START written while the command processor was idle
         start = Signal()

@@ -310,9 +310,22 @@ async def programs(dut):
     err, pc = await host.run(plan.prog_addr, None, length=len(plan.program))
     assert err == 0, f"second run: error {err:#x} at {pc}"
     await check_results(host, plan, g, "second run")
+    # Fetch and dispatch rate through the fabric and the controllers: FENCE(0)s, then PIM NOPs.
+    rates = {}
+    for what, word in (("FENCE(0)", isa.encode(SocOp.FENCE)), ("PIM NOP", pim(Macro(MacroOp.NOP)))):
+        n = 128
+        await host.tr.write_csr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+        err, pc = await host.run(plan.prog_addr + 1024, [word] * n + [isa.encode(SocOp.END)])
+        assert err == 0, f"{what} program: error {err:#x} at {pc}"
+        c = await host.counters()
+        rates[what] = {"instructions": n + 1, "cp_cycles": c["cp.cycles"], "fetch_stall": c["cp.fetch_stall"],
+                       "dispatch_stall": c["cp.dispatch_stall"]}
+        dut._log.info("%d x %s + END: %d cycles (fetch stall %d, dispatch stall %d)", n, what, c["cp.cycles"],
+                      c["cp.fetch_stall"], c["cp.dispatch_stall"])
+    assert rates["FENCE(0)"]["cp_cycles"] < 2 * (n + 1) + 60, rates
     mon.assert_clean()
     write_metrics(name="soc_programs", config=cfg.name, cycles=t1 - t0, instructions=len(plan.program),
-                  counters=counters)
+                  counters=counters, dispatch=rates)
 
 
 @tb_test()
