@@ -149,17 +149,20 @@ def plot(job, path):
     plt.close(fig)
 
 
-def summarize(job, out, x, weights, console, wall=None):
+def summarize(job, out, x, weights, console, wall=None, rows=None, steps=None, title=None):
+    """Print the per-stage table and the error; ``rows`` limits the check to the first rows (a baseline
+    that simulated only some generation steps), ``steps`` is the number of generation steps run."""
     from rich.table import Table
 
     cm = job.compiled
-    ref = reference(x, weights, cm.shape)
-    err = np.abs(out.astype(np.float64) - ref)
-    delta = np.abs(ref - x).max()
+    rows = cm.total if rows is None else rows
+    ref = reference(x, weights, cm.shape)[:rows]
+    err = np.abs(out[:rows].astype(np.float64) - ref)
+    delta = np.abs(ref - x[:rows]).max()
     mhz = cm.cfg.clocks.pim_mhz
-    tab = Table(title=f"{cm.policy} on {cm.cfg.name}: {cm.shape.layers} layer(s) d={cm.shape.d_model} "
-                      f"heads={cm.shape.heads}, prefill {cm.prefill}, generate {cm.total - cm.prefill}")
-    for col in ("phase", "stage", "map", "cycles", "us", "estimate", "MU busy", "VQ busy", "PCU busy"):
+    tab = Table(title=title or f"{cm.policy} on {cm.cfg.name}: {cm.shape.layers} layer(s) d={cm.shape.d_model} "
+                               f"heads={cm.shape.heads}, prefill {cm.prefill}, generate {cm.total - cm.prefill}")
+    for col in ("phase", "stage", "map", "cycles (all steps)", "us", "estimate", "MU busy", "VQ busy", "PCU busy"):
         tab.add_column(col, justify="right")
     agg = {}
     for (st, _, _), r in zip(job.programs, job.results, strict=True):
@@ -177,12 +180,12 @@ def summarize(job, out, x, weights, console, wall=None):
                     f"{a['cycles'] / mhz:,.1f}" if a["cycles"] else "-", f"{a['est']:,}",
                     f"{a['mu']:,}", f"{a['vq']:,}", f"{a['pcu']:,}")
     console.print(tab)
-    steps = cm.total - cm.prefill
+    steps = cm.total - cm.prefill if steps is None else steps
     summary = {"policy": cm.policy, "config": cm.cfg.name, "prefill_cycles": tot["prefill"],
                "gen_cycles": tot["gen"], "gen_cycles_per_token": tot["gen"] / steps if steps else 0,
                "max_abs_err": float(err.max()), "block_delta": float(delta),
                "rel_err": float(err.max() / delta) if delta else 0.0}
-    if not tot["prefill"]:          # functional model: no cycles, report the cost model's estimates
+    if not tot["prefill"] and not tot["gen"]:   # functional model: no cycles, report the estimates
         for (st, _, _) in job.programs:
             tot["prefill" if st.phase == "prefill" else "gen"] += st.est.get("total", 0)
         summary.update({"prefill_cycles": tot["prefill"], "gen_cycles": tot["gen"],
@@ -204,23 +207,67 @@ def summarize(job, out, x, weights, console, wall=None):
 def compare_policies(s, base, console, backend) -> dict:
     """Speedups of a PIM policy over npu-mem (measured cycles on the RTL; the cost model on the model)."""
     out = {}
-    key = "cycles" if backend != "model" else "estimate"
+    key = "measured cycles" if backend != "model" else "cost-model estimates"
     if s["gen_cycles_per_token"] and base["gen_cycles_per_token"]:
         out["ianus_vs_npu_mem_generation_speedup"] = base["gen_cycles_per_token"] / s["gen_cycles_per_token"]
     if s["prefill_cycles"] and base["prefill_cycles"]:
         out["ianus_vs_npu_mem_prefill_ratio"] = base["prefill_cycles"] / s["prefill_cycles"]
-    if out:
-        console.print(f"[bold]{s['policy']} vs npu-mem ({key}s): generation "
-                      f"{out.get('ianus_vs_npu_mem_generation_speedup', 0):.2f}x faster per token, prefill "
-                      f"{out.get('ianus_vs_npu_mem_prefill_ratio', 0):.2f}x[/bold]")
+    parts = []
+    if "ianus_vs_npu_mem_generation_speedup" in out:
+        parts.append(f"generation {out['ianus_vs_npu_mem_generation_speedup']:.2f}x faster per token")
+    if "ianus_vs_npu_mem_prefill_ratio" in out:
+        parts.append(f"prefill {out['ianus_vs_npu_mem_prefill_ratio']:.2f}x (npu-mem cycles / {s['policy']} cycles)")
+    if parts:
+        console.print(f"[bold]{s['policy']} vs npu-mem ({key}): " + ", ".join(parts) + "[/bold]")
     return out
 
 
-def main_run(args) -> int:
-    from rich.console import Console
+def run_baseline(args, x, ws, console) -> dict:
+    """The npu-mem baseline on the same backend. ``--baseline gen`` (RTL default): its prefill runs on the
+    functional model (bit-exact with the RTL, so the device state is the one the RTL would reach) and
+    ``--baseline-steps`` generation steps on the RTL; ``full``: everything on the backend."""
     from rich.progress import Progress
 
-    console = Console(highlight=False)
+    from firmware.compiler import STAGES
+    from firmware.runtime import Job
+    from sim.soc_model import SocModel
+
+    base_summary = {}
+    cm2, job2, _, _ = prepare(args.config, "npu-mem", args.layers, args.prefill, args.generate, args.weights,
+                              args.input, args.heads, args.seed)
+    mode = "full" if args.backend == "model" else args.baseline
+    rows, steps, title = None, None, None
+    if mode == "gen":
+        n_pre = cm2.shape.layers * len(STAGES)
+        steps = max(1, min(args.baseline_steps, cm2.total - cm2.prefill))
+        m = SocModel(cm2.cfg)
+        m.mem.data[:] = job2.image.data
+        with console.status("npu-mem baseline: prefill on the functional model"):
+            for st, a, n in job2.programs[:n_pre]:
+                r = m.run(a, n)
+                assert r.ok, (st.name, r)
+        job2 = Job(cm2, m.mem, job2.programs[n_pre:n_pre + steps * n_pre])
+        rows = cm2.prefill + steps
+        title = (f"npu-mem baseline: {steps} generation step(s) on the {args.backend} RTL "
+                 f"(its prefill state from the functional model)")
+    with Progress(console=console, transient=True) as prog:
+        task = prog.add_task(f"{args.backend} (npu-mem baseline)", total=len(job2.programs))
+        out2, _, _ = run_backend(job2, args.backend, False, progress=lambda: prog.advance(task))
+    console.rule("baseline: npu-mem (no PIM, weights row-major) on the same "
+                 + ("RTL" if args.backend != "model" else "functional model / cost model"))
+    base = summarize(job2, out2, x, ws, console, rows=rows, steps=steps, title=title)
+    return base_summary | compare_policies(SUMMARY[0], base, console, args.backend)
+
+
+SUMMARY = [None]
+
+
+def main_run(args) -> int:
+    from rich.progress import Progress
+
+    from sim.cli import _console
+
+    console = _console()
     t0 = time.time()
     cm, job, x, ws = prepare(args.config, args.policy, args.layers, args.prefill, args.generate, args.weights,
                              args.input, args.heads, args.seed)
@@ -231,15 +278,9 @@ def main_run(args) -> int:
         task = prog.add_task(f"{args.backend}", total=len(job.programs))
         out, results, _ = run_backend(job, args.backend, args.waves, progress=lambda: prog.advance(task))
     summary = summarize(job, out, x, ws, console)
-    if args.policy != "npu-mem" and not args.no_compare:
-        cm2, job2, _, _ = prepare(args.config, "npu-mem", args.layers, args.prefill, args.generate, args.weights,
-                                  args.input, args.heads, args.seed)
-        with Progress(console=console, transient=True) as prog:
-            task = prog.add_task(f"{args.backend} (npu-mem baseline)", total=len(job2.programs))
-            out2, _, _ = run_backend(job2, args.backend, False, progress=lambda: prog.advance(task))
-        console.rule("baseline: npu-mem (no PIM) on the same " + ("RTL" if args.backend != "model" else "model"))
-        base = summarize(job2, out2, x, ws, console)
-        summary.update(compare_policies(summary, base, console, args.backend))
+    SUMMARY[0] = summary
+    if args.policy != "npu-mem" and args.baseline != "none":
+        summary.update(run_baseline(args, x, ws, console))
     console.print(f"wall time {time.time() - t0:.1f} s")
     trace = Path(args.trace or f"build/run/{args.policy}_{args.config}_trace.json")
     trace.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +311,10 @@ def add_parser(sub):
     r.add_argument("--waves", action="store_true", help="write an FST of the RTL run")
     r.add_argument("--trace", help="Perfetto/Chrome trace JSON path")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--no-compare", action="store_true", help="do not also run the npu-mem baseline")
+    r.add_argument("--baseline", default="gen", choices=["gen", "full", "none"],
+                   help="npu-mem baseline: gen = its generation steps on the RTL from the functional model's "
+                        "prefill state (default), full = all of it on the RTL, none")
+    r.add_argument("--baseline-steps", type=int, default=1, help="generation steps of the baseline (gen mode)")
     return r
 
 

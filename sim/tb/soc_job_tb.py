@@ -68,15 +68,15 @@ def _now():
     return int(cocotb.utils.get_sim_time("ns")) // PERIOD_NS
 
 
-async def _busy_spans(dut, spans, t0):
+async def _busy_spans(sig, spans, t0):
     """Record [start, end) cycles (relative to the program's start) of each unit's busy (MU, VQ, PCU)."""
     names = ("mu", "vq", "pcu")
-    prev = int(dut.unit_busy.value)
+    prev = int(sig.value)
     start = [0, 0, 0]
     while True:
-        await Edge(dut.unit_busy)
+        await Edge(sig)
         now = _now() - t0
-        v = int(dut.unit_busy.value)
+        v = int(sig.value)
         for i, n in enumerate(names):
             if (v >> i) & 1 and not (prev >> i) & 1:
                 start[i] = now
@@ -90,6 +90,9 @@ async def run_job(dut):
     run_dir = Path(os.environ["RUN_DIR"])
     spec = json.loads((run_dir / "job.json").read_text())
     C = spec["channels"]
+    # Top-level handles first: once cocotbext-axi has inspected the top, ``dut.busy`` and friends may
+    # resolve to same-named struct fields of deeper signals (see sim/tb/soc_tb.py).
+    done, error, unit_busy = dut.done, dut.error, dut.unit_busy
     dut.bd_load.value = 0
     await RisingEdge(dut.clk_out)
     # Back door: the image files into the directory the simulator was told (+PIM_BACKDOOR).
@@ -124,16 +127,16 @@ async def run_job(dut):
         await host.wr(CSR.PROG_ADDR, prog["addr"])
         await host.wr(CSR.PROG_LEN, prog["n"])
         await host.wr(CSR.CTRL, Ctrl.RESET_COUNTERS)
-        watcher = cocotb.start_soon(_busy_spans(dut, spans, _now()))
+        watcher = cocotb.start_soon(_busy_spans(unit_busy, spans, _now()))
         await host.wr(CSR.CTRL, Ctrl.START)
         budget = spec["timeout_cycles"]
         timer = Timer(budget * PERIOD_NS, "ns")
         while True:
-            trig = await First(RisingEdge(dut.done), Edge(dut.error), timer)
-            if int(dut.error.value) or int(dut.done.value) or trig is timer:
+            trig = await First(RisingEdge(done), Edge(error), timer)
+            if int(error.value) or int(done.value) or trig is timer:
                 break
         watcher.kill()
-        err = int(dut.error.value)
+        err = int(error.value)
         status = await host.rd(CSR.STATUS)
         if err:
             pc = await host.rd(CSR.ERROR_PC)
