@@ -67,18 +67,53 @@ def verilog_for(factory, name: str, key: str = "") -> Path:
 
 
 
-def main(argv=None) -> int:
+LINT_WAIVERS = ROOT / "hw" / "verilog" / "lint_waivers.vlt"
+
+
+def lint(path: Path, top: str) -> list[str]:
+    """``verilator --lint-only -Wall`` with the project's waivers (:data:`LINT_WAIVERS`); the warnings left."""
+    import subprocess
+
+    proc = subprocess.run(["verilator", "--lint-only", "-Wall", str(LINT_WAIVERS), str(path), "--top-module", top],
+                          capture_output=True, text=True)
+    return [line for line in proc.stderr.splitlines() if line.startswith("%")]
+
+
+def write_block(name: str) -> Path:
     from hw.blocks import BLOCKS
 
+    factory, sources = BLOCKS[name]
     out = BUILD_ROOT / "verilog" / "blocks"
     out.mkdir(parents=True, exist_ok=True)
-    for name, (factory, sources) in BLOCKS.items():
-        path = verilog_for(factory, name, key=name)
-        files = [path] + [Path(s) for s in sources()]
-        target = out / f"{name}.v"
-        target.write_text("\n".join(f.read_text() for f in files))
-        print(f"{target.relative_to(ROOT)}  ({sum(1 for _ in target.open())} lines)")
-    return 0
+    path = verilog_for(factory, name, key=name)
+    files = [path] + [Path(s) for s in sources()]
+    target = out / f"{name}.v"
+    target.write_text("\n".join(f.read_text() for f in files))
+    return target
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from hw.blocks import BLOCKS
+
+    parser = argparse.ArgumentParser(description="Write every major block as Verilog under build/verilog/blocks "
+                                                 "and lint it (verilator --lint-only -Wall + hw/verilog/lint_waivers.vlt)")
+    parser.add_argument("blocks", nargs="*", help=f"blocks (default all: {', '.join(BLOCKS)})")
+    parser.add_argument("--no-lint", action="store_true")
+    args = parser.parse_args(argv)
+    failed = 0
+    for name in args.blocks or BLOCKS:
+        target = write_block(name)
+        msg = f"{target.relative_to(ROOT)}  ({sum(1 for _ in target.open())} lines)"
+        if not args.no_lint:
+            warnings = lint(target, name)
+            msg += "  lint clean" if not warnings else f"  {len(warnings)} lint warnings"
+            if warnings:
+                failed += 1
+                print("\n".join(warnings[:20]), file=sys.stderr)
+        print(msg, flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
