@@ -182,6 +182,43 @@ class RowsK:
                      rows=kt, cols=nt)]
 
 
+def blocked_tile(cfg) -> int:
+    """Columns per block of the npu-mem weight layout (:class:`Blocked`)."""
+    return 4 * cfg.npu.array_cols
+
+
+@dataclass
+class Blocked:
+    """npu-mem weights: ``W [K, N]`` in column blocks of ``nb`` (block ``j`` = ``W[:, j nb:(j+1) nb]``
+    stored row after row, ``K x nb``, contiguous), so the matrix unit's non-transposed loads stream whole
+    DRAM rows in order (row-major ``[K, N]`` would open a new row every few columns)."""
+    addr: int
+    K: int
+    nb: int
+
+    def nt(self, cfg):
+        return self.nb
+
+    def chunk(self):
+        return None
+
+    def loads(self, n0, nt, k0, kt):
+        j, off = divmod(n0, self.nb)
+        assert off + nt <= self.nb
+        return [dict(transpose=0, mem_addr=self.addr + (j * self.K + k0) * self.nb * 2 + off * 2,
+                     mem_stride=self.nb * 2, rows=kt, cols=nt)]
+
+    @staticmethod
+    def pack(w_bits: np.ndarray, nb: int) -> np.ndarray:
+        K, N = w_bits.shape
+        nblk = -(-N // nb)
+        out = np.zeros((nblk, K, nb), dtype=np.uint16)
+        for j in range(nblk):
+            part = w_bits[:, j * nb:(j + 1) * nb]
+            out[j, :, :part.shape[1]] = part
+        return out
+
+
 def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_stride, M, K, N, out_bf16,
          est: dict | None = None):
     """``out[M, N] = A[M, K] @ W[K, N]`` on the matrix unit (tiled, double-buffered)."""
@@ -377,7 +414,8 @@ class MemoryPlan:
 def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int = 4,
                 pim_layout: bool = True) -> MemoryPlan:
     """Addresses of everything. ``pim_layout=False`` (policy npu-mem: memory is plain DRAM) stores the FC
-    weights row-major ``[K, N]``, the layout the matrix unit's non-transposed DMA reads fastest."""
+    weights in column blocks (:class:`Blocked`), the layout the matrix unit's non-transposed DMA streams
+    fastest."""
     p = cfg.pim
     d, f, H, hd = shape.d_model, shape.ffn, shape.heads, shape.head_dim
     if d % 16 or hd % 16:
@@ -428,8 +466,9 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
             kc=[alloc(T * hd * 2) for _ in range(H)], vc=[alloc(T * hd * 2) for _ in range(H)],
             x_in=xs[i], x_out=xs[i + 1]))
         if not pim_layout:
-            plan.layers[-1].lin = {"qkv": alloc(d * 3 * d * 2), "proj": alloc(d * d * 2), "fc1": alloc(d * f * 2),
-                                   "fc2": alloc(f * d * 2)}
+            nb = blocked_tile(cfg)
+            plan.layers[-1].lin = {name: alloc(K * _up(N, nb) * 2) for name, K, N in
+                                   (("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, f), ("fc2", f, d))}
     Tp = _up(T, 16)
     b = plan.buffers
     b["h"] = alloc(T * d * 2)
@@ -454,7 +493,8 @@ def pack_layer(plan: MemoryPlan, i: int, w: LayerWeights) -> list[tuple[int, byt
 
     def put_w(name, lay: GemvLayout, mat):
         if lay is None:
-            out.append((lp.lin[name], G.bf16_bits(mat).astype("<u2").tobytes()))
+            packed = Blocked.pack(G.bf16_bits(mat), blocked_tile(plan.cfg))
+            out.append((lp.lin[name], packed.astype("<u2").tobytes()))
             return
         packed = lay.pack(G.bf16_bits(mat))                    # [ch, banks, rows, cols, lanes]
         arr = packed.transpose(2, 0, 1, 3, 4)                   # rows, ch, banks, cols, lanes
@@ -644,7 +684,8 @@ class LayerCompiler:
     def fc_mu(self, pb, a_addr, K, lay, N, rows, out_addr, name):
         blk = MuBlock()
         lp = self.plan.layers[self._layer]
-        src = PimWeights(lay, self.plan.row_bytes) if lay is not None else RowsK(lp.lin[name], N * 2)
+        src = (PimWeights(lay, self.plan.row_bytes) if lay is not None
+               else Blocked(lp.lin[name], K, blocked_tile(self.cfg)))
         gemm(self.cfg, blk, a_addr, K * 2, src, out_addr, N * 4, rows, K, N, False, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)
