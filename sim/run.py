@@ -253,7 +253,7 @@ def run_baseline(args, x, ws, console) -> dict:
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task(f"{args.backend} (npu-mem baseline)", total=len(job2.programs))
         out2, _, _ = run_backend(job2, args.backend, False, progress=lambda: prog.advance(task))
-    console.rule("baseline: npu-mem (no PIM, weights row-major) on the same "
+    console.rule("baseline: npu-mem (no PIM, weights in column blocks) on the same "
                  + ("RTL" if args.backend != "model" else "functional model / cost model"))
     base = summarize(job2, out2, x, ws, console, rows=rows, steps=steps, title=title)
     return base_summary | compare_policies(SUMMARY[0], base, console, args.backend)
