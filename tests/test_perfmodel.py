@@ -1,0 +1,93 @@
+"""Performance model (sim/perfmodel.py) against the SoC RTL, and its projection / energy plumbing.
+
+The calibration test runs the tiny end-to-end jobs (1 and 2 GPT-2 layers, prefill + generation, all
+three policies) on the RTL (cached Verilator build) and requires every program's model cycles within
++-5 % of the RTL's; it prints the table model vs RTL. The default configuration's runs take minutes
+each: their RTL cycles are stored in ``sim/calibration/default.json`` (with the command that produced
+them) and compared without the RTL.
+"""
+
+import math
+
+import pytest
+
+from sim import calibrate
+
+TOL = 0.05
+
+
+def _check(rows, title):
+    print()
+    print(calibrate.table(rows, title))
+    bad = [r for r in rows if abs(r["err"]) > TOL]
+    assert not bad, "programs outside +-5 %: " + ", ".join(
+        f"{r['job']} {r['program']} RTL {r['rtl']} model {r['model']:.0f} ({r['err']:+.1%})" for r in bad)
+
+
+def test_tiny_model_vs_rtl():
+    rows = []
+    for spec in calibrate.JOBS["tiny"]:
+        rtl = calibrate.run_rtl_job("tiny", *spec, test_name=f"perfmodel_cal_{spec[0]}_{spec[1]}")
+        rows += calibrate.compare("tiny", *spec, rtl)
+    _check(rows, "performance model vs RTL, tiny (RTL host timeline)")
+
+
+def test_default_model_vs_stored_rtl():
+    data = calibrate.stored("default")
+    if data is None:
+        pytest.skip("no sim/calibration/default.json (python -m sim.calibrate --config default --store)")
+    rows = []
+    for j in data["jobs"]:
+        rows += calibrate.compare("default", j["policy"], j["layers"], j["prefill"], j["generate"], j["programs"])
+    _check(rows, f"performance model vs RTL, default (stored: {data['command']}, commit {data['commit']})")
+
+
+def test_model_is_deterministic_and_counts_events():
+    from sim.perfmodel import PerfModel, decode_program, stage_tags
+    from sim.run import prepare
+
+    cm, job, _, _ = prepare("tiny", "ianus", 1, 8, 2)
+    runs = []
+    for _ in range(2):
+        m = PerfModel(cm.cfg)
+        out = []
+        for st, addr, _n in job.programs:
+            ins = decode_program(st.words)
+            out.append(m.run_program(None, ins=ins, prog_addr=addr, tags=stage_tags(st.name, ins)))
+        runs.append(out)
+    assert [r.cycles for r in runs[0]] == [r.cycles for r in runs[1]]
+    gen_fc1 = [r for (st, _, _), r in zip(job.programs, runs[0], strict=True) if st.phase == "gen" and st.name == "fc1"][0]
+    assert gen_fc1.events["pim_mac_cols"] > 0 and gen_fc1.breakdown["ffn"] > 0
+    pre_qkv = [r for (st, _, _), r in zip(job.programs, runs[0], strict=True) if st.phase == "prefill" and st.name == "qkv_attn"][0]
+    assert pre_qkv.events["mac"] > 0 and pre_qkv.breakdown["attention"] > 0 and pre_qkv.breakdown["qkv"] > 0
+    for r in runs[0]:
+        assert math.isclose(sum(r.breakdown.values()), r.cycles, rel_tol=1e-6)
+
+
+def test_energy_table_has_sources():
+    from sim.energy import EVENTS, STATIC_W, energy
+
+    for k, e in EVENTS.items():
+        assert e.joules > 0 and e.source, k
+    for k, (w, src) in STATIC_W.items():
+        assert w > 0 and src, k
+    e = energy({"dram_reads": 1000, "pim_mac_cols": 1000, "mac": 1000}, seconds=1e-6)
+    assert e["total"] == pytest.approx(sum(v for k, v in e.items() if k != "total"))
+
+
+def test_projection_small():
+    """The projection runs end to end on a small shape and ianus beats npu-mem in generation."""
+    from firmware.gpt2 import GptShape
+    from sim.project import project
+
+    shape = GptShape(512, 8, 4)
+    res = {}
+    for pol in ("ianus", "npu-mem"):
+        p = project("test", pol, 32, 4, shape=shape, samples=2)
+        s = p.summary(4)
+        assert s["summarization_ms"] > 0 and s["gen_ms_per_token"] > 0 and s["total_J"] > 0
+        assert s["total_ms"] == pytest.approx(s["summarization_ms"] + 3 * s["gen_ms_per_token"])
+        res[pol] = s
+        two = p.summary(4, devices=2)
+        assert two["comm_ms"] > 0
+    assert res["ianus"]["gen_ms_per_token"] < res["npu-mem"]["gen_ms_per_token"]
