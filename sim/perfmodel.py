@@ -1041,6 +1041,7 @@ class _Run:
                     cons.append(h - min(per, pieces * per))
         else:
             Wb = min(W, 16) if self.cfg.npu.array_rows <= 16 else W
+            gper = per / mi.dma_issue          # the gather buffer takes dma_issue rows per cycle
             for b0 in range(0, rows, Wb):
                 nr = min(Wb, rows - b0)
                 for c in range(ncol):
@@ -1053,8 +1054,8 @@ class _Run:
                         if rr < last_r + rgap:
                             rr = last_r + rgap
                         last_r = rr
-                        h = max(rr, h) + per
-                        cons.append(h - per)
+                        h = max(rr, h) + gper
+                        cons.append(h - gper)
                     h += ne * per
         return h + self.cal.mu_dma_end * kf
 

@@ -1,0 +1,518 @@
+"""``ianus project``: the paper's system (``ianus`` preset) on GPT-2 M / L / XL / 2.5B, from the
+calibrated performance model (:mod:`sim.perfmodel`) running the compiled programs.
+
+What is simulated, and how it is scaled up:
+
+* **Programs.** The compiler (:mod:`firmware.compiler`) compiles *one* decoder layer of the model's
+  shape per (phase, position): all layers of a shape compile to the same program structure (only
+  the addresses differ), so a layer's time is simulated once and multiplied by the layer count.
+  The embedding and the LM head are not part of the compiled layers and are not counted.
+* **Generation positions.** The stages that do not depend on the position (ln1, proj, ln2, fc1,
+  fc2) are the same programs at every step; ``qkv_attn`` grows with the KV cache. The model times
+  every stage at ``samples`` positions spread over the generated tokens (always the first and the
+  last) and interpolates linearly between them (the attention work is linear in the position).
+* **Cores.** The compiler is single-core; the paper's system has 4 NPU cores sharing the 8 PIM
+  channels. The performance model splits every matrix-unit and vector instruction evenly over the
+  cores (FCs column-wise, attention heads across cores), gives every core its own DMA engine into
+  the shared channels, keeps one PCU for all channels, and adds a synchronisation cost to every
+  FENCE (:func:`sim.perfmodel.micro_for`).
+* **NPU-MEM memory mapping.** The ``ianus`` policy keeps the RTL's Row-Channel-Bank-Column mapping
+  (the PIM weight layout needs it); the NPU-MEM baseline is plain GDDR6 and interleaves channels
+  every 256 bytes, so that a DMA stream uses all channels (with the RTL mapping a stream stays in
+  one channel for 32 KB).
+* **Clocks.** NPU at 700 MHz, PIM / DRAM command clock at 1 GHz (times in the model are in DRAM
+  cycles).
+* **Macro sizes.** The RTL PCU buffers at most 4096 input and 4096 result values per macro; larger
+  GEMVs of these shapes are timed as if its buffers were large enough (same micro-command stream).
+* **Devices.** Several devices run one model tensor-parallel (heads and FC columns split over the
+  devices, as inside a device across channels): per layer and device the FC and attention time
+  divides by the device count, the layernorm / residual work does not, and two all-reduces of the
+  hidden states per layer cross the host link (PCIe 5.0 x16, ``Clocks.host_link_gbps`` per
+  direction, :data:`LINK_LATENCY_US` per transfer, ring all-reduce).
+
+Outputs (``build/project/``): ``latency.csv`` (summarization, per generated token, total, energy),
+``breakdown.csv`` (per operation and phase), ``stages.csv`` (cycles and energy per stage and layer),
+``scaling.csv`` (devices), ``breakdown.png`` and ``roofline.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from firmware.compiler import STAGES, LayerCompiler, choose_mapping, plan_memory
+from firmware.gpt2 import SHAPES, GptShape
+from hw.config import SystemConfig, preset
+from sim.energy import energy
+from sim.perfmodel import PerfModel, decode_program, micro_for, stage_tags
+
+__all__ = ["MODELS", "INPUTS", "OUTPUTS", "POLICIES", "SCALING_MODELS", "Projection", "project", "main_project",
+           "add_parser", "LINK_LATENCY_US"]
+
+MODELS = ("medium", "large", "xl", "2.5b")
+INPUTS = (128, 256, 512)
+OUTPUTS = (1, 8, 64, 512)
+POLICIES = ("ianus", "npu-mem")
+OPS = ("qkv", "attention", "proj", "ffn", "vector", "wait_pim", "overhead")
+SCALING_MODELS = {"6.7b": (GptShape(4096, 32, 32), 2), "13b": (GptShape(5120, 40, 40), 4),
+                  "30b": (GptShape(7168, 56, 48), 8)}
+LINK_LATENCY_US = 2.0
+"""Per transfer over PCIe: DMA set-up and a round trip through the switch (assumed)."""
+DEVICE_BYTES = 8 << 30
+
+
+@dataclass
+class PhaseResult:
+    cycles: float = 0.0                               # per layer
+    breakdown: dict = field(default_factory=dict)     # per layer, cycles per op
+    events: dict = field(default_factory=dict)        # per layer
+    stages: dict = field(default_factory=dict)        # stage -> cycles per layer
+
+    def add(self, name, res, w=1.0):
+        self.cycles += w * res.cycles
+        self.stages[name] = self.stages.get(name, 0.0) + w * res.cycles
+        for k, v in res.breakdown.items():
+            self.breakdown[k] = self.breakdown.get(k, 0.0) + w * v
+        for k, v in res.events.items():
+            self.events[k] = self.events.get(k, 0.0) + w * v
+
+
+@dataclass
+class Projection:
+    model: str
+    policy: str
+    n_in: int
+    shape: GptShape
+    cfg: SystemConfig
+    prefill: PhaseResult
+    gen: dict                        # generated-token index t (1 .. n_out - 1) -> PhaseResult per layer (sampled)
+    wall_s: float = 0.0
+
+    @property
+    def mhz(self):
+        return self.cfg.clocks.pim_mhz
+
+    def gen_at(self, t: int) -> PhaseResult:
+        """Per-layer result of generation step ``t`` (1-based), interpolated between the samples."""
+        ks = sorted(self.gen)
+        if t in self.gen:
+            return self.gen[t]
+        lo = max([k for k in ks if k < t], default=ks[0])
+        hi = min([k for k in ks if k > t], default=ks[-1])
+        if lo == hi:
+            return self.gen[lo]
+        w = (t - lo) / (hi - lo)
+        out = PhaseResult()
+        a, b = self.gen[lo], self.gen[hi]
+        out.cycles = (1 - w) * a.cycles + w * b.cycles
+        for attr in ("breakdown", "events", "stages"):
+            da, db = getattr(a, attr), getattr(b, attr)
+            setattr(out, attr, {k: (1 - w) * da.get(k, 0) + w * db.get(k, 0) for k in set(da) | set(db)})
+        return out
+
+    def gen_total(self, n_out: int) -> PhaseResult:
+        """Sum over the ``n_out - 1`` generation steps, per layer."""
+        out = PhaseResult()
+        for t in range(1, n_out):
+            r = self.gen_at(t)
+            out.cycles += r.cycles
+            for attr in ("breakdown", "events", "stages"):
+                d = getattr(out, attr)
+                for k, v in getattr(r, attr).items():
+                    d[k] = d.get(k, 0.0) + v
+        return out
+
+    def summary(self, n_out: int, devices: int = 1) -> dict:
+        L = self.shape.layers
+        s = 1e-6 / self.mhz                       # seconds per cycle
+        pre = scale_devices(self.prefill, devices)
+        gen = scale_devices(self.gen_total(n_out), devices)
+        comm_pre, bytes_pre = allreduce_s(self.cfg, self.shape, self.n_in, devices)
+        comm_tok, bytes_tok = allreduce_s(self.cfg, self.shape, 1, devices)
+        steps = n_out - 1
+        t_sum = L * (pre.cycles * s + comm_pre)
+        t_gen = L * (gen.cycles * s + steps * comm_tok)
+        ev_pre = {k: v * L * devices for k, v in pre.events.items()}
+        ev_pre["link_bytes"] = L * bytes_pre
+        ev_gen = {k: v * L * devices for k, v in gen.events.items()}
+        ev_gen["link_bytes"] = L * steps * bytes_tok
+        e_pre = energy(ev_pre, t_sum)
+        e_gen = energy(ev_gen, t_gen)
+        return {
+            "model": self.model, "policy": self.policy, "input": self.n_in, "output": n_out, "devices": devices,
+            "summarization_ms": t_sum * 1e3,
+            "gen_ms_per_token": (t_gen / steps * 1e3) if steps else 0.0,
+            "total_ms": (t_sum + t_gen) * 1e3,
+            "summarization_mJ": e_pre["total"] * 1e3,
+            "gen_mJ_per_token": (e_gen["total"] / steps * 1e3) if steps else 0.0,
+            "total_J": e_pre["total"] + e_gen["total"],
+            "breakdown_pre_ms": {k: L * pre.breakdown.get(k, 0) * s * 1e3 for k in OPS},
+            "breakdown_gen_ms": {k: L * gen.breakdown.get(k, 0) * s * 1e3 for k in OPS},
+            "comm_ms": (L * (comm_pre + steps * comm_tok)) * 1e3,
+            "energy_pre": e_pre, "energy_gen": e_gen,
+        }
+
+
+def scale_devices(r: PhaseResult, devices: int) -> PhaseResult:
+    """Tensor parallelism over ``devices``: FC and attention work (and the PIM waits) divide, the
+    vector work and the per-program overhead do not."""
+    if devices == 1:
+        return r
+    out = PhaseResult(events={k: v / devices for k, v in r.events.items()})
+    split = ("qkv", "attention", "proj", "ffn", "wait_pim")
+    out.breakdown = {k: (v / devices if k in split else v) for k, v in r.breakdown.items()}
+    out.cycles = sum(out.breakdown.values())
+    out.stages = {k: v * out.cycles / r.cycles for k, v in r.stages.items()} if r.cycles else {}
+    return out
+
+
+def allreduce_s(cfg, shape: GptShape, tokens: int, devices: int) -> tuple[float, float]:
+    """(seconds, bytes sent per device) of the two ring all-reduces of a layer (after the attention
+    projection and after FC2) of ``tokens`` x d_model BF16 hidden states."""
+    if devices == 1:
+        return 0.0, 0.0
+    nbytes = tokens * shape.d_model * 2
+    per = 2 * (devices - 1) / devices * nbytes             # each device sends this much per all-reduce
+    t = per / (cfg.clocks.host_link_gbps * 1e9) + 2 * (devices - 1) * LINK_LATENCY_US * 1e-6
+    return 2 * t, 2 * per
+
+
+def _positions(n_out: int, samples: int) -> list[int]:
+    steps = n_out - 1
+    if steps <= 0:
+        return []
+    if steps <= samples:
+        return list(range(1, steps + 1))
+    return sorted({round(1 + i * (steps - 1) / (samples - 1)) for i in range(samples)})
+
+
+def project(name: str, policy: str, n_in: int, n_out: int, cfg: SystemConfig | None = None,
+            samples: int = 16, shape: GptShape | None = None, progress=None) -> Projection:
+    """Simulate one layer of ``name`` (a :data:`firmware.gpt2.SHAPES` key or ``shape``) for the
+    summarization of ``n_in`` tokens and ``n_out - 1`` generation steps."""
+    t0 = time.perf_counter()
+    cfg = cfg or preset("ianus")
+    shape = shape or SHAPES[name]
+    one = GptShape(shape.d_model, shape.heads, 1, shape.eps)
+    plan = plan_memory(cfg, one, n_in + max(n_out, 1), pim_layout=(policy != "npu-mem"))
+    mapping = choose_mapping(cfg, one, policy, n_in)
+    lc = LayerCompiler(plan, policy, mapping)
+    micro = micro_for(cfg)
+    if policy == "npu-mem":
+        micro = dataclasses.replace(micro, interleave=256)
+    model = PerfModel(cfg, micro)
+
+    def run(phase, stage, rows, pos):
+        st = lc.stage(0, phase, stage, rows, pos)
+        ins = decode_program(st.words)
+        r = model.run_program(None, ins=ins, tags=stage_tags(stage, ins))
+        if progress:
+            progress()
+        return r
+
+    pre = PhaseResult()
+    for stage in STAGES:
+        pre.add(stage, run("prefill", stage, n_in, 0))
+    gen = {}
+    for t in _positions(n_out, samples):
+        g = PhaseResult()
+        for stage in STAGES:
+            g.add(stage, run("gen", stage, 1, n_in + t - 1))
+        gen[t] = g
+    return Projection(name, policy, n_in, shape, cfg, pre, gen, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operation roofline
+# ---------------------------------------------------------------------------------------------
+
+def op_work(shape: GptShape, tokens: int, ctx: int) -> dict:
+    """(FLOPs, DRAM bytes) per layer of each operation for ``tokens`` tokens attending to ``ctx``."""
+    d, f = shape.d_model, shape.ffn
+    act = 2                                   # BF16
+    return {
+        "qkv": (2 * tokens * d * 3 * d, act * (3 * d * d + tokens * 4 * d)),
+        "attention": (4 * tokens * ctx * d, act * (2 * ctx * d + tokens * 2 * d) + 4 * 2 * tokens * ctx * shape.heads),
+        "proj": (2 * tokens * d * d, act * (d * d + 2 * tokens * d)),
+        "ffn": (4 * tokens * d * f, act * (2 * d * f + 2 * tokens * (d + f))),
+    }
+
+
+def peaks(cfg: SystemConfig) -> dict:
+    n = cfg.npu
+    return {
+        "npu_gflops": 2 * n.array_rows * n.array_cols * n.macs_per_pe * n.cores * cfg.clocks.npu_mhz / 1e3,
+        "pim_gflops": cfg.pim_peak_gflops,
+        "ext_gbps": cfg.pim_peak_external_gbps,
+        "int_gbps": cfg.pim_peak_internal_gbps,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+def write_csv(path: Path, rows: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return
+    keys = list(rows[0])
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def plot_breakdown(summaries: list[dict], path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in summaries if s["devices"] == 1]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    colors = dict(zip(OPS, ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#bab0ac"), strict=True))
+    for ax, phase, key, unit in ((axes[0], "summarization", "breakdown_pre_ms", "ms"),
+                                 (axes[1], "generation (per token)", "breakdown_gen_ms", "ms/token")):
+        labels, bottoms = [], None
+        sel = [s for s in rows if (phase.startswith("sum") or s["output"] > 1)]
+        # one bar per model / policy at the largest output, input 128
+        seen = {}
+        for s in sel:
+            k = (s["model"], s["policy"], s["input"])
+            if k not in seen or s["output"] > seen[k]["output"]:
+                seen[k] = s
+        bars = [s for k, s in sorted(seen.items()) if k[2] == min(x[2] for x in seen)]
+        labels = [f"{s['model']}\n{s['policy']}" for s in bars]
+        import numpy as np
+        bottoms = np.zeros(len(bars))
+        for op in OPS:
+            vals = np.array([s[key][op] / (max(1, s["output"] - 1) if key == "breakdown_gen_ms" else 1) for s in bars])
+            ax.bar(range(len(bars)), vals, bottom=bottoms, label=op, color=colors[op])
+            bottoms += vals
+        ax.set_xticks(range(len(bars)), labels, fontsize=8)
+        ax.set_ylabel(unit)
+        inp = bars[0]["input"] if bars else ""
+        ax.set_title(f"{phase}, input {inp}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_roofline(points: list[dict], cfg: SystemConfig, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pk = peaks(cfg)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    x = np.logspace(-1, 3.5, 200)
+    ax.plot(x, np.minimum(pk["npu_gflops"], x * pk["ext_gbps"]), "k-", label="NPU roof (external BW)")
+    ax.plot(x, np.minimum(pk["pim_gflops"], x * pk["int_gbps"]), "k--", label="PIM roof (internal BW)")
+    marks = {"qkv": "o", "attention": "s", "proj": "^", "ffn": "D"}
+    cols = {"ianus": "#e15759", "npu-mem": "#4e79a7"}
+    for p in points:
+        ax.scatter(p["intensity"], p["gflops"], marker=marks[p["op"]], color=cols.get(p["policy"], "gray"),
+                   facecolors="none" if p["phase"] == "gen" else None, s=40)
+    for op, mk in marks.items():
+        ax.scatter([], [], marker=mk, color="gray", label=op)
+    for pol, c in cols.items():
+        ax.scatter([], [], marker="o", color=c, label=pol)
+    ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="generation (hollow)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / DRAM byte)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(f"Operations on the {cfg.name} system (per layer)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def roofline_points(p: Projection, n_out: int) -> list[dict]:
+    out = []
+    s = 1e-6 / p.mhz
+    pre = p.prefill.breakdown
+    for op, (fl, by) in op_work(p.shape, p.n_in, p.n_in).items():
+        t = pre.get(op, 0) * s
+        if t > 0:
+            out.append({"model": p.model, "policy": p.policy, "phase": "prefill", "op": op,
+                        "intensity": fl / by, "gflops": fl / t / 1e9})
+    if n_out > 1:
+        t_mid = max(1, (n_out - 1) // 2)
+        g = p.gen_at(t_mid).breakdown
+        for op, (fl, by) in op_work(p.shape, 1, p.n_in + t_mid).items():
+            t = g.get(op, 0) * s
+            if t > 0:
+                out.append({"model": p.model, "policy": p.policy, "phase": "gen", "op": op,
+                            "intensity": fl / by, "gflops": fl / t / 1e9})
+    return out
+
+
+def _fmt(v, nd=2):
+    return f"{v:,.{nd}f}"
+
+
+def main_project(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    out = Path(args.out)
+    cfg = preset("ianus")
+    models = [m for m in args.models.split(",") if m]
+    inputs = [int(x) for x in args.inputs.split(",") if x]
+    outputs = [int(x) for x in args.outputs.split(",") if x]
+    policies = [p for p in args.policies.split(",") if p]
+    t_start = time.perf_counter()
+    summaries, stages_rows, roof = [], [], []
+    projections = {}
+    for m in models:
+        for n_in in inputs:
+            for pol in policies:
+                p = project(m, pol, n_in, max(outputs), cfg, samples=args.samples)
+                projections[(m, pol, n_in)] = p
+                console.print(f"[dim]{m} {pol} input {n_in}: simulated in {p.wall_s:.1f} s[/dim]")
+                for n_out in outputs:
+                    summaries.append(p.summary(n_out))
+                for phase, res in (("prefill", p.prefill), ("gen@first", p.gen_at(1) if p.gen else None)):
+                    if res is None:
+                        continue
+                    for st, cyc in res.stages.items():
+                        stages_rows.append({"model": m, "policy": pol, "input": n_in, "phase": phase, "stage": st,
+                                            "us_per_layer": cyc / cfg.clocks.pim_mhz})
+                roof += roofline_points(p, max(outputs))
+    # per-stage energy (per layer) for the first generated token and the summarization
+    for m in models:
+        for n_in in inputs:
+            for pol in policies:
+                p = projections[(m, pol, n_in)]
+                for phase, res in (("prefill", p.prefill), ("gen@first", p.gen_at(1) if p.gen else None)):
+                    if res is None:
+                        continue
+                    e = energy(res.events, res.cycles / cfg.clocks.pim_mhz * 1e-6)
+                    stages_rows.append({"model": m, "policy": pol, "input": n_in, "phase": phase,
+                                        "stage": "energy_uJ_per_layer", "us_per_layer": e["total"] * 1e6})
+
+    tab = Table(title=f"Projection on the ianus system ({cfg.npu.cores} NPU cores at {cfg.clocks.npu_mhz:g} MHz, "
+                      f"{cfg.pim.channels} PIM channels); decoder layers only")
+    for c in ("model", "policy", "in", "out", "summ. ms", "gen ms/token", "total ms", "summ. mJ", "mJ/token"):
+        tab.add_column(c, justify="right")
+    for s in summaries:
+        tab.add_row(s["model"], s["policy"], str(s["input"]), str(s["output"]), _fmt(s["summarization_ms"]),
+                    _fmt(s["gen_ms_per_token"], 3), _fmt(s["total_ms"], 1), _fmt(s["summarization_mJ"], 1),
+                    _fmt(s["gen_mJ_per_token"], 2))
+    console.print(tab)
+    bt = Table(title="Per-operation breakdown (ms): summarization | per generated token")
+    bt.add_column("model / policy / in / out")
+    for op in OPS:
+        bt.add_column(op, justify="right")
+    for s in summaries:
+        if s["output"] != max(outputs):
+            continue
+        steps = max(1, s["output"] - 1)
+        bt.add_row(f"{s['model']} {s['policy']} {s['input']}/{s['output']}",
+                   *[f"{s['breakdown_pre_ms'][op]:.2f} | {s['breakdown_gen_ms'][op] / steps:.3f}" for op in OPS])
+    console.print(bt)
+
+    # speedups ianus vs npu-mem
+    if "ianus" in policies and "npu-mem" in policies:
+        st = Table(title="ianus vs npu-mem (speedup)")
+        for c in ("model", "in", "out", "summarization", "generation", "total", "energy"):
+            st.add_column(c, justify="right")
+        idx = {(s["model"], s["policy"], s["input"], s["output"]): s for s in summaries}
+        for (m, pol, i, o), s in idx.items():
+            if pol != "ianus" or (m, "npu-mem", i, o) not in idx:
+                continue
+            b = idx[(m, "npu-mem", i, o)]
+            gen = b["gen_ms_per_token"] / s["gen_ms_per_token"] if s["gen_ms_per_token"] else float("nan")
+            st.add_row(m, str(i), str(o), f"{b['summarization_ms'] / s['summarization_ms']:.2f}x", f"{gen:.2f}x",
+                       f"{b['total_ms'] / s['total_ms']:.2f}x", f"{b['total_J'] / s['total_J']:.2f}x")
+        console.print(st)
+
+    scaling = []
+    if args.devices:
+        devs = [int(x) for x in args.devices.split(",") if x]
+        for m, (shape, _) in SCALING_MODELS.items():
+            for pol in policies:
+                p = project(m, pol, args.scaling_input, args.scaling_output, cfg, samples=min(args.samples, 8),
+                            shape=shape)
+                params = 12 * shape.layers * shape.d_model ** 2
+                for d in devs:
+                    s = p.summary(args.scaling_output, devices=d)
+                    fits = params * 2 <= d * DEVICE_BYTES
+                    scaling.append({"model": m, "policy": pol, "devices": d, "fits": fits,
+                                    "weight_GB_per_device": params * 2 / d / 1e9,
+                                    "summarization_ms": s["summarization_ms"], "gen_ms_per_token": s["gen_ms_per_token"],
+                                    "comm_ms": s["comm_ms"], "total_ms": s["total_ms"]})
+        sc = Table(title=f"Multi-device (tensor parallel, PCIe 5.0 x16 {cfg.clocks.host_link_gbps:g} GB/s, "
+                         f"{LINK_LATENCY_US:g} us per transfer): input {args.scaling_input}, output {args.scaling_output}")
+        for c in ("model", "policy", "devices", "GB/device", "fits 8 GB", "summ. ms", "gen ms/token", "comm ms",
+                  "total ms"):
+            sc.add_column(c, justify="right")
+        for r in scaling:
+            sc.add_row(r["model"], r["policy"], str(r["devices"]), f"{r['weight_GB_per_device']:.1f}",
+                       "yes" if r["fits"] else "no", _fmt(r["summarization_ms"]), _fmt(r["gen_ms_per_token"], 3),
+                       _fmt(r["comm_ms"], 2), _fmt(r["total_ms"], 1))
+        console.print(sc)
+        console.print("weak scaling: 6.7B on 2, 13B on 4, 30B on 8 devices (the paper's pairs); strong scaling: "
+                      "each model over the device counts it fits")
+
+    flat = []
+    for s in summaries:
+        row = {k: v for k, v in s.items() if not isinstance(v, dict)}
+        for op in OPS:
+            row[f"pre_{op}_ms"] = s["breakdown_pre_ms"][op]
+            row[f"gen_{op}_ms"] = s["breakdown_gen_ms"][op]
+        for k in ("dram", "pim", "npu", "link", "static"):
+            row[f"pre_{k}_mJ"] = s["energy_pre"][k] * 1e3
+            row[f"gen_{k}_mJ"] = s["energy_gen"][k] * 1e3
+        flat.append(row)
+    write_csv(out / "latency.csv", [{k: r[k] for k in ("model", "policy", "input", "output", "summarization_ms",
+                                                       "gen_ms_per_token", "total_ms", "summarization_mJ",
+                                                       "gen_mJ_per_token", "total_J")} for r in flat])
+    write_csv(out / "breakdown.csv", flat)
+    write_csv(out / "stages.csv", stages_rows)
+    write_csv(out / "roofline.csv", roof)
+    if scaling:
+        write_csv(out / "scaling.csv", scaling)
+    plot_breakdown(summaries, out / "breakdown.png")
+    plot_roofline(roof, cfg, out / "roofline.png")
+    console.print(f"wrote {out}/latency.csv, breakdown.csv, stages.csv, roofline.csv"
+                  + (", scaling.csv" if scaling else "") + ", breakdown.png, roofline.png "
+                  f"({time.perf_counter() - t_start:.1f} s)")
+    return 0
+
+
+def add_parser(sub):
+    p = sub.add_parser("project", help="paper-scale projection (ianus preset) from the calibrated performance model")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--inputs", default=",".join(map(str, INPUTS)))
+    p.add_argument("--outputs", default=",".join(map(str, OUTPUTS)))
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--samples", type=int, default=12, help="generation positions simulated (interpolated between)")
+    p.add_argument("--devices", default="2,4,8", help="device counts for the 6.7B/13B/30B scaling ('' to skip)")
+    p.add_argument("--scaling-input", type=int, default=128)
+    p.add_argument("--scaling-output", type=int, default=64)
+    p.add_argument("--out", default="build/project")
+    return p
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m sim.project")
+    sub = ap.add_subparsers(dest="cmd")
+    add_parser(sub)
+    args = ap.parse_args(["project", *(argv or [])])
+    return main_project(args)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))
