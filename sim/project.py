@@ -70,10 +70,14 @@ class PhaseResult:
     breakdown: dict = field(default_factory=dict)     # per layer, cycles per op
     events: dict = field(default_factory=dict)        # per layer
     stages: dict = field(default_factory=dict)        # stage -> cycles per layer
+    stage_events: dict = field(default_factory=dict)  # stage -> events per layer
 
     def add(self, name, res, w=1.0):
         self.cycles += w * res.cycles
         self.stages[name] = self.stages.get(name, 0.0) + w * res.cycles
+        se = self.stage_events.setdefault(name, {})
+        for k, v in res.events.items():
+            se[k] = se.get(k, 0.0) + w * v
         for k, v in res.breakdown.items():
             self.breakdown[k] = self.breakdown.get(k, 0.0) + w * v
         for k, v in res.events.items():
@@ -111,6 +115,9 @@ class Projection:
         for attr in ("breakdown", "events", "stages"):
             da, db = getattr(a, attr), getattr(b, attr)
             setattr(out, attr, {k: (1 - w) * da.get(k, 0) + w * db.get(k, 0) for k in set(da) | set(db)})
+        out.stage_events = {st: {k: (1 - w) * a.stage_events.get(st, {}).get(k, 0) + w * b.stage_events.get(st, {}).get(k, 0)
+                                 for k in set(a.stage_events.get(st, {})) | set(b.stage_events.get(st, {}))}
+                            for st in a.stage_events}
         return out
 
     def gen_total(self, n_out: int) -> PhaseResult:
@@ -381,24 +388,18 @@ def main_project(args) -> int:
                 console.print(f"[dim]{m} {pol} input {n_in}: simulated in {p.wall_s:.1f} s[/dim]")
                 for n_out in outputs:
                     summaries.append(p.summary(n_out))
-                for phase, res in (("prefill", p.prefill), ("gen@first", p.gen_at(1) if p.gen else None)):
+                first = min(p.gen) if p.gen else None
+                for phase, res in (("summarization", p.prefill), ("first generated token", p.gen.get(first))):
                     if res is None:
                         continue
                     for st, cyc in res.stages.items():
+                        e = energy(res.stage_events.get(st, {}), cyc / cfg.clocks.pim_mhz * 1e-6)
                         stages_rows.append({"model": m, "policy": pol, "input": n_in, "phase": phase, "stage": st,
-                                            "us_per_layer": cyc / cfg.clocks.pim_mhz})
+                                            "us_per_layer": cyc / cfg.clocks.pim_mhz,
+                                            "uJ_per_layer": e["total"] * 1e6,
+                                            "uJ_dram": e["dram"] * 1e6, "uJ_pim": e["pim"] * 1e6,
+                                            "uJ_npu": e["npu"] * 1e6, "uJ_static": e["static"] * 1e6})
                 roof += roofline_points(p, max(outputs))
-    # per-stage energy (per layer) for the first generated token and the summarization
-    for m in models:
-        for n_in in inputs:
-            for pol in policies:
-                p = projections[(m, pol, n_in)]
-                for phase, res in (("prefill", p.prefill), ("gen@first", p.gen_at(1) if p.gen else None)):
-                    if res is None:
-                        continue
-                    e = energy(res.events, res.cycles / cfg.clocks.pim_mhz * 1e-6)
-                    stages_rows.append({"model": m, "policy": pol, "input": n_in, "phase": phase,
-                                        "stage": "energy_uJ_per_layer", "us_per_layer": e["total"] * 1e6})
 
     tab = Table(title=f"Projection on the ianus system ({cfg.npu.cores} NPU cores at {cfg.clocks.npu_mhz:g} MHz, "
                       f"{cfg.pim.channels} PIM channels); decoder layers only")
