@@ -15,9 +15,13 @@ port and routes responses back by it.
     in the layout of :mod:`hw.npu.isa`; lanes past ``cols`` are written as
     zero. Non-transposed, one memory column holds ``16 / W`` scratchpad words
     (``W`` lanes each), written one per cycle; at ``W = 16`` this is one
-    column per cycle, the memory's rate. Transposed, the engine reads ``W``
-    rows of one column into a ``W x 16`` buffer and then writes the 16
-    scratchpad words of its transpose (``W + 16`` cycles per ``W`` columns).
+    column per cycle, the memory's rate. Transposed, the engine gathers ``W``
+    rows of one column (a ``W x 16`` block) into one of two ``W x 16``
+    buffers while it writes the 16 scratchpad words of the previous block's
+    transpose from the other, one per cycle: with one response per cycle,
+    ``max(W, 16)`` cycles per block (32 bytes per cycle at ``W = 16``), plus
+    the memory latency and the last block's 16 words. The response stream is
+    held (``resp.ready`` low) while both buffers are full.
 :class:`DmaStore`
     ``STORE``: accumulator tile ``rows x cols`` to memory as FP32 or rounded
     to BF16 (RNE, flush-to-zero, canonical NaN ``0x7FC0``), byte-masked at the
@@ -51,6 +55,11 @@ def _check_lanes(lanes):
 
 class DmaLoad(wiring.Component):
     """``LOAD`` engine: memory -> activation / weight scratchpad, optionally transposed.
+
+    A transposed load is double-buffered: the response handler gathers block
+    ``b + 1`` (``W`` rows of one memory column) into one ``W x 16`` buffer while
+    the emitter writes block ``b``'s transpose from the other, so it runs at
+    ``max(W, 16)`` cycles per block when memory answers every cycle.
 
     Parameters
     ----------
@@ -168,11 +177,18 @@ class DmaLoad(wiring.Component):
         h_piece_addr = Signal(16)                 # spm_addr + c * spm_stride + r
         h_elem = Signal(17)                       # c * W
         h_q = Signal(range(max(ppc, 2)))          # piece within the column
-        # transposed addressing
+        # transposed: two W x 16 buffers; the handler gathers a block's rows of one
+        # column into buffer ``t_wsel`` while the emitter writes the transpose of
+        # the other, ``t_rsel``, one scratchpad word per cycle
         h_tbase = Signal(16)                      # spm_addr + b * spm_stride
         h_mc_elem = Signal(17)                    # mc * 16
-        tbuf = Signal(data.ArrayLayout(COLUMN_BYTES * 8, W))
-        emit = Signal()
+        tbuf = [Signal(data.ArrayLayout(COLUMN_BYTES * 8, W), name=f"tbuf{i}") for i in range(2)]
+        t_full = Signal(2)                        # buffer gathered, not yet emitted
+        t_wsel = Signal()
+        t_rsel = Signal()
+        t_rows = [Signal(range(W + 1), name=f"t_rows{i}") for i in range(2)]     # valid lanes
+        t_base = [Signal(16, name=f"t_base{i}") for i in range(2)]               # first word's address
+        t_last = [Signal(4, name=f"t_last{i}") for i in range(2)]                # last word index
         e_idx = Signal(range(COLUMN_ELEMS))
 
         spm = self.spm
@@ -220,41 +236,58 @@ class DmaLoad(wiring.Component):
                     with m.Else():
                         m.d.sync += [h_q.eq(h_q + 1), h_piece_addr.eq(h_piece_addr + spm_stride),
                                      h_elem.eq(h_elem + W)]
-            with m.Elif(~emit):
-                # Transposed: gather the block's rows of one column.
-                m.d.comb += resp_ready.eq(1)
-                with m.If(resp.valid):
-                    with m.Switch(h_w):
-                        for w in range(W):
-                            with m.Case(w):
-                                m.d.sync += tbuf[w].eq(resp.payload.data)
+            with m.Else():
+                # Transposed: gather the block's rows of one column into a free buffer.
+                w_free = ~Mux(t_wsel, t_full[1], t_full[0])
+                m.d.comb += resp_ready.eq(w_free)
+                with m.If(resp.valid & w_free):
+                    for i in range(2):
+                        with m.If(t_wsel == i):
+                            with m.Switch(h_w):
+                                for w in range(W):
+                                    with m.Case(w):
+                                        m.d.sync += tbuf[i][w].eq(resp.payload.data)
                     with m.If(h_w + 1 >= h_nrows):
-                        m.d.sync += [emit.eq(1), e_idx.eq(0)]
+                        rem = cols - h_mc_elem            # > 0: mc < ncol
+                        for i in range(2):
+                            with m.If(t_wsel == i):
+                                m.d.sync += [t_full[i].eq(1), t_rows[i].eq(h_nrows),
+                                             t_base[i].eq(h_tbase + h_mc_elem),
+                                             t_last[i].eq(Mux(rem > COLUMN_ELEMS, COLUMN_ELEMS - 1, rem - 1))]
+                        m.d.sync += [t_wsel.eq(~t_wsel), h_w.eq(0)]
+                        with m.If(h_mc + 1 < ncol):
+                            m.d.sync += [h_mc.eq(h_mc + 1), h_mc_elem.eq(h_mc_elem + COLUMN_ELEMS)]
+                        with m.Else():
+                            m.d.sync += [h_mc.eq(0), h_mc_elem.eq(0), h_tbase.eq(h_tbase + spm_stride),
+                                         h_rows_left.eq(h_rows_left - blk)]
+                            with m.If(h_rows_left <= blk):
+                                m.d.sync += h_done.eq(1)
                     with m.Else():
                         m.d.sync += h_w.eq(h_w + 1)
-            with m.Else():
-                # Transposed: write element column e of the buffer as one scratchpad word.
-                m.d.comb += [spm.en.eq(1), spm.addr.eq(h_tbase + h_mc_elem + e_idx)]
+
+        with m.If(busy & transpose):
+            # Transposed: write element column e of a gathered buffer as one scratchpad word.
+            r_full = Mux(t_rsel, t_full[1], t_full[0])
+            r_rows = Mux(t_rsel, t_rows[1], t_rows[0])
+            r_last = Mux(t_rsel, t_last[1], t_last[0])
+            with m.If(r_full):
+                m.d.comb += [spm.en.eq(1), spm.addr.eq(Mux(t_rsel, t_base[1], t_base[0]) + e_idx)]
                 for w in range(W):
-                    m.d.comb += spm.data[w].eq(Mux(w < h_nrows, tbuf[w].word_select(e_idx, 16), 0))
-                last_e = (e_idx == COLUMN_ELEMS - 1) | (h_mc_elem + e_idx + 1 >= cols)
-                m.d.sync += e_idx.eq(e_idx + 1)
-                with m.If(last_e):
-                    m.d.sync += emit.eq(0)
-                    m.d.sync += h_w.eq(0)
-                    with m.If(h_mc + 1 < ncol):
-                        m.d.sync += [h_mc.eq(h_mc + 1), h_mc_elem.eq(h_mc_elem + COLUMN_ELEMS)]
-                    with m.Else():
-                        m.d.sync += [h_mc.eq(0), h_mc_elem.eq(0), h_tbase.eq(h_tbase + spm_stride),
-                                     h_rows_left.eq(h_rows_left - blk)]
-                        with m.If(h_rows_left <= blk):
-                            m.d.sync += h_done.eq(1)
+                    lane = Mux(t_rsel, tbuf[1][w], tbuf[0][w]).word_select(e_idx, 16)
+                    m.d.comb += spm.data[w].eq(Mux(w < r_rows, lane, 0))
+                with m.If(e_idx == r_last):
+                    m.d.sync += [e_idx.eq(0), t_rsel.eq(~t_rsel)]
+                    for i in range(2):
+                        with m.If(t_rsel == i):
+                            m.d.sync += t_full[i].eq(0)
+                with m.Else():
+                    m.d.sync += e_idx.eq(e_idx + 1)
 
         # ---- outstanding count, start, finish ----
         consumed = resp.valid & resp.ready
         m.d.sync += outstanding.eq(outstanding + issued - consumed)
 
-        with m.If(busy & h_done & g_done):
+        with m.If(busy & h_done & g_done & (t_full == 0)):
             m.d.sync += busy.eq(0)
             m.d.comb += self.signal.eq(sig)
 
@@ -274,7 +307,8 @@ class DmaLoad(wiring.Component):
                 g_w.eq(0), g_rows_left.eq(b.rows), g_done.eq(0),
                 h_mc.eq(0), h_w.eq(0), h_rows_left.eq(b.rows), h_done.eq(0),
                 h_row_spm.eq(b.spm_addr), h_piece_addr.eq(b.spm_addr), h_elem.eq(0), h_q.eq(0),
-                h_tbase.eq(b.spm_addr), h_mc_elem.eq(0), emit.eq(0),
+                h_tbase.eq(b.spm_addr), h_mc_elem.eq(0),
+                t_full.eq(0), t_wsel.eq(0), t_rsel.eq(0), e_idx.eq(0),
             ]
         return m
 
