@@ -389,3 +389,30 @@ def test_default_memory_error_response():
                               (0, img.top // 32 - 1), test_name="default_mem_error", timeout_cycles=100_000)
     assert [ErrorCode(r["error_code"]) for r in res] == [ErrorCode.MEM_ERROR, ErrorCode.NONE]
     np.testing.assert_array_equal(extract(words, spec.c), gemm(a, w, cfg.npu.array_rows))
+
+
+def test_tiny_transposed_load_rate():
+    """A transposed LOAD streams at about one memory column per cycle: its W x 16 blocks (W = 4 on the
+    tiny array) take max(W, 16) = 16 cycles each (gathering the next block overlaps writing the
+    previous one's transpose), not W + 16; and a GEMM whose weight tiles are such loads is bit-exact."""
+    cfg = preset("tiny")
+    sb = system_build(cfg)
+    W = cfg.npu.array_cols
+    rng = np.random.default_rng(13)
+    img = MemImage(1 << sb.extra["words_log2"])
+    rows, cols = 16, 64                                   # 4 x 4 blocks of W x 16; the whole wgt scratchpad
+    T = img.put(G.bf16_bits(rng.standard_normal((rows, cols))))
+    load = encode(Opcode.LOAD, target=Target.WGT, transpose=1, mem_addr=T.addr, mem_stride=T.stride, rows=rows,
+                  cols=cols, spm_addr=0, spm_stride=cols)
+    a, w, spec = _gemm_case(img, rng, 8, 64, 24, transposed=True)
+    prog, _ = gemm_program(spec, *_npu_args(cfg), tiles=(8, 64, 16), buffers=1)
+    res, words = run_segments(sb, RUNS / "tiny_transposed_rate", img,
+                              [Segment([load], "transposed load"), Segment(prog, "gemm, transposed weights")],
+                              (0, img.top // 32 - 1), test_name="tiny_transposed_rate", timeout_cycles=50_000)
+    assert [r["error_code"] for r in res] == [0, 0]
+    blocks = (rows // W) * (cols // 16)
+    cycles = res[0]["counters"]["load"]
+    print(f"transposed LOAD {rows} x {cols} at W = {W}: {cycles} cycles for {blocks} blocks")
+    # memory latency (8) and the last block's 16 words are not overlapped
+    assert cycles <= blocks * max(W, 16) + 16 + 16, cycles
+    np.testing.assert_array_equal(extract(words, spec.c), gemm(a, w, cfg.npu.array_rows))
