@@ -5,7 +5,7 @@ Cycles at the SoC clock, from the configuration alone (no simulation):
 * matrix unit GEMM: ``max(compute, weight DMA, activation DMA) + latency``; compute is the
   array's slot arithmetic of :class:`hw.npu.matrix_unit.ComputeEngine`
   (``max(R, 4) + max(M, R, 4) * KB * NB + R + C + 3`` per instruction), the
-  transposed weight DMA moves ``W x 16`` elements per ``W + 16`` cycles
+  transposed weight DMA moves ``W x 16`` elements per ``max(W, 16)`` cycles (double-buffered)
   (:class:`hw.npu.dma.DmaLoad`), plain DMA one 32-byte column per cycle, both
   capped by the channels' external bandwidth (``channels x 32`` bytes per cycle)
   at :data:`DRAM_EFFICIENCY`;
@@ -48,7 +48,7 @@ def mu_gemm_parts(cfg, M, K, N, transposed=True) -> tuple[int, int]:
     R, C = n.array_rows, n.array_cols
     KB, NB = -(-K // R), -(-N // C)
     compute = max(R, 4) + max(M, R, 4) * KB * NB + R + C + 3
-    w_rate = min(32 * C / (C + 16) if transposed else 32.0, _mem_rate(cfg))
+    w_rate = min(32 * C / max(C, 16) if transposed else 32.0, _mem_rate(cfg))
     wdma = K * N * 2 / w_rate
     adma = M * K * 2 / min(32.0, _mem_rate(cfg)) * max(1, -(-N // 256))
     mem = max(wdma, adma) + MEM_LATENCY
