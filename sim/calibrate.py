@@ -11,7 +11,10 @@ traffic costs tRP + tRFC), so the comparison replays the testbench's timeline: p
 ``gap`` cycles after program ``k - 1`` ended *on the RTL* (the start of each program is an input,
 like the host's choice of when to start it; the program's own cycles are the model's). With
 ``anchored=False`` the model runs free on its own timeline (``PerfModel`` then starts each program
-``gap`` cycles after its own previous end).
+``gap`` cycles after its own previous end). The model's cycles are the mean of three runs whose
+refresh phases differ by +-3 cycles (:data:`JITTER`): a REF costs tRP + tRFC when it falls on a
+burst of memory traffic and almost nothing between two bursts, and the model knows where a
+program's bursts fall only to a few cycles.
 
 ``python -m sim.calibrate --config tiny`` runs the RTL jobs (cached Verilator build), prints the table
 model vs RTL per program and the worst deviation; ``--store`` writes the RTL cycles to
@@ -28,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["JOBS", "run_rtl_job", "compare", "table", "stored", "STORE_DIR"]
+__all__ = ["JOBS", "run_rtl_job", "compare", "table", "totals_table", "phase_totals", "stored", "STORE_DIR"]
 
 STORE_DIR = Path(__file__).resolve().parent / "calibration"
 
@@ -54,8 +57,17 @@ def run_rtl_job(config, policy, layers, prefill, generate, test_name=None) -> li
     return [{"name": r["name"], "cycles": r["cycles"], "counters": r.get("counters", {})} for r in res]
 
 
-def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=True, calib=None) -> list[dict]:
+JITTER = (-3, 0, 3)
+"""Refresh-phase offsets (cycles) the comparison averages over: the model knows each program's
+start to a few cycles, and a REF (tRP + tRFC with every row closed) either lands on a burst of
+memory traffic or between two, so the model reports the mean over this uncertainty."""
+
+
+def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=True, calib=None,
+            jitter=JITTER) -> list[dict]:
     """Model vs RTL for every program of the job; rows with ``rtl``, ``model``, ``err``."""
+    import dataclasses
+
     from sim.perfmodel import Calib, PerfModel, decode_program
     from sim.run import prepare
 
@@ -64,14 +76,22 @@ def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=Tr
         raise ValueError(f"{job_key(config, policy, layers, prefill, generate)}: {len(job.programs)} programs "
                          f"compiled, {len(rtl_programs)} in the RTL results")
     cal = calib or Calib()
-    m = PerfModel(cm.cfg, calib=cal)
+    decoded = [decode_program(st.words) for st, _, _ in job.programs]
+    runs = []
+    for d in jitter:
+        c = dataclasses.replace(cal, first_start=cal.first_start + d)
+        m = PerfModel(cm.cfg, calib=c)
+        t = 0
+        out = []
+        for ins, (_st, addr, _n), r in zip(decoded, job.programs, rtl_programs, strict=True):
+            out.append(m.run_program(None, ins=ins, prog_addr=addr, start=t if anchored else None).cycles)
+            t += r["cycles"] + cal.gap
+        runs.append(out)
     rows = []
-    t = 0
-    for (st, addr, _n), r in zip(job.programs, rtl_programs, strict=True):
-        res = m.run_program(None, ins=decode_program(st.words), prog_addr=addr, start=t if anchored else None)
-        t += r["cycles"] + cal.gap
+    for i, ((st, _, _), r) in enumerate(zip(job.programs, rtl_programs, strict=True)):
+        model = sum(run[i] for run in runs) / len(runs)
         rows.append({"job": job_key(config, policy, layers, prefill, generate), "program": r["name"],
-                     "rtl": r["cycles"], "model": res.cycles, "err": res.cycles / r["cycles"] - 1,
+                     "rtl": r["cycles"], "model": model, "err": model / r["cycles"] - 1,
                      "estimate": st.est.get("total", 0)})
     return rows
 
@@ -85,6 +105,26 @@ def table(rows, title="model vs RTL") -> str:
     mean = sum(abs(r["err"]) for r in rows) / len(rows)
     lines.append(f"{len(rows)} programs: max |error| {abs(worst['err']):.2%} ({worst['job']} {worst['program']}), "
                  f"mean |error| {mean:.2%}")
+    return "\n".join(lines)
+
+
+def phase_totals(rows) -> list[dict]:
+    """Per job and phase (prefill / generation): summed RTL and model cycles."""
+    out = {}
+    for r in rows:
+        ph = "prefill" if " prefill@" in r["program"] else "generation"
+        a = out.setdefault((r["job"], ph), {"job": r["job"], "phase": ph, "rtl": 0, "model": 0.0})
+        a["rtl"] += r["rtl"]
+        a["model"] += r["model"]
+    for a in out.values():
+        a["err"] = a["model"] / a["rtl"] - 1
+    return list(out.values())
+
+
+def totals_table(rows, title="phase totals") -> str:
+    lines = [title, f"{'job':<26} {'phase':<12} {'RTL':>12} {'model':>12} {'error':>7}"]
+    for a in phase_totals(rows):
+        lines.append(f"{a['job']:<26} {a['phase']:<12} {a['rtl']:>12,} {a['model']:>12,.0f} {a['err']:>+7.2%}")
     return "\n".join(lines)
 
 
@@ -136,6 +176,7 @@ def main(argv=None) -> int:
             rows += compare(args.config, *spec, rtl[key], anchored=not args.free)
     print(table(rows, f"performance model vs RTL cycles per program ({args.config}, "
                       f"{'free-running' if args.free else 'RTL host timeline'})"))
+    print(totals_table(rows))
     if args.store and not args.stored:
         STORE_DIR.mkdir(parents=True, exist_ok=True)
         cmd = f"python -m sim.calibrate --config {args.config} --store" + (

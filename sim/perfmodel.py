@@ -18,7 +18,8 @@ matrix unit (:mod:`hw.npu.matrix_unit`, :mod:`hw.npu.dma`)
     :class:`hw.npu.matrix_unit.ComputeEngine` (``max(R, 4)`` preamble, ``max(M, R, 4)`` cycles per
     pass, tokens after the array and read-modify-write drain). DMA: every 32-byte request through
     the memory model, with the engines' own rates (non-transposed: ``16 / W`` scratchpad words per
-    column; transposed: ``W`` rows gathered, then 16 words emitted), ``dma_outstanding`` requests
+    column; transposed: ``W`` rows gathered into a ``W x 16`` buffer, whose 16 transposed words are
+    written one per cycle, with one or two buffers as the RTL has), ``dma_outstanding`` requests
     in flight, responses in order.
 vector queue (:mod:`hw.npu.vector_queue`, :mod:`hw.npu.vector`)
     One instruction at a time; VECTOR by the vector unit's cycle formulas, VLOAD / VSTORE by
@@ -31,9 +32,14 @@ PCU (:mod:`hw.pcu`)
 memory (:mod:`hw.memctrl`, :mod:`hw.fabric`)
     Per channel: one command per cycle, per-bank open row and timing (tRCD, tRP, tRAS, tWR, tRTP),
     tRRD / tFAW, an FR-FCFS queue of ``ctrl_queue`` requests (row hits of other banks overtake a
-    row miss), refresh (one REF owed per tREFI, done when the queue is empty, forced after
-    ``refresh_postpone``; tRFC with all rows closed) and PIM mode (normal requests wait while a
-    macro holds the channels; a DMA in flight when a macro starts is pushed back by the macro).
+    row miss), refresh (one REF owed per tREFI, done when the queue is empty -- in PIM mode when
+    every bank is closed -- forced after ``refresh_postpone``; tRFC with all rows closed) and PIM
+    mode (normal requests wait while a macro holds the channels: the instruction fetches and DMA
+    requests timed ahead of a macro's start are timed again after it, the bank state they would
+    have left is rolled back to the macro's start).
+
+Memory requests are timed when their requester issues them, mostly in time order; the channel's
+command slots are a set, so a later-timed stream can use cycles an earlier one left free.
 
 The constants that are not spelt out by the RTL's documentation (pipeline offsets of a few
 cycles) are in :class:`Calib`, fitted against the RTL's cycle counts (``tests/test_perfmodel.py``,
@@ -129,6 +135,9 @@ class Micro:
     row_bus: bool = False
     """Row commands (ACT, PRE) on their own command slots, as GDDR6's separate row and column command
     buses allow (the RTL folds both into one command per cycle, column commands first)."""
+    transpose_buffers: int = field(default_factory=lambda: _transpose_buffers())
+    """W x 16 buffers of the transposing load (1: gather, then emit; 2: gather one while the other is
+    emitted), read from :class:`hw.npu.dma.DmaLoad`."""
     interleave: int = 0
     """Channel interleave (bytes) of normal traffic; 0 is the RTL's Row-Channel-Bank-Column mapping
     (a channel holds 32 KB runs). The projection's NPU-MEM baseline (plain GDDR6, no PIM layout to
@@ -137,6 +146,16 @@ class Micro:
     """Reuse the timing of a DMA instruction or macro already timed with the same shape and the same
     address alignment within a DRAM row (projection speed; the memory state it would leave is not
     replayed). Off for calibration."""
+
+
+def _transpose_buffers() -> int:
+    """2 when the RTL's transposing load is double-buffered (it gathers one W x 16 block while it
+    writes the previous one's transpose), else 1."""
+    import inspect
+
+    from hw.npu import dma
+
+    return 2 if "two W x 16 buffers" in inspect.getsource(dma.DmaLoad) else 1
 
 
 def micro_for(cfg: SystemConfig) -> Micro:
@@ -580,7 +599,7 @@ class PerfModel:
         self.programs = 0
         self.cache = {}
         p = cfg.pim
-        self.align = p.channels * p.banks * p.row_bytes
+        self.align = p.row_bytes        # cache key: offset in a DRAM row (channel and bank symmetric)
         n = cfg.npu
         self.R, self.C, self.L = n.array_rows, n.array_cols, n.vector_lanes
         self.macs = n.macs_per_pe
@@ -1042,10 +1061,15 @@ class _Run:
         else:
             Wb = min(W, 16) if self.cfg.npu.array_rows <= 16 else W
             gper = per / mi.dma_issue          # the gather buffer takes dma_issue rows per cycle
+            nbuf = mi.transpose_buffers
+            buf_free = [t] * nbuf              # a W x 16 buffer is free again when its words are written
+            emit_free = t
+            k = 0
             for b0 in range(0, rows, Wb):
                 nr = min(Wb, rows - b0)
                 for c in range(ncol):
                     ne = min(16, cols - c * 16)
+                    h = max(h, buf_free[k])
                     for w in range(nr):
                         a += gap
                         if len(cons) >= outmax:
@@ -1056,7 +1080,11 @@ class _Run:
                         last_r = rr
                         h = max(rr, h) + gper
                         cons.append(h - gper)
-                    h += ne * per
+                    es = max(h, emit_free)     # the emitter writes the transpose, one word per cycle
+                    emit_free = es + ne * per
+                    buf_free[k] = emit_free
+                    k = (k + 1) % nbuf
+            h = max(h, emit_free)
         return h + self.cal.mu_dma_end * kf
 
     def _mu_store(self, f, t):
