@@ -4,6 +4,7 @@
 ``ianus demo``     the main job on the embedded default configuration (``make demo``): a GPT-2-small
                    layer's generation-step FCs through driver, AXI, PCU, controllers and PIM device RTL
 ``ianus gemv``     PIM GEMVs of chosen shapes on the PIM device RTL alone, against the lower bound
+``ianus project``  paper-scale projection (ianus preset) from the RTL-calibrated performance model
 ``ianus config``   print a configuration and its derived figures
 ``ianus synth``    FPGA synthesis (same as ``make synth``)
 ``ianus bench``    benchmarks as JSON lines (same as ``make bench``)
@@ -239,6 +240,10 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="benchmarks")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+    from sim import project as project_mod
+
+    p = project_mod.add_parser(sub)
+    p.set_defaults(func=project_mod.main_project)
     args = parser.parse_args(argv)
     return args.func(args)
 
