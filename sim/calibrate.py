@@ -9,7 +9,8 @@ between two programs it reads every counter, which takes ``Calib.gap`` cycles (m
 which the DRAM keeps refreshing. The refresh phase matters (a REF that falls on a burst of memory
 traffic costs tRP + tRFC), so the comparison replays the testbench's timeline: program ``k`` starts
 ``gap`` cycles after program ``k - 1`` ended *on the RTL* (the start of each program is an input,
-like the host's choice of when to start it; the program's own cycles are the model's). With
+like the host's choice of when to start it; the program's own cycles are the model's; traffic the
+model still had in flight from program ``k - 1`` at that point is dropped). With
 ``anchored=False`` the model runs free on its own timeline (``PerfModel`` then starts each program
 ``gap`` cycles after its own previous end). The model's cycles are the mean of three runs whose
 refresh phases differ by +-3 cycles (:data:`JITTER`): a REF costs tRP + tRFC when it falls on a
@@ -39,7 +40,7 @@ STORE_DIR = Path(__file__).resolve().parent / "calibration"
 JOBS = {
     "tiny": [(pol, layers, pre, gen) for pol in ("ianus", "naive", "npu-mem")
              for layers, pre, gen in ((1, 8, 2), (2, 3, 5))],
-    "default": [("ianus", 1, 32, 4), ("npu-mem", 1, 32, 4)],
+    "default": [("ianus", 1, 32, 4), ("npu-mem", 1, 32, 1)],      # the SoC benchmark's jobs (sim/benchmarks/soc.py)
 }
 
 
@@ -84,7 +85,8 @@ def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=Tr
         t = 0
         out = []
         for ins, (_st, addr, _n), r in zip(decoded, job.programs, rtl_programs, strict=True):
-            out.append(m.run_program(None, ins=ins, prog_addr=addr, start=t if anchored else None).cycles)
+            start = t if anchored else None
+            out.append(m.run_program(None, ins=ins, prog_addr=addr, start=start).cycles)
             t += r["cycles"] + cal.gap
         runs.append(out)
     rows = []

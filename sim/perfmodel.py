@@ -350,6 +350,7 @@ class Channel:
         self.closed_from = 0
         self.pim_from = 0
         self.last_ref = -INF
+        self.ref_log = []                          # cycles of recent REFs
         self.hist = [[] for _ in range(p.banks)]     # per bank: (cycle, state after) of recent changes
         self.c = {"hits": 0, "misses": 0, "refreshes": 0, "commands": 0, "pim_commands": 0, "reads": 0,
                   "writes": 0, "acts": 0}
@@ -396,6 +397,9 @@ class Channel:
             self._record(b, r)
         self.rfc_ok = r + t.tRFC
         self.last_ref = r
+        self.ref_log.append(r)
+        if len(self.ref_log) > 64:
+            del self.ref_log[:32]
         self.ref_free = r + 2
         self.owed -= 1
         self.owed_since = r + 2
@@ -510,6 +514,8 @@ class Memory:
         self.il = micro.interleave
         self.row_b = p.row_bytes
         self.max_col = -INF       # latest column command of the transfer being timed
+        self.ahead = None         # (kernel time, column command cycle) of requests decided ahead of time
+        self.now = 0
 
     def blocked(self, c, t):
         """End of the PIM window channel ``c`` is in at cycle ``t`` (None when not in one)."""
@@ -533,6 +539,8 @@ class Memory:
         col = self.ch[c].access(b, r, write, t_issue + self.arr)
         if col > self.max_col:
             self.max_col = col
+        if self.ahead is not None and col > self.now:
+            self.ahead.append((self.now, col))
         return col + self.resp
 
 
@@ -551,6 +559,19 @@ class ProgramResult:
     counters: dict = field(default_factory=dict)    # per channel: hits, misses, refreshes, ...
     spans: dict = field(default_factory=dict)       # unit -> busy intervals relative to the start
     breakdown: dict = field(default_factory=dict)   # tag -> cycles (exclusive, see _Run._breakdown)
+
+
+def _take(slots: set, t) -> int:
+    """The first cycle >= ``t`` not yet in ``slots`` (taken)."""
+    c = int(math.ceil(t))
+    while c in slots:
+        c += 1
+    slots.add(c)
+    if len(slots) > 20000:
+        floor = c - 8192
+        for x in [x for x in slots if x < floor]:
+            slots.discard(x)
+    return c
 
 
 class _BusyTracker:
@@ -598,6 +619,8 @@ class PerfModel:
         self.time = 0.0
         self.programs = 0
         self.cache = {}
+        self.mu_port = (set(), [-INF])    # the matrix unit's memory port (load + store share it):
+        #                                   request cycles taken, last response delivered
         p = cfg.pim
         self.align = p.row_bytes        # cache key: offset in a DRAM row (channel and bank symmetric)
         n = cfg.npu
@@ -613,11 +636,39 @@ class PerfModel:
         ins = ins if ins is not None else decode_program(words)
         if start is None:
             start = self.time + (self.calib.gap if self.programs else 0)
+        elif start < self.time:
+            self._truncate(start)
         run = _Run(self, ins, start, prog_addr if prog_addr is not None else 0, tags)
         res = run.execute()
         self.time = res.end
         self.programs += 1
         return res
+
+    def _truncate(self, t0):
+        """A program starts at ``t0`` before the previous one ended in the model: the RTL had finished
+        it ``Calib.gap`` cycles before ``t0`` (the host's register accesses followed). Drop the memory
+        traffic the model had timed after that point; the REFs falling due in the gap start as they
+        fall due (the channels are idle there), the earlier ones were done."""
+        g0 = t0 - self.calib.gap
+        first = self.cfg.timing.tREFI - 1 - self.calib.first_start     # the refresh counter's first tick
+        for ch in self.mem.ch:
+            ch.slots = {x for x in ch.slots if x <= g0}
+            ch.row_slots = {x for x in ch.row_slots if x <= g0}
+            ch.qtimes = [x for x in ch.qtimes if x <= g0]
+            ch.rewind(g0)
+            ch.acts = deque((x for x in ch.acts if x <= g0), maxlen=4)
+            ch.rrd_ok = min(ch.rrd_ok, g0 + 1)
+            ch.idle_from = min(ch.idle_from, g0)
+            ch.ref_log = [r for r in ch.ref_log if r <= g0]
+            ch.last_ref = ch.ref_log[-1] if ch.ref_log else -INF
+            ch.rfc_ok = ch.last_ref + ch.t.tRFC
+            ch.ref_free = ch.last_ref + 2
+            ch.act_ok = [min(x, max(g0, ch.rfc_ok)) for x in ch.act_ok]
+            ch.next_tick = first + max(0, math.ceil((g0 - first) / ch.t.tREFI)) * ch.t.tREFI
+            ch.owed = 0
+            ch._tick_until(t0)
+        self.mu_port[0].difference_update({x for x in self.mu_port[0] if x > g0})
+        self.mu_port[1][0] = min(self.mu_port[1][0], g0)
 
     def run_stages(self, stages, prog_addrs=None) -> list[ProgramResult]:
         out = []
@@ -945,15 +996,19 @@ class _Run:
                 self.mem.max_col = -INF
                 key = (op, f["transpose"], f["bf16"], f["rows"], f["cols"], f["mem_stride"],
                        f["mem_addr"] % self.m.align)
-                done = self._timed(key, start + cal.mu_dma_start * kf,
-                                   lambda t, f=f, op=op: (self._mu_load if op == "LOAD" else self._mu_store)(f, t))
-                d0 = done
-                done = yield from self._dma_pushback(done, nw)
+                done, cached = yield from self._timed(
+                    key, start + cal.mu_dma_start * kf,
+                    lambda t, f=f, op=op: self._held((self._mu_load if op == "LOAD" else self._mu_store)(f, t)))
+                if cached:          # a macro started meanwhile holds the transfer back
+                    done = yield from self._dma_pushback(done, nw)
+                elif done > K.now:
+                    yield done
                 self.work["mu_load" if op == "LOAD" else "mu_store"] += done - start
-                tag = self._tag(ins, "mu")
-                self.intervals.append((start, d0, tag))
-                if done > d0:
-                    self.intervals.append((d0, done, "wait_pim"))
+                wait = min(done - start, self._pim_overlap(start, done, 0 if not cached else nw))
+                self.work["pim_block"] += wait
+                self.intervals.append((start, done - wait, self._tag(ins, "mu")))
+                if wait > 0:
+                    self.intervals.append((done - wait, done, "wait_pim"))
                 free = done + kf
                 sig_at = done
             elif op == "COMPUTE":
@@ -972,24 +1027,74 @@ class _Run:
             K.at(sig_at + (cal.mu_idle_lat + extra) * kf, self._mu_down)
 
     def _timed(self, key, t0, fn):
-        """``fn(t0)`` -> end cycle, or the cached duration of the same shape (``Micro.cache``)."""
+        """A generator: ``fn(t0)`` (itself a generator) -> end cycle, or the cached duration of the same
+        shape (``Micro.cache``). Returns (end cycle, whether it came from the cache)."""
         if not self.mi.cache:
-            return fn(t0)
+            end = yield from fn(t0)
+            return end, False
         hit = self.m.cache.get(key)
         if hit is not None:
             dur, ev = hit
             for k, v in ev.items():
                 self.events[k] += v
             self.mem.max_col = t0 + dur
-            return t0 + dur
+            return t0 + dur, True
         before = dict(self.events)
         chans = [dict(ch.c) for ch in self.mem.ch]
-        end = fn(t0)
+        end = yield from fn(t0)
         ev = {k: v - before[k] for k, v in self.events.items()}
         for ev_k, k in (("dram_acts", "acts"), ("dram_reads", "reads"), ("dram_writes", "writes")):
             ev[ev_k] += sum(ch.c[k] - c0[k] for ch, c0 in zip(self.mem.ch, chans, strict=True))
         self.m.cache[key] = (end - t0, ev)
+        return end, False
+
+    def _held(self, gen):
+        """Run a DMA process; requests it had timed ahead of a PIM macro's start (decided after it)
+        wait for the macro: the transfer cannot finish before they are served after it."""
+        mem = self.mem
+        ahead = []
+        nw = len(self.win_log)
+        it = iter(gen)
+        try:
+            w = None
+            while True:
+                mem.ahead, mem.now = ahead, self.K.now
+                w = it.send(w) if w is not None else next(it)
+                mem.ahead = None
+                w = yield w
+        except StopIteration as stop:
+            done = stop.value
+        mem.ahead = None
+        while True:                     # a macro may start before the transfer is done
+            if done > self.K.now:
+                yield done
+            late = done
+            for s, e in self.win_log[nw:]:
+                held = [c for tc, c in ahead if tc <= s < c]
+                if held:
+                    late = max(late, e + 1 + (max(held) - s) + mem.resp)
+            nw = len(self.win_log)
+            if late <= done:
+                return done
+            ahead = [(tc, c + late - done) for tc, c in ahead]
+            done = late
+
+    def _pcu_macro(self, key, start, f):
+        """A macro's end cycle (cached by shape under ``Micro.cache``)."""
+        if self.mi.cache and key in self.m.cache:
+            dur, ev = self.m.cache[key]
+            for k, v in ev.items():
+                self.events[k] += v
+            return start + dur
+        before = dict(self.events)
+        end = _PcuMacro(self, f, start).run()
+        if self.mi.cache:
+            self.m.cache[key] = (end - start, {k: v - before[k] for k, v in self.events.items()})
         return end
+
+    def _pim_overlap(self, a, b, nw):
+        """Cycles of [a, b) inside PIM windows registered from index ``nw`` on (DMA waiting for PIM)."""
+        return sum(max(0, min(e, b) - max(s, a)) for s, e in self.win_log[nw:])
 
     def _dma_pushback(self, done, nw):
         """Wait for a DMA to finish; a PIM macro that started before its last request was issued
@@ -1025,9 +1130,23 @@ class _Run:
         drain = R + C + 3 - (slot - M)
         return issue * kf, max(1, drain) * kf
 
+    # DMA engines run as processes of the event kernel: every request is timed when its engine issues
+    # it (``yield`` to that cycle first, ``LOOKAHEAD`` cycles at most ahead of the kernel's time), so
+    # that concurrent streams reach the channels in time order (bank conflicts between them, queue
+    # occupancy), and so that a PIM macro started meanwhile holds the requests issued after its start.
+    LOOKAHEAD = 4
+
+    def _port(self):
+        """The matrix unit's one memory port (load and store engines behind a round-robin arbiter):
+        one request per cycle, responses delivered in request order (the fabric's reorder buffer).
+        ``None`` for the projected system (wide ports per engine)."""
+        if self.mi.dma_issue * self.mi.cores != 1:
+            return None
+        return self.m.mu_port
+
     def _mu_load(self, f, t):
-        """LOAD through the memory model; returns the cycle the engine finishes."""
-        mem, kf, mi = self.mem, self.m.k, self.mi
+        """LOAD (a generator): returns the cycle the engine finishes."""
+        mem, kf, mi, K = self.mem, self.m.k, self.mi, self.K
         W = self.m.R
         rows, cols, stride, base = f["rows"], f["cols"], f["mem_stride"], f["mem_addr"]
         ncol = -(-cols // 16)
@@ -1036,26 +1155,44 @@ class _Run:
         gap = kf / (mi.dma_issue * mi.cores)
         rgap = 1 if mi.dma_issue * mi.cores == 1 else gap    # responses in order, one per port per cycle
         outmax = mi.dma_outstanding * mi.cores
+        port = self._port()
+        la = self.LOOKAHEAD
         cons = deque()
         a = t - gap
         last_r = -INF
         h = t
         per = kf / mi.cores        # engine cycles per scratchpad word (cores in parallel)
+
+        def issue(addr):
+            nonlocal a, last_r
+            a += gap
+            if len(cons) >= outmax:
+                a = max(a, cons.popleft() + 1)
+            if port is not None:
+                a = _take(port[0], a)
+            return a
+
+        def deliver(rr, ready):
+            nonlocal last_r
+            rr = max(rr, last_r + rgap, ready)
+            if port is not None:
+                rr = max(rr, port[1][0] + 1)       # behind every earlier response of the port
+                port[1][0] = rr
+            last_r = rr
+            return rr
+
         if not f["transpose"]:
             ppc = max(1, 16 // min(W, 16))
             for r in range(rows):
                 ra = base + r * stride
                 for c in range(ncol):
-                    a += gap
-                    if len(cons) >= outmax:
-                        a = max(a, cons.popleft() + 1)
-                    rr = mem.request(ra + 32 * c, False, a)
-                    if rr < last_r + rgap:
-                        rr = last_r + rgap
-                    last_r = rr
+                    ai = issue(ra + 32 * c)
+                    if ai > K.now + la:
+                        yield ai
                     rem = cols - c * 16
                     # scratchpad words written for this column (a word wider than a column: a fraction)
                     pieces = min(ppc, -(-rem // W)) if W <= 16 else min(16, rem) / W
+                    rr = deliver(mem.request(ra + 32 * c, False, ai), h)
                     h = max(rr, h) + pieces * per
                     cons.append(h - min(per, pieces * per))
         else:
@@ -1069,15 +1206,12 @@ class _Run:
                 nr = min(Wb, rows - b0)
                 for c in range(ncol):
                     ne = min(16, cols - c * 16)
-                    h = max(h, buf_free[k])
                     for w in range(nr):
-                        a += gap
-                        if len(cons) >= outmax:
-                            a = max(a, cons.popleft() + 1)
-                        rr = mem.request(base + (b0 + w) * stride + 32 * c, False, a)
-                        if rr < last_r + rgap:
-                            rr = last_r + rgap
-                        last_r = rr
+                        addr = base + (b0 + w) * stride + 32 * c
+                        ai = issue(addr)
+                        if ai > K.now + la:
+                            yield ai
+                        rr = deliver(mem.request(addr, False, ai), max(h, buf_free[k]))
                         h = max(rr, h) + gper
                         cons.append(h - gper)
                     es = max(h, emit_free)     # the emitter writes the transpose, one word per cycle
@@ -1088,7 +1222,8 @@ class _Run:
         return h + self.cal.mu_dma_end * kf
 
     def _mu_store(self, f, t):
-        mem, kf, mi = self.mem, self.m.k, self.mi
+        """STORE (a generator): returns the cycle the engine finishes."""
+        mem, kf, mi, K = self.mem, self.m.k, self.mi, self.K
         C = self.m.C
         rows, cols, stride, base = f["rows"], f["cols"], f["mem_stride"], f["mem_addr"]
         bf16 = f["bf16"]
@@ -1104,18 +1239,28 @@ class _Run:
         outmax = mi.dma_outstanding * mi.cores
         ncol = -(-cols // E)
         self.events["dma_bytes"] += rows * ncol * 32
+        port = self._port()
+        issued = deque()          # request cycles of the columns in the 4-entry write FIFO
         for r in range(rows):
             ra = base + r * stride
             for c in range(ncol):
                 n_el = min(E, cols - c * E)
+                if len(issued) >= 4:            # FIFO full: the generator waits for a request to leave
+                    g = max(g, issued.popleft())
                 g += (-(-n_el // piece) if C <= E else n_el / C) * per
                 a = max(g + kf, last_req + per)
                 if len(acks) >= outmax:
                     a = max(a, acks.popleft() + 1)
+                if port is not None:
+                    a = _take(port[0], a)
+                if a > K.now + self.LOOKAHEAD:
+                    yield a
                 last_req = a
-                ack = mem.request(ra + c * 32, True, a)
-                if ack < last_ack + rgap:
-                    ack = last_ack + rgap
+                issued.append(a)
+                ack = max(mem.request(ra + c * 32, True, a), last_ack + rgap)
+                if port is not None:
+                    ack = max(ack, port[1][0] + 1)
+                    port[1][0] = ack
                 last_ack = ack
                 acks.append(ack)
         return max(last_ack, g) + self.cal.mu_dma_end * kf
@@ -1145,12 +1290,16 @@ class _Run:
                 self.mem.max_col = -INF
                 f = ins.f
                 key = (int(ins.op), f["rows"], f["cols"], f["mem_stride"], f["mem_addr"] % self.m.align)
-                done = self._timed(key, t1, lambda t, ins=ins: self._vdma(ins, t))
-                d0 = done
-                done = yield from self._dma_pushback(done, nw)
-                self.intervals.append((start, d0, self._tag(ins, "vector")))
-                if done > d0:
-                    self.intervals.append((d0, done, "wait_pim"))
+                done, cached = yield from self._timed(key, t1, lambda t, ins=ins: self._held(self._vdma(ins, t)))
+                if cached:
+                    done = yield from self._dma_pushback(done, nw)
+                elif done > K.now:
+                    yield done
+                wait = min(done - start, self._pim_overlap(start, done, 0 if not cached else nw))
+                self.work["pim_block"] += wait
+                self.intervals.append((start, done - wait, self._tag(ins, "vector")))
+                if wait > 0:
+                    self.intervals.append((done - wait, done, "wait_pim"))
                 self.work["vq_dma"] += done - t1
             free = done + cal.vq_done_over * kf
             K.at(free + cal.vq_idle_lat * kf, self._vq_down)
@@ -1180,7 +1329,8 @@ class _Run:
         return rows * nb + C
 
     def _vdma(self, ins, t):
-        mem, kf, mi, cal = self.mem, self.m.k, self.mi, self.cal
+        """VLOAD / VSTORE (a generator): returns the cycle the transfer is done."""
+        mem, kf, mi, cal, K = self.mem, self.m.k, self.mi, self.cal, self.K
         f = ins.f
         rows, cols, stride, base = f["rows"], f["cols"], f["mem_stride"], f["mem_addr"]
         store = ins.op == SocOp.VSTORE
@@ -1198,6 +1348,8 @@ class _Run:
                 a += gap
                 if len(cons) >= outmax:
                     a = max(a, cons.popleft() + 1)
+                if a > K.now + self.LOOKAHEAD:
+                    yield a
                 rr = mem.request(ra + 32 * c, store, a)
                 if rr < last_r + rgap:
                     rr = last_r + rgap
@@ -1221,7 +1373,7 @@ class _Run:
             start = K.now
             f = ins.f
             key = ("pim", f["op"], f["flags"], f["n"], f["m"], f["addr0"] % self.m.align)
-            end = self._timed(key, start, lambda t, f=f: _PcuMacro(self, f, t).run())
+            end = self._pcu_macro(key, start, f)
             self.work["pcu"] += end - start
             self.intervals.append((start, end, self._tag(ins, "pim")))
             # Normal traffic waits while the macro holds the channels: pim_mode is high from the cycle
