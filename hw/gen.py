@@ -9,6 +9,7 @@ the tiny and default configurations.
 import functools
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -43,6 +44,54 @@ def _hw_source_hash() -> str:
     return h.hexdigest()
 
 
+_INIT_WORD = re.compile(r"^(\s*)(\\\S+ |[A-Za-z_][\w$]*)\[(\d+)\] = (\d+)'[hdbo]([0-9a-fA-FxzXZ_]+);$")
+
+
+def compact_memory_init(text: str, min_words: int = 8) -> str:
+    """Rewrite all-zero memory initialisations as loops.
+
+    Yosys writes a memory's initial contents as one assignment per word
+    (``mem[0] = 512'h0; mem[1] = ...``). For the default SoC's scratchpads that
+    is some 300,000 lines of ``initial`` code: Verilator turns it into a 20 MB
+    C++ function that alone took minutes to compile. A block that sets words
+    ``0 .. n-1`` of one memory to zero becomes the same assignment in a
+    ``for`` loop (Verilator and Icarus run it identically); any other
+    initialisation (ROM contents, say) is left as written.
+    """
+    lines = text.split("\n")
+    out = []
+    i = 0
+    n_blocks = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip() == "initial begin":
+            j = i + 1
+            name = width = indent = None
+            ok = True
+            while j < len(lines) and lines[j].strip() != "end":
+                m = _INIT_WORD.match(lines[j])
+                if (m is None or int(m.group(3)) != j - i - 1 or m.group(5).strip("0_") != ""
+                        or (name is not None and (m.group(2), m.group(4)) != (name, width))):
+                    ok = False
+                    break
+                indent, name, width = m.group(1), m.group(2), m.group(4)
+                j += 1
+            words = j - i - 1
+            if ok and j < len(lines) and words >= min_words:
+                n_blocks += 1
+                label = f"zero_init_{n_blocks}"
+                out += [f"{line[:len(line) - len(line.lstrip())]}initial begin : {label}",
+                        f"{indent}integer i;",
+                        f"{indent}for (i = 0; i < {words}; i = i + 1)",
+                        f"{indent}  {name}[i] = {width}'h0;",
+                        lines[j]]
+                i = j + 1
+                continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)
+
+
 def verilog_for(factory, name: str, key: str = "") -> Path:
     """Verilog for the component ``factory()`` as ``build/verilog/<name>-<hash>.v``.
 
@@ -58,7 +107,7 @@ def verilog_for(factory, name: str, key: str = "") -> Path:
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             component = factory() if callable(factory) and not hasattr(factory, "elaborate") else factory
-            text = verilog.convert(component, name=name, emit_src=False)
+            text = compact_memory_init(verilog.convert(component, name=name, emit_src=False))
             tmp = path.with_suffix(".tmp")
             tmp.write_text(text)
             tmp.replace(path)

@@ -130,8 +130,11 @@ class AxiWindow(wiring.Component):
         answered = Signal(9)         # responses received
         w_last_in = Signal()         # the write burst's last beat was taken
         m.d.comb += [ax.bid.eq(t_id), ax.rid.eq(t_id), ax.bresp.eq(Mux(t_bad | t_err, SLVERR, OKAY))]
+        # The tag carries the AXI ID (the fabric keeps order per requester; nothing routes on it). Not a
+        # constant: Yosys writes a constant-only part of the payload as an ``always @*`` that Icarus never
+        # triggers, which left the tag X and hung the window's reads on Icarus.
         m.d.comb += [req.payload.addr.eq(t_addr), req.payload.data.eq(ax.wdata), req.payload.mask.eq(ax.wstrb),
-                     req.payload.tag.eq(0)]
+                     req.payload.tag.eq(t_id)]
         with m.FSM(name="window") as fsm:
             with m.State("Idle"):
                 with m.If(ax.awvalid):
@@ -208,6 +211,9 @@ class SocTop(wiring.Component):
     pe_instance, lane_instance : bool
         Instantiate the systolic array's PEs and the vector lanes as Verilog modules by name (Verilog
         builds; see :mod:`hw.npu.systolic` and :func:`hw.npu.vector.lane_verilog`).
+    clock_gate : bool
+        Gate the clocks of the systolic array and the vector lanes while they are idle (simulation
+        builds: :mod:`hw.clockgate`). The PIM device gates its processing units on its own.
 
     Members
     -------
@@ -228,7 +234,8 @@ class SocTop(wiring.Component):
     """
 
     def __init__(self, cfg: SystemConfig, device_factory, fetch_depth: int = 32, rob_depth: int = 32,
-                 macro_depth: int = 8, pe_instance: bool = True, lane_instance: bool = True):
+                 macro_depth: int = 8, pe_instance: bool = True, lane_instance: bool = True,
+                 clock_gate: bool = False):
         from .memctrl import BusMonitorSignature
         from .pim.channel import PimStatusSignature
 
@@ -244,6 +251,7 @@ class SocTop(wiring.Component):
             raise ValueError(f"Macro queue depth must be a positive integer, not {macro_depth!r}")
         self._macro_depth = macro_depth
         self._pe_instance = pe_instance
+        self._clock_gate = clock_gate
         self._lane_instance = lane_instance
         self.regs = register_table(cfg.pim.channels)
         members = {"s_axil": In(AxiLiteSignature()), "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)),
@@ -268,8 +276,9 @@ class SocTop(wiring.Component):
         cfg = self._cfg
         C = cfg.pim.channels
         cp = m.submodules.cp = CommandProcessor(cfg, self._fetch_depth)
-        mu = m.submodules.mu = MatrixUnit(cfg, pe_instance=self._pe_instance)
-        vq = m.submodules.vq = VectorQueue(cfg, queue_depth=VQ_DEPTH, lane_instance=self._lane_instance)
+        mu = m.submodules.mu = MatrixUnit(cfg, pe_instance=self._pe_instance, clock_gate=self._clock_gate)
+        vq = m.submodules.vq = VectorQueue(cfg, queue_depth=VQ_DEPTH, lane_instance=self._lane_instance,
+                                               clock_gate=self._clock_gate)
         pcu = m.submodules.pcu = Pcu(cfg)
         mem = m.submodules.mem = MemCtrlSystem(cfg, self._device_factory)
         fabric = m.submodules.fabric = MemFabric(cfg, len(REQUESTERS), self._rob_depth)

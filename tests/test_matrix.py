@@ -100,49 +100,53 @@ def test_bad_parameters():
 
 # -- Amaranth simulator: array and rounding --------------------------------------------------
 
+def _array_schedule(R, C, passes, gap=0):
+    """Per-cycle inputs of SystolicArray(R, C) for weight-stationary passes per the timing contract."""
+    M = max(a.shape[0] for a, _, _ in passes)
+    slot = max(M, R) + gap
+    sched = []
+    for s in range(-1, len(passes)):
+        for c in range(slot):
+            ins = {}
+            if s + 1 < len(passes) and c < R:
+                _, w, kv = passes[s + 1]
+                ins["w"] = (w[c], c, int(c < kv))
+            if s >= 0 and c < passes[s][0].shape[0]:
+                ins["a"] = (passes[s][0][c], c == 0)
+            sched.append(ins)
+    sched += [{}] * (R + C + 2)
+    n = len(sched)
+    arr = {"w_row": np.zeros((n, C), np.uint16), "w_valid": np.zeros(n, np.uint8), "w_index": np.zeros(n, np.uint8),
+           "w_en": np.zeros(n, np.uint8), "act": np.full((n, R), 0x7FC1, np.uint16),   # garbage when idle
+           "act_valid": np.zeros(n, np.uint8), "act_first": np.zeros(n, np.uint8)}
+    for t, ins in enumerate(sched):
+        if "w" in ins:
+            row, idx, en = ins["w"]
+            arr["w_row"][t], arr["w_valid"][t], arr["w_index"][t], arr["w_en"][t] = row, 1, idx, en
+        if "a" in ins:
+            row, first = ins["a"]
+            arr["act"][t], arr["act_valid"][t], arr["act_first"][t] = row, 1, int(first)
+    return arr
+
+
 def _array_sim(R, C, passes, gap=0):
-    """Drive SystolicArray(R, C) with weight-stationary passes per the timing contract; return outputs."""
+    """Run the schedule on SystolicArray(R, C) in Amaranth's simulator; return the outputs."""
     from amaranth.sim import Simulator
 
     from hw.npu.systolic import SystolicArray
 
     dut = SystolicArray(R, C)
+    s = _array_schedule(R, C, passes, gap)
     got = []
-    M = max(a.shape[0] for a, _, _ in passes)
-    slot = max(M, R) + gap
 
     async def bench(ctx):
-        sched = []
-        for s in range(-1, len(passes)):
-            for c in range(slot):
-                ins = {}
-                if s + 1 < len(passes) and c < R:
-                    _, w, kv = passes[s + 1]
-                    ins["w"] = (w[c], c, int(c < kv))
-                if s >= 0 and c < passes[s][0].shape[0]:
-                    ins["a"] = (passes[s][0][c], c == 0)
-                sched.append(ins)
-        for ins in sched + [{}] * (dut.latency + 2):
-            if "w" in ins:
-                row, idx, en = ins["w"]
-                for j in range(C):
-                    ctx.set(dut.w_row[j], int(row[j]))
-                ctx.set(dut.w_valid, 1)
-                ctx.set(dut.w_index, idx)
-                ctx.set(dut.w_en, en)
-            else:
-                ctx.set(dut.w_valid, 0)
-            if "a" in ins:
-                row, first = ins["a"]
-                for i in range(R):
-                    ctx.set(dut.act[i], int(row[i]))
-                ctx.set(dut.act_valid, 1)
-                ctx.set(dut.act_first, int(first))
-            else:
-                ctx.set(dut.act_valid, 0)
-                ctx.set(dut.act_first, 0)
-                for i in range(R):       # garbage on idle cycles must not matter
-                    ctx.set(dut.act[i], 0x7FC1)
+        for t in range(len(s["w_valid"])):
+            for j in range(C):
+                ctx.set(dut.w_row[j], int(s["w_row"][t, j]))
+            for name in ("w_valid", "w_index", "w_en", "act_valid", "act_first"):
+                ctx.set(getattr(dut, name), int(s[name][t]))
+            for i in range(R):
+                ctx.set(dut.act[i], int(s["act"][t, i]))
             if ctx.get(dut.out_valid):
                 got.append([ctx.get(dut.out[j]) for j in range(C)])
             await ctx.tick()
@@ -154,9 +158,33 @@ def _array_sim(R, C, passes, gap=0):
     return np.array(got, dtype=np.uint32)
 
 
-@pytest.mark.parametrize("R,C,M,gap", [(3, 5, 4, 0), (4, 4, 2, 1), (2, 3, 7, 0)])
-def test_array_amaranth_sim(R, C, M, gap):
-    """Back-to-back passes with next-pass weights loading during compute, K-row bypass, special values."""
+def _array_rtl(R, C, passes, gap, test_name):
+    """Run the schedule on the clock-gated SystolicArray(R, C) on Verilator; return the outputs.
+
+    (Amaranth's simulator orders a derived clock's edge after the flops of its source clock, so a gated
+    clock cannot be simulated there; Verilator follows Verilog's scheduling.)"""
+    from hw.npu.systolic import SystolicArray
+    from sim.build import BUILD_ROOT, build
+
+    run = BUILD_ROOT / "runs" / test_name
+    run.mkdir(parents=True, exist_ok=True)
+    np.savez(run / "schedule.npz", **_array_schedule(R, C, passes, gap))
+    b = build(lambda: SystolicArray(R, C, clock_gate=True), name=f"array_gated_{R}x{C}", key=f"{R}x{C} gated",
+              sim="verilator")
+    xml = b.run("sim.tb.array_tb", "run_schedule", test_name=test_name, env={"RUN_DIR": str(run)})
+    from pathlib import Path
+
+    return np.load(Path(xml).parent / "out.npy")
+
+
+@pytest.mark.parametrize("R,C,M,gap,gate", [(3, 5, 4, 0, False), (4, 4, 2, 1, False), (2, 3, 7, 0, False),
+                                            (3, 5, 4, 0, True), (4, 4, 2, 12, True), (2, 3, 7, 9, True)])
+def test_array_amaranth_sim(R, C, M, gap, gate):
+    """Back-to-back passes with next-pass weights loading during compute, K-row bypass, special values.
+
+    ``gate``: the clock-gated array (SoC simulation build) on Verilator; gaps longer than the array's
+    latency let the gate close between passes, and the first pass's weights are written while nothing
+    else is in flight."""
     rng = np.random.default_rng(R * 100 + C)
     passes = []
     for p in range(5):
@@ -170,7 +198,7 @@ def test_array_amaranth_sim(R, C, M, gap):
         if p == 4:
             a[:, kvalid:] = 0x7FC0  # NaN in bypassed rows must not leak
         passes.append((a, w, kvalid))
-    got = _array_sim(R, C, passes, gap)
+    got = _array_rtl(R, C, passes, gap, f"array_gated_{R}_{C}_{M}_{gap}") if gate else _array_sim(R, C, passes, gap)
     want = np.concatenate([gemm(a[:, :kv], w[:kv], R) for a, w, kv in passes])
     np.testing.assert_array_equal(got, want)
 

@@ -74,12 +74,13 @@ class ComputeEngine(wiring.Component):
     MIN_SLOT = 4
 
     def __init__(self, rows: int, cols: int, act_bits: int, wgt_bits: int, acc_bits: int,
-                 pe_instance: bool = False):
+                 pe_instance: bool = False, clock_gate: bool = False):
         for what, v in (("Array rows", rows), ("Array columns", cols)):
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"{what} must be a power of two, not {v!r}")
         self._rows, self._cols = rows, cols
         self._pe_instance = pe_instance
+        self._clock_gate = clock_gate
         super().__init__({
             "cmd": In(stream.Signature(INSTRUCTION)),
             "act": Out(SpmReadSignature(act_bits, data.ArrayLayout(16, rows))),
@@ -99,7 +100,7 @@ class ComputeEngine(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C = self._rows, self._cols
-        m.submodules.array = array = SystolicArray(R, C, self._pe_instance)
+        m.submodules.array = array = SystolicArray(R, C, self._pe_instance, self._clock_gate)
         log_r, log_c = R.bit_length() - 1, C.bit_length() - 1
 
         run = Signal()
@@ -252,6 +253,9 @@ class MatrixUnit(wiring.Component):
         scratchpad word is at most one 32-byte memory column).
     pe_instance : bool
         Passed to :class:`SystolicArray` (Verilog builds).
+    clock_gate : bool
+        Passed to :class:`SystolicArray`: the array's clock is gated while it
+        is idle (simulation builds; :mod:`hw.clockgate`).
 
     Members
     -------
@@ -271,10 +275,11 @@ class MatrixUnit(wiring.Component):
 
     QUEUE_DEPTH = 4
 
-    def __init__(self, cfg: SystemConfig, pe_instance: bool = False):
+    def __init__(self, cfg: SystemConfig, pe_instance: bool = False, clock_gate: bool = False):
         if not isinstance(cfg, SystemConfig):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
         self._pe_instance = pe_instance
+        self._clock_gate = clock_gate
         R, C = cfg.npu.array_rows, cfg.npu.array_cols
         if R != C or R > 16 or R & (R - 1):
             raise ValueError(f"Matrix unit RTL needs a square array with a power-of-two side of at most 16, "
@@ -317,7 +322,7 @@ class MatrixUnit(wiring.Component):
         wgt = m.submodules.spm_wgt = Scratchpad(npu.wgt_spm_words, C, 16)
         acc = m.submodules.spm_acc = Scratchpad(npu.acc_spm_words, C, 32, read_ports=2)
         comp = m.submodules.compute = ComputeEngine(R, C, act.addr_bits, wgt.addr_bits, acc.addr_bits,
-                                                    self._pe_instance)
+                                                    self._pe_instance, self._clock_gate)
         load = m.submodules.load = DmaLoad(cfg, R)
         store = m.submodules.store = DmaStore(cfg, C, acc.addr_bits)
         arb = m.submodules.arbiter = MemArbiter(cfg)

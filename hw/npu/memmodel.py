@@ -161,7 +161,8 @@ class MatrixSystem(wiring.Component):
     with Verilator ``--timing``), so the simulator runs without Python per
     clock edge; testbenches wait on ``clk_out`` and on status edges. Registers
     start from their reset values (Verilog initial values); there is no reset
-    input.
+    input. ``clock_gate`` (default on) gates the systolic array's clock while
+    it is idle, as in the SoC simulation build (:mod:`hw.clockgate`).
 
     Members
     -------
@@ -170,10 +171,11 @@ class MatrixSystem(wiring.Component):
     ``mem_bp_enable``, ``mem_load``, ..., and ``clk_out``.
     """
 
-    def __init__(self, cfg: SystemConfig, words_log2: int, mem_latency: int = 6, pe_instance: bool = True):
+    def __init__(self, cfg: SystemConfig, words_log2: int, mem_latency: int = 6, pe_instance: bool = True,
+                 clock_gate: bool = True):
         from .matrix_unit import MatrixUnit
 
-        self._unit = MatrixUnit(cfg, pe_instance)
+        self._unit = MatrixUnit(cfg, pe_instance, clock_gate=clock_gate)
         self._memory = MemoryModel(cfg, words_log2, mem_latency)
         members = {name: member for name, member in self._unit.signature.members.items() if name != "mem"}
         for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):

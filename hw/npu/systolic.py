@@ -69,11 +69,12 @@ the clock edge that ends cycle ``t``):
   written one per cycle.
 """
 
-from amaranth.hdl import ClockSignal, Const, Instance, Module, Mux, ResetSignal, Signal
+from amaranth.hdl import Cat, ClockSignal, Const, DomainRenamer, Instance, Module, Mux, ResetSignal, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..arith import bf16_mul, fp32_add_align, fp32_add_round
+from ..clockgate import gated_domain
 
 __all__ = ["PE_MODULE", "ProcessingElement", "SystolicArray"]
 
@@ -158,6 +159,11 @@ class SystolicArray(wiring.Component):
         Verilator compiles the PE once: the 16 x 16 test system shrinks from
         205,000 to 38,000 lines of Verilog. For Verilog flows only (the
         Amaranth simulator cannot run ``Instance``).
+    clock_gate : bool
+        Clock the PEs and the skew/deskew registers through a clock gate that
+        is open while a row or a weight write is in flight
+        (:mod:`hw.clockgate`); ``act_valid`` and ``w_valid`` must then come
+        from flops.
 
     Members
     -------
@@ -176,12 +182,13 @@ class SystolicArray(wiring.Component):
     out_valid : Out(1)
     """
 
-    def __init__(self, rows: int, cols: int, pe_instance: bool = False):
+    def __init__(self, rows: int, cols: int, pe_instance: bool = False, clock_gate: bool = False):
         _check_dim("Array rows", rows)
         _check_dim("Array columns", cols)
         self._rows = rows
         self._cols = cols
         self._pe_instance = bool(pe_instance)
+        self._clock_gate = bool(clock_gate)
         super().__init__({
             "act": In(data.ArrayLayout(16, rows)),
             "act_valid": In(1),
@@ -210,26 +217,31 @@ class SystolicArray(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C = self._rows, self._cols
+        # Datapath domain: "sync", or the gated "arr" (valid bits stay on "sync" and open the gate).
+        dp = "arr" if self._clock_gate else "sync"
         pe = [[None] * C for _ in range(R)]
         for i in range(R):
             for j in range(C):
                 if self._pe_instance:
-                    pe[i][j] = _PEInstance(m, f"pe_{i}_{j}")
+                    pe[i][j] = _PEInstance(m, f"pe_{i}_{j}", dp)
                 else:
-                    pe[i][j] = m.submodules[f"pe_{i}_{j}"] = ProcessingElement()
+                    unit = ProcessingElement()
+                    m.submodules[f"pe_{i}_{j}"] = DomainRenamer(dp)(unit) if self._clock_gate else unit
+                    pe[i][j] = unit
 
         # Input skew: lane i delayed by i cycles (with its first flag).
         for i in range(R):
             a, f = self.act[i], self.act_first & self.act_valid
             for d in range(i):
                 na, nf = Signal(16, name=f"skew_a{i}_{d}"), Signal(name=f"skew_f{i}_{d}")
-                m.d.sync += [na.eq(a), nf.eq(f)]
+                m.d[dp] += [na.eq(a), nf.eq(f)]
                 a, f = na, nf
             m.d.comb += [pe[i][0].a_in.eq(a), pe[i][0].f_in.eq(f)]
             for j in range(1, C):
                 m.d.comb += [pe[i][j].a_in.eq(pe[i][j - 1].a_out), pe[i][j].f_in.eq(pe[i][j - 1].f_out)]
 
         # Weight bus: column j delayed by j cycles; row i captures when the index matches.
+        w_in_flight = [self.w_valid]
         for j in range(C):
             w, v, en, idx = self.w_row[j], self.w_valid, self.w_en, self.w_index
             for d in range(j):
@@ -237,7 +249,9 @@ class SystolicArray(wiring.Component):
                 nv = Signal(name=f"wskew_v{j}_{d}")
                 nen = Signal(name=f"wskew_en{j}_{d}")
                 nidx = Signal.like(self.w_index, name=f"wskew_i{j}_{d}")
-                m.d.sync += [nw.eq(w), nv.eq(v), nen.eq(en), nidx.eq(idx)]
+                m.d[dp] += [nw.eq(w), nv.eq(v), nen.eq(en), nidx.eq(idx)]
+                if j == C - 1:
+                    w_in_flight.append(nv)
                 w, v, en, idx = nw, nv, nen, nidx
             for i in range(R):
                 m.d.comb += [
@@ -257,26 +271,34 @@ class SystolicArray(wiring.Component):
             s = pe[R - 1][j].ps_out
             for d in range(C - 1 - j):
                 ns = Signal(32, name=f"deskew{j}_{d}")
-                m.d.sync += ns.eq(s)
+                m.d[dp] += ns.eq(s)
                 s = ns
             m.d.comb += self.out[j].eq(s)
 
         v = self.act_valid
+        act_in_flight = [v]
         for d in range(self.latency):
             nv = Signal(name=f"valid_d{d}")
-            m.d.sync += nv.eq(v)
+            m.d[dp] += nv.eq(v)
+            act_in_flight.append(nv)
             v = nv
         m.d.comb += self.out_valid.eq(v)
+        if self._clock_gate:
+            # Everything, valid bits included, runs on the gated clock, open while a row or a weight write
+            # is anywhere in the array (its valid bit set, up to out_valid, which one more edge clears):
+            # idle rows behind the last one flush the first-row flags. A closed gate freezes the whole
+            # array at once, so nothing inside can get out of step.
+            gated_domain(m, "arr", Cat(*act_in_flight, *w_in_flight).any())
         return m
 
 
 class _PEInstance:
     """Signals named like :class:`ProcessingElement`'s ports, wired to an ``Instance(PE_MODULE)``."""
 
-    def __init__(self, m: Module, name: str):
+    def __init__(self, m: Module, name: str, domain: str = "sync"):
         ports = {}
         for port, member in ProcessingElement.__annotations__.items():
             sig = Signal(member.shape, name=f"{name}_{port}")
             setattr(self, port, sig)
             ports[("i_" if member.flow == In else "o_") + port] = sig
-        m.submodules[name] = Instance(PE_MODULE, i_clk=ClockSignal(), i_rst=ResetSignal(), **ports)
+        m.submodules[name] = Instance(PE_MODULE, i_clk=ClockSignal(domain), i_rst=ResetSignal(), **ports)

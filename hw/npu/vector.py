@@ -67,11 +67,12 @@ an instruction with an error touches no memory and finishes at once with
 import types
 from collections import namedtuple
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal, Signal
+from amaranth.hdl import Cat, ClockSignal, Const, DomainRenamer, Instance, Module, Mux, ResetSignal, Signal
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..arith import AdderTree, fp32_add_align, fp32_add_round
+from ..clockgate import gated_domain
 from . import vector_tables as T
 from .fp32ext import (
     Func,
@@ -367,6 +368,9 @@ class VectorUnit(wiring.Component):
         elaborating ``L`` copies: the simulator then compiles one lane module
         for all ``L`` instances (a 16-lane Verilator build is several times
         smaller). Not for Amaranth's own simulator.
+    clock_gate : bool
+        Clock the lanes through a clock gate that is open while a beat is in
+        them (simulation builds; :mod:`hw.clockgate`).
 
     Members
     -------
@@ -384,9 +388,11 @@ class VectorUnit(wiring.Component):
         Cycles since the current (or last) instruction was accepted, up to its ``done``.
     """
 
-    def __init__(self, lanes: int = 16, depth: int = 4096, max_n: int = 4096, lane_instance: bool = False):
+    def __init__(self, lanes: int = 16, depth: int = 4096, max_n: int = 4096, lane_instance: bool = False,
+                 clock_gate: bool = False):
         _check_pow2("Lanes", lanes, 2)
         self._lane_instance = bool(lane_instance)
+        self._clock_gate = bool(clock_gate)
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 1 << ADDR_BITS:
             raise ValueError(f"Depth must be an integer in 1..2**{ADDR_BITS}, not {depth!r}")
         if not isinstance(max_n, int) or isinstance(max_n, bool) or not 1 <= max_n < 1 << 16:
@@ -823,16 +829,21 @@ class VectorUnit(wiring.Component):
         _, en6, _ = stage_cfg("s6")
 
         lanes_y = []
+        lane_dom = "sync"
+        if self._clock_gate:
+            # The lanes' clock runs while a beat is between the lane input (x0, tag LOAD) and the exit.
+            lane_dom = "lanes"
+            gated_domain(m, "lanes", Cat(*(tags[k].valid for k in range(self.LOAD, self.EXIT))).any())
         for ln in range(L):
             lane = VectorLane()
             if self._lane_instance:
                 lane._MustUse__silence = True       # only its ports are used, for the Instance
                 m.submodules[f"lane{ln}"] = Instance(
-                    LANE_MODULE, i_clk=ClockSignal(), i_rst=ResetSignal(),
+                    LANE_MODULE, i_clk=ClockSignal(lane_dom), i_rst=ResetSignal(),
                     **{("o_" if member.flow == wiring.Flow.Out else "i_") + name: getattr(lane, name)
                        for name, member in lane.signature.members.items()})
             else:
-                m.submodules[f"lane{ln}"] = lane
+                m.submodules[f"lane{ln}"] = DomainRenamer(lane_dom)(lane) if self._clock_gate else lane
             port = rom.read_port()
             neg_s0 = Cat(tag1.s0[0:31], ~tag1.s0[31])
             m.d.comb += [

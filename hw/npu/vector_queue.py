@@ -330,6 +330,8 @@ class VectorQueue(wiring.Component):
     lane_instance : bool
         Passed to :class:`hw.npu.vector.VectorUnit` (Verilog builds need
         :func:`hw.npu.vector.lane_verilog`).
+    clock_gate : bool
+        Passed to :class:`hw.npu.vector.VectorUnit` (lanes clock-gated while idle).
 
     Members
     -------
@@ -346,7 +348,7 @@ class VectorQueue(wiring.Component):
     """
 
     def __init__(self, cfg: SystemConfig, queue_depth: int = 8, max_outstanding: int = 32,
-                 lane_instance: bool = True):
+                 lane_instance: bool = True, clock_gate: bool = False):
         if not isinstance(cfg, SystemConfig):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
         if not isinstance(queue_depth, int) or isinstance(queue_depth, bool) or queue_depth < 2:
@@ -355,7 +357,7 @@ class VectorQueue(wiring.Component):
         self._cfg = cfg
         self._geo = _Geometry(lanes, words)
         self._queue_depth = queue_depth
-        self._unit = VectorUnit(lanes, words, lane_instance=lane_instance)
+        self._unit = VectorUnit(lanes, words, lane_instance=lane_instance, clock_gate=clock_gate)
         self._dma = VectorDma(cfg, lanes, words, max_outstanding)
         super().__init__({
             "instr": In(stream.Signature(8 * 32)),
@@ -540,10 +542,10 @@ class VectorQueueSystem(wiring.Component):
     """
 
     def __init__(self, cfg: SystemConfig, words_log2: int, mem_latency: int = 6, queue_depth: int = 8,
-                 max_outstanding: int = 32, lane_instance: bool = True):
+                 max_outstanding: int = 32, lane_instance: bool = True, clock_gate: bool = True):
         from .memmodel import MemoryModel
 
-        self._queue = VectorQueue(cfg, queue_depth, max_outstanding, lane_instance)
+        self._queue = VectorQueue(cfg, queue_depth, max_outstanding, lane_instance, clock_gate)
         self._memory = MemoryModel(cfg, words_log2, mem_latency)
         members = {name: member for name, member in self._queue.signature.members.items() if name != "mem"}
         for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):

@@ -197,7 +197,7 @@ class PimBank(wiring.Component):
         )
 
         # MAC ------------------------------------------------------------
-        m.submodules.mac = mac = MacUnit(p.lanes)
+        m.submodules.mac = mac = MacUnit(p.lanes, clock_gate=True)
         mac_v = Signal()
         m.d.sync += mac_v.eq(self.do_mac)
         m.d.comb += [

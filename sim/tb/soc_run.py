@@ -41,7 +41,7 @@ class SocSim(wiring.Component):
     def __init__(self, cfg, device_factory):
         from hw.soc import SocTop
 
-        self._top = SocTop(cfg, device_factory)
+        self._top = SocTop(cfg, device_factory, clock_gate=True)
         members = dict(self._top.signature.members.items())
         members["clk_out"] = Out(1)
         super().__init__(members)
