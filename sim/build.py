@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,7 +107,7 @@ class SimBuild:
     extra: dict = field(default_factory=dict)
 
     def run(self, test_module: str, testcase: str | list[str] | None = None, *, test_name: str | None = None,
-            env: dict | None = None, seed: int | None = None) -> Path:
+            env: dict | None = None, seed: int | None = None, log_file: str | Path | None = None) -> Path:
         """Run cocotb test(s) ``testcase`` of ``test_module`` (a module path such as ``sim.tb.arith_tb``).
 
         Returns the results XML; raises :class:`CocotbFailure` when any cocotb test failed.
@@ -148,7 +149,7 @@ class SimBuild:
             runner.test(hdl_toplevel=self.toplevel, hdl_toplevel_lang="verilog", test_module=test_module,
                         testcase=testcases, build_dir=self.build_dir, test_dir=test_dir, extra_env=extra_env,
                         waves=self.waves, results_xml=str(results), test_args=test_args,
-                        plusargs=[f"+PIM_BACKDOOR={test_dir / 'backdoor'}"], **kwargs)
+                        plusargs=[f"+PIM_BACKDOOR={test_dir / 'backdoor'}"], log_file=log_file, **kwargs)
         except (RuntimeError, SystemExit) as exc:
             messages = _failures(results, failfile) if results.exists() else []
             detail = "\n".join(messages) or f"{exc} (no results file: the simulator crashed)"
@@ -166,6 +167,28 @@ class SimBuild:
             raise CocotbFailure(f"cocotb test {test_module}:{testcase} failed on {self.sim}:\n"
                                 + "\n".join(messages))
         return results
+
+
+_REG_DECL = re.compile(r"^(\s*reg\s+(?:signed\s+)?(?:\[[^\]]*\]\s*)?)(\\\S+ |[A-Za-z_][\w$]*)\s*;$", re.M)
+
+
+def icarus_defined_start(path: Path) -> Path:
+    """For Icarus: a copy of generated Verilog whose variables without an initial value start at 0.
+
+    Verilator (``--x-initial fast``) starts every variable at zero; Icarus starts them at X. The designs
+    give every state-holding flop an initial value, but memory read-data registers and a few others
+    have none, and an X read from an idle memory port reaches logic that only Verilator's zero hides
+    (the matrix unit's semaphores sampled a FIFO's X payload). Both simulators then start from the same
+    state. Hand-written sources (outside ``build/verilog``) are passed unchanged.
+    """
+    if BUILD_ROOT / "verilog" not in path.parents:
+        return path
+    text = path.read_text()
+    out = path.with_name(path.stem + ".icarus.v")
+    new = _REG_DECL.sub(lambda m: f"{m.group(1)}{m.group(2)} = 0;", text)
+    if not out.exists() or out.read_text() != new:
+        out.write_text(new)
+    return out
 
 
 def _failures(results: Path, failfile: Path) -> list[str]:
@@ -248,6 +271,8 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
         key = repr(factory)
     vpath = verilog_for(factory, name, key)
     sources = [vpath] + [Path(p) for p in extra_sources]
+    if sim == "icarus":
+        sources = [icarus_defined_start(p) for p in sources]
     flags = list(VERILATOR_FLAGS if sim == "verilator" else ICARUS_FLAGS) + list(build_args)
     if waves and sim == "verilator":
         flags += ["--trace-fst", "--trace-structs"]

@@ -49,7 +49,8 @@ class _Quiet:
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+    # Bound to this stdout: while simulations run, cocotb's runner prints go elsewhere (sim.run.run_rtl_jobs).
+    return Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
 def run_pim_gemvs(config: str, shapes, sim: str = "verilator", waves: bool = False, quiet: bool = True) -> dict:

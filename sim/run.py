@@ -21,7 +21,7 @@ from firmware.compiler import compile_model
 from firmware.gpt2 import GptShape, load_weights, random_weights, reference_block
 from firmware.runtime import build_job, read_outputs, run_model
 
-__all__ = ["soc_config", "prepare", "run_backend", "main_run", "TINY_SHAPE", "DEFAULT_SHAPE"]
+__all__ = ["soc_config", "prepare", "run_backend", "run_rtl_jobs", "main_run", "TINY_SHAPE", "DEFAULT_SHAPE"]
 
 TINY_SHAPE = GptShape(32, 2, 1)
 DEFAULT_SHAPE = GptShape(768, 12, 1)
@@ -69,43 +69,76 @@ def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weig
 
 
 def run_backend(job, backend="model", waves=False, test_name=None, progress=None):
-    """Run ``job``; returns (outputs [T, d] float32, per-program results list)."""
+    """Run ``job``; returns (outputs [T, d] float32, per-program results list, functional model or None)."""
     if backend == "model":
         m = run_model(job, progress)
         return read_outputs(job.compiled, m.read), job.results, m
-    import threading
+    (out, results), = run_rtl_jobs([(job, test_name, progress)], backend, waves)
+    return out, results, None
+
+
+def run_rtl_jobs(entries, backend="verilator", waves=False):
+    """Run several jobs on the RTL at once, one simulator process each (they share one build).
+
+    ``entries``: ``(job, test_name or None, progress callback or None)``. Each simulation runs in its
+    own process (cocotb runner), so two jobs use two cores. Returns ``[(outputs, results), ...]``.
+    """
+    import contextlib
 
     from sim.build import BUILD_ROOT
     from sim.cli import _Quiet
-    from sim.tb.soc_run import run_rtl
+    from sim.tb.soc_run import run_rtl, soc_sim_build
 
-    name = test_name or f"run_{job.compiled.policy}_{job.compiled.cfg.name}_{backend}"
-    prog_file = BUILD_ROOT / "logs" / f"{name}.progress"
-    prog_file.parent.mkdir(parents=True, exist_ok=True)
-    prog_file.write_text("")
-    box = {}
+    logs = BUILD_ROOT / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cfg = entries[0][0].compiled.cfg
+    with _Quiet(str(logs / f"build_soc_{cfg.name}_{backend}.log")):
+        soc_sim_build(cfg, backend, waves)      # built once, before the runs share it
+    with open(logs / f"runner_{cfg.name}_{backend}.log", "w") as runner_log, \
+            contextlib.redirect_stdout(runner_log):     # cocotb's runner prints its commands
+        return _run_threads(entries, backend, waves, run_rtl, logs)
 
-    def work():
-        try:
-            with _Quiet(str(BUILD_ROOT / "logs" / f"{name}.log")):
-                box["out"] = run_rtl(job, sim=backend, waves=waves, test_name=name, progress_file=prog_file)
-        except BaseException as e:  # noqa: B036 - re-raised in the caller's thread
-            box["exc"] = e
 
-    th = threading.Thread(target=work)
-    th.start()
-    seen = 0
-    while th.is_alive():
-        th.join(0.5)
-        n = len(prog_file.read_text().splitlines())
-        while progress and seen < n:
-            progress()
-            seen += 1
-    if "exc" in box:
-        raise box["exc"]
-    out, results = box["out"]
-    job.results[:] = results
-    return out, results, None
+def _run_threads(entries, backend, waves, run_rtl, logs):
+    import threading
+
+    runs = []
+    for job, test_name, progress in entries:
+        name = test_name or f"run_{job.compiled.policy}_{job.compiled.cfg.name}_{backend}"
+        prog_file = logs / f"{name}.progress"
+        prog_file.write_text("")
+        box = {}
+
+        def work(job=job, name=name, prog_file=prog_file, box=box):
+            try:
+                box["out"] = run_rtl(job, sim=backend, waves=waves, test_name=name, progress_file=prog_file,
+                                     log_file=logs / f"{name}.log")
+            except BaseException as e:  # noqa: B036 - re-raised in the caller's thread
+                box["exc"] = e
+
+        th = threading.Thread(target=work)
+        th.start()
+        runs.append([th, box, prog_file, progress, 0])
+    def poll():
+        for r in runs:
+            n = len(r[2].read_text().splitlines())
+            while r[3] and r[4] < n:
+                r[3]()
+                r[4] += 1
+
+    while any(r[0].is_alive() for r in runs):
+        time.sleep(0.5)
+        poll()
+    poll()
+    for r in runs:
+        if "exc" in r[1]:
+            raise r[1]["exc"]
+    out = []
+    for (job, _, _), r in zip(entries, runs):
+        res = r[1]["out"]
+        job.results[:] = res[1]
+        out.append(res)
+    return out
 
 
 def trace_events(job) -> list:
@@ -222,17 +255,16 @@ def compare_policies(s, base, console, backend) -> dict:
     return out
 
 
-def run_baseline(args, x, ws, console) -> dict:
-    """The npu-mem baseline on the same backend. ``--baseline gen`` (RTL default): its prefill runs on the
-    functional model (bit-exact with the RTL, so the device state is the one the RTL would reach) and
-    ``--baseline-steps`` generation steps on the RTL; ``full``: everything on the backend."""
-    from rich.progress import Progress
+def prepare_baseline(args, console):
+    """The npu-mem baseline job on the same backend, ready to run.
 
+    ``--baseline gen`` (RTL default): its prefill runs on the functional model (bit-exact with the RTL, so
+    the device state is the one the RTL would reach) and ``--baseline-steps`` generation steps on the RTL;
+    ``full``: everything on the backend. Returns ``(job, rows, steps, title)`` for :func:`summarize`."""
     from firmware.compiler import STAGES
     from firmware.runtime import Job
     from sim.soc_model import SocModel
 
-    base_summary = {}
     cm2, job2, _, _ = prepare(args.config, "npu-mem", args.layers, args.prefill, args.generate, args.weights,
                               args.input, args.heads, args.seed)
     mode = "full" if args.backend == "model" else args.baseline
@@ -250,16 +282,15 @@ def run_baseline(args, x, ws, console) -> dict:
         rows = cm2.prefill + steps
         title = (f"npu-mem baseline: {steps} generation step(s) on the {args.backend} RTL "
                  f"(its prefill state from the functional model)")
-    with Progress(console=console, transient=True) as prog:
-        task = prog.add_task(f"{args.backend} (npu-mem baseline)", total=len(job2.programs))
-        out2, _, _ = run_backend(job2, args.backend, False, progress=lambda: prog.advance(task))
+    return job2, rows, steps, title
+
+
+def report_baseline(args, base_job, out2, x, ws, summary, console) -> dict:
+    job2, rows, steps, title = base_job
     console.rule("baseline: npu-mem (no PIM, weights in column blocks) on the same "
                  + ("RTL" if args.backend != "model" else "functional model / cost model"))
     base = summarize(job2, out2, x, ws, console, rows=rows, steps=steps, title=title)
-    return base_summary | compare_policies(SUMMARY[0], base, console, args.backend)
-
-
-SUMMARY = [None]
+    return compare_policies(summary, base, console, args.backend)
 
 
 def main_run(args) -> int:
@@ -274,13 +305,27 @@ def main_run(args) -> int:
     console.print(f"compiled {len(cm.stages)} stage programs, "
                   f"{sum(len(s.words) for s in cm.stages):,} instructions; mapping: "
                   + ", ".join(f"{ph}/{fc}={w}" for (ph, fc), w in cm.mapping.items()))
-    with Progress(console=console, transient=True) as prog:
-        task = prog.add_task(f"{args.backend}", total=len(job.programs))
-        out, results, _ = run_backend(job, args.backend, args.waves, progress=lambda: prog.advance(task))
-    summary = summarize(job, out, x, ws, console)
-    SUMMARY[0] = summary
+    base_job = None
     if args.policy != "npu-mem" and args.baseline != "none":
-        summary.update(run_baseline(args, x, ws, console))
+        base_job = prepare_baseline(args, console)
+    # On the RTL the baseline runs at the same time as the main job (its own simulator process: with two
+    # cores, the demo takes as long as its longer run); waves are only dumped for the main job.
+    together = base_job is not None and args.backend != "model" and not args.waves
+    with Progress(console=console, transient=True) as prog:
+        task = prog.add_task(f"{args.backend} ({args.policy})", total=len(job.programs))
+        if together:
+            task2 = prog.add_task(f"{args.backend} (npu-mem baseline)", total=len(base_job[0].programs))
+            (out, _), (out2, _) = run_rtl_jobs([(job, None, lambda: prog.advance(task)),
+                                                (base_job[0], None, lambda: prog.advance(task2))], args.backend)
+        else:
+            out, _, _ = run_backend(job, args.backend, args.waves, progress=lambda: prog.advance(task))
+    summary = summarize(job, out, x, ws, console)
+    if base_job is not None:
+        if not together:
+            with Progress(console=console, transient=True) as prog:
+                task2 = prog.add_task(f"{args.backend} (npu-mem baseline)", total=len(base_job[0].programs))
+                out2, _, _ = run_backend(base_job[0], args.backend, False, progress=lambda: prog.advance(task2))
+        summary.update(report_baseline(args, base_job, out2, x, ws, summary, console))
     console.print(f"wall time {time.time() - t0:.1f} s")
     trace = Path(args.trace or f"build/run/{args.policy}_{args.config}_trace.json")
     trace.parent.mkdir(parents=True, exist_ok=True)

@@ -88,3 +88,28 @@ def test_default_gpt2_small_layer_and_speedup():
     # The PCU issues one micro command at a time (1.76x the GEMV optimum, tests/test_pcu.py) and attention
     # in generation is not overlapped with PIM (DRAM traffic waits for PIM): at least half the implied ratio.
     assert speedup >= 0.5 * implied, (speedup, implied)
+
+
+def test_ianus_run_cli_tiny(tmp_path):
+    """``ianus run`` on the tiny SoC: main job and npu-mem baseline run at once on Verilator; the summary,
+    the trace JSON, the plot and ``--output`` are written; the measured speedup is the RTL's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    summary = tmp_path / "summary.json"
+    trace = tmp_path / "trace.json"
+    out = tmp_path / "out.npy"
+    env = dict(os.environ, IANUS_RUN_JSON=str(summary))
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "run", "--config", "tiny", "--trace", str(trace),
+                           "--output", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads(summary.read_text())
+    assert s["ianus_vs_npu_mem_generation_speedup"] > 1.5, s
+    assert "npu-mem baseline" in proc.stdout and "DRAM protocol: no violation" in proc.stdout
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("ph") == "X" for e in events)
+    assert trace.with_suffix(".png").stat().st_size > 1000
+    y = np.load(out)
+    assert y.dtype == np.float32 and y.shape[1] == 32 and np.isfinite(y).all()

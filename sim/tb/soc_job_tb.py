@@ -93,7 +93,13 @@ async def run_job(dut):
     # Top-level handles first: once cocotbext-axi has inspected the top, ``dut.busy`` and friends may
     # resolve to same-named struct fields of deeper signals (see sim/tb/soc_tb.py).
     done, error, unit_busy = dut.done, dut.error, dut.unit_busy
+    # Every input driven from time 0: the bus masters idle their channels when created, the rest here.
+    # (Verilator starts undriven inputs at 0, Icarus at X; an X on arvalid before the first edge would
+    # latch X into the register block's handshake flops for good.)
     dut.bd_load.value = 0
+    for c in range(C):
+        getattr(dut, f"s{c}__clear").value = 0
+    host = Host(dut)
     await RisingEdge(dut.clk_out)
     # Back door: the image files into the directory the simulator was told (+PIM_BACKDOOR).
     bd = Path(os.environ["IANUS_BACKDOOR"])
@@ -118,7 +124,6 @@ async def run_job(dut):
 
         mon = BusMonitor(_Dut(), soc_config(spec["config"]))
         cocotb.start_soon(mon.run())
-    host = Host(dut)
     assert await host.rd(CSR.ID) == SOC_ID, "not the SoC"
     regs = counter_registers(C)
     results = []

@@ -100,8 +100,10 @@ def write_image_backdoor(image, directory: Path, used_bytes: int):
 
 
 def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, timeout_cycles=50_000_000,
-            dump_buffers=False, progress_file=None):
-    """Run ``job`` on the RTL; returns (outputs [T, d] float32, per-program results)."""
+            dump_buffers=False, progress_file=None, log_file=None):
+    """Run ``job`` on the RTL; returns (outputs [T, d] float32, per-program results).
+
+    ``log_file``: the simulator's output goes there instead of to stdout."""
     cm = job.compiled
     cfg = cm.cfg
     sb = soc_sim_build(cfg, sim, waves)
@@ -131,7 +133,7 @@ def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, tim
     env = {"RUN_DIR": str(run_dir)}
     if progress_file:
         env["IANUS_PROGRESS"] = str(progress_file)
-    results_xml = sb.run("sim.tb.soc_job_tb", "run_job", test_name=name, env=env)
+    results_xml = sb.run("sim.tb.soc_job_tb", "run_job", test_name=name, env=env, log_file=log_file)
     test_dir = Path(results_xml).parent
     res = json.loads((test_dir / "result.json").read_text())
     raw = {k: (test_dir / f"dump_{k}.bin").read_bytes() for k in dumps}
