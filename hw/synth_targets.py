@@ -23,23 +23,8 @@ def _proto_fpga():
     return ProtoTop(cfg, lambda: PhyStub(cfg))
 
 
-def _proto_fpga_1ch():
-    import dataclasses
-
-    from .config import preset
-    from .proto import PhyStub, ProtoTop
-
-    base = preset("default")
-    cfg = dataclasses.replace(base, pim=dataclasses.replace(base.pim, channels=1))
-    return ProtoTop(cfg, lambda: PhyStub(cfg))
-
-
 # nextpnr-ecp5 (WebAssembly, one thread) did not finish this target within 60 minutes with router1 here:
 # synthesis only unless --pnr-all; router2 is the faster router on designs of this size.
 register("proto_fpga", _proto_fpga, "prototype FPGA part (default config): AXI4-Lite CSRs + AXI4 window + macro "
          "queue + PCU + 2 memory controllers, device replaced by a PHY stand-in", pnr=False,
          pnr_args=["--router", "router2"])
-# The same prototype with one channel: the per-channel paths (controller, PCU lane) are the same logic, so
-# its Fmax stands for the prototype's when the full part cannot be placed in the time available.
-register("proto_fpga_1ch", _proto_fpga_1ch, "prototype FPGA part with one channel (default timings and PCU)",
-         pnr=False, pnr_args=["--router", "router2"])

@@ -186,6 +186,12 @@ def icarus_defined_start(path: Path) -> Path:
     text = path.read_text()
     out = path.with_name(path.stem + ".icarus.v")
     new = _REG_DECL.sub(lambda m: f"{m.group(1)}{m.group(2)} = 0;", text)
+    # Yosys makes each comb block sensitive to a trigger variable declared ``= 0`` so that the block runs
+    # once at time 0. Icarus applies a declaration's value before time 0 (no event), so with every other
+    # variable now also starting at a value, nothing would run those blocks: assign the trigger in an
+    # ``initial`` block instead, which is an event at time 0.
+    new = re.sub(r"^(\s*)reg (\\\$auto\$verilog_backend\S+ ) = 0;$",
+                 r"\1reg \2;\n\1initial \2 = 1'b0;", new, flags=re.M)
     if not out.exists() or out.read_text() != new:
         out.write_text(new)
     return out
