@@ -168,16 +168,34 @@ def _ecp5_summary(cells: dict) -> dict:
             "TRELLIS_DPR16X4": cells.get("TRELLIS_DPR16X4", 0)}
 
 
+def _cache_entry(name: str, text: str, pnr: bool):
+    """(hash, result file) of a target's run: place-and-route results and synthesis-only results apart."""
+    extra = PNR_ARGS.get(name, [])
+    key = text + f"pnr={pnr} target={ECP5_TARGET_MHZ}" + (f" args={' '.join(extra)}" if extra else "")
+    out = SYNTH_ROOT / name
+    return hashlib.sha256(key.encode()).hexdigest()[:16], out / ("result.json" if pnr else "result_synth.json")
+
+
+def cached(name: str, pnr: bool = True):
+    """The stored result of ``name`` for the current Verilog, or None (nothing is run)."""
+    factory, _ = TARGETS[name]
+    text, _ = _convert_wrapped(factory())
+    digest, path = _cache_entry(name, text, pnr)
+    if path.exists():
+        r = json.loads(path.read_text())
+        if r.get("hash") == digest:
+            return r
+    return None
+
+
 def synth(name: str, pnr: bool = True, force: bool = False, pnr_timeout: int = PNR_TIMEOUT_S) -> dict:
     """Run the flow for target ``name``; returns the result dict (cached)."""
     factory, description = TARGETS[name]
     out = SYNTH_ROOT / name
     out.mkdir(parents=True, exist_ok=True)
     text, wrapper_ffs = _convert_wrapped(factory())
+    digest, result_path = _cache_entry(name, text, pnr)
     extra = PNR_ARGS.get(name, [])
-    key = text + f"pnr={pnr} target={ECP5_TARGET_MHZ}" + (f" args={' '.join(extra)}" if extra else "")
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    result_path = out / "result.json"
     if result_path.exists() and not force:
         cached = json.loads(result_path.read_text())
         if cached.get("hash") == digest:
@@ -202,8 +220,7 @@ def synth(name: str, pnr: bool = True, force: bool = False, pnr_timeout: int = P
             placed = placement_fmax(log.read_text())
             result["ecp5"].update(fmax_mhz=None, fmax_placed_mhz=placed, pnr_status=str(exc))
             print(f"{name}: {exc}; post-placement estimate {placed} MHz", file=sys.stderr)
-            pnr = False
-    if pnr:
+    if pnr and "pnr_status" not in result["ecp5"]:
         report = json.loads((out / "ecp5_report.json").read_text())
         fmax = report.get("fmax", {})
         clk = next((v for k, v in fmax.items() if "clk" in k), None) or next(iter(fmax.values()), None)
@@ -222,7 +239,9 @@ def synth(name: str, pnr: bool = True, force: bool = False, pnr_timeout: int = P
 
 def format_result(r: dict) -> str:
     e, x = r["ecp5"], r["xcup"]
-    fmax = f"{e['fmax_mhz']:.1f} MHz" if e.get("fmax_mhz") else "n/a"
+    fmax = f"{e['fmax_mhz']:.1f} MHz" if e.get("fmax_mhz") else (
+        f"n/a (routing unfinished; {e['fmax_placed_mhz']:.1f} MHz estimated after placement)"
+        if e.get("fmax_placed_mhz") else "n/a")
     share = x["share_of_xcvu9p"]
     return (f"{r['target']}: {r['description']}\n"
             f"  ECP5-85k : LUT4 {e['LUT4']:>7}  FF {e['FF']:>7}  MULT18 {e['MULT18X18D']:>4}  "
