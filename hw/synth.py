@@ -282,6 +282,7 @@ def _load_extra_targets():
     # Run as ``python -m hw.synth`` this module is ``__main__``; the targets registered into ``hw.synth``.
     TARGETS.update(importlib.import_module("hw.synth").TARGETS)
     NO_PNR.update(importlib.import_module("hw.synth").NO_PNR)
+    PNR_ARGS.update(importlib.import_module("hw.synth").PNR_ARGS)
 
 
 if __name__ == "__main__":
