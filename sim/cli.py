@@ -26,23 +26,29 @@ GPT2_SMALL_FC = [("QKV (c_attn)", 768, 2304, False), ("attn proj (c_proj)", 768,
 
 
 class _Quiet:
-    """Send the simulator's and the compiler's stdout to a log file (the CLI prints its own summary)."""
+    """Send the simulator's and the compiler's stdout (and with ``stderr=True`` their stderr: Verilator's
+    warnings) to a log file (the CLI prints its own summary)."""
 
-    def __init__(self, log_path):
+    def __init__(self, log_path, stderr=False):
         self.log_path = log_path
+        self.fds = (1, 2) if stderr else (1,)
 
     def __enter__(self):
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         self.log = open(self.log_path, "w")
         sys.stdout.flush()
-        self.saved = os.dup(1)
-        os.dup2(self.log.fileno(), 1)
+        sys.stderr.flush()
+        self.saved = [os.dup(fd) for fd in self.fds]
+        for fd in self.fds:
+            os.dup2(self.log.fileno(), fd)
         return self
 
     def __exit__(self, *exc):
         sys.stdout.flush()
-        os.dup2(self.saved, 1)
-        os.close(self.saved)
+        sys.stderr.flush()
+        for fd, saved in zip(self.fds, self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
         self.log.close()
 
 

@@ -92,7 +92,7 @@ def run_rtl_jobs(entries, backend="verilator", waves=False):
     logs = BUILD_ROOT / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cfg = entries[0][0].compiled.cfg
-    with _Quiet(str(logs / f"build_soc_{cfg.name}_{backend}.log")):
+    with _Quiet(str(logs / f"build_soc_{cfg.name}_{backend}.log"), stderr=True):
         soc_sim_build(cfg, backend, waves)      # built once, before the runs share it
     with open(logs / f"runner_{cfg.name}_{backend}.log", "w") as runner_log, \
             contextlib.redirect_stdout(runner_log):     # cocotb's runner prints its commands
@@ -311,6 +311,9 @@ def main_run(args) -> int:
     # On the RTL the baseline runs at the same time as the main job (its own simulator process: with two
     # cores, the demo takes as long as its longer run); waves are only dumped for the main job.
     together = base_job is not None and args.backend != "model" and not args.waves
+    if args.backend != "model":
+        console.print(f"{args.backend} model of the SoC: built on first use, then cached "
+                      f"(log: build/logs/build_soc_{args.config}_{args.backend}.log)")
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task(f"{args.backend} ({args.policy})", total=len(job.programs))
         if together:
