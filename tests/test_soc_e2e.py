@@ -17,9 +17,9 @@ from sim.tb.soc_run import run_rtl
 MU_BOUND, PIM_BOUND = 0.01, 0.10
 
 
-def _rtl_vs_model(config, policy, prefill, generate, layers=1, name=None):
+def _rtl_vs_model(config, policy, prefill, generate, layers=1, name=None, sim="verilator"):
     cm, job, x, ws = prepare(config, policy, layers, prefill, generate)
-    out, res = run_rtl(job, test_name=name or f"e2e_{policy}_{config}")
+    out, res = run_rtl(job, sim=sim, test_name=name or f"e2e_{policy}_{config}")
     m = run_model(Job(job.compiled, job.image, job.programs))
     want = read_outputs(cm, m.read)
     bad = np.flatnonzero(out.view(np.uint32) != want.view(np.uint32))
@@ -88,6 +88,14 @@ def test_default_gpt2_small_layer_and_speedup():
     # The PCU issues one micro command at a time (1.76x the GEMV optimum, tests/test_pcu.py) and attention
     # in generation is not overlapped with PIM (DRAM traffic waits for PIM): at least half the implied ratio.
     assert speedup >= 0.5 * implied, (speedup, implied)
+
+
+@pytest.mark.icarus
+def test_tiny_ianus_on_icarus_bit_exact():
+    """The second simulator: a tiny prefill + generation step on Icarus, bit-exact with the functional model
+    (outputs and KV caches), within bound of float64, the Python protocol checker on every bus cycle."""
+    cm, res = _rtl_vs_model("tiny", "ianus", 2, 1, name="e2e_ianus_tiny_icarus", sim="icarus")
+    assert len(res) == 12 and all(r["cycles"] > 0 for r in res)
 
 
 def test_ianus_run_cli_tiny(tmp_path):
