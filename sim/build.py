@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,9 @@ class SimBuild:
 
         Returns the results XML; raises :class:`CocotbFailure` when any cocotb test failed.
         """
-        from cocotb.runner import get_runner
+        with warnings.catch_warnings():     # "Python runners ... are an experimental feature"
+            warnings.simplefilter("ignore", UserWarning)
+            from cocotb.runner import get_runner
 
         if test_name is None:
             test_name = os.environ.get("PYTEST_CURRENT_TEST", f"{test_module}").split(" ")[0]
@@ -267,7 +270,9 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
         Verilator: module-name patterns not to inline, so that a module
         instantiated many times is compiled once (the PIM bank).
     """
-    from cocotb.runner import get_runner
+    with warnings.catch_warnings():     # "Python runners ... are an experimental feature"
+        warnings.simplefilter("ignore", UserWarning)
+        from cocotb.runner import get_runner
 
     if sim not in ("verilator", "icarus"):
         raise ValueError(f"Simulator must be 'verilator' or 'icarus', not {sim!r}")
