@@ -23,8 +23,9 @@ def _proto_fpga():
     return ProtoTop(cfg, lambda: PhyStub(cfg))
 
 
-# nextpnr-ecp5 (WebAssembly, one thread) did not finish this target within 60 minutes with router1 here:
-# synthesis only unless --pnr-all; router2 is the faster router on designs of this size.
+# Place and route takes ~21 minutes here (nextpnr-ecp5 in WebAssembly, one thread; router1 did not converge
+# in 100 minutes, router2 routes it in ~5): synthesis only unless --pnr-all; `make bench` reads the stored
+# result of `python -m hw.synth proto_fpga --pnr-all`.
 register("proto_fpga", _proto_fpga, "prototype FPGA part (default config): AXI4-Lite CSRs + AXI4 window + macro "
          "queue + PCU + 2 memory controllers, device replaced by a PHY stand-in", pnr=False,
          pnr_args=["--router", "router2"])
