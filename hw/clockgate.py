@@ -14,8 +14,10 @@ BF16 multipliers and an FP32 adder tree each), a 16 x 16 systolic array and
 16 vector lanes; each is idle for most of a decoder layer (the array during
 generation, the PIM units during prefill), yet without gating they were
 over 80 % of the simulator's time. With their clocks gated, an idle unit costs
-nothing. Results are the same bit for bit: every user keeps its valid bits on
-the ungated clock and opens the gate while any of them is set.
+nothing. Results are the same bit for bit: the gate is open while any valid
+bit of the gated pipeline is set (the MAC unit and the vector lanes keep
+their valid bits on the ungated clock; the systolic array gates them too and
+so freezes as a whole while idle).
 
 FPGA flows should use clock enables instead; the blocks gate only when asked
 (``clock_gate=True``), which the SoC simulation build does.

@@ -113,10 +113,6 @@ class SimBuild:
 
         Returns the results XML; raises :class:`CocotbFailure` when any cocotb test failed.
         """
-        with warnings.catch_warnings():     # "Python runners ... are an experimental feature"
-            warnings.simplefilter("ignore", UserWarning)
-            from cocotb.runner import get_runner
-
         if test_name is None:
             test_name = os.environ.get("PYTEST_CURRENT_TEST", f"{test_module}").split(" ")[0]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in test_name)[:150]
@@ -138,7 +134,7 @@ class SimBuild:
         extra_env.update({k: str(v) for k, v in (env or {}).items()})
         if seed is not None:
             extra_env["RANDOM_SEED"] = str(seed)
-        runner = _verilator_runner() if self.sim == "verilator" else get_runner(self.sim)
+        runner = _runner(self.sim)
         kwargs = {}
         if self.sim == "icarus":
             kwargs["timescale"] = ("1ns", "1ps")
@@ -214,8 +210,20 @@ def _failures(results: Path, failfile: Path) -> list[str]:
     return out
 
 
+def _runner(sim: str):
+    """cocotb's runner for ``sim`` (Verilator: :func:`_verilator_runner`)."""
+    if sim == "verilator":
+        return _verilator_runner()
+    with warnings.catch_warnings():     # "Python runners ... are an experimental feature"
+        warnings.simplefilter("ignore", UserWarning)
+        from cocotb.runner import get_runner
+    return get_runner(sim)
+
+
 def _verilator_runner():
-    from cocotb.runner import Verilator
+    with warnings.catch_warnings():     # "Python runners ... are an experimental feature"
+        warnings.simplefilter("ignore", UserWarning)
+        from cocotb.runner import Verilator
 
     class FastVerilator(Verilator):
         """cocotb's Verilator runner without ``--public-flat-rw`` and with a parallel, tuned C++ build."""
@@ -270,10 +278,6 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
         Verilator: module-name patterns not to inline, so that a module
         instantiated many times is compiled once (the PIM bank).
     """
-    with warnings.catch_warnings():     # "Python runners ... are an experimental feature"
-        warnings.simplefilter("ignore", UserWarning)
-        from cocotb.runner import get_runner
-
     if sim not in ("verilator", "icarus"):
         raise ValueError(f"Simulator must be 'verilator' or 'icarus', not {sim!r}")
     if waves is None:
@@ -301,11 +305,9 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
             if build_dir.exists():
                 shutil.rmtree(build_dir)
             build_dir.mkdir(parents=True)
+            runner = _runner(sim)
             if sim == "verilator":
-                runner = _verilator_runner()
                 flags = flags + [str(_public_vlt(build_dir, name, public, no_inline))]
-            else:
-                runner = get_runner(sim)
             kwargs = {"timescale": ("1ns", "1ps")} if sim == "icarus" else {}
             runner.build(verilog_sources=[str(p) for p in sources], hdl_toplevel=name, build_dir=build_dir,
                          build_args=flags, waves=waves, always=True, **kwargs)

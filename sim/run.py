@@ -83,6 +83,7 @@ def run_rtl_jobs(entries, backend="verilator", waves=False):
     ``entries``: ``(job, test_name or None, progress callback or None)``. Each simulation runs in its
     own process (cocotb runner), so two jobs use two cores. Returns ``[(outputs, results), ...]``.
     """
+    import concurrent.futures
     import contextlib
 
     from sim.build import BUILD_ROOT
@@ -94,51 +95,34 @@ def run_rtl_jobs(entries, backend="verilator", waves=False):
     cfg = entries[0][0].compiled.cfg
     with _Quiet(str(logs / f"build_soc_{cfg.name}_{backend}.log"), stderr=True):
         soc_sim_build(cfg, backend, waves)      # built once, before the runs share it
-    with open(logs / f"runner_{cfg.name}_{backend}.log", "w") as runner_log, \
-            contextlib.redirect_stdout(runner_log):     # cocotb's runner prints its commands
-        return _run_threads(entries, backend, waves, run_rtl, logs)
+    names = [name or f"run_{job.compiled.policy}_{job.compiled.cfg.name}_{backend}" for job, name, _ in entries]
+    progress_files = [logs / f"{name}.progress" for name in names]
+    for f in progress_files:
+        f.write_text("")
+    seen = [0] * len(entries)
 
-
-def _run_threads(entries, backend, waves, run_rtl, logs):
-    import threading
-
-    runs = []
-    for job, test_name, progress in entries:
-        name = test_name or f"run_{job.compiled.policy}_{job.compiled.cfg.name}_{backend}"
-        prog_file = logs / f"{name}.progress"
-        prog_file.write_text("")
-        box = {}
-
-        def work(job=job, name=name, prog_file=prog_file, box=box):
-            try:
-                box["out"] = run_rtl(job, sim=backend, waves=waves, test_name=name, progress_file=prog_file,
-                                     log_file=logs / f"{name}.log")
-            except BaseException as e:  # noqa: B036 - re-raised in the caller's thread
-                box["exc"] = e
-
-        th = threading.Thread(target=work)
-        th.start()
-        runs.append([th, box, prog_file, progress, 0])
     def poll():
-        for r in runs:
-            n = len(r[2].read_text().splitlines())
-            while r[3] and r[4] < n:
-                r[3]()
-                r[4] += 1
+        for k, ((_, _, progress), f) in enumerate(zip(entries, progress_files)):
+            n = len(f.read_text().splitlines())
+            while progress and seen[k] < n:
+                progress()
+                seen[k] += 1
 
-    while any(r[0].is_alive() for r in runs):
-        time.sleep(0.5)
+    # One thread per run, each waiting on its simulator process; cocotb's runner prints its commands.
+    with open(logs / f"runner_{cfg.name}_{backend}.log", "w") as runner_log, \
+            contextlib.redirect_stdout(runner_log), \
+            concurrent.futures.ThreadPoolExecutor(len(entries)) as pool:
+        futures = [pool.submit(run_rtl, job, sim=backend, waves=waves, test_name=name, progress_file=f,
+                               log_file=logs / f"{name}.log")
+                   for (job, _, _), name, f in zip(entries, names, progress_files)]
+        while not all(fut.done() for fut in futures):
+            time.sleep(0.5)
+            poll()
         poll()
-    poll()
-    for r in runs:
-        if "exc" in r[1]:
-            raise r[1]["exc"]
-    out = []
-    for (job, _, _), r in zip(entries, runs):
-        res = r[1]["out"]
-        job.results[:] = res[1]
-        out.append(res)
-    return out
+        results = [fut.result() for fut in futures]     # re-raises a run's exception here
+    for (job, _, _), (_, res) in zip(entries, results):
+        job.results[:] = res
+    return results
 
 
 def trace_events(job) -> list:

@@ -172,9 +172,7 @@ def _array_rtl(R, C, passes, gap, test_name):
     b = build(lambda: SystolicArray(R, C, clock_gate=True), name=f"array_gated_{R}x{C}", key=f"{R}x{C} gated",
               sim="verilator")
     xml = b.run("sim.tb.array_tb", "run_schedule", test_name=test_name, env={"RUN_DIR": str(run)})
-    from pathlib import Path
-
-    return np.load(Path(xml).parent / "out.npy")
+    return np.load(xml.parent / "out.npy")
 
 
 @pytest.mark.parametrize("R,C,M,gap,gate", [(3, 5, 4, 0, False), (4, 4, 2, 1, False), (2, 3, 7, 0, False),

@@ -217,7 +217,7 @@ class SystolicArray(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C = self._rows, self._cols
-        # Datapath domain: "sync", or the gated "arr" (valid bits stay on "sync" and open the gate).
+        # Domain of the whole array: "sync", or the gated "arr" (see the end of this method).
         dp = "arr" if self._clock_gate else "sync"
         pe = [[None] * C for _ in range(R)]
         for i in range(R):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cocotb
 import numpy as np
 from cocotb.clock import Clock
-import cocotb
 from cocotb.triggers import FallingEdge, RisingEdge
 
 from sim.tb.common import pack, tb_test, unpack
