@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from pathlib import Path
 from firmware.compiler import STAGES, LayerCompiler, choose_mapping, plan_memory
 from firmware.gpt2 import SHAPES, GptShape
 from hw.config import SystemConfig, preset
+from sim.bounds import op_bounds, phase_work, program_traffic, rates
 from sim.energy import energy
 from sim.perfmodel import PerfModel, decode_program, micro_for, stage_tags
 
@@ -71,9 +73,12 @@ class PhaseResult:
     events: dict = field(default_factory=dict)        # per layer
     stages: dict = field(default_factory=dict)        # stage -> cycles per layer
     stage_events: dict = field(default_factory=dict)  # stage -> events per layer
+    traffic: dict = field(default_factory=dict)       # per layer, op -> DRAM bytes the programs move
 
-    def add(self, name, res, w=1.0):
+    def add(self, name, res, w=1.0, traffic=None):
         self.cycles += w * res.cycles
+        for k, v in (traffic or {}).items():
+            self.traffic[k] = self.traffic.get(k, 0.0) + w * v
         self.stages[name] = self.stages.get(name, 0.0) + w * res.cycles
         se = self.stage_events.setdefault(name, {})
         for k, v in res.events.items():
@@ -112,7 +117,7 @@ class Projection:
         out = PhaseResult()
         a, b = self.gen[lo], self.gen[hi]
         out.cycles = (1 - w) * a.cycles + w * b.cycles
-        for attr in ("breakdown", "events", "stages"):
+        for attr in ("breakdown", "events", "stages", "traffic"):
             da, db = getattr(a, attr), getattr(b, attr)
             setattr(out, attr, {k: (1 - w) * da.get(k, 0) + w * db.get(k, 0) for k in set(da) | set(db)})
         out.stage_events = {st: {k: (1 - w) * a.stage_events.get(st, {}).get(k, 0) + w * b.stage_events.get(st, {}).get(k, 0)
@@ -126,7 +131,7 @@ class Projection:
         for t in range(1, n_out):
             r = self.gen_at(t)
             out.cycles += r.cycles
-            for attr in ("breakdown", "events", "stages"):
+            for attr in ("breakdown", "events", "stages", "traffic"):
                 d = getattr(out, attr)
                 for k, v in getattr(r, attr).items():
                     d[k] = d.get(k, 0.0) + v
@@ -215,19 +220,22 @@ def project(name: str, policy: str, n_in: int, n_out: int, cfg: SystemConfig | N
     def run(phase, stage, rows, pos):
         st = lc.stage(0, phase, stage, rows, pos)
         ins = decode_program(st.words)
-        r = model.run_program(None, ins=ins, tags=stage_tags(stage, ins))
+        tags = stage_tags(stage, ins)
+        r = model.run_program(None, ins=ins, tags=tags)
         if progress:
             progress()
-        return r
+        return r, program_traffic(ins, tags)
 
     pre = PhaseResult()
     for stage in STAGES:
-        pre.add(stage, run("prefill", stage, n_in, 0))
+        r, tr = run("prefill", stage, n_in, 0)
+        pre.add(stage, r, traffic=tr)
     gen = {}
     for t in _positions(n_out, samples):
         g = PhaseResult()
         for stage in STAGES:
-            g.add(stage, run("gen", stage, 1, n_in + t - 1))
+            r, tr = run("gen", stage, 1, n_in + t - 1)
+            g.add(stage, r, traffic=tr)
         gen[t] = g
     return Projection(name, policy, n_in, shape, cfg, pre, gen, time.perf_counter() - t0)
 
@@ -237,21 +245,18 @@ def project(name: str, policy: str, n_in: int, n_out: int, cfg: SystemConfig | N
 # ---------------------------------------------------------------------------------------------
 
 def op_work(shape: GptShape, tokens: int, ctx: int) -> dict:
-    """(FLOPs, DRAM bytes) per layer of each operation for ``tokens`` tokens attending to ``ctx``."""
-    d, f = shape.d_model, shape.ffn
-    act = 2                                   # BF16
-    return {
-        "qkv": (2 * tokens * d * 3 * d, act * (3 * d * d + tokens * 4 * d)),
-        "attention": (4 * tokens * ctx * d, act * (2 * ctx * d + tokens * 2 * d) + 4 * 2 * tokens * ctx * shape.heads),
-        "proj": (2 * tokens * d * d, act * (d * d + 2 * tokens * d)),
-        "ffn": (4 * tokens * d * f, act * (2 * d * f + 2 * tokens * (d + f))),
-    }
+    """(FLOPs, DRAM bytes) per layer of each operation for ``tokens`` tokens, the last attending to ``ctx``
+    keys: the compulsory work of :mod:`sim.bounds` (causal query-key pairs; activations read and written
+    once, attention scores not counted; weights counted wherever they are read, in PIM or by the DMA)."""
+    mapping = {(ph, fc): "mu" for ph in ("prefill", "gen") for fc in ("qkv", "proj", "fc1", "fc2")}
+    w = phase_work(shape, mapping, "prefill", tokens, ctx - tokens)
+    return {op: (w[op].flops, w[op].dram_bytes + w[op].pim_weight_bytes) for op in ("qkv", "attention", "proj", "ffn")}
 
 
 def peaks(cfg: SystemConfig) -> dict:
-    n = cfg.npu
+    r = rates(cfg)
     return {
-        "npu_gflops": 2 * n.array_rows * n.array_cols * n.macs_per_pe * n.cores * cfg.clocks.npu_mhz / 1e3,
+        "npu_gflops": r.npu * cfg.clocks.pim_mhz / 1e3,
         "pim_gflops": cfg.pim_peak_gflops,
         "ext_gbps": cfg.pim_peak_external_gbps,
         "int_gbps": cfg.pim_peak_internal_gbps,
@@ -326,11 +331,16 @@ def plot_roofline(points: list[dict], cfg: SystemConfig, path: Path):
     for p in points:
         ax.scatter(p["intensity"], p["gflops"], marker=marks[p["op"]], color=cols.get(p["policy"], "gray"),
                    facecolors="none" if p["phase"] == "gen" else None, s=40)
+        if p.get("bound_gflops", 0) > 0:        # the operation's lower bound (sim.bounds), joined to the point
+            c = cols.get(p["policy"], "gray")
+            ax.plot([p["intensity"]] * 2, [p["gflops"], p["bound_gflops"]], ":", color=c, lw=0.8)
+            ax.scatter(p["intensity"], p["bound_gflops"], marker="_", color=c, s=80)
     for op, mk in marks.items():
         ax.scatter([], [], marker=mk, color="gray", label=op)
     for pol, c in cols.items():
         ax.scatter([], [], marker="o", color=c, label=pol)
     ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="generation (hollow)")
+    ax.scatter([], [], marker="_", color="gray", s=80, label="lower bound (sim.bounds)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / DRAM byte)")
@@ -343,22 +353,24 @@ def plot_roofline(points: list[dict], cfg: SystemConfig, path: Path):
 
 
 def roofline_points(p: Projection, n_out: int) -> list[dict]:
+    """Achieved GFLOP/s per operation (summarization; the middle generation step) and the GFLOP/s its
+    lower bound (:mod:`sim.bounds`) would give, at its compulsory arithmetic intensity."""
     out = []
     s = 1e-6 / p.mhz
-    pre = p.prefill.breakdown
-    for op, (fl, by) in op_work(p.shape, p.n_in, p.n_in).items():
-        t = pre.get(op, 0) * s
-        if t > 0:
-            out.append({"model": p.model, "policy": p.policy, "phase": "prefill", "op": op,
-                        "intensity": fl / by, "gflops": fl / t / 1e9})
+    r = rates(p.cfg)
+    phases = [("prefill", p.prefill.breakdown, p.n_in, p.n_in)]
     if n_out > 1:
         t_mid = max(1, (n_out - 1) // 2)
-        g = p.gen_at(t_mid).breakdown
-        for op, (fl, by) in op_work(p.shape, 1, p.n_in + t_mid).items():
-            t = g.get(op, 0) * s
+        phases.append(("gen", p.gen_at(t_mid).breakdown, 1, p.n_in + t_mid))
+    for phase, brk, tokens, ctx in phases:
+        bnd = op_bounds(p.cfg, p.shape, p.policy, p.n_in, phase, tokens, ctx - tokens, r)
+        for op, (fl, by) in op_work(p.shape, tokens, ctx).items():
+            t = brk.get(op, 0) * s
             if t > 0:
-                out.append({"model": p.model, "policy": p.policy, "phase": "gen", "op": op,
-                            "intensity": fl / by, "gflops": fl / t / 1e9})
+                tb = bnd[op][0].cycles * s
+                out.append({"model": p.model, "policy": p.policy, "phase": phase, "op": op,
+                            "intensity": fl / by, "gflops": fl / t / 1e9,
+                            "bound_gflops": fl / tb / 1e9 if tb > 0 else float("nan"), "ratio": t / tb if tb else None})
     return out
 
 
@@ -370,7 +382,7 @@ def main_project(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     out = Path(args.out)
     cfg = preset("ianus")
     models = [m for m in args.models.split(",") if m]
@@ -437,6 +449,19 @@ def main_project(args) -> int:
                        f"{b['total_ms'] / s['total_ms']:.2f}x", f"{b['total_J'] / s['total_J']:.2f}x")
         console.print(st)
 
+    if getattr(args, "bounds", False):
+        from sim import bounds as bnd
+        brows = [r for p in projections.values() for r in bnd.projection_rows(p, max(outputs))]
+        for t in bnd.projection_tables(brows):
+            console.print(t)
+        write_csv(out / "bounds.csv", brows)
+        d_ops, d_stages = bnd.default_bounds()
+        for t in bnd.default_tables(d_ops, d_stages):
+            console.print(t)
+        write_csv(out / "bounds_default.csv", d_ops)
+        write_csv(out / "bounds_default_stages.csv", d_stages)
+        console.print(f"wrote {out}/bounds.csv, bounds_default.csv, bounds_default_stages.csv")
+
     scaling = []
     if args.devices:
         devs = [int(x) for x in args.devices.split(",") if x]
@@ -502,6 +527,9 @@ def add_parser(sub):
     p.add_argument("--scaling-input", type=int, default=128)
     p.add_argument("--scaling-output", type=int, default=64)
     p.add_argument("--out", default="build/project")
+    p.add_argument("--bounds", action="store_true",
+                   help="per operation: the physical lower bound (sim.bounds) and achieved / bound, also for the "
+                        "RTL's default layer; writes bounds.csv, bounds_default.csv, bounds_default_stages.csv")
     return p
 
 
