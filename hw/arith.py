@@ -21,7 +21,9 @@ the surrounding control carries a valid bit alongside.
 """
 
 
-from amaranth.hdl import Cat, Const, DomainRenamer, Module, Mux, Signal
+from pathlib import Path
+
+from amaranth.hdl import Cat, Const, DomainRenamer, Instance, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -29,6 +31,9 @@ from .clockgate import gated_domain
 
 __all__ = [
     "QNAN",
+    "FP_IMPLS",
+    "FP_DPI_SOURCES",
+    "check_fp_impl",
     "bf16_mul",
     "fp32_add_align",
     "fp32_add_round",
@@ -43,17 +48,51 @@ __all__ = [
 
 QNAN = 0x7FC00000
 
+# How the FP adder and multiplier cells are built (see :func:`check_fp_impl`).
+FP_IMPLS = ("rtl", "dpi")
+_VERILOG = Path(__file__).resolve().parent / "verilog"
+#: Sources a Verilator build needs when any block was built with ``fp_impl="dpi"``.
+FP_DPI_SOURCES = (_VERILOG / "fp_dpi.v", _VERILOG / "fp_dpi.cpp")
+
+
+def check_fp_impl(fp_impl) -> str:
+    """Validate ``fp_impl``: ``"rtl"`` (gates, the default, synthesisable) or ``"dpi"``.
+
+    ``"dpi"`` replaces the combinational logic of every FP32 adder and BF16
+    multiplier cell by a call into ``hw/verilog/fp_dpi.cpp`` (the host's IEEE
+    arithmetic with the same flush-to-zero and NaN rules), for long Verilator
+    runs: every pipeline register stays where it is, so latencies, cycle
+    counts and results are the same bit for bit (tests/test_arith.py and the
+    SoC tests hold them equal). Verilator only (Icarus has no DPI-C), never
+    for synthesis. Why: the bit-level adders of the 256 processing elements
+    and 32 PIM units were about 60 % of the SoC simulation's time.
+    """
+    if fp_impl not in FP_IMPLS:
+        raise ValueError(f"FP implementation must be one of {', '.join(FP_IMPLS)}, not {fp_impl!r}")
+    return fp_impl
+
+
+def _dpi_cell(m: Module, cell: str, a, b, width: int, prefix: str):
+    y = Signal(width, name=f"{prefix}_dpi")
+    m.submodules[f"{prefix}_dpi"] = Instance(cell, i_a=a, i_b=b, o_y=y)
+    return y
+
 
 def _check_int(name, value, minimum):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer of at least {minimum}, not {value!r}")
 
 
-def bf16_mul(m: Module, dom, a, b, prefix="mul"):
+def bf16_mul(m: Module, dom, a, b, prefix="mul", fp_impl="rtl"):
     """Build a BF16 x BF16 -> FP32 multiplier; the result is assigned in domain ``dom``.
 
     Returns the 32-bit result signal (registered when ``dom`` is a sync domain).
+    ``fp_impl="dpi"``: a behavioural cell instead of gates (:func:`check_fp_impl`).
     """
+    if check_fp_impl(fp_impl) == "dpi":
+        result = Signal(32, name=f"{prefix}_p")
+        dom += result.eq(_dpi_cell(m, "ianus_bf16_mul_dpi", a, b, 32, prefix))
+        return result
     ea, eb = a[7:15], b[7:15]
     fa, fb = a[0:7], b[0:7]
     sign = a[15] ^ b[15]
@@ -83,12 +122,18 @@ def bf16_mul(m: Module, dom, a, b, prefix="mul"):
     return result
 
 
-def fp32_add_align(m: Module, dom, a, b, prefix="add"):
+def fp32_add_align(m: Module, dom, a, b, prefix="add", fp_impl="rtl"):
     """First half of the FP32 adder: special cases, swap, align, add/subtract.
 
     Assigns its outputs in ``dom`` (a pipeline register when it is a sync
-    domain) and returns them as a dict for :func:`fp32_add_round`.
+    domain) and returns them as a dict for :func:`fp32_add_round`. With
+    ``fp_impl="dpi"`` the whole sum is computed here by a behavioural cell and
+    carried through the same register (:func:`check_fp_impl`).
     """
+    if check_fp_impl(fp_impl) == "dpi":
+        total = Signal(32, name=f"{prefix}_dpi_sum")
+        dom += total.eq(_dpi_cell(m, "ianus_fp32_add_dpi", a, b, 32, prefix))
+        return dict(dpi_sum=total)
     def unpack(x):
         e, f, s = x[23:31], x[0:23], x[31]
         zero = e == 0
@@ -160,6 +205,10 @@ def leading_zeros(bits):
 
 def fp32_add_round(m: Module, dom, st: dict, prefix="add"):
     """Second half of the FP32 adder: normalise, round to nearest even, pack."""
+    if "dpi_sum" in st:                  # fp_impl="dpi": the sum is complete, keep the register
+        result = Signal(32, name=f"{prefix}_s")
+        dom += result.eq(st["dpi_sum"])
+        return result
     total, exp = st["total"], st["exp"]
     # Leading-zero count of the low 27 bits (bit 26 is the hidden-one position),
     # padded at the bottom to 32 bits for a log-depth count. An all-zero sum is
@@ -226,9 +275,13 @@ class BF16Multiplier(wiring.Component):
     b: In(16)
     p: Out(32)
 
+    def __init__(self, fp_impl: str = "rtl"):
+        self._fp_impl = check_fp_impl(fp_impl)
+        super().__init__()
+
     def elaborate(self, platform):
         m = Module()
-        m.d.comb += self.p.eq(bf16_mul(m, m.d.sync, self.a, self.b))
+        m.d.comb += self.p.eq(bf16_mul(m, m.d.sync, self.a, self.b, fp_impl=self._fp_impl))
         return m
 
 
@@ -246,10 +299,11 @@ class FP32Adder(wiring.Component):
     b: In(32)
     s: Out(32)
 
-    def __init__(self, stages: int = 2):
+    def __init__(self, stages: int = 2, fp_impl: str = "rtl"):
         if stages not in (0, 1, 2):
             raise ValueError(f"FP32Adder stages must be 0, 1 or 2, not {stages!r}")
         self._stages = stages
+        self._fp_impl = check_fp_impl(fp_impl)
         super().__init__()
 
     @property
@@ -258,7 +312,8 @@ class FP32Adder(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        st = fp32_add_align(m, m.d.sync if self._stages == 2 else m.d.comb, self.a, self.b)
+        st = fp32_add_align(m, m.d.sync if self._stages == 2 else m.d.comb, self.a, self.b,
+                            fp_impl=self._fp_impl)
         m.d.comb += self.s.eq(fp32_add_round(m, m.d.sync if self._stages >= 1 else m.d.comb, st))
         return m
 
@@ -277,11 +332,12 @@ class AdderTree(wiring.Component):
     o : Out(32)
     """
 
-    def __init__(self, n: int, stages_per_level: int = 2):
+    def __init__(self, n: int, stages_per_level: int = 2, fp_impl: str = "rtl"):
         if not isinstance(n, int) or n < 2 or n & (n - 1):
             raise ValueError(f"Adder tree width must be a power of two of at least 2, not {n!r}")
         self._n = n
         self._stages = stages_per_level
+        self._fp_impl = check_fp_impl(fp_impl)
         super().__init__({"i": In(data.ArrayLayout(32, n)), "o": Out(32)})
 
     @property
@@ -299,7 +355,7 @@ class AdderTree(wiring.Component):
         while len(level) > 1:
             nxt = []
             for k in range(0, len(level), 2):
-                add = FP32Adder(self._stages)
+                add = FP32Adder(self._stages, fp_impl=self._fp_impl)
                 m.submodules[f"l{depth}_{k // 2}"] = add
                 m.d.comb += [add.a.eq(level[k]), add.b.eq(level[k + 1])]
                 nxt.append(add.s)
@@ -340,11 +396,12 @@ class MacUnit(wiring.Component):
     (tests/test_arith.py runs both). Off by default: see :mod:`hw.clockgate`.
     """
 
-    def __init__(self, lanes: int = 16, clock_gate: bool = False):
+    def __init__(self, lanes: int = 16, clock_gate: bool = False, fp_impl: str = "rtl"):
         if not isinstance(lanes, int) or lanes < 2 or lanes & (lanes - 1):
             raise ValueError(f"MAC lanes must be a power of two of at least 2, not {lanes!r}")
         self._lanes = lanes
         self._clock_gate = bool(clock_gate)
+        self._fp_impl = check_fp_impl(fp_impl)
         super().__init__({
             "valid": In(1),
             "w": In(data.ArrayLayout(16, lanes)),
@@ -370,10 +427,10 @@ class MacUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         dp = "mac" if self._clock_gate else "sync"
-        tree = AdderTree(self._lanes)
+        tree = AdderTree(self._lanes, fp_impl=self._fp_impl)
         m.submodules.tree = DomainRenamer(dp)(tree) if dp != "sync" else tree
         for k in range(self._lanes):
-            p = bf16_mul(m, m.d[dp], self.w[k], self.x[k], prefix=f"mul{k}")
+            p = bf16_mul(m, m.d[dp], self.w[k], self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl)
             m.d.comb += tree.i[k].eq(p)
         # valid travels alongside the multiplier and the tree (ungated).
         valid = self.valid
@@ -388,7 +445,7 @@ class MacUnit(wiring.Component):
             gated_domain(m, "mac", Cat(*in_flight).any())
 
         acc = Signal(32, name="acc_reg")
-        st = fp32_add_align(m, m.d.comb, acc, tree.o, prefix="acc")
+        st = fp32_add_align(m, m.d.comb, acc, tree.o, prefix="acc", fp_impl=self._fp_impl)
         total = fp32_add_round(m, m.d.comb, st, prefix="acc")
         with m.If(self.acc_load):
             m.d.sync += acc.eq(self.acc_value)
@@ -415,9 +472,10 @@ class ArithArray(wiring.Component):
     mul_latency = BF16Multiplier.latency
     add_latency = 2
 
-    def __init__(self, k: int = 32):
+    def __init__(self, k: int = 32, fp_impl: str = "rtl"):
         _check_int("ArithArray k", k, 1)
         self._k = k
+        self._fp_impl = check_fp_impl(fp_impl)
         super().__init__({
             "ma": In(data.ArrayLayout(16, k)), "mb": In(data.ArrayLayout(16, k)),
             "aa": In(data.ArrayLayout(32, k)), "ab": In(data.ArrayLayout(32, k)),
@@ -431,8 +489,8 @@ class ArithArray(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         for j in range(self._k):
-            mul = m.submodules[f"mul{j}"] = BF16Multiplier()
-            add = m.submodules[f"add{j}"] = FP32Adder(2)
+            mul = m.submodules[f"mul{j}"] = BF16Multiplier(fp_impl=self._fp_impl)
+            add = m.submodules[f"add{j}"] = FP32Adder(2, fp_impl=self._fp_impl)
             m.d.comb += [
                 mul.a.eq(self.ma[j]), mul.b.eq(self.mb[j]), self.mp[j].eq(mul.p),
                 add.a.eq(self.aa[j]), add.b.eq(self.ab[j]), self.sum[j].eq(add.s),

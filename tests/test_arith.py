@@ -9,7 +9,7 @@ from amaranth.hdl import Module
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import AdderTree, ArithArray, FP32Adder, MacUnit
+from hw.arith import FP_DPI_SOURCES, AdderTree, ArithArray, FP32Adder, MacUnit
 from sim.build import build
 from sim.golden import fp as G
 from sim.golden.operands import SPECIAL_BF16, SPECIAL_F32, bf16_pairs, fp32_pairs
@@ -109,6 +109,7 @@ def test_golden_dot_vs_float64():
     (lambda: AdderTree(12), "power of two"),
     (lambda: MacUnit(1), "power of two of at least 2"),
     (lambda: ArithArray(0), "at least 1"),
+    (lambda: MacUnit(16, fp_impl="fast"), "FP implementation must be one of rtl, dpi, not 'fast'"),
 ])
 def test_bad_parameters(ctor, msg):
     with pytest.raises(ValueError, match=msg):
@@ -154,12 +155,16 @@ def test_arith_amaranth_sim():
 ARRAY_K = 32
 
 
-def arith_build(sim):
-    return build(lambda: ArithArray(ARRAY_K), name="arith_array", key=f"k={ARRAY_K}", sim=sim)
+def arith_build(sim, fp_impl="rtl"):
+    extra = FP_DPI_SOURCES if fp_impl == "dpi" else ()
+    return build(lambda: ArithArray(ARRAY_K, fp_impl=fp_impl), name="arith_array", key=f"k={ARRAY_K} {fp_impl}",
+                 sim=sim, extra_sources=extra)
 
 
-def mac_build(sim, lanes=16):
-    return build(lambda: MacUnit(lanes), name="mac_unit", key=f"lanes={lanes}", sim=sim)
+def mac_build(sim, lanes=16, fp_impl="rtl"):
+    extra = FP_DPI_SOURCES if fp_impl == "dpi" else ()
+    return build(lambda: MacUnit(lanes, fp_impl=fp_impl), name="mac_unit", key=f"lanes={lanes} {fp_impl}", sim=sim,
+                 extra_sources=extra)
 
 
 class GatedMac(wiring.Component):
@@ -188,6 +193,19 @@ def test_arith_rtl_verilator_1m():
     """10^6 multiply and 10^6 add operand sets, bit-exact (all special pairs included)."""
     arith_build("verilator").run("sim.tb.arith_tb", "arith_array_random",
                                  env={"N_SETS": 1_000_000, "SEED": 1})
+
+
+def test_arith_dpi_cells_verilator_1m():
+    """The behavioural FP cells (fp_impl="dpi", the SoC's long-run build) on the same 10^6 operand sets as
+    the gates: bit-exact with the golden model, hence with the gates."""
+    arith_build("verilator", "dpi").run("sim.tb.arith_tb", "arith_array_random",
+                                        env={"N_SETS": 1_000_000, "SEED": 1})
+
+
+def test_mac_unit_dpi_cells_verilator():
+    mac_build("verilator", fp_impl="dpi").run("sim.tb.arith_tb", "mac_unit_random",
+                                             env={"N_DOTS": 300, "MAX_COLS": 64,
+                                                  "MAC_LATENCY": MacUnit.latency_for(16)})
 
 
 def test_mac_unit_rtl_verilator():

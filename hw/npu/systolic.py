@@ -73,7 +73,7 @@ from amaranth.hdl import Cat, ClockSignal, Const, DomainRenamer, Instance, Modul
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..arith import bf16_mul, fp32_add_align, fp32_add_round
+from ..arith import bf16_mul, check_fp_impl, fp32_add_align, fp32_add_round
 from ..clockgate import gated_domain
 
 __all__ = ["PE_MODULE", "ProcessingElement", "SystolicArray"]
@@ -117,6 +117,10 @@ class ProcessingElement(wiring.Component):
     ps_in: In(32)
     ps_out: Out(32)
 
+    def __init__(self, fp_impl: str = "rtl"):
+        self._fp_impl = check_fp_impl(fp_impl)
+        super().__init__()
+
     def elaborate(self, platform):
         m = Module()
         w_act = Signal(16)
@@ -132,10 +136,10 @@ class ProcessingElement(wiring.Component):
         with m.If(self.w_we):
             m.d.sync += [w_sh.eq(self.w_in), en_sh.eq(self.w_en_in)]
 
-        prod = bf16_mul(m, m.d.sync, self.a_in, w_use, prefix="pe")
+        prod = bf16_mul(m, m.d.sync, self.a_in, w_use, prefix="pe", fp_impl=self._fp_impl)
         en_p = Signal()
         m.d.sync += en_p.eq(en_use)
-        st = fp32_add_align(m, m.d.comb, self.ps_in, prod, prefix="pe_add")
+        st = fp32_add_align(m, m.d.comb, self.ps_in, prod, prefix="pe_add", fp_impl=self._fp_impl)
         total = fp32_add_round(m, m.d.comb, st, prefix="pe_add")
         m.d.sync += self.ps_out.eq(Mux(en_p, total, self.ps_in))
         return m

@@ -34,7 +34,7 @@ from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..arith import MacUnit, bf16_mul, fp32_add_align, fp32_add_round, fp32_to_bf16
+from ..arith import MacUnit, bf16_mul, check_fp_impl, fp32_add_align, fp32_add_round, fp32_to_bf16
 from ..config import SystemConfig
 
 __all__ = ["PimBank", "AF_DEPTH", "check_pu_timing", "mac_depth", "countdown", "af_segment_index"]
@@ -136,13 +136,16 @@ class PimBank(wiring.Component):
         Storage read data, one cycle after ``do_rd``.
     acc, af_out : Out(32)
         Accumulator and activation-function result.
+
+    ``fp_impl``: ``"rtl"`` or ``"dpi"`` FP cells in the processing unit (:func:`hw.arith.check_fp_impl`).
     """
 
-    def __init__(self, cfg: SystemConfig):
+    def __init__(self, cfg: SystemConfig, fp_impl: str = "rtl"):
         if not isinstance(cfg, SystemConfig):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
         p = cfg.pim
         self.cfg = cfg
+        self._fp_impl = check_fp_impl(fp_impl)
         check_pu_timing(cfg)
         super().__init__({
             "chan_id": In(8), "bank_id": In(8), "bd_load": In(1),
@@ -197,7 +200,7 @@ class PimBank(wiring.Component):
         )
 
         # MAC ------------------------------------------------------------
-        m.submodules.mac = mac = MacUnit(p.lanes, clock_gate=True)
+        m.submodules.mac = mac = MacUnit(p.lanes, clock_gate=True, fp_impl=self._fp_impl)
         mac_v = Signal()
         m.d.sync += mac_v.eq(self.do_mac)
         m.d.comb += [
@@ -226,10 +229,10 @@ class PimBank(wiring.Component):
                 for k in range(pairs_per_col):
                     with m.Case(k):
                         m.d.comb += [slope.eq(words[2 * k]), icpt.eq(words[2 * k + 1])]
-            prod = bf16_mul(m, m.d.sync, x_bf16, slope[16:32], prefix="af_mul")
+            prod = bf16_mul(m, m.d.sync, x_bf16, slope[16:32], prefix="af_mul", fp_impl=self._fp_impl)
             icpt_d = Signal(32)
             m.d.sync += icpt_d.eq(icpt)
-            st = fp32_add_align(m, m.d.sync, prod, icpt_d, prefix="af_add")
+            st = fp32_add_align(m, m.d.sync, prod, icpt_d, prefix="af_add", fp_impl=self._fp_impl)
             y = fp32_add_round(m, m.d.comb, st, prefix="af_add")
             with m.If(v3):
                 m.d.sync += self.af_out.eq(y)

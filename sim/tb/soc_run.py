@@ -64,18 +64,33 @@ class SocSim(wiring.Component):
         return m
 
 
-def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None):
+def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_impl: str | None = None):
+    """Build :class:`SocSim` for ``cfg`` on ``sim`` (cached).
+
+    ``fp_impl``: the FP cells of the processing elements and the PIM processing units
+    (:func:`hw.arith.check_fp_impl`). Default: ``"dpi"`` on Verilator (the fast behavioural cells,
+    bit-exact with the gates), ``"rtl"`` on Icarus (no DPI-C there); ``SOC_FP_IMPL`` in the
+    environment overrides the default.
+    """
+    from hw.arith import FP_DPI_SOURCES, check_fp_impl
     from hw.npu.memmodel import CLOCK_VERILOG
     from hw.npu.systolic import PE_MODULE, ProcessingElement
     from hw.npu.vector import LANE_MODULE, VectorLane
     from hw.pim import device_factory, device_sources
     from sim.build import build, verilog_for
 
-    pe_v = verilog_for(lambda: ProcessingElement(), name=PE_MODULE, key="pe")
+    if fp_impl is None:
+        fp_impl = os.environ.get("SOC_FP_IMPL") or ("dpi" if sim == "verilator" else "rtl")
+    check_fp_impl(fp_impl)
+    if fp_impl == "dpi" and sim != "verilator":
+        raise ValueError(f"fp_impl='dpi' needs Verilator (DPI-C), not {sim!r}")
+    pe_v = verilog_for(lambda: ProcessingElement(fp_impl=fp_impl), name=PE_MODULE, key=f"pe fp={fp_impl}")
     lane_v = verilog_for(lambda: VectorLane(), name=LANE_MODULE, key="lane")
+    dev_v = [v for v in device_sources(cfg, fp_impl) if v not in FP_DPI_SOURCES]
+    fp_v = FP_DPI_SOURCES if fp_impl == "dpi" else ()
     args = ("--timing", "--timescale", "1ns/1ps") if sim == "verilator" else ()
     return build(lambda: SocSim(cfg, device_factory(cfg)), name=f"soc_sim_{cfg.name}", key=repr(cfg) + " socsim",
-                 sim=sim, waves=waves, extra_sources=(*device_sources(cfg), CLOCK_VERILOG, pe_v, lane_v),
+                 sim=sim, waves=waves, extra_sources=(*dev_v, CLOCK_VERILOG, pe_v, lane_v, *fp_v),
                  build_args=args, no_inline=("pim_bank_*", PE_MODULE, LANE_MODULE))
 
 
