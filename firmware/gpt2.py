@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["GptShape", "SHAPES", "LayerWeights", "load_weights", "random_weights", "reference_block",
-           "WeightsError"]
+           "WeightsError", "FLOAT_DTYPES", "check_float_dtype", "first_nonfinite"]
 
 PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
           "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
@@ -89,34 +89,68 @@ class LayerWeights:
         return cls(*(np.asarray(p[n], dtype=np.float32) for n in PARAMS))
 
 
-def _to_f32(arr) -> np.ndarray:
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""Tensor types accepted for weights (and for ``ianus run --input``); anything else is rejected, not cast."""
+
+
+def check_float_dtype(a: np.ndarray, what: str, error=None) -> None:
+    """Raise ``error`` (default :class:`WeightsError`) unless ``a`` holds one of :data:`FLOAT_DTYPES`."""
+    if str(a.dtype) not in FLOAT_DTYPES:
+        raise (error or WeightsError)(f"{what} has dtype {a.dtype}; expected one of {', '.join(FLOAT_DTYPES)} "
+                                      f"(integer, bool and complex values are not converted)")
+
+
+def first_nonfinite(a: np.ndarray) -> tuple[int, tuple] | None:
+    """``(count, index of the first)`` of the NaN / Inf values of ``a``, or None when all are finite."""
+    bad = ~np.isfinite(np.asarray(a, dtype=np.float32))
+    if not bad.any():
+        return None
+    return int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def _to_f32(arr, what: str) -> np.ndarray:
     a = np.asarray(arr)
-    if a.dtype.kind == "V" or str(a.dtype) == "bfloat16":
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2:     # bfloat16 stored as raw 2-byte records (.npz)
         import ml_dtypes
-        a = a.view(ml_dtypes.bfloat16) if a.dtype.kind == "V" else a
+        a = a.view(ml_dtypes.bfloat16)
+    check_float_dtype(a, what)
     return a.astype(np.float32)
 
 
 def _read_tensors(path: Path) -> dict:
     if not path.exists():
         raise WeightsError(f"weights file {path} does not exist")
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            return {k: _to_f32(z[k]) for k in z.files}
-    if path.suffix == ".safetensors":
+    if path.is_dir():
+        raise WeightsError(f"weights file {path} is a directory")
+    if path.suffix not in (".npz", ".safetensors"):
+        raise WeightsError(f"weights file {path} must be .safetensors or .npz, not {path.suffix!r}")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: _to_f32(z[k], f"{path}: tensor {k}") for k in z.files}
         from safetensors.numpy import load_file
         try:
-            return {k: _to_f32(v) for k, v in load_file(str(path)).items()}
+            return {k: _to_f32(v, f"{path}: tensor {k}") for k, v in load_file(str(path)).items()}
         except TypeError:       # bfloat16 needs ml_dtypes-aware loading
             import ml_dtypes  # noqa: F401
             from safetensors import safe_open
             with safe_open(str(path), "np") as f:
-                return {k: _to_f32(f.get_tensor(k)) for k in f.keys()}
-    raise WeightsError(f"weights file {path} must be .safetensors or .npz, not {path.suffix!r}")
+                return {k: _to_f32(f.get_tensor(k), f"{path}: tensor {k}") for k in f.keys()}
+    except WeightsError:
+        raise
+    except Exception as e:      # numpy, zipfile and safetensors each raise their own types for a bad file
+        kind = "an .npz archive" if path.suffix == ".npz" else "a safetensors file"
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise WeightsError(f"weights file {path} is not {kind} ({detail})") from None
 
 
-def load_weights(path, heads: int | None = None, layers: int | None = None) -> tuple[GptShape, list[LayerWeights]]:
-    """Layers ``0..layers-1`` of a GPT-2 checkpoint; ``heads`` defaults to ``d_model / 64``."""
+def load_weights(path, heads: int | None = None, layers: int | None = None,
+                 allow_nonfinite: bool = False) -> tuple[GptShape, list[LayerWeights]]:
+    """Layers ``0..layers-1`` of a GPT-2 checkpoint; ``heads`` defaults to ``d_model / 64``.
+
+    Raises :class:`WeightsError` (naming the file and the tensor) for a file that cannot be read, a
+    tensor that is not floating point (:data:`FLOAT_DTYPES`), a missing tensor or a wrong shape, and,
+    unless ``allow_nonfinite``, a NaN or infinite value in a tensor of the loaded layers."""
     tensors = _read_tensors(Path(path))
     per_layer: dict[int, dict] = {}
     pat = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)$")
@@ -135,10 +169,19 @@ def load_weights(path, heads: int | None = None, layers: int | None = None) -> t
         raise WeightsError(f"{path}: layer 0 has no ln_1.weight")
     if heads is None:
         if d % 64:
-            raise WeightsError(f"d_model {d} is not a multiple of 64: give the head count")
+            raise WeightsError(f"{path}: d_model {d} is not a multiple of 64: give the head count (--heads)")
         heads = d // 64
+    if n < 1:
+        raise WeightsError(f"layers must be at least 1, not {n}")
     shape = GptShape(d, heads, n)
     out = [LayerWeights.from_params(per_layer.get(i, {}), d, f"{path} layer {i}") for i in range(n)]
+    if not allow_nonfinite:
+        for i in range(n):
+            for name in PARAMS:
+                bad = first_nonfinite(per_layer[i][name])
+                if bad:
+                    raise WeightsError(f"{path}: tensor h.{i}.{name} has {bad[0]:,} NaN/Inf value(s), the first at "
+                                       f"{list(bad[1])} (--allow-nonfinite lets them through)")
     return shape, out
 
 

@@ -1,13 +1,18 @@
 """The ``ianus`` command line.
 
 ``ianus run``      GPT-2 decoder layers on the SoC: prefill + generation, policies ianus / npu-mem / naive
-``ianus demo``     the main job on the embedded default configuration (``make demo``): a GPT-2-small
-                   layer's generation-step FCs through driver, AXI, PCU, controllers and PIM device RTL
+``ianus demo``     the FPGA-prototype demo (``make demo-proto``): a GPT-2-small layer's generation-step
+                   FCs through driver, AXI, PCU, controllers and PIM device RTL (``make demo`` is ``ianus run``)
 ``ianus gemv``     PIM GEMVs of chosen shapes on the PIM device RTL alone, against the lower bound
 ``ianus project``  paper-scale projection (ianus preset) from the RTL-calibrated performance model
 ``ianus config``   print a configuration and its derived figures
-``ianus synth``    FPGA synthesis (same as ``make synth``)
-``ianus bench``    benchmarks as JSON lines (same as ``make bench``)
+``ianus generate`` text from the trained Shakespeare model, decoder layers on the SoC (functional model / RTL)
+``ianus synth``    FPGA synthesis (same as ``make synth``; its options pass through: ``ianus synth --help``)
+``ianus bench``    benchmarks as JSON lines (same as ``make bench``; ``--quick``, ``--only NAME``)
+
+Errors: bad input gives one line naming the value and the limit and exit status 2 (usage: anything
+rejected before a build or simulation starts); a failure during a run exits with 1; ``--debug`` shows
+the traceback. README "Errors and limits".
 """
 
 from __future__ import annotations
@@ -143,6 +148,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def parse_shapes(text: str, config: str) -> list[tuple[int, int, bool]]:
+    """``--shapes``: ``KxN`` / ``KxNg`` entries, each a GEMV that fits the configuration's PIM rows."""
+    from firmware.pim import GemvLayout
+    from hw.config import preset
+    from sim.usage import UsageError
+
+    cfg = preset(config)
+    out = []
+    for item in (s.strip() for s in str(text).split(",")):
+        k, sep, n = item.lower().partition("x")
+        act = n.endswith("g")
+        n = n[:-1] if act else n
+        if not (sep and k.isdigit() and n.isdigit()) or int(k) < 1 or int(n) < 1:
+            raise UsageError(f"--shapes: {item!r} is not KxN or KxNg with positive integers K and N "
+                             f"(e.g. 768x3072g)")
+        K, N = int(k), int(n)
+        try:
+            GemvLayout(cfg, K, N, base_row=0)
+        except ValueError as e:
+            raise UsageError(f"--shapes {item}: does not fit configuration {config!r}: {e}") from None
+        out.append((K, N, act))
+    return out
+
+
 def cmd_gemv_table(args) -> int:
     from rich.table import Table
 
@@ -156,8 +185,7 @@ def cmd_gemv_table(args) -> int:
               f"commands placed at their earliest legal cycle by the test sequencer, simulated with {args.sim}, "
               f"protocol checker on every channel.")
     t0 = time.perf_counter()
-    spec = [s_.strip() for s_ in args.shapes.split(",")]
-    shapes = [(int(x.split("x")[0]), int(x.split("x")[1].rstrip("g")), x.endswith("g")) for x in spec]
+    shapes = parse_shapes(args.shapes, args.config)
     names = {(k, n, act): name for name, k, n, act in GPT2_SMALL_FC}
     res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
     table = Table(title="PIM GEMV, bit-exact against the golden model")
@@ -189,10 +217,9 @@ def cmd_gemv_table(args) -> int:
 
 
 def cmd_gemv(args) -> int:
+    shapes = parse_shapes(args.shapes, args.config)        # before the build: bad shapes fail at once
     if not args.json:
         return cmd_gemv_table(args)
-    shapes = [(int(s.split("x")[0]), int(s.split("x")[1].rstrip("g")), s.endswith("g"))
-              for s in args.shapes.split(",")]
     res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
     print(json.dumps(res, indent=2))
     return 0
@@ -201,7 +228,16 @@ def cmd_gemv(args) -> int:
 def cmd_config(args) -> int:
     from hw.config import preset
 
-    print(json.dumps(preset(args.config).summary(), indent=2))
+    if args.config == "ianus":
+        summary = preset(args.config).summary()
+    else:       # what `ianus run` simulates (sim.run.soc_config: the tiny SoC has more rows than the preset)
+        from sim.run import soc_config
+
+        summary = soc_config(args.config).summary()
+        if soc_config(args.config) != preset(args.config):
+            summary["note"] = (f"the SoC configuration of `ianus run`; the {args.config!r} preset of the PIM "
+                               f"unit tests has {preset(args.config).pim.rows} rows per bank")
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -217,11 +253,123 @@ def cmd_bench(args) -> int:
     return bench.main(args.rest)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's default in its help (as ArgumentDefaultsHelpFormatter, but also
+    for options without help text, and not for flags or unset options, whose help says what they do)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and not any(default is v for v in (None, False, argparse.SUPPRESS))
+                and action.nargs != 0 and "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Usage(Exception):
+    """An argparse error, raised instead of printing usage and exiting (main prints one line)."""
+
+    def __init__(self, prog, message):
+        super().__init__(message)
+        self.prog = prog
+
+
+class IanusParser(argparse.ArgumentParser):
+    """``ianus``'s parsers: defaults shown in ``--help``; an error is one line (main prints it, exit 2);
+    every subcommand takes ``--debug`` too."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*a, **kw)
+        if self.prog != "ianus":
+            self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                              help="show the Python traceback of an error")
+
+    def add_argument(self, *args, **kw):
+        # argparse prints no help line at all (so no default) for an option without help text
+        if kw.get("help") is None and args and args[0].startswith("-") and not any(
+                kw.get("default") is v for v in (None, False, argparse.SUPPRESS)):
+            kw["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kw)
+
+    def error(self, message):
+        raise _Usage(self.prog, message)
+
+
+# Exceptions that mean "the input was rejected before anything ran" (exit 2); any other is a run failure.
+def _usage_errors() -> tuple:
+    from firmware.asm import AsmError
+    from firmware.compiler import CompileError
+    from firmware.gpt2 import WeightsError
+    from firmware.isa import IsaError
+    from hw.config import ConfigError
+    from sim.usage import UsageError
+
+    return (UsageError, WeightsError, CompileError, ConfigError, AsmError, IsaError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, _usage_errors()) else f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _stdout_gone():
+    """stdout's reader went away (``ianus config | head``): drop further output quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141          # 128 + SIGPIPE, what a shell reports for a command its pipe's reader closed
+
+
+def _dispatch(parser, argv) -> int:
+    """Parse and run; errors become one line on stderr (exit 2 for usage errors, 1 for run failures,
+    130 on Ctrl-C), the traceback only with --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if getattr(args, "passthrough", False):
+            args.rest = extra + list(getattr(args, "rest", []))
+        elif extra:
+            raise _Usage(f"ianus {args.cmd}", f"unrecognized arguments: {' '.join(extra)}")
+    except _Usage as e:
+        print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
+        return 2
+    except SystemExit as e:         # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    name = f"ianus {args.cmd}"
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _stdout_gone()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        print(f"{name}: error: {e.code}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if debug:
+            raise
+        usage = isinstance(e, _usage_errors())
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
+        print(f"{name}: error: {_one_line(e)}" + ("" if usage else " (--debug shows the traceback)"),
+              file=sys.stderr)
+        return 2 if usage else 1
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ianus", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the main job on the default configuration")
+    parser = IanusParser(prog="ianus", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=IanusParser)
+    d = sub.add_parser("demo", help="the FPGA-prototype demo (make demo-proto; make demo is `ianus run`)")
     d.add_argument("--config", default="default", choices=["tiny", "default"])
     d.add_argument("--sim", default="verilator", choices=["verilator", "icarus"])
     d.add_argument("--waves", action="store_true", help="write an FST of the run")
@@ -241,18 +389,22 @@ def main(argv=None) -> int:
     c = sub.add_parser("config", help="print a configuration")
     c.add_argument("--config", default="default", choices=["tiny", "default", "ianus"])
     c.set_defaults(func=cmd_config)
-    s = sub.add_parser("synth", help="FPGA synthesis")
+    # synth and bench: every argument goes to python -m hw.synth / sim.bench (`ianus bench --quick`).
+    s = sub.add_parser("synth", help="FPGA synthesis (options of python -m hw.synth)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=cmd_synth)
-    b = sub.add_parser("bench", help="benchmarks")
+    s.set_defaults(func=cmd_synth, passthrough=True)
+    b = sub.add_parser("bench", help="benchmarks (options of python -m sim.bench: --quick, --only)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, passthrough=True)
     from sim import project as project_mod
 
     p = project_mod.add_parser(sub)
     p.set_defaults(func=project_mod.main_project)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from sim.lm import generate as generate_mod
+
+    gen = generate_mod.add_parser(sub)
+    gen.set_defaults(func=generate_mod.main_generate)
+    return _dispatch(parser, argv)
 
 
 if __name__ == "__main__":

@@ -378,9 +378,45 @@ def _fmt(v, nd=2):
     return f"{v:,.{nd}f}"
 
 
+MAX_SAMPLES = 4096
+
+
+def validate_args(args):
+    """Check ``ianus project``'s arguments before anything is simulated: names and numbers in range, every
+    (model, input + output tokens) within the device memory of the ``ianus`` preset, the output directory
+    writable. Raises :class:`sim.usage.UsageError` naming the option, the value and the limit."""
+    from firmware.compiler import CompileError
+    from sim.usage import UsageError, check_int, check_output_dir, parse_int_list, parse_names
+
+    models = parse_names("--models", args.models, SHAPES)
+    inputs = parse_int_list("--inputs", args.inputs, 1, 1 << 16)
+    outputs = parse_int_list("--outputs", args.outputs, 1, 1 << 16)
+    policies = parse_names("--policies", args.policies, POLICIES)
+    check_int("--samples", args.samples, 2, MAX_SAMPLES)
+    devices = parse_int_list("--devices", args.devices, 1, 1024, allow_empty=True)
+    check_int("--scaling-input", args.scaling_input, 1, 1 << 16)
+    check_int("--scaling-output", args.scaling_output, 1, 1 << 16)
+    check_output_dir("--out", args.out)
+    cfg = preset("ianus")
+    runs = [(m, SHAPES[m], max(inputs) + max(outputs)) for m in models]
+    if devices:
+        runs += [(m, shape, args.scaling_input + args.scaling_output) for m, (shape, _) in SCALING_MODELS.items()]
+    for m, shape, tokens in runs:
+        one = GptShape(shape.d_model, shape.heads, 1, shape.eps)
+        for pol in policies:
+            try:
+                plan_memory(cfg, one, tokens, pim_layout=(pol != "npu-mem"))
+            except CompileError as e:
+                raise UsageError(f"model {m} with {tokens:,} tokens (input + output) under policy {pol} does not "
+                                 f"fit one layer of the {cfg.name!r} device: {e}") from None
+    return args
+
+
 def main_project(args) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    validate_args(args)
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     out = Path(args.out)

@@ -17,11 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware.compiler import compile_model
-from firmware.gpt2 import GptShape, load_weights, random_weights, reference_block
+from firmware.compiler import CompileError, compile_model, plan_memory
+from firmware.gpt2 import (
+    GptShape,
+    check_float_dtype,
+    first_nonfinite,
+    load_weights,
+    random_weights,
+    reference_block,
+)
 from firmware.runtime import build_job, read_outputs, run_model
+from sim.usage import UsageError, check_input_path, check_int, check_output_path, write_atomic
 
-__all__ = ["soc_config", "prepare", "run_backend", "run_rtl_jobs", "main_run", "TINY_SHAPE", "DEFAULT_SHAPE"]
+__all__ = ["soc_config", "prepare", "run_backend", "run_rtl_jobs", "main_run", "TINY_SHAPE", "DEFAULT_SHAPE",
+           "validate_args", "load_input", "token_limit", "check_fits", "MAX_TOKENS", "MAX_LAYERS", "ERROR_BOUND"]
 
 TINY_SHAPE = GptShape(32, 2, 1)
 DEFAULT_SHAPE = GptShape(768, 12, 1)
@@ -46,22 +55,105 @@ def reference(x, weights, shape, prefill=None):
     return h
 
 
+MAX_TOKENS = (1 << 16) - 1
+"""Prefill + generated tokens: token positions are 16-bit fields of the vector instructions. The device
+memory allows far fewer (:func:`token_limit`)."""
+MAX_LAYERS = 1024
+"""A sanity bound on ``--layers``, checked before anything is allocated; the device memory allows far
+fewer (1 GPT-2-small layer on ``default``)."""
+ERROR_BOUND = {"npu-mem": 0.01, "ianus": 0.10, "naive": 0.10}
+"""The README's bound on max |err| vs float64 as a share of the block's largest change, per policy."""
+
+
+def token_limit(cfg, shape: GptShape, policy: str) -> int:
+    """The most tokens (prefill + generated) whose activations and KV cache fit the device memory
+    with these layers (0 when the layers' weights alone do not fit)."""
+    def fits(t):
+        try:
+            plan_memory(cfg, shape, t, pim_layout=(policy != "npu-mem"))
+            return True
+        except CompileError:
+            return False
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, MAX_TOKENS
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def check_fits(cfg, shape: GptShape, policy: str, total: int) -> None:
+    """Raise :class:`CompileError` naming the token limit when ``total`` tokens do not fit the device."""
+    try:
+        plan_memory(cfg, shape, total, pim_layout=(policy != "npu-mem"))
+    except CompileError:
+        limit = token_limit(cfg, shape, policy)
+        if limit:
+            raise CompileError(f"{total:,} tokens (prefill + generated) do not fit the device memory of configuration "
+                               f"{cfg.name!r}: at most {limit:,} with {shape.layers} layer(s) of d_model "
+                               f"{shape.d_model} under policy {policy}") from None
+        raise
+
+
+def load_input(path, d_model: int | None = None, allow_nonfinite: bool = False) -> np.ndarray:
+    """``--input``: hidden states ``[tokens, d_model]`` from a ``.npy`` file, as float32. Raises
+    :class:`UsageError` for a file that is not one floating-point array of that shape, and (unless
+    ``allow_nonfinite``) for NaN / Inf values (also values that overflow float32)."""
+    check_input_path("--input", path)
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UsageError(f"--input {path} is not a .npy array ({' '.join(str(e).split())})") from None
+    if not isinstance(x, np.ndarray):           # an .npz archive
+        x.close()
+        raise UsageError(f"--input {path} is an .npz archive; give one [tokens, d_model] array as .npy")
+    if x.dtype.kind == "V" and x.dtype.itemsize == 2:
+        import ml_dtypes
+        x = x.view(ml_dtypes.bfloat16)
+    check_float_dtype(x, f"--input {path}", UsageError)
+    want = "d_model" if d_model is None else d_model
+    if x.ndim != 2 or x.shape[0] < 1 or (d_model is not None and x.shape[1] != d_model):
+        raise UsageError(f"--input must hold [tokens, {want}] hidden states (tokens >= 1), not shape {x.shape}")
+    with np.errstate(over="ignore"):        # values beyond float32 become Inf, reported below
+        x = x.astype(np.float32)
+    bad = None if allow_nonfinite else first_nonfinite(x)
+    if bad:
+        raise UsageError(f"--input {path} has {bad[0]:,} NaN/Inf value(s) as float32, the first at {list(bad[1])} "
+                         f"(--allow-nonfinite lets them through)")
+    return x
+
+
 def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weights=None, input_file=None,
-            heads=None, seed=0):
+            heads=None, seed=0, allow_nonfinite=False):
+    """Compile and lay out a job. With ``input_file`` the first ``prefill`` of its tokens are prefilled
+    and the next ``generate`` generated (all the rest when ``generate`` is None)."""
     cfg = soc_config(config)
+    ws = None
     if weights:
-        shape, ws = load_weights(weights, heads=heads, layers=layers)
+        shape, ws = load_weights(weights, heads=heads, layers=layers, allow_nonfinite=allow_nonfinite)
     else:
         base = TINY_SHAPE if config == "tiny" else DEFAULT_SHAPE
         shape = GptShape(base.d_model, heads or base.heads, layers)
-        ws = random_weights(shape, seed)
     if input_file:
-        x = np.load(input_file).astype(np.float32)
-        if x.ndim != 2 or x.shape[1] != shape.d_model:
-            raise SystemExit(f"--input must hold [tokens, {shape.d_model}] hidden states, not {x.shape}")
+        x = load_input(input_file, shape.d_model, allow_nonfinite)
+        tokens = x.shape[0]
+        if prefill > tokens:
+            raise UsageError(f"--prefill {prefill} exceeds the {tokens} token(s) of --input {input_file}")
+        if generate is not None:
+            if prefill + generate > tokens:
+                raise UsageError(f"--prefill {prefill} + --generate {generate} = {prefill + generate} tokens, but "
+                                 f"--input {input_file} holds {tokens}")
+            x = x[:prefill + generate]
         total = x.shape[0]
     else:
         total = prefill + generate
+        x = None
+    check_fits(cfg, shape, policy, total)           # before anything of the job's size is allocated
+    if ws is None:
+        ws = random_weights(shape, seed)
+    if x is None:
         x = np.random.default_rng(seed + 1).standard_normal((total, shape.d_model)).astype(np.float32)
     cm = compile_model(cfg, shape, policy, prefill, total)
     job = build_job(cm, ws, x)
@@ -250,7 +342,7 @@ def prepare_baseline(args, console):
     from sim.soc_model import SocModel
 
     cm2, job2, _, _ = prepare(args.config, "npu-mem", args.layers, args.prefill, args.generate, args.weights,
-                              args.input, args.heads, args.seed)
+                              args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False))
     mode = "full" if args.backend == "model" else args.baseline
     rows, steps, title = None, None, None
     if mode == "gen":
@@ -282,10 +374,11 @@ def main_run(args) -> int:
 
     from sim.cli import _console
 
+    validate_args(args)
     console = _console()
     t0 = time.time()
     cm, job, x, ws = prepare(args.config, args.policy, args.layers, args.prefill, args.generate, args.weights,
-                             args.input, args.heads, args.seed)
+                             args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False))
     console.print(f"compiled {len(cm.stages)} stage programs, "
                   f"{sum(len(s.words) for s in cm.stages):,} instructions; mapping: "
                   + ", ".join(f"{ph}/{fc}={w}" for (ph, fc), w in cm.mapping.items()))
@@ -307,6 +400,7 @@ def main_run(args) -> int:
         else:
             out, _, _ = run_backend(job, args.backend, args.waves, progress=lambda: prog.advance(task))
     summary = summarize(job, out, x, ws, console)
+    report_numerics(summary, out, x, console)
     if base_job is not None:
         if not together:
             with Progress(console=console, transient=True) as prog:
@@ -316,16 +410,62 @@ def main_run(args) -> int:
     console.print(f"wall time {time.time() - t0:.1f} s")
     trace = Path(args.trace or f"build/run/{args.policy}_{args.config}_trace.json")
     trace.parent.mkdir(parents=True, exist_ok=True)
-    trace.write_text(json.dumps({"traceEvents": trace_events(job), "displayTimeUnit": "ns"}))
+    trace_doc = json.dumps({"traceEvents": trace_events(job), "displayTimeUnit": "ns"}).encode()
+    write_atomic(trace, lambda fh: fh.write(trace_doc))
     png = trace.with_suffix(".png")
     plot(job, png)
     console.print(f"trace: {trace} (open in https://ui.perfetto.dev); plot: {png}")
     if args.output:
-        np.save(args.output, out.astype(np.float32))
+        write_atomic(args.output, lambda fh: np.save(fh, out.astype(np.float32)))
         console.print(f"outputs [{out.shape[0]}, {out.shape[1]}] float32 -> {args.output}")
     if os.environ.get("IANUS_RUN_JSON"):
         Path(os.environ["IANUS_RUN_JSON"]).write_text(json.dumps(summary))
     return 0
+
+
+def report_numerics(summary, out, x, console) -> None:
+    """Say when outputs are not finite (inputs let through with --allow-nonfinite) or the error against
+    float64 is above the README's bound for the policy (large inputs lose precision in BF16/FP32)."""
+    n_bad = int((~np.isfinite(out)).sum())
+    summary["nonfinite_outputs"] = n_bad
+    if n_bad:
+        console.print(f"[yellow]warning:[/] {n_bad:,} of {out.size:,} outputs are NaN/Inf")
+    bound = ERROR_BOUND.get(summary["policy"])
+    rel = summary["rel_err"]
+    if bound is not None and not n_bad and not rel <= bound:
+        console.print(f"[yellow]warning:[/] max |err| vs float64 is {rel:.1%} of the block's largest change, above "
+                      f"the {bound:.0%} bound stated for policy {summary['policy']} (largest |input| "
+                      f"{float(np.abs(x).max()):.3g}; BF16 activations and FP32 statistics lose precision on inputs "
+                      f"far from GPT-2's range)")
+
+
+def validate_args(args):
+    """Check ``ianus run``'s arguments before anything is loaded, built or simulated; raises
+    :class:`UsageError` naming the option, the value and the limit. Output paths are normalised to what
+    will be written (``--output`` gets ``.npy`` like numpy would add)."""
+    check_int("--layers", args.layers, 1, MAX_LAYERS)
+    if args.prefill is not None:
+        check_int("--prefill", args.prefill, 1, MAX_TOKENS)
+    if args.generate is not None:
+        check_int("--generate", args.generate, 0, MAX_TOKENS)
+    if args.prefill is not None and args.generate is not None and args.prefill + args.generate > MAX_TOKENS:
+        raise UsageError(f"--prefill + --generate must be at most {MAX_TOKENS:,} tokens, not "
+                         f"{args.prefill + args.generate:,}")
+    if args.heads is not None:
+        check_int("--heads", args.heads, 1)
+    check_int("--seed", args.seed, 0, (1 << 63) - 1)
+    check_int("--baseline-steps", getattr(args, "baseline_steps", 1), 1)
+    if args.weights:
+        check_input_path("--weights", args.weights)
+    if args.input:
+        check_input_path("--input", args.input)
+    if args.output:
+        args.output = str(check_output_path("--output", args.output, suffix=".npy"))
+    trace = args.trace or f"build/run/{args.policy}_{args.config}_trace.json"     # main_run's default
+    check_output_path("--trace", trace, parents_ok=True)
+    if Path(trace).with_suffix(".png").is_dir():
+        raise UsageError(f"--trace {trace}: its plot {Path(trace).with_suffix('.png')} would overwrite a directory")
+    return args
 
 
 def add_parser(sub):
@@ -335,7 +475,9 @@ def add_parser(sub):
     r.add_argument("--backend", default="verilator", choices=["verilator", "icarus", "model"])
     r.add_argument("--layers", type=int, default=1)
     r.add_argument("--prefill", type=int, default=None, help="tokens prefilled (default 32, tiny 8)")
-    r.add_argument("--generate", type=int, default=None, help="tokens generated (no --input; default 4, tiny 2)")
+    r.add_argument("--generate", type=int, default=None,
+                   help="tokens generated (default 4, tiny 2; with --input: the tokens after the prefilled ones, "
+                        "default all of them)")
     r.add_argument("--weights", help="GPT-2 weights (.safetensors or .npz, Hugging Face names)")
     r.add_argument("--heads", type=int, default=None, help="attention heads (default d_model / 64)")
     r.add_argument("--input", help="hidden states entering the first layer, [tokens, d_model] .npy")
@@ -347,12 +489,15 @@ def add_parser(sub):
                    help="npu-mem baseline: gen = its generation steps on the RTL from the functional model's "
                         "prefill state (default), full = all of it on the RTL, none")
     r.add_argument("--baseline-steps", type=int, default=1, help="generation steps of the baseline (gen mode)")
+    r.add_argument("--allow-nonfinite", action="store_true",
+                   help="let NaN/Inf values in --weights and --input through (they propagate; the outputs' "
+                        "NaN/Inf count is reported) instead of rejecting them")
     return r
 
 
 def fill_defaults(args):
     if args.prefill is None:
         args.prefill = 8 if args.config == "tiny" else 32
-    if args.generate is None:
+    if args.generate is None and not args.input:
         args.generate = 2 if args.config == "tiny" else 4
     return args
