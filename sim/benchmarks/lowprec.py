@@ -1,0 +1,55 @@
+"""Low-precision formats on the trained Shakespeare model: held-out perplexity per format.
+
+``lowprec_perplexity`` rows (unit ``perplexity``, lower is better), one per
+``format`` and ``numerics`` (:mod:`sim.lm.perplexity`):
+
+* ``float64``: the float64 numpy reference;
+* ``golden`` with format ``bf16``, ``w4-int``, ``w4-fp4``, ``w4a8``,
+  ``w4a8kv4`` (:data:`firmware.quant.FORMATS`): the numpy forward with the
+  SoC's roundings and the format in the four FCs of every layer (4-bit
+  formats through the low-precision PIM GEMV's golden model) and, for
+  ``kv4``, the INT4 KV cache; ``vs_bf16`` is the relative change against the
+  ``bf16`` row (the issue's target: within 5 %);
+* ``soc-model`` (format ``bf16``): the compiled decoder layers on the SoC's
+  functional model (bit-exact with the RTL).
+
+All rows use the same windows of the held-out text (4 windows of 128 bytes,
+508 predictions; ``--quick``: 1 window). Needs ``build/lm/shakespeare.safetensors``
+(``make model``); without it the module emits one error row saying so.
+"""
+
+from __future__ import annotations
+
+from firmware.quant import FORMATS
+
+N_WINDOWS = 4
+N_WINDOWS_QUICK = 1
+
+
+def run(quick=False):
+    from sim.lm import data
+    from sim.lm.model import DEFAULT_WEIGHTS, load
+    from sim.lm.perplexity import evaluate, windows
+
+    if not DEFAULT_WEIGHTS.exists():
+        yield {"name": "lowprec_perplexity_error", "value": 1, "unit": "error",
+               "error": f"{DEFAULT_WEIGHTS} is missing: run `make model` to train it"}
+        return
+    lm = load(DEFAULT_WEIGHTS)
+    wins = windows(data.heldout(DEFAULT_WEIGHTS.parent), N_WINDOWS_QUICK if quick else N_WINDOWS, lm.cfg.n_ctx)
+    common = {"windows": len(wins), "model": f"{lm.cfg.layers}x{lm.cfg.d_model} byte-level GPT-2, Shakespeare"}
+
+    def row(fmt, numerics, r, **extra):
+        return {"name": "lowprec_perplexity", "value": round(r["perplexity"], 5), "unit": "perplexity",
+                "format": fmt, "numerics": numerics, "tokens": r["tokens"], "nll_nats": round(r["nll"], 6),
+                "bits_per_byte": round(r["bits_per_byte"], 5), "wall_s": round(r["wall_s"], 1), **common, **extra}
+
+    yield row("float64", "float64", evaluate(lm, wins, numerics="float64"))
+    base = None
+    for fmt in FORMATS:
+        r = evaluate(lm, wins, fmt, "golden")
+        if fmt == "bf16":
+            base = r["perplexity"]
+        yield row(fmt, "golden", r, vs_bf16=round(r["perplexity"] / base - 1, 6))
+    r = evaluate(lm, wins, "bf16", "soc-model")
+    yield row("bf16", "soc-model", r, vs_bf16=round(r["perplexity"] / base - 1, 6))

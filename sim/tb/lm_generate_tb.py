@@ -1,0 +1,115 @@
+"""cocotb testbench: text generation with the decoder layers on :class:`sim.tb.soc_run.SocSim`.
+
+The host's part of the model runs here, between programs: after the programs
+of a position (the prefill, or one generation step of every layer) the last
+layer's output row is read through the AXI4 window, the final layernorm and
+LM head (:class:`sim.lm.generate.Sampler`) pick the next token, its embedding
+is written through the window into the first layer's input row of the next
+position, and that position's programs are started through the registers.
+Each token goes to ``$IANUS_TOKENS`` as it is produced (``ianus generate``
+prints it); ``result.json`` in the test directory has the tokens and the
+measured cycles per step. The device image is loaded through the back door
+as in :mod:`sim.tb.soc_job_tb`, whose register/AXI host this reuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from cocotb.triggers import Edge, FallingEdge, First, RisingEdge, Timer
+
+from firmware.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
+from sim.tb.common import tb_test
+from sim.tb.soc_job_tb import PERIOD_NS, Host
+
+
+async def _start(dut, run_dir: Path, channels: int) -> Host:
+    """Drive every input, load the image through the back door, check the SoC's ID (the sequence of
+    :func:`sim.tb.soc_job_tb.run_job`)."""
+    dut.bd_load.value = 0
+    for c in range(channels):
+        getattr(dut, f"s{c}__clear").value = 0
+    host = Host(dut)
+    await RisingEdge(dut.clk_out)
+    bd = Path(os.environ["IANUS_BACKDOOR"])
+    bd.mkdir(parents=True, exist_ok=True)
+    files = [*(run_dir / "backdoor").glob("*.hex"), *(run_dir / "backdoor").glob("*.bin")]
+    for f in files:
+        try:
+            os.link(f, bd / f.name)
+        except OSError:
+            shutil.copy(f, bd / f.name)
+    await FallingEdge(dut.clk_out)
+    dut.bd_load.value = 1
+    await FallingEdge(dut.clk_out)
+    dut.bd_load.value = 0
+    await FallingEdge(dut.clk_out)
+    for f in files:
+        (bd / f.name).unlink()
+    assert await host.rd(CSR.ID) == SOC_ID, "not the SoC"
+    return host
+
+
+async def _run_program(dut, host: Host, prog: dict, budget: int) -> int:
+    """Start one program and wait for it; returns its cycles (counter ``cp.cycles``, as ``ianus run``)."""
+    done, error = dut.done, dut.error
+    await host.wr(CSR.PROG_ADDR, prog["addr"])
+    await host.wr(CSR.PROG_LEN, prog["n"])
+    await host.wr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+    await host.wr(CSR.CTRL, Ctrl.START)
+    timer = Timer(budget * PERIOD_NS, "ns")
+    while True:
+        trig = await First(RisingEdge(done), Edge(error), timer)
+        if int(error.value) or int(done.value) or trig is timer:
+            break
+    err = int(error.value)
+    status = await host.rd(CSR.STATUS)
+    if err:
+        pc = await host.rd(CSR.ERROR_PC)
+        raise AssertionError(f"{prog['name']}: SoC error {err:#06x} at instruction {pc} (STATUS {status:#x})")
+    assert status & Status.DONE, f"{prog['name']}: no done within {budget} cycles (STATUS {status:#x})"
+    return await host.rd(counter_registers(1)["cp.cycles"])
+
+
+@tb_test()
+async def generate(dut):
+    from sim.lm.generate import Sampler
+    from sim.lm.model import HostModel
+
+    run_dir = Path(os.environ["RUN_DIR"])
+    spec = json.loads((run_dir / "job.json").read_text())
+    C = spec["channels"]
+    # Top-level handles first (see sim/tb/soc_job_tb.py).
+    _ = (dut.done, dut.error, dut.unit_busy)
+    host = await _start(dut, run_dir, C)
+    with np.load(run_dir / "host.npz") as z:
+        hm = HostModel(z["wte"], z["wpe"], z["lnf_g"], z["lnf_b"], float(z["eps"]))
+    sampler = Sampler(hm, spec["temperature"], spec["seed"])
+    d = spec["d_model"]
+    tokens, steps = [], []
+    for k, group in enumerate(spec["groups"]):
+        pos = group["pos"]
+        if k > 0:
+            data = hm.embed([tokens[-1]], pos).astype("<f4").tobytes()
+            resp = await host.axi.write(spec["in_addr"][k], data)
+            assert int(resp.resp) == 0, f"embedding write at {spec['in_addr'][k]:#x}: {resp.resp!r}"
+        cycles = 0
+        for prog in group["programs"]:
+            cycles += await _run_program(dut, host, prog, spec["timeout_cycles"])
+        h = np.frombuffer(await host.read_mem(spec["out_addr"][k], d * 4), dtype="<f4")
+        tokens.append(sampler(h))
+        steps.append({"pos": pos, "cycles": cycles, "programs": len(group["programs"])})
+        dut._log.info("position %d: token %d, %d cycles", pos, tokens[-1], cycles)
+        with open(os.environ["IANUS_TOKENS"], "a") as f:
+            f.write(f"{tokens[-1]} {cycles}\n")
+    for c in range(C):
+        nviol = int(getattr(dut, f"s{c}__nviol").value)
+        assert nviol == 0, f"channel {c}: the device flagged {nviol} protocol violations " \
+                           f"(code {int(getattr(dut, f's{c}__vcode').value)})"
+    refreshes = [int(getattr(dut, f"s{c}__n_ref").value) for c in range(C)]
+    test_dir = Path(os.environ.get("IANUS_TEST_DIR", "."))
+    (test_dir / "result.json").write_text(json.dumps({"tokens": tokens, "steps": steps, "refreshes": refreshes}))
