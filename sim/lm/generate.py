@@ -217,7 +217,7 @@ def main_generate(args) -> int:
         Sampler(lm.host, args.temperature)
         dp = plan(lm, prompt, args.tokens, args.config, args.policy)
     except (GenerateError, ModelError) as e:
-        print(f"ianus generate: {e}", file=sys.stderr)
+        print(f"ianus generate: error: {e}", file=sys.stderr)
         return 2
     out = sys.stdout
     out.write(args.prompt)
@@ -235,7 +235,7 @@ def main_generate(args) -> int:
         else:
             res = generate_rtl(lm, prompt, args.tokens, sim=args.backend, **kw)
     except GenerateError as e:
-        print(f"\nianus generate: {e}", file=sys.stderr)
+        print(f"\nianus generate: error: {e}", file=sys.stderr)
         return 2
     out.write("\n")
     n = len(res["tokens"])
