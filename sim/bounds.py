@@ -42,9 +42,12 @@ program moves is counted by :func:`program_traffic`, so the two can be compared)
   probabilities) are not compulsory. Per operation, with ``T`` tokens, ``Lk = pos + T`` keys, ``d`` the
   model width, ``f = 4d``:
 
-  - FC ``K x N`` on the matrix unit (matrix DMA): weights ``2KN``, input ``2TK``, output ``2TN``;
-    bias ``4N`` (any path). In PIM: input ``2K`` and output ``2N`` through the channels, bias ``4N``;
-    the weights are read inside the banks (the row-timing bound covers them).
+  - FC ``K x N`` on the matrix unit (matrix DMA): weights ``2KN``, input ``2TK``, output ``2TN``.
+    In PIM: input ``2K`` and output ``2N`` through the channels; the weights are read inside the
+    banks (the row-timing bound covers them).
+  - FC bias ``4N`` (any path): counted where the breakdown puts the instruction that adds it: in the
+    FC's operation for QKV (the scatter is ``qkv``) and for every FC in PIM (the GEMV preloads it);
+    in ``vector`` for proj, FC1 and FC2 on the matrix unit (the residual / GELU step adds it).
   - attention (matrix DMA): Q ``2Td``, K and V caches ``2 * 2 Lk d``, output ``2Td``.
   - layernorm (vector DMA): ``x`` ``4Td``, output ``2Td``, parameters ``4d``.
   - residual (vector DMA): ``x`` ``4Td``, FC output ``2Td``, result ``4Td``.
@@ -209,16 +212,18 @@ def _check_shape(shape, rows, pos0):
         raise BoundError(f"pos (first token position) must be a non-negative integer, not {pos0!r}")
 
 
-def _fc(K, N, T, where, gelu=False) -> Work:
+def _fc(K, N, T, where, gelu=False, bias=True) -> Work:
+    """An FC; with ``bias`` its bias bytes too (else the vector step that adds it counts them)."""
     if where == "pim":
         return Work(io_bytes=T * BF16 * (K + N) + FP32 * N, gemvs=((K, N, gelu),) * T)
     if where != "mu":
         raise BoundError(f"FC mapping must be 'mu' or 'pim', not {where!r}")
-    return Work(mu_bytes=BF16 * (K * N + T * K + T * N), io_bytes=FP32 * N, npu_flops=2.0 * T * K * N)
+    return Work(mu_bytes=BF16 * (K * N + T * K + T * N), io_bytes=FP32 * N if bias else 0,
+                npu_flops=2.0 * T * K * N)
 
 
-def _residual(d, T) -> Work:
-    return Work(vdma_bytes=T * d * (FP32 + BF16 + FP32), vec_elems=T * d)
+def _residual(d, T, bias) -> Work:
+    return Work(vdma_bytes=T * d * (FP32 + BF16 + FP32), io_bytes=FP32 * d if bias else 0, vec_elems=T * d)
 
 
 def _layernorm(d, T) -> Work:
@@ -248,13 +253,16 @@ def stage_work(shape: GptShape, mapping: dict, phase: str, stage: str, rows: int
         att = Work(mu_bytes=BF16 * (2 * T * d + 2 * Lk * d), npu_flops=4.0 * d * pairs, vec_elems=H * pairs)
         return {"qkv": _fc(d, 3 * d, T, where["qkv"]), "attention": att}
     if stage == "proj":
-        return {"proj": _fc(d, d, T, where["proj"]), "vector": _residual(d, T)}
+        mu = where["proj"] == "mu"
+        return {"proj": _fc(d, d, T, where["proj"], bias=not mu), "vector": _residual(d, T, mu)}
     if stage == "fc1":
-        out = {"ffn": _fc(d, f, T, where["fc1"], gelu=where["fc1"] == "pim")}
-        if where["fc1"] == "mu":
-            out["vector"] = Work(vdma_bytes=2 * BF16 * T * f, vec_elems=T * f)
+        mu = where["fc1"] == "mu"
+        out = {"ffn": _fc(d, f, T, where["fc1"], gelu=not mu, bias=not mu)}
+        if mu:
+            out["vector"] = Work(vdma_bytes=2 * BF16 * T * f, io_bytes=FP32 * f, vec_elems=T * f)
         return out
-    return {"ffn": _fc(f, d, T, where["fc2"]), "vector": _residual(d, T)}
+    mu = where["fc2"] == "mu"
+    return {"ffn": _fc(f, d, T, where["fc2"], bias=not mu), "vector": _residual(d, T, mu)}
 
 
 def phase_work(shape: GptShape, mapping: dict, phase: str, rows: int, pos0: int) -> dict:
