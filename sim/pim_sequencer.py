@@ -218,6 +218,21 @@ class PimDriver:
         assert not errors, "; ".join(errors)
 
 
+def write_backdoor_bin(directory, channel: int, bank: int, first_row: int, rows: np.ndarray, columns: int):
+    """Append rows ``[n, columns, lanes]`` (BF16) for one bank to its binary back-door file.
+
+    The format ``hw/verilog/pim_storage.v`` reads with ``$fread``: a segment header (first word, word
+    count; big-endian 32-bit each), then the words most significant byte first.
+    """
+    n = rows.shape[0]
+    words = np.ascontiguousarray(rows, dtype="<u2").reshape(n * columns, -1)
+    data = words.view(np.uint8)[:, ::-1]            # little-endian lanes -> the word's bytes, MSB first
+    header = np.array([first_row * columns, n * columns], dtype=">u4").tobytes()
+    with open(f"{directory}/ch{channel}_b{bank}.bin", "ab") as f:
+        f.write(header)
+        f.write(np.ascontiguousarray(data).tobytes())
+
+
 def write_backdoor(directory, channel: int, bank: int, first_row: int, rows: np.ndarray, columns: int):
     """Append rows ``[n, columns, lanes]`` (BF16) for one bank to its ``$readmemh`` file."""
     from firmware.pim import hex_lines

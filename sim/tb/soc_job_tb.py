@@ -104,14 +104,17 @@ async def run_job(dut):
     # Back door: the image files into the directory the simulator was told (+PIM_BACKDOOR).
     bd = Path(os.environ["IANUS_BACKDOOR"])
     bd.mkdir(parents=True, exist_ok=True)
-    for f in (run_dir / "backdoor").glob("*.hex"):
-        shutil.copy(f, bd / f.name)
+    for f in [*(run_dir / "backdoor").glob("*.hex"), *(run_dir / "backdoor").glob("*.bin")]:
+        try:
+            os.link(f, bd / f.name)         # the image can be hundreds of MB: link, don't copy
+        except OSError:
+            shutil.copy(f, bd / f.name)
     await FallingEdge(dut.clk_out)
     dut.bd_load.value = 1
     await FallingEdge(dut.clk_out)
     dut.bd_load.value = 0
     await FallingEdge(dut.clk_out)
-    for f in bd.glob("*.hex"):
+    for f in [*bd.glob("*.hex"), *bd.glob("*.bin")]:
         f.unlink()
     mon = None
     if spec["checker"]:

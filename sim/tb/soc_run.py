@@ -95,13 +95,14 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
 
 
 def write_image_backdoor(image, directory: Path, used_bytes: int):
-    """``$readmemh`` files (``ch{c}_b{b}.hex``) with the rows of ``image`` below ``used_bytes`` and the AF rows."""
-    from sim.pim_sequencer import write_backdoor
+    """Back-door files (``ch{c}_b{b}.bin``, :func:`sim.pim_sequencer.write_backdoor_bin`) with the rows of
+    ``image`` below ``used_bytes`` and the AF rows."""
+    from sim.pim_sequencer import write_backdoor_bin
 
     cfg = image.cfg
     p = cfg.pim
     directory.mkdir(parents=True, exist_ok=True)
-    for f in directory.glob("*.hex"):
+    for f in [*directory.glob("*.hex"), *directory.glob("*.bin")]:
         f.unlink()
     per_row = p.channels * p.banks * p.row_bytes
     nrows = min(p.data_rows, -(-used_bytes // per_row))
@@ -111,7 +112,7 @@ def write_image_backdoor(image, directory: Path, used_bytes: int):
     for first, rows in parts:
         for c in range(p.channels):
             for b in range(p.banks):
-                write_backdoor(directory, c, b, first, np.ascontiguousarray(rows[:, c, b]), p.columns)
+                write_backdoor_bin(directory, c, b, first, np.ascontiguousarray(rows[:, c, b]), p.columns)
 
 
 def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, timeout_cycles=50_000_000,
