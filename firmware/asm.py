@@ -11,12 +11,28 @@ One instruction per line, ``#`` starts a comment::
     end
 
 The field names are those of the instruction tables (:mod:`firmware.isa`,
-:mod:`hw.npu.isa`, :class:`hw.npu.vector.VectorInstr`, :mod:`firmware.macro`),
-so :func:`disassemble` and :func:`assemble` round-trip every instruction.
-Errors name the line and the problem (:class:`AsmError`).
+:mod:`hw.npu.isa`, :class:`hw.npu.vector.VectorInstr`, :mod:`firmware.macro`);
+enumerated fields take their names (``target=ACT``, ``a_fmt=BF16``) or numbers.
+Fields not given are 0.
+
+Round trip: :func:`disassemble` accepts exactly the well-formed instructions
+and prints every bit of them, so ``assemble(disassemble(words)) == words`` for
+every program it accepts. Well-formed means what :func:`firmware.isa.decode`
+accepts (what the command processor executes rather than flags ILLEGAL) and,
+for MATRIX, what ``hw.npu.isa.decode(strict=True)`` accepts: a defined opcode
+and target, and zero in every field the opcode does not use (the matrix unit
+ignores those bits; the disassembler would drop them); a FENCE's payload bits
+(ignored by the command processor) must be zero too. VECTOR and PIM
+payloads are printed field by field, undefined opcodes as numbers.
+
+Errors are :class:`AsmError` (a :class:`firmware.isa.IsaError`): ``line N: ...``
+from :func:`assemble`, ``instruction N: ...`` (the index in the program) from
+:func:`disassemble`.
 """
 
 from __future__ import annotations
+
+import numbers
 
 from amaranth.lib import data
 
@@ -29,8 +45,9 @@ from hw.npu import vector as vu
 __all__ = ["assemble", "disassemble", "AsmError", "disassemble_word"]
 
 
-class AsmError(ValueError):
-    pass
+class AsmError(isa.IsaError):
+    """Malformed assembly text (naming the line) or an instruction word the disassembler does not accept
+    (naming its index in the program and the field)."""
 
 
 _VEC_LAYOUT = data.Layout.cast(vu.VectorInstr)
@@ -59,28 +76,42 @@ def _kv(tokens, line):
     return out
 
 
-def disassemble_word(word: int) -> str:
-    f = isa.decode(word)
+def disassemble_word(word: int, index: int | None = None) -> str:
+    """One instruction as text; raises :class:`AsmError` naming ``index`` and the field for a word that
+    is not well-formed (see the module docstring)."""
+    where = "" if index is None else f"instruction {index}: "
+    try:
+        return _disassemble(word, where)
+    except AsmError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise AsmError(f"{where}{e}") from None
+
+
+def _disassemble(word, where) -> str:
+    if isinstance(word, bool) or not isinstance(word, numbers.Integral):
+        raise AsmError(f"{where}an instruction is an integer, not {type(word).__name__}")
+    f = isa.decode(int(word))
     op = f["op"]
     if op == SocOp.END:
         return "end"
     if op == SocOp.FENCE:
+        if int(word) >> isa.PAYLOAD_LO:        # the command processor ignores them; the text could not keep them
+            raise AsmError(f"{where}FENCE has payload bits set ({int(word) >> isa.PAYLOAD_LO:#x}); must be 0")
         names = [n for n, u in _UNIT_NAMES.items() if f["units"] & u]
         return "fence " + (",".join(names) if names else "none")
     if op in (SocOp.VLOAD, SocOp.VSTORE):
         return op.name.lower() + " " + " ".join(f"{n}={f[n]:#x}" for n, _, _ in isa.VDMA_FIELDS)
     if op == SocOp.MATRIX:
-        d = mu_isa.decode(f["word"])
+        try:
+            d = mu_isa.decode(f["word"], strict=True)
+        except mu_isa.InstructionError as e:
+            raise AsmError(f"{where}MATRIX payload: {e}") from None
         opc = d.pop("opcode")
-        body = mu_isa.COMPUTE_BODY if opc == mu_isa.Opcode.COMPUTE else mu_isa.DMA_BODY
-        keep = ["wait", "signal"]
-        if opc in (mu_isa.Opcode.LOAD, mu_isa.Opcode.STORE):
-            keep += ["target", "transpose", "bf16"]
-        if opc == mu_isa.Opcode.COMPUTE:
-            keep += ["accumulate"]
-        if opc != mu_isa.Opcode.NOP:
-            keep += [n for n, _ in body if not n.startswith("_")]
-        return f"matrix {opc.name} " + " ".join(f"{k}={d[k]:#x}" for k in keep)
+
+        def show(k):
+            return mu_isa.Target(d[k]).name if k == "target" else f"{d[k]:#x}"
+        return f"matrix {opc.name} " + " ".join(f"{k}={show(k)}" for k in mu_isa.USED_FIELDS[opc])
     if op == SocOp.VECTOR:
         w = f["word"]
         parts = []
@@ -105,7 +136,8 @@ def disassemble_word(word: int) -> str:
 
 
 def disassemble(words) -> str:
-    return "\n".join(disassemble_word(w) for w in words) + "\n"
+    """A program as text, one line per instruction (see :func:`disassemble_word`)."""
+    return "\n".join(disassemble_word(w, i) for i, w in enumerate(words)) + "\n"
 
 
 def _assemble_line(tokens, line) -> int:
@@ -135,11 +167,20 @@ def _assemble_line(tokens, line) -> int:
                 opc = mu_isa.Opcode[tokens[1].upper()]
             except KeyError:
                 raise AsmError(f"line {line}: unknown matrix operation {tokens[1]!r}") from None
-            kv = {k: _int(v, line, k) for k, v in _kv(tokens[2:], line).items()}
+            kv = {}
+            for k, v in _kv(tokens[2:], line).items():
+                if k == "target" and v.upper() in mu_isa.Target.__members__:
+                    kv[k] = mu_isa.Target[v.upper()].value
+                else:
+                    kv[k] = _int(v, line, k)
             try:
-                return isa.encode(SocOp.MATRIX, word=mu_isa.encode(opc, **kv))
-            except (KeyError, ValueError) as e:
+                word = mu_isa.encode(opc, **kv)
+                mu_isa.decode(word, strict=True)        # only what the disassembler gives back
+            except KeyError as e:
+                raise AsmError(f"line {line}: {e.args[0]}") from None
+            except ValueError as e:
                 raise AsmError(f"line {line}: {e}") from None
+            return isa.encode(SocOp.MATRIX, word=word)
         if mnem == "vector":
             kv = _kv(tokens[2:], line)
             fields = {"op": tokens[1].upper()}

@@ -48,7 +48,7 @@ from amaranth.lib import data, enum
 
 __all__ = [
     "Opcode", "Target", "ErrorCode", "N_SEMAPHORES", "HEADER", "DMA_BODY", "COMPUTE_BODY", "BODY",
-    "INSTRUCTION", "INSTRUCTION_BITS", "encode", "decode",
+    "INSTRUCTION", "INSTRUCTION_BITS", "encode", "decode", "InstructionError", "USED_FIELDS",
 ]
 
 N_SEMAPHORES = 16
@@ -163,17 +163,59 @@ def encode(opcode: Opcode, *, wait: int = 0, signal: int = 0, **fields) -> int:
     return word
 
 
-def decode(word: int) -> dict:
-    """Fields of an instruction word (for logs and tests)."""
+class InstructionError(ValueError):
+    """An instruction word that :func:`decode` cannot accept; the message names the field."""
+
+
+USED_FIELDS = {
+    Opcode.NOP: ("wait", "signal"),
+    Opcode.LOAD: ("wait", "signal", "target", "transpose", "bf16")
+    + tuple(n for n, _ in DMA_BODY if not n.startswith("_")),
+    Opcode.STORE: ("wait", "signal", "target", "transpose", "bf16")
+    + tuple(n for n, _ in DMA_BODY if not n.startswith("_")),
+    Opcode.COMPUTE: ("wait", "signal", "accumulate") + tuple(n for n, _ in COMPUTE_BODY),
+}
+"""The fields each opcode has. In a well-formed instruction (``decode(word, strict=True)``, what the
+assembler accepts) every other bit is zero; the RTL ignores them."""
+
+
+def decode(word: int, strict: bool = False) -> dict:
+    """Fields of an instruction word: the header and the body of its opcode (reserved fields left out).
+
+    Raises :class:`InstructionError` for a reserved opcode. With ``strict`` also for a word wider than
+    :data:`INSTRUCTION_BITS`, a reserved ``target`` of LOAD / STORE, and any non-zero bit outside the
+    opcode's :data:`USED_FIELDS` (reserved fields, the other opcode's body, header flags it has not), so
+    that the fields returned describe the word completely."""
     def unpack(layout, value):
-        out = {}
-        for name, field in layout:
-            if name.startswith("_"):
-                continue
-            out[name] = (value >> field.offset) & ((1 << field.width) - 1)
-        return out
+        return {name: (value >> field.offset) & ((1 << field.width) - 1) for name, field in layout}
+    word = int(word)
+    code = word & ((1 << HEADER["opcode"].width) - 1)
+    try:
+        opcode = Opcode(code)
+    except ValueError:
+        raise InstructionError(f"field opcode is {code}, not one of "
+                               f"{', '.join(f'{o.name}={o.value}' for o in Opcode)}") from None
     header = unpack(HEADER, word)
-    header["opcode"] = Opcode(header["opcode"])
+    header["opcode"] = opcode
     body_value = word >> INSTRUCTION["body"].offset
-    body = unpack(COMPUTE_BODY if header["opcode"] == Opcode.COMPUTE else DMA_BODY, body_value)
-    return {**header, **body}
+    body_layout = COMPUTE_BODY if opcode == Opcode.COMPUTE else DMA_BODY
+    body = unpack(body_layout, body_value)
+    if strict:
+        if word >> INSTRUCTION_BITS:
+            raise InstructionError(f"word is {word.bit_length()} bits, wider than {INSTRUCTION_BITS}")
+        used = USED_FIELDS[opcode]
+        for part, fields in (("header", header), ("body", body)):
+            for name, value in fields.items():
+                if name == "opcode" or not value or name in used:
+                    continue
+                if name.startswith("_"):
+                    raise InstructionError(f"{opcode.name}: reserved {part} bits are {value:#x} (must be 0)")
+                raise InstructionError(f"{opcode.name} does not use field {name}, but it is {value:#x} (must be 0)")
+        if opcode == Opcode.NOP and body_value:
+            raise InstructionError(f"NOP has no body, but its body bits are {body_value:#x} (must be 0)")
+        if opcode in (Opcode.LOAD, Opcode.STORE) and header["target"] not in (t.value for t in Target):
+            raise InstructionError(f"field target is {header['target']}, not one of "
+                                   f"{', '.join(f'{t.name}={t.value}' for t in Target)}")
+    out = {k: v for k, v in header.items() if not k.startswith("_")}
+    out.update({k: v for k, v in body.items() if not k.startswith("_")})
+    return out
