@@ -51,7 +51,7 @@ class _Quiet:
     def __exit__(self, *exc):
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, saved in zip(self.fds, self.saved):
+        for fd, saved in zip(self.fds, self.saved, strict=True):
             os.dup2(saved, fd)
             os.close(saved)
         self.log.close()
@@ -237,8 +237,27 @@ def cmd_config(args) -> int:
         if soc_config(args.config) != preset(args.config):
             summary["note"] = (f"the SoC configuration of `ianus run`; the {args.config!r} preset of the PIM "
                                f"unit tests has {preset(args.config).pim.rows} rows per bank")
+        summary["run_token_limits"] = _token_limits(args.config)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _token_limits(config: str, max_layers: int = 16) -> dict:
+    """``ianus run``'s limits: per layer count of the built-in GPT-2 shape, the most tokens (prefill +
+    generated) that fit the device memory under each kind of weight layout (0: the layers do not fit)."""
+    from firmware.gpt2 import GptShape
+    from sim.run import DEFAULT_SHAPE, TINY_SHAPE, soc_config, token_limit
+
+    cfg = soc_config(config)
+    base = TINY_SHAPE if config == "tiny" else DEFAULT_SHAPE
+    out = {}
+    for layers in range(1, max_layers + 1):
+        shape = GptShape(base.d_model, base.heads, layers)
+        lim = {"ianus/naive": token_limit(cfg, shape, "ianus"), "npu-mem": token_limit(cfg, shape, "npu-mem")}
+        if not any(lim.values()):
+            break
+        out[f"{layers} layer(s) of d_model {base.d_model}"] = lim
+    return out
 
 
 def cmd_synth(args) -> int:

@@ -104,24 +104,48 @@ BAD_ARGS = [
     (["--heads", "4"], "d_model (32) and head_dim (8) must be multiples of 16"),
     (["--baseline-steps", "0"], "--baseline-steps must be an integer >= 1, not 0"),
     (["--generate", "5000"], "5,008 tokens (prefill + generated) do not fit the device memory of configuration "
-                             "'tiny': at most 64 with 1 layer(s) of d_model 32 under policy ianus"),
-    (["--layers", "3", "--generate", "30"], "38 tokens (prefill + generated) do not fit the device memory of "
-                                            "configuration 'tiny': at most 12 with 3 layer(s)"),
+                             "'tiny': at most {limit} with 1 layer(s) of d_model 32 under policy ianus"),
+    (["--layers", "3", "--generate", "300"], "308 tokens (prefill + generated) do not fit the device memory of "
+                                             "configuration 'tiny': at most {limit} with 3 layer(s)"),
+    (["--layers", "3", "--policy", "npu-mem", "--generate", "300"], "at most {limit} with 3 layer(s) of d_model 32 "
+                                                                     "under policy npu-mem"),
     (["--config", "bogus"], "argument --config: invalid choice: 'bogus'"),
     (["--prefill", "x"], "argument --prefill: invalid int value: 'x'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ]
 
 
+def limit_of(config, args):
+    """The token limit of a run, found here independently of sim.run.token_limit: the largest token count whose
+    memory plan the compiler accepts."""
+    from firmware.compiler import CompileError, plan_memory
+    from sim.run import DEFAULT_SHAPE, TINY_SHAPE, soc_config
+
+    base = TINY_SHAPE if config == "tiny" else DEFAULT_SHAPE
+    layers = int(args[args.index("--layers") + 1]) if "--layers" in args else 1
+    policy = args[args.index("--policy") + 1] if "--policy" in args else "ianus"
+    cfg, shape = soc_config(config), GptShape(base.d_model, base.heads, layers)
+    t = 1
+    while True:                       # linear scan: slow but obviously right
+        try:
+            plan_memory(cfg, shape, t + 1, pim_layout=(policy != "npu-mem"))
+        except CompileError:
+            return t
+        t += 1
+
+
 @pytest.mark.parametrize("args, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
 def test_run_argument_errors(args, message, capsys):
+    if "{limit}" in message:
+        message = message.format(limit=f"{limit_of('tiny', args):,}")
     check_error(TINY + args, capsys, 2, "ianus run: error:", message)
 
 
 def test_default_config_limits(capsys):
-    check_error(["run", "--generate", "300"], capsys, 2, "332 tokens", "configuration 'default': at most 256 with "
-                "1 layer(s) of d_model 768 under policy ianus")
-    check_error(["run", "--layers", "2"], capsys, 2, "2 layer(s) of d_model 768 do not fit the 511 data rows")
+    limit = limit_of("default", [])
+    check_error(["run", "--generate", str(limit - 31)], capsys, 2, f"{limit + 1:,} tokens",
+                f"configuration 'default': at most {limit:,} with 1 layer(s) of d_model 768 under policy ianus")
+    check_error(["run", "--layers", "1024"], capsys, 2, "1024 layer(s) of d_model 768 do not fit the")
 
 
 WEIGHT_ERRORS = [
@@ -343,6 +367,10 @@ def test_config_shows_what_run_uses(capsys):
     code, out, _ = ianus(["config", "--config", "tiny"], capsys)
     s = json.loads(out)
     assert code == 0 and s["pim"]["rows"] == 64 and "16 rows per bank" in s["note"]
+    lim = s["run_token_limits"]
+    assert lim["1 layer(s) of d_model 32"] == {"ianus/naive": limit_of("tiny", []),
+                                               "npu-mem": limit_of("tiny", ["--policy", "npu-mem"])}
+    assert lim["3 layer(s) of d_model 32"]["ianus/naive"] == limit_of("tiny", ["--layers", "3"])
 
 
 def test_config_into_a_closed_pipe():
