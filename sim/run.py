@@ -30,7 +30,8 @@ from firmware.runtime import build_job, read_outputs, run_model
 from sim.usage import UsageError, check_input_path, check_int, check_output_path, write_atomic
 
 __all__ = ["soc_config", "prepare", "run_backend", "run_rtl_jobs", "main_run", "TINY_SHAPE", "DEFAULT_SHAPE",
-           "validate_args", "load_input", "token_limit", "check_fits", "MAX_TOKENS", "MAX_LAYERS", "ERROR_BOUND"]
+           "validate_args", "load_input", "stage_progress", "report_rates", "token_limit", "check_fits",
+           "MAX_TOKENS", "MAX_LAYERS", "ERROR_BOUND"]
 
 TINY_SHAPE = GptShape(32, 2, 1)
 DEFAULT_SHAPE = GptShape(768, 12, 1)
@@ -194,7 +195,7 @@ def run_rtl_jobs(entries, backend="verilator", waves=False):
     seen = [0] * len(entries)
 
     def poll():
-        for k, ((_, _, progress), f) in enumerate(zip(entries, progress_files)):
+        for k, ((_, _, progress), f) in enumerate(zip(entries, progress_files, strict=True)):
             n = len(f.read_text().splitlines())
             while progress and seen[k] < n:
                 progress()
@@ -206,13 +207,13 @@ def run_rtl_jobs(entries, backend="verilator", waves=False):
             concurrent.futures.ThreadPoolExecutor(len(entries)) as pool:
         futures = [pool.submit(run_rtl, job, sim=backend, waves=waves, test_name=name, progress_file=f,
                                log_file=logs / f"{name}.log")
-                   for (job, _, _), name, f in zip(entries, names, progress_files)]
+                   for (job, _, _), name, f in zip(entries, names, progress_files, strict=True)]
         while not all(fut.done() for fut in futures):
             time.sleep(0.5)
             poll()
         poll()
         results = [fut.result() for fut in futures]     # re-raises a run's exception here
-    for (job, _, _), (_, res) in zip(entries, results):
+    for (job, _, _), (_, res) in zip(entries, results, strict=True):
         job.results[:] = res
     return results
 
@@ -369,6 +370,51 @@ def report_baseline(args, base_job, out2, x, ws, summary, console) -> dict:
     return compare_policies(summary, base, console, args.backend)
 
 
+def stage_progress(prog, task, job, label):
+    """Progress callback for :func:`run_backend`: advances ``task`` by one finished program and names the
+    next one (layer, phase and position, stage), so a multi-layer run shows where it is."""
+    done = [0]
+    n_layers = job.compiled.shape.layers
+
+    def describe(k):
+        if k >= len(job.programs):
+            return f"{label}: done"
+        st = job.programs[k][0]
+        where = "prefill" if st.phase == "prefill" else f"generation at position {st.pos}"
+        return f"{label}: layer {st.layer + 1}/{n_layers} {where} {st.name}"
+
+    prog.update(task, description=describe(0))
+
+    def advance():
+        done[0] += 1
+        prog.update(task, advance=1, description=describe(done[0]))
+    return advance
+
+
+def report_rates(job, wall: float, console) -> dict:
+    """Print (and return) the run's simulated time and tokens per second of simulated and of wall time."""
+    cm = job.compiled
+    res = job.results
+    cycles = sum(r.get("cycles", 0) for r in res)
+    gen = [st for st, _, _ in job.programs if st.phase != "prefill"]
+    tokens = len({st.pos for st in gen})
+    mhz = cm.cfg.clocks.pim_mhz
+    out = {"cycles": cycles, "simulated_s": cycles / (mhz * 1e6), "wall_s": wall, "generated": tokens,
+           "layers": cm.shape.layers}
+    if cycles and wall > 0:
+        gen_cycles = sum(r.get("cycles", 0) for (st, _, _), r in zip(job.programs, res, strict=True)
+                         if st.phase != "prefill")
+        msg = (f"{cm.shape.layers} layer(s), {cycles:,} cycles = {out['simulated_s'] * 1e3:.2f} ms simulated "
+               f"in {wall:.1f} s of wall time ({cycles / wall:,.0f} cycles/s)")
+        if tokens and gen_cycles:
+            out["tokens_per_s_simulated"] = tokens / (gen_cycles / (mhz * 1e6))
+            out["tokens_per_s_wall"] = tokens / wall
+            msg += (f"; generation {out['tokens_per_s_simulated']:,.1f} tokens/s simulated, "
+                    f"{out['tokens_per_s_wall']:.3f} tokens/s of wall time (whole run)")
+        console.print(msg)
+    return out
+
+
 def main_run(args) -> int:
     from rich.progress import Progress
 
@@ -391,15 +437,19 @@ def main_run(args) -> int:
     if args.backend != "model":
         console.print(f"{args.backend} model of the SoC: built on first use, then cached "
                       f"(log: build/logs/build_soc_{args.config}_{args.backend}.log)")
+    t_run = time.time()
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task(f"{args.backend} ({args.policy})", total=len(job.programs))
+        advance = stage_progress(prog, task, job, f"{args.backend} ({args.policy})")
         if together:
             task2 = prog.add_task(f"{args.backend} (npu-mem baseline)", total=len(base_job[0].programs))
-            (out, _), (out2, _) = run_rtl_jobs([(job, None, lambda: prog.advance(task)),
+            (out, _), (out2, _) = run_rtl_jobs([(job, None, advance),
                                                 (base_job[0], None, lambda: prog.advance(task2))], args.backend)
         else:
-            out, _, _ = run_backend(job, args.backend, args.waves, progress=lambda: prog.advance(task))
+            out, _, _ = run_backend(job, args.backend, args.waves, progress=advance)
+    run_wall = time.time() - t_run
     summary = summarize(job, out, x, ws, console)
+    report_rates(job, run_wall, console)
     report_numerics(summary, out, x, console)
     if base_job is not None:
         if not together:
