@@ -1,9 +1,9 @@
 """Physical lower bounds per operation (sim/bounds.py) against hand-computed values, the performance
 model, the stored RTL cycles and the projection's outputs."""
 
+import argparse
 import csv
 import math
-import types
 
 import pytest
 
@@ -139,8 +139,10 @@ def test_project_bounds_writes_csv(tmp_path, monkeypatch):
 
     default_bounds = bnd.default_bounds
     monkeypatch.setattr(bnd, "default_bounds", lambda: default_bounds(jobs=[("npu-mem", 1, 32, 1)]))
-    args = types.SimpleNamespace(models="small", inputs="32", outputs="4", policies="ianus,npu-mem", samples=2,
-                                 devices="", scaling_input=128, scaling_output=64, out=str(tmp_path), bounds=True)
+    ap = argparse.ArgumentParser()
+    proj.add_parser(ap.add_subparsers())
+    args = ap.parse_args(["project", "--models", "small", "--inputs", "32", "--outputs", "4", "--samples", "2",
+                          "--devices", "", "--out", str(tmp_path), "--bounds"])
     assert proj.main_project(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "bounds.csv")))
     assert {(r["policy"], r["phase"]) for r in rows} == {(p, ph) for p in ("ianus", "npu-mem") for ph in bnd.PHASES}
