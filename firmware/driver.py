@@ -19,6 +19,7 @@ commands, counters, and typed exceptions for every device error.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,11 @@ from firmware.macro import CSR, DEVICE_ID, Macro, MacroError, MacroFlag, MacroOp
 from firmware.pim import GemvLayout, af_lut_row, gelu
 from hw.config import SystemConfig
 from hw.memif import AddressMap
+from hw.proto import GEOMETRY_FIELDS, geometry_word
 from sim.golden import fp as G
 
-__all__ = ["PimError", "DeviceTimeout", "LayoutError", "ERRORS", "FunctionalTransport", "WeightHandle", "Device"]
+__all__ = ["PimError", "DeviceTimeout", "DriverError", "LayoutError", "DeviceMismatchError", "ERRORS",
+           "FunctionalTransport", "WeightHandle", "Device"]
 
 
 class PimError(RuntimeError):
@@ -54,8 +57,53 @@ class DeviceTimeout(TimeoutError):
     """The device did not finish within the allowed cycles."""
 
 
-class LayoutError(ValueError):
+class DriverError(ValueError):
+    """A driver call with bad arguments (the message names the argument, the value and the limit). Raised before
+    anything reaches the device; the driver's allocations are as they were before the call."""
+
+
+class LayoutError(DriverError):
     """A weight layout or allocation request that cannot be satisfied."""
+
+
+class DeviceMismatchError(DriverError):
+    """:meth:`Device.open` with a configuration that is not the device's (its ID or GEOMETRY register)."""
+
+
+_FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _address(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DriverError(f"{name} must be an integer byte address, not {value!r}")
+    return int(value)
+
+
+def _count(name: str, value, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise DriverError(f"{name} must be an integer >= {lo}, not {value!r}")
+    return int(value)
+
+
+def _bf16_operand(name: str, value) -> np.ndarray:
+    """BF16 bits of ``value``: uint16 arrays are taken as BF16 bit patterns as they are; float arrays (float16,
+    bfloat16, float32, float64) must be finite. Anything else (integers, bool, complex, objects) is an error."""
+    try:
+        a = np.asarray(value)
+    except Exception as e:
+        raise DriverError(f"{name} must be a numeric array, not {type(value).__name__} ({e})") from None
+    if a.dtype == np.uint16:
+        return a
+    if str(a.dtype) not in _FLOAT_KINDS:
+        raise DriverError(f"{name} must be a float array ({', '.join(_FLOAT_KINDS)}) or BF16 bits (uint16), "
+                          f"not dtype {a.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = a.astype(np.float32)
+    bad = ~np.isfinite(f)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DriverError(f"{name} has {int(bad.sum())} NaN/Inf value(s) (as float32), the first at {list(first)}")
+    return G.bf16_bits(f)
 
 
 class FunctionalTransport:
@@ -107,11 +155,28 @@ class Device:
 
     @classmethod
     async def open(cls, transport, cfg: SystemConfig) -> "Device":
-        dev = cls(transport, cfg)
+        """A driver for the device behind ``transport``; raises :class:`DeviceMismatchError` when its ID
+        register is not the IANUS prototype's or its GEOMETRY register does not match ``cfg``."""
+        if not isinstance(cfg, SystemConfig):
+            raise DriverError(f"cfg must be a SystemConfig, not {cfg!r}")
         ident = await transport.read_csr(CSR.ID)
         if ident != DEVICE_ID:
-            raise PimError(f"unexpected device id {ident:#x} (expected {DEVICE_ID:#x})")
-        return dev
+            raise DeviceMismatchError(f"unexpected device id {ident:#x} (expected {DEVICE_ID:#x})")
+        got = await transport.read_csr(CSR.GEOMETRY)
+        want = geometry_word(cfg.pim)
+        if got != want:
+            diff = [f"{name} {(got >> lo) & ((1 << w) - 1)} (configuration {cfg.name!r}: "
+                    f"{(want >> lo) & ((1 << w) - 1)})" for name, lo, w in GEOMETRY_FIELDS
+                    if (got >> lo) & ((1 << w) - 1) != (want >> lo) & ((1 << w) - 1)]
+            raise DeviceMismatchError(f"the device's geometry is not configuration {cfg.name!r}'s: "
+                                      + ", ".join(diff or [f"GEOMETRY {got:#x}, expected {want:#x}"]))
+        return cls(transport, cfg)
+
+    @property
+    def allocated_data_rows(self) -> int:
+        """Rows (per bank) held by data buffers (:meth:`alloc`); a finished or failed :meth:`gemv` leaves it
+        unchanged."""
+        return self.cfg.pim.data_rows - self.next_data_row
 
     # -- memory ----------------------------------------------------------------
     def _rows_for(self, nbytes: int) -> int:
@@ -119,8 +184,9 @@ class Device:
 
     def alloc(self, nbytes: int) -> int:
         """Allocate a data buffer of ``nbytes`` (whole rows across all banks, from the top)."""
-        if not isinstance(nbytes, int) or nbytes <= 0:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes <= 0:
             raise LayoutError(f"allocation size must be a positive integer, not {nbytes!r}")
+        nbytes = int(nbytes)
         rows = self._rows_for(nbytes)
         if self.next_data_row - rows < self.next_weight_row:
             raise LayoutError(f"out of device memory: {nbytes} bytes need {rows} rows, "
@@ -128,10 +194,29 @@ class Device:
         self.next_data_row -= rows
         return self.amap.encode(self.next_data_row, 0, 0, 0)
 
+    def _check_range(self, addr, n: int) -> int:
+        addr = _address("address", addr)
+        p = self.cfg.pim
+        if addr < 0 or addr % p.column_bytes:
+            raise DriverError(f"address {addr:#x} must be a non-negative multiple of the {p.column_bytes}-byte "
+                              f"column")
+        if addr + n > p.total_bytes:
+            raise DriverError(f"{n} bytes at {addr:#x} run past the end of device memory ({p.total_bytes:#x} bytes)")
+        return addr
+
     async def write(self, addr: int, data: bytes):
+        """Write ``data`` (bytes-like) to device memory at ``addr`` (column-aligned, inside device memory)."""
+        try:
+            data = bytes(memoryview(data))
+        except TypeError:
+            raise DriverError(f"data must be bytes-like, not {type(data).__name__}") from None
+        addr = self._check_range(addr, len(data))
         await self.t.write_mem(addr, data)
 
     async def read(self, addr: int, n: int) -> bytes:
+        """Read ``n`` bytes of device memory at ``addr`` (column-aligned, inside device memory)."""
+        n = _count("n", n)
+        addr = self._check_range(addr, n)
         return await self.t.read_mem(addr, n)
 
     # -- weights -----------------------------------------------------------------
@@ -144,11 +229,14 @@ class Device:
         ``h mod channels``, so each channel computes whole heads.
         """
         p = self.cfg.pim
+        n_out = _count("n_out", n_out, 1)
         if layout == "columns":
             return np.arange(n_out)
         if layout != "heads":
             raise LayoutError(f"layout must be 'columns' or 'heads', not {layout!r}")
-        if head_dim <= 0 or n_out % (sections * head_dim):
+        head_dim = _count("head_dim", head_dim, 1)
+        sections = _count("sections", sections, 1)
+        if n_out % (sections * head_dim):
             raise LayoutError(f"{n_out} outputs are not {sections} sections of heads of {head_dim}")
         heads = n_out // (sections * head_dim)
         per_channel = [[] for _ in range(p.channels)]
@@ -166,11 +254,19 @@ class Device:
 
     async def upload_weights(self, w, bias=None, layout: str = "columns", head_dim: int = 64,
                              sections: int = 1) -> WeightHandle:
-        """Upload ``w`` ([K, N], used as ``x @ w``; float or BF16 bits) and an optional bias (float32, N)."""
-        w_bits = np.asarray(w) if np.asarray(w).dtype == np.uint16 else G.bf16_bits(np.asarray(w, np.float32))
-        if w_bits.ndim != 2:
-            raise LayoutError(f"weights must be a 2-D [K, N] matrix, not shape {w_bits.shape}")
+        """Upload ``w`` ([K, N], used as ``x @ w``; finite floats or BF16 bits as uint16) and an optional bias
+        (finite floats, N). Bad arguments raise :class:`DriverError` before anything is written."""
+        w_bits = _bf16_operand("weights", w)
+        if w_bits.ndim != 2 or 0 in w_bits.shape:
+            raise LayoutError(f"weights must be a 2-D [K, N] matrix with K, N >= 1, not shape {w_bits.shape}")
         K, N = w_bits.shape
+        if bias is not None:
+            b = np.asarray(bias)
+            if str(b.dtype) not in _FLOAT_KINDS:
+                raise DriverError(f"bias must be a float array ({', '.join(_FLOAT_KINDS)}), not dtype {b.dtype}")
+            if b.shape != (N,):
+                raise LayoutError(f"bias must have shape ({N},), not {b.shape}")
+            _bf16_operand("bias", b)                           # finite
         if K > self.limits["input_values"]:
             raise LayoutError(f"K={K} exceeds the PCU input buffer ({self.limits['input_values']} values)")
         perm = self.plan(N, layout, head_dim, sections)
@@ -188,17 +284,20 @@ class Device:
             raise LayoutError(f"out of device memory for a {K}x{N} weight matrix ({lay.rows_used} rows)")
         packed = lay.pack(wp)                                     # [ch, banks, rows, cols, lanes]
         image = np.ascontiguousarray(packed.transpose(2, 0, 1, 3, 4))
-        await self.write(self.amap.encode(lay.base_row, 0, 0, 0), image.tobytes())
-        self.next_weight_row += lay.rows_used
         handle = WeightHandle(lay, perm, N)
-        if bias is not None:
-            b = np.asarray(bias, dtype=np.float32)
-            if b.shape != (N,):
-                raise LayoutError(f"bias must have shape ({N},), not {b.shape}")
-            bp = np.zeros(n_packed, dtype=np.float32)
-            bp[valid] = b[perm[valid]]
-            handle.bias_addr = self.alloc(bp.nbytes)
-            await self.write(handle.bias_addr, bp.tobytes())
+        rows = (self.next_weight_row, self.next_data_row)
+        try:
+            if bias is not None:
+                bp = np.zeros(n_packed, dtype=np.float32)
+                bp[valid] = np.asarray(bias, dtype=np.float32)[perm[valid]]
+                handle.bias_addr = self.alloc(bp.nbytes)
+            self.next_weight_row += lay.rows_used
+            await self.write(self.amap.encode(lay.base_row, 0, 0, 0), image.tobytes())
+            if bias is not None:
+                await self.write(handle.bias_addr, bp.tobytes())
+        except BaseException:
+            self.next_weight_row, self.next_data_row = rows           # nothing stays allocated
+            raise
         return handle
 
     async def upload_gelu_table(self, fn=gelu):
@@ -234,28 +333,38 @@ class Device:
 
     async def gemv(self, handle: WeightHandle, x, gelu_act: bool = False, timeout_cycles: int = 10_000_000,
                    out_addr: int | None = None) -> np.ndarray:
-        """``x @ W (+bias) (GELU)`` on PIM; returns float32 outputs in the original order."""
+        """``x @ W (+bias) (GELU)`` on PIM; returns float32 outputs in the original order.
+
+        ``x``: finite floats or BF16 bits (uint16) of shape (K,). The buffers of the call are freed when it
+        returns or fails (device error, timeout), so a failed GEMV leaves :attr:`allocated_data_rows` as it
+        was."""
+        if not isinstance(handle, WeightHandle):
+            raise DriverError(f"handle must be a WeightHandle from upload_weights, not {handle!r}")
         lay = handle.layout
-        x_bits = np.asarray(x) if np.asarray(x).dtype == np.uint16 else G.bf16_bits(np.asarray(x, np.float32))
+        x_bits = _bf16_operand("x", x)
         if x_bits.shape != (lay.K,):
             raise LayoutError(f"input must have shape ({lay.K},), not {x_bits.shape}")
-        x_addr = self.alloc(x_bits.nbytes)
-        await self.write(x_addr, x_bits.astype("<u2").tobytes())
+        timeout_cycles = _count("timeout_cycles", timeout_cycles, 1)
         n_packed = lay.N
-        y_addr = out_addr if out_addr is not None else self.alloc(n_packed * 4)
-        flags = (MacroFlag.BIAS if handle.bias_addr is not None else 0) | (MacroFlag.GELU if gelu_act else 0)
-        await self.submit(Macro(MacroOp.WRITE_VEC, n=lay.K, addr0=x_addr))
-        await self.submit(Macro(MacroOp.GEMV, flags=int(flags), n=lay.K, m=n_packed, row=lay.base_row,
-                                addr0=handle.bias_addr or 0))
-        await self.submit(Macro(MacroOp.READ_RES, n=n_packed, addr0=y_addr))
-        await self.wait_idle(timeout_cycles)
-        y_packed = np.frombuffer(await self.read(y_addr, n_packed * 4), dtype="<u4")
+        if out_addr is not None:
+            out_addr = self._check_range(out_addr, n_packed * 4)
+        saved = self.next_data_row
+        try:
+            x_addr = self.alloc(x_bits.nbytes)
+            y_addr = out_addr if out_addr is not None else self.alloc(n_packed * 4)
+            await self.write(x_addr, x_bits.astype("<u2").tobytes())
+            flags = (MacroFlag.BIAS if handle.bias_addr is not None else 0) | (MacroFlag.GELU if gelu_act else 0)
+            await self.submit(Macro(MacroOp.WRITE_VEC, n=lay.K, addr0=x_addr))
+            await self.submit(Macro(MacroOp.GEMV, flags=int(flags), n=lay.K, m=n_packed, row=lay.base_row,
+                                    addr0=handle.bias_addr or 0))
+            await self.submit(Macro(MacroOp.READ_RES, n=n_packed, addr0=y_addr))
+            await self.wait_idle(timeout_cycles)
+            y_packed = np.frombuffer(await self.read(y_addr, n_packed * 4), dtype="<u4")
+        finally:
+            self.next_data_row = saved          # the call's buffers are freed (stack discipline), also on failure
         y = np.zeros(handle.n_out, dtype=np.uint32)
         valid = handle.perm >= 0
         y[handle.perm[valid]] = y_packed[valid]
-        # Buffers of this call are freed (stack discipline).
-        self.next_data_row += self._rows_for(x_bits.nbytes) + (0 if out_addr is not None
-                                                                else self._rows_for(n_packed * 4))
         return y.view(np.float32)
 
     async def counters(self) -> dict:

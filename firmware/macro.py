@@ -133,6 +133,7 @@ class CSR(enum.IntEnum):
     QUEUE_LEVEL = 0x24
     COMPLETED = 0x28      # commands completed since reset
     CYCLES = 0x2C         # cycles since reset (low 32 bits)
+    GEOMETRY = 0x30       # the device's PIM geometry (hw.proto.geometry_word): checked by the driver at open
     CH_BASE = 0x100       # per channel c: CH_BASE + 0x20*c + counter offset
 
 
@@ -149,6 +150,8 @@ CSR_TABLE = [
     (CSR.QUEUE_LEVEL, "r", "commands queued"),
     (CSR.COMPLETED, "r", "commands completed"),
     (CSR.CYCLES, "r", "cycle counter"),
+    (CSR.GEOMETRY, "r", "log2 channels [3:0], banks [7:4], rows [12:8], columns [16:13], lanes [20:17]; "
+                        "af_rows [24:21]; log2 global-buffer columns [28:25]"),
     (CSR.CH_BASE, "r", "per-channel counters: busy_cycles, commands, refreshes, wait_cycles, macs"),
 ]
 

@@ -93,6 +93,10 @@ class FunctionalDevice:
             return self.completed & 0xFFFFFFFF
         if off == CSR.CYCLES:
             return self.completed & 0xFFFFFFFF
+        if off == CSR.GEOMETRY:
+            from hw.proto import geometry_word
+
+            return geometry_word(self.cfg.pim)
         if off >= CSR.CH_BASE:
             return 0
         raise IndexError(f"no register at offset {off:#x}")

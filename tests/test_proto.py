@@ -25,6 +25,10 @@ def test_register_map_matches_the_table():
         macro.CSR.QUEUE_LEVEL, macro.CSR.COMPLETED, macro.CSR.CYCLES, macro.CSR.CH_BASE)
     assert proto.E_QUEUE_OVERFLOW == macro.MacroError.QUEUE_OVERFLOW
     assert tuple(macro.CH_COUNTERS) == proto.CH_COUNTERS
+    assert proto.CSR_GEOMETRY == macro.CSR.GEOMETRY
+    # GEOMETRY tells the presets apart (the driver refuses to open a device with another geometry)
+    words = {name: proto.geometry_word(preset(name).pim) for name in ("tiny", "default", "ianus")}
+    assert len(set(words.values())) == 3, words
 
 
 def test_driver_same_bits_on_rtl_and_model():
