@@ -169,6 +169,9 @@ def _assemble_line(tokens, line) -> int:
                 raise AsmError(f"line {line}: unknown matrix operation {tokens[1]!r}") from None
             kv = {}
             for k, v in _kv(tokens[2:], line).items():
+                if k == "opcode":
+                    raise AsmError(f"line {line}: the matrix operation is the first operand ({tokens[1]!r}), "
+                                   f"not a field opcode=")
                 if k == "target" and v.upper() in mu_isa.Target.__members__:
                     kv[k] = mu_isa.Target[v.upper()].value
                 else:
@@ -185,6 +188,9 @@ def _assemble_line(tokens, line) -> int:
             kv = _kv(tokens[2:], line)
             fields = {"op": tokens[1].upper()}
             for k, v in kv.items():
+                if k == "op":
+                    raise AsmError(f"line {line}: the vector operation is the first operand ({tokens[1]!r}), "
+                                   f"not a field op=")
                 if k not in dict(_VEC_LAYOUT):
                     raise AsmError(f"line {line}: unknown vector field {k!r}")
                 if k in _VEC_ENUMS and not v[:1].isdigit():
@@ -214,11 +220,9 @@ def _assemble_line(tokens, line) -> int:
                 raise AsmError(f"line {line}: unknown PIM fields {sorted(bad)}")
             words = mc.encode(mc.Macro(op=op, **kv))
             return isa.encode(SocOp.PIM, word=sum(w << (32 * i) for i, w in enumerate(words)))
-    except isa.IsaError as e:
-        raise AsmError(f"line {line}: {e}") from None
-    except ValueError as e:
-        if isinstance(e, AsmError):
-            raise
+    except AsmError:
+        raise
+    except ValueError as e:             # IsaError and the tables' own range errors
         raise AsmError(f"line {line}: {e}") from None
     raise AsmError(f"line {line}: unknown mnemonic {tokens[0]!r} (end, fence, matrix, vector, vload, vstore, pim)")
 
