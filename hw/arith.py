@@ -23,7 +23,7 @@ the surrounding control carries a valid bit alongside.
 
 from pathlib import Path
 
-from amaranth.hdl import Cat, Const, DomainRenamer, Instance, Module, Mux, Signal
+from amaranth.hdl import Cat, ClockSignal, Const, DomainRenamer, Instance, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -83,15 +83,21 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name} must be an integer of at least {minimum}, not {value!r}")
 
 
-def bf16_mul(m: Module, dom, a, b, prefix="mul", fp_impl="rtl"):
+def bf16_mul(m: Module, dom, a, b, prefix="mul", fp_impl="rtl", reg_clock=None):
     """Build a BF16 x BF16 -> FP32 multiplier; the result is assigned in domain ``dom``.
 
     Returns the 32-bit result signal (registered when ``dom`` is a sync domain).
-    ``fp_impl="dpi"``: a behavioural cell instead of gates (:func:`check_fp_impl`).
+    ``fp_impl="dpi"``: a behavioural cell instead of gates (:func:`check_fp_impl`); with ``reg_clock``
+    (the clock of ``dom``, a reset-less domain) the cell is a register that calls the model only on that
+    clock's edges, not whenever its operands change.
     """
     if check_fp_impl(fp_impl) == "dpi":
         result = Signal(32, name=f"{prefix}_p")
-        dom += result.eq(_dpi_cell(m, "ianus_bf16_mul_dpi", a, b, 32, prefix))
+        if reg_clock is not None:
+            m.submodules[f"{prefix}_dpi"] = Instance("ianus_bf16_mul_dpi_reg", i_clk=reg_clock, i_a=a, i_b=b,
+                                                     o_y=result)
+        else:
+            dom += result.eq(_dpi_cell(m, "ianus_bf16_mul_dpi", a, b, 32, prefix))
         return result
     ea, eb = a[7:15], b[7:15]
     fa, fb = a[0:7], b[0:7]
@@ -430,7 +436,10 @@ class MacUnit(wiring.Component):
         tree = AdderTree(self._lanes, fp_impl=self._fp_impl)
         m.submodules.tree = DomainRenamer(dp)(tree) if dp != "sync" else tree
         for k in range(self._lanes):
-            p = bf16_mul(m, m.d[dp], self.w[k], self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl)
+            # Gated: the operands change with the bank's storage every cycle, the product register only
+            # on the gated edges; a registered behavioural cell is called only then.
+            p = bf16_mul(m, m.d[dp], self.w[k], self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl,
+                         reg_clock=ClockSignal(dp) if self._clock_gate else None)
             m.d.comb += tree.i[k].eq(p)
         # valid travels alongside the multiplier and the tree (ungated).
         valid = self.valid

