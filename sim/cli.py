@@ -419,6 +419,9 @@ def main(argv=None) -> int:
 
     p = project_mod.add_parser(sub)
     p.set_defaults(func=project_mod.main_project)
+    from sim import sweep as sweep_mod
+
+    sweep_mod.add_parser(sub)
     from sim.lm import generate as generate_mod
 
     gen = generate_mod.add_parser(sub)
