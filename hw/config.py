@@ -14,8 +14,8 @@ Three presets:
     What ``make demo`` simulates in RTL: GDDR6-AiM geometry (16 banks, 2 KB
     rows, 16 BF16 lanes per column, 2 KB global buffer) and the paper's DRAM
     timings at a 1 GHz command clock, over 2 channels (Verilator's build cost
-    grows with every bank) with enough rows for a whole GPT-2-small decoder
-    layer.
+    grows with every bank) with 4096 rows per bank (256 MB): enough for the
+    12 decoder layers of GPT-2 small with up to ~1,000 tokens of KV cache.
 ``ianus``
     The paper's Table 1 system (8 channels of GDDR6-AiM, 4 NPU cores with a
     128x64 systolic array, 12 MB + 4 MB scratchpads). Used for performance
@@ -466,7 +466,7 @@ def _tiny() -> SystemConfig:
 def _default() -> SystemConfig:
     return SystemConfig(
         name="default",
-        pim=PimGeometry(channels=2, banks=16, rows=512, columns=64, lanes=16, column_bits=256,
+        pim=PimGeometry(channels=2, banks=16, rows=4096, columns=64, lanes=16, column_bits=256,
                         gb_bytes=2048, af_rows=1),
         timing=timing_from_ns(TIMING_NS_IANUS, 1000.0),
         npu=NpuConfig(array_rows=16, array_cols=16, vector_lanes=16, act_spm_words=4096,
