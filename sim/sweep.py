@@ -134,7 +134,7 @@ def _transient(e: BaseException) -> bool:
 
 def run_point(point: dict, base: str, positions: int, timeout_s: float) -> dict:
     """Evaluate ``point``; never raises: a failure is ``status`` "error" with its message in ``error``."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     row = {"status": "ok", "error": ""}
     for attempt in range(3):
         try:
@@ -147,6 +147,7 @@ def run_point(point: dict, base: str, positions: int, timeout_s: float) -> dict:
             break
     row["worker"] = f"{socket.gethostname()}:{os.getpid()}"
     row["wall_s"] = round(time.perf_counter() - t0, 4)
+    row["cpu_s"] = round(time.thread_time() - c0, 4)        # this thread's CPU: the wall time less waiting for a core
     return row
 
 

@@ -228,7 +228,7 @@ class Spec:
         return [a.name for a in self.axes if a.name not in ("model", "input", "output")]
 
     def columns(self) -> list[str]:
-        return ["key", "status", "error", *self.fields, *METRICS, "worker", "wall_s", "point"]
+        return ["key", "status", "error", *self.fields, *METRICS, "worker", "wall_s", "cpu_s", "point"]
 
     def _complete(self, values: dict) -> dict:
         point = dict(DEFAULTS)
