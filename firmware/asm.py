@@ -159,6 +159,10 @@ def _assemble_line(tokens, line) -> int:
             return isa.encode(SocOp.FENCE, units=units)
         if mnem in ("vload", "vstore"):
             kv = _kv(tokens[1:], line)
+            bad = sorted(set(kv) - {name for name, _, _ in isa.VDMA_FIELDS})
+            if bad:
+                raise AsmError(f"line {line}: unknown {mnem} fields {bad} "
+                               f"({', '.join(name for name, _, _ in isa.VDMA_FIELDS)})")
             return isa.encode(SocOp[mnem.upper()], **{k: _int(v, line, k) for k, v in kv.items()})
         if len(tokens) < 2:
             raise AsmError(f"line {line}: {mnem} needs an operation name")
@@ -222,7 +226,7 @@ def _assemble_line(tokens, line) -> int:
             return isa.encode(SocOp.PIM, word=sum(w << (32 * i) for i, w in enumerate(words)))
     except AsmError:
         raise
-    except ValueError as e:             # IsaError and the tables' own range errors
+    except (ValueError, TypeError) as e:    # IsaError and the tables' own range / argument errors
         raise AsmError(f"line {line}: {e}") from None
     raise AsmError(f"line {line}: unknown mnemonic {tokens[0]!r} (end, fence, matrix, vector, vload, vstore, pim)")
 

@@ -115,7 +115,7 @@ TOKENS = ["end", "fence", "matrix", "vector", "vload", "vstore", "pim", "LOAD", 
           "cols=0x20", "wait=1", "accumulate=1", "transpose=1", "n=", "=5", "a_fmt=BF16", "a_fmt=FP64", "op=3",
           "mem_addr=0x1000", "mem_stride=32", "spm_addr=0", "spm_pitch=1", "13", "99", "0x1f", "x", "#", "#c",
           "k=1", "m=1", "flags=7", "addr1=1", "imm0=0xffffffff", "imm0=0x100000000", "b_mode=3", "mask=7",
-          "opcode=1"]
+          "opcode=1", "units=1", "word=5"]
 texts = st.lists(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=8).map(" ".join), min_size=1,
                  max_size=6).map("\n".join)
 
@@ -240,10 +240,12 @@ def test_binary_errors_name_the_instruction():
     ("vector ADD op=3", "line 1: the vector operation is the first operand ('ADD'), not a field op="),
     ("matrix LOAD opcode=1", "line 1: the matrix operation is the first operand ('LOAD'), not a field opcode="),
     ("pim GEMV op=3", "^line 1: unknown PIM fields"),
+    ("vload op=3", "^line 1: unknown vload fields ['op']"),           # seed 777
+    ("vstore units=1", "^line 1: unknown vstore fields ['units']"),
 ])
 def test_operation_given_twice(text, message):
-    """Found by the long fuzzing run (seed 12345): these raised TypeError or doubled the line prefix."""
-    with pytest.raises(AsmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    """Found by the long fuzzing runs (seeds 12345, 777): these raised TypeError or doubled the line prefix."""
+    with pytest.raises(AsmError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         assemble(text)
 
 
