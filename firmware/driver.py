@@ -230,6 +230,8 @@ class Device:
         """
         p = self.cfg.pim
         n_out = _count("n_out", n_out, 1)
+        if n_out > self.limits["result_values"]:
+            raise LayoutError(f"N={n_out} exceeds the PCU result buffer ({self.limits['result_values']} values)")
         if layout == "columns":
             return np.arange(n_out)
         if layout != "heads":

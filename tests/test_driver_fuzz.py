@@ -67,6 +67,11 @@ def test_plan_errors():
         dev.plan(96, "heads", head_dim=16.0)
     with pytest.raises(D.DriverError, match="n_out must be an integer >= 1, not 0"):
         dev.plan(0)
+    # found by the long fuzzing run (seed 4242): plan(2**40) allocated an index array of 2**40 entries
+    with pytest.raises(D.LayoutError, match="N=1099511627776 exceeds the PCU result buffer"):
+        dev.plan(1 << 40)
+    with pytest.raises(D.LayoutError, match="exceeds the PCU result buffer"):
+        dev.plan(1 << 40, "heads", head_dim=1 << 39, sections=2)
     assert issubclass(D.DriverError, ValueError) and issubclass(D.LayoutError, D.DriverError)
 
 
