@@ -303,7 +303,8 @@ def run_sweep(spec: Spec, out_dir, *, workers: int = 2, scheduler: str | None = 
                     except Exception as e:  # the task itself failed (e.g. KilledWorker): record it
                         res = {"status": "error", "error": _one_line(e)}
                     fut.release()
-                    w.writerow(_row(spec, k, p, res))
+                    row = _row(spec, k, p, res)
+                    w.writerow(row)
                     fh.flush()
                     stats.ran += 1
                     stats.ok += res["status"] == "ok"
@@ -312,7 +313,7 @@ def run_sweep(spec: Spec, out_dir, *, workers: int = 2, scheduler: str | None = 
                     if bar is not None:
                         bar.update(task, advance=1, status=f"ok {stats.ok}, errors {stats.errors}")
                     if on_result is not None:
-                        on_result(dict(zip(columns, _row(spec, k, p, res), strict=True)), stats)
+                        on_result(dict(zip(columns, row, strict=True)), stats)
             except KeyboardInterrupt:
                 stats.interrupted = True
             finally:
