@@ -398,12 +398,12 @@ def main_sweep(args) -> int:
 def add_parser(sub):
     p = sub.add_parser("sweep", help="design-space sweep (YAML spec) on Dask: compiler + performance model per point")
     p.add_argument("spec", help="YAML sweep spec (see sim/sweeps/example.yaml)")
-    p.add_argument("--out", default=None, help="output directory (default build/sweep/<spec name>)")
-    p.add_argument("--workers", type=int, default=2, help="local worker processes, one thread each (default 2)")
+    p.add_argument("--out", default=None, help="output directory (default: build/sweep/<spec name>)")
+    p.add_argument("--workers", type=int, default=2, help="local worker processes, one thread each")
     p.add_argument("--scheduler", default=None, help="tcp://host:port of an existing Dask scheduler")
     p.add_argument("--retry-errors", action="store_true", help="run the points whose rows hold an error again")
     p.add_argument("--dry-run", action="store_true", help="count the points and those already done, run nothing")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="no Pareto PNGs (pareto.csv and the table still)")
     p.set_defaults(func=main_sweep)
     return p
