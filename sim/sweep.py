@@ -125,10 +125,11 @@ def evaluate(point: dict, base: str, positions: int) -> dict:
 
 
 def _transient(e: BaseException) -> bool:
-    """CPython 3.11's ast.parse keeps its recursion counter in state shared by threads (CPython
-    gh-106905): the performance model reads a source file with inspect.getsource for every point, and
-    when a Dask worker's own thread formats a traceback (which parses source lines) at the same moment the
-    parse fails with this SystemError. Running the point again is correct."""
+    """CPython 3.11's ast.parse keeps a recursion counter in state shared by all threads (CPython
+    gh-106905 and related): the performance model parses a source file for every point
+    (``inspect.getsource`` in ``sim.perfmodel._transpose_buffers``), and a parse in another thread of the
+    worker process at the same moment makes it fail with this SystemError (seen in about one of three runs
+    of the worker-kill test in tests/test_sweep.py). Running the point again is correct."""
     return isinstance(e, SystemError) and "AST constructor recursion depth mismatch" in str(e)
 
 
