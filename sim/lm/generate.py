@@ -10,8 +10,9 @@ layers run as the compiled stage programs (:func:`firmware.compiler.compile_mode
 * ``--backend verilator``: the SoC RTL, through the same build and device-memory
   back door as ``ianus run`` (:mod:`sim.tb.soc_run`); the host loop runs in the
   testbench (:mod:`sim.tb.lm_generate_tb`), which reads each new hidden state
-  through the AXI4 window, picks the token, writes the next embedding through
-  the window and starts the next programs through the registers.
+  through the AXI4 window, picks the token, writes the next embedding (through
+  the banks' simulation back door; see that module) and starts the next
+  programs through the registers.
 
 The prompt's ``P`` bytes are prefilled (all layers, one program per stage),
 giving the first new token from the last position; every further token is one
