@@ -61,7 +61,7 @@ MAX_TOKENS = (1 << 16) - 1
 memory allows far fewer (:func:`token_limit`)."""
 MAX_LAYERS = 1024
 """A sanity bound on ``--layers``, checked before anything is allocated; the device memory allows far
-fewer (1 GPT-2-small layer on ``default``)."""
+fewer (``ianus config`` lists the limits)."""
 ERROR_BOUND = {"npu-mem": 0.01, "ianus": 0.10, "naive": 0.10}
 """The README's bound on max |err| vs float64 as a share of the block's largest change, per policy."""
 
