@@ -423,6 +423,10 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
     hpg = max(1, H // groups)
     while H % hpg or (3 * hd * hpg) % (p.banks * p.channels):
         hpg += 1
+        if hpg > H:
+            raise CompileError(f"no head group of {shape.heads} heads of {hd} fills whole PIM tiles: 3 x head_dim "
+                               f"x heads per group must be a multiple of the {p.banks * p.channels} banks "
+                               f"(banks x channels) of configuration {cfg.name!r}")
     plan = MemoryPlan(cfg, shape, max_tokens, hpg)
     row_bytes = plan.row_bytes
     row = 0

@@ -151,11 +151,9 @@ class Micro:
 def _transpose_buffers() -> int:
     """2 when the RTL's transposing load is double-buffered (it gathers one W x 16 block while it
     writes the previous one's transpose), else 1."""
-    import inspect
-
     from hw.npu import dma
 
-    return 2 if "two W x 16 buffers" in inspect.getsource(dma.DmaLoad) else 1
+    return dma.DmaLoad.transpose_buffers
 
 
 def micro_for(cfg: SystemConfig) -> Micro:

@@ -19,6 +19,7 @@ from firmware.compiler import CompileError, compile_model, plan_memory
 from firmware.gpt2 import GptShape, WeightsError, load_weights, random_weights, reference_block, save_npz
 from firmware.isa import CpError, SocOp
 from firmware.runtime import build_job, read_outputs, run_model
+from hw.config import preset
 from sim.run import reference, soc_config
 from sim.soc_model import SocModel
 
@@ -159,6 +160,9 @@ def test_compile_errors():
         plan_memory(CFG, GptShape(256, 4, 1), 8)
     with pytest.raises(CompileError, match="multiples of 16"):
         plan_memory(CFG, GptShape(40, 2, 1), 8)
+    # No head-group size fills whole PIM tiles (the search for one used to loop for ever).
+    with pytest.raises(CompileError, match="no head group of 1 heads of 64 fills whole PIM tiles"):
+        plan_memory(preset("ianus"), GptShape(64, 1, 1), 8)
 
 
 # -- weights ---------------------------------------------------------------------------------------

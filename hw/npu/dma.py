@@ -61,6 +61,9 @@ class DmaLoad(wiring.Component):
     the emitter writes block ``b``'s transpose from the other, so it runs at
     ``max(W, 16)`` cycles per block when memory answers every cycle.
 
+    ``transpose_buffers`` (2) is that number of ``W x 16`` buffers; the
+    performance model reads it.
+
     Parameters
     ----------
     cfg : SystemConfig
@@ -82,6 +85,8 @@ class DmaLoad(wiring.Component):
     error : Out(ErrorCode)
         Error event (``NONE`` otherwise), one cycle per event.
     """
+
+    transpose_buffers = 2
 
     def __init__(self, cfg: SystemConfig, lanes: int, max_outstanding: int = 32):
         if not isinstance(cfg, SystemConfig):
