@@ -73,7 +73,9 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     ``fp_impl``: the FP cells of the processing elements and the PIM processing units
     (:func:`hw.arith.check_fp_impl`). Default: ``"dpi"`` on Verilator (the fast behavioural cells,
     bit-exact with the gates), ``"rtl"`` on Icarus (no DPI-C there); ``SOC_FP_IMPL`` in the
-    environment overrides the default.
+    environment overrides the default. ``SOC_THREADS=N`` builds a Verilator model with ``--threads N``
+    (a separate build; single-threaded by default, since tests run two simulations at once on two
+    cores); ``SOC_CXX_OPT`` sets the C++ optimisation (default :data:`SOC_CXX_OPT`).
     """
     from hw.arith import FP_DPI_SOURCES, check_fp_impl
     from hw.npu.memmodel import CLOCK_VERILOG
@@ -92,6 +94,9 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     dev_v = [v for v in device_sources(cfg, fp_impl) if v not in FP_DPI_SOURCES]
     fp_v = FP_DPI_SOURCES if fp_impl == "dpi" else ()
     args = ("--timing", "--timescale", "1ns/1ps") if sim == "verilator" else ()
+    threads = int(os.environ.get("SOC_THREADS", "1"))
+    if sim == "verilator" and threads > 1:
+        args += ("--threads", str(threads))
     opt = os.environ.get("SOC_CXX_OPT", SOC_CXX_OPT)
     make = [f"OPT_FAST={opt}", "OPT_SLOW=-O0", f"OPT_GLOBAL={opt}"]
     return build(lambda: SocSim(cfg, device_factory(cfg)), name=f"soc_sim_{cfg.name}", key=repr(cfg) + " socsim",
