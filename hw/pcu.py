@@ -1,13 +1,37 @@
-"""PIM control unit (PCU): macro PIM commands in, timed micro-command streams out.
+"""PIM control unit (PCU): macro PIM commands in, a streamed micro-command program out.
 
 The PCU decodes the macro commands of :mod:`firmware.macro` (``WRITE_VEC``,
 ``GEMV`` with optional bias and GELU, ``READ_RES``) into PIM micro commands
-for every channel's :class:`hw.memctrl.MemoryController` (which times them),
-with the same semantics as the functional model (:mod:`sim.pim_model`): the
-same validation order and error codes, the same GEMV command program as
-:func:`firmware.pim.gemv_program` (without the global-buffer write
-interleaving: the controller issues every micro command as early as the
-timing rules allow), bit-exact results.
+for every channel's :class:`hw.memctrl.MemoryController` (which times them,
+strictly in order), with the same semantics as the functional model
+(:mod:`sim.pim_model`): the same validation order and error codes, bit-exact
+results. The GEMV command order is that of :func:`firmware.pim.gemv_program`.
+
+Command stream
+--------------
+One output register holds the command being offered (per channel ``valid``,
+shared fields); a new command is loaded in the cycle the last channel accepts
+the previous one, so accepted commands follow one another without a bubble
+(one per cycle when the controllers take them as fast). Command data that
+comes from a buffer (a global-buffer column of the input, a preload, a result
+word) is read when the command is loaded: the buffer's read port samples its
+address at that clock edge and holds its output (read enable low) until the
+command is accepted, so buffer reads cost no cycle of their own.
+
+GEMV order (per channel, all channels in lockstep)
+--------------------------------------------------
+Bias (``BIAS``): the bias words are read first (a memory transfer, below);
+the first input chunk's WRGBs that would delay the first row's MACs fill the
+tRP wait after its PREAB.
+Then per tile row (chunk-major): ``ACTAB``, the previous row's ``RDMAC`` /
+``RDAF``, ``WRBIAS`` per accumulator group (the bias, zero, or the partial
+sums this tile's row of the previous chunk left: they wait until read back;
+a GEMV of one tile keeps them in the accumulators instead, which gives the
+same bits: an FP32 word read out and preloaded again is unchanged),
+the chunk's remaining ``WRGB`` (first tile of a chunk), ``MACAB`` per column,
+then, when the next row starts a new chunk, its first WRGBs in the tRTP slot
+before ``PREAB`` and the tRP wait after it; with GELU on the last chunk
+``ACTAB`` (LUT row), ``AF``, ``PREAB``. Finally the last row's reads.
 
 Buffers
 -------
@@ -22,10 +46,13 @@ word ``j`` (8 FP32) is output block ``8j .. 8j+7`` = rbuf entry
 ``(channel (j // groups) % channels, index (j // (groups*channels)) * groups + j % groups)``;
 this needs ``banks`` to be a multiple of ``banks_per_word`` (checked).
 
-Memory access (WRITE_VEC, the bias, READ_RES) uses ACT/RD/WR/PRE micro
-commands on the channel that owns each 32-byte column, keeping one open row
-per channel; read responses return in order per channel, so a per-channel
-counter of the next expected word gives each response its destination.
+Memory access (WRITE_VEC, the bias, READ_RES) uses ACT/RD/WR/PREAB micro
+commands on the channel that owns each 32-byte column, in segments that stay
+inside one row of every bank (a transfer crosses a row only every
+``channels * banks * columns`` words): the segment's banks are activated
+first, then its columns are read or written in order, then PREAB. Read
+responses return in order per channel, so a per-channel counter of the next
+expected word gives each response its destination.
 
 While a macro command runs, ``mode<c>`` holds every channel in PIM mode (the
 controllers hold normal traffic back); it falls when the controllers are idle.
@@ -102,25 +129,33 @@ class Pcu(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        p = cfg.pim
+        p, t = cfg.pim, cfg.timing
         C, B, G, L = p.channels, p.banks, self.groups, p.lanes
         bpw = p.banks_per_word
         amap = AddressMap(p)
         col_bytes = p.column_bytes
         gbc = p.gb_columns                      # columns per input chunk
+        gbc_lg = gbc.bit_length() - 1
         per_tile = B * C
         pins = [getattr(self, f"p{c}") for c in range(C)]
         prs = [getattr(self, f"pr{c}") for c in range(C)]
+        # Free command slots in the controllers' timing waits, filled with a new chunk's WRGBs (as
+        # firmware.pim.gemv_program does): before PREAB (tRTP after the last MAC), before ACTAB (tRP).
+        before_pre = max(0, t.tRTP // t.tCCD - 1)
+        before_act = max(0, t.tRP // t.tCCD - 1)
+        after_act = max(0, t.tRCDRD // t.tCCD - 1 - G)   # slots between ACTAB + WRBIAS and the first MAC
 
         # ---------------- buffers ----------------
         m.submodules.xbuf = xbuf = Memory(shape=p.column_bits, depth=self.x_words, init=[])
         x_w, x_r = xbuf.write_port(), xbuf.read_port()
-        rbufs, r_ws, r_rs = [], [], []
+        r_ws, r_rs = [], []
         for c in range(C):
             rb = m.submodules[f"rbuf{c}"] = Memory(shape=p.column_bits, depth=self.r_words, init=[])
-            rbufs.append(rb)
             r_ws.append(rb.write_port())
             r_rs.append(rb.read_port())
+        # Read ports sample only when a command is loaded (or a BF16 half is fetched): their outputs hold
+        # the data of the command being offered until it is accepted.
+        m.d.comb += [x_r.en.eq(0)] + [r.en.eq(0) for r in r_rs]
 
         # ---------------- macro registers ----------------
         mc = Signal(MacroLayout)
@@ -149,35 +184,54 @@ class Pcu(wiring.Component):
             end = mc.addr0 + words(nvals, bytes_per_value) * col_bytes
             return (mc.addr0[:amap.col_lo] == 0) & (end <= p.total_bytes)
 
-        # ---------------- the micro-command emitter ----------------
-        # One command at a time, to a set of channels; data per channel.
-        e_valid = Signal(C)                 # channels still to accept the current command
-        e_op = Signal(PimOp)
-        e_bank = Signal(max(p.bank_addr_bits, 1))
-        e_row = Signal(p.row_addr_bits)
-        e_col = Signal(p.column_addr_bits)
-        e_tag = Signal(8)
-        e_data = [Signal(p.column_bits, name=f"e_data{c}") for c in range(C)]
+        # ---------------- the command output register ----------------
+        SRC_ZERO, SRC_X, SRC_R, SRC_RES32, SRC_RES16 = range(5)
+        o_valid = Signal(C)                 # channels still to accept the offered command
+        o_op = Signal(PimOp)
+        o_bank = Signal(max(p.bank_addr_bits, 1))
+        o_row = Signal(p.row_addr_bits)
+        o_col = Signal(p.column_addr_bits)
+        o_tag = Signal(8)
+        o_src = Signal(range(5))
+        o_sel = Signal(range(C))            # READ_RES: the rbuf the result word comes from
+        sel_lo = Signal(range(C))           # READ_RES BF16: the rbuf of the word's first half
+        rdata_reg = Signal(p.column_bits)   # READ_RES BF16: the first half, packed
+        res_word = Array(r.data for r in r_rs)[o_sel]
+
+        def pack_bf16(word):
+            return Cat(*[fp32_to_bf16(word[32 * k:32 * k + 32]) for k in range(bpw)])
+
+        accepted = Signal(C)
         for c in range(C):
             pl = pins[c].payload
+            data = Signal(p.column_bits, name=f"o_data{c}")
+            with m.Switch(o_src):
+                with m.Case(SRC_X):
+                    m.d.comb += data.eq(x_r.data)
+                with m.Case(SRC_R):
+                    m.d.comb += data.eq(r_rs[c].data)
+                with m.Case(SRC_RES32):
+                    m.d.comb += data.eq(res_word)
+                with m.Case(SRC_RES16):
+                    m.d.comb += data.eq(Cat(rdata_reg[:16 * bpw], pack_bf16(res_word)))
             m.d.comb += [
-                pins[c].valid.eq(e_valid[c]),
-                pl.op.eq(e_op), pl.row.eq(e_row), pl.col.eq(e_col), pl.tag.eq(e_tag),
-                pl.data.eq(e_data[c]), pl.mask.eq((1 << p.column_bytes) - 1),
+                pins[c].valid.eq(o_valid[c]),
+                pl.op.eq(o_op), pl.row.eq(o_row), pl.col.eq(o_col), pl.tag.eq(o_tag),
+                pl.data.eq(data), pl.mask.eq((1 << p.column_bytes) - 1),
+                accepted[c].eq(pins[c].valid & pins[c].ready),
             ]
             if p.bank_addr_bits:
-                m.d.comb += pl.bank.eq(e_bank)
-            with m.If(pins[c].valid & pins[c].ready):
-                m.d.sync += e_valid[c].eq(0)
-        free = e_valid == 0
+                m.d.comb += pl.bank.eq(o_bank)
+        # A command may be loaded when nothing is offered or the last channel takes the offered one now.
+        can_load = Signal()
+        m.d.comb += can_load.eq((o_valid & ~accepted) == 0)
+        m.d.sync += o_valid.eq(o_valid & ~accepted)
+        free = o_valid == 0
 
-        def emit(op, channels=None, bank=0, row=0, col=0, tag=0, same_data=None):
-            """Load the emitter (call only when ``free``)."""
-            stmts = [e_op.eq(op), e_bank.eq(bank), e_row.eq(row), e_col.eq(col), e_tag.eq(tag),
-                     e_valid.eq((1 << C) - 1 if channels is None else channels)]
-            if same_data is not None:
-                stmts += [d.eq(same_data) for d in e_data]
-            return stmts
+        def emit(op, channels=None, bank=0, row=0, col=0, tag=0, src=SRC_ZERO):
+            """Load the output register (sync statements; only under ``can_load``)."""
+            return [o_op.eq(op), o_bank.eq(bank), o_row.eq(row), o_col.eq(col), o_tag.eq(tag), o_src.eq(src),
+                    o_valid.eq((1 << C) - 1 if channels is None else channels)]
 
         # ---------------- responses ----------------
         # One response per cycle (lowest channel first); destination by phase.
@@ -222,27 +276,42 @@ class Pcu(wiring.Component):
                     m.d.sync += next_w[c].eq(Mux(((nxt + o_off) % row_words) == 0,
                                                  nxt + row_words * (C - 1), nxt))
 
-        # ---------------- open-row tracking for memory access ----------------
-        o_valid = Signal(C)
-        o_bank = [Signal(max(p.bank_addr_bits, 1), name=f"o_bank{c}") for c in range(C)]
-        o_row = [Signal(p.row_addr_bits, name=f"o_row{c}") for c in range(C)]
-
         # ---------------- counters of the loops ----------------
-        j = Signal(16)            # word index (memory phases)
-        nwords = Signal(16)
+        j = Signal(17)            # word index (memory transfers)
+        jseg = Signal(17)         # first word of the current segment
+        seg_end = Signal(17)      # one past its last word
+        nwords = Signal(17)
+        need_total = Signal(16)   # responses the macro waits for before it finishes
+        fin_input = Signal()
+        fin_result = Signal()
         tile = Signal(16)
         chunk = Signal(16)
         colc = Signal(16)
+        written = Signal(16)      # global-buffer columns of the chunk being loaded already written
         g = Signal(8)
         row_i = Signal(16)        # rows emitted so far (tile-major within a chunk)
         ncols = Signal(16)
         last_chunk = chunk == chunks - 1
+        last_tile = tile == tiles - 1
+        one_tile = tiles == 1
         gelu = mc.flags[1]
+        with_bias = mc.flags[0]
+        bf16 = mc.flags[2]
         prev_tile = Signal(16)
         have_prev = Signal()
         prev_af = Signal()
-        rdata_reg = Signal(p.column_bits)
-        half = Signal()
+
+        def compute_ncols(ch):
+            rem = K - (ch << (p.gb_values.bit_length() - 1))
+            return Mux(rem >= p.gb_values, gbc, (rem + L - 1) >> (L.bit_length() - 1))
+
+        def cmin(a, k):
+            return Mux(a < k, a, k)
+
+        n_next = Signal(16)
+        m.d.comb += n_next.eq(compute_ncols(chunk + 1))
+        bias_gb = Signal(16)
+        m.d.comb += bias_gb.eq(cmin(Mux(ncols > after_act, ncols - after_act, 0), before_act))
 
         # Address of word j.
         waddr = Signal(32)
@@ -252,17 +321,12 @@ class Pcu(wiring.Component):
         m.d.comb += w_ch.eq(f["channel"] if p.channel_addr_bits else 0)
         ch_mask = Signal(C)
         m.d.comb += ch_mask.eq((Const(1, C) << w_ch)[:C])
-        cur_open = Signal()
-        cur_same = Signal()
-        m.d.comb += [
-            cur_open.eq(o_valid.bit_select(w_ch, 1)),
-            cur_same.eq((Array(o_bank)[w_ch] == f["bank"]) & (Array(o_row)[w_ch] == f["row"])),
-        ]
-        open_stmts = [o_valid.eq(o_valid | ch_mask)]
-        for c in range(C):
-            open_stmts += [o_bank[c].eq(Mux(w_ch == c, f["bank"], o_bank[c])),
-                           o_row[c].eq(Mux(w_ch == c, f["row"], o_row[c]))]
-        close_stmts = [o_valid.eq(o_valid & ~ch_mask)]
+        # Segments: a row group (every bank of every channel, one row each) is rg words.
+        rg = p.columns * B * C
+        rg_lg = rg.bit_length() - 1
+        first_room = Signal(17)
+        m.d.comb += first_room.eq(rg - (mc.addr0 >> amap.col_lo)[:rg_lg])
+        j_next_bank = j + p.columns - f["column"]        # first word of the next bank row
 
         # Per source channel, the first word index it serves, for a transfer starting at addr0:
         # word j's channel is ((o + j) // row_words) % C with o the column offset of addr0 in its row group.
@@ -275,6 +339,10 @@ class Pcu(wiring.Component):
             dist = (c - ch0) % C if C > 1 else 0
             start_words.append(next_w[c].eq(Mux(ch0 == c, 0, dist * row_words - o_in)))
 
+        def start_xfer(n):
+            return [nwords.eq(n), j.eq(0), jseg.eq(0), seg_end.eq(Mux(n < first_room, n, first_room))] + \
+                start_words
+
         busy = Signal()
         m.d.comb += self.busy.eq(busy)
         for c in range(C):
@@ -282,9 +350,57 @@ class Pcu(wiring.Component):
 
         all_idle = Cat(getattr(self, f"pidle{c}") for c in range(C)) == (1 << C) - 1
 
-        def compute_ncols(ch):
-            rem = K - (ch << (p.gb_values.bit_length() - 1))
-            return Mux(rem >= p.gb_values, gbc, (rem + L - 1) >> (L.bit_length() - 1))
+        # READ_RES: result word -> rbuf entry (FP32: word j is entry j; BF16: entries 2j, 2j+1).
+        def r_chan(e):
+            return (e >> (G.bit_length() - 1)) & (C - 1) if C > 1 else Const(0, 1)
+
+        def r_idx(e):
+            return Cat(e[:(G - 1).bit_length()] if G > 1 else Const(0, 0), e >> ((G * C).bit_length() - 1))
+
+        def rbuf_read(addr):
+            return [r.addr.eq(addr) for r in r_rs] + [r.en.eq(1) for r in r_rs]
+
+        def gb_write(chunk_value):
+            """WRGB of column ``written`` of ``chunk_value`` (comb: the xbuf read; sync: the load)."""
+            m.d.comb += [x_r.addr.eq((chunk_value << gbc_lg) + written), x_r.en.eq(1)]
+            m.d.sync += emit(PimOp.WRGB, col=written, src=SRC_X)
+            m.d.sync += written.eq(written + 1)
+
+        def finish(n_resp=0, inp=False, res=False):
+            m.d.sync += [need_total.eq(n_resp), fin_input.eq(inp), fin_result.eq(res)]
+            m.next = "Finish"
+
+        def advance_row():
+            """After a row's last PREAB: the next row (tile-major within a chunk), or the last reads."""
+            with m.If(last_tile & last_chunk):
+                m.d.sync += g.eq(0)
+                m.next = "Final-Read"
+            with m.Elif(last_tile):
+                m.d.sync += [tile.eq(0), chunk.eq(chunk + 1), ncols.eq(n_next)]
+                with m.If(written < cmin(n_next, before_pre + before_act)):
+                    m.next = "Next-Gb-Act"
+                with m.Else():
+                    m.next = "Row-Act"
+            with m.Else():
+                m.d.sync += tile.eq(tile + 1)
+                m.next = "Row-Act"
+
+        def after_xfer():
+            """The transfer's last PREAB is loaded: what follows it, per macro."""
+            with m.If(mc.op == OP_WRITE_VEC):
+                finish(n_resp=nwords, inp=True)
+            with m.Elif(mc.op == OP_GEMV):
+                with m.If(written < bias_gb):
+                    m.next = "Bias-Gb"
+                with m.Else():
+                    m.next = "Row-Act"
+            with m.Else():
+                finish()
+
+        # Bias words arrived: the phase changes when the last one is taken.
+        bias_in = (phase == PH_R) | (recv_total == nwords)
+        with m.If((phase == PH_B) & (recv_total == nwords) & (mc.op == OP_GEMV) & busy):
+            m.d.sync += [phase.eq(PH_R), recv_total.eq(0)] + [r.eq(0) for r in recv]
 
         with m.FSM(name="pcu"):
             with m.State("Idle"):
@@ -329,216 +445,193 @@ class Pcu(wiring.Component):
                         m.d.comb += code.eq(E_BAD_ADDRESS)
                 with m.Else():
                     m.d.comb += code.eq(E_BAD_OPCODE)
-                reset_resp = [recv_total.eq(0), j.eq(0), o_valid.eq(0)] + [r.eq(0) for r in recv]
+                m.d.sync += [recv_total.eq(0), written.eq(0)] + [r.eq(0) for r in recv]
                 with m.If(err != E_NONE):
-                    m.next = "Finish"
+                    finish()
                 with m.Elif(code != E_NONE):
                     m.d.sync += err.eq(code)
-                    m.next = "Finish"
+                    finish()
                 with m.Elif(op == OP_WRITE_VEC):
-                    m.d.sync += reset_resp + [phase.eq(PH_X), nwords.eq(words(mc.n, 2))]
-                    m.d.sync += start_words
-                    m.next = "Mem-Read"
+                    m.d.sync += [phase.eq(PH_X)] + start_xfer(words(mc.n, 2))
+                    m.next = "Xfer-Act"
                 with m.Elif(op == OP_GEMV):
-                    m.d.sync += reset_resp + [phase.eq(PH_B), nwords.eq(words(N, 4))]
-                    m.d.sync += start_words
-                    with m.If(mc.flags[0]):
-                        m.next = "Mem-Read"
+                    m.d.sync += [tile.eq(0), chunk.eq(0), row_i.eq(0), have_prev.eq(0), g.eq(0),
+                                 ncols.eq(compute_ncols(0))]
+                    with m.If(with_bias):
+                        m.d.sync += [phase.eq(PH_B)] + start_xfer(words(N, 4))
+                        m.next = "Xfer-Act"
                     with m.Else():
-                        m.next = "Gemv-Start"
+                        m.d.sync += [phase.eq(PH_R), nwords.eq(0)]
+                        m.next = "Row-Act"
                 with m.Elif(op == OP_READ_RES):
-                    m.d.sync += reset_resp + [nwords.eq(words(mc.n, Mux(mc.flags[2], 2, 4)))]
-                    m.next = "Res-Fetch"
+                    m.d.sync += start_xfer(words(mc.n, Mux(mc.flags[2], 2, 4)))
+                    m.next = "Xfer-Act"
                 with m.Else():
-                    m.next = "Finish"
+                    finish()
 
-            # ---- memory reads: WRITE_VEC (into xbuf) and the bias (into rbuf) ----
-            with m.State("Mem-Read"):
-                with m.If(free):
-                    with m.If(j == nwords):
-                        m.d.sync += emit(PimOp.PREAB)
-                        m.next = "Mem-Drain"
-                    with m.Elif(~cur_open):
-                        m.d.sync += emit(PimOp.ACT, channels=ch_mask, bank=f["bank"], row=f["row"])
-                        m.d.sync += open_stmts
-                    with m.Elif(~cur_same):
-                        m.d.sync += emit(PimOp.PREAB, channels=ch_mask)
-                        m.d.sync += close_stmts
+            # ---- memory transfers: WRITE_VEC (into xbuf), the bias (into rbuf), READ_RES (from rbuf) ----
+            with m.State("Xfer-Act"):
+                # Activate every bank row of the segment (each bank appears once in a segment).
+                with m.If(can_load):
+                    m.d.sync += emit(PimOp.ACT, channels=ch_mask, bank=f["bank"], row=f["row"])
+                    with m.If(j_next_bank >= seg_end):
+                        m.d.sync += j.eq(jseg)
+                        with m.If((mc.op == OP_READ_RES) & bf16):
+                            m.next = "Res-Half"
+                        with m.Else():
+                            m.next = "Xfer-Col"
+                    with m.Else():
+                        m.d.sync += j.eq(j_next_bank)
+            with m.State("Res-Half"):
+                # BF16 results: fetch the word's first half (entry 2j) once the read port is free.
+                with m.If(can_load):
+                    m.d.comb += rbuf_read(r_idx(Cat(Const(0, 1), j)))
+                    m.d.sync += sel_lo.eq(r_chan(Cat(Const(0, 1), j)))
+                    m.next = "Xfer-Col"
+            with m.State("Xfer-Col"):
+                with m.If(can_load):
+                    with m.If(mc.op == OP_READ_RES):
+                        with m.If(bf16):
+                            e = Cat(Const(1, 1), j)
+                            m.d.comb += rbuf_read(r_idx(e))
+                            m.d.sync += [o_sel.eq(r_chan(e)),
+                                         rdata_reg[:16 * bpw].eq(pack_bf16(Array(r.data for r in r_rs)[sel_lo]))]
+                            m.d.sync += emit(PimOp.WR, channels=ch_mask, bank=f["bank"], col=f["column"],
+                                             src=SRC_RES16)
+                        with m.Else():
+                            m.d.comb += rbuf_read(r_idx(j))
+                            m.d.sync += o_sel.eq(r_chan(j))
+                            m.d.sync += emit(PimOp.WR, channels=ch_mask, bank=f["bank"], col=f["column"],
+                                             src=SRC_RES32)
                     with m.Else():
                         m.d.sync += emit(PimOp.RD, channels=ch_mask, bank=f["bank"], col=f["column"], tag=j[:8])
-                        m.d.sync += j.eq(j + 1)
-            with m.State("Mem-Drain"):
-                with m.If(free & (recv_total == nwords)):
-                    with m.If(phase == PH_X):
-                        m.d.sync += input_n.eq(mc.n)
-                        m.next = "Finish"
+                    m.d.sync += j.eq(j + 1)
+                    with m.If(j + 1 == seg_end):
+                        m.next = "Xfer-Pre"
+                    with m.Elif((mc.op == OP_READ_RES) & bf16):
+                        m.next = "Res-Half"
+            with m.State("Xfer-Pre"):
+                with m.If(can_load):
+                    m.d.sync += emit(PimOp.PREAB)
+                    with m.If(seg_end == nwords):
+                        after_xfer()
                     with m.Else():
-                        m.next = "Gemv-Start"
+                        m.d.sync += [jseg.eq(seg_end),
+                                     seg_end.eq(Mux(nwords - seg_end < rg, nwords, seg_end + rg))]
+                        m.next = "Xfer-Act"
+            with m.State("Bias-Gb"):
+                # The first chunk's columns that the tRCD wait of the first row cannot take, in the tRP wait
+                # after the bias transfer's PREAB.
+                with m.If(can_load):
+                    gb_write(0)
+                    with m.If(written + 1 >= bias_gb):
+                        m.next = "Row-Act"
 
-            # ---- GEMV ----
-            with m.State("Gemv-Start"):
-                m.d.sync += [phase.eq(PH_R), tile.eq(0), chunk.eq(0), row_i.eq(0), have_prev.eq(0),
-                             recv_total.eq(0)] + [r.eq(0) for r in recv]
-                m.next = "Row-Act"
+            # ---- GEMV rows ----
             with m.State("Row-Act"):
-                with m.If(free):
+                with m.If(can_load):
                     m.d.sync += emit(PimOp.ACTAB, row=mc.row + tile * chunks + chunk)
-                    m.d.sync += [g.eq(0), ncols.eq(compute_ncols(chunk))]
-                    with m.If(have_prev):
+                    m.d.sync += [g.eq(0), colc.eq(0)]
+                    with m.If(have_prev & ~one_tile):
                         m.next = "Row-Read"
+                    with m.Elif(one_tile & (chunk != 0)):
+                        # One tile: its partial sums stay in the accumulators from chunk to chunk.
+                        with m.If(written < ncols):
+                            m.next = "Row-Gb"
+                        with m.Else():
+                            m.next = "Row-Mac"
                     with m.Else():
-                        m.next = "Row-Bias-Wait"
+                        m.next = "Row-Bias"
             with m.State("Row-Read"):
-                with m.If(free):
+                with m.If(can_load):
                     m.d.sync += emit(Mux(prev_af, PimOp.RDAF, PimOp.RDMAC), col=g, tag=(prev_tile * G + g)[:8])
                     with m.If(g == G - 1):
                         m.d.sync += g.eq(0)
-                        m.next = "Row-Bias-Wait"
+                        m.next = "Row-Bias"
                     with m.Else():
                         m.d.sync += g.eq(g + 1)
-            with m.State("Row-Bias-Wait"):
-                # Chunk > 0 reads the partial sums of this tile from the previous chunk: all of
-                # that row's responses must be in (row index row_i - tiles).
-                need = Signal(16)
-                m.d.comb += need.eq(Mux(chunk == 0, 0, (row_i - tiles + 1) * G))
-                ok = Cat(r >= need for r in recv) == (1 << C) - 1
-                for c in range(C):
-                    m.d.comb += r_rs[c].addr.eq(tile * G + g)
-                with m.If(ok):
-                    m.next = "Row-Bias-Read"
-            with m.State("Row-Bias-Read"):
-                for c in range(C):
-                    m.d.comb += r_rs[c].addr.eq(tile * G + g)
-                m.next = "Row-Bias"
             with m.State("Row-Bias"):
-                for c in range(C):
-                    m.d.comb += r_rs[c].addr.eq(tile * G + g)
-                with m.If(free):
-                    m.d.sync += emit(PimOp.WRBIAS, col=g)
-                    use = (chunk != 0) | mc.flags[0]
-                    for c in range(C):
-                        m.d.sync += e_data[c].eq(Mux(use, r_rs[c].data, 0))
+                # Chunk 0 preloads the bias (once it is in) or zero; chunk > 0 the partial sums of this
+                # tile's row of the previous chunk (row index row_i - tiles): its responses must be in.
+                need = Signal(16)
+                m.d.comb += need.eq((row_i - tiles + 1) * G)
+                dep_ok = Mux(chunk == 0, bias_in, Cat(r >= need for r in recv) == (1 << C) - 1)
+                with m.If(can_load & dep_ok):
+                    m.d.comb += rbuf_read(tile * G + g)
+                    m.d.sync += emit(PimOp.WRBIAS, col=g,
+                                     src=Mux((chunk != 0) | with_bias, SRC_R, SRC_ZERO))
                     with m.If(g == G - 1):
                         m.d.sync += [g.eq(0), colc.eq(0)]
-                        with m.If(tile == 0):
-                            m.next = "Row-Gb-Read"
+                        with m.If((tile == 0) & (written < ncols)):
+                            m.next = "Row-Gb"
                         with m.Else():
                             m.next = "Row-Mac"
                     with m.Else():
                         m.d.sync += g.eq(g + 1)
-                        m.next = "Row-Bias-Wait"
-            with m.State("Row-Gb-Read"):
-                m.d.comb += x_r.addr.eq((chunk << (gbc.bit_length() - 1)) + colc)
-                m.next = "Row-Gb"
             with m.State("Row-Gb"):
-                m.d.comb += x_r.addr.eq((chunk << (gbc.bit_length() - 1)) + colc)
-                with m.If(free):
-                    m.d.sync += emit(PimOp.WRGB, col=colc, same_data=x_r.data)
-                    with m.If(colc == ncols - 1):
-                        m.d.sync += colc.eq(0)
+                with m.If(can_load):
+                    gb_write(chunk)
+                    with m.If(written + 1 >= ncols):
                         m.next = "Row-Mac"
-                    with m.Else():
-                        m.d.sync += colc.eq(colc + 1)
-                        m.next = "Row-Gb-Read"
             with m.State("Row-Mac"):
-                with m.If(free):
+                with m.If(can_load):
                     m.d.sync += emit(PimOp.MACAB, col=colc)
+                    m.d.sync += colc.eq(colc + 1)
                     with m.If(colc == ncols - 1):
+                        with m.If(last_tile & ~last_chunk):
+                            m.d.sync += written.eq(0)
+                            m.next = "Next-Gb-Pre" if before_pre else "Row-Pre"
+                        with m.Else():
+                            m.next = "Row-Pre"
+            with m.State("Next-Gb-Pre"):
+                # The next chunk's first columns, in the slots before PREAB (tRTP after the last MAC).
+                with m.If(can_load):
+                    gb_write(chunk + 1)
+                    with m.If(written + 1 >= cmin(n_next, before_pre)):
                         m.next = "Row-Pre"
-                    with m.Else():
-                        m.d.sync += colc.eq(colc + 1)
             with m.State("Row-Pre"):
-                with m.If(free):
+                with m.If(can_load):
                     m.d.sync += emit(PimOp.PREAB)
                     m.d.sync += [prev_tile.eq(tile), have_prev.eq(1), prev_af.eq(gelu & last_chunk),
                                  row_i.eq(row_i + 1)]
                     with m.If(gelu & last_chunk):
                         m.next = "Af-Act"
                     with m.Else():
-                        m.next = "Row-Next"
+                        advance_row()
             with m.State("Af-Act"):
-                with m.If(free):
+                with m.If(can_load):
                     m.d.sync += emit(PimOp.ACTAB, row=p.data_rows)
                     m.next = "Af"
             with m.State("Af"):
-                with m.If(free):
+                with m.If(can_load):
                     m.d.sync += emit(PimOp.AF)
                     m.next = "Af-Pre"
             with m.State("Af-Pre"):
-                with m.If(free):
+                with m.If(can_load):
                     m.d.sync += emit(PimOp.PREAB)
-                    m.next = "Row-Next"
-            with m.State("Row-Next"):
-                with m.If(tile == tiles - 1):
-                    with m.If(last_chunk):
-                        m.d.sync += g.eq(0)
-                        m.next = "Final-Read"
-                    with m.Else():
-                        m.d.sync += [tile.eq(0), chunk.eq(chunk + 1)]
+                    advance_row()
+            with m.State("Next-Gb-Act"):
+                # More of the new chunk in the tRP wait before its first row's ACTAB.
+                with m.If(can_load):
+                    gb_write(chunk)
+                    with m.If(written + 1 >= cmin(ncols, before_pre + before_act)):
                         m.next = "Row-Act"
-                with m.Else():
-                    m.d.sync += tile.eq(tile + 1)
-                    m.next = "Row-Act"
             with m.State("Final-Read"):
-                with m.If(free):
+                with m.If(can_load):
                     m.d.sync += emit(Mux(prev_af, PimOp.RDAF, PimOp.RDMAC), col=g, tag=(prev_tile * G + g)[:8])
                     with m.If(g == G - 1):
-                        m.next = "Gemv-Drain"
+                        finish(n_resp=Mux(one_tile, G * C, tiles * chunks * G * C), res=True)
                     with m.Else():
                         m.d.sync += g.eq(g + 1)
-            with m.State("Gemv-Drain"):
-                with m.If(free & (recv_total == tiles * chunks * G * C)):
-                    m.d.sync += result_n.eq(N)
-                    m.next = "Finish"
-
-            # ---- READ_RES: rbuf -> device memory ----
-            with m.State("Res-Fetch"):
-                # FP32: word j = entry j. BF16: word j = entries 2j (lanes 0-7) and 2j+1 (lanes 8-15).
-                e = Mux(mc.flags[2], Cat(half, j), j)
-                r_chan = (e >> (G.bit_length() - 1)) & (C - 1) if C > 1 else Const(0, 1)
-                r_idx = Cat(e[:(G - 1).bit_length()] if G > 1 else Const(0, 0), e >> ((G * C).bit_length() - 1))
-                for c in range(C):
-                    m.d.comb += r_rs[c].addr.eq(r_idx)
-                sel = Signal(range(C))
-                m.d.sync += sel.eq(r_chan)
-                m.next = "Res-Latch"
-            with m.State("Res-Latch"):
-                word = Array(r.data for r in r_rs)[sel]
-                with m.If(mc.flags[2]):
-                    packed = Cat(*[fp32_to_bf16(word[32 * k:32 * k + 32]) for k in range(bpw)])
-                    with m.If(half == 0):
-                        m.d.sync += [rdata_reg[:16 * bpw].eq(packed), half.eq(1)]
-                        m.next = "Res-Fetch"
-                    with m.Else():
-                        m.d.sync += [rdata_reg[16 * bpw:].eq(packed), half.eq(0)]
-                        m.next = "Res-Write"
-                with m.Else():
-                    m.d.sync += rdata_reg.eq(word)
-                    m.next = "Res-Write"
-            with m.State("Res-Write"):
-                with m.If(free):
-                    with m.If(~cur_open):
-                        m.d.sync += emit(PimOp.ACT, channels=ch_mask, bank=f["bank"], row=f["row"])
-                        m.d.sync += open_stmts
-                    with m.Elif(~cur_same):
-                        m.d.sync += emit(PimOp.PREAB, channels=ch_mask)
-                        m.d.sync += close_stmts
-                    with m.Else():
-                        m.d.sync += emit(PimOp.WR, channels=ch_mask, bank=f["bank"], col=f["column"],
-                                         same_data=rdata_reg)
-                        m.d.sync += j.eq(j + 1)
-                        with m.If(j + 1 == nwords):
-                            m.next = "Res-Close"
-                        with m.Else():
-                            m.next = "Res-Fetch"
-            with m.State("Res-Close"):
-                with m.If(free):
-                    m.d.sync += emit(PimOp.PREAB)
-                    m.next = "Finish"
 
             with m.State("Finish"):
-                with m.If(free & all_idle):
+                # Every command taken, every response in, the controllers idle.
+                with m.If(free & all_idle & (recv_total == need_total)):
                     m.d.sync += [busy.eq(0), self.completed.eq(self.completed + 1)]
+                    with m.If(fin_input):
+                        m.d.sync += input_n.eq(mc.n)
+                    with m.If(fin_result):
+                        m.d.sync += result_n.eq(N)
                     m.next = "Idle"
         return m
 

@@ -4,6 +4,16 @@ The same macro-command program runs on the functional model (sim/pim_model.py,
 prepared by the host driver) and on the RTL; the results in device memory must
 be identical bit for bit. The protocol checker runs on every channel's bus and
 the device's violation flags must stay clean. ``IANUS_CONFIG`` picks the preset.
+
+``pcu_gemv`` times each macro on its own (macro offered to the PCU until it
+completed and its busy fell) and compares two spans of the GEMV with
+:func:`firmware.pim.gemv_lower_bound`, refresh charged at its steady-state rate
+on both sides (:func:`firmware.pim.amortized_cycles` with the REFs the buses
+carried): the whole macro (with the bias read from device memory and the
+macro's hand-over, which the bound leaves out), and its row program, from its
+first command to its last result word on the device's buses (what the bound
+and the sequencer's GEMVs in ``pim_tb`` measure). ``PCU_MAX_RATIO`` and
+``PCU_MAX_ROW_RATIO`` make a ratio above them fail.
 """
 
 from __future__ import annotations
@@ -16,11 +26,12 @@ from cocotb.triggers import FallingEdge
 
 from firmware import driver as D
 from firmware.macro import Macro, MacroError, MacroFlag, MacroOp
+from firmware.pim import amortized_cycles, gemv_lower_bound
 from hw.config import preset
 from hw.memif import AddressMap, request_layout, response_layout
 from hw.pcu import MacroLayout
 from sim.golden import fp as G
-from sim.pim_checker import BusMonitor
+from sim.pim_checker import OPNAMES, BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.pim_sequencer import write_backdoor
 from sim.tb.common import env_str, start, tb_test, write_metrics
@@ -53,6 +64,34 @@ class PcuTB:
         self.monitor = BusMonitor(self.dut, self.cfg)
         cocotb.start_soon(self.monitor.run())
         self.cycle = self.monitor.cycle
+        self.bus_log = []               # (cycle, channel, op name) of every command on the device's buses
+        cocotb.start_soon(self._record(self.cycle))
+
+    async def _record(self, cycle):
+        ops = [getattr(self.dut, f"mon{c}__op") for c in range(self.cfg.pim.channels)]
+        while True:
+            for c, op in enumerate(ops):
+                v = int(op.value)
+                if v:
+                    self.bus_log.append((cycle, c, OPNAMES[v]))
+            await FallingEdge(self.dut.clk)
+            cycle += 1
+
+    def row_window(self, first_cycle, last_cycle):
+        """The GEMV row program's span on the buses between two cycles, measured like
+        :func:`firmware.pim.gemv_lower_bound` (and the sequencer's GEMVs in ``sim/tb/pim_tb.py``): from its
+        first command (the first WRGB or ACTAB: the bias transfer's ACT / RD / PREAB come before it) to its
+        last result word (the last RDMAC / RDAF + tRL + 1). The channels run the program in lockstep; one
+        that did not take part in the bias transfer may start it a few cycles early and then waits for the
+        others, so the span starts when the last channel starts it. Returns (cycles, REFs inside on
+        every channel)."""
+        C = self.cfg.pim.channels
+        logs = [[(cy, op) for cy, c, op in self.bus_log if c == ch and first_cycle <= cy <= last_cycle]
+                for ch in range(C)]
+        start = max(min(cy for cy, op in log if op in ("WRGB", "ACTAB")) for log in logs)
+        end = max(max(cy for cy, op in log if op in ("RDMAC", "RDAF")) for log in logs) + self.cfg.timing.tRL + 1
+        refs = min(sum(1 for cy, op in log if op == "REF" and start <= cy < end) for log in logs)
+        return end - start, refs
 
     async def tick(self):
         await FallingEdge(self.dut.clk)
@@ -132,8 +171,9 @@ class PcuTB:
         self.monitor.assert_clean()
 
 
-def prepare(cfg, K, N, gelu, bf16, seed):
-    """Driver on the functional model: weights, bias, GELU table, x; returns (fd, macros, y_addr, y_bytes, rows)."""
+def prepare(cfg, K, N, gelu, bf16, seed, bias=True):
+    """Driver on the functional model: weights, bias, GELU table, x; returns (fd, macros, y_addr, y_bytes, rows).
+    Without ``bias`` the GEMV macro has no BIAS flag (the accumulators start at zero)."""
     fd = FunctionalDevice(cfg)
     dev = D.Device(D.FunctionalTransport(fd), cfg)
     rng = np.random.default_rng(seed)
@@ -151,9 +191,9 @@ def prepare(cfg, K, N, gelu, bf16, seed):
 
     h, x_addr, y_addr = asyncio.run(setup())
     n_out = h.layout.N
-    flags = MacroFlag.BIAS | (MacroFlag.GELU if gelu else 0)
+    flags = (MacroFlag.BIAS if bias else 0) | (MacroFlag.GELU if gelu else 0)
     macros = [Macro(MacroOp.WRITE_VEC, n=K, addr0=x_addr),
-              Macro(MacroOp.GEMV, flags=int(flags), n=K, m=n_out, row=h.layout.base_row, addr0=h.bias_addr),
+              Macro(MacroOp.GEMV, flags=int(flags), n=K, m=n_out, row=h.layout.base_row, addr0=h.bias_addr if bias else 0),
               Macro(MacroOp.READ_RES, flags=int(MacroFlag.BF16) if bf16 else 0, n=n_out, addr0=y_addr)]
     p = cfg.pim
     rows = [(0, dev.next_weight_row), (dev.next_data_row, p.rows - dev.next_data_row)]
@@ -171,18 +211,32 @@ async def pcu_gemv(dut):
     """WRITE_VEC, GEMV (+bias, +GELU), READ_RES on the RTL: identical bytes to the functional model."""
     cfg = _cfg()
     shapes = env_str("PCU_SHAPES", "64x32")
+    max_ratio = float(env_str("PCU_MAX_RATIO", "0"))          # GEMV macro / gemv_lower_bound (0: not checked)
+    max_row_ratio = float(env_str("PCU_MAX_ROW_RATIO", "0"))  # its row program / gemv_lower_bound
     tb = PcuTB(dut, cfg)
     await tb.reset()
     report = []
     for i, spec in enumerate(shapes.split(",")):
         gelu = "g" in spec
         bf16 = "h" in spec
-        K, N = (int(v) for v in spec.rstrip("gh").split("x"))
-        fd, macros, y_addr, expected, rows = prepare(cfg, K, N, gelu, bf16, seed=10 + i)
+        K, N = (int(v) for v in spec.rstrip("ghn").split("x"))
+        fd, macros, y_addr, expected, rows = prepare(cfg, K, N, gelu, bf16, seed=10 + i, bias="n" not in spec)
         assert any(expected), "the expected result is all zeros: the test would prove nothing"
         await tb.backdoor(fd, rows)
-        cycles = await tb.run_macros(macros)
+        # One macro at a time: WRITE_VEC, GEMV (its refreshes counted on the bus), READ_RES.
+        per = []
+        for mc in macros:
+            refs0 = [ck.refs for ck in tb.monitor.checkers]
+            t0 = tb.cycle
+            n = await tb.run_macros([mc])
+            per.append((n, min(ck.refs - r for ck, r in zip(tb.monitor.checkers, refs0, strict=True)), t0, tb.cycle))
+        cycles = sum(e[0] for e in per)
         assert int(tb.error.value) == 0, f"{spec}: PCU error {MacroError(int(tb.error.value)).name}"
+        g_cycles, g_refs, g_t0, g_t1 = per[1]
+        lb = gemv_lower_bound(cfg, K, N, activation=gelu)
+        ratio = amortized_cycles(cfg, g_cycles, g_refs) / lb["amortized_cycles"]
+        row_cycles, row_refs = tb.row_window(g_t0, g_t1)
+        row_ratio = amortized_cycles(cfg, row_cycles, row_refs) / lb["amortized_cycles"]
         got = await tb.read_words(y_addr, len(expected) // 32)
         if got != expected:
             a = np.frombuffer(got, dtype="<u4")
@@ -190,9 +244,21 @@ async def pcu_gemv(dut):
             bad = np.flatnonzero(a != e)
             raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
                                  f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
-        report.append({"shape": spec, "cycles": cycles})
-        dut._log.info("%s: %d cycles for WRITE_VEC + GEMV + READ_RES, identical to the functional model",
-                      spec, cycles)
+        report.append({"shape": spec, "cycles": cycles, "write_vec": per[0][0], "gemv": g_cycles,
+                       "gemv_refreshes": g_refs, "read_res": per[2][0], "bound": lb["cycles"],
+                       "ratio": ratio, "row_cycles": row_cycles, "row_refreshes": row_refs, "row_ratio": row_ratio})
+        dut._log.info("%s: %d cycles for WRITE_VEC + GEMV + READ_RES (%d + %d + %d), identical to the functional "
+                      "model; bound %d (firmware.pim.gemv_lower_bound); GEMV macro %d cycles (%d REF): ratio %.3f; "
+                      "its row program %d cycles (%d REF): ratio %.3f (refresh at its steady-state rate on both sides)",
+                      spec, cycles, per[0][0], g_cycles, per[2][0], lb["cycles"], g_cycles, g_refs, ratio,
+                      row_cycles, row_refs, row_ratio)
+        if max_row_ratio > 0:
+            assert row_ratio <= max_row_ratio, (
+                f"{spec}: the GEMV row program takes {row_cycles} cycles ({row_refs} REF), {row_ratio:.3f}x its "
+                f"bound {lb['cycles']}, above {max_row_ratio}")
+        if max_ratio > 0:
+            assert ratio <= max_ratio, (f"{spec}: the GEMV macro takes {g_cycles} cycles ({g_refs} REF), "
+                                        f"{ratio:.3f}x its bound {lb['cycles']}, above {max_ratio}")
     tb.assert_clean()
     write_metrics(name="pcu_gemv", config=cfg.name, runs=report)
 
