@@ -260,7 +260,7 @@ def add_parser(sub):
     g.add_argument("--tokens", type=int, default=32, help="bytes to generate")
     g.add_argument("--backend", default="model", choices=["model", "verilator"])
     g.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="model safetensors (`make model`)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--config", default="default", choices=["tiny", "default"])
     g.add_argument("--policy", default="ianus", choices=["ianus", "npu-mem", "naive"])
