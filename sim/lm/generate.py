@@ -147,6 +147,7 @@ def generate_rtl(lm: Lm, prompt: bytes, n_tokens: int, temperature: float = 0.0,
                  test_name: str | None = None, dp: DecodePlan | None = None) -> dict:
     """Generate with the decoder layers on the SoC RTL; returns tokens and measured cycles per step."""
     import concurrent.futures
+    import contextlib
     import shutil
 
     from sim.build import BUILD_ROOT
@@ -191,7 +192,6 @@ def generate_rtl(lm: Lm, prompt: bytes, n_tokens: int, temperature: float = 0.0,
     env = {"RUN_DIR": str(run_dir), "IANUS_TOKENS": str(stream)}
     with open(logs / f"runner_{name}.log", "w") as runner_log, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
-        import contextlib
         with contextlib.redirect_stdout(runner_log):
             fut = pool.submit(sb.run, "sim.tb.lm_generate_tb", "generate", test_name=name, env=env,
                               log_file=logs / f"{name}.log")
