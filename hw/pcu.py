@@ -39,7 +39,8 @@ Buffers
 (``input_values / lanes`` entries). ``rbuf<c>``: per channel, one word of
 ``banks_per_word`` FP32 accumulators per (tile, group) — index
 ``tile * groups + group`` — holding the bias, then the partial sums between
-input chunks, then the results (``result_values`` outputs in all).
+input chunks, then the results (``result_values`` outputs in all); a second
+read port gives READ_RES both halves of a BF16 result word in one cycle.
 
 Results in device memory are contiguous FP32 (or BF16) in output order: result
 word ``j`` (8 FP32) is output block ``8j .. 8j+7`` = rbuf entry
@@ -148,14 +149,15 @@ class Pcu(wiring.Component):
         # ---------------- buffers ----------------
         m.submodules.xbuf = xbuf = Memory(shape=p.column_bits, depth=self.x_words, init=[])
         x_w, x_r = xbuf.write_port(), xbuf.read_port()
-        r_ws, r_rs = [], []
+        r_ws, r_rs, r_rs2 = [], [], []
         for c in range(C):
             rb = m.submodules[f"rbuf{c}"] = Memory(shape=p.column_bits, depth=self.r_words, init=[])
             r_ws.append(rb.write_port())
             r_rs.append(rb.read_port())
-        # Read ports sample only when a command is loaded (or a BF16 half is fetched): their outputs hold
-        # the data of the command being offered until it is accepted.
-        m.d.comb += [x_r.en.eq(0)] + [r.en.eq(0) for r in r_rs]
+            r_rs2.append(rb.read_port())        # READ_RES BF16: a word's second half
+        # Read ports sample only when a command is loaded: their outputs hold the data of the command
+        # being offered until it is accepted.
+        m.d.comb += [x_r.en.eq(0)] + [r.en.eq(0) for r in r_rs + r_rs2]
 
         # ---------------- macro registers ----------------
         mc = Signal(MacroLayout)
@@ -193,10 +195,10 @@ class Pcu(wiring.Component):
         o_col = Signal(p.column_addr_bits)
         o_tag = Signal(8)
         o_src = Signal(range(5))
-        o_sel = Signal(range(C))            # READ_RES: the rbuf the result word comes from
-        sel_lo = Signal(range(C))           # READ_RES BF16: the rbuf of the word's first half
-        rdata_reg = Signal(p.column_bits)   # READ_RES BF16: the first half, packed
+        o_sel = Signal(range(C))            # READ_RES: the rbuf the result word (its first half) comes from
+        o_sel2 = Signal(range(C))           # READ_RES BF16: the rbuf of the word's second half
         res_word = Array(r.data for r in r_rs)[o_sel]
+        res_word2 = Array(r.data for r in r_rs2)[o_sel2]
 
         def pack_bf16(word):
             return Cat(*[fp32_to_bf16(word[32 * k:32 * k + 32]) for k in range(bpw)])
@@ -213,7 +215,7 @@ class Pcu(wiring.Component):
                 with m.Case(SRC_RES32):
                     m.d.comb += data.eq(res_word)
                 with m.Case(SRC_RES16):
-                    m.d.comb += data.eq(Cat(rdata_reg[:16 * bpw], pack_bf16(res_word)))
+                    m.d.comb += data.eq(Cat(pack_bf16(res_word), pack_bf16(res_word2)))
             m.d.comb += [
                 pins[c].valid.eq(o_valid[c]),
                 pl.op.eq(o_op), pl.row.eq(o_row), pl.col.eq(o_col), pl.tag.eq(o_tag),
@@ -476,26 +478,17 @@ class Pcu(wiring.Component):
                     m.d.sync += emit(PimOp.ACT, channels=ch_mask, bank=f["bank"], row=f["row"])
                     with m.If(j_next_bank >= seg_end):
                         m.d.sync += j.eq(jseg)
-                        with m.If((mc.op == OP_READ_RES) & bf16):
-                            m.next = "Res-Half"
-                        with m.Else():
-                            m.next = "Xfer-Col"
+                        m.next = "Xfer-Col"
                     with m.Else():
                         m.d.sync += j.eq(j_next_bank)
-            with m.State("Res-Half"):
-                # BF16 results: fetch the word's first half (entry 2j) once the read port is free.
-                with m.If(can_load):
-                    m.d.comb += rbuf_read(r_idx(Cat(Const(0, 1), j)))
-                    m.d.sync += sel_lo.eq(r_chan(Cat(Const(0, 1), j)))
-                    m.next = "Xfer-Col"
             with m.State("Xfer-Col"):
                 with m.If(can_load):
                     with m.If(mc.op == OP_READ_RES):
                         with m.If(bf16):
-                            e = Cat(Const(1, 1), j)
-                            m.d.comb += rbuf_read(r_idx(e))
-                            m.d.sync += [o_sel.eq(r_chan(e)),
-                                         rdata_reg[:16 * bpw].eq(pack_bf16(Array(r.data for r in r_rs)[sel_lo]))]
+                            e0, e1 = Cat(Const(0, 1), j), Cat(Const(1, 1), j)
+                            m.d.comb += rbuf_read(r_idx(e0))
+                            m.d.comb += [r.addr.eq(r_idx(e1)) for r in r_rs2] + [r.en.eq(1) for r in r_rs2]
+                            m.d.sync += [o_sel.eq(r_chan(e0)), o_sel2.eq(r_chan(e1))]
                             m.d.sync += emit(PimOp.WR, channels=ch_mask, bank=f["bank"], col=f["column"],
                                              src=SRC_RES16)
                         with m.Else():
@@ -508,8 +501,6 @@ class Pcu(wiring.Component):
                     m.d.sync += j.eq(j + 1)
                     with m.If(j + 1 == seg_end):
                         m.next = "Xfer-Pre"
-                    with m.Elif((mc.op == OP_READ_RES) & bf16):
-                        m.next = "Res-Half"
             with m.State("Xfer-Pre"):
                 with m.If(can_load):
                     m.d.sync += emit(PimOp.PREAB)

@@ -27,8 +27,11 @@ vector queue (:mod:`hw.npu.vector_queue`, :mod:`hw.npu.vector`)
 PCU (:mod:`hw.pcu`)
     The macro-to-micro state machine command by command: every micro command (ACT, ACTAB, RD, WR,
     PREAB, WRBIAS, WRGB, MACAB, RDMAC, AF, RDAF) is issued at the first cycle the controller's
-    timing rules allow, the emitter takes one command per two cycles, responses come back one per
-    cycle; :func:`firmware.pim.gemv_lower_bound` is the analytical floor it is compared with.
+    timing rules allow, the command stream loads the next command in the cycle the controllers
+    accept one (one per cycle), responses come back one per cycle; the same order as the RTL
+    (memory transfers in row segments with their ACTs first, a new chunk's WRGBs in the tRTP / tRP
+    waits, one-tile GEMVs without read-back); :func:`firmware.pim.gemv_lower_bound` is the
+    analytical floor it is compared with.
 memory (:mod:`hw.memctrl`, :mod:`hw.fabric`)
     Per channel: one command per cycle, per-bank open row and timing (tRCD, tRP, tRAS, tWR, tRTP),
     tRRD / tFAW, an FR-FCFS queue of ``ctrl_queue`` requests (row hits of other banks overtake a
@@ -131,7 +134,7 @@ class Micro:
     dma_issue: int = 1          # requests a DMA engine issues per NPU cycle (the fabric takes one per requester)
     cores: int = 1
     sync_cycles: int = 0        # extra cycles of a FENCE when several cores synchronise
-    pcu_emit_cycles: int = 2    # cycles per micro command of the PCU's emitter
+    pcu_emit_cycles: int = 1    # cycles per micro command of the PCU's command stream (RTL: 1)
     row_bus: bool = False
     """Row commands (ACT, PRE) on their own command slots, as GDDR6's separate row and column command
     buses allow (the RTL folds both into one command per cycle, column commands first)."""
@@ -1398,9 +1401,10 @@ class _PcuMacro:
     """One macro PIM command, micro command by micro command (:class:`hw.pcu.Pcu`'s state machine).
 
     ``self.t`` is the cycle of the state machine's current state, ``self.free`` the first cycle the
-    emitter can take a command: an emitting state emits at ``max(t, free)``; the command is on the
-    controller's input the next cycle and decided at the first cycle its rules allow (``a``), the
-    emitter is free again at ``a + 1`` (one command per two cycles without stalls)."""
+    command stream can load a command: an emitting state loads at ``max(t, free)``; the command is on
+    the controllers' inputs the next cycle and decided at the first cycle their rules allow (``a``,
+    the last channel's); the next command can be loaded in that same cycle (``Micro.pcu_emit_cycles``
+    = 1: one command per cycle without stalls). Buffer reads happen at load time and cost nothing."""
 
     def __init__(self, run: _Run, f, start):
         self.r = run
@@ -1409,6 +1413,7 @@ class _PcuMacro:
         self.p = run.cfg.pim
         self.tm = run.cfg.timing
         self.ev = run.events
+        self.emit_extra = run.mi.pcu_emit_cycles - 1
         self.t = start
         self.free = start
         self.served = [[] for _ in range(self.p.channels)]   # per channel: cycles its responses were taken
@@ -1477,9 +1482,10 @@ class _PcuMacro:
         elif op in ("MACAB", "AF"):
             for b in range(nb):
                 ch.pre_ok[b] = max(ch.pre_ok[b], a + tm.tRTP)
-            ch.mac_ok = a + tm.tMAC
-            if op == "AF":
+            if op == "AF":                  # tMAC counts from MACs only (hw.memctrl, sim.pim_checker)
                 ch.af_ok = a + tm.tAF
+            else:
+                ch.mac_ok = a + tm.tMAC
 
     def emit(self, op, chans=None, bank=0, row=0, reads=False):
         e = max(self.t, self.free)
@@ -1496,13 +1502,13 @@ class _PcuMacro:
             self._apply(ch, op, bank, row, a)
             if reads:
                 arrivals.append((a + self.resp_lat, c))
-            free = max(free, a + 1)
+            free = max(free, a)
         for arr, c in sorted(arrivals):
             s = max(arr, self.port_free)
             self.served[c].append(s)
             self.port_free = s + 1
             self.last_data = max(self.last_data, arr)
-        self.free = free
+        self.free = free + self.emit_extra
         self.t = e + 1
         return e
 
@@ -1513,6 +1519,10 @@ class _PcuMacro:
             if need > 0:
                 w = max(w, self.served[c][need - 1] + 1)
         self.t = w
+
+    def _all_served(self):
+        """The cycle after the last response so far was taken (0 without responses)."""
+        return max((s[-1] + 1 for s in self.served if s), default=0)
 
     def run(self):
         f = self.f
@@ -1545,72 +1555,46 @@ class _PcuMacro:
             ch.pim_from = ready
         self.t += 1
         if op == OP_WRITE_VEC:
-            n = -(-f["n"] * 2 // 32)
-            self._mem_read(f["addr0"], n)
-            self._wait_served(0)
-            self._drain_all()
+            self._xfer(f["addr0"], -(-f["n"] * 2 // 32), "RD")
         elif op == OP_GEMV:
-            if f["flags"] & F_BIAS:
-                self._mem_read(f["addr0"], -(-f["m"] * 4 // 32))
-                self._drain_all()
-            self.served = [[] for _ in range(self.p.channels)]
             self._gemv()
         elif op == OP_READ_RES:
-            self._read_res()
-        # Finish: emitter free and no PIM read in flight; busy falls the cycle after.
-        fin = max(self.t, self.free, self.last_data + 1)
+            bf16 = f["flags"] & F_BF16
+            self._xfer(f["addr0"], -(-f["n"] * (2 if bf16 else 4) // 32), "WR")
+        # Finish: every command taken, every response in, the controllers idle; busy falls the cycle after.
+        fin = max(self.t, self.free + 1, self._all_served(), self.last_data + 1)
         # REFs that fell due while rows were open start once the last PREAB closed them
         for ch in self.mem.ch:
             if ch.open.count(-1) == ch.nb:
                 ch.refresh_pim(fin, ch.closed_from)
         return fin + 1
 
-    def _drain_all(self):
-        """Mem-Drain / Gemv-Drain: wait for the emitter and every response; the next state follows."""
-        last = [s[-1] + 1 for s in self.served if s]
-        self.t = max([self.t, self.free] + last) + 1
-
-    def _mem_read(self, addr0, nwords):
-        opened = {}
-        for j in range(nwords):
-            c, b, row = self.mem.where(addr0 + 32 * j)
-            while True:
-                o = opened.get(c)
-                if o is None:
-                    self.emit("ACT", [c], b, row)
-                    opened[c] = (b, row)
-                elif o != (b, row):
-                    self.emit("PREAB", [c])
-                    opened.pop(c)
-                else:
-                    self.emit("RD", [c], b, reads=True)
-                    break
-        self.emit("PREAB")
-
-    def _read_res(self):
-        f = self.f
-        bf16 = f["flags"] & F_BF16
-        nwords = -(-f["n"] * (2 if bf16 else 4) // 32)
-        opened = {}
-        addr0 = f["addr0"]
-        for j in range(nwords):
-            self.t += 4 if bf16 else 2          # Res-Fetch, Res-Latch (twice for BF16)
-            c, b, row = self.mem.where(addr0 + 32 * j)
-            while True:
-                o = opened.get(c)
-                if o is None:
-                    self.emit("ACT", [c], b, row)
-                    opened[c] = (b, row)
-                elif o != (b, row):
-                    self.emit("PREAB", [c])
-                    opened.pop(c)
-                else:
-                    self.emit("WR", [c], b)
-                    break
-        self.emit("PREAB")
+    def _xfer(self, addr0, nwords, kind):
+        """A memory transfer in segments inside one row of every bank: ACT of every bank row of the segment,
+        its columns in order (RD / WR), PREAB."""
+        p = self.p
+        rg = p.columns * p.banks * p.channels
+        col_of = lambda addr: (addr >> self.mem.col_lo) & (p.columns - 1)  # noqa: E731
+        j = 0
+        seg_end = min(nwords, rg - (addr0 // p.column_bytes) % rg)
+        while True:
+            ja = j
+            while ja < seg_end:
+                a = addr0 + p.column_bytes * ja
+                c, b, row = self.mem.where(a)
+                self.emit("ACT", [c], b, row)
+                ja += p.columns - col_of(a)
+            for jj in range(j, seg_end):
+                c, b, _row = self.mem.where(addr0 + p.column_bytes * jj)
+                self.emit(kind, [c], b, reads=kind == "RD")
+            self.emit("PREAB")
+            if seg_end == nwords:
+                return
+            j = seg_end
+            seg_end = min(nwords, seg_end + rg)
 
     def _gemv(self):
-        f, p = self.f, self.p
+        f, p, tm = self.f, self.p, self.tm
         K, N = f["n"], f["m"]
         tiles = -(-N // (p.banks * p.channels))
         gbv = p.gb_values
@@ -1618,31 +1602,56 @@ class _PcuMacro:
         G = p.acc_groups
         gelu = bool(f["flags"] & F_GELU)
         nch = p.channels
-        self.t += 1                                   # Gemv-Start
+        before_pre = max(0, tm.tRTP // tm.tCCD - 1)
+        before_act = max(0, tm.tRP // tm.tCCD - 1)
+        after_act = max(0, tm.tRCDRD // tm.tCCD - 1 - G)
+
+        def ncols(chunk):
+            rem = K - chunk * gbv
+            return p.gb_columns if rem >= gbv else -(-rem // p.lanes)
+
+        def wrgb(k):
+            for _ in range(k):
+                self.emit("WRGB")
+            self.ev["pim_gb_writes"] += k * nch
+
+        written = 0
+        bias_in = 0
+        if f["flags"] & F_BIAS:
+            self._xfer(f["addr0"], -(-N * 4 // 32), "RD")
+            bias_in = self._all_served()             # the last bias word taken: preloads may start
+            self.served = [[] for _ in range(nch)]
+            written = min(max(0, ncols(0) - after_act), before_act)
+            wrgb(written)
+        one_tile = tiles == 1
         have_prev = prev_af = False
         row_i = 0
         for chunk in range(chunks):
-            rem = K - chunk * gbv
-            ncols = p.gb_columns if rem >= gbv else -(-rem // p.lanes)
+            n = ncols(chunk)
             last_chunk = chunk == chunks - 1
             for tile in range(tiles):
                 self.emit("ACTAB", row=f["row"] + tile * chunks + chunk)
-                if have_prev:
+                if not (one_tile and chunk > 0):
+                    if have_prev:
+                        for _g in range(G):
+                            self.emit("RDAF" if prev_af else "RDMAC", reads=True)
                     for _g in range(G):
-                        self.emit("RDAF" if prev_af else "RDMAC", reads=True)
-                for _g in range(G):
-                    if chunk > 0:                          # Row-Bias-Wait: last chunk's partial sums are in
-                        self._wait_served((row_i - tiles + 1) * G)
-                    self.t += 2                            # Row-Bias-Wait, Row-Bias-Read
-                    self.emit("WRBIAS")
+                        if chunk > 0:                    # this tile's partial sums of the previous chunk are in
+                            self._wait_served((row_i - tiles + 1) * G)
+                        else:
+                            self.t = max(self.t, bias_in)
+                        self.emit("WRBIAS")
                 if tile == 0:
-                    for _c in range(ncols):
-                        self.t += 1                        # Row-Gb-Read
-                        self.emit("WRGB")
-                    self.ev["pim_gb_writes"] += ncols * nch
-                for _c in range(ncols):
+                    wrgb(n - written)
+                    written = n
+                for _c in range(n):
                     self.emit("MACAB")
-                self.ev["pim_mac_cols"] += ncols * p.banks * nch
+                self.ev["pim_mac_cols"] += n * p.banks * nch
+                new_chunk = tile == tiles - 1 and not last_chunk
+                if new_chunk:
+                    n_next = ncols(chunk + 1)
+                    written = min(before_pre, n_next)
+                    wrgb(written)
                 self.emit("PREAB")
                 have_prev = True
                 prev_af = gelu and last_chunk
@@ -1651,7 +1660,9 @@ class _PcuMacro:
                     self.emit("ACTAB", row=p.data_rows)
                     self.emit("AF")
                     self.emit("PREAB")
-                self.t += 1                                # Row-Next
+                if new_chunk:
+                    k = max(0, min(n_next, before_pre + before_act) - written)
+                    wrgb(k)
+                    written += k
         for _g in range(G):
             self.emit("RDAF" if prev_af else "RDMAC", reads=True)
-        self._drain_all()
