@@ -29,3 +29,14 @@ def _proto_fpga():
 register("proto_fpga", _proto_fpga, "prototype FPGA part (default config): AXI4-Lite CSRs + AXI4 window + macro "
          "queue + PCU + 2 memory controllers, device replaced by a PHY stand-in", pnr=False,
          pnr_args=["--router", "router2"])
+
+
+def _sram_pim():
+    from .npu.sram_pim import SramPimUnit
+
+    return SramPimUnit(macros=4, rows=512, word_lanes=64, mac_lanes=16, read_latency=2)
+
+
+# Synthesis only by default (64 BF16 multipliers and 128 FP32 adders: ECP5 place and route is slow here).
+register("sram_pim", _sram_pim, "SRAM-PIM attention unit (issue 20): 4 macros x 512 rows x 64 BF16, 16 MAC lanes "
+         "per macro, read latency 2", pnr=False)

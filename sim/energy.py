@@ -22,7 +22,10 @@ What the counts mean (one event each):
   DMA);
 * ``mac``: one BF16 x BF16 + FP32 MAC on the systolic array;
 * ``vec_elem``: one element through one pass of the vector unit's FP32 pipeline;
-* ``link_bytes``: bytes over the host / device link (PCIe 5.0 x16).
+* ``link_bytes``: bytes over the host / device link (PCIe 5.0 x16);
+* ``sram_pim_mac``: one BF16 MAC in an SRAM-PIM macro (:mod:`hw.npu.sram_pim`: the row read, the
+  multiplier, its share of the adder tree and accumulator); ``sram_pim_wr_bytes``: bytes written into
+  the SRAM-PIM macros (K/V rows). Both in the ``npu`` group (the units sit beside the NPU cores).
 """
 
 from __future__ import annotations
@@ -84,6 +87,15 @@ EVENTS = {
     "vec_elem": EventEnergy(
         1.5 * _pJ, "per element per vector-unit pass (FP32, incl. register traffic)",
         "Horowitz 2014: FP32 add 0.9 pJ, multiply 3.7 pJ at 45 nm; a pass averages about one of each, /3 at 7 nm"),
+    "sram_pim_mac": EventEnergy(
+        2 / 31.6e12, "per BF16 MAC in an SRAM-PIM macro (row read + multiply + add)",
+        "literature figure, not scaled: Guo et al., 'A 28nm 64-kb 31.6-TFLOPS/W Digital-Domain Floating-Point-"
+        "Computing-Unit and Double-Bit 6T-SRAM Computing-in-Memory Macro for Floating-Point CNNs', ISSCC 2023, "
+        "paper 7.2: 31.6 TFLOPS/W with BF16 inputs, weights and outputs at macro level in 28 nm; 2 FLOPs per "
+        "MAC -> 63 fJ. Left at 28 nm (a 7 nm macro would be lower) and with its BF16 output (ours accumulates "
+        "in FP32, higher): both directions stated, neither applied"),
+    "sram_pim_wr_bytes": EventEnergy(
+        1.0 * _pJ, "per byte written into the SRAM-PIM macros", "as spm_wr_bytes (an SRAM write)"),
     "link_bytes": EventEnergy(
         8 * 5.0 * _pJ, "per byte over PCIe 5.0 x16",
         "32 GT/s SerDes ~5 pJ/bit per direction (published 32G PHYs: 4-6 pJ/bit)"),
@@ -109,7 +121,7 @@ def energy(events: dict, seconds: float = 0.0, table=None, static=None) -> dict:
     groups = {
         "dram": ("dram_acts", "dram_reads", "dram_writes", "dram_refs"),
         "pim": ("pim_acts", "pim_io_cols", "pim_mac_cols", "pim_gb_writes", "pim_af"),
-        "npu": ("mac", "vec_elem", "spm_rd_bytes", "spm_wr_bytes"),
+        "npu": ("mac", "vec_elem", "spm_rd_bytes", "spm_wr_bytes", "sram_pim_mac", "sram_pim_wr_bytes"),
         "link": ("link_bytes",),
     }
     out = {}

@@ -58,6 +58,8 @@ MODELS = ("medium", "large", "xl", "2.5b")
 INPUTS = (128, 256, 512)
 OUTPUTS = (1, 8, 64, 512)
 POLICIES = ("ianus", "npu-mem")
+EXTRA_POLICIES = ("hpim",)
+"""Policies ``--policies`` accepts beyond the default pair: ``hpim`` (SRAM-PIM attention, :mod:`sim.hpim_model`)."""
 OPS = ("qkv", "attention", "proj", "ffn", "vector", "wait_pim", "overhead")
 SCALING_MODELS = {"6.7b": (GptShape(4096, 32, 32), 2), "13b": (GptShape(5120, 40, 40), 4),
                   "30b": (GptShape(7168, 56, 48), 8)}
@@ -205,6 +207,9 @@ def project(name: str, policy: str, n_in: int, n_out: int, cfg: SystemConfig | N
             samples: int = 16, shape: GptShape | None = None, progress=None) -> Projection:
     """Simulate one layer of ``name`` (a :data:`firmware.gpt2.SHAPES` key or ``shape``) for the
     summarization of ``n_in`` tokens and ``n_out - 1`` generation steps."""
+    if policy == "hpim":
+        from sim.hpim_model import project_hpim
+        return project_hpim(name, n_in, n_out, cfg, samples=samples, shape=shape, progress=progress)
     t0 = time.perf_counter()
     cfg = cfg or preset("ianus")
     shape = shape or SHAPES[name]
@@ -391,7 +396,7 @@ def validate_args(args):
     models = parse_names("--models", args.models, SHAPES)
     inputs = parse_int_list("--inputs", args.inputs, 1, 1 << 16)
     outputs = parse_int_list("--outputs", args.outputs, 1, 1 << 16)
-    policies = parse_names("--policies", args.policies, POLICIES)
+    policies = parse_names("--policies", args.policies, POLICIES + EXTRA_POLICIES)
     check_int("--samples", args.samples, 2, MAX_SAMPLES)
     devices = parse_int_list("--devices", args.devices, 1, 1024, allow_empty=True)
     check_int("--scaling-input", args.scaling_input, 1, 1 << 16)
@@ -409,6 +414,13 @@ def validate_args(args):
             except CompileError as e:
                 raise UsageError(f"model {m} with {tokens:,} tokens (input + output) under policy {pol} does not "
                                  f"fit one layer of the {cfg.name!r} device: {e}") from None
+    if "hpim" in policies:
+        from sim.hpim_model import HpimCapacityError, check_fit
+        for m in models:
+            try:
+                check_fit(cfg, SHAPES[m], max(inputs) + max(outputs))
+            except HpimCapacityError as e:
+                raise UsageError(f"model {m} under policy hpim: {e}") from None
     return args
 
 
@@ -484,6 +496,10 @@ def main_project(args) -> int:
             st.add_row(m, str(i), str(o), f"{b['summarization_ms'] / s['summarization_ms']:.2f}x", f"{gen:.2f}x",
                        f"{b['total_ms'] / s['total_ms']:.2f}x", f"{b['total_J'] / s['total_J']:.2f}x")
         console.print(st)
+    if "hpim" in policies:
+        from sim.hpim_model import hpim_tables
+        for t in hpim_tables(projections, max(outputs)):
+            console.print(t)
 
     if getattr(args, "bounds", False):
         from sim import bounds as bnd
@@ -501,8 +517,10 @@ def main_project(args) -> int:
     scaling = []
     if args.devices:
         devs = [int(x) for x in args.devices.split(",") if x]
+        if "hpim" in policies:
+            console.print("[dim]hpim: not in the multi-device scaling (not modelled)[/dim]")
         for m, (shape, _) in SCALING_MODELS.items():
-            for pol in policies:
+            for pol in (x for x in policies if x in POLICIES):
                 p = project(m, pol, args.scaling_input, args.scaling_output, cfg, samples=min(args.samples, 8),
                             shape=shape)
                 params = 12 * shape.layers * shape.d_model ** 2
@@ -557,7 +575,8 @@ def add_parser(sub):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--inputs", default=",".join(map(str, INPUTS)))
     p.add_argument("--outputs", default=",".join(map(str, OUTPUTS)))
-    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help=f"comma-separated, of {', '.join(POLICIES + EXTRA_POLICIES)} (hpim: sim/hpim_model.py)")
     p.add_argument("--samples", type=int, default=12, help="generation positions simulated (interpolated between)")
     p.add_argument("--devices", default="2,4,8", help="device counts for the 6.7B/13B/30B scaling ('' to skip)")
     p.add_argument("--scaling-input", type=int, default=128)

@@ -295,7 +295,7 @@ def test_gemv_errors(args, message, capsys):
 PROJECT_ERRORS = [
     (["--models", "nonexistent"], "--models: unknown name 'nonexistent' (choose from small, medium"),
     (["--models", ""], "--models needs at least one of"),
-    (["--policies", "bogus"], "--policies: unknown name 'bogus' (choose from ianus, npu-mem)"),
+    (["--policies", "bogus"], "--policies: unknown name 'bogus' (choose from ianus, npu-mem, hpim)"),
     (["--samples", "0"], "--samples must be an integer in 2..4,096, not 0"),
     (["--samples", "1"], "--samples must be an integer in 2..4,096, not 1"),
     (["--devices", "0"], "--devices must be an integer in 1..1,024, not 0"),
