@@ -120,3 +120,21 @@ def test_project_args():
                           "--devices", ""])
     with pytest.raises(UsageError, match="model xl under policy hpim: hpim: K and V of 6 heads"):
         validate_args(args)
+
+
+def test_project_hpim_small_resident():
+    """``project(..., "hpim")`` end to end on GPT-2 small (its whole KV cache fits the units: resident, no
+    stream): the critical path sums to the generation time, the summarization is ianus's, the report tables
+    build."""
+    from sim.hpim_model import hpim_rows, hpim_tables
+    from sim.project import project
+
+    ianus = project("small", "ianus", 16, 3, samples=2)
+    p = project("small", "hpim", 16, 3, samples=2)
+    assert p.policy == "hpim" and p.gen[1].hpim["mode"] == "resident"
+    assert all(t.dur == 0 for t in p.gen[1].hpim["tasks"] if t.op == "kv_stream")
+    assert p.summary(3)["summarization_ms"] == pytest.approx(ianus.summary(3)["summarization_ms"], rel=0.02)
+    r = hpim_rows(p, 3, ianus)
+    assert sum(r["critical_ms"].values()) == pytest.approx(r["gen_ms_per_token"])
+    assert r["hpim_gen_speedup_vs_ianus"] == pytest.approx(r["ianus_gen_ms_per_token"] / r["gen_ms_per_token"])
+    assert len(hpim_tables({("small", "ianus", 16): ianus, ("small", "hpim", 16): p}, 3)) == 2
