@@ -422,3 +422,14 @@ def test_golden_float64_bound(M, W, L):
     assert np.all(np.abs(o - exact) <= bound)
     r_pv = float(np.max(np.abs(o - exact) / np.maximum(bound, 1e-300)))
     print(f"M={M} W={W} L={L}: worst err/bound QK {r_qk:.3f}, PV {r_pv:.3f}")
+
+
+def test_verilog_lint_clean(tmp_path):
+    """The generated Verilog passes ``verilator --lint-only -Wall`` with the project's waivers (hw.gen.lint)."""
+    from amaranth.back import verilog
+
+    from hw.gen import lint
+
+    path = tmp_path / "sram_pim_small.v"
+    path.write_text(verilog.convert(SramPimUnit(**CONFIGS["m2_w8_l4"]), name="sram_pim_small", emit_src=False))
+    assert lint(path, "sram_pim_small") == []
