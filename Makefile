@@ -5,7 +5,7 @@
 #   make synth   FPGA synthesis (ECP5 Fmax, UltraScale+ resources)
 #   make verilog Verilog of the major blocks under build/verilog
 #   make lint    ruff
-#   make model   train the Shakespeare language model (sim/lm; jax, ~10-15 min on 2 quiet cores)
+#   make model   train the Shakespeare language model (sim/lm, jax; 36 min measured on the shared 2 cores)
 #   make clean   remove build products (keeps .venv); `make distclean` removes .venv too
 
 SHELL   := /bin/bash
