@@ -103,8 +103,9 @@ async def bad_input(dut):
     fdev = await D.Device.open(D.FunctionalTransport(FunctionalDevice(cfg)), cfg)
     want = await program(fdev, cfg, seed=6)
     assert all(np.array_equal(a, b) for a, b in zip(y, want, strict=True)), "wrong results after recovery"
-    # Timeout: a queue of work and a cycle budget far too small for it.
-    h = await dev.upload_weights(np.ones((32, 16), np.float32))
+    # Timeout: a queue of work and a cycle budget far too small for it (seven tile rows per GEMV, so that the
+    # queued work outlasts the register writes that submit it).
+    h = await dev.upload_weights(np.ones((32, 112), np.float32))
     x_addr = dev.alloc(64)
     await dev.write(x_addr, G.bf16_bits(np.ones(32, np.float32)).tobytes())
     for _ in range(4):
