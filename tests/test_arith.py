@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from amaranth.hdl import Module
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
