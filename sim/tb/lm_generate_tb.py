@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from cocotb.triggers import Edge, FallingEdge, First, RisingEdge, Timer
 
 from firmware.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
 from sim.tb.common import tb_test
-from sim.tb.soc_job_tb import PERIOD_NS, Host
+from sim.tb.soc_job_tb import PERIOD_NS, Host, load_backdoor
 
 
 async def _start(dut, run_dir: Path, channels: int) -> Host:
@@ -44,21 +43,7 @@ async def _start(dut, run_dir: Path, channels: int) -> Host:
         getattr(dut, f"s{c}__clear").value = 0
     host = Host(dut)
     await RisingEdge(dut.clk_out)
-    bd = Path(os.environ["IANUS_BACKDOOR"])
-    bd.mkdir(parents=True, exist_ok=True)
-    files = [*(run_dir / "backdoor").glob("*.hex"), *(run_dir / "backdoor").glob("*.bin")]
-    for f in files:
-        try:
-            os.link(f, bd / f.name)
-        except OSError:
-            shutil.copy(f, bd / f.name)
-    await FallingEdge(dut.clk_out)
-    dut.bd_load.value = 1
-    await FallingEdge(dut.clk_out)
-    dut.bd_load.value = 0
-    await FallingEdge(dut.clk_out)
-    for f in files:
-        (bd / f.name).unlink()
+    await load_backdoor(dut, run_dir / "backdoor")
     assert await host.rd(CSR.ID) == SOC_ID, "not the SoC"
     return host
 

@@ -64,6 +64,26 @@ class Host:
         return bytes(out)
 
 
+async def load_backdoor(dut, image_dir: Path):
+    """Load the device image files of ``image_dir`` through the PIM banks' back door: link them into the
+    folder the simulator was told (+PIM_BACKDOOR), pulse ``bd_load``, remove the links."""
+    bd = Path(os.environ["IANUS_BACKDOOR"])
+    bd.mkdir(parents=True, exist_ok=True)
+    files = [*image_dir.glob("*.hex"), *image_dir.glob("*.bin")]
+    for f in files:
+        try:
+            os.link(f, bd / f.name)         # the image can be hundreds of MB: link, don't copy
+        except OSError:
+            shutil.copy(f, bd / f.name)
+    await FallingEdge(dut.clk_out)
+    dut.bd_load.value = 1
+    await FallingEdge(dut.clk_out)
+    dut.bd_load.value = 0
+    await FallingEdge(dut.clk_out)
+    for f in files:
+        (bd / f.name).unlink()
+
+
 def _now():
     return int(cocotb.utils.get_sim_time("ns")) // PERIOD_NS
 
@@ -101,21 +121,7 @@ async def run_job(dut):
         getattr(dut, f"s{c}__clear").value = 0
     host = Host(dut)
     await RisingEdge(dut.clk_out)
-    # Back door: the image files into the directory the simulator was told (+PIM_BACKDOOR).
-    bd = Path(os.environ["IANUS_BACKDOOR"])
-    bd.mkdir(parents=True, exist_ok=True)
-    for f in [*(run_dir / "backdoor").glob("*.hex"), *(run_dir / "backdoor").glob("*.bin")]:
-        try:
-            os.link(f, bd / f.name)         # the image can be hundreds of MB: link, don't copy
-        except OSError:
-            shutil.copy(f, bd / f.name)
-    await FallingEdge(dut.clk_out)
-    dut.bd_load.value = 1
-    await FallingEdge(dut.clk_out)
-    dut.bd_load.value = 0
-    await FallingEdge(dut.clk_out)
-    for f in [*bd.glob("*.hex"), *bd.glob("*.bin")]:
-        f.unlink()
+    await load_backdoor(dut, run_dir / "backdoor")
     mon = None
     if spec["checker"]:
         from sim.pim_checker import BusMonitor
