@@ -94,7 +94,10 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     dev_v = [v for v in device_sources(cfg, fp_impl) if v not in FP_DPI_SOURCES]
     fp_v = FP_DPI_SOURCES if fp_impl == "dpi" else ()
     args = ("--timing", "--timescale", "1ns/1ps") if sim == "verilator" else ()
-    threads = int(os.environ.get("SOC_THREADS", "1"))
+    threads_text = os.environ.get("SOC_THREADS", "1")
+    if not threads_text.isdigit() or int(threads_text) < 1:
+        raise ValueError(f"SOC_THREADS must be a positive integer, not {threads_text!r}")
+    threads = int(threads_text)
     if sim == "verilator" and threads > 1:
         args += ("--threads", str(threads))
     opt = os.environ.get("SOC_CXX_OPT", SOC_CXX_OPT)
