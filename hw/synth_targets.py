@@ -40,3 +40,25 @@ def _sram_pim():
 # Synthesis only by default (64 BF16 multipliers and 128 FP32 adders: ECP5 place and route is slow here).
 register("sram_pim", _sram_pim, "SRAM-PIM attention unit (issue 20): 4 macros x 512 rows x 64 BF16, 16 MAC lanes "
          "per macro, read latency 2", pnr=False)
+
+
+def _lowprec(weights, acts):
+    def factory():
+        from .pim.lowprec_unit import LowPrecMacUnit
+
+        return LowPrecMacUnit(weights, acts, group=128, scale_format="fp16")
+    return factory
+
+
+# The low-precision PIM processing unit (issue 19) against the BF16 unit (`mac16`): one 256-bit column per
+# cycle either way, 64 4-bit weights instead of 16 BF16. Synthesis only by default (place and route with
+# --pnr-all).
+register("lowprec_fp4_fp8", _lowprec("fp4", "fp8_e4m3"),
+         "low-precision PIM unit: 64 lanes fp4 (BitMoD grid choice) x fp8_e4m3, exact integer group sums, "
+         "group 128, FP16 scale, FP32 accumulator", pnr=False)
+register("lowprec_int4_fp8", _lowprec("int4", "fp8_e4m3"),
+         "low-precision PIM unit: 64 lanes int4 x fp8_e4m3, exact integer group sums, group 128, FP16 scale, "
+         "FP32 accumulator", pnr=False)
+register("lowprec_fp4_bf16", _lowprec("fp4", "bf16"),
+         "low-precision PIM unit: 64 lanes fp4 (BitMoD grid choice) x bf16, 64 BF16 multipliers + 64-input FP32 "
+         "adder tree, group 128, FP16 scale, FP32 accumulator", pnr=False)
