@@ -13,6 +13,10 @@
 * ``soc-model`` (format ``bf16``): the compiled decoder layers on the SoC's
   functional model (bit-exact with the RTL).
 
+``lowprec_unit_synth`` rows: the low-precision PIM unit's synthesis figures (UltraScale+ and ECP5 cells, the
+stored results of ``python -m hw.synth lowprec_fp4_fp8 lowprec_int4_fp8 lowprec_fp4_bf16 mac16 --no-pnr``) and
+their ratio to the BF16 unit ``mac16``; a row saying so when a result is not stored for the current Verilog.
+
 All rows use the same windows of the held-out text (4 windows of 128 bytes,
 508 predictions; ``--quick``: 1 window). Needs ``build/lm/shakespeare.safetensors``
 (``make model``); without it the module emits one error row saying so.
@@ -26,7 +30,38 @@ N_WINDOWS = 4
 N_WINDOWS_QUICK = 1
 
 
+SYNTH_TARGETS = ("lowprec_fp4_fp8", "lowprec_int4_fp8", "lowprec_fp4_bf16")
+
+
+def _synth_rows():
+    from hw import synth
+
+    synth._load_extra_targets()
+    base = synth.cached("mac16", pnr=False) or synth.cached("mac16", pnr=True)
+    for name in SYNTH_TARGETS:
+        res = synth.cached(name, pnr=False) or synth.cached(name, pnr=True)
+        if res is None:
+            yield {"name": "lowprec_unit_synth", "value": None, "unit": "", "target": name,
+                   "note": f"no stored result for the current Verilog: run `python -m hw.synth {name} --no-pnr`"}
+            continue
+        x, e = res["xcup"], res["ecp5"]
+        row = {"name": "lowprec_unit_synth", "value": {k: x[k] for k in ("LUT", "FF", "DSP", "BRAM36")},
+               "unit": "XCVU9P cells", "target": name, "description": res["description"],
+               "ecp5": {k: e[k] for k in ("LUT4", "FF", "MULT18X18D", "DP16KD")}, "wrapper_ffs": res["wrapper_ffs"],
+               "ff_net_of_wrapper": x["FF"] - res["wrapper_ffs"], "weights_per_column": 64, "weights_per_column_bf16": 16}
+        if e.get("fmax_mhz"):
+            row["ecp5_fmax_mhz"] = e["fmax_mhz"]
+        if base is not None:
+            bx = base["xcup"]
+            row["vs_mac16"] = {k: round(x[k] / bx[k], 3) for k in ("LUT", "FF", "DSP") if bx[k]}
+            # Per weight consumed per cycle (64 vs 16): the cost of a column's worth of weights.
+            row["vs_mac16_per_weight"] = {k: round(x[k] / 64 / (bx[k] / 16), 3) for k in ("LUT", "FF", "DSP")
+                                          if bx[k]}
+        yield row
+
+
 def run(quick=False):
+    yield from _synth_rows()
     from sim.lm import data
     from sim.lm.model import DEFAULT_WEIGHTS, load
     from sim.lm.perplexity import evaluate, windows
