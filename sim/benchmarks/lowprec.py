@@ -14,7 +14,8 @@
   functional model (bit-exact with the RTL).
 
 ``lowprec_unit_synth`` rows: the low-precision PIM unit's synthesis figures (UltraScale+ and ECP5 cells, the
-stored results of ``python -m hw.synth lowprec_fp4_fp8 lowprec_int4_fp8 lowprec_fp4_bf16 mac16 --no-pnr``) and
+stored results of ``python -m hw.synth lowprec_fp4_fp8 lowprec_int4_fp8 lowprec_fp4_bf16 mac16 --no-pnr``; the
+ECP5 Fmax where ``python -m hw.synth lowprec_fp4_fp8 --pnr-all`` was run) and
 their ratio to the BF16 unit ``mac16``; a row saying so when a result is not stored for the current Verilog.
 
 All rows use the same windows of the held-out text (4 windows of 128 bytes,
@@ -39,7 +40,7 @@ def _synth_rows():
     synth._load_extra_targets()
     base = synth.cached("mac16", pnr=False) or synth.cached("mac16", pnr=True)
     for name in SYNTH_TARGETS:
-        res = synth.cached(name, pnr=False) or synth.cached(name, pnr=True)
+        res = synth.cached(name, pnr=True) or synth.cached(name, pnr=False)      # with Fmax when placed
         if res is None:
             yield {"name": "lowprec_unit_synth", "value": None, "unit": "", "target": name,
                    "note": f"no stored result for the current Verilog: run `python -m hw.synth {name} --no-pnr`"}
