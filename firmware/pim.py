@@ -178,18 +178,23 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True, activation: bool = 
     With ``activation`` the rows of the last chunk end with the activation
     function: PREAB, ACTAB of the reserved LUT row, AF, PREAB; the results
     leave through RDAF instead of RDMAC (tagged the same way).
+
+    With two row buffers per bank (``row_buffers = 2``) ACTAB / PREAB are
+    PACTAB / PPREAB: the weight rows live in the PIM row buffer.
     """
     cfg = layout.cfg
     p, t = cfg.pim, cfg.timing
     groups = p.acc_groups
     before_pre = max(0, t.tRTP // t.tCCD - 1)       # free slots between the last MAC and PREAB
     before_act = max(0, t.tRP // t.tCCD - 1)        # free slots between PREAB and the next ACTAB
+    # With two row buffers (NeuPIMs) the rows MACAB and AF read are opened and closed in the PIM buffer.
+    act, pre = ("PACTAB", "PPREAB") if p.row_buffers == 2 else ("ACTAB", "PREAB")
     rows = [(tile, chunk) for chunk in range(layout.chunks) for tile in range(layout.tiles)]
     written = 0          # global-buffer columns of the current row's chunk already written
     for i, (tile, chunk) in enumerate(rows):
         n = layout.chunk_cols(chunk)
         yield "REFRESH_POINT", {}
-        yield "ACTAB", {"row": layout.row_of(tile, chunk)}
+        yield act, {"row": layout.row_of(tile, chunk)}
         if i > 0:
             read = "RDAF" if activation and rows[i - 1][1] == layout.chunks - 1 else "RDMAC"
             for g in range(groups):
@@ -213,11 +218,11 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True, activation: bool = 
             for c in range(min(before_pre, n_next)):
                 yield "WRGB", {"col": c, "data": ("x", nxt[1], c)}
             written = min(before_pre, n_next)
-        yield "PREAB", {}
+        yield pre, {}
         if activation and chunk == layout.chunks - 1:
-            yield "ACTAB", {"row": p.data_rows}
+            yield act, {"row": p.data_rows}
             yield "AF", {}
-            yield "PREAB", {}
+            yield pre, {}
         if nxt is not None and nxt[0] == 0:
             extra = min(before_act, n_next - written)
             for c in range(written, written + extra):

@@ -109,6 +109,11 @@ class PimGeometry(_Checked):
     af_rows : int
         Rows at the top of every bank reserved for activation-function lookup
         tables (AiM keeps its AF tables in DRAM).
+    row_buffers : int
+        Row buffers per bank: 1 (AiM / IANUS: normal and PIM traffic share the
+        bank's row, so a macro PIM command blocks normal requests) or 2
+        (NeuPIMs: a separate PIM row buffer, so the memory controller serves
+        normal requests while a PIM GEMV streams; see :mod:`hw.pim.commands`).
     """
 
     channels: int = 1
@@ -119,9 +124,12 @@ class PimGeometry(_Checked):
     column_bits: int = 256
     gb_bytes: int = 2048
     af_rows: int = 1
+    row_buffers: int = 1
 
     def __post_init__(self):
         self._pow2("channels", "banks", "rows", "columns", "lanes")
+        if self.row_buffers not in (1, 2) or isinstance(self.row_buffers, bool):
+            self._fail("row_buffers", "1 (AiM) or 2 (NeuPIMs dual row buffers)")
         if self.lanes < 2:
             self._fail("lanes", "a power of two of at least 2")
         if self.column_bits != self.lanes * 16:
@@ -491,7 +499,23 @@ def _ianus() -> SystemConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus}
+def _dual(base):
+    """``base`` with NeuPIMs' dual row buffers (same geometry and timing otherwise)."""
+    def make() -> SystemConfig:
+        cfg = base()
+        return cfg.replace(name=f"{cfg.name}-dualrb", **{"pim.row_buffers": 2})
+    make.__doc__ = f"The {base.__name__.strip('_')} preset with two row buffers per bank."
+    return make
+
+
+def _neupims() -> SystemConfig:
+    # NeuPIMs' system: the ianus-scale NPU and memory with dual row buffers (the paper's batched
+    # generation is a policy of the compiler and runtime, not of the configuration).
+    return _ianus().replace(name="neupims", **{"pim.row_buffers": 2})
+
+
+PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
+           "tiny-dualrb": _dual(_tiny), "default-dualrb": _dual(_default), "neupims": _neupims}
 
 
 def preset(name: str) -> SystemConfig:

@@ -27,8 +27,11 @@ from .pim.bank import countdown
 from .pim.channel import PimBusSignature
 from .pim.commands import PimOp
 
-__all__ = ["MemoryController", "MemCtrlSystem", "MemCtrlCounters", "BusMonitorSignature", "pim_command_layout", "pim_response_layout",
+__all__ = ["ARBITRATION", "MemoryController", "MemCtrlSystem", "MemCtrlCounters", "BusMonitorSignature", "pim_command_layout", "pim_response_layout",
            "COUNTERS"]
+
+ARBITRATION = ("pim_first", "normal_first", "fair")
+"""Command-bus policies between the PIM stream and normal requests with two row buffers."""
 
 COUNTERS = ("busy", "commands", "refreshes", "forced_refreshes", "row_hits", "row_misses", "pim_wait",
             "pim_commands")
@@ -182,13 +185,16 @@ class MemoryController(wiring.Component):
         a refresh before the deadline.
     """
 
-    def __init__(self, cfg: SystemConfig, queue_depth: int = 8, starve_limit: int = 64):
+    def __init__(self, cfg: SystemConfig, queue_depth: int = 8, starve_limit: int = 64,
+                 arbitration: str = "pim_first"):
         if not isinstance(cfg, SystemConfig):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
         if not isinstance(queue_depth, int) or isinstance(queue_depth, bool) or not 1 <= queue_depth <= 64:
             raise ValueError(f"Queue depth must be an integer in [1, 64], not {queue_depth!r}")
         if not isinstance(starve_limit, int) or isinstance(starve_limit, bool) or starve_limit < 1:
             raise ValueError(f"Starvation limit must be a positive integer, not {starve_limit!r}")
+        if arbitration not in ARBITRATION:
+            raise ValueError(f"Arbitration must be one of {', '.join(ARBITRATION)}, not {arbitration!r}")
         t = cfg.timing
         if t.refresh_postpone < 1:
             raise ValueError(f"DramTiming.refresh_postpone must be at least 1 for the memory controller "
@@ -200,6 +206,7 @@ class MemoryController(wiring.Component):
         self._cfg = cfg
         self._queue_depth = queue_depth
         self._starve_limit = starve_limit
+        self._arbitration = arbitration
         super().__init__({
             "req": In(stream.Signature(request_layout(cfg))),
             "resp": Out(stream.Signature(response_layout(cfg))),
@@ -256,13 +263,17 @@ class MemoryController(wiring.Component):
         rcdrd_ok, rcdwr_ok, ras_ok, rp_ok, wr_ok, rtp_ok = (Signal(nb, name=n) for n in
                                                             ("rcdrd_ok", "rcdwr_ok", "ras_ok", "rp_ok",
                                                              "wr_ok", "rtp_ok"))
+        dual = p.row_buffers == 2
         for b in range(nb):
             here = iss_bank == b
             do_act = iss & (((op == PimOp.ACT) & here) | (op == PimOp.ACTAB))
             do_pre = iss & is_open[b] & (((op == PimOp.PRE) & here) | (op == PimOp.PREAB))
             do_wr = iss & (op == PimOp.WR) & here
-            rd_type = iss & ((op.as_value().matches(PimOp.RD, PimOp.MACSB) & here) |
-                             op.as_value().matches(PimOp.MACAB, PimOp.AF))
+            if dual:        # MAC and AF read the PIM buffer
+                rd_type = iss & (op == PimOp.RD) & here
+            else:
+                rd_type = iss & ((op.as_value().matches(PimOp.RD, PimOp.MACSB) & here) |
+                                 op.as_value().matches(PimOp.MACAB, PimOp.AF))
             with m.If(do_act):
                 m.d.sync += [is_open[b].eq(1), open_row[b].eq(iss_row)]
             with m.Elif(do_pre):
@@ -282,8 +293,28 @@ class MemoryController(wiring.Component):
         def bit(vec, index):
             return vec.bit_select(index, 1) if nb > 1 else vec[0]
 
+        # ------------------------------------------------------- PIM row buffer (two row buffers)
+        # Only all-bank commands use it, so one state stands for every bank's PIM buffer (as in the device).
+        pim_rd_op = op.as_value().matches(PimOp.MACSB, PimOp.MACAB, PimOp.AF)
+        if dual:
+            p_open = Signal()
+            p_row = Signal(rb)
+            with m.If(iss & (op == PimOp.PACTAB)):
+                m.d.sync += [p_open.eq(1), p_row.eq(iss_row)]
+            with m.Elif(iss & (op == PimOp.PPREAB)):
+                m.d.sync += p_open.eq(0)
+            p_rcd_ok = countdown(m, "p_rcdrd", t.tRCDRD, iss & (op == PimOp.PACTAB))
+            p_ras_ok = countdown(m, "p_ras", t.tRAS, iss & (op == PimOp.PACTAB))
+            p_rp_ok = countdown(m, "p_rp", t.tRP, iss & (op == PimOp.PPREAB) & p_open)
+            p_rtp_ok = countdown(m, "p_rtp", t.tRTP, iss & pim_rd_op)
+            p_pre_ok = ~p_open | (p_ras_ok & p_rtp_ok)
+        else:
+            p_open = Const(0, 1)
+            p_row = Const(0, rb)
+            p_rcd_ok = p_ras_ok = p_rp_ok = p_rtp_ok = p_pre_ok = Const(1, 1)
+
         # ------------------------------------------------------- channel-wide timing
-        is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB)
+        is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB, *((PimOp.PACTAB,) if dual else ()))
         col_cmd = op.as_value().matches(PimOp.RD, PimOp.WR, PimOp.WRGB, PimOp.MACSB, PimOp.MACAB,
                                         PimOp.WRBIAS, PimOp.RDMAC, PimOp.AF, PimOp.RDAF)
         is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
@@ -300,7 +331,7 @@ class MemoryController(wiring.Component):
         else:
             m.d.comb += faw_ok.eq(1)
         act_timing_ok = rfc_ok & rrd_ok & faw_ok      # plus the bank's tRP
-        ref_ok = all_closed & (rp_ok == all_banks) & rfc_ok
+        ref_ok = all_closed & (rp_ok == all_banks) & rfc_ok & ~p_open & p_rp_ok
 
         # ------------------------------------------------------- refresh credit
         refi = Signal(range(t.tREFI))
@@ -364,24 +395,36 @@ class MemoryController(wiring.Component):
         ]
 
         # ------------------------------------------------------- mode machine
-        mode_pim = Signal()          # "PIM": the PIM stream is served
+        mode_pim = Signal()          # "PIM": the PIM stream is served (exclusively)
         mode_normal = Signal()       # "Normal": normal requests are served
+        # With two row buffers the PIM stream's PIM-buffer and global-buffer commands run beside normal
+        # traffic; only its normal-buffer commands (the PCU's transfers: ACT/RD/WR/PRE/PREAB) need the
+        # channel to itself, so the controller enters the exclusive mode for them, not for pim_mode.
+        head_normal = self.pim.valid & self.pim.payload.op.as_value().matches(
+            PimOp.ACT, PimOp.ACTAB, PimOp.PRE, PimOp.PREAB, PimOp.RD, PimOp.WR, PimOp.REF)
+        want_excl = head_normal if dual else self.pim_mode
         with m.FSM(name="mode"):
             with m.State("Normal"):
-                m.d.comb += mode_normal.eq(~self.pim_mode)
-                with m.If(self.pim_mode):
+                m.d.comb += mode_normal.eq(~want_excl)
+                with m.If(want_excl):
                     m.next = "Close-Rows"
             with m.State("Close-Rows"):
-                with m.If(~self.pim_mode):
+                with m.If(~want_excl):
                     m.next = "Normal"
                 with m.Elif(all_closed):
                     m.next = "PIM"
             with m.State("PIM"):
-                m.d.comb += mode_pim.eq(self.pim_mode)
-                with m.If(~self.pim_mode):
-                    m.next = "Normal"
+                if dual:
+                    # Leave once the stream's normal-buffer work is over and its rows are closed.
+                    m.d.comb += mode_pim.eq(1)
+                    with m.If(all_closed & ~head_normal):
+                        m.next = "Normal"
+                else:
+                    m.d.comb += mode_pim.eq(self.pim_mode)
+                    with m.If(~self.pim_mode):
+                        m.next = "Normal"
         closing = Signal()
-        m.d.comb += closing.eq(self.pim_mode & ~mode_normal & ~mode_pim)
+        m.d.comb += closing.eq(want_excl & ~mode_normal & ~mode_pim)
 
         # ------------------------------------------------------- request queue
         D = self._queue_depth
@@ -413,14 +456,23 @@ class MemoryController(wiring.Component):
         starving = Signal()
         m.d.comb += starving.eq(q_valid[0] & ~hit[0] & (head_age == self._starve_limit))
 
+        # Two row buffers: a row the PIM buffer holds (or a waiting PACTAB wants) is not activated in the
+        # normal buffer, and hits to a bank that must close for a waiting PACTAB are held back.
+        pact_pending = (self.pim.valid & (self.pim.payload.op == PimOp.PACTAB)) if dual else Const(0, 1)
+        pact_row = self.pim.payload.row
         col_ready = Signal(D)
         row_ready = Signal(D)
         for i in range(D):
             b = q_bank[i]
             held = starving & (q_bank[i] == q_bank[0]) if i > 0 else Const(0, 1)
+            if dual:
+                held = held | (pact_pending & (open_row[b] == pact_row))
+                row_taken = (p_open & (p_row == q_row[i])) | (pact_pending & (pact_row == q_row[i]))
+            else:
+                row_taken = Const(0, 1)
             rcd = Mux(q_write[i], bit(rcdwr_ok, b), bit(rcdrd_ok, b))
             m.d.comb += col_ready[i].eq(hit[i] & ~blocked[i] & ~held & rcd & ccd_ok & resp_credit)
-            needs_act = q_valid[i] & ~bit(is_open, b)
+            needs_act = q_valid[i] & ~bit(is_open, b) & ~row_taken
             needs_pre = q_valid[i] & bit(is_open, b) & ~hit[i] & \
                 (~bit(hit_in_bank, b) | (starving & (b == q_bank[0])))
             m.d.comb += row_ready[i].eq((needs_act & bit(rp_ok, b) & act_timing_ok) |
@@ -450,32 +502,59 @@ class MemoryController(wiring.Component):
         pc = self.pim.payload
         pop = pc.op.as_value()
         pbank = pc.bank if p.bank_addr_bits else Const(0, 1)
-        p_open = bit(is_open, pbank)
+        p_open_b = bit(is_open, pbank)
         timing_ok = Signal()
         state_bad = Signal()
+        pim_holds = p_open & (p_row == pc.row)
+        # PACTAB of a row some bank's normal buffer holds: the controller closes those banks first.
+        conflict = Signal(nb)
+        if dual:
+            m.d.comb += conflict.eq(Mux(self.pim.valid & (pc.op == PimOp.PACTAB),
+                                        Cat(*[is_open[b] & (open_row[b] == pc.row) for b in range(nb)]), 0))
+        conflict_bank = Signal(bb)
+        for b in reversed(range(nb)):
+            with m.If(conflict[b]):
+                m.d.comb += conflict_bank.eq(b)
         with m.Switch(pc.op):
             with m.Case(PimOp.NOP):
                 m.d.comb += timing_ok.eq(1)
             with m.Case(PimOp.ACT):
-                m.d.comb += [state_bad.eq(p_open), timing_ok.eq(bit(rp_ok, pbank) & act_timing_ok)]
+                m.d.comb += [state_bad.eq(p_open_b | pim_holds),
+                             timing_ok.eq(bit(rp_ok, pbank) & act_timing_ok)]
             with m.Case(PimOp.ACTAB):
-                m.d.comb += [state_bad.eq(~all_closed), timing_ok.eq((rp_ok == all_banks) & act_timing_ok)]
+                m.d.comb += [state_bad.eq(~all_closed | pim_holds),
+                             timing_ok.eq((rp_ok == all_banks) & act_timing_ok)]
             with m.Case(PimOp.PRE):
-                m.d.comb += timing_ok.eq(~p_open | bit(pre_ok, pbank))
+                m.d.comb += timing_ok.eq(~p_open_b | bit(pre_ok, pbank))
             with m.Case(PimOp.PREAB):
                 m.d.comb += timing_ok.eq(preab_ok)
-            with m.Case(PimOp.RD, PimOp.MACSB):
-                m.d.comb += [state_bad.eq(~p_open), timing_ok.eq(bit(rcdrd_ok, pbank) & ccd_ok)]
+            with m.Case(PimOp.RD):
+                m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(bit(rcdrd_ok, pbank) & ccd_ok)]
             with m.Case(PimOp.WR):
-                m.d.comb += [state_bad.eq(~p_open), timing_ok.eq(bit(rcdwr_ok, pbank) & ccd_ok)]
-            with m.Case(PimOp.MACAB):
-                m.d.comb += [state_bad.eq(is_open != all_banks), timing_ok.eq((rcdrd_ok == all_banks) & ccd_ok)]
-            with m.Case(PimOp.AF):
-                af_rows = Cat(*[open_row[b] >= p.data_rows for b in range(nb)])
-                m.d.comb += [state_bad.eq((is_open != all_banks) | (af_rows != all_banks)),
-                             timing_ok.eq((rcdrd_ok == all_banks) & mac_ok & ccd_ok)]
+                m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(bit(rcdwr_ok, pbank) & ccd_ok)]
+            if dual:
+                with m.Case(PimOp.MACSB, PimOp.MACAB):
+                    m.d.comb += [state_bad.eq(~p_open), timing_ok.eq(p_rcd_ok & ccd_ok)]
+                with m.Case(PimOp.AF):
+                    m.d.comb += [state_bad.eq(~p_open | (p_row < p.data_rows)),
+                                 timing_ok.eq(p_rcd_ok & mac_ok & ccd_ok)]
+                with m.Case(PimOp.PACTAB):
+                    m.d.comb += [state_bad.eq(p_open),
+                                 timing_ok.eq(p_rp_ok & act_timing_ok & (conflict == 0))]
+                with m.Case(PimOp.PPREAB):
+                    m.d.comb += timing_ok.eq(p_pre_ok)
+            else:
+                with m.Case(PimOp.MACSB):
+                    m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(bit(rcdrd_ok, pbank) & ccd_ok)]
+                with m.Case(PimOp.MACAB):
+                    m.d.comb += [state_bad.eq(is_open != all_banks),
+                                 timing_ok.eq((rcdrd_ok == all_banks) & ccd_ok)]
+                with m.Case(PimOp.AF):
+                    af_rows = Cat(*[open_row[b] >= p.data_rows for b in range(nb)])
+                    m.d.comb += [state_bad.eq((is_open != all_banks) | (af_rows != all_banks)),
+                                 timing_ok.eq((rcdrd_ok == all_banks) & mac_ok & ccd_ok)]
             with m.Case(PimOp.REF):
-                m.d.comb += [state_bad.eq(~all_closed), timing_ok.eq(ref_ok)]
+                m.d.comb += [state_bad.eq(~all_closed | p_open), timing_ok.eq(ref_ok)]
             with m.Case(PimOp.WRGB):
                 m.d.comb += [state_bad.eq(pc.col >= p.gb_columns), timing_ok.eq(ccd_ok)]
             with m.Case(PimOp.WRBIAS, PimOp.RDMAC):
@@ -502,26 +581,34 @@ class MemoryController(wiring.Component):
             m.d.comb += [iss.eq(1), iss_op.eq(opv), iss_bank.eq(bank), iss_row.eq(row), iss_col.eq(col),
                          iss_data.eq(data_), iss_mask.eq(mask)]
 
-        chan_idle = Mux(mode_pim, all_closed, mode_normal & (count == 0))
+        chan_idle = Mux(mode_pim, all_closed, mode_normal & (count == 0)) & ~p_open
+        p_reopen = Signal()            # the PIM buffer's row is reopened after the refresh
         with m.FSM(name="refresh"):
             with m.State("Idle"):
                 with m.If((owed >= 1) & (urgent | chan_idle)):
                     # Nothing else issues in this cycle either, so ``is_open`` is what Drain closes.
                     m.d.comb += ref_start.eq(1)
-                    m.d.sync += [reopen.eq(Mux(mode_pim, is_open, 0)), forced.eq(urgent)]
+                    m.d.sync += [reopen.eq(Mux(mode_pim, is_open, 0)), forced.eq(urgent), p_reopen.eq(p_open)]
                     m.next = "Drain"
             with m.State("Drain"):
                 m.d.comb += refreshing.eq(1)
                 with m.If(~all_closed):
                     with m.If(preab_ok):
                         issue(PimOp.PREAB)
+                with m.Elif(p_open):
+                    with m.If(p_pre_ok):
+                        issue(PimOp.PPREAB)
                 with m.Elif(ref_ok):
                     issue(PimOp.REF)
                     m.d.sync += n_forced.eq(n_forced + forced)
                     m.next = "Reopen"
             with m.State("Reopen"):
                 m.d.comb += refreshing.eq(1)
-                with m.If(reopen == 0):
+                with m.If(p_reopen):
+                    with m.If(p_rp_ok & act_timing_ok):
+                        issue(PimOp.PACTAB, row=p_row)
+                        m.d.sync += p_reopen.eq(0)
+                with m.Elif(reopen == 0):
                     m.next = "Idle"
                 with m.Elif((reopen == all_banks) & same_rows):
                     with m.If((rp_ok == all_banks) & act_timing_ok):
@@ -538,18 +625,40 @@ class MemoryController(wiring.Component):
         pim_refuse = Signal()
         sel_bank = Array(q_bank)[row_sel]
         sel_row = Array(q_row)[row_sel]
+        # Who gets the bus: the PIM stream (exclusive mode, or beside normal traffic with two row buffers:
+        # then ``arbitration`` decides when both could issue) or the FR-FCFS scheduler.
+        conflict_pre = (conflict != 0) & bit(pre_ok, conflict_bank)
+        serve_pim = (mode_pim | mode_normal) if dual else mode_pim
+        pim_go = Signal()
+        norm_go = Signal()
+        pim_win = Signal()
+        m.d.comb += [
+            pim_go.eq(serve_pim & self.pim.valid & (~p_reads | pim_credit) & (state_bad | timing_ok | conflict_pre)),
+            norm_go.eq(mode_normal & ((starving & row_ready[0]) | any_col | any_row)),
+        ]
+        if not dual or self._arbitration == "pim_first":
+            m.d.comb += pim_win.eq(pim_go)
+        elif self._arbitration == "normal_first":
+            m.d.comb += pim_win.eq(pim_go & ~norm_go)
+        else:                          # fair: alternate while both want the bus
+            last_pim = Signal()
+            m.d.comb += pim_win.eq(pim_go & (~norm_go | ~last_pim))
+            with m.If(pim_go & norm_go & ~refreshing & ~ref_start & ~closing):
+                m.d.sync += last_pim.eq(pim_win)
         with m.If(~refreshing & ~ref_start):
             with m.If(closing):
                 with m.If(~all_closed & preab_ok):
                     issue(PimOp.PREAB)
-            with m.Elif(mode_pim):
-                with m.If(self.pim.valid & state_bad & (~p_reads | pim_credit)):
+            with m.Elif(pim_win):
+                with m.If(state_bad):
                     m.d.comb += [pim_take.eq(1), pim_refuse.eq(1)]
-                with m.Elif(self.pim.valid & timing_ok & (~p_reads | pim_credit)):
+                with m.Elif(timing_ok):
                     m.d.comb += pim_take.eq(1)
                     with m.If(pc.op != PimOp.NOP):
                         issue(pc.op, pbank, pc.row, pc.col, pc.data, pc.mask)
-            with m.Elif(mode_normal):
+                with m.Else():             # close a normal row the PACTAB needs (two row buffers)
+                    issue(PimOp.PRE, bank=conflict_bank)
+            with m.Elif(norm_go):
                 with m.If(starving & row_ready[0]):
                     issue(Mux(bit(is_open, q_bank[0]), PimOp.PRE, PimOp.ACT), q_bank[0], q_row[0])
                 with m.Elif(any_col):
@@ -652,7 +761,7 @@ class MemCtrlSystem(wiring.Component):
         Zero-argument factory of the :class:`~hw.pim.channel.PimDevice` (e.g.
         :func:`hw.pim.device_factory` ``(cfg)``, which instantiates pre-generated
         channel modules).
-    queue_depth : int
+    queue_depth, arbitration : int, str
         Passed to every controller.
 
     Members (``c`` = channel)
@@ -666,7 +775,7 @@ class MemCtrlSystem(wiring.Component):
     bd_load : the device's back door
     """
 
-    def __init__(self, cfg: SystemConfig, device_factory, queue_depth: int = 8):
+    def __init__(self, cfg: SystemConfig, device_factory, queue_depth: int = 8, arbitration: str = "pim_first"):
         from .pim.channel import PimStatusSignature
 
         if not isinstance(cfg, SystemConfig):
@@ -676,6 +785,7 @@ class MemCtrlSystem(wiring.Component):
         self._cfg = cfg
         self._device_factory = device_factory
         self._queue_depth = queue_depth
+        self._arbitration = arbitration
         members = {"bd_load": In(1)}
         for c in range(cfg.pim.channels):
             members.update({
@@ -695,7 +805,8 @@ class MemCtrlSystem(wiring.Component):
         m.submodules.device = dev = self._device_factory()
         m.d.comb += dev.bd_load.eq(self.bd_load)
         for c in range(self._cfg.pim.channels):
-            mc = m.submodules[f"mc{c}"] = MemoryController(self._cfg, self._queue_depth)
+            mc = m.submodules[f"mc{c}"] = MemoryController(self._cfg, self._queue_depth,
+                                                          arbitration=self._arbitration)
             wiring.connect(m, wiring.flipped(getattr(self, f"r{c}")), mc.req)
             wiring.connect(m, mc.resp, wiring.flipped(getattr(self, f"q{c}")))
             wiring.connect(m, wiring.flipped(getattr(self, f"p{c}")), mc.pim)

@@ -230,6 +230,10 @@ class Pcu(wiring.Component):
         m.d.sync += o_valid.eq(o_valid & ~accepted)
         free = o_valid == 0
 
+        # The rows MACAB and AF read: the bank's row buffer, or its PIM row buffer when there are two.
+        ACT_PIM = PimOp.PACTAB if p.row_buffers == 2 else PimOp.ACTAB
+        PRE_PIM = PimOp.PPREAB if p.row_buffers == 2 else PimOp.PREAB
+
         def emit(op, channels=None, bank=0, row=0, col=0, tag=0, src=SRC_ZERO):
             """Load the output register (sync statements; only under ``can_load``)."""
             return [o_op.eq(op), o_bank.eq(bank), o_row.eq(row), o_col.eq(col), o_tag.eq(tag), o_src.eq(src),
@@ -521,7 +525,7 @@ class Pcu(wiring.Component):
             # ---- GEMV rows ----
             with m.State("Row-Act"):
                 with m.If(can_load):
-                    m.d.sync += emit(PimOp.ACTAB, row=mc.row + tile * chunks + chunk)
+                    m.d.sync += emit(ACT_PIM, row=mc.row + tile * chunks + chunk)
                     m.d.sync += [g.eq(0), colc.eq(0)]
                     with m.If(have_prev & ~one_tile):
                         m.next = "Row-Read"
@@ -582,7 +586,7 @@ class Pcu(wiring.Component):
                         m.next = "Row-Pre"
             with m.State("Row-Pre"):
                 with m.If(can_load):
-                    m.d.sync += emit(PimOp.PREAB)
+                    m.d.sync += emit(PRE_PIM)
                     m.d.sync += [prev_tile.eq(tile), have_prev.eq(1), prev_af.eq(gelu & last_chunk),
                                  row_i.eq(row_i + 1)]
                     with m.If(gelu & last_chunk):
@@ -591,7 +595,7 @@ class Pcu(wiring.Component):
                         advance_row()
             with m.State("Af-Act"):
                 with m.If(can_load):
-                    m.d.sync += emit(PimOp.ACTAB, row=p.data_rows)
+                    m.d.sync += emit(ACT_PIM, row=p.data_rows)
                     m.next = "Af"
             with m.State("Af"):
                 with m.If(can_load):
@@ -599,7 +603,7 @@ class Pcu(wiring.Component):
                     m.next = "Af-Pre"
             with m.State("Af-Pre"):
                 with m.If(can_load):
-                    m.d.sync += emit(PimOp.PREAB)
+                    m.d.sync += emit(PRE_PIM)
                     advance_row()
             with m.State("Next-Gb-Act"):
                 # More of the new chunk in the tRP wait before its first row's ACTAB.

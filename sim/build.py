@@ -318,6 +318,8 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
         raise ValueError(f"Simulator must be 'verilator' or 'icarus', not {sim!r}")
     if waves is None:
         waves = waves_requested()
+    # The name is the top-level Verilog module: configuration names such as "tiny-dualrb" become identifiers.
+    name = re.sub(r"[^A-Za-z0-9_]", "_", name)
     if not key and not callable(factory):
         key = repr(factory)
     vpath = verilog_for(factory, name, key)

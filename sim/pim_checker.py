@@ -5,6 +5,13 @@ Written from the timing table (:class:`hw.config.DramTiming` and the rules in
 cycle of the last ACT, PRE, WR and read-type column command and, per channel,
 the last column command, the recent ACTs, the last REF and refresh credit.
 
+With two row buffers per bank (``PimGeometry.row_buffers = 2``, NeuPIMs) the
+checker keeps a second state for the PIM buffer (open, row, last PACTAB,
+PPREAB and PIM read) and applies the rules between the buffers listed in
+``hw/pim/commands.py``: no row open in both buffers of a bank, activations of
+both buffers in one tRRD/tFAW window, one tCCD for every column command, REF
+with both buffers closed.
+
 ``check(cycle, op, bank, row, col)`` returns the name of the first rule the
 command breaks (the same names and priority as the RTL's violation codes) or
 ``None``, and updates the state only for legal commands (the device does not
@@ -27,8 +34,12 @@ NEVER = -(10**12)
 
 COL_OPS = {"RD", "WR", "WRGB", "MACSB", "MACAB", "WRBIAS", "RDMAC", "AF", "RDAF"}
 READ_TYPE = {"RD", "MACSB", "MACAB", "AF"}
+PIM_READS = {"MACSB", "MACAB", "AF"}        # with two row buffers: read the PIM buffer
+ACTS = {"ACT", "ACTAB", "PACTAB"}
 OPCODES = {"NOP": 0, "ACT": 1, "ACTAB": 2, "PRE": 3, "PREAB": 4, "RD": 5, "WR": 6, "REF": 7, "WRGB": 8,
-           "MACSB": 9, "MACAB": 10, "WRBIAS": 11, "RDMAC": 12, "AF": 13, "RDAF": 14}
+           "MACSB": 9, "MACAB": 10, "WRBIAS": 11, "RDMAC": 12, "AF": 13, "RDAF": 14,
+           "PACTAB": 15, "PPREAB": 16}
+DUAL_ONLY = {"PACTAB", "PPREAB"}
 OPNAMES = {v: k for k, v in OPCODES.items()}
 
 
@@ -51,6 +62,8 @@ class ProtocolChecker:
     def __post_init__(self):
         p = self.cfg.pim
         self.banks = [_Bank() for _ in range(p.banks)]
+        self.dual = p.row_buffers == 2
+        self.pim = _Bank()          # the PIM row buffer of every bank (all its commands are all-bank)
         self.last_col = NEVER
         self.acts = deque(maxlen=4)
         self.last_ref = NEVER
@@ -66,7 +79,17 @@ class ProtocolChecker:
         t = self.cfg.timing
         banks = self.banks
         rules = []
-        if op in ("ACT", "ACTAB"):
+        pim = self.pim
+        if self.dual and op == "PACTAB":
+            rules.append(("T_RP", pim.pre + t.tRP))
+            rules.append(("T_RFC", self.last_ref + t.tRFC))
+            rules.append(("T_RRD", (self.acts[-1] if self.acts else NEVER) + t.tRRD))
+            rules.append(("T_FAW", (self.acts[0] + t.tFAW) if len(self.acts) == 4 else NEVER))
+        elif self.dual and op == "PPREAB":
+            if pim.open:
+                rules.append(("T_RAS", pim.act + t.tRAS))
+                rules.append(("T_RTP", pim.rd + t.tRTP))
+        elif op in ("ACT", "ACTAB"):
             targets = banks if op == "ACTAB" else [banks[bank]]
             rules.append(("T_RP", max(b.pre for b in targets) + t.tRP))
             rules.append(("T_RFC", self.last_ref + t.tRFC))
@@ -78,9 +101,11 @@ class ProtocolChecker:
             rules.append(("T_WR", max((b.wr for b in targets), default=NEVER) + t.tWR))
             rules.append(("T_RTP", max((b.rd for b in targets), default=NEVER) + t.tRTP))
         elif op == "REF":
-            rules.append(("T_RP", max(b.pre for b in banks) + t.tRP))
+            rules.append(("T_RP", max([b.pre for b in banks] + [pim.pre]) + t.tRP))
             rules.append(("T_RFC", self.last_ref + t.tRFC))
-        if op in ("RD", "MACSB", "MACAB", "AF", "WR"):
+        if self.dual and op in PIM_READS:
+            rules.append(("T_RCD", pim.act + t.tRCDRD))
+        elif op in ("RD", "MACSB", "MACAB", "AF", "WR"):
             targets = banks if op in ("MACAB", "AF") else [banks[bank]]
             trcd = t.tRCDWR if op == "WR" else t.tRCDRD
             rules.append(("T_RCD", max(b.act for b in targets) + trcd))
@@ -92,15 +117,27 @@ class ProtocolChecker:
             rules.append(("T_CCD", self.last_col + t.tCCD))
         return rules
 
-    def _state_violation(self, op, bank, col):
+    def _state_violation(self, op, bank, col, row=0):
         p = self.cfg.pim
         banks = self.banks
-        if op not in OPCODES:
+        pim = self.pim
+        if op not in OPCODES or (op in DUAL_ONLY and not self.dual):
             return "ILLEGAL_OPCODE"
-        if op == "ACT" and banks[bank].open:
+        pim_holds = pim.open and pim.row == row
+        if op == "ACT" and (banks[bank].open or pim_holds):
             return "BANK_OPEN"
-        if op in ("ACTAB", "REF") and any(b.open for b in banks):
+        if op == "ACTAB" and (any(b.open for b in banks) or pim_holds):
             return "BANK_OPEN"
+        if op == "REF" and (any(b.open for b in banks) or pim.open):
+            return "BANK_OPEN"
+        if op == "PACTAB" and (pim.open or any(b.open and b.row == row for b in banks)):
+            return "BANK_OPEN"
+        if self.dual and op in PIM_READS:
+            if not pim.open:
+                return "BANK_CLOSED"
+            if op == "AF" and pim.row < p.data_rows:
+                return "BAD_ADDRESS"
+            return None
         if op in ("RD", "WR", "MACSB") and not banks[bank].open:
             return "BANK_CLOSED"
         if op in ("MACAB", "AF") and not all(b.open for b in banks):
@@ -122,9 +159,9 @@ class ProtocolChecker:
         """The first rule ``op`` breaks at ``cycle`` (or ``None``), without changing state."""
         if op == "NOP":
             return None
-        state = self._state_violation(op, bank, col)
+        state = self._state_violation(op, bank, col, row)
         timing = next((name for name, c in self._timing_rules(op, bank) if cycle < c), None) \
-            if op in OPCODES else None
+            if op in OPCODES and not state else None
         return state or timing     # state rules come first, as in the RTL's priority
 
     def check(self, cycle, op, bank=0, row=0, col=0):
@@ -146,7 +183,14 @@ class ProtocolChecker:
     def _apply(self, cycle, op, bank, row):
         self.counts[op] += 1
         banks = self.banks
-        if op in ("ACT", "ACTAB"):
+        pim = self.pim
+        if op == "PACTAB":
+            pim.open, pim.row, pim.act = True, row, cycle
+            self.acts.append(cycle)
+        elif op == "PPREAB":
+            if pim.open:
+                pim.open, pim.pre = False, cycle
+        elif op in ("ACT", "ACTAB"):
             for b in (banks if op == "ACTAB" else [banks[bank]]):
                 b.open, b.row, b.act = True, row, cycle
             self.acts.append(cycle)
@@ -159,7 +203,9 @@ class ProtocolChecker:
             self.refs += 1
         if op in COL_OPS:
             self.last_col = cycle
-        if op in READ_TYPE:
+        if self.dual and op in PIM_READS:
+            pim.rd = cycle
+        elif op in READ_TYPE:
             for b in (banks if op in ("MACAB", "AF") else [banks[bank]]):
                 b.rd = cycle
         if op == "WR":

@@ -63,9 +63,15 @@ class Scheduler:
     def refresh_point(self):
         """Refresh here if one is owed (all banks must be closed)."""
         if self.model.owed(self.t + 1) >= self.refresh_threshold:
-            if any(b.open for b in self.model.banks):
-                self.place("PREAB")
+            self._close_all()
             self.place("REF")
+
+    def _close_all(self):
+        """Close every open row (and the PIM row buffer, with two row buffers) before a REF."""
+        if any(b.open for b in self.model.banks):
+            self.place("PREAB")
+        if self.model.pim.open:
+            self.place("PPREAB")
 
     def refresh_ahead(self, target: int = -1):
         """Issue REFs now (pulling refreshes in) until at most ``target`` are owed.
@@ -73,8 +79,8 @@ class Scheduler:
         Before a timed PIM operation this leaves refresh credit, so the
         operation pays about one REF per tREFI of its own length.
         """
-        if self.model.owed(self.t + 1) > target and any(b.open for b in self.model.banks):
-            self.place("PREAB")
+        if self.model.owed(self.t + 1) > target:
+            self._close_all()
         while self.model.owed(self.t + 1) > target:
             self.place("REF")
 

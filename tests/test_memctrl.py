@@ -15,18 +15,20 @@ from sim.build import build
 TB = "sim.tb.memctrl_tb"
 
 
-def system_build(config: str):
+def system_build(config: str, arbitration: str = "pim_first"):
     cfg = preset(config)
-    return build(lambda: MemCtrlSystem(cfg, device_factory(cfg)), name=f"memctrl_system_{config}",
-                 key=repr(cfg), extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+    return build(lambda: MemCtrlSystem(cfg, device_factory(cfg), arbitration=arbitration),
+                 name=f"memctrl_system_{config}_{arbitration}", key=f"{cfg!r} {arbitration}",
+                 extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
 
 
-def run(config, testcase, **env):
-    return system_build(config).run(TB, testcase, env={"IANUS_CONFIG": config, **env})
+def run(config, testcase, arbitration="pim_first", **env):
+    return system_build(config, arbitration).run(TB, testcase, env={"IANUS_CONFIG": config, **env})
 
 
-def test_random_traffic_tiny():
-    run("tiny", "random_traffic")
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
+def test_random_traffic_tiny(config):
+    run(config, "random_traffic")
 
 
 def test_error_responses_tiny():
@@ -41,10 +43,17 @@ def test_pim_gemv_with_queued_traffic_tiny():
     run("tiny", "pim_gemv", GEMV_SHAPE="200x24")
 
 
+@pytest.mark.parametrize("arbitration", ["pim_first", "normal_first", "fair"])
+def test_pim_gemv_beside_normal_traffic_dual_row_buffers(arbitration):
+    # Two row buffers: normal reads and writes are served while the GEMV streams, bit-exact, nothing lost.
+    run("tiny-dualrb", "pim_gemv", arbitration, GEMV_SHAPE="200x24", N_NORMAL=120)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(queue_depth=0), "Queue depth must be an integer in \\[1, 64\\], not 0"),
     (dict(queue_depth="8"), "Queue depth must be an integer"),
     (dict(starve_limit=0), "Starvation limit must be a positive integer, not 0"),
+    (dict(arbitration="random"), "Arbitration must be one of pim_first, normal_first, fair, not 'random'"),
 ])
 def test_parameter_checks(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -61,8 +70,9 @@ def test_timing_checks():
         MemoryController("tiny")
 
 
-def test_pim_refresh_reopen_tiny():
-    run("tiny", "pim_refresh_reopen")
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
+def test_pim_refresh_reopen_tiny(config):
+    run(config, "pim_refresh_reopen")
 
 
 @pytest.mark.long          # a 5-minute Verilator build of its own; the tiny tests cover the same logic

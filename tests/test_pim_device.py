@@ -23,26 +23,27 @@ def run(config, testcase, sim="verilator", **env):
     return pim_build(config, sim).run(TB, testcase, env=env)
 
 
-@pytest.mark.parametrize("config", ["tiny", "default"])
+@pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
 def test_normal_traffic(config):
     run(config, "normal_traffic", N_OPS=300 if config == "tiny" else 200)
 
 
-def test_gemv_tiny():
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
+def test_gemv_tiny(config):
     # Shapes the tiny device holds (15 data rows): one chunk, several chunks, ragged edges.
-    run("tiny", "gemv", GEMV_SHAPES="96x64,200x24,128x8,17x5,200x24g,64x16g")
+    run(config, "gemv", GEMV_SHAPES="96x64,200x24,128x8,17x5,200x24g,64x16g")
 
 
 def test_gemv_default_gpt2_small():
     run("default", "gemv", GEMV_SHAPES="768x768,768x2304,768x3072,3072x768,768x3072g")
 
 
-@pytest.mark.parametrize("config", ["tiny", "default"])
+@pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
 def test_gelu_af(config):
     run(config, "gelu_af", N_ROUNDS=8 if config == "tiny" else 4)
 
 
-@pytest.mark.parametrize("config", ["tiny", "default"])
+@pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb", "default-dualrb"])
 def test_illegal_sequences_are_caught(config):
     run(config, "illegal_sequences", CHECK_REFRESH_LATE=int(config == "tiny"))
 

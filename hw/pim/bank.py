@@ -126,12 +126,17 @@ class PimBank(wiring.Component):
         Command fields (``row`` for ACT, ``col`` for RD/WR/MAC).
     gb_data : In(column_bits)
         Global-buffer column for a MAC, one cycle after ``do_mac``.
+    pim_row : In(row_addr_bits)
+        With two row buffers (``row_buffers = 2``): the row open in the PIM
+        row buffer, which MAC and AF read (the channel keeps that buffer's
+        state: every PIM-buffer command is all-bank). Unused with one.
     bias_load, bias_value : In
         Preload the accumulator (WRBIAS).
     is_open, open_row : Out
         Row state.
     rcdrd_ok, rcdwr_ok, ras_ok, rp_ok, wr_ok, rtp_ok : Out(1)
-        Per-bank timing constraints satisfied this cycle.
+        Per-bank timing constraints of the (normal) row buffer satisfied this
+        cycle; with two row buffers MAC and AF do not start ``tRTP`` here.
     rdata : Out(column_bits)
         Storage read data, one cycle after ``do_rd``.
     acc, af_out : Out(32)
@@ -152,7 +157,7 @@ class PimBank(wiring.Component):
             "do_act": In(1), "do_pre": In(1), "do_rd": In(1), "do_wr": In(1), "do_mac": In(1), "do_af": In(1),
             "row": In(p.row_addr_bits), "col": In(p.column_addr_bits),
             "wdata": In(p.column_bits), "wmask": In(p.column_bytes),
-            "gb_data": In(p.column_bits),
+            "gb_data": In(p.column_bits), "pim_row": In(p.row_addr_bits),
             "bias_load": In(1), "bias_value": In(32),
             "is_open": Out(1), "open_row": Out(p.row_addr_bits),
             "rcdrd_ok": Out(1), "rcdwr_ok": Out(1), "ras_ok": Out(1), "rp_ok": Out(1),
@@ -170,7 +175,9 @@ class PimBank(wiring.Component):
             m.d.sync += [self.is_open.eq(1), self.open_row.eq(self.row)]
         with m.Elif(self.do_pre):
             m.d.sync += self.is_open.eq(0)
-        rd_type = self.do_rd | self.do_mac | self.do_af
+        dual = p.row_buffers == 2
+        pim_rd = self.do_mac | self.do_af
+        rd_type = self.do_rd if dual else self.do_rd | pim_rd
         m.d.comb += [
             self.rcdrd_ok.eq(countdown(m, "rcdrd", t.tRCDRD, self.do_act)),
             self.rcdwr_ok.eq(countdown(m, "rcdwr", t.tRCDWR, self.do_act)),
@@ -189,12 +196,13 @@ class PimBank(wiring.Component):
         # Storage --------------------------------------------------------
         abits = p.row_addr_bits + p.column_addr_bits
         raddr = Signal(abits)
-        m.d.comb += raddr.eq(Cat(Mux(self.do_af, af_col, self.col)[:p.column_addr_bits], self.open_row))
+        rd_row = Mux(pim_rd, self.pim_row, self.open_row) if dual else self.open_row
+        m.d.comb += raddr.eq(Cat(Mux(self.do_af, af_col, self.col)[:p.column_addr_bits], rd_row))
         m.submodules.storage = Instance(
             "pim_storage",
             p_WIDTH=p.column_bits, p_DEPTH=p.rows * p.columns, p_ABITS=abits,
             i_clk=ClockSignal(), i_chan_id=self.chan_id, i_bank_id=self.bank_id,
-            i_re=rd_type, i_raddr=raddr, o_rdata=self.rdata,
+            i_re=self.do_rd | pim_rd, i_raddr=raddr, o_rdata=self.rdata,
             i_we=self.do_wr, i_waddr=Cat(self.col, self.open_row), i_wdata=self.wdata, i_wmask=self.wmask,
             i_bd_load=self.bd_load,
         )

@@ -27,7 +27,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
 from .bank import PimBank, check_pu_timing, countdown
-from .commands import PimOp, ViolationCode
+from .commands import DUAL_ONLY, PimOp, ViolationCode
 
 __all__ = ["PimBusSignature", "PimStatusSignature", "PimChannel", "PimDevice", "pim_module_names",
            "STATUS_COUNTERS"]
@@ -78,7 +78,7 @@ def pim_module_names(cfg: SystemConfig) -> dict:
 
 def _bank_ports(p):
     ins = ["chan_id", "bank_id", "bd_load", "do_act", "do_pre", "do_rd", "do_wr", "do_mac", "do_af",
-           "row", "col", "wdata", "wmask", "gb_data", "bias_load", "bias_value"]
+           "row", "col", "wdata", "wmask", "gb_data", "pim_row", "bias_load", "bias_value"]
     outs = ["is_open", "open_row", "rcdrd_ok", "rcdwr_ok", "ras_ok", "rp_ok", "wr_ok", "rtp_ok",
             "rdata", "acc", "af_out"]
     return ins, outs
@@ -150,10 +150,33 @@ class PimChannel(wiring.Component):
         def sel(vec):      # the addressed bank's bit
             return vec.bit_select(bank, 1) if nb > 1 else vec[0]
 
-        # Channel-wide timing --------------------------------------------
+        # PIM row buffer (two row buffers only) ----------------------------
+        # Every PIM-buffer command is all-bank, so the channel keeps one state for every bank's PIM buffer.
+        dual = p.row_buffers == 2
         execute = Signal()
+        pim_rd = op.as_value().matches(PimOp.MACSB, PimOp.MACAB, PimOp.AF)
+        if dual:
+            p_open = Signal()
+            p_row = Signal(p.row_addr_bits)
+            with m.If(execute & (op == PimOp.PACTAB)):
+                m.d.sync += [p_open.eq(1), p_row.eq(bus.row)]
+            with m.Elif(execute & (op == PimOp.PPREAB)):
+                m.d.sync += p_open.eq(0)
+            p_rcd_ok = countdown(m, "p_rcdrd", t.tRCDRD, execute & (op == PimOp.PACTAB))
+            p_ras_ok = countdown(m, "p_ras", t.tRAS, execute & (op == PimOp.PACTAB))
+            p_rp_ok = countdown(m, "p_rp", t.tRP, execute & (op == PimOp.PPREAB) & p_open)
+            p_rtp_ok = countdown(m, "p_rtp", t.tRTP, execute & pim_rd)
+            # One row is never open in both buffers of a bank.
+            pim_holds = p_open & (p_row == bus.row)
+            normal_holds = Cat(bk["is_open"] & (bk["open_row"] == bus.row) for bk in banks).any()
+        else:
+            p_open = pim_holds = Const(0, 1)
+            p_row = Const(0, max(p.row_addr_bits, 1))
+
+        # Channel-wide timing --------------------------------------------
         col_cmd = Signal()
-        is_act = (op == PimOp.ACT) | (op == PimOp.ACTAB)
+        act_ops = (PimOp.ACT, PimOp.ACTAB) + ((PimOp.PACTAB,) if dual else ())
+        is_act = op.as_value().matches(*act_ops)
         m.d.comb += col_cmd.eq(op.as_value().matches(PimOp.RD, PimOp.WR, PimOp.WRGB, PimOp.MACSB, PimOp.MACAB,
                                           PimOp.WRBIAS, PimOp.RDMAC, PimOp.AF, PimOp.RDAF))
         is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
@@ -175,19 +198,20 @@ class PimChannel(wiring.Component):
 
         # Violation decision (first failing rule) -------------------------
         code = Signal(ViolationCode)
-        legal_ops = [c for c in PimOp]
+        legal_ops = [c for c in PimOp if dual or c.name not in DUAL_ONLY]
         with m.If(~op.as_value().matches(*legal_ops)):
             m.d.comb += code.eq(ViolationCode.ILLEGAL_OPCODE)
         with m.Else():
             with m.Switch(op):
                 with m.Case(PimOp.ACT):
                     self._first(m, code, [
-                        (sel(is_open), ViolationCode.BANK_OPEN), (~sel(rp_ok), ViolationCode.T_RP),
+                        (sel(is_open) | pim_holds, ViolationCode.BANK_OPEN), (~sel(rp_ok), ViolationCode.T_RP),
                         (~rfc_ok, ViolationCode.T_RFC), (~rrd_ok, ViolationCode.T_RRD),
                         (~faw_ok, ViolationCode.T_FAW)])
                 with m.Case(PimOp.ACTAB):
                     self._first(m, code, [
-                        (is_open != 0, ViolationCode.BANK_OPEN), (rp_ok != all_banks, ViolationCode.T_RP),
+                        ((is_open != 0) | pim_holds, ViolationCode.BANK_OPEN),
+                        (rp_ok != all_banks, ViolationCode.T_RP),
                         (~rfc_ok, ViolationCode.T_RFC), (~rrd_ok, ViolationCode.T_RRD),
                         (~faw_ok, ViolationCode.T_FAW)])
                 with m.Case(PimOp.PRE):
@@ -200,7 +224,7 @@ class PimChannel(wiring.Component):
                         ((is_open & ~ras_ok) != 0, ViolationCode.T_RAS),
                         ((is_open & ~wr_ok) != 0, ViolationCode.T_WR),
                         ((is_open & ~rtp_ok) != 0, ViolationCode.T_RTP)])
-                with m.Case(PimOp.RD, PimOp.MACSB):
+                with m.Case(PimOp.RD):
                     self._first(m, code, [
                         (~sel(is_open), ViolationCode.BANK_CLOSED), (~sel(rcdrd_ok), ViolationCode.T_RCD),
                         (~ccd_ok, ViolationCode.T_CCD)])
@@ -208,19 +232,44 @@ class PimChannel(wiring.Component):
                     self._first(m, code, [
                         (~sel(is_open), ViolationCode.BANK_CLOSED), (~sel(rcdwr_ok), ViolationCode.T_RCD),
                         (~ccd_ok, ViolationCode.T_CCD)])
-                with m.Case(PimOp.MACAB):
-                    self._first(m, code, [
-                        (is_open != all_banks, ViolationCode.BANK_CLOSED),
-                        (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~ccd_ok, ViolationCode.T_CCD)])
-                with m.Case(PimOp.AF):
-                    self._first(m, code, [
-                        (is_open != all_banks, ViolationCode.BANK_CLOSED),
-                        (af_row_ok != all_banks, ViolationCode.BAD_ADDRESS),
-                        (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~mac_ok, ViolationCode.PU_BUSY),
-                        (~ccd_ok, ViolationCode.T_CCD)])
+                if dual:
+                    with m.Case(PimOp.MACSB, PimOp.MACAB):
+                        self._first(m, code, [
+                            (~p_open, ViolationCode.BANK_CLOSED), (~p_rcd_ok, ViolationCode.T_RCD),
+                            (~ccd_ok, ViolationCode.T_CCD)])
+                    with m.Case(PimOp.AF):
+                        self._first(m, code, [
+                            (~p_open, ViolationCode.BANK_CLOSED),
+                            (p_row < p.data_rows, ViolationCode.BAD_ADDRESS),
+                            (~p_rcd_ok, ViolationCode.T_RCD), (~mac_ok, ViolationCode.PU_BUSY),
+                            (~ccd_ok, ViolationCode.T_CCD)])
+                    with m.Case(PimOp.PACTAB):
+                        self._first(m, code, [
+                            (p_open | normal_holds, ViolationCode.BANK_OPEN), (~p_rp_ok, ViolationCode.T_RP),
+                            (~rfc_ok, ViolationCode.T_RFC), (~rrd_ok, ViolationCode.T_RRD),
+                            (~faw_ok, ViolationCode.T_FAW)])
+                    with m.Case(PimOp.PPREAB):
+                        self._first(m, code, [
+                            (p_open & ~p_ras_ok, ViolationCode.T_RAS), (p_open & ~p_rtp_ok, ViolationCode.T_RTP)])
+                else:
+                    with m.Case(PimOp.MACSB):
+                        self._first(m, code, [
+                            (~sel(is_open), ViolationCode.BANK_CLOSED), (~sel(rcdrd_ok), ViolationCode.T_RCD),
+                            (~ccd_ok, ViolationCode.T_CCD)])
+                    with m.Case(PimOp.MACAB):
+                        self._first(m, code, [
+                            (is_open != all_banks, ViolationCode.BANK_CLOSED),
+                            (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~ccd_ok, ViolationCode.T_CCD)])
+                    with m.Case(PimOp.AF):
+                        self._first(m, code, [
+                            (is_open != all_banks, ViolationCode.BANK_CLOSED),
+                            (af_row_ok != all_banks, ViolationCode.BAD_ADDRESS),
+                            (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~mac_ok, ViolationCode.PU_BUSY),
+                            (~ccd_ok, ViolationCode.T_CCD)])
                 with m.Case(PimOp.REF):
                     self._first(m, code, [
-                        (is_open != 0, ViolationCode.BANK_OPEN), (rp_ok != all_banks, ViolationCode.T_RP),
+                        ((is_open != 0) | p_open, ViolationCode.BANK_OPEN),
+                        ((rp_ok != all_banks) | (~p_rp_ok if dual else Const(0, 1)), ViolationCode.T_RP),
                         (~rfc_ok, ViolationCode.T_RFC)])
                 with m.Case(PimOp.WRGB):
                     self._first(m, code, [
@@ -286,7 +335,7 @@ class PimChannel(wiring.Component):
                 bk["do_mac"].eq(execute & (((op == PimOp.MACSB) & here) | (op == PimOp.MACAB))),
                 bk["do_af"].eq(execute & (op == PimOp.AF)),
                 bk["row"].eq(bus.row), bk["col"].eq(col), bk["wdata"].eq(bus.data), bk["wmask"].eq(bus.mask),
-                bk["gb_data"].eq(gb_r.data),
+                bk["gb_data"].eq(gb_r.data), bk["pim_row"].eq(p_row),
                 bk["bias_load"].eq(execute & (op == PimOp.WRBIAS) & (col == b // bpw)),
                 bk["bias_value"].eq(bus.data[32 * (b % bpw):32 * (b % bpw + 1)]),
             ]
@@ -321,9 +370,9 @@ class PimChannel(wiring.Component):
 
         # Event counters ---------------------------------------------------
         events = {
-            "n_act": Mux(op == PimOp.ACTAB, nb, 1) * is_act,
+            "n_act": Mux(op.as_value().matches(PimOp.ACTAB, PimOp.PACTAB), nb, 1) * is_act,
             "n_pre": Mux(op == PimOp.PREAB, sum(bk["is_open"] for bk in banks), sel(is_open)) *
-            op.as_value().matches(PimOp.PRE, PimOp.PREAB),
+            op.as_value().matches(PimOp.PRE, PimOp.PREAB) + Mux(op == PimOp.PPREAB, nb, 0) * p_open,
             "n_rd": op == PimOp.RD, "n_wr": op == PimOp.WR, "n_ref": op == PimOp.REF,
             "n_wrgb": op == PimOp.WRGB,
             "n_mac": Mux(op == PimOp.MACAB, nb, 1) * is_mac,
@@ -350,6 +399,7 @@ def _width(cfg, name):
     return {
         "chan_id": 8, "bank_id": 8, "row": p.row_addr_bits, "col": p.column_addr_bits,
         "wdata": p.column_bits, "wmask": p.column_bytes, "gb_data": p.column_bits, "bias_value": 32,
+        "pim_row": p.row_addr_bits,
         "open_row": p.row_addr_bits, "rdata": p.column_bits, "acc": 32, "af_out": 32,
     }.get(name, 1)
 

@@ -19,6 +19,24 @@ Timing classes (see :class:`hw.config.DramTiming`):
 ``ref``    all-bank refresh: every bank closed and ``tRP`` after its PRE;
            blocks ACT and REF for ``tRFC``.
 
+Row buffers (``PimGeometry.row_buffers``; the ``buffer`` column of the table):
+with 1 (AiM, IANUS) every row command and every column command uses the
+bank's one row buffer, and PACTAB / PPREAB are illegal opcodes. With 2
+(NeuPIMs' dual row buffers) each bank has a *normal* buffer (ACT, ACTAB, PRE,
+PREAB, RD, WR) and a *PIM* buffer (PACTAB, PPREAB, and the rows MACSB, MACAB
+and AF read). Each buffer has its own ``tRCDRD``/``tRAS``/``tRP``/``tRTP``
+windows; the rules *between* the buffers are (after the NeuPIMs artifact's
+NewtonSim model):
+
+* one row is never open in both buffers of a bank: ACT of the PIM buffer's
+  row and PACTAB of a row any bank's normal buffer holds are ``BANK_OPEN``;
+* activations of either buffer share the channel's ``tRRD`` and ``tFAW``
+  window (PIM and normal activates are spaced like activates to one bank group);
+* column commands of either buffer share ``tCCD`` (one command bus; NeuPIMs
+  has no extra delay between a normal read and a PIM read, and neither is
+  there one here beyond ``tCCD``);
+* REF needs both buffers of every bank closed and ``tRP`` after the later PRE.
+
 Every column-type command (``col_rd``, ``col_wr``, ``gb``) is spaced by
 ``tCCD`` from the previous one on the channel.
 """
@@ -28,7 +46,7 @@ from dataclasses import dataclass
 
 from amaranth.lib import enum as aenum
 
-__all__ = ["Command", "COMMANDS", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
+__all__ = ["Command", "COMMANDS", "DUAL_ONLY", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
 
 OP_BITS = 5
 
@@ -42,26 +60,27 @@ class Command:
     all_banks: bool
     returns_data: bool
     meaning: str
+    buffer: str = ""     # row buffer used with 2 row buffers: "normal", "pim" or "" (none)
 
 
 COMMANDS = (
     Command("NOP", 0, "nop", (), False, False, "No operation."),
-    Command("ACT", 1, "act", ("bank", "row"), False, False, "Open `row` in `bank`."),
+    Command("ACT", 1, "act", ("bank", "row"), False, False, "Open `row` in `bank`.", "normal"),
     Command("ACTAB", 2, "act", ("row",), True, False,
-            "Open `row` in every bank (AiM ACT16): the weight rows of one PIM tile at once."),
-    Command("PRE", 3, "pre", ("bank",), False, False, "Close the open row of `bank`."),
-    Command("PREAB", 4, "pre", (), True, False, "Close the open row of every bank that has one."),
+            "Open `row` in every bank (AiM ACT16): the weight rows of one PIM tile at once.", "normal"),
+    Command("PRE", 3, "pre", ("bank",), False, False, "Close the open row of `bank`.", "normal"),
+    Command("PREAB", 4, "pre", (), True, False, "Close the open row of every bank that has one.", "normal"),
     Command("RD", 5, "col_rd", ("bank", "col"), False, True,
-            "Read column `col` of the open row of `bank`; data on the bus tRL cycles later."),
+            "Read column `col` of the open row of `bank`; data on the bus tRL cycles later.", "normal"),
     Command("WR", 6, "col_wr", ("bank", "col", "data"), False, False,
-            "Write `data` (with the byte mask) to column `col` of the open row of `bank`."),
+            "Write `data` (with the byte mask) to column `col` of the open row of `bank`.", "normal"),
     Command("REF", 7, "ref", (), True, False, "All-bank refresh; every bank must be closed."),
     Command("WRGB", 8, "gb", ("col", "data"), True, False,
             "Write `data` (16 BF16 values) to global-buffer column `col`."),
     Command("MACSB", 9, "col_rd", ("bank", "col"), False, False,
-            "Single-bank MAC: acc[bank] += sum over lanes of W[bank][row][col] x GB[col mod gb_columns]."),
+            "Single-bank MAC: acc[bank] += sum over lanes of W[bank][row][col] x GB[col mod gb_columns].", "pim"),
     Command("MACAB", 10, "col_rd", ("col",), True, False,
-            "All-bank MAC: MACSB on every bank at once with the same column (each bank's open row)."),
+            "All-bank MAC: MACSB on every bank at once with the same column (each bank's open row).", "pim"),
     Command("WRBIAS", 11, "gb", ("col", "data"), True, False,
             "Preload accumulators of banks 8*col .. 8*col+7 with the FP32 values packed in `data` "
             "(word k for bank 8*col+k; column_bits/32 banks per command)."),
@@ -69,10 +88,17 @@ COMMANDS = (
             "Read the FP32 accumulators of banks 8*col .. 8*col+7 packed in one word, tRL cycles later."),
     Command("AF", 13, "col_rd", (), True, False,
             "Activation function on every bank: af[b] = LUT-interpolated f(acc[b]); each bank's open row "
-            "must be a reserved AF row (it holds the lookup table)."),
+            "must be a reserved AF row (it holds the lookup table).", "pim"),
     Command("RDAF", 14, "gb", ("col",), True, True,
             "Read the activation results of banks 8*col .. 8*col+7 packed in one word, tRL cycles later."),
+    Command("PACTAB", 15, "act", ("row",), True, False,
+            "Dual row buffers only: open `row` in every bank's PIM row buffer (NeuPIMs' PIM activate).", "pim"),
+    Command("PPREAB", 16, "pre", (), True, False,
+            "Dual row buffers only: close every bank's PIM row buffer.", "pim"),
 )
+
+DUAL_ONLY = ("PACTAB", "PPREAB")
+"""Commands that exist only with two row buffers (illegal opcodes with one)."""
 
 
 def by_name(name: str) -> Command:
@@ -104,7 +130,8 @@ VIOLATIONS = (
     Violation("NONE", 0, "No violation."),
     Violation("ILLEGAL_OPCODE", 1, "Opcode not in the command table."),
     Violation("BANK_CLOSED", 2, "Column command or AF to a bank with no open row."),
-    Violation("BANK_OPEN", 3, "ACT to a bank that already has an open row, or REF with a row open."),
+    Violation("BANK_OPEN", 3, "ACT to a bank that already has an open row (in the addressed row buffer), "
+                              "a row opened in both row buffers of a bank, or REF with a row open."),
     Violation("T_RCD", 4, "Column command too soon after ACT (tRCDRD / tRCDWR)."),
     Violation("T_RAS", 5, "PRE too soon after ACT (tRAS)."),
     Violation("T_RP", 6, "ACT or REF too soon after PRE (tRP)."),
@@ -126,11 +153,13 @@ ViolationCode.__doc__ = "Sticky violation codes of a PIM channel, generated from
 
 def command_table_md() -> str:
     """The command table as Markdown (for the docs)."""
-    lines = ["| command | opcode | timing class | fields | all banks | returns data | meaning |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| command | opcode | timing class | fields | all banks | returns data | buffer (2 row buffers) "
+             "| meaning |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in COMMANDS:
         lines.append(f"| {c.name} | {c.opcode} | {c.timing} | {', '.join(c.fields) or '-'} | "
-                     f"{'yes' if c.all_banks else ''} | {'yes' if c.returns_data else ''} | {c.meaning} |")
+                     f"{'yes' if c.all_banks else ''} | {'yes' if c.returns_data else ''} | {c.buffer or '-'} "
+                     f"| {c.meaning} |")
     lines += ["", "| violation | code | meaning |", "|---|---|---|"]
     lines += [f"| {v.name} | {v.code} | {v.meaning} |" for v in VIOLATIONS]
     return "\n".join(lines)

@@ -15,6 +15,8 @@ Semantics (the command table in ``hw/pim/commands.py``):
   FP32 word each (``bpw = column_bits / 32``).
 * AF: ``af[b] = round_fp32(bf16(acc[b]) * slope_i + intercept_i)`` with the
   segment ``i`` from the LUT in bank ``b``'s open (reserved) row.
+* With two row buffers (``row_buffers = 2``) PACTAB / PPREAB open and close
+  the PIM row buffer, and MAC and AF read its row instead of the bank's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class PimChannelModel:
         self.acc = np.zeros(p.banks, dtype=np.uint32)
         self.af = np.zeros(p.banks, dtype=np.uint32)
         self.open_row = [None] * p.banks
+        self.pim_row = None                     # the PIM row buffer's row (two row buffers)
 
     # -- words <-> lanes ------------------------------------------------------
     @staticmethod
@@ -64,6 +67,10 @@ class PimChannelModel:
             self.open_row[bank] = None
         elif op == "PREAB":
             self.open_row = [None] * p.banks
+        elif op == "PACTAB":
+            self.pim_row = row
+        elif op == "PPREAB":
+            self.pim_row = None
         elif op == "RD":
             return self.lanes_to_word(self.mem[bank, self.open_row[bank], col])
         elif op == "WR":
@@ -82,7 +89,7 @@ class PimChannelModel:
             targets = range(p.banks) if op == "MACAB" else [bank]
             x = self.gb[col % p.gb_columns]
             for b in targets:
-                term = G.mac_lanes(self.mem[b, self.open_row[b], col], x)
+                term = G.mac_lanes(self.mem[b, self._mac_row(b), col], x)
                 self.acc[b] = G.add_f32(self.acc[b], term)
         elif op == "WRBIAS":
             bpw = p.banks_per_word
@@ -97,12 +104,16 @@ class PimChannelModel:
             return self._group_word(self.af, col)
         elif op == "AF":
             for b in range(p.banks):
-                self.af[b] = af_eval(self.cfg, self.acc[b:b + 1], self.mem[b, self.open_row[b]])[0]
+                self.af[b] = af_eval(self.cfg, self.acc[b:b + 1], self.mem[b, self._mac_row(b)])[0]
         elif op in ("NOP", "REF"):
             pass
         else:
             raise ValueError(f"unknown PIM command {op!r}")
         return None
+
+    def _mac_row(self, bank: int):
+        """The row MAC and AF read: the PIM row buffer's with two row buffers, else the bank's open row."""
+        return self.pim_row if self.cfg.pim.row_buffers == 2 else self.open_row[bank]
 
     # -- back door ----------------------------------------------------------
     def load_rows(self, bank: int, row: int, words: np.ndarray):

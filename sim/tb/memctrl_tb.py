@@ -278,7 +278,8 @@ class TB:
         return self.amap.encode(row, c, bank, col)
 
 
-def _random_traffic(tb, c, n, rows, same_prob=0.25):
+def _random_traffic(tb, c, n, rows, same_prob=0.25, write_rows=None):
+    """``n`` random reads and writes on ``rows`` (writes only on ``write_rows`` when given)."""
     p = tb.cfg.pim
     rng = tb.rng
     last = None
@@ -288,7 +289,8 @@ def _random_traffic(tb, c, n, rows, same_prob=0.25):
         else:
             addr = tb.random_addr(c, rows)
         last = addr
-        if rng.random() < 0.45:
+        writable = write_rows is None or tb.amap.decode(addr)[0] in write_rows
+        if writable and rng.random() < 0.45:
             data = int.from_bytes(rng.bytes(p.column_bytes), "little")
             mask = tb.full_mask if rng.random() < 0.7 else int(rng.integers(1, 1 << p.column_bytes))
             tb.write(c, addr, data, mask)
@@ -451,7 +453,9 @@ def _gemv_data(K, N, seed):
 @tb_test()
 async def pim_gemv(dut):
     """Weights written through the normal port; then pim_mode with normal traffic queued: the GEMV runs
-    through the PIM port bit-exact vs golden while the normal requests wait, and they complete afterwards."""
+    through the PIM port bit-exact vs golden. With one row buffer the normal requests wait and complete
+    afterwards; with two (NeuPIMs) they are served during the GEMV (reads of the weight rows included,
+    which make the controller close normal rows before its PACTABs; writes go to other rows)."""
     cfg = _cfg()
     p, t = cfg.pim, cfg.timing
     K, N = (int(v) for v in env_str("GEMV_SHAPE", "200x24").split("x"))
@@ -471,10 +475,13 @@ async def pim_gemv(dut):
                              PimChannelModel.lanes_to_word(packed[ch.c, b, r, col]))
     await tb.drain(limit=200 * p.banks * layout.rows_used * p.columns)
     # 2. pim_mode up, normal traffic queued (including writes into the weight rows, which must wait).
+    dual = p.row_buffers == 2
+    rows = list(range(min(p.data_rows, layout.rows_used + 3)))
+    write_rows = set(rows[layout.rows_used:]) if dual else None
     for ch in tb.ch:
         ch.mode.value = 1
         ch.pim_gap, ch.pim_ready_prob = 0.3, 0.7
-        _random_traffic(tb, ch.c, env_int("N_NORMAL", 40), list(range(min(p.data_rows, layout.rows_used + 3))))
+        _random_traffic(tb, ch.c, env_int("N_NORMAL", 40), rows, write_rows=write_rows)
     # 3. The GEMV program on every channel.
     resolve = gemv_resolver(cfg, layout, x, bias,
                             lambda c, tile, g: tb.ch[c].pim_results.get(("result", tile, g)))   # None: not back yet
@@ -492,11 +499,15 @@ async def pim_gemv(dut):
     await tb.run_until(lambda: all(int(ch.pidle.value) for ch in tb.ch), limit=100, what="pim_idle")
     gemv_cycles = tb.cycle - t0
     for ch in tb.ch:
-        assert ch.resp_during_pim == 0, f"channel {ch.c}: {ch.resp_during_pim} normal responses in PIM mode"
         assert ch.pim_errors == 0 and not int(ch.perr.value), f"channel {ch.c}: PIM command refused"
         k = tb.counters(ch.c)
-        assert k["pim_wait"] > 0, f"channel {ch.c}: normal requests never waited for PIM mode"
-        assert len(ch.outstanding) > 0, f"channel {ch.c}: normal requests completed during PIM mode"
+        if dual:
+            assert ch.resp_during_pim > 0, f"channel {ch.c}: no normal response during the GEMV"
+            assert k["pim_wait"] == 0, f"channel {ch.c}: normal requests waited {k['pim_wait']} cycles"
+        else:
+            assert ch.resp_during_pim == 0, f"channel {ch.c}: {ch.resp_during_pim} normal responses in PIM mode"
+            assert k["pim_wait"] > 0, f"channel {ch.c}: normal requests never waited for PIM mode"
+            assert len(ch.outstanding) > 0, f"channel {ch.c}: normal requests completed during PIM mode"
     waited = [tb.counters(c)["pim_wait"] for c in range(p.channels)]
     # 4. pim_mode down: the normal requests complete.
     for ch in tb.ch:
@@ -581,7 +592,8 @@ async def pim_refresh_reopen(dut):
         assert forced >= 1, f"channel {ch.c}: no forced refresh while the PIM rows stayed open"
         ops = [e[1] for e in ch.bus_log[n0[ch.c]:]]
         i = ops.index("REF")
-        assert ops[i - 1] == "PREAB" and ops[i + 1] == "ACTAB", f"channel {ch.c}: refresh sequence {ops[:12]}"
+        act, pre = ("PACTAB", "PPREAB") if p.row_buffers == 2 else ("ACTAB", "PREAB")
+        assert ops[i - 1] == pre and ops[i + 1] == act, f"channel {ch.c}: refresh sequence {ops[:12]}"
         assert ch.pim_errors == 0
         results[ch.c] = ch.pim_results
     y = np.zeros(layout.per_tile, dtype=np.uint32)
@@ -595,3 +607,126 @@ async def pim_refresh_reopen(dut):
     assert np.array_equal(y[:N], want), f"GEMV after forced refresh differs: {y[:N]} vs {want}"
     dut._log.info("stall of %d cycles with PIM rows open: forced refreshes %s, rows re-opened, GEMV bit-exact",
                   stall, [tb.counters(c)["forced_refreshes"] - forced0[c] for c in range(p.channels)])
+
+
+# --------------------------------------------------------------------------- dual row buffers: concurrency
+def _gemv_outputs(tb, layout):
+    p = tb.cfg.pim
+    bpw = p.banks_per_word
+    y = np.zeros(layout.tiles * layout.per_tile, dtype=np.uint32)
+    for c in range(p.channels):
+        for (_kind, tile, g), word in tb.ch[c].pim_results.items():
+            vals = np.frombuffer(int(word).to_bytes(bpw * 4, "little"), dtype="<u4")
+            for k_ in range(bpw):
+                if g * bpw + k_ < p.banks:
+                    y[layout.output_index(tile, c, g * bpw + k_)] = vals[k_]
+    return y[:layout.N]
+
+
+@tb_test()
+async def dualrb_concurrency(dut):
+    """A GEMV through the PIM port while a saturating stream of normal reads runs in the same channels.
+
+    Three phases on one device: the reads alone (their rate), the GEMV alone (its cycles), both at once.
+    With one row buffer the reads wait for the whole GEMV; with two (NeuPIMs) they share the command bus
+    with it. The GEMV is checked bit-exact against the golden model in both runs, every read against the
+    memory model, and the protocol checker watches every cycle. Writes ``dualrb_concurrency`` metrics."""
+    import os
+
+    from sim.pim_sequencer import write_backdoor_bin
+
+    cfg = _cfg()
+    p = cfg.pim
+    K, N = (int(v) for v in env_str("GEMV_SHAPE", "768x3072").split("x"))
+    n_reads = env_int("N_READS", 4000)
+    tb = TB(dut, cfg, seed=env_int("SEED", 21))
+    await tb.reset()
+    layout = GemvLayout(cfg, K, N, base_row=0)
+    w, x, bias = _gemv_data(K, N, seed=31)
+    d = os.environ["IANUS_BACKDOOR"]
+    os.makedirs(d, exist_ok=True)
+    for f in os.listdir(d):
+        os.unlink(os.path.join(d, f))
+    packed = layout.pack(w)
+    for c in range(p.channels):
+        for b in range(p.banks):
+            write_backdoor_bin(d, c, b, layout.base_row, packed[c, b], p.columns)
+    dut.bd_load.value = 1
+    await tb.step()
+    dut.bd_load.value = 0
+    await tb.step()
+    want = gemv_golden(cfg, w, x, bias)
+    read_rows = list(range(layout.rows_used, p.data_rows))
+    assert read_rows, f"GEMV {K}x{N} leaves no rows for the normal reads"
+
+    def queue_reads(n):
+        # Sequential columns, banks, then rows (the order a DMA stream of this channel would use).
+        for ch in tb.ch:
+            ch.gap, ch.backpressure = 0.0, 0.0
+            for i in range(n):
+                col, rest = i % p.columns, i // p.columns
+                bank, r = rest % p.banks, read_rows[(rest // p.banks) % len(read_rows)]
+                tb.read(ch.c, tb.amap.encode(r, ch.c, bank, col))
+
+    def queue_gemv():
+        tb.resolve = gemv_resolver(cfg, layout, x, bias,
+                                   lambda c, tile, g: tb.ch[c].pim_results.get(("result", tile, g)))
+        for ch in tb.ch:
+            ch.pim_results = {}
+            ch.pim_gap, ch.pim_ready_prob = 0.0, 1.0
+            ch.mode.value = 1
+            for op, fields in gemv_program(layout, with_bias=True):
+                if op not in ("REFRESH_POINT", "TILE_END"):
+                    tb.pim(ch.c, op, **fields)
+
+    def gemv_done():
+        return all(not ch.pims and ch.cur_pim is None and not ch.pim_expect for ch in tb.ch)
+
+    async def finish_gemv(what):
+        await tb.run_until(lambda: all(int(ch.pidle.value) for ch in tb.ch), limit=100, what="pim_idle")
+        for ch in tb.ch:
+            ch.mode.value = 0
+            assert ch.pim_errors == 0, f"{what}: channel {ch.c}: PIM command refused"
+        y = _gemv_outputs(tb, layout)
+        bad = np.flatnonzero(y != want)
+        assert bad.size == 0, f"{what}: {bad.size} GEMV outputs differ from the golden model (first {bad[0]})"
+
+    responses = lambda: sum(ch.responses for ch in tb.ch)  # noqa: E731
+
+    # 1. Normal reads alone.
+    queue_reads(n_reads)
+    r0 = responses()
+    alone_cycles = await tb.drain(limit=100 * n_reads)
+    rate_alone = (responses() - r0) / alone_cycles / p.channels
+    # 2. The GEMV alone.
+    queue_gemv()
+    gemv_alone = await tb.run_until(gemv_done, limit=10_000_000, what="GEMV alone")
+    await finish_gemv("GEMV alone")
+    # 3. Both: enough reads to outlast the GEMV at the rate they get alone.
+    n_both = int(rate_alone * gemv_alone * 1.5) + 64
+    queue_reads(n_both)
+    queue_gemv()
+    r0 = responses()
+    gemv_both = await tb.run_until(gemv_done, limit=10_000_000, what="GEMV beside reads")
+    served = responses() - r0
+    await finish_gemv("GEMV beside reads")
+    left = sum(len(ch.reqs) + len(ch.outstanding) + (ch.cur is not None) for ch in tb.ch)
+    rest = await tb.drain(limit=100 * n_both)
+    tb.assert_clean()
+    rate_both = served / gemv_both / p.channels
+    share = rate_both / rate_alone
+    slowdown = gemv_both / gemv_alone - 1
+    k = tb.counters(0)
+    dut._log.info("row buffers %d, %dx%d: reads alone %.3f/cycle/channel; GEMV alone %d cycles; both: GEMV %d "
+                  "cycles (%+.1f %%), reads %.3f/cycle/channel (%.1f %% of alone); %d reads after the GEMV in "
+                  "%d cycles; pim_wait %d", p.row_buffers, K, N, rate_alone, gemv_alone, gemv_both,
+                  100 * slowdown, rate_both, 100 * share, left, rest,
+                  k["pim_wait"])
+    write_metrics(name="dualrb_concurrency", config=cfg.name, row_buffers=p.row_buffers, shape=f"{K}x{N}",
+                  normal_rate_alone=rate_alone, gemv_alone_cycles=gemv_alone, gemv_with_normal_cycles=gemv_both,
+                  normal_rate_during_gemv=rate_both, normal_share=share, gemv_slowdown=slowdown,
+                  reads_during_gemv=served, pim_wait=k["pim_wait"])
+    lo = float(env_str("MIN_SHARE", "-1"))
+    hi = float(env_str("MAX_SLOWDOWN", "1e9"))
+    assert share >= lo, f"normal reads kept {share:.3f} of their bandwidth during the GEMV, below {lo}"
+    assert slowdown <= hi, f"GEMV slowed by {slowdown:.3f} beside the reads, above {hi}"

@@ -252,9 +252,10 @@ async def gelu_af(dut):
         xs.append(G.f32_bits(vals))
         for g in range(p.acc_groups):
             sch.place("WRBIAS", col=g, data=("x", r, g))
-        sch.place("ACTAB", row=p.data_rows)
+        act, pre = ("PACTAB", "PPREAB") if p.row_buffers == 2 else ("ACTAB", "PREAB")
+        sch.place(act, row=p.data_rows)
         sch.place("AF")
-        sch.place("PREAB")
+        sch.place(pre)
         for g in range(p.acc_groups):
             sch.place("RDAF", col=g, tag=(r, g))
         sch.refresh_point()
@@ -348,9 +349,10 @@ async def illegal_sequences(dut):
     await expect("ILLEGAL_OPCODE", 31)
     await expect("BAD_ADDRESS", "RDMAC", col=cfg.pim.acc_groups)
     await expect("BANK_OPEN", "REF")
-    await issue("MACSB", bank=1, col=0)
-    await expect("PU_BUSY", "RDMAC", col=0)              # within tMAC of a MAC
-    await expect("BANK_CLOSED", "MACAB", col=0)          # not every bank is open
+    if cfg.pim.row_buffers == 1:     # (with two, MACs read the PIM buffer: see _illegal_dual)
+        await issue("MACSB", bank=1, col=0)
+        await expect("PU_BUSY", "RDMAC", col=0)          # within tMAC of a MAC
+        await expect("BANK_CLOSED", "MACAB", col=0)      # not every bank is open
     await idle(t.tWR + t.tMAC + 2)
     # The illegal RD/WR/ACT above did not execute: the row still holds 0x1234 at column 2.
     got = []
@@ -377,6 +379,10 @@ async def illegal_sequences(dut):
         await idle(t.tFAW + t.tRAS)
         await issue("PREAB")
         await idle(t.tRP + 1)
+    if p.row_buffers == 2:
+        await _illegal_dual(cfg, drv, issue, idle, expect)
+    else:
+        await expect("ILLEGAL_OPCODE", "PACTAB", row=0)   # only with two row buffers
     if env_int("CHECK_REFRESH_LATE", 0):
         # No REF for more than refresh_postpone x tREFI: both must report REFRESH_LATE.
         before = len(ck.violations)
@@ -386,6 +392,82 @@ async def illegal_sequences(dut):
             f"device did not flag REFRESH_LATE: code {names[int(st['vcode'].value)]}"
         assert any(v[1] == "REFRESH_LATE" for v in ck.violations[before:]), "checker did not flag REFRESH_LATE"
     dut._log.info("every illegal command flagged by device and checker, none executed")
+
+
+async def _illegal_dual(cfg, drv, issue, idle, expect):
+    """The rules of the second (PIM) row buffer: each command one cycle early is flagged by the device and
+    the checker and not executed; on its exact cycle it is accepted. Every bank is closed on entry."""
+    t = cfg.timing
+    r_pim, r_norm = 1, 2
+    st = drv.status[0]
+
+    async def at(cycle):                # idle until the next command would be on ``cycle``
+        assert drv.cycle <= cycle, f"sequence too slow: at {drv.cycle}, wanted {cycle}"
+        await idle(cycle - drv.cycle)
+
+    async def accepted(*cmd, **kw):
+        before = len(drv.checkers[0].violations)
+        await issue(*cmd, **kw)
+        await idle(1)
+        assert int(st["violation"].value) == 0, f"{cmd} {kw}: device flagged code {int(st['vcode'].value)}"
+        assert len(drv.checkers[0].violations) == before, f"{cmd}: checker flagged {drv.checkers[0].violations[-1]}"
+
+    async def cleanup():
+        await idle(t.tRAS + t.tRTP + t.tMAC)
+        await issue("PPREAB")
+        await issue("PREAB")
+        await idle(t.tRP + t.tFAW + 1)
+
+    async def open_pim():
+        c = drv.cycle
+        await issue("PACTAB", row=r_pim)
+        return c
+
+    async def after_mac():
+        await open_pim()
+        await idle(max(t.tRCDRD, t.tRAS) + 1)
+        c = drv.cycle
+        await issue("MACAB", col=1)
+        return c
+
+    async def after_ppre():
+        await open_pim()
+        await idle(t.tRAS + 1)
+        c = drv.cycle
+        await issue("PPREAB")
+        return c
+
+    # (rule, setup returning the cycle the window starts, its length, the constrained command)
+    rules = [("T_RCD", open_pim, t.tRCDRD, ("MACAB",), {"col": 0}),
+             ("T_RAS", open_pim, t.tRAS, ("PPREAB",), {}),
+             ("T_RTP", after_mac, t.tRTP, ("PPREAB",), {}),
+             ("T_RP", after_ppre, t.tRP, ("PACTAB",), {"row": r_pim})]
+    for rule, setup, delay, cmd, kw in rules:
+        if delay > 1:
+            start = await setup()
+            await at(start + delay - 1)
+            await expect(rule, *cmd, **kw)                 # one cycle early: flagged, not executed
+            await cleanup()
+        start = await setup()
+        await at(start + delay)
+        await accepted(*cmd, **kw)                         # on the exact cycle: accepted
+        await cleanup()
+
+    # Rules between the buffers.
+    await issue("ACT", bank=1, row=r_norm)
+    await idle(max(t.tRRD, t.tFAW))
+    await expect("BANK_OPEN", "PACTAB", row=r_norm)       # bank 1's normal buffer holds that row
+    await idle(max(t.tRRD, t.tFAW))
+    await expect("BANK_CLOSED", "MACAB", col=0)           # the PIM buffer is closed (the normal one is not)
+    await idle(t.tRCDRD)
+    await open_pim()
+    await expect("BANK_OPEN", "ACT", bank=2, row=r_pim)   # the PIM buffer holds that row
+    await expect("BANK_OPEN", "PACTAB", row=r_pim + 1)    # already open
+    await expect("BANK_OPEN", "REF")                      # rows open in both buffers
+    await idle(t.tRCDRD)
+    await accepted("MACAB", col=0)
+    await accepted("RD", bank=1, col=0)                   # a normal read right after a PIM read: no extra delay
+    await cleanup()
 
 
 @tb_test()
