@@ -1,0 +1,143 @@
+"""cocotb testbench of the differential fuzzer (:mod:`sim.diff_fuzz`): many random cases in one simulation.
+
+On :class:`sim.tb.soc_run.SocSim` (the tiny SoC with its own clock): the GELU
+table is written through the AXI4 window, then per case the host writes the
+case's data and program through the window, starts it through the registers,
+issues the case's host reads through the window while the program runs, waits
+for ``done`` / ``error``, reads ``ERROR`` / ``ERROR_PC`` and the output regions
+back. After the last case the whole data area is read back. The independent
+Python protocol checker (:class:`sim.pim_checker.BusMonitor`) watches every
+DRAM bus cycle; its first violation is recorded with the case it fell in.
+Results go to ``$RUN_DIR/result.pkl`` (compared with the functional model by
+:func:`sim.diff_fuzz.compare`), also when a case times out.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import cocotb
+from cocotb.triggers import Edge, First, RisingEdge, Timer, with_timeout
+
+from firmware import isa
+from firmware.soc_regs import CSR, SOC_ID, Ctrl
+from sim.tb.common import tb_test
+from sim.tb.soc_job_tb import PERIOD_NS, Host
+
+TIMEOUT_CYCLES = 200_000
+
+
+def _now():
+    return int(cocotb.utils.get_sim_time("ns")) // PERIOD_NS
+
+
+def _pause(host, pct, seed):
+    rng = random.Random(seed)
+
+    def gen():
+        import itertools
+
+        return itertools.cycle([rng.random() * 100 < pct for _ in range(997)])
+
+    for master in (host.axi, host.axil):
+        for iface in (master.write_if, master.read_if):
+            for name in ("aw_channel", "w_channel", "b_channel", "ar_channel", "r_channel"):
+                ch = getattr(iface, name, None)
+                if ch is not None:
+                    ch.set_pause_generator(gen())
+
+
+@tb_test()
+async def run_cases(dut):
+    run_dir = Path(os.environ["RUN_DIR"])
+    job = pickle.loads((run_dir / "job.pkl").read_bytes())
+    out_path = run_dir / "result.pkl"
+    done, error = dut.done, dut.error
+    dut.bd_load.value = 0
+    from sim.run import soc_config
+
+    cfg = soc_config(job["config"])
+    for c in range(cfg.pim.channels):
+        getattr(dut, f"s{c}__clear").value = 0
+    host = Host(dut)
+    if job.get("pause_pct"):
+        _pause(host, job["pause_pct"], job.get("seed", 1))
+    await RisingEdge(dut.clk_out)
+    from sim.pim_checker import BusMonitor
+
+    class _Dut:                     # BusMonitor waits on ``dut.clk``: here the clock is ``clk_out``
+        def __getattr__(self, name):
+            return getattr(dut, "clk_out" if name == "clk" else name)
+
+    mon = BusMonitor(_Dut(), cfg)
+    cocotb.start_soon(mon.run())
+    assert await host.rd(CSR.ID) == SOC_ID, "not the SoC"
+    # Known issue (reported in the fuzzer's notes): the first AXI4 write burst after power-up answers OKAY
+    # but does not reach memory. A warm-up write of 64 bytes (a first write of one beat hangs: see the fault tests) whose landing is recorded comes first.
+    a, d = job["warmup"]
+    await host.axi.write(a, d)
+    first_write_landed = await host.read_mem(a, len(d)) == d
+    for a, d in job["setup"]:
+        resp = await host.axi.write(a, d)
+        assert int(resp.resp) == 0, f"setup write at {a:#x}: {resp.resp!r}"
+    results = []
+    seen_viol = 0
+
+    def violations():
+        return [f"ch{c}: {v}" for c, ck in enumerate(mon.checkers) for v in ck.violations]
+
+    def save():
+        out_path.write_bytes(pickle.dumps(results))
+
+    for i, case in enumerate(job["cases"]):
+        for a, d in case["writes"]:
+            resp = await host.axi.write(a, d)
+            assert int(resp.resp) == 0, f"case {i}: write at {a:#x}: {resp.resp!r}"
+        await host.axi.write(case["prog_addr"], isa.to_bytes(case["program"]))
+        await host.wr(CSR.PROG_ADDR, case["prog_addr"])
+        await host.wr(CSR.PROG_LEN, len(case["program"]))
+        t0 = _now()
+        await host.wr(CSR.CTRL, Ctrl.START)
+        reads = [cocotb.start_soon(host.read_mem(a, n)) for a, n in case["reads"]]
+        timer = Timer(TIMEOUT_CYCLES * PERIOD_NS, "ns")
+        timed_out = False
+        while True:
+            trig = await First(RisingEdge(done), Edge(error), timer)
+            if int(error.value) or int(done.value):
+                break
+            if trig is timer:
+                timed_out = True
+                break
+        cycles = _now() - t0
+        read_data = [await with_timeout(r, TIMEOUT_CYCLES * PERIOD_NS, "ns") for r in reads]
+        if timed_out:
+            results.append({"timeout": TIMEOUT_CYCLES, "cycles": cycles})
+            save()
+            raise AssertionError(f"case {i}: no done within {TIMEOUT_CYCLES} cycles")
+        err = await host.rd(CSR.ERROR)
+        pc = await host.rd(CSR.ERROR_PC)
+        outs = [await host.read_mem(a, n) for a, n in case["outputs"]]
+        rec = {"error": err, "error_pc": pc, "outputs": outs, "reads": read_data, "cycles": cycles}
+        v = violations()
+        if len(v) > seen_viol:
+            rec["checker"] = "; ".join(str(x) for x in v[seen_viol:seen_viol + 3])
+            seen_viol = len(v)
+        results.append(rec)
+        dut._log.info("case %d: %d instructions, %d cycles, error %#x", i, len(case["program"]), cycles, err)
+        if err:
+            await host.wr(CSR.CTRL, Ctrl.CLEAR)
+        if i % 50 == 49:
+            save()
+    a, n = job["final"]
+    final = {"final": await host.read_mem(a, n), "first_write_landed": first_write_landed}
+    for c in range(cfg.pim.channels):
+        nviol = int(getattr(dut, f"s{c}__nviol").value)
+        if nviol:
+            final["device_violations"] = final.get("device_violations", 0) + nviol
+    results.append(final)
+    save()
+    mon.assert_clean()
+    assert "device_violations" not in final, f"the device flagged {final['device_violations']} violations"
