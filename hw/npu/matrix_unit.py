@@ -465,7 +465,10 @@ class MatrixUnit(wiring.Component):
         m.d.comb += [self.error_code.eq(err), self.error.eq(err != ErrorCode.NONE)]
 
         busy = Signal()
-        m.d.comb += busy.eq(d_valid | q_load.r_rdy | q_comp.r_rdy | q_store.r_rdy
+        # The queues' ``level``, not ``r_rdy``: a SyncFIFOBuffered shows a written entry on ``r_rdy`` one
+        # cycle after its ``level`` counts it, and ``busy`` must not drop in that cycle (a FENCE right after a
+        # MATRIX instruction passed early; found by the differential fuzzer, issue 21).
+        m.d.comb += busy.eq(d_valid | (q_load.level != 0) | (q_comp.level != 0) | (q_store.level != 0)
                             | load.busy | comp.busy | store.busy)
         busy_prev = Signal()
         m.d.sync += busy_prev.eq(busy)
