@@ -105,6 +105,11 @@ class MemoryController(wiring.Component):
         Data of RD, RDMAC and RDAF micro commands with their tags, in order.
     pim_mode : In(1)
         High: stop issuing normal requests, close the open rows, serve ``pim``.
+        With two row buffers it only announces normal-buffer commands (the
+        PCU's transfers); PIM-buffer and global-buffer commands are served
+        beside normal requests whatever its value (``arbitration`` decides
+        the bus when both could issue: ``pim_first``, ``normal_first`` or
+        ``fair``, alternating).
     pim_idle : Out(1)
         No PIM command waiting and no PIM read in flight: ``pim_mode`` may fall.
     pim_error : Out(1)
@@ -399,10 +404,11 @@ class MemoryController(wiring.Component):
         mode_normal = Signal()       # "Normal": normal requests are served
         # With two row buffers the PIM stream's PIM-buffer and global-buffer commands run beside normal
         # traffic; only its normal-buffer commands (the PCU's transfers: ACT/RD/WR/PRE/PREAB) need the
-        # channel to itself, so the controller enters the exclusive mode for them, not for pim_mode.
+        # channel to itself: the controller enters the exclusive mode when one reaches the head of the
+        # stream or when pim_mode announces them (the PCU raises it only around its transfers then).
         head_normal = self.pim.valid & self.pim.payload.op.as_value().matches(
             PimOp.ACT, PimOp.ACTAB, PimOp.PRE, PimOp.PREAB, PimOp.RD, PimOp.WR, PimOp.REF)
-        want_excl = head_normal if dual else self.pim_mode
+        want_excl = (head_normal | self.pim_mode) if dual else self.pim_mode
         with m.FSM(name="mode"):
             with m.State("Normal"):
                 m.d.comb += mode_normal.eq(~want_excl)
@@ -417,7 +423,7 @@ class MemoryController(wiring.Component):
                 if dual:
                     # Leave once the stream's normal-buffer work is over and its rows are closed.
                     m.d.comb += mode_pim.eq(1)
-                    with m.If(all_closed & ~head_normal):
+                    with m.If(all_closed & ~want_excl):
                         m.next = "Normal"
                 else:
                     m.d.comb += mode_pim.eq(self.pim_mode)

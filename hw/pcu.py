@@ -351,8 +351,12 @@ class Pcu(wiring.Component):
 
         busy = Signal()
         m.d.comb += self.busy.eq(busy)
+        # PIM mode asks the controllers for the channel: for the whole macro with one row buffer; with two
+        # only around the transfers (their ACT / RD / WR / PREAB use the normal row buffer), so normal
+        # requests keep being served while the GEMV's rows stream through the PIM buffers.
+        mode = Signal()
         for c in range(C):
-            m.d.comb += getattr(self, f"mode{c}").eq(busy)
+            m.d.comb += getattr(self, f"mode{c}").eq(mode)
 
         all_idle = Cat(getattr(self, f"pidle{c}") for c in range(C)) == (1 << C) - 1
 
@@ -408,7 +412,7 @@ class Pcu(wiring.Component):
         with m.If((phase == PH_B) & (recv_total == nwords) & (mc.op == OP_GEMV) & busy):
             m.d.sync += [phase.eq(PH_R), recv_total.eq(0)] + [r.eq(0) for r in recv]
 
-        with m.FSM(name="pcu"):
+        with m.FSM(name="pcu") as fsm:
             with m.State("Idle"):
                 m.d.comb += self.macro.ready.eq(1)
                 with m.If(self.macro.valid):
@@ -628,6 +632,12 @@ class Pcu(wiring.Component):
                     with m.If(fin_result):
                         m.d.sync += result_n.eq(N)
                     m.next = "Idle"
+        if p.row_buffers == 2:
+            xfer_op = (mc.op == OP_WRITE_VEC) | (mc.op == OP_READ_RES) | ((mc.op == OP_GEMV) & with_bias)
+            m.d.comb += mode.eq(busy & ((fsm.ongoing("Check") & xfer_op) | fsm.ongoing("Xfer-Act") |
+                                        fsm.ongoing("Xfer-Col") | fsm.ongoing("Xfer-Pre")))
+        else:
+            m.d.comb += mode.eq(busy)
         return m
 
 

@@ -15,11 +15,11 @@ register("array4x4", _array(4), "NPU systolic array 4x4 (tiny), BF16 x BF16 -> F
 # The vector unit is not a default target: nextpnr-ecp5 did not place the 4-lane unit within 40 minutes here.
 
 
-def _proto_fpga():
+def _proto_fpga(config="default"):
     from .config import preset
     from .proto import PhyStub, ProtoTop
 
-    cfg = preset("default")
+    cfg = preset(config)
     return ProtoTop(cfg, lambda: PhyStub(cfg))
 
 
@@ -29,6 +29,11 @@ def _proto_fpga():
 register("proto_fpga", _proto_fpga, "prototype FPGA part (default config): AXI4-Lite CSRs + AXI4 window + macro "
          "queue + PCU + 2 memory controllers, device replaced by a PHY stand-in", pnr=False,
          pnr_args=["--router", "router2"])
+# NeuPIMs' second row buffer (issue 17): the same FPGA part with row_buffers = 2 (controllers track the PIM
+# buffer and arbitrate the command bus; the PCU's PIM rows use PACTAB / PPREAB). Synthesis only.
+register("proto_fpga_dualrb", lambda: _proto_fpga("default-dualrb"), "prototype FPGA part as proto_fpga, "
+         "default-dualrb config (two row buffers per bank: the second-row-buffer cost of controller and PCU)",
+         pnr=False)
 
 
 def _sram_pim():

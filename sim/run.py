@@ -37,13 +37,18 @@ TINY_SHAPE = GptShape(32, 2, 1)
 DEFAULT_SHAPE = GptShape(768, 12, 1)
 
 
+def is_tiny(name: str) -> bool:
+    """``tiny`` or one of its variants (``tiny-dualrb``): the tiny GPT shape and the SoC's 64 rows."""
+    return name == "tiny" or name.startswith("tiny-")
+
+
 def soc_config(name: str):
     """The SoC configurations: ``tiny`` gets 64 DRAM rows per bank (a tiny GPT layer's weights, KV cache
     and programs need more than the PIM unit tests' 16); ``default`` is the preset."""
     from hw.config import preset
 
     cfg = preset(name)
-    if name == "tiny":
+    if is_tiny(name):
         cfg = cfg.replace(**{"pim.rows": 64})
     return cfg
 
@@ -135,7 +140,7 @@ def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weig
     if weights:
         shape, ws = load_weights(weights, heads=heads, layers=layers, allow_nonfinite=allow_nonfinite)
     else:
-        base = TINY_SHAPE if config == "tiny" else DEFAULT_SHAPE
+        base = TINY_SHAPE if is_tiny(config) else DEFAULT_SHAPE
         shape = GptShape(base.d_model, heads or base.heads, layers)
     if input_file:
         x = load_input(input_file, shape.d_model, allow_nonfinite)
@@ -308,7 +313,7 @@ def summarize(job, out, x, weights, console, wall=None, rows=None, steps=None, t
     refs = job.rtl.get("refreshes") if hasattr(job, "rtl") else None
     if refs:
         console.print(f"refreshes per channel: {refs}; DRAM protocol: no violation (device checks"
-                      + (" + Python checker)" if cm.cfg.name == "tiny" else ")"))
+                      + (" + Python checker)" if is_tiny(cm.cfg.name) else ")"))
     if wall:
         console.print(f"wall time {wall:.1f} s")
     return summary
@@ -547,7 +552,7 @@ def add_parser(sub):
 
 def fill_defaults(args):
     if args.prefill is None:
-        args.prefill = 8 if args.config == "tiny" else 32
+        args.prefill = 8 if is_tiny(args.config) else 32
     if args.generate is None and not args.input:
-        args.generate = 2 if args.config == "tiny" else 4
+        args.generate = 2 if is_tiny(args.config) else 4
     return args

@@ -70,6 +70,14 @@ def test_timing_checks():
         MemoryController("tiny")
 
 
+@pytest.mark.parametrize("config, limits", [("tiny", dict(MAX_SHARE=0.0)),
+                                            ("tiny-dualrb", dict(MIN_SHARE=0.3, MAX_SLOWDOWN=0.25))])
+def test_dualrb_concurrency_tiny(config, limits):
+    # Reads beside a GEMV: with one row buffer they wait for all of it (share 0), with two they keep a share
+    # of their bandwidth and the GEMV stays within 25 % of its time alone (cycle counts are deterministic).
+    run(config, "dualrb_concurrency", GEMV_SHAPE="96x64", N_READS=400, **limits)
+
+
 @pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
 def test_pim_refresh_reopen_tiny(config):
     run(config, "pim_refresh_reopen")

@@ -51,6 +51,15 @@ def test_tiny_all_policies_bit_exact_and_ianus_fastest():
     assert cycles["ianus"] <= cycles["naive"], cycles
 
 
+def test_tiny_dual_row_buffers_bit_exact():
+    """NeuPIMs' dual row buffers (tiny-dualrb): the same layer, bit-exact with the functional model, no
+    protocol violation (the Python checker applies the two-buffer rules), and the generation step no slower
+    than with one row buffer (the PCU's row program is the same; only its PIM rows use the second buffer)."""
+    _, res1 = _rtl_vs_model("tiny", "ianus", 4, 2, name="e2e_ianus_tiny_rb1")
+    _, res2 = _rtl_vs_model("tiny-dualrb", "ianus", 4, 2, name="e2e_ianus_tiny_dualrb")
+    assert _gen_cycles(res2) <= _gen_cycles(res1), (_gen_cycles(res2), _gen_cycles(res1))
+
+
 def test_tiny_two_layers_generation_reuses_kv_cache():
     """Two layers, five generated tokens: every step reads the KV cache the previous steps wrote."""
     _rtl_vs_model("tiny", "ianus", 3, 5, layers=2, name="e2e_two_layers")

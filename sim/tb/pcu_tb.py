@@ -80,7 +80,7 @@ class PcuTB:
     def row_window(self, first_cycle, last_cycle):
         """The GEMV row program's span on the buses between two cycles, measured like
         :func:`firmware.pim.gemv_lower_bound` (and the sequencer's GEMVs in ``sim/tb/pim_tb.py``): from its
-        first command (the first WRGB or ACTAB: the bias transfer's ACT / RD / PREAB come before it) to its
+        first command (the first WRGB or ACTAB / PACTAB: the bias transfer's ACT / RD / PREAB come before it) to its
         last result word (the last RDMAC / RDAF + tRL + 1). The channels run the program in lockstep; one
         that did not take part in the bias transfer may start it a few cycles early and then waits for the
         others, so the span starts when the last channel starts it. Returns (cycles, REFs inside on
@@ -88,7 +88,7 @@ class PcuTB:
         C = self.cfg.pim.channels
         logs = [[(cy, op) for cy, c, op in self.bus_log if c == ch and first_cycle <= cy <= last_cycle]
                 for ch in range(C)]
-        start = max(min(cy for cy, op in log if op in ("WRGB", "ACTAB")) for log in logs)
+        start = max(min(cy for cy, op in log if op in ("WRGB", "ACTAB", "PACTAB")) for log in logs)
         end = max(max(cy for cy, op in log if op in ("RDMAC", "RDAF")) for log in logs) + self.cfg.timing.tRL + 1
         refs = min(sum(1 for cy, op in log if op == "REF" and start <= cy < end) for log in logs)
         return end - start, refs

@@ -31,6 +31,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from sim.build import BUILD_ROOT
+from sim.run import is_tiny
 
 __all__ = ["SocSim", "soc_sim_build", "run_rtl", "write_image_backdoor", "SOC_CXX_OPT"]
 
@@ -155,7 +156,7 @@ def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, tim
     spec = {"programs": [{"addr": a, "n": n, "name": f"L{st.layer} {st.phase}@{st.pos} {st.name}"}
                          for st, a, n in job.programs],
             "dumps": dumps, "channels": cfg.pim.channels, "config": cfg.name,
-            "checker": bool(checker if checker is not None else cfg.name == "tiny"),
+            "checker": bool(checker if checker is not None else is_tiny(cfg.name)),
             "timeout_cycles": timeout_cycles}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(json.dumps(spec))
