@@ -40,6 +40,7 @@ Reproduce a failure (the test prints this)::
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 import time
@@ -73,7 +74,7 @@ def cfg():
 
 
 # -- hypothesis strategies ---------------------------------------------------------------------------
-def task_strategy():
+def task_strategy(units=("pim", "mu", "vq")):
     from hypothesis import strategies as st
 
     pim = st.fixed_dictionaries({
@@ -98,14 +99,14 @@ def task_strategy():
         "rows": st.integers(1, 4), "cols": st.integers(1, 8), "gap": st.integers(0, 3),
         "spm": st.integers(0, 60), "ops": st.lists(vop, min_size=1, max_size=3),
         "chain": st.booleans(), "data": st.integers(0, 2**32 - 1)})
-    return st.one_of(pim, mu, vq)
+    return st.one_of(*[{"pim": pim, "mu": mu, "vq": vq}[u] for u in units])
 
 
-def case_strategy(max_tasks: int = 5):
+def case_strategy(max_tasks: int = 5, units=("pim", "mu", "vq")):
     from hypothesis import strategies as st
 
     return st.fixed_dictionaries({
-        "tasks": st.lists(task_strategy(), min_size=1, max_size=max_tasks),
+        "tasks": st.lists(task_strategy(units), min_size=1, max_size=max_tasks),
         # random extra fences: probability (percent) per gap between instructions, and their masks
         "fence_pct": st.sampled_from([0, 0, 5, 20, 50]),
         "fence_seed": st.integers(0, 2**32 - 1),
@@ -113,7 +114,7 @@ def case_strategy(max_tasks: int = 5):
     })
 
 
-def draw_specs(seed: int, n: int, max_tasks: int = 5) -> list[dict]:
+def draw_specs(seed: int, n: int, max_tasks: int = 5, units=("pim", "mu", "vq")) -> list[dict]:
     """``n`` case specs drawn by hypothesis, reproducibly from ``seed`` (generate phase only, no database)."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
@@ -132,7 +133,7 @@ def draw_specs(seed: int, n: int, max_tasks: int = 5) -> list[dict]:
     @hseed(seed)
     @settings(max_examples=n, database=None, phases=[Phase.generate], deadline=None,
               suppress_health_check=list(HealthCheck))
-    @given(case_strategy(max_tasks))
+    @given(case_strategy(max_tasks, tuple(units)))
     def collect(spec):
         if len(out) < n:
             out.append(spec)
@@ -161,6 +162,7 @@ class Case:
     program: list = field(default_factory=list)         # 256-bit instruction words
     outputs: list = field(default_factory=list)         # (name, addr, n) read back and compared
     reads: list = field(default_factory=list)           # (addr, n) host reads while the program runs
+    abort: int | None = None                            # fault injection: CLEAR this many cycles after START
     units: dict = field(default_factory=dict)           # instructions per kind (statistics)
     exact: dict = field(default_factory=dict)           # output index -> (row stride, bytes per row) the
                                                         # instruction defines; the rest of each row's last
@@ -473,6 +475,9 @@ def model_batch(cases: list[Case]) -> list[dict]:
             m.write(a, d)
         m.write(case.prog_addr, isa.to_bytes(case.program))
         reads = [m.read(a, n) for a, n in case.reads]          # unchanged by the program
+        if case.abort is not None:       # CLEARed on the RTL: nothing to compare, not run here
+            res.append({"error": 0, "error_pc": 0, "reads": reads, "outputs": [], "aborted": True})
+            continue
         r = m.run(case.prog_addr, len(case.program))
         res.append({"error": r.error, "error_pc": r.error_pc, "reads": reads,
                     "outputs": [m.read(a, n) for _, a, n in case.outputs]})
@@ -514,6 +519,12 @@ def compare(cases: list[Case], rtl: list[dict], model: list[dict], known: list |
             out.append(Mismatch(case.name, "not run", "the simulation stopped before this case"))
             break
         r, m = rtl[i], model[i]
+        if m.get("aborted"):
+            if r.get("stuck"):
+                out.append(Mismatch(case.name, "CLEAR", f"after CLEAR {case.abort} cycles into the program the "
+                                                        f"SoC did not become idle: {r['stuck']}"))
+                break
+            continue
         if m["error"]:
             out.append(Mismatch(case.name, "generator", f"the model stopped with error {m['error']:#x} at "
                                                         f"{m['error_pc']} (an invalid case)"))
@@ -540,6 +551,10 @@ def compare(cases: list[Case], rtl: list[dict], model: list[dict], known: list |
             out.append(Mismatch(case.name, "DRAM protocol", r["checker"]))
     if not out and "final" in rtl[-1]:
         got, want = bytearray(rtl[-1]["final"]), bytearray(model[-1]["final"])
+        for case in cases:               # what a CLEARed program may have written is not defined
+            if case.abort is not None:
+                for _, a, n in case.outputs:
+                    got[a:a + n] = want[a:a + n]
         if known is not None:            # READ_RES column tails (the known divergence) excluded
             for case in cases:
                 for k, e in case.exact.items():
@@ -557,18 +572,26 @@ KNOWN_FIRST_WRITE = ("the first AXI4 write burst after power-up on SocSim answer
 
 
 # -- the whole batch -----------------------------------------------------------------------------------
-def batch(seed: int, n: int, only: int | None = None, max_tasks: int = 5) -> list[Case]:
-    specs = draw_specs(seed, n, max_tasks)
+def batch(seed: int, n: int, only: int | None = None, max_tasks: int = 5, units=("pim", "mu", "vq"),
+          abort_every: int = 0) -> list[Case]:
+    """Cases ``0..n-1`` of ``seed``. ``abort_every = k``: every k-th case (from case 1) is CLEARed a random
+    number of cycles after its START (fault injection; the later cases must still be bit-exact)."""
+    specs = draw_specs(seed, n, max_tasks, units)
     idx = range(n) if only is None else [only]
-    return [build_case(specs[i], name=f"seed {seed} case {i}") for i in idx]
+    out = []
+    for i in idx:
+        c = build_case(specs[i], name=f"seed {seed} case {i}")
+        if abort_every and i % abort_every == 1:
+            c.abort = int(np.random.default_rng([seed, i]).integers(1, 400))
+        out.append(c)
+    return out
 
 
 def run_batch(seed: int, n: int, only: int | None = None, test_name: str | None = None, max_tasks: int = 5,
-              pause_pct: int = 0, chunk: int | None = None):
-    """Run a batch on the RTL (one simulation per ``chunk`` cases) and on the model; (cases, mismatches,
-    stats)."""
+              pause_pct: int = 0, units=("pim", "mu", "vq"), abort_every: int = 0):
+    """Run a batch on the RTL (one simulation) and on the model; (cases, mismatches, stats)."""
     t0 = time.time()
-    cases = batch(seed, n, only, max_tasks)
+    cases = batch(seed, n, only, max_tasks, units, abort_every)
     t_gen = time.time() - t0
     model = model_batch(cases)
     t_model = time.time() - t0 - t_gen
@@ -598,10 +621,12 @@ def run_rtl_cases(cases: list[Case], test_name: str, pause_pct: int = 0, seed: i
     run_dir = BUILD_ROOT / "runs" / test_name
     run_dir.mkdir(parents=True, exist_ok=True)
     warm = (c.pim.data_rows - 1) * c.pim.channels * c.pim.banks * c.pim.row_bytes
-    job = {"config": CONFIG, "setup": setup_writes(c), "warmup": (warm, bytes(range(1, 65))), "pause_pct": pause_pct, "seed": seed,
+    nwarm = int(os.environ.get("DIFF_FUZZ_WARMUP_BYTES", "64"))    # 32: the hang of a one-beat first write
+    job = {"config": CONFIG, "setup": setup_writes(c), "warmup": (warm, bytes(range(1, nwarm + 1))), "pause_pct": pause_pct, "seed": seed,
            "final": (0, (c.pim.data_rows - 2) * c.pim.channels * c.pim.banks * c.pim.row_bytes),
            "cases": [{"writes": cs.writes, "prog_addr": cs.prog_addr, "program": cs.program,
-                      "outputs": [(a, n) for _, a, n in cs.outputs], "reads": cs.reads} for cs in cases]}
+                      "outputs": [(a, n) for _, a, n in cs.outputs], "reads": cs.reads, "abort": cs.abort}
+                     for cs in cases]}
     (run_dir / "job.pkl").write_bytes(pickle.dumps(job))
     out = run_dir / "result.pkl"
     if out.exists():

@@ -32,15 +32,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+K = "tests/test_mutation_killers.py::"        # tests written for the first run's survivors
 ARITH_T = ("tests/test_arith.py::test_arith_amaranth_sim",
            "tests/test_matrix.py::test_fp32_to_bf16_amaranth_sim",
-           "tests/test_vector.py::test_fp32ext_amaranth_sim")
+           "tests/test_vector.py::test_fp32ext_amaranth_sim", K + "test_fp32_adder_corners_amaranth_sim")
 MEMCTRL_T = ("tests/test_mutation_killers.py::test_memctrl_random_traffic_protocol_and_data_amaranth_sim",)
-MU_T = ("tests/test_mutation_killers.py::test_matrix_unit_busy_covers_a_queued_instruction",)
+MU_T = (K + "test_matrix_unit_busy_covers_a_queued_instruction", K + "test_matrix_unit_semaphores_and_store_amaranth_sim")
 VDMA_T = ("tests/test_vector_queue.py::test_vdma_engine_layouts",)
 DMA_T = ("tests/test_dma_transpose.py",)
-FABRIC_T = ("tests/test_fabric.py::test_one_requester_two_slots_amaranth_sim",)
-FP32EXT_T = ("tests/test_vector.py::test_fp32ext_amaranth_sim", "tests/test_vector.py::test_vector_unit_amaranth_sim")
+FABRIC_T = ("tests/test_fabric.py::test_one_requester_two_slots_amaranth_sim", K + "test_fabric_round_robin_amaranth_sim")
+FP32EXT_T = ("tests/test_vector.py::test_fp32ext_amaranth_sim", "tests/test_vector.py::test_vector_unit_amaranth_sim",
+             K + "test_fp32ext_multiplier_ties_amaranth_sim")
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ MUTANTS = (
            "controller allows five activations in tFAW"),
     Mutant("memctrl.frfcfs_youngest", "hw/memctrl.py",
            "for i in reversed(range(D)):           # the lowest index (oldest) wins",
-           "for i in range(D):           # mutant: the youngest wins", MEMCTRL_T,
+           "for i in range(D):           # mutant: the youngest wins",
+           MEMCTRL_T + (K + "test_memctrl_fr_fcfs_oldest_first_amaranth_sim",),
            "FR-FCFS picks the youngest ready request"),
     Mutant("memctrl.read_latency", "hw/memctrl.py", "n_stages = t.tRL + 1", "n_stages = t.tRL + 2", MEMCTRL_T,
            "controller samples read data one cycle late"),

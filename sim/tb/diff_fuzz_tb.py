@@ -23,7 +23,7 @@ import cocotb
 from cocotb.triggers import Edge, First, RisingEdge, Timer, with_timeout
 
 from firmware import isa
-from firmware.soc_regs import CSR, SOC_ID, Ctrl
+from firmware.soc_regs import CSR, SOC_ID, Ctrl, Status
 from sim.tb.common import tb_test
 from sim.tb.soc_job_tb import PERIOD_NS, Host
 
@@ -102,6 +102,27 @@ async def run_cases(dut):
         t0 = _now()
         await host.wr(CSR.CTRL, Ctrl.START)
         reads = [cocotb.start_soon(host.read_mem(a, n)) for a, n in case["reads"]]
+        if case.get("abort") is not None:
+            # Fault injection: CLEAR while the program runs, then wait until every unit is idle.
+            await First(Timer(case["abort"] * PERIOD_NS, "ns"), RisingEdge(done))
+            await host.wr(CSR.CTRL, Ctrl.CLEAR)
+            read_data = [await with_timeout(r, TIMEOUT_CYCLES * PERIOD_NS, "ns") for r in reads]
+            rec = {"aborted": case["abort"], "cycles": _now() - t0}
+            for _ in range(200):
+                status = await host.rd(CSR.STATUS)
+                if not status & (Status.BUSY | Status.MU_BUSY | Status.VQ_BUSY | Status.PCU_BUSY):
+                    break
+                await Timer(100 * PERIOD_NS, "ns")
+            else:
+                rec["stuck"] = f"STATUS {status:#x} 20,000 cycles after CLEAR"
+            if await host.rd(CSR.ERROR):
+                await host.wr(CSR.CTRL, Ctrl.CLEAR)
+            results.append(rec)
+            dut._log.info("case %d: CLEAR %d cycles after START: %s", i, case["abort"], rec)
+            if "stuck" in rec:
+                save()
+                raise AssertionError(f"case {i}: {rec['stuck']}")
+            continue
         timer = Timer(TIMEOUT_CYCLES * PERIOD_NS, "ns")
         timed_out = False
         while True:
