@@ -90,7 +90,8 @@ MUTANTS = (
     Mutant("arith.sticky_dropped", "hw/arith.py", "my_al = Cat(shifted[0] | lost, shifted[1:27])",
            "my_al = Cat(shifted[0], shifted[1:27])", ARITH_T, "FP32 add: alignment sticky bit dropped"),
     Mutant("arith.align_clamp", "hw/arith.py", "dc.eq(Mux(d > 27, 27, d))", "dc.eq(Mux(d > 26, 26, d))",
-           ARITH_T, "FP32 add: alignment shift clamped one short"),
+           ARITH_T, "FP32 add: alignment shift clamped one short (equivalent: a shift of 26 or 27 leaves "
+                    "only the sticky bit of a 27-bit significand)"),
     Mutant("arith.carry_sticky", "hw/arith.py", "norm.eq(Cat(total[1] | total[0], total[2:28]))",
            "norm.eq(Cat(total[1], total[2:28]))", ARITH_T, "FP32 add: sticky lost on carry-out"),
     # ---- vector unit's FP32 extension (hw/npu/fp32ext.py) ----

@@ -292,7 +292,22 @@ def _adder_operands(rng, n):
     a[:k] = (a[:k] & np.uint32(0x807FFFFF)) | (rng.integers(1, 4, k).astype(np.uint32) << 23)
     b[:k] = (np.uint32(0x80000000) ^ (a[:k] & np.uint32(0x80000000))) | (rng.integers(1, 4, k).astype(np.uint32) << 23) \
         | (b[:k] & np.uint32(0x7FFFFF))
-    return a, b
+    # Carry out of the top bit with the aligned operand's sticky bit alone set below the guard (the
+    # adder's low bits 0b1_0001 after the carry, found by emulating its alignment): a tie only if the
+    # sticky bit is lost in normalisation.
+    ca, cb = [], []
+    while len(ca) < 300:
+        fx, fy = int(rng.integers(0x600000, 1 << 23)), int(rng.integers(0, 1 << 23))
+        dd = int(rng.integers(4, 12))
+        mx, my = ((1 << 23) | fx) << 3, ((1 << 23) | fy) << 3
+        sh = my >> dd
+        total = mx + (sh | int((sh << dd) != my))
+        if total >> 27 and (total & 0x1F) == 0b01001:
+            e = int(rng.integers(20, 200))
+            sign = int(rng.integers(0, 2)) << 31
+            ca.append(sign | (e << 23) | fx)
+            cb.append(sign | ((e - dd) << 23) | fy)
+    return np.concatenate([a, np.array(ca, dtype=np.uint32)]), np.concatenate([b, np.array(cb, dtype=np.uint32)])
 
 
 def test_fp32_adder_corners_amaranth_sim():
