@@ -385,6 +385,8 @@ def _dispatch(parser, argv) -> int:
 
 
 def main(argv=None) -> int:
+    from sim.run import RTL_CONFIGS
+
     parser = IanusParser(prog="ianus", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=IanusParser)
@@ -397,7 +399,7 @@ def main(argv=None) -> int:
     g.add_argument("--shapes", default="768x2304,768x768,768x3072g,3072x768",
                    help="KxN or KxNg (GELU in the AF units), comma-separated; default: the GPT-2-small FCs")
     g.add_argument("--json", action="store_true", help="print the raw metrics as JSON")
-    g.add_argument("--config", default="default", choices=["tiny", "default"])
+    g.add_argument("--config", default="default", choices=RTL_CONFIGS)
     g.add_argument("--sim", default="verilator", choices=["verilator", "icarus"])
     g.add_argument("--waves", action="store_true")
     g.set_defaults(func=cmd_gemv)

@@ -37,6 +37,10 @@ TINY_SHAPE = GptShape(32, 2, 1)
 DEFAULT_SHAPE = GptShape(768, 12, 1)
 
 
+RTL_CONFIGS = ["tiny", "default", "tiny-dualrb", "default-dualrb"]
+"""Configurations the SoC RTL is built for (``ianus run --config``)."""
+
+
 def is_tiny(name: str) -> bool:
     """``tiny`` or one of its variants (``tiny-dualrb``): the tiny GPT shape and the SoC's 64 rows."""
     return name == "tiny" or name.startswith("tiny-")
@@ -525,7 +529,8 @@ def validate_args(args):
 
 def add_parser(sub):
     r = sub.add_parser("run", help="GPT-2 decoder layers on the SoC (prefill + generation)")
-    r.add_argument("--config", default="default", choices=["tiny", "default"])
+    r.add_argument("--config", default="default", choices=RTL_CONFIGS,
+                   help="RTL configuration (the -dualrb variants have NeuPIMs' two row buffers per bank)")
     r.add_argument("--policy", default="ianus", choices=["ianus", "npu-mem", "naive"])
     r.add_argument("--backend", default="verilator", choices=["verilator", "icarus", "model"])
     r.add_argument("--layers", type=int, default=1)

@@ -48,6 +48,12 @@ def test_illegal_sequences_are_caught(config):
     run(config, "illegal_sequences", CHECK_REFRESH_LATE=int(config == "tiny"))
 
 
+@pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
+def test_timing_rules_at_their_edges(config):
+    # Each rule: one cycle early flagged (device code and checker name) and not executed; exact cycle accepted.
+    run(config, "timing_edges")
+
+
 def test_backdoor_gpt2_small_layer():
     run("default", "backdoor_layer", D_MODEL=768, N_SAMPLES=48)
 

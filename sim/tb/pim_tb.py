@@ -395,8 +395,8 @@ async def illegal_sequences(dut):
 
 
 async def _illegal_dual(cfg, drv, issue, idle, expect):
-    """The rules of the second (PIM) row buffer: each command one cycle early is flagged by the device and
-    the checker and not executed; on its exact cycle it is accepted. Every bank is closed on entry."""
+    """The rules between the two row buffers (their own timing rules are in ``timing_edges``); every bank
+    is closed on entry."""
     t = cfg.timing
     r_pim, r_norm = 1, 2
     st = drv.status[0]
@@ -419,39 +419,7 @@ async def _illegal_dual(cfg, drv, issue, idle, expect):
         await idle(t.tRP + t.tFAW + 1)
 
     async def open_pim():
-        c = drv.cycle
         await issue("PACTAB", row=r_pim)
-        return c
-
-    async def after_mac():
-        await open_pim()
-        await idle(max(t.tRCDRD, t.tRAS) + 1)
-        c = drv.cycle
-        await issue("MACAB", col=1)
-        return c
-
-    async def after_ppre():
-        await open_pim()
-        await idle(t.tRAS + 1)
-        c = drv.cycle
-        await issue("PPREAB")
-        return c
-
-    # (rule, setup returning the cycle the window starts, its length, the constrained command)
-    rules = [("T_RCD", open_pim, t.tRCDRD, ("MACAB",), {"col": 0}),
-             ("T_RAS", open_pim, t.tRAS, ("PPREAB",), {}),
-             ("T_RTP", after_mac, t.tRTP, ("PPREAB",), {}),
-             ("T_RP", after_ppre, t.tRP, ("PACTAB",), {"row": r_pim})]
-    for rule, setup, delay, cmd, kw in rules:
-        if delay > 1:
-            start = await setup()
-            await at(start + delay - 1)
-            await expect(rule, *cmd, **kw)                 # one cycle early: flagged, not executed
-            await cleanup()
-        start = await setup()
-        await at(start + delay)
-        await accepted(*cmd, **kw)                         # on the exact cycle: accepted
-        await cleanup()
 
     # Rules between the buffers.
     await issue("ACT", bank=1, row=r_norm)
@@ -468,6 +436,156 @@ async def _illegal_dual(cfg, drv, issue, idle, expect):
     await accepted("MACAB", col=0)
     await accepted("RD", bank=1, col=0)                   # a normal read right after a PIM read: no extra delay
     await cleanup()
+
+
+@tb_test()
+async def timing_edges(dut):
+    """Every timing rule at its edge: the constrained command one cycle early is flagged by the device (its
+    code) and by the independent checker (the same name) and is not executed; on the exact cycle it is
+    accepted by both. Rules: tRCD (RD and WR), tRAS, tRP, tWR, tRTP, tRRD, tFAW, tCCD, tRFC (ACT and REF),
+    tMAC, tAF and, with two row buffers, the PIM buffer's tRCD, tRAS, tRTP and tRP. (The refresh deadline:
+    ``illegal_sequences`` with CHECK_REFRESH_LATE.)"""
+    from hw.pim.commands import VIOLATIONS
+
+    cfg = _cfg()
+    t, p = cfg.timing, cfg.pim
+    dual = p.row_buffers == 2
+    act_pim, pre_pim = ("PACTAB", "PPREAB") if dual else ("ACTAB", "PREAB")
+    drv = PimDriver(dut, cfg)
+    await drv.reset()
+    names = {v.code: v.name for v in VIOLATIONS}
+    bus, st, ck = drv.bus[0], drv.status[0], drv.checkers[0]
+    from sim.pim_checker import OPCODES
+
+    async def issue(op, bank=0, row=0, col=0):
+        bus["op"].value = OPCODES[op]
+        bus["bank"].value, bus["row"].value, bus["col"].value = bank, row, col
+        bus["data"].value, bus["mask"].value = 0, drv.full_mask
+        await FallingEdge(dut.clk)
+        drv.cycle += 1
+        ck.check(drv.cycle - 1, op, bank, row, col)
+        bus["op"].value = 0
+        return drv.cycle - 1
+
+    async def idle(n):
+        for _ in range(n):
+            await FallingEdge(dut.clk)
+            drv.cycle += 1
+            ck.check(drv.cycle - 1, "NOP")
+
+    async def at(cycle):
+        assert drv.cycle <= cycle, f"setup too slow: at cycle {drv.cycle}, the command is due at {cycle}"
+        await idle(cycle - drv.cycle)
+
+    async def settle():
+        # Every window of every rule over; every row of both buffers closed.
+        await idle(max(t.tRAS, t.tWR, t.tRTP, t.tMAC, t.tAF, t.tRCDRD) + 1)
+        await issue("PREAB")
+        if dual:
+            await issue("PPREAB")
+        await idle(t.tRP + t.tFAW + t.tRFC + 1)
+
+    # Setups: issue the command that opens the window, return (its cycle, what the check needs).
+    async def s_act():
+        return await issue("ACT", bank=1, row=3)
+
+    async def s_act_then(op, wait):
+        await issue("ACT", bank=1, row=3)
+        await idle(wait)
+        return await issue(op, bank=1, col=2)
+
+    async def s_pre():
+        await issue("ACT", bank=1, row=3)
+        await idle(t.tRAS)
+        return await issue("PRE", bank=1)
+
+    async def s_acts(n):
+        c = None
+        for b in range(n):
+            c0 = await issue("ACT", bank=b, row=3)
+            c = c0 if c is None else c
+            await idle(t.tRRD - 1)
+        return c
+
+    async def s_ref():
+        return await issue("REF")
+
+    async def s_mac():
+        await issue(act_pim, row=0)
+        await idle(t.tRCDRD)
+        return await issue("MACAB", col=0)
+
+    async def s_af():
+        await issue(act_pim, row=p.data_rows)
+        await idle(max(t.tRCDRD, t.tMAC))
+        return await issue("AF")
+
+    async def s_pact():
+        return await issue(act_pim, row=0)
+
+    async def s_ppre():
+        await issue(act_pim, row=0)
+        await idle(t.tRAS)
+        return await issue(pre_pim)
+
+    async def s_pmac_rtp():
+        await issue(act_pim, row=0)
+        await idle(max(t.tRCDRD, t.tRAS))
+        return await issue("MACAB", col=0)
+
+    # (violation, setup, window in cycles, constrained command, its fields)
+    rules = [
+        ("T_RCD", s_act, t.tRCDRD, "RD", dict(bank=1, col=0)),
+        ("T_RCD", s_act, t.tRCDWR, "WR", dict(bank=1, col=0)),
+        ("T_RAS", s_act, t.tRAS, "PRE", dict(bank=1)),
+        ("T_RP", s_pre, t.tRP, "ACT", dict(bank=1, row=4)),
+        ("T_WR", lambda: s_act_then("WR", max(t.tRCDWR, t.tRAS)), t.tWR, "PRE", dict(bank=1)),
+        ("T_RTP", lambda: s_act_then("RD", max(t.tRCDRD, t.tRAS)), t.tRTP, "PRE", dict(bank=1)),
+        ("T_RRD", s_act, t.tRRD, "ACT", dict(bank=2, row=3)),
+        ("T_CCD", lambda: s_act_then("RD", t.tRCDRD), t.tCCD, "RD", dict(bank=1, col=3)),
+        ("T_RFC", s_ref, t.tRFC, "ACT", dict(bank=1, row=3)),
+        ("T_RFC", s_ref, t.tRFC, "REF", {}),
+        ("PU_BUSY", s_mac, t.tMAC, "RDMAC", dict(col=0)),
+        ("PU_BUSY", s_af, t.tAF, "RDAF", dict(col=0)),
+        ("T_RCD", s_pact, t.tRCDRD, "MACAB", dict(col=0)),
+    ]
+    if dual:
+        rules += [("T_RAS", s_pact, t.tRAS, "PPREAB", {}),
+                  ("T_RTP", s_pmac_rtp, t.tRTP, "PPREAB", {}),
+                  ("T_RP", s_ppre, t.tRP, "PACTAB", dict(row=0))]
+    # tFAW: the fifth ACT inside the window, where tRRD alone would allow it.
+    if p.banks >= 5 and t.tFAW - 1 >= 4 * t.tRRD:
+        rules.append(("T_FAW", lambda: s_acts(4), t.tFAW, "ACT", dict(bank=4, row=3)))
+    checked = []
+    for rule, setup, window, op, fields in rules:
+        for early in (True, False):
+            if early and window <= 1:
+                continue               # a one-cycle window has no early cycle
+            await settle()
+            before = len(ck.violations)
+            start = await setup()
+            assert int(st["violation"].value) == 0 and len(ck.violations) == before, \
+                f"{rule}: setup flagged {names[int(st['vcode'].value)]} / {ck.violations[before:]}"
+            await at(start + window - (1 if early else 0))
+            await issue(op, **fields)
+            await idle(1)
+            flagged = int(st["violation"].value)
+            new = ck.violations[before:]
+            if early:
+                assert flagged and names[int(st["vcode"].value)] == rule, \
+                    f"{op} one cycle inside {rule}: device flagged {names[int(st['vcode'].value)] if flagged else 'nothing'}"
+                assert new and new[0][1] == rule, f"{op} one cycle inside {rule}: checker saw {new}"
+                st["clear"].value = 1
+                await idle(1)
+                st["clear"].value = 0
+            else:
+                assert not flagged, f"{op} exactly {window} cycles after: device flagged {names[int(st['vcode'].value)]}"
+                assert not new, f"{op} exactly {window} cycles after: checker saw {new}"
+        checked.append(f"{rule}:{op}")
+    await settle()
+    assert int(st["violation"].value) == 0
+    write_metrics(name="pim_timing_edges", config=cfg.name, rules=checked)
+    dut._log.info("%d rules checked at their edges: %s", len(checked), ", ".join(checked))
 
 
 @tb_test()
