@@ -23,9 +23,9 @@ from amaranth.lib.wiring import In, Out
 
 from .config import SystemConfig
 from .memif import TAG_BITS, AddressMap, request_layout, response_layout
-from .pim.bank import countdown
 from .pim.channel import PimBusSignature
-from .pim.commands import PimOp
+from .pim.commands import COLUMN_OPS, READ_OPS, PimOp
+from .pim.timing import countdown, faw_window, refresh_credit
 
 __all__ = ["ARBITRATION", "MemoryController", "MemCtrlSystem", "MemCtrlCounters", "BusMonitorSignature", "pim_command_layout", "pim_response_layout",
            "COUNTERS"]
@@ -320,32 +320,19 @@ class MemoryController(wiring.Component):
 
         # ------------------------------------------------------- channel-wide timing
         is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB, *((PimOp.PACTAB,) if dual else ()))
-        col_cmd = op.as_value().matches(PimOp.RD, PimOp.WR, PimOp.WRGB, PimOp.MACSB, PimOp.MACAB,
-                                        PimOp.WRBIAS, PimOp.RDMAC, PimOp.AF, PimOp.RDAF)
+        col_cmd = op.as_value().matches(*COLUMN_OPS)
         is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
         ccd_ok = countdown(m, "ccd", t.tCCD, iss & col_cmd)
         rrd_ok = countdown(m, "rrd", t.tRRD, iss & is_act)
         rfc_ok = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF))
         mac_ok = countdown(m, "mac", t.tMAC, iss & is_mac)
         af_ok = countdown(m, "afl", t.tAF, iss & (op == PimOp.AF))
-        faw_ok = Signal()
-        if t.tFAW > 1:
-            window = Signal(t.tFAW - 1)
-            m.d.sync += window.eq(Cat(iss & is_act, window[:-1]) if t.tFAW > 2 else iss & is_act)
-            m.d.comb += faw_ok.eq(sum(window[i] for i in range(len(window))) < 4)
-        else:
-            m.d.comb += faw_ok.eq(1)
+        faw_ok = faw_window(m, t.tFAW, iss & is_act)
         act_timing_ok = rfc_ok & rrd_ok & faw_ok      # plus the bank's tRP
         ref_ok = all_closed & (rp_ok == all_banks) & rfc_ok & ~p_open & p_rp_ok
 
         # ------------------------------------------------------- refresh credit
-        refi = Signal(range(t.tREFI))
-        owed = Signal(range(-t.refresh_postpone - 1, t.refresh_postpone + 3))
-        tick = refi == t.tREFI - 1
-        m.d.sync += refi.eq(Mux(tick, 0, refi + 1))
-        new_owed = owed + tick - (iss & (op == PimOp.REF))
-        with m.If(new_owed >= -t.refresh_postpone):
-            m.d.sync += owed.eq(Mux(new_owed > t.refresh_postpone + 1, t.refresh_postpone + 1, new_owed))
+        owed = refresh_credit(m, t.tREFI, t.refresh_postpone, iss & (op == PimOp.REF))
         m.d.comb += self.refresh_owed.eq(Mux(owed < 0, 0, owed))
         urgent = owed >= t.refresh_postpone
 
@@ -569,7 +556,7 @@ class MemoryController(wiring.Component):
                 m.d.comb += [state_bad.eq(pc.col >= p.acc_groups), timing_ok.eq(af_ok & ccd_ok)]
             with m.Default():
                 m.d.comb += [state_bad.eq(1), timing_ok.eq(1)]
-        p_reads = pop.matches(PimOp.RD, PimOp.RDMAC, PimOp.RDAF)
+        p_reads = pop.matches(*READ_OPS)
 
         # ------------------------------------------------------- refresh machine + arbitration
         reopen = Signal(nb)

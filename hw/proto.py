@@ -339,7 +339,8 @@ class PhyStub(wiring.Component):
         super().__init__(members)
 
     def elaborate(self, platform):
-        from .pim.commands import PimOp
+        from .pim.commands import READ_OPS
+        from .pim.timing import delay_pipe
 
         m = Module()
         t = self.cfg.timing
@@ -351,11 +352,7 @@ class PhyStub(wiring.Component):
             for w in words[1:]:
                 fold = fold ^ w
             m.d.sync += st.vcycle.eq(st.vcycle ^ fold)
-            valid = bus.op.as_value().matches(PimOp.RD, PimOp.RDMAC, PimOp.RDAF)
-            data = bus.data
-            for i in range(t.tRL):
-                nv, nd = Signal(name=f"phy{c}_v{i}"), Signal(len(bus.data), name=f"phy{c}_d{i}")
-                m.d.sync += [nv.eq(valid), nd.eq(data)]
-                valid, data = nv, nd
+            valid = bus.op.as_value().matches(*READ_OPS)
+            valid, data = delay_pipe(m, valid, bus.data, t.tRL, f"phy{c}")
             m.d.comb += [bus.rvalid.eq(valid), bus.rdata.eq(data)]
         return m

@@ -36,6 +36,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..arith import MacUnit, bf16_mul, check_fp_impl, fp32_add_align, fp32_add_round, fp32_to_bf16
 from ..config import SystemConfig
+from .timing import countdown
 
 __all__ = ["PimBank", "AF_DEPTH", "check_pu_timing", "mac_depth", "countdown", "af_segment_index"]
 
@@ -45,24 +46,6 @@ AF_DEPTH = 3
 def mac_depth(lanes: int) -> int:
     """PIM MAC pipeline depth: storage read + MacUnit (11 for 16 lanes)."""
     return 1 + MacUnit.latency_for(lanes)
-
-
-def countdown(m: Module, name: str, cycles: int, start):
-    """A timing constraint: after ``start``, ``ok`` is low for ``cycles - 1`` cycles.
-
-    A command on cycle ``t`` that starts the counter allows the constrained
-    command from cycle ``t + cycles`` on. Returns ``ok``.
-    """
-    if cycles <= 1:
-        return Const(1, 1)
-    cnt = Signal(range(cycles), name=f"{name}_cnt")
-    with m.If(start):
-        m.d.sync += cnt.eq(cycles - 1)
-    with m.Elif(cnt != 0):
-        m.d.sync += cnt.eq(cnt - 1)
-    ok = Signal(name=f"{name}_ok")
-    m.d.comb += ok.eq(cnt == 0)
-    return ok
 
 
 def af_segment_index(m: Module, x, segments: int, scale_log2: int, prefix="af"):

@@ -26,8 +26,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
-from .bank import PimBank, check_pu_timing, countdown
-from .commands import DUAL_ONLY, PimOp, ViolationCode
+from .bank import PimBank, check_pu_timing
+from .commands import COLUMN_OPS, DUAL_ONLY, READ_OPS, PimOp, ViolationCode
+from .timing import countdown, delay_pipe, faw_window, refresh_credit
 
 __all__ = ["PimBusSignature", "PimStatusSignature", "PimChannel", "PimDevice", "pim_module_names",
            "STATUS_COUNTERS"]
@@ -177,24 +178,14 @@ class PimChannel(wiring.Component):
         col_cmd = Signal()
         act_ops = (PimOp.ACT, PimOp.ACTAB) + ((PimOp.PACTAB,) if dual else ())
         is_act = op.as_value().matches(*act_ops)
-        m.d.comb += col_cmd.eq(op.as_value().matches(PimOp.RD, PimOp.WR, PimOp.WRGB, PimOp.MACSB, PimOp.MACAB,
-                                          PimOp.WRBIAS, PimOp.RDMAC, PimOp.AF, PimOp.RDAF))
+        m.d.comb += col_cmd.eq(op.as_value().matches(*COLUMN_OPS))
         is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
         ccd_ok = countdown(m, "ccd", t.tCCD, execute & col_cmd)
         rrd_ok = countdown(m, "rrd", t.tRRD, execute & is_act)
         rfc_ok = countdown(m, "rfc", t.tRFC, execute & (op == PimOp.REF))
         mac_ok = countdown(m, "mac", t.tMAC, execute & is_mac)
         af_ok = countdown(m, "afl", t.tAF, execute & (op == PimOp.AF))
-        # tFAW: ACTs executed in the last tFAW-1 cycles (a shift register) must be fewer than 4.
-        faw_ok = Signal()
-        if t.tFAW > 1:
-            window = Signal(t.tFAW - 1)
-            m.d.sync += window.eq(Cat(execute & is_act, window[:-1]) if t.tFAW > 2 else execute & is_act)
-            count = Signal(range(t.tFAW + 1))
-            m.d.comb += count.eq(sum(window[i] for i in range(len(window))))
-            m.d.comb += faw_ok.eq(count < 4)
-        else:
-            m.d.comb += faw_ok.eq(1)
+        faw_ok = faw_window(m, t.tFAW, execute & is_act, count_name="count")
 
         # Violation decision (first failing rule) -------------------------
         code = Signal(ViolationCode)
@@ -285,14 +276,7 @@ class PimChannel(wiring.Component):
         m.d.comb += execute.eq((op != PimOp.NOP) & (code == ViolationCode.NONE))
 
         # Refresh credit --------------------------------------------------
-        refi = Signal(range(t.tREFI))
-        owed = Signal(range(-t.refresh_postpone - 1, t.refresh_postpone + 3))
-        tick = refi == t.tREFI - 1
-        m.d.sync += refi.eq(Mux(tick, 0, refi + 1))
-        did_ref = execute & (op == PimOp.REF)
-        new_owed = owed + tick - did_ref
-        with m.If(new_owed >= -t.refresh_postpone):
-            m.d.sync += owed.eq(Mux(new_owed > t.refresh_postpone + 1, t.refresh_postpone + 1, new_owed))
+        owed = refresh_credit(m, t.tREFI, t.refresh_postpone, execute & (op == PimOp.REF))
         late = owed > t.refresh_postpone
         m.d.comb += st.owed.eq(Mux(owed < 0, 0, owed))
 
@@ -345,7 +329,7 @@ class PimChannel(wiring.Component):
         r_kind = Signal(PimOp)
         r_bank = Signal(max(p.bank_addr_bits, 1))
         r_col = Signal(p.column_addr_bits)
-        returns = execute & op.as_value().matches(PimOp.RD, PimOp.RDMAC, PimOp.RDAF)
+        returns = execute & op.as_value().matches(*READ_OPS)
         m.d.sync += [r_valid.eq(returns), r_kind.eq(op), r_bank.eq(bank), r_col.eq(col)]
         r_data = Signal(p.column_bits)
         with m.Switch(r_kind):
@@ -361,11 +345,7 @@ class PimChannel(wiring.Component):
                             with m.Case(g):
                                 group = [banks[b][src] for b in range(g * bpw, min(nb, (g + 1) * bpw))]
                                 m.d.comb += r_data.eq(Cat(*group))
-        valid, data = r_valid, r_data
-        for stage in range(t.tRL - 1):
-            nv, nd = Signal(name=f"rl_v{stage}"), Signal(p.column_bits, name=f"rl_d{stage}")
-            m.d.sync += [nv.eq(valid), nd.eq(data)]
-            valid, data = nv, nd
+        valid, data = delay_pipe(m, r_valid, r_data, t.tRL - 1, "rl")
         m.d.comb += [bus.rvalid.eq(valid), bus.rdata.eq(data)]
 
         # Event counters ---------------------------------------------------

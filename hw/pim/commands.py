@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from amaranth.lib import enum as aenum
 
-__all__ = ["Command", "COMMANDS", "DUAL_ONLY", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
+__all__ = ["Command", "COMMANDS", "COLUMN_OPS", "DUAL_ONLY", "READ_OPS", "ops_where", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
 
 OP_BITS = 5
 
@@ -101,6 +101,12 @@ DUAL_ONLY = ("PACTAB", "PPREAB")
 """Commands that exist only with two row buffers (illegal opcodes with one)."""
 
 
+def ops_where(pred) -> tuple:
+    """The :class:`PimOp` members of the commands for which ``pred(command)`` holds (table order)."""
+    return tuple(PimOp[c.name] for c in COMMANDS if pred(c))
+
+
+
 def by_name(name: str) -> Command:
     for c in COMMANDS:
         if c.name == name:
@@ -117,6 +123,11 @@ def _enum(name, items, shape):
 
 PimOp = _enum("PimOp", [(c.name, c.opcode) for c in COMMANDS], OP_BITS)
 PimOp.__doc__ = "PIM command opcodes, generated from :data:`COMMANDS`."
+
+COLUMN_OPS = ops_where(lambda c: c.timing in ("col_rd", "col_wr", "gb"))
+"""Column-type commands: every one is spaced ``tCCD`` from the previous one."""
+READ_OPS = ops_where(lambda c: c.returns_data)
+"""Commands whose data returns on the bus ``tRL`` cycles later (RD, RDMAC, RDAF)."""
 
 
 @dataclass(frozen=True)

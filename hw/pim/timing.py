@@ -1,0 +1,82 @@
+"""DRAM timing rules, written once: the building blocks every command-bus agent uses.
+
+The PIM device (:mod:`hw.pim.bank`, :mod:`hw.pim.channel`), the memory
+controller (:mod:`hw.memctrl`) and the prototype's PHY stand-in
+(:mod:`hw.proto`) compose their timing from these, as LiteDRAM composes its
+controller from one small module per rule:
+
+* :func:`countdown` - a per-bank or channel-wide window (tRCD, tRAS, tRP, tWR,
+  tRTP, tCCD, tRRD, tRFC, tMAC, tAF, and the PIM row buffer's windows);
+* :func:`faw_window` - at most four activations in any tFAW cycles;
+* :func:`refresh_credit` - one REF falls due every tREFI, ``refresh_postpone``
+  may be owed;
+* :func:`delay_pipe` - the read-latency pipe (data ``n`` cycles after the command).
+
+The device calls them with the command it executes, the controller with the
+command it issues (one cycle ahead of the bus, so both agree on every edge).
+The protocol checker (:mod:`sim.pim_checker`) implements the same rules
+independently in Python.
+"""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+
+__all__ = ["countdown", "faw_window", "refresh_credit", "delay_pipe"]
+
+
+def countdown(m: Module, name: str, cycles: int, start):
+    """A timing window: after ``start``, ``ok`` is low for ``cycles - 1`` cycles.
+
+    A command on cycle ``t`` that starts the counter allows the constrained
+    command from cycle ``t + cycles`` on. Returns ``ok``.
+    """
+    if cycles <= 1:
+        return Const(1, 1)
+    cnt = Signal(range(cycles), name=f"{name}_cnt")
+    with m.If(start):
+        m.d.sync += cnt.eq(cycles - 1)
+    with m.Elif(cnt != 0):
+        m.d.sync += cnt.eq(cnt - 1)
+    ok = Signal(name=f"{name}_ok")
+    m.d.comb += ok.eq(cnt == 0)
+    return ok
+
+
+def faw_window(m: Module, tFAW: int, act, count_name: str | None = None):
+    """tFAW: ``ok`` while fewer than four activations (``act`` high) happened in the last ``tFAW - 1``
+    cycles (a shift register), so a fifth is allowed ``tFAW`` cycles after the first. Returns ``ok``."""
+    ok = Signal(name="faw_ok")
+    if tFAW > 1:
+        window = Signal(tFAW - 1, name="window")
+        m.d.sync += window.eq(Cat(act, window[:-1]) if tFAW > 2 else act)
+        total = sum(window[i] for i in range(len(window)))
+        if count_name:
+            count = Signal(range(tFAW + 1), name=count_name)
+            m.d.comb += count.eq(total)
+            total = count
+        m.d.comb += ok.eq(total < 4)
+    else:
+        m.d.comb += ok.eq(1)
+    return ok
+
+
+def refresh_credit(m: Module, tREFI: int, postpone: int, did_ref):
+    """The refresh credit: ``owed`` rises by one every ``tREFI`` cycles and falls by one per REF
+    (``did_ref``); it saturates at ``postpone + 1`` (late) and at ``-postpone`` (refreshes pulled in).
+    Returns the signed ``owed`` signal; ``owed > postpone`` means the deadline was missed."""
+    refi = Signal(range(tREFI), name="refi")
+    owed = Signal(range(-postpone - 1, postpone + 3), name="owed")
+    tick = refi == tREFI - 1
+    m.d.sync += refi.eq(Mux(tick, 0, refi + 1))
+    new_owed = owed + tick - did_ref
+    with m.If(new_owed >= -postpone):
+        m.d.sync += owed.eq(Mux(new_owed > postpone + 1, postpone + 1, new_owed))
+    return owed
+
+
+def delay_pipe(m: Module, valid, data, stages: int, prefix: str):
+    """``(valid, data)`` delayed by ``stages`` registers (named ``{prefix}_v{i}`` / ``{prefix}_d{i}``)."""
+    for i in range(stages):
+        nv, nd = Signal(name=f"{prefix}_v{i}"), Signal(len(data), name=f"{prefix}_d{i}")
+        m.d.sync += [nv.eq(valid), nd.eq(data)]
+        valid, data = nv, nd
+    return valid, data
