@@ -43,7 +43,7 @@ def test_gelu_af(config):
     run(config, "gelu_af", N_ROUNDS=8 if config == "tiny" else 4)
 
 
-@pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb", "default-dualrb"])
+@pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
 def test_illegal_sequences_are_caught(config):
     run(config, "illegal_sequences", CHECK_REFRESH_LATE=int(config == "tiny"))
 
