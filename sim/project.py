@@ -428,6 +428,9 @@ def main_project(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    if getattr(args, "system", "ianus") == "neupims":
+        from sim.neupims_model import main_neupims
+        return main_neupims(args)
     validate_args(args)
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -582,6 +585,11 @@ def add_parser(sub):
     p.add_argument("--scaling-input", type=int, default=128)
     p.add_argument("--scaling-output", type=int, default=64)
     p.add_argument("--out", default="build/project")
+    p.add_argument("--system", choices=("ianus", "neupims"), default="ianus",
+                   help="neupims: batched generation of GPT-3 7B/13B/30B under npu-only / naive / neupims "
+                        "(sim/neupims_model.py; --models of 7b,13b,30b, --batches, --devices one count or auto)")
+    p.add_argument("--batches", default="64,128,256,512", help="--system neupims: batch sizes")
+    p.add_argument("--seed", type=int, default=0, help="--system neupims: seed of the request lengths")
     p.add_argument("--bounds", action="store_true",
                    help="per operation: the physical lower bound (sim.bounds) and achieved / bound, also for the "
                         "RTL's default layer; writes bounds.csv, bounds_default.csv, bounds_default_stages.csv")
