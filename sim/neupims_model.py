@@ -46,9 +46,12 @@ hardware model:
   Each GEMV is timed alone (first command to last result) and the GEMVs of a channel are summed (no overlap
   between consecutive GEMVs, a conservative choice).
 * *Softmax* (scale + masked softmax of the request's heads, FP32 scores in, BF16 probabilities out) on the
-  vector unit: VECTOR programs timed by the performance model (as :mod:`sim.hpim_model` does). Attention of a
-  set of requests = ``max(busiest channel's PIM time + one softmax, all softmax + one request's GEMVs)``: PIM
-  computes the next head's scores while the vector unit normalises the previous one.
+  vector unit: one SCALE and one SOFTMAX over the request's heads (they share its length), timed by the
+  performance model as the marginal cost of one more request in a stream (:meth:`NeuPimsModel.softmax_cycles`).
+  Attention of a set of requests = ``max(busiest channel's PIM time + one request's softmax, all softmax + one
+  head's GEMVs)``: PIM computes the next request's scores while the vector unit normalises the previous one.
+  (The causal mask's position is the request's last key; rows after the first would admit one padding key:
+  a functional detail that does not change the timing.)
 * *npu-only attention* of one request of L keys: the ``attention`` part (QK^T and S.V on the matrix unit, scale
   and softmax on the vector unit) of the compiled ``npu-mem`` generation stage ``qkv_attn`` at position L - 1,
   performance model, sampled at :data:`NPU_ATT_SAMPLES` lengths and interpolated linearly (the work is linear
@@ -126,6 +129,7 @@ LEN_MEDIAN, LEN_SIGMA = 217.0, 0.75
 V_GRANULE = 128
 """Positions per allocation granule of a head's V rows (8 columns of 16 BF16)."""
 NPU_ATT_SAMPLES = (16, 128, 512, 1024, 2048)
+SOFTMAX_REPS = 4
 
 
 class NeuPimsCapacityError(ValueError):
@@ -369,22 +373,30 @@ class NeuPimsModel:
         return out
 
     def softmax_cycles(self, cfg, L: int) -> float:
-        """Scale + softmax of one request's heads on this device (FP32 scores -> BF16 probabilities)."""
+        """Scale + softmax of one request's heads on this device (FP32 scores -> BF16 probabilities): one SCALE
+        and one SOFTMAX over ``heads`` rows (the heads of a request share its length; the performance model
+        spreads the rows over the cores' vector units). The marginal cost of one more request in a stream of
+        them: ``(T(1 + REPS) - T(1)) / REPS`` of programs of 1 and 1 + REPS requests, so that the program's
+        start-up and END are not charged per request."""
         Lp = _up(L, 16)
-        pb = ProgramBuilder(cfg)
-        Lw = pb.L
-        pb.spm_reset()
-        for _ in range(self.heads_dev):
-            top = pb.spm_top
-            X = pb.spm(_fp32_words(Lw, Lp))
-            P = pb.spm(_bf16_words(Lw, Lp))
-            pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=1, a_fmt="FP32", d_fmt="FP32",
-                   imm0=_f32(1.0 / math.sqrt(self.hd)), imm1=0x80000000)
-            pb.vec(op="SOFTMAX", a=X, d=P, n=Lp, rows=1, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL", pos=L - 1)
-            pb.spm_top = top
-        pb.fence(Unit.VQ)
-        pb.end()
-        return self._run(cfg, ("softmax", self.heads_dev, Lp), pb.words, "ln1")[0]
+        h = self.heads_dev
+
+        def prog(reps):
+            pb = ProgramBuilder(cfg)
+            Lw = pb.L
+            pb.spm_reset()
+            for _ in range(reps):
+                top = pb.spm_top
+                X = pb.spm(h * _fp32_words(Lw, Lp))
+                P = pb.spm(h * _bf16_words(Lw, Lp))
+                pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=h, a_fmt="FP32", d_fmt="FP32",
+                       imm0=_f32(1.0 / math.sqrt(self.hd)), imm1=0x80000000)
+                pb.vec(op="SOFTMAX", a=X, d=P, n=Lp, rows=h, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL", pos=L - 1)
+                pb.spm_top = top
+            pb.fence(Unit.VQ)
+            pb.end()
+            return self._run(cfg, ("softmax", h, Lp, reps), pb.words, "ln1")[0]
+        return (prog(1 + SOFTMAX_REPS) - prog(1)) / SOFTMAX_REPS
 
     def pim_request(self, cfg, L: int) -> dict:
         """PIM cycles (refresh amortized) and bus commands of one request's attention on this device."""
@@ -470,7 +482,7 @@ class NeuPimsModel:
         if short is None:
             return {"cycles": 0.0, "bus_util": 0.0, "softmax": 0.0}
         busiest = max(range(len(per)), key=lambda c: per[c])
-        one_sm = self.softmax_cycles(cfg, int(lengths[short])) / self.heads_dev
+        one_sm = self.softmax_cycles(cfg, int(lengths[short]))
         one_gemv = self.pim_request(cfg, int(lengths[short]))["one_head"]
         cyc = max(per[busiest] + one_sm, sm + one_gemv)
         util = max(cmds[c] / cyc for c in range(len(per)))
