@@ -281,7 +281,11 @@ def build_case(spec: dict, name: str = "case") -> Case:
             case.writes.append((base * lay.row_bytes,
                                 np.ascontiguousarray(packed.transpose(2, 0, 1, 3, 4)).tobytes()))
             n_in = K + t["extra_in"]
-            x = source(t, 2 * n_in, rng, lambda n_in=n_in: _bf16(rng, n_in).tobytes())  # noqa: B023 (called at once)
+            # Known RTL bug (KNOWN_GEMV_LANES): the input lanes past K in the last global-buffer column are not
+            # masked, so a NaN / Inf there poisons the GEMV. An earlier output is chained in as x only when
+            # x fills whole columns exactly (fresh inputs are zero-padded to the column).
+            tx = t if (2 * n_in) % COL == 0 and t["extra_in"] == 0 else {**t, "chain": False}
+            x = source(tx, 2 * n_in, rng, lambda n_in=n_in: _bf16(rng, n_in).tobytes())  # noqa: B023 (called at once)
             reads = [x]
             bias = None
             if t["bias"]:
@@ -566,6 +570,11 @@ def compare(cases: list[Case], rtl: list[dict], model: list[dict], known: list |
             known.append(Mismatch("batch", "first AXI write", KNOWN_FIRST_WRITE))
     return out
 
+
+KNOWN_GEMV_LANES = (
+    "GEMV: the input lanes past K (and past WRITE_VEC's n) in the last global-buffer column are not masked: "
+    "they hold whatever device memory holds after the vector, and 0 (padded weight) x Inf/NaN there makes "
+    "the results NaN; the functional model computes x[:K] @ W (found by the fuzzer: seed 20260 case 6)")
 
 KNOWN_FIRST_WRITE = ("the first AXI4 write burst after power-up on SocSim answered OKAY but did not reach "
                      "memory (read back: the power-up contents)")

@@ -12,6 +12,7 @@ test-long``) runs ``DIFF_FUZZ_LONG_CASES`` (default 10,000) cases in batches of 
 
 import os
 
+import numpy as np
 import pytest
 
 from sim import diff_fuzz as D
@@ -69,8 +70,7 @@ def test_diff_fuzz_tiny_batch():
 
 @pytest.mark.long
 def test_diff_fuzz_long():
-    """>= 10,000 random programs (batches of 500, one simulation each; the last batches with AXI
-    back-pressure on every host channel)."""
+    """>= 10,000 random programs (batches of 500, one simulation each)."""
     total = int(os.environ.get("DIFF_FUZZ_LONG_CASES", "10000"))
     per = 500
     done = 0
@@ -80,9 +80,28 @@ def test_diff_fuzz_long():
         n = min(per, total - done)
         seed = 100_000 + b
         try:
-            _check(seed, n, pause_pct=30 if b % 4 == 3 else 0, name=f"diff_fuzz_long_{b % 2}")
+            _check(seed, n, name=f"diff_fuzz_long_{b % 2}")
         except AssertionError as exc:
             failures.append(str(exc)[:3000])
         done += n
         b += 1
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.xfail(strict=True, reason=D.KNOWN_GEMV_LANES)
+def test_known_bug_gemv_input_lanes_past_k_not_masked():
+    """Reproducer of the fuzzer's finding (kept out of the random cases): a GEMV of K = 1 whose input
+    vector's column holds +Inf after the vector. The model computes x[:1] @ W (finite); the RTL multiplies
+    the padded zero weights by the Inf lanes and returns NaN. Strict xfail: passes (and so fails here) once
+    the PCU or the banks mask the lanes past K."""
+    spec = {"tasks": [{"unit": "pim", "K": 1, "N": 16, "bias": True, "gelu": False, "bf16": False, "nop": False,
+                       "extra_in": 0, "read_n": None, "chain": False, "data": 11}],
+            "fence_pct": 0, "fence_seed": 0, "reads": 0}
+    case = D.build_case(spec, name="gemv lanes past K")
+    x_addr = next(w for w in case.program if (w & 0xF) == 7 and ((w >> 32) & 0xFF) == 1) >> 96 & 0xFFFFFFFF
+    case.writes = [(a, d[:2] + b"\x80\x7f" * 15 + d[32:]) if a == x_addr else (a, d) for a, d in case.writes]
+    model = D.model_batch([case])
+    assert np.isfinite(np.frombuffer(model[0]["outputs"][0][:64], "<f4")).all()
+    rtl = D.run_rtl_cases([case], "known_gemv_lanes")
+    mism = D.compare([case], rtl, model, [])
+    assert not mism, "\n".join(map(str, mism))

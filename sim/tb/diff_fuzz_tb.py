@@ -74,14 +74,22 @@ async def run_cases(dut):
 
     mon = BusMonitor(_Dut(), cfg)
     cocotb.start_soon(mon.run())
-    assert await host.rd(CSR.ID) == SOC_ID, "not the SoC"
+    async def step(what, coro, cycles=100_000):
+        """Host steps fail with their name instead of hanging the simulation."""
+        try:
+            return await with_timeout(coro, cycles * PERIOD_NS, "ns")
+        except cocotb.result.SimTimeoutError:
+            raise AssertionError(f"{what}: no AXI response within {cycles} cycles "
+                                 f"(pause {job.get('pause_pct', 0)} %)") from None
+
+    assert await step("ID register read", host.rd(CSR.ID)) == SOC_ID, "not the SoC"
     # Known issue (reported in the fuzzer's notes): the first AXI4 write burst after power-up answers OKAY
     # but does not reach memory. A warm-up write of 64 bytes (a first write of one beat hangs: see the fault tests) whose landing is recorded comes first.
     a, d = job["warmup"]
-    await host.axi.write(a, d)
-    first_write_landed = await host.read_mem(a, len(d)) == d
+    await step("warm-up write", host.axi.write(a, d))
+    first_write_landed = await step("warm-up read", host.read_mem(a, len(d))) == d
     for a, d in job["setup"]:
-        resp = await host.axi.write(a, d)
+        resp = await step("GELU table write", host.axi.write(a, d))
         assert int(resp.resp) == 0, f"setup write at {a:#x}: {resp.resp!r}"
     results = []
     seen_viol = 0
@@ -94,9 +102,9 @@ async def run_cases(dut):
 
     for i, case in enumerate(job["cases"]):
         for a, d in case["writes"]:
-            resp = await host.axi.write(a, d)
+            resp = await step(f"case {i}: write at {a:#x}", host.axi.write(a, d))
             assert int(resp.resp) == 0, f"case {i}: write at {a:#x}: {resp.resp!r}"
-        await host.axi.write(case["prog_addr"], isa.to_bytes(case["program"]))
+        await step(f"case {i}: program write", host.axi.write(case["prog_addr"], isa.to_bytes(case["program"])))
         await host.wr(CSR.PROG_ADDR, case["prog_addr"])
         await host.wr(CSR.PROG_LEN, len(case["program"]))
         t0 = _now()
