@@ -1,6 +1,8 @@
 """The FPGA-prototype path on Verilator: host driver over AXI (cocotbext-axi) -> registers, PCU, memory
 controllers -> PIM device. Same bits as the functional model; bad input answered; random load."""
 
+import pytest
+
 from firmware import macro
 from hw import proto
 from hw.config import preset
@@ -39,8 +41,10 @@ def test_bad_input():
     proto_build().run(TB, "bad_input", env={"IANUS_CONFIG": "tiny"})
 
 
-def test_random_load_with_backpressure():
-    proto_build().run(TB, "random_load", env={"IANUS_CONFIG": "tiny", "N_OPS": 40, "N_GEMV": 2})
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
+def test_random_load_with_backpressure(config):
+    # Host traffic and PIM macros at once; with two row buffers the host's requests run beside the GEMVs.
+    proto_build(config).run(TB, "random_load", env={"IANUS_CONFIG": config, "N_OPS": 40, "N_GEMV": 2})
 
 
 def test_layer_fc_tiny():
