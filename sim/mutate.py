@@ -109,9 +109,9 @@ MUTANTS = (
     _timing("tCCD", '"ccd"', "iss & col_cmd"),
     _timing("tRRD", '"rrd"', "iss & is_act"),
     _timing("tRFC", '"rfc"', "iss & (op == PimOp.REF)"),
-    Mutant("memctrl.tFAW_five", "hw/memctrl.py", "faw_ok.eq(sum(window[i] for i in range(len(window))) < 4)",
-           "faw_ok.eq(sum(window[i] for i in range(len(window))) < 5)", MEMCTRL_T,
-           "controller allows five activations in tFAW"),
+    Mutant("timing.tFAW_five", "hw/pim/timing.py", "m.d.comb += ok.eq(total < 4)", "m.d.comb += ok.eq(total < 5)",
+           MEMCTRL_T, "tFAW window (hw/pim/timing.py, shared by the controller and the device) allows five "
+                      "activations"),
     Mutant("memctrl.frfcfs_youngest", "hw/memctrl.py",
            "for i in reversed(range(D)):           # the lowest index (oldest) wins",
            "for i in range(D):           # mutant: the youngest wins",
