@@ -529,8 +529,7 @@ def validate_args(args):
 
 def add_parser(sub):
     r = sub.add_parser("run", help="GPT-2 decoder layers on the SoC (prefill + generation)")
-    r.add_argument("--config", default="default", choices=RTL_CONFIGS,
-                   help="RTL configuration (the -dualrb variants have NeuPIMs' two row buffers per bank)")
+    r.add_argument("--config", default="default", choices=RTL_CONFIGS)
     r.add_argument("--policy", default="ianus", choices=["ianus", "npu-mem", "naive"])
     r.add_argument("--backend", default="verilator", choices=["verilator", "icarus", "model"])
     r.add_argument("--layers", type=int, default=1)

@@ -69,7 +69,8 @@ def test_replace_variants():
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="preset.name must be one of tiny, default, ianus, not 'huge'"):
+    with pytest.raises(ConfigError, match="preset.name must be one of tiny, default, ianus, tiny-dualrb, "
+                                          "default-dualrb, neupims, not 'huge'"):
         preset("huge")
 
 
