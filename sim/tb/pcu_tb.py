@@ -80,7 +80,8 @@ class PcuTB:
     def row_window(self, first_cycle, last_cycle):
         """The GEMV row program's span on the buses between two cycles, measured like
         :func:`firmware.pim.gemv_lower_bound` (and the sequencer's GEMVs in ``sim/tb/pim_tb.py``): from its
-        first command (the first WRGB or ACTAB / PACTAB: the bias transfer's ACT / RD / PREAB come before it) to its
+        first command (the first WRGB or ACTAB / PACTAB, with two row buffers no earlier than one cycle before
+        the first WRBIAS: see below; the bias transfer's ACT / RD / PREAB come before it) to its
         last result word (the last RDMAC / RDAF + tRL + 1). The channels run the program in lockstep; one
         that did not take part in the bias transfer may start it a few cycles early and then waits for the
         others, so the span starts when the last channel starts it. Returns (cycles, REFs inside on
@@ -89,6 +90,12 @@ class PcuTB:
         logs = [[(cy, op) for cy, c, op in self.bus_log if c == ch and first_cycle <= cy <= last_cycle]
                 for ch in range(C)]
         start = max(min(cy for cy, op in log if op in ("WRGB", "ACTAB", "PACTAB")) for log in logs)
+        if self.cfg.pim.row_buffers == 2:
+            # With two row buffers PACTAB needs no tRP after the transfer's PREAB, so it opens the first row
+            # while the transfer's data (the bias) is still being handed over; the row program proper starts
+            # when its first preload can go (one slot after the activation in the bound's accounting).
+            start = max(start, max(min((cy for cy, op in log if op == "WRBIAS"), default=start + 1) - 1
+                                   for log in logs))
         end = max(max(cy for cy, op in log if op in ("RDMAC", "RDAF")) for log in logs) + self.cfg.timing.tRL + 1
         refs = min(sum(1 for cy, op in log if op == "REF" and start <= cy < end) for log in logs)
         return end - start, refs
@@ -253,9 +260,10 @@ async def pcu_gemv(dut):
                       spec, cycles, per[0][0], g_cycles, per[2][0], lb["cycles"], g_cycles, g_refs, ratio,
                       row_cycles, row_refs, row_ratio)
         if max_row_ratio > 0:
+            ops = [(cy - g_t0, op) for cy, c, op in tb.bus_log if c == 0 and g_t0 <= cy <= g_t1]
             assert row_ratio <= max_row_ratio, (
                 f"{spec}: the GEMV row program takes {row_cycles} cycles ({row_refs} REF), {row_ratio:.3f}x its "
-                f"bound {lb['cycles']}, above {max_row_ratio}")
+                f"bound {lb['cycles']}, above {max_row_ratio}; channel 0's commands (cycle, op): {ops}")
         if max_ratio > 0:
             assert ratio <= max_ratio, (f"{spec}: the GEMV macro takes {g_cycles} cycles ({g_refs} REF), "
                                         f"{ratio:.3f}x its bound {lb['cycles']}, above {max_ratio}")
