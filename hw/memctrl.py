@@ -588,20 +588,22 @@ class MemoryController(wiring.Component):
                 with m.If(~all_closed):
                     with m.If(preab_ok):
                         issue(PimOp.PREAB)
-                with m.Elif(p_open):
-                    with m.If(p_pre_ok):
-                        issue(PimOp.PPREAB)
+                if dual:
+                    with m.Elif(p_open):
+                        with m.If(p_pre_ok):
+                            issue(PimOp.PPREAB)
                 with m.Elif(ref_ok):
                     issue(PimOp.REF)
                     m.d.sync += n_forced.eq(n_forced + forced)
                     m.next = "Reopen"
             with m.State("Reopen"):
                 m.d.comb += refreshing.eq(1)
-                with m.If(p_reopen):
-                    with m.If(p_rp_ok & act_timing_ok):
-                        issue(PimOp.PACTAB, row=p_row)
-                        m.d.sync += p_reopen.eq(0)
-                with m.Elif(reopen == 0):
+                if dual:
+                    with m.If(p_reopen):
+                        with m.If(p_rp_ok & act_timing_ok):
+                            issue(PimOp.PACTAB, row=p_row)
+                            m.d.sync += p_reopen.eq(0)
+                with (m.Elif if dual else m.If)(reopen == 0):
                     m.next = "Idle"
                 with m.Elif((reopen == all_banks) & same_rows):
                     with m.If((rp_ok == all_banks) & act_timing_ok):
