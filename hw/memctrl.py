@@ -25,7 +25,7 @@ from .config import SystemConfig
 from .memif import TAG_BITS, AddressMap, request_layout, response_layout
 from .pim.channel import PimBusSignature
 from .pim.commands import COLUMN_OPS, READ_OPS, PimOp
-from .pim.timing import countdown, faw_window, refresh_credit
+from .pim.timing import countdown, faw_window, pim_row_buffer, refresh_credit
 
 __all__ = ["ARBITRATION", "MemoryController", "MemCtrlSystem", "MemCtrlCounters", "BusMonitorSignature", "pim_command_layout", "pim_response_layout",
            "COUNTERS"]
@@ -302,16 +302,8 @@ class MemoryController(wiring.Component):
         # Only all-bank commands use it, so one state stands for every bank's PIM buffer (as in the device).
         pim_rd_op = op.as_value().matches(PimOp.MACSB, PimOp.MACAB, PimOp.AF)
         if dual:
-            p_open = Signal()
-            p_row = Signal(rb)
-            with m.If(iss & (op == PimOp.PACTAB)):
-                m.d.sync += [p_open.eq(1), p_row.eq(iss_row)]
-            with m.Elif(iss & (op == PimOp.PPREAB)):
-                m.d.sync += p_open.eq(0)
-            p_rcd_ok = countdown(m, "p_rcdrd", t.tRCDRD, iss & (op == PimOp.PACTAB))
-            p_ras_ok = countdown(m, "p_ras", t.tRAS, iss & (op == PimOp.PACTAB))
-            p_rp_ok = countdown(m, "p_rp", t.tRP, iss & (op == PimOp.PPREAB) & p_open)
-            p_rtp_ok = countdown(m, "p_rtp", t.tRTP, iss & pim_rd_op)
+            p_open, p_row, p_rcd_ok, p_ras_ok, p_rp_ok, p_rtp_ok = pim_row_buffer(
+                m, t, iss & (op == PimOp.PACTAB), iss & (op == PimOp.PPREAB), iss & pim_rd_op, iss_row)
             p_pre_ok = ~p_open | (p_ras_ok & p_rtp_ok)
         else:
             p_open = Const(0, 1)

@@ -28,7 +28,7 @@ from amaranth.lib.wiring import In, Out
 from ..config import SystemConfig
 from .bank import PimBank, check_pu_timing
 from .commands import COLUMN_OPS, DUAL_ONLY, READ_OPS, PimOp, ViolationCode
-from .timing import countdown, delay_pipe, faw_window, refresh_credit
+from .timing import countdown, delay_pipe, faw_window, pim_row_buffer, refresh_credit
 
 __all__ = ["PimBusSignature", "PimStatusSignature", "PimChannel", "PimDevice", "pim_module_names",
            "STATUS_COUNTERS"]
@@ -157,16 +157,8 @@ class PimChannel(wiring.Component):
         execute = Signal()
         pim_rd = op.as_value().matches(PimOp.MACSB, PimOp.MACAB, PimOp.AF)
         if dual:
-            p_open = Signal()
-            p_row = Signal(p.row_addr_bits)
-            with m.If(execute & (op == PimOp.PACTAB)):
-                m.d.sync += [p_open.eq(1), p_row.eq(bus.row)]
-            with m.Elif(execute & (op == PimOp.PPREAB)):
-                m.d.sync += p_open.eq(0)
-            p_rcd_ok = countdown(m, "p_rcdrd", t.tRCDRD, execute & (op == PimOp.PACTAB))
-            p_ras_ok = countdown(m, "p_ras", t.tRAS, execute & (op == PimOp.PACTAB))
-            p_rp_ok = countdown(m, "p_rp", t.tRP, execute & (op == PimOp.PPREAB) & p_open)
-            p_rtp_ok = countdown(m, "p_rtp", t.tRTP, execute & pim_rd)
+            p_open, p_row, p_rcd_ok, p_ras_ok, p_rp_ok, p_rtp_ok = pim_row_buffer(
+                m, t, execute & (op == PimOp.PACTAB), execute & (op == PimOp.PPREAB), execute & pim_rd, bus.row)
             # One row is never open in both buffers of a bank.
             pim_holds = p_open & (p_row == bus.row)
             normal_holds = Cat(bk["is_open"] & (bk["open_row"] == bus.row) for bk in banks).any()

@@ -10,7 +10,8 @@ controller from one small module per rule:
 * :func:`faw_window` - at most four activations in any tFAW cycles;
 * :func:`refresh_credit` - one REF falls due every tREFI, ``refresh_postpone``
   may be owed;
-* :func:`delay_pipe` - the read-latency pipe (data ``n`` cycles after the command).
+* :func:`delay_pipe` - the read-latency pipe (data ``n`` cycles after the command);
+* :func:`pim_row_buffer` - the PIM row buffer of two-row-buffer banks (its state and row windows).
 
 The device calls them with the command it executes, the controller with the
 command it issues (one cycle ahead of the bus, so both agree on every edge).
@@ -20,7 +21,7 @@ independently in Python.
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 
-__all__ = ["countdown", "faw_window", "refresh_credit", "delay_pipe"]
+__all__ = ["countdown", "faw_window", "refresh_credit", "delay_pipe", "pim_row_buffer"]
 
 
 def countdown(m: Module, name: str, cycles: int, start):
@@ -80,3 +81,18 @@ def delay_pipe(m: Module, valid, data, stages: int, prefix: str):
         m.d.sync += [nv.eq(valid), nd.eq(data)]
         valid, data = nv, nd
     return valid, data
+
+
+def pim_row_buffer(m: Module, t, act, pre, rd, row):
+    """The PIM row buffer (two row buffers per bank; every command on it is all-bank, so one state stands
+    for every bank's): ``act`` (PACTAB) opens ``row``, ``pre`` (PPREAB) closes it, ``rd`` (MAC / AF) reads it.
+    Returns ``(open, row, rcd_ok, ras_ok, rp_ok, rtp_ok)`` with the buffer's own tRCDRD, tRAS, tRP and tRTP."""
+    p_open = Signal(name="p_open")
+    p_row = Signal(len(row), name="p_row")
+    with m.If(act):
+        m.d.sync += [p_open.eq(1), p_row.eq(row)]
+    with m.Elif(pre):
+        m.d.sync += p_open.eq(0)
+    return (p_open, p_row,
+            countdown(m, "p_rcdrd", t.tRCDRD, act), countdown(m, "p_ras", t.tRAS, act),
+            countdown(m, "p_rp", t.tRP, pre & p_open), countdown(m, "p_rtp", t.tRTP, rd))
