@@ -70,7 +70,7 @@ synth: setup
 	$(VPY) -m hw.synth
 
 verilog: setup
-	$(VPY) -m hw.gen
+	$(VPY) -m hw.blocks
 
 lint: setup
 	$(VPY) -m ruff check hw firmware sim tests

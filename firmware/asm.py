@@ -10,22 +10,22 @@ One instruction per line, ``#`` starts a comment::
     pim GEMV n=768 m=2304 row=0 addr0=0x400 flags=1
     end
 
-The field names are those of the instruction tables (:mod:`firmware.isa`,
-:mod:`hw.npu.isa`, :class:`hw.npu.vector.VectorInstr`, :mod:`firmware.macro`);
+The field names are those of the instruction tables (:mod:`hw.spec.soc_isa`,
+:mod:`hw.spec.matrix_isa`, :class:`hw.spec.vector_isa.VectorInstr`, :mod:`hw.spec.macro`);
 enumerated fields take their names (``target=ACT``, ``a_fmt=BF16``) or numbers.
 Fields not given are 0.
 
 Round trip: :func:`disassemble` accepts exactly the well-formed instructions
 and prints every bit of them, so ``assemble(disassemble(words)) == words`` for
-every program it accepts. Well-formed means what :func:`firmware.isa.decode`
+every program it accepts. Well-formed means what :func:`hw.spec.soc_isa.decode`
 accepts (what the command processor executes rather than flags ILLEGAL) and,
-for MATRIX, what ``hw.npu.isa.decode(strict=True)`` accepts: a defined opcode
+for MATRIX, what ``hw.spec.matrix_isa.decode(strict=True)`` accepts: a defined opcode
 and target, and zero in every field the opcode does not use (the matrix unit
 ignores those bits; the disassembler would drop them); a FENCE's payload bits
 (ignored by the command processor) must be zero too. VECTOR and PIM
 payloads are printed field by field, undefined opcodes as numbers.
 
-Errors are :class:`AsmError` (a :class:`firmware.isa.IsaError`): ``line N: ...``
+Errors are :class:`AsmError` (a :class:`hw.spec.soc_isa.IsaError`): ``line N: ...``
 from :func:`assemble`, ``instruction N: ...`` (the index in the program) from
 :func:`disassemble`.
 """
@@ -36,11 +36,11 @@ import numbers
 
 from amaranth.lib import data
 
-from firmware import isa
-from firmware import macro as mc
-from firmware.isa import SocOp, Unit
-from hw.npu import isa as mu_isa
-from hw.npu import vector as vu
+from hw.spec import macro as mc
+from hw.spec import matrix_isa as mu_isa
+from hw.spec import soc_isa as isa
+from hw.spec import vector_isa as vu
+from hw.spec.soc_isa import SocOp, Unit
 
 __all__ = ["assemble", "disassemble", "AsmError", "disassemble_word"]
 
@@ -53,7 +53,7 @@ class AsmError(isa.IsaError):
 _VEC_LAYOUT = data.Layout.cast(vu.VectorInstr)
 _VEC_ENUMS = {"op": vu.Opcode, "a_fmt": vu.Fmt, "b_fmt": vu.Fmt, "d_fmt": vu.Fmt, "b_mode": vu.BMode,
               "mask": vu.MaskMode}
-_MACRO_FIELDS = [name for name, _, _ in mc._FIELDS]
+_MACRO_FIELDS = [name for name, _, _ in mc.FIELDS]
 _UNIT_NAMES = {"mu": Unit.MU, "vq": Unit.VQ, "pcu": Unit.PCU}
 
 

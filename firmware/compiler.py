@@ -38,16 +38,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from firmware import isa
 from firmware.gpt2 import GptShape, LayerWeights
-from firmware.isa import SocOp, Unit
-from firmware.macro import Macro, MacroFlag, MacroOp
-from firmware.macro import encode as macro_encode
 from firmware.pim import GemvLayout
 from hw.config import SystemConfig
-from hw.npu import isa as mu_isa
-from hw.npu import vector as vu
-from sim.golden import fp as G
+from hw.spec import fp as G
+from hw.spec import matrix_isa as mu_isa
+from hw.spec import soc_isa as isa
+from hw.spec import vector_isa as vu
+from hw.spec.macro import Macro, MacroFlag, MacroOp
+from hw.spec.macro import encode as macro_encode
+from hw.spec.soc_isa import SocOp, Unit
 
 __all__ = ["POLICIES", "STAGES", "CompileError", "MemoryPlan", "compile_model", "CompiledModel", "Stage"]
 

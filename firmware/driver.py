@@ -24,12 +24,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from firmware.macro import CSR, DEVICE_ID, Macro, MacroError, MacroFlag, MacroOp, encode, pcu_limits
 from firmware.pim import GemvLayout, af_lut_row, gelu
 from hw.config import SystemConfig
 from hw.memif import AddressMap
-from hw.proto import GEOMETRY_FIELDS, geometry_word
-from sim.golden import fp as G
+from hw.spec import fp as G
+from hw.spec.macro import (
+    CSR,
+    DEVICE_ID,
+    GEOMETRY_FIELDS,
+    Macro,
+    MacroError,
+    MacroFlag,
+    MacroOp,
+    encode,
+    geometry_word,
+    pcu_limits,
+)
 
 __all__ = ["PimError", "DeviceTimeout", "DriverError", "LayoutError", "DeviceMismatchError", "ERRORS",
            "FunctionalTransport", "WeightHandle", "Device"]

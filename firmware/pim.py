@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hw.config import SystemConfig
-from sim.golden import fp as G
+from hw.spec import fp as G
 
 __all__ = ["gelu", "af_lut_row", "GemvLayout", "gemv_golden", "gemv_program", "gemv_lower_bound",
            "amortized_cycles",

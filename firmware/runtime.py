@@ -3,10 +3,11 @@
 :func:`build_job` produces everything a backend needs: the initial device
 memory (weights in the PIM layout, biases, layernorm parameters, the GELU
 table in every bank's reserved row, the input hidden states and every stage's
-program) and the list of programs to start in order. The functional model
-(:class:`sim.soc_model.SocModel`) runs a job in-process (:func:`run_model`);
-the RTL testbench (``sim/tb/soc_tb.py``) loads the same image through the
-device's back door and starts the same programs through the CSRs.
+program) and the list of programs to start in order. :func:`run_model` runs a job on a
+functional model the caller passes (the firmware does not import the models:
+``sim.soc_model.run_job`` passes a :class:`sim.soc_model.SocModel`); the RTL
+testbench (``sim/tb/soc_run.py``) loads the same image through the device's
+back door and starts the same programs through the CSRs.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from firmware import isa
 from firmware.compiler import CompiledModel, CompileError, Stage, pack_layer
 from firmware.gpt2 import LayerWeights
+from firmware.memimage import MemoryImage
 from firmware.pim import af_lut_row
-from sim.pim_model import MemoryImage
+from hw.spec import soc_isa as isa
 
 __all__ = ["Job", "build_job", "run_model", "read_outputs", "RunError"]
 
@@ -73,11 +74,11 @@ def read_outputs(compiled: CompiledModel, read) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").reshape(compiled.total, shape.d_model).copy()
 
 
-def run_model(job: Job, progress=None):
-    """Run every program of ``job`` on the functional model; returns the model (its memory holds the results)."""
-    from sim.soc_model import SocModel
-
-    m = SocModel(job.compiled.cfg)
+def run_model(job: Job, model, progress=None):
+    """Run every program of ``job`` on ``model``, a functional model of the SoC (``model.mem``, a
+    :class:`MemoryImage`; ``model.run(addr, n)`` with a result that has ``ok``, ``error``, ``error_pc`` and
+    ``instructions``, as :class:`sim.soc_model.SocModel`); returns the model (its memory holds the results)."""
+    m = model
     m.mem.data[:] = job.image.data
     for st, addr, n in job.programs:
         t0 = time.perf_counter()

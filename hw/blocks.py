@@ -1,11 +1,15 @@
-"""The major blocks written by ``make verilog`` (``python -m hw.gen``): name -> (factory, extra sources).
+"""The major blocks written by ``make verilog`` (``python -m hw.blocks``): name -> (factory, extra sources).
 
 Each block is written as one self-contained Verilog file under
 ``build/verilog/blocks/``: the block's own module followed by the modules it
-instantiates by name (PIM banks, storage).
+instantiates by name (PIM banks, storage), and linted (:func:`hw.gen.lint`).
 """
 
+import sys
+from pathlib import Path
+
 from .config import preset
+from .gen import BUILD_ROOT, ROOT, lint, verilog_for
 
 
 def _mac16():
@@ -42,7 +46,6 @@ def _soc(name):
         return SocTop(cfg, device_factory(cfg))
 
     def sources():
-        from .gen import verilog_for
         from .npu.systolic import PE_MODULE, ProcessingElement
         from .npu.vector import LANE_MODULE, VectorLane
         from .pim import device_sources
@@ -64,3 +67,40 @@ BLOCKS = {
     "soc_tiny": _soc("tiny"),
     "soc_default": _soc("default"),
 }
+
+
+def write_block(name: str) -> Path:
+    factory, sources = BLOCKS[name]
+    out = BUILD_ROOT / "verilog" / "blocks"
+    out.mkdir(parents=True, exist_ok=True)
+    path = verilog_for(factory, name, key=name)
+    files = [path] + [Path(s) for s in sources()]
+    target = out / f"{name}.v"
+    target.write_text("\n".join(f.read_text() for f in files))
+    return target
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write every major block as Verilog under build/verilog/blocks "
+                                                 "and lint it (verilator --lint-only -Wall + hw/verilog/lint_waivers.vlt)")
+    parser.add_argument("blocks", nargs="*", help=f"blocks (default all: {', '.join(BLOCKS)})")
+    parser.add_argument("--no-lint", action="store_true")
+    args = parser.parse_args(argv)
+    failed = 0
+    for name in args.blocks or BLOCKS:
+        target = write_block(name)
+        msg = f"{target.relative_to(ROOT)}  ({sum(1 for _ in target.open())} lines)"
+        if not args.no_lint:
+            warnings = lint(target, name)
+            msg += "  lint clean" if not warnings else f"  {len(warnings)} lint warnings"
+            if warnings:
+                failed += 1
+                print("\n".join(warnings[:20]), file=sys.stderr)
+        print(msg, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,11 +64,10 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from firmware.isa import INSTR_BITS, PAYLOAD_LO, PAYLOAD_WIDTH, UNITS_BITS, UNITS_LO, CpError, SocOp
-
 from .config import SystemConfig
 from .memif import MemPortSignature
-from .npu.isa import INSTRUCTION
+from .spec.matrix_isa import INSTRUCTION
+from .spec.soc_isa import INSTR_BITS, PAYLOAD_LO, PAYLOAD_WIDTH, UNITS_BITS, UNITS_LO, CpError, SocOp
 
 __all__ = ["CommandProcessor", "COUNTERS", "UNITS"]
 

@@ -1,6 +1,6 @@
 """PIM control unit (PCU): macro PIM commands in, a streamed micro-command program out.
 
-The PCU decodes the macro commands of :mod:`firmware.macro` (``WRITE_VEC``,
+The PCU decodes the macro commands of :mod:`hw.spec.macro` (``WRITE_VEC``,
 ``GEMV`` with optional bias and GELU, ``READ_RES``) into PIM micro commands
 for every channel's :class:`hw.memctrl.MemoryController` (which times them,
 strictly in order), with the same semantics as the functional model
@@ -69,21 +69,22 @@ from .config import SystemConfig
 from .memctrl import pim_command_layout, pim_response_layout
 from .memif import AddressMap
 from .pim.commands import PimOp
+from .spec.macro import FIELDS as MACRO_FIELDS
+from .spec.macro import MACRO_LIMITS, MacroError, MacroFlag, MacroOp
 
 __all__ = ["Pcu", "PcuSystem", "MacroLayout", "MACRO_LIMITS"]
 
-# Kept equal to firmware.macro.pcu_limits (checked by the tests).
-MACRO_LIMITS = {"input_values": 4096, "result_values": 4096}
+# The macro command's codes from its table (hw/spec/macro.py), as plain integers: Amaranth constants of
+# their natural width, not of the enum's.
+OP_NOP, OP_WRITE_VEC, OP_GEMV, OP_READ_RES = (int(MacroOp[n]) for n in ("NOP", "WRITE_VEC", "GEMV", "READ_RES"))
+F_BIAS, F_GELU, F_BF16 = (int(MacroFlag[n]) for n in ("BIAS", "GELU", "BF16"))
+(E_NONE, E_BAD_OPCODE, E_BAD_FLAGS, E_BAD_LENGTH, E_BAD_ADDRESS, E_BAD_REGION, E_NO_INPUT, E_NO_RESULT,
+ E_DEVICE_VIOLATION, E_RESERVED_NONZERO) = (int(MacroError[n]) for n in (
+    "NONE", "BAD_OPCODE", "BAD_FLAGS", "BAD_LENGTH", "BAD_ADDRESS", "BAD_REGION", "NO_INPUT", "NO_RESULT",
+    "DEVICE_VIOLATION", "RESERVED_NONZERO"))
 
-# MacroOp / MacroFlag / MacroError values (firmware/macro.py is the table; the tests check they agree).
-OP_NOP, OP_WRITE_VEC, OP_GEMV, OP_READ_RES = 0, 1, 2, 3
-F_BIAS, F_GELU, F_BF16 = 1, 2, 4
-E_NONE, E_BAD_OPCODE, E_BAD_FLAGS, E_BAD_LENGTH, E_BAD_ADDRESS, E_BAD_REGION, E_NO_INPUT, E_NO_RESULT = range(8)
-E_DEVICE_VIOLATION, E_RESERVED_NONZERO = 9, 10
-
-MacroLayout = data.StructLayout({
-    "op": 8, "flags": 8, "n": 16, "m": 16, "row": 16, "addr0": 32, "addr1": 32,
-})
+# The 128-bit macro command, field for field as the table lays it out (contiguous from bit 0, in order).
+MacroLayout = data.StructLayout({name: width for name, _, width in MACRO_FIELDS})
 
 
 class Pcu(wiring.Component):

@@ -8,7 +8,7 @@ status, the error code and performance counters, and reads and writes device
 memory through the AXI4 window.
 
 ``s_axil`` (AXI4-Lite, 32-bit data): the register map of
-:data:`firmware.macro.CSR_TABLE`. An unmapped offset, or a write to a
+:data:`hw.spec.macro.CSR_TABLE`. An unmapped offset, or a write to a
 read-only register, answers SLVERR. A doorbell with a full queue drops the
 command and sets ``QUEUE_OVERFLOW``.
 
@@ -31,41 +31,20 @@ from amaranth.lib.wiring import In, Out
 from .config import SystemConfig
 from .memif import AddressMap
 from .pcu import PcuSystem
+from .spec import macro as _macro
+from .spec.macro import GEOMETRY_FIELDS, geometry_fields, geometry_word  # noqa: F401  (re-exported)
 
 __all__ = ["ProtoTop", "PhyStub", "AxiLiteSignature", "AxiSignature", "geometry_word", "GEOMETRY_FIELDS"]
 
-# Kept equal to firmware.macro (the tests check it).
-QUEUE_DEPTH = 8
-DEVICE_ID = 0x1AA05001
-CSR_ID, CSR_CTRL, CSR_STATUS, CSR_ERROR = 0x00, 0x04, 0x08, 0x0C
-CSR_MACRO0, CSR_DOORBELL, CSR_QUEUE_LEVEL, CSR_COMPLETED, CSR_CYCLES, CSR_CH_BASE = 0x10, 0x20, 0x24, 0x28, 0x2C, 0x100
-CSR_GEOMETRY = 0x30
-# GEOMETRY register: (field, bit offset, width); log2 of the power-of-two sizes, af_rows as is.
-GEOMETRY_FIELDS = (("channels_log2", 0, 4), ("banks_log2", 4, 4), ("rows_log2", 8, 5), ("columns_log2", 13, 4),
-                   ("lanes_log2", 17, 4), ("af_rows", 21, 4), ("gb_columns_log2", 25, 4))
-
-
-def geometry_fields(p) -> dict:
-    """The GEOMETRY register's fields for a :class:`hw.config.PimGeometry`."""
-    return {"channels_log2": p.channels.bit_length() - 1, "banks_log2": p.banks.bit_length() - 1,
-            "rows_log2": p.rows.bit_length() - 1, "columns_log2": p.columns.bit_length() - 1,
-            "lanes_log2": p.lanes.bit_length() - 1, "af_rows": p.af_rows,
-            "gb_columns_log2": p.gb_columns.bit_length() - 1}
-
-
-def geometry_word(p) -> int:
-    """The read-only GEOMETRY register of a device with geometry ``p``: lets the host driver check at open that
-    the configuration it was given is the device's (channels, banks, rows, columns, lanes, AF rows, global
-    buffer)."""
-    word = 0
-    for name, lo, width in GEOMETRY_FIELDS:
-        v = geometry_fields(p)[name]
-        if not 0 <= v < 1 << width:
-            raise ValueError(f"GEOMETRY field {name} must fit in {width} bits, not {v}")
-        word |= v << lo
-    return word
-E_QUEUE_OVERFLOW = 8
-CH_COUNTERS = ("busy_cycles", "commands", "refreshes", "wait_cycles", "macs")   # at CH_BASE + 0x20*c + 4*i
+# The register map and the queue from the macro-command table (hw/spec/macro.py), as plain integers.
+QUEUE_DEPTH = _macro.QUEUE_DEPTH
+DEVICE_ID = _macro.DEVICE_ID
+CSR_ID, CSR_CTRL, CSR_STATUS, CSR_ERROR = (int(_macro.CSR[n]) for n in ("ID", "CTRL", "STATUS", "ERROR"))
+CSR_MACRO0, CSR_DOORBELL, CSR_QUEUE_LEVEL, CSR_COMPLETED, CSR_CYCLES, CSR_CH_BASE = (
+    int(_macro.CSR[n]) for n in ("MACRO0", "DOORBELL", "QUEUE_LEVEL", "COMPLETED", "CYCLES", "CH_BASE"))
+CSR_GEOMETRY = int(_macro.CSR.GEOMETRY)
+E_QUEUE_OVERFLOW = int(_macro.MacroError.QUEUE_OVERFLOW)
+CH_COUNTERS = tuple(_macro.CH_COUNTERS)     # names; offsets CH_BASE + 0x20*c + CH_COUNTERS[name] in the table
 
 
 class AxiLiteSignature(wiring.Signature):
@@ -160,8 +139,8 @@ class ProtoTop(wiring.Component):
             k = getattr(sysm, f"k{c}")
             st = getattr(sysm, f"s{c}")
             srcs = (k.busy, k.commands, k.refreshes, k.pim_wait, st.n_mac)
-            for i, src in enumerate(srcs):
-                counters[CSR_CH_BASE + 0x20 * c + 4 * i] = src
+            for name, src in zip(CH_COUNTERS, srcs, strict=True):
+                counters[CSR_CH_BASE + 0x20 * c + _macro.CH_COUNTERS[name]] = src
 
         # Write channel: take AW and W together, then B.
         bvalid, bresp = Signal(), Signal(2)

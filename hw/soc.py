@@ -70,13 +70,12 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from firmware.isa import CpError
-from firmware.soc_regs import CSR, REQUESTERS, SOC_ID, Ctrl, register_table
-
 from .config import SystemConfig
 from .cp import CommandProcessor
 from .memif import MemPortSignature
 from .proto import OKAY, SLVERR, AxiLiteSignature, AxiSignature
+from .spec.soc_isa import CpError
+from .spec.soc_regs import CSR, REQUESTERS, SOC_ID, Ctrl, register_table
 
 __all__ = ["SocTop", "AxiWindow"]
 

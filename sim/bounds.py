@@ -295,7 +295,7 @@ def program_traffic(ins, tags) -> dict:
     """External DRAM bytes per tag that a decoded program (:func:`sim.perfmodel.decode_program`) moves:
     matrix-unit LOAD / STORE, VLOAD / VSTORE and the PCU's input-vector, bias and result transfers
     (32-byte requests, as the DMA engines issue them); instruction fetches are not counted."""
-    from firmware.isa import SocOp
+    from hw.spec.soc_isa import SocOp
     from sim.perfmodel import F_BF16, F_BIAS, OP_GEMV, OP_READ_RES, OP_WRITE_VEC
 
     out = {}

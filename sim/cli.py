@@ -25,43 +25,12 @@ import sys
 import tempfile
 import time
 
+from sim.console import Quiet as _Quiet
+from sim.console import console as _console
+
 # (name, K, N, GELU in PIM)
 GPT2_SMALL_FC = [("QKV (c_attn)", 768, 2304, False), ("attn proj (c_proj)", 768, 768, False),
                  ("FC1 + GELU (mlp.c_fc)", 768, 3072, True), ("FC2 (mlp.c_proj)", 3072, 768, False)]
-
-
-class _Quiet:
-    """Send the simulator's and the compiler's stdout (and with ``stderr=True`` their stderr: Verilator's
-    warnings) to a log file (the CLI prints its own summary)."""
-
-    def __init__(self, log_path, stderr=False):
-        self.log_path = log_path
-        self.fds = (1, 2) if stderr else (1,)
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-        self.log = open(self.log_path, "w")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.saved = [os.dup(fd) for fd in self.fds]
-        for fd in self.fds:
-            os.dup2(self.log.fileno(), fd)
-        return self
-
-    def __exit__(self, *exc):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, saved in zip(self.fds, self.saved, strict=True):
-            os.dup2(saved, fd)
-            os.close(saved)
-        self.log.close()
-
-
-def _console():
-    from rich.console import Console
-
-    # Bound to this stdout: while simulations run, cocotb's runner prints go elsewhere (sim.run.run_rtl_jobs).
-    return Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
 def run_pim_gemvs(config: str, shapes, sim: str = "verilator", waves: bool = False, quiet: bool = True) -> dict:
@@ -320,8 +289,8 @@ def _usage_errors() -> tuple:
     from firmware.asm import AsmError
     from firmware.compiler import CompileError
     from firmware.gpt2 import WeightsError
-    from firmware.isa import IsaError
     from hw.config import ConfigError
+    from hw.spec.soc_isa import IsaError
     from sim.usage import UsageError
 
     return (UsageError, WeightsError, CompileError, ConfigError, AsmError, IsaError)

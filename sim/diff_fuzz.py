@@ -48,10 +48,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from firmware import isa
-from firmware.isa import SocOp, Unit
-from firmware.macro import Macro, MacroFlag, MacroOp
-from firmware.macro import encode as macro_encode
+from hw.spec import soc_isa as isa
+from hw.spec.macro import Macro, MacroFlag, MacroOp
+from hw.spec.macro import encode as macro_encode
+from hw.spec.soc_isa import SocOp, Unit
 
 __all__ = ["Case", "task_strategy", "case_strategy", "draw_specs", "build_case", "model_batch", "run_batch",
            "Mismatch", "CONFIG"]
@@ -197,7 +197,7 @@ class _Layout:
 
 
 def _bf16(rng, shape, scale=1.0):
-    from sim.golden import fp as G
+    from hw.spec import fp as G
 
     return G.bf16_bits(rng.standard_normal(shape) * scale).astype("<u2")
 
@@ -205,7 +205,7 @@ def _bf16(rng, shape, scale=1.0):
 def build_case(spec: dict, name: str = "case") -> Case:
     """Bytes and instruction words of a case spec (deterministic)."""
     from firmware.pim import GemvLayout
-    from hw.npu.vector import encode as vec_encode
+    from hw.spec.vector_isa import encode as vec_encode
     from sim.golden.vector import VectorModel
     from sim.tb.matrix_kernels import GemmSpec, Matrix, gemm_program, plan_tiles
 
@@ -388,7 +388,7 @@ def build_case(spec: dict, name: str = "case") -> Case:
 def _vector_fields(vm, op: dict, rng) -> dict | None:
     """A valid vector instruction for ``op`` (placed in the scratchpad's low half for its inputs and the
     upper half for its outputs), or None when the combination is not valid."""
-    from sim.golden import fp as G
+    from hw.spec import fp as G
 
     L, depth = vm.L, vm.depth
     name, n, rows = op["op"], op["n"], op["rows"]

@@ -72,7 +72,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from firmware import isa
 from firmware.compiler import (
     LayerCompiler,
     ProgramBuilder,
@@ -84,10 +83,11 @@ from firmware.compiler import (
     plan_memory,
 )
 from firmware.gpt2 import SHAPES, GptShape
-from firmware.isa import SocOp, Unit
 from firmware.pim import GemvLayout
 from hw.config import SystemConfig, preset
 from hw.npu.sram_pim import SramPimOp, SramPimUnit
+from hw.spec import soc_isa as isa
+from hw.spec.soc_isa import SocOp, Unit
 from sim.perfmodel import Calib, Memory, PerfModel, decode_program, micro_for
 
 __all__ = ["SramPimSystem", "HpimCapacityError", "HpimLayer", "Task", "schedule", "critical_path",

@@ -113,8 +113,8 @@ import numpy as np
 
 from firmware.compiler import LayerCompiler, ProgramBuilder, _bf16_words, _f32, _fp32_words, _up, plan_memory
 from firmware.gpt2 import GptShape
-from firmware.isa import Unit
 from hw.config import SystemConfig, preset
+from hw.spec.soc_isa import Unit
 from sim.perfmodel import PerfModel, decode_program, micro_for, stage_tags
 
 __all__ = ["MODELS", "BATCHES", "POLICIES", "NeuPimsCapacityError", "Seg", "segmented_gemv", "scores_segs", "pv_segs",

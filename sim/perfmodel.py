@@ -67,12 +67,12 @@ from dataclasses import dataclass, field
 
 from amaranth.lib import data as _adata
 
-from firmware import isa
-from firmware import macro as mcmod
-from firmware.isa import SocOp
 from hw.config import SystemConfig
-from hw.npu import isa as mu_isa
-from hw.npu import vector as vu
+from hw.spec import macro as mcmod
+from hw.spec import matrix_isa as mu_isa
+from hw.spec import soc_isa as isa
+from hw.spec import vector_isa as vu
+from hw.spec.soc_isa import SocOp
 
 __all__ = ["Calib", "Micro", "PerfModel", "ProgramResult", "decode_program", "micro_for", "stage_tags"]
 

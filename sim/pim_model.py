@@ -1,7 +1,7 @@
 """Fast functional model of the FPGA prototype (PCU + PIM memory), bit-exact with the RTL numerics.
 
 It implements the prototype's register map and macro commands
-(:mod:`firmware.macro`) over a byte image of device memory in the
+(:mod:`hw.spec.macro`) over a byte image of device memory in the
 Row-Channel-Bank-Column mapping, so the host driver (:mod:`firmware.driver`)
 runs the same code on it as on the RTL. GEMV numerics follow the PIM
 hardware exactly: per output, ``acc = bias``, then for every 16-value input
@@ -16,49 +16,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from firmware.macro import CSR, DEVICE_ID, QUEUE_DEPTH, MacroError, MacroFlag, MacroOp, decode, pcu_limits
+from firmware.memimage import MemoryImage
 from firmware.pim import GemvLayout, gemv_golden
 from hw.config import SystemConfig
-from hw.memif import AddressMap
-from sim.golden import fp as G
+from hw.spec import fp as G
+from hw.spec.macro import (
+    CSR,
+    DEVICE_ID,
+    QUEUE_DEPTH,
+    MacroError,
+    MacroFlag,
+    MacroOp,
+    decode,
+    geometry_word,
+    pcu_limits,
+)
 from sim.golden.pim import af_eval
 
-__all__ = ["FunctionalDevice", "MemoryImage"]
-
-
-class MemoryImage:
-    """Device memory as bytes, addressed like the AXI window (Row-Channel-Bank-Column)."""
-
-    def __init__(self, cfg: SystemConfig):
-        self.cfg = cfg
-        self.size = cfg.pim.total_bytes
-        if self.size > 1 << 30:
-            raise ValueError(f"the functional model holds device memory in RAM; {self.size} bytes is too much "
-                             f"for configuration {cfg.name!r}")
-        self.data = np.zeros(self.size, dtype=np.uint8)
-        self.amap = AddressMap(cfg.pim)
-
-    def check(self, addr: int, n: int, align: int = 1):
-        if addr < 0 or n < 0 or addr + n > self.size:
-            raise IndexError(f"access [{addr:#x}, {addr + n:#x}) outside device memory [0, {self.size:#x})")
-        if addr % align:
-            raise IndexError(f"address {addr:#x} not aligned to {align} bytes")
-
-    def write(self, addr: int, data: bytes):
-        self.check(addr, len(data))
-        self.data[addr:addr + len(data)] = np.frombuffer(bytes(data), dtype=np.uint8)
-
-    def read(self, addr: int, n: int) -> bytes:
-        self.check(addr, n)
-        return self.data[addr:addr + n].tobytes()
-
-    def rows(self, first_row: int, n_rows: int) -> np.ndarray:
-        """Rows as ``[n_rows, channels, banks, columns, lanes]`` BF16 (a view)."""
-        p = self.cfg.pim
-        start = self.amap.encode(first_row, 0, 0, 0)
-        per_row = p.channels * p.banks * p.row_bytes
-        return self.data[start:start + n_rows * per_row].view("<u2").reshape(
-            n_rows, p.channels, p.banks, p.columns, p.lanes)
+__all__ = ["FunctionalDevice", "MemoryImage"]      # MemoryImage: from firmware.memimage
 
 
 class FunctionalDevice:
@@ -94,8 +69,6 @@ class FunctionalDevice:
         if off == CSR.CYCLES:
             return self.completed & 0xFFFFFFFF
         if off == CSR.GEOMETRY:
-            from hw.proto import geometry_word
-
             return geometry_word(self.cfg.pim)
         if off >= CSR.CH_BASE:
             return 0

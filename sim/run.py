@@ -26,7 +26,9 @@ from firmware.gpt2 import (
     random_weights,
     reference_block,
 )
-from firmware.runtime import build_job, read_outputs, run_model
+from firmware.runtime import build_job, read_outputs
+from sim.presets import RTL_CONFIGS, is_tiny  # noqa: F401  (RTL_CONFIGS for ianus run --config)
+from sim.soc_model import run_job
 from sim.usage import UsageError, check_input_path, check_int, check_output_path, write_atomic
 
 __all__ = ["soc_config", "prepare", "run_backend", "run_rtl_jobs", "main_run", "TINY_SHAPE", "DEFAULT_SHAPE",
@@ -35,15 +37,6 @@ __all__ = ["soc_config", "prepare", "run_backend", "run_rtl_jobs", "main_run", "
 
 TINY_SHAPE = GptShape(32, 2, 1)
 DEFAULT_SHAPE = GptShape(768, 12, 1)
-
-
-RTL_CONFIGS = ["tiny", "default", "tiny-dualrb", "default-dualrb"]
-"""Configurations the SoC RTL is built for (``ianus run --config``)."""
-
-
-def is_tiny(name: str) -> bool:
-    """``tiny`` or one of its variants (``tiny-dualrb``): the tiny GPT shape and the SoC's 64 rows."""
-    return name == "tiny" or name.startswith("tiny-")
 
 
 def soc_config(name: str):
@@ -173,7 +166,7 @@ def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weig
 def run_backend(job, backend="model", waves=False, test_name=None, progress=None):
     """Run ``job``; returns (outputs [T, d] float32, per-program results list, functional model or None)."""
     if backend == "model":
-        m = run_model(job, progress)
+        m = run_job(job, progress)
         return read_outputs(job.compiled, m.read), job.results, m
     (out, results), = run_rtl_jobs([(job, test_name, progress)], backend, waves)
     return out, results, None
@@ -189,7 +182,7 @@ def run_rtl_jobs(entries, backend="verilator", waves=False):
     import contextlib
 
     from sim.build import BUILD_ROOT
-    from sim.cli import _Quiet
+    from sim.console import Quiet as _Quiet
     from sim.tb.soc_run import run_rtl, soc_sim_build
 
     logs = BUILD_ROOT / "logs"
@@ -427,7 +420,7 @@ def report_rates(job, wall: float, console) -> dict:
 def main_run(args) -> int:
     from rich.progress import Progress
 
-    from sim.cli import _console
+    from sim.console import console as _console
 
     validate_args(args)
     console = _console()

@@ -1,4 +1,4 @@
-"""Functional model of the SoC: runs compiled programs (:mod:`firmware.isa`) bit-exactly, fast.
+"""Functional model of the SoC: runs compiled programs (:mod:`hw.spec.soc_isa`) bit-exactly, fast.
 
 The command processor's program is executed in order, one instruction at a
 time, over one byte image of device memory shared by
@@ -12,7 +12,7 @@ time, over one byte image of device memory shared by
 FENCEs are no-ops here (execution is sequential); a program whose
 dependencies (FENCEs, matrix-unit tokens) are right gives the same memory on
 the RTL, where the units overlap. Errors stop the program with the same codes
-as the RTL command processor (:class:`firmware.isa.CpError` plus the unit's
+as the RTL command processor (:class:`hw.spec.soc_isa.CpError` plus the unit's
 own code). Timing is not modelled here (see ``firmware/costmodel.py``).
 """
 
@@ -22,24 +22,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from firmware import isa
-from firmware.isa import CpError, SocOp, VqError
-from firmware.macro import MacroError
-from firmware.macro import decode as macro_decode
+from firmware.runtime import Job, run_model
 from hw.config import SystemConfig
-from hw.npu.isa import ErrorCode
+from hw.spec import soc_isa as isa
+from hw.spec.macro import MacroError
+from hw.spec.macro import decode as macro_decode
+from hw.spec.matrix_isa import ErrorCode
+from hw.spec.soc_isa import CpError, SocOp, VqError
 from sim.golden.matrix import MatrixModel
 from sim.golden.vector import VectorModel
 from sim.pim_model import FunctionalDevice
 
-__all__ = ["SocModel", "RunResult", "vector_fields"]
+__all__ = ["SocModel", "RunResult", "vector_fields", "run_job"]
 
 
 def vector_fields(word: int) -> dict:
     """The fields of a VectorInstr word as the golden model wants them (ints)."""
     from amaranth.lib import data
 
-    from hw.npu.vector import VectorInstr
+    from hw.spec.vector_isa import VectorInstr
 
     layout = data.Layout.cast(VectorInstr)
     out = {}
@@ -138,3 +139,9 @@ class SocModel:
                 return res
         res.error, res.error_pc = CpError.ILLEGAL, prog_len
         return res
+
+
+def run_job(job: Job, progress=None) -> SocModel:
+    """Run every program of a runtime job (:func:`firmware.runtime.build_job`) on a new :class:`SocModel`;
+    returns the model (its memory holds the results)."""
+    return run_model(job, SocModel(job.compiled.cfg), progress)

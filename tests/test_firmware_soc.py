@@ -18,10 +18,10 @@ from firmware.asm import AsmError, assemble, disassemble
 from firmware.compiler import CompileError, compile_model, plan_memory
 from firmware.gpt2 import GptShape, WeightsError, load_weights, random_weights, reference_block, save_npz
 from firmware.isa import CpError, SocOp
-from firmware.runtime import build_job, read_outputs, run_model
+from firmware.runtime import build_job, read_outputs
 from hw.config import preset
 from sim.run import reference, soc_config
-from sim.soc_model import SocModel
+from sim.soc_model import SocModel, run_job
 
 CFG = soc_config("tiny")
 SHAPE = GptShape(32, 2, 1)
@@ -34,7 +34,7 @@ def _run(policy, prefill, total, layers=1, seed=0):
     x = np.random.default_rng(seed + 1).standard_normal((total, shape.d_model)).astype(np.float32)
     cm = compile_model(CFG, shape, policy, prefill, total)
     job = build_job(cm, w, x)
-    m = run_model(job)
+    m = run_job(job)
     return cm, read_outputs(cm, m.read), x, w, m
 
 

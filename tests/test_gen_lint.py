@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from hw.gen import LINT_WAIVERS, lint, write_block
+from hw.blocks import write_block
+from hw.gen import LINT_WAIVERS, lint
 
 
 @pytest.mark.parametrize("block", ["mac16", "matrix_unit_tiny", "vector_unit_tiny", "pim_device_tiny", "soc_tiny"])

@@ -10,8 +10,9 @@ generation step must beat ``naive`` and ``npu-mem``.
 import numpy as np
 import pytest
 
-from firmware.runtime import Job, read_outputs, run_model
+from firmware.runtime import Job, read_outputs
 from sim.run import prepare, reference
+from sim.soc_model import run_job
 from sim.tb.soc_run import run_rtl
 
 MU_BOUND, PIM_BOUND = 0.01, 0.10
@@ -20,7 +21,7 @@ MU_BOUND, PIM_BOUND = 0.01, 0.10
 def _rtl_vs_model(config, policy, prefill, generate, layers=1, name=None, sim="verilator"):
     cm, job, x, ws = prepare(config, policy, layers, prefill, generate)
     out, res = run_rtl(job, sim=sim, test_name=name or f"e2e_{policy}_{config}")
-    m = run_model(Job(job.compiled, job.image, job.programs))
+    m = run_job(Job(job.compiled, job.image, job.programs))
     want = read_outputs(cm, m.read)
     bad = np.flatnonzero(out.view(np.uint32) != want.view(np.uint32))
     assert bad.size == 0, f"{policy}: RTL and model outputs differ at {bad.size} elements, first {bad[:8]}"

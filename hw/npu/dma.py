@@ -37,7 +37,7 @@ from amaranth.lib.wiring import In, Out
 from ..arith import fp32_to_bf16
 from ..config import SystemConfig
 from ..memif import MemPortSignature
-from .isa import INSTRUCTION, N_SEMAPHORES, ErrorCode, Target
+from ..spec.matrix_isa import INSTRUCTION, N_SEMAPHORES, ErrorCode, Target
 from .spm import SpmReadSignature, SpmWriteSignature
 
 __all__ = ["DmaLoad", "DmaStore", "MemArbiter", "COLUMN_BYTES"]

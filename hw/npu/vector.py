@@ -23,9 +23,10 @@ ports and one write port of ``L x 32`` bits fits (or two banks).
 
 Instruction set
 ---------------
-One table, :data:`ISA_TABLE`, names every opcode with its code, the fields it
-uses and its meaning; :class:`Opcode` is generated from it, and the golden
-model, the testbenches and a later assembler read the same table.
+One table, :data:`hw.spec.vector_isa.ISA_TABLE` (re-exported here), names
+every opcode with its code, the fields it uses and its meaning; :class:`Opcode`
+is generated from it, and the golden model, the testbenches, the assembler and
+the compiler read the same table.
 
 Numerics: every loaded value is canonicalised (subnormals flushed, NaN made
 ``0x7FC00000``); arithmetic as in :mod:`hw.arith` and :mod:`hw.npu.fp32ext`;
@@ -64,7 +65,6 @@ an instruction with an error touches no memory and finishes at once with
 ``done`` and the error code.
 """
 
-import types
 from collections import namedtuple
 
 from amaranth.hdl import Cat, ClockSignal, Const, DomainRenamer, Instance, Module, Mux, ResetSignal, Signal
@@ -73,6 +73,19 @@ from amaranth.lib.wiring import In, Out
 
 from ..arith import AdderTree, fp32_add_align, fp32_add_round
 from ..clockgate import gated_domain
+from ..spec.vector_isa import (  # noqa: F401  (the instruction set: used here and re-exported)
+    ADDR_BITS,
+    ISA_TABLE,
+    OPSPEC,
+    BMode,
+    Fmt,
+    MaskMode,
+    Opcode,
+    OpSpec,
+    VecError,
+    VectorInstr,
+    encode,
+)
 from . import vector_tables as T
 from .fp32ext import (
     Func,
@@ -93,75 +106,6 @@ __all__ = [
     "VectorUnit", "VectorTop", "LANE_MODULE", "lane_verilog",
 ]
 
-ADDR_BITS = 24
-"""Width of the word-address fields of an instruction."""
-
-OpSpec = namedtuple("OpSpec", "name code fields meaning")
-
-ISA_TABLE = (
-    OpSpec("ADD", 0, "a b d n rows a_fmt b_fmt d_fmt b_mode",
-           "D = A + B; B per element (ROW), one row for all rows (VEC), one element per row (COL) or imm0 (IMM)"),
-    OpSpec("MUL", 1, "a b d n rows a_fmt b_fmt d_fmt b_mode", "D = A * B; B as for ADD"),
-    OpSpec("SCALE", 2, "a d n rows a_fmt d_fmt imm0 imm1", "D = A * imm0 + imm1 (imm1 = -0.0 for a pure scale)"),
-    OpSpec("COPY", 3, "a d n rows a_fmt d_fmt", "D = A (format conversion)"),
-    OpSpec("EXP", 4, "a d n rows a_fmt d_fmt", "D = exp(A) = exp2(A * log2(e))"),
-    OpSpec("RECIP", 5, "a d n rows a_fmt d_fmt", "D = 1 / A"),
-    OpSpec("RSQRT", 6, "a d n rows a_fmt d_fmt", "D = 1 / sqrt(A)"),
-    OpSpec("GELU", 7, "a d n rows a_fmt d_fmt", "D = gelu(A), tanh form"),
-    OpSpec("MAX", 8, "a d n rows a_fmt d_fmt", "D[r] = max of row r of A (one element per row)"),
-    OpSpec("SUM", 9, "a d n rows a_fmt d_fmt", "D[r] = sum of row r of A (lane tree, then beats in order)"),
-    OpSpec("LN_STATS", 10, "a d n rows a_fmt imm0 imm1",
-           "layernorm phase 1: D[2r] = mean = sum(A_r) * imm0, D[2r+1] = rsqrt(sum((A_r - mean)^2) * imm0 + imm1); "
-           "imm0 = 1/n, imm1 = eps; D is FP32"),
-    OpSpec("LN_APPLY", 11, "a b d aux n rows a_fmt d_fmt",
-           "layernorm phase 2: D = ((A - mean_r) * rstd_r) * gamma + beta; stats (mean, rstd) FP32 pairs at aux, "
-           "B = one row of 32-bit slots, gamma in the low and beta in the high BF16 half"),
-    OpSpec("SOFTMAX", 12, "a d aux pos n rows a_fmt d_fmt mask",
-           "masked softmax of each row: max over visible elements, e = exp(A - max), D = e * recip(sum e); "
-           "masked elements give 0; a row with no visible element (or max -inf) gives all 0. mask BITMAP: "
-           "bit j of row r at aux (1 = visible), rows of ceil(n / 32L) words; CAUSAL: visible iff j <= r + pos"),
-    OpSpec("KV_APPEND", 13, "a d n rows pos imm0 a_fmt d_fmt",
-           "KV cache append: row r of A -> cache row pos + r at D (same pitch as D rows); imm0 = capacity in rows; "
-           "pos + rows > capacity is KV_OVERFLOW"),
-)
-
-Opcode = types.new_class("Opcode", (enum.Enum,), {"shape": 5},
-                         lambda ns: [ns.__setitem__(op.name, op.code) for op in ISA_TABLE])
-Opcode.__doc__ = "Vector unit opcodes, generated from :data:`ISA_TABLE`."
-OPSPEC = {Opcode[op.name]: op for op in ISA_TABLE}
-
-
-class Fmt(enum.Enum, shape=1):
-    """Element format of an operand in the scratchpad."""
-    FP32 = 0
-    BF16 = 1
-
-
-class BMode(enum.Enum, shape=2):
-    """How operand B of ADD and MUL is broadcast."""
-    ROW = 0      # B has the same shape as A
-    VEC = 1      # one row of B, used for every row (bias, gamma)
-    COL = 2      # one element of B per row of A
-    IMM = 3      # imm0 for every element
-
-
-class MaskMode(enum.Enum, shape=2):
-    """Mask of SOFTMAX."""
-    NONE = 0
-    BITMAP = 1
-    CAUSAL = 2
-
-
-class VecError(enum.Enum, shape=3):
-    """Error code of the last finished instruction."""
-    NONE = 0
-    BAD_OPCODE = 1
-    BAD_LENGTH = 2      # n == 0, n > max_n or rows == 0
-    BAD_ADDRESS = 3     # an operand region ends beyond the scratchpad
-    BAD_MODE = 4        # mask on an op without one, reserved mask mode, LN_STATS to BF16
-    KV_OVERFLOW = 5     # pos + rows > capacity
-
-
 class Phase(enum.Enum, shape=3):
     """Pass of a multi-pass instruction a beat belongs to."""
     MAIN = 0
@@ -169,46 +113,6 @@ class Phase(enum.Enum, shape=3):
     PASS2 = 2
     FIN2 = 3
     PASS3 = 4
-
-
-class VectorInstr(data.Struct):
-    """One vector instruction (fields per opcode in :data:`ISA_TABLE`)."""
-    op: Opcode
-    a_fmt: Fmt
-    b_fmt: Fmt
-    d_fmt: Fmt
-    b_mode: BMode
-    mask: MaskMode
-    a: ADDR_BITS
-    b: ADDR_BITS
-    d: ADDR_BITS
-    aux: ADDR_BITS
-    n: 16
-    rows: 16
-    pos: 16
-    imm0: 32
-    imm1: 32
-
-
-def encode(**fields) -> int:
-    """The instruction word (an int) of ``fields``; missing fields are 0, enums may be given by name.
-
-    An integer that is not a member of its field's enum (an undefined opcode or
-    mask mode, to test the error path) is placed as raw bits.
-    """
-    layout = data.Layout.cast(VectorInstr)
-    enums = {"op": Opcode, "a_fmt": Fmt, "b_fmt": Fmt, "d_fmt": Fmt, "b_mode": BMode, "mask": MaskMode}
-    conv, raw = {}, 0
-    for name, value in fields.items():
-        kind = enums.get(name)
-        if kind is not None and isinstance(value, str):
-            value = kind[value]
-        elif kind is not None and not isinstance(value, kind) and value not in {e.value for e in kind}:
-            field = layout[name]
-            raw |= (int(value) & ((1 << field.width) - 1)) << field.offset
-            continue
-        conv[name] = value
-    return VectorInstr.const(conv).as_value().value | raw
 
 
 # -- micro-program: stage settings per (opcode, phase) --------------------------------------

@@ -89,10 +89,9 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from firmware.isa import PAYLOAD_LO, VDMA_FIELDS, SocOp, VqError
-
 from ..config import SystemConfig
 from ..memif import MemPortSignature
+from ..spec.soc_isa import PAYLOAD_LO, VDMA_FIELDS, SocOp, VqError
 from .vector import VectorUnit, WritePortSignature
 
 __all__ = ["COUNTERS", "COLUMN_BYTES", "SEQ_BITS", "VectorDma", "VectorQueue", "VectorQueueSystem"]

@@ -20,8 +20,9 @@ import time
 
 import numpy as np
 
-from firmware.runtime import read_outputs, run_model
+from firmware.runtime import read_outputs
 from sim.run import prepare, run_backend
+from sim.soc_model import run_job
 
 
 def _build(fp_impl: str):
@@ -51,7 +52,7 @@ def _run(config, layers, prefill, gen, fp_impl, name):
 
 def _model_outputs(cm, layers, prefill, gen):
     _, mjob, _, _ = prepare("default", "ianus", layers, prefill, gen)
-    m = run_model(mjob)
+    m = run_job(mjob)
     return read_outputs(cm, m.read)
 
 

@@ -19,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-from sim.golden import fp as G
+from hw.spec import fp as G
 from sim.golden.vector import BF16, FP32, ROW, VEC, Program
 
 D_MODEL = 768
@@ -34,7 +34,7 @@ def _f(x):
 
 def gpt2_program(lanes=16, depth=4096, seed=0, ln_rows=16, seqs=(1, 7, 64, 128), gelu_rows=2, hostile=False):
     """A Program with GPT-2-small-sized vector instructions; returns (program, regions)."""
-    from hw.npu.vector import Opcode as O
+    from hw.spec.vector_isa import Opcode as O
 
     rng = np.random.default_rng(seed)
     p = Program(lanes, depth)

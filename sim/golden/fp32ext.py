@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from hw.npu import vector_tables as T
-from sim.golden import fp as G
+from hw.spec import fp as G
 
 __all__ = ["mul_f32", "max_f32", "load_bf16", "load_f32", "store_bf16", "exp2", "recip", "rsqrt",
            "gelu", "exp", "NEG_INF", "POS_INF", "NEG_ZERO"]

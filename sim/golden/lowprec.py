@@ -39,7 +39,7 @@ import math
 import numpy as np
 
 from firmware.quant import Fp8Acts, QuantWeights
-from sim.golden import fp as G
+from hw.spec import fp as G
 
 __all__ = ["mul_f32", "gemv", "gemv_steps", "gemv_f32", "reference_f64", "error_bound"]
 

@@ -47,7 +47,7 @@ import ml_dtypes
 import numpy as np
 
 from firmware.quant import code_values
-from sim.golden import fp as G
+from hw.spec import fp as G
 
 __all__ = ["QNAN", "WEIGHT_FORMATS", "ACT_FORMATS", "SCALE_FORMATS", "lanes_for", "round_f32", "scale_value",
            "weight_values", "act_values", "unit_acc", "gemv_unit", "reference_f64", "error_bound"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hw.npu.isa import ErrorCode, Opcode, Target, decode
+from hw.spec.matrix_isa import ErrorCode, Opcode, Target, decode
 from sim.golden.gemm import gemm, to_bf16
 
 __all__ = ["MatrixModel"]

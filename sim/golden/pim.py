@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from hw.config import SystemConfig
-from sim.golden import fp as G
+from hw.spec import fp as G
 
 
 class PimChannelModel:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.golden import fp as G
+from hw.spec import fp as G
 
 __all__ = ["SramPimModel", "SramPimCommandError", "check_command", "dot_error_bound"]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from firmware.isa import VDMA_FIELDS, VqError
+from hw.spec.soc_isa import VDMA_FIELDS, VqError
 
 __all__ = ["COLUMN", "check", "vload", "vstore", "columns"]
 

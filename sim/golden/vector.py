@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hw.npu.vector import ISA_TABLE, VecError
-from sim.golden import fp as G
+from hw.spec import fp as G
+from hw.spec.vector_isa import ISA_TABLE, VecError
 from sim.golden import fp32ext as X
 
 __all__ = ["VectorModel", "row_sum", "row_max", "ERR"]
@@ -301,7 +301,7 @@ class Program:
         return self.put_elems(packed, FP32)
 
     def add(self, name: str | None = None, **fields) -> int:
-        from hw.npu.vector import encode
+        from hw.spec.vector_isa import encode
 
         if self.init is None:
             self.init = self.model.mem.copy()

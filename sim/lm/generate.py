@@ -151,7 +151,7 @@ def generate_rtl(lm: Lm, prompt: bytes, n_tokens: int, temperature: float = 0.0,
     import shutil
 
     from sim.build import BUILD_ROOT
-    from sim.cli import _Quiet
+    from sim.console import Quiet as _Quiet
     from sim.tb.soc_run import soc_sim_build, write_image_backdoor
 
     dp = dp or plan(lm, prompt, n_tokens, config, policy)

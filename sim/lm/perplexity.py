@@ -48,13 +48,14 @@ def windows(tokens: np.ndarray, n: int, length: int) -> list[np.ndarray]:
 def soc_logits(lm: Lm, tokens, config: str = "default", policy: str = "ianus") -> np.ndarray:
     """float64 logits ``[T, vocab]`` with the decoder layers prefilled on the SoC's functional model."""
     from firmware.compiler import compile_model
-    from firmware.runtime import build_job, read_outputs, run_model
+    from firmware.runtime import build_job, read_outputs
     from sim.run import soc_config
+    from sim.soc_model import run_job
 
     T = len(tokens)
     cm = compile_model(soc_config(config), lm.cfg.shape, policy, T, T)
     job = build_job(cm, lm.layers, lm.host.embed(tokens))
-    m = run_model(job)
+    m = run_job(job)
     return lm.host.logits(read_outputs(cm, m.read))
 
 

@@ -85,7 +85,7 @@ class QuantizedModel:
             x = act.dequantize().astype(np.float32) if self.fmt.acts == "fp8_e4m3" else act
             return (x @ W + b).astype(np.float32)
         if self.fmt.acts != "fp8_e4m3":
-            from sim.golden import fp as G
+            from hw.spec import fp as G
             act = G.bf16_bits(act)
         return lowprec.gemv_f32(W, act, b)
 

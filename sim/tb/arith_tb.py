@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from cocotb.triggers import FallingEdge
 
-from sim.golden import fp as G
+from hw.spec import fp as G
 from sim.golden.operands import bf16_pairs, fp32_pairs
 from sim.tb.common import Stopwatch, env_int, pack, start, tb_test, unpack, write_metrics
 

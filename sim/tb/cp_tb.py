@@ -23,8 +23,8 @@ from pathlib import Path
 import cocotb
 from cocotb.triggers import FallingEdge, ReadOnly
 
-from firmware.isa import INSTR_BYTES, CpError, IsaError, SocOp, decode, encode
 from hw.config import preset
+from hw.spec.soc_isa import INSTR_BYTES, CpError, IsaError, SocOp, decode, encode
 from sim.tb.common import env_int, env_str, start, tb_test, write_metrics
 
 UNITS = ("mu", "vq", "pcu")

@@ -22,8 +22,8 @@ from pathlib import Path
 import cocotb
 from cocotb.triggers import Edge, First, RisingEdge, Timer, with_timeout
 
-from firmware import isa
-from firmware.soc_regs import CSR, SOC_ID, Ctrl, Status
+from hw.spec import soc_isa as isa
+from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, Status
 from sim.tb.common import tb_test
 from sim.tb.soc_job_tb import PERIOD_NS, Host
 

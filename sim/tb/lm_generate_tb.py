@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from cocotb.triggers import Edge, FallingEdge, First, RisingEdge, Timer
 
-from firmware.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
+from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
 from sim.tb.common import tb_test
 from sim.tb.soc_job_tb import PERIOD_NS, Host, load_backdoor
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hw.npu.isa import Opcode, Target, encode
+from hw.spec.matrix_isa import Opcode, Target, encode
 
 __all__ = ["check_f64", "gpt2_case", "run_gpt2", "GPT2_GEMMS", "MemImage", "Matrix", "GemmSpec", "plan_tiles", "gemm_program", "Segment", "write_run", "read_dump",
            "extract", "utilization", "system_build", "run_segments"]
@@ -294,7 +294,7 @@ def run_segments(sb, run_dir: Path, image: MemImage, segments: list[Segment], du
 
 def check_f64(a, w, got_bits, rows, what=""):
     """Result against float64 within the bound stated in ``sim/golden/gemm.py``; (max abs, max rel) error."""
-    from sim.golden import fp as G
+    from hw.spec import fp as G
     from sim.golden.gemm import error_bound, gemm_f64
 
     exact, abs_sum = gemm_f64(a, w)
@@ -313,7 +313,7 @@ GPT2_GEMMS = ("qkv", "proj", "fc1", "fc2", "qk", "sv")
 
 def gpt2_case(img, rng, L, which):
     """(a, w, spec) for one GPT-2 small prefill GEMM with sequence length L."""
-    from sim.golden import fp as G
+    from hw.spec import fp as G
 
     if which in FC_SHAPES:
         K, N = FC_SHAPES[which]
@@ -343,7 +343,7 @@ def run_gpt2(L, names, run_name, cfg_name="default", test_name=None):
     cycles of the segment, DMA included.
     """
     from hw.config import preset
-    from hw.npu.isa import ErrorCode
+    from hw.spec.matrix_isa import ErrorCode
     from sim.build import BUILD_ROOT
     from sim.golden.gemm import gemm, to_bf16
 

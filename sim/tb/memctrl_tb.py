@@ -25,7 +25,7 @@ from firmware.pim import GemvLayout, amortized_cycles, gemv_golden, gemv_program
 from hw.config import preset
 from hw.memctrl import COUNTERS, pim_command_layout, pim_response_layout
 from hw.memif import AddressMap, request_layout, response_layout
-from sim.golden import fp as G
+from hw.spec import fp as G
 from sim.golden.pim import PimChannelModel
 from sim.pim_checker import OPCODES, OPNAMES, ProtocolChecker
 from sim.pim_sequencer import gemv_resolver

@@ -25,12 +25,12 @@ import numpy as np
 from cocotb.triggers import FallingEdge
 
 from firmware import driver as D
-from firmware.macro import Macro, MacroError, MacroFlag, MacroOp
 from firmware.pim import amortized_cycles, gemv_lower_bound
 from hw.config import preset
 from hw.memif import AddressMap, request_layout, response_layout
 from hw.pcu import MacroLayout
-from sim.golden import fp as G
+from hw.spec import fp as G
+from hw.spec.macro import Macro, MacroError, MacroFlag, MacroOp
 from sim.pim_checker import OPNAMES, BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.pim_sequencer import write_backdoor

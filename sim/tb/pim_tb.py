@@ -25,7 +25,7 @@ from firmware.pim import (
     gemv_program,
 )
 from hw.config import preset
-from sim.golden import fp as G
+from hw.spec import fp as G
 from sim.golden.pim import PimChannelModel, af_eval
 from sim.pim_sequencer import PimDriver, Scheduler, gemv_resolver, write_backdoor
 from sim.tb.common import env_int, env_str, tb_test, write_metrics

@@ -11,9 +11,9 @@ import numpy as np
 from cocotb.triggers import FallingEdge
 
 from firmware import driver as D
-from firmware.macro import CSR, Macro, MacroOp
 from hw.config import preset
-from sim.golden import fp as G
+from hw.spec import fp as G
+from hw.spec.macro import CSR, Macro, MacroOp
 from sim.pim_checker import BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.tb.common import env_int, env_str, start, tb_test, write_metrics

@@ -18,7 +18,7 @@ from pathlib import Path
 import cocotb
 from cocotb.triggers import Edge, FallingEdge, First, RisingEdge, Timer
 
-from firmware.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
+from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
 from sim.tb.common import tb_test
 
 PERIOD_NS = 10

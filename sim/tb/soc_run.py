@@ -31,7 +31,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from sim.build import BUILD_ROOT
-from sim.run import is_tiny
+from sim.presets import is_tiny
 
 __all__ = ["SocSim", "soc_sim_build", "run_rtl", "write_image_backdoor", "SOC_CXX_OPT"]
 

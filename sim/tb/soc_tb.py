@@ -16,17 +16,17 @@ import cocotb
 import numpy as np
 from cocotb.triggers import FallingEdge, with_timeout
 
-from firmware import isa
-from firmware.isa import CpError, SocOp, Unit, VqError
-from firmware.macro import Macro, MacroError, MacroFlag, MacroOp
-from firmware.macro import encode as macro_encode
 from firmware.pim import GemvLayout, af_lut_row
 from firmware.soc_regs import CSR, SOC_ID, Ctrl, Status, read_counters, register_table, summary
 from hw.config import preset
 from hw.memif import AddressMap
-from hw.npu.isa import ErrorCode, Opcode, Target
-from hw.npu.isa import encode as mu_encode
-from sim.golden import fp as G
+from hw.spec import fp as G
+from hw.spec import soc_isa as isa
+from hw.spec.macro import Macro, MacroError, MacroFlag, MacroOp
+from hw.spec.macro import encode as macro_encode
+from hw.spec.matrix_isa import ErrorCode, Opcode, Target
+from hw.spec.matrix_isa import encode as mu_encode
+from hw.spec.soc_isa import CpError, SocOp, Unit, VqError
 from sim.golden.gemm import gemm, to_bf16
 from sim.golden.vector import VectorModel
 from sim.pim_checker import BusMonitor
@@ -45,13 +45,13 @@ def _cfg():
 def vector_fields(word: int) -> dict:
     from amaranth.lib import data
 
-    from hw.npu.vector import VectorInstr
+    from hw.spec.vector_isa import VectorInstr
 
     return {name: (word >> f.offset) & ((1 << f.width) - 1) for name, f in data.Layout.cast(VectorInstr)}
 
 
 def vector_word(**fields) -> int:
-    from hw.npu.vector import encode
+    from hw.spec.vector_isa import encode
 
     return encode(**fields)
 

@@ -1,0 +1,12 @@
+"""The configurations the SoC RTL is built for, and which of them are tiny (shared by :mod:`sim.run` and the
+RTL runner :mod:`sim.tb.soc_run`, which must not import each other)."""
+
+__all__ = ["RTL_CONFIGS", "is_tiny"]
+
+RTL_CONFIGS = ["tiny", "default", "tiny-dualrb", "default-dualrb"]
+"""Configurations the SoC RTL is built for (``ianus run --config``)."""
+
+
+def is_tiny(name: str) -> bool:
+    """``tiny`` or one of its variants (``tiny-dualrb``): the tiny GPT shape and the SoC's 64 rows."""
+    return name == "tiny" or name.startswith("tiny-")
