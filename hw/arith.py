@@ -13,7 +13,7 @@ Numerics (the contract of ARCHITECTURE.md section 4, decided here once):
   quiet NaN ``0x7FC00000``.
 * **Exact cancellation** ``x + (-x)`` gives ``+0``; ``(-0) + (-0)`` gives ``-0``.
 
-``sim/golden/fp.py`` is the independent numpy model of the same rules.
+``hw/spec/fp.py`` is the independent numpy model of the same rules.
 
 Every block exposes its ``latency`` in cycles; data enters on one cycle and the
 result is on the output ``latency`` cycles later. The blocks have no stall:

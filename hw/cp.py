@@ -1,6 +1,6 @@
 """The command processor (CP): fetches a program of SoC instructions and dispatches it to the units.
 
-The program format is :mod:`firmware.isa` (one 256-bit instruction per 32-byte
+The program format is :mod:`hw.spec.soc_isa` (one 256-bit instruction per 32-byte
 column of device memory). The CP decodes each instruction's ``op`` and, in
 program order, pushes the payload to the unit's queue (MATRIX -> matrix unit,
 VECTOR/VLOAD/VSTORE -> vector queue with the whole 256-bit word, PIM -> PCU),
@@ -31,7 +31,7 @@ handed to it in the previous cycle (a unit raises ``busy`` the cycle after it
 accepts an instruction). END also needs the units idle in the previous
 cycle, so that an error raised as a unit goes idle is reported, not ``done``.
 
-Errors (``error``: :class:`firmware.isa.CpError` in bits 0..7, the unit's own
+Errors (``error``: :class:`hw.spec.soc_isa.CpError` in bits 0..7, the unit's own
 code in bits 8..15; the first error is kept until ``clear``):
 
 * ``BAD_PROGRAM``: start with ``prog_addr`` not a multiple of 32, ``prog_len``
@@ -40,7 +40,7 @@ code in bits 8..15; the first error is kept until ``clear``):
 * ``FETCH``: the fetch of the head instruction was answered with ``error``;
 * ``ILLEGAL``: reserved op code, a non-zero reserved header bit, payload bits
   set beyond the op's payload width or a non-zero END payload (exactly what
-  :func:`firmware.isa.decode` rejects; it ignores a FENCE's bits 32 and up),
+  :func:`hw.spec.soc_isa.decode` rejects; it ignores a FENCE's bits 32 and up),
   or the program ran past ``prog_len`` instructions without an END
   (``error_pc = prog_len``);
 * ``MU`` / ``VQ`` / ``PCU``: the unit's error input is non-zero (checked every
@@ -115,7 +115,7 @@ class CommandProcessor(wiring.Component):
     clear : In(1)
         Clears ``error`` and ``error_pc`` and aborts a running program.
     reset_counters : In(1)
-    mu : Out(stream.Signature(hw.npu.isa.INSTRUCTION)), mu_busy : In(1), mu_error : In(4)
+    mu : Out(stream.Signature(hw.spec.matrix_isa.INSTRUCTION)), mu_busy : In(1), mu_error : In(4)
     vq : Out(stream.Signature(256)), vq_busy : In(1), vq_error : In(8)
     pcu : Out(stream.Signature(128)), pcu_busy : In(1), pcu_error : In(8)
     counters : Out(COUNTERS)
@@ -224,7 +224,7 @@ class CommandProcessor(wiring.Component):
             with m.Case(SocOp.END):
                 m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload != 0))
             with m.Case(SocOp.FENCE):
-                # Bits 32 and up of a FENCE are ignored, as firmware.isa.decode does.
+                # Bits 32 and up of a FENCE are ignored, as hw.spec.soc_isa.decode does.
                 m.d.comb += illegal.eq(hdr_bad)
             for sop, width in PAYLOAD_WIDTH.items():
                 with m.Case(sop):

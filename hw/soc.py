@@ -17,7 +17,7 @@ window onto device memory.
         v                                     v
     MemCtrlSystem: one MemoryController per channel + the PIM device (mon<c>, s<c>, bd_load)
 
-The host writes a program (:mod:`firmware.isa`) and its data into device memory
+The host writes a program (:mod:`hw.spec.soc_isa`) and its data into device memory
 through the window, sets ``PROG_ADDR`` / ``PROG_LEN`` and writes ``CTRL.START``;
 ``done`` (also ``STATUS.DONE``) rises when the program's END retires. The
 register map is :func:`firmware.soc_regs.register_table` (one table for RTL,

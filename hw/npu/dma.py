@@ -12,7 +12,7 @@ port and routes responses back by it.
 :class:`DmaLoad`
     ``LOAD``: memory tile ``rows x cols`` (BF16, row ``r`` at
     ``mem_addr + r * mem_stride``) into the activation or weight scratchpad,
-    in the layout of :mod:`hw.npu.isa`; lanes past ``cols`` are written as
+    in the layout of :mod:`hw.spec.matrix_isa`; lanes past ``cols`` are written as
     zero. Non-transposed, one memory column holds ``16 / W`` scratchpad words
     (``W`` lanes each), written one per cycle; at ``W = 16`` this is one
     column per cycle, the memory's rate. Transposed, the engine gathers ``W``

@@ -16,13 +16,13 @@
 
 Instructions
 ------------
-The queue takes the whole 256-bit SoC instruction (:mod:`firmware.isa`): ``op``
-in bits ``[0, 4)``, the payload from bit :data:`firmware.isa.PAYLOAD_LO`.
+The queue takes the whole 256-bit SoC instruction (:mod:`hw.spec.soc_isa`): ``op``
+in bits ``[0, 4)``, the payload from bit :data:`hw.spec.soc_isa.PAYLOAD_LO`.
 
 * ``VECTOR``: the payload (220 bits) is a :class:`hw.npu.vector.VectorInstr`,
   handed to the :class:`hw.npu.vector.VectorUnit`; the queue waits for its
   ``done`` and takes its error code (``VecError`` 1..5 are ``VqError`` 1..5).
-* ``VLOAD`` / ``VSTORE``: the payload holds :data:`firmware.isa.VDMA_FIELDS`;
+* ``VLOAD`` / ``VSTORE``: the payload holds :data:`hw.spec.soc_isa.VDMA_FIELDS`;
   ``rows x cols`` 32-byte columns, row ``r`` at device-memory byte
   ``mem_addr + r * mem_stride`` and at scratchpad byte
   ``32 * (spm_addr + r * spm_pitch)``, copied unchanged (reference model:
@@ -62,7 +62,7 @@ each other without a bubble. Measured on the memory model (``T = 9``): a
 Responses must come back in request order; the low 7 tag bits carry a
 sequence number that is checked (tag bit 7 is left to an arbiter).
 
-Errors (``error``, :class:`firmware.isa.VqError`)
+Errors (``error``, :class:`hw.spec.soc_isa.VqError`)
 -------------------------------------------------
 The first error is kept until ``clear``; while it is set the queue pops and
 discards every instruction (it drains, executes nothing and never hangs).
@@ -340,7 +340,7 @@ class VectorQueue(wiring.Component):
     busy : Out(1)
         Instructions queued or executing.
     error : Out(8)
-        First :class:`firmware.isa.VqError` since reset or ``clear``.
+        First :class:`hw.spec.soc_isa.VqError` since reset or ``clear``.
     clear : In(1)
         Clears ``error`` and the counters (an error raised in the same cycle is kept).
     counters : Out(COUNTERS)

@@ -1,13 +1,13 @@
 """Instruction-level golden model of the NPU matrix unit (scratchpads + LOAD / COMPUTE / STORE).
 
-Written from the instruction semantics documented in :mod:`hw.npu.isa` and
+Written from the instruction semantics documented in :mod:`hw.spec.matrix_isa` and
 :mod:`hw.npu.dma` (layouts, zero lanes, byte-masked stores) and the
 accumulation order of :mod:`sim.golden.gemm`, not from the RTL. Instructions
 run one at a time in program order: a program whose dependency tokens are
 right gives the same memory contents on the RTL, whose three queues overlap.
 
 Memory is any object with ``read(addr, n) -> bytes`` and ``write(addr, bytes)``
-(:class:`sim.pim_model.MemoryImage`).
+(:class:`firmware.memimage.MemoryImage`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Reference model of the vector DMA (``VLOAD`` / ``VSTORE`` of :mod:`firmware.isa`): a byte copy.
+"""Reference model of the vector DMA (``VLOAD`` / ``VSTORE`` of :mod:`hw.spec.soc_isa`): a byte copy.
 
 Both sides are flat ``uint8`` numpy arrays: ``spm`` is the vector scratchpad
 as bytes (for a :class:`sim.golden.vector.VectorModel` ``model``,
 ``model.mem.view(np.uint8).reshape(-1)`` is a view whose writes go through:
 word ``w`` covers bytes ``[4 L w, 4 L (w + 1))``), ``mem`` is device memory.
-``fields`` holds the six :data:`firmware.isa.VDMA_FIELDS` (extra keys, such as
-the ``op`` of :func:`firmware.isa.decode`, are ignored).
+``fields`` holds the six :data:`hw.spec.soc_isa.VDMA_FIELDS` (extra keys, such as
+the ``op`` of :func:`hw.spec.soc_isa.decode`, are ignored).
 
 Row ``r`` of ``cols`` 32-byte columns is at memory byte
 ``mem_addr + r * mem_stride`` and scratchpad byte ``32 * (spm_addr + r *

@@ -1,6 +1,6 @@
 """cocotb testbenches for the arithmetic units (ArithArray and MacUnit).
 
-Each compares the RTL bit for bit with ``sim/golden/fp.py`` on operands from
+Each compares the RTL bit for bit with ``hw/spec/fp.py`` on operands from
 ``sim/golden/operands.py``: every special-class pair first, then random ones.
 """
 
