@@ -41,6 +41,7 @@ import numpy as np
 from firmware.gpt2 import GptShape, LayerWeights
 from firmware.pim import GemvLayout
 from hw.config import SystemConfig
+from hw.memif import AddressMap
 from hw.spec import fp as G
 from hw.spec import matrix_isa as mu_isa
 from hw.spec import soc_isa as isa
@@ -58,6 +59,11 @@ ALIGN = 64
 
 class CompileError(ValueError):
     pass
+
+
+#: Configurations whose compiled programs read PIM-layout weights with a timing stand-in
+#: (:meth:`PimWeights.loads`): fine for the performance model, not for functional execution.
+TIMING_ONLY: set = set()
 
 
 def _f32(x: float) -> int:
@@ -139,13 +145,55 @@ class PimWeights:
         return self.layout.chunk
 
     def loads(self, n0, nt, k0, kt):
-        p = self.layout.cfg.pim
+        """Transposed loads of outputs ``n0 .. n0+nt`` (one tile) x inputs ``k0 .. k0+kt`` (one chunk).
+
+        Row-Channel-Bank-Column: the tile's bank rows are ``row_bytes`` apart in output order, one load.
+        Channel-interleaved map: one load per channel (its banks' rows are ``1 << bank_lo`` apart) and per
+        run of ``channel_interleave`` bytes of the row, each into its place in the weight scratchpad
+        (``spm_off`` words; a transposed load fills whole words of ``array_cols`` outputs, so a channel's
+        ``banks`` outputs must be a multiple of them). When they are not (the ``ianus`` preset: 16 banks,
+        64 array columns) and the interleave is one row, the tile is read by one load of rows
+        ``row_bytes`` apart: the same bytes and DRAM rows, bank-major instead of channel-major, i.e. a
+        timing stand-in for the projection (:data:`TIMING_ONLY`), refused by :mod:`firmware.runtime`."""
+        cfg = self.layout.cfg
+        p = cfg.pim
         lay = self.layout
         tile, nloc = divmod(n0, lay.per_tile)
         assert nloc + nt <= lay.per_tile
         ch, koff = divmod(k0, lay.chunk)
-        addr = lay.row_of(tile, ch) * self.row_bytes + nloc * p.row_bytes + koff * 2
-        return [dict(transpose=1, mem_addr=addr, mem_stride=p.row_bytes, rows=nt, cols=kt)]
+        row = lay.row_of(tile, ch)
+        amap = AddressMap(p)
+        il = p.channel_interleave if p.channels > 1 else 0
+        if not il:
+            addr = amap.encode(row, 0, 0, 0) + nloc * p.row_bytes + koff * 2
+            return [dict(transpose=1, mem_addr=addr, mem_stride=p.row_bytes, rows=nt, cols=kt)]
+        W = cfg.npu.array_cols
+        B = p.banks
+        if B % W:
+            if il != p.row_bytes:
+                raise CompileError(f"the matrix unit cannot read the PIM weight layout of configuration "
+                                   f"{cfg.name!r}: {B} banks per channel is not a multiple of the {W} array "
+                                   f"columns and channel_interleave ({il}) is not one row ({p.row_bytes})")
+            TIMING_ONLY.add(cfg)
+            addr = amap.encode(row, 0, 0, 0) + nloc * p.row_bytes + koff * 2
+            return [dict(transpose=1, mem_addr=addr, mem_stride=p.row_bytes, rows=nt, cols=kt)]
+        run_vals = il // 2
+        bank_step = 1 << amap.bank_lo
+        out = []
+        n = nloc
+        while n < nloc + nt:
+            c, b = divmod(n, B)
+            cnt = min(B - b, nloc + nt - n)
+            assert (n - nloc) % W == 0, (n, nloc, W)
+            k = koff
+            while k < koff + kt:
+                piece = min(koff + kt - k, run_vals - k % run_vals)
+                addr = amap.encode(row, c, b, k // p.lanes) + (k % p.lanes) * 2
+                out.append(dict(transpose=1, mem_addr=addr, mem_stride=bank_step, rows=cnt, cols=piece,
+                                spm_off=(n - nloc) // W * kt + (k - koff)))
+                k += piece
+            n += cnt
+        return out
 
 
 @dataclass
@@ -264,8 +312,9 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
                     wb = bufs["wgt"]
                     lw = None
                     for ld in w.loads(n0, nt, k0, kt):
+                        off = ld.pop("spm_off", 0)
                         lw = blk.add(L, [last_c.get(("wgt", wb))], target=mu_isa.Target.WGT,
-                                     spm_addr=wb * WW, spm_stride=kt, **ld)
+                                     spm_addr=wb * WW + off, spm_stride=kt, **ld)
                     deps = [la, lw] + ([last_s.get(ab)] if ki == 0 else [])
                     c = blk.add(Cc, deps, accumulate=int(ki > 0), act_addr=b * AW, act_stride=mt,
                                 wgt_addr=wb * WW, wgt_stride=kt, acc_addr=acc_base + j * nbt * mt, acc_stride=mt,
@@ -502,7 +551,8 @@ def pack_layer(plan: MemoryPlan, i: int, w: LayerWeights) -> list[tuple[int, byt
             return
         packed = lay.pack(G.bf16_bits(mat))                    # [ch, banks, rows, cols, lanes]
         arr = packed.transpose(2, 0, 1, 3, 4)                   # rows, ch, banks, cols, lanes
-        out.append((lay.base_row * plan.row_bytes, np.ascontiguousarray(arr).astype("<u2").tobytes()))
+        amap = AddressMap(plan.cfg.pim)                         # whole rows in address order
+        out.append((amap.encode(lay.base_row, 0, 0, 0), amap.pack_rows(arr).astype("<u2").tobytes()))
 
     perm = plan.qkv_perm()
     put_w("qkv", lp.qkv, w.qkv_w[:, perm])

@@ -295,7 +295,7 @@ class Device:
         if lay.base_row + lay.rows_used > self.next_data_row:
             raise LayoutError(f"out of device memory for a {K}x{N} weight matrix ({lay.rows_used} rows)")
         packed = lay.pack(wp)                                     # [ch, banks, rows, cols, lanes]
-        image = np.ascontiguousarray(packed.transpose(2, 0, 1, 3, 4))
+        image = self.amap.pack_rows(packed.transpose(2, 0, 1, 3, 4))   # address order (hw.memif.AddressMap)
         handle = WeightHandle(lay, perm, N)
         rows = (self.next_weight_row, self.next_data_row)
         try:
@@ -316,8 +316,8 @@ class Device:
         """Write the activation lookup table into every bank's reserved row."""
         p = self.cfg.pim
         row = af_lut_row(self.cfg, fn)
-        image = np.broadcast_to(row, (p.channels, p.banks, p.columns, p.lanes))
-        await self.write(self.amap.encode(p.data_rows, 0, 0, 0), np.ascontiguousarray(image).tobytes())
+        image = np.broadcast_to(row, (1, p.channels, p.banks, p.columns, p.lanes))
+        await self.write(self.amap.encode(p.data_rows, 0, 0, 0), self.amap.pack_rows(image).tobytes())
 
     # -- macro commands ------------------------------------------------------------
     async def submit(self, macro: Macro):

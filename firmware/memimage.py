@@ -1,7 +1,7 @@
 """Device memory as a host-side byte image: what the runtime fills with weights, tables and programs.
 
 :class:`MemoryImage` holds the whole device memory in RAM, addressed like the SoC's AXI4 window (the
-Row-Channel-Bank-Column mapping of :class:`hw.memif.AddressMap`). The runtime (:mod:`firmware.runtime`)
+address map of :class:`hw.memif.AddressMap`). The runtime (:mod:`firmware.runtime`)
 builds a job's initial memory in one; the functional models (:mod:`sim.pim_model`,
 :mod:`sim.soc_model`) use it as their device memory, and the RTL testbenches load it through the
 device's back door.
@@ -18,7 +18,7 @@ __all__ = ["MemoryImage"]
 
 
 class MemoryImage:
-    """Device memory as bytes, addressed like the AXI window (Row-Channel-Bank-Column)."""
+    """Device memory as bytes, addressed like the AXI window (:class:`hw.memif.AddressMap`)."""
 
     def __init__(self, cfg: SystemConfig):
         self.cfg = cfg
@@ -43,10 +43,17 @@ class MemoryImage:
         self.check(addr, n)
         return self.data[addr:addr + n].tobytes()
 
-    def rows(self, first_row: int, n_rows: int) -> np.ndarray:
-        """Rows as ``[n_rows, channels, banks, columns, lanes]`` BF16 (a view)."""
+    def _span(self, first_row: int, n_rows: int):
         p = self.cfg.pim
         start = self.amap.encode(first_row, 0, 0, 0)
-        per_row = p.channels * p.banks * p.row_bytes
-        return self.data[start:start + n_rows * per_row].view("<u2").reshape(
-            n_rows, p.channels, p.banks, p.columns, p.lanes)
+        return self.data[start:start + n_rows * p.channels * p.banks * p.row_bytes].view("<u2")
+
+    def rows(self, first_row: int, n_rows: int) -> np.ndarray:
+        """Rows as ``[n_rows, channels, banks, columns, lanes]`` BF16 (a view under the
+        Row-Channel-Bank-Column map, a copy under a channel-interleaved one: write with :meth:`set_rows`)."""
+        return self.amap.unpack_rows(self._span(first_row, n_rows), n_rows)
+
+    def set_rows(self, first_row: int, rows: np.ndarray):
+        """Write ``[n_rows, channels, banks, columns, lanes]`` BF16 rows from row index ``first_row``."""
+        rows = np.asarray(rows, dtype=np.uint16)
+        self._span(first_row, rows.shape[0])[...] = self.amap.pack_rows(rows)

@@ -40,6 +40,11 @@ class Job:
 
 def build_job(compiled: CompiledModel, weights: list[LayerWeights], x: np.ndarray) -> Job:
     cfg, plan, shape = compiled.cfg, compiled.plan, compiled.shape
+    from firmware.compiler import TIMING_ONLY
+    if cfg in TIMING_ONLY:
+        raise RunError(f"configuration {cfg.name!r}: the matrix unit reads the PIM weight layout with a timing "
+                       f"stand-in (firmware.compiler.PimWeights.loads); its programs are for the performance "
+                       f"model only")
     x = np.asarray(x, dtype=np.float32)
     if x.shape != (compiled.total, shape.d_model):
         raise RunError(f"input must have shape ({compiled.total}, {shape.d_model}), not {x.shape}")
@@ -52,7 +57,7 @@ def build_job(compiled: CompiledModel, weights: list[LayerWeights], x: np.ndarra
     p = cfg.pim
     if p.af_rows:
         row = af_lut_row(cfg)
-        img.rows(p.data_rows, 1)[0][...] = row
+        img.set_rows(p.data_rows, np.broadcast_to(row, (1, p.channels, p.banks, p.columns, p.lanes)))
     img.write(plan.layers[0].x_in, x.astype("<f4").tobytes())
     programs = []
     addr = plan.prog_base

@@ -114,6 +114,15 @@ class PimGeometry(_Checked):
         bank's row, so a macro PIM command blocks normal requests) or 2
         (NeuPIMs: a separate PIM row buffer, so the memory controller serves
         normal requests while a PIM GEMV streams; see :mod:`hw.pim.commands`).
+    channel_interleave : int
+        Bytes a run of consecutive addresses stays in one channel (issue 14).
+        0: the paper's Row-Channel-Bank-Column map (a channel holds 32 KB runs at
+        paper scale: ``banks`` whole rows). Otherwise a power of two from one
+        column to one row: Row-Bank-ColumnHigh-Channel-ColumnLow, so a DMA
+        stream moves to the next channel every ``channel_interleave`` bytes
+        while every DRAM row of every bank (what a PIM GEMV reads) stays whole;
+        ``row_bytes`` gives Row-Bank-Channel-Column (a bank row is contiguous).
+        See :class:`hw.memif.AddressMap`.
     """
 
     channels: int = 1
@@ -125,6 +134,7 @@ class PimGeometry(_Checked):
     gb_bytes: int = 2048
     af_rows: int = 1
     row_buffers: int = 1
+    channel_interleave: int = 0
 
     def __post_init__(self):
         self._pow2("channels", "banks", "rows", "columns", "lanes")
@@ -145,6 +155,10 @@ class PimGeometry(_Checked):
             self._fail("af_rows", f"an integer in [0, rows={self.rows})")
         if self.af_rows and self.row_bytes < 128:
             self._fail("af_rows", f"0 when a row holds fewer than 16 AF segments ({self.row_bytes} bytes)")
+        il = self.channel_interleave
+        if not _is_int(il) or (il != 0 and not (_is_pow2(il) and column_bytes <= il <= self.row_bytes)):
+            self._fail("channel_interleave", f"0 (Row-Channel-Bank-Column) or a power of two from one column "
+                                             f"({column_bytes} bytes) to one row ({self.row_bytes} bytes)")
 
     # Derived values ------------------------------------------------------
     @property
@@ -204,7 +218,13 @@ class PimGeometry(_Checked):
         """Column words needed to read or preload every bank's accumulator."""
         return -(-self.banks // self.banks_per_word)
 
-    # Address bit widths (Row-Channel-Bank-Column mapping, MSB to LSB).
+    @property
+    def interleave_columns(self) -> int:
+        """Columns of a channel's run of consecutive addresses inside one bank row (``columns`` when
+        ``channel_interleave`` is 0 or one row)."""
+        return self.channel_interleave // self.column_bytes if self.channel_interleave else self.columns
+
+    # Address bit widths (the fields of hw.memif.AddressMap; their order depends on channel_interleave).
     @property
     def column_offset_bits(self) -> int:
         return (self.column_bytes - 1).bit_length()

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hw.memif import AddressMap
 from hw.spec import soc_isa as isa
 from hw.spec.macro import Macro, MacroFlag, MacroOp
 from hw.spec.macro import encode as macro_encode
@@ -279,7 +280,7 @@ def build_case(spec: dict, name: str = "case") -> Case:
             gl = GemvLayout(c, K, N, base_row=base)
             packed = gl.pack(_bf16(rng, (K, N), 1 / np.sqrt(K)))
             case.writes.append((base * lay.row_bytes,
-                                np.ascontiguousarray(packed.transpose(2, 0, 1, 3, 4)).tobytes()))
+                                AddressMap(c.pim).pack_rows(packed.transpose(2, 0, 1, 3, 4)).tobytes()))
             n_in = K + t["extra_in"]
             # Known RTL bug (KNOWN_GEMV_LANES): the input lanes past K in the last global-buffer column are not
             # masked, so a NaN / Inf there poisons the GEMV. An earlier output is chained in as x only when
@@ -451,8 +452,8 @@ def setup_writes(c) -> list:
 
     p = c.pim
     row_bytes = p.channels * p.banks * p.row_bytes
-    lut = np.ascontiguousarray(np.broadcast_to(af_lut_row(c), (p.channels, p.banks, p.columns, p.lanes)))
-    return [(p.data_rows * row_bytes, lut.astype("<u2").tobytes())]
+    lut = np.broadcast_to(af_lut_row(c), (1, p.channels, p.banks, p.columns, p.lanes))
+    return [(p.data_rows * row_bytes, AddressMap(p).pack_rows(lut).astype("<u2").tobytes())]
 
 
 @dataclass

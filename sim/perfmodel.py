@@ -142,9 +142,10 @@ class Micro:
     """W x 16 buffers of the transposing load (1: gather, then emit; 2: gather one while the other is
     emitted), read from :class:`hw.npu.dma.DmaLoad`."""
     interleave: int = 0
-    """Channel interleave (bytes) of normal traffic; 0 is the RTL's Row-Channel-Bank-Column mapping
-    (a channel holds 32 KB runs). The projection's NPU-MEM baseline (plain GDDR6, no PIM layout to
-    respect) interleaves channels every 256 bytes."""
+    """Channel interleave (bytes) of normal traffic when it differs from the configuration's address map
+    (0: the map of ``PimGeometry.channel_interleave``, :class:`hw.memif.AddressMap`, as the RTL). The
+    projection's NPU-MEM baseline (plain GDDR6, no PIM layout to respect) interleaves channels every 256
+    bytes."""
     cache: bool = False
     """Reuse the timing of a DMA instruction or macro already timed with the same shape and the same
     address alignment within a DRAM row (projection speed; the memory state it would leave is not
@@ -499,7 +500,8 @@ class Channel:
 
 
 class Memory:
-    """All channels plus the Row-Channel-Bank-Column address map."""
+    """All channels plus the address map (:class:`hw.memif.AddressMap`: Row-Channel-Bank-Column, or
+    Row-Bank-ColumnHigh-Channel-ColumnLow with a channel interleave)."""
 
     def __init__(self, cfg: SystemConfig, micro: Micro, calib: Calib):
         p = cfg.pim
@@ -512,7 +514,7 @@ class Memory:
         self.nb, self.nc, self.nr = p.banks, p.channels, p.rows
         self.resp = cfg.timing.tRL + calib.col_to_resp
         self.arr = calib.req_to_ctrl
-        self.il = micro.interleave
+        self.il = micro.interleave or p.channel_interleave
         self.row_b = p.row_bytes
         self.max_col = -INF       # latest column command of the transfer being timed
         self.ahead = None         # (kernel time, column command cycle) of requests decided ahead of time
@@ -623,7 +625,9 @@ class PerfModel:
         self.mu_port = (set(), [-INF])    # the matrix unit's memory port (load + store share it):
         #                                   request cycles taken, last response delivered
         p = cfg.pim
-        self.align = p.row_bytes        # cache key: offset in a DRAM row (channel and bank symmetric)
+        # cache key: offset in a DRAM row (channel and bank symmetric); with a channel interleave the bank
+        # changes every channels * row_bytes
+        self.align = p.row_bytes * (p.channels if p.channel_interleave else 1)
         n = cfg.npu
         self.R, self.C, self.L = n.array_rows, n.array_cols, n.vector_lanes
         self.macs = n.macs_per_pe
@@ -1570,11 +1574,14 @@ class _PcuMacro:
         return fin + 1
 
     def _xfer(self, addr0, nwords, kind):
-        """A memory transfer in segments inside one row of every bank: ACT of every bank row of the segment,
-        its columns in order (RD / WR), PREAB."""
+        """A memory transfer in segments inside one row of every bank: ACT of every bank row of the segment
+        (Row-Channel-Bank-Column: one per bank row, on its channel; channel-interleaved map: one per bank, in
+        every channel the segment touches in that row, as :class:`hw.pcu.Pcu`), its columns in order
+        (RD / WR), PREAB."""
         p = self.p
         rg = p.columns * p.banks * p.channels
-        col_of = lambda addr: (addr >> self.mem.col_lo) & (p.columns - 1)  # noqa: E731
+        il = self.mem.il if p.channels > 1 else 0
+        run = il // p.column_bytes if il else p.columns * p.banks       # words of a channel's run
         j = 0
         seg_end = min(nwords, rg - (addr0 // p.column_bytes) % rg)
         while True:
@@ -1582,8 +1589,16 @@ class _PcuMacro:
             while ja < seg_end:
                 a = addr0 + p.column_bytes * ja
                 c, b, row = self.mem.where(a)
-                self.emit("ACT", [c], b, row)
-                ja += p.columns - col_of(a)
+                if il:
+                    bg = p.columns * p.channels                           # words of one bank's row, all channels
+                    pos = (a // p.column_bytes) % bg
+                    end = min(ja + bg - pos, seg_end)
+                    runs = (pos + end - ja - 1) // run - pos // run + 1
+                    self.emit("ACT", sorted((c + i) % p.channels for i in range(min(runs, p.channels))), b, row)
+                    ja += bg - pos
+                else:
+                    self.emit("ACT", [c], b, row)
+                    ja += p.columns - (a // p.column_bytes) % p.columns
             for jj in range(j, seg_end):
                 c, b, _row = self.mem.where(addr0 + p.column_bytes * jj)
                 self.emit(kind, [c], b, reads=kind == "RD")

@@ -87,8 +87,7 @@ class AxiTransport:
         if nrows == 0:
             return 0
         first = amap.decode(addr)[0]
-        image = np.frombuffer(data[:nrows * span], dtype="<u2").reshape(nrows, p.channels, p.banks, p.columns,
-                                                                        p.lanes)
+        image = amap.unpack_rows(np.frombuffer(data[:nrows * span], dtype="<u2"), nrows)
         d = os.environ["IANUS_BACKDOOR"]
         os.makedirs(d, exist_ok=True)
         for name in os.listdir(d):

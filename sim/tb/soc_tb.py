@@ -182,9 +182,9 @@ class Plan:
         self.lay = GemvLayout(cfg, self.K, self.N, base_row=0)
         w_pim = G.bf16_bits(rng.standard_normal((self.K, self.N)) / np.sqrt(self.K))
         packed = self.lay.pack(w_pim)
-        self.writes = [(amap.encode(0, 0, 0, 0), np.ascontiguousarray(packed.transpose(2, 0, 1, 3, 4)).tobytes())]
+        self.writes = [(amap.encode(0, 0, 0, 0), amap.pack_rows(packed.transpose(2, 0, 1, 3, 4)).tobytes())]
         lut = np.ascontiguousarray(np.broadcast_to(af_lut_row(cfg), (p.channels, p.banks, p.columns, p.lanes)))
-        self.writes.append((amap.encode(p.data_rows, 0, 0, 0), lut.tobytes()))
+        self.writes.append((amap.encode(p.data_rows, 0, 0, 0), amap.pack_rows(lut[None]).tobytes()))
         base = self.lay.rows_used * row
         R = cfg.npu.array_rows
         self.M, self.Kg, self.Ng = 2 * R, 4 * R, self.K // (2 * R)      # GEMM shape; C has K BF16 values
