@@ -50,8 +50,11 @@ this needs ``banks`` to be a multiple of ``banks_per_word`` (checked).
 Memory access (WRITE_VEC, the bias, READ_RES) uses ACT/RD/WR/PREAB micro
 commands on the channel that owns each 32-byte column, in segments that stay
 inside one row of every bank (a transfer crosses a row only every
-``channels * banks * columns`` words): the segment's banks are activated
-first, then its columns are read or written in order, then PREAB. Read
+``channels * banks * columns`` words, in either address map): the segment's
+banks are activated first (Row-Channel-Bank-Column: one ACT per bank row, on
+its channel; channel-interleaved map: one ACT per bank, in every channel the
+segment touches in that bank's row), then its columns are read or written in
+order, then PREAB. Read
 responses return in order per channel, so a per-channel counter of the next
 expected word gives each response its destination.
 
@@ -247,7 +250,7 @@ class Pcu(wiring.Component):
         recv = [Signal(16, name=f"recv{c}") for c in range(C)]      # responses taken, per source channel
         next_w = [Signal(16, name=f"next_w{c}") for c in range(C)]  # next word index expected, per channel
         recv_total = Signal(16)
-        row_words = p.columns * B                                     # words before the channel field changes
+        row_words = amap.run_words                                    # words before the channel field changes
         o_off = Signal(range(row_words))                              # column offset of the transfer's start
         pick = Signal(range(C + 1))
         m.d.comb += pick.eq(C)
@@ -333,7 +336,23 @@ class Pcu(wiring.Component):
         rg_lg = rg.bit_length() - 1
         first_room = Signal(17)
         m.d.comb += first_room.eq(rg - (mc.addr0 >> amap.col_lo)[:rg_lg])
-        j_next_bank = j + p.columns - f["column"]        # first word of the next bank row
+        if amap.interleave and C > 1:
+            # Channel-interleaved map: a bank group (one row of one bank in every channel, columns * C words)
+            # is activated by one ACT in every channel the segment touches inside it (runs of row_words).
+            bg = p.columns * C
+            pos = Signal(range(bg))                      # word j's position in its bank group
+            m.d.comb += pos.eq((waddr >> amap.col_lo)[:(bg - 1).bit_length()])
+            j_next_bank = j + bg - pos                   # first word of the next bank group
+            g_end = Mux(j_next_bank < seg_end, j_next_bank, seg_end)
+            runs = Signal(range(bg + 1))                 # runs of row_words of [j, g_end)
+            m.d.comb += runs.eq(((pos + (g_end - j) - 1) >> amap.col_low_bits) - (pos >> amap.col_low_bits) + 1)
+            run_mask = Signal(C)
+            m.d.comb += run_mask.eq((Const(1, 2 * C) << runs) - 1)
+            act_mask = Signal(C)
+            m.d.comb += act_mask.eq(Mux(runs >= C, (1 << C) - 1, (Cat(run_mask, run_mask) << w_ch)[C:2 * C]))
+        else:
+            j_next_bank = j + p.columns - f["column"]    # first word of the next bank row
+            act_mask = ch_mask
 
         # Per source channel, the first word index it serves, for a transfer starting at addr0:
         # word j's channel is ((o + j) // row_words) % C with o the column offset of addr0 in its row group.
@@ -484,7 +503,7 @@ class Pcu(wiring.Component):
             with m.State("Xfer-Act"):
                 # Activate every bank row of the segment (each bank appears once in a segment).
                 with m.If(can_load):
-                    m.d.sync += emit(PimOp.ACT, channels=ch_mask, bank=f["bank"], row=f["row"])
+                    m.d.sync += emit(PimOp.ACT, channels=act_mask, bank=f["bank"], row=f["row"])
                     with m.If(j_next_bank >= seg_end):
                         m.d.sync += j.eq(jseg)
                         m.next = "Xfer-Col"
