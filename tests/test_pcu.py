@@ -60,10 +60,7 @@ def test_pcu_rejects_unsupported_geometry():
 ROW_RATIO = 1.15
 
 
-@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb", pytest.param("tiny-il", marks=pytest.mark.xfail(
-    strict=True, reason="issue 14: with the channel-interleaved map a READ_RES whose words alternate channels "
-    "writes, from the second word sent to channel 1 on, the data of the previous word sent to channel 1 "
-    "(64x32: word 3 holds word 2's results); GEMV results in the buffers and words 0-2 are right"))])
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb", "tiny-il"])
 def test_pcu_gemv_tiny(config):
     """One chunk; several chunks (K > 128) with one tile (partial sums kept in the accumulators) and with
     several tiles (read back and preloaded); GELU; BF16 results; without bias. Bit-exact with the functional

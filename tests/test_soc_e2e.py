@@ -61,8 +61,6 @@ def test_tiny_dual_row_buffers_bit_exact():
     assert _gen_cycles(res2) <= _gen_cycles(res1), (_gen_cycles(res2), _gen_cycles(res1))
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14: the PCU's READ_RES over alternating channels (see "
-                   "tests/test_pcu.py test_pcu_gemv_tiny[tiny-il]); not yet run to the end")
 @pytest.mark.parametrize("policy", ["ianus", "npu-mem"])
 def test_tiny_channel_interleave_bit_exact(policy):
     """The channel-interleaved address map (tiny-il: 64-byte runs, issue 14): weights, activations, KV cache

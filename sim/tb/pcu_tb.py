@@ -22,7 +22,7 @@ import asyncio
 
 import cocotb
 import numpy as np
-from cocotb.triggers import FallingEdge
+from cocotb.triggers import FallingEdge, ReadOnly
 
 from firmware import driver as D
 from firmware.pim import amortized_cycles, gemv_lower_bound
@@ -153,6 +153,9 @@ class PcuTB:
             payload.value = pack_struct(self.rl, addr=a, write=0, tag=w % 256)
             valid.value = 1
             while True:
+                # Settle first: the controller's ready may depend on the request just driven (sampled
+                # before it, a request taken at this edge looked refused and was sent twice).
+                await ReadOnly()
                 rd = int(ready.value)
                 await self.tick()
                 if rd:
@@ -161,6 +164,7 @@ class PcuTB:
             qv, qp, qr = self.q[ch]
             qr.value = 1
             for _ in range(10_000):
+                await ReadOnly()
                 got = int(qv.value)
                 word = int(qp.value)
                 await self.tick()
@@ -171,6 +175,7 @@ class PcuTB:
             qr.value = 0
             resp = unpack_struct(self.ql, word)
             assert not resp["error"], f"read of {a:#x} answered with an error"
+            assert resp["tag"] == w % 256, f"read of {a:#x} answered with tag {resp['tag']}, not {w % 256}"
             out.append(int(resp["data"]).to_bytes(32, "little"))
         return b"".join(out)
 
