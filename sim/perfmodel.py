@@ -627,7 +627,7 @@ class PerfModel:
         p = cfg.pim
         # cache key: offset in a DRAM row (channel and bank symmetric); with a channel interleave the bank
         # changes every channels * row_bytes
-        self.align = p.row_bytes * (p.channels if p.channel_interleave else 1)
+        self.align = p.row_bytes * (p.channels if self.mem.il else 1)
         n = cfg.npu
         self.R, self.C, self.L = n.array_rows, n.array_cols, n.vector_lanes
         self.macs = n.macs_per_pe
