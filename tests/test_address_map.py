@@ -160,7 +160,7 @@ def test_dma_stream_spreads_over_channels(name):
         # each channel's share is whole DRAM rows: one (bank, row) per channel for the first channels x row bytes
         opened = {a.decode(base_addr + j * p.column_bytes)[:3] for j in range(n)}
         assert len(opened) == p.channels
-    a0 = AddressMap(base)
+    a0 = AddressMap(_cfg(name, 0).pim)
     chans = {a0.decode(j * base.column_bytes)[1] for j in range(base.banks * base.columns)}
     assert chans == {0}
 
