@@ -152,9 +152,10 @@ class PimWeights:
         run of ``channel_interleave`` bytes of the row, each into its place in the weight scratchpad
         (``spm_off`` words; a transposed load fills whole words of ``array_cols`` outputs, so a channel's
         ``banks`` outputs must be a multiple of them). When they are not (the ``ianus`` preset: 16 banks,
-        64 array columns) and the interleave is one row, the tile is read by one load of rows
-        ``row_bytes`` apart: the same bytes and DRAM rows, bank-major instead of channel-major, i.e. a
-        timing stand-in for the projection (:data:`TIMING_ONLY`), refused by :mod:`firmware.runtime`."""
+        64 array columns), the loads are a timing stand-in for the projection (:data:`TIMING_ONLY`,
+        refused by :mod:`firmware.runtime`): with a one-row interleave one load of rows ``row_bytes``
+        apart (the same bytes and DRAM rows, bank-major instead of channel-major), with shorter runs the
+        per-channel loads (the right bytes; channels share scratchpad words)."""
         cfg = self.layout.cfg
         p = cfg.pim
         lay = self.layout
@@ -169,14 +170,14 @@ class PimWeights:
             return [dict(transpose=1, mem_addr=addr, mem_stride=p.row_bytes, rows=nt, cols=kt)]
         W = cfg.npu.array_cols
         B = p.banks
-        if B % W:
-            if il != p.row_bytes:
-                raise CompileError(f"the matrix unit cannot read the PIM weight layout of configuration "
-                                   f"{cfg.name!r}: {B} banks per channel is not a multiple of the {W} array "
-                                   f"columns and channel_interleave ({il}) is not one row ({p.row_bytes})")
+        exact = B % W == 0
+        if not exact:
             TIMING_ONLY.add(cfg)
-            addr = amap.encode(row, 0, 0, 0) + nloc * p.row_bytes + koff * 2
-            return [dict(transpose=1, mem_addr=addr, mem_stride=p.row_bytes, rows=nt, cols=kt)]
+            if il == p.row_bytes:
+                addr = amap.encode(row, 0, 0, 0) + nloc * p.row_bytes + koff * 2
+                return [dict(transpose=1, mem_addr=addr, mem_stride=p.row_bytes, rows=nt, cols=kt)]
+            # shorter runs: the per-channel loads below move the right bytes, but channels share a
+            # scratchpad word (timing stand-in as well)
         run_vals = il // 2
         bank_step = 1 << amap.bank_lo
         out = []
@@ -184,7 +185,7 @@ class PimWeights:
         while n < nloc + nt:
             c, b = divmod(n, B)
             cnt = min(B - b, nloc + nt - n)
-            assert (n - nloc) % W == 0, (n, nloc, W)
+            assert (n - nloc) % W == 0 or not exact, (n, nloc, W)
             k = koff
             while k < koff + kt:
                 piece = min(koff + kt - k, run_vals - k % run_vals)
