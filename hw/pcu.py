@@ -62,7 +62,7 @@ While a macro command runs, ``mode<c>`` holds every channel in PIM mode (the
 controllers hold normal traffic back); it falls when the controllers are idle.
 """
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -201,6 +201,9 @@ class Pcu(wiring.Component):
         o_src = Signal(range(5))
         o_sel = Signal(range(C))            # READ_RES: the rbuf the result word (its first half) comes from
         o_sel2 = Signal(range(C))           # READ_RES BF16: the rbuf of the word's second half
+        o_xmask = Signal(L)                 # WRGB: the input lanes below K (the rest are sent as zero)
+        o_bmask = Signal(p.column_bytes)    # WR of READ_RES: the bytes of the results (the last word's tail
+                                            # past n is not written); all ones for every other command
         res_word = Array(r.data for r in r_rs)[o_sel]
         res_word2 = Array(r.data for r in r_rs2)[o_sel2]
 
@@ -213,7 +216,9 @@ class Pcu(wiring.Component):
             data = Signal(p.column_bits, name=f"o_data{c}")
             with m.Switch(o_src):
                 with m.Case(SRC_X):
-                    m.d.comb += data.eq(x_r.data)
+                    # Lanes past K hold whatever memory held after the input vector: zero them, so a NaN
+                    # or Inf there does not meet the layout's zero padding (0 x Inf = NaN).
+                    m.d.comb += data.eq(x_r.data & Cat(o_xmask[k].replicate(16) for k in range(L)))
                 with m.Case(SRC_R):
                     m.d.comb += data.eq(r_rs[c].data)
                 with m.Case(SRC_RES32):
@@ -223,7 +228,7 @@ class Pcu(wiring.Component):
             m.d.comb += [
                 pins[c].valid.eq(o_valid[c]),
                 pl.op.eq(o_op), pl.row.eq(o_row), pl.col.eq(o_col), pl.tag.eq(o_tag),
-                pl.data.eq(data), pl.mask.eq((1 << p.column_bytes) - 1),
+                pl.data.eq(data), pl.mask.eq(o_bmask),
                 accepted[c].eq(pins[c].valid & pins[c].ready),
             ]
             if p.bank_addr_bits:
@@ -238,10 +243,10 @@ class Pcu(wiring.Component):
         ACT_PIM = PimOp.PACTAB if p.row_buffers == 2 else PimOp.ACTAB
         PRE_PIM = PimOp.PPREAB if p.row_buffers == 2 else PimOp.PREAB
 
-        def emit(op, channels=None, bank=0, row=0, col=0, tag=0, src=SRC_ZERO):
+        def emit(op, channels=None, bank=0, row=0, col=0, tag=0, src=SRC_ZERO, bmask=(1 << p.column_bytes) - 1):
             """Load the output register (sync statements; only under ``can_load``)."""
             return [o_op.eq(op), o_bank.eq(bank), o_row.eq(row), o_col.eq(col), o_tag.eq(tag), o_src.eq(src),
-                    o_valid.eq((1 << C) - 1 if channels is None else channels)]
+                    o_bmask.eq(bmask), o_valid.eq((1 << C) - 1 if channels is None else channels)]
 
         # ---------------- responses ----------------
         # One response per cycle (lowest channel first); destination by phase.
@@ -392,8 +397,11 @@ class Pcu(wiring.Component):
 
         def gb_write(chunk_value):
             """WRGB of column ``written`` of ``chunk_value`` (comb: the xbuf read; sync: the load)."""
-            m.d.comb += [x_r.addr.eq((chunk_value << gbc_lg) + written), x_r.en.eq(1)]
+            xcol = (chunk_value << gbc_lg) + written
+            left = Signal(signed(18))           # input values from this column's first lane to K
+            m.d.comb += [x_r.addr.eq(xcol), x_r.en.eq(1), left.eq(K - (xcol << (L.bit_length() - 1)))]
             m.d.sync += emit(PimOp.WRGB, col=written, src=SRC_X)
+            m.d.sync += o_xmask.eq(Cat(left > k for k in range(L)))
             m.d.sync += written.eq(written + 1)
 
         def finish(n_resp=0, inp=False, res=False):
@@ -510,6 +518,11 @@ class Pcu(wiring.Component):
                     with m.Else():
                         m.d.sync += j.eq(j_next_bank)
             with m.State("Xfer-Col"):
+                # READ_RES writes the first n results only: the last word's bytes past them keep memory's.
+                tail = Signal(range(col_bytes))
+                m.d.comb += tail.eq(Mux(bf16, mc.n << 1, mc.n << 2)[:col_bytes.bit_length() - 1])
+                res_mask = Mux((j + 1 == nwords) & (tail != 0), Cat(tail > k for k in range(col_bytes)),
+                               (1 << col_bytes) - 1)
                 with m.If(can_load):
                     with m.If(mc.op == OP_READ_RES):
                         with m.If(bf16):
@@ -518,12 +531,12 @@ class Pcu(wiring.Component):
                             m.d.comb += [r.addr.eq(r_idx(e1)) for r in r_rs2] + [r.en.eq(1) for r in r_rs2]
                             m.d.sync += [o_sel.eq(r_chan(e0)), o_sel2.eq(r_chan(e1))]
                             m.d.sync += emit(PimOp.WR, channels=ch_mask, bank=f["bank"], col=f["column"],
-                                             src=SRC_RES16)
+                                             src=SRC_RES16, bmask=res_mask)
                         with m.Else():
                             m.d.comb += rbuf_read(r_idx(j))
                             m.d.sync += o_sel.eq(r_chan(j))
                             m.d.sync += emit(PimOp.WR, channels=ch_mask, bank=f["bank"], col=f["column"],
-                                             src=SRC_RES32)
+                                             src=SRC_RES32, bmask=res_mask)
                     with m.Else():
                         m.d.sync += emit(PimOp.RD, channels=ch_mask, bank=f["bank"], col=f["column"], tag=j[:8])
                     m.d.sync += j.eq(j + 1)

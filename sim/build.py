@@ -38,6 +38,7 @@ Verilator flags, chosen for speed of build plus run on a 2-core machine:
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import re
 import shutil
@@ -282,6 +283,21 @@ def _public_vlt(build_dir: Path, toplevel: str, public: tuple, no_inline: tuple 
     return path
 
 
+def _top_source_key(component) -> str:
+    """The hash of the files that define a simulation top's classes outside ``hw/`` (e.g.
+    :class:`sim.tb.soc_run.SocSim`, wrapped around an ``hw`` design): ``hw.gen`` keys cached Verilog by
+    the sources under ``hw/`` only, so a change to such a wrapper must change the key itself."""
+    files = set()
+    for cls in type(component).__mro__:
+        try:
+            src = Path(inspect.getsourcefile(cls)).resolve()
+        except (TypeError, OSError):
+            continue
+        if ROOT in src.parents and (ROOT / "hw") not in src.parents:
+            files.add(src)
+    return "".join(f" top-source {f.name} {sha(f.read_bytes())}" for f in sorted(files))
+
+
 def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: bool | None = None,
           extra_sources: tuple = (), build_args: tuple = (), public: tuple = (),
           no_inline: tuple = (), make_args: tuple | None = None) -> SimBuild:
@@ -322,7 +338,8 @@ def build(factory, *, name: str, key: str = "", sim: str = "verilator", waves: b
     name = re.sub(r"[^A-Za-z0-9_]", "_", name)
     if not key and not callable(factory):
         key = repr(factory)
-    vpath = verilog_for(factory, name, key)
+    component = factory() if callable(factory) and not hasattr(factory, "elaborate") else factory  # cheap: no elaboration
+    vpath = verilog_for(component, name, key + _top_source_key(component))
     sources = [vpath] + [Path(p) for p in extra_sources]
     if sim == "icarus":
         sources = [icarus_defined_start(p) for p in sources]

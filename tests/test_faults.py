@@ -7,8 +7,6 @@
 Every failure names ``seed S case I``.
 """
 
-import pytest
-
 from sim import diff_fuzz as D
 
 
@@ -27,16 +25,9 @@ def test_clear_mid_program_then_bit_exact():
     assert sum(c.abort is not None for c in cases) == 10
 
 
-BACKPRESSURE_HANG = (
-    "with cocotbext-axi pause generators on the host masters of SocSim (the clock-generating top of `ianus "
-    "run`), an AXI transfer never completes: at 30 % pauses the first program write of seed 32 case 0, at "
-    "50 % the very first AXI4-Lite read (ID). (tests/test_soc.py::test_programs_with_axi_backpressure, 30 % "
-    "on SocTop with its cocotb clock and reset, passes.)")
-
-
-@pytest.mark.xfail(strict=True, reason=BACKPRESSURE_HANG)
 def test_axi_backpressure_bit_exact():
     """Pauses on the AW, W, B, AR and R channels of the AXI4 window and the AXI4-Lite registers (30 % of
-    the cycles), host reads while programs run: bit-exact. Today a transfer hangs (BACKPRESSURE_HANG); the
-    testbench's step time-outs turn the hang into a failure naming the transfer."""
+    the cycles), host reads while programs run: bit-exact. (A transfer once hung here: on SocSim the bus
+    models read the handshake after the design had evaluated the edge; SocSim now registers the SoC's bus
+    outputs for them.) The testbench's step time-outs turn a hang into a failure naming the transfer."""
     _run(32, 3, pause_pct=30, test_name="faults_backpressure")

@@ -83,8 +83,8 @@ async def run_cases(dut):
                                  f"(pause {job.get('pause_pct', 0)} %)") from None
 
     assert await step("ID register read", host.rd(CSR.ID)) == SOC_ID, "not the SoC"
-    # Known issue (reported in the fuzzer's notes): the first AXI4 write burst after power-up answers OKAY
-    # but does not reach memory. A warm-up write of 64 bytes (a first write of one beat hangs: see the fault tests) whose landing is recorded comes first.
+    # Power-up check: the first AXI4 write (one beat) lands. On SocSim a lost first beat once went unseen
+    # here (see SocSim's docstring); the comparison reports it.
     a, d = job["warmup"]
     await step("warm-up write", host.axi.write(a, d))
     first_write_landed = await step("warm-up read", host.read_mem(a, len(d))) == d
@@ -130,6 +130,10 @@ async def run_cases(dut):
             if "stuck" in rec:
                 save()
                 raise AssertionError(f"case {i}: {rec['stuck']}")
+            # What the CLEARed program wrote is not defined: the host zeroes its output regions (the model
+            # does the same). A write of the CLEARed program landing after this would show as a mismatch.
+            for a, n in case["outputs"]:
+                await step(f"case {i}: zeroing an output after CLEAR", host.axi.write(a, bytes(n)))
             continue
         timer = Timer(TIMEOUT_CYCLES * PERIOD_NS, "ns")
         timed_out = False

@@ -39,8 +39,9 @@ class Host:
         for prefix, names in (("s_axil__", AXIL), ("s_axi__", AXI)):
             for n in names:
                 getattr(dut, prefix + n)
-        self.axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axil_"), dut.clk_out)
-        self.axi = AxiMaster(AxiBus.from_prefix(dut, "s_axi_"), dut.clk_out)
+        # On SocSim's testbench clock, 1 ps before the design's (see SocSim's docstring).
+        self.axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axil_"), dut.clk_tb)
+        self.axi = AxiMaster(AxiBus.from_prefix(dut, "s_axi_"), dut.clk_tb)
         for master in (self.axi, self.axil):
             for iface in (master.write_if, master.read_if):
                 iface.log.setLevel(logging.WARNING)

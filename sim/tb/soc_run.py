@@ -40,26 +40,58 @@ SOC_CXX_OPT = "-O1"
 
 
 class SocSim(wiring.Component):
-    """:class:`hw.soc.SocTop` + clock generator; same ports plus ``clk_out`` and ``unit_busy`` (MU, VQ, PCU)."""
+    """:class:`hw.soc.SocTop` + clock generator; same ports plus ``clk_out`` and ``unit_busy`` (MU, VQ, PCU).
 
-    def __init__(self, cfg, device_factory):
+    The bus ports (``s_axi``, ``s_axil``) are for bus models (cocotbext-axi) running on ``clk_tb``, the
+    clock 1 ps before ``clk_out`` (``hw/verilog/tb_clock_gen.v``). Those models wake on a rising edge of
+    their clock, take ``valid & ready`` as that edge's handshake and drive the next beat at once: they
+    assume the edge's callback runs before the design evaluates the edge, which a testbench-driven
+    clock gives and a clock made inside the simulator does not (its callback comes after the design has
+    taken the edge, so ``ready`` was read one edge late: the first write burst after power-up lost its
+    first beat, and any back-pressure lost or repeated beats). On ``clk_tb`` they read the values the
+    design's next edge samples; what they drive is registered on ``clk_tb`` here, so that next edge still
+    samples the beat of the cycle before, as it would with a testbench clock. (The SoC's outputs and
+    every other port are direct.) ``early_tb_clock=False`` (Icarus, whose value-change callbacks run
+    when the clock changes, before the design's flops take the edge, as the bus models assume):
+    ``clk_tb`` is ``clk_out`` and the bus ports are direct.
+    """
+
+    def __init__(self, cfg, device_factory, early_tb_clock: bool = True):
         from hw.soc import SocTop
 
         self._top = SocTop(cfg, device_factory, clock_gate=True)
+        self._early = early_tb_clock
         members = dict(self._top.signature.members.items())
         members["clk_out"] = Out(1)
+        members["clk_tb"] = Out(1)
         super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
-        clk = Signal()
-        m.submodules.clock = Instance("npu_clock_gen", p_HALF_PERIOD=5, o_clk=clk)
+        clk, clk_tb = Signal(), Signal()
+        if self._early:
+            m.submodules.clock = Instance("tb_clock_gen", p_HALF_PERIOD=5, o_clk=clk, o_clk_tb=clk_tb)
+            m.domains.tb = ClockDomain("tb", reset_less=True)
+            m.d.comb += ClockSignal("tb").eq(clk_tb)
+        else:
+            m.submodules.clock = Instance("npu_clock_gen", p_HALF_PERIOD=5, o_clk=clk)
+            m.d.comb += clk_tb.eq(clk)
         m.domains.sync = ClockDomain("sync")
-        m.d.comb += [ClockSignal("sync").eq(clk), self.clk_out.eq(clk)]
+        m.d.comb += [ClockSignal("sync").eq(clk), self.clk_out.eq(clk), self.clk_tb.eq(clk_tb)]
         m.submodules.top = top = self._top
         for name, member in self._top.signature.members.items():
             ours, theirs = getattr(self, name), getattr(top, name)
-            if member.is_signature:
+            if member.is_signature and name in ("s_axi", "s_axil") and self._early:
+                # What the bus models drive (the leaves that flow into the SoC) is registered on clk_tb.
+                for path, leaf, value in member.signature.flatten(theirs):
+                    outer = ours
+                    for part in path:
+                        outer = outer[part] if isinstance(part, int) else getattr(outer, part)
+                    if leaf.flow == Out:
+                        m.d.comb += outer.eq(value)
+                    else:
+                        m.d.tb += value.eq(outer)
+            elif member.is_signature:
                 wiring.connect(m, wiring.flipped(ours), theirs)
             elif member.flow == In:
                 m.d.comb += theirs.eq(ours)
@@ -80,6 +112,8 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     """
     from hw.arith import FP_DPI_SOURCES, check_fp_impl
     from hw.npu.memmodel import CLOCK_VERILOG
+    early = sim == "verilator"
+    clock_v = CLOCK_VERILOG.with_name("tb_clock_gen.v") if early else CLOCK_VERILOG
     from hw.npu.systolic import PE_MODULE, ProcessingElement
     from hw.npu.vector import LANE_MODULE, VectorLane
     from hw.pim import device_factory, device_sources
@@ -103,8 +137,9 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
         args += ("--threads", str(threads))
     opt = os.environ.get("SOC_CXX_OPT", SOC_CXX_OPT)
     make = [f"OPT_FAST={opt}", "OPT_SLOW=-O0", f"OPT_GLOBAL={opt}"]
-    return build(lambda: SocSim(cfg, device_factory(cfg)), name=f"soc_sim_{cfg.name}", key=repr(cfg) + " socsim",
-                 sim=sim, waves=waves, extra_sources=(*dev_v, CLOCK_VERILOG, pe_v, lane_v, *fp_v),
+    return build(lambda: SocSim(cfg, device_factory(cfg), early), name=f"soc_sim_{cfg.name}",
+                 key=repr(cfg) + f" socsim early_tb_clock={early}",
+                 sim=sim, waves=waves, extra_sources=(*dev_v, clock_v, pe_v, lane_v, *fp_v),
                  build_args=args, no_inline=("pim_bank_*", PE_MODULE, LANE_MODULE), make_args=make)
 
 
