@@ -32,8 +32,9 @@ FENCE or END on the PCU waits for that queue too.
 ``START`` is taken when the command processor is idle (a START while it runs
 is dropped) and waits until the units are idle; ``CLEAR | START`` in one
 write clears, then starts. ``CLEAR`` aborts the command processor and drops
-the queued macros; the matrix unit and the vector queue finish the
-instructions they had queued (START waits for them).
+the queued macros and the instructions queued in the matrix unit and the
+vector queue; the instructions running in them finish (START waits for
+them), then the matrix unit's dependency tokens are zeroed.
 
 ``ERROR_PC``: the command processor's, except for errors of the PCU and the
 vector queue, which fail instructions they took from a queue earlier: the
@@ -58,11 +59,9 @@ controllers', which only wrap) are read relative to a snapshot taken then. The
 matrix unit and the vector queue also zero theirs with their error at
 ``CTRL.CLEAR`` (their snapshots are zeroed with them).
 
-Known limit: ``CLEAR`` clears errors but does not flush the units' queues. A
-matrix-unit instruction rejected with an error gives none of its tokens, so
-matrix instructions that wait on them stay queued (the unit stays busy, and a
-later START waits for it) until reset; programs must not depend on a failing
-instruction's tokens to recover without a reset.
+A matrix-unit instruction rejected with an error gives none of its tokens: the
+instructions that wait on them stay queued (the unit stays busy) until
+``CLEAR`` drops them.
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal

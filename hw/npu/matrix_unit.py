@@ -20,7 +20,9 @@ address or stride that is not a multiple of 32 bytes, or a tile that would run
 past the end of a scratchpad is rejected (not executed) and sets ``error``
 with its :class:`hw.npu.isa.ErrorCode`; the first error is kept until
 ``clear``. A rejected instruction gives none of its tokens, so instructions
-waiting on them wait until the unit is reset.
+waiting on them wait until ``clear``, which drops every queued instruction,
+lets the running ones (at most one per engine) finish and then zeroes the
+tokens; ``busy`` stays high until then.
 
 Cycle counters (``counters``, cleared by ``clear``): ``cycles`` (all),
 ``busy`` (any instruction queued or running), ``compute`` (compute engine
@@ -28,7 +30,7 @@ running or draining), ``compute_wait`` (a compute instruction is ready but
 waits for tokens), ``load`` and ``store`` (DMA engine busy).
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal
+from amaranth.hdl import Const, Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -392,9 +394,12 @@ class MatrixUnit(wiring.Component):
             with m.Default():
                 m.d.comb += d_err.eq(ErrorCode.BAD_OPCODE)
 
+        # ``clear`` drops the queued instructions (and the one in decode); the running ones finish, then the
+        # tokens are zeroed (``clearing``), so nothing waits on a token that will never come.
         queues = []
         for name in ("load", "compute", "store"):
-            q = m.submodules[f"q_{name}"] = SyncFIFOBuffered(width=INSTRUCTION_BITS, depth=self.QUEUE_DEPTH)
+            q = m.submodules[f"q_{name}"] = ResetInserter(self.clear)(
+                SyncFIFOBuffered(width=INSTRUCTION_BITS, depth=self.QUEUE_DEPTH))
             queues.append(q)
         q_load, q_comp, q_store = queues
         to_load = op == Opcode.LOAD
@@ -406,7 +411,9 @@ class MatrixUnit(wiring.Component):
         for q, sel in ((q_load, to_load), (q_comp, to_comp), (q_store, to_store)):
             m.d.comb += [q.w_data.eq(d.as_value()), q.w_en.eq(d_valid & ~is_err & sel)]
         m.d.comb += self.instr.ready.eq(~d_valid | d_leave)
-        with m.If(self.instr.valid & self.instr.ready):
+        with m.If(self.clear):
+            m.d.sync += d_valid.eq(0)
+        with m.Elif(self.instr.valid & self.instr.ready):
             m.d.sync += [d_valid.eq(1), d.eq(self.instr.payload)]
         with m.Elif(d_leave):
             m.d.sync += d_valid.eq(0)
@@ -434,6 +441,12 @@ class MatrixUnit(wiring.Component):
             masks.append(mask)
             handshakes.append(hs)
         overflow = Signal()
+        clearing = Signal()
+        engines_idle = ~load.busy & ~comp.busy & ~store.busy
+        with m.If(self.clear):
+            m.d.sync += clearing.eq(1)
+        with m.Elif(engines_idle):
+            m.d.sync += clearing.eq(0)
         for i in range(N_SEMAPHORES):
             dec = Const(0)
             for hs, mask in zip(handshakes, masks, strict=True):
@@ -441,7 +454,9 @@ class MatrixUnit(wiring.Component):
             inc = load.signal[i] + comp.signal[i] + store.signal[i]
             nxt = Signal(range(-1, 19), name=f"sem{i}_next")
             m.d.comb += nxt.eq(sems[i] - dec + inc)
-            with m.If(nxt > 15):
+            with m.If(clearing & engines_idle):
+                m.d.sync += sems[i].eq(0)
+            with m.Elif(nxt > 15):
                 m.d.comb += overflow.eq(1)
                 m.d.sync += sems[i].eq(15)
             with m.Else():
@@ -469,7 +484,7 @@ class MatrixUnit(wiring.Component):
         # cycle after its ``level`` counts it, and ``busy`` must not drop in that cycle (a FENCE right after a
         # MATRIX instruction passed early; found by the differential fuzzer, issue 21).
         m.d.comb += busy.eq(d_valid | (q_load.level != 0) | (q_comp.level != 0) | (q_store.level != 0)
-                            | load.busy | comp.busy | store.busy)
+                            | load.busy | comp.busy | store.busy | clearing)
         busy_prev = Signal()
         m.d.sync += busy_prev.eq(busy)
         m.d.comb += [self.busy.eq(busy), self.done.eq(busy_prev & ~busy)]

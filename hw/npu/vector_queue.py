@@ -66,6 +66,7 @@ Errors (``error``, :class:`hw.spec.soc_isa.VqError`)
 -------------------------------------------------
 The first error is kept until ``clear``; while it is set the queue pops and
 discards every instruction (it drains, executes nothing and never hangs).
+``clear`` also drops the queued instructions (the running one finishes).
 VDMA instructions are checked before anything is touched: ``rows == 0`` or
 ``cols == 0`` is ``DMA_SIZE``; ``mem_addr`` or ``mem_stride`` not a multiple
 of 32 is ``DMA_ALIGN``; a scratchpad range ending beyond the scratchpad is
@@ -84,7 +85,7 @@ accepted), ``instructions`` (instructions executed to the end, with or
 without error; discarded ones are not counted).
 """
 
-from amaranth.hdl import Cat, ClockDomain, ClockSignal, Const, Instance, Module, Mux, Signal
+from amaranth.hdl import Cat, ClockDomain, ClockSignal, Const, Instance, Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -431,7 +432,9 @@ class VectorQueue(wiring.Component):
                              wp.en.eq(Cat(*[Mux(part == k, u.wr.en, 0) for k in range(K)]))]
 
         # ---- instruction FIFO: op and payload ----
-        fifo = m.submodules.fifo = SyncFIFOBuffered(width=4 + INSTR_PAYLOAD_BITS, depth=self._queue_depth)
+        # ``clear`` drops the queued instructions; the one running finishes.
+        fifo = m.submodules.fifo = ResetInserter(self.clear)(
+            SyncFIFOBuffered(width=4 + INSTR_PAYLOAD_BITS, depth=self._queue_depth))
         m.d.comb += [
             fifo.w_data.eq(Cat(self.instr.payload[0:4],
                                self.instr.payload[PAYLOAD_LO:PAYLOAD_LO + INSTR_PAYLOAD_BITS])),

@@ -359,6 +359,13 @@ async def errors(dut):
             Opcode.LOAD, target=Target.ACT, mem_addr=plan.C.addr + 16, mem_stride=64, rows=2, cols=4, spm_addr=0,
             spm_stride=2)), isa.encode(SocOp.FENCE, units=Unit.MU), isa.encode(SocOp.END)],
          CpError.MU | (ErrorCode.MISALIGNED.value << 8), 1),
+        # A rejected instruction gives none of its tokens: the NOP waiting on it stays queued until CLEAR
+        # drops it (then good() must run: START waits for the matrix unit to be idle).
+        ("rejected MATRIX with a waiter", [nop, isa.encode(SocOp.MATRIX, word=mu_encode(
+            Opcode.LOAD, signal=1, target=Target.ACT, mem_addr=plan.C.addr + 16, mem_stride=64, rows=2, cols=4,
+            spm_addr=0, spm_stride=2)), isa.encode(SocOp.MATRIX, word=mu_encode(Opcode.NOP, wait=1)),
+            isa.encode(SocOp.FENCE, units=Unit.MU), isa.encode(SocOp.END)],
+         CpError.MU | (ErrorCode.MISALIGNED.value << 8), 1),
         ("bad PIM opcode", [nop, nop, pim(Macro(13)), nop, isa.encode(SocOp.FENCE, units=Unit.PCU),
                             isa.encode(SocOp.END)], CpError.PCU | (MacroError.BAD_OPCODE << 8), 2),
         ("misaligned VLOAD", [vec_ok, load_ok, vdma(SocOp.VLOAD, **{**plan.vload, "mem_addr": plan.C.addr + 8}),
