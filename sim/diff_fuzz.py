@@ -68,10 +68,30 @@ def _ceil(a, b):
     return -(-a // b)
 
 
+_override = None      # a SystemConfig that replaces CONFIG for one run_batch (e.g. the refresh fault test)
+
+
 def cfg():
     from sim.run import soc_config
 
-    return soc_config(CONFIG)
+    return _override if _override is not None else soc_config(CONFIG)
+
+
+def refresh_limit_config():
+    """``tiny`` with refresh at its limit: tREFI at the memory controller's minimum (the time to force a
+    refresh, plus one) and one postponable REF, so REF takes about a third of the cycles and is forced
+    in the middle of every kind of work."""
+    import dataclasses
+
+    from hw.memctrl import MemoryController
+
+    c = cfg()
+    t = c.timing
+    need = max(t.tRAS, t.tWR, t.tRTP) + t.tRP + t.tRFC + 8
+    out = c.replace(**{"timing.tREFI": need + 1, "timing.refresh_postpone": 1})
+    MemoryController(out)            # raises if the controller refuses it
+    assert dataclasses.is_dataclass(out)
+    return out
 
 
 # -- hypothesis strategies ---------------------------------------------------------------------------
@@ -164,6 +184,9 @@ class Case:
     outputs: list = field(default_factory=list)         # (name, addr, n) read back and compared
     reads: list = field(default_factory=list)           # (addr, n) host reads while the program runs
     abort: int | None = None                            # fault injection: CLEAR this many cycles after START
+    bad: list = field(default_factory=list)             # fault injection: ("read" | "write", addr, n) host
+                                                        # bursts while the program runs that must answer
+                                                        # SLVERR and touch nothing
     units: dict = field(default_factory=dict)           # instructions per kind (statistics)
 
 
@@ -459,6 +482,23 @@ class Mismatch:
         return f"{self.case}: {self.what}: {self.detail}"
 
 
+def scrub_program() -> tuple[int, int, list]:
+    """(zero region address, its bytes, program) run after a CLEARed case on the RTL and the model: VLOADs
+    of zeros over the whole vector-queue scratchpad. The CLEARed program may have left anything there,
+    and a later case may store scratchpad words it did not write (the rest of a row, say)."""
+    from hw.npu.vector_queue import VectorQueue
+
+    c = cfg()
+    p = c.pim
+    cols = VectorQueue(c).spm_columns
+    zcols = 32
+    zaddr = (p.data_rows - 1) * p.channels * p.banks * p.row_bytes + 1024    # beside the warm-up write
+    words = [isa.encode(SocOp.VLOAD, mem_addr=zaddr, mem_stride=0, rows=cols // zcols, cols=zcols, spm_addr=0,
+                        spm_pitch=zcols),
+             isa.encode(SocOp.FENCE, units=Unit.VQ), isa.encode(SocOp.END)]
+    return zaddr, zcols * COL, words
+
+
 def model_batch(cases: list[Case]) -> list[dict]:
     """Run the cases in order on one :class:`sim.soc_model.SocModel`; per case its error and output bytes."""
     from sim.soc_model import SocModel
@@ -477,6 +517,11 @@ def model_batch(cases: list[Case]) -> list[dict]:
             res.append({"error": 0, "error_pc": 0, "reads": reads, "outputs": [], "aborted": True})
             for _, a, n in case.outputs:
                 m.write(a, bytes(n))
+            za, zn, words = scrub_program()
+            m.write(za, bytes(zn))
+            m.write(case.prog_addr, isa.to_bytes(words))
+            r = m.run(case.prog_addr, len(words))
+            assert r.error == 0, f"the scrub program failed on the model: {r.error:#x}"
             continue
         r = m.run(case.prog_addr, len(case.program))
         res.append({"error": r.error, "error_pc": r.error_pc, "reads": reads,
@@ -520,6 +565,10 @@ def compare(cases: list[Case], rtl: list[dict], model: list[dict]) -> list[Misma
         for k, ((name, _, _), g, w) in enumerate(zip(case.outputs, r["outputs"], m["outputs"], strict=True)):
             if g != w:
                 out.append(Mismatch(case.name, name, _diff(g, w)))
+        for (op, a, n), resp in zip(case.bad, r.get("bad", []), strict=True):
+            if resp != 2:
+                out.append(Mismatch(case.name, "AXI error", f"host {op} of {n} bytes at {a:#x} during the program "
+                                                            f"answered {resp}, not SLVERR (2)"))
         for (a, n), g, w in zip(case.reads, r["reads"], m["reads"], strict=True):
             if g != w:
                 out.append(Mismatch(case.name, f"host read {a:#x}+{n} during the program", _diff(g, w)))
@@ -536,10 +585,23 @@ def compare(cases: list[Case], rtl: list[dict], model: list[dict]) -> list[Misma
 
 
 # -- the whole batch -----------------------------------------------------------------------------------
+def bad_bursts(rng, case: Case) -> list:
+    """Host bursts that must answer SLVERR and write nothing: across the end of device memory, wholly
+    outside it, misaligned inside the case's first output (or its program) region."""
+    p = cfg().pim
+    end = p.total_bytes
+    inside = case.outputs[0][1] if case.outputs else case.prog_addr
+    ops = [("write", end - 32, 64), ("read", end - 32, 64), ("write", end, 32), ("read", end + 4096, 32),
+           ("write", inside + 8, 32), ("read", inside + 16, 32)]
+    pick = rng.choice(len(ops), size=int(rng.integers(1, 4)), replace=False)
+    return [ops[k] for k in sorted(pick)]
+
+
 def batch(seed: int, n: int, only: int | None = None, max_tasks: int = 5, units=("pim", "mu", "vq"),
-          abort_every: int = 0) -> list[Case]:
+          abort_every: int = 0, axi_errors: bool = False) -> list[Case]:
     """Cases ``0..n-1`` of ``seed``. ``abort_every = k``: every k-th case (from case 1) is CLEARed a random
-    number of cycles after its START (fault injection; the later cases must still be bit-exact)."""
+    number of cycles after its START (fault injection; the later cases must still be bit-exact).
+    ``axi_errors``: every case also issues 1-3 :func:`bad_bursts` while its program runs."""
     specs = draw_specs(seed, n, max_tasks, units)
     idx = range(n) if only is None else [only]
     out = []
@@ -547,15 +609,26 @@ def batch(seed: int, n: int, only: int | None = None, max_tasks: int = 5, units=
         c = build_case(specs[i], name=f"seed {seed} case {i}")
         if abort_every and i % abort_every == 1:
             c.abort = int(np.random.default_rng([seed, i]).integers(1, 400))
+        if axi_errors:
+            c.bad = bad_bursts(np.random.default_rng([seed, i, 21]), c)
         out.append(c)
     return out
 
 
 def run_batch(seed: int, n: int, only: int | None = None, test_name: str | None = None, max_tasks: int = 5,
-              pause_pct: int = 0, units=("pim", "mu", "vq"), abort_every: int = 0):
-    """Run a batch on the RTL (one simulation) and on the model; (cases, mismatches, stats)."""
+              pause_pct: int = 0, units=("pim", "mu", "vq"), abort_every: int = 0, axi_errors: bool = False,
+              config=None):
+    """Run a batch on the RTL (one simulation) and on the model; (cases, mismatches, stats). ``config``: a
+    SystemConfig instead of :data:`CONFIG` (its own SoC build)."""
+    global _override
+    if config is not None:
+        _override = config
+        try:
+            return run_batch(seed, n, only, test_name, max_tasks, pause_pct, units, abort_every, axi_errors)
+        finally:
+            _override = None
     t0 = time.time()
-    cases = batch(seed, n, only, max_tasks, units, abort_every)
+    cases = batch(seed, n, only, max_tasks, units, abort_every, axi_errors)
     t_gen = time.time() - t0
     model = model_batch(cases)
     t_model = time.time() - t0 - t_gen
@@ -584,11 +657,13 @@ def run_rtl_cases(cases: list[Case], test_name: str, pause_pct: int = 0, seed: i
     run_dir.mkdir(parents=True, exist_ok=True)
     warm = (c.pim.data_rows - 1) * c.pim.channels * c.pim.banks * c.pim.row_bytes
     # The first AXI write after power-up, one beat, read back (it was once lost: see SocSim).
-    job = {"config": CONFIG, "setup": setup_writes(c), "warmup": (warm, bytes(range(1, 33))), "pause_pct": pause_pct,
+    job = {"config": CONFIG if _override is None else c, "setup": setup_writes(c), "warmup": (warm, bytes(range(1, 33))), "pause_pct": pause_pct,
            "seed": seed,
            "final": (0, (c.pim.data_rows - 2) * c.pim.channels * c.pim.banks * c.pim.row_bytes),
+           "scrub": scrub_program(),
            "cases": [{"writes": cs.writes, "prog_addr": cs.prog_addr, "program": cs.program,
-                      "outputs": [(a, n) for _, a, n in cs.outputs], "reads": cs.reads, "abort": cs.abort}
+                      "outputs": [(a, n) for _, a, n in cs.outputs], "reads": cs.reads, "abort": cs.abort,
+                      "bad": cs.bad}
                      for cs in cases]}
     (run_dir / "job.pkl").write_bytes(pickle.dumps(job))
     out = run_dir / "result.pkl"

@@ -3,6 +3,9 @@
 * CLEAR in the middle of a program (1..400 cycles after START): the SoC must become idle, and every later
   program must be bit-exact with the functional model (which never ran the CLEARed program).
 * Back-pressure on every AXI channel of the host ports (cocotbext-axi pause generators): bit-exact.
+* AXI errors while programs run (bursts across the end of memory, outside it, misaligned): SLVERR,
+  nothing written, the programs bit-exact.
+* Refresh pressure at its limit (tREFI at the refresh machine's minimum): bit-exact, no violation.
 
 Every failure names ``seed S case I``.
 """
@@ -31,3 +34,23 @@ def test_axi_backpressure_bit_exact():
     models read the handshake after the design had evaluated the edge; SocSim now registers the SoC's bus
     outputs for them.) The testbench's step time-outs turn a hang into a failure naming the transfer."""
     _run(32, 3, pause_pct=30, test_name="faults_backpressure")
+
+
+def test_axi_errors_mid_program_then_bit_exact():
+    """While every program runs, 1-3 host bursts that must fail (across the end of device memory, wholly
+    outside it, misaligned inside a live output region) answer SLVERR and write nothing (the whole of
+    device memory is compared after the last case); every program stays bit-exact. Every third program
+    is also CLEARed mid-way."""
+    cases, stats = _run(33, 24, axi_errors=True, abort_every=3, test_name="faults_axi_errors")
+    assert sum(len(c.bad) for c in cases) >= 24
+
+
+def test_refresh_at_its_limit_bit_exact():
+    """tREFI at the memory controller's minimum and one postponable REF (sim.diff_fuzz.refresh_limit_config):
+    refresh is forced in the middle of GEMVs, GEMMs and vector work; every program bit-exact and the protocol
+    checker clean. The checker flags a channel that goes tREFI * 2 cycles without REF, so a clean run of
+    over 100 tREFI means over 50 REFs per channel."""
+    c = D.refresh_limit_config()
+    assert c.timing.tREFI < 40 and c.timing.refresh_postpone == 1
+    cases, stats = _run(34, 20, config=c, test_name="faults_refresh")
+    assert stats["rtl_cycles"] // c.timing.tREFI > 100

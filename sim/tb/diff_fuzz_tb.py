@@ -59,7 +59,7 @@ async def run_cases(dut):
     dut.bd_load.value = 0
     from sim.run import soc_config
 
-    cfg = soc_config(job["config"])
+    cfg = soc_config(job["config"]) if isinstance(job["config"], str) else job["config"]
     for c in range(cfg.pim.channels):
         getattr(dut, f"s{c}__clear").value = 0
     host = Host(dut)
@@ -110,12 +110,19 @@ async def run_cases(dut):
         t0 = _now()
         await host.wr(CSR.CTRL, Ctrl.START)
         reads = [cocotb.start_soon(host.read_mem(a, n)) for a, n in case["reads"]]
+
+        async def bad_burst(op, a, n):
+            r = await (host.axi.write(a, bytes([0xA5]) * n) if op == "write" else host.axi.read(a, n))
+            return int(r.resp)
+
+        bad = [cocotb.start_soon(bad_burst(*b)) for b in case.get("bad", [])]
         if case.get("abort") is not None:
             # Fault injection: CLEAR while the program runs, then wait until every unit is idle.
             await First(Timer(case["abort"] * PERIOD_NS, "ns"), RisingEdge(done))
             await host.wr(CSR.CTRL, Ctrl.CLEAR)
             read_data = [await with_timeout(r, TIMEOUT_CYCLES * PERIOD_NS, "ns") for r in reads]
-            rec = {"aborted": case["abort"], "cycles": _now() - t0}
+            rec = {"aborted": case["abort"], "cycles": _now() - t0,
+                   "bad": [await with_timeout(b, TIMEOUT_CYCLES * PERIOD_NS, "ns") for b in bad]}
             for _ in range(200):
                 status = await host.rd(CSR.STATUS)
                 if not status & (Status.BUSY | Status.MU_BUSY | Status.VQ_BUSY | Status.PCU_BUSY):
@@ -134,6 +141,15 @@ async def run_cases(dut):
             # does the same). A write of the CLEARed program landing after this would show as a mismatch.
             for a, n in case["outputs"]:
                 await step(f"case {i}: zeroing an output after CLEAR", host.axi.write(a, bytes(n)))
+            # ... and zeroes the vector queue's scratchpad (sim.diff_fuzz.scrub_program; the model runs it too).
+            za, zn, words = job["scrub"]
+            await step(f"case {i}: scrub zeros", host.axi.write(za, bytes(zn)))
+            await step(f"case {i}: scrub program", host.axi.write(case["prog_addr"], isa.to_bytes(words)))
+            await host.wr(CSR.PROG_ADDR, case["prog_addr"])
+            await host.wr(CSR.PROG_LEN, len(words))
+            await host.wr(CSR.CTRL, Ctrl.START)
+            await with_timeout(First(RisingEdge(done), Edge(error)), TIMEOUT_CYCLES * PERIOD_NS, "ns")
+            assert await host.rd(CSR.ERROR) == 0, f"case {i}: the scrub program after CLEAR failed"
             continue
         timer = Timer(TIMEOUT_CYCLES * PERIOD_NS, "ns")
         timed_out = False
@@ -146,6 +162,7 @@ async def run_cases(dut):
                 break
         cycles = _now() - t0
         read_data = [await with_timeout(r, TIMEOUT_CYCLES * PERIOD_NS, "ns") for r in reads]
+        bad_resp = [await with_timeout(b, TIMEOUT_CYCLES * PERIOD_NS, "ns") for b in bad]
         if timed_out:
             results.append({"timeout": TIMEOUT_CYCLES, "cycles": cycles})
             save()
@@ -153,7 +170,7 @@ async def run_cases(dut):
         err = await host.rd(CSR.ERROR)
         pc = await host.rd(CSR.ERROR_PC)
         outs = [await host.read_mem(a, n) for a, n in case["outputs"]]
-        rec = {"error": err, "error_pc": pc, "outputs": outs, "reads": read_data, "cycles": cycles}
+        rec = {"error": err, "error_pc": pc, "outputs": outs, "reads": read_data, "cycles": cycles, "bad": bad_resp}
         v = violations()
         if len(v) > seen_viol:
             rec["checker"] = "; ".join(str(x) for x in v[seen_viol:seen_viol + 3])
