@@ -45,6 +45,9 @@ FP32EXT_T = ("tests/test_vector.py::test_fp32ext_amaranth_sim", "tests/test_vect
              K + "test_fp32ext_multiplier_ties_amaranth_sim")
 
 
+DEVICE_T = ("tests/test_pim_device.py::test_timing_rules_at_their_edges[tiny]",)   # Verilator: a build each
+
+
 @dataclass(frozen=True)
 class Mutant:
     id: str
@@ -59,6 +62,11 @@ def _timing(rule, name, start):
     return Mutant(f"memctrl.{rule}-1", "hw/memctrl.py", f'countdown(m, {name}, t.{rule}, {start})',
                   f'countdown(m, {name}, t.{rule} - 1, {start})', MEMCTRL_T,
                   f"controller's {rule} one cycle short")
+
+
+def _device(rule, file, name, start):
+    return Mutant(f"device.{rule}-1", file, f'countdown(m, "{name}", t.{rule}, {start})',
+                  f'countdown(m, "{name}", t.{rule} - 1, {start})', DEVICE_T, f"PIM device's {rule} one cycle short")
 
 
 MUTANTS = (
@@ -123,6 +131,18 @@ MUTANTS = (
            "bank=addr[self.bank_lo:self.bank_lo + p.bank_addr_bits] if p.bank_addr_bits else Const(0, 1),",
            "bank=addr[self.bank_lo + 1:self.bank_lo + 1 + p.bank_addr_bits] if p.bank_addr_bits else Const(0, 1),",
            MEMCTRL_T, "RTL address map: bank field one bit too high"),
+    # ---- PIM device (hw/pim/bank.py, channel.py): each timing rule one cycle short ----
+    _device("tRCDRD", "hw/pim/bank.py", "rcdrd", "self.do_act"),
+    _device("tRCDWR", "hw/pim/bank.py", "rcdwr", "self.do_act"),
+    _device("tRAS", "hw/pim/bank.py", "ras", "self.do_act"),
+    _device("tRP", "hw/pim/bank.py", "rp", "self.do_pre"),
+    _device("tWR", "hw/pim/bank.py", "wr", "self.do_wr"),
+    _device("tRTP", "hw/pim/bank.py", "rtp", "rd_type"),
+    _device("tCCD", "hw/pim/channel.py", "ccd", "execute & col_cmd"),
+    _device("tRRD", "hw/pim/channel.py", "rrd", "execute & is_act"),
+    _device("tRFC", "hw/pim/channel.py", "rfc", "execute & (op == PimOp.REF)"),
+    _device("tMAC", "hw/pim/channel.py", "mac", "execute & is_mac"),
+    _device("tAF", "hw/pim/channel.py", "afl", "execute & (op == PimOp.AF)"),
     # ---- matrix unit (hw/npu/matrix_unit.py) ----
     Mutant("mu.busy_hole", "hw/npu/matrix_unit.py", "(q_store.level != 0)", "q_store.r_rdy", MU_T,
            "matrix unit: busy low while a STORE enters its queue"),
