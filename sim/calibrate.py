@@ -42,6 +42,8 @@ JOBS = {
              for layers, pre, gen in ((1, 8, 2), (2, 3, 5))],
     "default": [("ianus", 1, 32, 4), ("npu-mem", 1, 32, 1)],      # the SoC benchmark's jobs (sim/benchmarks/soc.py)
 }
+# the channel-interleaved RTL variants (issue 14): the same jobs
+JOBS["tiny-il"], JOBS["default-il"] = JOBS["tiny"], JOBS["default"]
 
 
 def job_key(config, policy, layers, prefill, generate) -> str:
