@@ -46,6 +46,8 @@ FP32EXT_T = ("tests/test_vector.py::test_fp32ext_amaranth_sim", "tests/test_vect
 
 
 DEVICE_T = ("tests/test_pim_device.py::test_timing_rules_at_their_edges[tiny]",)   # Verilator: a build each
+# tCCD and tRRD are 1 on every preset (one command per cycle always meets them): tiny with tCCD 2, tRRD 3
+WIDE_T = ("tests/test_pim_device.py::test_timing_rules_at_their_edges_wide_tccd_trrd",)
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,8 @@ MUTANTS = (
     _device("tRP", "hw/pim/bank.py", "rp", "self.do_pre"),
     _device("tWR", "hw/pim/bank.py", "wr", "self.do_wr"),
     _device("tRTP", "hw/pim/bank.py", "rtp", "rd_type"),
-    _device("tCCD", "hw/pim/channel.py", "ccd", "execute & col_cmd"),
-    # tiny's tRRD is 1 (one command per cycle meets it anyway): the default device's edge test (tRRD = 2)
-    _device("tRRD", "hw/pim/channel.py", "rrd", "execute & is_act",
-            ("tests/test_pim_device.py::test_timing_rules_at_their_edges[default]",)),
+    _device("tCCD", "hw/pim/channel.py", "ccd", "execute & col_cmd", WIDE_T),
+    _device("tRRD", "hw/pim/channel.py", "rrd", "execute & is_act", WIDE_T),
     _device("tRFC", "hw/pim/channel.py", "rfc", "execute & (op == PimOp.REF)"),
     _device("tMAC", "hw/pim/channel.py", "mac", "execute & is_mac"),
     _device("tAF", "hw/pim/channel.py", "afl", "execute & (op == PimOp.AF)"),

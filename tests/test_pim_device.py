@@ -54,6 +54,16 @@ def test_timing_rules_at_their_edges(config):
     run(config, "timing_edges")
 
 
+def test_timing_rules_at_their_edges_wide_tccd_trrd():
+    """tCCD and tRRD are 1 on the tiny preset (one command per cycle always meets them, so their edges
+    cannot be tested there): the same edge test on tiny with tCCD = 2 and tRRD = 3."""
+    over = {"timing.tCCD": 2, "timing.tRRD": 3}
+    cfg = preset("tiny").replace(**over)
+    sb = build(device_factory(cfg), name="pim_device_tiny", key=repr(cfg), extra_sources=tuple(device_sources(cfg)),
+               no_inline=("pim_bank_*",))
+    sb.run(TB, "timing_edges", env={"IANUS_CONFIG": "tiny", "IANUS_TIMING": "tCCD=2,tRRD=3"})
+
+
 def test_backdoor_gpt2_small_layer():
     run("default", "backdoor_layer", D_MODEL=768, N_SAMPLES=48)
 

@@ -3,7 +3,7 @@
 Every test runs the independent protocol checker (sim/pim_checker.py) on the
 bus the device saw and requires both it and the device's own sticky violation
 flag to stay clean (except the illegal-sequence test, which expects them).
-The configuration comes from ``IANUS_CONFIG`` (a preset name).
+The configuration comes from ``IANUS_CONFIG`` (a preset name), with ``IANUS_TIMING`` overrides.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ from sim.tb.common import env_int, env_str, tb_test, write_metrics
 
 
 def _cfg():
-    return preset(env_str("IANUS_CONFIG", "tiny"))
+    """The preset ``IANUS_CONFIG`` with the ``timing.*`` overrides of ``IANUS_TIMING`` (``"tCCD=2,tRRD=3"``)."""
+    cfg = preset(env_str("IANUS_CONFIG", "tiny"))
+    over = env_str("IANUS_TIMING", "")
+    if over:
+        cfg = cfg.replace(**{f"timing.{k}": int(v) for k, v in (kv.split("=") for kv in over.split(","))})
+    return cfg
 
 
 def _backdoor_dir():
