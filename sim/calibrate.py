@@ -5,8 +5,11 @@ policies ``ianus`` / ``naive`` / ``npu-mem``), the model's cycles are compared w
 RTL's command processor counted (``cp.cycles``).
 
 Host timeline: the RTL testbench starts the programs back to back through the AXI4-Lite registers;
-between two programs it reads every counter, which takes ``Calib.gap`` cycles (measured: 93) during
-which the DRAM keeps refreshing. The refresh phase matters (a REF that falls on a burst of memory
+between two programs it reads every counter, which takes ``Calib.gap`` cycles during which the DRAM
+keeps refreshing. RTL runs record each program's start (``t_start``, the START write's response), and
+the comparison then uses the measured starts (tiny, 2 channels: 138 cycles between programs since the
+bus models' handshake was fixed, issue 21); ``Calib.gap`` (93) describes the stored default runs, made
+before. The refresh phase matters (a REF that falls on a burst of memory
 traffic costs tRP + tRFC), so the comparison replays the testbench's timeline: program ``k`` starts
 ``gap`` cycles after program ``k - 1`` ended *on the RTL* (the start of each program is an input,
 like the host's choice of when to start it; the program's own cycles are the model's; traffic the
@@ -57,7 +60,8 @@ def run_rtl_job(config, policy, layers, prefill, generate, test_name=None) -> li
 
     cm, job, x, ws = prepare(config, policy, layers, prefill, generate)
     _, res = run_rtl(job, test_name=test_name or f"pmcal_{config}_{policy}_{layers}")
-    return [{"name": r["name"], "cycles": r["cycles"], "counters": r.get("counters", {})} for r in res]
+    return [{"name": r["name"], "cycles": r["cycles"], "t_start": r.get("t_start"), "counters": r.get("counters", {})}
+            for r in res]
 
 
 JITTER = (-3, 0, 3)
@@ -79,6 +83,13 @@ def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=Tr
         raise ValueError(f"{job_key(config, policy, layers, prefill, generate)}: {len(job.programs)} programs "
                          f"compiled, {len(rtl_programs)} in the RTL results")
     cal = calib or Calib()
+    starts = [r.get("t_start") for r in rtl_programs]
+    measured = calib is None and all(t is not None for t in starts)
+    if measured:
+        # The RTL run recorded when each program started (sim/tb/soc_job_tb.py): the host timeline is
+        # measured, not assumed (Calib.gap / first_start describe runs stored without it).
+        gaps = sorted(b - a - r["cycles"] for a, b, r in zip(starts, starts[1:], rtl_programs))
+        cal = dataclasses.replace(cal, first_start=starts[0], gap=gaps[len(gaps) // 2] if gaps else cal.gap)
     decoded = [decode_program(st.words) for st, _, _ in job.programs]
     runs = []
     for d in jitter:
@@ -86,7 +97,9 @@ def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=Tr
         m = PerfModel(cm.cfg, calib=c)
         t = 0
         out = []
-        for ins, (_st, addr, _n), r in zip(decoded, job.programs, rtl_programs, strict=True):
+        for k, (ins, (_st, addr, _n), r) in enumerate(zip(decoded, job.programs, rtl_programs, strict=True)):
+            if measured:
+                t = starts[k] - starts[0]
             start = t if anchored else None
             out.append(m.run_program(None, ins=ins, prog_addr=addr, start=start).cycles)
             t += r["cycles"] + cal.gap

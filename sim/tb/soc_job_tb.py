@@ -144,6 +144,7 @@ async def run_job(dut):
         await host.wr(CSR.CTRL, Ctrl.RESET_COUNTERS)
         watcher = cocotb.start_soon(_busy_spans(unit_busy, spans, _now()))
         await host.wr(CSR.CTRL, Ctrl.START)
+        t_start = _now()            # the START write's response (a fixed number of cycles after the CP took it)
         budget = spec["timeout_cycles"]
         timer = Timer(budget * PERIOD_NS, "ns")
         while True:
@@ -158,7 +159,7 @@ async def run_job(dut):
             raise AssertionError(f"{prog['name']}: SoC error {err:#06x} at instruction {pc} (STATUS {status:#x})")
         assert status & Status.DONE, f"{prog['name']}: no done within {budget} cycles (STATUS {status:#x})"
         counters = {k: await host.rd(off) for k, off in regs.items()}
-        results.append({"name": prog["name"], "cycles": counters["cp.cycles"], "counters": counters,
+        results.append({"name": prog["name"], "cycles": counters["cp.cycles"], "t_start": t_start, "counters": counters,
                         "busy": {"mu": counters["mu.busy"], "vq": counters["vq.busy"], "pcu": counters["pcu.busy"]},
                         "spans": spans})
         dut._log.info("%s: %d cycles", prog["name"], counters["cp.cycles"])
