@@ -32,7 +32,7 @@ Operations and their attribution are those of the projection's breakdown (:func:
     FC1 ran on the matrix unit.
 
 Compulsory work (what any implementation of the operation must move and compute; everything else a
-program moves is counted by :func:`program_traffic`, so the two can be compared):
+program moves is counted by :func:`program_traffic`, from :mod:`sim.projection_core`, so the two can be compared):
 
 * **Bytes.** Operations communicate through device memory, as the stages do: each operation reads its
   inputs once and writes its outputs once. Activations are BF16 (the storage format); the residual
@@ -81,6 +81,8 @@ from firmware.compiler import STAGES, choose_mapping
 from firmware.gpt2 import GptShape
 from firmware.pim import GemvLayout, gemv_lower_bound
 from hw.config import SystemConfig
+from sim.projection_core import OPS as PROJ_OPS
+from sim.projection_core import program_traffic
 
 __all__ = ["OPS", "PHASES", "Work", "Rates", "Bound", "rates", "bound", "gemv_cycles", "stage_work", "phase_work",
            "program_traffic", "op_bounds", "phase_bounds", "projection_rows", "rtl_stage_ratios", "default_layer_rows",
@@ -288,39 +290,6 @@ def op_bounds(cfg: SystemConfig, shape: GptShape, policy: str, n_in: int, phase:
 
 
 # ---------------------------------------------------------------------------------------------
-# Bytes the compiled programs move (for comparison with the compulsory bytes)
-# ---------------------------------------------------------------------------------------------
-
-def program_traffic(ins, tags) -> dict:
-    """External DRAM bytes per tag that a decoded program (:func:`sim.perfmodel.decode_program`) moves:
-    matrix-unit LOAD / STORE, VLOAD / VSTORE and the PCU's input-vector, bias and result transfers
-    (32-byte requests, as the DMA engines issue them); instruction fetches are not counted."""
-    from hw.spec.soc_isa import SocOp
-    from sim.perfmodel import F_BF16, F_BIAS, OP_GEMV, OP_READ_RES, OP_WRITE_VEC
-
-    out = {}
-    for x, tag in zip(ins, tags, strict=True):
-        f = x.f
-        n = 0
-        if x.op == SocOp.MATRIX and f["opcode"] == "LOAD":
-            n = f["rows"] * -(-f["cols"] // 16) * 32
-        elif x.op == SocOp.MATRIX and f["opcode"] == "STORE":
-            n = f["rows"] * -(-f["cols"] // (16 if f["bf16"] else 8)) * 32
-        elif x.op in (SocOp.VLOAD, SocOp.VSTORE):
-            n = f["rows"] * f["cols"] * 32
-        elif x.op == SocOp.PIM:
-            if f["op"] == OP_WRITE_VEC:
-                n = -(-f["n"] * 2 // 32) * 32
-            elif f["op"] == OP_GEMV and f["flags"] & F_BIAS:
-                n = -(-f["m"] * 4 // 32) * 32
-            elif f["op"] == OP_READ_RES:
-                n = -(-f["n"] * (2 if f["flags"] & F_BF16 else 4) // 32) * 32
-        if n:
-            out[tag] = out.get(tag, 0) + n
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The projection's table
 # ---------------------------------------------------------------------------------------------
 
@@ -356,13 +325,11 @@ def phase_bounds(cfg: SystemConfig, shape: GptShape, policy: str, n_in: int, n_o
 
 
 def projection_rows(p, n_out: int | None = None) -> list[dict]:
-    """The bound table of one :class:`sim.project.Projection`: per phase and operation the achieved
+    """The bound table of one :class:`sim.projection_core.Projection`: per phase and operation the achieved
     time (the projection's breakdown), the bound, their ratio and the binding resource, for the whole
     model (summarization in ms, generation in ms per generated token); op ``total`` is the phase.
     With ``traffic`` recorded by the projection, also the bytes its programs move against the
     compulsory bytes (per layer, MB)."""
-    from sim.project import OPS as PROJ_OPS
-
     n_out = n_out if n_out is not None else (max(p.gen) + 1 if p.gen else 1)
     _check_outputs(p.n_in, n_out)
     cfg, L = p.cfg, p.shape.layers
@@ -455,8 +422,6 @@ def default_layer_rows(policy: str, prefill: int = 32, generate: int = 4, rtl: d
     model runs the job's programs; ``rtl`` ({program name: cycles}, e.g. from ``sim/calibration``) adds the
     RTL's cycles per stage. Returns (per phase and op rows, per stage rows); generation figures are per
     step (mean over the ``generate`` steps)."""
-    from sim.project import OPS as PROJ_OPS
-
     cm, runs = model_run(config, policy, 1, prefill, generate)
     cfg, shape = cm.cfg, cm.shape
     r = rates(cfg)

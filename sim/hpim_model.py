@@ -89,6 +89,7 @@ from hw.npu.sram_pim import SramPimOp, SramPimUnit
 from hw.spec import soc_isa as isa
 from hw.spec.soc_isa import SocOp, Unit
 from sim.perfmodel import Calib, Memory, PerfModel, decode_program, micro_for
+from sim.projection_core import PhaseResult, Projection, project_programs, sample_positions
 
 __all__ = ["SramPimSystem", "HpimCapacityError", "HpimLayer", "Task", "schedule", "critical_path",
            "project_hpim", "HPIM_OPS", "OPS_MAP", "stream_cycles", "capacity_mode", "check_fit", "hpim_tables",
@@ -136,7 +137,7 @@ HPIM_OPS = ("ln1", "qkv", "scatter", "kv_stream", "qk", "softmax", "pv", "o_stor
 OPS_MAP = {"ln1": "vector", "qkv": "qkv", "scatter": "qkv", "kv_stream": "attention", "qk": "attention",
            "softmax": "attention", "pv": "attention", "o_store": "attention", "proj": "proj", "residual": "vector",
            "ln2": "vector", "fc1": "ffn", "fc2": "ffn", "idle": "overhead"}
-"""hpim operation -> the projection's breakdown operation (:data:`sim.project.OPS`)."""
+"""hpim operation -> the projection's breakdown operation (:data:`sim.projection_core.OPS`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,23 +510,21 @@ class HpimLayer:
 
 def project_hpim(name: str, n_in: int, n_out: int, cfg: SystemConfig | None = None, samples: int = 16,
                  shape: GptShape | None = None, progress=None, system: SramPimSystem | None = None, base=None):
-    """:class:`sim.project.Projection` of policy ``hpim``: summarization as ``ianus`` (the same programs:
+    """:class:`sim.projection_core.Projection` of policy ``hpim``: summarization as ``ianus`` (the same programs:
     prefill does not use the SRAM-PIM units; ``base``, an ``ianus`` projection of the same model and input,
     lends its summarization instead of simulating it again), every sampled generation step from
     :class:`HpimLayer`."""
-    from sim.project import PhaseResult, Projection, _positions, project
-
     t0 = time.perf_counter()
     cfg = cfg or preset("ianus")
     shape = shape or SHAPES[name]
     if base is None:
-        base = project(name, "ianus", n_in, 1, cfg, samples=samples, shape=shape, progress=progress)
+        base = project_programs(name, "ianus", n_in, 1, cfg, samples=samples, shape=shape, progress=progress)
     elif (base.policy, base.n_in, base.shape) != ("ianus", n_in, shape):
         raise ValueError(f"base must be an ianus projection of {shape} with input {n_in}, not {base.policy} "
                          f"{base.shape} input {base.n_in}")
     layer = HpimLayer(cfg, shape, n_in + max(n_out, 1), system, n_in=n_in)
     gen = {}
-    for t in _positions(n_out, samples):
+    for t in sample_positions(n_out, samples):
         st = layer.step(n_in + t - 1)
         r = PhaseResult()
         r.cycles = st["cycles"]

@@ -76,13 +76,13 @@ hardware model:
   tensor-parallel over D devices with sequence parallelism (Megatron-LM: heads and FC columns split over the
   devices, layernorm, residual, bias and GELU work split over the batch rows, the all-reduces replaced by
   reduce-scatter + all-gather of the same bytes), so every operation's work divides by D and only the
-  per-program overhead does not (:func:`sim.project.scale_devices` keeps the vector work whole: a batch-1
+  per-program overhead does not (:func:`sim.projection_core.scale_devices` keeps the vector work whole: a batch-1
   convention; at batch 256 on 16 devices the replicated layernorms would outweigh the GEMMs). D = the smallest
   divisor of the head count with which the largest batch fits (``--devices`` sets it).
   NeuPIMs runs 7B and 13B with ``n_tp = 4``, 30B with ``n_tp = 4, n_pp = 2`` on 32 GB HBM devices
   (``configs/model_configs``, ``configs/memory_configs/neupims.json``); our devices hold a quarter of that.
 * Inter-device communication: the two all-reduces per layer over PCIe 5.0 x16
-  (:func:`sim.project.allreduce_s`) are reported separately (``tokens/s with link``) and left out of the
+  (:func:`sim.projection_core.allreduce_s`) are reported separately (``tokens/s with link``) and left out of the
   headline ratios: NeuPIMs' simulator has no inter-device link (``src`` has no all-reduce), so its ratios are
   per device; with the link the same for every policy, it dilutes all ratios towards 1.
 * Models: GPT-3 7B (d 4096, 32 heads, 32 layers), 13B (5120, 40, 40), 30B (7168, 56, 48), FFN 4 d, head_dim
@@ -116,6 +116,7 @@ from firmware.gpt2 import GptShape
 from hw.config import SystemConfig, preset
 from hw.spec.soc_isa import Unit
 from sim.perfmodel import PerfModel, decode_program, micro_for, stage_tags
+from sim.projection_core import allreduce_s
 
 __all__ = ["MODELS", "BATCHES", "POLICIES", "NeuPimsCapacityError", "Seg", "segmented_gemv", "scores_segs", "pv_segs",
            "kv_rows_per_bank", "request_lengths", "NeuPimsModel", "phase_cycles", "interleaved_cycles",
@@ -361,7 +362,6 @@ class NeuPimsModel:
         parts["qkv"] = self._scaled(cfg, *self._run(cfg, ("qkv", rows), pb.words, "qkv_attn"))
         comm = 0.0
         if link and self.devices > 1:
-            from sim.project import allreduce_s
             comm = allreduce_s(cfg, self.shape, rows, self.devices)[0] * cfg.clocks.pim_mhz * 1e6
 
         def comb(names, extra):

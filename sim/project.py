@@ -33,26 +33,38 @@ What is simulated, and how it is scaled up:
 Outputs (``build/project/``): ``latency.csv`` (summarization, per generated token, total, energy),
 ``breakdown.csv`` (per operation and phase), ``stages.csv`` (cycles and energy per stage and layer),
 ``scaling.csv`` (devices), ``breakdown.png`` and ``roofline.png``.
+
+The result types (:class:`Projection`, :class:`PhaseResult`, :data:`OPS`), the device scaling
+(:func:`scale_devices`, :func:`allreduce_s`, :data:`LINK_LATENCY_US`) and the simulation of the compiled
+programs (:func:`sim.projection_core.project_programs`) live in :mod:`sim.projection_core`, which
+:mod:`sim.bounds`, :mod:`sim.hpim_model` and :mod:`sim.neupims_model` import without importing this
+module back; this module re-exports the names above.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from firmware.compiler import STAGES, LayerCompiler, choose_mapping, plan_memory
+from firmware.compiler import plan_memory
 from firmware.gpt2 import SHAPES, GptShape
 from hw.config import SystemConfig, preset
-from sim.bounds import op_bounds, phase_work, program_traffic, rates
+from sim.bounds import op_bounds, phase_work, rates
 from sim.energy import energy
-from sim.perfmodel import PerfModel, decode_program, micro_for, stage_tags
+from sim.projection_core import (
+    LINK_LATENCY_US,
+    OPS,
+    PhaseResult,
+    Projection,
+    allreduce_s,
+    project_programs,
+    scale_devices,
+)
 
 __all__ = ["MODELS", "INPUTS", "OUTPUTS", "POLICIES", "SCALING_MODELS", "Projection", "project", "main_project",
-           "add_parser", "LINK_LATENCY_US"]
+           "add_parser", "LINK_LATENCY_US", "OPS", "PhaseResult", "scale_devices", "allreduce_s"]
 
 MODELS = ("medium", "large", "xl", "2.5b")
 INPUTS = (128, 256, 512)
@@ -60,189 +72,20 @@ OUTPUTS = (1, 8, 64, 512)
 POLICIES = ("ianus", "npu-mem")
 EXTRA_POLICIES = ("hpim",)
 """Policies ``--policies`` accepts beyond the default pair: ``hpim`` (SRAM-PIM attention, :mod:`sim.hpim_model`)."""
-OPS = ("qkv", "attention", "proj", "ffn", "vector", "wait_pim", "overhead")
 SCALING_MODELS = {"6.7b": (GptShape(4096, 32, 32), 2), "13b": (GptShape(5120, 40, 40), 4),
                   "30b": (GptShape(7168, 56, 48), 8)}
-LINK_LATENCY_US = 2.0
-"""Per transfer over PCIe: DMA set-up and a round trip through the switch (assumed)."""
 DEVICE_BYTES = 8 << 30
-
-
-@dataclass
-class PhaseResult:
-    cycles: float = 0.0                               # per layer
-    breakdown: dict = field(default_factory=dict)     # per layer, cycles per op
-    events: dict = field(default_factory=dict)        # per layer
-    stages: dict = field(default_factory=dict)        # stage -> cycles per layer
-    stage_events: dict = field(default_factory=dict)  # stage -> events per layer
-    traffic: dict = field(default_factory=dict)       # per layer, op -> DRAM bytes the programs move
-
-    def add(self, name, res, w=1.0, traffic=None):
-        self.cycles += w * res.cycles
-        for k, v in (traffic or {}).items():
-            self.traffic[k] = self.traffic.get(k, 0.0) + w * v
-        self.stages[name] = self.stages.get(name, 0.0) + w * res.cycles
-        se = self.stage_events.setdefault(name, {})
-        for k, v in res.events.items():
-            se[k] = se.get(k, 0.0) + w * v
-        for k, v in res.breakdown.items():
-            self.breakdown[k] = self.breakdown.get(k, 0.0) + w * v
-        for k, v in res.events.items():
-            self.events[k] = self.events.get(k, 0.0) + w * v
-
-
-@dataclass
-class Projection:
-    model: str
-    policy: str
-    n_in: int
-    shape: GptShape
-    cfg: SystemConfig
-    prefill: PhaseResult
-    gen: dict                        # generated-token index t (1 .. n_out - 1) -> PhaseResult per layer (sampled)
-    wall_s: float = 0.0
-
-    @property
-    def mhz(self):
-        return self.cfg.clocks.pim_mhz
-
-    def gen_at(self, t: int) -> PhaseResult:
-        """Per-layer result of generation step ``t`` (1-based), interpolated between the samples."""
-        ks = sorted(self.gen)
-        if t in self.gen:
-            return self.gen[t]
-        lo = max([k for k in ks if k < t], default=ks[0])
-        hi = min([k for k in ks if k > t], default=ks[-1])
-        if lo == hi:
-            return self.gen[lo]
-        w = (t - lo) / (hi - lo)
-        out = PhaseResult()
-        a, b = self.gen[lo], self.gen[hi]
-        out.cycles = (1 - w) * a.cycles + w * b.cycles
-        for attr in ("breakdown", "events", "stages", "traffic"):
-            da, db = getattr(a, attr), getattr(b, attr)
-            setattr(out, attr, {k: (1 - w) * da.get(k, 0) + w * db.get(k, 0) for k in set(da) | set(db)})
-        out.stage_events = {st: {k: (1 - w) * a.stage_events.get(st, {}).get(k, 0) + w * b.stage_events.get(st, {}).get(k, 0)
-                                 for k in set(a.stage_events.get(st, {})) | set(b.stage_events.get(st, {}))}
-                            for st in a.stage_events}
-        return out
-
-    def gen_total(self, n_out: int) -> PhaseResult:
-        """Sum over the ``n_out - 1`` generation steps, per layer."""
-        out = PhaseResult()
-        for t in range(1, n_out):
-            r = self.gen_at(t)
-            out.cycles += r.cycles
-            for attr in ("breakdown", "events", "stages", "traffic"):
-                d = getattr(out, attr)
-                for k, v in getattr(r, attr).items():
-                    d[k] = d.get(k, 0.0) + v
-        return out
-
-    def summary(self, n_out: int, devices: int = 1) -> dict:
-        L = self.shape.layers
-        s = 1e-6 / self.mhz                       # seconds per cycle
-        pre = scale_devices(self.prefill, devices)
-        gen = scale_devices(self.gen_total(n_out), devices)
-        comm_pre, bytes_pre = allreduce_s(self.cfg, self.shape, self.n_in, devices)
-        comm_tok, bytes_tok = allreduce_s(self.cfg, self.shape, 1, devices)
-        steps = n_out - 1
-        t_sum = L * (pre.cycles * s + comm_pre)
-        t_gen = L * (gen.cycles * s + steps * comm_tok)
-        ev_pre = {k: v * L * devices for k, v in pre.events.items()}
-        ev_pre["link_bytes"] = L * bytes_pre
-        ev_gen = {k: v * L * devices for k, v in gen.events.items()}
-        ev_gen["link_bytes"] = L * steps * bytes_tok
-        e_pre = energy(ev_pre, t_sum)
-        e_gen = energy(ev_gen, t_gen)
-        return {
-            "model": self.model, "policy": self.policy, "input": self.n_in, "output": n_out, "devices": devices,
-            "summarization_ms": t_sum * 1e3,
-            "gen_ms_per_token": (t_gen / steps * 1e3) if steps else 0.0,
-            "total_ms": (t_sum + t_gen) * 1e3,
-            "summarization_mJ": e_pre["total"] * 1e3,
-            "gen_mJ_per_token": (e_gen["total"] / steps * 1e3) if steps else 0.0,
-            "total_J": e_pre["total"] + e_gen["total"],
-            "breakdown_pre_ms": {k: L * pre.breakdown.get(k, 0) * s * 1e3 for k in OPS},
-            "breakdown_gen_ms": {k: L * gen.breakdown.get(k, 0) * s * 1e3 for k in OPS},
-            "comm_ms": (L * (comm_pre + steps * comm_tok)) * 1e3,
-            "energy_pre": e_pre, "energy_gen": e_gen,
-        }
-
-
-def scale_devices(r: PhaseResult, devices: int) -> PhaseResult:
-    """Tensor parallelism over ``devices``: FC and attention work (and the PIM waits) divide, the
-    vector work and the per-program overhead do not."""
-    if devices == 1:
-        return r
-    out = PhaseResult(events={k: v / devices for k, v in r.events.items()})
-    split = ("qkv", "attention", "proj", "ffn", "wait_pim")
-    out.breakdown = {k: (v / devices if k in split else v) for k, v in r.breakdown.items()}
-    out.cycles = sum(out.breakdown.values())
-    out.stages = {k: v * out.cycles / r.cycles for k, v in r.stages.items()} if r.cycles else {}
-    return out
-
-
-def allreduce_s(cfg, shape: GptShape, tokens: int, devices: int) -> tuple[float, float]:
-    """(seconds, bytes sent per device) of the two ring all-reduces of a layer (after the attention
-    projection and after FC2) of ``tokens`` x d_model BF16 hidden states."""
-    if devices == 1:
-        return 0.0, 0.0
-    nbytes = tokens * shape.d_model * 2
-    per = 2 * (devices - 1) / devices * nbytes             # each device sends this much per all-reduce
-    t = per / (cfg.clocks.host_link_gbps * 1e9) + 2 * (devices - 1) * LINK_LATENCY_US * 1e-6
-    return 2 * t, 2 * per
-
-
-def _positions(n_out: int, samples: int) -> list[int]:
-    steps = n_out - 1
-    if steps <= 0:
-        return []
-    if steps <= samples:
-        return list(range(1, steps + 1))
-    return sorted({round(1 + i * (steps - 1) / (samples - 1)) for i in range(samples)})
 
 
 def project(name: str, policy: str, n_in: int, n_out: int, cfg: SystemConfig | None = None,
             samples: int = 16, shape: GptShape | None = None, progress=None) -> Projection:
     """Simulate one layer of ``name`` (a :data:`firmware.gpt2.SHAPES` key or ``shape``) for the
-    summarization of ``n_in`` tokens and ``n_out - 1`` generation steps."""
+    summarization of ``n_in`` tokens and ``n_out - 1`` generation steps: policy ``hpim`` by
+    :func:`sim.hpim_model.project_hpim`, the others by :func:`sim.projection_core.project_programs`."""
     if policy == "hpim":
         from sim.hpim_model import project_hpim
         return project_hpim(name, n_in, n_out, cfg, samples=samples, shape=shape, progress=progress)
-    t0 = time.perf_counter()
-    cfg = cfg or preset("ianus")
-    shape = shape or SHAPES[name]
-    one = GptShape(shape.d_model, shape.heads, 1, shape.eps)
-    plan = plan_memory(cfg, one, n_in + max(n_out, 1), pim_layout=(policy != "npu-mem"))
-    mapping = choose_mapping(cfg, one, policy, n_in)
-    lc = LayerCompiler(plan, policy, mapping)
-    micro = micro_for(cfg)
-    if policy == "npu-mem":
-        micro = dataclasses.replace(micro, interleave=256)
-    model = PerfModel(cfg, micro)
-
-    def run(phase, stage, rows, pos):
-        st = lc.stage(0, phase, stage, rows, pos)
-        ins = decode_program(st.words)
-        tags = stage_tags(stage, ins)
-        r = model.run_program(None, ins=ins, tags=tags)
-        if progress:
-            progress()
-        return r, program_traffic(ins, tags)
-
-    pre = PhaseResult()
-    for stage in STAGES:
-        r, tr = run("prefill", stage, n_in, 0)
-        pre.add(stage, r, traffic=tr)
-    gen = {}
-    for t in _positions(n_out, samples):
-        g = PhaseResult()
-        for stage in STAGES:
-            r, tr = run("gen", stage, 1, n_in + t - 1)
-            g.add(stage, r, traffic=tr)
-        gen[t] = g
-    return Projection(name, policy, n_in, shape, cfg, pre, gen, time.perf_counter() - t0)
+    return project_programs(name, policy, n_in, n_out, cfg, samples=samples, shape=shape, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ Layers (the package graph):
   ``hw.config`` and ``hw.memif`` (:data:`FIRMWARE_HW_EXCEPTIONS`); never an RTL module, never ``sim``;
 * ``sim``: may import anything; nothing outside ``sim`` imports it (tests are not scanned).
 
-The package graph must be acyclic and so must the module graph, apart from the function-level imports
-listed in :data:`KNOWN_BACK_EDGES` (cycles inside the projection model, ``sim/project.py``, not broken
-yet); an entry that no longer exists must be removed from the list.
+The package graph must be acyclic and so must the module graph, apart from the imports listed in
+:data:`KNOWN_BACK_EDGES` (empty: the projection model's cycles through ``sim/project.py`` were broken by
+``sim/projection_core.py``); an entry that no longer exists must be removed from the list.
 """
 
 from __future__ import annotations
@@ -49,13 +49,11 @@ package's own ``__init__``, which importing them runs)."""
 SPEC_THIRD_PARTY = {"numpy", "ml_dtypes", "amaranth.lib.data", "amaranth.lib.enum", "amaranth.lib"}
 """Third-party modules :mod:`hw.spec` may import (``from amaranth.lib import data, enum``)."""
 
-KNOWN_BACK_EDGES = {
-    ("sim.bounds", "sim.project"),          # projection_rows / default_layer_rows read project.OPS
-    ("sim.hpim_model", "sim.project"),      # project_hpim builds a Projection with project()
-    ("sim.neupims_model", "sim.project"),   # the multi-device NeuPIMs layer reads project.allreduce_s
-}
-"""Function-level imports that still close a cycle (``sim/project.py`` imports these modules back); the
-module graph without them is acyclic."""
+KNOWN_BACK_EDGES: set[tuple[str, str]] = set()
+"""(importer, imported) module pairs allowed to close a cycle, each until its cycle is broken; the module
+graph without them must be acyclic. Empty: ``sim.bounds``, ``sim.hpim_model`` and ``sim.neupims_model``
+take the projection's types, ``OPS``, ``allreduce_s`` and the program simulation from
+``sim.projection_core``, not from ``sim.project``."""
 
 
 # ---------------------------------------------------------------------------------------------------
