@@ -40,7 +40,6 @@ Reproduce a failure (the test prints this)::
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
 import time
@@ -562,7 +561,7 @@ def compare(cases: list[Case], rtl: list[dict], model: list[dict]) -> list[Misma
         if (r["error"], r["error_pc"]) != (m["error"], m["error_pc"]):
             out.append(Mismatch(case.name, "error", f"RTL ERROR {r['error']:#x} at {r['error_pc']}, model "
                                                     f"{m['error']:#x} at {m['error_pc']}"))
-        for k, ((name, _, _), g, w) in enumerate(zip(case.outputs, r["outputs"], m["outputs"], strict=True)):
+        for (name, _, _), g, w in zip(case.outputs, r["outputs"], m["outputs"], strict=True):
             if g != w:
                 out.append(Mismatch(case.name, name, _diff(g, w)))
         for (op, a, n), resp in zip(case.bad, r.get("bad", []), strict=True):
