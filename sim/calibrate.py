@@ -88,7 +88,7 @@ def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=Tr
     if measured:
         # The RTL run recorded when each program started (sim/tb/soc_job_tb.py): the host timeline is
         # measured, not assumed (Calib.gap / first_start describe runs stored without it).
-        gaps = sorted(b - a - r["cycles"] for a, b, r in zip(starts, starts[1:], rtl_programs[:-1], strict=True))
+        gaps = sorted(b - a - r["cycles"] for a, b, r in zip(starts[:-1], starts[1:], rtl_programs[:-1], strict=True))
         cal = dataclasses.replace(cal, first_start=starts[0], gap=gaps[len(gaps) // 2] if gaps else cal.gap)
     decoded = [decode_program(st.words) for st, _, _ in job.programs]
     runs = []
