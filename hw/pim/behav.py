@@ -1,0 +1,198 @@
+"""A behavioural PIM channel for long Verilator runs: a Verilog shell around a C++ model.
+
+The PIM device is the test environment's memory (in the paper's prototype it is
+real GDDR6-AiM chips), so behind its command bus a behavioural model is
+legitimate wherever the channel's own RTL is not what is being tested. This
+module writes, for a configuration, a Verilog module with exactly the ports of
+the generated :class:`hw.pim.channel.PimChannel` module (by default under the
+same name, so :class:`hw.pim.channel.PimDevice` instantiates it unchanged) that
+calls the cycle-exact, bit-exact C++ model ``hw/verilog/pim_behav.cpp`` through
+DPI-C. The shell calls the model only on edges where something can change (a
+command, ``clear``, ``rst``, a rising ``bd_load``, or the next edge the model
+asked for); otherwise it only counts the cycle. The file header of
+``pim_behav.cpp`` states the semantics it reproduces, rule by rule.
+
+Every number the model needs (geometry, timings, the AF lookup-table layout,
+the processing unit's pipeline depths) is passed from the configuration as one
+parameter vector (:data:`PARAM_NAMES`, :func:`behav_params`); nothing is
+hard-coded in the C++. Verilator only: Icarus has no DPI-C.
+
+``tests/test_pim_behav.py`` holds it equal to the RTL channel on every cycle
+and every output (lockstep), and runs the device testbenches and a SoC layer
+on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..config import SystemConfig
+from ..gen import BUILD_ROOT, ROOT, sha
+
+__all__ = ["BEHAV_CPP", "PARAM_NAMES", "PIM_IMPLS", "check_pim_impl", "behav_params", "behav_channel_sources"]
+
+BEHAV_CPP = ROOT / "hw" / "verilog" / "pim_behav.cpp"
+
+PIM_IMPLS = ("rtl", "behav")
+
+#: The model's parameter vector, in order (``kParam`` in ``pim_behav.cpp``).
+PARAM_NAMES = (
+    "magic", "banks", "rows", "columns", "lanes", "column_addr_bits", "gb_columns", "acc_groups",
+    "banks_per_word", "data_rows", "af_rows", "af_segments", "af_scale_log2", "pairs_per_col",
+    "pair_bits", "row_buffers", "mac_depth", "af_edge",
+    "tRCDRD", "tRCDWR", "tRP", "tRAS", "tCCD", "tRRD", "tFAW", "tWR", "tRTP", "tRFC",
+    "tREFI", "tRL", "tMAC", "tAF", "refresh_postpone", "mutation",
+)
+MAGIC = 0x50494D42
+
+# The AF pipeline of hw/pim/bank.py: af_out is written at the third edge after the AF command
+# (x and the segment registered; product and intercept registered; aligned sum registered; rounded
+# result into af_out).
+AF_RESULT_EDGE = 3
+
+STATUS_WORDS = ("violation", "vcode", "vop", "vcycle", "nviol", "owed")
+
+
+def check_pim_impl(pim_impl, sim: str | None = None) -> str:
+    """Validate ``pim_impl``: ``"rtl"`` (the channel RTL, the default) or ``"behav"`` (this module's model,
+    Verilator only)."""
+    if pim_impl not in PIM_IMPLS:
+        raise ValueError(f"PIM implementation must be one of {', '.join(PIM_IMPLS)}, not {pim_impl!r}")
+    if pim_impl == "behav" and sim is not None and sim != "verilator":
+        raise ValueError(f"The behavioural PIM channel (pim_impl='behav') needs Verilator (DPI-C), not {sim!r}")
+    return pim_impl
+
+
+def behav_params(cfg: SystemConfig, mutation: int = 0) -> list[int]:
+    """The model's parameter vector for ``cfg`` (:data:`PARAM_NAMES` order). ``mutation`` is a test hook
+    (1: the lanes summed left to right instead of by the adder tree), 0 otherwise."""
+    from .bank import mac_depth
+
+    if not isinstance(cfg, SystemConfig):
+        raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+    p, t = cfg.pim, cfg.timing
+    pairs = p.column_bits // 64
+    values = {
+        "magic": MAGIC, "banks": p.banks, "rows": p.rows, "columns": p.columns, "lanes": p.lanes,
+        "column_addr_bits": p.column_addr_bits, "gb_columns": p.gb_columns, "acc_groups": p.acc_groups,
+        "banks_per_word": p.banks_per_word, "data_rows": p.data_rows, "af_rows": p.af_rows,
+        "af_segments": p.af_segments, "af_scale_log2": max(p.af_scale_log2, 0), "pairs_per_col": pairs,
+        "pair_bits": (pairs - 1).bit_length(), "row_buffers": p.row_buffers, "mac_depth": mac_depth(p.lanes),
+        "af_edge": AF_RESULT_EDGE,
+        **{name: getattr(t, name) for name in ("tRCDRD", "tRCDWR", "tRP", "tRAS", "tCCD", "tRRD", "tFAW", "tWR",
+                                               "tRTP", "tRFC", "tREFI", "tRL", "tMAC", "tAF", "refresh_postpone")},
+        "mutation": mutation,
+    }
+    out = [int(values[name]) for name in PARAM_NAMES]
+    if any(not 0 <= v < 2**32 for v in out):
+        raise ValueError(f"behavioural PIM parameters out of 32-bit range: {dict(zip(PARAM_NAMES, out, strict=True))}")
+    return out
+
+
+def _ports(cfg: SystemConfig):
+    """(direction, name, width) of the channel module's ports, from :class:`PimChannel`'s signature."""
+    from amaranth.hdl import Shape
+    from amaranth.lib.wiring import In
+
+    from .channel import PimChannel
+
+    chan = PimChannel(cfg)
+    ports = [("input", "clk", 1), ("input", "rst", 1)]
+    for path, member, _ in chan.signature.flatten(chan):
+        name = "__".join(str(x) for x in path)
+        width = Shape.cast(member.shape).width
+        if width == 0:
+            raise ValueError(f"The behavioural PIM channel needs every bus field to have a width; "
+                             f"{name} has none for this configuration")
+        ports.append(("input" if member.flow == In else "output", name, width))
+    return ports
+
+
+def _shell(cfg: SystemConfig, module: str, mutation: int) -> str:
+    p = cfg.pim
+    W = p.column_bits
+    params = behav_params(cfg, mutation)
+    ports = _ports(cfg)
+    widths = {name: w for _, name, w in ports}
+
+    def decl(direction, name, width):
+        kind = "wire"
+        rng = f"[{width - 1}:0] " if width > 1 else ""
+        return f"    {direction} {kind} {rng}{name}"
+
+    from .channel import STATUS_COUNTERS
+
+    status_names = [f"status__{n}" for n in STATUS_WORDS + STATUS_COUNTERS]    # the model's st[] order
+    lines = [
+        f"// Generated by hw/pim/behav.py for configuration {cfg.name!r}: the behavioural PIM channel",
+        "// (hw/verilog/pim_behav.cpp through DPI-C) with the ports of the RTL channel module.",
+        f"module {module} (",
+        ",\n".join(decl(*port) for port in ports),
+        ");",
+        "    import \"DPI-C\" function chandle ianus_pimb_new(input bit [32*%d-1:0] params);" % len(params),
+        "    import \"DPI-C\" function longint ianus_pimb_step(input chandle h, input longint cyc, input bit rst,",
+        "        input int op, input int bank, input int row, input int col,",
+        f"        input bit [{W - 1}:0] data, input bit [{W // 8 - 1}:0] mask, input bit clear,",
+        f"        output bit rvalid, output bit [{W - 1}:0] rdata, output bit [32*16-1:0] st);",
+        "    import \"DPI-C\" function int ianus_pimb_backdoor(input chandle h, input string dir, input int chan_id);",
+        "    // " + ", ".join(f"{n}={v}" for n, v in zip(PARAM_NAMES, params, strict=True)),
+        f"    localparam bit [32*{len(params)}-1:0] PARAMS = {{"
+        + ", ".join(f"32'd{v}" for v in reversed(params)) + "};",
+        "    chandle h;",
+        "    reg [63:0] cyc = 64'd0;",
+        "    reg [63:0] wake = 64'd0;",
+        "    reg bd_q = 1'b0;",
+        "    reg rv_q = 1'b0;",
+        f"    reg [{W - 1}:0] rd_q = {W}'d0;",
+        "    reg [32*16-1:0] st_q = 512'd0;",
+        "    bit rv_t;",
+        f"    bit [{W - 1}:0] rd_t;",
+        "    bit [32*16-1:0] st_t;",
+        "    longint w_t;",
+        "    string dir;",
+        "    initial h = ianus_pimb_new(PARAMS);",
+        "    // The model runs only on edges where something can change (see pim_behav.cpp).",
+        "    always @(posedge clk) begin",
+        "        if (rst || bus__op != 5'd0 || status__clear || (bd_load && !bd_q) || cyc >= wake) begin",
+        "            w_t = ianus_pimb_step(h, cyc, rst, 32'(bus__op), 32'(bus__bank), 32'(bus__row), 32'(bus__col),",
+        "                                  bus__data, bus__mask, status__clear, rv_t, rd_t, st_t);",
+        "            wake <= w_t;",
+        "            rv_q <= rv_t;",
+        "            rd_q <= rd_t;",
+        "            st_q <= st_t;",
+        "            if (bd_load && !bd_q && $value$plusargs(\"PIM_BACKDOOR=%s\", dir))",
+        "                if (ianus_pimb_backdoor(h, dir, 32'(chan_id)) != 0) $finish;",
+        "        end",
+        "        bd_q <= bd_load;",
+        "        cyc <= rst ? 64'd0 : cyc + 64'd1;",
+        "    end",
+        "    assign bus__rvalid = rv_q;",
+        "    assign bus__rdata = rd_q;",
+        "    assign status__cycle = cyc[31:0];",
+    ]
+    for i, name in enumerate(status_names):
+        lines.append(f"    assign {name} = st_q[{32 * i + widths[name] - 1}:{32 * i}];")
+    lines.append("endmodule")
+    return "\n".join(lines) + "\n"
+
+
+def behav_channel_sources(cfg: SystemConfig, module: str | None = None, mutation: int = 0) -> list[Path]:
+    """The Verilog shell (module ``module``, default the RTL channel's name for ``cfg``) and the C++ model.
+
+    The shell is written once per configuration, module name and model source under ``build/verilog``.
+    """
+    from .channel import pim_module_names
+
+    module = module or pim_module_names(cfg)["channel"]
+    text = _shell(cfg, module, mutation)
+    out_dir = BUILD_ROOT / "verilog"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{module}-behav-{sha(text, BEHAV_CPP.read_bytes())}.v"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    return [path, BEHAV_CPP]
