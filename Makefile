@@ -2,7 +2,8 @@
 #   make demo    run the main job on the default configuration
 #   make test    the test suite (pytest + cocotb on Verilator/Icarus, parallel)
 #   make bench   benchmarks, one JSON object per line on stdout
-#   make synth   FPGA synthesis (ECP5 Fmax, UltraScale+ resources)
+#   make synth   FPGA synthesis (ECP5 Fmax, UltraScale+ resources) of every target whose stored result
+#                (hw/synth_results/<target>.json) is missing or stale; `python -m hw.synth --check` lists them
 #   make verilog Verilog of the major blocks under build/verilog
 #   make lint    ruff
 #   make model   train the Shakespeare language model (sim/lm, jax; 36 min measured on the shared 2 cores)
