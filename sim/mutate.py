@@ -45,9 +45,9 @@ FP32EXT_T = ("tests/test_vector.py::test_fp32ext_amaranth_sim", "tests/test_vect
              K + "test_fp32ext_multiplier_ties_amaranth_sim")
 
 
-DEVICE_T = ("tests/test_pim_device.py::test_timing_rules_at_their_edges[tiny]",)   # Verilator: a build each
+DEVICE_T = ("tests/test_pim_device.py::test_timing_rules_at_their_edges[rtl-tiny]",)   # Verilator: a build each
 # tCCD and tRRD are 1 on every preset (one command per cycle always meets them): tiny with tCCD 2, tRRD 3
-WIDE_T = ("tests/test_pim_device.py::test_timing_rules_at_their_edges_wide_tccd_trrd",)
+WIDE_T = ("tests/test_pim_device.py::test_timing_rules_at_their_edges_wide_tccd_trrd[rtl]",)
 
 
 @dataclass(frozen=True)

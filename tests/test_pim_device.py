@@ -1,6 +1,8 @@
 """PIM device RTL (hw/pim) on Verilator: normal traffic, GEMV, GELU, illegal sequences, back door.
 
-Every cocotb test here runs the independent protocol checker; see sim/tb/pim_tb.py.
+Every cocotb test here runs the independent protocol checker; see sim/tb/pim_tb.py. The testbenches also
+run on the behavioural channel (``impl="behav"``, hw/pim/behav.py), which must pass them unchanged
+(tests/test_pim_behav.py compares it with the RTL cycle by cycle).
 """
 
 import pytest
@@ -12,64 +14,75 @@ from sim.build import build
 TB = "sim.tb.pim_tb"
 
 
-def pim_build(config: str, sim: str = "verilator"):
-    cfg = preset(config)
+IMPLS = ["rtl", "behav"]
+
+
+def pim_build(config: str, sim: str = "verilator", impl: str = "rtl", cfg=None):
+    cfg = cfg or preset(config)
     return build(device_factory(cfg), name=f"pim_device_{config}", key=repr(cfg), sim=sim,
-                 extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+                 extra_sources=tuple(device_sources(cfg, pim_impl=impl)), no_inline=("pim_bank_*",))
 
 
-def run(config, testcase, sim="verilator", **env):
+def run(config, testcase, sim="verilator", impl="rtl", **env):
     env = {"IANUS_CONFIG": config, **env}
-    return pim_build(config, sim).run(TB, testcase, env=env)
+    return pim_build(config, sim, impl).run(TB, testcase, env=env)
 
 
 @pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
-def test_normal_traffic(config):
-    run(config, "normal_traffic", N_OPS=300 if config == "tiny" else 200)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_normal_traffic(config, impl):
+    run(config, "normal_traffic", impl=impl, N_OPS=300 if config == "tiny" else 200)
 
 
 @pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
-def test_gemv_tiny(config):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gemv_tiny(config, impl):
     # Shapes the tiny device holds (15 data rows): one chunk, several chunks, ragged edges.
-    run(config, "gemv", GEMV_SHAPES="96x64,200x24,128x8,17x5,200x24g,64x16g")
+    run(config, "gemv", impl=impl, GEMV_SHAPES="96x64,200x24,128x8,17x5,200x24g,64x16g")
 
 
-def test_gemv_default_gpt2_small():
-    run("default", "gemv", GEMV_SHAPES="768x768,768x2304,768x3072,3072x768,768x3072g")
-
-
-@pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
-def test_gelu_af(config):
-    run(config, "gelu_af", N_ROUNDS=8 if config == "tiny" else 4)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gemv_default_gpt2_small(impl):
+    run("default", "gemv", impl=impl, GEMV_SHAPES="768x768,768x2304,768x3072,3072x768,768x3072g")
 
 
 @pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
-def test_illegal_sequences_are_caught(config):
-    run(config, "illegal_sequences", CHECK_REFRESH_LATE=int(config == "tiny"))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gelu_af(config, impl):
+    run(config, "gelu_af", impl=impl, N_ROUNDS=8 if config == "tiny" else 4)
 
 
 @pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
-def test_timing_rules_at_their_edges(config):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_illegal_sequences_are_caught(config, impl):
+    run(config, "illegal_sequences", impl=impl, CHECK_REFRESH_LATE=int(config == "tiny"))
+
+
+@pytest.mark.parametrize("config", ["tiny", "default", "tiny-dualrb"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_timing_rules_at_their_edges(config, impl):
     # Each rule: one cycle early flagged (device code and checker name) and not executed; exact cycle accepted.
-    run(config, "timing_edges")
+    run(config, "timing_edges", impl=impl)
 
 
-def test_timing_rules_at_their_edges_wide_tccd_trrd():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_timing_rules_at_their_edges_wide_tccd_trrd(impl):
     """tCCD and tRRD are 1 on the tiny preset (one command per cycle always meets them, so their edges
     cannot be tested there): the same edge test on tiny with tCCD = 2 and tRRD = 3."""
     over = {"timing.tCCD": 2, "timing.tRRD": 3}
     cfg = preset("tiny").replace(**over)
-    sb = build(device_factory(cfg), name="pim_device_tiny", key=repr(cfg), extra_sources=tuple(device_sources(cfg)),
-               no_inline=("pim_bank_*",))
+    sb = pim_build("tiny", impl=impl, cfg=cfg)
     sb.run(TB, "timing_edges", env={"IANUS_CONFIG": "tiny", "IANUS_TIMING": "tCCD=2,tRRD=3"})
 
 
-def test_backdoor_gpt2_small_layer():
-    run("default", "backdoor_layer", D_MODEL=768, N_SAMPLES=48)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backdoor_gpt2_small_layer(impl):
+    run("default", "backdoor_layer", impl=impl, D_MODEL=768, N_SAMPLES=48)
 
 
-def test_backdoor_tiny():
-    run("tiny", "backdoor_layer", D_MODEL=8, N_SAMPLES=32)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backdoor_tiny(impl):
+    run("tiny", "backdoor_layer", impl=impl, D_MODEL=8, N_SAMPLES=32)
 
 
 def test_pu_latency_rules():

@@ -31,7 +31,7 @@ from filelock import FileLock
 from ..config import SystemConfig
 from ..gen import BUILD_ROOT, ROOT, sha
 
-__all__ = ["BEHAV_CPP", "PARAM_NAMES", "PIM_IMPLS", "check_pim_impl", "behav_params", "behav_channel_sources"]
+__all__ = ["BEHAV_CPP", "channel_ports", "PARAM_NAMES", "PIM_IMPLS", "check_pim_impl", "behav_params", "behav_channel_sources"]
 
 BEHAV_CPP = ROOT / "hw" / "verilog" / "pim_behav.cpp"
 
@@ -91,30 +91,30 @@ def behav_params(cfg: SystemConfig, mutation: int = 0) -> list[int]:
     return out
 
 
-def _ports(cfg: SystemConfig):
-    """(direction, name, width) of the channel module's ports, from :class:`PimChannel`'s signature."""
+def channel_ports(cfg: SystemConfig) -> list[tuple[str, str, int]]:
+    """(direction, name, width) of the channel module's ports: :class:`PimChannel`'s flattened signature
+    (``bus`` is the controller's signature flipped, ``status`` the device's)."""
     from amaranth.hdl import Shape
-    from amaranth.lib.wiring import In
+    from amaranth.lib.wiring import In, Out
 
-    from .channel import PimChannel
+    from .channel import PimBusSignature, PimStatusSignature
 
-    chan = PimChannel(cfg)
     ports = [("input", "clk", 1), ("input", "rst", 1)]
-    for path, member, _ in chan.signature.flatten(chan):
-        name = "__".join(str(x) for x in path)
-        width = Shape.cast(member.shape).width
-        if width == 0:
-            raise ValueError(f"The behavioural PIM channel needs every bus field to have a width; "
-                             f"{name} has none for this configuration")
-        ports.append(("input" if member.flow == In else "output", name, width))
-    return ports
+    for prefix, sig, inward in (("bus", PimBusSignature(cfg), Out), ("status", PimStatusSignature(), In)):
+        for name, member in sig.members.items():
+            width = Shape.cast(member.shape).width
+            if width == 0:
+                raise ValueError(f"The behavioural PIM channel needs every bus field to have a width; "
+                                 f"{prefix}__{name} has none for this configuration")
+            ports.append(("input" if member.flow == inward else "output", f"{prefix}__{name}", width))
+    return ports + [("input", "chan_id", 8), ("input", "bd_load", 1)]
 
 
 def _shell(cfg: SystemConfig, module: str, mutation: int) -> str:
     p = cfg.pim
     W = p.column_bits
     params = behav_params(cfg, mutation)
-    ports = _ports(cfg)
+    ports = channel_ports(cfg)
     widths = {name: w for _, name, w in ports}
 
     def decl(direction, name, width):

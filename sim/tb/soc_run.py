@@ -100,8 +100,13 @@ class SocSim(wiring.Component):
         return m
 
 
-def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_impl: str | None = None):
+def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_impl: str | None = None,
+                  pim_impl: str | None = None):
     """Build :class:`SocSim` for ``cfg`` on ``sim`` (cached).
+
+    ``pim_impl``: the PIM device's channels, ``"rtl"`` (the default) or ``"behav"``, the cycle- and
+    bit-exact behavioural channel of :mod:`hw.pim.behav` for long runs (Verilator only; a separate
+    build); ``SOC_PIM_IMPL`` in the environment overrides the default.
 
     ``fp_impl``: the FP cells of the processing elements and the PIM processing units
     (:func:`hw.arith.check_fp_impl`). Default: ``"dpi"`` on Verilator (the fast behavioural cells,
@@ -116,7 +121,7 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     clock_v = CLOCK_VERILOG.with_name("tb_clock_gen.v") if early else CLOCK_VERILOG
     from hw.npu.systolic import PE_MODULE, ProcessingElement
     from hw.npu.vector import LANE_MODULE, VectorLane
-    from hw.pim import device_factory, device_sources
+    from hw.pim import check_pim_impl, device_factory, device_sources
     from sim.build import build, verilog_for
 
     if fp_impl is None:
@@ -124,9 +129,12 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     check_fp_impl(fp_impl)
     if fp_impl == "dpi" and sim != "verilator":
         raise ValueError(f"fp_impl='dpi' needs Verilator (DPI-C), not {sim!r}")
+    if pim_impl is None:
+        pim_impl = os.environ.get("SOC_PIM_IMPL") or "rtl"
+    check_pim_impl(pim_impl, sim)
     pe_v = verilog_for(lambda: ProcessingElement(fp_impl=fp_impl), name=PE_MODULE, key=f"pe fp={fp_impl}")
     lane_v = verilog_for(lambda: VectorLane(), name=LANE_MODULE, key="lane")
-    dev_v = [v for v in device_sources(cfg, fp_impl) if v not in FP_DPI_SOURCES]
+    dev_v = [v for v in device_sources(cfg, fp_impl, pim_impl) if v not in FP_DPI_SOURCES]
     fp_v = FP_DPI_SOURCES if fp_impl == "dpi" else ()
     args = ("--timing", "--timescale", "1ns/1ps") if sim == "verilator" else ()
     threads_text = os.environ.get("SOC_THREADS", "1")
@@ -138,7 +146,7 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     opt = os.environ.get("SOC_CXX_OPT", SOC_CXX_OPT)
     make = [f"OPT_FAST={opt}", "OPT_SLOW=-O0", f"OPT_GLOBAL={opt}"]
     return build(lambda: SocSim(cfg, device_factory(cfg), early), name=f"soc_sim_{cfg.name}",
-                 key=repr(cfg) + f" socsim early_tb_clock={early}",
+                 key=repr(cfg) + f" socsim early_tb_clock={early}" + (" pim=behav" if pim_impl == "behav" else ""),
                  sim=sim, waves=waves, extra_sources=(*dev_v, clock_v, pe_v, lane_v, *fp_v),
                  build_args=args, no_inline=("pim_bank_*", PE_MODULE, LANE_MODULE), make_args=make)
 
@@ -165,13 +173,14 @@ def write_image_backdoor(image, directory: Path, used_bytes: int):
 
 
 def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, timeout_cycles=50_000_000,
-            dump_buffers=False, progress_file=None, log_file=None):
+            dump_buffers=False, progress_file=None, log_file=None, pim_impl=None):
     """Run ``job`` on the RTL; returns (outputs [T, d] float32, per-program results).
 
-    ``log_file``: the simulator's output goes there instead of to stdout."""
+    ``log_file``: the simulator's output goes there instead of to stdout. ``pim_impl``: the PIM device's
+    channels (:func:`soc_sim_build`)."""
     cm = job.compiled
     cfg = cm.cfg
-    sb = soc_sim_build(cfg, sim, waves)
+    sb = soc_sim_build(cfg, sim, waves, pim_impl=pim_impl)
     name = test_name or f"run_{cm.policy}_{cfg.name}_{sim}"
     run_dir = BUILD_ROOT / "runs" / name
     if run_dir.exists():
