@@ -21,8 +21,6 @@ the runner prints side by side; it is not calibrated (that is the performance mo
 
 from __future__ import annotations
 
-import math
-
 __all__ = ["mu_gemm_cycles", "pim_fc_cycles", "vector_cycles", "vdma_cycles", "stage_total"]
 
 DRAM_EFFICIENCY = 0.5
@@ -64,19 +62,10 @@ def pim_fc_cycles(cfg, K, N, gelu=False, write_vec=True) -> int:
 
 
 def vector_cycles(cfg, f: dict) -> int:
-    L = cfg.npu.vector_lanes
-    E, Rt = 23, 2 * int(math.log2(L))
-    C = E + Rt + 6
-    n, rows = int(f.get("n", 1)), int(f.get("rows", 1))
-    nb = -(-n // L)
-    op = f.get("op")
-    if op == "LN_STATS":
-        return rows * (2 * nb + 2 * (E + Rt + 1) + E + 2) + C
-    if op == "SOFTMAX":
-        return rows * (3 * nb + 2 * (E + Rt + 1) + E + 1) + C
-    if op == "LN_APPLY":
-        return rows * (nb + 2) + C
-    return rows * nb + C
+    """Vector-unit cycles of one instruction (:func:`hw.spec.vector_isa.vector_cycles`)."""
+    from hw.spec.vector_isa import vector_cycles as cycles
+
+    return cycles(f.get("op"), int(f.get("n", 1)), int(f.get("rows", 1)), cfg.npu.vector_lanes)
 
 
 def vdma_cycles(cfg, rows, row_bytes) -> int:

@@ -73,6 +73,7 @@ from hw.spec import matrix_isa as mu_isa
 from hw.spec import soc_isa as isa
 from hw.spec import vector_isa as vu
 from hw.spec.soc_isa import SocOp
+from hw.spec.vector_isa import vector_cycles
 
 __all__ = ["Calib", "Micro", "PerfModel", "ProgramResult", "decode_program", "micro_for", "stage_tags"]
 
@@ -1315,23 +1316,11 @@ class _Run:
         self.K.notify(self.ev_idle)
 
     def _vec_cycles(self, f):
-        L = self.m.L
-        E, Rt = 23, 2 * int(math.log2(L))
-        C = E + Rt + 6
-        n, rows = f["n"], f["rows"]
-        nb = -(-n // L)
-        nb = -(-nb // self.mi.cores)
-        op = f["op"]
+        n, rows, op = f["n"], f["rows"], f["op"]
         self.events["vec_elem"] += n * rows * (3 if op in ("SOFTMAX", "LN_STATS") else 1)
         self.events["spm_rd_bytes"] += n * rows * 4
         self.events["spm_wr_bytes"] += n * rows * 4
-        if op == "LN_STATS":
-            return rows * (2 * nb + 2 * (E + Rt + 1) + E + 2) + C
-        if op == "SOFTMAX":
-            return rows * (3 * nb + 2 * (E + Rt + 1) + E + 1) + C
-        if op == "LN_APPLY":
-            return rows * (nb + 2) + C
-        return rows * nb + C
+        return vector_cycles(op, n, rows, self.m.L, cores=self.mi.cores)
 
     def _vdma(self, ins, t):
         """VLOAD / VSTORE (a generator): returns the cycle the transfer is done."""

@@ -22,6 +22,7 @@ import pytest
 from hw.config import preset
 from hw.npu import vector_tables as T
 from hw.npu.vector import ISA_TABLE, MICRO, Opcode, Phase, VectorInstr, VectorUnit, encode
+from hw.spec.vector_isa import ROW_GROUP, vector_cycles
 from sim.benchmarks.vector import D_MODEL, HEADS, gpt2_program, run_program
 from sim.golden import fp as G
 from sim.golden import fp32ext as X
@@ -604,6 +605,55 @@ def test_vector_rtl_rows_tiny():
     run_program(_rows_program(TINY, TINY_DEPTH, seed=2), TINY, TINY_DEPTH, "test_vector_rtl_rows_tiny")
 
 
+def test_vector_rtl_row_groups_tiny():
+    """Multi-pass instructions over several row groups (a full group, a partial last one, hostile rows in
+    each: all-equal, fully masked, masked but one, -inf, huge; one group exactly; one row more): bit-exact
+    with the golden model, and every instruction's cycle count is the closed form
+    (:func:`hw.spec.vector_isa.vector_cycles`) of the RTL's cycle counter, so a wait per row (instead of
+    per group) fails it."""
+    lanes, G = TINY, ROW_GROUP
+    rng = np.random.default_rng(11)
+    p = Program(lanes, TINY_DEPTH)
+    regions = []
+    for rows, n in ((2 * G + 3, 13), (G, 2 * lanes), (G + 1, 1)):
+        s = (rng.standard_normal((rows, n)) * 6).astype(np.float32)
+        vis = rng.random((rows, n)) < 0.6
+        for r0 in range(0, rows, G):                  # hostile rows in every group
+            kinds = rng.permutation(5)
+            for k, r in zip(kinds, range(r0, min(rows, r0 + 5)), strict=False):
+                if k == 0:
+                    s[r] = 9.0
+                elif k == 1:
+                    vis[r] = False
+                elif k == 2:
+                    vis[r] = False
+                    vis[r, n - 1] = True
+                elif k == 3:
+                    s[r, ::3] = -np.inf
+                else:
+                    s[r] = 1e38 * np.sign(s[r])
+        a = p.put_rows(F(s), FP32)
+        m = p.put_bitmap(vis)
+        d = p.alloc(rows * p.model.pitch(n, BF16))
+        d2 = p.alloc(rows * p.model.pitch(n, FP32))
+        st = p.alloc(-(-2 * rows // lanes))
+        x = (rng.standard_normal((rows, n)) * 3 + 7).astype(np.float32)
+        x[rows // 2] = 1.5                            # variance 0
+        regions.append((rows, n, a, m, d, d2, st, p.put_rows(F(x), FP32)))
+    for rows, n, a, m, d, d2, st, ax in regions:         # data first, then the instructions
+        for mode in (MASK_BITMAP, MASK_CAUSAL, MASK_NONE):
+            p.add(f"SOFTMAX rows={rows} n={n} mask={mode}", op=Opcode.SOFTMAX.value, a=a, d=d, d_fmt=BF16,
+                  aux=m, n=n, rows=rows, mask=mode, pos=2)
+        p.add(f"SOFTMAX rows={rows} n={n} fp32", op=Opcode.SOFTMAX.value, a=a, d=d2, aux=m, n=n, rows=rows,
+              mask=MASK_BITMAP)
+        p.add(f"LN_STATS rows={rows} n={n}", op=Opcode.LN_STATS.value, a=ax, d=st, n=n, rows=rows,
+              imm0=f(1 / n), imm1=f(1e-5))
+    metrics = run_program(p, lanes, TINY_DEPTH, "test_vector_rtl_row_groups_tiny")
+    for met, fields in zip(metrics, p.fields, strict=True):
+        want = vector_cycles(Opcode(fields["op"]).name, fields["n"], fields["rows"], lanes)
+        assert met["cycles"] == want, (met["name"], met["cycles"], want)
+
+
 def _random_program(lanes, depth, seed, count):
     """Random instruction sequence (opcodes, formats, modes, lengths) over shared regions."""
     rng = np.random.default_rng(seed)
@@ -700,11 +750,14 @@ def test_vector_rtl_gpt2_default():
     # The cycle model of the VectorUnit docstring, exactly.
     E, R = VectorUnit.EXIT, 2 * int(math.log2(DEFAULT))
     C = E + R + 6
+    group = ROW_GROUP
     for m, fields in zip(metrics, p.fields, strict=True):
         n, rows = fields["n"], fields["rows"]
         nb = -(-n // DEFAULT)
+        g = -(-rows // group)
         op = Opcode(fields["op"])
-        want = {Opcode.LN_STATS: rows * (2 * nb + 2 * (E + R + 1) + E + 2) + C,
+        want = {Opcode.LN_STATS: rows * (2 * nb + 2) + g * (2 * (E + R + 1) + E) + C,
                 Opcode.LN_APPLY: rows * (nb + 2) + C,
-                Opcode.SOFTMAX: rows * (3 * nb + 2 * (E + R + 1) + E + 1) + C}.get(op, rows * nb + C)
+                Opcode.SOFTMAX: rows * (3 * nb + 1) + g * (2 * (E + R + 1) + E) + C}.get(op, rows * nb + C)
         assert m["cycles"] == want, (m["name"], m["cycles"], want)
+        assert m["cycles"] == vector_cycles(op.name, n, rows, DEFAULT), m["name"]

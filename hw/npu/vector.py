@@ -40,19 +40,25 @@ Each stage is enabled or bypassed per (opcode, phase) from :data:`MICRO`. A
 reduction (sum: :class:`hw.arith.AdderTree` over the lanes, then sequential
 accumulation over the beats of a row; max: the same shape with comparisons)
 follows the pipeline. Multi-pass instructions (layernorm statistics, softmax)
-wait for a row's reduction before the next pass of that row; the first pass of
-the next row starts as soon as the last pass of the previous row is issued.
+work on groups of up to ``row_group`` rows (default 16): each pass (and each
+finalising scalar beat) runs over the group's rows back to back, every row's
+reduction or scalar result is kept in a per-row register as it comes back,
+and the next pass starts when the group's last row's result is in; the next
+group's first pass starts as soon as the group's last pass is issued. The
+pipeline and reduction latency between passes (``E + R + 1`` cycles) is then
+paid once per group, not once per row: a 128-element causal-softmax row on 16
+lanes costs 25 cycles plus 5.4 for its share of the group's waits instead of 112.
 
 Timing (cycles from acceptance to ``done``; ``nb = ceil(n / L)`` beats per
 row pass, ``E = 23`` cycles from issue to the lane result, ``R = 2 log2 L``
 for the reduction tree; ``C = E + R + 6`` once per instruction for checking,
-fill and drain): element-wise ops, MAX and SUM ``rows * nb + C`` (rows stream
-back to back, one beat per cycle); LN_APPLY ``rows * (nb + 2) + C`` (two
-cycles to read a row's statistics); LN_STATS ``rows * (2 nb + 2 (E + R + 1)
-+ E + 2) + C``; SOFTMAX ``rows * (3 nb + 2 (E + R + 1) + E + 1) + C``. These
-match the RTL's cycle counter exactly on the GPT-2 benchmark. The waits are
-the pipeline depth between a row's reduction and the pass that needs its
-result; overlapping them with the next row is left for later.
+fill and drain; ``g = ceil(rows / row_group)``): element-wise ops, MAX and SUM
+``rows * nb + C`` (rows stream back to back, one beat per cycle); LN_APPLY
+``rows * (nb + 2) + C`` (two cycles to read a row's statistics); LN_STATS
+``rows * (2 nb + 2) + g * (2 (E + R + 1) + E) + C``; SOFTMAX ``rows * (3 nb +
+1) + g * (2 (E + R + 1) + E) + C``. The one closed form is
+:func:`hw.spec.vector_isa.vector_cycles`; tests/test_vector.py holds it equal
+to the RTL's cycle counter on every instruction of its programs.
 
 Aliasing: rows stream through the pipeline, so the destination may alias
 operand A (or B in ``ROW`` mode) only row for row and with a destination pitch
@@ -67,7 +73,18 @@ an instruction with an error touches no memory and finishes at once with
 
 from collections import namedtuple
 
-from amaranth.hdl import Cat, ClockSignal, Const, DomainRenamer, Instance, Module, Mux, ResetSignal, Signal
+from amaranth.hdl import (
+    Array,
+    Cat,
+    ClockSignal,
+    Const,
+    DomainRenamer,
+    Instance,
+    Module,
+    Mux,
+    ResetSignal,
+    Signal,
+)
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -75,8 +92,10 @@ from ..arith import AdderTree, fp32_add_align, fp32_add_round
 from ..clockgate import gated_domain
 from ..spec.vector_isa import (  # noqa: F401  (the instruction set: used here and re-exported)
     ADDR_BITS,
+    EXIT_LATENCY,
     ISA_TABLE,
     OPSPEC,
+    ROW_GROUP,
     BMode,
     Fmt,
     MaskMode,
@@ -275,6 +294,12 @@ class VectorUnit(wiring.Component):
     clock_gate : bool
         Clock the lanes through a clock gate that is open while a beat is in
         them (simulation builds; :mod:`hw.clockgate`).
+    row_group : int
+        Rows a multi-pass instruction (SOFTMAX, LN_STATS) works on at once
+        (default :data:`hw.spec.vector_isa.ROW_GROUP`): each pass runs over
+        the group's rows back to back, so the pipeline and reduction latency
+        between passes is paid once per group instead of once per row. Costs
+        three 32-bit registers per row of the group.
 
     Members
     -------
@@ -293,8 +318,11 @@ class VectorUnit(wiring.Component):
     """
 
     def __init__(self, lanes: int = 16, depth: int = 4096, max_n: int = 4096, lane_instance: bool = False,
-                 clock_gate: bool = False):
+                 clock_gate: bool = False, row_group: int = ROW_GROUP):
         _check_pow2("Lanes", lanes, 2)
+        if not isinstance(row_group, int) or isinstance(row_group, bool) or not 1 <= row_group <= 256:
+            raise ValueError(f"Row group must be an integer in 1..256, not {row_group!r}")
+        self._row_group = row_group
         self._lane_instance = bool(lane_instance)
         self._clock_gate = bool(clock_gate)
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 1 << ADDR_BITS:
@@ -336,12 +364,17 @@ class VectorUnit(wiring.Component):
         return self._max_n
 
     @property
+    def row_group(self) -> int:
+        return self._row_group
+
+    @property
     def addr_width(self) -> int:
         return self._aw
 
     # Timing, in cycles after a beat is issued (its read address on ``rd_a``).
     LOAD = 2                                          # data registered after load/convert
     EXIT = LOAD + VectorLane.latency                  # lane result valid (write / reduce input)
+    assert EXIT == EXIT_LATENCY, "hw.spec.vector_isa.EXIT_LATENCY must follow the pipeline"
 
     @property
     def tree_latency(self) -> int:
@@ -433,9 +466,25 @@ class VectorUnit(wiring.Component):
         b_row = Signal(ADDR_BITS + 1)
         d_row = Signal(48)
         x_row = Signal(ADDR_BITS + 1)
-        s0 = Signal(32)
+        s0 = Signal(32)             # LN_APPLY: the row's statistics
         s1 = Signal(32)
-        sval = Signal(32)           # lane-0 input of a scalar (finalising) beat
+        # Multi-pass instructions (SOFTMAX, LN_STATS) run each pass over a group of up to G rows: ``ri`` is
+        # the row's index in the group, ``gsz`` the group's size, ``g_*`` the group's first-row pointers.
+        # Per row of the group: s0 (max or mean), s1 (1 / sum), sv (the reduction a scalar beat finalises).
+        G = self._row_group
+        multi = op.as_value().matches(Opcode.SOFTMAX, Opcode.LN_STATS)
+        ri = Signal(range(max(2, G)))
+        gsz = Signal(range(G + 1))
+        g_a = Signal(ADDR_BITS + 1)
+        g_d = Signal(48)
+        g_x = Signal(ADDR_BITS + 1)
+        glast = Signal()
+        m.d.comb += glast.eq(ri == gsz - 1)
+        s0a = Array(Signal(32, name=f"s0_g{k}") for k in range(G))
+        s1a = Array(Signal(32, name=f"s1_g{k}") for k in range(G))
+        sva = Array(Signal(32, name=f"sv_g{k}") for k in range(G))
+        sval = Signal(32)           # lane-0 input of a scalar (finalising) beat, registered from issue
+        m.d.sync += sval.eq(sva[ri])
         drain = Signal(range(self.drain_cycles + 1))
         cycles = Signal(32)
         busy = Signal()
@@ -460,11 +509,13 @@ class VectorUnit(wiring.Component):
         # Stats read of LN_APPLY (at the start of a row), on rd_a.
         stats_rd = Signal()
 
-        # Acc/scalar results coming back.
+        # Acc/scalar results coming back (``*_ok``: the result of the group's last row in this pass).
         acc_done = Signal()
         acc_val = Signal(32)
+        acc_ok = Signal()
         sc_done = Signal()
         sc_val = Signal(32)
+        sc_ok = Signal()
 
         # Element-write helpers.
         def elem_write(elem, fmt_bf16):
@@ -500,6 +551,29 @@ class VectorUnit(wiring.Component):
             with m.Else():
                 m.next = "Issue"
 
+        def advance():
+            """Multi-pass instructions: the current row's pass (or scalar beat) is issued."""
+            step = [beat.eq(0), a_row.eq(a_row + pitch_a), d_row.eq(d_row + pitch_d), x_row.eq(x_row + mpitch)]
+            with m.If(~glast):                       # the next row of the group, same pass
+                m.d.sync += [ri.eq(ri + 1), row.eq(row + 1), *step]
+            with m.Elif((phase == Phase.PASS3) | ((op == Opcode.LN_STATS) & (phase == Phase.FIN2))):
+                rest = Signal(17)                    # the group's last pass is issued: the next group
+                m.d.comb += rest.eq(rows - row - 1)
+                m.d.sync += [ri.eq(0), row.eq(row + 1), phase.eq(Phase.MAIN), *step,
+                             g_a.eq(a_row + pitch_a), g_d.eq(d_row + pitch_d), g_x.eq(x_row + mpitch),
+                             gsz.eq(Mux(rest > G, G, rest))]
+                with m.If(row == rows - 1):
+                    m.next = "Drain"
+                    m.d.sync += drain.eq(self.drain_cycles)
+                with m.Else():
+                    m.next = "Issue"
+            with m.Else():                           # back to the group's first row for the next pass
+                m.d.sync += [ri.eq(0), row.eq(row - ri), beat.eq(0), a_row.eq(g_a), d_row.eq(g_d), x_row.eq(g_x)]
+                with m.If(phase.as_value().matches(Phase.MAIN, Phase.PASS2)):
+                    m.next = "Wait-Reduction"
+                with m.Else():
+                    m.next = "Wait-Scalar"
+
         m.d.comb += self.instr.ready.eq(0)
         with m.FSM(name="seq"):
             with m.State("Idle"):
@@ -512,6 +586,7 @@ class VectorUnit(wiring.Component):
                     row.eq(0), beat.eq(0), phase.eq(Phase.MAIN),
                     a_row.eq(ins.a), b_row.eq(ins.b), x_row.eq(ins.aux),
                     d_row.eq(ins.d + Mux(op == Opcode.KV_APPEND, ins.pos * pitch_d, 0)),
+                    ri.eq(0), gsz.eq(Mux(rows > G, G, rows)), g_a.eq(ins.a), g_d.eq(ins.d), g_x.eq(ins.aux),
                 ]
                 with m.If(err != VecError.NONE):
                     m.d.sync += [self.error.eq(err)]
@@ -552,8 +627,8 @@ class VectorUnit(wiring.Component):
                         m.d.sync += beat.eq(beat + 1)
                         with m.If(ilast):
                             m.d.sync += beat.eq(0)
-                            with m.If(reducing & ~op.as_value().matches(Opcode.MAX, Opcode.SUM)):
-                                m.next = "Wait-Reduction"
+                            with m.If(multi):
+                                advance()
                             with m.Else():
                                 next_row()
                     with m.Case(Phase.FIN1, Phase.FIN2):
@@ -561,26 +636,23 @@ class VectorUnit(wiring.Component):
                         with m.If(op == Opcode.LN_STATS):
                             addr, en = elem_write(Cat(phase == Phase.FIN2, row), 0)
                             m.d.comb += [iwr.eq(1), iwr_addr.eq(addr), iwr_en.eq(en)]
-                        with m.If((op == Opcode.LN_STATS) & (phase == Phase.FIN2)):
-                            next_row()
-                        with m.Else():
-                            m.next = "Wait-Scalar"
+                        advance()
             with m.State("Wait-Reduction"):
-                with m.If(acc_done):
-                    m.d.sync += sval.eq(acc_val)
+                # The results are kept per row (s0a / sva, below) as they come back.
+                with m.If(acc_ok):
                     with m.If((op == Opcode.SOFTMAX) & (phase == Phase.MAIN)):
-                        m.d.sync += [s0.eq(acc_val), phase.eq(Phase.PASS2)]
+                        m.d.sync += phase.eq(Phase.PASS2)
                     with m.Elif(phase == Phase.MAIN):
                         m.d.sync += phase.eq(Phase.FIN1)
                     with m.Else():
                         m.d.sync += phase.eq(Phase.FIN2)
                     m.next = "Issue"
             with m.State("Wait-Scalar"):
-                with m.If(sc_done):
+                with m.If(sc_ok):
                     with m.If(phase == Phase.FIN1):
-                        m.d.sync += [s0.eq(sc_val), phase.eq(Phase.PASS2)]
+                        m.d.sync += phase.eq(Phase.PASS2)
                     with m.Else():
-                        m.d.sync += [s1.eq(sc_val), phase.eq(Phase.PASS3)]
+                        m.d.sync += phase.eq(Phase.PASS3)
                     m.next = "Issue"
             with m.State("Drain"):
                 m.d.sync += drain.eq(drain - 1)
@@ -678,7 +750,7 @@ class VectorUnit(wiring.Component):
         # ---- tags ------------------------------------------------------------------------------
         tag_layout = data.StructLayout({
             "valid": 1, "phase": Phase, "scalar": 1, "wr": 1, "red": 1, "fin": 1,
-            "first": 1, "last": 1, "ahalf": 1, "lane_valid": L, "causal": L,
+            "first": 1, "last": 1, "ahalf": 1, "lane_valid": L, "causal": L, "ri": len(ri), "glast": 1,
             "wr_addr": aw, "wr_en": 2 * L, "s0": 32, "s1": 32,
         })
         tag0 = Signal(tag_layout)
@@ -686,7 +758,9 @@ class VectorUnit(wiring.Component):
             tag0.valid.eq(issue), tag0.phase.eq(phase), tag0.scalar.eq(iscalar), tag0.wr.eq(iwr),
             tag0.red.eq(ired), tag0.fin.eq(ifin), tag0.first.eq(beat == 0), tag0.last.eq(ilast),
             tag0.ahalf.eq(beat[0]), tag0.lane_valid.eq(lane_valid), tag0.causal.eq(causal_vis),
-            tag0.wr_addr.eq(iwr_addr[0:aw]), tag0.wr_en.eq(iwr_en), tag0.s0.eq(s0), tag0.s1.eq(s1),
+            tag0.wr_addr.eq(iwr_addr[0:aw]), tag0.wr_en.eq(iwr_en),
+            tag0.s0.eq(Mux(multi, s0a[ri], s0)), tag0.s1.eq(Mux(multi, s1a[ri], s1)),
+            tag0.ri.eq(ri), tag0.glast.eq(glast),
         ]
         tags = [tag0]
         for k in range(self.EXIT):
@@ -792,7 +866,12 @@ class VectorUnit(wiring.Component):
             y = Signal(32, name=f"exit_y{ln}")
             m.d.comb += y.eq(Mux(sm & (~vis[ln] | ~te.lane_valid[ln] | dead), 0, lanes_y[ln]))
             ys.append(y)
-        m.d.comb += [sc_done.eq(te.valid & te.scalar), sc_val.eq(ys[0])]
+        m.d.comb += [sc_done.eq(te.valid & te.scalar), sc_val.eq(ys[0]),
+                     sc_ok.eq(sc_done & te.glast & (te.phase == phase))]
+        with m.If(sc_done & (te.phase == Phase.FIN1)):
+            m.d.sync += s0a[te.ri].eq(sc_val)
+        with m.Elif(sc_done & (te.phase == Phase.FIN2)):
+            m.d.sync += s1a[te.ri].eq(sc_val)
 
         d_bf = ins.d_fmt == Fmt.BF16
 
@@ -822,8 +901,10 @@ class VectorUnit(wiring.Component):
             level = nxt
             depth_ += 1
         max_out = delay(m, level[0], self.tree_latency - depth_, "max_pad")
-        rt = delay(m, Cat(te.valid & te.red, te.first, te.last, te.fin, redmax), self.tree_latency, "rtag")
-        r_valid, r_first, r_last, r_fin, r_max = rt[0], rt[1], rt[2], rt[3], rt[4]
+        rt = delay(m, Cat(te.valid & te.red, te.first, te.last, te.fin, redmax, te.glast, te.phase, te.ri),
+                   self.tree_latency, "rtag")
+        r_valid, r_first, r_last, r_fin, r_max, r_glast = rt[0], rt[1], rt[2], rt[3], rt[4], rt[5]
+        r_phase, r_ri = rt[6:9], rt[9:]
         r_addr = delay(m, te.wr_addr, self.tree_latency, "raddr")
         r_en = delay(m, te.wr_en, self.tree_latency, "ren")
         acc = Signal(32)
@@ -840,9 +921,19 @@ class VectorUnit(wiring.Component):
         fin_q = Signal()
         fin_addr = Signal(aw)
         fin_en = Signal(2 * L)
+        done_glast = Signal()
+        done_phase = Signal(Phase)
+        done_ri = Signal(len(ri))
         m.d.sync += [done_q.eq(r_valid & r_last), fin_q.eq(r_valid & r_last & r_fin),
-                     fin_addr.eq(r_addr), fin_en.eq(r_en)]
-        m.d.comb += [acc_done.eq(done_q), acc_val.eq(acc)]
+                     fin_addr.eq(r_addr), fin_en.eq(r_en),
+                     done_glast.eq(r_glast), done_phase.eq(r_phase), done_ri.eq(r_ri)]
+        m.d.comb += [acc_done.eq(done_q), acc_val.eq(acc),
+                     acc_ok.eq(done_q & done_glast & (done_phase == phase))]
+        # A row's reduction result: its max (SOFTMAX, first pass) or the sum a scalar beat finalises.
+        with m.If(done_q & (op == Opcode.SOFTMAX) & (done_phase == Phase.MAIN)):
+            m.d.sync += s0a[done_ri].eq(acc)
+        with m.Elif(done_q):
+            m.d.sync += sva[done_ri].eq(acc)
 
         # Write port: reduction results (MAX/SUM) or lane results.
         with m.If(fin_q):

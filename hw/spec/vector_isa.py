@@ -14,7 +14,7 @@ from collections import namedtuple
 from amaranth.lib import data, enum
 
 __all__ = ["ADDR_BITS", "OpSpec", "ISA_TABLE", "OPSPEC", "Opcode", "Fmt", "BMode", "MaskMode", "VecError",
-           "VectorInstr", "encode"]
+           "VectorInstr", "encode", "EXIT_LATENCY", "ROW_GROUP", "vector_cycles"]
 
 ADDR_BITS = 24
 """Width of the word-address fields of an instruction."""
@@ -123,3 +123,42 @@ def encode(**fields) -> int:
             continue
         conv[name] = value
     return VectorInstr.const(conv).as_value().value | raw
+
+
+# -- timing (the closed form of the RTL's cycle counter, shared by the cost model, the performance model and
+# the docs; tests/test_vector.py holds it equal to the RTL's ``cycles`` on every instruction it runs) ----------
+
+EXIT_LATENCY = 23
+"""Cycles from a beat's issue to its lane result (``VectorUnit.EXIT``: load 2 + lane 10 + function unit 11)."""
+
+ROW_GROUP = 16
+"""Rows a multi-pass instruction (SOFTMAX, LN_STATS) works on at once (``VectorUnit(row_group=...)``)."""
+
+
+def vector_cycles(op: str, n: int, rows: int, lanes: int, row_group: int = ROW_GROUP, cores: int = 1) -> int:
+    """Cycles from acceptance to ``done`` of vector instruction ``op`` over ``rows`` rows of ``n`` elements.
+
+    ``nb = ceil(n / lanes)`` beats per row pass (``cores`` units splitting every row: ``ceil(nb / cores)``),
+    ``E`` = :data:`EXIT_LATENCY`, ``R = 2 log2 lanes`` (reduction tree), ``C = E + R + 6`` once per
+    instruction (check, fill, drain). Element-wise ops, MAX and SUM stream rows back to back:
+    ``rows nb + C``; LN_APPLY reads a row's statistics first: ``rows (nb + 2) + C``. The multi-pass ops
+    work on groups of up to ``row_group`` rows: every pass runs over the group's rows back to back, and
+    only the last row's reduction (or scalar) result is waited for, once per pass and group
+    (``g = ceil(rows / row_group)`` groups):
+    LN_STATS ``rows (2 nb + 2) + g (2 (E + R + 1) + E) + C``;
+    SOFTMAX ``rows (3 nb + 1) + g (2 (E + R + 1) + E) + C``.
+    """
+    if lanes < 2 or lanes & (lanes - 1):
+        raise ValueError(f"lanes must be a power of two of at least 2, not {lanes!r}")
+    E, R = EXIT_LATENCY, 2 * (lanes.bit_length() - 1)
+    C = E + R + 6
+    beats = -(-n // lanes)
+    nb = -(-beats // cores)
+    groups = -(-rows // row_group)
+    if op == "LN_STATS":
+        return rows * (2 * nb + 2) + groups * (2 * (E + R + 1) + E) + C
+    if op == "SOFTMAX":
+        return rows * (3 * nb + 1) + groups * (2 * (E + R + 1) + E) + C
+    if op == "LN_APPLY":
+        return rows * (nb + 2) + C
+    return rows * nb + C
