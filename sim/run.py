@@ -425,6 +425,8 @@ def main_run(args) -> int:
     validate_args(args)
     console = _console()
     t0 = time.time()
+    if getattr(args, "pim_model", "rtl") == "behav":
+        os.environ["SOC_PIM_IMPL"] = "behav"        # read by sim.tb.soc_run.soc_sim_build (a separate build)
     cm, job, x, ws = prepare(args.config, args.policy, args.layers, args.prefill, args.generate, args.weights,
                              args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False))
     console.print(f"compiled {len(cm.stages)} stage programs, "
@@ -517,6 +519,8 @@ def validate_args(args):
     check_output_path("--trace", trace, parents_ok=True)
     if Path(trace).with_suffix(".png").is_dir():
         raise UsageError(f"--trace {trace}: its plot {Path(trace).with_suffix('.png')} would overwrite a directory")
+    if getattr(args, "pim_model", "rtl") == "behav" and args.backend != "verilator":
+        raise UsageError(f"--pim-model behav needs --backend verilator (DPI-C), not {args.backend}")
     return args
 
 
@@ -535,6 +539,9 @@ def add_parser(sub):
     r.add_argument("--input", help="hidden states entering the first layer, [tokens, d_model] .npy")
     r.add_argument("--output", help="write the last layer's outputs, [tokens, d_model] float32 .npy")
     r.add_argument("--waves", action="store_true", help="write an FST of the RTL run")
+    r.add_argument("--pim-model", default="rtl", choices=["rtl", "behav"],
+                   help="the PIM device's channels on the RTL backend: rtl (default) or behav, the cycle- and "
+                        "bit-exact behavioural model (hw/pim/behav.py; Verilator; faster for long runs)")
     r.add_argument("--trace", help="Perfetto/Chrome trace JSON path")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--baseline", default="gen", choices=["gen", "full", "none"],
