@@ -62,8 +62,10 @@ def test_lockstep_wide_tccd_trrd():
 
 
 @pytest.mark.long
-def test_lockstep_default():
-    run_lockstep("default", 30000, 5)
+@pytest.mark.parametrize("config", ["default", "default-dualrb"])
+def test_lockstep_default(config):
+    """Paper timings (tRL 20, tRCD 36, tREFI 1900), 16 banks, 4096 rows: a build of the RTL channel each."""
+    run_lockstep(config, 30000, 5)
 
 
 @pytest.mark.parametrize("what", ["timing", "adder_order"])

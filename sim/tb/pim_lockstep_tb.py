@@ -1,6 +1,6 @@
 """Lockstep: the RTL PIM channel and the behavioural one (hw/pim/behav.py) on the same bus, compared every cycle.
 
-:class:`PimLockstep` instantiates the RTL channel module and a behavioural channel module (under another
+:class:`~sim.tb.pim_lockstep_top.PimLockstep` instantiates the RTL channel module and a behavioural channel module (under another
 name) side by side: the same command bus, ``clear``, ``bd_load``, ``chan_id`` and reset; ``diff`` has one bit
 per output (``rvalid``, ``rdata`` and every status member) that differs. The cocotb test ``lockstep`` drives
 a random stream of legal and illegal commands (the independent protocol checker, :mod:`sim.pim_checker`,
@@ -19,57 +19,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from amaranth.hdl import ClockSignal, Instance, Module, ResetSignal, Signal
-from amaranth.lib import wiring
-from amaranth.lib.wiring import In, Out
 
 from sim.tb.common import env_int, env_str, tb_test
-
-OUTPUTS = ("bus__rvalid", "bus__rdata", "status__violation", "status__vcode", "status__vop", "status__vcycle",
-           "status__nviol", "status__owed", "status__cycle", "status__n_act", "status__n_pre", "status__n_rd",
-           "status__n_wr", "status__n_ref", "status__n_wrgb", "status__n_mac", "status__n_rdmac", "status__n_af",
-           "status__n_cmd")
-INPUTS = ("bus__op", "bus__bank", "bus__row", "bus__col", "bus__data", "bus__mask", "status__clear")
-
-
-def _widths(cfg) -> dict:
-    from hw.pim.behav import channel_ports
-
-    return {name: width for _, name, width in channel_ports(cfg)}
-
-
-class PimLockstep(wiring.Component):
-    """The RTL channel module ``rtl_module`` and the behavioural one ``behav_module`` on one bus.
-
-    Members: the channel's inputs (``bus__op`` ... ``status__clear``, ``chan_id``, ``bd_load``), each output
-    twice (``r_<name>`` from the RTL, ``b_<name>`` from the model), ``diff`` (bit ``i``: output
-    ``OUTPUTS[i]`` differs).
-    """
-
-    def __init__(self, cfg, rtl_module: str, behav_module: str):
-        self.cfg = cfg
-        self.rtl_module, self.behav_module = rtl_module, behav_module
-        w = _widths(cfg)
-        members = {name: In(w[name]) for name in INPUTS}
-        members.update({"chan_id": In(8), "bd_load": In(1), "diff": Out(len(OUTPUTS))})
-        for name in OUTPUTS:
-            members[f"r_{name}"] = Out(w[name])
-            members[f"b_{name}"] = Out(w[name])
-        super().__init__(members)
-
-    def elaborate(self, platform):
-        m = Module()
-        ins = {f"i_{name}": getattr(self, name) for name in INPUTS}
-        ins.update(i_clk=ClockSignal(), i_rst=ResetSignal(), i_chan_id=self.chan_id, i_bd_load=self.bd_load)
-        for prefix, module in (("r", self.rtl_module), ("b", self.behav_module)):
-            outs = {f"o_{name}": getattr(self, f"{prefix}_{name}") for name in OUTPUTS}
-            m.submodules[f"{prefix}_chan"] = Instance(module, **ins, **outs)
-        diff = [Signal(name=f"diff_{i}") for i in range(len(OUTPUTS))]
-        for i, name in enumerate(OUTPUTS):
-            m.d.comb += diff[i].eq(getattr(self, f"r_{name}") != getattr(self, f"b_{name}"))
-        m.d.comb += self.diff.eq(sum(d << i for i, d in enumerate(diff)))
-        return m
-
+from sim.tb.pim_lockstep_top import INPUTS, OUTPUTS, PimLockstep  # noqa: F401  (PimLockstep: the top)
 
 # ---- the random stream ---------------------------------------------------------------------------------
 
@@ -79,6 +31,10 @@ class PimLockstep(wiring.Component):
 WEIGHTS = (("ACT", 10, 1), ("ACTAB", 5, 8), ("PRE", 6, 1), ("PREAB", 4, 6), ("RD", 10, 3), ("WR", 10, 3),
            ("REF", 3, 2), ("WRGB", 6, 6), ("MACSB", 6, 4), ("MACAB", 14, 20), ("WRBIAS", 5, 6),
            ("RDMAC", 6, 6), ("AF", 7, 14), ("RDAF", 6, 8), ("PACTAB", 4, 8), ("PPREAB", 3, 6), ("BAD", 1, 1))
+
+
+IMAGE_ROWS = 24
+"""Data rows of each bank the back-door images fill (all of them on the tiny presets)."""
 
 
 class Stream:
@@ -137,7 +93,11 @@ class Stream:
         p, rng = self.cfg.pim, self.rng
         bank = int(rng.integers(p.banks))
         lut = 0.5 if self.pim_phase else 0.2
-        row = int(rng.integers(p.data_rows, p.rows)) if p.af_rows and rng.random() < lut else int(rng.integers(p.rows))
+        # Data rows: the first IMAGE_ROWS (the back-door images fill them), and any row now and then.
+        if p.af_rows and rng.random() < lut:
+            row = int(rng.integers(p.data_rows, p.rows))
+        else:
+            row = int(rng.integers(p.rows if rng.random() < 0.05 else min(p.data_rows, IMAGE_ROWS)))
         if op == "WRGB":
             col = int(rng.integers(min(p.columns, p.gb_columns + 1)))
         elif op in ("WRBIAS", "RDMAC", "RDAF"):
@@ -195,7 +155,8 @@ def _write_images(cfg, directory, chan, rng, generation):
     for f in os.listdir(directory):
         os.unlink(os.path.join(directory, f))
     for b in range(p.banks):
-        rows = (rng.standard_normal((p.data_rows, p.columns, p.lanes)) * (1 + generation)).astype(np.float32)
+        n = min(p.data_rows, IMAGE_ROWS)
+        rows = (rng.standard_normal((n, p.columns, p.lanes)) * (1 + generation)).astype(np.float32)
         bits = (rows.view(np.uint32) >> 16).astype(np.uint16)
         first = int(rng.integers(0, 2))
         writer = write_backdoor_bin if b % 2 == 0 else write_backdoor
