@@ -102,6 +102,17 @@ def test_pim_impl_choice_is_checked():
         soc_sim_build(preset("tiny"), "icarus", pim_impl="behav")
 
 
+def test_ianus_run_pim_model_option():
+    """``ianus run --pim-model behav`` is refused on Icarus before anything is built."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "sim.cli", "run", "--config", "tiny", "--backend", "icarus",
+                        "--pim-model", "behav"], capture_output=True, text=True)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "--pim-model behav needs --backend verilator (DPI-C), not icarus" in p.stderr
+
+
 def test_soc_layer_same_bits_and_cycles_on_behavioural_device():
     """A GPT-2 layer (tiny, ianus policy: PIM GEMVs with GELU in the AF units, normal traffic, refresh) on the
     SoC with the RTL device and with the behavioural one: same outputs, KV caches and cycles per program."""
