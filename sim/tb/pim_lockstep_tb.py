@@ -25,12 +25,15 @@ from sim.tb.pim_lockstep_top import INPUTS, OUTPUTS, PimLockstep  # noqa: F401  
 
 # ---- the random stream ---------------------------------------------------------------------------------
 
-# (command, weight in normal phases, weight in PIM phases) for the random stream; "BAD" is an undefined
-# opcode (always illegal). PIM phases favour all-bank rows (ACTAB/PACTAB, often of a LUT row) and the
-# processing-unit commands, so MACAB and AF chains happen often, not only by chance.
-WEIGHTS = (("ACT", 10, 1), ("ACTAB", 5, 8), ("PRE", 6, 1), ("PREAB", 4, 6), ("RD", 10, 3), ("WR", 10, 3),
-           ("REF", 3, 2), ("WRGB", 6, 6), ("MACSB", 6, 4), ("MACAB", 14, 20), ("WRBIAS", 5, 6),
-           ("RDMAC", 6, 6), ("AF", 7, 14), ("RDAF", 6, 8), ("PACTAB", 4, 8), ("PPREAB", 3, 6), ("BAD", 1, 1))
+# (command, weight in normal, PIM and refresh phases) for the random stream; "BAD" is an undefined opcode
+# (always illegal). PIM phases favour all-bank rows (ACTAB/PACTAB, often of a LUT row) and the processing-unit
+# commands, so MACAB and AF chains happen often, not only by chance; refresh phases close every row (with
+# long DRAM timings and two row buffers a random stream rarely has every buffer closed otherwise).
+WEIGHTS = (("ACT", 10, 1, 0), ("ACTAB", 5, 8, 0), ("PRE", 6, 1, 6), ("PREAB", 4, 6, 12), ("RD", 10, 3, 2),
+           ("WR", 10, 3, 2), ("REF", 3, 2, 20), ("WRGB", 6, 6, 2), ("MACSB", 6, 4, 1), ("MACAB", 14, 20, 1),
+           ("WRBIAS", 5, 6, 2), ("RDMAC", 6, 6, 2), ("AF", 7, 14, 1), ("RDAF", 6, 8, 2), ("PACTAB", 4, 8, 0),
+           ("PPREAB", 3, 6, 12), ("BAD", 1, 1, 1))
+PHASES = ("normal", "pim", "refresh")
 
 
 IMAGE_ROWS = 24
@@ -46,10 +49,10 @@ class Stream:
         self.cfg, self.rng = cfg, rng
         self.names = [w[0] for w in WEIGHTS]
         self.probs = []
-        for k in (1, 2):
+        for k in range(1, 1 + len(PHASES)):
             w = np.array([w[k] for w in WEIGHTS], dtype=float)
             self.probs.append(w / w.sum())
-        self.pim_phase = False
+        self.phase = 0
         self.checker = ProtocolChecker(cfg)
         self.illegal = 0
         self.executed: dict = {}
@@ -92,7 +95,7 @@ class Stream:
     def fields(self, op):
         p, rng = self.cfg.pim, self.rng
         bank = int(rng.integers(p.banks))
-        lut = 0.5 if self.pim_phase else 0.2
+        lut = 0.5 if PHASES[self.phase] == "pim" else 0.2
         # Data rows: the first IMAGE_ROWS (the back-door images fill them), and any row now and then.
         if p.af_rows and rng.random() < lut:
             row = int(rng.integers(p.data_rows, p.rows))
@@ -121,13 +124,13 @@ class Stream:
 
         rng = self.rng
         if cycle % 400 == 0:
-            self.pim_phase = bool(rng.random() < 0.5)
+            self.phase = int(rng.choice(len(PHASES), p=[0.4, 0.4, 0.2]))
         if rng.random() < p_nop:
             self.checker.check(cycle, "NOP")
             return 0, 0, 0, 0, 0, 0
         first = None
         for _ in range(6):
-            op = str(rng.choice(self.names, p=self.probs[self.pim_phase]))
+            op = str(rng.choice(self.names, p=self.probs[self.phase]))
             if op == "REF" and not refresh:
                 continue
             bank, row, col, data, mask = self.fields(op)
