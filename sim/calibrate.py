@@ -22,8 +22,9 @@ program's bursts fall only to a few cycles.
 
 ``python -m sim.calibrate --config tiny`` runs the RTL jobs (cached Verilator build), prints the table
 model vs RTL per program and the worst deviation; ``--store`` writes the RTL cycles to
-``sim/calibration/<config>.json`` (with the command that produced them) so that the comparison can be
-repeated without the RTL (``--stored``).
+``sim/calibration/<config>.json`` (with the command that produced them and each program's measured start)
+so that the comparison can be repeated without the RTL (``--stored``); ``--from-results`` takes the
+``result.json`` files of RTL runs already made (``build/tests/pmcal_<config>_<policy>_<layers>-verilator/``).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             if args.from_results:
                 progs = json.loads(Path(args.from_results[i]).read_text())["programs"]
-                rtl[key] = [{"name": r["name"], "cycles": r["cycles"]} for r in progs]
+                rtl[key] = [{"name": r["name"], "cycles": r["cycles"], "t_start": r.get("t_start")} for r in progs]
             else:
                 rtl[key] = run_rtl_job(args.config, *spec)
             print(f"# {key}: RTL {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -201,7 +202,8 @@ def main(argv=None) -> int:
         out = {"command": cmd, "commit": _git_commit(), "config": args.config,
                "jobs": [{"key": job_key(args.config, *spec), "policy": spec[0], "layers": spec[1],
                          "prefill": spec[2], "generate": spec[3],
-                         "programs": [{"name": r["name"], "cycles": r["cycles"]} for r in rtl[job_key(args.config, *spec)]]}
+                         "programs": [{"name": r["name"], "cycles": r["cycles"], "t_start": r.get("t_start")}
+                                      for r in rtl[job_key(args.config, *spec)]]}
                         for spec in jobs if job_key(args.config, *spec) in rtl]}
         (STORE_DIR / f"{args.config}.json").write_text(json.dumps(out, indent=1) + "\n")
         print(f"stored {STORE_DIR / (args.config + '.json')}")
