@@ -401,7 +401,7 @@ def format_check(s: dict) -> str:
     e = rec["ecp5"]
     fmax = (f"Fmax {e['fmax_mhz']:.1f} MHz" if e.get("fmax_mhz") else
             f"Fmax n/a, {e['fmax_placed_mhz']:.1f} MHz after placement" if e.get("fmax_placed_mhz") else
-            "synthesis only")
+            f"Fmax n/a ({e.get('pnr_status')})" if rec.get("pnr") else "synthesis only")
     line = (f"{head}  stored {rec['verilog_sha256'][:16]} {rec['date']}  {fmax}, "
             f"{rec['xcup']['LUT']} LUT / {e['LUT4']} LUT4")
     if s["reason"]:
