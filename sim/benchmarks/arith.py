@@ -10,6 +10,10 @@ from hw.arith import MacUnit
 from sim.build import build
 
 
+EXCLUSIVE = True
+"""Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
+
+
 def _cycles_per_s(sim: str, n_dots: int, max_cols: int):
     b = build(lambda: MacUnit(16), name="mac_unit", key="lanes=16", sim=sim)
     with tempfile.TemporaryDirectory() as tmp:

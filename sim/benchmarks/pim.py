@@ -10,6 +10,10 @@ import time
 from sim.cli import GPT2_SMALL_FC, run_pim_gemvs
 
 
+EXCLUSIVE = True
+"""Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
+
+
 def run(quick: bool = False):
     shapes = [(k, n, act) for _, k, n, act in GPT2_SMALL_FC]
     res = run_pim_gemvs("default", shapes[:1] if quick else shapes)

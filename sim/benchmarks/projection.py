@@ -11,6 +11,10 @@ from sim.project import MODELS, POLICIES, project
 N_IN, N_OUT = 128, 64
 
 
+EXCLUSIVE = True
+"""Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
+
+
 def run(quick: bool = False):
     models = ("xl",) if quick else MODELS
     for model in models:

@@ -12,6 +12,10 @@ import time
 from sim.run import prepare, run_backend
 
 
+EXCLUSIVE = True
+"""Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
+
+
 def _cycles(results, phase):
     return sum(r["cycles"] for r in results if (" prefill@" in r["name"]) == (phase == "prefill"))
 

@@ -22,6 +22,10 @@ from pathlib import Path
 from sim.sweep import analyse_results, connect, run_sweep
 from sim.sweep_spec import parse_spec
 
+EXCLUSIVE = True
+"""Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
+
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT_1000 = ROOT / "build" / "sweep" / "bench-1000"
 
