@@ -9,7 +9,6 @@ import tempfile
 from hw.arith import MacUnit
 from sim.build import build
 
-
 EXCLUSIVE = True
 """Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
 

@@ -9,7 +9,6 @@ import time
 
 from sim.cli import GPT2_SMALL_FC, run_pim_gemvs
 
-
 EXCLUSIVE = True
 """Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
 

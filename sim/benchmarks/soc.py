@@ -11,7 +11,6 @@ import time
 
 from sim.run import prepare, run_backend
 
-
 EXCLUSIVE = True
 """Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
 
