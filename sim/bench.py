@@ -6,7 +6,7 @@ Modules run as child processes (``python -m sim.bench --child NAME``), ``--jobs`
 the machine's cores, at most 2), so a 2-core machine runs two modules' simulations side by side. A module
 whose figures are wall-clock speeds (simulated cycles per second, points per second, wall seconds) sets
 ``EXCLUSIVE = True`` and runs alone, after the others, so no other module's work is on the machine while it
-measures. Each line a child prints is passed on as it comes (lines of different modules interleave; every
+measures. The others start longest first (``EXPECTED_S``). Each line a child prints is passed on as it comes (lines of different modules interleave; every
 line names its ``module``); ``# NAME: S s`` on stderr gives each module's wall time, and the last line is
 ``bench_wall_s``, the whole run's wall time against the 30-minute budget.
 """
@@ -106,7 +106,10 @@ def main(argv=None) -> int:
     unknown = only - {n for n, _ in modules}
     if unknown:
         parser.error(f"unknown benchmark module(s): {', '.join(sorted(unknown))}")
-    shared = [n for n, m in modules if not getattr(m, "EXCLUSIVE", False)]
+    # Longest first (``EXPECTED_S``, a module's wall time measured on this machine), so the long ones overlap
+    # the many short ones instead of running last with a core idle.
+    shared = [n for n, m in sorted(modules, key=lambda nm: -getattr(nm[1], "EXPECTED_S", 60))
+              if not getattr(m, "EXCLUSIVE", False)]
     alone = [n for n, m in modules if getattr(m, "EXCLUSIVE", False)]
     t_start = time.perf_counter()
     lock = threading.Lock()
