@@ -322,6 +322,50 @@ class _Kernel:
 # Memory: one controller per channel
 # ---------------------------------------------------------------------------------------------
 
+class _Slots:
+    """Taken cycles of a one-per-cycle resource (a command bus, a port): ``take(t)`` takes and returns the
+    first free cycle at or after ``t``. Each taken cycle maps to a cycle at or before the first free one
+    after it (every cycle in between is taken), so a search jumps over runs of taken cycles (with path
+    compression) where probing them one by one cost tens of probes per request when streams queue up.
+    The taken set, and so every result, is the same as with a plain set of cycles."""
+
+    __slots__ = ("nf",)
+
+    def __init__(self):
+        self.nf = {}
+
+    def __len__(self):
+        return len(self.nf)
+
+    def __contains__(self, x):
+        return x in self.nf
+
+    def __iter__(self):
+        return iter(self.nf)
+
+    def take(self, t) -> int:
+        nf = self.nf
+        x = math.ceil(t)
+        if x in nf:
+            path = []
+            while x in nf:
+                path.append(x)
+                x = nf[x]
+            y = x + 1
+            for q in path:
+                nf[q] = y
+        nf[x] = x + 1
+        return x
+
+    def keep_from(self, floor):
+        """Forget the taken cycles before ``floor``."""
+        self.nf = {k: v for k, v in self.nf.items() if k >= floor}
+
+    def keep_upto(self, last):
+        """Forget the taken cycles after ``last``."""
+        self.nf = {k: (v if v <= last + 1 else last + 1) for k, v in self.nf.items() if k <= last}
+
+
 class Channel:
     """Timing state of one channel's controller and banks (see the module docstring)."""
 
@@ -335,8 +379,8 @@ class Channel:
         self.act_ok = [0] * p.banks       # earliest ACT (tRP)
         self.rd_ok = [0] * p.banks        # earliest RD / MAC (tRCDRD)
         self.wr_ok = [0] * p.banks        # earliest WR (tRCDWR)
-        self.slots = set()
-        self.row_slots = set()
+        self.slots = _Slots()
+        self.row_slots = _Slots()
         self.row_bus = micro.row_bus
         self.rrd_ok = 0
         self.acts = deque(maxlen=4)
@@ -360,19 +404,11 @@ class Channel:
 
     # -- command slots (one command per cycle) --
     def slot(self, tt, row=False):
-        tt = int(math.ceil(tt))
         s = self.row_slots if (row and self.row_bus) else self.slots
-        while tt in s:
-            tt += 1
-        s.add(tt)
+        tt = s.take(tt)
         self.c["commands"] += 1
-        if len(s) > 8192:
-            floor = max(s) - 4096
-            s2 = {x for x in s if x >= floor}
-            if s is self.slots:
-                self.slots = s2
-            else:
-                self.row_slots = s2
+        if len(s.nf) > 8192:
+            s.keep_from(max(s.nf) - 4096)
         return tt
 
     # -- refresh --
@@ -421,7 +457,7 @@ class Channel:
                 break
             self._do_refresh(s)
             self._tick_until(tt)
-        if self.owed >= self.t.refresh_postpone:
+        if self.owed >= max(1, self.t.refresh_postpone):     # forced (nothing owed: nothing to force)
             self._do_refresh(max(tt, self.ref_free))
 
     def refresh_pim(self, tt, closed_from):
@@ -441,22 +477,27 @@ class Channel:
     def access(self, bank, row, write, tt):
         """A 32-byte request that can be issued from cycle ``tt``: returns the column command's cycle."""
         t = self.t
-        tt = int(math.ceil(tt))
+        tt = math.ceil(tt)
         q = self.qtimes                     # sorted decision cycles of the requests queued
         k = bisect.bisect_left(q, tt)
         if k:
             del q[:k]
         if len(q) >= self.qdepth:
-            tt = max(tt, q[len(q) - self.qdepth] + 1)
+            x = q[len(q) - self.qdepth] + 1
+            if x > tt:
+                tt = x
         for s, e in self.pim_windows:
             if s <= tt < e:
                 tt = e + 1
-        self.refresh_idle(tt)
+        if self.owed or self.next_tick + 1 <= tt:     # else refresh_idle(tt) has nothing to do
+            self.refresh_idle(tt)
+        c = self.c
         if self.open[bank] == row:
-            self.c["hits"] += 1
-            c = self.slot(max(tt, self.wr_ok[bank] if write else self.rd_ok[bank]))
+            c["hits"] += 1
+            x = self.wr_ok[bank] if write else self.rd_ok[bank]
+            col = x if x > tt else tt
         else:
-            self.c["misses"] += 1
+            c["misses"] += 1
             if self.open[bank] >= 0:
                 pr = self.slot(max(tt, self.pre_ok[bank]), row=True)
                 self.act_ok[bank] = max(self.act_ok[bank], pr + t.tRP)
@@ -464,20 +505,34 @@ class Channel:
             if len(self.acts) == 4:
                 a = max(a, self.acts[0] + t.tFAW)
             a = self.slot(a, row=True)
-            self.c["acts"] += 1
+            c["acts"] += 1
             self.acts.append(a)
             self.rrd_ok = a + t.tRRD
             self.rd_ok[bank] = a + t.tRCDRD
             self.wr_ok[bank] = a + t.tRCDWR
             self.pre_ok[bank] = max(self.pre_ok[bank], a + t.tRAS)
             self.open[bank] = row
-            c = self.slot(self.wr_ok[bank] if write else self.rd_ok[bank])
-        self.pre_ok[bank] = max(self.pre_ok[bank], c + (t.tWR if write else t.tRTP))
-        self.c["writes" if write else "reads"] += 1
-        bisect.insort(q, c)
-        self.idle_from = max(self.idle_from, c + 1)
-        self._record(bank, c)
-        return c
+            col = self.wr_ok[bank] if write else self.rd_ok[bank]
+        slots = self.slots              # the column command's slot (as slot())
+        col = slots.take(col)
+        c["commands"] += 1
+        if len(slots.nf) > 8192:
+            slots.keep_from(max(slots.nf) - 4096)
+        x = col + (t.tWR if write else t.tRTP)
+        if x > self.pre_ok[bank]:
+            self.pre_ok[bank] = x
+        if write:
+            c["writes"] += 1
+        else:
+            c["reads"] += 1
+        bisect.insort(q, col)
+        if col + 1 > self.idle_from:
+            self.idle_from = col + 1
+        h = self.hist[bank]
+        h.append((col, (self.open[bank], self.pre_ok[bank], self.act_ok[bank], self.rd_ok[bank], self.wr_ok[bank])))
+        if len(h) > 24:
+            del h[:8]
+        return col
 
     def _record(self, bank, t):
         h = self.hist[bank]
@@ -542,7 +597,13 @@ class Memory:
 
     def request(self, addr, write, t_issue):
         """Request issued by a requester in cycle ``t_issue``: returns the response's cycle at the requester."""
-        c, b, r = self.where(addr)
+        if self.il:                                                  # as where(), inlined (the hot path)
+            il = self.il
+            g = addr // il
+            x = (g // self.nc) * il + addr % il
+            c, b, r = g % self.nc, (x // self.row_b) % self.nb, (x // (self.row_b * self.nb)) % self.nr
+        else:
+            c, b, r = self.where(addr)
         col = self.ch[c].access(b, r, write, t_issue + self.arr)
         if col > self.max_col:
             self.max_col = col
@@ -568,16 +629,11 @@ class ProgramResult:
     breakdown: dict = field(default_factory=dict)   # tag -> cycles (exclusive, see _Run._breakdown)
 
 
-def _take(slots: set, t) -> int:
+def _take(slots: _Slots, t) -> int:
     """The first cycle >= ``t`` not yet in ``slots`` (taken)."""
-    c = int(math.ceil(t))
-    while c in slots:
-        c += 1
-    slots.add(c)
-    if len(slots) > 20000:
-        floor = c - 8192
-        for x in [x for x in slots if x < floor]:
-            slots.discard(x)
+    c = slots.take(t)
+    if len(slots.nf) > 20000:
+        slots.keep_from(c - 8192)
     return c
 
 
@@ -626,7 +682,7 @@ class PerfModel:
         self.time = 0.0
         self.programs = 0
         self.cache = {}
-        self.mu_port = (set(), [-INF])    # the matrix unit's memory port (load + store share it):
+        self.mu_port = (_Slots(), [-INF])    # the matrix unit's memory port (load + store share it):
         #                                   request cycles taken, last response delivered
         p = cfg.pim
         # cache key: offset in a DRAM row (channel and bank symmetric); with a channel interleave the bank
@@ -661,8 +717,8 @@ class PerfModel:
         g0 = t0 - self.calib.gap
         first = self.cfg.timing.tREFI - 1 - self.calib.first_start     # the refresh counter's first tick
         for ch in self.mem.ch:
-            ch.slots = {x for x in ch.slots if x <= g0}
-            ch.row_slots = {x for x in ch.row_slots if x <= g0}
+            ch.slots.keep_upto(g0)
+            ch.row_slots.keep_upto(g0)
             ch.qtimes = [x for x in ch.qtimes if x <= g0]
             ch.rewind(g0)
             ch.acts = deque((x for x in ch.acts if x <= g0), maxlen=4)
@@ -676,7 +732,7 @@ class PerfModel:
             ch.next_tick = first + max(0, math.ceil((g0 - first) / ch.t.tREFI)) * ch.t.tREFI
             ch.owed = 0
             ch._tick_until(t0)
-        self.mu_port[0].difference_update({x for x in self.mu_port[0] if x > g0})
+        self.mu_port[0].keep_upto(g0)
         self.mu_port[1][0] = min(self.mu_port[1][0], g0)
 
     def run_stages(self, stages, prog_addrs=None) -> list[ProgramResult]:
@@ -1527,8 +1583,8 @@ class _PcuMacro:
         # Normal requests timed ahead of this macro wait for it (DMAs are pushed back, fetches re-timed):
         # drop their future command slots.
         for ch in self.mem.ch:
-            ch.slots = {x for x in ch.slots if x <= start}
-            ch.row_slots = {x for x in ch.row_slots if x <= start}
+            ch.slots.keep_upto(start)
+            ch.row_slots.keep_upto(start)
             ch.qtimes = [x for x in ch.qtimes if x <= start]
             ch.rewind(start)
             ch.idle_from = min(ch.idle_from, max(ch.qtimes, default=0) + 1) if ch.qtimes else ch.idle_from
