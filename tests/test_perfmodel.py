@@ -1,4 +1,4 @@
-"""Performance model (sim/perfmodel.py) against the SoC RTL, and its projection / energy plumbing.
+"""Performance model (sim/perfmodel/) against the SoC RTL, and its projection / energy plumbing.
 
 The calibration test runs the tiny end-to-end jobs (1 and 2 GPT-2 layers, prefill + generation, all
 three policies) on the RTL (cached Verilator build) and requires every program's model cycles within

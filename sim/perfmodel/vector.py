@@ -1,0 +1,93 @@
+"""The vector queue in the performance model: VECTOR by the vector unit's cycle formulas, VLOAD / VSTORE by
+streaming requests through the memory model."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from hw.spec.soc_isa import SocOp
+from hw.spec.vector_isa import vector_cycles
+from sim.perfmodel.params import INF
+
+
+class VectorQueueModel:
+    """Methods of :class:`sim.perfmodel.core._Run` for the vector queue (:mod:`hw.npu.vector_queue`)."""
+
+    def _vq(self):
+        K, cal, kf = self.K, self.cal, self.m.k
+        free = K.now
+        while True:
+            while not self.vq_q:
+                yield self.ev_vq
+            ins, t_in = self.vq_q[0]
+            tt = max(t_in + cal.vq_fifo_lat * kf, free)
+            if tt > K.now:
+                yield tt
+            self.vq_q.popleft()
+            K.notify(self.ev_vq_space)
+            start = K.now
+            if ins.op == SocOp.VECTOR:
+                d = self._vec_cycles(ins.f) * kf
+                done = start + cal.vq_vec_over * kf + d
+                self.work["vq_vector"] += d
+                self.intervals.append((start, done, self._tag(ins, "vector")))
+            else:
+                t1 = start + cal.vq_dma_over * kf
+                nw = len(self.win_log)
+                self.mem.max_col = -INF
+                f = ins.f
+                key = (int(ins.op), f["rows"], f["cols"], f["mem_stride"], f["mem_addr"] % self.m.align)
+                done, cached = yield from self._timed(key, t1, lambda t, ins=ins: self._held(self._vdma(ins, t)))
+                if cached:
+                    done = yield from self._dma_pushback(done, nw)
+                elif done > K.now:
+                    yield done
+                wait = min(done - start, self._pim_overlap(start, done, 0 if not cached else nw))
+                self.work["pim_block"] += wait
+                self.intervals.append((start, done - wait, self._tag(ins, "vector")))
+                if wait > 0:
+                    self.intervals.append((done - wait, done, "wait_pim"))
+                self.work["vq_dma"] += done - t1
+            free = done + cal.vq_done_over * kf
+            K.at(free + cal.vq_idle_lat * kf, self._vq_down)
+            yield free
+
+    def _vq_down(self):
+        self.units["vq"].down(self.K.now)
+        self.K.notify(self.ev_idle)
+
+    def _vec_cycles(self, f):
+        n, rows, op = f["n"], f["rows"], f["op"]
+        self.events["vec_elem"] += n * rows * (3 if op in ("SOFTMAX", "LN_STATS") else 1)
+        self.events["spm_rd_bytes"] += n * rows * 4
+        self.events["spm_wr_bytes"] += n * rows * 4
+        return vector_cycles(op, n, rows, self.m.L, cores=self.mi.cores)
+
+    def _vdma(self, ins, t):
+        """VLOAD / VSTORE (a generator): returns the cycle the transfer is done."""
+        mem, kf, mi, cal, K = self.mem, self.m.k, self.mi, self.cal, self.K
+        f = ins.f
+        rows, cols, stride, base = f["rows"], f["cols"], f["mem_stride"], f["mem_addr"]
+        store = ins.op == SocOp.VSTORE
+        self.events["dma_bytes"] += rows * cols * 32
+        self.events["spm_rd_bytes" if store else "spm_wr_bytes"] += rows * cols * 32
+        gap = kf / (mi.dma_issue * mi.cores)
+        rgap = 1 if mi.dma_issue * mi.cores == 1 else gap
+        outmax = mi.dma_outstanding * mi.cores
+        a = t - gap + (cal.vdma_store_lat * kf if store else 0)
+        last_r = -INF
+        cons = deque()
+        for r in range(rows):
+            ra = base + r * stride
+            for c in range(cols):
+                a += gap
+                if len(cons) >= outmax:
+                    a = max(a, cons.popleft() + 1)
+                if a > K.now + self.LOOKAHEAD:
+                    yield a
+                rr = mem.request(ra + 32 * c, store, a)
+                if rr < last_r + rgap:
+                    rr = last_r + rgap
+                last_r = rr
+                cons.append(rr)
+        return last_r + cal.vdma_end * kf
