@@ -64,6 +64,12 @@ class Host:
             out += bytes(resp.data)
         return bytes(out)
 
+    async def write_mem(self, addr, data):
+        step = 1 << 13
+        for a in range(addr, addr + len(data), step):
+            resp = await self.axi.write(a, data[a - addr:a - addr + step])
+            assert int(resp.resp) == 0, f"memory write at {a:#x}: {resp.resp!r}"
+
 
 async def load_backdoor(dut, image_dir: Path):
     """Load the device image files of ``image_dir`` through the PIM banks' back door: link them into the
@@ -118,6 +124,9 @@ async def run_job(dut):
     # (Verilator starts undriven inputs at 0, Icarus at X; an X on arvalid before the first edge would
     # latch X into the register block's handshake flops for good.)
     dut.bd_load.value = 0
+    hold = getattr(dut, "tb_clk_hold", None)       # stops the bus models' clock while they are idle
+    if hold is not None:
+        hold.value = 0
     for c in range(C):
         getattr(dut, f"s{c}__clear").value = 0
     host = Host(dut)
@@ -139,6 +148,8 @@ async def run_job(dut):
     results = []
     for prog in spec["programs"]:
         spans = {}
+        for addr, path in prog.get("writes", ()):      # host writes before the program (batched generation)
+            await host.write_mem(addr, Path(path).read_bytes())
         await host.wr(CSR.PROG_ADDR, prog["addr"])
         await host.wr(CSR.PROG_LEN, prog["n"])
         await host.wr(CSR.CTRL, Ctrl.RESET_COUNTERS)
@@ -147,10 +158,14 @@ async def run_job(dut):
         t_start = _now()            # the START write's response (a fixed number of cycles after the CP took it)
         budget = spec["timeout_cycles"]
         timer = Timer(budget * PERIOD_NS, "ns")
+        if hold is not None:        # the host's bus models are idle until the program ends
+            hold.value = 1
         while True:
             trig = await First(RisingEdge(done), Edge(error), timer)
             if int(error.value) or int(done.value) or trig is timer:
                 break
+        if hold is not None:
+            hold.value = 0
         watcher.kill()
         err = int(error.value)
         status = await host.rd(CSR.STATUS)

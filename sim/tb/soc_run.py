@@ -54,6 +54,10 @@ class SocSim(wiring.Component):
     every other port are direct.) ``early_tb_clock=False`` (Icarus, whose value-change callbacks run
     when the clock changes, before the design's flops take the edge, as the bus models assume):
     ``clk_tb`` is ``clk_out`` and the bus ports are direct.
+
+    ``tb_clk_hold`` = 1 stops ``clk_tb`` while ``clk_out`` runs on (Verilator build): a testbench whose bus
+    models are idle, such as the job runner waiting for a program's done, saves the two time steps per
+    cycle of ``clk_tb``'s edges. 0 (undriven) is the normal clock.
     """
 
     def __init__(self, cfg, device_factory, early_tb_clock: bool = True):
@@ -64,13 +68,15 @@ class SocSim(wiring.Component):
         members = dict(self._top.signature.members.items())
         members["clk_out"] = Out(1)
         members["clk_tb"] = Out(1)
+        members["tb_clk_hold"] = In(1)
         super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
         clk, clk_tb = Signal(), Signal()
         if self._early:
-            m.submodules.clock = Instance("tb_clock_gen", p_HALF_PERIOD=5, o_clk=clk, o_clk_tb=clk_tb)
+            m.submodules.clock = Instance("tb_clock_gen", p_HALF_PERIOD=5, i_hold=self.tb_clk_hold, o_clk=clk,
+                                          o_clk_tb=clk_tb)
             m.domains.tb = ClockDomain("tb", reset_less=True)
             m.d.comb += ClockSignal("tb").eq(clk_tb)
         else:
