@@ -211,6 +211,15 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _run_or_batch(a) -> int:
+    """``ianus run``; with ``--batch B`` batched generation (:func:`sim.batch_run.main_batch`, issue 18)."""
+    from sim import run as run_mod
+    if getattr(a, "batch", None):
+        from sim.batch_run import main_batch
+        return main_batch(run_mod.validate_args(a))
+    return run_mod.main_run(run_mod.fill_defaults(a))
+
+
 def _token_limits(config: str, max_layers: int = 16) -> dict:
     """``ianus run``'s limits: per layer count of the built-in GPT-2 shape, the most tokens (prefill +
     generated) that fit the device memory under each kind of weight layout (0: the layers do not fit)."""
@@ -375,7 +384,7 @@ def main(argv=None) -> int:
     from sim import run as run_mod
 
     r = run_mod.add_parser(sub)
-    r.set_defaults(func=lambda a: run_mod.main_run(run_mod.fill_defaults(a)))
+    r.set_defaults(func=_run_or_batch)
     c = sub.add_parser("config", help="print a configuration")
     c.add_argument("--config", default="default", choices=["tiny", "default", "ianus"])
     c.set_defaults(func=cmd_config)

@@ -509,6 +509,9 @@ def validate_args(args):
         check_int("--heads", args.heads, 1)
     check_int("--seed", args.seed, 0, (1 << 63) - 1)
     check_int("--baseline-steps", getattr(args, "baseline_steps", 1), 1)
+    if getattr(args, "batch", None) is not None:
+        check_int("--batch", args.batch, 1, 64)
+        check_int("--batch-steps", args.batch_steps, 1, 16)
     if args.weights:
         check_input_path("--weights", args.weights)
     if args.input:
@@ -548,6 +551,11 @@ def add_parser(sub):
                    help="npu-mem baseline: gen = its generation steps on the RTL from the functional model's "
                         "prefill state (default), full = all of it on the RTL, none")
     r.add_argument("--baseline-steps", type=int, default=1, help="generation steps of the baseline (gen mode)")
+    r.add_argument("--batch", type=int, default=None,
+                   help="batched generation of B requests with different KV lengths (issue 18): policies npu-only "
+                        "and naive on the same requests, cycles per step and tokens/s (--policy, --prefill, "
+                        "--generate, --weights, --input do not apply)")
+    r.add_argument("--batch-steps", type=int, default=1, help="generation steps of the batch (with --batch)")
     r.add_argument("--allow-nonfinite", action="store_true",
                    help="let NaN/Inf values in --weights and --input through (they propagate; the outputs' "
                         "NaN/Inf count is reported) instead of rejecting them")

@@ -1,0 +1,530 @@
+"""Batched generation (NeuPIMs, issue 18, RTL side): one generation step of B requests as SoC programs.
+
+B requests each generate one token per step; each has its own KV cache and its own current length. Per
+layer a step is seven programs (:data:`BATCH_STAGES`):
+
+``ln1``, ``proj``, ``ln2``, ``fc1``, ``fc2``
+    The compiler's own prefill stages (:meth:`firmware.compiler.LayerCompiler.stage`) with ``rows = B``: the
+    layernorms, residuals, GELU and the FCs as GEMMs of B rows on the matrix unit.
+``qkv``
+    The QKV GEMM of B rows (:meth:`~firmware.compiler.LayerCompiler.fc_mu`), then the bias and the scatter
+    (:meth:`BatchCompiler.scatter`): each row's Q into the Q buffer, its K and V rows appended to its own
+    request's caches at its own position, in the layouts of the policy (below).
+``attn``
+    Attention of every request over its own cache; the results, BF16, into row ``r`` of the O buffer.
+
+Policies (:data:`POLICIES`):
+
+``npu-only``
+    Attention on the NPU: the compiler's generation attention (:meth:`LayerCompiler.attention`: ``QK^T`` and
+    ``P V`` on the matrix unit, scale and causal softmax on the vector unit) over the request's K and V
+    caches, each ``[capacity, head_dim]`` BF16 row-major (token-major).
+``naive``
+    Attention in PIM, one row buffer, no overlap of the NPU stage with PIM: per request and head
+
+    * K in the PIM GEMV layout of a ``[head_dim, capacity]`` weight matrix (:class:`firmware.pim.GemvLayout`:
+      token ``t`` is output ``t``, in bank ``t % banks``, channel ``(t // banks) % channels``, row
+      ``k_row + t // (banks * channels)``, its ``head_dim`` values in columns ``0 .. head_dim/16 - 1``), so
+      ``scores = K q`` is one GEMV macro with ``N = L`` outputs and ``K = head_dim`` inputs (WRITE_VEC of q,
+      GEMV, READ_RES FP32). Appending token ``t`` writes its ``head_dim`` values into one bank row: one VSTORE
+      of the scatter (contiguous bytes).
+    * V as ``V^T`` (the weight matrix ``[L, head_dim]`` of ``o = p @ V``: dimension ``n`` is output ``n``, in
+      bank ``n % banks``, channel ``(n // banks) % channels``, row ``vt_row + n // (banks * channels)``; token
+      ``t`` is lane ``t % 16`` of column ``t // 16``), so ``o = P V`` is one GEMV macro with ``K = L`` inputs
+      and ``N = head_dim`` outputs (WRITE_VEC of the probabilities, GEMV, READ_RES BF16 into the O buffer).
+      With the Row-Channel-Bank-Column map the ``head_dim`` output rows of one column are ``row_bytes`` apart,
+      one uniform stride. Appending token ``t`` changes one lane in each of the ``head_dim`` output rows.
+      **Scheme:** a normal-layout copy of V is the source, kept group-major under naive (per layer
+      ``[token group][head][16][head_dim]``: the 16 tokens of one group of all heads are ``16 x heads``
+      consecutive rows), appended by the scatter like K. Per request one matrix-unit GEMM,
+      ``I[hd, hd] @ W`` with ``W[k, 16 h + j] = V_h[16 g + j, k]`` read by the transposing LOAD
+      (:class:`firmware.compiler.RowsN`), produces ``V^T`` of the new token's group ``g`` for every head
+      (exact: one product by 1.0 per output, the rest exact zeros) into a scratch buffer ``[hd, 16 heads]``;
+      the vector DMA loads it and writes, per head, column ``g`` of the ``head_dim`` output rows (one VSTORE of
+      ``head_dim`` rows of 32 bytes, stride ``row_bytes``). The whole column is rewritten: its lanes after the
+      new token come from V rows not written yet, which are zero (the runtime clears an allocation when a
+      request joins), so they stay zero. Why this one: the vector DMA writes whole 32-byte columns only
+      (``hw/npu/vector_queue.py`` drives an all-ones byte mask) and the vector unit cannot transpose; the
+      matrix unit's transposing LOAD reads a group straight from the normal-layout copy, and its STORE is
+      byte-masked only at the right edge of a row (``hw/npu/dma.py``, ``DmaStore``), so no DMA can write one
+      lane alone; the group-major copy makes all heads of a request one GEMM (the identity is loaded once per
+      request, not once per head), and the scratch buffer turns the GEMM's rows into the per-head column
+      writes.
+    * Softmax (scale ``1/sqrt(head_dim)``, causal mask at the request's last key) on the vector unit between
+      the two GEMVs. The requests are software-pipelined: PIM computes request ``j + 1``'s scores while the
+      vector unit normalises request ``j`` (scores and probabilities double-buffered in device memory).
+
+    The V^T layout keeps one input chunk (``K = L <= gb_values``: a request's capacity is at most the global
+    buffer's values, 128 on ``tiny`` and 1024 on ``default``) so that ``GemvLayout``'s rows do not move as L
+    grows. The macro has no column offset: a head's K rows use ``head_dim / 16`` of every bank row's columns.
+
+The memory plan is the compiler's (:func:`firmware.compiler.plan_memory` with ``max_tokens = max_batch`` and
+the matrix unit's column-block weights, :class:`firmware.compiler.Blocked`: in batched generation every FC
+is a GEMM) plus, after it, the score / probability buffers, the identity matrix and the V^T scratch buffer,
+``io_slots`` slots of
+per-step hidden states (``layers + 1`` arrays of ``[max_batch, d_model]`` FP32) and the program area; the
+KV pool (whole row indices, :class:`firmware.batch_runtime.KvPool`) fills the rest of the data rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from firmware.compiler import (
+    ALIGN,
+    CompileError,
+    LayerCompiler,
+    MuBlock,
+    ProgramBuilder,
+    RowsN,
+    Stage,
+    _bf16_words,
+    _f32,
+    _fp32_words,
+    _up,
+    gemm,
+    plan_memory,
+)
+from firmware.gpt2 import GptShape
+from firmware.pim import GemvLayout
+from hw.config import SystemConfig
+from hw.memif import AddressMap
+from hw.spec import soc_isa as isa
+from hw.spec.macro import MacroFlag, MacroOp
+from hw.spec.soc_isa import SocOp, Unit
+
+__all__ = ["POLICIES", "BATCH_STAGES", "BatchError", "KvLayout", "BatchPlan", "BatchCompiler", "plan_batch"]
+
+POLICIES = ("npu-only", "naive")
+BATCH_STAGES = ("ln1", "qkv", "attn", "proj", "ln2", "fc1", "fc2")
+
+
+class BatchError(ValueError):
+    """A batch, a request or a configuration the batched compiler cannot handle (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# KV layouts of one request
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class KvLayout:
+    """Where one request's KV cache lives: per layer and head the addresses of the normal-layout caches (K and
+    V ``[capacity, head_dim]`` BF16 under npu-only; under naive only V, group-major: :meth:`BatchPlan.v_addr`)
+    and, under naive, the first rows of K and V^T in the PIM layout."""
+    capacity: int
+    row0: int                       # first row index of the allocation
+    rows: int                       # row indices allocated
+    k: list = field(default_factory=list)       # [layer][head] address of K rows (npu-only)
+    v: list = field(default_factory=list)       # [layer][head] address of V token 0 (both)
+    k_row: list = field(default_factory=list)   # [layer][head] first row of K in the PIM layout (naive)
+    vt_row: list = field(default_factory=list)  # [layer][head] first row of V^T in the PIM layout (naive)
+
+
+@dataclass
+class BatchPlan:
+    cfg: SystemConfig
+    shape: GptShape
+    policy: str
+    max_batch: int
+    max_tokens: int                 # the largest capacity of one request
+    io_slots: int
+    plan: object                    # firmware.compiler.MemoryPlan
+    s: list                         # two score buffers [H, LP] FP32
+    p: list                         # two probability buffers [H, LP] BF16
+    ident: int                      # identity [hd, hd] BF16 (naive)
+    vt_scratch: int                 # [max_batch][hd, 16 heads] BF16: V^T of the new tokens' groups (naive)
+    slots: list                     # [slot][layer + 1] address of [max_batch, d] FP32
+    prog_base: int
+    prog_bytes: int
+    pool_rows: tuple                # (first, end) row indices of the KV pool
+
+    @property
+    def LP(self) -> int:
+        return _up(self.max_tokens, 16)
+
+    @property
+    def row_index_bytes(self) -> int:
+        p = self.cfg.pim
+        return p.channels * p.banks * p.row_bytes
+
+    # -- per-request footprint ------------------------------------------------------------------
+    def k_rows_per_head(self, capacity: int) -> int:
+        p = self.cfg.pim
+        return -(-capacity // (p.banks * p.channels))
+
+    def vt_rows_per_head(self) -> int:
+        p = self.cfg.pim
+        return -(-self.shape.head_dim // (p.banks * p.channels))
+
+    def normal_bytes(self, capacity: int) -> int:
+        """Bytes of one request's normal-layout caches (K and V under npu-only, V under naive)."""
+        s = self.shape
+        if self.policy == "naive":          # V only, group-major: whole groups of 16 tokens
+            return s.layers * _up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
+        return 2 * s.layers * s.heads * _up(capacity * s.head_dim * 2, ALIGN)
+
+    def request_rows(self, capacity: int) -> int:
+        """Row indices one request of ``capacity`` tokens takes from the KV pool."""
+        s = self.shape
+        pim = 0
+        if self.policy == "naive":
+            pim = s.layers * s.heads * (self.k_rows_per_head(capacity) + self.vt_rows_per_head())
+        return pim + -(-self.normal_bytes(capacity) // self.row_index_bytes)
+
+    def check_capacity(self, capacity: int):
+        if not 1 <= capacity <= self.max_tokens:
+            raise BatchError(f"a request's capacity must be 1..{self.max_tokens} tokens (the plan's max_tokens), "
+                             f"not {capacity}")
+
+    def layout(self, row0: int, capacity: int) -> KvLayout:
+        """The addresses of a request allocated at row index ``row0``."""
+        s = self.shape
+        kv = KvLayout(capacity, row0, self.request_rows(capacity))
+        row = row0
+        if self.policy == "naive":
+            kr, vr = self.k_rows_per_head(capacity), self.vt_rows_per_head()
+            for _ in range(s.layers):
+                kv.k_row.append([row + h * kr for h in range(s.heads)])
+                row += s.heads * kr
+                kv.vt_row.append([row + h * vr for h in range(s.heads)])
+                row += s.heads * vr
+        addr = row * self.row_index_bytes
+        if self.policy == "naive":          # V group-major: head h of a group at 16 h rows
+            step = _up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
+            for _ in range(s.layers):
+                kv.v.append([addr + h * 16 * s.head_dim * 2 for h in range(s.heads)])
+                addr += step
+        else:
+            step = _up(capacity * s.head_dim * 2, ALIGN)
+            for _ in range(s.layers):
+                for lst in (kv.k, kv.v):
+                    lst.append([addr + h * step for h in range(s.heads)])
+                    addr += s.heads * step
+        assert addr <= (row0 + kv.rows) * self.row_index_bytes
+        return kv
+
+    # -- addresses of single values (the runtime's packing and the compiler's appends) ------------
+    def k_addr(self, kv: KvLayout, i: int, h: int, t: int) -> int:
+        """Address of token ``t``'s K row (``head_dim`` BF16) of layer ``i``, head ``h``."""
+        if self.policy == "npu-only":
+            return kv.k[i][h] + t * self.shape.head_dim * 2
+        p = self.cfg.pim
+        tile, n = divmod(t, p.banks * p.channels)
+        return AddressMap(p).encode(kv.k_row[i][h] + tile, n // p.banks, n % p.banks, 0)
+
+    def v_addr(self, kv: KvLayout, i: int, h: int, t: int) -> int:
+        """Address of token ``t``'s V row (``head_dim`` BF16) in the normal-layout copy."""
+        hd = self.shape.head_dim
+        if self.policy == "npu-only":
+            return kv.v[i][h] + t * hd * 2
+        g, j = divmod(t, 16)
+        return kv.v[i][h] + (g * self.shape.heads * 16 + j) * hd * 2
+
+    def vt_addr(self, kv: KvLayout, i: int, h: int, n: int, col: int) -> int:
+        """Address of column ``col`` (tokens ``16 col ..``) of V^T output row ``n`` (naive)."""
+        p = self.cfg.pim
+        tile, m = divmod(n, p.banks * p.channels)
+        return AddressMap(p).encode(kv.vt_row[i][h] + tile, m // p.banks, m % p.banks, col)
+
+
+def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, max_tokens: int,
+               io_slots: int = 4, prog_bytes: int | None = None) -> BatchPlan:
+    """The memory plan of batched generation (module docstring). ``prog_bytes`` defaults to the programs of
+    the largest step (``max_batch`` requests at ``max_tokens``) rounded up."""
+    if policy not in POLICIES:
+        raise BatchError(f"batched policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    p = cfg.pim
+    if p.channel_interleave and p.channels > 1:
+        raise BatchError(f"configuration {cfg.name!r}: batched generation needs the Row-Channel-Bank-Column map "
+                         f"(channel_interleave 0), not {p.channel_interleave}")
+    if max_batch < 1 or max_tokens < 1 or io_slots < 1:
+        raise BatchError(f"max_batch ({max_batch}), max_tokens ({max_tokens}) and io_slots ({io_slots}) must be "
+                         f"at least 1")
+    hd = shape.head_dim
+    if policy == "naive":
+        if max_tokens > p.gb_values:
+            raise BatchError(f"policy naive keeps V^T in one input chunk: max_tokens ({max_tokens}) must be at most "
+                             f"the {p.gb_values} values of the global buffer of configuration {cfg.name!r}")
+        if hd > p.gb_values or hd // p.lanes > p.columns:
+            raise BatchError(f"head_dim {hd} exceeds a bank row / the global buffer of configuration {cfg.name!r}")
+    try:
+        plan = plan_memory(cfg, shape, max_batch, pim_layout=False)
+    except CompileError as e:
+        raise BatchError(str(e)) from None
+    top = plan.top
+    limit = p.data_rows * p.channels * p.banks * p.row_bytes
+
+    def alloc(nbytes):
+        nonlocal top
+        a = _up(top, ALIGN)
+        top = a + _up(nbytes, ALIGN)
+        if top > limit:
+            raise BatchError(f"device memory exhausted by the batch plan: need {top:#x} bytes of {limit:#x}")
+        return a
+
+    H, d, LP = shape.heads, shape.d_model, _up(max_tokens, 16)
+    s = [alloc(H * LP * 4) for _ in range(2)]
+    pr = [alloc(H * LP * 2) for _ in range(2)]
+    ident = alloc(hd * hd * 2)
+    vt_scratch = alloc(max_batch * hd * 16 * H * 2)
+    slots = [[alloc(max_batch * d * 4) for _ in range(shape.layers + 1)] for _ in range(io_slots)]
+    bp = BatchPlan(cfg, shape, policy, max_batch, max_tokens, io_slots, plan, s, pr, ident, vt_scratch, slots, 0, 0,
+                   (0, 0))
+    if prog_bytes is None:
+        bp.prog_base = _up(top, ALIGN)
+        bp.prog_bytes = 1 << 40
+        probe = BatchCompiler(bp)
+        kv = bp.layout(0, max_tokens)
+        progs = probe.step([(kv, max_tokens - 1)] * max_batch, 0)
+        prog_bytes = sum(_up(32 * len(st.words), ALIGN) for st in progs)
+        prog_bytes = _up(prog_bytes + prog_bytes // 8, 4096)
+    bp.prog_base = alloc(prog_bytes)
+    bp.prog_bytes = prog_bytes
+    first = -(-top // bp.row_index_bytes)
+    bp.pool_rows = (first, p.data_rows)
+    if first >= p.data_rows:
+        raise BatchError(f"no room left for a KV pool: the plan ends at row {first} of {p.data_rows}")
+    return bp
+
+
+# ---------------------------------------------------------------------------------------------
+# Programs of one step
+# ---------------------------------------------------------------------------------------------
+
+class BatchCompiler:
+    """Programs of one batched generation step (:meth:`step`)."""
+
+    def __init__(self, bp: BatchPlan):
+        self.bp = bp
+        self.cfg, self.shape = bp.cfg, bp.shape
+        self.mapping = {(ph, fc): "mu" for ph in ("prefill", "gen") for fc in ("qkv", "proj", "fc1", "fc2")}
+
+    def _lc(self, i: int, slot: int, **buffers) -> LayerCompiler:
+        """The compiler's layer compiler over a copy of the plan: layer ``i``'s hidden states in step slot
+        ``slot``, buffers overridden (``q``/``o`` of one request's row, ``s``/``p``)."""
+        plan = copy.copy(self.bp.plan)
+        xs = self.bp.slots[slot]
+        plan.layers = list(plan.layers)
+        plan.layers[i] = dataclasses.replace(plan.layers[i], x_in=xs[i], x_out=xs[i + 1])
+        plan.buffers = dict(plan.buffers, **buffers)
+        lc = LayerCompiler(plan, "npu-mem", self.mapping)
+        lc._layer = i
+        return lc
+
+    def step(self, reqs: list, slot: int) -> list[Stage]:
+        """Programs of one step: ``reqs`` = ``[(KvLayout, position of the new token), ...]`` in batch-row
+        order; the step's input rows are in slot ``slot`` (layer 0), its outputs in its last array."""
+        bp, shape = self.bp, self.shape
+        B = len(reqs)
+        if not 1 <= B <= bp.max_batch:
+            raise BatchError(f"a step has 1..{bp.max_batch} requests (max_batch), not {B}")
+        for kv, pos in reqs:
+            if not 0 <= pos < kv.capacity:
+                raise BatchError(f"token position {pos} outside the request's capacity of {kv.capacity} tokens")
+        out = []
+        for i in range(shape.layers):
+            lc = self._lc(i, slot)
+            for name in BATCH_STAGES:
+                if name == "qkv":
+                    st = self._qkv(lc, i, reqs)
+                elif name == "attn":
+                    st = self._attn(i, slot, reqs)
+                else:
+                    st = lc.stage(i, "prefill", name, B, 0)
+                    st.phase = "batch"
+                st.pos = max(pos for _, pos in reqs)
+                out.append(st)
+        return out
+
+    # -- qkv ---------------------------------------------------------------------------------------
+    def _qkv(self, lc: LayerCompiler, i: int, reqs) -> Stage:
+        d, B = self.shape.d_model, len(reqs)
+        pb = ProgramBuilder(self.cfg)
+        b = lc.plan.buffers
+        lc.fc_mu(pb, b["h"], d, None, 3 * d, B, b["qkv"], "qkv")
+        self.scatter(pb, lc, i, reqs)
+        pb.fence(Unit.VQ)
+        if self.bp.policy == "naive":
+            self.vt_update(pb, i, reqs)
+        pb.end()
+        return Stage(i, "batch", 0, "qkv", pb.words, _with_total(pb.est), "mu")
+
+    def _vstore(self, pb, mem, stride, rows, nbytes, spm_unit, pitch_units):
+        pb.words.append(isa.encode(SocOp.VSTORE, mem_addr=mem, mem_stride=stride, rows=rows, cols=nbytes // 32,
+                                   spm_addr=spm_unit, spm_pitch=pitch_units))
+        from firmware import costmodel
+        c = costmodel.vdma_cycles(self.cfg, rows, nbytes)
+        pb.est["vq"] = pb.est.get("vq", 0) + c
+        pb.est["npu_mem"] = pb.est.get("npu_mem", 0) + c
+
+    def scatter(self, pb, lc: LayerCompiler, i: int, reqs):
+        """QKV rows (FP32 raw) + bias -> BF16; Q of every row into the Q buffer, each row's K and V into its
+        request's caches at its position (K in the PIM layout under naive, one bank row)."""
+        bp, shape = self.bp, self.shape
+        d, H, hd, L = shape.d_model, shape.heads, shape.head_dim, pb.L
+        n3, B = 3 * d, len(reqs)
+        b, lp = lc.plan.buffers, lc.plan.layers[i]
+        pb.spm_reset()
+        bias = pb.spm(_fp32_words(L, n3))
+        pb.vdma(True, lp.qkv_b, n3 * 4, 1, n3 * 4, bias, _fp32_words(L, n3))
+        per_row = _fp32_words(L, n3) + _bf16_words(L, n3)
+        pitch = _bf16_words(L, n3)
+        pu = pb.unit(pitch)
+        for r0, rg in lc._groups(B, per_row, _fp32_words(L, n3)):
+            top = pb.spm_top
+            T = pb.spm(rg * pitch)
+            X = pb.spm(rg * _fp32_words(L, n3))
+            pb.vdma(True, b["qkv"] + r0 * n3 * 4, n3 * 4, rg, n3 * 4, X, _fp32_words(L, n3))
+            pb.vec(op="ADD", a=X, b=bias, d=T, n=n3, rows=rg, a_fmt="FP32", b_fmt="FP32", d_fmt="BF16",
+                   b_mode="VEC")
+            tu = pb.unit(T)
+            for h in range(H):
+                col = lc.plan.qkv_col(0, h) * 2 // 32
+                self._vstore(pb, b["q"] + r0 * d * 2 + h * hd * 2, d * 2, rg, hd * 2, tu + col, pu)
+            for r in range(r0, r0 + rg):
+                kv, pos = reqs[r]
+                for h in range(H):
+                    kcol = lc.plan.qkv_col(1, h) * 2 // 32
+                    vcol = lc.plan.qkv_col(2, h) * 2 // 32
+                    row = tu + (r - r0) * pu
+                    self._vstore(pb, bp.k_addr(kv, i, h, pos), hd * 2, 1, hd * 2, row + kcol, pu)
+                    self._vstore(pb, bp.v_addr(kv, i, h, pos), hd * 2, 1, hd * 2, row + vcol, pu)
+            pb.spm_top = top
+
+    def vt_update(self, pb, i: int, reqs):
+        """naive: V^T of the new token's 16-token group into column ``g`` of every head's output rows (module
+        docstring): per request ``I[hd, hd] @ V[group g, all heads]^T`` on the matrix unit into the scratch
+        buffer, then per head one VSTORE of ``head_dim`` 32-byte rows, stride ``row_bytes``."""
+        bp, H, hd = self.bp, self.shape.heads, self.shape.head_dim
+        p = self.cfg.pim
+        n = 16 * H
+        blk = MuBlock()
+        for r, (kv, pos) in enumerate(reqs):
+            src = RowsN(bp.v_addr(kv, i, 0, pos // 16 * 16), hd * 2)
+            gemm(self.cfg, blk, bp.ident, hd * 2, src, bp.vt_scratch + r * hd * n * 2, n * 2, hd, hd, n, True, pb.est)
+        pb.mu(blk)
+        pb.fence(Unit.MU)
+        W = pb.L
+        pitch = _bf16_words(W, n)
+        pb.spm_reset()
+        X = pb.spm(hd * pitch)
+        xu, pu = pb.unit(X), pb.unit(pitch)
+        for r, (kv, pos) in enumerate(reqs):
+            pb.vdma(True, bp.vt_scratch + r * hd * n * 2, n * 2, hd, n * 2, X, pitch)
+            for h in range(H):
+                addr = bp.vt_addr(kv, i, h, 0, pos // 16)
+                assert bp.vt_addr(kv, i, h, hd - 1, pos // 16) == addr + (hd - 1) * p.row_bytes
+                self._vstore(pb, addr, p.row_bytes, hd, 32, xu + h, pu)
+        pb.fence(Unit.VQ)
+
+    # -- attention ------------------------------------------------------------------------------------
+    def _attn(self, i: int, slot: int, reqs) -> Stage:
+        pb = ProgramBuilder(self.cfg)
+        if self.bp.policy == "npu-only":
+            d = self.shape.d_model
+            base = self.bp.plan.buffers
+            for r, (kv, pos) in enumerate(reqs):
+                lc = self._lc(i, slot, q=base["q"] + r * d * 2, o=base["o"] + r * d * 2, s=self.bp.s[0],
+                              p=self.bp.p[0])
+                lp = dataclasses.replace(lc.plan.layers[i], kc=kv.k[i], vc=kv.v[i])
+                lc.attention(pb, lp, 1, pos, range(self.shape.heads))
+        else:
+            self.pim_attention(pb, i, reqs)
+        pb.end()
+        return Stage(i, "batch", 0, "attn", pb.words, _with_total(pb.est), "pim" if self.bp.policy == "naive" else "mu")
+
+    def pim_attention(self, pb, i: int, reqs):
+        """naive: per request, scores in PIM, softmax on the vector unit, ``P V`` in PIM; PIM computes the next
+        request's scores while the vector unit normalises this one's."""
+        bp, shape = self.bp, self.shape
+        d, H, hd, LP = shape.d_model, shape.heads, shape.head_dim, bp.LP
+        q, o = bp.plan.buffers["q"], bp.plan.buffers["o"]
+        from firmware import costmodel
+
+        def pim(**f):
+            pb.pim(**f)
+
+        def scores(j):
+            kv, pos = reqs[j]
+            L = pos + 1
+            for h in range(H):
+                pim(op=MacroOp.WRITE_VEC, n=hd, addr0=q + j * d * 2 + h * hd * 2)
+                pim(op=MacroOp.GEMV, n=hd, m=L, row=kv.k_row[i][h])
+                pim(op=MacroOp.READ_RES, n=L, addr0=bp.s[j % 2] + h * LP * 4)
+                pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, hd, L, False, True)
+
+        def softmax(j):
+            kv, pos = reqs[j]
+            Lp = _up(pos + 1, 16)
+            W = pb.L
+            fw, bw = _fp32_words(W, Lp), _bf16_words(W, Lp)
+            pb.spm_reset()
+            for h0, hg in self._head_groups():
+                top = pb.spm_top
+                X = pb.spm(hg * fw)
+                P = pb.spm(hg * bw)
+                pb.vdma(True, bp.s[j % 2] + h0 * LP * 4, LP * 4, hg, Lp * 4, X, fw)
+                pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=hg, a_fmt="FP32", d_fmt="FP32",
+                       imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
+                for h in range(hg):        # one row each: the causal mask's position is per row
+                    pb.vec(op="SOFTMAX", a=X + h * fw, d=P + h * bw, n=Lp, rows=1, a_fmt="FP32", d_fmt="BF16",
+                           mask="CAUSAL", pos=pos)
+                pb.vdma(False, bp.p[j % 2] + h0 * LP * 2, LP * 2, hg, Lp * 2, P, bw)
+                pb.spm_top = top
+
+        def pv(j):
+            kv, pos = reqs[j]
+            L = pos + 1
+            for h in range(H):
+                pim(op=MacroOp.WRITE_VEC, n=L, addr0=bp.p[j % 2] + h * LP * 2)
+                pim(op=MacroOp.GEMV, n=L, m=hd, row=kv.vt_row[i][h])
+                pim(op=MacroOp.READ_RES, n=hd, addr0=o + j * d * 2 + h * hd * 2, flags=int(MacroFlag.BF16))
+                pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, L, hd, False, True)
+
+        scores(0)
+        pb.fence(Unit.PCU)
+        for j in range(len(reqs)):
+            softmax(j)
+            if j + 1 < len(reqs):
+                scores(j + 1)
+            pb.fence(Unit.VQ)
+            pv(j)
+            pb.fence(Unit.PCU)
+
+    def _head_groups(self):
+        W = self.cfg.npu.vector_lanes
+        LP = self.bp.LP
+        per = _fp32_words(W, LP) + _bf16_words(W, LP)
+        avail = self.cfg.npu.vector_spm_words - 4 * max(1, 8 // W)
+        hg = max(1, min(self.shape.heads, avail // per))
+        if avail < per:
+            raise BatchError(f"the vector scratchpad ({self.cfg.npu.vector_spm_words} words) cannot hold one head's "
+                             f"scores and probabilities of {LP} keys")
+        H = self.shape.heads
+        return [(h0, min(hg, H - h0)) for h0 in range(0, H, hg)]
+
+
+def _with_total(est: dict) -> dict:
+    """The cost model's estimate of a stage (no overlap between units), as the compiler's stages carry it."""
+    from firmware import costmodel
+    est = dict(est)
+    est["total"] = costmodel.stage_total(est, overlap=False)
+    return est
+
+
+def identity_bytes(hd: int) -> bytes:
+    """The identity ``[hd, hd]`` in BF16 (the V^T update's left operand)."""
+    from hw.spec import fp as G
+    return G.bf16_bits(np.eye(hd, dtype=np.float32)).astype("<u2").tobytes()
+
+
+def gemv_layouts(bp: BatchPlan, kv: KvLayout, i: int, h: int, L: int) -> tuple[GemvLayout, GemvLayout]:
+    """The GEMV layouts the naive policy's macros read: K (``[head_dim, L]``) and V^T (``[L, head_dim]``)."""
+    hd = bp.shape.head_dim
+    return GemvLayout(bp.cfg, hd, L, kv.k_row[i][h]), GemvLayout(bp.cfg, L, hd, kv.vt_row[i][h])

@@ -1,0 +1,245 @@
+"""Batched generation (issue 18) on the functional model and on the SoC RTL, and its float64 reference.
+
+:func:`run_model` plays a :class:`firmware.batch_runtime.BatchRuntime`'s script on
+:class:`sim.soc_model.SocModel`; :func:`run_rtl` plays the same script on the SoC RTL through the job
+testbench (``sim/tb/soc_job_tb.py``): the initial image (with the writes before the first program) through
+the device's back door, every later host write through the AXI4 window before the program it precedes, every
+program through the registers; afterwards it reads back the step slots (every step's inputs, hidden states
+and outputs) and every KV row any request held, for a bit-for-bit comparison with the model
+(:func:`compare`). The DRAM protocol is checked as in every SoC run (the device's own checks; on the tiny
+configurations also the independent Python checker on every bus cycle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from firmware.batch_runtime import BatchRuntime, run_script
+from sim.presets import is_tiny
+from sim.run import reference
+from sim.soc_model import SocModel
+
+__all__ = ["run_model", "run_rtl", "dump_regions", "compare", "reference_outputs", "batch_lengths", "prepare_batch",
+           "measure_batch", "main_batch"]
+
+
+def run_model(rt: BatchRuntime) -> tuple[SocModel, list]:
+    """Play the whole script on a new functional model; returns it and ``(name, instructions)`` per program."""
+    m = SocModel(rt.cfg)
+    return m, run_script(rt, m)
+
+
+def dump_regions(rt: BatchRuntime, kv: bool = True) -> dict:
+    """``name -> (addr, bytes)``: the step slots and (``kv``) every KV row any request has held."""
+    bp = rt.bp
+    first = min(min(s) for s in bp.slots)
+    last = max(max(s) for s in bp.slots) + bp.max_batch * rt.shape.d_model * 4
+    kv0 = bp.pool_rows[0] * bp.row_index_bytes
+    kv1 = rt.pool.high * bp.row_index_bytes
+    out = {"slots": (first, last - first)}
+    if kv and kv1 > kv0:
+        out["kv"] = (kv0, kv1 - kv0)
+    return out
+
+
+def run_rtl(rt: BatchRuntime, test_name: str, sim: str = "verilator", checker: bool | None = None,
+            timeout_cycles: int = 50_000_000, log_file=None, dump_kv: bool = True) -> tuple[list, dict]:
+    """Run the script on the RTL; returns (per-program results as :func:`sim.tb.soc_run.run_rtl`, dumps
+    ``name -> bytes``)."""
+    from sim.build import BUILD_ROOT
+    from sim.tb.soc_run import soc_sim_build, write_image_backdoor
+
+    cfg = rt.cfg
+    sb = soc_sim_build(cfg, sim)
+    run_dir = BUILD_ROOT / "runs" / test_name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    wdir = run_dir / "writes"
+    wdir.mkdir(parents=True)
+    img, ops = rt.initial()
+    used = rt.bp.prog_base + rt.bp.prog_bytes
+    for op in rt.ops[:len(rt.ops) - len(ops)]:
+        used = max(used, op[1] + len(op[2]))
+    write_image_backdoor(img, run_dir / "backdoor", used)
+    programs, pending = [], []
+    for op in ops:
+        if op[0] == "write":
+            path = wdir / f"w{len(list(wdir.iterdir()))}.bin"
+            path.write_bytes(op[2])
+            pending.append([op[1], str(path)])
+        else:
+            programs.append({"addr": op[1], "n": op[2], "name": op[3], "writes": pending})
+            pending = []
+    dumps = {k: list(v) for k, v in dump_regions(rt, dump_kv).items()}
+    spec = {"programs": programs, "dumps": dumps, "channels": cfg.pim.channels, "config": cfg.name,
+            "checker": bool(checker if checker is not None else is_tiny(cfg.name)),
+            "timeout_cycles": timeout_cycles}
+    (run_dir / "job.json").write_text(json.dumps(spec))
+    results_xml = sb.run("sim.tb.soc_job_tb", "run_job", test_name=test_name, env={"RUN_DIR": str(run_dir)},
+                         log_file=log_file)
+    test_dir = Path(results_xml).parent
+    res = json.loads((test_dir / "result.json").read_text())
+    raw = {k: (test_dir / f"dump_{k}.bin").read_bytes() for k in dumps}
+    res["dumps_raw"] = raw
+    return res["programs"], res
+
+
+def compare(rt: BatchRuntime, model: SocModel, raw: dict) -> dict:
+    """Bytes that differ between the RTL's dumps and the model's memory, per region (all 0: bit-exact)."""
+    out = {}
+    for name, (addr, n) in dump_regions(rt, "kv" in raw).items():
+        a = np.frombuffer(raw[name], dtype=np.uint8)
+        b = np.frombuffer(model.read(addr, n), dtype=np.uint8)
+        out[name] = int((a != b).sum()) if a.size == b.size else -1
+    return out
+
+
+def reference_outputs(rt: BatchRuntime, rec, xs: dict, weights) -> np.ndarray:
+    """float64 outputs of a step: for each row, the last layer's output at its position over the request's
+    hidden states ``xs[rid]`` (prompt and generated inputs; the prompt's K and V were computed from the same
+    states by :func:`firmware.batch_runtime.prompt_kv`)."""
+    return np.stack([reference(xs[rid][:pos + 1], weights, rt.shape)[-1]
+                     for rid, pos in zip(rec.rids, rec.positions, strict=True)])
+
+
+# ---------------------------------------------------------------------------------------------
+# ianus run --batch B
+# ---------------------------------------------------------------------------------------------
+
+def batch_lengths(batch: int, steps: int, max_len: int = 512, seed: int = 0) -> list[int]:
+    """KV lengths (prompt tokens) of ``batch`` requests: NeuPIMs' ShareGPT fit
+    (:func:`sim.neupims_model.request_lengths`, median 217) scaled by ``max_len / 512`` and clipped to
+    ``1 .. max_len - steps``."""
+    from sim.neupims_model import request_lengths
+    scaled = np.rint(request_lengths(batch, seed) * (max_len / 512))
+    return [int(v) for v in np.clip(scaled, 1, max_len - steps)]
+
+
+def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: int = 1, seed: int = 0,
+                  lengths=None, max_len: int | None = None):
+    """A runtime with ``batch`` requests of ``lengths`` prompt tokens (default :func:`batch_lengths`, at most
+    ``max_len``: 40 on tiny, 512 otherwise), each with room for ``steps`` more, and ``steps`` steps
+    recorded. Returns ``(runtime, step records, hidden states per request, weights)``."""
+    from firmware.batch_runtime import prompt_kv
+    from firmware.compiler import _up
+    from firmware.gpt2 import GptShape, random_weights
+    from sim.run import DEFAULT_SHAPE, TINY_SHAPE, soc_config
+
+    cfg = soc_config(config)
+    base = TINY_SHAPE if is_tiny(config) else DEFAULT_SHAPE
+    shape = GptShape(base.d_model, base.heads, layers)
+    if lengths is None:
+        lengths = batch_lengths(batch, steps, max_len or (40 if is_tiny(config) else 512), seed)
+    ws = random_weights(shape, seed)
+    rng = np.random.default_rng(seed + 1)
+    cap = _up(max(lengths) + steps, 16)
+    rt = BatchRuntime(cfg, shape, ws, policy, batch, cap, io_slots=steps)
+    xs = {}
+    for j, n in enumerate(lengths):
+        xs[j] = rng.standard_normal((n + steps, shape.d_model)).astype(np.float32)
+        k, v = prompt_kv(ws, shape, xs[j][:n])
+        rt.join(j, k, v, capacity=n + steps)
+    recs = [rt.step({j: xs[j][q.length] for j, q in rt.requests.items()}) for _ in range(steps)]
+    return rt, recs, xs, ws
+
+
+def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "verilator", layers: int = 1,
+                  seed: int = 0, policies=("npu-only", "naive"), log_dir=None) -> dict:
+    """Both policies on the same requests: per policy the cycles of every step (RTL; the cost model's
+    estimate on ``backend="model"``), tokens per second at the configured clock, the outputs' bit-exactness
+    with the functional model (RTL) and their error against float64. The RTL runs are simulator processes
+    side by side."""
+    import concurrent.futures
+    import contextlib
+
+    from sim.build import BUILD_ROOT
+    from sim.console import Quiet
+    from sim.tb.soc_run import soc_sim_build
+
+    runs = {p: prepare_batch(config, p, batch, steps, layers, seed) for p in policies}
+    rtl = {}
+    logs = Path(log_dir or BUILD_ROOT / "logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    if backend != "model":
+        cfg = runs[policies[0]][0].cfg
+        with Quiet(str(logs / f"build_soc_{cfg.name}_{backend}.log"), stderr=True):
+            soc_sim_build(cfg, backend)
+        with open(logs / f"runner_batch_{cfg.name}.log", "w") as rl, contextlib.redirect_stdout(rl), \
+                concurrent.futures.ThreadPoolExecutor(len(policies)) as pool:
+            futs = {p: pool.submit(run_rtl, runs[p][0], f"batch_{p}_{config}_b{batch}", backend,
+                                   log_file=logs / f"batch_{p}_{config}_b{batch}.log", dump_kv=False)
+                    for p in policies}
+            rtl = {p: f.result() for p, f in futs.items()}
+    out = {}
+    for p in policies:
+        rt, recs, xs, ws = runs[p]
+        m, _ = run_model(rt)
+        mhz = rt.cfg.clocks.pim_mhz
+        per_step = []
+        if p in rtl:
+            progs, res = rtl[p]
+            diff = compare(rt, m, res["dumps_raw"])
+            for rec in recs:
+                per_step.append(sum(r["cycles"] for r in progs if r["name"].startswith(f"step{rec.index} ")))
+            stages = {}
+            for r in progs:
+                key = r["name"].split(" ", 2)[2]
+                stages[key] = stages.get(key, 0) + r["cycles"]
+        else:
+            diff = None
+            stages = {}
+            for rec in recs:
+                st = rt.compiler.step([(rt.requests[j].kv, pos) for j, pos in zip(rec.rids, rec.positions,
+                                                                                     strict=True)], rec.slot)
+                per_step.append(sum(s.est.get("total", 0) for s in st))
+        rel = 0.0
+        for rec in recs:
+            got = rt.outputs(rec, m.read)
+            ref = reference_outputs(rt, rec, xs, ws)
+            x = np.stack([xs[j][q] for j, q in zip(rec.rids, rec.positions, strict=True)])
+            rel = max(rel, float((np.abs(got - ref).max(axis=1) / np.abs(ref - x).max(axis=1)).max()))
+        cyc = float(np.mean(per_step))
+        out[p] = {"policy": p, "config": rt.cfg.name, "batch": batch, "steps": steps, "layers": layers,
+                  "kv_lengths": [int(v) for v in recs[0].positions], "cycles_per_step": per_step,
+                  "tokens_per_s": batch / (cyc / (mhz * 1e6)) if cyc else 0.0, "stage_cycles": stages,
+                  "bit_exact": (not any(diff.values())) if diff is not None else None,
+                  "rel_err_vs_float64": rel, "measured": p in rtl}
+    return out
+
+
+def main_batch(args) -> int:
+    """``ianus run --batch B``: both batched policies on the same B requests; cycles per step and tokens/s."""
+    import time
+
+    from rich.table import Table
+
+    from sim.console import console as _console
+
+    console = _console()
+    t0 = time.time()
+    res = measure_batch(args.config, args.batch, args.batch_steps, args.backend, args.layers, args.seed)
+    first = next(iter(res.values()))
+    tab = Table(title=f"batched generation on {first['config']}: B = {args.batch}, {args.layers} layer(s), "
+                      f"KV lengths {first['kv_lengths']}")
+    for col in ("policy", "cycles per step", "tokens/s", "bit-exact vs model", "err vs float64"):
+        tab.add_column(col, justify="right")
+    for p, r in res.items():
+        cyc = " / ".join(f"{c:,}" for c in r["cycles_per_step"]) + ("" if r["measured"] else " (estimate)")
+        tab.add_row(p, cyc, f"{r['tokens_per_s']:,.0f}", {True: "yes", False: "NO", None: "-"}[r["bit_exact"]],
+                    f"{r['rel_err_vs_float64']:.2%}")
+    console.print(tab)
+    if "naive" in res and "npu-only" in res and res["npu-only"]["tokens_per_s"]:
+        console.print(f"naive / npu-only throughput: {res['naive']['tokens_per_s'] / res['npu-only']['tokens_per_s']:.2f}x")
+    console.print(f"wall time {time.time() - t0:.1f} s")
+    if os.environ.get("IANUS_RUN_JSON"):
+        Path(os.environ["IANUS_RUN_JSON"]).write_text(json.dumps(res))
+    bad = [p for p, r in res.items() if r["bit_exact"] is False]
+    if bad:
+        console.print(f"[red]RTL and functional model differ: {', '.join(bad)}[/red]")
+        return 1
+    return 0
