@@ -102,7 +102,7 @@ class StepRecord:
     rids: list
     positions: list                 # position of each row's new token
     out_addr: int                   # [B, d] FP32 outputs of the last layer
-    programs: list = field(default_factory=list)        # (name, addr, instructions)
+    programs: list = field(default_factory=list)        # (name, addr, instructions, words)
 
 
 def prompt_kv(weights: list[LayerWeights], shape: GptShape, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +248,7 @@ class BatchRuntime:
         for a, _, st in blobs:
             name = f"step{index} L{st.layer} {st.name}"
             self.ops.append(("run", a, len(st.words), name))
-            rec.programs.append((name, a, len(st.words)))
+            rec.programs.append((name, a, len(st.words), st.words))
         for r in reqs:
             r.length += 1
         self.steps.append(rec)

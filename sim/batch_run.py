@@ -25,7 +25,7 @@ from sim.run import reference
 from sim.soc_model import SocModel
 
 __all__ = ["run_model", "run_rtl", "dump_regions", "compare", "reference_outputs", "batch_lengths", "prepare_batch",
-           "measure_batch", "main_batch"]
+           "measure_batch", "main_batch", "perf_model_steps"]
 
 
 def run_model(rt: BatchRuntime) -> tuple[SocModel, list]:
@@ -96,6 +96,28 @@ def compare(rt: BatchRuntime, model: SocModel, raw: dict) -> dict:
         a = np.frombuffer(raw[name], dtype=np.uint8)
         b = np.frombuffer(model.read(addr, n), dtype=np.uint8)
         out[name] = int((a != b).sum()) if a.size == b.size else -1
+    return out
+
+
+def perf_model_steps(rt: BatchRuntime, rtl_programs: list) -> list[float]:
+    """The calibrated performance model's cycles of every step (:mod:`sim.perfmodel`), each program started at
+    the RTL's measured start (``t_start``, as :mod:`sim.calibrate` does: the same refresh phase)."""
+    import dataclasses
+
+    from sim.perfmodel import PerfModel, decode_program
+    from sim.perfmodel.params import Calib
+
+    progs = [p for rec in rt.steps for p in rec.programs]
+    if len(progs) != len(rtl_programs):
+        raise ValueError(f"{len(progs)} programs in the script, {len(rtl_programs)} in the RTL results")
+    starts = [r["t_start"] for r in rtl_programs]
+    m = PerfModel(rt.cfg, calib=dataclasses.replace(Calib(), first_start=starts[0]))
+    cyc = [m.run_program(None, ins=decode_program(words), prog_addr=addr, start=t - starts[0]).cycles
+           for (_, addr, _, words), t in zip(progs, starts, strict=True)]
+    out, k = [], 0
+    for rec in rt.steps:
+        out.append(float(sum(cyc[k:k + len(rec.programs)])))
+        k += len(rec.programs)
     return out
 
 
@@ -190,8 +212,9 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
             for r in progs:
                 key = r["name"].split(" ", 2)[2]
                 stages[key] = stages.get(key, 0) + r["cycles"]
+            perf = perf_model_steps(rt, progs)
         else:
-            diff = None
+            diff, perf = None, None
             stages = {}
             for rec in recs:
                 st = rt.compiler.step([(rt.requests[j].kv, pos) for j, pos in zip(rec.rids, rec.positions,
@@ -208,7 +231,7 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
                   "kv_lengths": [int(v) for v in recs[0].positions], "cycles_per_step": per_step,
                   "tokens_per_s": batch / (cyc / (mhz * 1e6)) if cyc else 0.0, "stage_cycles": stages,
                   "bit_exact": (not any(diff.values())) if diff is not None else None,
-                  "rel_err_vs_float64": rel, "measured": p in rtl}
+                  "rel_err_vs_float64": rel, "measured": p in rtl, "perfmodel_cycles_per_step": perf}
     return out
 
 
@@ -226,12 +249,13 @@ def main_batch(args) -> int:
     first = next(iter(res.values()))
     tab = Table(title=f"batched generation on {first['config']}: B = {args.batch}, {args.layers} layer(s), "
                       f"KV lengths {first['kv_lengths']}")
-    for col in ("policy", "cycles per step", "tokens/s", "bit-exact vs model", "err vs float64"):
+    for col in ("policy", "cycles per step", "tokens/s", "bit-exact vs model", "err vs float64", "perf model"):
         tab.add_column(col, justify="right")
     for p, r in res.items():
         cyc = " / ".join(f"{c:,}" for c in r["cycles_per_step"]) + ("" if r["measured"] else " (estimate)")
+        perf = r["perfmodel_cycles_per_step"]
         tab.add_row(p, cyc, f"{r['tokens_per_s']:,.0f}", {True: "yes", False: "NO", None: "-"}[r["bit_exact"]],
-                    f"{r['rel_err_vs_float64']:.2%}")
+                    f"{r['rel_err_vs_float64']:.2%}", " / ".join(f"{c:,.0f}" for c in perf) if perf else "-")
     console.print(tab)
     if "naive" in res and "npu-only" in res and res["npu-only"]["tokens_per_s"]:
         console.print(f"naive / npu-only throughput: {res['naive']['tokens_per_s'] / res['npu-only']['tokens_per_s']:.2f}x")

@@ -26,7 +26,7 @@ from firmware.gpt2 import GptShape, random_weights
 from firmware.pim import GemvLayout
 from hw.spec import fp as G
 from hw.spec.soc_isa import SocOp
-from sim.batch_run import compare, reference_outputs, run_model, run_rtl
+from sim.batch_run import compare, perf_model_steps, reference_outputs, run_model, run_rtl
 from sim.run import soc_config
 from sim.soc_model import SocModel
 
@@ -214,6 +214,11 @@ def test_rtl_bit_exact_with_model(policy, config):
     assert len(progs) == 7 * len(recs) and all(p["cycles"] > 0 for p in progs)
     pcu = sum(p["counters"]["pcu.completed"] for p in progs)
     assert (pcu > 0) == (policy == "naive"), pcu
+    # The calibrated performance model times every step within 5 % of the RTL (each program started at the
+    # RTL's measured start, as sim.calibrate does).
+    rtl_steps = [sum(p["cycles"] for p in progs if p["name"].startswith(f"step{r.index} ")) for r in recs]
+    for got, want in zip(perf_model_steps(rt, progs), rtl_steps, strict=True):
+        assert abs(got - want) <= 0.05 * want, (got, rtl_steps)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
