@@ -168,3 +168,42 @@ def test_trained_model_file_loads():
     assert (lm.cfg.layers, lm.cfg.d_model, lm.cfg.heads, lm.cfg.vocab) == (4, 256, 4, 256)
     shape, layers = load_weights("build/lm/shakespeare.safetensors")
     assert shape.heads == 4 and len(layers) == 4
+
+
+def test_stored_perplexity_record(tmp_path, monkeypatch):
+    """sim/lm/stored.py: a record is written once for the same rows (wall times aside), read back as
+    current, marked stale when the code or the weights it came from change; the bench's stored rows carry
+    the mark."""
+    from sim.lm import stored
+
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"weights-1")
+    store = tmp_path / "perplexity.json"
+    rows = [{"name": "lowprec_perplexity", "value": 6.0, "format": "bf16", "wall_s": 1.0}]
+    assert stored.save(rows, w, store)
+    assert not stored.save([{**rows[0], "wall_s": 9.0}], w, store)          # same figures: not rewritten
+    rec = stored.load(store)
+    assert rec["weights_sha256"] == stored.file_sha256(w) and rec["rows"][0]["value"] == 6.0
+    assert stored.status(rec, w) == ("stored", None)
+    assert stored.status(None) == ("missing", None)
+    w.write_bytes(b"weights-2")
+    assert stored.status(rec, w) == ("stale", "computed on other weights")
+    assert stored.save([{**rows[0], "value": 6.1}], w, store)                # other figures: rewritten
+    monkeypatch.setattr(stored, "code_sha256", lambda: "0" * 64)
+    assert stored.status(stored.load(store)) == ("stale", "the code computing the rows changed")
+
+
+def test_lowprec_bench_reports_the_stored_rows_without_weights(tmp_path, monkeypatch):
+    from sim.benchmarks import lowprec
+    from sim.lm import stored
+
+    store = tmp_path / "perplexity.json"
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"weights")
+    stored.save([{"name": "lowprec_perplexity", "value": 6.0, "unit": "perplexity", "format": "bf16"}], w, store)
+    monkeypatch.setattr(stored, "STORE", store)
+    rows = list(lowprec._stored_rows())
+    assert [r["value"] for r in rows] == [6.0] and rows[0]["stale"] is False and rows[0]["stored"] == str(store)
+    monkeypatch.setattr(stored, "STORE", tmp_path / "none.json")
+    (row,) = lowprec._stored_rows()
+    assert row["unit"] == "error" and "make model" in row["error"]

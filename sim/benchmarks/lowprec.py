@@ -20,12 +20,15 @@ their ratio to the BF16 unit ``mac16``; a row saying so when a result is not sto
 
 All rows use the same windows of the held-out text (4 windows of 128 bytes,
 508 predictions; ``--quick``: 1 window). Needs ``build/lm/shakespeare.safetensors``
-(``make model``); without it the module emits one error row saying so.
+(``make model``); a full run stores its rows with the hashes of the weights and of the code
+(:mod:`sim.lm.stored`, ``sim/lm/results/perplexity.json``), and without the weights the module reports
+those stored rows (``stored``, ``stale``); with neither, one error row saying so.
 """
 
 from __future__ import annotations
 
 from firmware.quant import FORMATS
+from sim.lm import stored
 
 N_WINDOWS = 4
 N_WINDOWS_QUICK = 1
@@ -68,8 +71,7 @@ def run(quick=False):
     from sim.lm.perplexity import evaluate, windows
 
     if not DEFAULT_WEIGHTS.exists():
-        yield {"name": "lowprec_perplexity_error", "value": 1, "unit": "error",
-               "error": f"{DEFAULT_WEIGHTS} is missing: run `make model` to train it"}
+        yield from _stored_rows()
         return
     lm = load(DEFAULT_WEIGHTS)
     wins = windows(data.heldout(DEFAULT_WEIGHTS.parent), N_WINDOWS_QUICK if quick else N_WINDOWS, lm.cfg.n_ctx)
@@ -80,12 +82,35 @@ def run(quick=False):
                 "format": fmt, "numerics": numerics, "tokens": r["tokens"], "nll_nats": round(r["nll"], 6),
                 "bits_per_byte": round(r["bits_per_byte"], 5), "wall_s": round(r["wall_s"], 1), **common, **extra}
 
-    yield row("float64", "float64", evaluate(lm, wins, numerics="float64"))
+    rows = [row("float64", "float64", evaluate(lm, wins, numerics="float64"))]
+    yield rows[-1]
     base = None
     for fmt in FORMATS:
         r = evaluate(lm, wins, fmt, "golden")
         if fmt == "bf16":
             base = r["perplexity"]
-        yield row(fmt, "golden", r, vs_bf16=round(r["perplexity"] / base - 1, 6))
+        rows.append(row(fmt, "golden", r, vs_bf16=round(r["perplexity"] / base - 1, 6)))
+        yield rows[-1]
     r = evaluate(lm, wins, "bf16", "soc-model")
-    yield row("bf16", "soc-model", r, vs_bf16=round(r["perplexity"] / base - 1, 6))
+    rows.append(row("bf16", "soc-model", r, vs_bf16=round(r["perplexity"] / base - 1, 6)))
+    yield rows[-1]
+    if not quick:           # for clones without the weights (sim/lm/stored.py)
+        stored.save(rows, DEFAULT_WEIGHTS)
+
+
+def _stored_rows():
+    """The rows stored by the last full run on the trained weights, marked stored / stale."""
+    from sim.lm.model import DEFAULT_WEIGHTS
+
+    rec = stored.load()
+    st, reason = stored.status(rec)
+    if rec is None:
+        yield {"name": "lowprec_perplexity_error", "value": 1, "unit": "error",
+               "error": f"{DEFAULT_WEIGHTS} is missing (run `make model` to train it) and no results are stored "
+                        f"in {stored.rel(stored.STORE)}"}
+        return
+    for r in rec["rows"]:
+        yield {**r, "stored": stored.rel(stored.STORE), "stale": st == "stale",
+               "weights_sha256": rec["weights_sha256"], "stored_date": rec.get("date"),
+               "note": f"stored result ({DEFAULT_WEIGHTS} not here: `{stored.COMMAND}` recomputes it)"
+                       + (f"; stale: {reason}" if reason else "")}
