@@ -8,9 +8,9 @@ change the block makes to its input** (the bound the existing tests state for a 
 matrix unit, tests/test_firmware_soc.py): in batched generation every FC is a GEMM on the matrix unit, and
 attention in PIM (naive) has the same numerics as on the NPU (BF16 operands, FP32 accumulation, FP32 scores,
 BF16 probabilities and outputs); no GELU runs in the banks' AF units. Measured: 0.09-0.15 % on the tiny
-layer, 0.34-0.53 % on the GPT-2-small-shaped one (B = 3 at KV 5..18, B = 8 at KV 145..511). The prompt's K and V are the float64 prefill's, rounded to
-BF16 by the runtime (:func:`firmware.batch_runtime.prompt_kv`), so the reference is the float64 block over
-each request's whole sequence.
+layer, 0.34-0.53 % on the GPT-2-small-shaped one (B = 3 at KV 5..18, B = 8 at KV 145..511). The prompt's K
+and V are the float64 prefill's, rounded to BF16 by the runtime (:func:`firmware.batch_runtime.prompt_kv`), so
+the reference is the float64 block over each request's whole sequence.
 
 The RTL plays the same host script (writes and programs) as the functional model and must equal it bit for
 bit in every step slot (inputs, hidden states, outputs of every step) and every KV row any request held; the
