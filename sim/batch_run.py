@@ -52,7 +52,7 @@ def run_rtl(rt: BatchRuntime, test_name: str, sim: str = "verilator", checker: b
     """Run the script on the RTL; returns (per-program results as :func:`sim.tb.soc_run.run_rtl`, dumps
     ``name -> bytes``)."""
     from sim.build import BUILD_ROOT
-    from sim.tb.soc_run import soc_sim_build, write_image_backdoor
+    from sim.tb.soc_run import run_job_spec, soc_sim_build, write_image_backdoor
 
     cfg = rt.cfg
     sb = soc_sim_build(cfg, sim)
@@ -76,15 +76,7 @@ def run_rtl(rt: BatchRuntime, test_name: str, sim: str = "verilator", checker: b
             programs.append({"addr": op[1], "n": op[2], "name": op[3], "writes": pending})
             pending = []
     dumps = {k: list(v) for k, v in dump_regions(rt, dump_kv).items()}
-    spec = {"programs": programs, "dumps": dumps, "channels": cfg.pim.channels, "config": cfg.name,
-            "checker": bool(checker if checker is not None else is_tiny(cfg.name)),
-            "timeout_cycles": timeout_cycles}
-    (run_dir / "job.json").write_text(json.dumps(spec))
-    results_xml = sb.run("sim.tb.soc_job_tb", "run_job", test_name=test_name, env={"RUN_DIR": str(run_dir)},
-                         log_file=log_file)
-    test_dir = Path(results_xml).parent
-    res = json.loads((test_dir / "result.json").read_text())
-    raw = {k: (test_dir / f"dump_{k}.bin").read_bytes() for k in dumps}
+    res, raw, _ = run_job_spec(sb, cfg, run_dir, test_name, programs, dumps, checker, timeout_cycles, log_file)
     res["dumps_raw"] = raw
     return res["programs"], res
 

@@ -33,7 +33,7 @@ from amaranth.lib.wiring import In, Out
 from sim.build import BUILD_ROOT
 from sim.presets import is_tiny
 
-__all__ = ["SocSim", "soc_sim_build", "run_rtl", "write_image_backdoor", "SOC_CXX_OPT"]
+__all__ = ["SocSim", "soc_sim_build", "run_rtl", "run_job_spec", "write_image_backdoor", "SOC_CXX_OPT"]
 
 SOC_CXX_OPT = "-O1"
 """C++ optimisation of the SoC simulation's evaluation code (``SOC_CXX_OPT`` in the environment overrides)."""
@@ -203,9 +203,22 @@ def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, tim
         ends = sorted(plan.buffers.values()) + [plan.prog_base]
         for k, a in plan.buffers.items():
             dumps[k] = [a, min(e for e in ends if e > a) - a]
-    spec = {"programs": [{"addr": a, "n": n, "name": f"L{st.layer} {st.phase}@{st.pos} {st.name}"}
-                         for st, a, n in job.programs],
-            "dumps": dumps, "channels": cfg.pim.channels, "config": cfg.name,
+    programs = [{"addr": a, "n": n, "name": f"L{st.layer} {st.phase}@{st.pos} {st.name}"} for st, a, n in job.programs]
+    res, raw, test_dir = run_job_spec(sb, cfg, run_dir, name, programs, dumps, checker, timeout_cycles, log_file,
+                                      progress_file)
+    out = np.frombuffer(raw["out"], dtype="<f4").reshape(cm.total, cm.shape.d_model).copy()
+    for k, (addr, n) in dumps.items():
+        res.setdefault("dumps", {})[k] = {"addr": addr, "n": n, "path": str(test_dir / f"dump_{k}.bin")}
+    job.rtl = res
+    return out, res["programs"]
+
+
+def run_job_spec(sb, cfg, run_dir: Path, name: str, programs: list, dumps: dict, checker=None,
+                 timeout_cycles=50_000_000, log_file=None, progress_file=None):
+    """Run the job testbench (``sim/tb/soc_job_tb.py``) of build ``sb`` on ``programs`` (``addr``, ``n``,
+    ``name``, optional ``writes``: host writes before the program) with the back-door image already in
+    ``run_dir / "backdoor"``; returns (result.json's contents, ``dumps`` name -> bytes read back, test dir)."""
+    spec = {"programs": programs, "dumps": dumps, "channels": cfg.pim.channels, "config": cfg.name,
             "checker": bool(checker if checker is not None else is_tiny(cfg.name)),
             "timeout_cycles": timeout_cycles}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,12 +229,7 @@ def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, tim
     results_xml = sb.run("sim.tb.soc_job_tb", "run_job", test_name=name, env=env, log_file=log_file)
     test_dir = Path(results_xml).parent
     res = json.loads((test_dir / "result.json").read_text())
-    raw = {k: (test_dir / f"dump_{k}.bin").read_bytes() for k in dumps}
-    out = np.frombuffer(raw["out"], dtype="<f4").reshape(cm.total, cm.shape.d_model).copy()
-    for k, (addr, n) in dumps.items():
-        res.setdefault("dumps", {})[k] = {"addr": addr, "n": n, "path": str(test_dir / f"dump_{k}.bin")}
-    job.rtl = res
-    return out, res["programs"]
+    return res, {k: (test_dir / f"dump_{k}.bin").read_bytes() for k in dumps}, test_dir
 
 
 def env_flag(name):
