@@ -13,6 +13,10 @@ layer a step is seven programs (:data:`BATCH_STAGES`):
 ``attn``
     Attention of every request over its own cache; the results, BF16, into row ``r`` of the O buffer.
 
+A joining request's prompt can be prefilled on the device (:meth:`BatchCompiler.prefill`): per layer the
+compiler's own prefill stages over the prompt's rows, writing its K and V (npu-only: into the request's
+caches; naive: into staging caches, then a ``kv_layout`` program copies them into the PIM layouts).
+
 Policies (:data:`POLICIES`):
 
 ``npu-only``
@@ -143,6 +147,9 @@ class BatchPlan:
     prog_base: int
     prog_bytes: int
     pool_rows: tuple                # (first, end) row indices of the KV pool
+    max_prompt: int = 0             # longest prompt prefilled on the device (0: none)
+    pre_x: list = field(default_factory=list)   # [layer + 1] address of [max_prompt, d] FP32 (prefill)
+    pre_kv: tuple = ()              # naive: ([H] K, [H] V) normal-layout [max_prompt, hd] the prefill writes
 
     @property
     def LP(self) -> int:
@@ -234,15 +241,18 @@ class BatchPlan:
 
 
 def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, max_tokens: int,
-               io_slots: int = 4, prog_bytes: int | None = None) -> BatchPlan:
+               io_slots: int = 4, prog_bytes: int | None = None, max_prompt: int = 0) -> BatchPlan:
     """The memory plan of batched generation (module docstring). ``prog_bytes`` defaults to the programs of
-    the largest step (``max_batch`` requests at ``max_tokens``) rounded up."""
+    the largest step (``max_batch`` requests at ``max_tokens``) or prefill (``max_prompt`` tokens, when
+    prompts are prefilled on the device: :meth:`BatchCompiler.prefill`) rounded up."""
     if policy not in POLICIES:
         raise BatchError(f"batched policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     p = cfg.pim
     if p.channel_interleave and p.channels > 1:
         raise BatchError(f"configuration {cfg.name!r}: batched generation needs the Row-Channel-Bank-Column map "
                          f"(channel_interleave 0), not {p.channel_interleave}")
+    if not 0 <= max_prompt < max_tokens:
+        raise BatchError(f"max_prompt ({max_prompt}) must be in 0..max_tokens - 1 ({max_tokens - 1})")
     if max_batch < 1 or max_tokens < 1 or io_slots < 1:
         raise BatchError(f"max_batch ({max_batch}), max_tokens ({max_tokens}) and io_slots ({io_slots}) must be "
                          f"at least 1")
@@ -254,7 +264,7 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
         if hd > p.gb_values or hd // p.lanes > p.columns:
             raise BatchError(f"head_dim {hd} exceeds a bank row / the global buffer of configuration {cfg.name!r}")
     try:
-        plan = plan_memory(cfg, shape, max_batch, pim_layout=False)
+        plan = plan_memory(cfg, shape, max(max_batch, max_prompt), pim_layout=False)
     except CompileError as e:
         raise BatchError(str(e)) from None
     top = plan.top
@@ -275,7 +285,11 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
     vt_scratch = alloc(max_batch * hd * 16 * H * 2)
     slots = [[alloc(max_batch * d * 4) for _ in range(shape.layers + 1)] for _ in range(io_slots)]
     bp = BatchPlan(cfg, shape, policy, max_batch, max_tokens, io_slots, plan, s, pr, ident, vt_scratch, slots, 0, 0,
-                   (0, 0))
+                   (0, 0), max_prompt)
+    if max_prompt:
+        bp.pre_x = [alloc(max_prompt * d * 4) for _ in range(shape.layers + 1)]
+        if policy == "naive":
+            bp.pre_kv = tuple([alloc(max_prompt * hd * 2) for _ in range(H)] for _ in range(2))
     if prog_bytes is None:
         bp.prog_base = _up(top, ALIGN)
         bp.prog_bytes = 1 << 40
@@ -283,6 +297,9 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
         kv = bp.layout(0, max_tokens)
         progs = probe.step([(kv, max_tokens - 1)] * max_batch, 0)
         prog_bytes = sum(_up(32 * len(st.words), ALIGN) for st in progs)
+        if max_prompt:
+            pre = probe.prefill(kv, max_prompt)
+            prog_bytes = max(prog_bytes, sum(_up(32 * len(st.words), ALIGN) for st in pre))
         prog_bytes = _up(prog_bytes + prog_bytes // 8, 4096)
     bp.prog_base = alloc(prog_bytes)
     bp.prog_bytes = prog_bytes
@@ -341,6 +358,66 @@ class BatchCompiler:
                 st.pos = max(pos for _, pos in reqs)
                 out.append(st)
         return out
+
+    def prefill(self, kv: KvLayout, P: int) -> list[Stage]:
+        """Programs of a joining request's prefill of ``P`` prompt tokens (their hidden states in
+        ``pre_x[0]``): per layer the compiler's own prefill stages (:data:`firmware.compiler.STAGES`, rows = P,
+        causal attention over the prompt) writing the prompt's K and V, under npu-only straight into the
+        request's caches, under naive into the normal-layout staging caches ``pre_kv``, which a ``kv_layout``
+        program then copies into the request's layouts: K token by token into the PIM GEMV layout, V into the
+        group-major copy, and V^T group by group (:meth:`vt_update`)."""
+        bp, shape = self.bp, self.shape
+        if not 1 <= P <= bp.max_prompt:
+            raise BatchError(f"a prefill of {P} tokens: the plan prefills 1..{bp.max_prompt} (max_prompt)")
+        if P >= kv.capacity:
+            raise BatchError(f"a prompt of {P} tokens leaves no room in a capacity of {kv.capacity}")
+        from firmware.compiler import STAGES
+        out = []
+        for i in range(shape.layers):
+            plan = copy.copy(bp.plan)
+            plan.layers = list(plan.layers)
+            kc, vc = (kv.k[i], kv.v[i]) if bp.policy == "npu-only" else bp.pre_kv
+            plan.layers[i] = dataclasses.replace(plan.layers[i], x_in=bp.pre_x[i], x_out=bp.pre_x[i + 1], kc=kc, vc=vc)
+            lc = LayerCompiler(plan, "npu-mem", self.mapping)
+            for name in STAGES:
+                st = lc.stage(i, "prefill", name, P, 0)
+                st.phase = "join"
+                out.append(st)
+                if name == "qkv_attn" and bp.policy == "naive":
+                    out.append(self._kv_layout(i, kv, P))
+        return out
+
+    def _kv_layout(self, i: int, kv: KvLayout, P: int) -> Stage:
+        """naive: the prefill's K and V (normal layout, ``pre_kv``) into the request's layouts."""
+        bp, H, hd = self.bp, self.shape.heads, self.shape.head_dim
+        pb = ProgramBuilder(self.cfg)
+        W = pb.L
+        pitch = _bf16_words(W, hd)
+        pu = pb.unit(pitch)
+        rows = max(1, min(P, (self.cfg.npu.vector_spm_words - 8) // pitch))
+        for h in range(H):
+            for kind, src in ((0, bp.pre_kv[0][h]), (1, bp.pre_kv[1][h])):
+                for t0 in range(0, P, rows):
+                    n = min(rows, P - t0)
+                    pb.spm_reset()
+                    X = pb.spm(n * pitch)
+                    pb.vdma(True, src + t0 * hd * 2, hd * 2, n, hd * 2, X, pitch)
+                    xu = pb.unit(X)
+                    if kind == 0:           # K: one bank row per token
+                        for t in range(t0, t0 + n):
+                            self._vstore(pb, bp.k_addr(kv, i, h, t), hd * 2, 1, hd * 2, xu + (t - t0) * pu, pu)
+                    else:                   # V: runs of one 16-token group are contiguous in the group-major copy
+                        t = t0
+                        while t < t0 + n:
+                            m = min(16 - t % 16, t0 + n - t)
+                            self._vstore(pb, bp.v_addr(kv, i, h, t), hd * 2, m, hd * 2, xu + (t - t0) * pu, pu)
+                            t += m
+        pb.fence(Unit.VQ)
+        groups = [(kv, min(16 * g + 15, P - 1)) for g in range(-(-P // 16))]
+        for g0 in range(0, len(groups), bp.max_batch):
+            self.vt_update(pb, i, groups[g0:g0 + bp.max_batch])
+        pb.end()
+        return Stage(i, "join", 0, "kv_layout", pb.words, _with_total(pb.est), "mu")
 
     # -- qkv ---------------------------------------------------------------------------------------
     def _qkv(self, lc: LayerCompiler, i: int, reqs) -> Stage:

@@ -2,8 +2,10 @@
 
 :class:`BatchRuntime` keeps a batch of requests on one device. Every request has a KV allocation of whole
 row indices from the KV pool (:class:`KvPool`, first fit) holding its caches in the policy's layouts
-(:class:`firmware.batch.BatchPlan`); a request joins with its prompt's K and V (the host writes them, with
-the rest of the allocation cleared) and leaves by giving its rows back. :meth:`BatchRuntime.step` runs one
+(:class:`firmware.batch.BatchPlan`). A request joins either with its prompt's K and V (the host writes them
+as BF16, with the rest of the allocation cleared) or with its prompt's hidden states, which the device
+prefills into the cleared allocation (the compiler's prefill stages, then under naive the copy into the PIM
+layouts: :meth:`firmware.batch.BatchCompiler.prefill`); it leaves by giving its rows back. :meth:`BatchRuntime.step` runs one
 generation step of the requests present: the host writes the step's input rows and its programs
 (:class:`firmware.batch.BatchCompiler`) into device memory and starts the programs in order.
 
@@ -126,11 +128,11 @@ class BatchRuntime:
     """A batch of requests on one device (module docstring)."""
 
     def __init__(self, cfg: SystemConfig, shape: GptShape, weights: list[LayerWeights], policy: str, max_batch: int,
-                 max_tokens: int, io_slots: int = 4, prog_bytes: int | None = None):
+                 max_tokens: int, io_slots: int = 4, prog_bytes: int | None = None, max_prompt: int = 0):
         if len(weights) != shape.layers:
             raise BatchError(f"{shape.layers} layers but {len(weights)} given")
         self.cfg, self.shape, self.policy = cfg, shape, policy
-        self.bp = plan_batch(cfg, shape, policy, max_batch, max_tokens, io_slots, prog_bytes)
+        self.bp = plan_batch(cfg, shape, policy, max_batch, max_tokens, io_slots, prog_bytes, max_prompt)
         self.compiler = BatchCompiler(self.bp)
         self.pool = KvPool(*self.bp.pool_rows)
         self.image = MemoryImage(cfg)
@@ -141,6 +143,7 @@ class BatchRuntime:
         self.ops: list = []
         self.requests: dict = {}            # rid -> Request, in join order (= batch-row order)
         self.steps: list[StepRecord] = []
+        self.programs: list = []            # every program started, in order: (name, addr, instructions, words)
 
     # -- host writes ------------------------------------------------------------------------------
     def write(self, addr: int, data: bytes):
@@ -148,23 +151,34 @@ class BatchRuntime:
         self.ops.append(("write", addr, bytes(data)))
 
     # -- requests -----------------------------------------------------------------------------------
-    def join(self, rid, k=None, v=None, capacity: int | None = None) -> Request:
-        """Add request ``rid`` with its prompt's K and V (``[layers, heads, P, head_dim]``; None: no prompt)
-        and room for ``capacity`` tokens in all (default: the plan's ``max_tokens``). Raises
-        :class:`KvCapacityError` when the KV pool cannot hold it (nothing changes then)."""
+    def join(self, rid, k=None, v=None, capacity: int | None = None, x=None) -> Request:
+        """Add request ``rid`` with room for ``capacity`` tokens in all (default: the plan's ``max_tokens``)
+        and its prompt: either its K and V (``k``, ``v``: ``[layers, heads, P, head_dim]``, written by the host
+        as BF16), or its hidden states ``x [P, d_model]``, prefilled on the device
+        (:meth:`firmware.batch.BatchCompiler.prefill`: the plan needs ``max_prompt >= P``), or neither (no
+        prompt). Raises :class:`KvCapacityError` when the KV pool cannot hold it (nothing changes then)."""
         bp, s = self.bp, self.shape
         if rid in self.requests:
             raise BatchError(f"request {rid!r} is already in the batch")
         capacity = bp.max_tokens if capacity is None else capacity
         bp.check_capacity(capacity)
         want = (s.layers, s.heads)
-        if k is None:
-            k = v = np.zeros(want + (0, s.head_dim))
-        k, v = np.asarray(k, dtype=np.float64), np.asarray(v, dtype=np.float64)
-        if k.shape != v.shape or k.shape[:2] != want or k.shape[3:] != (s.head_dim,):
-            raise BatchError(f"prompt K and V must have shape ({s.layers}, {s.heads}, P, {s.head_dim}), not "
-                             f"{k.shape} and {v.shape}")
-        P = k.shape[2]
+        if x is not None:
+            if k is not None or v is not None:
+                raise BatchError("give a prompt's K and V or its hidden states, not both")
+            x = np.asarray(x, dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != s.d_model or not 1 <= x.shape[0] <= bp.max_prompt:
+                raise BatchError(f"prompt hidden states must have shape (P, {s.d_model}) with P in "
+                                 f"1..{bp.max_prompt} (the plan's max_prompt), not {x.shape}")
+            P = x.shape[0]
+        else:
+            if k is None:
+                k = v = np.zeros(want + (0, s.head_dim))
+            k, v = np.asarray(k, dtype=np.float64), np.asarray(v, dtype=np.float64)
+            if k.shape != v.shape or k.shape[:2] != want or k.shape[3:] != (s.head_dim,):
+                raise BatchError(f"prompt K and V must have shape ({s.layers}, {s.heads}, P, {s.head_dim}), not "
+                                 f"{k.shape} and {v.shape}")
+            P = k.shape[2]
         if P >= capacity:
             raise BatchError(f"request {rid!r}: a prompt of {P} tokens leaves no room in a capacity of {capacity}")
         if len(self.requests) >= bp.max_batch:
@@ -173,7 +187,12 @@ class BatchRuntime:
         start = self.pool.alloc(rid, rows, f" ({capacity} tokens x {s.layers} layer(s) x {s.heads} heads, "
                                            f"policy {self.policy})")
         kv = bp.layout(start, capacity)
-        self.write(start * bp.row_index_bytes, self.pack(kv, k, v))
+        if x is None:
+            self.write(start * bp.row_index_bytes, self.pack(kv, k, v))
+        else:
+            self.write(start * bp.row_index_bytes, bytes(kv.rows * bp.row_index_bytes))
+            self.write(bp.pre_x[0], x.astype("<f4").tobytes())
+            self._programs(self.compiler.prefill(kv, P), f"join {rid}")
         req = Request(rid, kv, P)
         self.requests[rid] = req
         return req
@@ -233,26 +252,35 @@ class BatchRuntime:
         slot = index % bp.io_slots
         self.write(bp.slots[slot][0], x.astype("<f4").tobytes())
         stages = self.compiler.step([(r.kv, r.length) for r in reqs], slot)
-        addr = bp.prog_base
         rec = StepRecord(index, slot, [r.rid for r in reqs], [r.length for r in reqs],
                          bp.slots[slot][self.shape.layers])
+        rec.programs = self._programs(stages, f"step{index}")
+        for r in reqs:
+            r.length += 1
+        self.steps.append(rec)
+        return rec
+
+    def _programs(self, stages, label: str) -> list:
+        """Write ``stages``' programs into the program area and start them in order; returns ``(name, addr,
+        instructions, words)`` per program."""
+        bp = self.bp
+        addr = bp.prog_base
         blobs = []
         for st in stages:
             data = isa.to_bytes(st.words)
             blobs.append((addr, data, st))
             addr += _up(len(data), 64)
         if addr - bp.prog_base > bp.prog_bytes:
-            raise BatchError(f"step {index}: {addr - bp.prog_base} bytes of programs; the program area holds "
+            raise BatchError(f"{label}: {addr - bp.prog_base} bytes of programs; the program area holds "
                              f"{bp.prog_bytes}")
         self.write(bp.prog_base, b"".join(data + bytes(_up(len(data), 64) - len(data)) for _, data, _ in blobs))
+        out = []
         for a, _, st in blobs:
-            name = f"step{index} L{st.layer} {st.name}"
+            name = f"{label} L{st.layer} {st.name}"
             self.ops.append(("run", a, len(st.words), name))
-            rec.programs.append((name, a, len(st.words), st.words))
-        for r in reqs:
-            r.length += 1
-        self.steps.append(rec)
-        return rec
+            out.append((name, a, len(st.words), st.words))
+        self.programs += out
+        return out
 
     def outputs(self, rec: StepRecord, read) -> np.ndarray:
         """A step's outputs ``[B, d_model]`` float32 through ``read(addr, n) -> bytes`` (valid until its slot

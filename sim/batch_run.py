@@ -99,18 +99,14 @@ def perf_model_steps(rt: BatchRuntime, rtl_programs: list) -> list[float]:
     from sim.perfmodel import PerfModel, decode_program
     from sim.perfmodel.params import Calib
 
-    progs = [p for rec in rt.steps for p in rec.programs]
+    progs = rt.programs
     if len(progs) != len(rtl_programs):
         raise ValueError(f"{len(progs)} programs in the script, {len(rtl_programs)} in the RTL results")
     starts = [r["t_start"] for r in rtl_programs]
     m = PerfModel(rt.cfg, calib=dataclasses.replace(Calib(), first_start=starts[0]))
-    cyc = [m.run_program(None, ins=decode_program(words), prog_addr=addr, start=t - starts[0]).cycles
-           for (_, addr, _, words), t in zip(progs, starts, strict=True)]
-    out, k = [], 0
-    for rec in rt.steps:
-        out.append(float(sum(cyc[k:k + len(rec.programs)])))
-        k += len(rec.programs)
-    return out
+    cyc = {name: m.run_program(None, ins=decode_program(words), prog_addr=addr, start=t - starts[0]).cycles
+           for (name, addr, _, words), t in zip(progs, starts, strict=True)}
+    return [float(sum(cyc[name] for name, _, _, _ in rec.programs)) for rec in rt.steps]
 
 
 def reference_outputs(rt: BatchRuntime, rec, xs: dict, weights) -> np.ndarray:
@@ -202,8 +198,9 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
                 per_step.append(sum(r["cycles"] for r in progs if r["name"].startswith(f"step{rec.index} ")))
             stages = {}
             for r in progs:
-                key = r["name"].split(" ", 2)[2]
-                stages[key] = stages.get(key, 0) + r["cycles"]
+                if r["name"].startswith("step"):
+                    key = r["name"].split(" ", 2)[2]
+                    stages[key] = stages.get(key, 0) + r["cycles"]
             perf = perf_model_steps(rt, progs)
         else:
             diff, perf = None, None

@@ -36,12 +36,13 @@ BOUND = 0.01
 POLICIES = ("npu-only", "naive")
 
 
-def _scenario(policy, cfg=CFG, shape=SHAPE, steps=4, max_tokens=32, io_slots=4, seed=0):
-    """Three requests of 5, 17 and 9 prompt tokens; step 0, 1; request 'd' (12 tokens) joins before step 2
-    (B = 4); 'a' leaves before step 3 (B = 3). Returns the runtime, the step records and the hidden states."""
+def _scenario(policy, cfg=CFG, shape=SHAPE, steps=4, max_tokens=32, io_slots=4, seed=0, skip=""):
+    """Three requests of 5, 17 and 9 prompt tokens (K and V written by the host); step 0, 1; request 'd' joins
+    before step 2 (B = 4) with 12 prompt tokens prefilled on the device; 'a' leaves before step 3 (B = 3).
+    Returns the runtime, the step records and the hidden states."""
     ws = random_weights(shape, seed)
     rng = np.random.default_rng(seed + 1)
-    rt = BatchRuntime(cfg, shape, ws, policy, max_batch=4, max_tokens=max_tokens, io_slots=io_slots)
+    rt = BatchRuntime(cfg, shape, ws, policy, max_batch=4, max_tokens=max_tokens, io_slots=io_slots, max_prompt=12)
     lens = {"a": 5, "b": 17, "c": 9, "d": 12}
     xs = {r: rng.standard_normal((n + steps, shape.d_model)).astype(np.float32) for r, n in lens.items()}
 
@@ -50,11 +51,12 @@ def _scenario(policy, cfg=CFG, shape=SHAPE, steps=4, max_tokens=32, io_slots=4, 
         rt.join(r, k, v, capacity=lens[r] + steps)
 
     for r in "abc":
-        join(r)
+        if r not in skip:
+            join(r)
     recs = []
     for s in range(steps):
         if s == 2:
-            join("d")
+            rt.join("d", x=xs["d"][:lens["d"]], capacity=lens["d"] + steps)
         if s == 3:
             rt.leave("a")
         recs.append(rt.step({r: xs[r][q.length] for r, q in rt.requests.items()}))
@@ -183,6 +185,10 @@ def test_batch_errors():
         rt.join(1)
     with pytest.raises(BatchError, match=r"step input must have shape \(1, 32\)"):
         rt.step(np.zeros((2, 32)))
+    with pytest.raises(BatchError, match=r"with P in 1..0 \(the plan's max_prompt\)"):
+        BatchRuntime(CFG, SHAPE, ws, "naive", 2, 16).join(0, x=np.zeros((3, 32)))
+    with pytest.raises(BatchError, match="not both"):
+        BatchRuntime(CFG, SHAPE, ws, "naive", 2, 16, max_prompt=4).join(0, np.zeros((1, 2, 3, 16)), x=np.zeros((3, 32)))
     with pytest.raises(BatchError, match="leaves no room"):
         BatchRuntime(CFG, SHAPE, ws, "npu-only", 2, 16).join(0, np.zeros((1, 2, 4, 16)), np.zeros((1, 2, 4, 16)),
                                                              capacity=4)
@@ -211,7 +217,8 @@ def test_rtl_bit_exact_with_model(policy, config):
     m, _ = run_model(rt)
     diff = compare(rt, m, res["dumps_raw"])
     assert set(diff) == {"slots", "kv"} and not any(diff.values()), diff
-    assert len(progs) == 7 * len(recs) and all(p["cycles"] > 0 for p in progs)
+    prefill = 6 + (policy == "naive")          # the compiler's prefill stages (+ the naive layout copy)
+    assert len(progs) == 7 * len(recs) + prefill and all(p["cycles"] > 0 for p in progs)
     pcu = sum(p["counters"]["pcu.completed"] for p in progs)
     assert (pcu > 0) == (policy == "naive"), pcu
     # The calibrated performance model times every step within 5 % of the RTL (each program started at the
@@ -223,9 +230,12 @@ def test_rtl_bit_exact_with_model(policy, config):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_two_layers_within_bound(policy):
-    """Two layers: the second layer's K and V come from the first layer's outputs of the same step."""
+    """Two layers: the second layer's K and V come from the first layer's outputs of the same step (and, for
+    the request prefilled on the device, of its prefill). Without request 'c' (the KV pool of two tiny layers is
+    smaller)."""
     shape = GptShape(32, 2, 2)
-    rt, recs, xs, ws = _scenario(policy, shape=shape, steps=3, max_tokens=24)
+    rt, recs, xs, ws = _scenario(policy, shape=shape, steps=3, max_tokens=24, skip="c")
+    assert [r.rids for r in recs] == [["a", "b"], ["a", "b"], ["a", "b", "d"]]
     m, _ = run_model(rt)
     for rec in recs:
         out = rt.outputs(rec, m.read)
