@@ -60,13 +60,16 @@ Policies (:data:`POLICIES`):
 
     The V^T layout keeps one input chunk (``K = L <= gb_values``: a request's capacity is at most the global
     buffer's values, 128 on ``tiny`` and 1024 on ``default``) so that ``GemvLayout``'s rows do not move as L
-    grows. The macro has no column offset: a head's K rows use ``head_dim / 16`` of every bank row's columns.
+    grows. The macro has no column offset: each tile of ``banks x channels`` tokens of a head's K takes a
+    whole row index and uses ``head_dim / 16`` of every bank row's columns (4 of 64 on ``default``), so a
+    naive request needs about ten times the KV memory of an npu-only one (``default``, one GPT-2-small layer,
+    528 tokens: 241 row indices of 64 KB against 25).
 
-The memory plan is the compiler's (:func:`firmware.compiler.plan_memory` with ``max_tokens = max_batch`` and
-the matrix unit's column-block weights, :class:`firmware.compiler.Blocked`: in batched generation every FC
-is a GEMM) plus, after it, the score / probability buffers, the identity matrix and the V^T scratch buffer,
-``io_slots`` slots of
-per-step hidden states (``layers + 1`` arrays of ``[max_batch, d_model]`` FP32) and the program area; the
+The memory plan is the compiler's (:func:`firmware.compiler.plan_memory` with ``max_tokens = max(max_batch,
+max_prompt)`` and the matrix unit's column-block weights, :class:`firmware.compiler.Blocked`: in batched
+generation every FC is a GEMM) plus, after it, the score / probability buffers, the identity matrix, the V^T
+scratch buffer, ``io_slots`` slots of per-step hidden states (``layers + 1`` arrays of ``[max_batch,
+d_model]`` FP32), the prefill's hidden states (and, naive, its staging K/V caches) and the program area; the
 KV pool (whole row indices, :class:`firmware.batch_runtime.KvPool`) fills the rest of the data rows.
 """
 
