@@ -540,6 +540,15 @@ def _interleaved(base, interleave):
     return make
 
 
+def _channels(base, channels):
+    """``base`` with ``channels`` PIM channels (issue 13: the paper's system has 8; ``default`` has 2)."""
+    def make() -> SystemConfig:
+        cfg = base()
+        return cfg.replace(name=f"{cfg.name}-{channels}ch", **{"pim.channels": channels})
+    make.__doc__ = f"The {base.__name__.strip('_')} preset with {channels} PIM channels."
+    return make
+
+
 def _neupims() -> SystemConfig:
     # NeuPIMs' system: the ianus-scale NPU and memory with dual row buffers (the paper's batched
     # generation is a policy of the compiler and runtime, not of the configuration).
@@ -550,7 +559,9 @@ PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
            "tiny-dualrb": _dual(_tiny), "default-dualrb": _dual(_default), "neupims": _neupims,
            # channel-interleaved RTL variants: tiny with two-column runs (64 B, both column fields in use),
            # default with one-row runs (2 KB, the ianus preset's map)
-           "tiny-il": _interleaved(_tiny, 64), "default-il": _interleaved(_default, 2048)}
+           "tiny-il": _interleaved(_tiny, 64), "default-il": _interleaved(_default, 2048),
+           # the default with 4 PIM channels (issue 13: what a wider default costs in simulation)
+           "default-4ch": _channels(_default, 4)}
 
 
 def preset(name: str) -> SystemConfig:

@@ -3,7 +3,7 @@ RTL runner :mod:`sim.tb.soc_run`, which must not import each other)."""
 
 __all__ = ["RTL_CONFIGS", "is_tiny"]
 
-RTL_CONFIGS = ["tiny", "default", "tiny-dualrb", "default-dualrb", "tiny-il", "default-il"]
+RTL_CONFIGS = ["tiny", "default", "tiny-dualrb", "default-dualrb", "tiny-il", "default-il", "default-4ch"]
 """Configurations the SoC RTL is built for (``ianus run --config``)."""
 
 

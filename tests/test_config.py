@@ -70,7 +70,7 @@ def test_replace_variants():
 
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset.name must be one of tiny, default, ianus, tiny-dualrb, "
-                                          "default-dualrb, neupims, tiny-il, default-il, not 'huge'"):
+                                          "default-dualrb, neupims, tiny-il, default-il, default-4ch, not 'huge'"):
         preset("huge")
 
 
