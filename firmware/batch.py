@@ -65,6 +65,44 @@ Policies (:data:`POLICIES`):
     naive request needs about ten times the KV memory of an npu-only one (``default``, one GPT-2-small layer,
     528 tokens: 241 row indices of 64 KB against 25).
 
+``neupims``
+    NeuPIMs' sub-batch interleaving on two row buffers (``pim.row_buffers == 2``: ``tiny-dualrb``,
+    ``default-dualrb``; any other configuration is refused). The same per-request layouts, appends and
+    attention programs as ``naive``. The batch rows are split into sub-batches A (rows ``0 .. k - 1``) and B
+    (the rest); per layer five programs:
+
+    ``ln1`` (all rows) -> ``qkv_a`` -> ``attn_a|qkv_b`` -> ``post_a|attn_b`` -> ``post_b``
+
+    where ``post`` is the projection with its residual, ln2, FC1 with GELU and FC2 with its residual (the
+    compiler's stages with a FENCE on the matrix and vector units between them), and ``x|y`` is one program
+    merging two independent instruction streams (:func:`merge_streams`): A's PIM attention with B's QKV
+    GEMM, scatter and V^T update, then B's PIM attention with A's ``post``. The dependences hold by
+    construction: a sub-batch's attention runs in a program after the one that wrote its Q, K and V (a
+    program's END waits for every unit), its ``post`` in a program after its attention; the two streams of a
+    merged program touch disjoint rows of every buffer (:meth:`BatchCompiler._lc` with ``row0``), and only
+    one attention runs at a time (the score and probability buffers are shared). Why merged programs and not
+    FENCEs or semaphores across programs: the command processor dispatches in program order into shallow
+    queues (matrix unit 4, macros 8, vector queue 8 instructions) and a FENCE stops all dispatch, so two
+    streams run concurrently only when their instructions alternate in the program at about the rate the
+    units consume them; :func:`merge_streams` interleaves them in order of the cost model's time
+    (:func:`instruction_costs`), keeping each stream's FENCEs (which may also wait for the other stream's
+    work on a shared unit, never too early) and every run of vector-queue instructions whole (the runs
+    reuse scratchpad regions). The matrix unit's weight DMA reads proceed in the normal row buffers while the
+    PCU's GEMVs hold the PIM row buffers (issue 17).
+
+    Partition (:meth:`BatchCompiler.partition`, the runtime orders the rows before the step, so a step
+    record's ``rids`` are in sub-batch order): the cost model estimates each request's attention from its KV
+    length (:meth:`BatchCompiler.attn_est`) and each sub-batch's NPU programs from their compiled estimates;
+    the requests are sorted by attention, A takes the lightest ``k`` (its attention hides behind B's QKV, the
+    heavier B's behind A's ``post``, the longer NPU phase) and ``k`` minimises ``qkv(A) + max(attn(A),
+    qkv(B)) + max(attn(B), post(A)) + post(B)``. Split mode ``auto`` (default) also weighs no split, i.e.
+    naive's programs (on two row buffers), and takes it when the split is not cheaper: every weight is
+    streamed once per sub-batch, and a sub-batch of up to ``array_rows`` rows costs the matrix unit as much
+    as the whole batch, so the split pays only when the attention it hides exceeds a whole second pass over
+    the weights (long KV caches). Split mode ``always`` splits every step of two or more requests. The
+    numerics are naive's bit for bit (only the order of independent work changes; a GEMM's rows do not
+    depend on each other).
+
 The memory plan is the compiler's (:func:`firmware.compiler.plan_memory` with ``max_tokens = max(max_batch,
 max_prompt)`` and the matrix unit's column-block weights, :class:`firmware.compiler.Blocked`: in batched
 generation every FC is a GEMM) plus, after it, the score / probability buffers, the identity matrix, the V^T
@@ -105,9 +143,15 @@ from hw.spec import soc_isa as isa
 from hw.spec.macro import MacroFlag, MacroOp
 from hw.spec.soc_isa import SocOp, Unit
 
-__all__ = ["POLICIES", "BATCH_STAGES", "BatchError", "KvLayout", "BatchPlan", "BatchCompiler", "plan_batch"]
+__all__ = ["POLICIES", "PIM_POLICIES", "SPLIT_MODES", "BATCH_STAGES", "BatchError", "KvLayout", "BatchPlan",
+           "BatchCompiler", "plan_batch", "merge_streams", "instruction_costs"]
 
-POLICIES = ("npu-only", "naive")
+POLICIES = ("npu-only", "naive", "neupims")
+PIM_POLICIES = ("naive", "neupims")
+SPLIT_MODES = ("auto", "always")
+"""neupims: ``auto``: the cost model chooses two sub-batches or none (:meth:`BatchCompiler.partition`);
+``always``: two sub-batches whenever there are two requests (the cost model chooses which)."""
+"""Policies with attention in PIM (K in the GEMV layout, V^T, the group-major V copy)."""
 BATCH_STAGES = ("ln1", "qkv", "attn", "proj", "ln2", "fc1", "fc2")
 
 
@@ -175,7 +219,7 @@ class BatchPlan:
     def normal_bytes(self, capacity: int) -> int:
         """Bytes of one request's normal-layout caches (K and V under npu-only, V under naive)."""
         s = self.shape
-        if self.policy == "naive":          # V only, group-major: whole groups of 16 tokens
+        if self.policy in PIM_POLICIES:     # V only, group-major: whole groups of 16 tokens
             return s.layers * _up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
         return 2 * s.layers * s.heads * _up(capacity * s.head_dim * 2, ALIGN)
 
@@ -183,7 +227,7 @@ class BatchPlan:
         """Row indices one request of ``capacity`` tokens takes from the KV pool."""
         s = self.shape
         pim = 0
-        if self.policy == "naive":
+        if self.policy in PIM_POLICIES:
             pim = s.layers * s.heads * (self.k_rows_per_head(capacity) + self.vt_rows_per_head())
         return pim + -(-self.normal_bytes(capacity) // self.row_index_bytes)
 
@@ -197,7 +241,7 @@ class BatchPlan:
         s = self.shape
         kv = KvLayout(capacity, row0, self.request_rows(capacity))
         row = row0
-        if self.policy == "naive":
+        if self.policy in PIM_POLICIES:
             kr, vr = self.k_rows_per_head(capacity), self.vt_rows_per_head()
             for _ in range(s.layers):
                 kv.k_row.append([row + h * kr for h in range(s.heads)])
@@ -205,7 +249,7 @@ class BatchPlan:
                 kv.vt_row.append([row + h * vr for h in range(s.heads)])
                 row += s.heads * vr
         addr = row * self.row_index_bytes
-        if self.policy == "naive":          # V group-major: head h of a group at 16 h rows
+        if self.policy in PIM_POLICIES:          # V group-major: head h of a group at 16 h rows
             step = _up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
             for _ in range(s.layers):
                 kv.v.append([addr + h * 16 * s.head_dim * 2 for h in range(s.heads)])
@@ -260,9 +304,13 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
         raise BatchError(f"max_batch ({max_batch}), max_tokens ({max_tokens}) and io_slots ({io_slots}) must be "
                          f"at least 1")
     hd = shape.head_dim
-    if policy == "naive":
+    if policy == "neupims" and p.row_buffers != 2:
+        raise BatchError(f"policy neupims overlaps the NPU's DMA with PIM attention and needs two row buffers per bank "
+                         f"(pim.row_buffers = 2: tiny-dualrb, default-dualrb); configuration {cfg.name!r} has "
+                         f"{p.row_buffers}")
+    if policy in PIM_POLICIES:
         if max_tokens > p.gb_values:
-            raise BatchError(f"policy naive keeps V^T in one input chunk: max_tokens ({max_tokens}) must be at most "
+            raise BatchError(f"policy {policy} keeps V^T in one input chunk: max_tokens ({max_tokens}) must be at most "
                              f"the {p.gb_values} values of the global buffer of configuration {cfg.name!r}")
         if hd > p.gb_values or hd // p.lanes > p.columns:
             raise BatchError(f"head_dim {hd} exceeds a bank row / the global buffer of configuration {cfg.name!r}")
@@ -291,15 +339,16 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
                    (0, 0), max_prompt)
     if max_prompt:
         bp.pre_x = [alloc(max_prompt * d * 4) for _ in range(shape.layers + 1)]
-        if policy == "naive":
+        if policy in PIM_POLICIES:
             bp.pre_kv = tuple([alloc(max_prompt * hd * 2) for _ in range(H)] for _ in range(2))
     if prog_bytes is None:
         bp.prog_base = _up(top, ALIGN)
         bp.prog_bytes = 1 << 40
         probe = BatchCompiler(bp)
         kv = bp.layout(0, max_tokens)
-        progs = probe.step([(kv, max_tokens - 1)] * max_batch, 0)
-        prog_bytes = sum(_up(32 * len(st.words), ALIGN) for st in progs)
+        splits = [0] + ([max_batch // 2] if policy == "neupims" and max_batch > 1 else [])
+        prog_bytes = max(sum(_up(32 * len(st.words), ALIGN) for st in
+                             probe.step([(kv, max_tokens - 1)] * max_batch, 0, k)) for k in splits)
         if max_prompt:
             pre = probe.prefill(kv, max_prompt)
             prog_bytes = max(prog_bytes, sum(_up(32 * len(st.words), ALIGN) for st in pre))
@@ -320,26 +369,38 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
 class BatchCompiler:
     """Programs of one batched generation step (:meth:`step`)."""
 
-    def __init__(self, bp: BatchPlan):
+    def __init__(self, bp: BatchPlan, split: str = "auto"):
+        if split not in SPLIT_MODES:
+            raise BatchError(f"neupims split mode must be one of {', '.join(SPLIT_MODES)}, not {split!r}")
         self.bp = bp
+        self.split = split
         self.cfg, self.shape = bp.cfg, bp.shape
         self.mapping = {(ph, fc): "mu" for ph in ("prefill", "gen") for fc in ("qkv", "proj", "fc1", "fc2")}
 
-    def _lc(self, i: int, slot: int, **buffers) -> LayerCompiler:
+    def _lc(self, i: int, slot: int, row0: int = 0, **buffers) -> LayerCompiler:
         """The compiler's layer compiler over a copy of the plan: layer ``i``'s hidden states in step slot
-        ``slot``, buffers overridden (``q``/``o`` of one request's row, ``s``/``p``)."""
+        ``slot``, buffers overridden (``q``/``o`` of one request's row, ``s``/``p``); ``row0``: the stages
+        work on batch rows from ``row0`` (a neupims sub-batch): the hidden states and every row buffer start
+        ``row0`` rows in."""
         plan = copy.copy(self.bp.plan)
         xs = self.bp.slots[slot]
+        d, f = self.shape.d_model, self.shape.ffn
         plan.layers = list(plan.layers)
-        plan.layers[i] = dataclasses.replace(plan.layers[i], x_in=xs[i], x_out=xs[i + 1])
-        plan.buffers = dict(plan.buffers, **buffers)
+        plan.layers[i] = dataclasses.replace(plan.layers[i], x_in=xs[i] + row0 * d * 4, x_out=xs[i + 1] + row0 * d * 4)
+        row_bytes = {"h": d * 2, "qkv": 3 * d * 4, "q": d * 2, "o": d * 2, "y": max(d, f) * 4, "x2": d * 4,
+                     "g": f * 2}
+        plan.buffers = {k: v + row0 * row_bytes.get(k, 0) for k, v in plan.buffers.items()}
+        plan.buffers.update(buffers)
         lc = LayerCompiler(plan, "npu-mem", self.mapping)
         lc._layer = i
         return lc
 
-    def step(self, reqs: list, slot: int) -> list[Stage]:
+    def step(self, reqs: list, slot: int, split: int | None = None) -> list[Stage]:
         """Programs of one step: ``reqs`` = ``[(KvLayout, position of the new token), ...]`` in batch-row
-        order; the step's input rows are in slot ``slot`` (layer 0), its outputs in its last array."""
+        order; the step's input rows are in slot ``slot`` (layer 0), its outputs in its last array. neupims
+        (two or more rows): sub-batch A is rows ``0 .. split - 1``, B the rest; ``split`` 0: no split (the
+        naive programs); None: the cost model's choice for the rows as they are (:meth:`split_point`; the
+        runtime orders the rows first, :meth:`partition`)."""
         bp, shape = self.bp, self.shape
         B = len(reqs)
         if not 1 <= B <= bp.max_batch:
@@ -347,6 +408,13 @@ class BatchCompiler:
         for kv, pos in reqs:
             if not 0 <= pos < kv.capacity:
                 raise BatchError(f"token position {pos} outside the request's capacity of {kv.capacity} tokens")
+        if bp.policy == "neupims" and B > 1 and split != 0:
+            if split is None:
+                split = self.split_point(reqs)
+            if split is not None:
+                if not 1 <= split < B:
+                    raise BatchError(f"a neupims split of {B} rows must be in 0..{B - 1}, not {split}")
+                return self._neupims_step(reqs, slot, split)
         out = []
         for i in range(shape.layers):
             lc = self._lc(i, slot)
@@ -386,7 +454,7 @@ class BatchCompiler:
                 st = lc.stage(i, "prefill", name, P, 0)
                 st.phase = "join"
                 out.append(st)
-                if name == "qkv_attn" and bp.policy == "naive":
+                if name == "qkv_attn" and bp.policy in PIM_POLICIES:
                     out.append(self._kv_layout(i, kv, P))
         return out
 
@@ -423,17 +491,18 @@ class BatchCompiler:
         return Stage(i, "join", 0, "kv_layout", pb.words, _with_total(pb.est), "mu")
 
     # -- qkv ---------------------------------------------------------------------------------------
-    def _qkv(self, lc: LayerCompiler, i: int, reqs) -> Stage:
+    def _qkv(self, lc: LayerCompiler, i: int, reqs, row0: int = 0, end: bool = True, name: str = "qkv") -> Stage:
         d, B = self.shape.d_model, len(reqs)
         pb = ProgramBuilder(self.cfg)
         b = lc.plan.buffers
         lc.fc_mu(pb, b["h"], d, None, 3 * d, B, b["qkv"], "qkv")
         self.scatter(pb, lc, i, reqs)
         pb.fence(Unit.VQ)
-        if self.bp.policy == "naive":
-            self.vt_update(pb, i, reqs)
-        pb.end()
-        return Stage(i, "batch", 0, "qkv", pb.words, _with_total(pb.est), "mu")
+        if self.bp.policy in PIM_POLICIES:
+            self.vt_update(pb, i, reqs, row0)
+        if end:
+            pb.end()
+        return Stage(i, "batch", 0, name, pb.words, _with_total(pb.est), "mu")
 
     def _vstore(self, pb, mem, stride, rows, nbytes, spm_unit, pitch_units):
         pb.words.append(isa.encode(SocOp.VSTORE, mem_addr=mem, mem_stride=stride, rows=rows, cols=nbytes // 32,
@@ -477,7 +546,7 @@ class BatchCompiler:
                     self._vstore(pb, bp.v_addr(kv, i, h, pos), hd * 2, 1, hd * 2, row + vcol, pu)
             pb.spm_top = top
 
-    def vt_update(self, pb, i: int, reqs):
+    def vt_update(self, pb, i: int, reqs, row0: int = 0):
         """naive: V^T of the new token's 16-token group into column ``g`` of every head's output rows (module
         docstring): per request ``I[hd, hd] @ V[group g, all heads]^T`` on the matrix unit into the scratch
         buffer, then per head one VSTORE of ``head_dim`` 32-byte rows, stride ``row_bytes``."""
@@ -485,7 +554,7 @@ class BatchCompiler:
         p = self.cfg.pim
         n = 16 * H
         blk = MuBlock()
-        for r, (kv, pos) in enumerate(reqs):
+        for r, (kv, pos) in enumerate(reqs, row0):
             src = RowsN(bp.v_addr(kv, i, 0, pos // 16 * 16), hd * 2)
             gemm(self.cfg, blk, bp.ident, hd * 2, src, bp.vt_scratch + r * hd * n * 2, n * 2, hd, hd, n, True, pb.est)
         pb.mu(blk)
@@ -495,7 +564,7 @@ class BatchCompiler:
         pb.spm_reset()
         X = pb.spm(hd * pitch)
         xu, pu = pb.unit(X), pb.unit(pitch)
-        for r, (kv, pos) in enumerate(reqs):
+        for r, (kv, pos) in enumerate(reqs, row0):
             pb.vdma(True, bp.vt_scratch + r * hd * n * 2, n * 2, hd, n * 2, X, pitch)
             for h in range(H):
                 addr = bp.vt_addr(kv, i, h, 0, pos // 16)
@@ -517,10 +586,11 @@ class BatchCompiler:
         else:
             self.pim_attention(pb, i, reqs)
         pb.end()
-        return Stage(i, "batch", 0, "attn", pb.words, _with_total(pb.est), "pim" if self.bp.policy == "naive" else "mu")
+        return Stage(i, "batch", 0, "attn", pb.words, _with_total(pb.est),
+                     "pim" if self.bp.policy in PIM_POLICIES else "mu")
 
-    def pim_attention(self, pb, i: int, reqs):
-        """naive: per request, scores in PIM, softmax on the vector unit, ``P V`` in PIM; PIM computes the next
+    def pim_attention(self, pb, i: int, reqs, row0: int = 0):
+        """naive and neupims (``reqs``: the rows from ``row0``): per request, scores in PIM, softmax on the vector unit, ``P V`` in PIM; PIM computes the next
         request's scores while the vector unit normalises this one's."""
         bp, shape = self.bp, self.shape
         d, H, hd, LP = shape.d_model, shape.heads, shape.head_dim, bp.LP
@@ -534,7 +604,7 @@ class BatchCompiler:
             kv, pos = reqs[j]
             L = pos + 1
             for h in range(H):
-                pim(op=MacroOp.WRITE_VEC, n=hd, addr0=q + j * d * 2 + h * hd * 2)
+                pim(op=MacroOp.WRITE_VEC, n=hd, addr0=q + (row0 + j) * d * 2 + h * hd * 2)
                 pim(op=MacroOp.GEMV, n=hd, m=L, row=kv.k_row[i][h])
                 pim(op=MacroOp.READ_RES, n=L, addr0=bp.s[j % 2] + h * LP * 4)
                 pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, hd, L, False, True)
@@ -564,7 +634,7 @@ class BatchCompiler:
             for h in range(H):
                 pim(op=MacroOp.WRITE_VEC, n=L, addr0=bp.p[j % 2] + h * LP * 2)
                 pim(op=MacroOp.GEMV, n=L, m=hd, row=kv.vt_row[i][h])
-                pim(op=MacroOp.READ_RES, n=hd, addr0=o + j * d * 2 + h * hd * 2, flags=int(MacroFlag.BF16))
+                pim(op=MacroOp.READ_RES, n=hd, addr0=o + (row0 + j) * d * 2 + h * hd * 2, flags=int(MacroFlag.BF16))
                 pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, L, hd, False, True)
 
         scores(0)
@@ -576,6 +646,119 @@ class BatchCompiler:
             pb.fence(Unit.VQ)
             pv(j)
             pb.fence(Unit.PCU)
+
+    # -- neupims: two sub-batches, one's NPU stage beside the other's PIM attention --------------------
+    def _neupims_step(self, reqs, slot: int, k: int) -> list[Stage]:
+        """Per layer five programs (module docstring, ``neupims``): ``ln1`` (all rows), ``qkv_a``,
+        ``attn_a|qkv_b`` (A's attention in PIM merged with B's QKV GEMM, scatter and V^T update,
+        :func:`merge_streams`), ``post_a|attn_b`` (A's projection, ln2, FC1, FC2 merged with B's attention)
+        and ``post_b``."""
+        shape, B = self.shape, len(reqs)
+        ra, rb = reqs[:k], reqs[k:]
+        out = []
+        for i in range(shape.layers):
+            lca, lcb = self._lc(i, slot, 0), self._lc(i, slot, k)
+            st = self._lc(i, slot).stage(i, "prefill", "ln1", B, 0)
+            st.phase = "batch"
+            progs = [st, self._qkv(lca, i, ra, 0, name="qkv_a")]
+            pa = ProgramBuilder(self.cfg)
+            self.pim_attention(pa, i, ra, 0)
+            progs.append(self._merged(i, "attn_a|qkv_b", pa, self._qkv(lcb, i, rb, k, end=False)))
+            pb = ProgramBuilder(self.cfg)
+            self.pim_attention(pb, i, rb, k)
+            progs.append(self._merged(i, "post_a|attn_b", pb, self._post(lca, i, k)))
+            progs.append(self._post(lcb, i, B - k, end=True))
+            for st in progs:
+                st.pos = max(pos for _, pos in reqs)
+            out += progs
+        return out
+
+    def _post(self, lc: LayerCompiler, i: int, rows: int, end: bool = False) -> Stage:
+        """proj, ln2, fc1, fc2 of ``rows`` rows (the compiler's stages, one program; a FENCE on the matrix and
+        vector units where a stage's END was: the next stage reads what the last one's vector unit wrote)."""
+        words, est = [], {}
+        for n, name in enumerate(("proj", "ln2", "fc1", "fc2")):
+            st = lc.stage(i, "prefill", name, rows, 0)
+            assert st.words[-1] == isa.encode(SocOp.END)
+            if n:
+                words.append(isa.encode(SocOp.FENCE, units=int(Unit.MU | Unit.VQ)))
+            words += st.words[:-1]
+            for key, v in st.est.items():
+                if key != "total" and isinstance(v, (int, float)):
+                    est[key] = est.get(key, 0) + v
+        if end:
+            words.append(isa.encode(SocOp.END))
+        return Stage(i, "batch", 0, "post_b" if end else "post", words, _with_total(est), "mu")
+
+    def _merged(self, i: int, name: str, pim_pb, npu: Stage) -> Stage:
+        words, (tp, tn) = merge_streams(self.cfg, pim_pb.words, npu.words)
+        words.append(isa.encode(SocOp.END))
+        est = {k: pim_pb.est.get(k, 0) + npu.est.get(k, 0) for k in set(pim_pb.est) | set(npu.est) if k != "total"}
+        est["total"] = int(max(tp, tn))
+        est["streams"] = (int(tp), int(tn))
+        return Stage(i, "batch", 0, name, words, est, "pim")
+
+    def _npu_est(self, m: int) -> tuple[int, int]:
+        """Cost-model cycles of one sub-batch of ``m`` rows: its ``qkv`` program (GEMM, scatter, V^T update)
+        and its proj, ln2, fc1, fc2 (the compiled programs' estimates: :func:`_with_total`), per layer."""
+        cache = self.__dict__.setdefault("_npu_cache", {})
+        if m not in cache:
+            bp = self.bp
+            kv = bp.layout(bp.pool_rows[0], 1)
+            lc = self._lc(0, 0, 0)
+            cache[m] = (self._qkv(lc, 0, [(kv, 0)] * m).est["total"], self._post(lc, 0, m).est["total"])
+        return cache[m]
+
+    def attn_est(self, pos: int) -> int:
+        """Cost-model cycles of one request's attention in PIM at token position ``pos`` (the two GEMVs and
+        the softmax of every head)."""
+        from firmware import costmodel
+        from hw.spec.vector_isa import vector_cycles
+        H, hd, L = self.shape.heads, self.shape.head_dim, pos + 1
+        gemv = costmodel.pim_fc_cycles(self.cfg, hd, L, False, True) + costmodel.pim_fc_cycles(self.cfg, L, hd)
+        return H * (gemv + vector_cycles("SOFTMAX", _up(L, 16), 1, self.cfg.npu.vector_lanes))
+
+    def step_est(self, att_a: int, att_b: int, na: int, nb: int) -> int:
+        """The cost model's neupims step of one layer: ``qkv(A) + max(attn(A), qkv(B)) + max(attn(B),
+        post(A)) + post(B)`` (the layernorms and residuals left out: the same for every split)."""
+        qa, pa = self._npu_est(na)
+        qb, pb_ = self._npu_est(nb)
+        return qa + max(att_a, qb) + max(att_b, pa) + pb_
+
+    def none_est(self, att: int, m: int) -> int:
+        """The cost model's step of one layer without a split (the naive programs): ``qkv + attn + post``."""
+        q, p = self._npu_est(m)
+        return q + att + p
+
+    def split_point(self, reqs) -> int | None:
+        """The contiguous split (A = rows ``0 .. k - 1``) of ``reqs`` in their order with the smallest
+        :meth:`step_est` (ties: the one nearest halves); None (no split) under split mode ``auto`` when
+        :meth:`none_est` is not larger."""
+        att = [self.attn_est(pos) for _, pos in reqs]
+        B = len(reqs)
+        k = min(range(1, B), key=lambda k: (self.step_est(sum(att[:k]), sum(att[k:]), k, B - k), abs(2 * k - B)))
+        if self.split == "auto" and self.none_est(sum(att), B) <= self.step_est(sum(att[:k]), sum(att[k:]), k, B - k):
+            return None
+        return k
+
+    def partition(self, reqs) -> tuple[list[int], int | None]:
+        """neupims: the order of the batch rows (indices into ``reqs``) and the split ``k`` (A = the first
+        ``k``) the cost model chooses from the requests' KV lengths: requests sorted by their attention
+        estimate (:meth:`attn_est`), A the lightest ``k``, B the rest (B's attention hides behind A's
+        projection and FFN, the longer NPU phase; A's behind B's QKV), ``k`` minimising :meth:`step_est`;
+        within a sub-batch the rows keep their order. Split mode ``auto``: ``(join order, 0)`` when the cost
+        model's step without a split is not longer (:meth:`none_est`: the GEMMs of a sub-batch stream every
+        weight again, which costs more than the attention it hides unless the attention is long). Other
+        policies or one request: ``(join order, None)``."""
+        B = len(reqs)
+        if self.bp.policy != "neupims" or B < 2:
+            return list(range(B)), None
+        att = [self.attn_est(pos) for _, pos in reqs]
+        idx = sorted(range(B), key=lambda j: (att[j], j))
+        k = self.split_point([reqs[j] for j in idx])
+        if k is None:
+            return list(range(B)), 0
+        return sorted(idx[:k]) + sorted(idx[k:]), k
 
     def _head_groups(self):
         W = self.cfg.npu.vector_lanes
@@ -608,3 +791,124 @@ def gemv_layouts(bp: BatchPlan, kv: KvLayout, i: int, h: int, L: int) -> tuple[G
     """The GEMV layouts the naive policy's macros read: K (``[head_dim, L]``) and V^T (``[L, head_dim]``)."""
     hd = bp.shape.head_dim
     return GemvLayout(bp.cfg, hd, L, kv.k_row[i][h]), GemvLayout(bp.cfg, L, hd, kv.vt_row[i][h])
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging two independent instruction streams into one program (neupims)
+# ---------------------------------------------------------------------------------------------
+
+_VQ_OPS = (SocOp.VECTOR, SocOp.VLOAD, SocOp.VSTORE)
+
+
+def instruction_costs(cfg: SystemConfig, words: list[int]) -> list[float]:
+    """Cost-model cycles of every instruction of a program (FENCE and END 0): matrix-unit LOAD / STORE by
+    their bytes at the DMA's rate, COMPUTE by the array's slots, each run of MATRIX instructions scaled to
+    ``max(loads, computes) + stores`` (the unit's queues overlap); PIM macros by
+    :func:`firmware.pim.gemv_lower_bound` x :data:`firmware.costmodel.PCU_OVERHEAD` (GEMV) and their
+    transfers; vector instructions by :func:`hw.spec.vector_isa.vector_cycles`, vector DMA by its columns."""
+    from amaranth.lib import data as _data
+
+    from firmware import costmodel
+    from firmware.pim import gemv_lower_bound
+    from hw.spec import macro as mac
+    from hw.spec import matrix_isa as mu_isa
+    from hw.spec import vector_isa as vu
+
+    npu = cfg.npu
+    R, C = npu.array_rows, npu.array_cols
+    rate = costmodel._mem_rate(cfg)
+    vlay = _data.Layout.cast(vu.VectorInstr)
+
+    def vfield(w, name):
+        f = vlay[name]
+        return (w >> f.offset) & ((1 << f.width) - 1)
+
+    out, kinds = [], []
+    for w in words:
+        op = SocOp(w & 0xF)
+        c, kind = 0.0, None
+        if op == SocOp.MATRIX:
+            f = mu_isa.decode(w >> isa.PAYLOAD_LO)
+            o = f["opcode"]
+            if o == mu_isa.Opcode.LOAD:
+                r = min(32 * C / max(C, 16), rate) if f.get("transpose") else min(32.0, rate)
+                c, kind = f["rows"] * f["cols"] * 2 / r, "L"
+            elif o == mu_isa.Opcode.STORE:
+                c, kind = f["rows"] * f["cols"] * (2 if f.get("bf16") else 4) / min(32.0, rate), "S"
+            elif o == mu_isa.Opcode.COMPUTE:
+                c, kind = max(f["m"], R, 4) * -(-f["k"] // R) * -(-f["n"] // C), "C"
+        elif op == SocOp.PIM:
+            payload = w >> isa.PAYLOAD_LO
+            m = mac.decode([(payload >> (32 * i)) & 0xFFFFFFFF for i in range(4)])
+            if m.op == mac.MacroOp.GEMV:
+                c = costmodel.PCU_OVERHEAD * gemv_lower_bound(cfg, m.n, m.m)["cycles"]
+            elif m.op == mac.MacroOp.WRITE_VEC:
+                c = m.n * 2 / 32 + costmodel.MEM_LATENCY
+            elif m.op == mac.MacroOp.READ_RES:
+                c = m.n * 4 / 32 + costmodel.MEM_LATENCY
+        elif op == SocOp.VECTOR:
+            word = w >> isa.PAYLOAD_LO
+            c = vu.vector_cycles(vu.Opcode(vfield(word, "op")).name, vfield(word, "n"), vfield(word, "rows"),
+                                 npu.vector_lanes)
+        elif op in (SocOp.VLOAD, SocOp.VSTORE):
+            f = isa.decode(w)
+            c = costmodel.vdma_cycles(cfg, f["rows"], 32 * f["cols"])
+        out.append(float(c))
+        kinds.append(kind)
+    i = 0                                   # runs of MATRIX instructions: the queues overlap
+    while i < len(words):
+        if kinds[i] is None:
+            i += 1
+            continue
+        j = i
+        while j < len(words) and kinds[j] is not None:
+            j += 1
+        tot = {k: sum(out[x] for x in range(i, j) if kinds[x] == k) for k in "LCS"}
+        raw = sum(tot.values())
+        if raw:
+            scale = (max(tot["L"], tot["C"]) + tot["S"]) / raw
+            for x in range(i, j):
+                out[x] *= scale
+        i = j
+    return out
+
+
+def _atoms(words: list[int], costs: list[float]) -> list[tuple[list[int], float]]:
+    """A stream cut where the other stream's instructions may go: every run of vector-queue instructions is
+    one atom (its scratchpad regions are reused from one run to the next, so another stream's vector
+    instructions must not land inside it), every other instruction an atom of its own."""
+    out, i = [], 0
+    while i < len(words):
+        j = i + 1
+        if SocOp(words[i] & 0xF) in _VQ_OPS:
+            while j < len(words) and SocOp(words[j] & 0xF) in _VQ_OPS:
+                j += 1
+        out.append((words[i:j], sum(costs[i:j])))
+        i = j
+    return out
+
+
+def merge_streams(cfg: SystemConfig, first: list[int], second: list[int]) -> tuple[list[int], tuple[float, float]]:
+    """One program of two independent instruction streams (no END; no data shared between them): their
+    atoms (:func:`_atoms`) interleaved in order of the cost model's time (:func:`instruction_costs`): next
+    comes the atom of the stream whose emitted work is smaller (``first`` on ties). The command processor
+    dispatches in program order into shallow unit queues (matrix unit 4, macros 8, vector 8 instructions),
+    so each unit is fed as it drains while the other runs; each stream's FENCEs stay in place and keep its
+    own dependences (a FENCE may also wait for the other stream's work on that unit: never too early).
+    Returns the words and the two streams' estimated cycles."""
+    end = isa.encode(SocOp.END)
+    streams = []
+    for ws in (first, second):
+        ws = [w for w in ws if w != end]
+        streams.append(_atoms(ws, instruction_costs(cfg, ws)))
+    pos, t, out = [0, 0], [0.0, 0.0], []
+    while pos[0] < len(streams[0]) or pos[1] < len(streams[1]):
+        if pos[1] >= len(streams[1]) or (pos[0] < len(streams[0]) and t[0] <= t[1]):
+            s = 0
+        else:
+            s = 1
+        words, c = streams[s][pos[s]]
+        out += words
+        t[s] += c
+        pos[s] += 1
+    return out, (t[0], t[1])

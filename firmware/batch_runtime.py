@@ -105,6 +105,7 @@ class StepRecord:
     positions: list                 # position of each row's new token
     out_addr: int                   # [B, d] FP32 outputs of the last layer
     programs: list = field(default_factory=list)        # (name, addr, instructions, words)
+    split: int | None = None        # neupims: rows 0 .. split - 1 are sub-batch A, the rest B
 
 
 def prompt_kv(weights: list[LayerWeights], shape: GptShape, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,12 +129,13 @@ class BatchRuntime:
     """A batch of requests on one device (module docstring)."""
 
     def __init__(self, cfg: SystemConfig, shape: GptShape, weights: list[LayerWeights], policy: str, max_batch: int,
-                 max_tokens: int, io_slots: int = 4, prog_bytes: int | None = None, max_prompt: int = 0):
+                 max_tokens: int, io_slots: int = 4, prog_bytes: int | None = None, max_prompt: int = 0,
+                 split: str = "auto"):
         if len(weights) != shape.layers:
             raise BatchError(f"{shape.layers} layers but {len(weights)} given")
         self.cfg, self.shape, self.policy = cfg, shape, policy
         self.bp = plan_batch(cfg, shape, policy, max_batch, max_tokens, io_slots, prog_bytes, max_prompt)
-        self.compiler = BatchCompiler(self.bp)
+        self.compiler = BatchCompiler(self.bp, split)      # neupims' split mode (firmware.batch.SPLIT_MODES)
         self.pool = KvPool(*self.bp.pool_rows)
         self.image = MemoryImage(cfg)
         for i, w in enumerate(weights):
@@ -244,6 +246,10 @@ class BatchRuntime:
         x = np.asarray(x, dtype=np.float32)
         if x.shape != (len(reqs), d):
             raise BatchError(f"step input must have shape ({len(reqs)}, {d}), not {x.shape}")
+        # neupims: the rows in the order of the cost model's two sub-batches (A first); the record's rids
+        # and positions follow that order
+        order, split = self.compiler.partition([(r.kv, r.length) for r in reqs])
+        reqs, x = [reqs[j] for j in order], x[order]
         for r in reqs:
             if r.length >= r.kv.capacity:
                 raise KvCapacityError(f"request {r.rid!r} is full: {r.length} tokens of its capacity of "
@@ -251,9 +257,9 @@ class BatchRuntime:
         index = len(self.steps)
         slot = index % bp.io_slots
         self.write(bp.slots[slot][0], x.astype("<f4").tobytes())
-        stages = self.compiler.step([(r.kv, r.length) for r in reqs], slot)
+        stages = self.compiler.step([(r.kv, r.length) for r in reqs], slot, split)
         rec = StepRecord(index, slot, [r.rid for r in reqs], [r.length for r in reqs],
-                         bp.slots[slot][self.shape.layers])
+                         bp.slots[slot][self.shape.layers], split=split)
         rec.programs = self._programs(stages, f"step{index}")
         for r in reqs:
             r.length += 1

@@ -131,7 +131,7 @@ def batch_lengths(batch: int, steps: int, max_len: int = 512, seed: int = 0) -> 
 
 
 def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: int = 1, seed: int = 0,
-                  lengths=None, max_len: int | None = None):
+                  lengths=None, max_len: int | None = None, split: str = "auto"):
     """A runtime with ``batch`` requests of ``lengths`` prompt tokens (default :func:`batch_lengths`, at most
     ``max_len``: 40 on tiny, 512 otherwise), each with room for ``steps`` more, and ``steps`` steps
     recorded. Returns ``(runtime, step records, hidden states per request, weights)``."""
@@ -148,7 +148,7 @@ def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: 
     ws = random_weights(shape, seed)
     rng = np.random.default_rng(seed + 1)
     cap = _up(max(lengths) + steps, 16)
-    rt = BatchRuntime(cfg, shape, ws, policy, batch, cap, io_slots=steps)
+    rt = BatchRuntime(cfg, shape, ws, policy, batch, cap, io_slots=steps, split=split)
     xs = {}
     for j, n in enumerate(lengths):
         xs[j] = rng.standard_normal((n + steps, shape.d_model)).astype(np.float32)
@@ -159,11 +159,12 @@ def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: 
 
 
 def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "verilator", layers: int = 1,
-                  seed: int = 0, policies=("npu-only", "naive"), log_dir=None) -> dict:
+                  seed: int = 0, policies=("npu-only", "naive"), log_dir=None, runs=None, jobs=None) -> dict:
     """Both policies on the same requests: per policy the cycles of every step (RTL; the cost model's
     estimate on ``backend="model"``), tokens per second at the configured clock, the outputs' bit-exactness
     with the functional model (RTL) and their error against float64. The RTL runs are simulator processes
-    side by side."""
+    side by side (``jobs`` at once, default all). ``runs``: ``(label, config, policy, neupims split mode)``
+    per run instead of ``policies`` on ``config`` (results keyed by label)."""
     import concurrent.futures
     import contextlib
 
@@ -171,18 +172,26 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
     from sim.console import Quiet
     from sim.tb.soc_run import soc_sim_build
 
-    runs = {p: prepare_batch(config, p, batch, steps, layers, seed) for p in policies}
+    specs = runs or [(p, config, p, "auto") for p in policies]
+    runs = {lab: prepare_batch(c, p, batch, steps, layers, seed, split=sp) for lab, c, p, sp in specs}
+    policies = [lab for lab, _, _, _ in specs]
     rtl = {}
     logs = Path(log_dir or BUILD_ROOT / "logs")
     logs.mkdir(parents=True, exist_ok=True)
     if backend != "model":
+        cfgs = {runs[p][0].cfg.name: runs[p][0].cfg for p in policies}
+        for cfg in cfgs.values():
+            with Quiet(str(logs / f"build_soc_{cfg.name}_{backend}.log"), stderr=True):
+                soc_sim_build(cfg, backend)
         cfg = runs[policies[0]][0].cfg
-        with Quiet(str(logs / f"build_soc_{cfg.name}_{backend}.log"), stderr=True):
-            soc_sim_build(cfg, backend)
+
+        def tag(p):
+            return f"{p}_{runs[p][0].cfg.name}_b{batch}"
+
         with open(logs / f"runner_batch_{cfg.name}.log", "w") as rl, contextlib.redirect_stdout(rl), \
-                concurrent.futures.ThreadPoolExecutor(len(policies)) as pool:
-            futs = {p: pool.submit(run_rtl, runs[p][0], f"batch_{p}_{config}_b{batch}", backend,
-                                   log_file=logs / f"batch_{p}_{config}_b{batch}.log", dump_kv=False)
+                concurrent.futures.ThreadPoolExecutor(jobs or len(policies)) as pool:
+            futs = {p: pool.submit(run_rtl, runs[p][0], f"batch_{tag(p)}", backend,
+                                   log_file=logs / f"batch_{tag(p)}.log", dump_kv=False)
                     for p in policies}
             rtl = {p: f.result() for p, f in futs.items()}
     out = {}
@@ -207,7 +216,8 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
             stages = {}
             for rec in recs:
                 st = rt.compiler.step([(rt.requests[j].kv, pos) for j, pos in zip(rec.rids, rec.positions,
-                                                                                     strict=True)], rec.slot)
+                                                                                     strict=True)], rec.slot,
+                                      rec.split)
                 per_step.append(sum(s.est.get("total", 0) for s in st))
         rel = 0.0
         for rec in recs:
@@ -216,8 +226,11 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
             x = np.stack([xs[j][q] for j, q in zip(rec.rids, rec.positions, strict=True)])
             rel = max(rel, float((np.abs(got - ref).max(axis=1) / np.abs(ref - x).max(axis=1)).max()))
         cyc = float(np.mean(per_step))
-        out[p] = {"policy": p, "config": rt.cfg.name, "batch": batch, "steps": steps, "layers": layers,
-                  "kv_lengths": [int(v) for v in recs[0].positions], "cycles_per_step": per_step,
+        out[p] = {"policy": rt.policy, "config": rt.cfg.name, "batch": batch, "steps": steps, "layers": layers,
+                  "split_mode": rt.compiler.split if rt.policy == "neupims" else None,
+                  "splits": [rec.split for rec in recs],
+                  "kv_lengths": [int(pos) for _, pos in sorted(zip(recs[0].rids, recs[0].positions, strict=True))],
+                  "cycles_per_step": per_step,
                   "tokens_per_s": batch / (cyc / (mhz * 1e6)) if cyc else 0.0, "stage_cycles": stages,
                   "bit_exact": (not any(diff.values())) if diff is not None else None,
                   "rel_err_vs_float64": rel, "measured": p in rtl, "perfmodel_cycles_per_step": perf}

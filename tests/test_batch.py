@@ -1,4 +1,4 @@
-"""Batched generation (issue 18, RTL side): policies npu-only and naive on the SoC.
+"""Batched generation (issue 18, RTL side): policies npu-only, naive and neupims on the SoC.
 
 B requests with their own KV lengths, one generation step per call (:mod:`firmware.batch`), continuous
 batching and KV allocation (:mod:`firmware.batch_runtime`).
@@ -20,7 +20,7 @@ device's protocol checks and, on tiny, the independent Python checker watch ever
 import numpy as np
 import pytest
 
-from firmware.batch import BatchError, plan_batch
+from firmware.batch import BATCH_STAGES, BatchError, plan_batch
 from firmware.batch_runtime import BatchRuntime, KvCapacityError, prompt_kv, run_script
 from firmware.gpt2 import GptShape, random_weights
 from firmware.pim import GemvLayout
@@ -36,13 +36,14 @@ BOUND = 0.01
 POLICIES = ("npu-only", "naive")
 
 
-def _scenario(policy, cfg=CFG, shape=SHAPE, steps=4, max_tokens=32, io_slots=4, seed=0, skip=""):
+def _scenario(policy, cfg=CFG, shape=SHAPE, steps=4, max_tokens=32, io_slots=4, seed=0, skip="", split="auto"):
     """Three requests of 5, 17 and 9 prompt tokens (K and V written by the host); step 0, 1; request 'd' joins
     before step 2 (B = 4) with 12 prompt tokens prefilled on the device; 'a' leaves before step 3 (B = 3).
     Returns the runtime, the step records and the hidden states."""
     ws = random_weights(shape, seed)
     rng = np.random.default_rng(seed + 1)
-    rt = BatchRuntime(cfg, shape, ws, policy, max_batch=4, max_tokens=max_tokens, io_slots=io_slots, max_prompt=12)
+    rt = BatchRuntime(cfg, shape, ws, policy, max_batch=4, max_tokens=max_tokens, io_slots=io_slots, max_prompt=12,
+                      split=split)
     lens = {"a": 5, "b": 17, "c": 9, "d": 12}
     xs = {r: rng.standard_normal((n + steps, shape.d_model)).astype(np.float32) for r, n in lens.items()}
 
@@ -303,3 +304,96 @@ def test_rtl_edges_bit_exact():
         ref = reference_outputs(rt, rec, xs, ws)
         x = np.stack([xs[r][p] for r, p in zip(rec.rids, rec.positions, strict=True)])
         assert (np.abs(out - ref).max(axis=1) <= BOUND * np.abs(ref - x).max(axis=1)).all(), rec.index
+
+
+# ---------------------------------------------------------------------------------------------
+# neupims: two sub-batches, one's NPU stage beside the other's PIM attention (two row buffers)
+# ---------------------------------------------------------------------------------------------
+
+DUAL = soc_config("tiny-dualrb")
+
+
+def _overlap(spans, a="mu", b="pcu") -> int:
+    """Cycles in which units ``a`` and ``b`` are both busy (from the RTL's busy spans of one program)."""
+    total = 0
+    for s0, e0 in spans.get(a, []):
+        for s1, e1 in spans.get(b, []):
+            total += max(0, min(e0, e1) - max(s0, s1))
+    return total
+
+
+def _by_rid(rt, recs, m):
+    return {(rec.index, r): o for rec in recs for r, o in zip(rec.rids, rt.outputs(rec, m.read), strict=True)}
+
+
+def test_neupims_needs_two_row_buffers():
+    with pytest.raises(BatchError, match=r"policy neupims .* two row buffers .* configuration 'tiny' has 1"):
+        plan_batch(CFG, SHAPE, "neupims", 2, 16)
+    plan_batch(DUAL, SHAPE, "neupims", 2, 16)
+
+
+def test_neupims_partition_by_attention_cost():
+    """The cost model's partition: the rows sorted by their attention estimate, the lightest in sub-batch A
+    (its attention hides behind B's QKV, the heavier B's behind A's projection and FFN), each sub-batch in
+    join order; one request: no split; the step's programs are ln1, qkv_a, the two merged programs, post_b."""
+    rt = BatchRuntime(DUAL, SHAPE, random_weights(SHAPE, 0), "neupims", max_batch=4, max_tokens=96, split="always")
+    comp = rt.compiler
+    kv = rt.bp.layout(rt.bp.pool_rows[0], 96)
+    reqs = [(kv, 90), (kv, 3), (kv, 60), (kv, 5)]
+    order, k = comp.partition(reqs)
+    assert sorted(order) == [0, 1, 2, 3] and 1 <= k < 4
+    att = [comp.attn_est(p) for _, p in reqs]
+    assert max(att[j] for j in order[:k]) <= min(att[j] for j in order[k:]), (order, k)
+    assert order[:k] == sorted(order[:k]) and order[k:] == sorted(order[k:])
+    best = min(comp.step_est(sum(att[j] for j in order[:n]), sum(att[j] for j in order[n:]), n, 4 - n)
+               for n in range(1, 4))
+    assert comp.step_est(sum(att[j] for j in order[:k]), sum(att[j] for j in order[k:]), k, 4 - k) == best
+    assert comp.partition(reqs[:1]) == ([0], None)
+    names = [st.name for st in comp.step([reqs[j] for j in order], 0, k)]
+    assert names == ["ln1", "qkv_a", "attn_a|qkv_b", "post_a|attn_b", "post_b"]
+    assert [st.name for st in comp.step(reqs[:1], 0)] == list(BATCH_STAGES)
+
+
+def test_neupims_same_bits_as_naive_within_bound():
+    """neupims changes only the order of independent work: on the functional model every output of the
+    scenario (joins, a leave) has the same bits as under naive (rows matched by request: neupims orders the
+    rows by sub-batch) and every KV byte is the same; within the float64 bound."""
+    rt_n, recs_n, xs, ws = _scenario("naive", cfg=DUAL)
+    rt_p, recs_p, _, _ = _scenario("neupims", cfg=DUAL, split="always")
+    mn, _ = run_model(rt_n)
+    mp, _ = run_model(rt_p)
+    assert [r.split for r in recs_p] == [1, 1, 2, 1] and any(r.rids != q.rids for r, q in zip(recs_p, recs_n, strict=True))
+    on, op = _by_rid(rt_n, recs_n, mn), _by_rid(rt_p, recs_p, mp)
+    assert on.keys() == op.keys()
+    for key in on:
+        assert np.array_equal(on[key].view(np.uint32), op[key].view(np.uint32)), key
+    kv0 = rt_p.bp.pool_rows[0] * rt_p.bp.row_index_bytes
+    assert rt_p.pool.high == rt_n.pool.high and rt_p.bp.pool_rows == rt_n.bp.pool_rows
+    n = rt_p.pool.high * rt_p.bp.row_index_bytes - kv0
+    assert mp.read(kv0, n) == mn.read(kv0, n)
+    for rec in recs_p:
+        out = rt_p.outputs(rec, mp.read)
+        ref = reference_outputs(rt_p, rec, xs, ws)
+        x = np.stack([xs[r][p] for r, p in zip(rec.rids, rec.positions, strict=True)])
+        assert (np.abs(out - ref).max(axis=1) <= BOUND * np.abs(ref - x).max(axis=1)).all(), rec.index
+
+
+def test_neupims_rtl_bit_exact_and_overlapped():
+    """The scenario under neupims on the tiny-dualrb RTL: every step slot and KV byte equal to the functional
+    model's (no DRAM protocol violation: device checks and the Python checker). The merged programs really
+    overlap: in every ``attn_a|qkv_b`` and ``post_a|attn_b`` the matrix unit and the PCU are busy at the same
+    time for at least a quarter of the shorter of their busy times (the RTL's busy spans), and the PCU runs
+    while the matrix unit's DMA moves data (matrix-unit DMA reads beside PIM, two row buffers)."""
+    rt, recs, xs, ws = _scenario("neupims", cfg=DUAL, split="always")
+    progs, res = run_rtl(rt, "batch_neupims_tiny-dualrb")
+    m, _ = run_model(rt)
+    diff = compare(rt, m, res["dumps_raw"])
+    assert set(diff) == {"slots", "kv"} and not any(diff.values()), diff
+    merged = [p for p in progs if "|" in p["name"]]
+    assert len(merged) == 2 * len(recs)
+    for p in merged:
+        both = _overlap(p["spans"])
+        mu = sum(e - s for s, e in p["spans"].get("mu", []))
+        pcu = sum(e - s for s, e in p["spans"].get("pcu", []))
+        assert mu > 0 and pcu > 0, p["name"]
+        assert both >= 0.25 * min(mu, pcu), (p["name"], both, mu, pcu)
