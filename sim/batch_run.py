@@ -170,34 +170,41 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
 
     from sim.build import BUILD_ROOT
     from sim.console import Quiet
+    from sim.run import soc_config
     from sim.tb.soc_run import soc_sim_build
 
     specs = runs or [(p, config, p, "auto") for p in policies]
-    runs = {lab: prepare_batch(c, p, batch, steps, layers, seed, split=sp) for lab, c, p, sp in specs}
     policies = [lab for lab, _, _, _ in specs]
-    rtl = {}
+    runs, rtl, models = {}, {}, {}
     logs = Path(log_dir or BUILD_ROOT / "logs")
     logs.mkdir(parents=True, exist_ok=True)
     if backend != "model":
-        cfgs = {runs[p][0].cfg.name: runs[p][0].cfg for p in policies}
+        cfgs = {c: soc_config(c) for _, c, _, _ in specs}
         for cfg in cfgs.values():
             with Quiet(str(logs / f"build_soc_{cfg.name}_{backend}.log"), stderr=True):
                 soc_sim_build(cfg, backend)
-        cfg = runs[policies[0]][0].cfg
 
         def tag(p):
             return f"{p}_{runs[p][0].cfg.name}_b{batch}"
 
-        with open(logs / f"runner_batch_{cfg.name}.log", "w") as rl, contextlib.redirect_stdout(rl), \
+        # each run's simulation starts as soon as its script is ready; the functional models run here
+        # meanwhile
+        with open(logs / f"runner_batch_{cfgs[specs[0][1]].name}.log", "w") as rl, contextlib.redirect_stdout(rl), \
                 concurrent.futures.ThreadPoolExecutor(jobs or len(policies)) as pool:
-            futs = {p: pool.submit(run_rtl, runs[p][0], f"batch_{tag(p)}", backend,
-                                   log_file=logs / f"batch_{tag(p)}.log", dump_kv=False)
-                    for p in policies}
+            futs = {}
+            for lab, c, p, sp in specs:
+                runs[lab] = prepare_batch(c, p, batch, steps, layers, seed, split=sp)
+                futs[lab] = pool.submit(run_rtl, runs[lab][0], f"batch_{tag(lab)}", backend,
+                                        log_file=logs / f"batch_{tag(lab)}.log", dump_kv=False)
+            for lab in policies:
+                models[lab] = run_model(runs[lab][0])[0]
             rtl = {p: f.result() for p, f in futs.items()}
+    else:
+        runs = {lab: prepare_batch(c, p, batch, steps, layers, seed, split=sp) for lab, c, p, sp in specs}
     out = {}
     for p in policies:
         rt, recs, xs, ws = runs[p]
-        m, _ = run_model(rt)
+        m = models[p] if p in models else run_model(rt)[0]
         mhz = rt.cfg.clocks.pim_mhz
         per_step = []
         if p in rtl:
@@ -238,7 +245,8 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
 
 
 def main_batch(args) -> int:
-    """``ianus run --batch B``: both batched policies on the same B requests; cycles per step and tokens/s."""
+    """``ianus run --batch B``: the batched policies on the same B requests (npu-only, naive, and neupims on a
+    configuration with two row buffers); cycles per step and tokens/s."""
     import time
 
     from rich.table import Table
@@ -247,7 +255,10 @@ def main_batch(args) -> int:
 
     console = _console()
     t0 = time.time()
-    res = measure_batch(args.config, args.batch, args.batch_steps, args.backend, args.layers, args.seed)
+    from sim.run import soc_config
+
+    policies = ("npu-only", "naive") + (("neupims",) if soc_config(args.config).pim.row_buffers == 2 else ())
+    res = measure_batch(args.config, args.batch, args.batch_steps, args.backend, args.layers, args.seed, policies)
     first = next(iter(res.values()))
     tab = Table(title=f"batched generation on {first['config']}: B = {args.batch}, {args.layers} layer(s), "
                       f"KV lengths {first['kv_lengths']}")
@@ -261,6 +272,9 @@ def main_batch(args) -> int:
     console.print(tab)
     if "naive" in res and "npu-only" in res and res["npu-only"]["tokens_per_s"]:
         console.print(f"naive / npu-only throughput: {res['naive']['tokens_per_s'] / res['npu-only']['tokens_per_s']:.2f}x")
+    if "neupims" in res and res["naive"]["tokens_per_s"]:
+        console.print(f"neupims / naive throughput: {res['neupims']['tokens_per_s'] / res['naive']['tokens_per_s']:.2f}x "
+                      f"(sub-batch splits per step: {res['neupims']['splits']}; 0 = none)")
     console.print(f"wall time {time.time() - t0:.1f} s")
     if os.environ.get("IANUS_RUN_JSON"):
         Path(os.environ["IANUS_RUN_JSON"]).write_text(json.dumps(res))
