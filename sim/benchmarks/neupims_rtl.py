@@ -23,6 +23,18 @@ bit-exactness of the outputs with the functional model, error against float64, t
 model's cycles for the same programs started at the RTL's measured starts, the sub-batch split),
 ``neupims_rtl_throughput_vs_npu_only`` for ``naive``, ``neupims`` and ``neupims-split`` and
 ``neupims_rtl_throughput_vs_naive`` for ``neupims`` and ``neupims-split``.
+
+Measured (``python -m sim.bench --only neupims_rtl``, every run bit-exact with the functional model, 0.53 % of
+the block's change against float64): npu-only 1,341,056 cycles per step, naive 1,069,356 (1.254x npu-only),
+neupims 1,065,556 (no split chosen; 1.259x npu-only, 1.004x naive), neupims-split 1,720,415 (0.779x npu-only,
+0.622x naive; performance model +2.5 %). In neupims-split the attention is hidden (the PCU busy 58,494 cycles
+in ``attn_a|qkv_b``, all of it beside the matrix unit; 78,433 of 81,524 in ``post_a|attn_b``), but each
+sub-batch's QKV (249,716 cycles for 4 rows against 309,807 for 8) and projection + FFN (579,763 against
+601,690 for 8 rows, default-dualrb) cost nearly what the whole batch's do: the GEMMs are bound by streaming
+the weights, which a second sub-batch streams again. A one-off run at B = 24 (``measure_batch("default", 24, runs=...)``, not in the
+bench: 200 s) shows the same: the cost model chose a split of 12 / 12 (it predicts 1.12 M against 1.40 M
+cycles without), the RTL took 2,229,747 cycles against naive's 1,736,672 (0.78x): the uncalibrated cost
+model (``firmware/costmodel.py``) has a GEMM of 12 rows at 58-65 % of one of 24, the RTL at 66-86 %.
 """
 
 from __future__ import annotations
