@@ -97,9 +97,12 @@ Policies (:data:`POLICIES`):
     heavier B's behind A's ``post``, the longer NPU phase) and ``k`` minimises ``qkv(A) + max(attn(A),
     qkv(B)) + max(attn(B), post(A)) + post(B)``. Split mode ``auto`` (default) also weighs no split, i.e.
     naive's programs (on two row buffers), and takes it when the split is not cheaper: every weight is
-    streamed once per sub-batch, and a sub-batch of up to ``array_rows`` rows costs the matrix unit as much
-    as the whole batch, so the split pays only when the attention it hides exceeds a whole second pass over
-    the weights (long KV caches). Split mode ``always`` splits every step of two or more requests. The
+    streamed once per sub-batch, and when a sub-batch's NPU programs cost as much as the whole batch's (up to
+    ``array_rows`` rows, DMA-bound GEMMs: the RTL's case at B = 8) the split step is never shorter than the
+    unsplit one (whatever attention it hides, it adds a second pass over the weights); it pays only when a
+    sub-batch costs clearly less than the batch (a compute-bound matrix unit, NeuPIMs' case). The cost model
+    is not calibrated: at B = 24 on ``default-dualrb`` it chose a split the RTL ran 0.78x as fast as naive
+    (``sim/benchmarks/neupims_rtl.py``). Split mode ``always`` splits every step of two or more requests. The
     numerics are naive's bit for bit (only the order of independent work changes; a GEMM's rows do not
     depend on each other).
 
@@ -148,10 +151,10 @@ __all__ = ["POLICIES", "PIM_POLICIES", "SPLIT_MODES", "BATCH_STAGES", "BatchErro
 
 POLICIES = ("npu-only", "naive", "neupims")
 PIM_POLICIES = ("naive", "neupims")
+"""Policies with attention in PIM (K in the GEMV layout, V^T, the group-major V copy)."""
 SPLIT_MODES = ("auto", "always")
 """neupims: ``auto``: the cost model chooses two sub-batches or none (:meth:`BatchCompiler.partition`);
 ``always``: two sub-batches whenever there are two requests (the cost model chooses which)."""
-"""Policies with attention in PIM (K in the GEMV layout, V^T, the group-major V copy)."""
 BATCH_STAGES = ("ln1", "qkv", "attn", "proj", "ln2", "fc1", "fc2")
 
 
