@@ -522,31 +522,28 @@ def _ianus() -> SystemConfig:
     )
 
 
-def _dual(base):
-    """``base`` with NeuPIMs' dual row buffers (same geometry and timing otherwise)."""
+def _variant(base, suffix: str, doc: str, **changes):
+    """A preset factory: ``base`` with ``changes`` (dotted field names), named ``<base name>-<suffix>``."""
     def make() -> SystemConfig:
         cfg = base()
-        return cfg.replace(name=f"{cfg.name}-dualrb", **{"pim.row_buffers": 2})
-    make.__doc__ = f"The {base.__name__.strip('_')} preset with two row buffers per bank."
+        return cfg.replace(name=f"{cfg.name}-{suffix}", **changes)
+    make.__doc__ = f"The {base.__name__.strip('_')} preset with {doc}."
     return make
+
+
+def _dual(base):
+    """``base`` with NeuPIMs' dual row buffers (same geometry and timing otherwise)."""
+    return _variant(base, "dualrb", "two row buffers per bank", **{"pim.row_buffers": 2})
 
 
 def _interleaved(base, interleave):
     """``base`` with a channel-interleaved address map (issue 14; :class:`hw.memif.AddressMap`)."""
-    def make() -> SystemConfig:
-        cfg = base()
-        return cfg.replace(name=f"{cfg.name}-il", **{"pim.channel_interleave": interleave})
-    make.__doc__ = f"The {base.__name__.strip('_')} preset with channel_interleave = {interleave} bytes."
-    return make
+    return _variant(base, "il", f"channel_interleave = {interleave} bytes", **{"pim.channel_interleave": interleave})
 
 
 def _channels(base, channels):
     """``base`` with ``channels`` PIM channels (issue 13: the paper's system has 8; ``default`` has 2)."""
-    def make() -> SystemConfig:
-        cfg = base()
-        return cfg.replace(name=f"{cfg.name}-{channels}ch", **{"pim.channels": channels})
-    make.__doc__ = f"The {base.__name__.strip('_')} preset with {channels} PIM channels."
-    return make
+    return _variant(base, f"{channels}ch", f"{channels} PIM channels", **{"pim.channels": channels})
 
 
 def _neupims() -> SystemConfig:
