@@ -61,7 +61,7 @@ class Mutant:
 
 
 def _timing(rule, name, start):
-    return Mutant(f"memctrl.{rule}-1", "hw/memctrl.py", f'countdown(m, {name}, t.{rule}, {start})',
+    return Mutant(f"memctrl.{rule}-1", "hw/memctrl_parts.py", f'countdown(m, {name}, t.{rule}, {start})',
                   f'countdown(m, {name}, t.{rule} - 1, {start})', MEMCTRL_T,
                   f"controller's {rule} one cycle short")
 
@@ -109,7 +109,8 @@ MUTANTS = (
            'up = st["guard"]', FP32EXT_T, "FP32 mul: ties round up"),
     Mutant("fp32ext.mul_flush_edge", "hw/npu/fp32ext.py", 'with m.Elif(st["zero"] | (rexp <= 0)):',
            'with m.Elif(st["zero"] | (rexp < 0)):', FP32EXT_T, "FP32 mul: exponent 0 not flushed"),
-    # ---- memory controller (hw/memctrl.py): each DRAM timing rule one cycle short, FR-FCFS, latency ----
+    # ---- memory controller (hw/memctrl_parts.py, hw/memctrl_queue.py): each DRAM timing rule one cycle short,
+    # FR-FCFS, latency ----
     _timing("tRCDRD", 'f"b{b}_rcdrd"', "do_act"),
     _timing("tRCDWR", 'f"b{b}_rcdwr"', "do_act"),
     _timing("tRAS", 'f"b{b}_ras"', "do_act"),
@@ -122,12 +123,12 @@ MUTANTS = (
     Mutant("timing.tFAW_five", "hw/pim/timing.py", "m.d.comb += ok.eq(total < 4)", "m.d.comb += ok.eq(total < 5)",
            MEMCTRL_T, "tFAW window (hw/pim/timing.py, shared by the controller and the device) allows five "
                       "activations"),
-    Mutant("memctrl.frfcfs_youngest", "hw/memctrl.py",
+    Mutant("memctrl.frfcfs_youngest", "hw/memctrl_queue.py",
            "for i in reversed(range(D)):           # the lowest index (oldest) wins",
            "for i in range(D):           # mutant: the youngest wins",
            MEMCTRL_T + (K + "test_memctrl_fr_fcfs_oldest_first_amaranth_sim",),
            "FR-FCFS picks the youngest ready request"),
-    Mutant("memctrl.read_latency", "hw/memctrl.py", "n_stages = t.tRL + 1", "n_stages = t.tRL + 2", MEMCTRL_T,
+    Mutant("memctrl.read_latency", "hw/memctrl_parts.py", "n_stages = t.tRL + 1", "n_stages = t.tRL + 2", MEMCTRL_T,
            "controller samples read data one cycle late"),
     Mutant("memif.bank_bit", "hw/memif.py",
            "bank=addr[self.bank_lo:self.bank_lo + p.bank_addr_bits] if p.bank_addr_bits else Const(0, 1),",

@@ -1,0 +1,677 @@
+"""The memory controller's parts (:class:`hw.memctrl.MemoryController` wires them; issue 16).
+
+One channel's controller is seven components around one command per cycle:
+
+* :class:`ChannelState` - the controller's copy of the device's state: bank and PIM-row-buffer state, every
+  DRAM timing window (tRCD, tRAS, tRP, tWR, tRTP per bank; tCCD, tRRD, tFAW, tRFC, tMAC, tAF channel-wide),
+  updated by the command issued (:class:`CommandSignature`) and read by everyone else
+  (:class:`ChannelStateSignature`);
+* :class:`RefreshMachine` - the refresh credit and the Drain / REF / Reopen sequence;
+* :class:`PimPath` - the mode machine (Normal / Close-Rows / PIM) and the PIM micro-command stream's
+  legality (state and timing of the head command);
+* :class:`~hw.memctrl_queue.RequestQueue` and :class:`~hw.memctrl_queue.Scheduler` (in
+  :mod:`hw.memctrl_queue`) - the normal requests and their FR-FCFS pick;
+* :class:`Arbiter` - who gets the bus this cycle (refresh, closing rows, PIM stream, normal requests);
+* :class:`ResponsePipe` - the read-latency pipe and the two response FIFOs with their credits.
+
+Each client bids for the bus with a :class:`BidSignature` (``go``: it wants the cycle; ``cmd``: the command
+it puts on the bus if granted, ``cmd.valid`` low for a granted cycle without a bus command) and learns of
+its grant from the :class:`Arbiter`. Everything here is combinational from the registers of the cycle (the
+decision of cycle ``t`` is on the bus in ``t + 1``, :class:`hw.memctrl.MemoryController`'s bus register).
+"""
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from .config import SystemConfig
+from .memif import TAG_BITS, response_layout
+from .pim.commands import COLUMN_OPS, READ_OPS, PimOp
+from .pim.timing import countdown, faw_window, pim_row_buffer, refresh_credit
+
+__all__ = ["pim_command_layout", "pim_response_layout", "CommandSignature", "BidSignature", "ChannelStateSignature",
+           "ResponseSourceSignature", "ChannelState", "RefreshMachine", "PimPath", "Arbiter", "ResponsePipe",
+           "ARBITRATION", "bit_of", "propose", "widths"]
+
+ARBITRATION = ("pim_first", "normal_first", "fair")
+"""Command-bus policies between the PIM stream and normal requests with two row buffers."""
+
+
+def pim_command_layout(cfg: SystemConfig) -> data.StructLayout:
+    """Payload of the PIM micro-command stream (the bus fields of the command, plus a tag)."""
+    p = cfg.pim
+    return data.StructLayout({
+        "op": PimOp,
+        "bank": p.bank_addr_bits,
+        "row": p.row_addr_bits,
+        "col": p.column_addr_bits,
+        "data": p.column_bits,
+        "mask": p.column_bytes,
+        "tag": TAG_BITS,
+    })
+
+
+def pim_response_layout(cfg: SystemConfig) -> data.StructLayout:
+    """Payload of the PIM response stream: data of RD/RDMAC/RDAF, the command's tag, and ``error``
+    for a command the controller refused (see :class:`hw.memctrl.MemoryController`)."""
+    return data.StructLayout({
+        "data": cfg.pim.column_bits,
+        "tag": TAG_BITS,
+        "error": 1,
+    })
+
+
+def widths(cfg: SystemConfig) -> tuple[int, int, int]:
+    """``(row, bank, column)`` widths of the controller's internal fields (at least one bit each)."""
+    p = cfg.pim
+    return max(p.row_addr_bits, 1), max(p.bank_addr_bits, 1), max(p.column_addr_bits, 1)
+
+
+def bit_of(vec, index, nb: int):
+    """Bit ``index`` (a value) of the per-bank vector ``vec`` of ``nb`` bits."""
+    return vec.bit_select(index, 1) if nb > 1 else vec[0]
+
+
+class CommandSignature(wiring.Signature):
+    """A command on its way to the bus (driver's side): ``valid`` and the bus fields ``op``, ``bank``,
+    ``row``, ``col``, ``data``, ``mask`` (fields a command does not use are 0)."""
+
+    def __init__(self, cfg: SystemConfig):
+        p = cfg.pim
+        rb, bb, cb = widths(cfg)
+        super().__init__({"valid": Out(1), "op": Out(PimOp), "bank": Out(bb), "row": Out(rb), "col": Out(cb),
+                          "data": Out(p.column_bits), "mask": Out(p.column_bytes)})
+
+
+class BidSignature(wiring.Signature):
+    """A client's bid for the command bus (client's side): ``go`` (it wants this cycle), ``cmd`` (what goes on
+    the bus if granted; ``cmd.valid`` low: the granted cycle carries no bus command) and ``grant`` (in)."""
+
+    def __init__(self, cfg: SystemConfig):
+        super().__init__({"go": Out(1), "cmd": Out(CommandSignature(cfg)), "grant": In(1)})
+
+
+class ChannelStateSignature(wiring.Signature):
+    """The channel's state as :class:`ChannelState` publishes it (publisher's side). Per bank (``nb`` bits):
+    ``is_open``, ``open_row`` (an array of rows), and the windows ``rcdrd_ok``, ``rcdwr_ok``, ``rp_ok``,
+    ``pre_ok`` (tRAS, tWR and tRTP all allow a PRE). Channel-wide: ``all_closed``, ``preab_ok``, the PIM row
+    buffer (``p_open``, ``p_row``, ``p_rcd_ok``, ``p_rp_ok``, ``p_pre_ok``; closed and always allowed with
+    one row buffer), ``ccd_ok``, ``mac_ok``, ``af_ok``, ``act_timing_ok`` (tRFC, tRRD, tFAW allow an
+    activation) and ``ref_ok`` (every row closed, tRP and tRFC allow a REF)."""
+
+    def __init__(self, cfg: SystemConfig):
+        nb = cfg.pim.banks
+        rb, _, _ = widths(cfg)
+        members = {"is_open": Out(nb), "open_row": Out(data.ArrayLayout(rb, nb))}
+        members.update({n: Out(nb) for n in ("rcdrd_ok", "rcdwr_ok", "rp_ok", "pre_ok")})
+        members.update({n: Out(1) for n in ("all_closed", "preab_ok", "p_open")})
+        members["p_row"] = Out(rb)
+        members.update({n: Out(1) for n in ("p_rcd_ok", "p_rp_ok", "p_pre_ok", "ccd_ok", "mac_ok", "af_ok",
+                                            "act_timing_ok", "ref_ok")})
+        super().__init__(members)
+
+
+class ResponseSourceSignature(wiring.Signature):
+    """An entry for the response pipe (source's side): ``valid``, ``write`` (a write acknowledgement),
+    ``err`` (an error response) and the ``tag``; which fields count depends on the pipe's input."""
+
+    def __init__(self):
+        super().__init__({"valid": Out(1), "write": Out(1), "err": Out(1), "tag": Out(TAG_BITS)})
+
+
+def propose(m: Module, cmd, op, bank=0, row=0, col=0, data_=0, mask=0):
+    """Drive ``cmd`` (a :class:`CommandSignature` interface) with a command in the current ``m.If`` branch."""
+    m.d.comb += [cmd.valid.eq(1), cmd.op.eq(op), cmd.bank.eq(bank), cmd.row.eq(row), cmd.col.eq(col),
+                 cmd.data.eq(data_), cmd.mask.eq(mask)]
+
+
+class ChannelState(wiring.Component):
+    """The controller's copy of the channel's state and timing windows.
+
+    Members
+    -------
+    issued : In(CommandSignature(cfg))
+        The command decided this cycle (on the bus the next cycle).
+    state : Out(ChannelStateSignature(cfg))
+
+    A countdown of ``n`` cycles started by a command in cycle ``t`` allows the constrained command from
+    cycle ``t + n`` on (:func:`hw.pim.timing.countdown`): ACT starts tRCDRD, tRCDWR and tRAS; PRE (of an
+    open bank) starts tRP; WR starts tWR; RD, MACSB, MACAB and AF start tRTP (with two row buffers, MAC and
+    AF read the PIM buffer, :func:`hw.pim.timing.pim_row_buffer`). Channel-wide: tCCD (every column-type
+    command), tRRD (ACT, ACTAB, PACTAB), tFAW (:func:`hw.pim.timing.faw_window`), tRFC (REF), tMAC (MACSB,
+    MACAB) and tAF (AF).
+    """
+
+    def __init__(self, cfg: SystemConfig):
+        self._cfg = cfg
+        super().__init__({"issued": In(CommandSignature(cfg)), "state": Out(ChannelStateSignature(cfg))})
+
+    def elaborate(self, platform):
+        m = Module()
+        p, t = self._cfg.pim, self._cfg.timing
+        nb = p.banks
+        all_banks = (1 << nb) - 1
+        rb, _, _ = widths(self._cfg)
+        iss, op, iss_bank, iss_row = self.issued.valid, self.issued.op, self.issued.bank, self.issued.row
+        s = self.state
+
+        # ------------------------------------------------------- bank state machines
+        is_open = Signal(nb)
+        open_row = [Signal(rb, name=f"open_row{b}") for b in range(nb)]
+        rcdrd_ok, rcdwr_ok, ras_ok, rp_ok, wr_ok, rtp_ok = (Signal(nb, name=n) for n in
+                                                            ("rcdrd_ok", "rcdwr_ok", "ras_ok", "rp_ok",
+                                                             "wr_ok", "rtp_ok"))
+        dual = p.row_buffers == 2
+        for b in range(nb):
+            here = iss_bank == b
+            do_act = iss & (((op == PimOp.ACT) & here) | (op == PimOp.ACTAB))
+            do_pre = iss & is_open[b] & (((op == PimOp.PRE) & here) | (op == PimOp.PREAB))
+            do_wr = iss & (op == PimOp.WR) & here
+            if dual:        # MAC and AF read the PIM buffer
+                rd_type = iss & (op == PimOp.RD) & here
+            else:
+                rd_type = iss & ((op.as_value().matches(PimOp.RD, PimOp.MACSB) & here) |
+                                 op.as_value().matches(PimOp.MACAB, PimOp.AF))
+            with m.If(do_act):
+                m.d.sync += [is_open[b].eq(1), open_row[b].eq(iss_row)]
+            with m.Elif(do_pre):
+                m.d.sync += is_open[b].eq(0)
+            m.d.comb += [
+                rcdrd_ok[b].eq(countdown(m, f"b{b}_rcdrd", t.tRCDRD, do_act)),
+                rcdwr_ok[b].eq(countdown(m, f"b{b}_rcdwr", t.tRCDWR, do_act)),
+                ras_ok[b].eq(countdown(m, f"b{b}_ras", t.tRAS, do_act)),
+                rp_ok[b].eq(countdown(m, f"b{b}_rp", t.tRP, do_pre)),
+                wr_ok[b].eq(countdown(m, f"b{b}_wr", t.tWR, do_wr)),
+                rtp_ok[b].eq(countdown(m, f"b{b}_rtp", t.tRTP, rd_type)),
+            ]
+        pre_ok = ras_ok & wr_ok & rtp_ok           # per bank: a PRE may close it now
+        all_closed = is_open == 0
+
+        # ------------------------------------------------------- PIM row buffer (two row buffers)
+        # Only all-bank commands use it, so one state stands for every bank's PIM buffer (as in the device).
+        pim_rd_op = op.as_value().matches(PimOp.MACSB, PimOp.MACAB, PimOp.AF)
+        if dual:
+            p_open, p_row, p_rcd_ok, p_ras_ok, p_rp_ok, p_rtp_ok = pim_row_buffer(
+                m, t, iss & (op == PimOp.PACTAB), iss & (op == PimOp.PPREAB), iss & pim_rd_op, iss_row)
+            p_pre_ok = ~p_open | (p_ras_ok & p_rtp_ok)
+        else:
+            p_open = Const(0, 1)
+            p_row = Const(0, rb)
+            p_rcd_ok = p_rp_ok = p_pre_ok = Const(1, 1)
+
+        # ------------------------------------------------------- channel-wide timing
+        is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB, *((PimOp.PACTAB,) if dual else ()))
+        col_cmd = op.as_value().matches(*COLUMN_OPS)
+        is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
+        ccd_ok = countdown(m, "ccd", t.tCCD, iss & col_cmd)
+        rrd_ok = countdown(m, "rrd", t.tRRD, iss & is_act)
+        rfc_ok = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF))
+        mac_ok = countdown(m, "mac", t.tMAC, iss & is_mac)
+        af_ok = countdown(m, "afl", t.tAF, iss & (op == PimOp.AF))
+        faw_ok = faw_window(m, t.tFAW, iss & is_act)
+
+        m.d.comb += [s.open_row[b].eq(open_row[b]) for b in range(nb)]
+        m.d.comb += [
+            s.is_open.eq(is_open), s.rcdrd_ok.eq(rcdrd_ok), s.rcdwr_ok.eq(rcdwr_ok), s.rp_ok.eq(rp_ok),
+            s.pre_ok.eq(pre_ok), s.all_closed.eq(all_closed), s.preab_ok.eq((is_open & ~pre_ok) == 0),
+            s.p_open.eq(p_open), s.p_row.eq(p_row), s.p_rcd_ok.eq(p_rcd_ok), s.p_rp_ok.eq(p_rp_ok),
+            s.p_pre_ok.eq(p_pre_ok), s.ccd_ok.eq(ccd_ok), s.mac_ok.eq(mac_ok), s.af_ok.eq(af_ok),
+            s.act_timing_ok.eq(rfc_ok & rrd_ok & faw_ok),      # plus the bank's tRP
+            s.ref_ok.eq(all_closed & (rp_ok == all_banks) & rfc_ok & ~p_open & p_rp_ok),
+        ]
+        return m
+
+
+class RefreshMachine(wiring.Component):
+    """The refresh credit and sequence.
+
+    A copy of the device's credit counter (:func:`hw.pim.timing.refresh_credit`: one REF falls due per
+    tREFI; the device is late with more than ``refresh_postpone`` owed). ``Idle`` -> ``Drain`` when at
+    least one REF is owed and the channel is idle (normal mode: empty queue; PIM mode: every bank closed),
+    or forced when ``refresh_postpone`` are owed. ``Drain``: PREAB (and PPREAB) when tRAS/tWR/tRTP allow,
+    then REF when tRP and tRFC allow. A forced refresh in PIM mode closes the PIM stream's rows, so
+    ``Reopen`` activates them again (ACTAB when every bank had the same row, else ACT per bank under
+    tRRD/tFAW; PACTAB for the PIM buffer) before the stream continues.
+
+    Members
+    -------
+    issued : In(CommandSignature(cfg))
+        The command decided this cycle (a REF pays one credit back, whoever issued it).
+    state : In(ChannelStateSignature(cfg))
+    mode_pim, mode_normal, queue_empty : In(1)
+        The mode machine's state and whether normal requests are queued (the channel is idle when they
+        allow).
+    bid : Out(BidSignature(cfg))
+        ``go`` in the cycle a refresh starts and while it runs: the machine has the bus to itself.
+    refreshing : Out(1)
+        In ``Drain`` or ``Reopen``.
+    owed : Out(8)
+        Refreshes owed (0 when refreshes were pulled in).
+    forced : Out(32)
+        Refreshes forced by the deadline (wrapping).
+    """
+
+    def __init__(self, cfg: SystemConfig):
+        self._cfg = cfg
+        super().__init__({
+            "issued": In(CommandSignature(cfg)), "state": In(ChannelStateSignature(cfg)),
+            "mode_pim": In(1), "mode_normal": In(1), "queue_empty": In(1),
+            "bid": Out(BidSignature(cfg)), "refreshing": Out(1), "owed": Out(8), "forced": Out(32),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p, t = self._cfg.pim, self._cfg.timing
+        nb = p.banks
+        all_banks = (1 << nb) - 1
+        _, bb, _ = widths(self._cfg)
+        dual = p.row_buffers == 2
+        s = self.state
+        open_row = Array(s.open_row[b] for b in range(nb))
+        mode_pim = self.mode_pim
+        cmd = self.bid.cmd
+
+        owed = refresh_credit(m, t.tREFI, t.refresh_postpone, self.issued.valid & (self.issued.op == PimOp.REF))
+        m.d.comb += self.owed.eq(Mux(owed < 0, 0, owed))
+        urgent = owed >= t.refresh_postpone
+
+        reopen = Signal(nb)
+        reopen_bank = Signal(bb)
+        for b in reversed(range(nb)):
+            with m.If(reopen[b]):
+                m.d.comb += reopen_bank.eq(b)
+        same_rows = Cat(*[open_row[b] == open_row[0] for b in range(nb)]).all()
+        refreshing = self.refreshing
+        ref_start = Signal()
+        forced = Signal()
+        n_forced = self.forced
+        m.d.comb += self.bid.go.eq(refreshing | ref_start)
+
+        chan_idle = Mux(mode_pim, s.all_closed, self.mode_normal & self.queue_empty) & ~s.p_open
+        p_reopen = Signal()            # the PIM buffer's row is reopened after the refresh
+        with m.FSM(name="refresh"):
+            with m.State("Idle"):
+                with m.If((owed >= 1) & (urgent | chan_idle)):
+                    # Nothing else issues in this cycle either, so ``is_open`` is what Drain closes.
+                    m.d.comb += ref_start.eq(1)
+                    m.d.sync += [reopen.eq(Mux(mode_pim, s.is_open, 0)), forced.eq(urgent),
+                                 p_reopen.eq(s.p_open)]
+                    m.next = "Drain"
+            with m.State("Drain"):
+                m.d.comb += refreshing.eq(1)
+                with m.If(~s.all_closed):
+                    with m.If(s.preab_ok):
+                        propose(m, cmd, PimOp.PREAB)
+                if dual:
+                    with m.Elif(s.p_open):
+                        with m.If(s.p_pre_ok):
+                            propose(m, cmd, PimOp.PPREAB)
+                with m.Elif(s.ref_ok):
+                    propose(m, cmd, PimOp.REF)
+                    m.d.sync += n_forced.eq(n_forced + forced)
+                    m.next = "Reopen"
+            with m.State("Reopen"):
+                m.d.comb += refreshing.eq(1)
+                if dual:
+                    with m.If(p_reopen):
+                        with m.If(s.p_rp_ok & s.act_timing_ok):
+                            propose(m, cmd, PimOp.PACTAB, row=s.p_row)
+                            m.d.sync += p_reopen.eq(0)
+                with (m.Elif if dual else m.If)(reopen == 0):
+                    m.next = "Idle"
+                with m.Elif((reopen == all_banks) & same_rows):
+                    with m.If((s.rp_ok == all_banks) & s.act_timing_ok):
+                        propose(m, cmd, PimOp.ACTAB, row=open_row[0])
+                        m.d.sync += reopen.eq(0)
+                        m.next = "Idle"
+                with m.Elif(bit_of(s.rp_ok, reopen_bank, nb) & s.act_timing_ok):
+                    propose(m, cmd, PimOp.ACT, bank=reopen_bank, row=open_row[reopen_bank])
+                    m.d.sync += reopen.bit_select(reopen_bank, 1).eq(0) if nb > 1 else reopen.eq(0)
+        return m
+
+
+class PimPath(wiring.Component):
+    """The mode machine and the PIM micro-command stream's head.
+
+    *Mode*: ``Normal`` -> (``pim_mode``) ``Close-Rows`` (the ``close`` bid: PREAB once tRAS, tWR, tRTP
+    allow) -> ``PIM`` -> (``pim_mode`` low) ``Normal``. With two row buffers the PIM stream's PIM-buffer
+    and global-buffer commands run beside normal traffic; only its normal-buffer commands need the channel
+    to itself (the controller enters the exclusive mode when one reaches the head of the stream or when
+    ``pim_mode`` announces them).
+
+    *Legality* of the head command: ``state_bad`` (the device would refuse it: it is consumed, not issued,
+    and answered with an error if it reads) or ``timing_ok`` (it may issue this cycle). A PACTAB whose row a
+    bank's normal buffer holds first closes that bank (a PRE in the ``bid``).
+
+    Members
+    -------
+    pim : In(stream.Signature(pim_command_layout(cfg)))
+        The micro-command stream; ``ready`` is ``take``.
+    pim_mode : In(1)
+    state : In(ChannelStateSignature(cfg))
+    credit : In(1)
+        The PIM response FIFO has room (a reading command waits for it).
+    mode_pim, mode_normal, closing : Out(1)
+        The mode machine: the stream is served exclusively / normal requests are served / rows are closed.
+    close : Out(BidSignature(cfg))
+        The Close-Rows state's PREAB (``go`` while closing; granted before the PIM stream and normal requests).
+    bid : Out(BidSignature(cfg))
+        The head command (``go``: it can be consumed or issued now, or a conflicting row closed).
+    take, refused : Out(1)
+        The head command is consumed this cycle / consumed as refused.
+    resp : Out(ResponseSourceSignature())
+        A reading command consumed this cycle (refused: ``err``), for the response pipe.
+    pact_pending : Out(1)
+        A PACTAB waits at the head (two row buffers): normal traffic keeps off its row (``pact_row``).
+    pact_row : Out(row bits)
+    """
+
+    def __init__(self, cfg: SystemConfig):
+        self._cfg = cfg
+        rb, _, _ = widths(cfg)
+        super().__init__({
+            "pim": In(stream.Signature(pim_command_layout(cfg))), "pim_mode": In(1),
+            "state": In(ChannelStateSignature(cfg)), "credit": In(1),
+            "mode_pim": Out(1), "mode_normal": Out(1), "closing": Out(1),
+            "close": Out(BidSignature(cfg)), "bid": Out(BidSignature(cfg)),
+            "take": Out(1), "refused": Out(1), "resp": Out(ResponseSourceSignature()),
+            "pact_pending": Out(1), "pact_row": Out(rb),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self._cfg.pim
+        nb = p.banks
+        all_banks = (1 << nb) - 1
+        _, bb, _ = widths(self._cfg)
+        dual = p.row_buffers == 2
+        s = self.state
+        is_open, all_closed, p_open, p_row, ccd_ok, mac_ok = s.is_open, s.all_closed, s.p_open, s.p_row, \
+            s.ccd_ok, s.mac_ok
+        open_row = Array(s.open_row[b] for b in range(nb))
+        act_timing_ok = s.act_timing_ok
+
+        def bit(vec, index):
+            return bit_of(vec, index, nb)
+
+        # ------------------------------------------------------- mode machine
+        mode_pim = self.mode_pim         # "PIM": the PIM stream is served (exclusively)
+        mode_normal = self.mode_normal   # "Normal": normal requests are served
+        head_normal = self.pim.valid & self.pim.payload.op.as_value().matches(
+            PimOp.ACT, PimOp.ACTAB, PimOp.PRE, PimOp.PREAB, PimOp.RD, PimOp.WR, PimOp.REF)
+        want_excl = (head_normal | self.pim_mode) if dual else self.pim_mode
+        with m.FSM(name="mode"):
+            with m.State("Normal"):
+                m.d.comb += mode_normal.eq(~want_excl)
+                with m.If(want_excl):
+                    m.next = "Close-Rows"
+            with m.State("Close-Rows"):
+                with m.If(~want_excl):
+                    m.next = "Normal"
+                with m.Elif(all_closed):
+                    m.next = "PIM"
+            with m.State("PIM"):
+                if dual:
+                    # Leave once the stream's normal-buffer work is over and its rows are closed.
+                    m.d.comb += mode_pim.eq(1)
+                    with m.If(all_closed & ~want_excl):
+                        m.next = "Normal"
+                else:
+                    m.d.comb += mode_pim.eq(self.pim_mode)
+                    with m.If(~self.pim_mode):
+                        m.next = "Normal"
+        closing = self.closing
+        m.d.comb += closing.eq(want_excl & ~mode_normal & ~mode_pim)
+        m.d.comb += self.close.go.eq(closing)
+        with m.If(closing & ~all_closed & s.preab_ok):
+            propose(m, self.close.cmd, PimOp.PREAB)
+
+        # ------------------------------------------------------- PIM command legality
+        pc = self.pim.payload
+        pop = pc.op.as_value()
+        pbank = pc.bank if p.bank_addr_bits else Const(0, 1)
+        p_open_b = bit(is_open, pbank)
+        timing_ok = Signal()
+        state_bad = Signal()
+        pim_holds = p_open & (p_row == pc.row)
+        # PACTAB of a row some bank's normal buffer holds: the controller closes those banks first.
+        conflict = Signal(nb)
+        if dual:
+            m.d.comb += conflict.eq(Mux(self.pim.valid & (pc.op == PimOp.PACTAB),
+                                        Cat(*[is_open[b] & (open_row[b] == pc.row) for b in range(nb)]), 0))
+        conflict_bank = Signal(bb)
+        for b in reversed(range(nb)):
+            with m.If(conflict[b]):
+                m.d.comb += conflict_bank.eq(b)
+        with m.Switch(pc.op):
+            with m.Case(PimOp.NOP):
+                m.d.comb += timing_ok.eq(1)
+            with m.Case(PimOp.ACT):
+                m.d.comb += [state_bad.eq(p_open_b | pim_holds),
+                             timing_ok.eq(bit(s.rp_ok, pbank) & act_timing_ok)]
+            with m.Case(PimOp.ACTAB):
+                m.d.comb += [state_bad.eq(~all_closed | pim_holds),
+                             timing_ok.eq((s.rp_ok == all_banks) & act_timing_ok)]
+            with m.Case(PimOp.PRE):
+                m.d.comb += timing_ok.eq(~p_open_b | bit(s.pre_ok, pbank))
+            with m.Case(PimOp.PREAB):
+                m.d.comb += timing_ok.eq(s.preab_ok)
+            with m.Case(PimOp.RD):
+                m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(bit(s.rcdrd_ok, pbank) & ccd_ok)]
+            with m.Case(PimOp.WR):
+                m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(bit(s.rcdwr_ok, pbank) & ccd_ok)]
+            if dual:
+                with m.Case(PimOp.MACSB, PimOp.MACAB):
+                    m.d.comb += [state_bad.eq(~p_open), timing_ok.eq(s.p_rcd_ok & ccd_ok)]
+                with m.Case(PimOp.AF):
+                    m.d.comb += [state_bad.eq(~p_open | (p_row < p.data_rows)),
+                                 timing_ok.eq(s.p_rcd_ok & mac_ok & ccd_ok)]
+                with m.Case(PimOp.PACTAB):
+                    m.d.comb += [state_bad.eq(p_open),
+                                 timing_ok.eq(s.p_rp_ok & act_timing_ok & (conflict == 0))]
+                with m.Case(PimOp.PPREAB):
+                    m.d.comb += timing_ok.eq(s.p_pre_ok)
+            else:
+                with m.Case(PimOp.MACSB):
+                    m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(bit(s.rcdrd_ok, pbank) & ccd_ok)]
+                with m.Case(PimOp.MACAB):
+                    m.d.comb += [state_bad.eq(is_open != all_banks),
+                                 timing_ok.eq((s.rcdrd_ok == all_banks) & ccd_ok)]
+                with m.Case(PimOp.AF):
+                    af_rows = Cat(*[open_row[b] >= p.data_rows for b in range(nb)])
+                    m.d.comb += [state_bad.eq((is_open != all_banks) | (af_rows != all_banks)),
+                                 timing_ok.eq((s.rcdrd_ok == all_banks) & mac_ok & ccd_ok)]
+            with m.Case(PimOp.REF):
+                m.d.comb += [state_bad.eq(~all_closed | p_open), timing_ok.eq(s.ref_ok)]
+            with m.Case(PimOp.WRGB):
+                m.d.comb += [state_bad.eq(pc.col >= p.gb_columns), timing_ok.eq(ccd_ok)]
+            with m.Case(PimOp.WRBIAS, PimOp.RDMAC):
+                m.d.comb += [state_bad.eq(pc.col >= p.acc_groups), timing_ok.eq(mac_ok & ccd_ok)]
+            with m.Case(PimOp.RDAF):
+                m.d.comb += [state_bad.eq(pc.col >= p.acc_groups), timing_ok.eq(s.af_ok & ccd_ok)]
+            with m.Default():
+                m.d.comb += [state_bad.eq(1), timing_ok.eq(1)]
+        p_reads = pop.matches(*READ_OPS)
+
+        # ------------------------------------------------------- the bid and its outcome
+        # Served exclusively in PIM mode, or beside normal traffic with two row buffers.
+        conflict_pre = (conflict != 0) & bit(s.pre_ok, conflict_bank)
+        serve_pim = (mode_pim | mode_normal) if dual else mode_pim
+        m.d.comb += self.bid.go.eq(serve_pim & self.pim.valid & (~p_reads | self.credit) &
+                                   (state_bad | timing_ok | conflict_pre))
+        with m.If(~state_bad):
+            with m.If(timing_ok):
+                with m.If(pc.op != PimOp.NOP):
+                    propose(m, self.bid.cmd, pc.op, pbank, pc.row, pc.col, pc.data, pc.mask)
+            with m.Else():             # close a normal row the PACTAB needs (two row buffers)
+                propose(m, self.bid.cmd, PimOp.PRE, bank=conflict_bank)
+        take = self.bid.grant & (state_bad | timing_ok)
+        m.d.comb += [
+            self.take.eq(take), self.refused.eq(self.bid.grant & state_bad), self.pim.ready.eq(take),
+            self.resp.valid.eq(take & p_reads), self.resp.err.eq(self.refused), self.resp.tag.eq(pc.tag),
+            self.pact_pending.eq((self.pim.valid & (pc.op == PimOp.PACTAB)) if dual else Const(0, 1)),
+            self.pact_row.eq(pc.row),
+        ]
+        return m
+
+
+class Arbiter(wiring.Component):
+    """Who gets the command bus this cycle, and the command decided (one per cycle).
+
+    Priority: the refresh machine (``refresh.go``: nothing else is granted), then closing rows for PIM mode
+    (``close``), then the PIM stream (``pim``) and the FR-FCFS scheduler (``normal``), between which
+    ``arbitration`` decides when both bid (only possible with two row buffers): ``pim_first``,
+    ``normal_first`` or ``fair`` (alternating while both bid).
+
+    Members
+    -------
+    refresh, close, pim, normal : In(BidSignature(cfg))
+    issued : Out(CommandSignature(cfg))
+        The granted bid's command (``valid`` low and every field 0 when no command is issued).
+    """
+
+    def __init__(self, cfg: SystemConfig, arbitration: str = "pim_first"):
+        if arbitration not in ARBITRATION:
+            raise ValueError(f"Arbitration must be one of {', '.join(ARBITRATION)}, not {arbitration!r}")
+        self._cfg = cfg
+        self._arbitration = arbitration
+        super().__init__({**{n: In(BidSignature(cfg)) for n in ("refresh", "close", "pim", "normal")},
+                          "issued": Out(CommandSignature(cfg))})
+
+    def elaborate(self, platform):
+        m = Module()
+        dual = self._cfg.pim.row_buffers == 2
+        pim_go, norm_go = self.pim.go, self.normal.go
+        busy = self.refresh.go | self.close.go
+        pim_win = Signal()
+        if not dual or self._arbitration == "pim_first":
+            m.d.comb += pim_win.eq(pim_go)
+        elif self._arbitration == "normal_first":
+            m.d.comb += pim_win.eq(pim_go & ~norm_go)
+        else:                          # fair: alternate while both want the bus
+            last_pim = Signal()
+            m.d.comb += pim_win.eq(pim_go & (~norm_go | ~last_pim))
+            with m.If(pim_go & norm_go & ~busy):
+                m.d.sync += last_pim.eq(pim_win)
+
+        def grant(bid):
+            m.d.comb += bid.grant.eq(1)
+            with m.If(bid.cmd.valid):
+                m.d.comb += [getattr(self.issued, n).eq(getattr(bid.cmd, n))
+                             for n in ("valid", "op", "bank", "row", "col", "data", "mask")]
+
+        with m.If(self.refresh.go):
+            grant(self.refresh)
+        with m.Elif(self.close.go):
+            grant(self.close)
+        with m.Elif(pim_win):
+            grant(self.pim)
+        with m.Elif(norm_go):
+            grant(self.normal)
+        return m
+
+
+class ResponsePipe(wiring.Component):
+    """The read-latency pipe and the response FIFOs.
+
+    Every column command enters a ``tRL + 1`` stage pipeline (register stage + read latency) whose output
+    meets the device's read data, then a FIFO toward ``resp`` / ``pim_resp``. The pipe's input in a cycle is
+    the column command of a normal request (``col``), else a consumed reading PIM command (``pim``; ``err``
+    when refused), else an error response to a request (``err``, accepted when ``resp`` has a credit:
+    ``err_accept``). ``resp_credit`` / ``pim_credit``: the FIFO has room for another response counting those
+    in the pipe (a column command is only issued with a credit, so back-pressure stalls scheduling instead
+    of losing data).
+
+    Members
+    -------
+    col, pim, err : In(ResponseSourceSignature())
+    err_accept : Out(1)
+    rdata : In(column bits)
+        The device's read data (the bus's ``rdata``).
+    resp : Out(stream.Signature(response_layout(cfg)))
+    pim_resp : Out(stream.Signature(pim_response_layout(cfg)))
+    resp_credit, pim_credit : Out(1)
+    busy : Out(1)
+        A response in the pipe or a FIFO.
+    pim_in_flight : Out(1)
+        A PIM response in the pipe.
+    """
+
+    def __init__(self, cfg: SystemConfig, depth: int):
+        self._cfg = cfg
+        self._depth = depth
+        super().__init__({
+            **{n: In(ResponseSourceSignature()) for n in ("col", "pim", "err")}, "err_accept": Out(1),
+            "rdata": In(cfg.pim.column_bits),
+            "resp": Out(stream.Signature(response_layout(cfg))),
+            "pim_resp": Out(stream.Signature(pim_response_layout(cfg))),
+            "resp_credit": Out(1), "pim_credit": Out(1), "busy": Out(1), "pim_in_flight": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        t = cfg.timing
+
+        # Input: a column command, else a refused PIM read, else an error request.
+        in_valid, in_pim, in_read, in_write, in_err = Signal(), Signal(), Signal(), Signal(), Signal()
+        in_tag = Signal(TAG_BITS)
+        with m.If(self.col.valid):
+            m.d.comb += [in_valid.eq(1), in_read.eq(~self.col.write), in_write.eq(self.col.write),
+                         in_tag.eq(self.col.tag)]
+        with m.Elif(self.pim.valid):
+            m.d.comb += [in_valid.eq(1), in_pim.eq(1), in_read.eq(1), in_err.eq(self.pim.err),
+                         in_tag.eq(self.pim.tag)]
+        with m.Elif(self.err.valid & self.resp_credit):
+            m.d.comb += [self.err_accept.eq(1), in_valid.eq(1), in_err.eq(1), in_write.eq(self.err.write),
+                         in_tag.eq(self.err.tag)]
+
+        # Stage k holds what was decided k+1 cycles ago; stage tRL meets the device's read data.
+        n_stages = t.tRL + 1
+        st_valid = Signal(n_stages)
+        st_pim = Signal(n_stages)
+        st_read = Signal(n_stages)
+        st_write = Signal(n_stages)
+        st_err = Signal(n_stages)
+        st_tag = [Signal(TAG_BITS, name=f"st_tag{k}") for k in range(n_stages)]
+        m.d.sync += [
+            st_valid.eq(Cat(in_valid, st_valid[:-1])), st_pim.eq(Cat(in_pim, st_pim[:-1])),
+            st_read.eq(Cat(in_read, st_read[:-1])), st_write.eq(Cat(in_write, st_write[:-1])),
+            st_err.eq(Cat(in_err, st_err[:-1])), st_tag[0].eq(in_tag),
+        ]
+        m.d.sync += [st_tag[k].eq(st_tag[k - 1]) for k in range(1, n_stages)]
+        last = n_stages - 1
+        out_data = Mux(st_read[last] & ~st_err[last], self.rdata, 0)
+
+        depth = self._depth
+        m.submodules.resp_fifo = resp_fifo = SyncFIFOBuffered(width=len(self.resp.payload.as_value()),
+                                                              depth=depth)
+        m.submodules.pim_fifo = pim_fifo = SyncFIFOBuffered(width=len(self.pim_resp.payload.as_value()),
+                                                             depth=depth)
+        resp_word = Signal(response_layout(cfg))
+        pim_word = Signal(pim_response_layout(cfg))
+        m.d.comb += [
+            resp_word.data.eq(out_data), resp_word.tag.eq(st_tag[last]), resp_word.write.eq(st_write[last]),
+            resp_word.error.eq(st_err[last]),
+            pim_word.data.eq(out_data), pim_word.tag.eq(st_tag[last]), pim_word.error.eq(st_err[last]),
+            resp_fifo.w_data.eq(resp_word.as_value()),
+            resp_fifo.w_en.eq(st_valid[last] & ~st_pim[last]),
+            pim_fifo.w_data.eq(pim_word.as_value()),
+            pim_fifo.w_en.eq(st_valid[last] & st_pim[last]),
+            self.resp.valid.eq(resp_fifo.r_rdy), self.resp.payload.eq(resp_fifo.r_data),
+            resp_fifo.r_en.eq(self.resp.ready),
+            self.pim_resp.valid.eq(pim_fifo.r_rdy), self.pim_resp.payload.eq(pim_fifo.r_data),
+            pim_fifo.r_en.eq(self.pim_resp.ready),
+        ]
+        # Credits: responses reserved (in the pipeline or the FIFO) per FIFO.
+        resp_used = Signal(range(depth + 1))
+        pim_used = Signal(range(depth + 1))
+        m.d.comb += [self.resp_credit.eq(resp_used < depth), self.pim_credit.eq(pim_used < depth)]
+        m.d.sync += [
+            resp_used.eq(resp_used + (in_valid & ~in_pim) - (self.resp.valid & self.resp.ready)),
+            pim_used.eq(pim_used + (in_valid & in_pim) - (self.pim_resp.valid & self.pim_resp.ready)),
+        ]
+        m.d.comb += [self.busy.eq((st_valid != 0) | resp_fifo.r_rdy | pim_fifo.r_rdy),
+                     self.pim_in_flight.eq((st_valid & st_pim).any())]
+        return m

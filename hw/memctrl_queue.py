@@ -1,0 +1,279 @@
+"""The memory controller's normal requests: the request queue and its FR-FCFS scheduler (issue 16).
+
+:class:`RequestQueue` holds the requests with their per-entry state (row hit, blocked behind an older
+request to the same address, counted as a row miss, the head's age); :class:`Scheduler` computes which
+entries could issue a command this cycle and picks one, FR-FCFS with an open-page policy. Both are wired by
+:class:`hw.memctrl.MemoryController` with the parts of :mod:`hw.memctrl_parts`.
+"""
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import SystemConfig
+from .memctrl_parts import (
+    BidSignature,
+    ChannelStateSignature,
+    CommandSignature,
+    ResponseSourceSignature,
+    bit_of,
+    propose,
+    widths,
+)
+from .memif import TAG_BITS, AddressMap, request_layout
+from .pim.commands import PimOp
+
+__all__ = ["entry_layout", "picked_layout", "RequestQueue", "Scheduler"]
+
+
+def entry_layout(cfg: SystemConfig) -> data.StructLayout:
+    """What the scheduler sees of one queue entry: ``valid``, its ``bank``, ``row``, ``write``, whether its
+    row is open (``hit``) and whether an older queued request has the same address (``blocked``)."""
+    rb, bb, _ = widths(cfg)
+    return data.StructLayout({"valid": 1, "bank": bb, "row": rb, "write": 1, "hit": 1, "blocked": 1})
+
+
+def picked_layout(cfg: SystemConfig) -> data.StructLayout:
+    """The fields of the entry the scheduler picked for a column command (the queue's read port)."""
+    p = cfg.pim
+    _, bb, cb = widths(cfg)
+    return data.StructLayout({"bank": bb, "col": cb, "write": 1, "data": p.column_bits, "mask": p.column_bytes,
+                              "tag": TAG_BITS, "miss": 1})
+
+
+class RequestQueue(wiring.Component):
+    """The normal requests, oldest first.
+
+    The queue keeps age order (oldest at index 0; it collapses on removal). A request whose address is not
+    column-aligned, or whose channel field is not ``chan_id``, is not queued: it goes to the response pipe
+    as an error (``err_resp``) and is consumed when the pipe accepts it (``err_accept``).
+
+    Members
+    -------
+    req : In(stream.Signature(request_layout(cfg)))
+    chan_id : In(8)
+    state : In(ChannelStateSignature(cfg))
+    issued : In(CommandSignature(cfg))
+        The command decided this cycle: an activation of an entry's row marks the entry as a row miss.
+    pick, remove : In(range(depth)), In(1)
+        The entry the scheduler picked for a column command (read through ``picked``), and whether it
+        leaves the queue this cycle.
+    err_accept : In(1)
+    entries : Out(data.ArrayLayout(entry_layout(cfg), depth))
+    picked : Out(picked_layout(cfg))
+    hit_in_bank : Out(banks)
+        Some queued request hits the bank's open row.
+    starving : Out(1)
+        The oldest request waited ``starve_limit`` cycles without its row being open.
+    count : Out(range(depth + 1))
+    col_resp, err_resp : Out(ResponseSourceSignature())
+        The removed entry's response (a read or a write acknowledgement) and the error response.
+    """
+
+    def __init__(self, cfg: SystemConfig, depth: int, starve_limit: int):
+        self._cfg = cfg
+        self._depth = depth
+        self._starve_limit = starve_limit
+        super().__init__({
+            "req": In(stream.Signature(request_layout(cfg))), "chan_id": In(8),
+            "state": In(ChannelStateSignature(cfg)), "issued": In(CommandSignature(cfg)),
+            "pick": In(range(depth)), "remove": In(1), "err_accept": In(1),
+            "entries": Out(data.ArrayLayout(entry_layout(cfg), depth)), "picked": Out(picked_layout(cfg)),
+            "hit_in_bank": Out(cfg.pim.banks), "starving": Out(1), "count": Out(range(depth + 1)),
+            "col_resp": Out(ResponseSourceSignature()), "err_resp": Out(ResponseSourceSignature()),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        p = cfg.pim
+        nb = p.banks
+        rb, bb, cb = widths(cfg)
+        dual = p.row_buffers == 2
+        s = self.state
+        open_row = Array(s.open_row[b] for b in range(nb))
+        D = self._depth
+        q_row = [Signal(rb, name=f"q{i}_row") for i in range(D)]
+        q_bank = [Signal(bb, name=f"q{i}_bank") for i in range(D)]
+        q_col = [Signal(cb, name=f"q{i}_col") for i in range(D)]
+        q_write = [Signal(name=f"q{i}_write") for i in range(D)]
+        q_data = [Signal(p.column_bits, name=f"q{i}_data") for i in range(D)]
+        q_mask = [Signal(p.column_bytes, name=f"q{i}_mask") for i in range(D)]
+        q_tag = [Signal(TAG_BITS, name=f"q{i}_tag") for i in range(D)]
+        q_miss = [Signal(name=f"q{i}_miss") for i in range(D)]
+        count = self.count
+        q_valid = [count > i for i in range(D)]
+
+        # Per-entry status.
+        hit = Signal(D)
+        blocked = Signal(D)
+        for i in range(D):
+            m.d.comb += hit[i].eq(q_valid[i] & bit_of(s.is_open, q_bank[i], nb) & (open_row[q_bank[i]] == q_row[i]))
+            same = [q_valid[j] & (q_row[j] == q_row[i]) & (q_bank[j] == q_bank[i]) & (q_col[j] == q_col[i])
+                    for j in range(i)]
+            m.d.comb += blocked[i].eq(Cat(*same).any() if same else 0)
+        for b in range(nb):
+            m.d.comb += self.hit_in_bank[b].eq(Cat(*[hit[i] & (q_bank[i] == b) for i in range(D)]).any())
+        for i, e in enumerate(self.entries):
+            m.d.comb += [e.valid.eq(q_valid[i]), e.bank.eq(q_bank[i]), e.row.eq(q_row[i]), e.write.eq(q_write[i]),
+                         e.hit.eq(hit[i]), e.blocked.eq(blocked[i])]
+
+        # Starvation guard: the oldest request waited too long behind younger hits.
+        head_age = Signal(range(self._starve_limit + 1))
+        m.d.comb += self.starving.eq(q_valid[0] & ~hit[0] & (head_age == self._starve_limit))
+
+        # Read port: the picked entry.
+        sel = self.pick
+        k = self.picked
+        m.d.comb += [k.bank.eq(Array(q_bank)[sel]), k.col.eq(Array(q_col)[sel]), k.write.eq(Array(q_write)[sel]),
+                     k.data.eq(Array(q_data)[sel]), k.mask.eq(Array(q_mask)[sel]), k.tag.eq(Array(q_tag)[sel]),
+                     k.miss.eq(Array(q_miss)[sel])]
+
+        # Incoming requests; responses.
+        amap = AddressMap(p)
+        fields = amap.rtl_fields(self.req.payload.addr)
+        req_err = fields["misaligned"] | (fields["channel"] != self.chan_id)
+        enq = Signal()
+        inc = self.req.payload
+        m.d.comb += [
+            self.req.ready.eq(Mux(req_err, self.err_accept, count < D)),
+            enq.eq(self.req.valid & ~req_err & (count < D)),
+            self.err_resp.valid.eq(self.req.valid & req_err), self.err_resp.err.eq(1),
+            self.err_resp.write.eq(inc.write), self.err_resp.tag.eq(inc.tag),
+            self.col_resp.valid.eq(self.remove), self.col_resp.write.eq(k.write), self.col_resp.tag.eq(k.tag),
+        ]
+
+        # ------------------------------------------------------- queue update
+        # Flag entries whose row is being activated (they will count as misses).
+        op, iss_bank, iss_row = self.issued.op, self.issued.bank, self.issued.row
+        is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB, *((PimOp.PACTAB,) if dual else ()))
+        miss_next = [Signal(name=f"q{i}_miss_next") for i in range(D)]
+        act_now = self.issued.valid & is_act
+        for i in range(D):
+            m.d.comb += miss_next[i].eq(q_miss[i] | (act_now & ((op == PimOp.ACTAB) | (iss_bank == q_bank[i])) &
+                                                     (iss_row == q_row[i])))
+        rm, col_sel = self.remove, self.pick
+        slot = count - rm
+        for i in range(D):
+            # The last entry never shifts in from above: on removal it empties (count drops).
+            shift = rm & (col_sel <= i) if i < D - 1 else None
+            with m.If(enq & (slot == i)):
+                m.d.sync += [q_row[i].eq(fields["row"]), q_bank[i].eq(fields["bank"]), q_col[i].eq(fields["column"]),
+                             q_write[i].eq(inc.write), q_data[i].eq(inc.data), q_mask[i].eq(inc.mask),
+                             q_tag[i].eq(inc.tag), q_miss[i].eq(0)]
+            with m.Elif(shift if shift is not None else Const(0, 1)):
+                j = min(i + 1, D - 1)
+                m.d.sync += [q_row[i].eq(q_row[j]), q_bank[i].eq(q_bank[j]), q_col[i].eq(q_col[j]),
+                             q_write[i].eq(q_write[j]), q_data[i].eq(q_data[j]), q_mask[i].eq(q_mask[j]),
+                             q_tag[i].eq(q_tag[j]), q_miss[i].eq(miss_next[j])]
+            with m.Else():
+                m.d.sync += q_miss[i].eq(miss_next[i])
+        m.d.sync += count.eq(count - rm + enq)
+        with m.If((rm & (col_sel == 0)) | (count == 0) | hit[0]):
+            m.d.sync += head_age.eq(0)
+        with m.Elif(head_age != self._starve_limit):
+            m.d.sync += head_age.eq(head_age + 1)
+        return m
+
+
+class Scheduler(wiring.Component):
+    """FR-FCFS with an open page: which queued request gets a command, and which command.
+
+    Every cycle each entry computes what it needs: a column command (row hit), ACT (bank closed) or PRE
+    (another row open and no queued hit to that bank). A request is blocked while an older one to the same
+    address is queued, so two requests to one address are never reordered. Priority: a starving head's ACT
+    or PRE (younger hits to its bank are held back), then ready column commands (oldest first), then the
+    oldest ready ACT or PRE. With two row buffers a row the PIM buffer holds (or a waiting PACTAB wants) is
+    not activated in the normal buffer, and hits to a bank that must close for a waiting PACTAB are held
+    back.
+
+    Members
+    -------
+    entries, hit_in_bank, starving : In (from :class:`RequestQueue`)
+    picked : In(picked_layout(cfg))
+        The queue's read port at ``pick``.
+    state : In(ChannelStateSignature(cfg))
+    pact_pending, pact_row : In(1), In(row bits)
+        A PACTAB waits at the head of the PIM stream, for that row.
+    resp_credit : In(1)
+        The response FIFO has room (a column command waits for it).
+    mode_normal : In(1)
+        Normal requests are served.
+    pick : Out(range(depth))
+        The oldest entry ready for a column command.
+    bid : Out(BidSignature(cfg))
+    remove : Out(1)
+        The bid is granted with the ``pick`` entry's column command: it leaves the queue.
+    """
+
+    def __init__(self, cfg: SystemConfig, depth: int):
+        self._cfg = cfg
+        self._depth = depth
+        rb, _, _ = widths(cfg)
+        super().__init__({
+            "entries": In(data.ArrayLayout(entry_layout(cfg), depth)), "hit_in_bank": In(cfg.pim.banks),
+            "starving": In(1), "picked": In(picked_layout(cfg)), "state": In(ChannelStateSignature(cfg)),
+            "pact_pending": In(1), "pact_row": In(rb), "resp_credit": In(1), "mode_normal": In(1),
+            "pick": Out(range(depth)), "bid": Out(BidSignature(cfg)), "remove": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self._cfg.pim
+        nb = p.banks
+        dual = p.row_buffers == 2
+        s = self.state
+        is_open, p_open, p_row = s.is_open, s.p_open, s.p_row
+        open_row = Array(s.open_row[b] for b in range(nb))
+        D = self._depth
+        q = self.entries
+        q_bank, q_row, q_write = [q[i].bank for i in range(D)], [q[i].row for i in range(D)], [q[i].write for i in range(D)]
+        q_valid, hit, blocked = [q[i].valid for i in range(D)], [q[i].hit for i in range(D)], [q[i].blocked for i in range(D)]
+        starving, hit_in_bank = self.starving, self.hit_in_bank
+        pact_pending, pact_row = self.pact_pending, self.pact_row
+
+        def bit(vec, index):
+            return bit_of(vec, index, nb)
+
+        col_ready = Signal(D)
+        row_ready = Signal(D)
+        for i in range(D):
+            b = q_bank[i]
+            held = starving & (q_bank[i] == q_bank[0]) if i > 0 else Const(0, 1)
+            if dual:
+                held = held | (pact_pending & (open_row[b] == pact_row))
+                row_taken = (p_open & (p_row == q_row[i])) | (pact_pending & (pact_row == q_row[i]))
+            else:
+                row_taken = Const(0, 1)
+            rcd = Mux(q_write[i], bit(s.rcdwr_ok, b), bit(s.rcdrd_ok, b))
+            m.d.comb += col_ready[i].eq(hit[i] & ~blocked[i] & ~held & rcd & s.ccd_ok & self.resp_credit)
+            needs_act = q_valid[i] & ~bit(is_open, b) & ~row_taken
+            needs_pre = q_valid[i] & bit(is_open, b) & ~hit[i] & \
+                (~bit(hit_in_bank, b) | (starving & (b == q_bank[0])))
+            m.d.comb += row_ready[i].eq((needs_act & bit(s.rp_ok, b) & s.act_timing_ok) |
+                                        (needs_pre & bit(s.pre_ok, b)))
+
+        col_sel = self.pick
+        row_sel = Signal(range(D))
+        for i in reversed(range(D)):           # the lowest index (oldest) wins
+            with m.If(col_ready[i]):
+                m.d.comb += col_sel.eq(i)
+            with m.If(row_ready[i]):
+                m.d.comb += row_sel.eq(i)
+        any_col = col_ready.any()
+        any_row = row_ready.any()
+
+        sel_bank = Array(q_bank)[row_sel]
+        sel_row = Array(q_row)[row_sel]
+        k = self.picked
+        col = Signal()                 # the bid is the picked entry's column command
+        m.d.comb += self.bid.go.eq(self.mode_normal & ((starving & row_ready[0]) | any_col | any_row))
+        with m.If(starving & row_ready[0]):
+            propose(m, self.bid.cmd, Mux(bit(is_open, q_bank[0]), PimOp.PRE, PimOp.ACT), q_bank[0], q_row[0])
+        with m.Elif(any_col):
+            m.d.comb += col.eq(1)
+            propose(m, self.bid.cmd, Mux(k.write, PimOp.WR, PimOp.RD), k.bank, 0, k.col, k.data, k.mask)
+        with m.Elif(any_row):
+            propose(m, self.bid.cmd, Mux(bit(is_open, sel_bank), PimOp.PRE, PimOp.ACT), sel_bank, sel_row)
+        m.d.comb += self.remove.eq(self.bid.grant & col)
+        return m
