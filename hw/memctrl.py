@@ -14,6 +14,16 @@ and serves two clients:
 flight the normal requests wait in the queue (nothing is dropped) and the
 controller closes its rows and serves the PIM stream; when ``pim_mode`` falls,
 normal traffic resumes. Refresh is the controller's own job in both modes.
+
+Structure (issue 16): :class:`MemoryController` only wires its parts, each a
+:class:`~amaranth.lib.wiring.Component` that can be simulated alone
+(``tests/test_memctrl_parts.py``): :class:`~hw.memctrl_parts.ChannelState`
+(bank state and timing windows), :class:`~hw.memctrl_parts.RefreshMachine`,
+:class:`~hw.memctrl_parts.PimPath` (mode machine and PIM command legality),
+:class:`~hw.memctrl_queue.RequestQueue` and :class:`~hw.memctrl_queue.Scheduler`
+(FR-FCFS), :class:`~hw.memctrl_parts.Arbiter` (one command per cycle among the
+clients' bids) and :class:`~hw.memctrl_parts.ResponsePipe` (read-latency pipe
+and response FIFOs); then the bus register and the counters.
 """
 
 from amaranth.hdl import Module, Mux
