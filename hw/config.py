@@ -84,7 +84,17 @@ class _Checked:
                 self._fail(name, f"an integer of at least {minimum}{unit}")
 
 
-@dataclass(frozen=True)
+# Low-precision PIM unit fields of PimGeometry (issue 19) and their defaults (today's BF16 unit). A field at its
+# default is left out of ``repr``, so the configurations (and the Verilog module names and build-cache keys
+# derived from ``repr``) of every BF16 preset are what they were before the fields existed.
+LOWPREC_DEFAULTS = {"weight_format": "bf16", "act_format": "bf16", "quant_group": 128, "scale_format": "fp16",
+                    "grid_choice": False, "acc_slots": 1}
+WEIGHT_FORMATS = ("bf16", "int4", "fp4")
+ACT_FORMATS = ("bf16", "fp8_e4m3")
+SCALE_FORMATS = ("fp16", "bf16")
+
+
+@dataclass(frozen=True, repr=False)
 class PimGeometry(_Checked):
     """Geometry of the GDDR6-AiM-style PIM memory.
 
@@ -123,6 +133,21 @@ class PimGeometry(_Checked):
         while every DRAM row of every bank (what a PIM GEMV reads) stays whole;
         ``row_bytes`` gives Row-Bank-Channel-Column (a bank row is contiguous).
         See :class:`hw.memif.AddressMap`.
+    weight_format : str
+        Weights of the processing units (issue 19, P3-LLM): ``"bf16"`` (16 per column, today's unit),
+        ``"int4"`` or ``"fp4"`` (64 4-bit codes per column, :class:`hw.pim.lowprec_unit.LowPrecMacUnit`
+        with fused dequantization; the low-precision commands LDSCAB / LDSLAB exist only then).
+    act_format : str
+        Activations in the global buffer: ``"bf16"`` or ``"fp8_e4m3"`` (4-bit weights only).
+    quant_group : int
+        Inputs per group sharing one scale (4-bit weights): a power of two, a multiple of 64.
+    scale_format : str
+        Group scales: ``"fp16"`` or ``"bf16"`` bit patterns.
+    grid_choice : bool
+        ``fp4`` only: code ``0b1000`` takes its group's extra value (BitMoD), chosen by a 2-bit selector.
+    acc_slots : int
+        Accumulators per bank: 1, or 2 (4-bit weights) so that one tile's results are read out while the
+        next tile's MACs go into the other slot (the slot is bit 4 of the MAC / WRBIAS / RDMAC row field).
     """
 
     channels: int = 1
@@ -135,6 +160,17 @@ class PimGeometry(_Checked):
     af_rows: int = 1
     row_buffers: int = 1
     channel_interleave: int = 0
+    weight_format: str = "bf16"
+    act_format: str = "bf16"
+    quant_group: int = 128
+    scale_format: str = "fp16"
+    grid_choice: bool = False
+    acc_slots: int = 1
+
+    def __repr__(self):
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name not in LOWPREC_DEFAULTS or getattr(self, f.name) != LOWPREC_DEFAULTS[f.name]]
+        return f"{type(self).__qualname__}({', '.join(parts)})"
 
     def __post_init__(self):
         self._pow2("channels", "banks", "rows", "columns", "lanes")
@@ -159,8 +195,59 @@ class PimGeometry(_Checked):
         if not _is_int(il) or (il != 0 and not (_is_pow2(il) and column_bytes <= il <= self.row_bytes)):
             self._fail("channel_interleave", f"0 (Row-Channel-Bank-Column) or a power of two from one column "
                                              f"({column_bytes} bytes) to one row ({self.row_bytes} bytes)")
+        self._check_lowprec()
+
+    def _check_lowprec(self):
+        if self.weight_format not in WEIGHT_FORMATS:
+            self._fail("weight_format", f"one of {', '.join(WEIGHT_FORMATS)}")
+        if self.act_format not in ACT_FORMATS:
+            self._fail("act_format", f"one of {', '.join(ACT_FORMATS)}")
+        if self.scale_format not in SCALE_FORMATS:
+            self._fail("scale_format", f"one of {', '.join(SCALE_FORMATS)}")
+        if not isinstance(self.grid_choice, bool):
+            self._fail("grid_choice", "True or False")
+        if self.acc_slots not in (1, 2) or isinstance(self.acc_slots, bool):
+            self._fail("acc_slots", "1 or 2")
+        if not self.lowprec:
+            for name in ("act_format", "grid_choice", "acc_slots"):
+                if getattr(self, name) != LOWPREC_DEFAULTS[name]:
+                    self._fail(name, f"{LOWPREC_DEFAULTS[name]!r} with bf16 weights (4-bit weights only)")
+            return
+        if self.grid_choice and self.weight_format != "fp4":
+            self._fail("grid_choice", "False with int4 weights (the grid choice is fp4's)")
+        q = self.quant_group
+        if not _is_pow2(q) or q < 64:
+            self._fail("quant_group", "a power of two and a multiple of 64 (the 4-bit codes of one column)")
+        if self.column_bits != 256:
+            self._fail("column_bits", "256 with 4-bit weights (the low-precision unit takes 64 codes per column)")
+        slot_bits = 5 if self.acc_slots == 2 else 4
+        if self.row_addr_bits < slot_bits:
+            self._fail("rows", f"at least {1 << slot_bits} with {self.weight_format} weights and "
+                               f"{self.acc_slots} accumulator slot(s): the MAC's row field carries the scale slot "
+                               f"(bits 0-3)" + (" and the accumulator slot (bit 4)" if self.acc_slots == 2 else ""))
+        if self.gb_columns < self.act_ratio or self.gb_slots * 64 < q:
+            self._fail("gb_bytes", f"enough for one group of {q} {self.act_format} activations "
+                                   f"({q // 64 * self.act_ratio * self.column_bytes} bytes) with 4-bit weights")
 
     # Derived values ------------------------------------------------------
+    @property
+    def lowprec(self) -> bool:
+        """4-bit weights: the banks have the low-precision unit (:class:`hw.pim.lowprec_unit.LowPrecMacUnit`)."""
+        return self.weight_format != "bf16"
+
+    @property
+    def act_ratio(self) -> int:
+        """Global-buffer columns one 4-bit MAC consumes (64 activations): 4 for BF16, 2 for FP8 (1 with
+        BF16 weights)."""
+        if not self.lowprec:
+            return 1
+        return 64 * (16 if self.act_format == "bf16" else 8) // self.column_bits
+
+    @property
+    def gb_slots(self) -> int:
+        """MAC-wide global-buffer slots: a MAC of column ``col`` reads slot ``col mod gb_slots``."""
+        return self.gb_columns // self.act_ratio
+
     @property
     def column_bytes(self) -> int:
         return self.column_bits // 8
@@ -546,6 +633,14 @@ def _channels(base, channels):
     return _variant(base, f"{channels}ch", f"{channels} PIM channels", **{"pim.channels": channels})
 
 
+def _lowprec(base, suffix, doc, fmt, acts, tmac, **extra):
+    """``base`` with the low-precision PIM unit (issue 19): ``fmt`` weights, ``acts`` activations, two
+    accumulator slots, and ``tMAC`` = the unit's MAC depth (storage read + :attr:`LowPrecMacUnit.latency`:
+    18 with BF16 activations, 8 with FP8; :func:`hw.pim.bank.check_pu_timing` checks it)."""
+    return _variant(base, suffix, doc, **{"pim.weight_format": fmt, "pim.act_format": acts, "pim.acc_slots": 2,
+                                          "timing.tMAC": tmac, **extra})
+
+
 def _neupims() -> SystemConfig:
     # NeuPIMs' system: the ianus-scale NPU and memory with dual row buffers (the paper's batched
     # generation is a policy of the compiler and runtime, not of the configuration).
@@ -558,7 +653,16 @@ PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
            # default with one-row runs (2 KB, the ianus preset's map)
            "tiny-il": _interleaved(_tiny, 64), "default-il": _interleaved(_default, 2048),
            # the default with 4 PIM channels (issue 13: what a wider default costs in simulation)
-           "default-4ch": _channels(_default, 4)}
+           "default-4ch": _channels(_default, 4),
+           # the low-precision PIM unit (issue 19): INT4 weights with BF16 activations, FP4 (grid choice) with
+           # FP8 activations; tiny with 32 rows (the MAC's row field carries the accumulator slot in bit 4)
+           "tiny-w4": _lowprec(_tiny, "w4", "INT4 weights (BF16 activations)", "int4", "bf16", 18,
+                               **{"pim.rows": 32}),
+           "tiny-w4a8": _lowprec(_tiny, "w4a8", "FP4 weights with grid choice and FP8 activations", "fp4",
+                                 "fp8_e4m3", 8, **{"pim.rows": 32, "pim.grid_choice": True}),
+           "default-w4": _lowprec(_default, "w4", "INT4 weights (BF16 activations)", "int4", "bf16", 18),
+           "default-w4a8": _lowprec(_default, "w4a8", "FP4 weights with grid choice and FP8 activations", "fp4",
+                                    "fp8_e4m3", 8, **{"pim.grid_choice": True})}
 
 
 def preset(name: str) -> SystemConfig:

@@ -12,6 +12,11 @@ PPREAB and PIM read) and applies the rules between the buffers listed in
 both buffers in one tRRD/tFAW window, one tCCD for every column command, REF
 with both buffers closed.
 
+With 4-bit weights (``PimGeometry.weight_format`` ``int4`` / ``fp4``) LDSCAB (and, for ``fp4`` with
+grid choice, LDSLAB) are legal: all-bank read-type column commands on the open (PIM) row, like MACAB.
+With ``acc_slots = 2`` the PU_BUSY rule is per accumulator slot (``row`` bit 4 of MAC, WRBIAS and RDMAC;
+AF uses slot 0): tMAC after the last MAC into the same slot.
+
 ``check(cycle, op, bank, row, col)`` returns the name of the first rule the
 command breaks (the same names and priority as the RTL's violation codes) or
 ``None``, and updates the state only for legal commands (the device does not
@@ -32,13 +37,14 @@ from hw.config import SystemConfig
 
 NEVER = -(10**12)
 
-COL_OPS = {"RD", "WR", "WRGB", "MACSB", "MACAB", "WRBIAS", "RDMAC", "AF", "RDAF"}
-READ_TYPE = {"RD", "MACSB", "MACAB", "AF"}
-PIM_READS = {"MACSB", "MACAB", "AF"}        # with two row buffers: read the PIM buffer
+COL_OPS = {"RD", "WR", "WRGB", "MACSB", "MACAB", "WRBIAS", "RDMAC", "AF", "RDAF", "LDSCAB", "LDSLAB"}
+READ_TYPE = {"RD", "MACSB", "MACAB", "AF", "LDSCAB", "LDSLAB"}
+PIM_READS = {"MACSB", "MACAB", "AF", "LDSCAB", "LDSLAB"}        # with two row buffers: read the PIM buffer
+ALL_BANK_READS = {"MACAB", "AF", "LDSCAB", "LDSLAB"}
 ACTS = {"ACT", "ACTAB", "PACTAB"}
 OPCODES = {"NOP": 0, "ACT": 1, "ACTAB": 2, "PRE": 3, "PREAB": 4, "RD": 5, "WR": 6, "REF": 7, "WRGB": 8,
            "MACSB": 9, "MACAB": 10, "WRBIAS": 11, "RDMAC": 12, "AF": 13, "RDAF": 14,
-           "PACTAB": 15, "PPREAB": 16}
+           "PACTAB": 15, "PPREAB": 16, "LDSCAB": 17, "LDSLAB": 18}
 DUAL_ONLY = {"PACTAB", "PPREAB"}
 OPNAMES = {v: k for k, v in OPCODES.items()}
 
@@ -67,14 +73,18 @@ class ProtocolChecker:
         self.last_col = NEVER
         self.acts = deque(maxlen=4)
         self.last_ref = NEVER
-        self.last_mac = NEVER
+        self.slots = p.acc_slots
+        self.last_mac = [NEVER, NEVER]          # per accumulator slot
         self.last_af = NEVER
         self.refs = 0
         self.late_reported = False
         self.counts = {name: 0 for name in OPCODES}
 
     # -- rules ---------------------------------------------------------------
-    def _timing_rules(self, op, bank):
+    def _slot(self, row):
+        return (row >> 4) & 1 if self.slots == 2 else 0
+
+    def _timing_rules(self, op, bank, row=0):
         """(violation name, earliest legal cycle) for the timing rules of ``op``, in priority order."""
         t = self.cfg.timing
         banks = self.banks
@@ -105,12 +115,12 @@ class ProtocolChecker:
             rules.append(("T_RFC", self.last_ref + t.tRFC))
         if self.dual and op in PIM_READS:
             rules.append(("T_RCD", pim.act + t.tRCDRD))
-        elif op in ("RD", "MACSB", "MACAB", "AF", "WR"):
-            targets = banks if op in ("MACAB", "AF") else [banks[bank]]
+        elif op in ("RD", "MACSB", "WR") or op in ALL_BANK_READS:
+            targets = banks if op in ALL_BANK_READS else [banks[bank]]
             trcd = t.tRCDWR if op == "WR" else t.tRCDRD
             rules.append(("T_RCD", max(b.act for b in targets) + trcd))
         if op in ("WRBIAS", "RDMAC", "AF"):
-            rules.append(("PU_BUSY", self.last_mac + t.tMAC))
+            rules.append(("PU_BUSY", self.last_mac[0 if op == "AF" else self._slot(row)] + t.tMAC))
         if op == "RDAF":
             rules.append(("PU_BUSY", self.last_af + t.tAF))
         if op in COL_OPS:
@@ -122,6 +132,8 @@ class ProtocolChecker:
         banks = self.banks
         pim = self.pim
         if op not in OPCODES or (op in DUAL_ONLY and not self.dual):
+            return "ILLEGAL_OPCODE"
+        if (op == "LDSCAB" and not p.lowprec) or (op == "LDSLAB" and not p.grid_choice):
             return "ILLEGAL_OPCODE"
         pim_holds = pim.open and pim.row == row
         if op == "ACT" and (banks[bank].open or pim_holds):
@@ -140,7 +152,7 @@ class ProtocolChecker:
             return None
         if op in ("RD", "WR", "MACSB") and not banks[bank].open:
             return "BANK_CLOSED"
-        if op in ("MACAB", "AF") and not all(b.open for b in banks):
+        if op in ALL_BANK_READS and not all(b.open for b in banks):
             return "BANK_CLOSED"
         if op == "AF" and any(b.row < p.data_rows for b in banks):
             return "BAD_ADDRESS"
@@ -151,16 +163,16 @@ class ProtocolChecker:
         return None
 
 
-    def earliest(self, op, bank=0):
+    def earliest(self, op, bank=0, row=0):
         """First cycle at which ``op`` meets its timing rules (state rules not considered)."""
-        return max((c for _, c in self._timing_rules(op, bank)), default=NEVER)
+        return max((c for _, c in self._timing_rules(op, bank, row)), default=NEVER)
 
     def violation(self, cycle, op, bank=0, row=0, col=0):
         """The first rule ``op`` breaks at ``cycle`` (or ``None``), without changing state."""
         if op == "NOP":
             return None
         state = self._state_violation(op, bank, col, row)
-        timing = next((name for name, c in self._timing_rules(op, bank) if cycle < c), None) \
+        timing = next((name for name, c in self._timing_rules(op, bank, row) if cycle < c), None) \
             if op in OPCODES and not state else None
         return state or timing     # state rules come first, as in the RTL's priority
 
@@ -206,12 +218,12 @@ class ProtocolChecker:
         if self.dual and op in PIM_READS:
             pim.rd = cycle
         elif op in READ_TYPE:
-            for b in (banks if op in ("MACAB", "AF") else [banks[bank]]):
+            for b in (banks if op in ALL_BANK_READS else [banks[bank]]):
                 b.rd = cycle
         if op == "WR":
             banks[bank].wr = cycle
         if op in ("MACSB", "MACAB"):
-            self.last_mac = cycle
+            self.last_mac[self._slot(row)] = cycle
         if op == "AF":
             self.last_af = cycle
 

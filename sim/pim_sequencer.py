@@ -50,7 +50,7 @@ class Scheduler:
         self.t = self.start - 1
 
     def place(self, op, bank=0, row=0, col=0, data=0, mask=None, tag=None, not_before=None) -> Slot:
-        t = max(self.t + 1, self.model.earliest(op, bank), not_before if not_before is not None else -1)
+        t = max(self.t + 1, self.model.earliest(op, bank, row), not_before if not_before is not None else -1)
         v = self.model.violation(t, op, bank, row, col)
         if v is not None:
             raise ScheduleError(f"{op} bank={bank} row={row} col={col} cannot be issued: {v}")

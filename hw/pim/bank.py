@@ -9,6 +9,16 @@ FP32 adder tree, FP32 accumulator with bias preload) and an activation-function
 unit that evaluates a piecewise-linear function from a lookup table held in a
 reserved DRAM row of this bank (as AiM keeps its AF tables in DRAM).
 
+With 4-bit weights (``PimGeometry.weight_format`` ``int4`` / ``fp4``, issue 19) the processing unit is a
+:class:`hw.pim.lowprec_unit.LowPrecMacUnit` (64 codes per column, fused dequantization, ``acc_slots``
+accumulators) and the bank has a scale register (16 group scales, loaded by LDSCAB: ``do_lds``) and a
+selector register (16 2-bit grid selectors, the low 32 bits of a column, loaded by LDSLAB: ``do_ldsel``).
+A MAC's column enters the unit one cycle after its command (the storage read) with the scale and selector
+of slot ``row[0:4]`` of the registers as they are then (so a LDSCAB / LDSLAB right after a MAC does not
+reach it, one right before it does) and the accumulator slot ``row[4]``; WRBIAS loads slot ``row[4]``.
+``gb_data`` is one MAC's 64 activations (``act_ratio`` global-buffer columns). MAC depth: storage read +
+``LowPrecMacUnit.latency`` (18 with BF16 activations, 8 with FP8).
+
 Pipelines (cycle 0 = the command's cycle):
 
 MAC  0: storage read of column ``col`` of the open row (and, in the channel,
@@ -38,7 +48,7 @@ from ..arith import MacUnit, bf16_mul, check_fp_impl, fp32_add_align, fp32_add_r
 from ..config import SystemConfig
 from .timing import countdown
 
-__all__ = ["PimBank", "AF_DEPTH", "check_pu_timing", "mac_depth", "countdown", "af_segment_index"]
+__all__ = ["PimBank", "AF_DEPTH", "check_pu_timing", "mac_depth", "pu_mac_depth", "lowprec_unit", "countdown", "af_segment_index"]
 
 AF_DEPTH = 3
 
@@ -46,6 +56,22 @@ AF_DEPTH = 3
 def mac_depth(lanes: int) -> int:
     """PIM MAC pipeline depth: storage read + MacUnit (11 for 16 lanes)."""
     return 1 + MacUnit.latency_for(lanes)
+
+
+def lowprec_unit(p, fp_impl: str = "rtl"):
+    """The low-precision processing unit of a bank with 4-bit weights (``p``: a PimGeometry)."""
+    from .lowprec_unit import LowPrecMacUnit
+
+    return LowPrecMacUnit(p.weight_format, p.act_format, p.quant_group, p.scale_format, p.grid_choice,
+                          fp_impl=fp_impl, slots=p.acc_slots)
+
+
+def pu_mac_depth(p) -> int:
+    """The processing unit's MAC depth for geometry ``p``: :func:`mac_depth`, or with 4-bit weights the storage
+    read + :attr:`LowPrecMacUnit.latency`."""
+    from .lowprec_unit import LowPrecMacUnit
+
+    return 1 + LowPrecMacUnit.latency_for(p.weight_format, p.act_format) if p.lowprec else mac_depth(p.lanes)
 
 
 def af_segment_index(m: Module, x, segments: int, scale_log2: int, prefix="af"):
@@ -87,7 +113,7 @@ def af_segment_index(m: Module, x, segments: int, scale_log2: int, prefix="af"):
 def check_pu_timing(cfg: SystemConfig):
     """The configuration's tMAC/tAF must cover the processing unit's pipeline depths."""
     t = cfg.timing
-    depth = mac_depth(cfg.pim.lanes)
+    depth = pu_mac_depth(cfg.pim)
     if t.tMAC < depth:
         raise ValueError(f"DramTiming.tMAC must be at least the PIM MAC pipeline depth {depth}, not {t.tMAC}")
     if t.tAF < AF_DEPTH:
@@ -135,7 +161,7 @@ class PimBank(wiring.Component):
         self.cfg = cfg
         self._fp_impl = check_fp_impl(fp_impl)
         check_pu_timing(cfg)
-        super().__init__({
+        members = {
             "chan_id": In(8), "bank_id": In(8), "bd_load": In(1),
             "do_act": In(1), "do_pre": In(1), "do_rd": In(1), "do_wr": In(1), "do_mac": In(1), "do_af": In(1),
             "row": In(p.row_addr_bits), "col": In(p.column_addr_bits),
@@ -147,7 +173,12 @@ class PimBank(wiring.Component):
             "wr_ok": Out(1), "rtp_ok": Out(1),
             "rdata": Out(p.column_bits),
             "acc": Out(32), "af_out": Out(32),
-        })
+        }
+        if p.lowprec:
+            members.update({"do_lds": In(1), "do_ldsel": In(1), "gb_data": In(p.column_bits * p.act_ratio)})
+            if p.acc_slots == 2:
+                members["acc1"] = Out(32)
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -160,6 +191,8 @@ class PimBank(wiring.Component):
             m.d.sync += self.is_open.eq(0)
         dual = p.row_buffers == 2
         pim_rd = self.do_mac | self.do_af
+        if p.lowprec:
+            pim_rd = pim_rd | self.do_lds | self.do_ldsel
         rd_type = self.do_rd if dual else self.do_rd | pim_rd
         m.d.comb += [
             self.rcdrd_ok.eq(countdown(m, "rcdrd", t.tRCDRD, self.do_act)),
@@ -191,17 +224,20 @@ class PimBank(wiring.Component):
         )
 
         # MAC ------------------------------------------------------------
-        m.submodules.mac = mac = MacUnit(p.lanes, clock_gate=True, fp_impl=self._fp_impl)
-        mac_v = Signal()
-        m.d.sync += mac_v.eq(self.do_mac)
-        m.d.comb += [
-            mac.valid.eq(mac_v),
-            mac.w.eq(self.rdata),
-            mac.x.eq(self.gb_data),
-            mac.acc_load.eq(self.bias_load),
-            mac.acc_value.eq(self.bias_value),
-            self.acc.eq(mac.acc),
-        ]
+        if p.lowprec:
+            self._lowprec_mac(m)
+        else:
+            m.submodules.mac = mac = MacUnit(p.lanes, clock_gate=True, fp_impl=self._fp_impl)
+            mac_v = Signal()
+            m.d.sync += mac_v.eq(self.do_mac)
+            m.d.comb += [
+                mac.valid.eq(mac_v),
+                mac.w.eq(self.rdata),
+                mac.x.eq(self.gb_data),
+                mac.acc_load.eq(self.bias_load),
+                mac.acc_value.eq(self.bias_value),
+                self.acc.eq(mac.acc),
+            ]
 
         # Activation function -------------------------------------------
         if p.af_rows:
@@ -228,3 +264,31 @@ class PimBank(wiring.Component):
             with m.If(v3):
                 m.d.sync += self.af_out.eq(y)
         return m
+
+    def _lowprec_mac(self, m):
+        """4-bit weights: scale / selector registers and the LowPrecMacUnit (see the module docstring)."""
+        p = self.cfg.pim
+        m.submodules.mac = unit = lowprec_unit(p, self._fp_impl)
+        mac_v, lds_v, ldsel_v = Signal(), Signal(name="lds_v"), Signal(name="ldsel_v")
+        mac_row = Signal(p.row_addr_bits, name="mac_row")
+        m.d.sync += [mac_v.eq(self.do_mac), lds_v.eq(self.do_lds), ldsel_v.eq(self.do_ldsel),
+                     mac_row.eq(self.row)]
+        scales = Signal(256, name="scale_reg")
+        sels = Signal(32, name="sel_reg")
+        with m.If(lds_v):
+            m.d.sync += scales.eq(self.rdata)
+        with m.If(ldsel_v):
+            m.d.sync += sels.eq(self.rdata[:32])
+        slot = mac_row[0:4]
+        m.d.comb += [
+            unit.valid.eq(mac_v),
+            unit.w.eq(self.rdata),
+            unit.x.eq(self.gb_data),
+            unit.scale.eq(scales.word_select(slot, 16)),
+            unit.sel.eq(sels.word_select(slot, 2)),
+            unit.acc_load.eq(self.bias_load),
+            unit.acc_value.eq(self.bias_value),
+            self.acc.eq(unit.acc),
+        ]
+        if p.acc_slots == 2:
+            m.d.comb += [unit.slot.eq(mac_row[4]), unit.acc_slot.eq(self.row[4]), self.acc1.eq(unit.acc1)]

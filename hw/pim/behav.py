@@ -73,6 +73,9 @@ def behav_params(cfg: SystemConfig, mutation: int = 0) -> list[int]:
     if not isinstance(cfg, SystemConfig):
         raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
     p, t = cfg.pim, cfg.timing
+    if p.lowprec:
+        raise ValueError(f"The behavioural PIM channel models the BF16 processing unit only, not "
+                         f"weight_format={p.weight_format!r} ({cfg.name}): use pim_impl='rtl'")
     pairs = p.column_bits // 64
     values = {
         "magic": MAGIC, "banks": p.banks, "rows": p.rows, "columns": p.columns, "lanes": p.lanes,

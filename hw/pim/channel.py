@@ -27,7 +27,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
 from .bank import PimBank, check_pu_timing
-from .commands import COLUMN_OPS, DUAL_ONLY, READ_OPS, PimOp, ViolationCode
+from .commands import COLUMN_OPS, DUAL_ONLY, LOWPREC_OPCODES, READ_OPS, PimOp, ViolationCode
 from .timing import countdown, delay_pipe, faw_window, pim_row_buffer, refresh_credit
 
 __all__ = ["PimBusSignature", "PimStatusSignature", "PimChannel", "PimDevice", "pim_module_names",
@@ -82,6 +82,10 @@ def _bank_ports(p):
            "row", "col", "wdata", "wmask", "gb_data", "pim_row", "bias_load", "bias_value"]
     outs = ["is_open", "open_row", "rcdrd_ok", "rcdwr_ok", "ras_ok", "rp_ok", "wr_ok", "rtp_ok",
             "rdata", "acc", "af_out"]
+    if p.lowprec:
+        ins += ["do_lds", "do_ldsel"]
+        if p.acc_slots == 2:
+            outs += ["acc1"]
     return ins, outs
 
 
@@ -156,6 +160,12 @@ class PimChannel(wiring.Component):
         dual = p.row_buffers == 2
         execute = Signal()
         pim_rd = op.as_value().matches(PimOp.MACSB, PimOp.MACAB, PimOp.AF)
+        # 4-bit weights: LDSCAB / LDSLAB (opcodes outside PimOp, hw/pim/commands.py), all-bank reads.
+        lp = p.lowprec
+        lp_ops = [LOWPREC_OPCODES["LDSCAB"]] + ([LOWPREC_OPCODES["LDSLAB"]] if p.grid_choice else [])
+        is_lds = op.as_value().matches(*lp_ops) if lp else Const(0, 1)
+        if lp:
+            pim_rd = pim_rd | is_lds
         if dual:
             p_open, p_row, p_rcd_ok, p_ras_ok, p_rp_ok, p_rtp_ok = pim_row_buffer(
                 m, t, execute & (op == PimOp.PACTAB), execute & (op == PimOp.PPREAB), execute & pim_rd, bus.row)
@@ -170,19 +180,29 @@ class PimChannel(wiring.Component):
         col_cmd = Signal()
         act_ops = (PimOp.ACT, PimOp.ACTAB) + ((PimOp.PACTAB,) if dual else ())
         is_act = op.as_value().matches(*act_ops)
-        m.d.comb += col_cmd.eq(op.as_value().matches(*COLUMN_OPS))
+        m.d.comb += col_cmd.eq(op.as_value().matches(*COLUMN_OPS) | is_lds if lp else
+                               op.as_value().matches(*COLUMN_OPS))
         is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
         ccd_ok = countdown(m, "ccd", t.tCCD, execute & col_cmd)
         rrd_ok = countdown(m, "rrd", t.tRRD, execute & is_act)
         rfc_ok = countdown(m, "rfc", t.tRFC, execute & (op == PimOp.REF))
-        mac_ok = countdown(m, "mac", t.tMAC, execute & is_mac)
+        if p.acc_slots == 2:
+            # PU_BUSY per accumulator slot (row bit 4): tMAC after the last MAC into the same slot; AF uses slot 0.
+            slot = bus.row[4]
+            mac_ok0 = countdown(m, "mac0", t.tMAC, execute & is_mac & ~slot)
+            mac_ok1 = countdown(m, "mac1", t.tMAC, execute & is_mac & slot)
+            mac_ok = Mux(slot, mac_ok1, mac_ok0)
+            af_mac_ok = mac_ok0
+        else:
+            mac_ok = countdown(m, "mac", t.tMAC, execute & is_mac)
+            af_mac_ok = mac_ok
         af_ok = countdown(m, "afl", t.tAF, execute & (op == PimOp.AF))
         faw_ok = faw_window(m, t.tFAW, execute & is_act, count_name="count")
 
         # Violation decision (first failing rule) -------------------------
         code = Signal(ViolationCode)
         legal_ops = [c for c in PimOp if dual or c.name not in DUAL_ONLY]
-        with m.If(~op.as_value().matches(*legal_ops)):
+        with m.If(~(op.as_value().matches(*legal_ops) | is_lds) if lp else ~op.as_value().matches(*legal_ops)):
             m.d.comb += code.eq(ViolationCode.ILLEGAL_OPCODE)
         with m.Else():
             with m.Switch(op):
@@ -224,7 +244,7 @@ class PimChannel(wiring.Component):
                         self._first(m, code, [
                             (~p_open, ViolationCode.BANK_CLOSED),
                             (p_row < p.data_rows, ViolationCode.BAD_ADDRESS),
-                            (~p_rcd_ok, ViolationCode.T_RCD), (~mac_ok, ViolationCode.PU_BUSY),
+                            (~p_rcd_ok, ViolationCode.T_RCD), (~af_mac_ok, ViolationCode.PU_BUSY),
                             (~ccd_ok, ViolationCode.T_CCD)])
                     with m.Case(PimOp.PACTAB):
                         self._first(m, code, [
@@ -247,7 +267,7 @@ class PimChannel(wiring.Component):
                         self._first(m, code, [
                             (is_open != all_banks, ViolationCode.BANK_CLOSED),
                             (af_row_ok != all_banks, ViolationCode.BAD_ADDRESS),
-                            (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~mac_ok, ViolationCode.PU_BUSY),
+                            (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~af_mac_ok, ViolationCode.PU_BUSY),
                             (~ccd_ok, ViolationCode.T_CCD)])
                 with m.Case(PimOp.REF):
                     self._first(m, code, [
@@ -265,6 +285,16 @@ class PimChannel(wiring.Component):
                     self._first(m, code, [
                         (col >= p.acc_groups, ViolationCode.BAD_ADDRESS), (~af_ok, ViolationCode.PU_BUSY),
                         (~ccd_ok, ViolationCode.T_CCD)])
+            if lp:
+                with m.If(is_lds):
+                    if dual:
+                        self._first(m, code, [
+                            (~p_open, ViolationCode.BANK_CLOSED), (~p_rcd_ok, ViolationCode.T_RCD),
+                            (~ccd_ok, ViolationCode.T_CCD)])
+                    else:
+                        self._first(m, code, [
+                            (is_open != all_banks, ViolationCode.BANK_CLOSED),
+                            (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~ccd_ok, ViolationCode.T_CCD)])
         m.d.comb += execute.eq((op != PimOp.NOP) & (code == ViolationCode.NONE))
 
         # Refresh credit --------------------------------------------------
@@ -287,16 +317,20 @@ class PimChannel(wiring.Component):
                 m.d.sync += st.nviol.eq(st.nviol + 1)
 
         # Global buffer ---------------------------------------------------
-        m.submodules.gb = gb = Memory(shape=p.column_bits, depth=p.gb_columns, init=[])
-        gb_w = gb.write_port()
-        gb_r = gb.read_port()
-        gb_bits = (p.gb_columns - 1).bit_length()
-        m.d.comb += [
-            gb_w.en.eq(execute & (op == PimOp.WRGB)),
-            gb_w.addr.eq(col[:gb_bits] if gb_bits else 0),
-            gb_w.data.eq(bus.data),
-            gb_r.addr.eq(col[:gb_bits] if gb_bits else 0),
-        ]
+        if lp:
+            gb_data = self._wide_gb(m, p, execute & (op == PimOp.WRGB), col, bus.data)
+        else:
+            m.submodules.gb = gb = Memory(shape=p.column_bits, depth=p.gb_columns, init=[])
+            gb_w = gb.write_port()
+            gb_r = gb.read_port()
+            gb_bits = (p.gb_columns - 1).bit_length()
+            m.d.comb += [
+                gb_w.en.eq(execute & (op == PimOp.WRGB)),
+                gb_w.addr.eq(col[:gb_bits] if gb_bits else 0),
+                gb_w.data.eq(bus.data),
+                gb_r.addr.eq(col[:gb_bits] if gb_bits else 0),
+            ]
+            gb_data = gb_r.data
 
         # Bank strobes -------------------------------------------------------
         bpw = p.banks_per_word
@@ -311,10 +345,14 @@ class PimChannel(wiring.Component):
                 bk["do_mac"].eq(execute & (((op == PimOp.MACSB) & here) | (op == PimOp.MACAB))),
                 bk["do_af"].eq(execute & (op == PimOp.AF)),
                 bk["row"].eq(bus.row), bk["col"].eq(col), bk["wdata"].eq(bus.data), bk["wmask"].eq(bus.mask),
-                bk["gb_data"].eq(gb_r.data), bk["pim_row"].eq(p_row),
+                bk["gb_data"].eq(gb_data), bk["pim_row"].eq(p_row),
                 bk["bias_load"].eq(execute & (op == PimOp.WRBIAS) & (col == b // bpw)),
                 bk["bias_value"].eq(bus.data[32 * (b % bpw):32 * (b % bpw + 1)]),
             ]
+            if lp:
+                m.d.comb += [bk["do_lds"].eq(execute & (op.as_value() == LOWPREC_OPCODES["LDSCAB"])),
+                             bk["do_ldsel"].eq(execute & (op.as_value() == LOWPREC_OPCODES["LDSLAB"])
+                                               if p.grid_choice else 0)]
 
         # Read return: sample one cycle after the command, deliver at tRL --------
         r_valid = Signal()
@@ -323,6 +361,9 @@ class PimChannel(wiring.Component):
         r_col = Signal(p.column_addr_bits)
         returns = execute & op.as_value().matches(*READ_OPS)
         m.d.sync += [r_valid.eq(returns), r_kind.eq(op), r_bank.eq(bank), r_col.eq(col)]
+        if p.acc_slots == 2:
+            r_slot = Signal(name="r_slot")
+            m.d.sync += r_slot.eq(bus.row[4])
         r_data = Signal(p.column_bits)
         with m.Switch(r_kind):
             with m.Case(PimOp.RD):
@@ -335,7 +376,9 @@ class PimChannel(wiring.Component):
                     with m.Switch(r_col):
                         for g in range(p.acc_groups):
                             with m.Case(g):
-                                group = [banks[b][src] for b in range(g * bpw, min(nb, (g + 1) * bpw))]
+                                group = [banks[b][src] if src == "af_out" or p.acc_slots == 1 else
+                                         Mux(r_slot, banks[b]["acc1"], banks[b]["acc"])
+                                         for b in range(g * bpw, min(nb, (g + 1) * bpw))]
                                 m.d.comb += r_data.eq(Cat(*group))
         valid, data = delay_pipe(m, r_valid, r_data, t.tRL - 1, "rl")
         m.d.comb += [bus.rvalid.eq(valid), bus.rdata.eq(data)]
@@ -357,6 +400,27 @@ class PimChannel(wiring.Component):
         return m
 
     @staticmethod
+    def _wide_gb(m, p, we, col, wdata):
+        """4-bit weights: the global buffer as ``act_ratio`` memories of ``gb_slots`` columns. WRGB of column
+        ``col`` writes memory ``col mod act_ratio`` at ``col // act_ratio`` (256 bits); a MAC of column ``col``
+        reads slot ``col mod gb_slots`` of every memory: one MAC's 64 activations, one cycle later."""
+        r = p.act_ratio
+        rb = (r - 1).bit_length()
+        sb = (p.gb_slots - 1).bit_length()
+        words = []
+        for i in range(r):
+            mem = m.submodules[f"gb{i}"] = Memory(shape=p.column_bits, depth=p.gb_slots, init=[])
+            w, rd = mem.write_port(), mem.read_port()
+            m.d.comb += [
+                w.en.eq(we & (col[:rb] == i)),
+                w.addr.eq(col[rb:rb + sb] if sb else 0),
+                w.data.eq(wdata),
+                rd.addr.eq(col[:sb] if sb else 0),
+            ]
+            words.append(rd.data)
+        return Cat(*words)
+
+    @staticmethod
     def _first(m, code, rules):
         """Set ``code`` to the first rule whose condition holds."""
         with m.If(rules[0][0]):
@@ -370,9 +434,9 @@ def _width(cfg, name):
     p = cfg.pim
     return {
         "chan_id": 8, "bank_id": 8, "row": p.row_addr_bits, "col": p.column_addr_bits,
-        "wdata": p.column_bits, "wmask": p.column_bytes, "gb_data": p.column_bits, "bias_value": 32,
+        "wdata": p.column_bits, "wmask": p.column_bytes, "gb_data": p.column_bits * p.act_ratio, "bias_value": 32,
         "pim_row": p.row_addr_bits,
-        "open_row": p.row_addr_bits, "rdata": p.column_bits, "acc": 32, "af_out": 32,
+        "open_row": p.row_addr_bits, "rdata": p.column_bits, "acc": 32, "af_out": 32, "acc1": 32,
     }.get(name, 1)
 
 

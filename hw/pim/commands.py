@@ -39,6 +39,20 @@ NewtonSim model):
 
 Every column-type command (``col_rd``, ``col_wr``, ``gb``) is spaced by
 ``tCCD`` from the previous one on the channel.
+
+Low-precision processing units (``PimGeometry.weight_format`` ``int4`` / ``fp4``, issue 19; the
+``LOWPREC_ONLY`` commands are illegal opcodes on a BF16 device): each bank has a register of 16 group
+scales and one of 16 grid selectors, loaded by LDSCAB / LDSLAB from a column of its open (PIM) row. A
+MACSB / MACAB carries in its otherwise unused ``row`` field the scale slot (bits 0-3: the column's group
+index mod 16; it also picks the selector) and, with ``acc_slots = 2``, the accumulator slot (bit 4);
+WRBIAS, RDMAC and AF take the accumulator slot in ``row`` bit 4 as well, and PU_BUSY is per slot (tMAC
+after the last MAC into the same slot). With 4-bit weights a MAC consumes 64 activations, ``act_ratio``
+global-buffer columns (4 BF16, 2 FP8): MAC ``col`` reads GB slot ``col mod gb_slots`` (GB columns
+``act_ratio * slot .. + act_ratio - 1``).
+
+The ``LOWPREC_ONLY`` commands are in the table (the checker and the docs read them) but not members of
+:class:`PimOp`: the enum's members are written into the Verilog of every signal of its shape, so a new
+member would change the text of every BF16 device; their opcodes are in :data:`LOWPREC_OPCODES`.
 """
 
 import types
@@ -46,7 +60,7 @@ from dataclasses import dataclass
 
 from amaranth.lib import enum as aenum
 
-__all__ = ["Command", "COMMANDS", "COLUMN_OPS", "DUAL_ONLY", "READ_OPS", "ops_where", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
+__all__ = ["Command", "COMMANDS", "COLUMN_OPS", "DUAL_ONLY", "LOWPREC_ONLY", "LOWPREC_OPCODES", "READ_OPS", "ops_where", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
 
 OP_BITS = 5
 
@@ -78,32 +92,44 @@ COMMANDS = (
     Command("WRGB", 8, "gb", ("col", "data"), True, False,
             "Write `data` (16 BF16 values) to global-buffer column `col`."),
     Command("MACSB", 9, "col_rd", ("bank", "col"), False, False,
-            "Single-bank MAC: acc[bank] += sum over lanes of W[bank][row][col] x GB[col mod gb_columns].", "pim"),
+            "Single-bank MAC: acc[bank] += sum over lanes of W[bank][row][col] x GB[col mod gb_columns]. "
+            "4-bit weights: 64 codes x GB slot col mod gb_slots, scale slot `row` bits 0-3, accumulator "
+            "slot `row` bit 4 (acc_slots = 2).", "pim"),
     Command("MACAB", 10, "col_rd", ("col",), True, False,
             "All-bank MAC: MACSB on every bank at once with the same column (each bank's open row).", "pim"),
     Command("WRBIAS", 11, "gb", ("col", "data"), True, False,
             "Preload accumulators of banks 8*col .. 8*col+7 with the FP32 values packed in `data` "
-            "(word k for bank 8*col+k; column_bits/32 banks per command)."),
+            "(word k for bank 8*col+k; column_bits/32 banks per command); acc_slots = 2: slot `row` bit 4."),
     Command("RDMAC", 12, "gb", ("col",), True, True,
-            "Read the FP32 accumulators of banks 8*col .. 8*col+7 packed in one word, tRL cycles later."),
+            "Read the FP32 accumulators of banks 8*col .. 8*col+7 packed in one word, tRL cycles later; "
+            "acc_slots = 2: slot `row` bit 4."),
     Command("AF", 13, "col_rd", (), True, False,
             "Activation function on every bank: af[b] = LUT-interpolated f(acc[b]); each bank's open row "
-            "must be a reserved AF row (it holds the lookup table).", "pim"),
+            "must be a reserved AF row (it holds the lookup table); acc_slots = 2: accumulator slot 0.", "pim"),
     Command("RDAF", 14, "gb", ("col",), True, True,
             "Read the activation results of banks 8*col .. 8*col+7 packed in one word, tRL cycles later."),
     Command("PACTAB", 15, "act", ("row",), True, False,
             "Dual row buffers only: open `row` in every bank's PIM row buffer (NeuPIMs' PIM activate).", "pim"),
     Command("PPREAB", 16, "pre", (), True, False,
             "Dual row buffers only: close every bank's PIM row buffer.", "pim"),
+    Command("LDSCAB", 17, "col_rd", ("col",), True, False,
+            "4-bit weights only: load every bank's scale register (16 FP16/BF16 group scales) from column "
+            "`col` of its open (PIM) row.", "pim"),
+    Command("LDSLAB", 18, "col_rd", ("col",), True, False,
+            "fp4 with grid choice only: load every bank's selector register (16 2-bit grid selectors, the "
+            "column's low 32 bits) from column `col` of its open (PIM) row.", "pim"),
 )
 
 DUAL_ONLY = ("PACTAB", "PPREAB")
 """Commands that exist only with two row buffers (illegal opcodes with one)."""
+LOWPREC_ONLY = ("LDSCAB", "LDSLAB")
+"""Commands that exist only with 4-bit weights (LDSLAB: fp4 with grid choice); not :class:`PimOp` members."""
+LOWPREC_OPCODES = {c.name: c.opcode for c in COMMANDS if c.name in LOWPREC_ONLY}
 
 
 def ops_where(pred) -> tuple:
     """The :class:`PimOp` members of the commands for which ``pred(command)`` holds (table order)."""
-    return tuple(PimOp[c.name] for c in COMMANDS if pred(c))
+    return tuple(PimOp[c.name] for c in COMMANDS if c.name not in LOWPREC_ONLY and pred(c))
 
 
 
@@ -121,8 +147,8 @@ def _enum(name, items, shape):
     return types.new_class(name, (aenum.Enum,), {"shape": shape}, body)
 
 
-PimOp = _enum("PimOp", [(c.name, c.opcode) for c in COMMANDS], OP_BITS)
-PimOp.__doc__ = "PIM command opcodes, generated from :data:`COMMANDS`."
+PimOp = _enum("PimOp", [(c.name, c.opcode) for c in COMMANDS if c.name not in LOWPREC_ONLY], OP_BITS)
+PimOp.__doc__ = "PIM command opcodes, generated from :data:`COMMANDS` (without :data:`LOWPREC_ONLY`)."
 
 COLUMN_OPS = ops_where(lambda c: c.timing in ("col_rd", "col_wr", "gb"))
 """Column-type commands: every one is spaced ``tCCD`` from the previous one."""
@@ -155,7 +181,8 @@ VIOLATIONS = (
     Violation("REFRESH_LATE", 13, "More than refresh_postpone refreshes owed (tREFI deadline missed)."),
     Violation("BAD_ADDRESS", 14, "Global-buffer or accumulator-group column out of range, or AF with a "
                                  "non-reserved row open."),
-    Violation("PU_BUSY", 15, "WRBIAS, RDMAC or AF within tMAC of a MAC, or RDAF within tAF of AF."),
+    Violation("PU_BUSY", 15, "WRBIAS, RDMAC or AF within tMAC of a MAC (into the same accumulator slot), "
+                             "or RDAF within tAF of AF."),
 )
 
 ViolationCode = _enum("ViolationCode", [(v.name, v.code) for v in VIOLATIONS], 4)

@@ -29,6 +29,12 @@ DRAM column (16 FP16 scales, 128 selectors per column; :func:`firmware.quant.pac
 Column counting: the first column after ``acc_load`` starts a group; a group is ``group / 64`` columns. The
 caller must not load the accumulator while columns are in flight (as for the BF16 unit).
 
+Accumulator slots (``slots = 2``, the PIM bank's ``acc_slots``): two FP32 accumulators. Every column carries
+its slot (``slot``), which travels with it through the pipeline; its group's term is added to that slot's
+accumulator (one shared adder: a term per cycle at most). ``acc_load`` loads the slot ``acc_slot``, and may
+load one slot while the other slot's columns are in flight, provided it comes between whole groups (the
+column count restarts at every ``acc_load``). ``acc`` is slot 0, ``acc1`` slot 1.
+
 Members
 -------
 valid : In(1)
@@ -45,6 +51,8 @@ acc_load, acc_value : In(1), In(32)
     Load the accumulator (clear or bias).
 acc : Out(32)
     The FP32 accumulator; holds a group's term ``latency`` cycles after the group's last column came in.
+slot, acc_slot, acc1 : In(1), In(1), Out(32)
+    ``slots = 2`` only: the column's accumulator slot, the slot ``acc_load`` loads, slot 1's accumulator.
 """
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
@@ -111,6 +119,8 @@ class LowPrecMacUnit(wiring.Component):
         ``fp4``: code ``0b1000`` takes the selector's extra value (else it is -0).
     fp_impl : str
         ``"rtl"`` or ``"dpi"`` for the FP32 adders / BF16 multipliers (:func:`hw.arith.check_fp_impl`).
+    slots : int
+        Accumulator slots: 1 or 2 (4-bit weights).
 
     Raises
     ------
@@ -119,7 +129,7 @@ class LowPrecMacUnit(wiring.Component):
     """
 
     def __init__(self, weights: str = "int4", acts: str = "fp8_e4m3", group: int = 128, scale_format: str = "fp16",
-                 grid_choice: bool = True, fp_impl: str = "rtl"):
+                 grid_choice: bool = True, fp_impl: str = "rtl", slots: int = 1):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"Weight format must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
         if acts not in ACT_FORMATS:
@@ -136,8 +146,11 @@ class LowPrecMacUnit(wiring.Component):
         self._scale_format, self._grid_choice = scale_format, bool(grid_choice)
         self._fp_impl = check_fp_impl(fp_impl)
         self._lanes = lanes
+        if slots not in (1, 2) or isinstance(slots, bool) or (slots == 2 and weights == "bf16"):
+            raise ValueError(f"Accumulator slots must be 1, or 2 with 4-bit weights, not {slots!r}")
+        self._slots = slots
         act_bits = 16 if acts == "bf16" else 8
-        super().__init__({
+        members = {
             "valid": In(1),
             "w": In(COLUMN_BITS),
             "x": In(data.ArrayLayout(act_bits, lanes)),
@@ -146,7 +159,10 @@ class LowPrecMacUnit(wiring.Component):
             "acc_load": In(1),
             "acc_value": In(32),
             "acc": Out(32),
-        })
+        }
+        if slots == 2:
+            members.update({"slot": In(1), "acc_slot": In(1), "acc1": Out(32)})
+        super().__init__(members)
 
     @property
     def lanes(self) -> int:
@@ -165,18 +181,27 @@ class LowPrecMacUnit(wiring.Component):
         return self._group
 
     @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
     def columns_per_group(self) -> int:
         return 1 if self._weights == "bf16" else self._group // self._lanes
 
     @property
     def latency(self) -> int:
         """Cycles from a group's last column entering (``valid``) to the accumulator holding its term."""
-        if self._weights == "bf16":
+        return self.latency_for(self._weights, self._acts)
+
+    @staticmethod
+    def latency_for(weights: str, acts: str) -> int:
+        """:attr:`latency` of a unit with these formats (without building one)."""
+        if weights == "bf16":
             return MacUnit.latency_for(16)
-        if self._acts == "fp8_e4m3":
+        if acts == "fp8_e4m3":
             return 7            # products, tree x2, partial sum, scale multiply, round, accumulator
         # the 64-input AdderTree: 2 stages per level
-        return BF16Multiplier.latency + 2 * (self._lanes.bit_length() - 1) + 4
+        return BF16Multiplier.latency + 2 * (64).bit_length() - 2 + 4
 
     # -- elaboration -----------------------------------------------------------------------------
 
@@ -210,6 +235,18 @@ class LowPrecMacUnit(wiring.Component):
 
         # The accumulator: one FP32 addition per group term (the BF16 unit's adder).
         acc = Signal(32, name="acc_reg")
+        if self._slots == 2:
+            acc1 = Signal(32, name="acc1_reg")
+            st = fp32_add_align(m, m.d.comb, Mux(term["slot"], acc1, acc), term["t"], prefix="acc",
+                                fp_impl=self._fp_impl)
+            total = fp32_add_round(m, m.d.comb, st, prefix="acc")
+            for k, reg in enumerate((acc, acc1)):
+                with m.If(self.acc_load & (self.acc_slot == k)):
+                    m.d.sync += reg.eq(self.acc_value)
+                with m.Elif(term["valid"] & (term["slot"] == k)):
+                    m.d.sync += reg.eq(total)
+            m.d.comb += [self.acc.eq(acc), self.acc1.eq(acc1)]
+            return m
         st = fp32_add_align(m, m.d.comb, acc, term["t"], prefix="acc", fp_impl=self._fp_impl)
         total = fp32_add_round(m, m.d.comb, st, prefix="acc")
         with m.If(self.acc_load):
@@ -219,12 +256,15 @@ class LowPrecMacUnit(wiring.Component):
         m.d.comb += self.acc.eq(acc)
         return m
 
-    def _stage(self, m, name, *, valid, first, last, scale):
-        """Pipeline register of the control that travels beside the data: (valid, first, last, scale)."""
+    def _stage(self, m, name, *, valid, first, last, scale, slot=None):
+        """Pipeline register of the control that travels beside the data: (valid, first, last, scale[, slot])."""
         regs = dict(valid=Signal(name=f"{name}_valid"), first=Signal(name=f"{name}_first"),
                     last=Signal(name=f"{name}_last"), scale=Signal(16, name=f"{name}_scale"))
         m.d.sync += [regs["valid"].eq(valid), regs["first"].eq(first), regs["last"].eq(last),
                      regs["scale"].eq(scale)]
+        if self._slots == 2:
+            regs["slot"] = Signal(name=f"{name}_slot")
+            m.d.sync += regs["slot"].eq(slot)
         return regs
 
     # -- FP8 activations: exact integer partial sums -------------------------------------------------
@@ -266,7 +306,7 @@ class LowPrecMacUnit(wiring.Component):
             m.d.sync += p.eq(Mux(ws ^ as_, -mag, mag))
             prods.append(p)
             nans.append(an)
-        s1 = self._stage(m, "s1", valid=self.valid, first=first, last=last, scale=self.scale)
+        s1 = self._stage(m, "s1", valid=self.valid, first=first, last=last, scale=self.scale, slot=self._slot_in())
         nan1 = Signal(name="s1_nan")
         m.d.sync += nan1.eq(Cat(*nans).any())
 
@@ -287,11 +327,11 @@ class LowPrecMacUnit(wiring.Component):
 
         half = (lanes.bit_length() - 1) // 2
         level = tree_levels(prods, half, 2)
-        s2 = self._stage(m, "s2", **{k: s1[k] for k in ("valid", "first", "last", "scale")})
+        s2 = self._stage(m, "s2", **s1)
         nan2 = Signal(name="s2_nan")
         m.d.sync += nan2.eq(nan1)
         level = tree_levels(level, lanes.bit_length() - 1 - half, 3)
-        s3 = self._stage(m, "s3", **{k: s2[k] for k in ("valid", "first", "last", "scale")})
+        s3 = self._stage(m, "s3", **s2)
         nan3 = Signal(name="s3_nan")
         m.d.sync += nan3.eq(nan2)
         colsum = level[0]
@@ -315,9 +355,10 @@ class LowPrecMacUnit(wiring.Component):
         m.d.comb += total.eq(part_next)
         m.d.sync += [sv.eq(s3["valid"] & s3["last"]), gsign.eq(total < 0),
                      gmag.eq(Mux(total < 0, -total, total)), gnan.eq(nan_next), gscale.eq(s3["scale"])]
+        gslot = self._slot_reg(m, s3)
         # Value = gmag * 2^exp: int4 (units 1) x E4M3 (2^-9), fp4 (units 1/2) x E4M3.
         exp = -9 if self._weights == "int4" else -10
-        return self._scaler(m, sv, gsign, gmag, Const(exp, signed(10)), gnan, Const(0, 1), gscale)
+        return self._scaler(m, sv, gsign, gmag, Const(exp, signed(10)), gnan, Const(0, 1), gscale, gslot)
 
     # -- BF16 activations: FP32 order ---------------------------------------------------------------
 
@@ -343,8 +384,10 @@ class LowPrecMacUnit(wiring.Component):
             p = bf16_mul(m, m.d.sync, self._weight_bf16(m, k), self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl)
             m.d.comb += tree.i[k].eq(p)
         ctl = dict(valid=self.valid, first=first, last=last, scale=self.scale)
+        if self._slots == 2:
+            ctl["slot"] = self._slot_in()
         for stage in range(BF16Multiplier.latency + tree.latency):
-            ctl = self._stage(m, f"p{stage + 1}", **{k: ctl[k] for k in ("valid", "first", "last", "scale")})
+            ctl = self._stage(m, f"p{stage + 1}", **ctl)
         colsum = tree.o
 
         # Group partial sum: the first column sum, then FP32 + each further column sum.
@@ -364,12 +407,25 @@ class LowPrecMacUnit(wiring.Component):
         m.d.comb += gmag.eq(Mux(e == 0, 0, Cat(f, 1)))      # FP32 values here are never subnormal
         gexp = Signal(signed(10), name="g_exp")
         m.d.comb += gexp.eq(_signed(e) - 150)
-        return self._scaler(m, sv, g[31], gmag, gexp, (e == 0xFF) & (f != 0), (e == 0xFF) & (f == 0), gscale)
+        gslot = self._slot_reg(m, ctl)
+        return self._scaler(m, sv, g[31], gmag, gexp, (e == 0xFF) & (f != 0), (e == 0xFF) & (f == 0), gscale,
+                            gslot)
+
+    def _slot_in(self):
+        return self.slot if self._slots == 2 else None
+
+    def _slot_reg(self, m, ctl):
+        """The scaler's input register of the slot (``slots = 2``), beside ``g_valid``."""
+        if self._slots != 2:
+            return None
+        gslot = Signal(name="g_slot")
+        m.d.sync += gslot.eq(ctl["slot"])
+        return gslot
 
     # -- fused dequantization: (sign, magnitude * 2^exp) x scale, rounded once to FP32 ----------------
 
-    def _scaler(self, m, valid, sign, mag, exp, nan, inf, scale):
-        """Two stages: the exact product, then normalise and round. Returns {"valid", "t"}."""
+    def _scaler(self, m, valid, sign, mag, exp, nan, inf, scale, slot=None):
+        """Two stages: the exact product, then normalise and round. Returns {"valid", "t"[, "slot"]}."""
         if self._scale_format == "fp16":
             se, sf, ebits, fbits, bias = scale[10:15], scale[0:10], 5, 10, 15
             s_sig = Mux(se == 0, sf, Cat(sf, 1))               # FP16 subnormals are kept
@@ -419,4 +475,9 @@ class LowPrecMacUnit(wiring.Component):
             m.d.sync += t.eq(Cat(Const(0, 31), qsign))
         with m.Else():
             m.d.sync += t.eq(Cat(frac, rexp[0:8], qsign))
-        return dict(valid=tvalid, t=t)
+        out = dict(valid=tvalid, t=t)
+        if slot is not None:
+            qslot, tslot = Signal(name="sc_slot"), Signal(name="term_slot")
+            m.d.sync += [qslot.eq(slot), tslot.eq(qslot)]
+            out["slot"] = tslot
+        return out
