@@ -23,7 +23,8 @@ For a device whose processing units take 4-bit weights (``PimGeometry.weight_for
 Program (per channel; the channels run the same program on their own outputs), chunk by chunk: the
 chunk's WRGBs (in the precharge / activate gap of the previous row), then per row ``ACTAB`` and per unit
 ``u`` of the row: ``WRBIAS`` into accumulator slot ``u mod acc_slots`` (bias, zero, or the partial sums
-of the previous chunk read back), per scale column ``LDSCAB`` [``LDSLAB``] and the ``MACAB`` of its
+of the previous chunk read back; with two slots and units at least ``tMAC - 2 * acc_groups`` reads long, the
+row's first two units are preloaded while the row activates), per scale column ``LDSCAB`` [``LDSLAB``] and the ``MACAB`` of its
 groups' code columns (row field: scale slot | accumulator slot << 4), then ``RDMAC`` of the previous unit
 (its tMAC has passed by then: it overlaps the MACs of this one). The last unit's ``RDMAC`` goes after the
 row's ``PREAB``. With one accumulator slot the ``RDMAC`` of a unit follows its own MACs.
@@ -255,12 +256,24 @@ def w4_gemv_program(layout: W4GemvLayout, with_bias: bool = True):
         kind = "result" if c == layout.chunks - 1 else "partial_out"
         return [("RDMAC", {"col": g, "row": (u % slots) << 4, "tag": (kind, tile, g)}) for g in range(groups)]
 
+    def preload(tile, c, s):
+        for g in range(groups):
+            if c > 0:
+                yield "WRBIAS", {"col": g, "row": s << 4, "data": ("partial", tile, g),
+                                 "after": ("partial_out", tile, g)}
+            else:
+                yield "WRBIAS", {"col": g, "row": s << 4, "data": ("bias", tile, g) if with_bias else ("zero",)}
+
     pending = []                     # WRGBs of the next chunk not yet issued
     for g in _wrgbs(layout, 0):
         pending.append(("WRGB", {"col": g, "data": ("x", 0, g)}))
     u = 0
     for c in range(layout.chunks):
         gpc = layout.chunk_groups(c)
+        # Hoist the second unit's preload into the activation gap only when a unit's reads alone cover the
+        # previous unit's tMAC less its read-out and preload (else the read-out stalls and nothing is won).
+        reads = layout.chunk_cols(c) + layout.scale_cols(c) + layout.sel_cols(c)
+        hoist = slots == 2 and reads * t.tCCD >= t.tMAC - 2 * groups * t.tCCD
         for r in range(layout.rows_per_chunk):
             tiles = list(range(r * layout.per_row, min(layout.tiles, (r + 1) * layout.per_row)))
             yield "REFRESH_POINT", {}
@@ -269,13 +282,15 @@ def w4_gemv_program(layout: W4GemvLayout, with_bias: bool = True):
             pending = []
             for j, tile in enumerate(tiles):
                 s = u % slots
-                for g in range(groups):
-                    if c > 0:
-                        yield "WRBIAS", {"col": g, "row": s << 4, "data": ("partial", tile, g),
-                                         "after": ("partial_out", tile, g)}
-                    else:
-                        yield "WRBIAS", {"col": g, "row": s << 4,
-                                         "data": ("bias", tile, g) if with_bias else ("zero",)}
+                # Preloads: the row's first two units' (both slots are free before the row's ACT: their
+                # previous units were read out) while the row activates; a later unit's after the RDMAC of
+                # the unit two before it.
+                if j == 0:
+                    yield from preload(tile, c, s)
+                    if hoist and len(tiles) > 1:
+                        yield from preload(tiles[1], c, 1 - s)
+                elif j > 1 or not hoist or len(tiles) == 1:
+                    yield from preload(tile, c, s)
                 code, sc, sl = layout.unit_columns_at(j, c)
                 cpg = p.quant_group // 64
                 for k in range(len(sc)):

@@ -18,6 +18,15 @@ stored results of ``python -m hw.synth lowprec_fp4_fp8 lowprec_int4_fp8 lowprec_
 ECP5 Fmax where ``python -m hw.synth lowprec_fp4_fp8 --pnr-all`` was run) and
 their ratio to the BF16 unit ``mac16``; a row saying so when a result is not stored for the current Verilog.
 
+``lowprec_gemv_speedup`` rows (issue 19): the GPT-2-small FC GEMVs (768x2304, 768x768, 768x3072, 3072x768;
+FC1 without GELU on both sides: the 4-bit program has no AF step) on the RTL PIM device, ``value`` = cycles of
+the BF16 GEMV on ``default`` (:func:`sim.cli.run_pim_gemvs`) / cycles of the 4-bit GEMV on ``default-w4`` (the
+same geometry with INT4 weights, BF16 activations, two accumulator slots; :mod:`firmware.pim_lowprec`,
+``sim/tb/pim_lowprec_tb.py``: bit-exact against the golden unit model on a sample of outputs, protocol
+checker on), one row per shape and one over the four (summed cycles); ``bound_ratio`` is the ratio of the
+two lower bounds (:func:`firmware.pim.gemv_lower_bound`, :func:`firmware.pim_lowprec.w4_gemv_lower_bound`).
+``--quick``: the first shape only.
+
 All rows use the same windows of the held-out text (4 windows of 128 bytes,
 508 predictions; ``--quick``: 1 window). Needs ``build/lm/shakespeare.safetensors``
 (``make model``); a full run stores its rows with the hashes of the weights and of the code
@@ -64,8 +73,73 @@ def _synth_rows():
         yield row
 
 
+GEMV_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+GEMV_TARGET = 3.0
+
+
+def run_w4_gemvs(config: str, shapes, check_all: bool = False, quiet: bool = True) -> dict:
+    """4-bit GEMVs ``[(K, N), ...]`` on the RTL PIM device ``config``; the testbench's metrics (``shapes``)."""
+    import contextlib
+    import json
+    import os
+    import tempfile
+    import time
+
+    from hw.config import preset
+    from hw.pim import device_factory, device_sources
+    from sim.build import BUILD_ROOT, build
+    from sim.console import Quiet
+
+    cfg = preset(config)
+    log = str(BUILD_ROOT / "logs" / f"w4_gemv_{config}.log")
+    with tempfile.TemporaryDirectory() as tmp, (Quiet(log) if quiet else contextlib.nullcontext()):
+        t0 = time.perf_counter()
+        b = build(device_factory(cfg), name=f"pim_device_{config}", key=repr(cfg), sim="verilator",
+                  extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+        build_s = time.perf_counter() - t0
+        metrics = os.path.join(tmp, "metrics.jsonl")
+        env = {"IANUS_CONFIG": config, "GEMV_SHAPES": ",".join(f"{k}x{n}" for k, n in shapes),
+               "IANUS_METRICS": metrics, "CHECK_ALL": int(check_all)}
+        t0 = time.perf_counter()
+        b.run("sim.tb.pim_lowprec_tb", "w4_gemv", env=env, test_name=f"bench_w4_gemv_{config}")
+        wall = time.perf_counter() - t0
+        result = [json.loads(line) for line in open(metrics)][-1]
+    result.update(wall_s=wall, build_s=build_s)
+    return result
+
+
+def _gemv_rows(quick):
+    from firmware.pim import gemv_lower_bound
+    from firmware.pim_lowprec import w4_gemv_lower_bound
+    from hw.config import preset
+    from sim.cli import run_pim_gemvs
+
+    shapes = GEMV_SHAPES[:1] if quick else GEMV_SHAPES
+    bf = run_pim_gemvs("default", [(k, n, False) for k, n in shapes])
+    w4 = run_w4_gemvs("default-w4", shapes)
+    cb, cw = preset("default"), preset("default-w4")
+    tot = {"bf16": 0, "w4": 0, "bf16_bound": 0, "w4_bound": 0}
+    for (k, n), rb, rw in zip(shapes, bf["shapes"], w4["shapes"], strict=True):
+        bb, bw = gemv_lower_bound(cb, k, n)["cycles"], w4_gemv_lower_bound(cw, k, n)["cycles"]
+        for key, v in (("bf16", rb["cycles"]), ("w4", rw["cycles"]), ("bf16_bound", bb), ("w4_bound", bw)):
+            tot[key] += v
+        yield {"name": "lowprec_gemv_speedup", "value": round(rb["cycles"] / rw["cycles"], 3),
+               "unit": "x (bf16 cycles / w4 cycles)", "shape": f"{k}x{n}", "bf16_cycles": rb["cycles"],
+               "w4_cycles": rw["cycles"], "bf16_config": "default", "w4_config": "default-w4",
+               "bound_ratio": round(bb / bw, 3), "bf16_bound_cycles": bb, "w4_bound_cycles": bw,
+               "w4_units_per_row": rw["per_row"], "w4_rows": rw["rows"], "target": GEMV_TARGET,
+               "note": "RTL device, protocol checker on; FC1 without GELU on both sides"}
+    yield {"name": "lowprec_gemv_speedup", "value": round(tot["bf16"] / tot["w4"], 3),
+           "unit": "x (bf16 cycles / w4 cycles)", "shape": "+".join(f"{k}x{n}" for k, n in shapes),
+           "bf16_cycles": tot["bf16"], "w4_cycles": tot["w4"], "bf16_config": "default", "w4_config": "default-w4",
+           "bound_ratio": round(tot["bf16_bound"] / tot["w4_bound"], 3), "target": GEMV_TARGET,
+           "w4_sim_wall_s": round(w4["wall_s"], 1), "w4_build_s": round(w4["build_s"], 1),
+           "note": "summed over the shapes"}
+
+
 def run(quick=False):
     yield from _synth_rows()
+    yield from _gemv_rows(quick)
     from sim.lm import data
     from sim.lm.model import DEFAULT_WEIGHTS, load
     from sim.lm.perplexity import evaluate, windows
