@@ -355,3 +355,59 @@ def test_parameter_errors():
                     (dict(group=32), "Group size"), (dict(scale_format="fp32"), "Scale format")]:
         with pytest.raises(ValueError, match=msg):
             LowPrecMacUnit(**kw)
+
+
+@pytest.mark.parametrize("weights,acts", [("int4", "fp8_e4m3"), ("fp4", "bf16")])
+def test_rtl_two_accumulator_slots(weights, acts):
+    """``slots=2`` (the PIM bank's acc_slots): tiles alternate between the slots, each slot loaded
+    (``acc_slot``) right after the previous tile's last column, while that tile's groups are still in flight;
+    a slot is reloaded only ``latency`` after its own tile's last column (PU_BUSY per slot). Each tile's slot
+    ends bit-exact with unit_acc of its groups (acc0 = its load)."""
+    rng = np.random.default_rng(5)
+    unit = LowPrecMacUnit(weights, acts, 128, "fp16", True, slots=2)
+    cpg = unit.columns_per_group
+    tiles = [[make_group(rng, "random", unit, "fp16") for _ in range(n)] for n in (2, 1, 3, 2, 1)]
+    loads = [int(np.float32(rng.standard_normal()).view(np.uint32)) for _ in tiles]
+    sim = Simulator(unit)
+    sim.add_clock(1e-6)
+    rec = []                       # (acc, acc1) after every edge
+    last_col = {}                  # tile -> index in rec of the edge its last column entered
+
+    async def tick(ctx):
+        await ctx.tick()
+        rec.append((ctx.get(unit.acc), ctx.get(unit.acc1)))
+
+    async def tb(ctx):
+        for t, groups in enumerate(tiles):
+            ctx.set(unit.valid, 0)
+            if t >= 2:             # the slot's previous tile must have its last term in
+                while len(rec) < last_col[t - 2] + unit.latency:
+                    await tick(ctx)
+            ctx.set(unit.acc_load, 1)
+            ctx.set(unit.acc_slot, t % 2)
+            ctx.set(unit.acc_value, loads[t])
+            await tick(ctx)
+            ctx.set(unit.acc_load, 0)
+            for c, a, s, sel in groups:
+                for j in range(cpg):
+                    ctx.set(unit.w, _column_word(c[j]))
+                    for k in range(unit.lanes):
+                        ctx.set(unit.x[k], int(a[j][k]))
+                    ctx.set(unit.scale, s)
+                    ctx.set(unit.sel, sel)
+                    ctx.set(unit.slot, t % 2)
+                    ctx.set(unit.valid, 1)
+                    await tick(ctx)
+            last_col[t] = len(rec)
+        ctx.set(unit.valid, 0)
+        for _ in range(unit.latency + 2):
+            await tick(ctx)
+
+    sim.add_testbench(tb)
+    sim.run()
+    for t, groups in enumerate(tiles):
+        want = loads[t]
+        for c, a, s, sel in groups:
+            want = L.unit_acc(weights, acts, c, a, [s], [sel], want, 128, "fp16", True)
+        got = rec[last_col[t] + unit.latency - 1][t % 2]
+        assert got == want, f"tile {t} (slot {t % 2}): RTL {got:#010x}, golden {want:#010x}"
