@@ -747,6 +747,8 @@ class LayerCompiler:
 
     def fc_pim(self, pb, a_addr, K, lay, N, bias, out_addr, gelu=False, bf16=False, write_vec=True):
         from firmware import costmodel
+        if self.cfg.pim.lowprec:
+            TIMING_ONLY.add(self.cfg)       # 4-bit weights: not in the PCU and the weight plan yet (fc1 above)
         if write_vec:
             pb.pim(op=MacroOp.WRITE_VEC, n=K, addr0=a_addr)
         flags = (MacroFlag.BIAS if bias is not None else 0) | (MacroFlag.GELU if gelu else 0)
@@ -853,6 +855,15 @@ class LayerCompiler:
             where = self.mapping[(phase, "fc1")]
             if where == "mu":
                 self.fc_mu(pb, b["h"], d, lp.fc1, f, rows, b["y"], "fc1")
+                self.bias_act(pb, b["y"], rows, f, lp.fc1_b, True, b["g"])
+            elif cfg.pim.lowprec:
+                # 4-bit PIM (issue 19): the GEMV program has no activation function (several tiles share a
+                # row), so FC1 leaves FP32 and its bias and GELU run on the vector unit. The PIM GEMV of a
+                # 4-bit device exists in the device RTL and the performance model, not yet in the PCU and the
+                # weight plan: such programs are for the performance model only (TIMING_ONLY).
+                TIMING_ONLY.add(cfg)
+                self.fc_pim(pb, b["h"], d, lp.fc1, f, None, b["y"])
+                pb.fence(Unit.PCU)
                 self.bias_act(pb, b["y"], rows, f, lp.fc1_b, True, b["g"])
             else:
                 self.fc_pim(pb, b["h"], d, lp.fc1, f, lp.fc1_b, b["g"], gelu=True, bf16=True)

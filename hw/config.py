@@ -662,7 +662,13 @@ PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
                                  "fp8_e4m3", 8, **{"pim.rows": 32, "pim.grid_choice": True}),
            "default-w4": _lowprec(_default, "w4", "INT4 weights (BF16 activations)", "int4", "bf16", 18),
            "default-w4a8": _lowprec(_default, "w4a8", "FP4 weights with grid choice and FP8 activations", "fp4",
-                                    "fp8_e4m3", 8, **{"pim.grid_choice": True})}
+                                    "fp8_e4m3", 8, **{"pim.grid_choice": True}),
+           # the paper-scale device with the low-precision unit, for the projection (groups of 64: GPT-2
+           # XL's d_model 1600 is not a multiple of 128)
+           "ianus-w4": _lowprec(_ianus, "w4", "INT4 weights (BF16 activations), groups of 64", "int4", "bf16", 18,
+                                **{"pim.quant_group": 64}),
+           "ianus-w4a8": _lowprec(_ianus, "w4a8", "FP4 weights with grid choice and FP8 activations, groups of 64",
+                                  "fp4", "fp8_e4m3", 8, **{"pim.grid_choice": True, "pim.quant_group": 64})}
 
 
 def preset(name: str) -> SystemConfig:

@@ -72,6 +72,8 @@ class _PcuMacro:
         self.port_free = 0
         self.resp_lat = 1 + self.tm.tRL + run.cal.pcu_resp_lat
         self.last_data = 0
+        self.slot = None                                     # accumulator slot of the command (4-bit device)
+        self.slot_ok = {}                                    # per channel: tMAC end per slot
 
     # -- controller side --
     def _earliest(self, ch: Channel, op, bank, tt):
@@ -98,7 +100,9 @@ class _PcuMacro:
         if op == "AF":
             return max(tt, max(ch.rd_ok), ch.mac_ok)
         if op in ("WRBIAS", "RDMAC"):
-            return max(tt, ch.mac_ok)
+            return max(tt, ch.mac_ok if self.slot is None else self.slot_ok.get(id(ch), (0, 0))[self.slot])
+        if op in ("LDSCAB", "LDSLAB"):
+            return max(tt, max(ch.rd_ok))
         if op == "RDAF":
             return max(tt, ch.af_ok)
         return tt           # WRGB
@@ -131,15 +135,18 @@ class _PcuMacro:
             ch.pre_ok[bank] = max(ch.pre_ok[bank], a + tm.tRTP)
         elif op == "WR":
             ch.pre_ok[bank] = max(ch.pre_ok[bank], a + tm.tWR)
-        elif op in ("MACAB", "AF"):
+        elif op in ("MACAB", "AF", "LDSCAB", "LDSLAB"):
             for b in range(nb):
                 ch.pre_ok[b] = max(ch.pre_ok[b], a + tm.tRTP)
             if op == "AF":                  # tMAC counts from MACs only (hw.memctrl, sim.pim_checker)
                 ch.af_ok = a + tm.tAF
-            else:
+            elif op == "MACAB":
                 ch.mac_ok = a + tm.tMAC
+                if self.slot is not None:   # 4-bit device: tMAC per accumulator slot
+                    self.slot_ok.setdefault(id(ch), [0, 0])[self.slot] = a + tm.tMAC
 
-    def emit(self, op, chans=None, bank=0, row=0, reads=False):
+    def emit(self, op, chans=None, bank=0, row=0, reads=False, slot=None):
+        self.slot = slot
         e = max(self.t, self.free)
         t_pres = e + 1
         free = t_pres
@@ -209,7 +216,10 @@ class _PcuMacro:
         if op == OP_WRITE_VEC:
             self._xfer(f["addr0"], -(-f["n"] * 2 // 32), "RD")
         elif op == OP_GEMV:
-            self._gemv()
+            if self.p.lowprec:
+                self._gemv_w4()
+            else:
+                self._gemv()
         elif op == OP_READ_RES:
             bf16 = f["flags"] & F_BF16
             self._xfer(f["addr0"], -(-f["n"] * (2 if bf16 else 4) // 32), "WR")
@@ -329,3 +339,49 @@ class _PcuMacro:
                     written += k
         for _g in range(G):
             self.emit("RDAF" if prev_af else "RDMAC", reads=True)
+
+    def _gemv_w4(self):
+        """A GEMV on a device with 4-bit weights (issue 19): the command program of
+        :func:`firmware.pim_lowprec.w4_gemv_program` (several tiles per row, two accumulator slots, LDSCAB /
+        LDSLAB of the group scales), issued in order like :meth:`_gemv`'s. The program has no activation
+        function (several tiles share a row and the AF reads the open row's LUT): the compiler runs FC1's GELU
+        on the vector unit for a 4-bit device (:meth:`firmware.compiler.LayerCompiler.stage`); a GEMV macro
+        with the GELU flag is refused here."""
+        from firmware.pim_lowprec import W4GemvLayout, w4_gemv_program
+
+        f, p = self.f, self.p
+        N = f["m"]
+        nch = p.channels
+        if f["flags"] & F_GELU:
+            raise ValueError("a 4-bit PIM GEMV has no activation function (GELU runs on the vector unit)")
+        lay = W4GemvLayout(self.r.cfg, f["n"], N)
+        bias_in = 0
+        with_bias = bool(f["flags"] & F_BIAS)
+        if with_bias:
+            self._xfer(f["addr0"], -(-N * 4 // 32), "RD")
+            bias_in = self._all_served()
+            self.served = [[] for _ in range(nch)]
+        reads = {}                                  # RDMAC tag -> its index among this GEMV's responses
+        for op, fl in w4_gemv_program(lay, with_bias=with_bias):
+            if op == "REFRESH_POINT":
+                continue
+            slot = (fl.get("row", 0) >> 4) & 1 if op in ("MACAB", "WRBIAS", "RDMAC") else None
+            if op == "WRBIAS":
+                if fl["data"][0] == "partial":      # the partial sums of the previous chunk are back
+                    self._wait_served(reads[fl["after"]] + 1)
+                elif fl["data"][0] == "bias":
+                    self.t = max(self.t, bias_in)
+                self.emit("WRBIAS", slot=slot)
+            elif op == "RDMAC":
+                reads[fl["tag"]] = len(reads)
+                self.emit("RDMAC", reads=True, slot=slot)
+            elif op in ("MACAB", "LDSCAB", "LDSLAB"):
+                self.emit(op, slot=slot)
+                self.ev["pim_mac_cols"] += p.banks * nch      # column reads of every bank (energy)
+            elif op == "WRGB":
+                self.emit("WRGB")
+                self.ev["pim_gb_writes"] += nch
+            elif op in ("ACTAB", "PACTAB", "PREAB", "PPREAB"):
+                self.emit(op.replace("PACTAB", "ACTAB").replace("PPREAB", "PREAB"), row=fl.get("row", 0))
+            else:
+                raise ValueError(f"4-bit GEMV program: unexpected command {op}")
