@@ -7,7 +7,10 @@ For a device whose processing units take 4-bit weights (``PimGeometry.weight_for
 * **Outputs** as in :class:`firmware.pim.GemvLayout`: output ``n`` in tile ``n // (banks * channels)``,
   channel ``(n // banks) % channels``, bank ``n % banks``.
 * **Input chunks**: the global buffer holds ``gb_slots`` MAC-wide slots of 64 activations, so ``K`` is cut
-  into chunks of ``chunk = floor(gb_slots * 64 / group) * group`` inputs (whole groups). A *unit* is one
+  into chunks of at most ``floor(gb_slots * 64 / group) * group`` inputs (whole groups); ``chunk_size``
+  (0: chosen) sets it. The chosen size is the one with the least estimated time (:meth:`W4GemvLayout.cost`:
+  row activations, column commands and the two-slot read-out chain), since a smaller chunk can pack more
+  units per row (FP8 activations: K = 3072 in 2048-chunks has one unit per row, in 1024-chunks three). A *unit* is one
   tile's share of one chunk: ``n_c = len_c / 64`` code columns, ``ceil(G_c / 16)`` scale columns (16 group
   scales each: local group ``16k + s`` in slot ``s`` of scale column ``k``) and, for ``fp4`` with grid
   choice, as many selector columns (16 2-bit selectors in the low 32 bits).
@@ -58,6 +61,7 @@ class W4GemvLayout:
     K: int
     N: int
     base_row: int = 0
+    chunk_size: int = 0
 
     def __post_init__(self):
         p = self.cfg.pim
@@ -72,6 +76,22 @@ class W4GemvLayout:
             raise ValueError(f"GEMV K = {self.K} is not a multiple of the quantization group {p.quant_group}")
         if not isinstance(self.base_row, int) or self.base_row < 0:
             raise ValueError(f"GEMV base_row must be a non-negative integer, not {self.base_row!r}")
+        cs = self.chunk_size
+        if not isinstance(cs, int) or isinstance(cs, bool) or cs < 0 or cs % p.quant_group or cs > self.max_chunk:
+            raise ValueError(f"GEMV chunk_size must be 0 (chosen) or a multiple of the group {p.quant_group} up to "
+                             f"{self.max_chunk} (the global buffer), not {cs!r}")
+        if cs == 0:
+            best = None
+            for m in range(1, self.max_chunk // p.quant_group + 1):
+                try:
+                    cand = W4GemvLayout(self.cfg, self.K, self.N, self.base_row, m * p.quant_group)
+                except ValueError:
+                    continue
+                if best is None or cand.cost() < best.cost():
+                    best = cand
+            object.__setattr__(self, "_chunk", best.chunk if best else self.max_chunk)
+        else:
+            object.__setattr__(self, "_chunk", cs)
         if self.unit_columns > p.columns:
             raise ValueError(f"a unit of {self.unit_columns} columns does not fit a row of {p.columns}")
         if self.base_row + self.rows_used > p.data_rows:
@@ -88,9 +108,30 @@ class W4GemvLayout:
         return -(-self.N // self.per_tile)
 
     @property
-    def chunk(self) -> int:
+    def max_chunk(self) -> int:
+        """The most inputs the global buffer holds, in whole groups."""
         p = self.cfg.pim
         return p.gb_slots * 64 // p.quant_group * p.quant_group
+
+    @property
+    def chunk(self) -> int:
+        """Inputs per chunk (``chunk_size``, or the chosen one)."""
+        return self._chunk
+
+    def cost(self) -> float:
+        """Estimated cycles of the program on this layout (to choose the chunk size): per row the bank
+        path ``tRTP + tRP + tRCDRD``, per unit the larger of its commands (reads + preload + read-out) and half
+        the two-slot chain (``tMAC`` + read-out + preload + reads of the unit two ahead), the GB writes."""
+        p, t = self.cfg.pim, self.cfg.timing
+        g = p.acc_groups
+        total = self.rows_used * (t.tRTP + t.tRP + t.tRCDRD)
+        for c in range(self.chunks):
+            reads = self.chunk_cols(c) + self.scale_cols(c) + self.sel_cols(c)
+            per_unit = reads + 2 * g
+            if p.acc_slots == 2:
+                per_unit = max(per_unit, (t.tMAC + 2 * g + reads) / 2)
+            total += self.tiles * per_unit * t.tCCD + len(_wrgbs(self, c))
+        return total
 
     @property
     def chunks(self) -> int:

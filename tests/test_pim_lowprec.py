@@ -145,7 +145,7 @@ def test_w4_layout_packs_several_units_per_row():
 
     cfg = preset("default-w4")
     L = W4GemvLayout(cfg, 768, 2304)
-    assert (L.chunk, L.chunks, L.chunk_cols(0), L.scale_cols(0), L.period, L.per_row) == (1024, 1, 12, 1, 16, 4)
+    assert (L.max_chunk, L.chunks, L.chunk_cols(0), L.scale_cols(0), L.period, L.per_row) == (1024, 1, 12, 1, 16, 4)
     code, sc, sl = L.unit_columns_at(3, 0)
     assert code == list(range(48, 60)) and sc == [15] and sl == []
     L2 = W4GemvLayout(cfg, 3072, 768)
@@ -154,7 +154,13 @@ def test_w4_layout_packs_several_units_per_row():
     assert lb["rows"] == 18 and lb["cycles"] > 0
     c8 = preset("default-w4a8")
     L3 = W4GemvLayout(c8, 768, 768)           # FP8: the GB holds 2048; the chunk written twice, period 16
-    assert (L3.chunk, L3.period, L3.per_row) == (2048, 16, 4)
+    assert (L3.max_chunk, L3.chunks, L3.period, L3.per_row) == (2048, 1, 16, 4)
+    # K = 3072 with FP8: 2048-chunks would give one unit per row (36 columns); the chosen size packs more
+    L4 = W4GemvLayout(c8, 3072, 768)
+    full = W4GemvLayout(c8, 3072, 768, chunk_size=2048)
+    assert full.per_row == 1 and L4.per_row >= 2 and L4.cost() < full.cost()
+    with pytest.raises(ValueError, match="chunk_size must be 0 .chosen. or a multiple of the group 128 up to 2048"):
+        W4GemvLayout(c8, 3072, 768, chunk_size=4096)
     with pytest.raises(ValueError, match="GEMV K = 100 is not a multiple of the quantization group 128"):
         W4GemvLayout(cfg, 100, 32)
     with pytest.raises(ValueError, match="needs a device with 4-bit weights"):
