@@ -79,11 +79,14 @@ def test_lockstep_catches_a_wrong_model(what):
 
 def test_model_tables_match_the_command_table():
     """The C++ model's opcodes, violation codes and parameter names are hw/pim/commands.py's and behav.py's."""
-    from hw.pim.commands import COMMANDS, VIOLATIONS
+    from hw.pim.commands import COMMANDS, LOWPREC_ONLY, VIOLATIONS
 
     text = BEHAV_CPP.read_text()
     ops = dict((m.group(1), int(m.group(2))) for m in re.finditer(r"OP_(\w+) = (\d+)", text))
-    assert ops == {c.name: c.opcode for c in COMMANDS}
+    # The model covers BF16 devices (it refuses 4-bit weights: behav_params), without the 4-bit commands.
+    assert ops == {c.name: c.opcode for c in COMMANDS if c.name not in LOWPREC_ONLY}
+    with pytest.raises(ValueError, match="models the BF16 processing unit only"):
+        behav_params(preset("tiny-w4"))
     codes = dict((m.group(1), int(m.group(2))) for m in re.finditer(r"V_(\w+) = (\d+)", text))
     assert codes == {v.name: v.code for v in VIOLATIONS}
     names = re.search(r"kParam\[\] = \{(.*?)\};", text, re.S).group(1)
