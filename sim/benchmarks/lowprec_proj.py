@@ -63,7 +63,7 @@ def run(quick: bool = False):
                "summarization_ms": round(s["summarization_ms"], 3), "bf16_ops_ms": ref_ops, "ops_ms": per_token(p),
                "target": 2.5, "note": "projection (performance model); KV cache BF16, prefill on BF16 weights"}
     bf = preset("default")
-    for name in ("default-w4",):
+    for name in ("default-w4a8",) if quick else ("default-w4", "default-w4a8"):
         cfg = preset(name)
         for K, N in SHAPES[:1] if quick else SHAPES:
             a, b = _gemv_cycles(bf, K, N), _gemv_cycles(cfg, K, N)
