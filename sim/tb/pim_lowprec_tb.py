@@ -17,7 +17,6 @@ The configuration is ``IANUS_CONFIG`` (a preset) with ``IANUS_PIM`` overrides (`
 
 from __future__ import annotations
 
-import os
 import time
 
 import ml_dtypes
@@ -32,6 +31,7 @@ from hw.spec import fp as G
 from sim.golden import lowprec_unit as LU
 from sim.pim_sequencer import PimDriver, Scheduler, write_backdoor_bin
 from sim.tb.common import env_int, env_str, tb_test, write_metrics
+from sim.tb.pim_tb import _backdoor_dir, _words_to_u32
 
 
 def _cfg():
@@ -40,18 +40,6 @@ def _cfg():
     if over:
         cfg = cfg.replace(**{f"pim.{k}": int(v) for k, v in (kv.split("=") for kv in over.split(","))})
     return cfg
-
-
-def _backdoor_dir():
-    d = os.environ["IANUS_BACKDOOR"]
-    os.makedirs(d, exist_ok=True)
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    return d
-
-
-def _words_to_u32(word: int, count: int) -> np.ndarray:
-    return np.frombuffer(int(word).to_bytes(count * 4, "little"), dtype="<u4")[:count].copy()
 
 
 def w4_data(cfg, K, N, seed):
