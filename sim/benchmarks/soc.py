@@ -11,8 +11,11 @@ import time
 
 from sim.run import prepare, run_backend
 
-EXCLUSIVE = True
-"""Its figures include wall-clock times: ``make bench`` runs it alone (:mod:`sim.bench`)."""
+EXPECTED_S = 110
+"""Wall seconds measured here (make bench starts the longest modules first). Its figures are cycle counts,
+so it runs in the shared phase beside other modules; its ``wall_s`` / ``sim_cycles_per_s`` fields are taken
+there (``phase``: shared) and are not the simulation-speed figures, which module ``simspeed`` measures
+alone."""
 
 
 def _cycles(results, phase):
@@ -32,7 +35,7 @@ def run(quick: bool = False):
         out[policy] = (pre, g / gen)
         yield {"name": "soc_layer_cycles", "value": pre + g, "unit": "cycles", "policy": policy, "config": config,
                "prefill_cycles": pre, "gen_cycles_per_token": round(g / gen), "generated": gen,
-               "wall_s": round(wall, 1), "sim_cycles_per_s": round((pre + g) / wall)}
+               "wall_s": round(wall, 1), "sim_cycles_per_s": round((pre + g) / wall), "phase": "shared"}
     yield {"name": "ianus_vs_npu_mem_generation_speedup", "value": round(out["npu-mem"][1] / out["ianus"][1], 3),
            "unit": "x", "config": config, "note": "npu-mem cycles per generated token / ianus cycles per token"}
     yield {"name": "ianus_vs_npu_mem_prefill_ratio", "value": round(out["npu-mem"][0] / out["ianus"][0], 3),
