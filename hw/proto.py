@@ -28,6 +28,7 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from .axil import OKAY, SLVERR, AxiLiteRegisters, AxiLiteSignature
 from .config import SystemConfig
 from .memif import AddressMap
 from .pcu import PcuSystem
@@ -47,19 +48,6 @@ E_QUEUE_OVERFLOW = int(_macro.MacroError.QUEUE_OVERFLOW)
 CH_COUNTERS = tuple(_macro.CH_COUNTERS)     # names; offsets CH_BASE + 0x20*c + CH_COUNTERS[name] in the table
 
 
-class AxiLiteSignature(wiring.Signature):
-    """AXI4-Lite, from the master's side."""
-
-    def __init__(self, addr_width=12, data_width=32):
-        super().__init__({
-            "awaddr": Out(addr_width), "awprot": Out(3), "awvalid": Out(1), "awready": In(1),
-            "wdata": Out(data_width), "wstrb": Out(data_width // 8), "wvalid": Out(1), "wready": In(1),
-            "bresp": In(2), "bvalid": In(1), "bready": Out(1),
-            "araddr": Out(addr_width), "arprot": Out(3), "arvalid": Out(1), "arready": In(1),
-            "rdata": In(data_width), "rresp": In(2), "rvalid": In(1), "rready": Out(1),
-        })
-
-
 class AxiSignature(wiring.Signature):
     """AXI4 (INCR bursts), from the master's side."""
 
@@ -75,9 +63,6 @@ class AxiSignature(wiring.Signature):
             "rid": In(id_width), "rdata": In(data_width), "rresp": In(2), "rlast": In(1), "rvalid": In(1),
             "rready": Out(1),
         })
-
-
-OKAY, SLVERR = 0, 2
 
 
 class ProtoTop(wiring.Component):
@@ -119,10 +104,11 @@ class ProtoTop(wiring.Component):
             wiring.connect(m, getattr(sysm, f"s{c}"), wiring.flipped(getattr(self, f"s{c}")))
 
         # ---------------- registers (AXI4-Lite) ----------------
-        al = self.s_axil
+        m.submodules.regs = regs = AxiLiteRegisters(_macro.register_table(C))
+        wiring.connect(m, wiring.flipped(self.s_axil), regs.bus)
         cycles = Signal(32)
         m.d.sync += cycles.eq(cycles + 1)
-        macro_words = [Signal(32, name=f"macro{i}") for i in range(4)]
+        macro_words = [regs.value(CSR_MACRO0 + 4 * i) for i in range(4)]
         m.submodules.queue = queue = SyncFIFOBuffered(width=128, depth=QUEUE_DEPTH)
         q_err = Signal(8)
         clear = Signal()
@@ -133,72 +119,25 @@ class ProtoTop(wiring.Component):
         status = Cat(busy, error != 0, level == QUEUE_DEPTH, level == 0)
         m.d.comb += [sysm.macro.valid.eq(queue.r_rdy), sysm.macro.payload.eq(queue.r_data),
                      queue.r_en.eq(sysm.macro.ready)]
+        with m.If(regs.written(CSR_CTRL) & regs.w_data[0]):
+            m.d.comb += clear.eq(1)
+            m.d.sync += q_err.eq(0)
+        with m.If(regs.written(CSR_DOORBELL)):
+            with m.If(queue.w_rdy):
+                m.d.comb += [queue.w_en.eq(1), queue.w_data.eq(Cat(*macro_words))]
+            with m.Elif(error == 0):
+                m.d.sync += q_err.eq(E_QUEUE_OVERFLOW)
+        m.d.comb += [regs.input(CSR_ID).eq(DEVICE_ID), regs.input(CSR_STATUS).eq(status),
+                     regs.input(CSR_ERROR).eq(error), regs.input(CSR_QUEUE_LEVEL).eq(level),
+                     regs.input(CSR_COMPLETED).eq(sysm.completed), regs.input(CSR_CYCLES).eq(cycles),
+                     regs.input(CSR_GEOMETRY).eq(geometry_word(p))]
         # Per-channel counters: controller busy/commands/refreshes/pim_wait and the device's MAC count.
-        counters = {}
         for c in range(C):
             k = getattr(sysm, f"k{c}")
             st = getattr(sysm, f"s{c}")
             srcs = (k.busy, k.commands, k.refreshes, k.pim_wait, st.n_mac)
             for name, src in zip(CH_COUNTERS, srcs, strict=True):
-                counters[CSR_CH_BASE + 0x20 * c + _macro.CH_COUNTERS[name]] = src
-
-        # Write channel: take AW and W together, then B.
-        bvalid, bresp = Signal(), Signal(2)
-        m.d.comb += [al.bvalid.eq(bvalid), al.bresp.eq(bresp)]
-        take_w = al.awvalid & al.wvalid & ~bvalid
-        m.d.comb += [al.awready.eq(take_w), al.wready.eq(take_w)]
-        with m.If(bvalid & al.bready):
-            m.d.sync += bvalid.eq(0)
-        waddr = al.awaddr
-        with m.If(take_w):
-            m.d.sync += [bvalid.eq(1), bresp.eq(OKAY)]
-            with m.Switch(waddr):
-                with m.Case(CSR_CTRL):
-                    with m.If(al.wdata[0]):
-                        m.d.comb += clear.eq(1)
-                        m.d.sync += q_err.eq(0)
-                for i in range(4):
-                    with m.Case(CSR_MACRO0 + 4 * i):
-                        m.d.sync += macro_words[i].eq(al.wdata)
-                with m.Case(CSR_DOORBELL):
-                    with m.If(queue.w_rdy):
-                        m.d.comb += [queue.w_en.eq(1), queue.w_data.eq(Cat(*macro_words))]
-                    with m.Elif(error == 0):
-                        m.d.sync += q_err.eq(E_QUEUE_OVERFLOW)
-                with m.Default():
-                    m.d.sync += bresp.eq(SLVERR)
-
-        # Read channel.
-        rvalid, rdata, rresp = Signal(), Signal(32), Signal(2)
-        m.d.comb += [al.rvalid.eq(rvalid), al.rdata.eq(rdata), al.rresp.eq(rresp)]
-        m.d.comb += al.arready.eq(~rvalid)
-        with m.If(rvalid & al.rready):
-            m.d.sync += rvalid.eq(0)
-        with m.If(al.arvalid & ~rvalid):
-            m.d.sync += [rvalid.eq(1), rresp.eq(OKAY), rdata.eq(0)]
-            with m.Switch(al.araddr):
-                with m.Case(CSR_ID):
-                    m.d.sync += rdata.eq(DEVICE_ID)
-                with m.Case(CSR_STATUS):
-                    m.d.sync += rdata.eq(status)
-                with m.Case(CSR_ERROR):
-                    m.d.sync += rdata.eq(error)
-                for i in range(4):
-                    with m.Case(CSR_MACRO0 + 4 * i):
-                        m.d.sync += rdata.eq(macro_words[i])
-                with m.Case(CSR_QUEUE_LEVEL):
-                    m.d.sync += rdata.eq(level)
-                with m.Case(CSR_COMPLETED):
-                    m.d.sync += rdata.eq(sysm.completed)
-                with m.Case(CSR_CYCLES):
-                    m.d.sync += rdata.eq(cycles)
-                with m.Case(CSR_GEOMETRY):
-                    m.d.sync += rdata.eq(geometry_word(p))
-                for off, src in counters.items():
-                    with m.Case(off):
-                        m.d.sync += rdata.eq(src)
-                with m.Default():
-                    m.d.sync += rresp.eq(SLVERR)
+                m.d.comb += regs.input(CSR_CH_BASE + 0x20 * c + _macro.CH_COUNTERS[name]).eq(src)
 
         # ---------------- memory window (AXI4) ----------------
         ax = self.s_axi

@@ -69,10 +69,11 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from .axil import OKAY, SLVERR, AxiLiteRegisters, AxiLiteSignature
 from .config import SystemConfig
 from .cp import CommandProcessor
 from .memif import MemPortSignature
-from .proto import OKAY, SLVERR, AxiLiteSignature, AxiSignature
+from .proto import AxiSignature
 from .spec.soc_isa import CpError
 from .spec.soc_regs import CSR, REQUESTERS, SOC_ID, Ctrl, register_table
 
@@ -322,8 +323,9 @@ class SocTop(wiring.Component):
         reset_counters = Signal()
         start_req = Signal()            # CTRL.START written while the command processor was idle
         start = Signal()
-        prog_addr = Signal(32)
-        prog_len = Signal(32)
+        m.submodules.regs = regs = AxiLiteRegisters(self.regs)
+        wiring.connect(m, wiring.flipped(self.s_axil), regs.bus)
+        prog_addr, prog_len = regs.value(CSR.PROG_ADDR), regs.value(CSR.PROG_LEN)
         units_idle = ~mu.busy & ~vq.busy & ~pcu_busy
         # After a CLEAR the units may still finish instructions they had queued: START waits for them.
         m.d.comb += start.eq(start_req & units_idle & ~clear)
@@ -402,44 +404,15 @@ class SocTop(wiring.Component):
         status = Cat(cp.busy, cp.done, cp.error != 0, mu.busy, vq.busy, pcu.busy, win.busy)
 
         # ---------------- registers (AXI4-Lite) ----------------
-        al = self.s_axil
-        bvalid, bresp = Signal(), Signal(2)
-        m.d.comb += [al.bvalid.eq(bvalid), al.bresp.eq(bresp)]
-        take_w = al.awvalid & al.wvalid & ~bvalid
-        m.d.comb += [al.awready.eq(take_w), al.wready.eq(take_w)]
-        with m.If(bvalid & al.bready):
-            m.d.sync += bvalid.eq(0)
-        with m.If(take_w):
-            m.d.sync += [bvalid.eq(1), bresp.eq(OKAY)]
-            with m.Switch(al.awaddr):
-                with m.Case(CSR.CTRL):
-                    m.d.comb += [clear.eq(al.wdata[(Ctrl.CLEAR.value - 1).bit_length()]),
-                                 reset_counters.eq(al.wdata[(Ctrl.RESET_COUNTERS.value - 1).bit_length()])]
-                    with m.If(al.wdata[(Ctrl.START.value - 1).bit_length()] & (~cp.busy | clear)):
-                        m.d.sync += start_req.eq(1)
-                with m.Case(CSR.PROG_ADDR):
-                    m.d.sync += prog_addr.eq(al.wdata)
-                with m.Case(CSR.PROG_LEN):
-                    m.d.sync += prog_len.eq(al.wdata)
-                with m.Default():
-                    m.d.sync += bresp.eq(SLVERR)
-
-        readable = {CSR.ID: Const(SOC_ID, 32), CSR.STATUS: status, CSR.ERROR: cp.error, CSR.ERROR_PC: error_pc,
-                    CSR.PROG_ADDR: prog_addr, CSR.PROG_LEN: prog_len}
-        rvalid, rdata, rresp = Signal(), Signal(32), Signal(2)
-        m.d.comb += [al.rvalid.eq(rvalid), al.rdata.eq(rdata), al.rresp.eq(rresp)]
-        m.d.comb += al.arready.eq(~rvalid)
-        with m.If(rvalid & al.rready):
-            m.d.sync += rvalid.eq(0)
-        with m.If(al.arvalid & ~rvalid):
-            m.d.sync += [rvalid.eq(1), rresp.eq(OKAY), rdata.eq(0)]
-            with m.Switch(al.araddr):
-                for reg in self.regs:
-                    if "r" not in reg.access:
-                        continue
-                    with m.Case(reg.offset):
-                        src = sources[reg.source] if reg.source is not None else readable[CSR(reg.offset)]
-                        m.d.sync += rdata.eq(src)
-                with m.Default():
-                    m.d.sync += rresp.eq(SLVERR)
+        with m.If(regs.written(CSR.CTRL)):
+            wdata = regs.w_data
+            m.d.comb += [clear.eq(wdata[(Ctrl.CLEAR.value - 1).bit_length()]),
+                         reset_counters.eq(wdata[(Ctrl.RESET_COUNTERS.value - 1).bit_length()])]
+            with m.If(wdata[(Ctrl.START.value - 1).bit_length()] & (~cp.busy | clear)):
+                m.d.sync += start_req.eq(1)
+        readable = {CSR.ID: Const(SOC_ID, 32), CSR.STATUS: status, CSR.ERROR: cp.error, CSR.ERROR_PC: error_pc}
+        for reg in self.regs:
+            if reg.access == "r":
+                src = sources[reg.source] if reg.source is not None else readable[CSR(reg.offset)]
+                m.d.comb += regs.input(reg.offset).eq(src)
         return m

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["MacroOp", "MacroFlag", "MacroError", "MACRO_TABLE", "Macro", "FIELDS", "MACRO_BITS", "encode", "decode",
-           "CSR", "CSR_TABLE", "CH_COUNTERS", "QUEUE_DEPTH", "DEVICE_ID", "MACRO_LIMITS", "pcu_limits",
+           "CSR", "CSR_TABLE", "register_table", "CH_COUNTERS", "QUEUE_DEPTH", "DEVICE_ID", "MACRO_LIMITS", "pcu_limits",
            "GEOMETRY_FIELDS", "geometry_fields", "geometry_word", "words_to_f32_bits"]
 
 QUEUE_DEPTH = 8
@@ -162,6 +162,17 @@ CSR_TABLE = [
                         "af_rows [24:21]; log2 global-buffer columns [28:25]"),
     (CSR.CH_BASE, "r", "per-channel counters: busy_cycles, commands, refreshes, wait_cycles, macs"),
 ]
+
+
+def register_table(channels: int) -> tuple:
+    """Every register of a prototype with ``channels`` channels, by offset: ``(name, offset, access)``;
+    the ``CH_BASE`` row of :data:`CSR_TABLE` expands to each channel's :data:`CH_COUNTERS`."""
+    if not isinstance(channels, int) or channels < 1 or CSR.CH_BASE + 0x20 * channels > 0x1000:
+        raise ValueError(f"channels must be an integer in [1, {(0x1000 - CSR.CH_BASE) // 0x20}], not {channels!r}")
+    regs = [(CSR(offset).name, int(offset), access) for offset, access, _ in CSR_TABLE if offset != CSR.CH_BASE]
+    regs += [(f"CH{c}_{name.upper()}", CSR.CH_BASE + 0x20 * c + off, "r")
+             for c in range(channels) for name, off in CH_COUNTERS.items()]
+    return tuple(sorted(regs, key=lambda r: r[1]))
 
 
 # GEOMETRY register: (field, bit offset, width); log2 of the power-of-two sizes, af_rows as is.
