@@ -54,7 +54,9 @@ Structure: :class:`VectorUnit` composes components that can be tested alone
 (:mod:`hw.npu.vector_parts`, which also holds :class:`VectorLane`, the
 micro-program and the port signatures re-exported here): the sequencer
 (:class:`hw.npu.vector_issue.VectorSequencer`, with the instruction check
-:class:`hw.npu.vector_issue.VectorDecode`) issues the beats; operand B
+:class:`hw.npu.vector_issue.VectorDecode` and :class:`hw.npu.vector_issue.VectorBeat`,
+which derives a beat's reads and tag from the sequencer's position) issues the
+beats; operand B
 (:class:`hw.npu.vector_lanes.VectorOperandB`) and the lane pipeline
 (:class:`hw.npu.vector_lanes.VectorLanes`) compute them; the row reductions
 (:class:`hw.npu.vector_reduce.VectorReduce`) and the write port

@@ -1,4 +1,5 @@
-"""The vector unit's issue side: instruction check (:class:`VectorDecode`) and sequencer (:class:`VectorSequencer`).
+"""The vector unit's issue side: instruction check (:class:`VectorDecode`), sequencer (:class:`VectorSequencer`)
+and the beat it issues (:class:`VectorBeat`).
 
 The sequencer accepts one instruction at a time, checks it, and walks its rows, passes and beats,
 issuing one beat (``L`` elements of a row, or one finalising scalar) per cycle with everything the rest
@@ -14,7 +15,7 @@ from amaranth.lib.wiring import In, Out
 from ..spec.vector_isa import ADDR_BITS, BMode, Fmt, MaskMode, Opcode, VecError, VectorInstr
 from .vector_parts import Phase, ReadPortSignature, beat_layout, group_index_width, row_result_layout
 
-__all__ = ["VectorDecode", "VectorSequencer", "b_request_layout"]
+__all__ = ["VectorDecode", "VectorBeat", "VectorSequencer", "b_request_layout", "position_layout"]
 
 
 def _ceil_shift(value, k):
@@ -115,13 +116,169 @@ class VectorDecode(wiring.Component):
             m.d.comb += err.eq(VecError.BAD_OPCODE)
         with m.Elif((n == 0) | (n > self._max_n) | (rows == 0)):
             m.d.comb += err.eq(VecError.BAD_LENGTH)
-        with m.Elif((ins.mask.as_value() == 3) | ((ins.mask != MaskMode.NONE) & (op != Opcode.SOFTMAX))
+        with m.Elif(((ins.mask != MaskMode.NONE) & (op != Opcode.SOFTMAX))
                     | ((op == Opcode.LN_STATS) & (ins.d_fmt == Fmt.BF16))):
             m.d.comb += err.eq(VecError.BAD_MODE)
         with m.Elif((end_a > depth) | (end_b > depth) | (end_d > depth) | (end_x > depth)):
             m.d.comb += err.eq(VecError.BAD_ADDRESS)
         with m.Elif((op == Opcode.KV_APPEND) & ((ins.pos + rows) > ins.imm0)):
             m.d.comb += err.eq(VecError.KV_OVERFLOW)
+        return m
+
+
+def position_layout(row_group: int) -> data.StructLayout:
+    """The sequencer's position: ``row`` and ``beat`` in the instruction, the pass (``phase``), the first
+    word of the row in A, B, D and the bitmap (``*_row``), the row's index in its group (``ri``, ``glast``:
+    the group's last row) and the row's statistics ``s0`` / ``s1``."""
+    return data.StructLayout({
+        "row": 16, "beat": 16, "phase": Phase, "a_row": ADDR_BITS + 1, "b_row": ADDR_BITS + 1, "d_row": 48,
+        "x_row": ADDR_BITS + 1, "ri": group_index_width(row_group), "glast": 1, "s0": 32, "s1": 32,
+    })
+
+
+class VectorBeat(wiring.Component):
+    """The beat at the sequencer's position (combinational): its A read, B request and tag.
+
+    While ``issue``: a pass beat (MAIN, PASS2, PASS3) reads word ``a_row + beat`` of A (``beat / 2`` in
+    BF16, ``ahalf`` picks the half) and is reduced (MAX, SUM, the first pass of LN_STATS and SOFTMAX, their
+    second pass) or written (every other pass) to word ``d_row + beat`` (``beat / 2`` in BF16) with one
+    enable pair per lane holding an element; MAX and SUM write one element per row (its slot of the word
+    at ``d + row / L``, ``d + row / 2L`` in BF16) after the row's last beat (``fin``). A scalar beat
+    (FIN1, FIN2) reads nothing; LN_STATS writes its result as element ``2 row`` (mean) or ``2 row + 1``
+    (rstd) of D. The B request: the bitmap word of a masked SOFTMAX beat, gamma / beta of LN_APPLY,
+    ADD / MUL's operand by its broadcast mode. While ``stats_rd``: LN_APPLY's statistics of the row (word
+    ``aux + row / (L / 2)``). The tag is driven every cycle; its ``valid`` is ``issue``.
+
+    Parameters
+    ----------
+    lanes, depth, row_group
+        As for :class:`hw.npu.vector.VectorUnit`.
+
+    Members
+    -------
+    ins : In(VectorInstr)
+    nb : In(16)
+    b_mem : In(1)
+    pos : In(position_layout(row_group))
+    issue, stats_rd : In(1)
+    a_addr : Out(addr_width)
+    a_en : Out(1)
+    breq : Out(b_request_layout(addr_width))
+    beat : Out(beat_layout(lanes, addr_width, row_group))
+    """
+
+    def __init__(self, lanes: int, depth: int, row_group: int):
+        self._lanes = lanes
+        self._aw = max(1, (depth - 1).bit_length())
+        super().__init__({
+            "ins": In(VectorInstr), "nb": In(16), "b_mem": In(1), "pos": In(position_layout(row_group)),
+            "issue": In(1), "stats_rd": In(1),
+            "a_addr": Out(self._aw), "a_en": Out(1),
+            "breq": Out(b_request_layout(self._aw)),
+            "beat": Out(beat_layout(lanes, self._aw, row_group)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        L = self._lanes
+        lg = L.bit_length() - 1
+        aw = self._aw
+        ins = self.ins
+        op, n = ins.op, ins.n
+        p = self.pos
+        row, beat, phase, a_row, b_row, d_row, x_row = p.row, p.beat, p.phase, p.a_row, p.b_row, p.d_row, p.x_row
+        issue, stats_rd = self.issue, self.stats_rd
+
+        iscalar = Signal()
+        iwr = Signal()          # write the lane results (or the scalar) at exit
+        ired = Signal()         # reduce this beat
+        ifin = Signal()         # reduction result is written (MAX/SUM) after the last beat
+        iwr_addr = Signal(48)
+        iwr_en = Signal(2 * L)
+        ilast = beat == self.nb - 1
+        rem = n[0:lg]
+        lane_valid = Signal(L)
+        for ln in range(L):
+            m.d.comb += lane_valid[ln].eq(~ilast | (rem == 0) | (ln < rem))
+
+        def elem_write(elem, fmt_bf16):
+            addr = Mux(fmt_bf16, ins.d + (elem >> (lg + 1)), ins.d + (elem >> lg))
+            slot_f = elem[0:lg]
+            slot_h = elem[0:lg + 1]
+            en = Signal(2 * L, name="elem_en")
+            m.d.comb += en.eq(Mux(fmt_bf16, Const(1, 2 * L) << slot_h, Const(3, 2 * L) << (slot_f << 1)))
+            return addr, en
+
+        def vec_write():
+            half = beat[0]
+            bf = ins.d_fmt == Fmt.BF16
+            addr = d_row + Mux(bf, beat >> 1, beat)
+            en_f = Cat(*[Cat(lane_valid[ln], lane_valid[ln]) for ln in range(L)])
+            en_h = Mux(half, Cat(Const(0, L), lane_valid), Cat(lane_valid, Const(0, L)))
+            return addr, Mux(bf, en_h, en_f)
+
+        with m.If(issue):
+            with m.Switch(phase):
+                with m.Case(Phase.MAIN, Phase.PASS2, Phase.PASS3):
+                    reducing = ((op.as_value().matches(Opcode.MAX, Opcode.SUM, Opcode.LN_STATS, Opcode.SOFTMAX)
+                                 & (phase == Phase.MAIN))
+                                | (op.as_value().matches(Opcode.LN_STATS, Opcode.SOFTMAX) & (phase == Phase.PASS2)))
+                    m.d.comb += [ired.eq(reducing), iwr.eq(~reducing)]
+                    with m.If(op.as_value().matches(Opcode.MAX, Opcode.SUM)):
+                        addr, en = elem_write(row, ins.d_fmt == Fmt.BF16)
+                        m.d.comb += [ifin.eq(ilast), iwr_addr.eq(addr), iwr_en.eq(en)]
+                    with m.Else():
+                        addr, en = vec_write()
+                        m.d.comb += [iwr_addr.eq(addr), iwr_en.eq(en)]
+                with m.Case(Phase.FIN1, Phase.FIN2):
+                    m.d.comb += iscalar.eq(1)
+                    with m.If(op == Opcode.LN_STATS):
+                        addr, en = elem_write(Cat(phase == Phase.FIN2, row), 0)
+                        m.d.comb += [iwr.eq(1), iwr_addr.eq(addr), iwr_en.eq(en)]
+
+        # ---- read requests ---------------------------------------------------------------------
+        a_bf = ins.a_fmt == Fmt.BF16
+        with m.If(stats_rd):
+            m.d.comb += [self.a_addr.eq((ins.aux + (row >> (lg - 1)))[0:aw]),
+                         self.a_en.eq(1)]
+        with m.Elif(issue & ~iscalar):
+            m.d.comb += [self.a_addr.eq((a_row + Mux(a_bf, beat >> 1, beat))[0:aw]), self.a_en.eq(1)]
+
+        # B request of the beat (undelayed): address, enable, half / slot / mask word.
+        breq = self.breq
+        b_bf = ins.b_fmt == Fmt.BF16
+        causal_vis = Signal(L)
+        for ln in range(L):
+            m.d.comb += causal_vis[ln].eq(Cat(Const(ln, lg), beat) <= Mux(ins.mask == MaskMode.PREFIX, 0, row) + ins.pos)
+        with m.If(issue & ~iscalar):
+            with m.If(op == Opcode.SOFTMAX):
+                with m.If(ins.mask == MaskMode.BITMAP):
+                    m.d.comb += [breq.addr.eq((x_row + (beat >> 5))[0:aw]), breq.en.eq(1), breq.sel.eq(beat[0:5])]
+            with m.Elif(op == Opcode.LN_APPLY):
+                m.d.comb += [breq.addr.eq((ins.b + beat)[0:aw]), breq.en.eq(1)]
+            with m.Elif(self.b_mem):
+                with m.Switch(ins.b_mode):
+                    with m.Case(BMode.ROW):
+                        m.d.comb += [breq.addr.eq((b_row + Mux(b_bf, beat >> 1, beat))[0:aw]),
+                                     breq.sel.eq(beat[0])]
+                    with m.Case(BMode.VEC):
+                        m.d.comb += [breq.addr.eq((ins.b + Mux(b_bf, beat >> 1, beat))[0:aw]),
+                                     breq.sel.eq(beat[0])]
+                    with m.Case(BMode.COL):
+                        m.d.comb += [breq.addr.eq((ins.b + Mux(b_bf, row >> (lg + 1), row >> lg))[0:aw]),
+                                     breq.sel.eq(Mux(b_bf, row[0:lg + 1], row[0:lg]))]
+                m.d.comb += breq.en.eq(1)
+
+        # ---- the beat's tag ------------------------------------------------------------------------
+        tag0 = self.beat
+        m.d.comb += [
+            tag0.valid.eq(issue), tag0.phase.eq(phase), tag0.scalar.eq(iscalar), tag0.wr.eq(iwr),
+            tag0.red.eq(ired), tag0.fin.eq(ifin), tag0.first.eq(beat == 0), tag0.last.eq(ilast),
+            tag0.ahalf.eq(beat[0]), tag0.lane_valid.eq(lane_valid), tag0.causal.eq(causal_vis),
+            tag0.wr_addr.eq(iwr_addr[0:aw]), tag0.wr_en.eq(iwr_en),
+            tag0.s0.eq(p.s0), tag0.s1.eq(p.s1),
+            tag0.ri.eq(p.ri), tag0.glast.eq(p.glast),
+        ]
         return m
 
 
@@ -139,11 +296,12 @@ class VectorSequencer(wiring.Component):
     registers as they come back (``reduced``, ``scalar``), then starts the next pass at the group's
     first row. The next group starts as soon as the group's last pass is issued.
 
-    Per beat, at issue: the A read on ``rd_a`` (the data arrives the next cycle, at the lanes' load
-    stage), the undelayed B request ``breq`` (:class:`hw.npu.vector_lanes.VectorOperandB` delays it to
-    the consuming stage), and the beat's tag ``beat`` (combinational, valid while ``beat.valid``);
-    ``sval``, the row's reduction that a scalar beat finalises, follows one cycle later (registered, at
-    the load stage).
+    The sequencer keeps the position (row, beat, pass, row pointers, group index) and the per-row
+    registers; :class:`VectorBeat` derives from the position, in the same cycle, the beat's A read on
+    ``rd_a`` (the data arrives the next cycle, at the lanes' load stage), its undelayed B request
+    ``breq`` (:class:`hw.npu.vector_lanes.VectorOperandB` delays it to the consuming stage) and its tag
+    ``beat`` (valid while ``beat.valid``); ``sval``, the row's reduction that a scalar beat finalises,
+    follows one cycle later (registered, at the load stage).
 
     Parameters
     ----------
@@ -192,10 +350,9 @@ class VectorSequencer(wiring.Component):
         m = Module()
         L = self._lanes
         lg = L.bit_length() - 1
-        aw = self._aw
         ins = self.ins
         op = ins.op
-        n, rows = ins.n, ins.rows
+        rows = ins.rows
 
         m.submodules.decode = dec = VectorDecode(L, self._depth, self._max_n)
         m.d.comb += dec.ins.eq(ins)
@@ -236,20 +393,9 @@ class VectorSequencer(wiring.Component):
         with m.If(busy):
             m.d.sync += cycles.eq(cycles + 1)
 
-        # Issue interface for this cycle (combinational, defaults: nothing issued).
+        # This cycle: a beat is issued (the beat generator derives its reads and tag from the position).
         issue = Signal()
-        iscalar = Signal()
-        iwr = Signal()          # write the lane results (or the scalar) at exit
-        ired = Signal()         # reduce this beat
-        ifin = Signal()         # reduction result is written (MAX/SUM) after the last beat
-        iwr_addr = Signal(48)
-        iwr_en = Signal(2 * L)
         ilast = beat == nb - 1
-        rem = n[0:lg]
-        lane_valid = Signal(L)
-        for ln in range(L):
-            m.d.comb += lane_valid[ln].eq(~ilast | (rem == 0) | (ln < rem))
-
         # Stats read of LN_APPLY (at the start of a row), on rd_a.
         stats_rd = Signal()
 
@@ -267,23 +413,6 @@ class VectorSequencer(wiring.Component):
             m.d.sync += s0a[red.ri].eq(red.value)
         with m.Elif(red.valid):
             m.d.sync += sva[red.ri].eq(red.value)
-
-        # Element-write helpers.
-        def elem_write(elem, fmt_bf16):
-            addr = Mux(fmt_bf16, ins.d + (elem >> (lg + 1)), ins.d + (elem >> lg))
-            slot_f = elem[0:lg]
-            slot_h = elem[0:lg + 1]
-            en = Signal(2 * L, name="elem_en")
-            m.d.comb += en.eq(Mux(fmt_bf16, Const(1, 2 * L) << slot_h, Const(3, 2 * L) << (slot_f << 1)))
-            return addr, en
-
-        def vec_write():
-            half = beat[0]
-            bf = ins.d_fmt == Fmt.BF16
-            addr = d_row + Mux(bf, beat >> 1, beat)
-            en_f = Cat(*[Cat(lane_valid[ln], lane_valid[ln]) for ln in range(L)])
-            en_h = Mux(half, Cat(Const(0, L), lane_valid), Cat(lane_valid, Const(0, L)))
-            return addr, Mux(bf, en_h, en_f)
 
         def next_row():
             last_row = row == rows - 1
@@ -365,16 +494,6 @@ class VectorSequencer(wiring.Component):
                 m.d.comb += issue.eq(1)
                 with m.Switch(phase):
                     with m.Case(Phase.MAIN, Phase.PASS2, Phase.PASS3):
-                        reducing = ((op.as_value().matches(Opcode.MAX, Opcode.SUM, Opcode.LN_STATS, Opcode.SOFTMAX)
-                                     & (phase == Phase.MAIN))
-                                    | (op.as_value().matches(Opcode.LN_STATS, Opcode.SOFTMAX) & (phase == Phase.PASS2)))
-                        m.d.comb += [ired.eq(reducing), iwr.eq(~reducing)]
-                        with m.If(op.as_value().matches(Opcode.MAX, Opcode.SUM)):
-                            addr, en = elem_write(row, ins.d_fmt == Fmt.BF16)
-                            m.d.comb += [ifin.eq(ilast), iwr_addr.eq(addr), iwr_en.eq(en)]
-                        with m.Else():
-                            addr, en = vec_write()
-                            m.d.comb += [iwr_addr.eq(addr), iwr_en.eq(en)]
                         m.d.sync += beat.eq(beat + 1)
                         with m.If(ilast):
                             m.d.sync += beat.eq(0)
@@ -383,10 +502,6 @@ class VectorSequencer(wiring.Component):
                             with m.Else():
                                 next_row()
                     with m.Case(Phase.FIN1, Phase.FIN2):
-                        m.d.comb += iscalar.eq(1)
-                        with m.If(op == Opcode.LN_STATS):
-                            addr, en = elem_write(Cat(phase == Phase.FIN2, row), 0)
-                            m.d.comb += [iwr.eq(1), iwr_addr.eq(addr), iwr_en.eq(en)]
                         advance()
             with m.State("Wait-Reduction"):
                 # The results are kept per row (s0a / sva, above) as they come back.
@@ -414,47 +529,14 @@ class VectorSequencer(wiring.Component):
                 m.d.sync += busy.eq(0)
                 m.next = "Idle"
 
-        # ---- read requests ---------------------------------------------------------------------
-        a_bf = ins.a_fmt == Fmt.BF16
-        with m.If(stats_rd):
-            m.d.comb += [self.rd_a.addr.eq((ins.aux + (row >> (lg - 1)))[0:aw]),
-                         self.rd_a.en.eq(1)]
-        with m.Elif(issue & ~iscalar):
-            m.d.comb += [self.rd_a.addr.eq((a_row + Mux(a_bf, beat >> 1, beat))[0:aw]), self.rd_a.en.eq(1)]
-
-        # B request of the beat (undelayed): address, enable, half / slot / mask word.
-        breq = self.breq
-        b_bf = ins.b_fmt == Fmt.BF16
-        causal_vis = Signal(L)
-        for ln in range(L):
-            m.d.comb += causal_vis[ln].eq(Cat(Const(ln, lg), beat) <= row + ins.pos)
-        with m.If(issue & ~iscalar):
-            with m.If(op == Opcode.SOFTMAX):
-                with m.If(ins.mask == MaskMode.BITMAP):
-                    m.d.comb += [breq.addr.eq((x_row + (beat >> 5))[0:aw]), breq.en.eq(1), breq.sel.eq(beat[0:5])]
-            with m.Elif(op == Opcode.LN_APPLY):
-                m.d.comb += [breq.addr.eq((ins.b + beat)[0:aw]), breq.en.eq(1)]
-            with m.Elif(b_mem):
-                with m.Switch(ins.b_mode):
-                    with m.Case(BMode.ROW):
-                        m.d.comb += [breq.addr.eq((b_row + Mux(b_bf, beat >> 1, beat))[0:aw]),
-                                     breq.sel.eq(beat[0])]
-                    with m.Case(BMode.VEC):
-                        m.d.comb += [breq.addr.eq((ins.b + Mux(b_bf, beat >> 1, beat))[0:aw]),
-                                     breq.sel.eq(beat[0])]
-                    with m.Case(BMode.COL):
-                        m.d.comb += [breq.addr.eq((ins.b + Mux(b_bf, row >> (lg + 1), row >> lg))[0:aw]),
-                                     breq.sel.eq(Mux(b_bf, row[0:lg + 1], row[0:lg]))]
-                m.d.comb += breq.en.eq(1)
-
-        # ---- the beat's tag ------------------------------------------------------------------------
-        tag0 = self.beat
+        # ---- the beat at this position ------------------------------------------------------------
+        m.submodules.beat = gen = VectorBeat(L, self._depth, G)
+        pos = gen.pos
         m.d.comb += [
-            tag0.valid.eq(issue), tag0.phase.eq(phase), tag0.scalar.eq(iscalar), tag0.wr.eq(iwr),
-            tag0.red.eq(ired), tag0.fin.eq(ifin), tag0.first.eq(beat == 0), tag0.last.eq(ilast),
-            tag0.ahalf.eq(beat[0]), tag0.lane_valid.eq(lane_valid), tag0.causal.eq(causal_vis),
-            tag0.wr_addr.eq(iwr_addr[0:aw]), tag0.wr_en.eq(iwr_en),
-            tag0.s0.eq(Mux(multi, s0a[ri], s0)), tag0.s1.eq(Mux(multi, s1a[ri], s1)),
-            tag0.ri.eq(ri), tag0.glast.eq(glast),
+            gen.ins.eq(ins), gen.nb.eq(nb), gen.b_mem.eq(b_mem), gen.issue.eq(issue), gen.stats_rd.eq(stats_rd),
+            pos.row.eq(row), pos.beat.eq(beat), pos.phase.eq(phase), pos.a_row.eq(a_row), pos.b_row.eq(b_row),
+            pos.d_row.eq(d_row), pos.x_row.eq(x_row), pos.ri.eq(ri), pos.glast.eq(glast),
+            pos.s0.eq(Mux(multi, s0a[ri], s0)), pos.s1.eq(Mux(multi, s1a[ri], s1)),
+            self.rd_a.addr.eq(gen.a_addr), self.rd_a.en.eq(gen.a_en), self.breq.eq(gen.breq), self.beat.eq(gen.beat),
         ]
         return m
