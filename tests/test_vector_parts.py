@@ -7,7 +7,7 @@ Fast: four lanes, no Verilator build."""
 import numpy as np
 from amaranth.sim import Simulator
 
-from hw.npu.vector_issue import VectorDecode, VectorSequencer
+from hw.npu.vector_issue import VectorBeat, VectorDecode, VectorSequencer
 from hw.npu.vector_lanes import VectorLanes, VectorOperandB
 from hw.npu.vector_parts import EXIT, LOAD, Phase, VectorLane
 from hw.npu.vector_reduce import VectorReduce, VectorWriteBack
@@ -204,6 +204,48 @@ def test_sequencer_softmax_groups_and_waits():
             k = [x for x in rows_of[row] if Phase(x["tag"].phase) == ph].index(b)
             assert tag.causal == _word([k * L + j <= row + f["pos"] for j in range(L)], 1)
             assert tag.glast == (ri == min(G_, rows - (row - ri)) - 1)
+
+
+def test_beat_b_requests_and_stats_read():
+    """The B request of a beat at a given position, against where the golden model places the operand: a
+    ``COL`` element per row (word ``b + row / slots``, its slot), a ``ROW`` / ``VEC`` BF16 element (word
+    ``b_row + beat / 2`` or ``b + beat / 2``, the half), gamma / beta (``b + beat``), the bitmap word of a
+    beat (``x_row + beat / 32``, its ``L``-bit group); none for a scalar beat or an ``IMM`` operand;
+    LN_APPLY's statistics word of a row (``aux + 2 row / L``)."""
+    dut = VectorBeat(L, 1024, 16)
+    pos = dict(row=13, beat=37, a_row=300, b_row=500, d_row=700, x_row=900)
+    cases = [   # (instruction, phase, issue, stats_rd, want (addr, en, sel) of breq, or of the A read)
+        (dict(op=Opcode.ADD.value, b=40, b_mode=COL, b_fmt=BF16), Phase.MAIN, 1, 0, (40 + 13 // (2 * L), 1, 13 % 8)),
+        (dict(op=Opcode.MUL.value, b=40, b_mode=COL, b_fmt=FP32), Phase.MAIN, 1, 0, (40 + 13 // L, 1, 13 % L)),
+        (dict(op=Opcode.ADD.value, b=40, b_mode=ROW, b_fmt=BF16), Phase.MAIN, 1, 0, (500 + 37 // 2, 1, 1)),
+        (dict(op=Opcode.ADD.value, b=40, b_mode=VEC, b_fmt=FP32), Phase.MAIN, 1, 0, (40 + 37, 1, 1)),
+        (dict(op=Opcode.ADD.value, b=40, b_mode=IMM), Phase.MAIN, 1, 0, (0, 0, 0)),
+        (dict(op=Opcode.LN_APPLY.value, b=40), Phase.MAIN, 1, 0, (40 + 37, 1, 0)),
+        (dict(op=Opcode.SOFTMAX.value, mask=MaskMode.BITMAP.value), Phase.PASS2, 1, 0, (900 + 1, 1, 37 % 32)),
+        (dict(op=Opcode.SOFTMAX.value, mask=MaskMode.CAUSAL.value), Phase.PASS2, 1, 0, (0, 0, 0)),
+        (dict(op=Opcode.SOFTMAX.value, mask=MaskMode.BITMAP.value), Phase.FIN2, 1, 0, (0, 0, 0)),
+        (dict(op=Opcode.ADD.value, b=40, b_mode=ROW), Phase.MAIN, 0, 0, (0, 0, 0)),
+    ]
+    got, stats = [], []
+
+    async def bench(ctx):
+        ctx.set(dut.nb, 40)
+        for ins, phase, issue, stats_rd, _ in cases:
+            ctx.set(dut.ins.as_value(), encode(**ins))
+            ctx.set(dut.b_mem, ins["op"] in (Opcode.ADD.value, Opcode.MUL.value) and ins.get("b_mode") != IMM)
+            ctx.set(dut.pos, {**pos, "phase": phase})
+            ctx.set(dut.issue, issue)
+            ctx.set(dut.stats_rd, stats_rd)
+            breq = ctx.get(dut.breq)
+            got.append((breq.addr, breq.en, breq.sel))
+        ctx.set(dut.ins.as_value(), encode(op=Opcode.LN_APPLY.value, aux=80))
+        ctx.set(dut.issue, 0)
+        ctx.set(dut.stats_rd, 1)
+        stats.append((ctx.get(dut.a_addr), ctx.get(dut.a_en)))
+
+    _run(dut, bench, clock=False)
+    assert got == [want for *_, want in cases]
+    assert stats == [(80 + 2 * pos["row"] // L, 1)]
 
 
 def test_sequencer_rejects_without_issuing():
