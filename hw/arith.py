@@ -38,6 +38,9 @@ __all__ = [
     "fp32_add_align",
     "fp32_add_round",
     "fp32_to_bf16",
+    "fp32_add_pipe",
+    "bf16_mul_pipe",
+    "combine_schedule",
     "leading_zeros",
     "BF16Multiplier",
     "FP32Adder",
@@ -265,6 +268,228 @@ def fp32_to_bf16(x):
     return Mux(nan, 0x7FC0, Mux(e == 0, Cat(Const(0, 15), x[31]), rounded))
 
 
+# -- pipelined units (issue 15: timing closure) ------------------------------------------
+#
+# The FP32 addition in four parts, each a few logic levels deep on an FPGA:
+#   0 "align-a": unpack, special cases, magnitude compare and swap, exponent difference;
+#   1 "align-b": alignment shift with sticky bit, significand add/subtract;
+#   2 "norm":    leading-zero count and normalising shift;
+#   3 "round":   round to nearest even, overflow / underflow, pack.
+# A pipeline of depth ``stages`` registers the result of part 3 and, in between, the parts listed here
+# (register after part k). Every depth computes the same bits as fp32_add_align + fp32_add_round.
+ADD_CUTS = {1: (), 2: (1,), 3: (0, 1), 4: (0, 1, 2)}
+ADD_PART_NAMES = ("align_a", "align_b", "norm", "round")
+MAX_ADD_STAGES = 4
+
+
+def _check_stages(what, value, allowed):
+    if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+    return value
+
+
+def _stage_reg(m: Module, registered: bool, values: dict, prefix: str) -> dict:
+    """Carry ``values`` across a pipeline boundary: a register each when ``registered``, else wires."""
+    if not registered:
+        return values
+    out = {}
+    for key, v in values.items():
+        r = Signal(v.shape(), name=f"{prefix}_{key}")
+        m.d.sync += r.eq(v)
+        out[key] = r
+    return out
+
+
+def fp32_add_pipe(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl", out_reg=True):
+    """FP32 adder of pipeline depth ``stages`` (1..4, :data:`ADD_CUTS`); returns the 32-bit sum.
+
+    ``latency == stages``: the sum is on the returned signal ``stages`` cycles after ``a``, ``b``.
+    ``out_reg=False`` leaves the last register out (the sum is combinational from the last internal
+    register, ``stages - 1`` cycles after the operands) so that the caller can make its own register
+    the last stage (:class:`MacUnit`'s partial sums). The bits are those of :func:`fp32_add_align` +
+    :func:`fp32_add_round` at every depth. ``fp_impl="dpi"``: the behavioural cell computes the sum in
+    part 0 and the same registers carry it (:func:`check_fp_impl`).
+    """
+    _check_stages("FP32 adder pipeline depth", stages, tuple(range(1, MAX_ADD_STAGES + 1)))
+    cuts = ADD_CUTS[stages]
+
+    def boundary(k, values):
+        return _stage_reg(m, k in cuts, values, f"{prefix}_{ADD_PART_NAMES[k]}")
+
+    def result(value):
+        s = Signal(32, name=f"{prefix}_s")
+        dom = m.d.sync if out_reg else m.d.comb
+        dom += s.eq(value)
+        return s
+
+    if check_fp_impl(fp_impl) == "dpi":
+        st = {"sum": _dpi_cell(m, "ianus_fp32_add_dpi", a, b, 32, prefix)}
+        for k in range(3):
+            st = boundary(k, st)
+        return result(st["sum"])
+
+    # Part 0: unpack, special cases, swap so that |x| >= |y|, exponent difference.
+    def unpack(v):
+        e, f, s = v[23:31], v[0:23], v[31]
+        return s, e, f, e == 0, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
+
+    sa, ea, fa, za, ia, na = unpack(a)
+    sb, eb, fb, zb, ib, nb = unpack(b)
+    swap = Signal(name=f"{prefix}_swap")
+    m.d.comb += swap.eq(Mux(zb, 0, b[0:31]) > Mux(za, 0, a[0:31]))
+    sx, ex, fx, zx = Mux(swap, sb, sa), Mux(swap, eb, ea), Mux(swap, fb, fa), Mux(swap, zb, za)
+    sy, ey, fy, zy = Mux(swap, sa, sb), Mux(swap, ea, eb), Mux(swap, fa, fb), Mux(swap, za, zb)
+    d = Signal(8, name=f"{prefix}_d")
+    m.d.comb += d.eq(ex - ey)
+    p0 = {
+        "mx": Signal(24, name=f"{prefix}_mx24"), "my": Signal(24, name=f"{prefix}_my24"),
+        "dc": Signal(5, name=f"{prefix}_dc"), "sub": Signal(name=f"{prefix}_sub"),
+        "exp": Signal(8, name=f"{prefix}_ex"), "sign": Signal(name=f"{prefix}_sx"),
+        "nan": Signal(name=f"{prefix}_nan"), "inf": Signal(name=f"{prefix}_inf"),
+        "inf_sign": Signal(name=f"{prefix}_inf_sign"), "zero_sign": Signal(name=f"{prefix}_zero_sign"),
+    }
+    m.d.comb += [
+        p0["mx"].eq(Mux(zx, 0, Cat(fx, 1))),
+        p0["my"].eq(Mux(zy, 0, Cat(fy, 1))),
+        p0["dc"].eq(Mux(d > 27, 27, d)),           # 27 or more leaves only the sticky bit
+        p0["sub"].eq(sx ^ sy),
+        p0["exp"].eq(ex),
+        p0["sign"].eq(sx),
+        p0["nan"].eq(na | nb | (ia & ib & (sa != sb))),
+        p0["inf"].eq(ia | ib),
+        p0["inf_sign"].eq(Mux(ia, sa, sb)),
+        # -0 only for (-0) + (-0); exact cancellation gives +0.
+        p0["zero_sign"].eq(zx & zy & sa & sb),
+    ]
+    st = boundary(0, p0)
+
+    # Part 1: align the smaller significand (guard, round, sticky: 27 bits) and add or subtract.
+    mx27, my27 = Cat(Const(0, 3), st["mx"]), Cat(Const(0, 3), st["my"])
+    shifted = Signal(27, name=f"{prefix}_shifted")
+    m.d.comb += shifted.eq(my27 >> st["dc"])
+    lost = Signal(name=f"{prefix}_lost")        # a one shifted out below the sticky position
+    m.d.comb += lost.eq((my27 & ~(Const(0x7FFFFFF, 27) << st["dc"])[0:27]).any())
+    my_al = Cat(shifted[0] | lost, shifted[1:27])
+    total = Signal(28, name=f"{prefix}_sum")
+    m.d.comb += total.eq(Mux(st["sub"], mx27 - my_al, mx27 + my_al))
+    st = boundary(1, {"total": total, **{k: st[k] for k in ("exp", "sign", "nan", "inf", "inf_sign",
+                                                              "zero_sign")}})
+
+    # Part 2: normalise (leading-zero count of the low 27 bits, padded to 32; a zero sum is handled in part 3).
+    total = st["total"]
+    lz = Signal(5, name=f"{prefix}_lz")
+    m.d.comb += lz.eq(leading_zeros(Cat(Const(0, 5), total[0:27]))[1])
+    norm = Signal(27, name=f"{prefix}_norm")
+    nexp = Signal(range(-32, 512), name=f"{prefix}_nexp")
+    with m.If(total[27]):
+        m.d.comb += [norm.eq(Cat(total[1] | total[0], total[2:28])), nexp.eq(st["exp"] + 1)]
+    with m.Else():
+        m.d.comb += [norm.eq((total[0:27] << lz)[0:27]), nexp.eq(st["exp"] - lz)]
+    is_zero = Signal(name=f"{prefix}_is_zero")
+    m.d.comb += is_zero.eq(total == 0)
+    st = boundary(2, {"norm": norm, "nexp": nexp, "is_zero": is_zero,
+                      **{k: st[k] for k in ("sign", "nan", "inf", "inf_sign", "zero_sign")}})
+
+    # Part 3: round to nearest even and pack.
+    norm, nexp = st["norm"], st["nexp"]
+    round_up = norm[2] & (norm[1] | norm[0] | norm[3])
+    rounded = Signal(25, name=f"{prefix}_rounded")
+    m.d.comb += rounded.eq(norm[3:27] + round_up)
+    rexp = Signal(range(-32, 512), name=f"{prefix}_rexp")
+    m.d.comb += rexp.eq(nexp + rounded[24])
+    frac = Mux(rounded[24], 0, rounded[0:23])
+    packed = Signal(32, name=f"{prefix}_packed")
+    with m.If(st["nan"]):
+        m.d.comb += packed.eq(QNAN)
+    with m.Elif(st["inf"]):
+        m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["inf_sign"]))
+    with m.Elif(st["is_zero"]):
+        m.d.comb += packed.eq(Cat(Const(0, 31), st["zero_sign"]))
+    with m.Elif(rexp >= 255):
+        m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["sign"]))
+    with m.Elif(rexp <= 0):
+        m.d.comb += packed.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
+    with m.Else():
+        m.d.comb += packed.eq(Cat(frac, rexp[0:8], st["sign"]))
+    return result(packed)
+
+
+def bf16_mul_pipe(m: Module, a, b, stages: int, prefix="mul", fp_impl="rtl", domain="sync"):
+    """BF16 x BF16 -> FP32 multiplier of pipeline depth ``stages`` (1 or 2); returns the registered product.
+
+    ``stages=1`` is :func:`bf16_mul` in ``sync``. ``stages=2`` registers the 8 x 8 significand product
+    (a DSP block's output register on an FPGA), the exponent sum and the special-case flags, then
+    normalises and packs in the second stage; the bits are the same. The registers are in ``domain``.
+    """
+    _check_stages("BF16 multiplier pipeline depth", stages, (1, 2))
+    dom = m.d[domain]
+    if stages == 1:
+        return bf16_mul(m, dom, a, b, prefix=prefix, fp_impl=fp_impl)
+    if check_fp_impl(fp_impl) == "dpi":
+        p1 = Signal(32, name=f"{prefix}_p1")
+        dom += p1.eq(_dpi_cell(m, "ianus_bf16_mul_dpi", a, b, 32, prefix))
+        result = Signal(32, name=f"{prefix}_p")
+        dom += result.eq(p1)
+        return result
+    ea, eb = a[7:15], b[7:15]
+    fa, fb = a[0:7], b[0:7]
+    a_zero, b_zero = ea == 0, eb == 0
+    a_inf, b_inf = (ea == 0xFF) & (fa == 0), (eb == 0xFF) & (fb == 0)
+    a_nan, b_nan = (ea == 0xFF) & (fa != 0), (eb == 0xFF) & (fb != 0)
+    s1 = {
+        "prod": Signal(16, name=f"{prefix}_prod"), "exp": Signal(range(-256, 512), name=f"{prefix}_exp0"),
+        "sign": Signal(name=f"{prefix}_sign"), "nan": Signal(name=f"{prefix}_nan"),
+        "inf": Signal(name=f"{prefix}_inf"), "zero": Signal(name=f"{prefix}_zero"),
+    }
+    dom += [
+        s1["prod"].eq(Cat(fa, 1) * Cat(fb, 1)),
+        s1["exp"].eq(ea + eb - 127),
+        s1["sign"].eq(a[15] ^ b[15]),
+        s1["nan"].eq(a_nan | b_nan | (a_inf & b_zero) | (b_inf & a_zero)),
+        s1["inf"].eq(a_inf | b_inf),
+        s1["zero"].eq(a_zero | b_zero),
+    ]
+    prod = s1["prod"]
+    exp = Signal(range(-256, 512), name=f"{prefix}_exp")
+    m.d.comb += exp.eq(s1["exp"] + prod[15])
+    frac = Mux(prod[15], Cat(Const(0, 8), prod[0:15]), Cat(Const(0, 9), prod[0:14]))
+    result = Signal(32, name=f"{prefix}_p")
+    with m.If(s1["nan"]):
+        dom += result.eq(QNAN)
+    with m.Elif(s1["inf"] | (exp >= 255)):
+        dom += result.eq(Cat(Const(0, 23), Const(0xFF, 8), s1["sign"]))
+    with m.Elif(s1["zero"] | (exp <= 0)):
+        dom += result.eq(Cat(Const(0, 31), s1["sign"]))
+    with m.Else():
+        dom += result.eq(Cat(frac, exp[0:8], s1["sign"]))
+    return result
+
+
+def combine_schedule(partials: int, adder_stages: int):
+    """The fixed order in which :class:`MacUnit` combines its interleaved partial sums.
+
+    Pairwise, as :class:`AdderTree`: each level adds neighbours ``(p0+p1), (p2+p3), ...`` (an odd last one
+    passes), so 4 partials give ``(p0+p1)+(p2+p3)``. One addition is issued per cycle into an adder of
+    depth ``adder_stages``, as soon as its operands are ready. Returns ``(ops, cycles)``: ``ops`` a list of
+    ``(step, src_a, src_b, dest)`` (issued ``step`` cycles after the schedule starts; the sum is written
+    into partial ``dest``), ``cycles`` the step at which partial 0 holds the result.
+    """
+    level = [(j, 0) for j in range(partials)]        # (partial index, step at which it is ready)
+    ops, free = [], 0
+    while len(level) > 1:
+        nxt = []
+        for k in range(0, len(level) - 1, 2):
+            (ja, ra), (jb, rb) = level[k], level[k + 1]
+            step = max(ra, rb, free)
+            free = step + 1
+            ops.append((step, ja, jb, ja))
+            nxt.append((ja, step + adder_stages))
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return ops, level[0][1]
+
+
 class BF16Multiplier(wiring.Component):
     """BF16 x BF16 -> FP32 multiplier, one registered stage.
 
@@ -298,7 +523,10 @@ class FP32Adder(wiring.Component):
     ----------
     stages : int
         0: combinational; 1: registered output; 2: a pipeline register
-        between alignment and normalisation as well. ``latency == stages``.
+        between alignment and normalisation as well; 3 and 4: the pipeline
+        of :func:`fp32_add_pipe` (registers after the parts listed in
+        :data:`ADD_CUTS`). ``latency == stages``; the bits are the same at
+        every depth. (Depths 0 to 2 keep the netlist they have always had.)
     """
 
     a: In(32)
@@ -306,8 +534,8 @@ class FP32Adder(wiring.Component):
     s: Out(32)
 
     def __init__(self, stages: int = 2, fp_impl: str = "rtl"):
-        if stages not in (0, 1, 2):
-            raise ValueError(f"FP32Adder stages must be 0, 1 or 2, not {stages!r}")
+        if stages not in range(MAX_ADD_STAGES + 1) or isinstance(stages, bool):
+            raise ValueError(f"FP32Adder stages must be 0 to {MAX_ADD_STAGES}, not {stages!r}")
         self._stages = stages
         self._fp_impl = check_fp_impl(fp_impl)
         super().__init__()
@@ -318,6 +546,9 @@ class FP32Adder(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
+        if self._stages > 2:
+            m.d.comb += self.s.eq(fp32_add_pipe(m, self.a, self.b, self._stages, fp_impl=self._fp_impl))
+            return m
         st = fp32_add_align(m, m.d.sync if self._stages == 2 else m.d.comb, self.a, self.b,
                             fp_impl=self._fp_impl)
         m.d.comb += self.s.eq(fp32_add_round(m, m.d.sync if self._stages >= 1 else m.d.comb, st))
@@ -330,7 +561,8 @@ class AdderTree(wiring.Component):
     Level 1 adds neighbours ``(x0+x1), (x2+x3), ...``; each further level adds
     neighbouring partial sums, so 16 inputs are summed as
     ``((((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7))) + (((x8+x9)+...)))``.
-    Each level is a 2-stage :class:`FP32Adder`: ``latency = 2 * log2(n)``.
+    Each level is an :class:`FP32Adder` of ``stages_per_level`` stages (0 to 4,
+    default 2): ``latency = stages_per_level * log2(n)``.
 
     Members
     -------
@@ -341,6 +573,9 @@ class AdderTree(wiring.Component):
     def __init__(self, n: int, stages_per_level: int = 2, fp_impl: str = "rtl"):
         if not isinstance(n, int) or n < 2 or n & (n - 1):
             raise ValueError(f"Adder tree width must be a power of two of at least 2, not {n!r}")
+        if stages_per_level not in range(MAX_ADD_STAGES + 1) or isinstance(stages_per_level, bool):
+            raise ValueError(f"Adder tree stages per level must be 0 to {MAX_ADD_STAGES}, "
+                             f"not {stages_per_level!r}")
         self._n = n
         self._stages = stages_per_level
         self._fp_impl = check_fp_impl(fp_impl)
@@ -383,12 +618,42 @@ class MacUnit(wiring.Component):
     ``acc_load`` writes ``acc_value`` into the accumulator at once (bias
     preload or clear); the caller must not load while MACs are in flight.
 
+    Parameters
+    ----------
+    lanes : int
+        Multipliers (a power of two).
+    clock_gate : bool
+        See below.
+    fp_impl : str
+        ``"rtl"`` or ``"dpi"`` (:func:`check_fp_impl`).
+    mul_stages : int
+        Pipeline depth of the multipliers, 1 (default) or 2 (:func:`bf16_mul_pipe`).
+    tree_stages : int
+        Pipeline depth of each adder-tree level, 1 to 4 (default 2; :class:`AdderTree`).
+    acc_stages : int
+        1 (default): the accumulator above, one FP32 addition in a one-cycle loop.
+        ``P`` in 2 to 4: **interleaved partial sums** (issue 15), so that no full FP32 addition sits in a
+        one-cycle loop. ``P`` partials ``p0 .. p(P-1)``; after a load ``p0 = acc_value`` and the others
+        are ``-0`` (the exact identity of the addition: ``x + (-0) = x`` for every ``x`` the adder
+        returns unchanged). The ``k``-th column since the load or the last combine is added into
+        ``p(k mod P)`` through a ``P``-stage adder (:func:`fp32_add_pipe`, its last register being the
+        partial itself), so a partial is read again ``P`` cycles after it was issued at the earliest.
+        ``combine`` (one cycle) adds the partials in the fixed pairwise order of
+        :func:`combine_schedule` (``(p0+p1)+(p2+p3)`` for 4) into ``p0``, sets the others to ``-0``
+        and restarts at ``p0``; ``acc`` shows ``p0``, so it holds the total ``combine_latency`` cycles
+        after ``combine``. The golden model is :func:`hw.spec.fp.accumulate` with ``stages=P``
+        (:class:`hw.spec.fp.InterleavedAccumulator` for load / add / combine sequences).
+
     Members
     -------
     valid : In(1)
     w, x : In(ArrayLayout(16, lanes))
     acc_load : In(1)
     acc_value : In(32)
+    combine : In(1)
+        Only when ``acc_stages > 1``. Assert for one cycle, ``latency`` cycles after the last column
+        entered at the earliest (when its partial holds it); no column may enter and no load happen until
+        ``acc`` holds the total, ``combine_latency`` cycles later.
     acc : Out(32)
 
     ``clock_gate=True`` clocks the multipliers and the adder tree through a
@@ -400,51 +665,94 @@ class MacUnit(wiring.Component):
     the idle datapath: the 32 processing units of the default PIM device were
     about half of the SoC's simulation time. Results are identical either way
     (tests/test_arith.py runs both). Off by default: see :mod:`hw.clockgate`.
+    The accumulator (and its pipeline when ``acc_stages > 1``) stays on the ungated clock.
+
+    With the default depths (1, 2, 1) the netlist is the one the unit has always had.
     """
 
-    def __init__(self, lanes: int = 16, clock_gate: bool = False, fp_impl: str = "rtl"):
+    def __init__(self, lanes: int = 16, clock_gate: bool = False, fp_impl: str = "rtl", *,
+                 mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1):
         if not isinstance(lanes, int) or lanes < 2 or lanes & (lanes - 1):
             raise ValueError(f"MAC lanes must be a power of two of at least 2, not {lanes!r}")
         self._lanes = lanes
         self._clock_gate = bool(clock_gate)
         self._fp_impl = check_fp_impl(fp_impl)
-        super().__init__({
+        self._mul_stages = _check_stages("MAC multiplier stages", mul_stages, (1, 2))
+        self._tree_stages = _check_stages("MAC adder tree stages", tree_stages, tuple(range(1, MAX_ADD_STAGES + 1)))
+        self._acc_stages = _check_stages("MAC accumulator stages", acc_stages, tuple(range(1, MAX_ADD_STAGES + 1)))
+        ports = {
             "valid": In(1),
             "w": In(data.ArrayLayout(16, lanes)),
             "x": In(data.ArrayLayout(16, lanes)),
             "acc_load": In(1),
             "acc_value": In(32),
             "acc": Out(32),
-        })
+        }
+        if acc_stages > 1:
+            ports["combine"] = In(1)
+        super().__init__(ports)
 
     @property
     def lanes(self) -> int:
         return self._lanes
 
+    @property
+    def mul_stages(self) -> int:
+        return self._mul_stages
+
+    @property
+    def tree_stages(self) -> int:
+        return self._tree_stages
+
+    @property
+    def acc_stages(self) -> int:
+        return self._acc_stages
+
     @staticmethod
-    def latency_for(lanes: int) -> int:
-        """Cycles from a column entering to the accumulator holding its sum."""
-        return BF16Multiplier.latency + 2 * (lanes.bit_length() - 1) + 1
+    def latency_for(lanes: int, mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1) -> int:
+        """Cycles from a column entering to the accumulator (its partial when ``acc_stages > 1``) holding its sum."""
+        return mul_stages + tree_stages * (lanes.bit_length() - 1) + acc_stages
+
+    @staticmethod
+    def combine_latency_for(acc_stages: int = 1) -> int:
+        """Cycles from ``combine`` to ``acc`` holding the total: 0 for one accumulator (no combine), else
+        the :func:`combine_schedule` of ``acc_stages`` partials (2, 6, 9 for 2, 3, 4), whose first addition
+        is issued in the cycle of ``combine``."""
+        return 0 if acc_stages == 1 else combine_schedule(acc_stages, acc_stages)[1]
 
     @property
     def latency(self) -> int:
-        return self.latency_for(self._lanes)
+        return self.latency_for(self._lanes, self._mul_stages, self._tree_stages, self._acc_stages)
+
+    @property
+    def combine_latency(self) -> int:
+        return self.combine_latency_for(self._acc_stages)
+
+    @property
+    def result_latency(self) -> int:
+        """Cycles from the last column entering to ``acc`` holding the total, with ``combine`` at the
+        earliest (``latency`` after that column): what a read of the accumulator must wait."""
+        return self.latency + self.combine_latency
 
     def elaborate(self, platform):
         m = Module()
         dp = "mac" if self._clock_gate else "sync"
-        tree = AdderTree(self._lanes, fp_impl=self._fp_impl)
+        tree = AdderTree(self._lanes, self._tree_stages, fp_impl=self._fp_impl)
         m.submodules.tree = DomainRenamer(dp)(tree) if dp != "sync" else tree
         for k in range(self._lanes):
             # Gated: the operands change with the bank's storage every cycle, the product register only
             # on the gated edges; a registered behavioural cell is called only then.
-            p = bf16_mul(m, m.d[dp], self.w[k], self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl,
-                         reg_clock=ClockSignal(dp) if self._clock_gate else None)
+            if self._mul_stages == 1:
+                p = bf16_mul(m, m.d[dp], self.w[k], self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl,
+                             reg_clock=ClockSignal(dp) if self._clock_gate else None)
+            else:
+                p = bf16_mul_pipe(m, self.w[k], self.x[k], self._mul_stages, prefix=f"mul{k}",
+                                  fp_impl=self._fp_impl, domain=dp)
             m.d.comb += tree.i[k].eq(p)
         # valid travels alongside the multiplier and the tree (ungated).
         valid = self.valid
         in_flight = []
-        for stage in range(BF16Multiplier.latency + tree.latency):
+        for stage in range(self._mul_stages + tree.latency):
             in_flight.append(valid)
             nxt = Signal(name=f"valid_s{stage + 1}")
             m.d.sync += nxt.eq(valid)
@@ -453,6 +761,9 @@ class MacUnit(wiring.Component):
             # The next rising edge must clock the datapath when any stage's input holds a valid column.
             gated_domain(m, "mac", Cat(*in_flight).any())
 
+        if self._acc_stages > 1:
+            self._interleaved_accumulator(m, valid, tree.o)
+            return m
         acc = Signal(32, name="acc_reg")
         st = fp32_add_align(m, m.d.comb, acc, tree.o, prefix="acc", fp_impl=self._fp_impl)
         total = fp32_add_round(m, m.d.comb, st, prefix="acc")
@@ -462,6 +773,73 @@ class MacUnit(wiring.Component):
             m.d.sync += acc.eq(total)
         m.d.comb += self.acc.eq(acc)
         return m
+
+    def _interleaved_accumulator(self, m: Module, valid, term):
+        """``acc_stages`` partial sums behind one ``acc_stages``-deep adder (see the class docstring)."""
+        P = self._acc_stages
+        neg_zero = 0x80000000
+        parts = [Signal(32, name=f"acc_p{j}", init=0 if j == 0 else neg_zero) for j in range(P)]
+        slot = Signal(range(P), name="acc_slot")            # the partial the next column goes into
+        ops, cycles = combine_schedule(P, P)
+        combining = Signal(name="acc_combining")
+        step = Signal(range(cycles + 1), name="acc_combine_step")
+
+        # One issue per cycle: a column into its partial, or a step of the combine schedule.
+        # Step 0 of the schedule is issued in the cycle of ``combine`` itself, the later ones from ``step``.
+        issue = Signal(name="acc_issue")
+        sel_a = Signal(range(P), name="acc_sel_a")
+        sel_b = Signal(range(P), name="acc_sel_b")
+        b_is_part = Signal(name="acc_b_is_part")
+        dest = Signal(range(P), name="acc_dest")
+        with m.If(self.combine | combining):
+            with m.Switch(Mux(combining, step, 0)):
+                for s, ja, jb, jd in ops:
+                    with m.Case(s):
+                        m.d.comb += [issue.eq(1), sel_a.eq(ja), sel_b.eq(jb), b_is_part.eq(1), dest.eq(jd)]
+        with m.Elif(valid):
+            m.d.comb += [issue.eq(1), sel_a.eq(slot), dest.eq(slot)]
+        op_a = Signal(32, name="acc_op_a")
+        op_b = Signal(32, name="acc_op_b")
+        part_b = Signal(32, name="acc_part_b")
+        with m.Switch(sel_a):
+            for j in range(P):
+                with m.Case(j):
+                    m.d.comb += op_a.eq(parts[j])
+        with m.Switch(sel_b):
+            for j in range(P):
+                with m.Case(j):
+                    m.d.comb += part_b.eq(parts[j])
+        m.d.comb += op_b.eq(Mux(b_is_part, part_b, term))
+        total = fp32_add_pipe(m, op_a, op_b, P, prefix="acc", fp_impl=self._fp_impl, out_reg=False)
+        # The write enable and destination travel with the operands through the adder's P - 1 registers.
+        w_en, w_dest = issue, dest
+        for k in range(P - 1):
+            en_r, dest_r = Signal(name=f"acc_wen_s{k + 1}"), Signal(range(P), name=f"acc_wdest_s{k + 1}")
+            m.d.sync += [en_r.eq(w_en), dest_r.eq(w_dest)]
+            w_en, w_dest = en_r, dest_r
+
+        with m.If(self.acc_load):
+            m.d.sync += [parts[0].eq(self.acc_value), slot.eq(0)]
+            m.d.sync += [p.eq(neg_zero) for p in parts[1:]]
+        with m.Else():
+            with m.If(w_en):
+                with m.Switch(w_dest):
+                    for j in range(P):
+                        with m.Case(j):
+                            m.d.sync += parts[j].eq(total)
+            with m.If(valid & ~combining):
+                m.d.sync += slot.eq(Mux(slot == P - 1, 0, slot + 1))
+            with m.If(combining & (step == cycles - 1)):
+                # The total lands in p0 on this edge; the other partials restart from -0.
+                m.d.sync += [p.eq(neg_zero) for p in parts[1:]]
+                m.d.sync += slot.eq(0)
+        with m.If(self.combine):
+            m.d.sync += [combining.eq(1), step.eq(1)]
+        with m.Elif(combining):
+            m.d.sync += step.eq(step + 1)
+            with m.If(step == cycles - 1):
+                m.d.sync += combining.eq(0)
+        m.d.comb += self.acc.eq(parts[0])
 
 
 class ArithArray(wiring.Component):

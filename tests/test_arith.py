@@ -104,7 +104,7 @@ def test_golden_dot_vs_float64():
 # -- construction checks --------------------------------------------------------------
 
 @pytest.mark.parametrize("ctor,msg", [
-    (lambda: FP32Adder(3), "stages must be 0, 1 or 2"),
+    (lambda: FP32Adder(5), "stages must be 0 to 4, not 5"),
     (lambda: AdderTree(12), "power of two"),
     (lambda: MacUnit(1), "power of two of at least 2"),
     (lambda: ArithArray(0), "at least 1"),

@@ -40,11 +40,15 @@ __all__ = [
     "add_f32",
     "adder_tree",
     "accumulate",
+    "combine_partials",
+    "InterleavedAccumulator",
+    "NEG_ZERO",
     "mac_lanes",
     "round_bf16",
 ]
 
 QNAN = np.uint32(0x7FC00000)
+NEG_ZERO = np.uint32(0x80000000)        # the exact identity of add_f32: x + (-0) == canon(ftz(x))
 _MIN_NORMAL = np.float32(2.0**-126)
 
 
@@ -128,9 +132,69 @@ def mac_lanes(w_bits: np.ndarray, x_bits: np.ndarray) -> np.ndarray:
     return adder_tree(mul_bf16(w_bits, x_bits))
 
 
-def accumulate(init_bits, terms_bits) -> np.ndarray:
-    """Sequential FP32 accumulation ``acc = acc + term`` over the first axis of ``terms_bits``."""
-    acc = np.asarray(init_bits, dtype=np.uint32)
+def accumulate(init_bits, terms_bits, stages: int = 1) -> np.ndarray:
+    """FP32 accumulation of ``terms_bits`` (over its first axis) onto ``init_bits``.
+
+    ``stages=1``: sequential, ``acc = acc + term``. ``stages=P > 1``: the order of an accumulator
+    of ``P`` interleaved partial sums (:class:`hw.arith.MacUnit` with ``acc_stages=P``): ``p0 = init``,
+    the others ``-0``; term ``k`` is added into ``p(k mod P)``; then the partials are combined pairwise
+    (:func:`combine_partials`).
+    """
+    if stages == 1:
+        acc = np.asarray(init_bits, dtype=np.uint32)
+        for term in np.asarray(terms_bits, dtype=np.uint32):
+            acc = add_f32(acc, term)
+        return acc
+    unit = InterleavedAccumulator(stages, init_bits)
     for term in np.asarray(terms_bits, dtype=np.uint32):
-        acc = add_f32(acc, term)
-    return acc
+        unit.add(term)
+    return unit.combine()
+
+
+def combine_partials(partials_bits) -> np.ndarray:
+    """Sum partial sums (first axis) pairwise in a fixed order: each level adds neighbours
+    ``(p0+p1), (p2+p3), ...`` and an odd last one passes on, so 4 give ``(p0+p1)+(p2+p3)`` and
+    3 give ``(p0+p1)+p2`` (:func:`hw.arith.combine_schedule`)."""
+    level = list(np.asarray(partials_bits, dtype=np.uint32))
+    while len(level) > 1:
+        nxt = [add_f32(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return np.asarray(level[0], dtype=np.uint32)
+
+
+class InterleavedAccumulator:
+    """State of an accumulator of ``stages`` interleaved partial sums (``stages = 1``: one sum).
+
+    ``load(v)``: ``p0 = v``, the others ``-0``, the next term goes into ``p0``. ``add(t)``: the
+    next term into its partial (round robin). ``combine()``: the partials summed by
+    :func:`combine_partials` into ``p0``, the others ``-0``, restart at ``p0``; returns ``p0``.
+    With ``stages = 1`` ``combine`` changes nothing (the sequential order of :func:`accumulate`).
+    Values broadcast like numpy arrays (one accumulator per element).
+    """
+
+    def __init__(self, stages: int = 1, init_bits=0):
+        if not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"stages must be a positive integer, not {stages!r}")
+        self.stages = stages
+        self.load(init_bits)
+
+    def load(self, value_bits):
+        v = np.asarray(value_bits, dtype=np.uint32)
+        self.partials = [v] + [np.full_like(v, NEG_ZERO) for _ in range(self.stages - 1)]
+        self.slot = 0
+
+    def add(self, term_bits):
+        self.partials[self.slot] = add_f32(self.partials[self.slot], term_bits)
+        self.slot = (self.slot + 1) % self.stages
+
+    def combine(self) -> np.ndarray:
+        if self.stages > 1:
+            self.load(combine_partials(self.partials))
+        return self.partials[0]
+
+    @property
+    def value(self) -> np.ndarray:
+        """``p0``: what the hardware's ``acc`` output shows."""
+        return self.partials[0]
