@@ -36,6 +36,7 @@ from sim.golden.vector import (
     MASK_BITMAP,
     MASK_CAUSAL,
     MASK_NONE,
+    MASK_PREFIX,
     ROW,
     VEC,
     Program,
@@ -219,6 +220,30 @@ def test_golden_softmax_gpt2_causal(seq):
         assert np.all(y[~vis] == 0)
         yb = _softmax_golden(DEFAULT, F(x), vis, BF16, mode=MASK_CAUSAL)
         assert np.all(np.abs(yb.sum(axis=1) - 1) <= SOFTMAX_SUM_BF16)
+
+
+@pytest.mark.parametrize("fmt", [FP32, BF16])
+def test_golden_softmax_prefix_rows_equal_one_row_causal(fmt):
+    """PREFIX (every row sees keys 0..pos: the heads of one generation step) on H rows gives, row for row,
+    the bits of H one-row CAUSAL instructions at the same pos: the compiler batches a step's heads this way.
+    The rows are padded to a multiple of 16 keys beyond pos + 1 with garbage that must stay invisible."""
+    rng = np.random.default_rng(11)
+    for L, n_keys in ((DEFAULT, 129), (DEFAULT, 16), (4, 33)):
+        n = -(-n_keys // 16) * 16
+        x = (rng.standard_normal((6, n)) * 5).astype(np.float32)
+        x[:, n_keys:] = 1e30                               # pad beyond the keys: must not count
+        model = VectorModel(L, 8192)
+        model.put(0, F(x), FP32)
+        assert model.run(dict(op=Opcode.SOFTMAX.value, a=0, d=4096, n=n, rows=6, d_fmt=fmt, mask=MASK_PREFIX,
+                              pos=n_keys - 1)) == 0
+        together = model.get(4096, 6, n, fmt)
+        for r in range(6):
+            one = VectorModel(L, 8192)
+            one.put(0, F(x[r:r + 1]), FP32)
+            assert one.run(dict(op=Opcode.SOFTMAX.value, a=0, d=4096, n=n, rows=1, d_fmt=fmt, mask=MASK_CAUSAL,
+                                pos=n_keys - 1)) == 0
+            np.testing.assert_array_equal(together[r], one.get(4096, 1, n, fmt)[0])
+        assert np.all(together[:, n_keys:] == 0)
 
 
 def test_golden_softmax_hostile():
@@ -557,7 +582,7 @@ def _rows_program(lanes, depth, seed):
     p.add("LN_APPLY bf16", op=Opcode.LN_APPLY.value, a=a_xb, a_fmt=BF16, b=a_gb, aux=a_stats2, d=a_yb, d_fmt=BF16,
           n=n, rows=rows)
     for g in sm:
-        for mode in (MASK_BITMAP, MASK_CAUSAL, MASK_NONE):
+        for mode in (MASK_BITMAP, MASK_CAUSAL, MASK_PREFIX, MASK_NONE):
             p.add(f"SOFTMAX n={g['n']} mask={mode}", op=Opcode.SOFTMAX.value, a=g["a"], d=g["d"], d_fmt=BF16,
                   aux=g["m"], n=g["n"], rows=g["rows"], mask=mode, pos=1)
         p.add(f"SOFTMAX n={g['n']} fp32", op=Opcode.SOFTMAX.value, a=g["a"], d=g["d2"], aux=g["m"], n=g["n"],
@@ -588,7 +613,8 @@ def _rows_program(lanes, depth, seed):
         ("KV region past the end", dict(op=Opcode.KV_APPEND.value, a=0, d=depth - 4, n=lanes, rows=1, imm0=5),
          ERR["BAD_ADDRESS"]),
         ("mask on ADD", dict(op=Opcode.ADD.value, a=0, d=guard, n=4, rows=1, mask=MASK_CAUSAL), ERR["BAD_MODE"]),
-        ("mask mode 3", dict(op=Opcode.SOFTMAX.value, a=0, d=guard, n=4, rows=1, mask=3), ERR["BAD_MODE"]),
+        ("PREFIX mask on MAX", dict(op=Opcode.MAX.value, a=0, d=guard, n=4, rows=1, mask=MASK_PREFIX),
+         ERR["BAD_MODE"]),
         ("LN_STATS to BF16", dict(op=Opcode.LN_STATS.value, a=0, d=guard, n=4, rows=1, d_fmt=BF16), ERR["BAD_MODE"]),
         ("KV overflow", dict(op=Opcode.KV_APPEND.value, a=a_k, d=a_cache, n=kv_n, rows=2, pos=4, imm0=cap),
          ERR["KV_OVERFLOW"]),
@@ -641,7 +667,7 @@ def test_vector_rtl_row_groups_tiny():
         x[rows // 2] = 1.5                            # variance 0
         regions.append((rows, n, a, m, d, d2, st, p.put_rows(F(x), FP32)))
     for rows, n, a, m, d, d2, st, ax in regions:         # data first, then the instructions
-        for mode in (MASK_BITMAP, MASK_CAUSAL, MASK_NONE):
+        for mode in (MASK_BITMAP, MASK_CAUSAL, MASK_PREFIX, MASK_NONE):
             p.add(f"SOFTMAX rows={rows} n={n} mask={mode}", op=Opcode.SOFTMAX.value, a=a, d=d, d_fmt=BF16,
                   aux=m, n=n, rows=rows, mask=mode, pos=2)
         p.add(f"SOFTMAX rows={rows} n={n} fp32", op=Opcode.SOFTMAX.value, a=a, d=d2, aux=m, n=n, rows=rows,
@@ -679,7 +705,7 @@ def _random_program(lanes, depth, seed, count):
                       b=b, b_fmt=int(rng.integers(2)), b_mode=int(rng.integers(4)),
                       imm0=int(F(np.float32(rng.standard_normal()))), imm1=int(F(np.float32(rng.standard_normal()))))
         if op == Opcode.SOFTMAX:
-            fields.update(mask=int(rng.integers(3)), aux=mask, pos=int(rng.integers(3)))
+            fields.update(mask=int(rng.integers(4)), aux=mask, pos=int(rng.integers(3)))
         if op == Opcode.LN_STATS:
             fields.update(d=stats, d_fmt=FP32, imm0=f(1 / n), imm1=f(1e-5))
             p.add(f"r{k} LN_STATS", **fields)

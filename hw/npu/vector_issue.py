@@ -116,7 +116,7 @@ class VectorDecode(wiring.Component):
             m.d.comb += err.eq(VecError.BAD_OPCODE)
         with m.Elif((n == 0) | (n > self._max_n) | (rows == 0)):
             m.d.comb += err.eq(VecError.BAD_LENGTH)
-        with m.Elif((ins.mask.as_value() == 3) | ((ins.mask != MaskMode.NONE) & (op != Opcode.SOFTMAX))
+        with m.Elif(((ins.mask != MaskMode.NONE) & (op != Opcode.SOFTMAX))
                     | ((op == Opcode.LN_STATS) & (ins.d_fmt == Fmt.BF16))):
             m.d.comb += err.eq(VecError.BAD_MODE)
         with m.Elif((end_a > depth) | (end_b > depth) | (end_d > depth) | (end_x > depth)):
@@ -249,7 +249,9 @@ class VectorBeat(wiring.Component):
         b_bf = ins.b_fmt == Fmt.BF16
         causal_vis = Signal(L)
         for ln in range(L):
-            m.d.comb += causal_vis[ln].eq(Cat(Const(ln, lg), beat) <= row + ins.pos)
+            # CAUSAL: element j of row r visible iff j <= r + pos; PREFIX: iff j <= pos in every row.
+            m.d.comb += causal_vis[ln].eq(Cat(Const(ln, lg), beat)
+                                          <= Mux(ins.mask == MaskMode.PREFIX, 0, row) + ins.pos)
         with m.If(issue & ~iscalar):
             with m.If(op == Opcode.SOFTMAX):
                 with m.If(ins.mask == MaskMode.BITMAP):

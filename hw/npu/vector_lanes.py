@@ -288,7 +288,7 @@ class VectorLanes(wiring.Component):
         with m.Switch(ins.mask):
             with m.Case(MaskMode.BITMAP):
                 m.d.comb += vis2.eq(self.bmask)
-            with m.Case(MaskMode.CAUSAL):
+            with m.Case(MaskMode.CAUSAL, MaskMode.PREFIX):
                 m.d.comb += vis2.eq(tags[2].causal)
             with m.Default():
                 m.d.comb += vis2.eq(Const((1 << L) - 1, L))

@@ -42,7 +42,9 @@ ISA_TABLE = (
     OpSpec("SOFTMAX", 12, "a d aux pos n rows a_fmt d_fmt mask",
            "masked softmax of each row: max over visible elements, e = exp(A - max), D = e * recip(sum e); "
            "masked elements give 0; a row with no visible element (or max -inf) gives all 0. mask BITMAP: "
-           "bit j of row r at aux (1 = visible), rows of ceil(n / 32L) words; CAUSAL: visible iff j <= r + pos"),
+           "bit j of row r at aux (1 = visible), rows of ceil(n / 32L) words; CAUSAL: visible iff j <= r + pos; "
+           "PREFIX: visible iff j <= pos in every row (rows that share one key length, such as the heads of "
+           "one generation step)"),
     OpSpec("KV_APPEND", 13, "a d n rows pos imm0 a_fmt d_fmt",
            "KV cache append: row r of A -> cache row pos + r at D (same pitch as D rows); imm0 = capacity in rows; "
            "pos + rows > capacity is KV_OVERFLOW"),
@@ -73,6 +75,7 @@ class MaskMode(enum.Enum, shape=2):
     NONE = 0
     BITMAP = 1
     CAUSAL = 2
+    PREFIX = 3
 
 
 class VecError(enum.Enum, shape=3):
@@ -81,7 +84,7 @@ class VecError(enum.Enum, shape=3):
     BAD_OPCODE = 1
     BAD_LENGTH = 2      # n == 0, n > max_n or rows == 0
     BAD_ADDRESS = 3     # an operand region ends beyond the scratchpad
-    BAD_MODE = 4        # mask on an op without one, reserved mask mode, LN_STATS to BF16
+    BAD_MODE = 4        # mask on an op without one, LN_STATS to BF16
     KV_OVERFLOW = 5     # pos + rows > capacity
 
 

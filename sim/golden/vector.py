@@ -33,7 +33,7 @@ OPS = {op.name: op.code for op in ISA_TABLE}
 OPNAME = {v: k for k, v in OPS.items()}
 FP32, BF16 = 0, 1
 ROW, VEC, COL, IMM = 0, 1, 2, 3
-MASK_NONE, MASK_BITMAP, MASK_CAUSAL = 0, 1, 2
+MASK_NONE, MASK_BITMAP, MASK_CAUSAL, MASK_PREFIX = 0, 1, 2, 3
 LOG2E_BITS = np.uint32(0x3FB8AA3B)
 SIGN = np.uint32(0x80000000)
 
@@ -126,7 +126,7 @@ class VectorModel:
         if n == 0 or n > self.max_n or rows == 0:
             return ERR["BAD_LENGTH"]
         mask = g("mask")
-        if mask == 3 or (mask != MASK_NONE and name != "SOFTMAX") or (name == "LN_STATS" and g("d_fmt") == BF16):
+        if (mask != MASK_NONE and name != "SOFTMAX") or (name == "LN_STATS" and g("d_fmt") == BF16):
             return ERR["BAD_MODE"]
         L = self.L
         ends = [g("a") + rows * self.pitch(n, g("a_fmt"))]
@@ -231,9 +231,9 @@ class VectorModel:
     def visible(self, ins: dict) -> np.ndarray:
         """Visibility (True = attended) of each element of a SOFTMAX instruction, shape (rows, n)."""
         n, rows, mode = int(ins["n"]), int(ins["rows"]), int(ins.get("mask", 0))
-        if mode == MASK_CAUSAL:
+        if mode in (MASK_CAUSAL, MASK_PREFIX):
             j = np.arange(n)[None, :]
-            r = np.arange(rows)[:, None]
+            r = np.arange(rows)[:, None] * (mode == MASK_CAUSAL)
             return j <= r + int(ins.get("pos", 0))
         if mode == MASK_BITMAP:
             pitch = _ceil(n, 32 * self.L)
