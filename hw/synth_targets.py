@@ -67,3 +67,18 @@ register("lowprec_int4_fp8", _lowprec("int4", "fp8_e4m3"),
 register("lowprec_fp4_bf16", _lowprec("fp4", "bf16"),
          "low-precision PIM unit: 64 lanes fp4 (BitMoD grid choice) x bf16, 64 BF16 multipliers + 64-input FP32 "
          "adder tree, group 128, FP16 scale, FP32 accumulator", pnr=False)
+
+
+def _mac_pipelined(mul_stages, tree_stages, acc_stages):
+    def factory():
+        from .arith import MacUnit
+
+        return MacUnit(16, mul_stages=mul_stages, tree_stages=tree_stages, acc_stages=acc_stages)
+    return factory
+
+
+# Issue 15 (timing closure): the PIM processing unit of `mac16` with pipelined arithmetic: 2-stage BF16
+# multipliers, 4-stage FP32 adders in the tree and 4 interleaved partial sums behind a 4-stage accumulator adder.
+register("mac16_p4", _mac_pipelined(2, 4, 4),
+         "PIM processing unit datapath, pipelined (issue 15): 16 BF16 multipliers in 2 stages + FP32 adder tree "
+         "of 4-stage adders + 4 interleaved partial sums through a 4-stage adder")
