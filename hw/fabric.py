@@ -3,7 +3,7 @@
 Every client of unified memory (command-processor fetch, the matrix unit's
 DMA, a vector-unit DMA, the host's AXI window) speaks the requester side of
 :class:`hw.memif.MemPortSignature`. The memory side is one controller per
-channel (:class:`hw.memctrl.MemoryController`, e.g. ``r<c>``/``q<c>`` of
+channel (:class:`hw.memctrl.MemoryController`, e.g. ``r[c]``/``q[c]`` of
 :class:`hw.memctrl.MemCtrlSystem`), which reorders requests (FR-FCFS);
 responses of different channels come back in any order. Clients such as the
 matrix DMA need their responses in request order, so the fabric puts a
@@ -59,14 +59,14 @@ Latency and throughput
 
 Members
 -------
-m<i> : In(MemPortSignature(cfg)), i < n_requesters
-    Requester ``i`` (the memory side of its port).
-r<c> : Out(stream.Signature(request_layout(cfg))), c < cfg.pim.channels
-    Requests to channel ``c``'s controller (tag = channel tag). The payload
+m : In(MemPortSignature(cfg)).array(n_requesters)
+    Requester ``i`` at ``m[i]`` (the memory side of its port; flattened ``m__<i>__req__valid``).
+r : Out(stream.Signature(request_layout(cfg))).array(cfg.pim.channels)
+    Requests to channel ``c``'s controller at ``r[c]`` (tag = channel tag). The payload
     is held while ``valid`` and not ``ready`` (the arbiter's grant is locked).
-q<c> : In(stream.Signature(response_layout(cfg)))
+q : In(stream.Signature(response_layout(cfg))).array(cfg.pim.channels)
     Responses from channel ``c``'s controller.
-req_stall<i> : Out(32)
+req_stall : Out(32).array(n_requesters)
     Cycles requester ``i`` had a request valid but not accepted (ROB full or
     its channel not taking the previous request): time waiting on memory.
     Wraps.
@@ -121,7 +121,7 @@ class MemFabric(wiring.Component):
     ----------
     cfg : SystemConfig
     n_requesters : int
-        Requester ports ``m0`` .. ``m<n-1>``; at least 1.
+        Requester ports ``m[0]`` .. ``m[n - 1]``; at least 1.
     rob_depth : int
         Reorder-buffer slots per requester (requests in flight at most); a
         power of two in [2, 64].
@@ -148,15 +148,11 @@ class MemFabric(wiring.Component):
         self._cfg = cfg
         self._n = n_requesters
         self._depth = rob_depth
-        members = {}
-        for i in range(n_requesters):
-            members[f"m{i}"] = In(MemPortSignature(cfg))
-        for c in range(cfg.pim.channels):
-            members[f"r{c}"] = Out(stream.Signature(request_layout(cfg)))
-            members[f"q{c}"] = In(stream.Signature(response_layout(cfg)))
-        for i in range(n_requesters):
-            members[f"req_stall{i}"] = Out(32)
-        super().__init__(members)
+        C = cfg.pim.channels
+        super().__init__({"m": In(MemPortSignature(cfg)).array(n_requesters),
+                          "r": Out(stream.Signature(request_layout(cfg))).array(C),
+                          "q": In(stream.Signature(response_layout(cfg))).array(C),
+                          "req_stall": Out(32).array(n_requesters)})
 
     @property
     def cfg(self) -> SystemConfig:
@@ -194,7 +190,7 @@ class MemFabric(wiring.Component):
         # ---------------- channel request arbiters ----------------
         fire_terms = [[] for _ in range(N)]
         for c in range(C):
-            r = getattr(self, f"r{c}")
+            r = self.r[c]
             want = Signal(N, name=f"ra{c}_want")
             m.d.comb += want.eq(Cat(st_valid[i] & (st_chan[i] == c) for i in range(N)))
             m.d.comb += r.valid.eq(want.any())
@@ -215,7 +211,7 @@ class MemFabric(wiring.Component):
             want = Signal(C, name=f"wa{i}_want")
             terms = []
             for c in range(C):
-                q = getattr(self, f"q{c}")
+                q = self.q[c]
                 rid_ok = (q.payload.tag[sb:] == i)
                 terms.append(q.valid & rid_ok)
             m.d.comb += want.eq(Cat(terms))
@@ -224,7 +220,7 @@ class MemFabric(wiring.Component):
             for c in range(C):
                 q_ready_terms[c].append(grant[c])
         for c in range(C):
-            q = getattr(self, f"q{c}")
+            q = self.q[c]
             known = Signal(name=f"q{c}_known")
             m.d.comb += known.eq(q.payload.tag[sb:] < N)
             # A tag naming no requester is consumed and dropped.
@@ -232,7 +228,7 @@ class MemFabric(wiring.Component):
 
         # ---------------- reorder buffers ----------------
         for i in range(N):
-            port = getattr(self, f"m{i}")
+            port = self.m[i]
             req, resp = port.req, port.resp
             dmem = m.submodules[f"rob{i}_data"] = Memory(shape=p.column_bits + 1, depth=D, init=[])
             mmem = m.submodules[f"rob{i}_meta"] = Memory(shape=meta_lay, depth=D, init=[])
@@ -280,7 +276,7 @@ class MemFabric(wiring.Component):
             wslot = 0
             wdata = 0
             for c in range(C):
-                q = getattr(self, f"q{c}")
+                q = self.q[c]
                 wslot = wslot | Mux(g[c], q.payload.tag[:sb], 0)
                 wdata = wdata | Mux(g[c], Cat(q.payload.data, q.payload.error), 0)
             m.d.comb += [dw.addr.eq(wslot), dw.data.eq(wdata), dw.en.eq(g.any())]
@@ -306,7 +302,7 @@ class MemFabric(wiring.Component):
             m.d.sync += done.eq((done | set_bits) & ~clr_bits)
 
             # Stall counter: a request waiting on memory.
-            stall = getattr(self, f"req_stall{i}")
+            stall = self.req_stall[i]
             with m.If(req.valid & ~req.ready):
                 m.d.sync += stall.eq(stall + 1)
         return m

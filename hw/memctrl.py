@@ -329,14 +329,14 @@ class MemCtrlSystem(wiring.Component):
     queue_depth, arbitration : int, str
         Passed to every controller.
 
-    Members (``c`` = channel)
-    -------------------------
-    r<c>, q<c> : normal requests in, responses out
-    p<c>, pr<c> : PIM micro commands in, PIM responses out
-    mode<c>, pidle<c>, perr<c>, owed<c> : ``pim_mode``, ``pim_idle``, ``pim_error``, ``refresh_owed``
-    k<c> : the controller's performance counters
-    mon<c> : the command bus the device sees
-    s<c> : the device's status (violation flags and event counters)
+    Members (arrays indexed by channel, ``self.r[c]``; flattened ``r__<c>__valid``)
+    -------------------------------------------------------------------------------
+    r, q : normal requests in, responses out
+    p, pr : PIM micro commands in, PIM responses out
+    mode, pidle, perr, owed : ``pim_mode``, ``pim_idle``, ``pim_error``, ``refresh_owed``
+    k : the controller's performance counters
+    mon : the command bus the device sees
+    s : the device's status (violation flags and event counters)
     bd_load : the device's back door
     """
 
@@ -351,18 +351,18 @@ class MemCtrlSystem(wiring.Component):
         self._device_factory = device_factory
         self._queue_depth = queue_depth
         self._arbitration = arbitration
-        members = {"bd_load": In(1)}
-        for c in range(cfg.pim.channels):
-            members.update({
-                f"r{c}": In(stream.Signature(request_layout(cfg))),
-                f"q{c}": Out(stream.Signature(response_layout(cfg))),
-                f"p{c}": In(stream.Signature(pim_command_layout(cfg))),
-                f"pr{c}": Out(stream.Signature(pim_response_layout(cfg))),
-                f"mode{c}": In(1), f"pidle{c}": Out(1), f"perr{c}": Out(1), f"owed{c}": Out(8),
-                f"k{c}": Out(MemCtrlCounters()),
-                f"mon{c}": Out(BusMonitorSignature(cfg)),
-                f"s{c}": Out(PimStatusSignature()),
-            })
+        C = cfg.pim.channels
+        members = {
+            "r": In(stream.Signature(request_layout(cfg))).array(C),
+            "q": Out(stream.Signature(response_layout(cfg))).array(C),
+            "p": In(stream.Signature(pim_command_layout(cfg))).array(C),
+            "pr": Out(stream.Signature(pim_response_layout(cfg))).array(C),
+            "mode": In(1).array(C), "pidle": Out(1).array(C), "perr": Out(1).array(C), "owed": Out(8).array(C),
+            "k": Out(MemCtrlCounters()).array(C),
+            "mon": Out(BusMonitorSignature(cfg)).array(C),
+            "s": Out(PimStatusSignature()).array(C),
+            "bd_load": In(1),
+        }
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -372,18 +372,17 @@ class MemCtrlSystem(wiring.Component):
         for c in range(self._cfg.pim.channels):
             mc = m.submodules[f"mc{c}"] = MemoryController(self._cfg, self._queue_depth,
                                                           arbitration=self._arbitration)
-            wiring.connect(m, wiring.flipped(getattr(self, f"r{c}")), mc.req)
-            wiring.connect(m, mc.resp, wiring.flipped(getattr(self, f"q{c}")))
-            wiring.connect(m, wiring.flipped(getattr(self, f"p{c}")), mc.pim)
-            wiring.connect(m, mc.pim_resp, wiring.flipped(getattr(self, f"pr{c}")))
-            wiring.connect(m, mc.counters, wiring.flipped(getattr(self, f"k{c}")))
-            wiring.connect(m, mc.bus, getattr(dev, f"c{c}"))
-            wiring.connect(m, getattr(dev, f"s{c}"), wiring.flipped(getattr(self, f"s{c}")))
-            mon = getattr(self, f"mon{c}")
+            wiring.connect(m, wiring.flipped(self.r[c]), mc.req)
+            wiring.connect(m, mc.resp, wiring.flipped(self.q[c]))
+            wiring.connect(m, wiring.flipped(self.p[c]), mc.pim)
+            wiring.connect(m, mc.pim_resp, wiring.flipped(self.pr[c]))
+            wiring.connect(m, mc.counters, wiring.flipped(self.k[c]))
+            wiring.connect(m, mc.bus, dev.c[c])
+            wiring.connect(m, dev.s[c], wiring.flipped(self.s[c]))
+            mon = self.mon[c]
             m.d.comb += [
-                mc.chan_id.eq(c), mc.pim_mode.eq(getattr(self, f"mode{c}")),
-                getattr(self, f"pidle{c}").eq(mc.pim_idle), getattr(self, f"perr{c}").eq(mc.pim_error),
-                getattr(self, f"owed{c}").eq(mc.refresh_owed),
+                mc.chan_id.eq(c), mc.pim_mode.eq(self.mode[c]),
+                self.pidle[c].eq(mc.pim_idle), self.perr[c].eq(mc.pim_error), self.owed[c].eq(mc.refresh_owed),
                 mon.op.eq(mc.bus.op), mon.bank.eq(mc.bus.bank), mon.row.eq(mc.bus.row), mon.col.eq(mc.bus.col),
                 mon.rvalid.eq(mc.bus.rvalid),
             ]

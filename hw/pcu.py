@@ -104,9 +104,9 @@ class Pcu(wiring.Component):
     clear : In(1)
     completed : Out(32)
         Macro commands consumed.
-    p<c>, pr<c>, mode<c>, pidle<c>, perr<c>
-        Per channel: micro commands out, micro responses in, PIM mode out,
-        controller idle in, controller error in.
+    p, pr, mode, pidle, perr : arrays indexed by channel
+        Micro commands out, micro responses in, PIM mode out, controller
+        idle in, controller error in.
     """
 
     def __init__(self, cfg: SystemConfig):
@@ -123,13 +123,12 @@ class Pcu(wiring.Component):
         self.r_words = self.max_tiles * self.groups
         if self.r_words > 256 or self.x_words > 256:
             raise ValueError("PCU buffers are indexed by 8-bit tags: at most 256 words each")
-        members = {"macro": In(stream.Signature(MacroLayout)), "busy": Out(1), "error": Out(8),
-                   "clear": In(1), "completed": Out(32)}
-        for c in range(p.channels):
-            members.update({f"p{c}": Out(stream.Signature(pim_command_layout(cfg))),
-                            f"pr{c}": In(stream.Signature(pim_response_layout(cfg))),
-                            f"mode{c}": Out(1), f"pidle{c}": In(1), f"perr{c}": In(1)})
-        super().__init__(members)
+        C = p.channels
+        super().__init__({"macro": In(stream.Signature(MacroLayout)), "busy": Out(1), "error": Out(8),
+                          "clear": In(1), "completed": Out(32),
+                          "p": Out(stream.Signature(pim_command_layout(cfg))).array(C),
+                          "pr": In(stream.Signature(pim_response_layout(cfg))).array(C),
+                          "mode": Out(1).array(C), "pidle": In(1).array(C), "perr": In(1).array(C)})
 
     def elaborate(self, platform):
         m = Module()
@@ -142,8 +141,7 @@ class Pcu(wiring.Component):
         gbc = p.gb_columns                      # columns per input chunk
         gbc_lg = gbc.bit_length() - 1
         per_tile = B * C
-        pins = [getattr(self, f"p{c}") for c in range(C)]
-        prs = [getattr(self, f"pr{c}") for c in range(C)]
+        pins, prs = self.p, self.pr
         # Free command slots in the controllers' timing waits, filled with a new chunk's WRGBs (as
         # firmware.pim.gemv_program does): before PREAB (tRTP after the last MAC), before ACTAB (tRP).
         before_pre = max(0, t.tRTP // t.tCCD - 1)
@@ -169,7 +167,7 @@ class Pcu(wiring.Component):
         with m.If(self.clear):
             m.d.sync += err.eq(E_NONE)
         for c in range(C):
-            with m.If(getattr(self, f"perr{c}") & (err == E_NONE) & ~self.clear):
+            with m.If(self.perr[c] & (err == E_NONE) & ~self.clear):
                 m.d.sync += err.eq(E_DEVICE_VIOLATION)
         input_n = Signal(16)
         result_n = Signal(16)
@@ -381,9 +379,9 @@ class Pcu(wiring.Component):
         # requests keep being served while the GEMV's rows stream through the PIM buffers.
         mode = Signal()
         for c in range(C):
-            m.d.comb += getattr(self, f"mode{c}").eq(mode)
+            m.d.comb += self.mode[c].eq(mode)
 
-        all_idle = Cat(getattr(self, f"pidle{c}") for c in range(C)) == (1 << C) - 1
+        all_idle = Cat(self.pidle) == (1 << C) - 1
 
         # READ_RES: result word -> rbuf entry (FP32: word j is entry j; BF16: entries 2j, 2j+1).
         def r_chan(e):
@@ -681,8 +679,8 @@ class PcuSystem(wiring.Component):
     Members (``c`` = channel)
     -------------------------
     macro, busy, error, clear, completed : as :class:`Pcu`
-    r<c>, q<c> : normal requests in, responses out (the host window)
-    mon<c>, s<c>, k<c> : the command bus the device sees, the device's status, the controller's counters
+    r, q : normal requests in, responses out (the host window), arrays indexed by channel
+    mon, s, k : the command bus the device sees, the device's status, the controller's counters (arrays)
     bd_load : the device's back door
     """
 
@@ -693,17 +691,14 @@ class PcuSystem(wiring.Component):
 
         self.cfg = cfg
         self._device_factory = device_factory
-        members = {"macro": In(stream.Signature(MacroLayout)), "busy": Out(1), "error": Out(8),
-                   "clear": In(1), "completed": Out(32), "bd_load": In(1)}
-        for c in range(cfg.pim.channels):
-            members.update({
-                f"r{c}": In(stream.Signature(request_layout(cfg))),
-                f"q{c}": Out(stream.Signature(response_layout(cfg))),
-                f"mon{c}": Out(BusMonitorSignature(cfg)),
-                f"s{c}": Out(PimStatusSignature()),
-                f"k{c}": Out(MemCtrlCounters()),
-            })
-        super().__init__(members)
+        C = cfg.pim.channels
+        super().__init__({"macro": In(stream.Signature(MacroLayout)), "busy": Out(1), "error": Out(8),
+                          "clear": In(1), "completed": Out(32), "bd_load": In(1),
+                          "r": In(stream.Signature(request_layout(cfg))).array(C),
+                          "q": Out(stream.Signature(response_layout(cfg))).array(C),
+                          "mon": Out(BusMonitorSignature(cfg)).array(C),
+                          "s": Out(PimStatusSignature()).array(C),
+                          "k": Out(MemCtrlCounters()).array(C)})
 
     def elaborate(self, platform):
         from .memctrl import MemCtrlSystem
@@ -716,14 +711,12 @@ class PcuSystem(wiring.Component):
         m.d.comb += [self.busy.eq(pcu.busy), self.error.eq(pcu.error), self.completed.eq(pcu.completed),
                      pcu.clear.eq(self.clear), mem.bd_load.eq(self.bd_load)]
         for c in range(cfg.pim.channels):
-            wiring.connect(m, getattr(pcu, f"p{c}"), getattr(mem, f"p{c}"))
-            wiring.connect(m, getattr(mem, f"pr{c}"), getattr(pcu, f"pr{c}"))
-            m.d.comb += [getattr(mem, f"mode{c}").eq(getattr(pcu, f"mode{c}")),
-                         getattr(pcu, f"pidle{c}").eq(getattr(mem, f"pidle{c}")),
-                         getattr(pcu, f"perr{c}").eq(getattr(mem, f"perr{c}"))]
-            wiring.connect(m, wiring.flipped(getattr(self, f"r{c}")), getattr(mem, f"r{c}"))
-            wiring.connect(m, getattr(mem, f"q{c}"), wiring.flipped(getattr(self, f"q{c}")))
-            wiring.connect(m, getattr(mem, f"mon{c}"), wiring.flipped(getattr(self, f"mon{c}")))
-            wiring.connect(m, getattr(mem, f"s{c}"), wiring.flipped(getattr(self, f"s{c}")))
-            wiring.connect(m, getattr(mem, f"k{c}"), wiring.flipped(getattr(self, f"k{c}")))
+            wiring.connect(m, pcu.p[c], mem.p[c])
+            wiring.connect(m, mem.pr[c], pcu.pr[c])
+            m.d.comb += [mem.mode[c].eq(pcu.mode[c]), pcu.pidle[c].eq(mem.pidle[c]), pcu.perr[c].eq(mem.perr[c])]
+            wiring.connect(m, wiring.flipped(self.r[c]), mem.r[c])
+            wiring.connect(m, mem.q[c], wiring.flipped(self.q[c]))
+            wiring.connect(m, mem.mon[c], wiring.flipped(self.mon[c]))
+            wiring.connect(m, mem.s[c], wiring.flipped(self.s[c]))
+            wiring.connect(m, mem.k[c], wiring.flipped(self.k[c]))
         return m

@@ -73,8 +73,8 @@ class ProtoTop(wiring.Component):
     s_axil : In(AxiLiteSignature())
     s_axi : In(AxiSignature(data_width=column_bits))
     bd_load : In(1)       the device's back door (simulation)
-    mon<c> : the command bus the device sees (for the protocol checker)
-    s<c> : the device's status
+    mon : Out(BusMonitorSignature).array(channels)   the command bus the device sees (protocol checker)
+    s : Out(PimStatusSignature).array(channels)      the device's status
     """
 
     def __init__(self, cfg: SystemConfig, device_factory):
@@ -85,12 +85,10 @@ class ProtoTop(wiring.Component):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
         self.cfg = cfg
         self._device_factory = device_factory
-        members = {"s_axil": In(AxiLiteSignature()), "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)),
-                   "bd_load": In(1)}
-        for c in range(cfg.pim.channels):
-            members[f"mon{c}"] = Out(BusMonitorSignature(cfg))
-            members[f"s{c}"] = Out(PimStatusSignature())
-        super().__init__(members)
+        C = cfg.pim.channels
+        super().__init__({"s_axil": In(AxiLiteSignature()),
+                          "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)), "bd_load": In(1),
+                          "mon": Out(BusMonitorSignature(cfg)).array(C), "s": Out(PimStatusSignature()).array(C)})
 
     def elaborate(self, platform):
         m = Module()
@@ -100,8 +98,8 @@ class ProtoTop(wiring.Component):
         m.submodules.sys = sysm = PcuSystem(cfg, self._device_factory)
         m.d.comb += sysm.bd_load.eq(self.bd_load)
         for c in range(C):
-            wiring.connect(m, getattr(sysm, f"mon{c}"), wiring.flipped(getattr(self, f"mon{c}")))
-            wiring.connect(m, getattr(sysm, f"s{c}"), wiring.flipped(getattr(self, f"s{c}")))
+            wiring.connect(m, sysm.mon[c], wiring.flipped(self.mon[c]))
+            wiring.connect(m, sysm.s[c], wiring.flipped(self.s[c]))
 
         # ---------------- registers (AXI4-Lite) ----------------
         m.submodules.regs = regs = AxiLiteRegisters(_macro.register_table(C))
@@ -133,8 +131,7 @@ class ProtoTop(wiring.Component):
                      regs.input(CSR_GEOMETRY).eq(geometry_word(p))]
         # Per-channel counters: controller busy/commands/refreshes/pim_wait and the device's MAC count.
         for c in range(C):
-            k = getattr(sysm, f"k{c}")
-            st = getattr(sysm, f"s{c}")
+            k, st = sysm.k[c], sysm.s[c]
             srcs = (k.busy, k.commands, k.refreshes, k.pim_wait, st.n_mac)
             for name, src in zip(CH_COUNTERS, srcs, strict=True):
                 m.d.comb += regs.input(CSR_CH_BASE + 0x20 * c + _macro.CH_COUNTERS[name]).eq(src)
@@ -143,8 +140,7 @@ class ProtoTop(wiring.Component):
         ax = self.s_axi
         amap = AddressMap(p)
         cb = p.column_bytes
-        reqs = [getattr(sysm, f"r{c}") for c in range(C)]
-        resps = [getattr(sysm, f"q{c}") for c in range(C)]
+        reqs, resps = sysm.r, sysm.q
 
         def window_ok(addr, length):
             end = addr + (length + 1) * cb
@@ -250,11 +246,8 @@ class PhyStub(wiring.Component):
         from .pim.channel import PimBusSignature, PimStatusSignature
 
         self.cfg = cfg
-        members = {"bd_load": In(1)}
-        for c in range(cfg.pim.channels):
-            members[f"c{c}"] = In(PimBusSignature(cfg))
-            members[f"s{c}"] = Out(PimStatusSignature())
-        super().__init__(members)
+        super().__init__({"c": In(PimBusSignature(cfg)).array(cfg.pim.channels),
+                          "s": Out(PimStatusSignature()).array(cfg.pim.channels), "bd_load": In(1)})
 
     def elaborate(self, platform):
         from .pim.commands import READ_OPS
@@ -263,7 +256,7 @@ class PhyStub(wiring.Component):
         m = Module()
         t = self.cfg.timing
         for c in range(self.cfg.pim.channels):
-            bus, st = getattr(self, f"c{c}"), getattr(self, f"s{c}")
+            bus, st = self.c[c], self.s[c]
             bits = Cat(bus.op, bus.bank, bus.row, bus.col, bus.mask, bus.data)
             words = [bits[i:i + 32] for i in range(0, len(bits), 32)]
             fold = words[0]

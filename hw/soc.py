@@ -13,9 +13,9 @@ window onto device memory.
         | fetch      | DMA       | DMA        |    |
         v            v           v            |    v
     MemFabric  m1 (CP)  m2 (MU)  m3 (VQ)      |   m0 (host)      in-order responses per requester
-        | r<c> / q<c>                         | p<c> / pr<c> / mode<c>  (PIM micro commands)
+        | r[c] / q[c]                         | p[c] / pr[c] / mode[c]  (PIM micro commands)
         v                                     v
-    MemCtrlSystem: one MemoryController per channel + the PIM device (mon<c>, s<c>, bd_load)
+    MemCtrlSystem: one MemoryController per channel + the PIM device (mon[c], s[c], bd_load)
 
 The host writes a program (:mod:`hw.spec.soc_isa`) and its data into device memory
 through the window, sets ``PROG_ADDR`` / ``PROG_LEN`` and writes ``CTRL.START``;
@@ -228,8 +228,9 @@ class SocTop(wiring.Component):
         The command processor's ``error``.
     unit_busy : Out(3)
         Matrix unit, vector queue, PCU (with its macro queue) busy.
-    mon<c>, s<c>
-        The command bus the device sees (for the protocol checker) and the device's status.
+    mon, s : arrays indexed by channel
+        The command bus the device sees (for the protocol checker) and the device's status
+        (flattened ``mon__<c>__op``, ``s__<c>__nviol``).
     """
 
     def __init__(self, cfg: SystemConfig, device_factory, fetch_depth: int = 32, rob_depth: int = 32,
@@ -253,12 +254,11 @@ class SocTop(wiring.Component):
         self._clock_gate = clock_gate
         self._lane_instance = lane_instance
         self.regs = register_table(cfg.pim.channels)
-        members = {"s_axil": In(AxiLiteSignature()), "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)),
-                   "bd_load": In(1), "done": Out(1), "busy": Out(1), "error": Out(16), "unit_busy": Out(3)}
-        for c in range(cfg.pim.channels):
-            members[f"mon{c}"] = Out(BusMonitorSignature(cfg))
-            members[f"s{c}"] = Out(PimStatusSignature())
-        super().__init__(members)
+        C = cfg.pim.channels
+        super().__init__({"s_axil": In(AxiLiteSignature()),
+                          "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)), "bd_load": In(1),
+                          "done": Out(1), "busy": Out(1), "error": Out(16), "unit_busy": Out(3),
+                          "mon": Out(BusMonitorSignature(cfg)).array(C), "s": Out(PimStatusSignature()).array(C)})
 
     @property
     def cfg(self) -> SystemConfig:
@@ -286,17 +286,15 @@ class SocTop(wiring.Component):
         # ---------------- datapath wiring ----------------
         wiring.connect(m, wiring.flipped(self.s_axi), win.s_axi)
         for i, port in enumerate((win.mem, cp.mem, mu.mem, vq.mem)):
-            wiring.connect(m, port, getattr(fabric, f"m{i}"))
+            wiring.connect(m, port, fabric.m[i])
         for c in range(C):
-            wiring.connect(m, getattr(fabric, f"r{c}"), getattr(mem, f"r{c}"))
-            wiring.connect(m, getattr(mem, f"q{c}"), getattr(fabric, f"q{c}"))
-            wiring.connect(m, getattr(pcu, f"p{c}"), getattr(mem, f"p{c}"))
-            wiring.connect(m, getattr(mem, f"pr{c}"), getattr(pcu, f"pr{c}"))
-            m.d.comb += [getattr(mem, f"mode{c}").eq(getattr(pcu, f"mode{c}")),
-                         getattr(pcu, f"pidle{c}").eq(getattr(mem, f"pidle{c}")),
-                         getattr(pcu, f"perr{c}").eq(getattr(mem, f"perr{c}"))]
-            wiring.connect(m, getattr(mem, f"mon{c}"), wiring.flipped(getattr(self, f"mon{c}")))
-            wiring.connect(m, getattr(mem, f"s{c}"), wiring.flipped(getattr(self, f"s{c}")))
+            wiring.connect(m, fabric.r[c], mem.r[c])
+            wiring.connect(m, mem.q[c], fabric.q[c])
+            wiring.connect(m, pcu.p[c], mem.p[c])
+            wiring.connect(m, mem.pr[c], pcu.pr[c])
+            m.d.comb += [mem.mode[c].eq(pcu.mode[c]), pcu.pidle[c].eq(mem.pidle[c]), pcu.perr[c].eq(mem.perr[c])]
+            wiring.connect(m, mem.mon[c], wiring.flipped(self.mon[c]))
+            wiring.connect(m, mem.s[c], wiring.flipped(self.s[c]))
         m.d.comb += mem.bd_load.eq(self.bd_load)
         wiring.connect(m, cp.mu, mu.instr)
         wiring.connect(m, cp.vq, vq.instr)
@@ -381,9 +379,9 @@ class SocTop(wiring.Component):
             relative[("vq", name)] = (getattr(vq.counters, name), True)
         relative[("pcu", "completed")] = (pcu.completed, False)
         for i in range(len(REQUESTERS)):
-            relative[("fabric", f"req_stall{i}")] = (getattr(fabric, f"req_stall{i}"), False)
+            relative[("fabric", f"req_stall{i}")] = (fabric.req_stall[i], False)
         for c in range(C):
-            k = getattr(mem, f"k{c}")
+            k = mem.k[c]
             for name in k.signature.members:
                 relative[(f"ch{c}", name)] = (getattr(k, name), False)
         for key, (raw, cleared) in relative.items():

@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hw.config import SystemConfig
+from sim.tb.common import port
 
 NEVER = -(10**12)
 
@@ -232,7 +233,7 @@ class ProtocolChecker:
 
 
 class BusMonitor:
-    """cocotb monitor: feeds a :class:`ProtocolChecker` per channel from the bus copies ``mon<c>__*``
+    """cocotb monitor: feeds a :class:`ProtocolChecker` per channel from the bus copies ``mon__<c>__*``
     of a top (what the device sees), every cycle, and checks the device's sticky violation flags.
 
     Start :meth:`run` with ``cocotb.start_soon`` right after reset, at a falling edge.
@@ -241,13 +242,13 @@ class BusMonitor:
     def __init__(self, dut, cfg: SystemConfig):
         self.dut = dut
         C = cfg.pim.channels
-        self.mon = [{n: getattr(dut, f"mon{c}__{n}") for n in ("op", "bank", "row", "col")} for c in range(C)]
-        self.viol = [getattr(dut, f"s{c}__violation") for c in range(C)]
-        self.vcode = [getattr(dut, f"s{c}__vcode") for c in range(C)]
-        self.nref = [getattr(dut, f"s{c}__n_ref") for c in range(C)]
+        self.mon = [{n: port(dut, "mon", c, n) for n in ("op", "bank", "row", "col")} for c in range(C)]
+        self.viol = [port(dut, "s", c, "violation") for c in range(C)]
+        self.vcode = [port(dut, "s", c, "vcode") for c in range(C)]
+        self.nref = [port(dut, "s", c, "n_ref") for c in range(C)]
         self.checkers = [ProtocolChecker(cfg, channel=c) for c in range(C)]
         # The checker's cycle numbering follows the device's reset-relative cycle counter.
-        self.cycle = int(dut.s0__cycle.value)
+        self.cycle = int(port(dut, "s", 0, "cycle").value)
 
     async def run(self):
         from cocotb.triggers import FallingEdge

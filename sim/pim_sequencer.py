@@ -20,6 +20,7 @@ import numpy as np
 
 from hw.config import SystemConfig
 from sim.pim_checker import OPCODES, ProtocolChecker
+from sim.tb.common import port, port_name
 
 
 @dataclass
@@ -106,9 +107,9 @@ class PimDriver:
         self.bus = []
         for c in range(p.channels):
             # Touch every port by name (cocotb handles on Verilator, see STYLE.md).
-            self.bus.append({name: getattr(dut, f"c{c}__{name}") for name in
+            self.bus.append({name: port(dut, "c", c, name) for name in
                              ("op", "bank", "row", "col", "data", "mask", "rvalid", "rdata")})
-        self.status = [{name: getattr(dut, f"s{c}__{name}") for name in
+        self.status = [{name: port(dut, "s", c, name) for name in
                         ("violation", "vcode", "vop", "vcycle", "clear", "owed", "cycle", "nviol",
                          "n_act", "n_mac", "n_ref", "n_cmd", "n_rd", "n_wr", "n_wrgb", "n_rdmac", "n_af")}
                        for c in range(p.channels)]
@@ -119,9 +120,9 @@ class PimDriver:
     async def reset(self):
         from sim.tb.common import start
 
-        zero = ["bd_load"] + [f"c{c}__{n}" for c in range(self.channels) for n in ("op", "bank", "row", "col",
-                                                                                   "data", "mask")]
-        zero += [f"s{c}__clear" for c in range(self.channels)]
+        zero = ["bd_load"] + [port_name("c", c, n) for c in range(self.channels)
+                              for n in ("op", "bank", "row", "col", "data", "mask")]
+        zero += [port_name("s", c, "clear") for c in range(self.channels)]
         await start(self.dut, zero_inputs=zero)
         from cocotb.triggers import FallingEdge
 

@@ -75,7 +75,7 @@ def test_one_requester_two_slots_amaranth_sim():
     log = {}
 
     async def testbench(ctx):
-        m0, r0, r1, q0, q1 = dut.m0, dut.r0, dut.r1, dut.q0, dut.q1
+        (m0,), (r0, r1), (q0, q1) = dut.m, dut.r, dut.q
         ctx.set(r0.ready, 1)
         ctx.set(r1.ready, 1)
         ctx.set(m0.resp.ready, 1)
@@ -112,7 +112,7 @@ def test_one_requester_two_slots_amaranth_sim():
         assert not ctx.get(m0.req.ready), "ROB of two slots must be full"
         await tick_watch()                                     # B issued
         await tick_watch()
-        assert ctx.get(dut.req_stall0) == 2
+        assert ctx.get(dut.req_stall[0]) == 2
         assert [s.tag for s in seen[0]] == [0] and [s.tag for s in seen[1]] == [1]
         assert seen[1][0].write == 1 and seen[1][0].data == 0xABC and seen[1][0].mask == 0xF
         # Channel 1 answers B first: nothing delivered until A's response.
@@ -169,7 +169,7 @@ def test_connects_to_controllers_and_dma():
     memsys = MemCtrlSystem(cfg, device_factory(cfg))
     dma = DmaLoad(cfg, lanes=4)
     m = Module()
-    wiring.connect(m, dma.mem, fabric.m0)
+    wiring.connect(m, dma.mem, fabric.m[0])
     for c in range(cfg.pim.channels):
-        wiring.connect(m, getattr(fabric, f"r{c}"), getattr(memsys, f"r{c}"))
-        wiring.connect(m, getattr(memsys, f"q{c}"), getattr(fabric, f"q{c}"))
+        wiring.connect(m, fabric.r[c], memsys.r[c])
+        wiring.connect(m, memsys.q[c], fabric.q[c])

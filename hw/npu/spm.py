@@ -53,7 +53,7 @@ class Scratchpad(wiring.Component):
     Members
     -------
     w : In(SpmWriteSignature)
-    r0, r1 : In(SpmReadSignature)
+    r : In(SpmReadSignature).array(read_ports)
     """
 
     latency = 1
@@ -69,10 +69,8 @@ class Scratchpad(wiring.Component):
         self._shape = data.ArrayLayout(lane_bits, lanes)
         self._read_ports = read_ports
         addr_bits = (depth - 1).bit_length()
-        ports = {"w": In(SpmWriteSignature(addr_bits, self._shape))}
-        for k in range(read_ports):
-            ports[f"r{k}"] = In(SpmReadSignature(addr_bits, self._shape))
-        super().__init__(ports)
+        super().__init__({"w": In(SpmWriteSignature(addr_bits, self._shape)),
+                          "r": In(SpmReadSignature(addr_bits, self._shape)).array(read_ports)})
 
     @property
     def depth(self) -> int:
@@ -91,8 +89,7 @@ class Scratchpad(wiring.Component):
         m.submodules.mem = mem = Memory(shape=self._shape.size, depth=self._depth, init=[])
         wp = mem.write_port()
         m.d.comb += [wp.addr.eq(self.w.addr), wp.data.eq(self.w.data.as_value()), wp.en.eq(self.w.en)]
-        for k in range(self._read_ports):
-            port = getattr(self, f"r{k}")
+        for port in self.r:
             rp = mem.read_port()
             m.d.comb += [rp.addr.eq(port.addr), rp.en.eq(port.en), port.data.eq(rp.data)]
         return m

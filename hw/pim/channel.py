@@ -445,9 +445,9 @@ class PimDevice(wiring.Component):
 
     Members
     -------
-    c<i> : In(PimBusSignature)      command bus of channel i
-    s<i> : Out(PimStatusSignature)  status of channel i
-    bd_load : In(1)                 back door for every bank of every channel
+    c : In(PimBusSignature).array(channels)      command bus of each channel (``c[i]``; ``c__<i>__op``)
+    s : Out(PimStatusSignature).array(channels)  status of each channel
+    bd_load : In(1)                              back door for every bank of every channel
     """
 
     def __init__(self, cfg: SystemConfig, channel_module: str | None = None, bank_module: str | None = None):
@@ -456,16 +456,13 @@ class PimDevice(wiring.Component):
         self.cfg = cfg
         self.channel_module = channel_module
         self.bank_module = bank_module
-        members = {"bd_load": In(1)}
-        for c in range(cfg.pim.channels):
-            members[f"c{c}"] = In(PimBusSignature(cfg))
-            members[f"s{c}"] = Out(PimStatusSignature())
-        super().__init__(members)
+        super().__init__({"c": In(PimBusSignature(cfg)).array(cfg.pim.channels),
+                          "s": Out(PimStatusSignature()).array(cfg.pim.channels), "bd_load": In(1)})
 
     def elaborate(self, platform):
         m = Module()
         for c in range(self.cfg.pim.channels):
-            bus, st = getattr(self, f"c{c}"), getattr(self, f"s{c}")
+            bus, st = self.c[c], self.s[c]
             if self.channel_module is None:
                 ch = m.submodules[f"ch{c}"] = PimChannel(self.cfg, self.bank_module)
                 wiring.connect(m, wiring.flipped(bus), ch.bus)

@@ -8,7 +8,19 @@ import time
 
 import numpy as np
 
-__all__ = ["tb_test", "pack", "unpack", "start", "env_int", "env_str", "write_metrics", "Stopwatch"]
+__all__ = ["tb_test", "pack", "unpack", "start", "env_int", "env_str", "write_metrics", "Stopwatch", "port_name",
+           "port"]
+
+
+def port_name(member: str, index: int, *path: str) -> str:
+    """The Verilog name of ``member[index].path`` of a top whose ``member`` is a signature array
+    (``In(sig).array(n)``): Amaranth 0.5 joins the parts with ``__`` (``mon[1].op`` is ``mon__1__op``)."""
+    return "__".join((member, str(index), *path))
+
+
+def port(dut, member: str, index: int, *path: str):
+    """The cocotb handle of ``member[index].path`` (:func:`port_name`), touched by name (STYLE.md)."""
+    return getattr(dut, port_name(member, index, *path))
 
 
 def tb_test(*args, **kwargs):

@@ -24,7 +24,7 @@ from cocotb.triggers import Edge, First, RisingEdge, Timer, with_timeout
 
 from hw.spec import soc_isa as isa
 from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, Status
-from sim.tb.common import tb_test
+from sim.tb.common import port, tb_test
 from sim.tb.soc_job_tb import PERIOD_NS, Host
 
 TIMEOUT_CYCLES = 200_000
@@ -61,7 +61,7 @@ async def run_cases(dut):
 
     cfg = soc_config(job["config"]) if isinstance(job["config"], str) else job["config"]
     for c in range(cfg.pim.channels):
-        getattr(dut, f"s{c}__clear").value = 0
+        port(dut, "s", c, "clear").value = 0
     host = Host(dut)
     if job.get("pause_pct"):
         _pause(host, job["pause_pct"], job.get("seed", 1))
@@ -184,7 +184,7 @@ async def run_cases(dut):
     a, n = job["final"]
     final = {"final": await host.read_mem(a, n), "first_write_landed": first_write_landed}
     for c in range(cfg.pim.channels):
-        nviol = int(getattr(dut, f"s{c}__nviol").value)
+        nviol = int(port(dut, "s", c, "nviol").value)
         if nviol:
             final["device_violations"] = final.get("device_violations", 0) + nviol
     results.append(final)

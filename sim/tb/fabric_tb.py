@@ -28,6 +28,7 @@ build.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 
 import numpy as np
@@ -35,7 +36,7 @@ from cocotb.triggers import FallingEdge, Timer
 
 from hw.config import preset
 from hw.memif import AddressMap, request_layout, response_layout
-from sim.tb.common import env_int, env_str, start, tb_test, write_metrics
+from sim.tb.common import env_int, env_str, port, port_name, start, tb_test, write_metrics
 
 
 def pack_struct(layout, **values) -> int:
@@ -53,13 +54,13 @@ class Requester:
     """Test side of one requester port: stimulus, expected responses in order, stall count."""
 
     def __init__(self, tb, i):
-        g = lambda name: getattr(tb.dut, name)  # noqa: E731
+        g = functools.partial(port, tb.dut)
         self.i = i
-        self.req_valid, self.req_payload, self.req_ready = (g(f"m{i}__req__valid"), g(f"m{i}__req__payload"),
-                                                            g(f"m{i}__req__ready"))
-        self.resp_valid, self.resp_payload, self.resp_ready = (g(f"m{i}__resp__valid"),
-                                                               g(f"m{i}__resp__payload"), g(f"m{i}__resp__ready"))
-        self.stall_ctr = g(f"req_stall{i}")
+        self.req_valid, self.req_payload, self.req_ready = (g("m", i, "req", n) for n in ("valid", "payload",
+                                                                                           "ready"))
+        self.resp_valid, self.resp_payload, self.resp_ready = (g("m", i, "resp", n) for n in ("valid", "payload",
+                                                                                               "ready"))
+        self.stall_ctr = g("req_stall", i)
         self.reqs = deque()          # requests to send: dict(addr, write, data, mask, tag, error, rdata)
         self.cur = None
         self.expect = deque()        # accepted requests, in order
@@ -79,10 +80,10 @@ class ChannelModel:
     """One channel's memory controller stand-in: random back-pressure, random delays, out-of-order answers."""
 
     def __init__(self, tb, c):
-        g = lambda name: getattr(tb.dut, name)  # noqa: E731
+        g = functools.partial(port, tb.dut)
         self.c = c
-        self.r_valid, self.r_payload, self.r_ready = g(f"r{c}__valid"), g(f"r{c}__payload"), g(f"r{c}__ready")
-        self.q_valid, self.q_payload, self.q_ready = g(f"q{c}__valid"), g(f"q{c}__payload"), g(f"q{c}__ready")
+        self.r_valid, self.r_payload, self.r_ready = (g("r", c, n) for n in ("valid", "payload", "ready"))
+        self.q_valid, self.q_payload, self.q_ready = (g("q", c, n) for n in ("valid", "payload", "ready"))
         self.mem = {}                # addr -> bytearray
         self.pending = []            # [due cycle, order, response dict]
         self.cur = None              # response on q, held until taken
@@ -122,9 +123,10 @@ class TB:
     async def reset(self):
         zero = []
         for i in range(self.n):
-            zero += [f"m{i}__req__valid", f"m{i}__req__payload", f"m{i}__resp__ready"]
+            zero += [port_name("m", i, "req", "valid"), port_name("m", i, "req", "payload"),
+                     port_name("m", i, "resp", "ready")]
         for c in range(len(self.ch)):
-            zero += [f"r{c}__ready", f"q{c}__valid", f"q{c}__payload"]
+            zero += [port_name("r", c, "ready"), port_name("q", c, "valid"), port_name("q", c, "payload")]
         await start(self.dut, zero_inputs=zero)
         await FallingEdge(self.dut.clk)
 

@@ -31,7 +31,7 @@ import numpy as np
 from cocotb.triggers import Edge, FallingEdge, First, RisingEdge, Timer
 
 from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
-from sim.tb.common import tb_test
+from sim.tb.common import port, tb_test
 from sim.tb.soc_job_tb import PERIOD_NS, Host, load_backdoor
 
 
@@ -40,7 +40,7 @@ async def _start(dut, run_dir: Path, channels: int) -> Host:
     :func:`sim.tb.soc_job_tb.run_job`)."""
     dut.bd_load.value = 0
     for c in range(channels):
-        getattr(dut, f"s{c}__clear").value = 0
+        port(dut, "s", c, "clear").value = 0
     host = Host(dut)
     await RisingEdge(dut.clk_out)
     await load_backdoor(dut, run_dir / "backdoor")
@@ -136,9 +136,9 @@ async def generate(dut):
         with open(os.environ["IANUS_TOKENS"], "a") as f:
             f.write(f"{tokens[-1]} {cycles}\n")
     for c in range(C):
-        nviol = int(getattr(dut, f"s{c}__nviol").value)
+        nviol = int(port(dut, "s", c, "nviol").value)
         assert nviol == 0, f"channel {c}: the device flagged {nviol} protocol violations " \
-                           f"(code {int(getattr(dut, f's{c}__vcode').value)})"
-    refreshes = [int(getattr(dut, f"s{c}__n_ref").value) for c in range(C)]
+                           f"(code {int(port(dut, 's', c, 'vcode').value)})"
+    refreshes = [int(port(dut, "s", c, "n_ref").value) for c in range(C)]
     test_dir = Path(os.environ.get("IANUS_TEST_DIR", "."))
     (test_dir / "result.json").write_text(json.dumps({"tokens": tokens, "steps": steps, "refreshes": refreshes}))

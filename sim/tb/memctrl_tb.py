@@ -29,7 +29,7 @@ from hw.spec import fp as G
 from sim.golden.pim import PimChannelModel
 from sim.pim_checker import OPCODES, OPNAMES, ProtocolChecker
 from sim.pim_sequencer import gemv_resolver
-from sim.tb.common import env_int, env_str, start, tb_test, write_metrics
+from sim.tb.common import env_int, env_str, port, port_name, start, tb_test, write_metrics
 
 
 def _cfg():
@@ -55,17 +55,20 @@ class Chan:
         cfg = tb.cfg
         dut = tb.dut
         self.c = c
-        g = lambda name: getattr(dut, name)  # noqa: E731 - read every port once by name (STYLE.md)
-        self.r_valid, self.r_payload, self.r_ready = g(f"r{c}__valid"), g(f"r{c}__payload"), g(f"r{c}__ready")
-        self.q_valid, self.q_payload, self.q_ready = g(f"q{c}__valid"), g(f"q{c}__payload"), g(f"q{c}__ready")
-        self.p_valid, self.p_payload, self.p_ready = g(f"p{c}__valid"), g(f"p{c}__payload"), g(f"p{c}__ready")
-        self.pr_valid, self.pr_payload, self.pr_ready = (g(f"pr{c}__valid"), g(f"pr{c}__payload"),
-                                                         g(f"pr{c}__ready"))
-        self.mode, self.pidle, self.perr, self.owed = g(f"mode{c}"), g(f"pidle{c}"), g(f"perr{c}"), g(f"owed{c}")
-        self.mon = {n: g(f"mon{c}__{n}") for n in ("op", "bank", "row", "col", "rvalid")}
-        self.ctr = {n: g(f"k{c}__{n}") for n in COUNTERS}
-        self.status = {n: g(f"s{c}__{n}") for n in ("violation", "vcode", "vop", "vcycle", "nviol", "n_ref",
-                                                   "owed", "cycle", "clear")}
+        # Channel c's element of every array port, each read once by name (STYLE.md).
+        def g(member, *path):
+            return port(dut, member, c, *path)
+
+        stream_ = ("valid", "payload", "ready")
+        self.r_valid, self.r_payload, self.r_ready = (g("r", n) for n in stream_)
+        self.q_valid, self.q_payload, self.q_ready = (g("q", n) for n in stream_)
+        self.p_valid, self.p_payload, self.p_ready = (g("p", n) for n in stream_)
+        self.pr_valid, self.pr_payload, self.pr_ready = (g("pr", n) for n in stream_)
+        self.mode, self.pidle, self.perr, self.owed = g("mode"), g("pidle"), g("perr"), g("owed")
+        self.mon = {n: g("mon", n) for n in ("op", "bank", "row", "col", "rvalid")}
+        self.ctr = {n: g("k", n) for n in COUNTERS}
+        self.status = {n: g("s", n) for n in ("violation", "vcode", "vop", "vcycle", "nviol", "n_ref",
+                                               "owed", "cycle", "clear")}
         self.checker = ProtocolChecker(cfg, channel=c)
         self.reqs = deque()          # (payload dict, expect dict) to send
         self.cur = None
@@ -107,8 +110,9 @@ class TB:
     async def reset(self):
         zero = ["bd_load"]
         for c in range(len(self.ch)):
-            zero += [f"r{c}__valid", f"r{c}__payload", f"q{c}__ready", f"p{c}__valid", f"p{c}__payload",
-                     f"pr{c}__ready", f"mode{c}", f"s{c}__clear"]
+            zero += [port_name(*name) for name in (("r", c, "valid"), ("r", c, "payload"), ("q", c, "ready"),
+                                                    ("p", c, "valid"), ("p", c, "payload"), ("pr", c, "ready"),
+                                                    ("mode", c), ("s", c, "clear"))]
         await start(self.dut, zero_inputs=zero)
         await FallingEdge(self.dut.clk)
         self.cycle = int(self.ch[0].status["cycle"].value)

@@ -34,7 +34,7 @@ from hw.spec.macro import Macro, MacroError, MacroFlag, MacroOp
 from sim.pim_checker import OPNAMES, BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.pim_sequencer import write_backdoor
-from sim.tb.common import env_str, start, tb_test, write_metrics
+from sim.tb.common import env_str, port, port_name, start, tb_test, write_metrics
 from sim.tb.memctrl_tb import pack_struct, unpack_struct
 
 
@@ -50,8 +50,8 @@ class PcuTB:
         self.macro_valid, self.macro_payload, self.macro_ready = g("macro__valid"), g("macro__payload"), \
             g("macro__ready")
         self.busy, self.error, self.completed, self.clear = g("busy"), g("error"), g("completed"), g("clear")
-        self.r = [(g(f"r{c}__valid"), g(f"r{c}__payload"), g(f"r{c}__ready")) for c in range(C)]
-        self.q = [(g(f"q{c}__valid"), g(f"q{c}__payload"), g(f"q{c}__ready")) for c in range(C)]
+        self.r = [tuple(port(dut, "r", c, n) for n in ("valid", "payload", "ready")) for c in range(C)]
+        self.q = [tuple(port(dut, "q", c, n) for n in ("valid", "payload", "ready")) for c in range(C)]
         self.monitor = None
         self.cycle = 0
         self.rl, self.ql = request_layout(cfg), response_layout(cfg)
@@ -59,7 +59,7 @@ class PcuTB:
     async def reset(self):
         C = self.cfg.pim.channels
         await start(self.dut, zero_inputs=["macro__valid", "clear", "bd_load"]
-                    + [f"r{c}__valid" for c in range(C)] + [f"q{c}__ready" for c in range(C)])
+                    + [port_name("r", c, "valid") for c in range(C)] + [port_name("q", c, "ready") for c in range(C)])
         await FallingEdge(self.dut.clk)
         self.monitor = BusMonitor(self.dut, self.cfg)
         cocotb.start_soon(self.monitor.run())
@@ -68,7 +68,7 @@ class PcuTB:
         cocotb.start_soon(self._record(self.cycle))
 
     async def _record(self, cycle):
-        ops = [getattr(self.dut, f"mon{c}__op") for c in range(self.cfg.pim.channels)]
+        ops = [port(self.dut, "mon", c, "op") for c in range(self.cfg.pim.channels)]
         while True:
             for c, op in enumerate(ops):
                 v = int(op.value)

@@ -19,7 +19,7 @@ import cocotb
 from cocotb.triggers import Edge, FallingEdge, First, RisingEdge, Timer
 
 from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
-from sim.tb.common import tb_test
+from sim.tb.common import port, tb_test
 
 PERIOD_NS = 10
 
@@ -130,7 +130,7 @@ async def run_job(dut):
     if hold is not None:
         hold.value = 0
     for c in range(C):
-        getattr(dut, f"s{c}__clear").value = 0
+        port(dut, "s", c, "clear").value = 0
     host = Host(dut)
     await RisingEdge(dut.clk_out)
     await load_backdoor(dut, run_dir / "backdoor")
@@ -185,13 +185,13 @@ async def run_job(dut):
                 f.write(f"{prog['name']} {counters['cp.cycles']}\n")
     # DRAM protocol: the device's own checks (and the Python checker when enabled).
     for c in range(C):
-        nviol = int(getattr(dut, f"s{c}__nviol").value)
+        nviol = int(port(dut, "s", c, "nviol").value)
         assert nviol == 0, f"channel {c}: the device flagged {nviol} protocol violations " \
-                           f"(code {int(getattr(dut, f's{c}__vcode').value)})"
+                           f"(code {int(port(dut, 's', c, 'vcode').value)})"
     if mon is not None:
         mon.assert_clean()
     test_dir = Path(os.environ.get("IANUS_TEST_DIR", "."))
     for name, (addr, n) in spec["dumps"].items():
         (test_dir / f"dump_{name}.bin").write_bytes(await host.read_mem(addr, n))
-    refreshes = [int(getattr(dut, f"s{c}__n_ref").value) for c in range(C)]
+    refreshes = [int(port(dut, "s", c, "n_ref").value) for c in range(C)]
     (test_dir / "result.json").write_text(json.dumps({"programs": results, "refreshes": refreshes}))

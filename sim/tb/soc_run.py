@@ -85,24 +85,17 @@ class SocSim(wiring.Component):
         m.domains.sync = ClockDomain("sync")
         m.d.comb += [ClockSignal("sync").eq(clk), self.clk_out.eq(clk), self.clk_tb.eq(clk_tb)]
         m.submodules.top = top = self._top
-        for name, member in self._top.signature.members.items():
-            ours, theirs = getattr(self, name), getattr(top, name)
-            if member.is_signature and name in ("s_axi", "s_axil") and self._early:
+        for path, leaf, value in top.signature.flatten(top):     # every port, arrays (mon, s) too
+            outer = self
+            for part in path:
+                outer = outer[part] if isinstance(part, int) else getattr(outer, part)
+            if leaf.flow == Out:
+                m.d.comb += outer.eq(value)
+            elif self._early and path[0] in ("s_axi", "s_axil"):
                 # What the bus models drive (the leaves that flow into the SoC) is registered on clk_tb.
-                for path, leaf, value in member.signature.flatten(theirs):
-                    outer = ours
-                    for part in path:
-                        outer = outer[part] if isinstance(part, int) else getattr(outer, part)
-                    if leaf.flow == Out:
-                        m.d.comb += outer.eq(value)
-                    else:
-                        m.d.tb += value.eq(outer)
-            elif member.is_signature:
-                wiring.connect(m, wiring.flipped(ours), theirs)
-            elif member.flow == In:
-                m.d.comb += theirs.eq(ours)
+                m.d.tb += value.eq(outer)
             else:
-                m.d.comb += ours.eq(theirs)
+                m.d.comb += value.eq(outer)
         return m
 
 
