@@ -9,6 +9,7 @@ from amaranth.lib.wiring import In
 from hw.config import preset
 from hw.cp import CommandProcessor
 from hw.npu.memmodel import STORAGE_VERILOG, MemoryModel
+from hw.simtop import forward_ports, forwarded_members
 from sim.build import build
 
 TB = "sim.tb.cp_tb"
@@ -23,7 +24,7 @@ class CpTestTop(wiring.Component):
     def __init__(self, cfg, words_log2=MEM_WORDS_LOG2, fetch_depth=32, latency=6):
         self._cp = CommandProcessor(cfg, fetch_depth)
         self._mem = MemoryModel(cfg, words_log2, latency)
-        members = {n: mb for n, mb in self._cp.signature.members.items() if n != "mem"}
+        members = forwarded_members(self._cp, exclude=("mem",))
         members.update(mem_load=In(1), mem_bp=In(1), mem_hold=In(1))
         super().__init__(members)
 
@@ -38,16 +39,7 @@ class CpTestTop(wiring.Component):
             mem.load.eq(self.mem_load), mem.bp_enable.eq(self.mem_bp),
         ]
         wiring.connect(m, mem.port.resp, cp.mem.resp)
-        for name, member in cp.signature.members.items():
-            if name == "mem":
-                continue
-            ours, theirs = getattr(self, name), getattr(cp, name)
-            if member.is_signature:
-                wiring.connect(m, wiring.flipped(ours), theirs)
-            elif member.flow == In:
-                m.d.comb += theirs.eq(ours)
-            else:
-                m.d.comb += ours.eq(theirs)
+        forward_ports(m, self, cp, exclude=("mem",))
         return m
 
 

@@ -16,18 +16,18 @@ connected to a :class:`MemoryModel`. When the memory controller exists, the
 
 from pathlib import Path
 
-from amaranth.hdl import Cat, ClockDomain, ClockSignal, Const, Instance, Module, Mux, Signal
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
 from ..memif import TAG_BITS, MemPortSignature
+from ..simtop import CLOCK_VERILOG, forward_ports, forwarded_members, free_running_clock
 
 __all__ = ["STORAGE_VERILOG", "CLOCK_VERILOG", "MemoryModel", "MatrixSystem"]
 
 STORAGE_VERILOG = Path(__file__).resolve().parent.parent / "verilog" / "npu_mem_storage.v"
-CLOCK_VERILOG = Path(__file__).resolve().parent.parent / "verilog" / "npu_clock_gen.v"
 
 
 class MemoryModel(wiring.Component):
@@ -158,7 +158,7 @@ class MatrixSystem(wiring.Component):
     """Test top: :class:`MatrixUnit` + :class:`MemoryModel`, with its own clock.
 
     The clock comes from ``hw/verilog/npu_clock_gen.v`` (10 ns period; build
-    with Verilator ``--timing``), so the simulator runs without Python per
+    with Verilator ``--timing``; :func:`hw.simtop.free_running_clock`), so the simulator runs without Python per
     clock edge; testbenches wait on ``clk_out`` and on status edges. Registers
     start from their reset values (Verilog initial values); there is no reset
     input. ``clock_gate`` (default on) gates the systolic array's clock while
@@ -177,7 +177,7 @@ class MatrixSystem(wiring.Component):
 
         self._unit = MatrixUnit(cfg, pe_instance, clock_gate=clock_gate)
         self._memory = MemoryModel(cfg, words_log2, mem_latency)
-        members = {name: member for name, member in self._unit.signature.members.items() if name != "mem"}
+        members = forwarded_members(self._unit, exclude=("mem",))
         for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):
             members[f"mem_{name}"] = self._memory.signature.members[name]
         members["clk_out"] = Out(1)
@@ -193,24 +193,12 @@ class MatrixSystem(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        clk = Signal()
-        m.submodules.clock = Instance("npu_clock_gen", p_HALF_PERIOD=5, o_clk=clk)
-        m.domains.sync = ClockDomain("sync")
-        m.d.comb += [ClockSignal("sync").eq(clk), self.clk_out.eq(clk)]
+        clk, _ = free_running_clock(m)
+        m.d.comb += self.clk_out.eq(clk)
         m.submodules.unit = unit = self._unit
         m.submodules.memory = memory = self._memory
         wiring.connect(m, unit.mem, memory.port)      # the memory controller replaces this line
-        for name in self._unit.signature.members:
-            if name == "mem":
-                continue
-            member = self._unit.signature.members[name]
-            ours, theirs = getattr(self, name), getattr(unit, name)
-            if member.is_signature:
-                wiring.connect(m, wiring.flipped(ours), theirs)
-            elif member.flow == In:
-                m.d.comb += theirs.eq(ours)
-            else:
-                m.d.comb += ours.eq(theirs)
+        forward_ports(m, self, unit, exclude=("mem",))
         for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):
             m.d.comb += getattr(memory, name).eq(getattr(self, f"mem_{name}"))
         return m

@@ -85,7 +85,7 @@ accepted), ``instructions`` (instructions executed to the end, with or
 without error; discarded ones are not counted).
 """
 
-from amaranth.hdl import Cat, ClockDomain, ClockSignal, Const, Instance, Module, Mux, ResetInserter, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -564,11 +564,11 @@ class VectorQueueSystem(wiring.Component):
         return self._memory
 
     def elaborate(self, platform):
+        from ..simtop import free_running_clock
+
         m = Module()
-        clk = Signal()
-        m.submodules.clock = Instance("npu_clock_gen", p_HALF_PERIOD=5, o_clk=clk)
-        m.domains.sync = ClockDomain("sync")
-        m.d.comb += [ClockSignal("sync").eq(clk), self.clk_out.eq(clk)]
+        clk, _ = free_running_clock(m)
+        m.d.comb += self.clk_out.eq(clk)
         q = m.submodules.queue = self._queue
         mem = m.submodules.memory = self._memory
         wiring.connect(m, q.mem, mem.port)

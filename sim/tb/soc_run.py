@@ -26,10 +26,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from amaranth.hdl import ClockDomain, ClockSignal, Instance, Module, Signal
+from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from hw.simtop import CLOCK_VERILOG, TB_CLOCK_VERILOG, forward_ports, forwarded_members, free_running_clock
 from sim.build import BUILD_ROOT
 from sim.presets import is_tiny
 
@@ -65,7 +66,7 @@ class SocSim(wiring.Component):
 
         self._top = SocTop(cfg, device_factory, clock_gate=True)
         self._early = early_tb_clock
-        members = dict(self._top.signature.members.items())
+        members = forwarded_members(self._top)
         members["clk_out"] = Out(1)
         members["clk_tb"] = Out(1)
         members["tb_clk_hold"] = In(1)
@@ -73,29 +74,14 @@ class SocSim(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        clk, clk_tb = Signal(), Signal()
         if self._early:
-            m.submodules.clock = Instance("tb_clock_gen", p_HALF_PERIOD=5, i_hold=self.tb_clk_hold, o_clk=clk,
-                                          o_clk_tb=clk_tb)
-            m.domains.tb = ClockDomain("tb", reset_less=True)
-            m.d.comb += ClockSignal("tb").eq(clk_tb)
+            clk, clk_tb = free_running_clock(m, tb_clock=True, hold=self.tb_clk_hold)
         else:
-            m.submodules.clock = Instance("npu_clock_gen", p_HALF_PERIOD=5, o_clk=clk)
-            m.d.comb += clk_tb.eq(clk)
-        m.domains.sync = ClockDomain("sync")
-        m.d.comb += [ClockSignal("sync").eq(clk), self.clk_out.eq(clk), self.clk_tb.eq(clk_tb)]
+            clk, clk_tb = free_running_clock(m)
+        m.d.comb += [self.clk_out.eq(clk), self.clk_tb.eq(clk_tb)]
         m.submodules.top = top = self._top
-        for path, leaf, value in top.signature.flatten(top):     # every port, arrays (mon, s) too
-            outer = self
-            for part in path:
-                outer = outer[part] if isinstance(part, int) else getattr(outer, part)
-            if leaf.flow == Out:
-                m.d.comb += outer.eq(value)
-            elif self._early and path[0] in ("s_axi", "s_axil"):
-                # What the bus models drive (the leaves that flow into the SoC) is registered on clk_tb.
-                m.d.tb += value.eq(outer)
-            else:
-                m.d.comb += value.eq(outer)
+        # What the bus models drive (the leaves that flow into the SoC) is registered on clk_tb.
+        forward_ports(m, self, top, registered={"s_axi": "tb", "s_axil": "tb"} if self._early else None)
         return m
 
 
@@ -115,9 +101,8 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     cores); ``SOC_CXX_OPT`` sets the C++ optimisation (default :data:`SOC_CXX_OPT`).
     """
     from hw.arith import FP_DPI_SOURCES, check_fp_impl
-    from hw.npu.memmodel import CLOCK_VERILOG
     early = sim == "verilator"
-    clock_v = CLOCK_VERILOG.with_name("tb_clock_gen.v") if early else CLOCK_VERILOG
+    clock_v = TB_CLOCK_VERILOG if early else CLOCK_VERILOG
     from hw.npu.systolic import PE_MODULE, ProcessingElement
     from hw.npu.vector import LANE_MODULE, VectorLane
     from hw.pim import check_pim_impl, device_factory, device_sources
