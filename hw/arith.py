@@ -338,9 +338,12 @@ def fp32_add_pipe(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl", out
     swap = Signal(name=f"{prefix}_swap")
     m.d.comb += swap.eq(Mux(zb, 0, b[0:31]) > Mux(za, 0, a[0:31]))
     sx, ex, fx, zx = Mux(swap, sb, sa), Mux(swap, eb, ea), Mux(swap, fb, fa), Mux(swap, zb, za)
-    sy, ey, fy, zy = Mux(swap, sa, sb), Mux(swap, ea, eb), Mux(swap, fa, fb), Mux(swap, za, zb)
-    d = Signal(8, name=f"{prefix}_d")
-    m.d.comb += d.eq(ex - ey)
+    sy, fy, zy = Mux(swap, sa, sb), Mux(swap, fa, fb), Mux(swap, za, zb)
+    # Both exponent differences, each clamped, beside the magnitude compare rather than after it (the
+    # compare only picks one): the part's depth is one carry chain, not three in a row.
+    d_ab, d_ba = Signal(8, name=f"{prefix}_d_ab"), Signal(8, name=f"{prefix}_d_ba")
+    m.d.comb += [d_ab.eq(ea - eb), d_ba.eq(eb - ea)]
+    dc_ab, dc_ba = Mux(d_ab > 27, 27, d_ab), Mux(d_ba > 27, 27, d_ba)
     p0 = {
         "mx": Signal(24, name=f"{prefix}_mx24"), "my": Signal(24, name=f"{prefix}_my24"),
         "dc": Signal(5, name=f"{prefix}_dc"), "sub": Signal(name=f"{prefix}_sub"),
@@ -351,7 +354,7 @@ def fp32_add_pipe(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl", out
     m.d.comb += [
         p0["mx"].eq(Mux(zx, 0, Cat(fx, 1))),
         p0["my"].eq(Mux(zy, 0, Cat(fy, 1))),
-        p0["dc"].eq(Mux(d > 27, 27, d)),           # 27 or more leaves only the sticky bit
+        p0["dc"].eq(Mux(swap, dc_ba, dc_ab)),      # 27 or more leaves only the sticky bit
         p0["sub"].eq(sx ^ sy),
         p0["exp"].eq(ex),
         p0["sign"].eq(sx),
