@@ -19,7 +19,7 @@ order). Checks, every cycle:
   fabric passes through) and the right data: requesters use disjoint rows,
   so read data is the requester's own program-order reference memory;
 * streams the fabric drives keep ``valid`` and ``payload`` while not ready;
-* ``req_stall<i>`` equals the cycles the testbench saw a request valid and
+* ``req_stall[i]`` equals the cycles the testbench saw a request valid and
   not ready.
 
 The configuration comes from ``IANUS_CONFIG``; ``N_REQUESTERS`` must match the

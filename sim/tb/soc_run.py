@@ -10,7 +10,7 @@ through the AXI4-Lite registers; the outputs are read back through the AXI4
 window.
 
 DRAM protocol: the device model checks every command against its timing and
-bank-state rules and counts violations (``s<c>__nviol``); the testbench fails
+bank-state rules and counts violations (``s__<c>__nviol``); the testbench fails
 on any. With ``checker=True`` (the tiny-configuration tests) the independent
 Python :class:`sim.pim_checker.ProtocolChecker` also watches every bus cycle
 (that costs Python per cycle, so the long default-configuration runs rely on
