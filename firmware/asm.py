@@ -22,7 +22,13 @@ accepts (what the command processor executes rather than flags ILLEGAL) and,
 for MATRIX, what ``hw.spec.matrix_isa.decode(strict=True)`` accepts: a defined opcode
 and target, and zero in every field the opcode does not use (the matrix unit
 ignores those bits; the disassembler would drop them); a FENCE's payload bits
-(ignored by the command processor) must be zero too. VECTOR and PIM
+(ignored by the command processor) must be zero too. SPIM, SLOAD and the FENCE
+unit ``spu`` exist on systems with an SRAM-PIM unit only: :func:`disassemble`
+takes them with ``spu=True``; :func:`assemble` always does (it knows no system). Their fields are
+those of :data:`hw.spec.soc_isa.SPIM_FIELDS` / :data:`~hw.spec.soc_isa.SLOAD_FIELDS`, all required, e.g.
+``sload mem_addr=0x3000 pos_stride=32 positions=8 region_stride=0x400 regions=2 cols=1 line=0
+line_stride=16``, ``spim mode=0 base=0 count=8 heads=2 stride=4 spm_in=0 in_pitch=1 spm_out=8
+out_pitch=1``, ``fence vq,spu``. VECTOR and PIM
 payloads are printed field by field, undefined opcodes as numbers.
 
 Errors are :class:`AsmError` (a :class:`hw.spec.soc_isa.IsaError`): ``line N: ...``
@@ -54,7 +60,7 @@ _VEC_LAYOUT = data.Layout.cast(vu.VectorInstr)
 _VEC_ENUMS = {"op": vu.Opcode, "a_fmt": vu.Fmt, "b_fmt": vu.Fmt, "d_fmt": vu.Fmt, "b_mode": vu.BMode,
               "mask": vu.MaskMode}
 _MACRO_FIELDS = [name for name, _, _ in mc.FIELDS]
-_UNIT_NAMES = {"mu": Unit.MU, "vq": Unit.VQ, "pcu": Unit.PCU}
+_UNIT_NAMES = {"mu": Unit.MU, "vq": Unit.VQ, "pcu": Unit.PCU, "spu": Unit.SPU}
 
 
 def _int(text: str, line: int, name: str) -> int:
@@ -76,22 +82,22 @@ def _kv(tokens, line):
     return out
 
 
-def disassemble_word(word: int, index: int | None = None) -> str:
+def disassemble_word(word: int, index: int | None = None, spu: bool = False) -> str:
     """One instruction as text; raises :class:`AsmError` naming ``index`` and the field for a word that
-    is not well-formed (see the module docstring)."""
+    is not well-formed (see the module docstring). ``spu``: the system has the SRAM-PIM queue."""
     where = "" if index is None else f"instruction {index}: "
     try:
-        return _disassemble(word, where)
+        return _disassemble(word, where, spu)
     except AsmError:
         raise
     except (ValueError, TypeError) as e:
         raise AsmError(f"{where}{e}") from None
 
 
-def _disassemble(word, where) -> str:
+def _disassemble(word, where, spu=False) -> str:
     if isinstance(word, bool) or not isinstance(word, numbers.Integral):
         raise AsmError(f"{where}an instruction is an integer, not {type(word).__name__}")
-    f = isa.decode(int(word))
+    f = isa.decode(int(word), spu=spu)
     op = f["op"]
     if op == SocOp.END:
         return "end"
@@ -100,8 +106,8 @@ def _disassemble(word, where) -> str:
             raise AsmError(f"{where}FENCE has payload bits set ({int(word) >> isa.PAYLOAD_LO:#x}); must be 0")
         names = [n for n, u in _UNIT_NAMES.items() if f["units"] & u]
         return "fence " + (",".join(names) if names else "none")
-    if op in (SocOp.VLOAD, SocOp.VSTORE):
-        return op.name.lower() + " " + " ".join(f"{n}={f[n]:#x}" for n, _, _ in isa.VDMA_FIELDS)
+    if op in isa.FIELDS:
+        return op.name.lower() + " " + " ".join(f"{n}={f[n]:#x}" for n, _, _ in isa.FIELDS[op])
     if op == SocOp.MATRIX:
         try:
             d = mu_isa.decode(f["word"], strict=True)
@@ -135,9 +141,9 @@ def _disassemble(word, where) -> str:
     return f"pim {name} " + " ".join(f"{n}={getattr(m, n):#x}" for n in _MACRO_FIELDS[1:])
 
 
-def disassemble(words) -> str:
+def disassemble(words, spu: bool = False) -> str:
     """A program as text, one line per instruction (see :func:`disassemble_word`)."""
-    return "\n".join(disassemble_word(w, i) for i, w in enumerate(words)) + "\n"
+    return "\n".join(disassemble_word(w, i, spu) for i, w in enumerate(words)) + "\n"
 
 
 def _assemble_line(tokens, line) -> int:
@@ -149,20 +155,21 @@ def _assemble_line(tokens, line) -> int:
             return isa.encode(SocOp.END)
         if mnem == "fence":
             if len(tokens) != 2:
-                raise AsmError(f"line {line}: fence takes one operand (units, e.g. mu,vq,pcu or none)")
+                raise AsmError(f"line {line}: fence takes one operand (units, e.g. mu,vq,pcu,spu or none)")
             units = 0
             if tokens[1] != "none":
                 for u in tokens[1].split(","):
                     if u not in _UNIT_NAMES:
-                        raise AsmError(f"line {line}: unknown unit {u!r} (mu, vq, pcu)")
+                        raise AsmError(f"line {line}: unknown unit {u!r} (mu, vq, pcu, spu)")
                     units |= _UNIT_NAMES[u]
             return isa.encode(SocOp.FENCE, units=units)
-        if mnem in ("vload", "vstore"):
+        if mnem in ("vload", "vstore", "spim", "sload"):
+            fields = isa.FIELDS[SocOp[mnem.upper()]]
             kv = _kv(tokens[1:], line)
-            bad = sorted(set(kv) - {name for name, _, _ in isa.VDMA_FIELDS})
+            bad = sorted(set(kv) - {name for name, _, _ in fields})
             if bad:
                 raise AsmError(f"line {line}: unknown {mnem} fields {bad} "
-                               f"({', '.join(name for name, _, _ in isa.VDMA_FIELDS)})")
+                               f"({', '.join(name for name, _, _ in fields)})")
             return isa.encode(SocOp[mnem.upper()], **{k: _int(v, line, k) for k, v in kv.items()})
         if len(tokens) < 2:
             raise AsmError(f"line {line}: {mnem} needs an operation name")
@@ -228,7 +235,8 @@ def _assemble_line(tokens, line) -> int:
         raise
     except (ValueError, TypeError) as e:    # IsaError and the tables' own range / argument errors
         raise AsmError(f"line {line}: {e}") from None
-    raise AsmError(f"line {line}: unknown mnemonic {tokens[0]!r} (end, fence, matrix, vector, vload, vstore, pim)")
+    raise AsmError(f"line {line}: unknown mnemonic {tokens[0]!r} (end, fence, matrix, vector, vload, vstore, pim, "
+                   f"spim, sload)")
 
 
 def assemble(text: str) -> list[int]:

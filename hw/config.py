@@ -39,6 +39,7 @@ __all__ = [
     "DramTiming",
     "NpuConfig",
     "Clocks",
+    "SramPimConfig",
     "SystemConfig",
     "TIMING_NS_IANUS",
     "timing_from_ns",
@@ -459,14 +460,65 @@ class Clocks(_Checked):
 
 
 @dataclass(frozen=True)
+class SramPimConfig(_Checked):
+    """The SRAM-PIM attention unit (HPIM, issue 20; :class:`hw.npu.sram_pim.SramPimUnit`) behind its queue
+    (:mod:`hw.npu.spu`). Optional: ``SystemConfig.spu`` is ``None`` in every preset without ``-hpim``.
+
+    Parameters
+    ----------
+    macros, rows, word_lanes, mac_lanes, read_latency : int
+        The unit's parameters (:class:`hw.npu.sram_pim.SramPimUnit`: ``macros`` SRAM macros of ``rows``
+        rows of ``word_lanes`` BF16, ``mac_lanes`` multipliers per macro, ``read_latency`` cycles).
+    units : int
+        Units per system (one per NPU core in the projection; the RTL SoC has one).
+    """
+
+    macros: int = 4
+    rows: int = 64
+    word_lanes: int = 64
+    mac_lanes: int = 16
+    read_latency: int = 1
+    units: int = 1
+
+    def __post_init__(self):
+        self._pow2("macros", "word_lanes", "mac_lanes", "units")
+        if self.mac_lanes < 2 or self.mac_lanes > self.word_lanes:
+            self._fail("mac_lanes", f"a power of two in 2..word_lanes={self.word_lanes}")
+        if self.macros > self.mac_lanes:
+            self._fail("macros", f"at most mac_lanes={self.mac_lanes} (a group's scores leave in one beat)")
+        if self.word_lanes < 16:
+            self._fail("word_lanes", "a power of two of at least 16 (a line is whole 32-byte columns)")
+        if not _is_int(self.rows) or not 2 <= self.rows <= 65536:
+            self._fail("rows", "an integer in 2..65536")
+        if not _is_int(self.read_latency) or not 1 <= self.read_latency <= 8:
+            self._fail("read_latency", "an integer in 1..8")
+
+    @property
+    def lines(self) -> int:
+        return self.macros * self.rows
+
+    @property
+    def line_bytes(self) -> int:
+        return 2 * self.word_lanes
+
+
+@dataclass(frozen=True)
 class SystemConfig:
-    """The whole system: PIM geometry, DRAM timing, NPU and clocks."""
+    """The whole system: PIM geometry, DRAM timing, NPU and clocks (and an optional SRAM-PIM unit, ``spu``)."""
 
     name: str = "custom"
     pim: PimGeometry = field(default_factory=PimGeometry)
     timing: DramTiming = field(default_factory=DramTiming)
     npu: NpuConfig = field(default_factory=NpuConfig)
     clocks: Clocks = field(default_factory=Clocks)
+    spu: SramPimConfig | None = None
+
+    def __repr__(self):
+        # ``spu`` is left out while it is None, so that every configuration without the unit keeps its repr (the
+        # Verilog module names and build-cache keys derive from it).
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name != "spu" or self.spu is not None]
+        return f"{type(self).__qualname__}({', '.join(parts)})"
 
     def __post_init__(self):
         for name, cls in (("pim", PimGeometry), ("timing", DramTiming), ("npu", NpuConfig),
@@ -476,6 +528,19 @@ class SystemConfig:
         if self.pim.gb_values < self.npu.vector_lanes:
             raise ConfigError("SystemConfig", "pim.gb_bytes", self.pim.gb_bytes,
                               f"large enough for one vector of {self.npu.vector_lanes} lanes")
+        if self.spu is not None:
+            if not isinstance(self.spu, SramPimConfig):
+                raise ConfigError("SystemConfig", "spu", self.spu, "None or a SramPimConfig")
+            # The queue's operand reader takes one scratchpad row per operand beat and the result writer writes
+            # one result beat (up to mac_lanes FP32) into one row (hw.npu.spu).
+            row_bits = max(32 * self.npu.vector_lanes, 256)
+            if 32 * self.spu.mac_lanes > row_bits:
+                raise ConfigError("SystemConfig", "spu.mac_lanes", self.spu.mac_lanes,
+                                  f"at most {row_bits // 32} (a result beat of mac_lanes FP32 values fits one "
+                                  f"{row_bits}-bit vector-scratchpad row)")
+            if self.pim.column_bits != 256:
+                raise ConfigError("SystemConfig", "pim.column_bits", self.pim.column_bits,
+                                  "256 with an SRAM-PIM unit (SLOAD moves 32-byte columns)")
 
     def replace(self, **changes) -> "SystemConfig":
         """A copy with fields changed; nested fields as ``"pim.banks"=8`` or ``pim__banks=8``.
@@ -489,8 +554,10 @@ class SystemConfig:
             key = key.replace("__", ".")
             if "." in key:
                 part, sub = key.split(".", 1)
-                if part not in ("pim", "timing", "npu", "clocks"):
-                    raise ConfigError("SystemConfig", part, value, "one of pim, timing, npu, clocks")
+                if part not in ("pim", "timing", "npu", "clocks", "spu"):
+                    raise ConfigError("SystemConfig", part, value, "one of pim, timing, npu, clocks, spu")
+                if part == "spu" and self.spu is None and "spu" not in top:
+                    raise ConfigError("SystemConfig", "spu", None, "a SramPimConfig before spu.* can be changed")
                 nested.setdefault(part, {})[sub] = value
             else:
                 top[key] = value
@@ -534,6 +601,7 @@ class SystemConfig:
             "pim_peak_internal_gbps": self.pim_peak_internal_gbps,
             "pim_peak_external_gbps": self.pim_peak_external_gbps,
             "pim_peak_gflops": self.pim_peak_gflops,
+            **({"spu": dataclasses.asdict(self.spu)} if self.spu is not None else {}),
         }
 
 
@@ -641,6 +709,15 @@ def _lowprec(base, suffix, doc, fmt, acts, tmac, **extra):
                                           "timing.tMAC": tmac, **extra})
 
 
+def _hpim(base, **unit):
+    """``base`` with one SRAM-PIM attention unit (issue 20; :class:`SramPimConfig`) behind the SPU queue."""
+    def make() -> SystemConfig:
+        cfg = base()
+        return dataclasses.replace(cfg, name=f"{cfg.name}-hpim", spu=SramPimConfig(**unit))
+    make.__doc__ = f"The {base.__name__.strip('_')} preset with an SRAM-PIM attention unit ({unit})."
+    return make
+
+
 def _neupims() -> SystemConfig:
     # NeuPIMs' system: the ianus-scale NPU and memory with dual row buffers (the paper's batched
     # generation is a policy of the compiler and runtime, not of the configuration).
@@ -654,6 +731,11 @@ PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
            "tiny-il": _interleaved(_tiny, 64), "default-il": _interleaved(_default, 2048),
            # the default with 4 PIM channels (issue 13: what a wider default costs in simulation)
            "default-4ch": _channels(_default, 4),
+           # the SRAM-PIM attention unit (issue 20) on the SoC: tiny's head dimension is 16 (4 macros x 32 rows,
+           # 8 MAC lanes: a result beat of 8 FP32 fills one of tiny's 256-bit vector-scratchpad rows), default's 64
+           # (the synthesized unit: 4 macros x 512 rows, 16 MAC lanes, read latency 2)
+           "tiny-hpim": _hpim(_tiny, macros=4, rows=32, word_lanes=16, mac_lanes=8, read_latency=1),
+           "default-hpim": _hpim(_default, macros=4, rows=512, word_lanes=64, mac_lanes=16, read_latency=2),
            # the low-precision PIM unit (issue 19): INT4 weights with BF16 activations, FP4 (grid choice) with
            # FP8 activations; tiny with 32 rows (the MAC's row field carries the accumulator slot in bit 4)
            "tiny-w4": _lowprec(_tiny, "w4", "INT4 weights (BF16 activations)", "int4", "bf16", 18,
