@@ -471,7 +471,11 @@ class DmaStore(wiring.Component):
                 m.d.comb += err_evt.eq(ErrorCode.MEM_ORDER)
         m.d.comb += self.error.eq(err_evt)
 
-        with m.If(busy & g_done & ~p1_valid & ~fifo.r_rdy & (pending == 0)):
+        # Done when every column has left the FIFO and been acknowledged. ``fifo.level`` (not ``r_rdy``,
+        # which rises a cycle after a write into the buffered FIFO) so that the last column, written in the
+        # cycle ``p1_valid`` falls, is not left behind: the semaphore and ``busy`` must not announce a store
+        # whose write has not even been requested (a FENCE then let another requester read the old data).
+        with m.If(busy & g_done & ~p1_valid & (fifo.level == 0) & (pending == 0)):
             m.d.sync += busy.eq(0)
             m.d.comb += self.signal.eq(sig)
 
