@@ -119,6 +119,7 @@ class PerfModel:
             ch.act_ok = [min(x, max(g0, ch.rfc_ok)) for x in ch.act_ok]
             ch.next_tick = first + max(0, math.ceil((g0 - first) / ch.t.tREFI)) * ch.t.tREFI
             ch.owed = 0
+            ch.dues.clear()
             ch._tick_until(t0)
         self.mu_port[0].keep_upto(g0)
         self.mu_port[1][0] = min(self.mu_port[1][0], g0)

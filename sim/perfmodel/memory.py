@@ -88,6 +88,7 @@ class Channel:
         self.next_tick = t.tREFI - 1 - calib.first_start     # refi counter runs from reset
         self.owed = 0
         self.owed_since = 0
+        self.dues = deque()               # cycle from which each owed REF may start (its tick + 2)
         self.ref_free = 0
         self.pim_windows = []
         self.closed_from = 0
@@ -112,11 +113,12 @@ class Channel:
         """Count the REFs that fall due before cycle ``tt``."""
         T = self.t.tREFI
         while self.next_tick + 1 <= tt:
+            # The controller sees the new credit one cycle after the tick and its refresh machine
+            # leaves Idle the cycle after that: measured on the tiny naive 2-layer job, 121 and 128 of
+            # 164 REFs per channel then fall on the RTL's cycle exactly (with +1 here, 1 cycle early).
             if self.owed == 0:
-                # The controller sees the new credit one cycle after the tick and its refresh machine
-                # leaves Idle the cycle after that: measured on the tiny naive 2-layer job, 121 and 128 of
-                # 164 REFs per channel then fall on the RTL's cycle exactly (with +1 here, 1 cycle early).
                 self.owed_since = self.next_tick + 2
+            self.dues.append(self.next_tick + 2)
             self.owed += 1
             self.next_tick += T
 
@@ -140,7 +142,11 @@ class Channel:
             del self.ref_log[:32]
         self.ref_free = r + 2
         self.owed -= 1
-        self.owed_since = r + 2
+        if self.dues:
+            self.dues.popleft()
+        # The next REF needs the next credit: one counted with this one (both ticks passed before a
+        # request looked) is not owed before its own tick.
+        self.owed_since = max(r + 2, self.dues[0]) if self.dues else r + 2
         self.c["refreshes"] += 1
         return r
 
