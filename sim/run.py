@@ -129,7 +129,7 @@ def load_input(path, d_model: int | None = None, allow_nonfinite: bool = False) 
 
 
 def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weights=None, input_file=None,
-            heads=None, seed=0, allow_nonfinite=False):
+            heads=None, seed=0, allow_nonfinite=False, head_groups="auto"):
     """Compile and lay out a job. With ``input_file`` the first ``prefill`` of its tokens are prefilled
     and the next ``generate`` generated (all the rest when ``generate`` is None)."""
     cfg = soc_config(config)
@@ -158,7 +158,7 @@ def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weig
         ws = random_weights(shape, seed)
     if x is None:
         x = np.random.default_rng(seed + 1).standard_normal((total, shape.d_model)).astype(np.float32)
-    cm = compile_model(cfg, shape, policy, prefill, total)
+    cm = compile_model(cfg, shape, policy, prefill, total, head_groups=head_groups)
     job = build_job(cm, ws, x)
     return cm, job, x, ws
 

@@ -15,7 +15,7 @@ import pytest
 
 from firmware import isa
 from firmware.asm import AsmError, assemble, disassemble
-from firmware.compiler import CompileError, compile_model, plan_memory
+from firmware.compiler import HEAD_GROUPS, CompileError, compile_model, plan_memory
 from firmware.gpt2 import GptShape, WeightsError, load_weights, random_weights, reference_block, save_npz
 from firmware.isa import CpError, SocOp
 from firmware.runtime import build_job, read_outputs
@@ -149,6 +149,42 @@ def test_ianus_and_naive_same_bits():
     _, a, *_ = _run("ianus", 6, 9)
     _, b, *_ = _run("naive", 6, 9)
     np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_head_group_split_same_bits_and_auto_follows_the_performance_model():
+    """Generation's QKV + attention scheduled as one GEMV (``plain``) or a GEMV per head group (``split``):
+    the same bits. ``auto`` picks the schedule the calibrated performance model times faster: on the
+    GPT-2-small layer of ``default`` the split costs more (every step of a head group's attention reads DRAM,
+    which a PIM command holds), so ``auto`` must not choose it where it is slower."""
+    from firmware.compiler import LayerCompiler, choose_mapping
+    from sim.perfmodel import PerfModel, decode_program, stage_tags
+
+    outs = {}
+    for hg in ("plain", "split"):
+        shape = GptShape(SHAPE.d_model, SHAPE.heads, 1)
+        w = random_weights(shape, 3)
+        x = np.random.default_rng(4).standard_normal((7, shape.d_model)).astype(np.float32)
+        cm = compile_model(CFG, shape, "ianus", 5, 7, head_groups=hg)
+        gen = [st for st in cm.stages if st.phase == "gen" and st.name == "qkv_attn"]
+        assert all(bool(st.est.get("overlap")) == (hg == "split") for st in gen), hg
+        m = run_job(build_job(cm, w, x))
+        outs[hg] = read_outputs(cm, m.read)
+    np.testing.assert_array_equal(outs["plain"].view(np.uint32), outs["split"].view(np.uint32))
+    with pytest.raises(CompileError, match="head_groups must be one of auto, plain, split, not 'fast'"):
+        compile_model(CFG, SHAPE, "ianus", 4, 6, head_groups="fast")
+
+    cfg = soc_config("default")
+    shape = GptShape(768, 12, 1)
+    plan = plan_memory(cfg, shape, 96)
+    cycles, chosen = {}, {}
+    for hg in HEAD_GROUPS:
+        lc = LayerCompiler(plan, "ianus", choose_mapping(cfg, shape, "ianus", 32), hg)
+        st = lc.stage(0, "gen", "qkv_attn", 1, 64)
+        ins = decode_program(st.words)
+        cycles[hg] = PerfModel(cfg).run_program(None, ins=ins, tags=stage_tags("qkv_attn", ins)).cycles
+        chosen[hg] = bool(st.est.get("overlap"))
+    assert chosen == {"auto": cycles["split"] < cycles["plain"], "plain": False, "split": True}, (chosen, cycles)
+    assert cycles["auto"] == min(cycles["plain"], cycles["split"]), cycles
 
 
 def test_compile_errors():

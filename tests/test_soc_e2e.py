@@ -18,8 +18,8 @@ from sim.tb.soc_run import run_rtl
 MU_BOUND, PIM_BOUND = 0.01, 0.10
 
 
-def _rtl_vs_model(config, policy, prefill, generate, layers=1, name=None, sim="verilator"):
-    cm, job, x, ws = prepare(config, policy, layers, prefill, generate)
+def _rtl_vs_model(config, policy, prefill, generate, layers=1, name=None, sim="verilator", head_groups="auto"):
+    cm, job, x, ws = prepare(config, policy, layers, prefill, generate, head_groups=head_groups)
     out, res = run_rtl(job, sim=sim, test_name=name or f"e2e_{policy}_{config}")
     m = run_job(Job(job.compiled, job.image, job.programs))
     want = read_outputs(cm, m.read)
@@ -52,13 +52,32 @@ def test_tiny_all_policies_bit_exact_and_ianus_fastest():
     assert cycles["ianus"] <= cycles["naive"], cycles
 
 
+def test_tiny_head_group_split_bit_exact():
+    """The head-group split of generation's QKV GEMV (which the cost model no longer chooses on its own) on
+    the RTL: bit-exact with the functional model, the protocol checker on."""
+    cm, res = _rtl_vs_model("tiny", "ianus", 6, 2, name="e2e_ianus_tiny_split", head_groups="split")
+    assert all(st.est.get("overlap") for st in cm.stages if st.phase == "gen" and st.name == "qkv_attn")
+    assert len(res) == len(cm.stages)
+
+
+def _pim_wait(res):
+    return sum(v for r in res if " gen@" in r["name"] for k, v in r["counters"].items() if k.endswith(".pim_wait"))
+
+
 def test_tiny_dual_row_buffers_bit_exact():
     """NeuPIMs' dual row buffers (tiny-dualrb): the same layer, bit-exact with the functional model, no
-    protocol violation (the Python checker applies the two-buffer rules), and the generation step no slower
-    than with one row buffer (the PCU's row program is the same; only its PIM rows use the second buffer)."""
+    protocol violation (the Python checker applies the two-buffer rules); in generation the NPU's requests
+    are served during the PIM GEMVs (its cycles waiting for PIM mode, ``pim_wait``, drop to under half) and
+    the step stays within 1 % of one row buffer's cycles.
+
+    Not "never slower": the NPU traffic served during a GEMV (the command processor's fetches, the scatter's
+    stores) takes command-bus slots between the PCU's commands and opens rows in the normal buffers. Measured
+    with the one-softmax-per-step schedule (issue 14): the QKV GEMV's PCU span 16 cycles longer, the scatter
+    after it 9 cycles shorter, generation 4,373 vs 4,364 cycles (+0.2 %); pim_wait 110 vs 437 cycles."""
     _, res1 = _rtl_vs_model("tiny", "ianus", 4, 2, name="e2e_ianus_tiny_rb1")
     _, res2 = _rtl_vs_model("tiny-dualrb", "ianus", 4, 2, name="e2e_ianus_tiny_dualrb")
-    assert _gen_cycles(res2) <= _gen_cycles(res1), (_gen_cycles(res2), _gen_cycles(res1))
+    assert _pim_wait(res2) * 2 < _pim_wait(res1), (_pim_wait(res2), _pim_wait(res1))
+    assert _gen_cycles(res2) <= 1.01 * _gen_cycles(res1), (_gen_cycles(res2), _gen_cycles(res1))
 
 
 @pytest.mark.parametrize("policy", ["ianus", "npu-mem"])
