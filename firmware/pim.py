@@ -19,6 +19,11 @@ for later chunks), ACTAB the tile's row, write the chunk into the global
 buffer (first tile of a chunk only), MACAB over the chunk's columns, PREAB,
 RDMAC the results. An FP32 partial sum read out and preloaded again is
 unchanged, so the accumulation order is that of one long accumulation.
+
+With a pipelined processing unit (``PimGeometry.acc_stages = P > 1``, issue 15) the accumulator is ``P``
+interleaved partial sums: the last MACAB of every tile row carries the combine flag (``row`` bit
+:data:`hw.config.COMBINE_ROW_BIT`), so each row's columns are summed in the order of
+:func:`hw.spec.fp.accumulate` with ``stages=P`` onto the preloaded value (:func:`gemv_golden`).
 """
 
 from __future__ import annotations
@@ -141,7 +146,8 @@ def gemv_golden(cfg: SystemConfig, w_bits: np.ndarray, x_bits: np.ndarray, bias_
     """FP32 result bits of the PIM GEMV, in the hardware's order (bit-exact with the RTL).
 
     ``acc = bias``; for every chunk, for every column of ``lanes`` inputs:
-    ``acc = acc + tree(w_col * x_col)``.
+    ``acc = acc + tree(w_col * x_col)``. With ``acc_stages = P > 1`` each chunk (one tile row: preload,
+    its columns, the combining MAC) is :func:`hw.spec.fp.accumulate` with ``stages=P`` onto ``acc``.
     """
     p = cfg.pim
     K, N = w_bits.shape
@@ -152,6 +158,15 @@ def gemv_golden(cfg: SystemConfig, w_bits: np.ndarray, x_bits: np.ndarray, bias_
     xp = np.zeros(kp, dtype=np.uint16)
     xp[:K] = x_bits
     acc = np.zeros(N, dtype=np.uint32) if bias_bits is None else np.asarray(bias_bits, dtype=np.uint32).copy()
+    P = p.acc_stages
+    if P > 1:
+        gbc = p.gb_values // lanes                     # columns of one input chunk (one tile row)
+        for c0 in range(0, kp // lanes, gbc):
+            unit = G.InterleavedAccumulator(P, acc)
+            for c in range(c0, min(c0 + gbc, kp // lanes)):
+                unit.add(G.mac_lanes(wp[c * lanes:(c + 1) * lanes].T, xp[c * lanes:(c + 1) * lanes][None, :]))
+            acc = unit.combine()
+        return acc
     for c in range(kp // lanes):
         wc = wp[c * lanes:(c + 1) * lanes].T            # [N, lanes]
         acc = G.add_f32(acc, G.mac_lanes(wc, xp[c * lanes:(c + 1) * lanes][None, :]))
@@ -181,6 +196,9 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True, activation: bool = 
 
     With two row buffers per bank (``row_buffers = 2``) ACTAB / PREAB are
     PACTAB / PPREAB: the weight rows live in the PIM row buffer.
+
+    With a pipelined processing unit (``acc_stages > 1``) the last MACAB of every row has ``row`` =
+    ``PimGeometry.combine_flag``: the combining MAC (the partial sums are added up before RDMAC / AF read them).
     """
     cfg = layout.cfg
     p, t = cfg.pim, cfg.timing
@@ -190,6 +208,7 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True, activation: bool = 
     # With two row buffers (NeuPIMs) the rows MACAB and AF read are opened and closed in the PIM buffer.
     act, pre = ("PACTAB", "PPREAB") if p.row_buffers == 2 else ("ACTAB", "PREAB")
     rows = [(tile, chunk) for chunk in range(layout.chunks) for tile in range(layout.tiles)]
+    combine = p.combine_flag
     written = 0          # global-buffer columns of the current row's chunk already written
     for i, (tile, chunk) in enumerate(rows):
         n = layout.chunk_cols(chunk)
@@ -209,7 +228,7 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True, activation: bool = 
             for c in range(written, n):
                 yield "WRGB", {"col": c, "data": ("x", chunk, c)}
         for c in range(n):
-            yield "MACAB", {"col": c}
+            yield "MACAB", ({"col": c, "row": combine} if combine and c == n - 1 else {"col": c})
         # A new chunk next: start writing it into the slots around the precharge.
         nxt = rows[i + 1] if i + 1 < len(rows) else None
         written = 0

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "ConfigError",
+    "COMBINE_ROW_BIT",
     "PimGeometry",
     "DramTiming",
     "NpuConfig",
@@ -90,6 +91,12 @@ class _Checked:
 # derived from ``repr``) of every BF16 preset are what they were before the fields existed.
 LOWPREC_DEFAULTS = {"weight_format": "bf16", "act_format": "bf16", "quant_group": 128, "scale_format": "fp16",
                     "grid_choice": False, "acc_slots": 1}
+# Pipeline depths of the BF16 processing unit (issue 15; :class:`hw.arith.MacUnit`) and their defaults (today's
+# unit). Left out of ``repr`` at their defaults as well, for the same reason.
+PIPE_DEFAULTS = {"mul_stages": 1, "tree_stages": 2, "acc_stages": 1}
+PIPE_RANGES = {"mul_stages": (1, 2), "tree_stages": (1, 2, 3, 4), "acc_stages": (1, 2, 3, 4)}
+COMBINE_ROW_BIT = 0
+"""Row-field bit of a MACSB / MACAB that marks a combining MAC (``acc_stages > 1``; :mod:`hw.pim.bank`)."""
 WEIGHT_FORMATS = ("bf16", "int4", "fp4")
 ACT_FORMATS = ("bf16", "fp8_e4m3")
 SCALE_FORMATS = ("fp16", "bf16")
@@ -149,6 +156,17 @@ class PimGeometry(_Checked):
     acc_slots : int
         Accumulators per bank: 1, or 2 (4-bit weights) so that one tile's results are read out while the
         next tile's MACs go into the other slot (the slot is bit 4 of the MAC / WRBIAS / RDMAC row field).
+    mul_stages : int
+        Pipeline depth of the BF16 processing unit's multipliers: 1 (default) or 2 (issue 15;
+        :class:`hw.arith.MacUnit`).
+    tree_stages : int
+        Pipeline depth of each level of its FP32 adder tree: 1 to 4 (default 2).
+    acc_stages : int
+        Its accumulator: 1 (default, one FP32 addition in a one-cycle loop) or ``P`` in 2 to 4 interleaved
+        partial sums behind a ``P``-stage adder, combined pairwise after a MAC that carries the combine flag
+        (``row`` bit :data:`COMBINE_ROW_BIT`; :mod:`hw.pim.bank`). The summation order is that
+        of :func:`hw.spec.fp.accumulate` with ``stages=P`` per run of MACs between a preload and a combine.
+        The device's ``tMAC`` must cover the deeper pipeline (:func:`hw.pim.bank.check_pu_timing`).
     """
 
     channels: int = 1
@@ -167,10 +185,14 @@ class PimGeometry(_Checked):
     scale_format: str = "fp16"
     grid_choice: bool = False
     acc_slots: int = 1
+    mul_stages: int = 1
+    tree_stages: int = 2
+    acc_stages: int = 1
 
     def __repr__(self):
+        defaults = {**LOWPREC_DEFAULTS, **PIPE_DEFAULTS}
         parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                 if f.name not in LOWPREC_DEFAULTS or getattr(self, f.name) != LOWPREC_DEFAULTS[f.name]]
+                 if f.name not in defaults or getattr(self, f.name) != defaults[f.name]]
         return f"{type(self).__qualname__}({', '.join(parts)})"
 
     def __post_init__(self):
@@ -197,6 +219,31 @@ class PimGeometry(_Checked):
             self._fail("channel_interleave", f"0 (Row-Channel-Bank-Column) or a power of two from one column "
                                              f"({column_bytes} bytes) to one row ({self.row_bytes} bytes)")
         self._check_lowprec()
+        self._check_pipe()
+
+    def _check_pipe(self):
+        for name, allowed in PIPE_RANGES.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value not in allowed:
+                self._fail(name, f"an integer in {allowed[0]}..{allowed[-1]}")
+        if self.lowprec:
+            for name, default in PIPE_DEFAULTS.items():
+                if getattr(self, name) != default:
+                    self._fail(name, f"{default} with {self.weight_format} weights (the low-precision unit has "
+                                     f"its own pipeline)")
+        if self.acc_stages > 1 and self.row_addr_bits < 1:
+            self._fail("acc_stages", "1 with a single row per bank (the MAC's row field carries the combine "
+                                     "flag in bit 0)")
+
+    @property
+    def pipelined(self) -> bool:
+        """The BF16 unit has interleaved partial sums (``acc_stages > 1``): MACs carry the combine flag."""
+        return self.acc_stages > 1
+
+    @property
+    def combine_flag(self) -> int:
+        """The ``row`` field of a combining MAC: ``1 << COMBINE_ROW_BIT`` with a pipelined unit, else 0."""
+        return 1 << COMBINE_ROW_BIT if self.pipelined else 0
 
     def _check_lowprec(self):
         if self.weight_format not in WEIGHT_FORMATS:
@@ -709,6 +756,23 @@ def _lowprec(base, suffix, doc, fmt, acts, tmac, **extra):
                                           "timing.tMAC": tmac, **extra})
 
 
+def _pipelined(base, mul_stages=2, tree_stages=4, acc_stages=4):
+    """``base`` with a pipelined BF16 processing unit (issue 15): ``mul_stages``-stage multipliers,
+    ``tree_stages``-stage adder-tree levels, ``acc_stages`` interleaved partial sums, and ``tMAC`` = the unit's
+    result depth (:func:`hw.pim.bank.pu_mac_depth`: storage read + MacUnit latency + combine latency; 32 for
+    16 lanes with 2 / 4 / 4). tAF stays: the AF unit is not pipelined deeper."""
+    def make() -> SystemConfig:
+        from .pim.bank import pu_mac_depth  # hw.pim imports this module
+
+        cfg = base()
+        pipe = {"pim.mul_stages": mul_stages, "pim.tree_stages": tree_stages, "pim.acc_stages": acc_stages}
+        piped = cfg.replace(**pipe)
+        return cfg.replace(name=f"{cfg.name}-p{acc_stages}", **pipe, **{"timing.tMAC": pu_mac_depth(piped.pim)})
+    make.__doc__ = (f"The {base.__name__.strip('_')} preset with the pipelined processing unit ({mul_stages}-stage "
+                    f"multipliers, {tree_stages}-stage adders, {acc_stages} interleaved partial sums).")
+    return make
+
+
 def _hpim(base, **unit):
     """``base`` with one SRAM-PIM attention unit (issue 20; :class:`SramPimConfig`) behind the SPU queue."""
     def make() -> SystemConfig:
@@ -750,7 +814,10 @@ PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
            "ianus-w4": _lowprec(_ianus, "w4", "INT4 weights (BF16 activations), groups of 64", "int4", "bf16", 18,
                                 **{"pim.quant_group": 64}),
            "ianus-w4a8": _lowprec(_ianus, "w4a8", "FP4 weights with grid choice and FP8 activations, groups of 64",
-                                  "fp4", "fp8_e4m3", 8, **{"pim.grid_choice": True, "pim.quant_group": 64})}
+                                  "fp4", "fp8_e4m3", 8, **{"pim.grid_choice": True, "pim.quant_group": 64}),
+           # the pipelined BF16 processing unit (issue 15): 2-stage multipliers, 4-stage adders, 4 interleaved
+           # partial sums; tMAC from the unit's depth (32 cycles for 16 lanes)
+           "tiny-p4": _pipelined(_tiny), "default-p4": _pipelined(_default)}
 
 
 def preset(name: str) -> SystemConfig:

@@ -17,6 +17,11 @@ grid choice, LDSLAB) are legal: all-bank read-type column commands on the open (
 With ``acc_slots = 2`` the PU_BUSY rule is per accumulator slot (``row`` bit 4 of MAC, WRBIAS and RDMAC;
 AF uses slot 0): tMAC after the last MAC into the same slot.
 
+With a pipelined processing unit (``PimGeometry.acc_stages > 1``, issue 15) a MACSB / MACAB with ``row``
+bit 0 set is a combining MAC (``hw/pim/commands.py``): PU_BUSY also covers a MAC within tMAC of a combining
+MAC, and RDMAC of a group with a bank (AF: any bank) whose last MAC since its preload (WRBIAS) was not a
+combining MAC (its partial sums are not combined).
+
 ``check(cycle, op, bank, row, col)`` returns the name of the first rule the
 command breaks (the same names and priority as the RTL's violation codes) or
 ``None``, and updates the state only for legal commands (the device does not
@@ -77,6 +82,9 @@ class ProtocolChecker:
         self.slots = p.acc_slots
         self.last_mac = [NEVER, NEVER]          # per accumulator slot
         self.last_af = NEVER
+        self.pipelined = p.acc_stages > 1
+        self.last_combine = NEVER                       # the last combining MAC (pipelined units)
+        self.uncombined = [False] * p.banks             # per bank: MACs since the preload / last combine
         self.refs = 0
         self.late_reported = False
         self.counts = {name: 0 for name in OPCODES}
@@ -120,6 +128,8 @@ class ProtocolChecker:
             targets = banks if op in ALL_BANK_READS else [banks[bank]]
             trcd = t.tRCDWR if op == "WR" else t.tRCDRD
             rules.append(("T_RCD", max(b.act for b in targets) + trcd))
+        if self.pipelined and op in ("MACSB", "MACAB"):
+            rules.append(("PU_BUSY", self.last_combine + t.tMAC))
         if op in ("WRBIAS", "RDMAC", "AF"):
             rules.append(("PU_BUSY", self.last_mac[0 if op == "AF" else self._slot(row)] + t.tMAC))
         if op == "RDAF":
@@ -150,7 +160,7 @@ class ProtocolChecker:
                 return "BANK_CLOSED"
             if op == "AF" and pim.row < p.data_rows:
                 return "BAD_ADDRESS"
-            return None
+            return self._uncombined_violation(op, col)
         if op in ("RD", "WR", "MACSB") and not banks[bank].open:
             return "BANK_CLOSED"
         if op in ALL_BANK_READS and not all(b.open for b in banks):
@@ -161,6 +171,17 @@ class ProtocolChecker:
             return "BAD_ADDRESS"
         if op in ("WRBIAS", "RDMAC", "RDAF") and col >= p.acc_groups:
             return "BAD_ADDRESS"
+        return self._uncombined_violation(op, col)
+
+    def _uncombined_violation(self, op, col):
+        """Pipelined units: RDMAC / AF must not read a bank whose partial sums are not combined."""
+        if not self.pipelined:
+            return None
+        bpw = self.cfg.pim.banks_per_word
+        if op == "RDMAC" and any(self.uncombined[col * bpw:(col + 1) * bpw]):
+            return "PU_BUSY"
+        if op == "AF" and any(self.uncombined):
+            return "PU_BUSY"
         return None
 
 
@@ -190,10 +211,10 @@ class ProtocolChecker:
             self.violations.append((cycle, v, op, self.channel))
             return v
         if op != "NOP":
-            self._apply(cycle, op, bank, row)
+            self._apply(cycle, op, bank, row, col)
         return None
 
-    def _apply(self, cycle, op, bank, row):
+    def _apply(self, cycle, op, bank, row, col=0):
         self.counts[op] += 1
         banks = self.banks
         pim = self.pim
@@ -225,6 +246,16 @@ class ProtocolChecker:
             banks[bank].wr = cycle
         if op in ("MACSB", "MACAB"):
             self.last_mac[self._slot(row)] = cycle
+            if self.pipelined:
+                combining = bool(row & 1)
+                if combining:
+                    self.last_combine = cycle
+                for b in (range(len(banks)) if op == "MACAB" else [bank]):
+                    self.uncombined[b] = not combining
+        if self.pipelined and op == "WRBIAS":
+            bpw = self.cfg.pim.banks_per_word
+            for b in range(col * bpw, min(len(banks), (col + 1) * bpw)):
+                self.uncombined[b] = False
         if op == "AF":
             self.last_af = cycle
 

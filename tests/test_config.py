@@ -71,7 +71,7 @@ def test_replace_variants():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset.name must be one of tiny, default, ianus, tiny-dualrb, "
                                           "default-dualrb, neupims, tiny-il, default-il, default-4ch, tiny-hpim, default-hpim, tiny-w4, "
-                                          "tiny-w4a8, default-w4, default-w4a8, ianus-w4, ianus-w4a8, not 'huge'"):
+                                          "tiny-w4a8, default-w4, default-w4a8, ianus-w4, ianus-w4a8, tiny-p4, default-p4, not 'huge'"):
         preset("huge")
 
 
@@ -83,6 +83,14 @@ def test_unknown_preset():
     (PimGeometry, {"columns": 48}, "PimGeometry.columns must be a power of two"),
     (PimGeometry, {"lanes": 12}, "PimGeometry.lanes must be a power of two"),
     (PimGeometry, {"lanes": 1, "column_bits": 16}, "PimGeometry.lanes must be a power of two of at least 2"),
+    (PimGeometry, {"mul_stages": 3}, "PimGeometry.mul_stages must be an integer in 1..2, not 3"),
+    (PimGeometry, {"tree_stages": 0}, "PimGeometry.tree_stages must be an integer in 1..4, not 0"),
+    (PimGeometry, {"acc_stages": 5}, "PimGeometry.acc_stages must be an integer in 1..4, not 5"),
+    (PimGeometry, {"acc_stages": True}, "PimGeometry.acc_stages must be an integer in 1..4, not True"),
+    (PimGeometry, {"acc_stages": 2, "weight_format": "int4", "act_format": "bf16"},
+     "PimGeometry.acc_stages must be 1 with int4 weights"),
+    (PimGeometry, {"rows": 1, "af_rows": 0, "acc_stages": 4},
+     "PimGeometry.acc_stages must be 1 with a single row per bank"),
     (PimGeometry, {"column_bits": 128}, r"PimGeometry.column_bits must be lanes x 16 bits = 256, not 128"),
     (PimGeometry, {"gb_bytes": 100}, r"PimGeometry.gb_bytes must be a positive multiple of the column size"),
     (PimGeometry, {"gb_bytes": 4096}, r"PimGeometry.gb_bytes must be at most one row \(2048 bytes\)"),

@@ -26,6 +26,29 @@ MAC  0: storage read of column ``col`` of the open row (and, in the channel,
      1: weights and inputs enter the MacUnit;
      1 + MacUnit.latency (= 11 for 16 lanes): the accumulator holds the sum.
      Hence ``tMAC >= MAC_DEPTH`` (11): WRBIAS/RDMAC/AF wait that long.
+
+Pipelined processing unit (issue 15; ``PimGeometry.mul_stages`` / ``tree_stages`` / ``acc_stages``): the
+MacUnit is built with those depths. With ``acc_stages = P > 1`` its accumulator is ``P`` interleaved partial
+sums (:class:`hw.arith.MacUnit`), and **the command sequence, not the timing, decides when they are
+combined**: a MACSB / MACAB whose ``row`` bit :data:`~hw.pim.commands.COMBINE_ROW_BIT` (bit 0; the BF16
+unit has no other use for a MAC's row field) is set is a *combining MAC*, the last column before a read.
+Its column is summed as any other, and ``MacUnit.latency`` cycles after it entered the unit (when its
+partial holds it) the unit's ``combine`` fires: the partials are added pairwise into ``p0``, which
+``acc`` (RDMAC, AF) shows. So a refresh, a stall or any gap between commands changes no bit: the
+partials a run of MACs fills and the point where they are combined depend on the commands only.
+
+MAC (combining)  0: storage read;  1: the column enters the MacUnit;
+     1 + latency: its partial holds it, ``combine`` (22 for 16 lanes with 2 / 4 / 4 stages);
+     1 + latency + combine_latency: ``acc`` holds the total (31).
+     Hence ``tMAC >= pu_mac_depth`` = 1 + latency + combine_latency (32): WRBIAS, RDMAC, AF **and any
+     MAC** wait ``tMAC`` after a combining MAC (a column that reached the accumulator while it combines
+     would be lost); after a plain MAC, WRBIAS / RDMAC / AF wait ``tMAC`` as before. RDMAC of a group with
+     a bank whose last MAC since its preload was not a combining MAC, or AF while any bank is in that state,
+     is ``PU_BUSY`` (the accumulator holds uncombined partials; :class:`hw.pim.channel.PimChannel` keeps
+     one bit per bank). The golden order is :func:`hw.spec.fp.accumulate` with ``stages=P`` per run of MACs
+     from a preload (or the previous combine) to a combining MAC; the combine leaves ``p0`` = the total and
+     the other partials ``-0``, the state a preload of the total gives, so partial sums kept in the
+     accumulators between input chunks and partial sums read out and preloaded again give the same bits.
 AF   0: segment index from the accumulator ``x``; storage read of the LUT
         column; ``x`` rounded to BF16;
      1: (slope, intercept) selected; BF16 product ``x * slope`` (registered);
@@ -46,6 +69,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..arith import MacUnit, bf16_mul, check_fp_impl, fp32_add_align, fp32_add_round, fp32_to_bf16
 from ..config import SystemConfig
+from .commands import COMBINE_ROW_BIT
 from .timing import countdown
 
 __all__ = ["PimBank", "AF_DEPTH", "check_pu_timing", "mac_depth", "pu_mac_depth", "lowprec_unit", "countdown", "af_segment_index"]
@@ -53,9 +77,10 @@ __all__ = ["PimBank", "AF_DEPTH", "check_pu_timing", "mac_depth", "pu_mac_depth"
 AF_DEPTH = 3
 
 
-def mac_depth(lanes: int) -> int:
-    """PIM MAC pipeline depth: storage read + MacUnit (11 for 16 lanes)."""
-    return 1 + MacUnit.latency_for(lanes)
+def mac_depth(lanes: int, mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1) -> int:
+    """PIM MAC pipeline depth: storage read + MacUnit latency (11 for 16 lanes with the default depths)
+    + the combine of the interleaved partial sums when ``acc_stages > 1`` (32 for 16 lanes with 2 / 4 / 4)."""
+    return 1 + MacUnit.latency_for(lanes, mul_stages, tree_stages, acc_stages) + MacUnit.combine_latency_for(acc_stages)
 
 
 def lowprec_unit(p, fp_impl: str = "rtl"):
@@ -71,7 +96,9 @@ def pu_mac_depth(p) -> int:
     read + :attr:`LowPrecMacUnit.latency`."""
     from .lowprec_unit import LowPrecMacUnit
 
-    return 1 + LowPrecMacUnit.latency_for(p.weight_format, p.act_format) if p.lowprec else mac_depth(p.lanes)
+    if p.lowprec:
+        return 1 + LowPrecMacUnit.latency_for(p.weight_format, p.act_format)
+    return mac_depth(p.lanes, p.mul_stages, p.tree_stages, p.acc_stages)
 
 
 def af_segment_index(m: Module, x, segments: int, scale_log2: int, prefix="af"):
@@ -115,7 +142,10 @@ def check_pu_timing(cfg: SystemConfig):
     t = cfg.timing
     depth = pu_mac_depth(cfg.pim)
     if t.tMAC < depth:
-        raise ValueError(f"DramTiming.tMAC must be at least the PIM MAC pipeline depth {depth}, not {t.tMAC}")
+        p = cfg.pim
+        how = "" if p.lowprec or not p.pipelined and (p.mul_stages, p.tree_stages) == (1, 2) else \
+            f" (mul_stages={p.mul_stages}, tree_stages={p.tree_stages}, acc_stages={p.acc_stages})"
+        raise ValueError(f"DramTiming.tMAC must be at least the PIM MAC pipeline depth {depth}{how}, not {t.tMAC}")
     if t.tAF < AF_DEPTH:
         raise ValueError(f"DramTiming.tAF must be at least the AF pipeline depth {AF_DEPTH}, not {t.tAF}")
 
@@ -227,9 +257,19 @@ class PimBank(wiring.Component):
         if p.lowprec:
             self._lowprec_mac(m)
         else:
-            m.submodules.mac = mac = MacUnit(p.lanes, clock_gate=True, fp_impl=self._fp_impl)
+            m.submodules.mac = mac = MacUnit(p.lanes, clock_gate=True, fp_impl=self._fp_impl,
+                                             mul_stages=p.mul_stages, tree_stages=p.tree_stages,
+                                             acc_stages=p.acc_stages)
             mac_v = Signal()
             m.d.sync += mac_v.eq(self.do_mac)
+            if p.pipelined:
+                # The combining MAC's flag travels beside its column: combine fires when its partial holds it.
+                flag = self.do_mac & self.row[COMBINE_ROW_BIT]
+                for k in range(1 + mac.latency):
+                    nxt = Signal(name=f"combine_s{k + 1}")
+                    m.d.sync += nxt.eq(flag)
+                    flag = nxt
+                m.d.comb += mac.combine.eq(flag)
             m.d.comb += [
                 mac.valid.eq(mac_v),
                 mac.w.eq(self.rdata),

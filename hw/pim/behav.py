@@ -76,13 +76,16 @@ def behav_params(cfg: SystemConfig, mutation: int = 0) -> list[int]:
     if p.lowprec:
         raise ValueError(f"The behavioural PIM channel models the BF16 processing unit only, not "
                          f"weight_format={p.weight_format!r} ({cfg.name}): use pim_impl='rtl'")
+    if p.acc_stages > 1:
+        raise ValueError(f"The behavioural PIM channel models one accumulator per bank, not acc_stages="
+                         f"{p.acc_stages} interleaved partial sums ({cfg.name}): use pim_impl='rtl'")
     pairs = p.column_bits // 64
     values = {
         "magic": MAGIC, "banks": p.banks, "rows": p.rows, "columns": p.columns, "lanes": p.lanes,
         "column_addr_bits": p.column_addr_bits, "gb_columns": p.gb_columns, "acc_groups": p.acc_groups,
         "banks_per_word": p.banks_per_word, "data_rows": p.data_rows, "af_rows": p.af_rows,
         "af_segments": p.af_segments, "af_scale_log2": max(p.af_scale_log2, 0), "pairs_per_col": pairs,
-        "pair_bits": (pairs - 1).bit_length(), "row_buffers": p.row_buffers, "mac_depth": mac_depth(p.lanes),
+        "pair_bits": (pairs - 1).bit_length(), "row_buffers": p.row_buffers, "mac_depth": mac_depth(p.lanes, p.mul_stages, p.tree_stages),
         "af_edge": AF_RESULT_EDGE,
         **{name: getattr(t, name) for name in ("tRCDRD", "tRCDWR", "tRP", "tRAS", "tCCD", "tRRD", "tFAW", "tWR",
                                                "tRTP", "tRFC", "tREFI", "tRL", "tMAC", "tAF", "refresh_postpone")},

@@ -27,7 +27,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
 from .bank import PimBank, check_pu_timing
-from .commands import COLUMN_OPS, DUAL_ONLY, LOWPREC_OPCODES, READ_OPS, PimOp, ViolationCode
+from .commands import COLUMN_OPS, COMBINE_ROW_BIT, DUAL_ONLY, LOWPREC_OPCODES, READ_OPS, PimOp, ViolationCode
 from .timing import countdown, delay_pipe, faw_window, pim_row_buffer, refresh_credit
 
 __all__ = ["PimBusSignature", "PimStatusSignature", "PimChannel", "PimDevice", "pim_module_names",
@@ -198,6 +198,35 @@ class PimChannel(wiring.Component):
             af_mac_ok = mac_ok
         af_ok = countdown(m, "afl", t.tAF, execute & (op == PimOp.AF))
         faw_ok = faw_window(m, t.tFAW, execute & is_act, count_name="count")
+        bpw = p.banks_per_word
+        if p.pipelined:
+            # Interleaved partial sums (hw/pim/bank.py): tMAC after a combining MAC the units are busy for
+            # MACs too, and a bank whose last MAC since its preload was not a combining MAC holds uncombined
+            # partials (``uncombined``, one bit per bank), which RDMAC and AF must not read.
+            combining = bus.row[COMBINE_ROW_BIT]
+            cmb_ok = countdown(m, "cmb", t.tMAC, execute & is_mac & combining)
+            uncombined = Signal(nb, name="uncombined")
+            with m.If(execute):
+                with m.Switch(op):
+                    with m.Case(PimOp.MACAB):
+                        m.d.sync += uncombined.eq(Mux(combining, 0, all_banks))
+                    with m.Case(PimOp.MACSB):
+                        m.d.sync += uncombined.bit_select(bank, 1).eq(~combining)
+                    with m.Case(PimOp.WRBIAS):
+                        with m.Switch(col):
+                            for g in range(p.acc_groups):
+                                with m.Case(g):
+                                    m.d.sync += uncombined[g * bpw:min(nb, (g + 1) * bpw)].eq(0)
+            group_uncombined = Signal(name="group_uncombined")
+            with m.Switch(col):
+                for g in range(p.acc_groups):
+                    with m.Case(g):
+                        m.d.comb += group_uncombined.eq(uncombined[g * bpw:min(nb, (g + 1) * bpw)].any())
+            mac_rules = [(~cmb_ok, ViolationCode.PU_BUSY)]
+            af_rules = [(uncombined != 0, ViolationCode.PU_BUSY)]
+            rdmac_rules = [(group_uncombined, ViolationCode.PU_BUSY)]
+        else:
+            mac_rules = af_rules = rdmac_rules = []
 
         # Violation decision (first failing rule) -------------------------
         code = Signal(ViolationCode)
@@ -238,12 +267,12 @@ class PimChannel(wiring.Component):
                 if dual:
                     with m.Case(PimOp.MACSB, PimOp.MACAB):
                         self._first(m, code, [
-                            (~p_open, ViolationCode.BANK_CLOSED), (~p_rcd_ok, ViolationCode.T_RCD),
+                            (~p_open, ViolationCode.BANK_CLOSED), (~p_rcd_ok, ViolationCode.T_RCD), *mac_rules,
                             (~ccd_ok, ViolationCode.T_CCD)])
                     with m.Case(PimOp.AF):
                         self._first(m, code, [
                             (~p_open, ViolationCode.BANK_CLOSED),
-                            (p_row < p.data_rows, ViolationCode.BAD_ADDRESS),
+                            (p_row < p.data_rows, ViolationCode.BAD_ADDRESS), *af_rules,
                             (~p_rcd_ok, ViolationCode.T_RCD), (~af_mac_ok, ViolationCode.PU_BUSY),
                             (~ccd_ok, ViolationCode.T_CCD)])
                     with m.Case(PimOp.PACTAB):
@@ -258,15 +287,15 @@ class PimChannel(wiring.Component):
                     with m.Case(PimOp.MACSB):
                         self._first(m, code, [
                             (~sel(is_open), ViolationCode.BANK_CLOSED), (~sel(rcdrd_ok), ViolationCode.T_RCD),
-                            (~ccd_ok, ViolationCode.T_CCD)])
+                            *mac_rules, (~ccd_ok, ViolationCode.T_CCD)])
                     with m.Case(PimOp.MACAB):
                         self._first(m, code, [
                             (is_open != all_banks, ViolationCode.BANK_CLOSED),
-                            (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~ccd_ok, ViolationCode.T_CCD)])
+                            (rcdrd_ok != all_banks, ViolationCode.T_RCD), *mac_rules, (~ccd_ok, ViolationCode.T_CCD)])
                     with m.Case(PimOp.AF):
                         self._first(m, code, [
                             (is_open != all_banks, ViolationCode.BANK_CLOSED),
-                            (af_row_ok != all_banks, ViolationCode.BAD_ADDRESS),
+                            (af_row_ok != all_banks, ViolationCode.BAD_ADDRESS), *af_rules,
                             (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~af_mac_ok, ViolationCode.PU_BUSY),
                             (~ccd_ok, ViolationCode.T_CCD)])
                 with m.Case(PimOp.REF):
@@ -277,10 +306,14 @@ class PimChannel(wiring.Component):
                 with m.Case(PimOp.WRGB):
                     self._first(m, code, [
                         (col >= p.gb_columns, ViolationCode.BAD_ADDRESS), (~ccd_ok, ViolationCode.T_CCD)])
-                with m.Case(PimOp.WRBIAS, PimOp.RDMAC):
-                    self._first(m, code, [
-                        (col >= p.acc_groups, ViolationCode.BAD_ADDRESS), (~mac_ok, ViolationCode.PU_BUSY),
-                        (~ccd_ok, ViolationCode.T_CCD)])
+                # (One case for both unless RDMAC has the pipelined unit's extra rule: the Verilog of the
+                # other configurations stays as it was.)
+                for ops, extra in (((PimOp.WRBIAS,), []), ((PimOp.RDMAC,), rdmac_rules)) if rdmac_rules else \
+                        (((PimOp.WRBIAS, PimOp.RDMAC), []),):
+                    with m.Case(*ops):
+                        self._first(m, code, [
+                            (col >= p.acc_groups, ViolationCode.BAD_ADDRESS), *extra,
+                            (~mac_ok, ViolationCode.PU_BUSY), (~ccd_ok, ViolationCode.T_CCD)])
                 with m.Case(PimOp.RDAF):
                     self._first(m, code, [
                         (col >= p.acc_groups, ViolationCode.BAD_ADDRESS), (~af_ok, ViolationCode.PU_BUSY),
@@ -333,7 +366,6 @@ class PimChannel(wiring.Component):
             gb_data = gb_r.data
 
         # Bank strobes -------------------------------------------------------
-        bpw = p.banks_per_word
         for b, bk in enumerate(banks):
             here = bank == b
             m.d.comb += [

@@ -50,6 +50,12 @@ after the last MAC into the same slot). With 4-bit weights a MAC consumes 64 act
 global-buffer columns (4 BF16, 2 FP8): MAC ``col`` reads GB slot ``col mod gb_slots`` (GB columns
 ``act_ratio * slot .. + act_ratio - 1``).
 
+Pipelined BF16 processing units (``PimGeometry.acc_stages = P > 1``, issue 15): the accumulator is ``P``
+interleaved partial sums, combined when the command sequence says so: a MACSB / MACAB with ``row`` bit
+:data:`COMBINE_ROW_BIT` set is a *combining MAC* (the last column before a read; :mod:`hw.pim.bank`).
+``tMAC`` then counts to the combined total, and PU_BUSY also covers a MAC within ``tMAC`` of a combining
+MAC, and RDMAC / AF while an addressed bank's last MAC since its preload was not a combining MAC.
+
 The ``LOWPREC_ONLY`` commands are in the table (the checker and the docs read them) but not members of
 :class:`PimOp`: the enum's members are written into the Verilog of every signal of its shape, so a new
 member would change the text of every BF16 device; their opcodes are in :data:`LOWPREC_OPCODES`.
@@ -60,7 +66,9 @@ from dataclasses import dataclass
 
 from amaranth.lib import enum as aenum
 
-__all__ = ["Command", "COMMANDS", "COLUMN_OPS", "DUAL_ONLY", "LOWPREC_ONLY", "LOWPREC_OPCODES", "READ_OPS", "ops_where", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
+from ..config import COMBINE_ROW_BIT  # noqa: F401  (re-exported: the combining MAC's row bit)
+
+__all__ = ["COMBINE_ROW_BIT", "Command", "COMMANDS", "COLUMN_OPS", "DUAL_ONLY", "LOWPREC_ONLY", "LOWPREC_OPCODES", "READ_OPS", "ops_where", "PimOp", "Violation", "VIOLATIONS", "ViolationCode", "OP_BITS", "by_name", "command_table_md"]
 
 OP_BITS = 5
 
@@ -182,7 +190,8 @@ VIOLATIONS = (
     Violation("BAD_ADDRESS", 14, "Global-buffer or accumulator-group column out of range, or AF with a "
                                  "non-reserved row open."),
     Violation("PU_BUSY", 15, "WRBIAS, RDMAC or AF within tMAC of a MAC (into the same accumulator slot), "
-                             "or RDAF within tAF of AF."),
+                             "or RDAF within tAF of AF; pipelined units (acc_stages > 1) also a MAC within "
+                             "tMAC of a combining MAC, and RDMAC / AF of uncombined partial sums."),
 )
 
 ViolationCode = _enum("ViolationCode", [(v.name, v.code) for v in VIOLATIONS], 4)

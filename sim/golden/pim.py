@@ -17,13 +17,17 @@ Semantics (the command table in ``hw/pim/commands.py``):
   segment ``i`` from the LUT in bank ``b``'s open (reserved) row.
 * With two row buffers (``row_buffers = 2``) PACTAB / PPREAB open and close
   the PIM row buffer, and MAC and AF read its row instead of the bank's.
+* With a pipelined processing unit (``acc_stages = P > 1``) each bank's accumulator is a
+  :class:`hw.spec.fp.InterleavedAccumulator` of ``P`` partial sums: WRBIAS loads it, a MAC adds its column
+  into the next partial and, when its ``row`` has the combine flag (:data:`hw.config.COMBINE_ROW_BIT`),
+  combines them; RDMAC and AF read ``p0``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hw.config import SystemConfig
+from hw.config import COMBINE_ROW_BIT, SystemConfig
 from hw.spec import fp as G
 
 
@@ -35,6 +39,9 @@ class PimChannelModel:
         self.gb = np.zeros((p.gb_columns, p.lanes), dtype=np.uint16)
         self.acc = np.zeros(p.banks, dtype=np.uint32)
         self.af = np.zeros(p.banks, dtype=np.uint32)
+        # Pipelined unit: the interleaved partial sums of every bank (``acc`` mirrors their p0).
+        self.units = [G.InterleavedAccumulator(p.acc_stages, np.uint32(0)) for _ in range(p.banks)] \
+            if p.acc_stages > 1 else None
         self.open_row = [None] * p.banks
         self.pim_row = None                     # the PIM row buffer's row (two row buffers)
 
@@ -90,7 +97,13 @@ class PimChannelModel:
             x = self.gb[col % p.gb_columns]
             for b in targets:
                 term = G.mac_lanes(self.mem[b, self._mac_row(b), col], x)
-                self.acc[b] = G.add_f32(self.acc[b], term)
+                if self.units is None:
+                    self.acc[b] = G.add_f32(self.acc[b], term)
+                    continue
+                self.units[b].add(term)
+                if (row >> COMBINE_ROW_BIT) & 1:
+                    self.units[b].combine()
+                self.acc[b] = self.units[b].value
         elif op == "WRBIAS":
             bpw = p.banks_per_word
             words = np.frombuffer(int(data).to_bytes(p.column_bytes, "little"), dtype="<u4")
@@ -98,6 +111,8 @@ class PimChannelModel:
                 b = col * bpw + k
                 if b < p.banks:
                     self.acc[b] = words[k]
+                    if self.units is not None:
+                        self.units[b].load(words[k])
         elif op == "RDMAC":
             return self._group_word(self.acc, col)
         elif op == "RDAF":

@@ -518,7 +518,9 @@ async def timing_edges(dut):
     async def s_mac():
         await issue(act_pim, row=0)
         await idle(t.tRCDRD)
-        return await issue("MACAB", col=0)
+        # A combining MAC with a pipelined unit (acc_stages > 1; row 0, a plain MAC, otherwise): RDMAC reads
+        # the combined total (tests/test_pim_pipelined.py tests the combine's own rules).
+        return await issue("MACAB", col=0, row=p.combine_flag)
 
     async def s_af():
         await issue(act_pim, row=p.data_rows)
