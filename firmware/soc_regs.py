@@ -12,9 +12,10 @@ from hw.spec.soc_regs import counter_registers
 __all__ = [*_spec_all, "read_counters", "summary"]
 
 
-async def read_counters(transport, channels: int) -> dict:
-    """Every counter through ``transport.read_csr``, as ``{"group.counter": value}``."""
-    return {key: await transport.read_csr(off) for key, off in counter_registers(channels).items()}
+async def read_counters(transport, channels: int, spu: bool = False) -> dict:
+    """Every counter through ``transport.read_csr``, as ``{"group.counter": value}`` (the SRAM-PIM queue's
+    too with ``spu``)."""
+    return {key: await transport.read_csr(off) for key, off in counter_registers(channels, spu).items()}
 
 
 def summary(counters: dict, channels: int) -> dict:

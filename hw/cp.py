@@ -26,6 +26,11 @@ Fetch responses carry the start's *epoch* (an 8-bit counter bumped at every
 start) as their tag; a response of an earlier run (fetched ahead before an
 END, an error or a ``clear``) is dropped, so a new program can start at once.
 
+With an SRAM-PIM unit (``cfg.spu``, :data:`SPU_UNIT`) SPIM and SLOAD go to a fourth port, ``spu`` (the
+whole 256-bit word, like the vector queue's), FENCE's mask is 4 bits (``SPU = 8``) and END waits for the
+SRAM-PIM queue too; without it SPIM and SLOAD are ILLEGAL and FENCE bit 11 a reserved header bit (the
+Verilog of such a configuration is what it was before the SPU existed).
+
 Idle units: a unit is idle when its ``busy`` input is low and nothing was
 handed to it in the previous cycle (a unit raises ``busy`` the cycle after it
 accepts an instruction). END also needs the units idle in the previous
@@ -67,7 +72,17 @@ from amaranth.lib.wiring import In, Out
 from .config import SystemConfig
 from .memif import MemPortSignature
 from .spec.matrix_isa import INSTRUCTION
-from .spec.soc_isa import INSTR_BITS, PAYLOAD_LO, PAYLOAD_WIDTH, UNITS_BITS, UNITS_LO, CpError, SocOp
+from .spec.soc_isa import (
+    INSTR_BITS,
+    PAYLOAD_LO,
+    PAYLOAD_WIDTH,
+    SPU_OPS,
+    SPU_PAYLOAD_WIDTH,
+    UNITS_LO,
+    CpError,
+    SocOp,
+    units_bits,
+)
 
 __all__ = ["CommandProcessor", "COUNTERS", "UNITS"]
 
@@ -82,6 +97,9 @@ UNITS = (
     ("vq", 1, (SocOp.VECTOR, SocOp.VLOAD, SocOp.VSTORE), INSTR_BITS, CpError.VQ),
     ("pcu", 2, (SocOp.PIM,), PAYLOAD_WIDTH[SocOp.PIM], CpError.PCU),
 )
+SPU_UNIT = ("spu", 3, SPU_OPS, INSTR_BITS, CpError.SPU)
+"""The SRAM-PIM queue (:mod:`hw.npu.spu`), a fourth unit on systems with ``cfg.spu``: SPIM and SLOAD legal,
+FENCE mask bit 3, ports ``spu`` / ``spu_busy`` / ``spu_error``, error :attr:`CpError.SPU`."""
 
 
 class CommandProcessor(wiring.Component):
@@ -118,6 +136,8 @@ class CommandProcessor(wiring.Component):
     mu : Out(stream.Signature(hw.spec.matrix_isa.INSTRUCTION)), mu_busy : In(1), mu_error : In(4)
     vq : Out(stream.Signature(256)), vq_busy : In(1), vq_error : In(8)
     pcu : Out(stream.Signature(128)), pcu_busy : In(1), pcu_error : In(8)
+    spu : Out(stream.Signature(256)), spu_busy : In(1), spu_error : In(8)
+        Only with ``cfg.spu`` (:data:`SPU_UNIT`).
     counters : Out(COUNTERS)
     """
 
@@ -129,7 +149,9 @@ class CommandProcessor(wiring.Component):
             raise ValueError(f"Fetch depth must be a power of two in [2, 256], not {fetch_depth!r}")
         self._cfg = cfg
         self._fetch_depth = fetch_depth
-        super().__init__({
+        self._spu = cfg.spu is not None
+        self._units = UNITS + ((SPU_UNIT,) if self._spu else ())
+        members = {
             "mem": Out(MemPortSignature(cfg)),
             "start": In(1),
             "prog_addr": In(32),
@@ -151,7 +173,10 @@ class CommandProcessor(wiring.Component):
             "pcu_busy": In(1),
             "pcu_error": In(8),
             "counters": Out(COUNTERS),
-        })
+        }
+        if self._spu:
+            members.update({"spu": Out(stream.Signature(INSTR_BITS)), "spu_busy": In(1), "spu_error": In(8)})
+        super().__init__(members)
 
     @property
     def cfg(self) -> SystemConfig:
@@ -216,17 +241,19 @@ class CommandProcessor(wiring.Component):
         head = Signal()
         m.d.comb += head.eq(run & fifo.r_rdy)
         op = word[:4]
-        fence_mask = word[UNITS_LO:UNITS_LO + UNITS_BITS]
+        ub = units_bits(self._spu)
+        fence_mask = word[UNITS_LO:UNITS_LO + ub]
         payload = word[PAYLOAD_LO:]
         illegal = Signal()
-        hdr_bad = (word[4:UNITS_LO] != 0) | (word[UNITS_LO + UNITS_BITS:PAYLOAD_LO] != 0)
+        hdr_bad = (word[4:UNITS_LO] != 0) | (word[UNITS_LO + ub:PAYLOAD_LO] != 0)
+        widths = {**PAYLOAD_WIDTH, **(SPU_PAYLOAD_WIDTH if self._spu else {})}
         with m.Switch(op):
             with m.Case(SocOp.END):
                 m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload != 0))
             with m.Case(SocOp.FENCE):
                 # Bits 32 and up of a FENCE are ignored, as hw.spec.soc_isa.decode does.
                 m.d.comb += illegal.eq(hdr_bad)
-            for sop, width in PAYLOAD_WIDTH.items():
+            for sop, width in widths.items():
                 with m.Case(sop):
                     m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload[width:] != 0))
             with m.Default():
@@ -234,15 +261,16 @@ class CommandProcessor(wiring.Component):
         legal = head & ~f_err & ~illegal
 
         # ---------------- units ----------------
-        unit_err = [self.mu_error, self.vq_error, self.pcu_error]
+        units = self._units
+        unit_err = [getattr(self, f"{u[0]}_error") for u in units]
         fault_unit = Signal()
         m.d.comb += fault_unit.eq(run & Cat(e != 0 for e in unit_err).any())
-        idle = Signal(3)
-        idle_prev = Signal(3)
+        idle = Signal(len(units))
+        idle_prev = Signal(len(units))
         m.d.sync += idle_prev.eq(idle)
         hs = []
         last_pc_d = []
-        for name, bit, ops, width, _ in UNITS:
+        for name, bit, ops, width, _ in units:
             port = getattr(self, name)
             busy_in = getattr(self, f"{name}_busy")
             sel = Const(0)
@@ -264,7 +292,8 @@ class CommandProcessor(wiring.Component):
         dispatched = Cat(*hs).any()
         is_end = op == SocOp.END
         is_fence = op == SocOp.FENCE
-        end_ok = (idle == 0b111) & (idle_prev == 0b111)
+        all_idle = (1 << len(units)) - 1
+        end_ok = (idle == all_idle) & (idle_prev == all_idle)
         fence_ok = (fence_mask & ~idle) == 0
         retire_ctl = legal & ~fault_unit & ((is_end & end_ok) | (is_fence & fence_ok))
         pop = Signal()
@@ -286,7 +315,7 @@ class CommandProcessor(wiring.Component):
             with m.If(fault_unit):
                 m.d.sync += run.eq(0)
                 first = True
-                for k, (_, _, _, _, code) in enumerate(UNITS):
+                for k, (_, _, _, _, code) in enumerate(units):
                     with (m.If if first else m.Elif)(unit_err[k] != 0):
                         m.d.sync += [err.eq(Cat(Const(code, 8), unit_err[k])),
                                      err_pc.eq(last_pc_d[k])]
@@ -308,7 +337,7 @@ class CommandProcessor(wiring.Component):
             "fence_mu": waiting & (is_end | fence_mask[0]) & ~idle[0],
             "fence_vq": waiting & (is_end | fence_mask[1]) & ~idle[1],
             "fence_pcu": waiting & (is_end | fence_mask[2]) & ~idle[2],
-            "dispatch_stall": Cat(getattr(self, n).valid & ~getattr(self, n).ready for n, *_ in UNITS).any(),
+            "dispatch_stall": Cat(getattr(self, n).valid & ~getattr(self, n).ready for n, *_ in units).any(),
             "instructions": pop,
         }
         for name, ev in events.items():

@@ -193,6 +193,37 @@ class AxiWindow(wiring.Component):
         return m
 
 
+def _share_port(m, cfg, a, b):
+    """One fabric port for two requesters (the vector queue ``a`` and the SRAM-PIM queue ``b``): requests
+    alternate when both are valid, a request held by back-pressure keeps its requester while that one
+    stays valid, tag bit 7 names the requester (both use 7-bit tags), responses (in
+    request order, as the fabric delivers them) go back by that bit. Returns the shared port (requester
+    side, to connect to the fabric)."""
+    port = MemPortSignature(cfg).create(path=("shared_vq_spu",))
+    last_b = Signal()
+    pick_b = Signal()
+    held = Signal()                 # a request waiting for ready keeps its requester (stream rule)
+    held_b = Signal()
+    m.d.comb += pick_b.eq(Mux(held, Mux(held_b, b.req.valid, ~a.req.valid), b.req.valid & (~a.req.valid | ~last_b)))
+    m.d.sync += [held.eq(port.req.valid & ~port.req.ready), held_b.eq(pick_b)]
+    with m.If(port.req.valid & port.req.ready):
+        m.d.sync += last_b.eq(pick_b)
+    tag_hi = len(port.req.payload.tag) - 1
+    with m.If(pick_b):
+        m.d.comb += [port.req.payload.eq(b.req.payload), port.req.payload.tag[tag_hi].eq(1)]
+    with m.Else():
+        m.d.comb += [port.req.payload.eq(a.req.payload), port.req.payload.tag[tag_hi].eq(0)]
+    to_b = port.resp.payload.tag[tag_hi]
+    m.d.comb += [
+        port.req.valid.eq(a.req.valid | b.req.valid),
+        a.req.ready.eq(port.req.ready & ~pick_b), b.req.ready.eq(port.req.ready & pick_b),
+        a.resp.payload.eq(port.resp.payload), b.resp.payload.eq(port.resp.payload),
+        a.resp.valid.eq(port.resp.valid & ~to_b), b.resp.valid.eq(port.resp.valid & to_b),
+        port.resp.ready.eq(Mux(to_b, b.resp.ready, a.resp.ready)),
+    ]
+    return port
+
+
 class SocTop(wiring.Component):
     """The SoC (see the module docstring).
 
@@ -226,8 +257,8 @@ class SocTop(wiring.Component):
         The command processor's ``done`` and ``busy``.
     error : Out(16)
         The command processor's ``error``.
-    unit_busy : Out(3)
-        Matrix unit, vector queue, PCU (with its macro queue) busy.
+    unit_busy : Out(3), Out(4) with ``cfg.spu``
+        Matrix unit, vector queue, PCU (with its macro queue) busy; the SRAM-PIM queue (:mod:`hw.npu.spu`).
     mon, s : arrays indexed by channel
         The command bus the device sees (for the protocol checker) and the device's status
         (flattened ``mon__<c>__op``, ``s__<c>__nviol``).
@@ -253,11 +284,12 @@ class SocTop(wiring.Component):
         self._pe_instance = pe_instance
         self._clock_gate = clock_gate
         self._lane_instance = lane_instance
-        self.regs = register_table(cfg.pim.channels)
+        self._spu = cfg.spu is not None
+        self.regs = register_table(cfg.pim.channels, spu=self._spu)
         C = cfg.pim.channels
         super().__init__({"s_axil": In(AxiLiteSignature()),
                           "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)), "bd_load": In(1),
-                          "done": Out(1), "busy": Out(1), "error": Out(16), "unit_busy": Out(3),
+                          "done": Out(1), "busy": Out(1), "error": Out(16), "unit_busy": Out(4 if self._spu else 3),
                           "mon": Out(BusMonitorSignature(cfg)).array(C), "s": Out(PimStatusSignature()).array(C)})
 
     @property
@@ -276,8 +308,13 @@ class SocTop(wiring.Component):
         C = cfg.pim.channels
         cp = m.submodules.cp = CommandProcessor(cfg, self._fetch_depth)
         mu = m.submodules.mu = MatrixUnit(cfg, pe_instance=self._pe_instance, clock_gate=self._clock_gate)
+        spu_kw = {"spu_port": True} if self._spu else {}
         vq = m.submodules.vq = VectorQueue(cfg, queue_depth=VQ_DEPTH, lane_instance=self._lane_instance,
-                                               clock_gate=self._clock_gate)
+                                               clock_gate=self._clock_gate, **spu_kw)
+        spu = None
+        if self._spu:
+            from .npu.spu import Spu
+            spu = m.submodules.spu = Spu(cfg)
         pcu = m.submodules.pcu = Pcu(cfg)
         mem = m.submodules.mem = MemCtrlSystem(cfg, self._device_factory)
         fabric = m.submodules.fabric = MemFabric(cfg, len(REQUESTERS), self._rob_depth)
@@ -285,7 +322,10 @@ class SocTop(wiring.Component):
 
         # ---------------- datapath wiring ----------------
         wiring.connect(m, wiring.flipped(self.s_axi), win.s_axi)
-        for i, port in enumerate((win.mem, cp.mem, mu.mem, vq.mem)):
+        vq_mem = vq.mem
+        if spu is not None:
+            vq_mem = _share_port(m, cfg, vq.mem, spu.mem)
+        for i, port in enumerate((win.mem, cp.mem, mu.mem, vq_mem)):
             wiring.connect(m, port, fabric.m[i])
         for c in range(C):
             wiring.connect(m, fabric.r[c], mem.r[c])
@@ -314,7 +354,7 @@ class SocTop(wiring.Component):
             cp.vq_busy.eq(vq.busy), cp.vq_error.eq(vq.error),
             cp.pcu_busy.eq(pcu_busy), cp.pcu_error.eq(pcu.error),
             self.done.eq(cp.done), self.busy.eq(cp.busy), self.error.eq(cp.error),
-            self.unit_busy.eq(Cat(mu.busy, vq.busy, pcu_busy)),
+            self.unit_busy[:3].eq(Cat(mu.busy, vq.busy, pcu_busy)),
         ]
 
         # ---------------- control ----------------
@@ -329,6 +369,14 @@ class SocTop(wiring.Component):
         m.d.comb += start.eq(start_req & units_idle & ~clear)
         with m.If(start | clear):
             m.d.sync += start_req.eq(0)
+        if spu is not None:
+            units_idle = units_idle & ~spu.busy
+            m.d.comb += [spu.clear.eq(clear), spu.pc.eq(cp.pc), cp.spu_busy.eq(spu.busy), cp.spu_error.eq(spu.error),
+                         self.unit_busy[3].eq(spu.busy)]
+            wiring.connect(m, cp.spu, spu.instr)
+            wiring.connect(m, vq.spu_rd, spu.spm_rd)
+            wiring.connect(m, vq.spu_wr, spu.spm_wr)
+            m.d.comb += spu.spm_wr_ready.eq(vq.spu_wr_ready)
         m.d.comb += [cp.clear.eq(clear), mu.clear.eq(clear), vq.clear.eq(clear), pcu.clear.eq(clear),
                      cp.reset_counters.eq(reset_counters), cp.start.eq(start),
                      cp.prog_addr.eq(prog_addr), cp.prog_len.eq(prog_len)]
@@ -361,6 +409,9 @@ class SocTop(wiring.Component):
                 m.d.sync += [fail_seen.eq(1), fail_pc.eq(pcu_pc)]
         cp_code = cp.error[:8]
         error_pc = Mux(fail_seen & ((cp_code == CpError.PCU) | (cp_code == CpError.VQ)), fail_pc, cp.error_pc)
+        if spu is not None:
+            # The SRAM-PIM queue names its failing instruction itself (the index travels with it).
+            error_pc = Mux(cp_code == CpError.SPU, spu.error_pc, error_pc)
 
         # ---------------- counters ----------------
         cycles = Signal(32)
@@ -377,6 +428,9 @@ class SocTop(wiring.Component):
             relative[("mu", name)] = (getattr(mu.counters, name), True)
         for name, _ in vq.counters.shape():
             relative[("vq", name)] = (getattr(vq.counters, name), True)
+        if spu is not None:
+            for name, _ in spu.counters.shape():
+                relative[("spu", name)] = (getattr(spu.counters, name), True)
         relative[("pcu", "completed")] = (pcu.completed, False)
         for i in range(len(REQUESTERS)):
             relative[("fabric", f"req_stall{i}")] = (fabric.req_stall[i], False)
@@ -400,6 +454,8 @@ class SocTop(wiring.Component):
                 raise KeyError(f"Register {reg.name} reads counter {reg.source}, which the SoC does not have")
 
         status = Cat(cp.busy, cp.done, cp.error != 0, mu.busy, vq.busy, pcu.busy, win.busy)
+        if spu is not None:
+            status = Cat(status, spu.busy)
 
         # ---------------- registers (AXI4-Lite) ----------------
         with m.If(regs.written(CSR.CTRL)):

@@ -7,7 +7,10 @@ time, over one byte image of device memory shared by
 * the vector queue: the vector unit's golden model
   (:class:`sim.golden.vector.VectorModel`) and a byte-copy model of VLOAD /
   VSTORE,
-* the PCU and the PIM banks (:class:`sim.pim_model.FunctionalDevice`).
+* the PCU and the PIM banks (:class:`sim.pim_model.FunctionalDevice`),
+* with ``cfg.spu``, the SRAM-PIM queue: the unit's golden model
+  (:class:`sim.golden.sram_pim.SramPimModel`) for SPIM (operands from and results to the vector
+  scratchpad's bytes) and a line-copy model of SLOAD, with the queue's checks (:mod:`hw.npu.spu`).
 
 FENCEs are no-ops here (execution is sequential); a program whose
 dependencies (FENCEs, matrix-unit tokens) are right gives the same memory on
@@ -28,8 +31,9 @@ from hw.spec import soc_isa as isa
 from hw.spec.macro import MacroError
 from hw.spec.macro import decode as macro_decode
 from hw.spec.matrix_isa import ErrorCode
-from hw.spec.soc_isa import CpError, SocOp, VqError
+from hw.spec.soc_isa import CpError, SocOp, SpuError, VqError
 from sim.golden.matrix import MatrixModel
+from sim.golden.sram_pim import SramPimCommandError, SramPimModel, check_command
 from sim.golden.vector import VectorModel
 from sim.pim_model import FunctionalDevice
 
@@ -70,6 +74,10 @@ class SocModel:
         n = cfg.npu
         self.vu = VectorModel(n.vector_lanes, n.vector_spm_words)
         self.spm_bytes = self.vu.mem.view(np.uint8).reshape(-1)
+        self.spu = None
+        if cfg.spu is not None:
+            s = cfg.spu
+            self.spu = SramPimModel(s.macros, s.rows, s.word_lanes, s.mac_lanes)
 
     # -- host side ---------------------------------------------------------------------------
     def write(self, addr: int, data: bytes):
@@ -100,6 +108,55 @@ class SocModel:
                 self.mem.write(a, self.spm_bytes[s:s + 32 * cols].tobytes())
         return VqError.NONE
 
+    # -- SRAM-PIM queue (hw.npu.spu) ----------------------------------------------------------------
+    def _spim(self, f: dict) -> SpuError:
+        u = self.spu
+        M, R, W = u.M, u.R, u.W
+        pv = f["mode"] == 1
+        heads, count = f["heads"], f["count"]
+        try:
+            groups = check_command(M, R, "PV" if pv else "QK", f["base"], count, heads, f["stride"])
+        except SramPimCommandError:
+            return SpuError.BAD_COMMAND
+        cols = self.spm_bytes.size // 32
+        in_end = 16 * (f["spm_in"] + (heads - 1) * f["in_pitch"]) + (groups * M if pv else W)
+        out_end = 8 * (f["spm_out"] + (heads - 1) * f["out_pitch"]) + (W if pv else count)
+        if in_end > 16 * cols or out_end > 8 * cols:
+            return SpuError.SPM
+        n_in = count if pv else W
+        ops = np.empty((heads, n_in), dtype=np.uint16)
+        for h in range(heads):
+            a = 32 * (f["spm_in"] + h * f["in_pitch"])
+            ops[h] = self.spm_bytes[a:a + 2 * n_in].view("<u2")
+        if pv:
+            res = u.pv(f["base"], count, ops, heads, f["stride"])
+        else:
+            res = u.qk(f["base"], count, ops, heads, f["stride"])
+        for h in range(heads):
+            a = 32 * (f["spm_out"] + h * f["out_pitch"])
+            self.spm_bytes[a:a + 4 * res.shape[1]] = res[h].astype("<u4").view(np.uint8)
+        return SpuError.NONE
+
+    def _sload(self, f: dict) -> SpuError:
+        u = self.spu
+        regions, positions, cols = f["regions"], f["positions"], f["cols"]
+        if regions == 0 or positions == 0 or cols == 0 or 32 * cols > 2 * u.W:
+            return SpuError.SLOAD_SIZE
+        if f["mem_addr"] % 32 or f["pos_stride"] % 32 or f["region_stride"] % 32:
+            return SpuError.SLOAD_ALIGN
+        if f["line"] + (regions - 1) * f["line_stride"] + positions - 1 >= u.M * u.R:
+            return SpuError.SLOAD_LINE
+        if f["mem_addr"] + (regions - 1) * f["region_stride"] + (positions - 1) * f["pos_stride"] + 32 * cols \
+                > self.mem.size:
+            return SpuError.SLOAD_MEM
+        for r in range(regions):
+            for p in range(positions):
+                a = f["mem_addr"] + r * f["region_stride"] + p * f["pos_stride"]
+                row = np.zeros(u.W, dtype=np.uint16)
+                row[:16 * cols] = np.frombuffer(self.mem.read(a, 32 * cols), dtype="<u2")
+                u.write(f["line"] + r * f["line_stride"] + p, row)
+        return SpuError.NONE
+
     # -- program ----------------------------------------------------------------------------------
     def run(self, prog_addr: int, prog_len: int, max_instructions: int = 10_000_000) -> RunResult:
         res = RunResult(counts={op.name: 0 for op in SocOp})
@@ -109,7 +166,7 @@ class SocModel:
         for pc in range(min(prog_len, max_instructions)):
             word = int.from_bytes(self.mem.read(prog_addr + 32 * pc, 32), "little")
             try:
-                f = isa.decode(word)
+                f = isa.decode(word, spu=self.spu is not None)
             except isa.IsaError:
                 res.error, res.error_pc = CpError.ILLEGAL, pc
                 return res
@@ -134,6 +191,9 @@ class SocModel:
                 words = [(f["word"] >> (32 * i)) & 0xFFFFFFFF for i in range(4)]
                 e = self.dev.execute(macro_decode(words))
                 code = (CpError.PCU | (int(e) << 8)) if e != MacroError.NONE else 0
+            elif op in (SocOp.SPIM, SocOp.SLOAD):
+                e = self._spim(f) if op == SocOp.SPIM else self._sload(f)
+                code = (CpError.SPU | (int(e) << 8)) if e else 0
             if code:
                 res.error, res.error_pc = code, pc
                 return res

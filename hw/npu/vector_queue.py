@@ -348,7 +348,7 @@ class VectorQueue(wiring.Component):
     """
 
     def __init__(self, cfg: SystemConfig, queue_depth: int = 8, max_outstanding: int = 32,
-                 lane_instance: bool = True, clock_gate: bool = False):
+                 lane_instance: bool = True, clock_gate: bool = False, spu_port: bool = False):
         if not isinstance(cfg, SystemConfig):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
         if not isinstance(queue_depth, int) or isinstance(queue_depth, bool) or queue_depth < 2:
@@ -359,14 +359,21 @@ class VectorQueue(wiring.Component):
         self._queue_depth = queue_depth
         self._unit = VectorUnit(lanes, words, lane_instance=lane_instance, clock_gate=clock_gate)
         self._dma = VectorDma(cfg, lanes, words, max_outstanding)
-        super().__init__({
+        self._spu_port = bool(spu_port)
+        members = {
             "instr": In(stream.Signature(8 * 32)),
             "mem": Out(MemPortSignature(cfg)),
             "busy": Out(1),
             "error": Out(8),
             "clear": In(1),
             "counters": Out(COUNTERS),
-        })
+        }
+        if self._spu_port:
+            g = self._geo
+            members["spu_rd"] = In(_ReadPortSignature(g.row_addr_bits, g.row_bits))
+            members["spu_wr"] = In(WritePortSignature(g.row_addr_bits, g.row_bits))
+            members["spu_wr_ready"] = Out(1)
+        super().__init__(members)
 
     @property
     def cfg(self) -> SystemConfig:
@@ -421,8 +428,17 @@ class VectorQueue(wiring.Component):
         vselect(ra, u.rd_a, "rd_a")
         vselect(rb, u.rd_b, "rd_b")
 
+        if self._spu_port:
+            # The SRAM-PIM queue (hw.npu.spu): a read port of its own, the write port in cycles the vector
+            # unit and the DMA leave it free (they have priority; spu_wr_ready tells the queue).
+            rc = spm.read_port()
+            m.d.comb += [rc.addr.eq(self.spu_rd.addr), rc.en.eq(self.spu_rd.en), self.spu_rd.data.eq(rc.data),
+                         self.spu_wr_ready.eq((dma.spm_wr.en == 0) & (u.wr.en == 0))]
         with m.If(dma.spm_wr.en != 0):
             m.d.comb += [wp.addr.eq(dma.spm_wr.addr), wp.data.eq(dma.spm_wr.data), wp.en.eq(dma.spm_wr.en)]
+        if self._spu_port:
+            with m.Elif((u.wr.en == 0) & (self.spu_wr.en != 0)):
+                m.d.comb += [wp.addr.eq(self.spu_wr.addr), wp.data.eq(self.spu_wr.data), wp.en.eq(self.spu_wr.en)]
         with m.Else():
             if K == 1:
                 m.d.comb += [wp.addr.eq(u.wr.addr), wp.data.eq(u.wr.data), wp.en.eq(u.wr.en)]

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 __all__ = ["SocOp", "Unit", "CpError", "VqError", "SpuError", "OpSpec", "ISA_TABLE", "OPSPEC", "VDMA_FIELDS",
            "VDMA_BITS", "SPIM_FIELDS", "SPIM_BITS", "SLOAD_FIELDS", "SLOAD_BITS", "SPU_OPS", "SPU_PAYLOAD_WIDTH",
-           "FIELDS", "units_bits",
+           "FIELDS", "units_bits", "SPIM_OVERHEAD",
            "INSTR_BITS", "INSTR_BYTES", "PAYLOAD_LO", "PAYLOAD_BITS", "PAYLOAD_WIDTH", "UNITS_LO", "UNITS_BITS",
            "encode", "decode", "IsaError", "to_bytes", "from_bytes"]
 
@@ -170,6 +170,9 @@ SPIM_BITS = 157
 SLOAD_FIELDS = (("mem_addr", 0, 32), ("pos_stride", 32, 24), ("positions", 56, 16), ("region_stride", 72, 32),
                 ("regions", 104, 8), ("cols", 112, 8), ("line", 120, 20), ("line_stride", 140, 20))
 SLOAD_BITS = 160
+SPIM_OVERHEAD = 8
+"""Cycles a lone SPIM keeps the SRAM-PIM queue busy beyond the unit's command_cycles (:mod:`hw.npu.spu`,
+measured by tests/test_spu.py)."""
 UNITS_LO, UNITS_BITS = 8, 3
 """The FENCE unit mask of a system without an SRAM-PIM unit (:func:`units_bits`)."""
 PAYLOAD_WIDTH = {SocOp.MATRIX: 192, SocOp.VECTOR: 220, SocOp.PIM: 128, SocOp.VLOAD: VDMA_BITS,

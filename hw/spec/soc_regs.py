@@ -59,6 +59,7 @@ class Status(enum.IntFlag):
     VQ_BUSY = 16
     PCU_BUSY = 32
     WINDOW_BUSY = 64
+    SPU_BUSY = 128          # systems with an SRAM-PIM unit only
 
 
 class CSR(enum.IntEnum):
@@ -128,6 +129,16 @@ _GROUPS = (
                             for i, name in enumerate(REQUESTERS))),
 )
 
+# The SRAM-PIM queue's counters (hw.npu.spu; systems with cfg.spu only). Its SLOAD engine shares the vector
+# queue's fabric port (fabric.req_stall3 counts both).
+_SPU_GROUP = ("spu", 0x140, (
+    ("busy", "SRAM-PIM queue busy (instructions queued or executing)"),
+    ("compute", "SRAM-PIM unit busy (a QK / PV command in its pipeline)"),
+    ("load", "SLOAD engine busy"),
+    ("spm_stall", "a result beat waiting for the vector scratchpad's write port"),
+    ("instructions", "SRAM-PIM queue instructions executed"),
+))
+
 CH_BASE = 0x200
 CH_STRIDE = 0x20
 CH_COUNTERS = (
@@ -142,12 +153,13 @@ CH_COUNTERS = (
 )
 
 
-def register_table(channels: int) -> tuple[Reg, ...]:
-    """Every register of a SoC with ``channels`` PIM channels, by offset."""
+def register_table(channels: int, spu: bool = False) -> tuple[Reg, ...]:
+    """Every register of a SoC with ``channels`` PIM channels (and the SRAM-PIM queue's counters with
+    ``spu``), by offset."""
     if not isinstance(channels, int) or channels < 1 or CH_BASE + channels * CH_STRIDE > 0x1000:
         raise ValueError(f"channels must be an integer in [1, {(0x1000 - CH_BASE) // CH_STRIDE}], not {channels!r}")
     regs = list(_FIXED)
-    for group, base, counters in _GROUPS:
+    for group, base, counters in _GROUPS + ((_SPU_GROUP,) if spu else ()):
         for i, (name, meaning) in enumerate(counters):
             regs.append(Reg(f"{group.upper()}_{name.upper()}", base + 4 * i, "r", meaning, (group, name)))
     for c in range(channels):
@@ -159,9 +171,9 @@ def register_table(channels: int) -> tuple[Reg, ...]:
     return tuple(sorted(regs, key=lambda r: r.offset))
 
 
-def counter_registers(channels: int) -> dict:
+def counter_registers(channels: int, spu: bool = False) -> dict:
     """``{"group.counter": offset}`` of every counter."""
-    return {f"{r.source[0]}.{r.source[1]}": r.offset for r in register_table(channels) if r.source}
+    return {f"{r.source[0]}.{r.source[1]}": r.offset for r in register_table(channels, spu) if r.source}
 
 
 def table_text(channels: int = 2) -> str:

@@ -96,10 +96,11 @@ def _now():
 
 
 async def _busy_spans(sig, spans, t0):
-    """Record [start, end) cycles (relative to the program's start) of each unit's busy (MU, VQ, PCU)."""
-    names = ("mu", "vq", "pcu")
+    """Record [start, end) cycles (relative to the program's start) of each unit's busy (MU, VQ, PCU, and the
+    SRAM-PIM queue SPU on a configuration with one)."""
+    names = ("mu", "vq", "pcu", "spu")[:sig.value.n_bits]
     prev = int(sig.value)
-    start = [0, 0, 0]
+    start = [0] * len(names)
     while True:
         await Edge(sig)
         now = _now() - t0
