@@ -54,7 +54,7 @@ from hw.spec.soc_isa import SocOp, Unit
 
 __all__ = ["POLICIES", "STAGES", "CompileError", "MemoryPlan", "compile_model", "CompiledModel", "Stage"]
 
-POLICIES = ("ianus", "npu-mem", "naive")
+POLICIES = ("ianus", "npu-mem", "naive", "hpim")
 STAGES = ("ln1", "qkv_attn", "proj", "ln2", "fc1", "fc2")
 ALIGN = 64
 
@@ -716,6 +716,9 @@ class LayerCompiler:
 
     def attention(self, pb, lp, rows, pos0, heads):
         """S = Q K^T (MU), softmax (VQ), O = P V (MU) for ``heads``; O -> the o buffer."""
+        if self.policy == "hpim" and rows == 1:      # generation on the SRAM-PIM unit (issue 20)
+            from firmware import hpim
+            return hpim.attention(self, pb, lp, pos0, heads, CompileError)
         cfg, d, hd = self.cfg, self.shape.d_model, self.shape.head_dim
         L = pb.L
         b = self.plan.buffers
@@ -895,7 +898,7 @@ class LayerCompiler:
                 self.scatter_qkv(pb, lp, rows, pos0, True, range(H), True)
                 pb.fence(Unit.VQ)
                 self.attention(pb, lp, rows, pos0, range(H))
-            elif self.policy == "ianus" and rows == 1:
+            elif self.policy in ("ianus", "hpim") and rows == 1:
                 # Head-group pipelining (PIM computes group g + 1 while the NPU attends to group g) when
                 # the cost model says the overlap beats its extra per-group overheads.
                 split, split_est = ProgramBuilder(cfg), None

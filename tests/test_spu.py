@@ -138,3 +138,55 @@ def test_functional_model_errors_match_the_golden_check():
     assert run(sl(positions=1, line=5)) == (0, 0)
     assert list(m.spu.mem[5]) == list(range(16))
 
+
+# -- the hpim policy (firmware/hpim.py) ---------------------------------------------------------------------------
+
+def _gen_cycles(res):
+    return sum(r["cycles"] for r in res if " gen@" in r["name"])
+
+
+def _rtl_vs_model(config, policy, prefill, generate):
+    from firmware.runtime import Job, read_outputs
+    from sim.run import prepare, reference
+    from sim.soc_model import run_job
+    from sim.tb.soc_run import run_rtl
+
+    cm, job, x, ws = prepare(config, policy, 1, prefill, generate)
+    out, res = run_rtl(job, test_name=f"spu_{policy}_{config}", checker=True)
+    m = run_job(Job(job.compiled, job.image, job.programs))
+    want = read_outputs(cm, m.read)
+    bad = np.flatnonzero(out.view(np.uint32) != want.view(np.uint32))
+    assert bad.size == 0, f"{policy}: RTL and model outputs differ at {bad.size} elements, first {bad[:8]}"
+    for key, d in job.rtl["dumps"].items():
+        got = open(d["path"], "rb").read()
+        assert got == m.read(d["addr"], d["n"]), f"{policy}: RTL and model differ in {key}"
+    ref = reference(x, ws, cm.shape)
+    assert np.abs(out - ref).max() <= 0.10 * np.abs(ref - x).max()
+    return cm, res
+
+
+def test_hpim_policy_tiny_layer_bit_exact():
+    """A tiny GPT-2 layer (prefill 6, 3 generated tokens) under hpim on tiny-hpim: generation attention on the
+    SRAM-PIM unit, bit-exact with the functional model, the Python protocol checker on; the generation cycles per
+    token against ianus on the same build."""
+    cm, res = _rtl_vs_model(CONFIG, "hpim", 6, 3)
+    ops = {w & 0xF for st in cm.stages if st.phase == "gen" for w in st.words}
+    assert {SocOp.SPIM, SocOp.SLOAD} <= ops
+    _, res_ianus = _rtl_vs_model(CONFIG, "ianus", 6, 3)
+    hp, ia = _gen_cycles(res) / 3, _gen_cycles(res_ianus) / 3
+    print(f"generation cycles per token on {CONFIG}: hpim {hp:.1f}, ianus {ia:.1f} ({ia / hp:.3f}x)")
+
+
+@pytest.mark.parametrize("config", [CONFIG, "default-hpim"])
+def test_compiler_spim_cycles_match_the_unit(config):
+    """firmware.hpim.spim_cycles (from the configuration, for the compiler's estimates) = the unit's
+    command_cycles + SPIM_OVERHEAD (the RTL's, measured in test_fence_and_spim_cycles)."""
+    from firmware.hpim import spim_cycles
+    from hw.npu.sram_pim import SramPimOp, SramPimUnit
+
+    s = preset(config).spu
+    unit = SramPimUnit(s.macros, s.rows, s.word_lanes, s.mac_lanes, s.read_latency)
+    for pv in (False, True):
+        for count, heads in ((1, 1), (5, 1), (13, 2), (64, 3), (255, 12)):
+            assert spim_cycles(preset(config), pv, count, heads) == \
+                unit.command_cycles(SramPimOp(int(pv)), count, heads) + isa.SPIM_OVERHEAD, (pv, count, heads)
