@@ -55,7 +55,7 @@ def rows_of(path):
     (spec_of(axes={"timing.tRP": {"range": [10, 40]}}), "axis timing.tRP: a grid needs a list"),
     (spec_of(axes={"timing.tRP": {"range": [40, 10], "step": 2}}), "axis timing.tRP: range must be [lo, hi]"),
     (spec_of(axes={"timing.tRP": {"rnge": [1, 2]}}), "axis timing.tRP: unknown key 'rnge'"),
-    (spec_of(axes={"policy": ["ianus", "fast"]}), "policy must be one of ianus, npu-mem, naive, not 'fast'"),
+    (spec_of(axes={"policy": ["ianus", "fast"]}), "policy must be one of ianus, npu-mem, naive, hpim, not 'fast'"),
     (spec_of(axes={"model": ["small", "huge"]}), "model must be one of"),
     (spec_of(axes={"model": [{"d_model": 100, "heads": 3}]}), "model {'d_model': 100, 'heads': 3}: d_model (100)"),
     (spec_of(axes={"input": [8, 0]}), "input must be an integer in 1..65536 (tokens), not 0"),
