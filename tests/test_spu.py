@@ -190,3 +190,7 @@ def test_compiler_spim_cycles_match_the_unit(config):
         for count, heads in ((1, 1), (5, 1), (13, 2), (64, 3), (255, 12)):
             assert spim_cycles(preset(config), pv, count, heads) == \
                 unit.command_cycles(SramPimOp(int(pv)), count, heads) + isa.SPIM_OVERHEAD, (pv, count, heads)
+
+
+def test_scratchpad_write_port_contention():
+    soc_build().run(TB, "contention", env={"IANUS_CONFIG": CONFIG})

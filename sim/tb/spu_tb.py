@@ -278,3 +278,39 @@ async def errors(dut):
     await host.clear()
     await run_attention(pair, att, "after the stray bits")
     mon.assert_clean()
+
+
+@tb_test()
+async def contention(dut):
+    """SPIMs while the vector unit writes the scratchpad every cycle (a long SCALE, no FENCE between them): the
+    result writer waits for the shared write port (spu.spm_stall counts it), every result bit-exact."""
+    mon, host = await bring_up(dut)
+    cfg = host.cfg
+    pair = Pair(host, cfg)
+    att = Attention(cfg, 11)
+    for addr, data in att.writes:
+        await pair.write(addr, data)
+    await run_attention(pair, att, "setup")
+    rng = np.random.default_rng(12)
+    rows, X, XB, XOUT = 64, 200, 0x6000, 0x7000      # 64 rows of 16 FP32 at scratchpad column 200
+    await pair.write(XB, rng.standard_normal(rows * 16).astype("<f4").tobytes())
+    scale = isa.encode(SocOp.VECTOR, word=vu.encode(op="SCALE", a=2 * X, d=2 * X, n=16, rows=rows, a_fmt="FP32",
+                                                    d_fmt="FP32", imm0=int(G.f32_bits(np.float32(0.5))),
+                                                    imm1=0x80000000))
+    sp = att.s_pitch
+    prog = [vdma(SocOp.VLOAD, XB, 2 * COL, rows, 2, X, 2), fence(Unit.VQ), scale, att.qk(), att.pv(),
+            fence(Unit.VQ | Unit.SPU),
+            vdma(SocOp.VSTORE, XOUT, 2 * COL, rows, 2, X, 2),
+            vdma(SocOp.VSTORE, att.OUT_S, 2 * COL, att.H, sp, att.S0, sp),
+            vdma(SocOp.VSTORE, att.OUT_O, 2 * COL, att.H, 2, att.O0, 2), END]
+    await pair.write(att.OUT_S, bytes(8 * COL))
+    await pair.write(att.OUT_O, bytes(8 * COL))
+    await host.tr.write_csr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+    err, pc = await pair.run(att.PROG, prog, "contention")
+    assert err == 0, f"contention program: {err:#x} at {pc}"
+    c = await read_counters(host.tr, cfg.pim.channels, spu=True)
+    await pair.compare((("scaled rows", XOUT, rows * 2 * COL),) + att.outputs()[::2], "contention")
+    dut._log.info("SPIMs beside a 64-row SCALE: the result writer waited %d cycles for the write port",
+                  c["spu.spm_stall"])
+    assert c["spu.spm_stall"] > 0, f"no write-port contention happened: {c}"
+    mon.assert_clean()
