@@ -724,10 +724,14 @@ class LayerCompiler:
         b = self.plan.buffers
         Lk = pos0 + rows
         Lp = _up(Lk, 16)
+        # Summarization's scores leave the matrix unit in BF16 (rounded once from the FP32 accumulation, as a
+        # BF16 framework's Q K^T does): the score round trip through memory, L^2 elements per head, is the
+        # largest traffic of prefill attention. One token's scores stay FP32 (a row per head, no gain).
+        sb = 2 if rows > 1 else 4
         blk = MuBlock()
         for h in heads:
-            gemm(cfg, blk, b["q"] + h * hd * 2, d * 2, RowsN(lp.kc[h], hd * 2), b["s"] + h * rows * Lp * 4, Lp * 4,
-                 rows, hd, Lk, False, pb.est)
+            gemm(cfg, blk, b["q"] + h * hd * 2, d * 2, RowsN(lp.kc[h], hd * 2), b["s"] + h * rows * Lp * sb, Lp * sb,
+                 rows, hd, Lk, sb == 2, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)
         pb.spm_reset()
@@ -737,9 +741,9 @@ class LayerCompiler:
             for r0, rg in self._groups(rows, _fp32_words(L, Lp) + _bf16_words(L, Lp)):
                 top = pb.spm_top
                 X = pb.spm(rg * _fp32_words(L, Lp))
-                P = pb.spm(rg * _bf16_words(L, Lp))
-                pb.vdma(True, b["s"] + (h * rows + r0) * Lp * 4, Lp * 4, rg, Lp * 4, X, _fp32_words(L, Lp))
-                pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=rg, a_fmt="FP32", d_fmt="FP32",
+                P = pb.spm(rg * _bf16_words(L, Lp))        # the BF16 scores first, then the probabilities
+                pb.vdma(True, b["s"] + (h * rows + r0) * Lp * 2, Lp * 2, rg, Lp * 2, P, _bf16_words(L, Lp))
+                pb.vec(op="SCALE", a=P, d=X, n=Lp, rows=rg, a_fmt="BF16", d_fmt="FP32",
                        imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
                 pb.vec(op="SOFTMAX", a=X, d=P, n=Lp, rows=rg, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL",
                        pos=pos0 + r0)
