@@ -95,6 +95,7 @@ class Channel:
         self.pim_from = 0
         self.last_ref = -INF
         self.ref_log = []                          # cycles of recent REFs
+        self.ref_total = 0                         # REFs since reset
         self.hist = [[] for _ in range(p.banks)]     # per bank: (cycle, state after) of recent changes
         self.c = {"hits": 0, "misses": 0, "refreshes": 0, "commands": 0, "pim_commands": 0, "reads": 0,
                   "writes": 0, "acts": 0}
@@ -138,6 +139,7 @@ class Channel:
         self.rfc_ok = r + t.tRFC
         self.last_ref = r
         self.ref_log.append(r)
+        self.ref_total += 1
         if len(self.ref_log) > 64:
             del self.ref_log[:32]
         self.ref_free = r + 2
