@@ -172,6 +172,9 @@ def test_hpim_policy_tiny_layer_bit_exact():
     cm, res = _rtl_vs_model(CONFIG, "hpim", 6, 3)
     ops = {w & 0xF for st in cm.stages if st.phase == "gen" for w in st.words}
     assert {SocOp.SPIM, SocOp.SLOAD} <= ops
+    spu_busy = {r["name"]: r["busy"]["spu"] for r in res}
+    assert all(v > 0 for k, v in spu_busy.items() if " gen@" in k and "qkv_attn" in k), spu_busy
+    assert all(v == 0 for k, v in spu_busy.items() if "qkv_attn" not in k or "prefill" in k), spu_busy
     _, res_ianus = _rtl_vs_model(CONFIG, "ianus", 6, 3)
     hp, ia = _gen_cycles(res) / 3, _gen_cycles(res_ianus) / 3
     print(f"generation cycles per token on {CONFIG}: hpim {hp:.1f}, ianus {ia:.1f} ({ia / hp:.3f}x)")

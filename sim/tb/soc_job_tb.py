@@ -147,7 +147,8 @@ async def run_job(dut):
         mon = BusMonitor(_Dut(), soc_config(spec["config"]))
         cocotb.start_soon(mon.run())
     assert await host.rd(CSR.ID) == SOC_ID, "not the SoC"
-    regs = counter_registers(C)
+    spu = unit_busy.value.n_bits > 3          # the SRAM-PIM queue (cfg.spu): its counters too
+    regs = counter_registers(C, spu)
     results = []
     for prog in spec["programs"]:
         spans = {}
@@ -178,7 +179,8 @@ async def run_job(dut):
         assert status & Status.DONE, f"{prog['name']}: no done within {budget} cycles (STATUS {status:#x})"
         counters = {k: await host.rd(off) for k, off in regs.items()}
         results.append({"name": prog["name"], "cycles": counters["cp.cycles"], "t_start": t_start, "counters": counters,
-                        "busy": {"mu": counters["mu.busy"], "vq": counters["vq.busy"], "pcu": counters["pcu.busy"]},
+                        "busy": {"mu": counters["mu.busy"], "vq": counters["vq.busy"], "pcu": counters["pcu.busy"],
+                                 **({"spu": counters["spu.busy"]} if spu else {})},
                         "spans": spans})
         dut._log.info("%s: %d cycles", prog["name"], counters["cp.cycles"])
         if os.environ.get("IANUS_PROGRESS"):
