@@ -22,9 +22,10 @@ V do not fit the unit's rows, its heads are attended in sub-groups that do; when
 not, :class:`firmware.compiler.CompileError` names the numbers. The head dimension must equal the
 unit's ``word_lanes`` (the query is read as one whole row of the unit; no zero padding yet).
 
-Vector work is per head (``rows = 1``): SPIM's scratchpad addresses are 32-byte columns, and a
-multi-row vector instruction's row pitch is its own (``ceil(n / lanes)`` words of ``4 lanes`` bytes),
-which is a whole number of columns only on some configurations.
+Vector work covers the group in one instruction each (SCALE, SOFTMAX, COPY) when SPIM's head pitches
+(32-byte columns) are the vector unit's row pitches (``ceil(n / lanes)`` FP32 or ``ceil(n / 2 lanes)``
+BF16 words of ``4 lanes`` bytes): always for the output COPY of head_dim 64 on 16 lanes, for the
+softmax when the key count allows; otherwise one instruction per head (``rows = 1``).
 
 The hook in :mod:`firmware.compiler`: ``LayerCompiler.attention`` calls :func:`attention` for one
 query row under ``hpim``, and the generation stage ``qkv_attn`` takes ``ianus``'s head-group path.
@@ -123,7 +124,7 @@ def _group(lc, pb, lp, Lk: int, heads: list, rph: int, error) -> None:
     ob_pitch = hd * 2 // COL
     if (hd * 2) % (4 * L):
         raise error(f"policy hpim: a head's BF16 output ({hd * 2} bytes) must be whole vector words "
-                           f"({4 * L} bytes)")
+                    f"({4 * L} bytes)")
     Q = pb.unit(pb.spm(word(_cols(n * hd * 2, word_cols))))
     S = pb.unit(pb.spm(word(n * s_pitch)))
     P = pb.unit(pb.spm(word(n * p_pitch)))
@@ -145,12 +146,22 @@ def _group(lc, pb, lp, Lk: int, heads: list, rph: int, error) -> None:
                                in_pitch=q_pitch, spm_out=S, out_pitch=s_pitch))
     spu = spim_cycles(cfg, False, Lk, n)
     pb.fence(Unit.SPU)
-    # softmax per head
-    for j in range(n):
-        a = word(S + j * s_pitch)
-        pb.vec(op="SCALE", a=a, d=a, n=Lk, rows=1, a_fmt="FP32", d_fmt="FP32",
-               imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
-        pb.vec(op="SOFTMAX", a=a, d=word(P + j * p_pitch), n=Lk, rows=1, a_fmt="FP32", d_fmt="BF16", mask="NONE")
+    # scale + softmax: one instruction for the group when SPIM's pitches are the vector unit's row pitches
+    # (ceil(n / L) FP32 words, ceil(n / 2L) BF16 words), else one per head
+    def rows_fit(pitch_cols, n_elems, fp32):
+        per_word = L if fp32 else 2 * L
+        return pitch_cols * COL == -(-n_elems // per_word) * 4 * L
+
+    scale = dict(op="SCALE", a_fmt="FP32", d_fmt="FP32", imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
+    softmax = dict(op="SOFTMAX", a_fmt="FP32", d_fmt="BF16", mask="NONE")
+    if n > 1 and rows_fit(s_pitch, Lk, True) and rows_fit(p_pitch, Lk, False):
+        pb.vec(a=word(S), d=word(S), n=Lk, rows=n, **scale)
+        pb.vec(a=word(S), d=word(P), n=Lk, rows=n, **softmax)
+    else:
+        for j in range(n):
+            a = word(S + j * s_pitch)
+            pb.vec(a=a, d=a, n=Lk, rows=1, **scale)
+            pb.vec(a=a, d=word(P + j * p_pitch), n=Lk, rows=1, **softmax)
     pb.fence(Unit.VQ)
     # PV
     pb.words.append(isa.encode(SocOp.SPIM, mode=1, base=v_base, count=Lk, heads=n, stride=rph, spm_in=P,
@@ -158,9 +169,12 @@ def _group(lc, pb, lp, Lk: int, heads: list, rph: int, error) -> None:
     spu += spim_cycles(cfg, True, Lk, n)
     pb.fence(Unit.SPU)
     # outputs: FP32 -> BF16, into the o buffer
-    for j in range(n):
-        pb.vec(op="COPY", a=word(O + j * o_pitch), d=word(OB + j * ob_pitch), n=hd, rows=1, a_fmt="FP32",
-               d_fmt="BF16")
+    copy = dict(op="COPY", a_fmt="FP32", d_fmt="BF16")
+    if n > 1 and rows_fit(o_pitch, hd, True) and rows_fit(ob_pitch, hd, False):
+        pb.vec(a=word(O), d=word(OB), n=hd, rows=n, **copy)
+    else:
+        for j in range(n):
+            pb.vec(a=word(O + j * o_pitch), d=word(OB + j * ob_pitch), n=hd, rows=1, **copy)
     pb.vdma(False, b["o"] + h0 * hd * 2, n * hd * 2, 1, n * hd * 2, word(OB), word(_cols(n * hd * 2, word_cols)))
     # The SPU's cycles stand in the matrix unit's place in the cost model's estimate (the NPU's compute).
     from firmware import costmodel
