@@ -197,3 +197,7 @@ def test_compiler_spim_cycles_match_the_unit(config):
 
 def test_scratchpad_write_port_contention():
     soc_build().run(TB, "contention", env={"IANUS_CONFIG": CONFIG})
+
+
+def test_sload_waits_for_pim_mode():
+    soc_build().run(TB, "beside_pim", env={"IANUS_CONFIG": CONFIG})

@@ -314,3 +314,54 @@ async def contention(dut):
                   c["spu.spm_stall"])
     assert c["spu.spm_stall"] > 0, f"no write-port contention happened: {c}"
     mon.assert_clean()
+
+
+@tb_test()
+async def beside_pim(dut):
+    """SLOADs issued while a PIM GEMV holds the channels (no FENCE between): their reads wait for the end of PIM
+    mode like every normal request (the channels count pim_wait; the SLOAD engine is busy longer than without
+    the GEMV), the attention and the GEMV bit-exact, the protocol checker clean."""
+    from firmware.pim import GemvLayout
+    from hw.memif import AddressMap
+    from hw.spec.macro import Macro, MacroFlag, MacroOp
+    from hw.spec.macro import encode as macro_encode
+
+    def pim(mc):
+        return isa.encode(SocOp.PIM, word=sum(w << (32 * i) for i, w in enumerate(macro_encode(mc))))
+
+    mon, host = await bring_up(dut)
+    cfg = host.cfg
+    p = cfg.pim
+    pair = Pair(host, cfg)
+    att = Attention(cfg, 21)
+    for addr, data in att.writes:
+        await pair.write(addr, data)
+    rng = np.random.default_rng(22)
+    K, N = 2 * p.gb_values, p.banks * p.channels
+    lay = GemvLayout(cfg, K, N, base_row=10)                       # weights at 40 KiB, clear of the attention's data
+    amap = AddressMap(p)
+    w = G.bf16_bits(rng.standard_normal((K, N)) / np.sqrt(K))
+    await pair.write(amap.encode(10, 0, 0, 0), amap.pack_rows(lay.pack(w).transpose(2, 0, 1, 3, 4)).tobytes())
+    X0, BIAS, Y = 0x5800, 0x5C00, 0x5D00
+    await pair.write(X0, G.bf16_bits(rng.standard_normal(K)).astype("<u2").tobytes())
+    await pair.write(BIAS, (rng.standard_normal(N) * 0.1).astype("<f4").tobytes())
+    await pair.write(Y, bytes(N * 4))
+    macros = [Macro(MacroOp.WRITE_VEC, n=K, addr0=X0),
+              Macro(MacroOp.GEMV, flags=MacroFlag.BIAS, n=K, m=N, row=10, addr0=BIAS),
+              Macro(MacroOp.READ_RES, n=N, addr0=Y)]
+    await host.tr.write_csr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+    await run_attention(pair, att, "without PIM")
+    alone = (await read_counters(host.tr, p.channels, spu=True))["spu.load"]
+    body = att.program()
+    prog = [pim(mc) for mc in macros] + body[:-1] + [fence(Unit.PCU), END]
+    await host.tr.write_csr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+    err, pc = await pair.run(att.PROG, prog, "beside PIM")
+    assert err == 0, f"program beside PIM: {err:#x} at {pc}"
+    c = await read_counters(host.tr, p.channels, spu=True)
+    await pair.compare(att.outputs() + (("PIM GEMV", Y, N * 4),), "beside PIM")
+    waits = [c[f"ch{k}.pim_wait"] for k in range(p.channels)]
+    dut._log.info("SLOAD beside a PIM GEMV: normal requests waited for PIM mode %s cycles per channel; SLOAD engine "
+                  "busy %d cycles (%d without the GEMV)", waits, c["spu.load"], alone)
+    assert sum(waits) > 0, f"no request waited for PIM mode: {c}"
+    assert c["spu.load"] > alone, f"the SLOADs did not wait for the GEMV: busy {c['spu.load']} vs {alone} alone"
+    mon.assert_clean()
