@@ -728,32 +728,42 @@ class LayerCompiler:
         # BF16 framework's Q K^T does): the score round trip through memory, L^2 elements per head, is the
         # largest traffic of prefill attention. One token's scores stay FP32 (a row per head, no gain).
         sb = 2 if rows > 1 else 4
+        # Summarization in row blocks of the array's height: block rows r0..r0+mb-1 see keys 0..pos0+r0+mb-1
+        # (causal), so its scores, softmax and P.V stop there instead of at the last key: about half the
+        # L^2 work and traffic of a long prompt.
+        mb_max = 2 * max(16, cfg.npu.array_rows) if rows > 1 else 1
+        blocks = [(r0, min(mb_max, rows - r0), min(Lk, pos0 + r0 + mb_max)) for r0 in range(0, rows, mb_max)]
         blk = MuBlock()
         for h in heads:
-            gemm(cfg, blk, b["q"] + h * hd * 2, d * 2, RowsN(lp.kc[h], hd * 2), b["s"] + h * rows * Lp * sb, Lp * sb,
-                 rows, hd, Lk, sb == 2, pb.est)
+            for r0, mb, nk in blocks:
+                gemm(cfg, blk, b["q"] + r0 * d * 2 + h * hd * 2, d * 2, RowsN(lp.kc[h], hd * 2),
+                     b["s"] + (h * rows + r0) * Lp * sb, Lp * sb, mb, hd, nk, sb == 2, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)
         pb.spm_reset()
         if rows == 1:
             self._softmax_one_token(pb, pos0, Lp, list(heads))
         for h in (heads if rows > 1 else ()):
-            for r0, rg in self._groups(rows, _fp32_words(L, Lp) + _bf16_words(L, Lp)):
-                top = pb.spm_top
-                X = pb.spm(rg * _fp32_words(L, Lp))
-                P = pb.spm(rg * _bf16_words(L, Lp))        # the BF16 scores first, then the probabilities
-                pb.vdma(True, b["s"] + (h * rows + r0) * Lp * 2, Lp * 2, rg, Lp * 2, P, _bf16_words(L, Lp))
-                pb.vec(op="SCALE", a=P, d=X, n=Lp, rows=rg, a_fmt="BF16", d_fmt="FP32",
-                       imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
-                pb.vec(op="SOFTMAX", a=X, d=P, n=Lp, rows=rg, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL",
-                       pos=pos0 + r0)
-                pb.vdma(False, b["p"] + (h * rows + r0) * Lp * 2, Lp * 2, rg, Lp * 2, P, _bf16_words(L, Lp))
-                pb.spm_top = top
+            for r0, mb, nk in blocks:
+                Lb = _up(nk, 16)
+                for g0, rg in self._groups(mb, _fp32_words(L, Lb) + _bf16_words(L, Lb)):
+                    rr = r0 + g0
+                    top = pb.spm_top
+                    X = pb.spm(rg * _fp32_words(L, Lb))
+                    P = pb.spm(rg * _bf16_words(L, Lb))        # the BF16 scores first, then the probabilities
+                    pb.vdma(True, b["s"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, _bf16_words(L, Lb))
+                    pb.vec(op="SCALE", a=P, d=X, n=Lb, rows=rg, a_fmt="BF16", d_fmt="FP32",
+                           imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
+                    pb.vec(op="SOFTMAX", a=X, d=P, n=Lb, rows=rg, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL",
+                           pos=pos0 + rr)
+                    pb.vdma(False, b["p"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, _bf16_words(L, Lb))
+                    pb.spm_top = top
         pb.fence(Unit.VQ)
         blk = MuBlock()
         for h in heads:
-            gemm(cfg, blk, b["p"] + h * rows * Lp * 2, Lp * 2, RowsK(lp.vc[h], hd * 2), b["o"] + h * hd * 2, d * 2,
-                 rows, Lk, hd, True, pb.est)
+            for r0, mb, nk in blocks:
+                gemm(cfg, blk, b["p"] + (h * rows + r0) * Lp * 2, Lp * 2, RowsK(lp.vc[h], hd * 2),
+                     b["o"] + r0 * d * 2 + h * hd * 2, d * 2, mb, nk, hd, True, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)
 

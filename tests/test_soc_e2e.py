@@ -163,3 +163,15 @@ def test_ianus_run_cli_tiny(tmp_path):
     assert trace.with_suffix(".png").stat().st_size > 1000
     y = np.load(out)
     assert y.dtype == np.float32 and y.shape[1] == 32 and np.isfinite(y).all()
+
+
+def test_tiny_long_prefill_causal_blocks_bit_exact():
+    """Summarization of 40 tokens on tiny (4x4 array: causal row blocks of 32 rows): the first block's scores,
+    softmax and P.V stop at key 31, the second's at key 39 (its softmax rows 48 long, padded to 16); bit-exact
+    with the functional model and within the error bound, the protocol checker on."""
+    from sim.perfmodel import decode_program
+
+    cm, res = _rtl_vs_model("tiny", "ianus", 40, 1, name="e2e_ianus_tiny_blocks")
+    st = [s for s in cm.stages if s.phase == "prefill" and s.name == "qkv_attn"][0]
+    lengths = {i.f["n"] for i in decode_program(st.words) if i.op.name == "VECTOR" and i.f["op"] == "SOFTMAX"}
+    assert lengths == {32, 48}, lengths
