@@ -25,7 +25,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .config import SystemConfig
+from .config import COMBINE_ROW_BIT, SystemConfig
 from .memif import TAG_BITS, response_layout
 from .pim.commands import COLUMN_OPS, READ_OPS, PimOp
 from .pim.timing import countdown, faw_window, pim_row_buffer, refresh_credit
@@ -98,7 +98,9 @@ class ChannelStateSignature(wiring.Signature):
     ``pre_ok`` (tRAS, tWR and tRTP all allow a PRE). Channel-wide: ``all_closed``, ``preab_ok``, the PIM row
     buffer (``p_open``, ``p_row``, ``p_rcd_ok``, ``p_rp_ok``, ``p_pre_ok``; closed and always allowed with
     one row buffer), ``ccd_ok``, ``mac_ok``, ``af_ok``, ``act_timing_ok`` (tRFC, tRRD, tFAW allow an
-    activation) and ``ref_ok`` (every row closed, tRP and tRFC allow a REF)."""
+    activation) and ``ref_ok`` (every row closed, tRP and tRFC allow a REF). With a pipelined processing
+    unit (``PimGeometry.acc_stages > 1``) also ``cmb_ok``: tMAC since the last combining MAC (a MAC whose
+    ``row`` bit :data:`hw.config.COMBINE_ROW_BIT` is set), which every MAC waits for (:mod:`hw.pim.bank`)."""
 
     def __init__(self, cfg: SystemConfig):
         nb = cfg.pim.banks
@@ -109,6 +111,8 @@ class ChannelStateSignature(wiring.Signature):
         members["p_row"] = Out(rb)
         members.update({n: Out(1) for n in ("p_rcd_ok", "p_rp_ok", "p_pre_ok", "ccd_ok", "mac_ok", "af_ok",
                                             "act_timing_ok", "ref_ok")})
+        if cfg.pim.pipelined:
+            members["cmb_ok"] = Out(1)
         super().__init__(members)
 
 
@@ -210,6 +214,8 @@ class ChannelState(wiring.Component):
         mac_ok = countdown(m, "mac", t.tMAC, iss & is_mac)
         af_ok = countdown(m, "afl", t.tAF, iss & (op == PimOp.AF))
         faw_ok = faw_window(m, t.tFAW, iss & is_act)
+        if p.pipelined:
+            m.d.comb += s.cmb_ok.eq(countdown(m, "cmb", t.tMAC, iss & is_mac & iss_row[COMBINE_ROW_BIT]))
 
         m.d.comb += [s.open_row[b].eq(open_row[b]) for b in range(nb)]
         m.d.comb += [
@@ -444,6 +450,10 @@ class PimPath(wiring.Component):
         for b in reversed(range(nb)):
             with m.If(conflict[b]):
                 m.d.comb += conflict_bank.eq(b)
+        def mac_timing(ok):
+            """A MAC's timing: with a pipelined unit also tMAC after a combining MAC (no term otherwise)."""
+            return ok & s.cmb_ok if p.pipelined else ok
+
         with m.Switch(pc.op):
             with m.Case(PimOp.NOP):
                 m.d.comb += timing_ok.eq(1)
@@ -463,7 +473,7 @@ class PimPath(wiring.Component):
                 m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(bit(s.rcdwr_ok, pbank) & ccd_ok)]
             if dual:
                 with m.Case(PimOp.MACSB, PimOp.MACAB):
-                    m.d.comb += [state_bad.eq(~p_open), timing_ok.eq(s.p_rcd_ok & ccd_ok)]
+                    m.d.comb += [state_bad.eq(~p_open), timing_ok.eq(mac_timing(s.p_rcd_ok & ccd_ok))]
                 with m.Case(PimOp.AF):
                     m.d.comb += [state_bad.eq(~p_open | (p_row < p.data_rows)),
                                  timing_ok.eq(s.p_rcd_ok & mac_ok & ccd_ok)]
@@ -474,10 +484,10 @@ class PimPath(wiring.Component):
                     m.d.comb += timing_ok.eq(s.p_pre_ok)
             else:
                 with m.Case(PimOp.MACSB):
-                    m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(bit(s.rcdrd_ok, pbank) & ccd_ok)]
+                    m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(mac_timing(bit(s.rcdrd_ok, pbank) & ccd_ok))]
                 with m.Case(PimOp.MACAB):
                     m.d.comb += [state_bad.eq(is_open != all_banks),
-                                 timing_ok.eq((s.rcdrd_ok == all_banks) & ccd_ok)]
+                                 timing_ok.eq(mac_timing((s.rcdrd_ok == all_banks) & ccd_ok))]
                 with m.Case(PimOp.AF):
                     af_rows = Cat(*[open_row[b] >= p.data_rows for b in range(nb)])
                     m.d.comb += [state_bad.eq((is_open != all_banks) | (af_rows != all_banks)),

@@ -28,7 +28,8 @@ Then per tile row (chunk-major): ``ACTAB``, the previous row's ``RDMAC`` /
 sums this tile's row of the previous chunk left: they wait until read back;
 a GEMV of one tile keeps them in the accumulators instead, which gives the
 same bits: an FP32 word read out and preloaded again is unchanged),
-the chunk's remaining ``WRGB`` (first tile of a chunk), ``MACAB`` per column,
+the chunk's remaining ``WRGB`` (first tile of a chunk), ``MACAB`` per column (with a pipelined processing
+unit, ``acc_stages > 1``, the last one carries the combine flag in its ``row`` field),
 then, when the next row starts a new chunk, its first WRGBs in the tRTP slot
 before ``PREAB`` and the tRP wait after it; with GELU on the last chunk
 ``ACTAB`` (LUT row), ``AF``, ``PREAB``. Finally the last row's reads.
@@ -605,7 +606,11 @@ class Pcu(wiring.Component):
                         m.next = "Row-Mac"
             with m.State("Row-Mac"):
                 with m.If(can_load):
-                    m.d.sync += emit(PimOp.MACAB, col=colc)
+                    if p.pipelined:
+                        # The row's last MAC combines the interleaved partial sums (hw/pim/bank.py).
+                        m.d.sync += emit(PimOp.MACAB, col=colc, row=Mux(colc == ncols - 1, p.combine_flag, 0))
+                    else:
+                        m.d.sync += emit(PimOp.MACAB, col=colc)
                     m.d.sync += colc.eq(colc + 1)
                     with m.If(colc == ncols - 1):
                         with m.If(last_tile & ~last_chunk):

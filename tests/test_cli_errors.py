@@ -342,7 +342,8 @@ def test_help_shows_defaults(capsys):
     code, out, _ = ianus(["run", "--help"], capsys)
     assert code == 0
     text = " ".join(out.split())
-    for opt in ("--config {tiny,default,tiny-dualrb,default-dualrb,tiny-il,default-il,default-4ch} (default: default)",
+    for opt in ("--config {tiny,default,tiny-dualrb,default-dualrb,tiny-il,default-il,default-4ch,tiny-p4,"
+                "default-p4} (default: default)",
                 "--policy {ianus,npu-mem,naive} (default: ianus)",
                 "--seed SEED (default: 0)", "--baseline-steps BASELINE_STEPS generation steps of the baseline "
                 "(gen mode) (default: 1)"):

@@ -60,13 +60,14 @@ def test_pcu_rejects_unsupported_geometry():
 ROW_RATIO = 1.15
 
 
-@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb", "tiny-il"])
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb", "tiny-il", "tiny-p4"])
 def test_pcu_gemv_tiny(config):
     """One chunk; several chunks (K > 128) with one tile (partial sums kept in the accumulators) and with
     several tiles (read back and preloaded); GELU; BF16 results; without bias. Bit-exact with the functional
     model; the row program within ROW_RATIO of its bound. (The whole macro is not bounded here: on tiny shapes
     the bias read from device memory and the macro hand-over, which the bound leaves out, are 5-20 cycles
-    of a 20-150-cycle GEMV; the default-size test bounds it.)"""
+    of a 20-150-cycle GEMV; the default-size test bounds it.) tiny-p4: the pipelined processing unit (issue 15;
+    each row's last MAC combines, the one-tile rows wait tMAC after it in the controller)."""
     pcu_build(config).run(TB, "pcu_gemv", env={"IANUS_CONFIG": config, "PCU_MAX_ROW_RATIO": ROW_RATIO,
                                                  "PCU_SHAPES": "64x32,200x16,96x32g,64x16h,200x32,200x48gn,"
                                                                "120x112n,32x16h"})

@@ -146,3 +146,27 @@ def test_timing_edges_tiny_p4():
     """The device's other timing rules at their edges on the pipelined device (tMAC = 32 included)."""
     _build().run("sim.tb.pim_tb", "timing_edges", env={"IANUS_CONFIG": "tiny-p4"})
 
+
+def test_soc_gpt2_layer_tiny_p4_bit_exact():
+    """A tiny GPT-2 layer (prefill + generation) on the SoC with the pipelined PIM unit: the PCU flags each
+    row's last MAC, the controller holds MACs tMAC after a combining MAC; outputs and KV caches equal the
+    functional model's (its GEMV in the interleaved order), the Python checker watches every bus cycle."""
+    from test_soc_e2e import _rtl_vs_model
+
+    _rtl_vs_model("tiny-p4", "ianus", 4, 2, name="e2e_ianus_tiny_p4")
+
+
+def test_performance_model_vs_rtl_tiny_p4():
+    """The performance model (sim/perfmodel: MACs wait tMAC after a combining MAC, tMAC 32) against the SoC
+    RTL on tiny-p4: every program of a prefill + generation job within +-5 % (tests/test_perfmodel.py's
+    tolerance)."""
+    from sim import calibrate
+
+    spec = ("ianus", 1, 8, 2)
+    rtl = calibrate.run_rtl_job("tiny-p4", *spec, test_name="perfmodel_cal_tiny_p4")
+    rows = calibrate.compare("tiny-p4", *spec, rtl)
+    print()
+    print(calibrate.table(rows, "performance model vs RTL, tiny-p4"))
+    bad = [r for r in rows if abs(r["err"]) > 0.05]
+    assert rows and not bad, "programs outside +-5 %: " + ", ".join(
+        f"{r['program']} RTL {r['rtl']} model {r['model']:.0f} ({r['err']:+.1%})" for r in bad)

@@ -38,8 +38,8 @@ partial holds it) the unit's ``combine`` fires: the partials are added pairwise 
 partials a run of MACs fills and the point where they are combined depend on the commands only.
 
 MAC (combining)  0: storage read;  1: the column enters the MacUnit;
-     1 + latency: its partial holds it, ``combine`` (22 for 16 lanes with 2 / 4 / 4 stages);
-     1 + latency + combine_latency: ``acc`` holds the total (31).
+     1 + latency: its partial holds it, ``combine`` (23 for 16 lanes with 2 / 4 / 4 stages: latency 22);
+     1 + latency + combine_latency: ``acc`` holds the total (32; combine_latency 9).
      Hence ``tMAC >= pu_mac_depth`` = 1 + latency + combine_latency (32): WRBIAS, RDMAC, AF **and any
      MAC** wait ``tMAC`` after a combining MAC (a column that reached the accumulator while it combines
      would be lost); after a plain MAC, WRBIAS / RDMAC / AF wait ``tMAC`` as before. RDMAC of a group with

@@ -74,6 +74,7 @@ class _PcuMacro:
         self.last_data = 0
         self.slot = None                                     # accumulator slot of the command (4-bit device)
         self.slot_ok = {}                                    # per channel: tMAC end per slot
+        self.cmb_ok = {}                                     # per channel: tMAC end after a combining MAC
 
     # -- controller side --
     def _earliest(self, ch: Channel, op, bank, tt):
@@ -96,7 +97,8 @@ class _PcuMacro:
         if op == "WR":
             return max(tt, ch.wr_ok[bank])
         if op == "MACAB":
-            return max(tt, max(ch.rd_ok))
+            # A pipelined unit (acc_stages > 1): tMAC after the last combining MAC (hw/pim/bank.py).
+            return max(tt, max(ch.rd_ok), self.cmb_ok.get(id(ch), 0))
         if op == "AF":
             return max(tt, max(ch.rd_ok), ch.mac_ok)
         if op in ("WRBIAS", "RDMAC"):
@@ -142,6 +144,8 @@ class _PcuMacro:
                 ch.af_ok = a + tm.tAF
             elif op == "MACAB":
                 ch.mac_ok = a + tm.tMAC
+                if self.p.pipelined and row & self.p.combine_flag:
+                    self.cmb_ok[id(ch)] = a + tm.tMAC
                 if self.slot is not None:   # 4-bit device: tMAC per accumulator slot
                     self.slot_ok.setdefault(id(ch), [0, 0])[self.slot] = a + tm.tMAC
 
@@ -317,8 +321,8 @@ class _PcuMacro:
                 if tile == 0:
                     wrgb(n - written)
                     written = n
-                for _c in range(n):
-                    self.emit("MACAB")
+                for c in range(n):
+                    self.emit("MACAB", row=p.combine_flag if c == n - 1 else 0)
                 self.ev["pim_mac_cols"] += n * p.banks * nch
                 new_chunk = tile == tiles - 1 and not last_chunk
                 if new_chunk:
