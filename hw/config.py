@@ -762,12 +762,15 @@ def _pipelined(base, mul_stages=2, tree_stages=4, acc_stages=4):
     result depth (:func:`hw.pim.bank.pu_mac_depth`: storage read + MacUnit latency + combine latency; 32 for
     16 lanes with 2 / 4 / 4). tAF stays: the AF unit is not pipelined deeper."""
     def make() -> SystemConfig:
-        from .pim.bank import pu_mac_depth  # hw.pim imports this module
+        from .arith import MacUnit  # not hw.pim.bank: hw.pim imports this module
 
         cfg = base()
         pipe = {"pim.mul_stages": mul_stages, "pim.tree_stages": tree_stages, "pim.acc_stages": acc_stages}
-        piped = cfg.replace(**pipe)
-        return cfg.replace(name=f"{cfg.name}-p{acc_stages}", **pipe, **{"timing.tMAC": pu_mac_depth(piped.pim)})
+        # hw.pim.bank.mac_depth: storage read + MacUnit latency + combine latency (tests/test_pim_pipelined.py
+        # holds the two equal)
+        depth = (1 + MacUnit.latency_for(cfg.pim.lanes, mul_stages, tree_stages, acc_stages)
+                 + MacUnit.combine_latency_for(acc_stages))
+        return cfg.replace(name=f"{cfg.name}-p{acc_stages}", **pipe, **{"timing.tMAC": depth})
     make.__doc__ = (f"The {base.__name__.strip('_')} preset with the pipelined processing unit ({mul_stages}-stage "
                     f"multipliers, {tree_stages}-stage adders, {acc_stages} interleaved partial sums).")
     return make
