@@ -4,7 +4,7 @@ RTL runner :mod:`sim.tb.soc_run`, which must not import each other)."""
 __all__ = ["RTL_CONFIGS", "is_tiny"]
 
 RTL_CONFIGS = ["tiny", "default", "tiny-dualrb", "default-dualrb", "tiny-il", "default-il", "default-4ch",
-               "tiny-p4", "default-p4"]
+               "tiny-p4", "default-p4", "tiny-hpim", "default-hpim"]
 """Configurations the SoC RTL is built for (``ianus run --config``)."""
 
 

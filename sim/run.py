@@ -64,7 +64,7 @@ memory allows far fewer (:func:`token_limit`)."""
 MAX_LAYERS = 1024
 """A sanity bound on ``--layers``, checked before anything is allocated; the device memory allows far
 fewer (``ianus config`` lists the limits)."""
-ERROR_BOUND = {"npu-mem": 0.01, "ianus": 0.10, "naive": 0.10}
+ERROR_BOUND = {"npu-mem": 0.01, "ianus": 0.10, "naive": 0.10, "hpim": 0.10}
 """The README's bound on max |err| vs float64 as a share of the block's largest change, per policy."""
 
 
@@ -522,6 +522,10 @@ def validate_args(args):
     check_output_path("--trace", trace, parents_ok=True)
     if Path(trace).with_suffix(".png").is_dir():
         raise UsageError(f"--trace {trace}: its plot {Path(trace).with_suffix('.png')} would overwrite a directory")
+    if args.policy == "hpim" and not args.config.endswith("-hpim"):
+        hp = [c for c in RTL_CONFIGS if c.endswith("-hpim")]
+        raise UsageError(f"--policy hpim runs attention on the SRAM-PIM unit, which only --config {' / '.join(hp)} "
+                         f"have, not {args.config}")
     if getattr(args, "pim_model", "rtl") == "behav" and args.backend != "verilator":
         raise UsageError(f"--pim-model behav needs --backend verilator (DPI-C), not {args.backend}")
     return args
@@ -530,7 +534,7 @@ def validate_args(args):
 def add_parser(sub):
     r = sub.add_parser("run", help="GPT-2 decoder layers on the SoC (prefill + generation)")
     r.add_argument("--config", default="default", choices=RTL_CONFIGS)
-    r.add_argument("--policy", default="ianus", choices=["ianus", "npu-mem", "naive"])
+    r.add_argument("--policy", default="ianus", choices=["ianus", "npu-mem", "naive", "hpim"])
     r.add_argument("--backend", default="verilator", choices=["verilator", "icarus", "model"])
     r.add_argument("--layers", type=int, default=1)
     r.add_argument("--prefill", type=int, default=None, help="tokens prefilled (default 32, tiny 8)")

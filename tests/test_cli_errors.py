@@ -109,6 +109,8 @@ BAD_ARGS = [
                                              "configuration 'tiny': at most {limit} with 3 layer(s)"),
     (["--layers", "3", "--policy", "npu-mem", "--generate", "300"], "at most {limit} with 3 layer(s) of d_model 32 "
                                                                      "under policy npu-mem"),
+    (["--policy", "hpim"], "--policy hpim runs attention on the SRAM-PIM unit, which only --config tiny-hpim / "
+                           "default-hpim have, not tiny"),
     (["--config", "bogus"], "argument --config: invalid choice: 'bogus'"),
     (["--prefill", "x"], "argument --prefill: invalid int value: 'x'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
