@@ -147,6 +147,14 @@ def test_timing_edges_tiny_p4():
     _build().run("sim.tb.pim_tb", "timing_edges", env={"IANUS_CONFIG": "tiny-p4"})
 
 
+@pytest.mark.parametrize("testcase,env", [("normal_traffic", {"N_OPS": 300}), ("gelu_af", {"N_ROUNDS": 8}),
+                                          ("illegal_sequences", {"CHECK_REFRESH_LATE": 1})])
+def test_device_testbenches_tiny_p4(testcase, env):
+    """The device testbenches of tests/test_pim_device.py on the pipelined device (the RTL channel only: the
+    behavioural one refuses acc_stages > 1)."""
+    _build().run("sim.tb.pim_tb", testcase, env={"IANUS_CONFIG": "tiny-p4", **env})
+
+
 def test_soc_gpt2_layer_tiny_p4_bit_exact():
     """A tiny GPT-2 layer (prefill + generation) on the SoC with the pipelined PIM unit: the PCU flags each
     row's last MAC, the controller holds MACs tMAC after a combining MAC; outputs and KV caches equal the
