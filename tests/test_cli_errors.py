@@ -346,7 +346,7 @@ def test_help_shows_defaults(capsys):
     text = " ".join(out.split())
     for opt in ("--config {tiny,default,tiny-dualrb,default-dualrb,tiny-il,default-il,default-4ch,tiny-p4,"
                 "default-p4,tiny-hpim,default-hpim} (default: default)",
-                "--policy {ianus,npu-mem,naive} (default: ianus)",
+                "--policy {ianus,npu-mem,naive,hpim} (default: ianus)",
                 "--seed SEED (default: 0)", "--baseline-steps BASELINE_STEPS generation steps of the baseline "
                 "(gen mode) (default: 1)"):
         assert opt in text, opt
