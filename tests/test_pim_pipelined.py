@@ -178,3 +178,15 @@ def test_performance_model_vs_rtl_tiny_p4():
     bad = [r for r in rows if abs(r["err"]) > 0.05]
     assert rows and not bad, "programs outside +-5 %: " + ", ".join(
         f"{r['program']} RTL {r['rtl']} model {r['model']:.0f} ({r['err']:+.1%})" for r in bad)
+
+
+@pytest.mark.parametrize("testcase,env", [("pim_gemv", {"GEMV_SHAPE": "200x24"}), ("pim_refresh_reopen", {}),
+                                          ("random_traffic", {})])
+def test_memory_controller_tiny_p4(testcase, env):
+    """The memory controllers driving the tiny-p4 device (sim/tb/memctrl_tb.py): a GEMV program with queued
+    normal traffic bit-exact (the controller holds MACs tMAC after a combining MAC); the GEMV stalled after its
+    first (plain) MAC until the controller forces refreshes (PREAB, REF, ACTAB of the same rows with the
+    partial sums uncombined), then bit-exact; random normal traffic; the protocol checker on every bus."""
+    from test_memctrl import run
+
+    run("tiny-p4", testcase, **env)
