@@ -92,9 +92,10 @@ from ..spec.soc_isa import (
     SocOp,
     SpuError,
 )
+from .spm import SpmReadSignature
 from .sram_pim import SramPimOp, SramPimUnit
 from .vector_parts import WritePortSignature
-from .vector_queue import SEQ_BITS, _Geometry, _ReadPortSignature
+from .vector_queue import SEQ_BITS, _Geometry
 
 __all__ = ["Spu", "COUNTERS", "SPIM_OVERHEAD"]
 
@@ -157,7 +158,7 @@ class Spu(wiring.Component):
             "instr": In(stream.Signature(INSTR_BITS)),
             "pc": In(32),
             "mem": Out(MemPortSignature(cfg)),
-            "spm_rd": Out(_ReadPortSignature(g.row_addr_bits, g.row_bits)),
+            "spm_rd": Out(SpmReadSignature(g.row_addr_bits, g.row_bits)),
             "spm_wr": Out(WritePortSignature(g.row_addr_bits, g.row_bits)),
             "spm_wr_ready": In(1),
             "busy": Out(1),

@@ -93,6 +93,7 @@ from amaranth.lib.wiring import In, Out
 from ..config import SystemConfig
 from ..memif import MemPortSignature
 from ..spec.soc_isa import PAYLOAD_LO, VDMA_FIELDS, SocOp, VqError
+from .spm import SpmReadSignature
 from .vector import VectorUnit, WritePortSignature
 
 __all__ = ["COUNTERS", "COLUMN_BYTES", "SEQ_BITS", "VectorDma", "VectorQueue", "VectorQueueSystem"]
@@ -102,11 +103,6 @@ SEQ_BITS = 7
 INSTR_PAYLOAD_BITS = 220        # the widest VQ payload (VECTOR)
 
 COUNTERS = data.StructLayout({"busy": 32, "vector": 32, "dma": 32, "mem_stall": 32, "instructions": 32})
-
-
-class _ReadPortSignature(wiring.Signature):
-    def __init__(self, addr_width: int, data_width: int):
-        super().__init__({"addr": Out(addr_width), "en": Out(1), "data": In(data_width)})
 
 
 def _bits(limit: int) -> int:
@@ -183,7 +179,7 @@ class VectorDma(wiring.Component):
             "mem_addr": In(aw), "mem_stride": In(aw), "rows": In(16), "cols": In(16),
             "spm_col": In(g.col_bits), "spm_pitch": In(g.col_bits),
             "mem": Out(MemPortSignature(cfg)),
-            "spm_rd": Out(_ReadPortSignature(g.row_addr_bits, g.row_bits)),
+            "spm_rd": Out(SpmReadSignature(g.row_addr_bits, g.row_bits)),
             "spm_wr": Out(WritePortSignature(g.row_addr_bits, g.row_bits)),
             "busy": Out(1), "done": Out(1), "error": Out(1),
         })
@@ -370,7 +366,7 @@ class VectorQueue(wiring.Component):
         }
         if self._spu_port:
             g = self._geo
-            members["spu_rd"] = In(_ReadPortSignature(g.row_addr_bits, g.row_bits))
+            members["spu_rd"] = In(SpmReadSignature(g.row_addr_bits, g.row_bits))
             members["spu_wr"] = In(WritePortSignature(g.row_addr_bits, g.row_bits))
             members["spu_wr_ready"] = Out(1)
         super().__init__(members)
