@@ -38,6 +38,7 @@ from amaranth.lib.wiring import In, Out
 from ..arith import fp32_add_align, fp32_add_round
 from ..config import SystemConfig
 from ..memif import MemPortSignature
+from .counters import count_events
 from .dma import DmaLoad, DmaStore, MemArbiter
 from .isa import INSTRUCTION, INSTRUCTION_BITS, N_SEMAPHORES, ErrorCode, Opcode, Target
 from .spm import Scratchpad, SpmReadSignature, SpmWriteSignature
@@ -498,10 +499,5 @@ class MatrixUnit(wiring.Component):
             "load": load.busy,
             "store": store.busy,
         }
-        for name, ev in events.items():
-            reg = getattr(cnt, name)
-            with m.If(self.clear):
-                m.d.sync += reg.eq(0)
-            with m.Elif(ev):
-                m.d.sync += reg.eq(reg + 1)
+        count_events(m, cnt, self.clear, events)
         return m

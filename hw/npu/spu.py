@@ -92,6 +92,7 @@ from ..spec.soc_isa import (
     SocOp,
     SpuError,
 )
+from .counters import count_events
 from .spm import SpmReadSignature
 from .sram_pim import SramPimOp, SramPimUnit
 from .vector_parts import WritePortSignature
@@ -471,10 +472,5 @@ class Spu(wiring.Component):
         cnt = self.counters
         events = {"busy": busy, "compute": u.busy, "load": ld_busy, "spm_stall": o.valid & ~o.ready,
                   "instructions": finished}
-        for name, ev in events.items():
-            reg = getattr(cnt, name)
-            with m.If(self.clear):
-                m.d.sync += reg.eq(0)
-            with m.Elif(ev):
-                m.d.sync += reg.eq(reg + 1)
+        count_events(m, cnt, self.clear, events)
         return m

@@ -93,6 +93,7 @@ from amaranth.lib.wiring import In, Out
 from ..config import SystemConfig
 from ..memif import MemPortSignature
 from ..spec.soc_isa import PAYLOAD_LO, VDMA_FIELDS, SocOp, VqError
+from .counters import count_events
 from .spm import SpmReadSignature
 from .vector import VectorUnit, WritePortSignature
 
@@ -532,12 +533,7 @@ class VectorQueue(wiring.Component):
         cnt = self.counters
         events = {"busy": busy, "vector": u.busy, "dma": dma.busy,
                   "mem_stall": self.mem.req.valid & ~self.mem.req.ready, "instructions": finished}
-        for name, ev in events.items():
-            reg = getattr(cnt, name)
-            with m.If(self.clear):
-                m.d.sync += reg.eq(0)
-            with m.Elif(ev):
-                m.d.sync += reg.eq(reg + 1)
+        count_events(m, cnt, self.clear, events)
         return m
 
 
