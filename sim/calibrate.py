@@ -48,6 +48,9 @@ JOBS = {
 }
 # the channel-interleaved RTL variants (issue 14): the same jobs
 JOBS["tiny-il"], JOBS["default-il"] = JOBS["tiny"], JOBS["default"]
+# the SRAM-PIM configurations (issue 20): generation attention on the SRAM-PIM unit, and ianus on the same RTL
+JOBS["tiny-hpim"] = [(pol, layers, pre, gen) for pol in ("hpim", "ianus") for layers, pre, gen in ((1, 8, 2), (2, 3, 5))]
+JOBS["default-hpim"] = [("hpim", 1, 32, 4)]
 
 
 def job_key(config, policy, layers, prefill, generate) -> str:
@@ -91,7 +94,7 @@ def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=Tr
         # measured, not assumed (Calib.gap / first_start describe runs stored without it).
         gaps = sorted(b - a - r["cycles"] for a, b, r in zip(starts[:-1], starts[1:], rtl_programs[:-1], strict=True))
         cal = dataclasses.replace(cal, first_start=starts[0], gap=gaps[len(gaps) // 2] if gaps else cal.gap)
-    decoded = [decode_program(st.words) for st, _, _ in job.programs]
+    decoded = [decode_program(st.words, spu=cm.cfg.spu is not None) for st, _, _ in job.programs]
     runs = []
     for d in jitter:
         c = dataclasses.replace(cal, first_start=cal.first_start + d)

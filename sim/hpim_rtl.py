@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-__all__ = ["measure", "main"]
+__all__ = ["measure", "model_rows", "main"]
 
 
 def measure(config: str = "default-hpim", prefill: int = 16, generate: int = 2, policy: str = "hpim") -> dict:
@@ -37,7 +37,16 @@ def measure(config: str = "default-hpim", prefill: int = 16, generate: int = 2, 
             "gen_cycles_per_token": sum(r["cycles"] for r in gen) / generate,
             "qkv_attn_cycles_per_token": sum(r["cycles"] for r in attn) / generate,
             "spu_busy_per_token": sum(r["busy"].get("spu", 0) for r in attn) / generate,
+            "programs": [{"name": r["name"], "cycles": r["cycles"], "t_start": r.get("t_start")} for r in res],
             "wall_s": time.time() - t}
+
+
+def model_rows(r: dict) -> list[dict]:
+    """The calibrated performance model (:mod:`sim.perfmodel`) against a :func:`measure` run, program by program
+    (:func:`sim.calibrate.compare` on the run's own host timeline): rows with ``rtl``, ``model``, ``err``."""
+    from sim.calibrate import compare
+
+    return compare(r["config"], r["policy"], 1, r["prefill"], r["generate"], r["programs"])
 
 
 def main(argv=None) -> int:

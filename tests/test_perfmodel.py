@@ -1,10 +1,11 @@
 """Performance model (sim/perfmodel/) against the SoC RTL, and its projection / energy plumbing.
 
 The calibration test runs the tiny end-to-end jobs (1 and 2 GPT-2 layers, prefill + generation, all
-three policies) on the RTL (cached Verilator build) and requires every program's model cycles within
-+-5 % of the RTL's; it prints the table model vs RTL. The default configuration's runs take minutes
-each: their RTL cycles are stored in ``sim/calibration/default.json`` (with the command that produced
-them) and compared without the RTL.
+three policies; on ``tiny-hpim`` the ``hpim`` and ``ianus`` policies) on the RTL (cached Verilator build) and
+requires every program's model cycles within +-5 % of the RTL's; it prints the table model vs RTL. The
+default-size configurations' runs take minutes each: their RTL cycles are stored in
+``sim/calibration/default.json`` and ``default-hpim.json`` (with the command that produced them) and
+compared without the RTL.
 """
 
 import math
@@ -24,27 +25,31 @@ def _check(rows, title):
         f"{r['job']} {r['program']} RTL {r['rtl']} model {r['model']:.0f} ({r['err']:+.1%})" for r in bad)
 
 
-def test_tiny_model_vs_rtl():
+@pytest.mark.parametrize("config", ["tiny", "tiny-hpim"])
+def test_tiny_model_vs_rtl(config):
+    """``tiny``: policies ianus / naive / npu-mem; ``tiny-hpim``: hpim (generation attention on the SRAM-PIM
+    queue: SLOAD beside the vector DMA on the shared fabric port, SPIM) and ianus on the same RTL."""
     rows, free = [], []
-    for spec in calibrate.JOBS["tiny"]:
-        rtl = calibrate.run_rtl_job("tiny", *spec, test_name=f"perfmodel_cal_{spec[0]}_{spec[1]}")
-        rows += calibrate.compare("tiny", *spec, rtl)
-        free += calibrate.compare("tiny", *spec, rtl, anchored=False)
-    _check(rows, "performance model vs RTL, tiny (RTL host timeline)")
+    suffix = "" if config == "tiny" else f"_{config}"
+    for spec in calibrate.JOBS[config]:
+        rtl = calibrate.run_rtl_job(config, *spec, test_name=f"perfmodel_cal_{spec[0]}_{spec[1]}{suffix}")
+        rows += calibrate.compare(config, *spec, rtl)
+        free += calibrate.compare(config, *spec, rtl, anchored=False)
+    _check(rows, f"performance model vs RTL, {config} (RTL host timeline)")
     # On its own timeline (refresh phase drifting from the RTL's) the phase totals stay within 3 %.
     print(calibrate.totals_table(free, "phase totals, model free-running"))
     bad = [a for a in calibrate.phase_totals(free) if abs(a["err"]) > 0.03]
     assert not bad, bad
 
 
-def test_default_model_vs_stored_rtl():
-    data = calibrate.stored("default")
-    if data is None:
-        pytest.skip("no sim/calibration/default.json (python -m sim.calibrate --config default --store)")
+@pytest.mark.parametrize("config", ["default", "default-hpim"])
+def test_default_model_vs_stored_rtl(config):
+    data = calibrate.stored(config)
+    assert data is not None, f"no sim/calibration/{config}.json (python -m sim.calibrate --config {config} --store)"
     rows = []
     for j in data["jobs"]:
-        rows += calibrate.compare("default", j["policy"], j["layers"], j["prefill"], j["generate"], j["programs"])
-    _check(rows, f"performance model vs RTL, default (stored: {data['command']}, commit {data['commit']})")
+        rows += calibrate.compare(config, j["policy"], j["layers"], j["prefill"], j["generate"], j["programs"])
+    _check(rows, f"performance model vs RTL, {config} (stored: {data['command']}, commit {data['commit']})")
 
 
 def test_model_is_deterministic_and_counts_events():

@@ -6,7 +6,9 @@ per-operation breakdown of a generation step (ms per token on the critical path 
 :func:`sim.hpim_model.hpim_rows`), the share of the attention compute (SRAM-PIM QK / PV and the
 softmax) that is hidden behind the DRAM-PIM work, the SRAM-PIM unit's UltraScale+ / ECP5 synthesis
 figures (the stored result of ``python -m hw.synth sram_pim --no-pnr``; a row saying so when it has
-not been run) and the energy per MAC of the energy model.
+not been run) and the energy per MAC of the energy model; then (not with ``--quick``) the policy on the SoC RTL
+(``default-hpim``): ``hpim_rtl_gen_speedup_vs_ianus`` from :mod:`sim.hpim_rtl` (bit-exact runs) and the
+performance model's error against those runs (``hpim_rtl_model_max_err``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,39 @@ def run(quick: bool = False):
     yield {"name": "sram_pim_energy_per_mac", "value": EVENTS["sram_pim_mac"].joules * 1e15, "unit": "fJ",
            "source": EVENTS["sram_pim_mac"].source}
     yield from _synth_rows()
+    if not quick:
+        yield from _rtl_rows()
+
+
+RTL_CONFIG, RTL_PREFILL, RTL_GENERATE = "default-hpim", 16, 2
+
+
+def _rtl_rows():
+    """The policy on the SoC RTL (``default-hpim``, GPT-2-small-shaped layer): both policies bit-exact with the
+    functional model (:func:`sim.hpim_rtl.measure` raises otherwise), generation cycles per token, and the
+    calibrated performance model against each run."""
+    from sim.hpim_rtl import measure, model_rows
+
+    ctx = {"config": RTL_CONFIG, "prefill": RTL_PREFILL, "generate": RTL_GENERATE}
+    runs = {p: measure(RTL_CONFIG, RTL_PREFILL, RTL_GENERATE, p) for p in ("hpim", "ianus")}
+    h, i = runs["hpim"], runs["ianus"]
+    yield {"name": "hpim_rtl_gen_speedup_vs_ianus", "value": round(i["gen_cycles_per_token"] / h["gen_cycles_per_token"], 4),
+           "unit": "x", **ctx, "bit_exact": True,
+           "hpim_gen_cycles_per_token": h["gen_cycles_per_token"], "ianus_gen_cycles_per_token": i["gen_cycles_per_token"],
+           "hpim_qkv_attn_cycles_per_token": h["qkv_attn_cycles_per_token"],
+           "ianus_qkv_attn_cycles_per_token": i["qkv_attn_cycles_per_token"],
+           "spu_busy_per_token": h["spu_busy_per_token"],
+           "wall_s": {p: round(r["wall_s"], 1) for p, r in runs.items()},
+           "note": "ianus / hpim generation cycles per token on the SoC RTL, both bit-exact with the functional model"}
+    for p, r in runs.items():
+        rows = model_rows(r)
+        worst = max(rows, key=lambda x: abs(x["err"]))
+        gen = [x for x in rows if " gen@" in x["program"]]
+        g_rtl, g_model = sum(x["rtl"] for x in gen), sum(x["model"] for x in gen)
+        yield {"name": "hpim_rtl_model_max_err", "policy": p, "value": round(abs(worst["err"]), 4), "unit": "",
+               **ctx, "worst_program": worst["program"], "programs": len(rows),
+               "gen_rtl_cycles": g_rtl, "gen_model_cycles": round(g_model, 1),
+               "note": "performance model vs this RTL run, per program (the calibration bound is 5 %)"}
 
 
 def _synth_rows():

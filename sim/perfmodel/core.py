@@ -17,6 +17,7 @@ from sim.perfmodel.matrix import MatrixUnitModel
 from sim.perfmodel.memory import Memory, _Slots
 from sim.perfmodel.params import INF, Calib, Micro, micro_for
 from sim.perfmodel.pcu import PcuModel, _PcuMacro
+from sim.perfmodel.spu import SpuModel
 from sim.perfmodel.vector import VectorQueueModel
 
 
@@ -72,6 +73,8 @@ class PerfModel:
         self.cache = {}
         self.mu_port = (_Slots(), [-INF])    # the matrix unit's memory port (load + store share it):
         #                                   request cycles taken, last response delivered
+        self.vq_port = (_Slots(), [-INF])    # with an SRAM-PIM queue: the fabric port its SLOAD engine shares
+        #                                   with the vector DMA (hw.soc._share_port)
         p = cfg.pim
         # cache key: offset in a DRAM row (channel and bank symmetric); with a channel interleave the bank
         # changes every channels * row_bytes
@@ -86,7 +89,7 @@ class PerfModel:
         """Time one program. It starts ``Calib.gap`` cycles after the previous one ended (the host's
         register accesses between programs), or at cycle ``start`` when given (cycle 0 is the first
         program's start; the DRAM refresh counters started ``Calib.first_start`` cycles earlier)."""
-        ins = ins if ins is not None else decode_program(words)
+        ins = ins if ins is not None else decode_program(words, spu=self.cfg.spu is not None)
         if start is None:
             start = self.time + (self.calib.gap if self.programs else 0)
         elif start < self.time:
@@ -134,6 +137,8 @@ class PerfModel:
             ch._tick_until(t0)
         self.mu_port[0].keep_upto(g0)
         self.mu_port[1][0] = min(self.mu_port[1][0], g0)
+        self.vq_port[0].keep_upto(g0)
+        self.vq_port[1][0] = min(self.vq_port[1][0], g0)
 
     def run_stages(self, stages, prog_addrs=None) -> list[ProgramResult]:
         out = []
@@ -142,7 +147,7 @@ class PerfModel:
         return out
 
 
-class _Run(MatrixUnitModel, VectorQueueModel, PcuModel):
+class _Run(MatrixUnitModel, VectorQueueModel, PcuModel, SpuModel):
     """One program on the model."""
 
     def __init__(self, model: PerfModel, ins, start, prog_addr, tags=None):
@@ -157,6 +162,9 @@ class _Run(MatrixUnitModel, VectorQueueModel, PcuModel):
         self.K = model.kernel = _Kernel()
         self.K.now = self.t0
         self.units = {"mu": _BusyTracker(), "vq": _BusyTracker(), "pcu": _BusyTracker()}
+        self.has_spu = self.cfg.spu is not None
+        if self.has_spu:
+            self.units["spu"] = _BusyTracker()
         self.ev_idle = _Event()
         self.work = {"mu_compute": 0.0, "mu_load": 0.0, "mu_store": 0.0, "vq_vector": 0.0, "vq_dma": 0.0,
                      "pcu": 0.0, "fence_wait": 0.0, "pim_block": 0.0}
@@ -178,6 +186,9 @@ class _Run(MatrixUnitModel, VectorQueueModel, PcuModel):
         self.pcu_q = deque()
         self.ev_pcu = _Event()
         self.ev_pcu_space = _Event()
+        self.spu_q = deque()
+        self.ev_spu = _Event()
+        self.ev_spu_space = _Event()
         self.end_time = None
         self.c0 = [dict(ch.c) for ch in self.mem.ch]
         self.ev_fetch = _Event()
@@ -196,6 +207,8 @@ class _Run(MatrixUnitModel, VectorQueueModel, PcuModel):
         K.spawn(self._mu_decode())
         K.spawn(self._vq())
         K.spawn(self._pcu())
+        if self.has_spu:
+            K.spawn(self._spu())
         K.run()
         if self.end_time is None:
             raise RuntimeError("program did not reach END (deadlock in the model)")
@@ -304,8 +317,8 @@ class _Run(MatrixUnitModel, VectorQueueModel, PcuModel):
                     yield max(t, head[i])
             op = ins.op
             if op in (SocOp.FENCE, SocOp.END):
-                mask = 7 if op == SocOp.END else ins.f["units"]
-                names = [u for bit, u in ((1, "mu"), (2, "vq"), (4, "pcu")) if mask & bit]
+                mask = 15 if op == SocOp.END else ins.f["units"]
+                names = [u for bit, u in ((1, "mu"), (2, "vq"), (4, "pcu"), (8, "spu")) if mask & bit and u in self.units]
                 w0 = K.now
                 while True:
                     if all(self.units[u].active == 0 for u in names):
@@ -332,6 +345,13 @@ class _Run(MatrixUnitModel, VectorQueueModel, PcuModel):
                     self.units["mu"].up(K.now)
                     self.units["mu"].handoff = K.now
                     K.notify(self.ev_mudec_in)
+                elif op in (SocOp.SPIM, SocOp.SLOAD):
+                    while len(self.spu_q) >= mi.spu_depth:
+                        yield self.ev_spu_space
+                    self.spu_q.append((ins, K.now))
+                    self.units["spu"].up(K.now)
+                    self.units["spu"].handoff = K.now
+                    K.notify(self.ev_spu)
                 elif op == SocOp.PIM:
                     while len(self.pcu_q) >= mi.macro_depth:
                         yield self.ev_pcu_space

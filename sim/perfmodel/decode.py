@@ -33,11 +33,12 @@ def _decode_vec(word):
     return f
 
 
-def decode_program(words) -> list[Ins]:
-    """Decode a program (list of 256-bit ints) into :class:`Ins` (op + fields)."""
+def decode_program(words, spu: bool = False) -> list[Ins]:
+    """Decode a program (list of 256-bit ints) into :class:`Ins` (op + fields); ``spu``: the system has the
+    SRAM-PIM queue (SPIM / SLOAD legal, :func:`hw.spec.soc_isa.decode`)."""
     out = []
     for i, w in enumerate(words):
-        d = isa.decode(w, i)
+        d = isa.decode(w, i, spu=spu)
         op = d["op"]
         if op == SocOp.MATRIX:
             f = mu_isa.decode(d["word"])
@@ -47,8 +48,8 @@ def decode_program(words) -> list[Ins]:
         elif op == SocOp.PIM:
             m = mcmod.decode([(d["word"] >> (32 * k)) & 0xFFFFFFFF for k in range(4)])
             f = {"op": int(m.op), "flags": int(m.flags), "n": m.n, "m": m.m, "row": m.row, "addr0": m.addr0}
-        elif op in (SocOp.VLOAD, SocOp.VSTORE):
-            f = {k: d[k] for k, _, _ in isa.VDMA_FIELDS}
+        elif op in isa.FIELDS:
+            f = {k: d[k] for k, _, _ in isa.FIELDS[op]}
         elif op == SocOp.FENCE:
             f = {"units": d["units"]}
         else:

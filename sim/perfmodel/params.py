@@ -43,6 +43,12 @@ class Calib:
     pcu_resp_lat: int = 2       # RD / RDMAC data on the bus -> response taken by the PCU (FIFO)
     pcu_end: int = 0            # busy low -> next macro taken
     pcu_idle_lat: int = 0       # busy low -> the command processor sees the PCU idle
+    spu_fifo_lat: int = 2       # CP handshake -> SPIM / SLOAD in the SRAM-PIM queue's dispatcher
+    spim_over: int = 5          # SPIM: dispatcher pop -> done, beyond the unit's command_cycles (checks, issue, write)
+    sload_over: int = 3         # SLOAD: dispatcher pop -> first request (checks)
+    sload_end: int = 2          # SLOAD: last response -> dispatcher idle
+    spu_done_over: int = 0      # SRAM-PIM queue: done -> next instruction popped
+    spu_idle_lat: int = 1       # done -> queue busy low (when nothing follows)
     end_extra: int = 0          # END retire -> counter stops
     gap: int = 93               # cycles between two programs of a job (the host's register accesses)
     counter_read: int = 60      # END -> the host reads the refresh counters
@@ -59,6 +65,8 @@ class Micro:
     macro_depth: int = 8
     dma_outstanding: int = 32
     ctrl_queue: int = 8
+    spu_depth: int = 4          # SRAM-PIM queue FIFO (hw.npu.spu.Spu queue_depth)
+    spu_outstanding: int = 32   # SLOAD reads in flight (Spu max_outstanding)
     dma_issue: int = 1          # requests a DMA engine issues per NPU cycle (the fabric takes one per requester)
     cores: int = 1
     sync_cycles: int = 0        # extra cycles of a FENCE when several cores synchronise
