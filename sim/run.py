@@ -274,15 +274,16 @@ def summarize(job, out, x, weights, console, wall=None, rows=None, steps=None, t
     mhz = cm.cfg.clocks.pim_mhz
     tab = Table(title=title or f"{cm.policy} on {cm.cfg.name}: {cm.shape.layers} layer(s) d={cm.shape.d_model} "
                                f"heads={cm.shape.heads}, prefill {cm.prefill}, generate {cm.total - cm.prefill}")
-    for col in ("phase", "stage", "map", "cycles (all steps)", "us", "estimate", "MU busy", "VQ busy", "PCU busy"):
+    units = ("mu", "vq", "pcu") + (("spu",) if cm.cfg.spu is not None else ())
+    for col in ("phase", "stage", "map", "cycles (all steps)", "us", "estimate", *(f"{u.upper()} busy" for u in units)):
         tab.add_column(col, justify="right")
     agg = {}
     for (st, _, _), r in zip(job.programs, job.results, strict=True):
         key = (st.phase if st.phase == "prefill" else "gen", st.name)
-        a = agg.setdefault(key, {"cycles": 0, "est": 0, "mu": 0, "vq": 0, "pcu": 0, "map": st.mapping, "n": 0})
+        a = agg.setdefault(key, {"cycles": 0, "est": 0, **dict.fromkeys(units, 0), "map": st.mapping, "n": 0})
         a["cycles"] += r.get("cycles", 0)
         a["est"] += st.est.get("total", 0)
-        for u in ("mu", "vq", "pcu"):
+        for u in units:
             a[u] += r.get("busy", {}).get(u, 0)
         a["n"] += 1
     tot = {"prefill": 0, "gen": 0}
@@ -290,7 +291,7 @@ def summarize(job, out, x, weights, console, wall=None, rows=None, steps=None, t
         tot[phase] += a["cycles"]
         tab.add_row(phase, name, a["map"] or "-", f"{a['cycles']:,}" if a["cycles"] else "-",
                     f"{a['cycles'] / mhz:,.1f}" if a["cycles"] else "-", f"{a['est']:,}",
-                    f"{a['mu']:,}", f"{a['vq']:,}", f"{a['pcu']:,}")
+                    *(f"{a[u]:,}" for u in units))
     console.print(tab)
     steps = cm.total - cm.prefill if steps is None else steps
     summary = {"policy": cm.policy, "config": cm.cfg.name, "prefill_cycles": tot["prefill"],
