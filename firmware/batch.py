@@ -124,7 +124,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from firmware.compiler import (
-    ALIGN,
     CompileError,
     LayerCompiler,
     MuBlock,
@@ -139,6 +138,7 @@ from firmware.compiler import (
     plan_memory,
 )
 from firmware.gpt2 import GptShape
+from firmware.memory_plan import ALIGN
 from firmware.pim import GemvLayout
 from hw.config import SystemConfig
 from hw.memif import AddressMap
@@ -479,12 +479,12 @@ class BatchCompiler:
                     xu = pb.unit(X)
                     if kind == 0:           # K: one bank row per token
                         for t in range(t0, t0 + n):
-                            self._vstore(pb, bp.k_addr(kv, i, h, t), hd * 2, 1, hd * 2, xu + (t - t0) * pu, pu)
+                            pb.vdma_units(False, bp.k_addr(kv, i, h, t), hd * 2, 1, hd * 2, xu + (t - t0) * pu, pu)
                     else:                   # V: runs of one 16-token group are contiguous in the group-major copy
                         t = t0
                         while t < t0 + n:
                             m = min(16 - t % 16, t0 + n - t)
-                            self._vstore(pb, bp.v_addr(kv, i, h, t), hd * 2, m, hd * 2, xu + (t - t0) * pu, pu)
+                            pb.vdma_units(False, bp.v_addr(kv, i, h, t), hd * 2, m, hd * 2, xu + (t - t0) * pu, pu)
                             t += m
         pb.fence(Unit.VQ)
         groups = [(kv, min(16 * g + 15, P - 1)) for g in range(-(-P // 16))]
@@ -506,14 +506,6 @@ class BatchCompiler:
         if end:
             pb.end()
         return Stage(i, "batch", 0, name, pb.words, _with_total(pb.est), "mu")
-
-    def _vstore(self, pb, mem, stride, rows, nbytes, spm_unit, pitch_units):
-        pb.words.append(isa.encode(SocOp.VSTORE, mem_addr=mem, mem_stride=stride, rows=rows, cols=nbytes // 32,
-                                   spm_addr=spm_unit, spm_pitch=pitch_units))
-        from firmware import costmodel
-        c = costmodel.vdma_cycles(self.cfg, rows, nbytes)
-        pb.est["vq"] = pb.est.get("vq", 0) + c
-        pb.est["npu_mem"] = pb.est.get("npu_mem", 0) + c
 
     def scatter(self, pb, lc: LayerCompiler, i: int, reqs):
         """QKV rows (FP32 raw) + bias -> BF16; Q of every row into the Q buffer, each row's K and V into its
@@ -538,15 +530,15 @@ class BatchCompiler:
             tu = pb.unit(T)
             for h in range(H):
                 col = lc.plan.qkv_col(0, h) * 2 // 32
-                self._vstore(pb, b["q"] + r0 * d * 2 + h * hd * 2, d * 2, rg, hd * 2, tu + col, pu)
+                pb.vdma_units(False, b["q"] + r0 * d * 2 + h * hd * 2, d * 2, rg, hd * 2, tu + col, pu)
             for r in range(r0, r0 + rg):
                 kv, pos = reqs[r]
                 for h in range(H):
                     kcol = lc.plan.qkv_col(1, h) * 2 // 32
                     vcol = lc.plan.qkv_col(2, h) * 2 // 32
                     row = tu + (r - r0) * pu
-                    self._vstore(pb, bp.k_addr(kv, i, h, pos), hd * 2, 1, hd * 2, row + kcol, pu)
-                    self._vstore(pb, bp.v_addr(kv, i, h, pos), hd * 2, 1, hd * 2, row + vcol, pu)
+                    pb.vdma_units(False, bp.k_addr(kv, i, h, pos), hd * 2, 1, hd * 2, row + kcol, pu)
+                    pb.vdma_units(False, bp.v_addr(kv, i, h, pos), hd * 2, 1, hd * 2, row + vcol, pu)
             pb.spm_top = top
 
     def vt_update(self, pb, i: int, reqs, row0: int = 0):
@@ -572,7 +564,7 @@ class BatchCompiler:
             for h in range(H):
                 addr = bp.vt_addr(kv, i, h, 0, pos // 16)
                 assert bp.vt_addr(kv, i, h, hd - 1, pos // 16) == addr + (hd - 1) * p.row_bytes
-                self._vstore(pb, addr, p.row_bytes, hd, 32, xu + h, pu)
+                pb.vdma_units(False, addr, p.row_bytes, hd, 32, xu + h, pu)
         pb.fence(Unit.VQ)
 
     # -- attention ------------------------------------------------------------------------------------

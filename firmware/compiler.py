@@ -1,6 +1,12 @@
 """Compiler: GPT-2 decoder layers -> SoC programs (prefill of L tokens, generation steps).
 
-Memory plan (device byte addresses, Row-Channel-Bank-Column): every FC weight
+This module holds the layer compiler (:class:`LayerCompiler`: layernorm, QKV scatter, attention, FCs and
+residuals per stage), the FC mapping (:func:`choose_mapping`) and :func:`compile_model`. Its parts live in
+:mod:`firmware.program` (the program builder, matrix-unit blocks and the tiled GEMM, :class:`CompileError`)
+and :mod:`firmware.memory_plan` (:func:`plan_memory`, :func:`pack_layer`); the names other modules use are
+importable from here as well.
+
+Memory plan (:mod:`firmware.memory_plan`; device byte addresses, Row-Channel-Bank-Column): every FC weight
 matrix lives once, in the PIM layout of :class:`firmware.pim.GemvLayout`
 (whole DRAM rows of every bank); the matrix unit reads the same copy with
 transposed 2-D loads (within one PIM tile the outputs ``n`` are rows
@@ -36,544 +42,37 @@ Policies (:data:`POLICIES`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
-
-from firmware.gpt2 import GptShape, LayerWeights
+from firmware.gpt2 import GptShape
+from firmware.memory_plan import MemoryPlan, pack_layer, plan_memory
 from firmware.pim import GemvLayout
+from firmware.program import (
+    TIMING_ONLY,
+    Blocked,
+    CompileError,
+    MuBlock,
+    PimWeights,
+    ProgramBuilder,
+    RowsK,
+    RowsN,
+    _bf16_words,
+    _f32,
+    _fp32_words,
+    _up,
+    blocked_tile,
+    gemm,
+)
 from hw.config import SystemConfig
-from hw.memif import AddressMap
-from hw.spec import fp as G
-from hw.spec import matrix_isa as mu_isa
 from hw.spec import soc_isa as isa
-from hw.spec import vector_isa as vu
-from hw.spec.macro import Macro, MacroFlag, MacroOp
-from hw.spec.macro import encode as macro_encode
+from hw.spec.macro import MacroFlag, MacroOp
 from hw.spec.soc_isa import SocOp, Unit
 
-__all__ = ["POLICIES", "STAGES", "CompileError", "MemoryPlan", "compile_model", "CompiledModel", "Stage"]
+__all__ = ["POLICIES", "STAGES", "CompileError", "MemoryPlan", "compile_model", "CompiledModel", "Stage",
+           "plan_memory", "pack_layer"]
 
 POLICIES = ("ianus", "npu-mem", "naive", "hpim")
 STAGES = ("ln1", "qkv_attn", "proj", "ln2", "fc1", "fc2")
-ALIGN = 64
-
-
-class CompileError(ValueError):
-    pass
-
-
-#: Configurations whose compiled programs read PIM-layout weights with a timing stand-in
-#: (:meth:`PimWeights.loads`): fine for the performance model, not for functional execution.
-TIMING_ONLY: set = set()
-
-
-def _f32(x: float) -> int:
-    return int(G.f32_bits(np.float32(x)))
-
-
-def _up(x: int, a: int) -> int:
-    return -(-x // a) * a
-
-
-# ---------------------------------------------------------------------------------------------
-# Matrix-unit blocks: instructions with dependencies -> semaphores
-# ---------------------------------------------------------------------------------------------
-
-_QUEUE = {mu_isa.Opcode.LOAD: 0, mu_isa.Opcode.COMPUTE: 1, mu_isa.Opcode.STORE: 2, mu_isa.Opcode.NOP: 1}
-_PAIRS = [(x, y) for x in range(3) for y in range(3) if x != y]
-_SEM = {p: i for i, p in enumerate(_PAIRS)}
-
-
-class MuBlock:
-    """Matrix-unit instructions with explicit producer dependencies; :meth:`words` assigns tokens.
-
-    A consumer waits on one semaphore per source queue, for the latest producer it needs from that
-    queue, and only when no earlier instruction of its own queue already waited for a later one;
-    only producers that some consumer waits for signal, so every token is taken (no leftovers).
-    """
-
-    def __init__(self):
-        self.ins: list[dict] = []
-        # Scratchpad double-buffer state shared by every GEMM of the block: the next buffer of each kind
-        # and the last instruction that used each buffer (so a later GEMM waits for an earlier one).
-        self.bufs = {"act": 0, "wgt": 0, "acc": 0}
-        self.last_c: dict = {}
-        self.last_s: dict = {}
-
-    def add(self, opcode, deps=(), **fields) -> int:
-        self.ins.append({"opcode": opcode, "deps": [d for d in deps if d is not None], "fields": fields,
-                         "wait": 0, "signal": 0})
-        return len(self.ins) - 1
-
-    def words(self) -> list[int]:
-        pos, seen = [], [0, 0, 0]
-        for ins in self.ins:
-            q = _QUEUE[ins["opcode"]]
-            pos.append(seen[q])
-            seen[q] += 1
-        satisfied = {}
-        for ins in self.ins:
-            y = _QUEUE[ins["opcode"]]
-            for x in range(3):
-                if x == y:
-                    continue
-                cands = [d for d in ins["deps"] if _QUEUE[self.ins[d]["opcode"]] == x]
-                if not cands:
-                    continue
-                prod = max(cands, key=lambda d: pos[d])
-                if pos[prod] > satisfied.get((x, y), -1):
-                    ins["wait"] |= 1 << _SEM[(x, y)]
-                    self.ins[prod]["signal"] |= 1 << _SEM[(x, y)]
-                    satisfied[(x, y)] = pos[prod]
-        return [mu_isa.encode(ins["opcode"], wait=ins["wait"], signal=ins["signal"], **ins["fields"])
-                for ins in self.ins]
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight sources for the matrix unit
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class PimWeights:
-    """``W [K, N]`` in the PIM layout at ``layout`` (addresses from ``row_bytes``)."""
-    layout: GemvLayout
-    row_bytes: int          # bytes of one row index over all channels and banks
-
-    def nt(self, cfg):
-        return self.layout.per_tile
-
-    def chunk(self):
-        return self.layout.chunk
-
-    def loads(self, n0, nt, k0, kt):
-        """Transposed loads of outputs ``n0 .. n0+nt`` (one tile) x inputs ``k0 .. k0+kt`` (one chunk).
-
-        Row-Channel-Bank-Column: the tile's bank rows are ``row_bytes`` apart in output order, one load.
-        Channel-interleaved map: one load per channel (its banks' rows are ``1 << bank_lo`` apart) and per
-        run of ``channel_interleave`` bytes of the row, each into its place in the weight scratchpad
-        (``spm_off`` words; a transposed load fills whole words of ``array_cols`` outputs, so a channel's
-        ``banks`` outputs must be a multiple of them). When they are not (the ``ianus`` preset: 16 banks,
-        64 array columns), the loads are a timing stand-in for the projection (:data:`TIMING_ONLY`,
-        refused by :mod:`firmware.runtime`): with a one-row interleave one load of rows ``row_bytes``
-        apart (the same bytes and DRAM rows, bank-major instead of channel-major), with shorter runs the
-        per-channel loads (the right bytes; channels share scratchpad words)."""
-        cfg = self.layout.cfg
-        p = cfg.pim
-        lay = self.layout
-        tile, nloc = divmod(n0, lay.per_tile)
-        assert nloc + nt <= lay.per_tile
-        ch, koff = divmod(k0, lay.chunk)
-        row = lay.row_of(tile, ch)
-        amap = AddressMap(p)
-        il = p.channel_interleave if p.channels > 1 else 0
-        if not il:
-            addr = amap.encode(row, 0, 0, 0) + nloc * p.row_bytes + koff * 2
-            return [dict(transpose=1, mem_addr=addr, mem_stride=p.row_bytes, rows=nt, cols=kt)]
-        W = cfg.npu.array_cols
-        B = p.banks
-        exact = B % W == 0
-        if not exact:
-            TIMING_ONLY.add(cfg)
-            if il == p.row_bytes:
-                addr = amap.encode(row, 0, 0, 0) + nloc * p.row_bytes + koff * 2
-                return [dict(transpose=1, mem_addr=addr, mem_stride=p.row_bytes, rows=nt, cols=kt)]
-            # shorter runs: the per-channel loads below move the right bytes, but channels share a
-            # scratchpad word (timing stand-in as well)
-        run_vals = il // 2
-        bank_step = 1 << amap.bank_lo
-        out = []
-        n = nloc
-        while n < nloc + nt:
-            c, b = divmod(n, B)
-            cnt = min(B - b, nloc + nt - n)
-            assert (n - nloc) % W == 0 or not exact, (n, nloc, W)
-            k = koff
-            while k < koff + kt:
-                piece = min(koff + kt - k, run_vals - k % run_vals)
-                addr = amap.encode(row, c, b, k // p.lanes) + (k % p.lanes) * 2
-                out.append(dict(transpose=1, mem_addr=addr, mem_stride=bank_step, rows=cnt, cols=piece,
-                                spm_off=(n - nloc) // W * kt + (k - koff)))
-                k += piece
-            n += cnt
-        return out
-
-
-@dataclass
-class RowsN:
-    """``W^T`` stored as rows ``n`` of ``K`` BF16 (the K cache: ``W[k, n] = K[n, k]``)."""
-    addr: int
-    stride: int
-
-    def nt(self, cfg):
-        return 4 * cfg.npu.array_cols
-
-    def chunk(self):
-        return None
-
-    def loads(self, n0, nt, k0, kt):
-        return [dict(transpose=1, mem_addr=self.addr + n0 * self.stride + k0 * 2, mem_stride=self.stride,
-                     rows=nt, cols=kt)]
-
-
-@dataclass
-class RowsK:
-    """``W`` stored as rows ``k`` of ``N`` BF16 (the V cache)."""
-    addr: int
-    stride: int
-
-    def nt(self, cfg):
-        return 4 * cfg.npu.array_cols
-
-    def chunk(self):
-        return None
-
-    def loads(self, n0, nt, k0, kt):
-        return [dict(transpose=0, mem_addr=self.addr + k0 * self.stride + n0 * 2, mem_stride=self.stride,
-                     rows=kt, cols=nt)]
-
-
-def blocked_tile(cfg) -> int:
-    """Columns per block of the npu-mem weight layout (:class:`Blocked`)."""
-    return 4 * cfg.npu.array_cols
-
-
-@dataclass
-class Blocked:
-    """npu-mem weights: ``W [K, N]`` in column blocks of ``nb`` (block ``j`` = ``W[:, j nb:(j+1) nb]``
-    stored row after row, ``K x nb``, contiguous), so the matrix unit's non-transposed loads stream whole
-    DRAM rows in order (row-major ``[K, N]`` would open a new row every few columns)."""
-    addr: int
-    K: int
-    nb: int
-
-    def nt(self, cfg):
-        return self.nb
-
-    def chunk(self):
-        return None
-
-    def loads(self, n0, nt, k0, kt):
-        j, off = divmod(n0, self.nb)
-        assert off + nt <= self.nb
-        return [dict(transpose=0, mem_addr=self.addr + (j * self.K + k0) * self.nb * 2 + off * 2,
-                     mem_stride=self.nb * 2, rows=kt, cols=nt)]
-
-    @staticmethod
-    def pack(w_bits: np.ndarray, nb: int) -> np.ndarray:
-        K, N = w_bits.shape
-        nblk = -(-N // nb)
-        out = np.zeros((nblk, K, nb), dtype=np.uint16)
-        for j in range(nblk):
-            part = w_bits[:, j * nb:(j + 1) * nb]
-            out[j, :, :part.shape[1]] = part
-        return out
-
-
-def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_stride, M, K, N, out_bf16,
-         est: dict | None = None):
-    """``out[M, N] = A[M, K] @ W[K, N]`` on the matrix unit (tiled, double-buffered)."""
-    npu = cfg.npu
-    R, C = npu.array_rows, npu.array_cols
-    AW, WW, CW = npu.act_spm_words // 2, npu.wgt_spm_words // 2, npu.acc_spm_words // 2
-    Nt = min(_up(N, C), w.nt(cfg))
-    nbt = -(-Nt // C)
-    kq = math.lcm(16, R)
-    chunk = w.chunk() or K
-    kt_max = min(_up(K, kq), _up(chunk, kq), (WW // nbt) // kq * kq)
-    if kt_max < kq:
-        raise CompileError(f"weight scratchpad ({npu.wgt_spm_words} words) too small for a {Nt}-column tile")
-    Mt = min(M, CW // nbt, AW // -(-min(kt_max, K) // R))
-    while Mt < 1 and kt_max > kq:
-        kt_max -= kq
-        Mt = min(M, CW // nbt, AW // -(-kt_max // R))
-    if Mt < 1:
-        raise CompileError("scratchpads too small for one row of this GEMM")
-    ktiles = []
-    for c0 in range(0, K, chunk):
-        c1 = min(K, c0 + chunk)
-        for k0 in range(c0, c1, kt_max):
-            ktiles.append((k0, min(kt_max, c1 - k0)))
-    ntiles = [(n0, min(Nt, N - n0)) for n0 in range(0, N, Nt)]
-    Gn = max(1, min(len(ntiles), CW // (nbt * Mt)))
-    esize = 2 if out_bf16 else 4
-    last_c, last_s, bufs = blk.last_c, blk.last_s, blk.bufs
-    L, Cc, S = mu_isa.Opcode.LOAD, mu_isa.Opcode.COMPUTE, mu_isa.Opcode.STORE
-    for m0 in range(0, M, Mt):
-        mt = min(Mt, M - m0)
-        for gs in range(0, len(ntiles), Gn):
-            grp = ntiles[gs:gs + Gn]
-            ab = bufs["acc"]
-            acc_base = ab * CW
-            c = None
-            for ki, (k0, kt) in enumerate(ktiles):
-                b = bufs["act"]
-                la = blk.add(L, [last_c.get(("act", b))], target=mu_isa.Target.ACT, transpose=0,
-                             mem_addr=a_addr + m0 * a_stride + k0 * 2, mem_stride=a_stride, rows=mt, cols=kt,
-                             spm_addr=b * AW, spm_stride=mt)
-                for j, (n0, nt) in enumerate(grp):
-                    wb = bufs["wgt"]
-                    lw = None
-                    for ld in w.loads(n0, nt, k0, kt):
-                        off = ld.pop("spm_off", 0)
-                        lw = blk.add(L, [last_c.get(("wgt", wb))], target=mu_isa.Target.WGT,
-                                     spm_addr=wb * WW + off, spm_stride=kt, **ld)
-                    deps = [la, lw] + ([last_s.get(ab)] if ki == 0 else [])
-                    c = blk.add(Cc, deps, accumulate=int(ki > 0), act_addr=b * AW, act_stride=mt,
-                                wgt_addr=wb * WW, wgt_stride=kt, acc_addr=acc_base + j * nbt * mt, acc_stride=mt,
-                                m=mt, k=kt, n=nt)
-                    last_c[("wgt", wb)] = c
-                    bufs["wgt"] ^= 1
-                last_c[("act", b)] = c
-                bufs["act"] ^= 1
-            n0g = grp[0][0]
-            cols = sum(nt for _, nt in grp)
-            s = blk.add(S, [c], bf16=int(out_bf16), mem_addr=out_addr + m0 * out_stride + n0g * esize,
-                        mem_stride=out_stride, rows=mt, cols=cols, spm_addr=acc_base, spm_stride=mt)
-            last_s[ab] = s
-            bufs["acc"] ^= 1
-    if est is not None:
-        from firmware import costmodel
-        mem, comp = costmodel.mu_gemm_parts(cfg, M, K, N, transposed=isinstance(w, (PimWeights, RowsN)))
-        est["mu"] = est.get("mu", 0) + mem + comp
-        est["npu_mem"] = est.get("npu_mem", 0) + mem
-
-
-# ---------------------------------------------------------------------------------------------
-# Programs
-# ---------------------------------------------------------------------------------------------
-
-class ProgramBuilder:
-    def __init__(self, cfg: SystemConfig):
-        self.cfg = cfg
-        self.words: list[int] = []
-        self.L = cfg.npu.vector_lanes
-        self.spm_top = 0
-        self.est = {}
-
-    # vector scratchpad regions (words), 32-byte aligned
-    def spm_reset(self):
-        self.spm_top = 0
-
-    def spm(self, words: int) -> int:
-        a = _up(self.spm_top, max(1, 8 // self.L))
-        self.spm_top = a + words
-        if self.spm_top > self.cfg.npu.vector_spm_words:
-            raise CompileError(f"vector scratchpad overflow: {self.spm_top} > {self.cfg.npu.vector_spm_words} words")
-        return a
-
-    def unit(self, word_addr: int) -> int:
-        b = word_addr * 4 * self.L
-        assert b % 32 == 0
-        return b // 32
-
-    def fence(self, units):
-        from firmware import costmodel
-        self.words.append(isa.encode(SocOp.FENCE, units=int(units)))
-        self.est["fence"] = self.est.get("fence", 0) + costmodel.FENCE_CYCLES
-
-    def end(self):
-        self.words.append(isa.encode(SocOp.END))
-
-    def mu(self, blk: MuBlock):
-        for w in blk.words():
-            self.words.append(isa.encode(SocOp.MATRIX, word=w))
-
-    def vec(self, **fields):
-        self.words.append(isa.encode(SocOp.VECTOR, word=vu.encode(**fields)))
-        from firmware import costmodel
-        self.est["vq"] = self.est.get("vq", 0) + costmodel.vector_cycles(self.cfg, fields)
-
-    def vdma(self, load, mem_addr, mem_stride, rows, row_bytes, spm_word, spm_pitch_words):
-        assert row_bytes % 32 == 0, row_bytes
-        self.words.append(isa.encode(SocOp.VLOAD if load else SocOp.VSTORE, mem_addr=mem_addr,
-                                     mem_stride=mem_stride, rows=rows, cols=row_bytes // 32,
-                                     spm_addr=self.unit(spm_word), spm_pitch=self.unit(spm_pitch_words)))
-        from firmware import costmodel
-        c = costmodel.vdma_cycles(self.cfg, rows, row_bytes)
-        self.est["vq"] = self.est.get("vq", 0) + c
-        self.est["npu_mem"] = self.est.get("npu_mem", 0) + c
-
-    def pim(self, **fields):
-        w = macro_encode(Macro(**fields))
-        self.words.append(isa.encode(SocOp.PIM, word=sum(v << (32 * i) for i, v in enumerate(w))))
-
-
-def _fp32_words(L, n):
-    return -(-n // L)
-
-
-def _bf16_words(L, n):
-    return -(-n // (2 * L))
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory plan
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class LayerPlan:
-    qkv: GemvLayout
-    proj: GemvLayout
-    fc1: GemvLayout
-    fc2: GemvLayout
-    ln1: int
-    ln2: int
-    qkv_b: int
-    proj_b: int
-    fc1_b: int
-    fc2_b: int
-    kc: list
-    vc: list
-    x_in: int        # [T, d] FP32 (hidden states entering the layer)
-    x_out: int       # [T, d] FP32
-    lin: dict = field(default_factory=dict)     # npu-mem: FC name -> address of row-major W [K, N] BF16
-
-
-@dataclass
-class MemoryPlan:
-    cfg: SystemConfig
-    shape: GptShape
-    max_tokens: int
-    hpg: int
-    layers: list = field(default_factory=list)
-    buffers: dict = field(default_factory=dict)
-    prog_base: int = 0
-    prog_bytes: int = 0
-    top: int = 0
-
-    @property
-    def row_bytes(self) -> int:
-        p = self.cfg.pim
-        return p.channels * p.banks * p.row_bytes
-
-    def qkv_perm(self) -> np.ndarray:
-        """Column order of the stored W_qkv: head groups ``[Q_g | K_g | V_g]``."""
-        d, hd, H, hpg = self.shape.d_model, self.shape.head_dim, self.shape.heads, self.hpg
-        cols = []
-        for g in range(H // hpg):
-            for kind in range(3):
-                for h in range(g * hpg, (g + 1) * hpg):
-                    cols.extend(range(kind * d + h * hd, kind * d + (h + 1) * hd))
-        return np.array(cols)
-
-    def qkv_col(self, kind: int, h: int) -> int:
-        hd, hpg = self.shape.head_dim, self.hpg
-        g, j = divmod(h, hpg)
-        return g * 3 * hd * hpg + kind * hd * hpg + j * hd
-
-
-def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int = 4,
-                pim_layout: bool = True) -> MemoryPlan:
-    """Addresses of everything. ``pim_layout=False`` (policy npu-mem: memory is plain DRAM) stores the FC
-    weights in column blocks (:class:`Blocked`), the layout the matrix unit's non-transposed DMA streams
-    fastest."""
-    p = cfg.pim
-    d, f, H, hd = shape.d_model, shape.ffn, shape.heads, shape.head_dim
-    if d % 16 or hd % 16:
-        raise CompileError(f"d_model ({d}) and head_dim ({hd}) must be multiples of 16 (32-byte rows)")
-    hpg = max(1, H // groups)
-    while H % hpg or (3 * hd * hpg) % (p.banks * p.channels):
-        hpg += 1
-        if hpg > H:
-            raise CompileError(f"no head group of {shape.heads} heads of {hd} fills whole PIM tiles: 3 x head_dim "
-                               f"x heads per group must be a multiple of the {p.banks * p.channels} banks "
-                               f"(banks x channels) of configuration {cfg.name!r}")
-    plan = MemoryPlan(cfg, shape, max_tokens, hpg)
-    row_bytes = plan.row_bytes
-    row = 0
-
-    def layout(K, N):
-        nonlocal row
-        lay = GemvLayout(cfg, K, N, base_row=row) if row < p.data_rows else None
-        if lay is None:
-            raise CompileError("out of DRAM rows")
-        row += lay.rows_used
-        return lay
-
-    lays = []
-    for _ in range(shape.layers):
-        if not pim_layout:
-            lays.append((None, None, None, None))
-            continue
-        try:
-            lays.append((layout(d, 3 * d), layout(d, d), layout(d, f), layout(f, d)))
-        except ValueError as e:
-            raise CompileError(f"{shape.layers} layer(s) of d_model {d} do not fit the {p.data_rows} data rows "
-                               f"of configuration {cfg.name!r}: {e}") from None
-    top = row * row_bytes
-    limit = p.data_rows * row_bytes
-
-    def alloc(nbytes):
-        nonlocal top
-        a = _up(top, ALIGN)
-        top = a + _up(nbytes, ALIGN)
-        if top > limit:
-            raise CompileError(f"device memory exhausted: need {top:#x} bytes of {limit:#x} "
-                               f"(configuration {cfg.name!r}, {shape.layers} layers, {max_tokens} tokens)")
-        return a
-
-    T = max_tokens
-    xs = [alloc(T * d * 4) for _ in range(shape.layers + 1)]
-    for i, (q, pr, f1, f2) in enumerate(lays):
-        plan.layers.append(LayerPlan(
-            qkv=q, proj=pr, fc1=f1, fc2=f2, ln1=alloc(d * 4), ln2=alloc(d * 4), qkv_b=alloc(3 * d * 4),
-            proj_b=alloc(d * 4), fc1_b=alloc(f * 4), fc2_b=alloc(d * 4),
-            kc=[alloc(T * hd * 2) for _ in range(H)], vc=[alloc(T * hd * 2) for _ in range(H)],
-            x_in=xs[i], x_out=xs[i + 1]))
-        if not pim_layout:
-            nb = blocked_tile(cfg)
-            plan.layers[-1].lin = {name: alloc(K * _up(N, nb) * 2) for name, K, N in
-                                   (("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, f), ("fc2", f, d))}
-    Tp = _up(T, 16)
-    b = plan.buffers
-    b["h"] = alloc(T * d * 2)
-    b["qkv"] = alloc(T * 3 * d * 4)
-    b["q"] = alloc(T * d * 2)
-    b["s"] = alloc(H * T * Tp * 4)
-    b["p"] = alloc(H * T * Tp * 2)
-    b["o"] = alloc(T * d * 2)
-    b["y"] = alloc(T * max(d, f) * 4)
-    b["x2"] = alloc(T * d * 4)
-    b["g"] = alloc(T * f * 2)
-    plan.prog_base = _up(top, ALIGN)       # programs follow (placed by firmware.runtime.build_job)
-    plan.top = top
-    return plan
-
-
-def pack_layer(plan: MemoryPlan, i: int, w: LayerWeights) -> list[tuple[int, bytes]]:
-    """(address, bytes) pieces that put layer ``i``'s parameters in device memory."""
-    lp = plan.layers[i]
-    d = plan.shape.d_model
-    out = []
-
-    def put_w(name, lay: GemvLayout, mat):
-        if lay is None:
-            packed = Blocked.pack(G.bf16_bits(mat), blocked_tile(plan.cfg))
-            out.append((lp.lin[name], packed.astype("<u2").tobytes()))
-            return
-        packed = lay.pack(G.bf16_bits(mat))                    # [ch, banks, rows, cols, lanes]
-        arr = packed.transpose(2, 0, 1, 3, 4)                   # rows, ch, banks, cols, lanes
-        amap = AddressMap(plan.cfg.pim)                         # whole rows in address order
-        out.append((amap.encode(lay.base_row, 0, 0, 0), amap.pack_rows(arr).astype("<u2").tobytes()))
-
-    perm = plan.qkv_perm()
-    put_w("qkv", lp.qkv, w.qkv_w[:, perm])
-    put_w("proj", lp.proj, w.proj_w)
-    put_w("fc1", lp.fc1, w.fc1_w)
-    put_w("fc2", lp.fc2, w.fc2_w)
-
-    def f32(a):
-        return np.asarray(a, dtype=np.float32).astype("<f4").tobytes()
-
-    def gb(g, b):
-        bits = G.bf16_bits(g).astype(np.uint32) | (G.bf16_bits(b).astype(np.uint32) << 16)
-        return bits.astype("<u4").tobytes()
-
-    out += [(lp.ln1, gb(w.ln1_g, w.ln1_b)), (lp.ln2, gb(w.ln2_g, w.ln2_b)), (lp.qkv_b, f32(w.qkv_b[perm])),
-            (lp.proj_b, f32(w.proj_b)), (lp.fc1_b, f32(w.fc1_b)), (lp.fc2_b, f32(w.fc2_b))]
-    assert d
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,16 +170,8 @@ class LayerCompiler:
                     else:
                         cache = lp.kc[h] if kind == 1 else lp.vc[h]
                         mem, stride = cache + (pos0 + r0) * hd * 2, hd * 2
-                    self._vstore(pb, mem, stride, rg, hd * 2, unit, pb.unit(pitch))
+                    pb.vdma_units(False, mem, stride, rg, hd * 2, unit, pb.unit(pitch))
             pb.spm_top = top
-
-    def _vstore(self, pb, mem, stride, rows, row_bytes, spm_unit, pitch_units):
-        from firmware import costmodel
-        pb.words.append(isa.encode(SocOp.VSTORE, mem_addr=mem, mem_stride=stride, rows=rows, cols=row_bytes // 32,
-                                   spm_addr=spm_unit, spm_pitch=pitch_units))
-        c = costmodel.vdma_cycles(self.cfg, rows, row_bytes)
-        pb.est["vq"] = pb.est.get("vq", 0) + c
-        pb.est["npu_mem"] = pb.est.get("npu_mem", 0) + c
 
     def _head_runs(self, lp, heads):
         """``heads`` cut into runs of consecutive heads of one head group whose K caches (and V caches) are
@@ -708,11 +199,11 @@ class LayerCompiler:
         for kind in range(3):
             unit = pb.unit(T) + self.plan.qkv_col(kind, h0) * 2 // 32
             if kind == 0:
-                self._vstore(pb, b["q"] + h0 * hd * 2, 32, 1, n * hd * 2, unit, 1)
+                pb.vdma_units(False, b["q"] + h0 * hd * 2, 32, 1, n * hd * 2, unit, 1)
                 continue
             cache = lp.kc if kind == 1 else lp.vc
             stride = cache[run[1]] - cache[h0] if n > 1 else 32
-            self._vstore(pb, cache[h0] + pos * hd * 2, stride, n, hd * 2, unit, hd * 2 // 32)
+            pb.vdma_units(False, cache[h0] + pos * hd * 2, stride, n, hd * 2, unit, hd * 2 // 32)
 
     def attention(self, pb, lp, rows, pos0, heads):
         """S = Q K^T (MU), softmax (VQ), O = P V (MU) for ``heads``; O -> the o buffer."""

@@ -1,0 +1,191 @@
+"""The compiler's memory plan (:mod:`firmware.compiler`): where every weight, activation, KV cache and
+buffer of the compiled layers lives in device memory, and the packing of a layer's parameters.
+
+:func:`plan_memory` lays out the FC weights (the PIM layout of :class:`firmware.pim.GemvLayout`, or under
+npu-mem the matrix unit's column blocks, :class:`firmware.program.Blocked`), the per-layer parameters, the
+hidden states, the KV caches and the shared buffers (:class:`MemoryPlan`, :class:`LayerPlan`);
+:func:`pack_layer` turns a layer's weights into ``(address, bytes)`` pieces of that plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from firmware.gpt2 import GptShape, LayerWeights
+from firmware.pim import GemvLayout
+from firmware.program import Blocked, CompileError, _up, blocked_tile
+from hw.config import SystemConfig
+from hw.memif import AddressMap
+from hw.spec import fp as G
+
+__all__ = ["ALIGN", "LayerPlan", "MemoryPlan", "plan_memory", "pack_layer"]
+
+ALIGN = 64
+
+
+@dataclass
+class LayerPlan:
+    qkv: GemvLayout
+    proj: GemvLayout
+    fc1: GemvLayout
+    fc2: GemvLayout
+    ln1: int
+    ln2: int
+    qkv_b: int
+    proj_b: int
+    fc1_b: int
+    fc2_b: int
+    kc: list
+    vc: list
+    x_in: int        # [T, d] FP32 (hidden states entering the layer)
+    x_out: int       # [T, d] FP32
+    lin: dict = field(default_factory=dict)     # npu-mem: FC name -> address of row-major W [K, N] BF16
+
+
+@dataclass
+class MemoryPlan:
+    cfg: SystemConfig
+    shape: GptShape
+    max_tokens: int
+    hpg: int
+    layers: list = field(default_factory=list)
+    buffers: dict = field(default_factory=dict)
+    prog_base: int = 0
+    prog_bytes: int = 0
+    top: int = 0
+
+    @property
+    def row_bytes(self) -> int:
+        p = self.cfg.pim
+        return p.channels * p.banks * p.row_bytes
+
+    def qkv_perm(self) -> np.ndarray:
+        """Column order of the stored W_qkv: head groups ``[Q_g | K_g | V_g]``."""
+        d, hd, H, hpg = self.shape.d_model, self.shape.head_dim, self.shape.heads, self.hpg
+        cols = []
+        for g in range(H // hpg):
+            for kind in range(3):
+                for h in range(g * hpg, (g + 1) * hpg):
+                    cols.extend(range(kind * d + h * hd, kind * d + (h + 1) * hd))
+        return np.array(cols)
+
+    def qkv_col(self, kind: int, h: int) -> int:
+        hd, hpg = self.shape.head_dim, self.hpg
+        g, j = divmod(h, hpg)
+        return g * 3 * hd * hpg + kind * hd * hpg + j * hd
+
+
+def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int = 4,
+                pim_layout: bool = True) -> MemoryPlan:
+    """Addresses of everything. ``pim_layout=False`` (policy npu-mem: memory is plain DRAM) stores the FC
+    weights in column blocks (:class:`Blocked`), the layout the matrix unit's non-transposed DMA streams
+    fastest."""
+    p = cfg.pim
+    d, f, H, hd = shape.d_model, shape.ffn, shape.heads, shape.head_dim
+    if d % 16 or hd % 16:
+        raise CompileError(f"d_model ({d}) and head_dim ({hd}) must be multiples of 16 (32-byte rows)")
+    hpg = max(1, H // groups)
+    while H % hpg or (3 * hd * hpg) % (p.banks * p.channels):
+        hpg += 1
+        if hpg > H:
+            raise CompileError(f"no head group of {shape.heads} heads of {hd} fills whole PIM tiles: 3 x head_dim "
+                               f"x heads per group must be a multiple of the {p.banks * p.channels} banks "
+                               f"(banks x channels) of configuration {cfg.name!r}")
+    plan = MemoryPlan(cfg, shape, max_tokens, hpg)
+    row_bytes = plan.row_bytes
+    row = 0
+
+    def layout(K, N):
+        nonlocal row
+        lay = GemvLayout(cfg, K, N, base_row=row) if row < p.data_rows else None
+        if lay is None:
+            raise CompileError("out of DRAM rows")
+        row += lay.rows_used
+        return lay
+
+    lays = []
+    for _ in range(shape.layers):
+        if not pim_layout:
+            lays.append((None, None, None, None))
+            continue
+        try:
+            lays.append((layout(d, 3 * d), layout(d, d), layout(d, f), layout(f, d)))
+        except ValueError as e:
+            raise CompileError(f"{shape.layers} layer(s) of d_model {d} do not fit the {p.data_rows} data rows "
+                               f"of configuration {cfg.name!r}: {e}") from None
+    top = row * row_bytes
+    limit = p.data_rows * row_bytes
+
+    def alloc(nbytes):
+        nonlocal top
+        a = _up(top, ALIGN)
+        top = a + _up(nbytes, ALIGN)
+        if top > limit:
+            raise CompileError(f"device memory exhausted: need {top:#x} bytes of {limit:#x} "
+                               f"(configuration {cfg.name!r}, {shape.layers} layers, {max_tokens} tokens)")
+        return a
+
+    T = max_tokens
+    xs = [alloc(T * d * 4) for _ in range(shape.layers + 1)]
+    for i, (q, pr, f1, f2) in enumerate(lays):
+        plan.layers.append(LayerPlan(
+            qkv=q, proj=pr, fc1=f1, fc2=f2, ln1=alloc(d * 4), ln2=alloc(d * 4), qkv_b=alloc(3 * d * 4),
+            proj_b=alloc(d * 4), fc1_b=alloc(f * 4), fc2_b=alloc(d * 4),
+            kc=[alloc(T * hd * 2) for _ in range(H)], vc=[alloc(T * hd * 2) for _ in range(H)],
+            x_in=xs[i], x_out=xs[i + 1]))
+        if not pim_layout:
+            nb = blocked_tile(cfg)
+            plan.layers[-1].lin = {name: alloc(K * _up(N, nb) * 2) for name, K, N in
+                                   (("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, f), ("fc2", f, d))}
+    Tp = _up(T, 16)
+    b = plan.buffers
+    b["h"] = alloc(T * d * 2)
+    b["qkv"] = alloc(T * 3 * d * 4)
+    b["q"] = alloc(T * d * 2)
+    b["s"] = alloc(H * T * Tp * 4)
+    b["p"] = alloc(H * T * Tp * 2)
+    b["o"] = alloc(T * d * 2)
+    b["y"] = alloc(T * max(d, f) * 4)
+    b["x2"] = alloc(T * d * 4)
+    b["g"] = alloc(T * f * 2)
+    plan.prog_base = _up(top, ALIGN)       # programs follow (placed by firmware.runtime.build_job)
+    plan.top = top
+    return plan
+
+
+def pack_layer(plan: MemoryPlan, i: int, w: LayerWeights) -> list[tuple[int, bytes]]:
+    """(address, bytes) pieces that put layer ``i``'s parameters in device memory."""
+    lp = plan.layers[i]
+    d = plan.shape.d_model
+    out = []
+
+    def put_w(name, lay: GemvLayout, mat):
+        if lay is None:
+            packed = Blocked.pack(G.bf16_bits(mat), blocked_tile(plan.cfg))
+            out.append((lp.lin[name], packed.astype("<u2").tobytes()))
+            return
+        packed = lay.pack(G.bf16_bits(mat))                    # [ch, banks, rows, cols, lanes]
+        arr = packed.transpose(2, 0, 1, 3, 4)                   # rows, ch, banks, cols, lanes
+        amap = AddressMap(plan.cfg.pim)                         # whole rows in address order
+        out.append((amap.encode(lay.base_row, 0, 0, 0), amap.pack_rows(arr).astype("<u2").tobytes()))
+
+    perm = plan.qkv_perm()
+    put_w("qkv", lp.qkv, w.qkv_w[:, perm])
+    put_w("proj", lp.proj, w.proj_w)
+    put_w("fc1", lp.fc1, w.fc1_w)
+    put_w("fc2", lp.fc2, w.fc2_w)
+
+    def f32(a):
+        return np.asarray(a, dtype=np.float32).astype("<f4").tobytes()
+
+    def gb(g, b):
+        bits = G.bf16_bits(g).astype(np.uint32) | (G.bf16_bits(b).astype(np.uint32) << 16)
+        return bits.astype("<u4").tobytes()
+
+    out += [(lp.ln1, gb(w.ln1_g, w.ln1_b)), (lp.ln2, gb(w.ln2_g, w.ln2_b)), (lp.qkv_b, f32(w.qkv_b[perm])),
+            (lp.proj_b, f32(w.proj_b)), (lp.fc1_b, f32(w.fc1_b)), (lp.fc2_b, f32(w.fc2_b))]
+    assert d
+    return out
+
