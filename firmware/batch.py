@@ -42,7 +42,7 @@ Policies (:data:`POLICIES`):
       ``[token group][head][16][head_dim]``: the 16 tokens of one group of all heads are ``16 x heads``
       consecutive rows), appended by the scatter like K. Per request one matrix-unit GEMM,
       ``I[hd, hd] @ W`` with ``W[k, 16 h + j] = V_h[16 g + j, k]`` read by the transposing LOAD
-      (:class:`firmware.compiler.RowsN`), produces ``V^T`` of the new token's group ``g`` for every head
+      (:class:`firmware.program.RowsN`), produces ``V^T`` of the new token's group ``g`` for every head
       (exact: one product by 1.0 per output, the rest exact zeros) into a scratch buffer ``[hd, 16 heads]``;
       the vector DMA loads it and writes, per head, column ``g`` of the ``head_dim`` output rows (one VSTORE of
       ``head_dim`` rows of 32 bytes, stride ``row_bytes``). The whole column is rewritten: its lanes after the
@@ -106,12 +106,19 @@ Policies (:data:`POLICIES`):
     numerics are naive's bit for bit (only the order of independent work changes; a GEMM's rows do not
     depend on each other).
 
-The memory plan is the compiler's (:func:`firmware.compiler.plan_memory` with ``max_tokens = max(max_batch,
-max_prompt)`` and the matrix unit's column-block weights, :class:`firmware.compiler.Blocked`: in batched
+The memory plan is the compiler's (:func:`firmware.memory_plan.plan_memory` with ``max_tokens = max(max_batch,
+max_prompt)`` and the matrix unit's column-block weights, :class:`firmware.program.Blocked`: in batched
 generation every FC is a GEMM) plus, after it, the score / probability buffers, the identity matrix, the V^T
 scratch buffer, ``io_slots`` slots of per-step hidden states (``layers + 1`` arrays of ``[max_batch,
 d_model]`` FP32), the prefill's hidden states (and, naive, its staging K/V caches) and the program area; the
 KV pool (whole row indices, :class:`firmware.batch_runtime.KvPool`) fills the rest of the data rows.
+
+This module holds :func:`plan_batch` and the step compiler (:class:`BatchCompiler`); the plan's and a
+request's layout types with their address arithmetic (:class:`~firmware.batch_plan.BatchPlan`,
+:class:`~firmware.batch_plan.KvLayout`, :class:`BatchError`) are in :mod:`firmware.batch_plan`, neupims' merge
+of two instruction streams (:func:`~firmware.batch_merge.merge_streams`,
+:func:`~firmware.batch_merge.instruction_costs`) in :mod:`firmware.batch_merge`; all of them are importable
+from here as well.
 """
 
 from __future__ import annotations
@@ -119,175 +126,37 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from firmware.compiler import (
+from firmware.batch_merge import instruction_costs, merge_streams
+from firmware.batch_plan import PIM_POLICIES, POLICIES, BatchError, BatchPlan, KvLayout, gemv_layouts
+from firmware.compiler import LayerCompiler, Stage
+from firmware.gpt2 import GptShape
+from firmware.memory_plan import ALIGN, plan_memory
+from firmware.program import (
     CompileError,
-    LayerCompiler,
     MuBlock,
     ProgramBuilder,
     RowsN,
-    Stage,
     _bf16_words,
     _f32,
     _fp32_words,
     _up,
     gemm,
-    plan_memory,
 )
-from firmware.gpt2 import GptShape
-from firmware.memory_plan import ALIGN
-from firmware.pim import GemvLayout
 from hw.config import SystemConfig
-from hw.memif import AddressMap
 from hw.spec import soc_isa as isa
 from hw.spec.macro import MacroFlag, MacroOp
 from hw.spec.soc_isa import SocOp, Unit
 
 __all__ = ["POLICIES", "PIM_POLICIES", "SPLIT_MODES", "BATCH_STAGES", "BatchError", "KvLayout", "BatchPlan",
-           "BatchCompiler", "plan_batch", "merge_streams", "instruction_costs"]
+           "BatchCompiler", "plan_batch", "merge_streams", "instruction_costs", "gemv_layouts", "identity_bytes"]
 
-POLICIES = ("npu-only", "naive", "neupims")
-PIM_POLICIES = ("naive", "neupims")
-"""Policies with attention in PIM (K in the GEMV layout, V^T, the group-major V copy)."""
 SPLIT_MODES = ("auto", "always")
 """neupims: ``auto``: the cost model chooses two sub-batches or none (:meth:`BatchCompiler.partition`);
 ``always``: two sub-batches whenever there are two requests (the cost model chooses which)."""
 BATCH_STAGES = ("ln1", "qkv", "attn", "proj", "ln2", "fc1", "fc2")
-
-
-class BatchError(ValueError):
-    """A batch, a request or a configuration the batched compiler cannot handle (the message says why)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# KV layouts of one request
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class KvLayout:
-    """Where one request's KV cache lives: per layer and head the addresses of the normal-layout caches (K and
-    V ``[capacity, head_dim]`` BF16 under npu-only; under naive only V, group-major: :meth:`BatchPlan.v_addr`)
-    and, under naive, the first rows of K and V^T in the PIM layout."""
-    capacity: int
-    row0: int                       # first row index of the allocation
-    rows: int                       # row indices allocated
-    k: list = field(default_factory=list)       # [layer][head] address of K rows (npu-only)
-    v: list = field(default_factory=list)       # [layer][head] address of V token 0 (both)
-    k_row: list = field(default_factory=list)   # [layer][head] first row of K in the PIM layout (naive)
-    vt_row: list = field(default_factory=list)  # [layer][head] first row of V^T in the PIM layout (naive)
-
-
-@dataclass
-class BatchPlan:
-    cfg: SystemConfig
-    shape: GptShape
-    policy: str
-    max_batch: int
-    max_tokens: int                 # the largest capacity of one request
-    io_slots: int
-    plan: object                    # firmware.compiler.MemoryPlan
-    s: list                         # two score buffers [H, LP] FP32
-    p: list                         # two probability buffers [H, LP] BF16
-    ident: int                      # identity [hd, hd] BF16 (naive)
-    vt_scratch: int                 # [max_batch][hd, 16 heads] BF16: V^T of the new tokens' groups (naive)
-    slots: list                     # [slot][layer + 1] address of [max_batch, d] FP32
-    prog_base: int
-    prog_bytes: int
-    pool_rows: tuple                # (first, end) row indices of the KV pool
-    max_prompt: int = 0             # longest prompt prefilled on the device (0: none)
-    pre_x: list = field(default_factory=list)   # [layer + 1] address of [max_prompt, d] FP32 (prefill)
-    pre_kv: tuple = ()              # naive: ([H] K, [H] V) normal-layout [max_prompt, hd] the prefill writes
-
-    @property
-    def LP(self) -> int:
-        return _up(self.max_tokens, 16)
-
-    @property
-    def row_index_bytes(self) -> int:
-        p = self.cfg.pim
-        return p.channels * p.banks * p.row_bytes
-
-    # -- per-request footprint ------------------------------------------------------------------
-    def k_rows_per_head(self, capacity: int) -> int:
-        p = self.cfg.pim
-        return -(-capacity // (p.banks * p.channels))
-
-    def vt_rows_per_head(self) -> int:
-        p = self.cfg.pim
-        return -(-self.shape.head_dim // (p.banks * p.channels))
-
-    def normal_bytes(self, capacity: int) -> int:
-        """Bytes of one request's normal-layout caches (K and V under npu-only, V under naive)."""
-        s = self.shape
-        if self.policy in PIM_POLICIES:     # V only, group-major: whole groups of 16 tokens
-            return s.layers * _up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
-        return 2 * s.layers * s.heads * _up(capacity * s.head_dim * 2, ALIGN)
-
-    def request_rows(self, capacity: int) -> int:
-        """Row indices one request of ``capacity`` tokens takes from the KV pool."""
-        s = self.shape
-        pim = 0
-        if self.policy in PIM_POLICIES:
-            pim = s.layers * s.heads * (self.k_rows_per_head(capacity) + self.vt_rows_per_head())
-        return pim + -(-self.normal_bytes(capacity) // self.row_index_bytes)
-
-    def check_capacity(self, capacity: int):
-        if not 1 <= capacity <= self.max_tokens:
-            raise BatchError(f"a request's capacity must be 1..{self.max_tokens} tokens (the plan's max_tokens), "
-                             f"not {capacity}")
-
-    def layout(self, row0: int, capacity: int) -> KvLayout:
-        """The addresses of a request allocated at row index ``row0``."""
-        s = self.shape
-        kv = KvLayout(capacity, row0, self.request_rows(capacity))
-        row = row0
-        if self.policy in PIM_POLICIES:
-            kr, vr = self.k_rows_per_head(capacity), self.vt_rows_per_head()
-            for _ in range(s.layers):
-                kv.k_row.append([row + h * kr for h in range(s.heads)])
-                row += s.heads * kr
-                kv.vt_row.append([row + h * vr for h in range(s.heads)])
-                row += s.heads * vr
-        addr = row * self.row_index_bytes
-        if self.policy in PIM_POLICIES:          # V group-major: head h of a group at 16 h rows
-            step = _up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
-            for _ in range(s.layers):
-                kv.v.append([addr + h * 16 * s.head_dim * 2 for h in range(s.heads)])
-                addr += step
-        else:
-            step = _up(capacity * s.head_dim * 2, ALIGN)
-            for _ in range(s.layers):
-                for lst in (kv.k, kv.v):
-                    lst.append([addr + h * step for h in range(s.heads)])
-                    addr += s.heads * step
-        assert addr <= (row0 + kv.rows) * self.row_index_bytes
-        return kv
-
-    # -- addresses of single values (the runtime's packing and the compiler's appends) ------------
-    def k_addr(self, kv: KvLayout, i: int, h: int, t: int) -> int:
-        """Address of token ``t``'s K row (``head_dim`` BF16) of layer ``i``, head ``h``."""
-        if self.policy == "npu-only":
-            return kv.k[i][h] + t * self.shape.head_dim * 2
-        p = self.cfg.pim
-        tile, n = divmod(t, p.banks * p.channels)
-        return AddressMap(p).encode(kv.k_row[i][h] + tile, n // p.banks, n % p.banks, 0)
-
-    def v_addr(self, kv: KvLayout, i: int, h: int, t: int) -> int:
-        """Address of token ``t``'s V row (``head_dim`` BF16) in the normal-layout copy."""
-        hd = self.shape.head_dim
-        if self.policy == "npu-only":
-            return kv.v[i][h] + t * hd * 2
-        g, j = divmod(t, 16)
-        return kv.v[i][h] + (g * self.shape.heads * 16 + j) * hd * 2
-
-    def vt_addr(self, kv: KvLayout, i: int, h: int, n: int, col: int) -> int:
-        """Address of column ``col`` (tokens ``16 col ..``) of V^T output row ``n`` (naive)."""
-        p = self.cfg.pim
-        tile, m = divmod(n, p.banks * p.channels)
-        return AddressMap(p).encode(kv.vt_row[i][h] + tile, m // p.banks, m % p.banks, col)
 
 
 def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, max_tokens: int,
@@ -780,130 +649,3 @@ def identity_bytes(hd: int) -> bytes:
     """The identity ``[hd, hd]`` in BF16 (the V^T update's left operand)."""
     from hw.spec import fp as G
     return G.bf16_bits(np.eye(hd, dtype=np.float32)).astype("<u2").tobytes()
-
-
-def gemv_layouts(bp: BatchPlan, kv: KvLayout, i: int, h: int, L: int) -> tuple[GemvLayout, GemvLayout]:
-    """The GEMV layouts the naive policy's macros read: K (``[head_dim, L]``) and V^T (``[L, head_dim]``)."""
-    hd = bp.shape.head_dim
-    return GemvLayout(bp.cfg, hd, L, kv.k_row[i][h]), GemvLayout(bp.cfg, L, hd, kv.vt_row[i][h])
-
-
-# ---------------------------------------------------------------------------------------------
-# Merging two independent instruction streams into one program (neupims)
-# ---------------------------------------------------------------------------------------------
-
-_VQ_OPS = (SocOp.VECTOR, SocOp.VLOAD, SocOp.VSTORE)
-
-
-def instruction_costs(cfg: SystemConfig, words: list[int]) -> list[float]:
-    """Cost-model cycles of every instruction of a program (FENCE and END 0): matrix-unit LOAD / STORE by
-    their bytes at the DMA's rate, COMPUTE by the array's slots, each run of MATRIX instructions scaled to
-    ``max(loads, computes) + stores`` (the unit's queues overlap); PIM macros by
-    :func:`firmware.pim.gemv_lower_bound` x :data:`firmware.costmodel.PCU_OVERHEAD` (GEMV) and their
-    transfers; vector instructions by :func:`hw.spec.vector_isa.vector_cycles`, vector DMA by its columns."""
-    from amaranth.lib import data as _data
-
-    from firmware import costmodel
-    from firmware.pim import gemv_lower_bound
-    from hw.spec import macro as mac
-    from hw.spec import matrix_isa as mu_isa
-    from hw.spec import vector_isa as vu
-
-    npu = cfg.npu
-    R, C = npu.array_rows, npu.array_cols
-    rate = costmodel._mem_rate(cfg)
-    vlay = _data.Layout.cast(vu.VectorInstr)
-
-    def vfield(w, name):
-        f = vlay[name]
-        return (w >> f.offset) & ((1 << f.width) - 1)
-
-    out, kinds = [], []
-    for w in words:
-        op = SocOp(w & 0xF)
-        c, kind = 0.0, None
-        if op == SocOp.MATRIX:
-            f = mu_isa.decode(w >> isa.PAYLOAD_LO)
-            o = f["opcode"]
-            if o == mu_isa.Opcode.LOAD:
-                r = min(32 * C / max(C, 16), rate) if f.get("transpose") else min(32.0, rate)
-                c, kind = f["rows"] * f["cols"] * 2 / r, "L"
-            elif o == mu_isa.Opcode.STORE:
-                c, kind = f["rows"] * f["cols"] * (2 if f.get("bf16") else 4) / min(32.0, rate), "S"
-            elif o == mu_isa.Opcode.COMPUTE:
-                c, kind = max(f["m"], R, 4) * -(-f["k"] // R) * -(-f["n"] // C), "C"
-        elif op == SocOp.PIM:
-            payload = w >> isa.PAYLOAD_LO
-            m = mac.decode([(payload >> (32 * i)) & 0xFFFFFFFF for i in range(4)])
-            if m.op == mac.MacroOp.GEMV:
-                c = costmodel.PCU_OVERHEAD * gemv_lower_bound(cfg, m.n, m.m)["cycles"]
-            elif m.op == mac.MacroOp.WRITE_VEC:
-                c = m.n * 2 / 32 + costmodel.MEM_LATENCY
-            elif m.op == mac.MacroOp.READ_RES:
-                c = m.n * 4 / 32 + costmodel.MEM_LATENCY
-        elif op == SocOp.VECTOR:
-            word = w >> isa.PAYLOAD_LO
-            c = vu.vector_cycles(vu.Opcode(vfield(word, "op")).name, vfield(word, "n"), vfield(word, "rows"),
-                                 npu.vector_lanes)
-        elif op in (SocOp.VLOAD, SocOp.VSTORE):
-            f = isa.decode(w)
-            c = costmodel.vdma_cycles(cfg, f["rows"], 32 * f["cols"])
-        out.append(float(c))
-        kinds.append(kind)
-    i = 0                                   # runs of MATRIX instructions: the queues overlap
-    while i < len(words):
-        if kinds[i] is None:
-            i += 1
-            continue
-        j = i
-        while j < len(words) and kinds[j] is not None:
-            j += 1
-        tot = {k: sum(out[x] for x in range(i, j) if kinds[x] == k) for k in "LCS"}
-        raw = sum(tot.values())
-        if raw:
-            scale = (max(tot["L"], tot["C"]) + tot["S"]) / raw
-            for x in range(i, j):
-                out[x] *= scale
-        i = j
-    return out
-
-
-def _atoms(words: list[int], costs: list[float]) -> list[tuple[list[int], float]]:
-    """A stream cut where the other stream's instructions may go: every run of vector-queue instructions is
-    one atom (its scratchpad regions are reused from one run to the next, so another stream's vector
-    instructions must not land inside it), every other instruction an atom of its own."""
-    out, i = [], 0
-    while i < len(words):
-        j = i + 1
-        if SocOp(words[i] & 0xF) in _VQ_OPS:
-            while j < len(words) and SocOp(words[j] & 0xF) in _VQ_OPS:
-                j += 1
-        out.append((words[i:j], sum(costs[i:j])))
-        i = j
-    return out
-
-
-def merge_streams(cfg: SystemConfig, first: list[int], second: list[int]) -> tuple[list[int], tuple[float, float]]:
-    """One program of two independent instruction streams (no END; no data shared between them): their
-    atoms (:func:`_atoms`) interleaved in order of the cost model's time (:func:`instruction_costs`): next
-    comes the atom of the stream whose emitted work is smaller (``first`` on ties). The command processor
-    dispatches in program order into shallow unit queues (matrix unit 4, macros 8, vector 8 instructions),
-    so each unit is fed as it drains while the other runs; each stream's FENCEs stay in place and keep its
-    own dependences (a FENCE may also wait for the other stream's work on that unit: never too early).
-    Returns the words and the two streams' estimated cycles."""
-    end = isa.encode(SocOp.END)
-    streams = []
-    for ws in (first, second):
-        ws = [w for w in ws if w != end]
-        streams.append(_atoms(ws, instruction_costs(cfg, ws)))
-    pos, t, out = [0, 0], [0.0, 0.0], []
-    while pos[0] < len(streams[0]) or pos[1] < len(streams[1]):
-        if pos[1] >= len(streams[1]) or (pos[0] < len(streams[0]) and t[0] <= t[1]):
-            s = 0
-        else:
-            s = 1
-        words, c = streams[s][pos[s]]
-        out += words
-        t[s] += c
-        pos[s] += 1
-    return out, (t[0], t[1])
