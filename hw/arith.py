@@ -13,7 +13,8 @@ Numerics (the contract of ARCHITECTURE.md section 4, decided here once):
   quiet NaN ``0x7FC00000``.
 * **Exact cancellation** ``x + (-x)`` gives ``+0``; ``(-0) + (-0)`` gives ``-0``.
 
-``hw/spec/fp.py`` is the independent numpy model of the same rules.
+``hw/spec/fp.py`` is the independent numpy model of the same rules. The PIM processing unit's datapath built
+from these pieces (multipliers, adder tree, accumulator) is :class:`hw.mac_unit.MacUnit`.
 
 Every block exposes its ``latency`` in cycles; data enters on one cycle and the
 result is on the output ``latency`` cycles later. The blocks have no stall:
@@ -23,11 +24,9 @@ the surrounding control carries a valid bit alongside.
 
 from pathlib import Path
 
-from amaranth.hdl import Cat, ClockSignal, Const, DomainRenamer, Instance, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Instance, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
-
-from .clockgate import gated_domain
 
 __all__ = [
     "QNAN",
@@ -45,7 +44,6 @@ __all__ = [
     "BF16Multiplier",
     "FP32Adder",
     "AdderTree",
-    "MacUnit",
     "ArithArray",
 ]
 
@@ -607,242 +605,6 @@ class AdderTree(wiring.Component):
             depth += 1
         m.d.comb += self.o.eq(level[0])
         return m
-
-
-class MacUnit(wiring.Component):
-    """One processing-unit datapath: ``lanes`` BF16 multipliers, adder tree, FP32 accumulator.
-
-    A column of weights ``w`` and inputs ``x`` entering with ``valid`` is added
-    to the accumulator ``latency`` cycles later: ``acc = acc + tree(w * x)``
-    (the sum of the lanes first, then one addition into the accumulator). The
-    accumulator adder is combinational with a registered result, so
-    back-to-back columns accumulate at one per cycle.
-
-    ``acc_load`` writes ``acc_value`` into the accumulator at once (bias
-    preload or clear); the caller must not load while MACs are in flight.
-
-    Parameters
-    ----------
-    lanes : int
-        Multipliers (a power of two).
-    clock_gate : bool
-        See below.
-    fp_impl : str
-        ``"rtl"`` or ``"dpi"`` (:func:`check_fp_impl`).
-    mul_stages : int
-        Pipeline depth of the multipliers, 1 (default) or 2 (:func:`bf16_mul_pipe`).
-    tree_stages : int
-        Pipeline depth of each adder-tree level, 1 to 4 (default 2; :class:`AdderTree`).
-    acc_stages : int
-        1 (default): the accumulator above, one FP32 addition in a one-cycle loop.
-        ``P`` in 2 to 4: **interleaved partial sums** (issue 15), so that no full FP32 addition sits in a
-        one-cycle loop. ``P`` partials ``p0 .. p(P-1)``; after a load ``p0 = acc_value`` and the others
-        are ``-0`` (the exact identity of the addition: ``x + (-0) = x`` for every ``x`` the adder
-        returns unchanged). The ``k``-th column since the load or the last combine is added into
-        ``p(k mod P)`` through a ``P``-stage adder (:func:`fp32_add_pipe`, its last register being the
-        partial itself), so a partial is read again ``P`` cycles after it was issued at the earliest.
-        ``combine`` (one cycle) adds the partials in the fixed pairwise order of
-        :func:`combine_schedule` (``(p0+p1)+(p2+p3)`` for 4) into ``p0``, sets the others to ``-0``
-        and restarts at ``p0``; ``acc`` shows ``p0``, so it holds the total ``combine_latency`` cycles
-        after ``combine``. The golden model is :func:`hw.spec.fp.accumulate` with ``stages=P``
-        (:class:`hw.spec.fp.InterleavedAccumulator` for load / add / combine sequences).
-
-    Members
-    -------
-    valid : In(1)
-    w, x : In(ArrayLayout(16, lanes))
-    acc_load : In(1)
-    acc_value : In(32)
-    combine : In(1)
-        Only when ``acc_stages > 1``. Assert for one cycle, ``latency`` cycles after the last column
-        entered at the earliest (when its partial holds it); no column may enter and no load happen until
-        ``acc`` holds the total, ``combine_latency`` cycles later.
-    acc : Out(32)
-
-    ``clock_gate=True`` clocks the multipliers and the adder tree through a
-    clock gate that is open only while a column is in flight (the enable is
-    sampled on the falling edge, as a latch-based gating cell does, so the
-    gated clock has no glitch). An idle PIM processing unit then has no
-    switching pipeline (the power argument of clock gating), and Verilator,
-    which evaluates every flop's input logic on each edge of its clock, skips
-    the idle datapath: the 32 processing units of the default PIM device were
-    about half of the SoC's simulation time. Results are identical either way
-    (tests/test_arith.py runs both). Off by default: see :mod:`hw.clockgate`.
-    The accumulator (and its pipeline when ``acc_stages > 1``) stays on the ungated clock.
-
-    With the default depths (1, 2, 1) the netlist is the one the unit has always had.
-    """
-
-    def __init__(self, lanes: int = 16, clock_gate: bool = False, fp_impl: str = "rtl", *,
-                 mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1):
-        if not isinstance(lanes, int) or lanes < 2 or lanes & (lanes - 1):
-            raise ValueError(f"MAC lanes must be a power of two of at least 2, not {lanes!r}")
-        self._lanes = lanes
-        self._clock_gate = bool(clock_gate)
-        self._fp_impl = check_fp_impl(fp_impl)
-        self._mul_stages = _check_stages("MAC multiplier stages", mul_stages, (1, 2))
-        self._tree_stages = _check_stages("MAC adder tree stages", tree_stages, tuple(range(1, MAX_ADD_STAGES + 1)))
-        self._acc_stages = _check_stages("MAC accumulator stages", acc_stages, tuple(range(1, MAX_ADD_STAGES + 1)))
-        ports = {
-            "valid": In(1),
-            "w": In(data.ArrayLayout(16, lanes)),
-            "x": In(data.ArrayLayout(16, lanes)),
-            "acc_load": In(1),
-            "acc_value": In(32),
-            "acc": Out(32),
-        }
-        if acc_stages > 1:
-            ports["combine"] = In(1)
-        super().__init__(ports)
-
-    @property
-    def lanes(self) -> int:
-        return self._lanes
-
-    @property
-    def mul_stages(self) -> int:
-        return self._mul_stages
-
-    @property
-    def tree_stages(self) -> int:
-        return self._tree_stages
-
-    @property
-    def acc_stages(self) -> int:
-        return self._acc_stages
-
-    @staticmethod
-    def latency_for(lanes: int, mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1) -> int:
-        """Cycles from a column entering to the accumulator (its partial when ``acc_stages > 1``) holding its sum."""
-        return mul_stages + tree_stages * (lanes.bit_length() - 1) + acc_stages
-
-    @staticmethod
-    def combine_latency_for(acc_stages: int = 1) -> int:
-        """Cycles from ``combine`` to ``acc`` holding the total: 0 for one accumulator (no combine), else
-        the :func:`combine_schedule` of ``acc_stages`` partials (2, 6, 9 for 2, 3, 4), whose first addition
-        is issued in the cycle of ``combine``."""
-        return 0 if acc_stages == 1 else combine_schedule(acc_stages, acc_stages)[1]
-
-    @property
-    def latency(self) -> int:
-        return self.latency_for(self._lanes, self._mul_stages, self._tree_stages, self._acc_stages)
-
-    @property
-    def combine_latency(self) -> int:
-        return self.combine_latency_for(self._acc_stages)
-
-    @property
-    def result_latency(self) -> int:
-        """Cycles from the last column entering to ``acc`` holding the total, with ``combine`` at the
-        earliest (``latency`` after that column): what a read of the accumulator must wait."""
-        return self.latency + self.combine_latency
-
-    def elaborate(self, platform):
-        m = Module()
-        dp = "mac" if self._clock_gate else "sync"
-        tree = AdderTree(self._lanes, self._tree_stages, fp_impl=self._fp_impl)
-        m.submodules.tree = DomainRenamer(dp)(tree) if dp != "sync" else tree
-        for k in range(self._lanes):
-            # Gated: the operands change with the bank's storage every cycle, the product register only
-            # on the gated edges; a registered behavioural cell is called only then.
-            if self._mul_stages == 1:
-                p = bf16_mul(m, m.d[dp], self.w[k], self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl,
-                             reg_clock=ClockSignal(dp) if self._clock_gate else None)
-            else:
-                p = bf16_mul_pipe(m, self.w[k], self.x[k], self._mul_stages, prefix=f"mul{k}",
-                                  fp_impl=self._fp_impl, domain=dp)
-            m.d.comb += tree.i[k].eq(p)
-        # valid travels alongside the multiplier and the tree (ungated).
-        valid = self.valid
-        in_flight = []
-        for stage in range(self._mul_stages + tree.latency):
-            in_flight.append(valid)
-            nxt = Signal(name=f"valid_s{stage + 1}")
-            m.d.sync += nxt.eq(valid)
-            valid = nxt
-        if self._clock_gate:
-            # The next rising edge must clock the datapath when any stage's input holds a valid column.
-            gated_domain(m, "mac", Cat(*in_flight).any())
-
-        if self._acc_stages > 1:
-            self._interleaved_accumulator(m, valid, tree.o)
-            return m
-        acc = Signal(32, name="acc_reg")
-        st = fp32_add_align(m, m.d.comb, acc, tree.o, prefix="acc", fp_impl=self._fp_impl)
-        total = fp32_add_round(m, m.d.comb, st, prefix="acc")
-        with m.If(self.acc_load):
-            m.d.sync += acc.eq(self.acc_value)
-        with m.Elif(valid):
-            m.d.sync += acc.eq(total)
-        m.d.comb += self.acc.eq(acc)
-        return m
-
-    def _interleaved_accumulator(self, m: Module, valid, term):
-        """``acc_stages`` partial sums behind one ``acc_stages``-deep adder (see the class docstring)."""
-        P = self._acc_stages
-        neg_zero = 0x80000000
-        parts = [Signal(32, name=f"acc_p{j}", init=0 if j == 0 else neg_zero) for j in range(P)]
-        slot = Signal(range(P), name="acc_slot")            # the partial the next column goes into
-        ops, cycles = combine_schedule(P, P)
-        combining = Signal(name="acc_combining")
-        step = Signal(range(cycles + 1), name="acc_combine_step")
-
-        # One issue per cycle: a column into its partial, or a step of the combine schedule.
-        # Step 0 of the schedule is issued in the cycle of ``combine`` itself, the later ones from ``step``.
-        issue = Signal(name="acc_issue")
-        sel_a = Signal(range(P), name="acc_sel_a")
-        sel_b = Signal(range(P), name="acc_sel_b")
-        b_is_part = Signal(name="acc_b_is_part")
-        dest = Signal(range(P), name="acc_dest")
-        with m.If(self.combine | combining):
-            with m.Switch(Mux(combining, step, 0)):
-                for s, ja, jb, jd in ops:
-                    with m.Case(s):
-                        m.d.comb += [issue.eq(1), sel_a.eq(ja), sel_b.eq(jb), b_is_part.eq(1), dest.eq(jd)]
-        with m.Elif(valid):
-            m.d.comb += [issue.eq(1), sel_a.eq(slot), dest.eq(slot)]
-        op_a = Signal(32, name="acc_op_a")
-        op_b = Signal(32, name="acc_op_b")
-        part_b = Signal(32, name="acc_part_b")
-        with m.Switch(sel_a):
-            for j in range(P):
-                with m.Case(j):
-                    m.d.comb += op_a.eq(parts[j])
-        with m.Switch(sel_b):
-            for j in range(P):
-                with m.Case(j):
-                    m.d.comb += part_b.eq(parts[j])
-        m.d.comb += op_b.eq(Mux(b_is_part, part_b, term))
-        total = fp32_add_pipe(m, op_a, op_b, P, prefix="acc", fp_impl=self._fp_impl, out_reg=False)
-        # The write enable and destination travel with the operands through the adder's P - 1 registers.
-        w_en, w_dest = issue, dest
-        for k in range(P - 1):
-            en_r, dest_r = Signal(name=f"acc_wen_s{k + 1}"), Signal(range(P), name=f"acc_wdest_s{k + 1}")
-            m.d.sync += [en_r.eq(w_en), dest_r.eq(w_dest)]
-            w_en, w_dest = en_r, dest_r
-
-        with m.If(self.acc_load):
-            m.d.sync += [parts[0].eq(self.acc_value), slot.eq(0)]
-            m.d.sync += [p.eq(neg_zero) for p in parts[1:]]
-        with m.Else():
-            with m.If(w_en):
-                with m.Switch(w_dest):
-                    for j in range(P):
-                        with m.Case(j):
-                            m.d.sync += parts[j].eq(total)
-            with m.If(valid & ~combining):
-                m.d.sync += slot.eq(Mux(slot == P - 1, 0, slot + 1))
-            with m.If(combining & (step == cycles - 1)):
-                # The total lands in p0 on this edge; the other partials restart from -0.
-                m.d.sync += [p.eq(neg_zero) for p in parts[1:]]
-                m.d.sync += slot.eq(0)
-        with m.If(self.combine):
-            m.d.sync += [combining.eq(1), step.eq(1)]
-        with m.Elif(combining):
-            m.d.sync += step.eq(step + 1)
-            with m.If(step == cycles - 1):
-                m.d.sync += combining.eq(0)
-        m.d.comb += self.acc.eq(parts[0])
 
 
 class ArithArray(wiring.Component):

@@ -13,7 +13,7 @@ from .gen import BUILD_ROOT, ROOT, lint, verilog_for
 
 
 def _mac16():
-    from .arith import MacUnit
+    from .mac_unit import MacUnit
 
     return MacUnit(16)
 

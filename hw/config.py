@@ -91,7 +91,7 @@ class _Checked:
 # derived from ``repr``) of every BF16 preset are what they were before the fields existed.
 LOWPREC_DEFAULTS = {"weight_format": "bf16", "act_format": "bf16", "quant_group": 128, "scale_format": "fp16",
                     "grid_choice": False, "acc_slots": 1}
-# Pipeline depths of the BF16 processing unit (issue 15; :class:`hw.arith.MacUnit`) and their defaults (today's
+# Pipeline depths of the BF16 processing unit (issue 15; :class:`hw.mac_unit.MacUnit`) and their defaults (today's
 # unit). Left out of ``repr`` at their defaults as well, for the same reason.
 PIPE_DEFAULTS = {"mul_stages": 1, "tree_stages": 2, "acc_stages": 1}
 PIPE_RANGES = {"mul_stages": (1, 2), "tree_stages": (1, 2, 3, 4), "acc_stages": (1, 2, 3, 4)}
@@ -158,7 +158,7 @@ class PimGeometry(_Checked):
         next tile's MACs go into the other slot (the slot is bit 4 of the MAC / WRBIAS / RDMAC row field).
     mul_stages : int
         Pipeline depth of the BF16 processing unit's multipliers: 1 (default) or 2 (issue 15;
-        :class:`hw.arith.MacUnit`).
+        :class:`hw.mac_unit.MacUnit`).
     tree_stages : int
         Pipeline depth of each level of its FP32 adder tree: 1 to 4 (default 2).
     acc_stages : int
@@ -762,7 +762,7 @@ def _pipelined(base, mul_stages=2, tree_stages=4, acc_stages=4):
     result depth (:func:`hw.pim.bank.pu_mac_depth`: storage read + MacUnit latency + combine latency; 32 for
     16 lanes with 2 / 4 / 4). tAF stays: the AF unit is not pipelined deeper."""
     def make() -> SystemConfig:
-        from .arith import MacUnit  # not hw.pim.bank: hw.pim imports this module
+        from .mac_unit import MacUnit  # not hw.pim.bank: hw.pim imports this module
 
         cfg = base()
         pipe = {"pim.mul_stages": mul_stages, "pim.tree_stages": tree_stages, "pim.acc_stages": acc_stages}

@@ -98,7 +98,7 @@ def _convert_wrapped(component):
 
 
 def _mac_unit():
-    from hw.arith import MacUnit
+    from hw.mac_unit import MacUnit
 
     return MacUnit(16)
 

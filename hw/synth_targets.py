@@ -71,7 +71,7 @@ register("lowprec_fp4_bf16", _lowprec("fp4", "bf16"),
 
 def _mac_pipelined(mul_stages, tree_stages, acc_stages):
     def factory():
-        from .arith import MacUnit
+        from .mac_unit import MacUnit
 
         return MacUnit(16, mul_stages=mul_stages, tree_stages=tree_stages, acc_stages=acc_stages)
     return factory

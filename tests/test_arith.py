@@ -8,7 +8,8 @@ from amaranth.hdl import Module
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import FP_DPI_SOURCES, AdderTree, ArithArray, FP32Adder, MacUnit
+from hw.arith import FP_DPI_SOURCES, AdderTree, ArithArray, FP32Adder
+from hw.mac_unit import MacUnit
 from sim.build import build
 from sim.golden import fp as G
 from sim.golden.operands import SPECIAL_BF16, SPECIAL_F32, bf16_pairs, fp32_pairs

@@ -12,7 +12,8 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
-from hw.arith import AdderTree, FP32Adder, MacUnit, bf16_mul_pipe, combine_schedule, fp32_add_pipe
+from hw.arith import AdderTree, FP32Adder, bf16_mul_pipe, combine_schedule, fp32_add_pipe
+from hw.mac_unit import MacUnit
 from sim.golden import fp as G
 from sim.golden.operands import SPECIAL_BF16, SPECIAL_F32, bf16_pairs, bf16_values, fp32_pairs
 

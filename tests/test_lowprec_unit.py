@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from firmware.quant import quantize_fp8, quantize_weights
-from hw.arith import MacUnit
+from hw.mac_unit import MacUnit
 from hw.pim.lowprec_unit import LowPrecMacUnit
 from sim.golden import lowprec as LP
 from sim.golden import lowprec_unit as L

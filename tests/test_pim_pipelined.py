@@ -19,7 +19,7 @@ PIPE_TB = "sim.tb.pim_pipe_tb"
 
 
 def test_presets_take_tmac_from_the_unit():
-    from hw.arith import MacUnit
+    from hw.mac_unit import MacUnit
     from hw.pim.bank import check_pu_timing, pu_mac_depth
 
     for name in ("tiny-p4", "default-p4"):

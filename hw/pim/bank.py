@@ -4,7 +4,7 @@ The channel (:mod:`hw.pim.channel`) decodes commands, checks every rule, and
 drives this bank with ``do_*`` strobes only for commands that are legal; the
 bank reports the per-bank timing state the channel needs to decide.
 
-Processing unit: a :class:`hw.arith.MacUnit` (``lanes`` BF16 multipliers,
+Processing unit: a :class:`hw.mac_unit.MacUnit` (``lanes`` BF16 multipliers,
 FP32 adder tree, FP32 accumulator with bias preload) and an activation-function
 unit that evaluates a piecewise-linear function from a lookup table held in a
 reserved DRAM row of this bank (as AiM keeps its AF tables in DRAM).
@@ -29,7 +29,7 @@ MAC  0: storage read of column ``col`` of the open row (and, in the channel,
 
 Pipelined processing unit (issue 15; ``PimGeometry.mul_stages`` / ``tree_stages`` / ``acc_stages``): the
 MacUnit is built with those depths. With ``acc_stages = P > 1`` its accumulator is ``P`` interleaved partial
-sums (:class:`hw.arith.MacUnit`), and **the command sequence, not the timing, decides when they are
+sums (:class:`hw.mac_unit.MacUnit`), and **the command sequence, not the timing, decides when they are
 combined**: a MACSB / MACAB whose ``row`` bit :data:`~hw.pim.commands.COMBINE_ROW_BIT` (bit 0; the BF16
 unit has no other use for a MAC's row field) is set is a *combining MAC*, the last column before a read.
 Its column is summed as any other, and ``MacUnit.latency`` cycles after it entered the unit (when its
@@ -67,8 +67,9 @@ from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..arith import MacUnit, bf16_mul, check_fp_impl, fp32_add_align, fp32_add_round, fp32_to_bf16
+from ..arith import bf16_mul, check_fp_impl, fp32_add_align, fp32_add_round, fp32_to_bf16
 from ..config import SystemConfig
+from ..mac_unit import MacUnit
 from .commands import COMBINE_ROW_BIT
 from .timing import countdown
 

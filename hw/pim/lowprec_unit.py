@@ -1,12 +1,12 @@
 """Low-precision PIM processing unit (P3-LLM, issue 19): 4-bit weights, fused dequantization.
 
 One 256-bit DRAM column of weights per cycle against the global buffer's activations, like the BF16 unit
-(:class:`hw.arith.MacUnit`), with the weight format a parameter. The numerics are defined by the golden model
+(:class:`hw.mac_unit.MacUnit`), with the weight format a parameter. The numerics are defined by the golden model
 :mod:`sim.golden.lowprec_unit` (this unit matches it bit for bit; ``tests/test_lowprec_unit.py``).
 
 Datapaths (one per instance, chosen by the parameters):
 
-* ``weights="bf16"``: today's unit, a :class:`hw.arith.MacUnit` of 16 lanes (lane ``k`` = bits ``16k..16k+15``
+* ``weights="bf16"``: today's unit, a :class:`hw.mac_unit.MacUnit` of 16 lanes (lane ``k`` = bits ``16k..16k+15``
   of the column).
 * ``weights="int4" | "fp4"``, ``acts="fp8_e4m3"``: **integer** datapath. Lane ``k`` takes nibble ``k`` (bits
   ``4k..4k+3``, 64 per column) and FP8 activation ``k``. The weight becomes a signed integer (``int4``: the
@@ -63,13 +63,13 @@ from ..arith import (
     QNAN,
     AdderTree,
     BF16Multiplier,
-    MacUnit,
     bf16_mul,
     check_fp_impl,
     fp32_add_align,
     fp32_add_round,
     leading_zeros,
 )
+from ..mac_unit import MacUnit
 
 __all__ = ["LowPrecMacUnit", "WEIGHT_FORMATS", "ACT_FORMATS", "SCALE_FORMATS"]
 

@@ -136,7 +136,7 @@ def accumulate(init_bits, terms_bits, stages: int = 1) -> np.ndarray:
     """FP32 accumulation of ``terms_bits`` (over its first axis) onto ``init_bits``.
 
     ``stages=1``: sequential, ``acc = acc + term``. ``stages=P > 1``: the order of an accumulator
-    of ``P`` interleaved partial sums (:class:`hw.arith.MacUnit` with ``acc_stages=P``): ``p0 = init``,
+    of ``P`` interleaved partial sums (:class:`hw.mac_unit.MacUnit` with ``acc_stages=P``): ``p0 = init``,
     the others ``-0``; term ``k`` is added into ``p(k mod P)``; then the partials are combined pairwise
     (:func:`combine_partials`).
     """

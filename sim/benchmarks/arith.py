@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 
-from hw.arith import MacUnit
+from hw.mac_unit import MacUnit
 from sim.build import build
 
 EXCLUSIVE = True

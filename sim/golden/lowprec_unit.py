@@ -5,7 +5,7 @@ Written from the unit's numerics contract below with numpy / ml_dtypes / Python 
 The unit takes one 256-bit DRAM column of weights per cycle against the global buffer's activations and
 accumulates into an FP32 accumulator. Formats (parameters of the unit):
 
-* ``weights="bf16"``, ``acts="bf16"``: today's unit, 16 lanes (:class:`hw.arith.MacUnit`): per column the
+* ``weights="bf16"``, ``acts="bf16"``: today's unit, 16 lanes (:class:`hw.mac_unit.MacUnit`): per column the
   exact BF16 products, the pairwise adder tree, one addition into the accumulator (:mod:`sim.golden.fp`).
 * ``weights="int4" | "fp4"``: 64 lanes (a column packs 64 nibbles; lane ``k`` is bits ``4k..4k+3``), groups of
   ``group`` inputs (``group / 64`` columns) sharing one scale (``scale_format`` ``fp16`` or ``bf16``) and, for
