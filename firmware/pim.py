@@ -36,7 +36,7 @@ import numpy as np
 from hw.config import SystemConfig
 from hw.spec import fp as G
 
-__all__ = ["gelu", "af_lut_row", "GemvLayout", "gemv_golden", "gemv_program", "gemv_lower_bound",
+__all__ = ["gelu", "af_lut_row", "OutputTiles", "GemvLayout", "gemv_golden", "gemv_program", "gemv_lower_bound",
            "amortized_cycles",
            "hex_lines"]
 
@@ -71,26 +71,11 @@ def af_lut_row(cfg: SystemConfig, fn=gelu) -> np.ndarray:
     return np.frombuffer(words.astype("<u4").tobytes(), dtype="<u2").reshape(p.columns, p.lanes).copy()
 
 
-@dataclass(frozen=True)
-class GemvLayout:
-    """Where the weights of one ``[K, N]`` GEMV live. See the module docstring."""
-
-    cfg: SystemConfig
-    K: int
-    N: int
-    base_row: int = 0
-
-    def __post_init__(self):
-        p = self.cfg.pim
-        for name in ("K", "N"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"GEMV {name} must be a positive integer, not {v!r}")
-        if not isinstance(self.base_row, int) or self.base_row < 0:
-            raise ValueError(f"GEMV base_row must be a non-negative integer, not {self.base_row!r}")
-        if self.base_row + self.rows_used > p.data_rows:
-            raise ValueError(f"GEMV {self.K}x{self.N} needs rows {self.base_row}..{self.base_row + self.rows_used - 1} "
-                             f"but only {p.data_rows} data rows exist per bank")
+class OutputTiles:
+    """The output tiling every PIM weight layout shares (:class:`GemvLayout`; the 4-bit
+    :class:`firmware.pim_lowprec.W4GemvLayout` and :class:`firmware.quant.PimLowPrecLayout`): output ``n`` in
+    tile ``n // (banks * channels)``, channel ``(n // banks) % channels``, bank ``n % banks``. The layout
+    (a dataclass) has ``cfg``, ``K``, ``N``, ``base_row`` and ``rows_used``."""
 
     @property
     def per_tile(self) -> int:
@@ -99,6 +84,40 @@ class GemvLayout:
     @property
     def tiles(self) -> int:
         return -(-self.N // self.per_tile)
+
+    def output_index(self, tile: int, channel: int, bank: int) -> int:
+        p = self.cfg.pim
+        return (tile * p.channels + channel) * p.banks + bank
+
+    def _check_base_row(self):
+        if not isinstance(self.base_row, int) or self.base_row < 0:
+            raise ValueError(f"GEMV base_row must be a non-negative integer, not {self.base_row!r}")
+
+    def _check_rows(self, what: str = "GEMV", error=ValueError):
+        """``error`` unless rows ``base_row .. base_row + rows_used - 1`` are data rows; ``what`` names the
+        GEMV in the message."""
+        p = self.cfg.pim
+        if self.base_row + self.rows_used > p.data_rows:
+            raise error(f"{what} {self.K}x{self.N} needs rows {self.base_row}..{self.base_row + self.rows_used - 1} "
+                        f"but only {p.data_rows} data rows exist per bank")
+
+
+@dataclass(frozen=True)
+class GemvLayout(OutputTiles):
+    """Where the weights of one ``[K, N]`` GEMV live. See the module docstring."""
+
+    cfg: SystemConfig
+    K: int
+    N: int
+    base_row: int = 0
+
+    def __post_init__(self):
+        for name in ("K", "N"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"GEMV {name} must be a positive integer, not {v!r}")
+        self._check_base_row()
+        self._check_rows()
 
     @property
     def chunk(self) -> int:
@@ -137,9 +156,6 @@ class GemvLayout:
         out[..., :gbc, :] = v
         return out.reshape(p.channels, p.banks, self.rows_used, p.columns, p.lanes)
 
-    def output_index(self, tile: int, channel: int, bank: int) -> int:
-        p = self.cfg.pim
-        return (tile * p.channels + channel) * p.banks + bank
 
 
 def gemv_golden(cfg: SystemConfig, w_bits: np.ndarray, x_bits: np.ndarray, bias_bits=None) -> np.ndarray:

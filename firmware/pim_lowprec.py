@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from firmware.pim import OutputTiles
 from firmware.quant import QuantWeights, pack_nibbles
 
 __all__ = ["W4GemvLayout", "w4_gemv_program", "w4_gemv_lower_bound", "act_words"]
@@ -54,7 +55,7 @@ def _pow2_ceil(n: int) -> int:
 
 
 @dataclass(frozen=True)
-class W4GemvLayout:
+class W4GemvLayout(OutputTiles):
     """Where the 4-bit weights of one ``[K, N]`` GEMV live on a low-precision device (module docstring)."""
 
     cfg: object
@@ -74,8 +75,7 @@ class W4GemvLayout:
                 raise ValueError(f"GEMV {name} must be a positive integer, not {v!r}")
         if self.K % p.quant_group:
             raise ValueError(f"GEMV K = {self.K} is not a multiple of the quantization group {p.quant_group}")
-        if not isinstance(self.base_row, int) or self.base_row < 0:
-            raise ValueError(f"GEMV base_row must be a non-negative integer, not {self.base_row!r}")
+        self._check_base_row()
         cs = self.chunk_size
         if not isinstance(cs, int) or isinstance(cs, bool) or cs < 0 or cs % p.quant_group or cs > self.max_chunk:
             raise ValueError(f"GEMV chunk_size must be 0 (chosen) or a multiple of the group {p.quant_group} up to "
@@ -94,18 +94,9 @@ class W4GemvLayout:
             object.__setattr__(self, "_chunk", cs)
         if self.unit_columns > p.columns:
             raise ValueError(f"a unit of {self.unit_columns} columns does not fit a row of {p.columns}")
-        if self.base_row + self.rows_used > p.data_rows:
-            raise ValueError(f"{p.weight_format} GEMV {self.K}x{self.N} needs rows {self.base_row}.."
-                             f"{self.base_row + self.rows_used - 1} but only {p.data_rows} data rows exist per bank")
+        self._check_rows(f"{p.weight_format} GEMV")
 
-    # -- geometry ------------------------------------------------------------------------------
-    @property
-    def per_tile(self) -> int:
-        return self.cfg.pim.banks * self.cfg.pim.channels
-
-    @property
-    def tiles(self) -> int:
-        return -(-self.N // self.per_tile)
+    # -- geometry (per_tile, tiles, output_index: OutputTiles) -----------------------------------------
 
     @property
     def max_chunk(self) -> int:
@@ -190,10 +181,6 @@ class W4GemvLayout:
         sc, sl = self.scale_cols(c), self.sel_cols(c)
         mine = free[j * (sc + sl):(j + 1) * (sc + sl)]
         return [j * self.period + i for i in range(n)], mine[:sc], mine[sc:]
-
-    def output_index(self, tile: int, channel: int, bank: int) -> int:
-        p = self.cfg.pim
-        return (tile * p.channels + channel) * p.banks + bank
 
     # -- DRAM image ---------------------------------------------------------------------------------
     def image(self, q: QuantWeights) -> np.ndarray:

@@ -51,6 +51,8 @@ from dataclasses import dataclass, field, replace
 import ml_dtypes
 import numpy as np
 
+from firmware.pim import OutputTiles
+
 __all__ = ["QuantError", "Format", "FORMATS", "FP4_MAGNITUDES", "BITMOD_EXTRA", "QuantWeights", "Fp8Acts",
            "KvQuant", "quantize_weights", "code_values", "quantize_fp8", "quantize_kv", "round_scale",
            "pack_nibbles", "unpack_nibbles", "PackedWeights", "pack", "unpack", "PimLowPrecLayout",
@@ -194,14 +196,21 @@ def _nearest(x: np.ndarray, vals: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return codes[idx]
 
 
+def _finite_matrix(a, dtype, shape: str, what: str, values: str | None = None) -> np.ndarray:
+    """``a`` as a 2-D ``dtype`` array; :class:`QuantError` unless it is one (``what`` must be ``shape``) and
+    every value is finite (``values``, default ``what``, hold a NaN or infinity)."""
+    a = np.asarray(a, dtype=dtype)
+    if a.ndim != 2:
+        raise QuantError(f"{what} must be {shape}, not shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise QuantError(f"{values or what} hold a NaN or infinity")
+    return a
+
+
 def quantize_weights(w, fmt: str = "int4", group: int = 128, scale_format: str = "fp16",
                      grid_choice: bool = True) -> QuantWeights:
     """Quantize ``w`` ``[K, N]`` (groups of ``group`` along K) to ``int4`` or ``fp4``."""
-    w = np.asarray(w, dtype=np.float64)
-    if w.ndim != 2:
-        raise QuantError(f"weights must be a [K, N] matrix, not shape {w.shape}")
-    if not np.isfinite(w).all():
-        raise QuantError("weights hold a NaN or infinity")
+    w = _finite_matrix(w, np.float64, "a [K, N] matrix", "weights")
     K, N = w.shape
     G = _groups(K, group, "input dimension K")
     wg = w.reshape(G, group, N)
@@ -261,10 +270,7 @@ def quantize_fp8(x) -> Fp8Acts:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
-    if x.ndim != 2:
-        raise QuantError(f"activations must be [tokens, K], not shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise QuantError("activations hold a NaN or infinity")
+    x = _finite_matrix(x, np.float32, "[tokens, K]", "activations")
     amax = np.abs(x).max(axis=1)
     scales = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1)).astype(np.float32)
     y = np.clip(x / scales[:, None], -FP8_MAX, FP8_MAX)
@@ -297,11 +303,7 @@ def quantize_kv(x, group: int = 128, scale_format: str = "fp16") -> KvQuant:
 
     The scale is at least the FP16 minimum normal (2^-14), so a constant group stays exact up to that step.
     """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise QuantError(f"KV rows must be [tokens, channels], not shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise QuantError("KV values hold a NaN or infinity")
+    x = _finite_matrix(x, np.float32, "[tokens, channels]", "KV rows", "KV values")
     T, C = x.shape
     G = _groups(C, group, "KV channels")
     xg = x.reshape(T, G, group).astype(np.float64)
@@ -398,7 +400,7 @@ def unpack(p: PackedWeights) -> QuantWeights:
 
 
 @dataclass(frozen=True)
-class PimLowPrecLayout:
+class PimLowPrecLayout(OutputTiles):
     """Where a packed ``[K, N]`` 4-bit matrix lives in the PIM banks (see the module docstring).
 
     ``cfg``: a :class:`hw.config.SystemConfig` (only ``cfg.pim`` is read: channels, banks, columns, lanes,
@@ -419,17 +421,7 @@ class PimLowPrecLayout:
         if self.K % CODES_PER_COLUMN:
             raise QuantError(f"input dimension K = {self.K} is not a multiple of {CODES_PER_COLUMN}")
         _groups(self.K, self.group, "input dimension K")
-        if self.base_row + self.rows_used > p.data_rows:
-            raise QuantError(f"{self.fmt} GEMV {self.K}x{self.N} needs rows {self.base_row}.."
-                             f"{self.base_row + self.rows_used - 1} but only {p.data_rows} data rows exist per bank")
-
-    @property
-    def per_tile(self) -> int:
-        return self.cfg.pim.banks * self.cfg.pim.channels
-
-    @property
-    def tiles(self) -> int:
-        return -(-self.N // self.per_tile)
+        self._check_rows(f"{self.fmt} GEMV", QuantError)
 
     @property
     def columns_per_output(self) -> int:
@@ -471,7 +463,3 @@ class PimLowPrecLayout:
         nsel = self.columns_per_output - nc - ns
         return PackedWeights(self.fmt, self.K, self.N, self.group, full[:, :nc].copy(),
                              full[:, nc:nc + ns].copy(), full[:, nc + ns:nc + ns + nsel].copy(), self.grid_choice)
-
-    def output_index(self, tile: int, channel: int, bank: int) -> int:
-        p = self.cfg.pim
-        return (tile * p.channels + channel) * p.banks + bank
