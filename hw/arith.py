@@ -28,6 +28,8 @@ from amaranth.hdl import Cat, Const, Instance, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from .spec.pipeline import combine_schedule
+
 __all__ = [
     "QNAN",
     "FP_IMPLS",
@@ -464,31 +466,6 @@ def bf16_mul_pipe(m: Module, a, b, stages: int, prefix="mul", fp_impl="rtl", dom
     with m.Else():
         dom += result.eq(Cat(frac, exp[0:8], s1["sign"]))
     return result
-
-
-def combine_schedule(partials: int, adder_stages: int):
-    """The fixed order in which :class:`MacUnit` combines its interleaved partial sums.
-
-    Pairwise, as :class:`AdderTree`: each level adds neighbours ``(p0+p1), (p2+p3), ...`` (an odd last one
-    passes), so 4 partials give ``(p0+p1)+(p2+p3)``. One addition is issued per cycle into an adder of
-    depth ``adder_stages``, as soon as its operands are ready. Returns ``(ops, cycles)``: ``ops`` a list of
-    ``(step, src_a, src_b, dest)`` (issued ``step`` cycles after the schedule starts; the sum is written
-    into partial ``dest``), ``cycles`` the step at which partial 0 holds the result.
-    """
-    level = [(j, 0) for j in range(partials)]        # (partial index, step at which it is ready)
-    ops, free = [], 0
-    while len(level) > 1:
-        nxt = []
-        for k in range(0, len(level) - 1, 2):
-            (ja, ra), (jb, rb) = level[k], level[k + 1]
-            step = max(ra, rb, free)
-            free = step + 1
-            ops.append((step, ja, jb, ja))
-            nxt.append((ja, step + adder_stages))
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return ops, level[0][1]
 
 
 class BF16Multiplier(wiring.Component):

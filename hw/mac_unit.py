@@ -19,6 +19,7 @@ from .arith import (
     fp32_add_round,
 )
 from .clockgate import gated_domain
+from .spec.pipeline import combine_latency, mac_latency
 
 __all__ = ["MacUnit"]
 
@@ -128,14 +129,14 @@ class MacUnit(wiring.Component):
     @staticmethod
     def latency_for(lanes: int, mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1) -> int:
         """Cycles from a column entering to the accumulator (its partial when ``acc_stages > 1``) holding its sum."""
-        return mul_stages + tree_stages * (lanes.bit_length() - 1) + acc_stages
+        return mac_latency(lanes, mul_stages, tree_stages, acc_stages)
 
     @staticmethod
     def combine_latency_for(acc_stages: int = 1) -> int:
         """Cycles from ``combine`` to ``acc`` holding the total: 0 for one accumulator (no combine), else
         the :func:`combine_schedule` of ``acc_stages`` partials (2, 6, 9 for 2, 3, 4), whose first addition
         is issued in the cycle of ``combine``."""
-        return 0 if acc_stages == 1 else combine_schedule(acc_stages, acc_stages)[1]
+        return combine_latency(acc_stages)
 
     @property
     def latency(self) -> int:

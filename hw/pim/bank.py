@@ -70,18 +70,13 @@ from amaranth.lib.wiring import In, Out
 from ..arith import bf16_mul, check_fp_impl, fp32_add_align, fp32_add_round, fp32_to_bf16
 from ..config import SystemConfig
 from ..mac_unit import MacUnit
+from ..spec.pipeline import mac_depth
 from .commands import COMBINE_ROW_BIT
 from .timing import countdown
 
 __all__ = ["PimBank", "AF_DEPTH", "check_pu_timing", "mac_depth", "pu_mac_depth", "lowprec_unit", "countdown", "af_segment_index"]
 
 AF_DEPTH = 3
-
-
-def mac_depth(lanes: int, mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1) -> int:
-    """PIM MAC pipeline depth: storage read + MacUnit latency (11 for 16 lanes with the default depths)
-    + the combine of the interleaved partial sums when ``acc_stages > 1`` (32 for 16 lanes with 2 / 4 / 4)."""
-    return 1 + MacUnit.latency_for(lanes, mul_stages, tree_stages, acc_stages) + MacUnit.combine_latency_for(acc_stages)
 
 
 def lowprec_unit(p, fp_impl: str = "rtl"):
