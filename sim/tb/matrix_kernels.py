@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from hw.spec.matrix_isa import Opcode, Target, encode
+from sim.tb.segments import read_dump
 
 __all__ = ["check_f64", "gpt2_case", "run_gpt2", "GPT2_GEMMS", "MemImage", "Matrix", "GemmSpec", "plan_tiles", "gemm_program", "Segment", "write_run", "read_dump",
            "extract", "utilization", "system_build", "run_segments"]
@@ -83,23 +84,6 @@ class MemImage:
             out.append(f"@{addr // COL:x}")
             out.extend(text[i:i + 2 * COL] for i in range(0, len(text), 2 * COL))
         return "\n".join(out) + "\n"
-
-
-def read_dump(path: Path, lo: int) -> dict:
-    """``$writememh`` output as {column index: 32 bytes}."""
-    words = {}
-    idx = lo
-    for line in Path(path).read_text().split():
-        if line.startswith("//"):
-            continue
-        if line.startswith("@"):
-            idx = int(line[1:], 16)
-            continue
-        if "x" in line.lower():
-            line = line.lower().replace("x", "0")
-        words[idx] = bytes.fromhex(line.rjust(64, "0"))[::-1]
-        idx += 1
-    return words
 
 
 def extract(words: dict, mat: Matrix) -> np.ndarray:

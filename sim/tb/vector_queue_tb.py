@@ -3,7 +3,8 @@
 The pytest side (:func:`run_segments`) writes a run directory: the whole
 memory model as ``mem_load.hex`` and ``program.json`` with *segments* (lists
 of 256-bit SoC instructions). The testbench loads the memory through the
-back door, then for each segment pulses ``clear`` (error and counters),
+back door, then (:func:`sim.tb.segments.play_segments`, shared with the matrix unit's testbench) for each
+segment pulses ``clear`` (error and counters),
 pushes the instructions, waits until the queue is idle (with a timeout: a
 hang fails the test) and records the counters and the error code; at the
 end it dumps the whole memory. Python runs only on handshakes and status
@@ -13,17 +14,15 @@ edges; the clock is generated inside the simulation.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from sim.tb.common import tb_test
+from sim.tb.segments import play_segments, read_dump
 
 COUNTERS = ("busy", "vector", "dma", "mem_stall", "instructions")
-PERIOD_NS = 10
 COLUMN = 32
 
 
@@ -58,16 +57,8 @@ def hex_image(mem: np.ndarray) -> str:
 def read_image(path: Path, columns: int) -> np.ndarray:
     """A ``$writememh`` dump of columns ``0 .. columns - 1`` as bytes."""
     out = np.zeros((columns, COLUMN), dtype=np.uint8)
-    idx = 0
-    for line in Path(path).read_text().split():
-        if line.startswith("//"):
-            continue
-        if line.startswith("@"):
-            idx = int(line[1:], 16)
-            continue
-        line = line.lower().replace("x", "0")
-        out[idx] = np.frombuffer(bytes.fromhex(line.rjust(2 * COLUMN, "0"))[::-1], dtype=np.uint8)
-        idx += 1
+    for idx, col in read_dump(path, 0).items():
+        out[idx] = np.frombuffer(col, dtype=np.uint8)
     return out.reshape(-1)
 
 
@@ -93,76 +84,6 @@ def run_segments(sb, mem: np.ndarray, segments: list[dict], test_name: str | Non
 
 # -- cocotb side ---------------------------------------------------------------------------------------
 
-def _counters(dut) -> dict:
-    raw = int(dut.counters.value)
-    return {name: (raw >> (32 * i)) & 0xFFFFFFFF for i, name in enumerate(COUNTERS)}
-
-
-async def _cycle(dut, n=1):
-    from cocotb.triggers import FallingEdge
-
-    for _ in range(n):
-        await FallingEdge(dut.clk_out)
-
-
-async def _push(dut, word: int):
-    from cocotb.triggers import FallingEdge, RisingEdge
-
-    dut.instr__payload.value = word
-    dut.instr__valid.value = 1
-    # instr.ready (FIFO not full) does not depend on instr.valid; stable until the rising edge.
-    while not dut.instr__ready.value:
-        await RisingEdge(dut.clk_out)
-        await FallingEdge(dut.clk_out)
-    await RisingEdge(dut.clk_out)
-    await FallingEdge(dut.clk_out)
-    dut.instr__valid.value = 0
-
-
-async def _idle(dut):
-    from cocotb.triggers import FallingEdge
-
-    await _cycle(dut, 2)
-    while dut.busy.value:
-        await FallingEdge(dut.busy)
-    await _cycle(dut, 1)
-
-
 @tb_test()
 async def run_program(dut):
-    from cocotb.triggers import with_timeout
-
-    run_dir = Path(os.environ["RUN_DIR"])
-    spec = json.loads((run_dir / "program.json").read_text())
-    for name in ("instr__valid", "clear", "mem_load", "mem_dump", "mem_bp_enable"):
-        getattr(dut, name).value = 0
-    await _cycle(dut, 2)
-    shutil.copy(run_dir / "mem_load.hex", Path.cwd() / "mem_load.hex")
-    dut.mem_load.value = 1
-    await _cycle(dut)
-    dut.mem_load.value = 0
-    timeout = spec["timeout_cycles"] * PERIOD_NS
-    results = []
-    for seg in spec["segments"]:
-        dut.mem_bp_enable.value = seg["backpressure"]
-        dut.clear.value = 1
-        await _cycle(dut)
-        dut.clear.value = 0
-
-        async def body(words):
-            for word in words:
-                await _push(dut, int(word, 16))
-            await _idle(dut)
-
-        await with_timeout(body(seg["instructions"]), timeout, "ns")
-        results.append({"name": seg["name"], "counters": _counters(dut), "error": int(dut.error.value)})
-        dut._log.info("segment %s: %s error %d", seg["name"], results[-1]["counters"], results[-1]["error"])
-    dut.mem_bp_enable.value = 0
-    lo, hi = spec["dump"]
-    dut.mem_dump_lo.value = lo
-    dut.mem_dump_hi.value = hi
-    dut.mem_dump.value = 1
-    await _cycle(dut)
-    dut.mem_dump.value = 0
-    await _cycle(dut)
-    (Path.cwd() / "result.json").write_text(json.dumps({"segments": results}))
+    await play_segments(dut, COUNTERS, "error", poll_clock=True)
