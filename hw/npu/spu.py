@@ -81,6 +81,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
+from ..elab import Shared
 from ..memif import MemPortSignature
 from ..spec.soc_isa import (
     INSTR_BITS,
@@ -174,6 +175,7 @@ class Spu(wiring.Component):
         return self._unit
 
     def elaborate(self, platform):
+        # The parts below share their signals through ``c`` (:class:`hw.elab.Shared`), in this order.
         m = Module()
         cfg = self._cfg
         g = self._geo
@@ -189,7 +191,19 @@ class Spu(wiring.Component):
         cols_per_line = 2 * W // 32
         max_out = self._max_out
 
-        # ---------------- instruction FIFO: op, payload, pc ----------------
+        c = Shared(g=g, u=u, aw=aw, row_bf16=row_bf16, row_f32=row_f32, spm_bf16=spm_bf16, spm_f32=spm_f32,
+                   cols_per_line=cols_per_line, max_out=max_out, M=M, R=R, W=W, Lm=Lm, B=B, lgM=lgM, lgL=lgL)
+        self._queue(m, c)
+        self._checks(m, c)
+        self._operand_reader(m, c)
+        self._result_writer(m, c)
+        self._sload_engine(m, c)
+        self._dispatcher(m, c)
+        return m
+
+    def _queue(self, m, c):
+        """The instruction FIFO (op, payload, pc), the current instruction and its fields, the sticky error register."""
+        u = c.u
         fifo = m.submodules.fifo = ResetInserter(self.clear)(
             SyncFIFOBuffered(width=4 + SLOAD_BITS + 32, depth=self._depth))
         m.d.comb += [
@@ -217,7 +231,11 @@ class Spu(wiring.Component):
         unit_err_prev = Signal()
         m.d.sync += unit_err_prev.eq(u.error)
 
-        # ---------------- SPIM checks ----------------
+        c.update(fifo=fifo, cur=cur, cur_pc=cur_pc, sp=sp, sl=sl, err=err, event=event, unit_err_prev=unit_err_prev)
+
+    def _checks(self, m, c):
+        """The SPIM and SLOAD checks, combinational over products the dispatcher registers in its check states."""
+        M, R, W, lgM, sl, sp, spm_bf16, spm_f32 = c.M, c.R, c.W, c.lgM, c.sl, c.sp, c.spm_bf16, c.spm_f32
         pv = sp["mode"][0]
         heads_m1 = Mux(sp["heads"] == 0, 0, sp["heads"] - 1)[0:8]
         groups = Signal(21)
@@ -248,7 +266,14 @@ class Spu(wiring.Component):
         m.d.comb += [last_line.eq(sl["line"] + prod_line + pos_m1),
                      mem_end.eq(sl["mem_addr"] + prod_reg + prod_pos + (sl["cols"] << 5))]
 
-        # ---------------- operand reader ----------------
+        c.update(pv=pv, heads_m1=heads_m1, groups=groups, prod_stride=prod_stride, prod_in=prod_in, prod_out=prod_out,
+                 spim_bad=spim_bad, spm_bad=spm_bad, reg_m1=reg_m1, pos_m1=pos_m1, prod_line=prod_line,
+                 prod_reg=prod_reg, prod_pos=prod_pos, last_line=last_line, mem_end=mem_end)
+
+    def _operand_reader(self, m, c):
+        """The operand reader: scratchpad beats into the unit's operand FIFO (``rd_start`` arms it)."""
+        B, Lm, M, R, g, lgL, lgM, row_bf16, spm_bf16, u, sp, pv, groups = (
+            c.B, c.Lm, c.M, c.R, c.g, c.lgL, c.lgM, c.row_bf16, c.spm_bf16, c.u, c.sp, c.pv, c.groups)
         rd_left = Signal(range(255 * max(B, R) + 1))     # beats still to read
         rd_pv = Signal()
         rd_head = Signal(range(spm_bf16 * 512))         # BF16 index of the head's operand
@@ -283,7 +308,15 @@ class Spu(wiring.Component):
                      ofifo.w_data.eq(Mux(pend_pv, pv_beat[:16 * M], qk_beat[:16 * Lm])),
                      u.i.valid.eq(ofifo.r_rdy), u.i.payload.eq(ofifo.r_data), ofifo.r_en.eq(u.i.ready)]
 
-        # ---------------- result writer ----------------
+        rd_start = [rd_left.eq(sp["heads"] * Mux(pv, groups, B)), rd_pv.eq(pv),
+                    rd_head.eq(sp["spm_in"] << 4), rd_off.eq(sp["spm_in"] << 4), rd_k.eq(0),
+                    rd_per_head.eq(Mux(pv, groups, B)), rd_pitch.eq(sp["in_pitch"] << 4)]
+        c.update(rd_start=rd_start)
+
+    def _result_writer(self, m, c):
+        """The result writer: the unit's result beats into the scratchpad (``wr_start`` arms it)."""
+        Lm, M, g, lgL, lgM, row_f32, spm_f32, u, sp, pv = (
+            c.Lm, c.M, c.g, c.lgL, c.lgM, c.row_f32, c.spm_f32, c.u, c.sp, c.pv)
         wr_pv = Signal()
         wr_head = Signal(range(spm_f32 * 512))          # FP32 index of the head's results
         wr_off = Signal(range(spm_f32 * 512))
@@ -317,7 +350,13 @@ class Spu(wiring.Component):
             with m.Else():
                 m.d.sync += wr_off.eq(wr_off + Mux(wr_pv, k_pv, k_qk))
 
-        # ---------------- SLOAD engine ----------------
+        wr_start = [wr_pv.eq(pv), wr_head.eq(sp["spm_out"] << 3), wr_off.eq(sp["spm_out"] << 3),
+                    wr_pitch.eq(sp["out_pitch"] << 3), wr_heads.eq(0)]
+        c.update(wr_start=wr_start, wr_heads=wr_heads, o=o)
+
+    def _sload_engine(self, m, c):
+        """The SLOAD engine: reads in flight, lines assembled from the responses (``ld_start`` arms it)."""
+        aw, cols_per_line, max_out, u, sl = c.aw, c.cols_per_line, c.max_out, c.u, c.sl
         req, resp = self.mem.req, self.mem.resp
         ld_busy = Signal()
         ld_stop = Signal()
@@ -388,19 +427,26 @@ class Spu(wiring.Component):
                      u.wr.payload.line.eq(h_line), u.wr.payload.data.eq(Cat(*line_val))]
         ld_fin = ld_busy & (ld_done | ld_stop) & (outstanding == 0)
 
-        # ---------------- dispatcher ----------------
-        finished = Signal()
-        rd_start = [rd_left.eq(sp["heads"] * Mux(pv, groups, B)), rd_pv.eq(pv),
-                    rd_head.eq(sp["spm_in"] << 4), rd_off.eq(sp["spm_in"] << 4), rd_k.eq(0),
-                    rd_per_head.eq(Mux(pv, groups, B)), rd_pitch.eq(sp["in_pitch"] << 4)]
-        wr_start = [wr_pv.eq(pv), wr_head.eq(sp["spm_out"] << 3), wr_off.eq(sp["spm_out"] << 3),
-                    wr_pitch.eq(sp["out_pitch"] << 3), wr_heads.eq(0)]
         ld_start = [ld_busy.eq(1), ld_stop.eq(0), ld_err.eq(0), ld_done.eq(0), g_r.eq(0), g_p.eq(0), g_c.eq(0),
                     g_reg.eq(sl["mem_addr"]), g_pos.eq(sl["mem_addr"]), g_col.eq(sl["mem_addr"]),
                     h_r.eq(0), h_p.eq(0), h_c.eq(0), h_line_reg.eq(sl["line"]), h_line.eq(sl["line"]),
                     seq.eq(0), h_seq.eq(0), f_cols.eq(sl["cols"]), f_pos.eq(sl["positions"]),
                     f_reg.eq(sl["regions"]), f_ps.eq(sl["pos_stride"]), f_rs.eq(sl["region_stride"]),
                     f_ls.eq(sl["line_stride"])]
+        c.update(ld_start=ld_start, ld_busy=ld_busy, ld_err=ld_err, ld_fin=ld_fin)
+
+    def _dispatcher(self, m, c):
+        """The dispatcher (one instruction at a time: take, check, run), busy and the counters."""
+        u, fifo, cur, cur_pc, err, event, unit_err_prev = (
+            c.u, c.fifo, c.cur, c.cur_pc, c.err, c.event, c.unit_err_prev)
+        sp, sl, pv, heads_m1, reg_m1, pos_m1 = c.sp, c.sl, c.pv, c.heads_m1, c.reg_m1, c.pos_m1
+        prod_stride, prod_in, prod_out, prod_line, prod_reg, prod_pos = (
+            c.prod_stride, c.prod_in, c.prod_out, c.prod_line, c.prod_reg, c.prod_pos)
+        spim_bad, spm_bad, last_line, mem_end, cols_per_line, aw = (
+            c.spim_bad, c.spm_bad, c.last_line, c.mem_end, c.cols_per_line, c.aw)
+        rd_start, wr_start, ld_start, wr_heads, o, ld_busy, ld_err, ld_fin = (
+            c.rd_start, c.wr_start, c.ld_start, c.wr_heads, c.o, c.ld_busy, c.ld_err, c.ld_fin)
+        finished = Signal()
         cmd = u.cmd.payload
         m.d.comb += [cmd.op.eq(Mux(pv, SramPimOp.PV, SramPimOp.QK)), cmd.base.eq(sp["base"]),
                      cmd.count.eq(sp["count"]), cmd.heads.eq(sp["heads"]), cmd.stride.eq(sp["stride"])]
@@ -473,4 +519,3 @@ class Spu(wiring.Component):
         events = {"busy": busy, "compute": u.busy, "load": ld_busy, "spm_stall": o.valid & ~o.ready,
                   "instructions": finished}
         count_events(m, cnt, self.clear, events)
-        return m

@@ -71,6 +71,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..arith import AdderTree, BF16Multiplier, bf16_mul, fp32_add_align, fp32_add_round
+from ..elab import Shared
 
 __all__ = ["SramPimOp", "SramPimUnit", "MAX_HEADS", "MAX_READ_LATENCY"]
 
@@ -280,7 +281,19 @@ class SramPimUnit(wiring.Component):
         error = Signal()
         m.d.comb += self.error.eq(error)
 
-        # ---- storage and the write stream
+        c = Shared(lgM=lgM, S=S, D=D, error=error, M=M, R=R, W=W, L=L, RL=RL, B=B, SQ=SQ, SP=SP)
+        self._storage(m, c)
+        self._command(m, c)
+        self._issue(m, c)
+        self._datapath(m, c)
+        self._qk(m, c)
+        self._pv(m, c)
+        self._results(m, c)
+        return m
+
+    def _storage(self, m, c):
+        """Storage (the macros' rows) and the write stream that fills them."""
+        M, R, W, error, lgM = c.M, c.R, c.W, c.error, c.lgM
         rports, wports = [], []
         for k in range(M):
             mem = m.submodules[f"macro{k}"] = Memory(shape=16 * W, depth=R, init=[])
@@ -296,7 +309,11 @@ class SramPimUnit(wiring.Component):
         with m.If(self.wr.valid & ~in_range):
             m.d.sync += error.eq(1)
 
-        # ---- command state
+        c.update(rports=rports)
+
+    def _command(self, m, c):
+        """Command state, and the control record that travels with every issued beat."""
+        B, D, L, M, R, RL, S, W = c.B, c.D, c.L, c.M, c.R, c.RL, c.S, c.W
         running = Signal()
         op_pv = Signal()
         base_h = Signal(range(R * (MAX_HEADS + 2)))
@@ -326,7 +343,19 @@ class SramPimUnit(wiring.Component):
         m.d.comb += pipe_empty.eq(~Cat(*[c.valid for c in ctl[1:]], emit_v, draining).any())
         m.d.comb += self.busy.eq(running | ~pipe_empty)
 
-        # ---- issue
+        c.update(running=running, op_pv=op_pv, base_h=base_h, stride=stride, n_groups=n_groups, last_n=last_n,
+                 heads_left=heads_left, g=g, b=b, opnd_left=opnd_left, fill=fill, fill_cnt=fill_cnt, act=act, occ=occ,
+                 ctl=ctl, opnd=opnd, emit_v=emit_v, emit_n=emit_n, emit_last=emit_last, draining=draining,
+                 drain_k=drain_k, pipe_empty=pipe_empty)
+
+    def _issue(self, m, c):
+        """Issue: command acceptance and checks, operands into the double-buffered fill register, a beat a cycle."""
+        B, D, L, M, R, act, b, base_h = c.B, c.D, c.L, c.M, c.R, c.act, c.b, c.base_h
+        ctl, error, fill, fill_cnt, g = c.ctl, c.error, c.fill, c.fill_cnt, c.g
+        heads_left, last_n, lgM = c.heads_left, c.last_n, c.lgM
+        n_groups, occ, op_pv, opnd, opnd_left = c.n_groups, c.occ, c.op_pv, c.opnd, c.opnd_left
+        pipe_empty, rports, running = c.pipe_empty, c.rports, c.running
+        stride = c.stride
         need = Mux(op_pv, 1, B)
         fill_full = fill_cnt == need
         last_beat = b == B - 1
@@ -394,7 +423,11 @@ class SramPimUnit(wiring.Component):
                     opnd_left.eq(Mux(qk, cmd.heads * B, cmd.heads * groups_in)),
                 ]
 
-        # ---- pipeline registers: control, operands, row data
+        c.update(need_credit=need_credit, credits=credits, issue=issue, rp=rp)
+
+    def _datapath(self, m, c):
+        """Pipeline registers (control, operands, row data) and the multipliers (macro k, lane l)."""
+        B, L, M, RL, S, W, ctl, opnd, rp, rports = c.B, c.L, c.M, c.RL, c.S, c.W, c.ctl, c.opnd, c.rp, c.rports
         for s in range(1, S + 1):
             m.d.sync += ctl[s].eq(ctl[s - 1])
         for s in range(1, RL + 1):
@@ -418,7 +451,12 @@ class SramPimUnit(wiring.Component):
                 x = Mux(c_mul.pv, opnd[RL][16 * k:16 * (k + 1)], opnd[RL][16 * lane:16 * (lane + 1)])
                 prods[k][lane] = bf16_mul(m, m.d.sync, a, x, prefix=f"mul{k}_{lane}")
 
-        # ---- QK: an adder tree over the lanes of each macro, one accumulator per macro
+        c.update(prods=prods, c_prod=c_prod)
+
+    def _qk(self, m, c):
+        """QK: an adder tree over the lanes of each macro, one accumulator per macro."""
+        L, M, SQ, ctl, emit_last = c.L, c.M, c.SQ, c.ctl, c.emit_last
+        emit_n, emit_v, prods = c.emit_n, c.emit_v, c.prods
         qk_sum = []
         for k in range(M):
             tree = m.submodules[f"qk_tree{k}"] = AdderTree(L)
@@ -435,7 +473,12 @@ class SramPimUnit(wiring.Component):
         m.d.sync += [emit_v.eq(c_q.valid & ~c_q.pv & c_q.last_beat), emit_n.eq(c_q.nvalid),
                      emit_last.eq(c_q.head_last)]
 
-        # ---- PV: an adder tree over the macros for each lane (a last group's missing keys add +0)
+        c.update(acc_qk=acc_qk, tree=tree, st=st, total=total)
+
+    def _pv(self, m, c):
+        """PV: an adder tree over the macros for each lane (a last group's missing keys add +0)."""
+        B, L, M, SP, c_prod, ctl, drain_k, draining = c.B, c.L, c.M, c.SP, c.c_prod, c.ctl, c.drain_k, c.draining
+        prods, st, total, tree = c.prods, c.st, c.total, c.tree
         pv_sum = []
         for lane in range(L):
             terms = [Mux(~c_prod.pv | (k < c_prod.nvalid), prods[k][lane], 0) for k in range(M)]
@@ -466,7 +509,13 @@ class SramPimUnit(wiring.Component):
             with m.If(drain_k == B - 1):
                 m.d.sync += draining.eq(0)
 
-        # ---- result FIFO (space reserved at issue, so its writes never wait)
+        c.update(acc_pv=acc_pv)
+
+    def _results(self, m, c):
+        """The result FIFO (space reserved at issue, so its writes never wait)."""
+        B, D, L, M, acc_pv, acc_qk, drain_k, draining = c.B, c.D, c.L, c.M, c.acc_pv, c.acc_qk, c.drain_k, c.draining
+        emit_last, emit_n, emit_v, issue, need_credit = c.emit_last, c.emit_n, c.emit_v, c.issue, c.need_credit
+        occ, credits = c.occ, c.credits
         fifo = m.submodules.fifo = SyncFIFOBuffered(width=len(self.o.payload.as_value()), depth=D)
         res = Signal(self.result_layout)
         qk_lanes = [Mux(k < emit_n, acc_qk[k], 0) for k in range(M)] + [Const(0, 32)] * (L - M)
@@ -479,4 +528,3 @@ class SramPimUnit(wiring.Component):
                      self.o.valid.eq(fifo.r_rdy), self.o.payload.eq(fifo.r_data), fifo.r_en.eq(self.o.ready)]
         pop = self.o.valid & self.o.ready
         m.d.sync += occ.eq(occ + Mux(issue & need_credit, credits, 0) - pop)
-        return m
