@@ -95,13 +95,18 @@ def check_output_path(option: str, path, suffix: str | None = None, parents_ok: 
         raise UsageError(f"{option} {path}: {parent} is not a directory")
     if p.exists() and not os.access(p, os.W_OK):
         raise UsageError(f"{option} {path}: the file exists and is not writable")
+    _probe_writable(option, path, parent)
+    return p
+
+
+def _probe_writable(option: str, path, directory: Path) -> None:
+    """:class:`UsageError` unless a file can be created in ``directory`` (one is, and removed again)."""
     try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".ianus-probe-")
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".ianus-probe-")
     except OSError as e:
-        raise UsageError(f"{option} {path}: directory {parent} is not writable ({e.strerror})") from None
+        raise UsageError(f"{option} {path}: directory {directory} is not writable ({e.strerror})") from None
     os.close(fd)
     os.unlink(probe)
-    return p
 
 
 def check_output_dir(option: str, path) -> Path:
@@ -115,12 +120,7 @@ def check_output_dir(option: str, path) -> Path:
         base = base.parent
     if not base.is_dir():
         raise UsageError(f"{option} {path}: {base} is not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=base, prefix=".ianus-probe-")
-    except OSError as e:
-        raise UsageError(f"{option} {path}: directory {base} is not writable ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
+    _probe_writable(option, path, base)
     return p
 
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-__all__ = ["tb_test", "pack", "unpack", "start", "env_int", "env_str", "write_metrics", "Stopwatch", "port_name",
+__all__ = ["tb_test", "pack", "unpack", "start", "env_int", "env_str", "env_config", "write_metrics", "Stopwatch", "port_name",
            "port"]
 
 
@@ -92,6 +92,18 @@ def env_int(name: str, default: int) -> int:
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def env_config(default: str = "tiny", overrides: str = "", section: str = ""):
+    """The preset named by ``$IANUS_CONFIG`` (``default`` without it), with the ``section.key`` overrides listed
+    in the environment variable ``overrides`` (``"tCCD=2,tRRD=3"``, integers)."""
+    from hw.config import preset
+
+    cfg = preset(env_str("IANUS_CONFIG", default))
+    over = env_str(overrides, "") if overrides else ""
+    if over:
+        cfg = cfg.replace(**{f"{section}.{k}": int(v) for k, v in (kv.split("=") for kv in over.split(","))})
+    return cfg
 
 
 def write_metrics(**metrics):

@@ -211,11 +211,8 @@ class TB:
                 rq.cur = None
             else:
                 rq.stalls += 1
-        valid = int(rq.resp_valid.value)
-        payload = int(rq.resp_payload.value) if valid else None
-        if rq.last_resp is not None:
-            assert valid and payload == rq.last_resp, \
-                f"requester {rq.i} cycle {cyc}: response changed or dropped while not ready"
+        valid, payload = _sample_held(rq.resp_valid, rq.resp_payload, rq.last_resp,
+                                      f"requester {rq.i} cycle {cyc}: response changed or dropped")
         rq.last_resp = None
         if not valid:
             return
@@ -238,11 +235,8 @@ class TB:
     def _sample_channel(self, ch):
         cyc = self.cycle
         sb = self.slot_bits
-        valid = int(ch.r_valid.value)
-        payload = int(ch.r_payload.value) if valid else None
-        if ch.last_req is not None:
-            assert valid and payload == ch.last_req, \
-                f"channel {ch.c} cycle {cyc}: request changed or withdrawn while not ready"
+        valid, payload = _sample_held(ch.r_valid, ch.r_payload, ch.last_req,
+                                      f"channel {ch.c} cycle {cyc}: request changed or withdrawn")
         ch.last_req = None
         if valid and int(ch.r_ready.value):
             req = unpack_struct(self.rl, payload)
@@ -319,6 +313,16 @@ def _tb(dut, seed):
     return TB(dut, cfg, env_int("N_REQUESTERS", 3), seed=env_int("SEED", seed))
 
 
+def _sample_held(valid_sig, payload_sig, last, what: str):
+    """``(valid, payload)`` of a stream this cycle (payload None when not valid); ``last``: the payload that was
+    valid and not taken in the previous cycle (None: none), which must still be offered (``what`` otherwise)."""
+    valid = int(valid_sig.value)
+    payload = int(payload_sig.value) if valid else None
+    if last is not None:
+        assert valid and payload == last, f"{what} while not ready"
+    return valid, payload
+
+
 def _rows(tb, i):
     """Requester ``i``'s rows: disjoint between requesters."""
     return [r for r in range(tb.cfg.pim.rows) if r % tb.n == i][:2]
@@ -332,22 +336,23 @@ async def random_out_of_order(dut):
     tb = _tb(dut, 5)
     await tb.reset()
     n = env_int("N_REQ", 500)
+
+    async def phase(rq_gap, rq_backpressure, ready_prob, lat, resp_gap, err_prob) -> int:
+        """``n`` random requests from every requester with these gaps and back-pressure, channels with these
+        answers; the cycles until all are answered."""
+        for rq in tb.rq:
+            rq.gap, rq.backpressure = rq_gap, rq_backpressure
+            tb.random_traffic(rq.i, n, _rows(tb, rq.i))
+        for ch in tb.ch:
+            ch.ready_prob, ch.lat, ch.resp_gap, ch.err_prob = ready_prob, lat, resp_gap, err_prob
+        cycles = await tb.drain(limit=n * 40)
+        tb.check_stall_counters()
+        return cycles
+
     # Phase A: gaps and back-pressure everywhere.
-    for rq in tb.rq:
-        rq.gap, rq.backpressure = 0.3, 0.3
-        tb.random_traffic(rq.i, n, _rows(tb, rq.i))
-    for ch in tb.ch:
-        ch.ready_prob, ch.lat, ch.resp_gap, ch.err_prob = 0.6, (1, 25), 0.2, 0.02
-    cyc_a = await tb.drain(limit=n * 40)
-    tb.check_stall_counters()
+    cyc_a = await phase(0.3, 0.3, 0.6, (1, 25), 0.2, 0.02)
     # Phase B: saturating requesters, long out-of-order delays: ROBs run full.
-    for rq in tb.rq:
-        rq.gap, rq.backpressure = 0.0, 0.1
-        tb.random_traffic(rq.i, n, _rows(tb, rq.i))
-    for ch in tb.ch:
-        ch.ready_prob, ch.lat, ch.resp_gap, ch.err_prob = 0.95, (20, 70), 0.0, 0.0
-    cyc_b = await tb.drain(limit=n * 40)
-    tb.check_stall_counters()
+    cyc_b = await phase(0.0, 0.1, 0.95, (20, 70), 0.0, 0.0)
     total = sum(rq.received for rq in tb.rq)
     errors = [rq.errors for rq in tb.rq]
     assert total == 2 * n * tb.n, f"{total} responses for {2 * n * tb.n} requests"

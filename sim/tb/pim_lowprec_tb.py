@@ -26,20 +26,16 @@ from cocotb.triggers import FallingEdge
 from firmware.pim import amortized_cycles
 from firmware.pim_lowprec import W4GemvLayout, act_words, gemv_bytes, w4_gemv_lower_bound, w4_gemv_program
 from firmware.quant import quantize_weights
-from hw.config import preset
 from hw.spec import fp as G
 from sim.golden import lowprec_unit as LU
 from sim.pim_sequencer import PimDriver, Scheduler, write_backdoor_bin
-from sim.tb.common import env_int, env_str, tb_test, write_metrics
+from sim.tb.common import env_config, env_int, env_str, tb_test, write_metrics
 from sim.tb.pim_tb import _backdoor_dir, _words_to_u32
 
 
 def _cfg():
-    cfg = preset(env_str("IANUS_CONFIG", "tiny-w4"))
-    over = env_str("IANUS_PIM", "")
-    if over:
-        cfg = cfg.replace(**{f"pim.{k}": int(v) for k, v in (kv.split("=") for kv in over.split(","))})
-    return cfg
+    """The preset ``IANUS_CONFIG`` (``tiny-w4``) with the ``pim.*`` overrides of ``IANUS_PIM``."""
+    return env_config("tiny-w4", "IANUS_PIM", "pim")
 
 
 def w4_data(cfg, K, N, seed):

@@ -24,20 +24,23 @@ from firmware.pim import (
     gemv_lower_bound,
     gemv_program,
 )
-from hw.config import preset
 from hw.spec import fp as G
 from sim.golden.pim import PimChannelModel, af_eval
 from sim.pim_sequencer import PimDriver, Scheduler, gemv_resolver, write_backdoor
-from sim.tb.common import env_int, env_str, tb_test, write_metrics
+from sim.tb.common import env_config, env_int, env_str, tb_test, write_metrics
 
 
 def _cfg():
     """The preset ``IANUS_CONFIG`` with the ``timing.*`` overrides of ``IANUS_TIMING`` (``"tCCD=2,tRRD=3"``)."""
-    cfg = preset(env_str("IANUS_CONFIG", "tiny"))
-    over = env_str("IANUS_TIMING", "")
-    if over:
-        cfg = cfg.replace(**{f"timing.{k}": int(v) for k, v in (kv.split("=") for kv in over.split(","))})
-    return cfg
+    return env_config("tiny", "IANUS_TIMING", "timing")
+
+
+async def _driver(dut):
+    """``(cfg, driver)``: the configuration (:func:`_cfg`) and a :class:`PimDriver` of it, out of reset."""
+    cfg = _cfg()
+    drv = PimDriver(dut, cfg)
+    await drv.reset()
+    return cfg, drv
 
 
 def _backdoor_dir():
@@ -55,12 +58,10 @@ def _words_to_u32(word: int, count: int) -> np.ndarray:
 @tb_test()
 async def normal_traffic(dut):
     """Random ACT/RD/WR/PRE on every channel with refreshes, scoreboarded against the golden channel model."""
-    cfg = _cfg()
+    cfg, drv = await _driver(dut)
     p = cfg.pim
     rng = np.random.default_rng(env_int("SEED", 7))
     n_ops = env_int("N_OPS", 400)
-    drv = PimDriver(dut, cfg)
-    await drv.reset()
     schedules, expected = [], []
     forced_ref_at = n_ops // 2
     for _ in range(p.channels):
@@ -162,13 +163,11 @@ async def run_gemv(drv: PimDriver, sch_for, layout: GemvLayout, w, x, bias, back
 @tb_test()
 async def gemv(dut):
     """GEMV shapes from env GEMV_SHAPES ("KxN,KxN"): bit-exact vs golden, bounded vs float64, cycle efficiency."""
-    cfg = _cfg()
+    cfg, drv = await _driver(dut)
     # "KxN" or "KxNg" (with GELU through the AF units).
     shapes = [(int(s.split("x")[0]), int(s.split("x")[1].rstrip("g")), s.endswith("g"))
               for s in env_str("GEMV_SHAPES", "96x64").split(",")]
     min_eff = float(env_str("MIN_EFFICIENCY", "0.95"))
-    drv = PimDriver(dut, cfg)
-    await drv.reset()
     state = {}
 
     def sch_for(start):
@@ -233,12 +232,10 @@ async def gemv(dut):
 @tb_test()
 async def gelu_af(dut):
     """AF unit with the GELU table in the reserved row: bit-exact vs golden, bounded vs float64 GELU."""
-    cfg = _cfg()
+    cfg, drv = await _driver(dut)
     p = cfg.pim
     rng = np.random.default_rng(env_int("SEED", 11))
     n_rounds = env_int("N_ROUNDS", 8)
-    drv = PimDriver(dut, cfg)
-    await drv.reset()
     lut = af_lut_row(cfg)
     d = _backdoor_dir()
     for c in range(p.channels):
@@ -300,10 +297,8 @@ async def illegal_sequences(dut):
     and must not execute (a read afterwards still returns the old data)."""
     from hw.pim.commands import VIOLATIONS
 
-    cfg = _cfg()
+    cfg, drv = await _driver(dut)
     t = cfg.timing
-    drv = PimDriver(dut, cfg)
-    await drv.reset()
     names = {v.code: v.name for v in VIOLATIONS}
     bus, st = drv.bus[0], drv.status[0]
     ck = drv.checkers[0]
@@ -452,12 +447,10 @@ async def timing_edges(dut):
     ``illegal_sequences`` with CHECK_REFRESH_LATE.)"""
     from hw.pim.commands import VIOLATIONS
 
-    cfg = _cfg()
+    cfg, drv = await _driver(dut)
     t, p = cfg.timing, cfg.pim
     dual = p.row_buffers == 2
     act_pim, pre_pim = ("PACTAB", "PPREAB") if dual else ("ACTAB", "PREAB")
-    drv = PimDriver(dut, cfg)
-    await drv.reset()
     names = {v.code: v.name for v in VIOLATIONS}
     bus, st, ck = drv.bus[0], drv.status[0], drv.checkers[0]
     from sim.pim_checker import OPCODES
@@ -599,14 +592,12 @@ async def timing_edges(dut):
 async def backdoor_layer(dut):
     """Fill the banks with a whole GPT-2-small layer's FC weights (~7M BF16) through the back door,
     then read samples back with normal RD commands."""
-    cfg = _cfg()
+    cfg, drv = await _driver(dut)
     p = cfg.pim
     d_model = env_int("D_MODEL", 768)
     n_samples = env_int("N_SAMPLES", 64)
     shapes = [(d_model, 3 * d_model), (d_model, d_model), (d_model, 4 * d_model), (4 * d_model, d_model)]
     rng = np.random.default_rng(5)
-    drv = PimDriver(dut, cfg)
-    await drv.reset()
     d = _backdoor_dir()
     t0 = time.perf_counter()
     layouts, packs = [], []

@@ -24,6 +24,15 @@ def _cfg():
     return preset(env_str("IANUS_CONFIG", "tiny"))
 
 
+async def _raises(coro, exc, message: str):
+    """Await ``coro``; :class:`AssertionError` with ``message`` unless it raises ``exc``."""
+    try:
+        await coro
+    except exc:
+        return
+    raise AssertionError(message)
+
+
 async def bring_up(dut, cfg, pause_prob=0.0):
     await start(dut, zero_inputs=["bd_load"])
     await FallingEdge(dut.clk)
@@ -76,28 +85,14 @@ async def bad_input(dut):
     dev = await D.Device.open(tr, cfg)
     size = cfg.pim.total_bytes
     for coro in (tr.read_mem(size, 32), tr.write_mem(size - 32, bytes(64)), tr.read_mem(size - 32, 64)):
-        try:
-            await coro
-        except AxiResponseError:
-            pass
-        else:
-            raise AssertionError("an access outside the memory window was not answered SLVERR")
+        await _raises(coro, AxiResponseError, "an access outside the memory window was not answered SLVERR")
     # Nothing was written by the refused burst: the last in-window column still reads zero.
     assert await tr.read_mem(size - 32, 32) == bytes(32)
     for coro in (tr.read_csr(0x3FC), tr.write_csr(CSR.ID, 1)):
-        try:
-            await coro
-        except AxiResponseError:
-            pass
-        else:
-            raise AssertionError("an unmapped or read-only register access was not answered SLVERR")
+        await _raises(coro, AxiResponseError, "an unmapped or read-only register access was not answered SLVERR")
     await dev.submit(Macro(13))
-    try:
-        await dev.wait_idle(timeout_cycles=100_000)
-    except D.BadOpcodeError:
-        pass
-    else:
-        raise AssertionError("a malformed macro command raised no BadOpcodeError")
+    await _raises(dev.wait_idle(timeout_cycles=100_000), D.BadOpcodeError,
+                  "a malformed macro command raised no BadOpcodeError")
     await dev.clear_error()
     y = await program(dev, cfg, seed=6)
     fdev = await D.Device.open(D.FunctionalTransport(FunctionalDevice(cfg)), cfg)
@@ -111,12 +106,7 @@ async def bad_input(dut):
     for _ in range(4):
         await dev.submit(Macro(MacroOp.WRITE_VEC, n=32, addr0=x_addr))
         await dev.submit(Macro(MacroOp.GEMV, n=32, m=h.layout.N, row=h.layout.base_row))
-    try:
-        await dev.wait_idle(timeout_cycles=10)
-    except D.DeviceTimeout:
-        pass
-    else:
-        raise AssertionError("the driver did not time out")
+    await _raises(dev.wait_idle(timeout_cycles=10), D.DeviceTimeout, "the driver did not time out")
     await dev.wait_idle()
     mon.assert_clean()
 

@@ -145,6 +145,11 @@ class Pair:
         await self.host.write(addr, data)
         self.model.write(addr, bytes(data))
 
+    async def load(self, att):
+        """The operands of :class:`Attention` ``att`` into both."""
+        for addr, data in att.writes:
+            await self.write(addr, data)
+
     async def run(self, addr, program, what):
         self.model.write(addr, isa.to_bytes(program))
         want = self.model.run(addr, len(program))
@@ -161,6 +166,19 @@ class Pair:
                 bad = np.flatnonzero(gb != wb)
                 raise AssertionError(f"{what}: {name} differs from the functional model at 16-bit words {bad[:8]}: "
                                      f"{gb[bad[:4]]} vs {wb[bad[:4]]}")
+
+
+async def start_attention(dut, seed, what=None):
+    """The device up, a :class:`Pair`, :class:`Attention` of ``seed`` written into it and (``what``) run once,
+    bit-exact: ``(mon, host, cfg, pair, att)``."""
+    mon, host = await bring_up(dut)
+    cfg = host.cfg
+    pair = Pair(host, cfg)
+    att = Attention(cfg, seed)
+    await pair.load(att)
+    if what:
+        await run_attention(pair, att, what)
+    return mon, host, cfg, pair, att
 
 
 async def run_attention(pair, att, what):
@@ -181,8 +199,7 @@ async def attention(dut):
     pair = Pair(host, cfg)
     for seed, n in ((env_int("SEED", 1), 13), (7, 5), (8, 16)):
         att = Attention(cfg, seed, n=n)
-        for addr, data in att.writes:
-            await pair.write(addr, data)
+        await pair.load(att)
         await run_attention(pair, att, f"attention n={n} seed={seed}")
         dut._log.info("attention over %d keys: bit-exact", n)
     counters = await read_counters(host.tr, cfg.pim.channels, spu=True)
@@ -194,13 +211,7 @@ async def attention(dut):
 async def fence_and_timing(dut):
     """FENCE SPU holds a VSTORE until the SPIM's results are written (zeroed scores before); a lone SPIM keeps
     the queue busy command_cycles + SPIM_OVERHEAD cycles (QK and PV, several shapes)."""
-    mon, host = await bring_up(dut)
-    cfg = host.cfg
-    pair = Pair(host, cfg)
-    att = Attention(cfg, 3)
-    for addr, data in att.writes:
-        await pair.write(addr, data)
-    await run_attention(pair, att, "setup")
+    mon, host, cfg, pair, att = await start_attention(dut, 3, "setup")
     # Zero the scores in the scratchpad and in memory, recompute them, FENCE, store: the stored scores are the
     # recomputed ones only if the VSTORE waited for the SPIM.
     sp = att.s_pitch
@@ -238,14 +249,8 @@ async def fence_and_timing(dut):
 async def errors(dut):
     """Refused SPIM / SLOAD: ERROR = CpError.SPU | SpuError << 8 and ERROR_PC the failing instruction, as the
     functional model says; CLEAR; the attention program runs again, bit-exact."""
-    mon, host = await bring_up(dut)
-    cfg = host.cfg
+    mon, host, cfg, pair, att = await start_attention(dut, 5, "before the errors")
     s = cfg.spu
-    pair = Pair(host, cfg)
-    att = Attention(cfg, 5)
-    for addr, data in att.writes:
-        await pair.write(addr, data)
-    await run_attention(pair, att, "before the errors")
     total = cfg.pim.total_bytes
     spm_cols = cfg.npu.vector_spm_words * cfg.npu.vector_lanes * 4 // COL
     ok_load = att.sload("K")
@@ -284,13 +289,7 @@ async def errors(dut):
 async def contention(dut):
     """SPIMs while the vector unit writes the scratchpad every cycle (a long SCALE, no FENCE between them): the
     result writer waits for the shared write port (spu.spm_stall counts it), every result bit-exact."""
-    mon, host = await bring_up(dut)
-    cfg = host.cfg
-    pair = Pair(host, cfg)
-    att = Attention(cfg, 11)
-    for addr, data in att.writes:
-        await pair.write(addr, data)
-    await run_attention(pair, att, "setup")
+    mon, host, cfg, pair, att = await start_attention(dut, 11, "setup")
     rng = np.random.default_rng(12)
     rows, X, XB, XOUT = 64, 200, 0x6000, 0x7000      # 64 rows of 16 FP32 at scratchpad column 200
     await pair.write(XB, rng.standard_normal(rows * 16).astype("<f4").tobytes())
@@ -329,13 +328,8 @@ async def beside_pim(dut):
     def pim(mc):
         return isa.encode(SocOp.PIM, word=sum(w << (32 * i) for i, w in enumerate(macro_encode(mc))))
 
-    mon, host = await bring_up(dut)
-    cfg = host.cfg
+    mon, host, cfg, pair, att = await start_attention(dut, 21)
     p = cfg.pim
-    pair = Pair(host, cfg)
-    att = Attention(cfg, 21)
-    for addr, data in att.writes:
-        await pair.write(addr, data)
     rng = np.random.default_rng(22)
     K, N = 2 * p.gb_values, p.banks * p.channels
     lay = GemvLayout(cfg, K, N, base_row=10)                       # weights at 40 KiB, clear of the attention's data
