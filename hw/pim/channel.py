@@ -89,6 +89,19 @@ def _bank_ports(p):
     return ins, outs
 
 
+class _Scope:
+    """Signals one part of :meth:`PimChannel.elaborate` hands to the next, by name."""
+
+    def __init__(self, **names):
+        self.__dict__.update(names)
+
+    def update(self, **names):
+        self.__dict__.update(names)
+
+    def get(self, *names):
+        return tuple(self.__dict__[n] for n in names)
+
+
 class PimChannel(wiring.Component):
     """One PIM channel: ``banks`` :class:`~hw.pim.bank.PimBank` + global buffer + decoder + checks.
 
@@ -118,11 +131,25 @@ class PimChannel(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        p, t = cfg.pim, cfg.timing
-        nb = p.banks
-        bus, st = self.bus, self.status
-        op, bank, col = bus.op, bus.bank, bus.col
+        bus = self.bus
+        # The parts below hand each other their signals by name.
+        s = _Scope(cfg=cfg, p=cfg.pim, t=cfg.timing, nb=cfg.pim.banks, bus=bus, st=self.status, op=bus.op,
+                   bank=bus.bank, col=bus.col)
+        self._banks(m, s)
+        self._state(m, s)
+        self._violation(m, s)
+        m.d.comb += s.execute.eq((s.op != PimOp.NOP) & (s.code == ViolationCode.NONE))
+        self._record(m, s)
+        self._global_buffer(m, s)
+        self._bank_strobes(m, s)
+        self._read_return(m, s)
+        self._counters(m, s)
+        return m
 
+    def _banks(self, m, s):
+        """The banks (:class:`~hw.pim.bank.PimBank`, or Instances of the shared bank module); their ports by
+        name."""
+        p, nb, cfg = s.get('p', 'nb', 'cfg')
         # Banks ----------------------------------------------------------
         ins, outs = _bank_ports(p)
         banks = []
@@ -141,7 +168,11 @@ class PimChannel(wiring.Component):
                 kwargs.update({f"i_{n}": sig[n] for n in ins})
                 kwargs.update({f"o_{n}": sig[n] for n in outs})
                 m.submodules[f"bank{b}"] = Instance(self.bank_module, **kwargs)
+        s.update(banks=banks)
 
+    def _state(self, m, s):
+        """The banks' state as vectors, the PIM row buffer and the channel-wide timing windows."""
+        banks, p, nb, bank, op, t, bus, col = s.get('banks', 'p', 'nb', 'bank', 'op', 't', 'bus', 'col')
         is_open = Cat(bk["is_open"] for bk in banks)
         rcdrd_ok = Cat(bk["rcdrd_ok"] for bk in banks)
         rcdwr_ok = Cat(bk["rcdwr_ok"] for bk in banks)
@@ -175,6 +206,7 @@ class PimChannel(wiring.Component):
         else:
             p_open = pim_holds = Const(0, 1)
             p_row = Const(0, max(p.row_addr_bits, 1))
+            normal_holds = p_rcd_ok = p_ras_ok = p_rp_ok = p_rtp_ok = None     # (read only with two buffers)
 
         # Channel-wide timing --------------------------------------------
         col_cmd = Signal()
@@ -227,7 +259,22 @@ class PimChannel(wiring.Component):
             rdmac_rules = [(group_uncombined, ViolationCode.PU_BUSY)]
         else:
             mac_rules = af_rules = rdmac_rules = []
+        s.update(af_mac_ok=af_mac_ok, af_ok=af_ok, af_row_ok=af_row_ok, af_rules=af_rules, all_banks=all_banks, bpw=bpw,
+                 ccd_ok=ccd_ok, dual=dual, execute=execute, faw_ok=faw_ok, is_act=is_act, is_lds=is_lds, is_mac=is_mac,
+                 is_open=is_open, lp=lp, mac_ok=mac_ok, mac_rules=mac_rules, normal_holds=normal_holds, p_open=p_open,
+                 p_ras_ok=p_ras_ok, p_rcd_ok=p_rcd_ok, p_row=p_row, p_rp_ok=p_rp_ok, p_rtp_ok=p_rtp_ok,
+                 pim_holds=pim_holds, ras_ok=ras_ok, rcdrd_ok=rcdrd_ok, rcdwr_ok=rcdwr_ok, rdmac_rules=rdmac_rules,
+                 rfc_ok=rfc_ok, rp_ok=rp_ok, rrd_ok=rrd_ok, rtp_ok=rtp_ok, sel=sel, wr_ok=wr_ok)
 
+    def _violation(self, m, s):
+        """The first rule the command on the bus breaks (``ViolationCode.NONE``: none)."""
+        (dual, lp, op, is_lds, sel, is_open, pim_holds, rp_ok, rfc_ok, rrd_ok, faw_ok, all_banks, ras_ok, wr_ok,
+         rtp_ok, rcdrd_ok, ccd_ok, rcdwr_ok, p_open, p_rcd_ok, mac_rules, p_row, p, af_rules, af_mac_ok,
+         normal_holds, p_rp_ok, p_ras_ok, p_rtp_ok, af_row_ok, col, rdmac_rules, mac_ok, af_ok) = s.get(
+            'dual', 'lp', 'op', 'is_lds', 'sel', 'is_open', 'pim_holds', 'rp_ok', 'rfc_ok', 'rrd_ok', 'faw_ok',
+            'all_banks', 'ras_ok', 'wr_ok', 'rtp_ok', 'rcdrd_ok', 'ccd_ok', 'rcdwr_ok', 'p_open', 'p_rcd_ok',
+            'mac_rules', 'p_row', 'p', 'af_rules', 'af_mac_ok', 'normal_holds', 'p_rp_ok', 'p_ras_ok', 'p_rtp_ok',
+            'af_row_ok', 'col', 'rdmac_rules', 'mac_ok', 'af_ok')
         # Violation decision (first failing rule) -------------------------
         code = Signal(ViolationCode)
         legal_ops = [c for c in PimOp if dual or c.name not in DUAL_ONLY]
@@ -328,8 +375,11 @@ class PimChannel(wiring.Component):
                         self._first(m, code, [
                             (is_open != all_banks, ViolationCode.BANK_CLOSED),
                             (rcdrd_ok != all_banks, ViolationCode.T_RCD), (~ccd_ok, ViolationCode.T_CCD)])
-        m.d.comb += execute.eq((op != PimOp.NOP) & (code == ViolationCode.NONE))
+        s.update(code=code)
 
+    def _record(self, m, s):
+        """The refresh credit and the sticky violation record."""
+        t, execute, op, st, code = s.get('t', 'execute', 'op', 'st', 'code')
         # Refresh credit --------------------------------------------------
         owed = refresh_credit(m, t.tREFI, t.refresh_postpone, execute & (op == PimOp.REF))
         late = owed > t.refresh_postpone
@@ -349,6 +399,9 @@ class PimChannel(wiring.Component):
             with m.If(bad & (st.nviol != 0xFFFF)):
                 m.d.sync += st.nviol.eq(st.nviol + 1)
 
+    def _global_buffer(self, m, s):
+        """The global buffer: WRGB writes it, the banks' MACs read it."""
+        lp, p, execute, op, col, bus = s.get('lp', 'p', 'execute', 'op', 'col', 'bus')
         # Global buffer ---------------------------------------------------
         if lp:
             gb_data = self._wide_gb(m, p, execute & (op == PimOp.WRGB), col, bus.data)
@@ -364,7 +417,12 @@ class PimChannel(wiring.Component):
                 gb_r.addr.eq(col[:gb_bits] if gb_bits else 0),
             ]
             gb_data = gb_r.data
+        s.update(gb_data=gb_data)
 
+    def _bank_strobes(self, m, s):
+        """Each bank's command strobes and operands."""
+        (banks, bank, execute, op, bus, col, gb_data, p_row, bpw, lp, p) = s.get(
+            'banks', 'bank', 'execute', 'op', 'bus', 'col', 'gb_data', 'p_row', 'bpw', 'lp', 'p')
         # Bank strobes -------------------------------------------------------
         for b, bk in enumerate(banks):
             here = bank == b
@@ -386,6 +444,9 @@ class PimChannel(wiring.Component):
                              bk["do_ldsel"].eq(execute & (op.as_value() == LOWPREC_OPCODES["LDSLAB"])
                                                if p.grid_choice else 0)]
 
+    def _read_return(self, m, s):
+        """Read data: sampled one cycle after the command, delivered at tRL."""
+        p, execute, op, bank, col, bus, banks, bpw, nb, t = s.get('p', 'execute', 'op', 'bank', 'col', 'bus', 'banks', 'bpw', 'nb', 't')
         # Read return: sample one cycle after the command, deliver at tRL --------
         r_valid = Signal()
         r_kind = Signal(PimOp)
@@ -415,7 +476,10 @@ class PimChannel(wiring.Component):
         valid, data = delay_pipe(m, r_valid, r_data, t.tRL - 1, "rl")
         m.d.comb += [bus.rvalid.eq(valid), bus.rdata.eq(data)]
 
-        # Event counters ---------------------------------------------------
+    def _counters(self, m, s):
+        """The event counters (commands executed)."""
+        (op, nb, is_act, banks, sel, is_open, p_open, is_mac, st, execute) = s.get(
+            'op', 'nb', 'is_act', 'banks', 'sel', 'is_open', 'p_open', 'is_mac', 'st', 'execute')
         events = {
             "n_act": Mux(op.as_value().matches(PimOp.ACTAB, PimOp.PACTAB), nb, 1) * is_act,
             "n_pre": Mux(op == PimOp.PREAB, sum(bk["is_open"] for bk in banks), sel(is_open)) *
