@@ -145,8 +145,8 @@ from firmware.program import (
     _up,
     gemm,
 )
-from hw.config import SystemConfig
 from hw.spec import soc_isa as isa
+from hw.spec.config import SystemConfig
 from hw.spec.macro import MacroFlag, MacroOp
 from hw.spec.soc_isa import SocOp, Unit
 

@@ -5,8 +5,8 @@ instruction (:func:`instruction_costs`), so the command processor feeds both str
 
 from __future__ import annotations
 
-from hw.config import SystemConfig
 from hw.spec import soc_isa as isa
+from hw.spec.config import SystemConfig
 from hw.spec.soc_isa import SocOp
 
 __all__ = ["instruction_costs", "merge_streams"]

@@ -18,8 +18,8 @@ from firmware.gpt2 import GptShape
 from firmware.memory_plan import ALIGN
 from firmware.pim import GemvLayout
 from firmware.program import _up
-from hw.config import SystemConfig
-from hw.memif import AddressMap
+from hw.spec.addrmap import AddressMap
+from hw.spec.config import SystemConfig
 
 __all__ = ["POLICIES", "PIM_POLICIES", "BatchError", "KvLayout", "BatchPlan", "gemv_layouts"]
 

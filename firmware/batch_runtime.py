@@ -30,9 +30,9 @@ from firmware.batch import BatchCompiler, BatchError, KvLayout, identity_bytes, 
 from firmware.compiler import _up, pack_layer
 from firmware.gpt2 import GptShape, LayerWeights, _ln, reference_block
 from firmware.memimage import MemoryImage
-from hw.config import SystemConfig
 from hw.spec import fp as G
 from hw.spec import soc_isa as isa
+from hw.spec.config import SystemConfig
 
 __all__ = ["KvCapacityError", "KvPool", "Request", "StepRecord", "BatchRuntime", "run_script", "prompt_kv",
            "BatchRunError"]

@@ -63,8 +63,8 @@ from firmware.program import (
     blocked_tile,
     gemm,
 )
-from hw.config import SystemConfig
 from hw.spec import soc_isa as isa
+from hw.spec.config import SystemConfig
 from hw.spec.macro import MacroFlag, MacroOp
 from hw.spec.soc_isa import SocOp, Unit
 

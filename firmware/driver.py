@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from firmware.pim import GemvLayout, af_lut_row, gelu
-from hw.config import SystemConfig
-from hw.memif import AddressMap
 from hw.spec import fp as G
+from hw.spec.addrmap import AddressMap
+from hw.spec.config import SystemConfig
 from hw.spec.macro import (
     CSR,
     DEVICE_ID,
@@ -295,7 +295,7 @@ class Device:
         if lay.base_row + lay.rows_used > self.next_data_row:
             raise LayoutError(f"out of device memory for a {K}x{N} weight matrix ({lay.rows_used} rows)")
         packed = lay.pack(wp)                                     # [ch, banks, rows, cols, lanes]
-        image = self.amap.pack_rows(packed.transpose(2, 0, 1, 3, 4))   # address order (hw.memif.AddressMap)
+        image = self.amap.pack_rows(packed.transpose(2, 0, 1, 3, 4))   # address order (hw.spec.addrmap.AddressMap)
         handle = WeightHandle(lay, perm, N)
         rows = (self.next_weight_row, self.next_data_row)
         try:

@@ -1,7 +1,7 @@
 """Device memory as a host-side byte image: what the runtime fills with weights, tables and programs.
 
 :class:`MemoryImage` holds the whole device memory in RAM, addressed like the SoC's AXI4 window (the
-address map of :class:`hw.memif.AddressMap`). The runtime (:mod:`firmware.runtime`)
+address map of :class:`hw.spec.addrmap.AddressMap`). The runtime (:mod:`firmware.runtime`)
 builds a job's initial memory in one; the functional models (:mod:`sim.pim_model`,
 :mod:`sim.soc_model`) use it as their device memory, and the RTL testbenches load it through the
 device's back door.
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from hw.config import SystemConfig
-from hw.memif import AddressMap
+from hw.spec.addrmap import AddressMap
+from hw.spec.config import SystemConfig
 
 __all__ = ["MemoryImage"]
 
 
 class MemoryImage:
-    """Device memory as bytes, addressed like the AXI window (:class:`hw.memif.AddressMap`)."""
+    """Device memory as bytes, addressed like the AXI window (:class:`hw.spec.addrmap.AddressMap`)."""
 
     def __init__(self, cfg: SystemConfig):
         self.cfg = cfg

@@ -16,9 +16,9 @@ import numpy as np
 from firmware.gpt2 import GptShape, LayerWeights
 from firmware.pim import GemvLayout
 from firmware.program import Blocked, CompileError, _up, blocked_tile
-from hw.config import SystemConfig
-from hw.memif import AddressMap
 from hw.spec import fp as G
+from hw.spec.addrmap import AddressMap
+from hw.spec.config import SystemConfig
 
 __all__ = ["ALIGN", "LayerPlan", "MemoryPlan", "plan_memory", "pack_layer"]
 

@@ -22,7 +22,7 @@ unchanged, so the accumulation order is that of one long accumulation.
 
 With a pipelined processing unit (``PimGeometry.acc_stages = P > 1``, issue 15) the accumulator is ``P``
 interleaved partial sums: the last MACAB of every tile row carries the combine flag (``row`` bit
-:data:`hw.config.COMBINE_ROW_BIT`), so each row's columns are summed in the order of
+:data:`hw.spec.config.COMBINE_ROW_BIT`), so each row's columns are summed in the order of
 :func:`hw.spec.fp.accumulate` with ``stages=P`` onto the preloaded value (:func:`gemv_golden`).
 """
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hw.config import SystemConfig
 from hw.spec import fp as G
+from hw.spec.config import SystemConfig
 
 __all__ = ["gelu", "af_lut_row", "OutputTiles", "GemvLayout", "gemv_golden", "gemv_program", "gemv_lower_bound",
            "amortized_cycles",

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from firmware.pim import GemvLayout
-from hw.config import SystemConfig
-from hw.memif import AddressMap
 from hw.spec import fp as G
 from hw.spec import matrix_isa as mu_isa
 from hw.spec import soc_isa as isa
 from hw.spec import vector_isa as vu
+from hw.spec.addrmap import AddressMap
+from hw.spec.config import SystemConfig
 from hw.spec.macro import Macro
 from hw.spec.macro import encode as macro_encode
 from hw.spec.soc_isa import SocOp

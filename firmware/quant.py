@@ -403,7 +403,7 @@ def unpack(p: PackedWeights) -> QuantWeights:
 class PimLowPrecLayout(OutputTiles):
     """Where a packed ``[K, N]`` 4-bit matrix lives in the PIM banks (see the module docstring).
 
-    ``cfg``: a :class:`hw.config.SystemConfig` (only ``cfg.pim`` is read: channels, banks, columns, lanes,
+    ``cfg``: a :class:`hw.spec.config.SystemConfig` (only ``cfg.pim`` is read: channels, banks, columns, lanes,
     data_rows). DRAM contents are ``[channels, banks, rows_used, columns, 32]`` bytes.
     """
     cfg: object

@@ -15,8 +15,9 @@ Layers (the package graph):
   top-level modules are both the base the blocks build on (``config``, ``arith``, ``memif``, ``gen``) and
   the integration that instantiates them (``soc``, ``blocks``, ``proto``), so splitting them would
   report package cycles that are no module cycle); imports ``hw`` and ``hw.spec`` only;
-* ``firmware``: imports ``firmware``, ``hw.spec`` and, until the configuration moves to the spec layer,
-  ``hw.config`` and ``hw.memif`` (:data:`FIRMWARE_HW_EXCEPTIONS`); never an RTL module, never ``sim``;
+* ``firmware``: imports ``firmware`` and ``hw.spec`` only (the configuration, the presets and the address map
+  are in the spec layer: ``hw.spec.config``, ``hw.spec.presets``, ``hw.spec.addrmap``); never an RTL
+  module, never ``sim``;
 * ``sim``: may import anything; nothing outside ``sim`` imports it (tests are not scanned).
 
 The package graph must be acyclic and so must the module graph, apart from the imports listed in
@@ -39,13 +40,9 @@ LAYERS = ("hw.spec", "hw", "firmware", "sim")
 ALLOWED = {
     "hw.spec": {"hw.spec"},
     "hw": {"hw", "hw.spec"},
-    "firmware": {"firmware", "hw.spec", "hw"},     # hw: only FIRMWARE_HW_EXCEPTIONS, checked per module
+    "firmware": {"firmware", "hw.spec"},
     "sim": set(LAYERS),
 }
-FIRMWARE_HW_EXCEPTIONS = {"hw", "hw.config", "hw.memif"}
-"""``hw`` modules the firmware may import for now: the configuration and the address map (and the ``hw``
-package's own ``__init__``, which importing them runs)."""
-
 SPEC_THIRD_PARTY = {"numpy", "ml_dtypes", "amaranth.lib.data", "amaranth.lib.enum", "amaranth.lib"}
 """Third-party modules :mod:`hw.spec` may import (``from amaranth.lib import data, enum``)."""
 
@@ -227,9 +224,6 @@ def layering_violations(graph, modules=None) -> list[str]:
             where = f"{modules[src].relative_to(ROOT) if modules else src}:{line}"
             if lt not in ALLOWED[ls]:
                 out.append(f"{where}: {src} -> {target} ({ls} must not import {lt})")
-            elif ls == "firmware" and lt == "hw" and target not in FIRMWARE_HW_EXCEPTIONS:
-                out.append(f"{where}: {src} -> {target} (firmware imports hw.spec, not the RTL; "
-                           f"allowed for now: {', '.join(sorted(FIRMWARE_HW_EXCEPTIONS))})")
     return out
 
 
@@ -322,5 +316,5 @@ def test_detects_cycle_and_layering_in_a_synthetic_tree(tmp_path):
     assert find_cycles(graph) == [["hw.a", "hw.b", "hw.a"]]
     bad = layering_violations(graph)
     assert any("hw.c -> firmware.d" in b and "hw must not import firmware" in b for b in bad), bad
-    assert any("firmware.d -> hw.a" in b and "not the RTL" in b for b in bad), bad
+    assert any("firmware.d -> hw.a" in b and "firmware must not import hw" in b for b in bad), bad
     assert find_cycles(package_graph(graph)) == [["firmware", "hw", "firmware"]]
