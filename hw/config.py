@@ -3,19 +3,8 @@
 has imported since the start. Both live in the spec layer (issue 16), which imports nothing else of the
 project, so the firmware and the models read the configuration without the RTL."""
 
-from .spec.config import (
-    COMBINE_ROW_BIT,
-    TIMING_NS_IANUS,
-    Clocks,
-    ConfigError,
-    DramTiming,
-    NpuConfig,
-    PimGeometry,
-    SramPimConfig,
-    SystemConfig,
-    timing_from_ns,
-)
+from .spec.config import *  # noqa: F403  (the classes and constants, hw.spec.config.__all__)
+from .spec.config import __all__ as _config_all
 from .spec.presets import PRESETS, preset
 
-__all__ = ["ConfigError", "COMBINE_ROW_BIT", "PimGeometry", "DramTiming", "NpuConfig", "Clocks", "SramPimConfig",
-           "SystemConfig", "TIMING_NS_IANUS", "timing_from_ns", "preset", "PRESETS"]
+__all__ = [*_config_all, "preset", "PRESETS"]
