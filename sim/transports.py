@@ -11,6 +11,17 @@ import itertools
 import random
 
 
+def set_pause_generators(masters, pauses) -> None:
+    """Every channel of the cocotbext-axi ``masters`` (AXI4 and AXI4-Lite) pauses as a new ``pauses()``
+    iterator of booleans says (True: hold the channel that cycle)."""
+    for master in masters:
+        for iface in (master.write_if, master.read_if):
+            for name in ("aw_channel", "w_channel", "b_channel", "ar_channel", "r_channel"):
+                ch = getattr(iface, name, None)
+                if ch is not None:
+                    ch.set_pause_generator(pauses())
+
+
 class AxiResponseError(IOError):
     """An AXI access answered SLVERR/DECERR."""
 
@@ -48,12 +59,7 @@ class AxiTransport:
             def pauses():
                 return itertools.cycle([rng.random() < pause_prob for _ in range(997)])
 
-            for master in (self.axi, self.axil):
-                for iface in (master.write_if, master.read_if):
-                    for name in ("aw_channel", "w_channel", "b_channel", "ar_channel", "r_channel"):
-                        ch = getattr(iface, name, None)
-                        if ch is not None:
-                            ch.set_pause_generator(pauses())
+            set_pause_generators((self.axi, self.axil), pauses)
 
     async def write_mem(self, addr: int, data: bytes):
         data = bytes(data)

@@ -26,6 +26,7 @@ from hw.spec import soc_isa as isa
 from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, Status
 from sim.tb.common import port, tb_test
 from sim.tb.soc_job_tb import PERIOD_NS, Host
+from sim.transports import set_pause_generators
 
 TIMEOUT_CYCLES = 200_000
 
@@ -42,12 +43,7 @@ def _pause(host, pct, seed):
 
         return itertools.cycle([rng.random() * 100 < pct for _ in range(997)])
 
-    for master in (host.axi, host.axil):
-        for iface in (master.write_if, master.read_if):
-            for name in ("aw_channel", "w_channel", "b_channel", "ar_channel", "r_channel"):
-                ch = getattr(iface, name, None)
-                if ch is not None:
-                    ch.set_pause_generator(gen())
+    set_pause_generators((host.axi, host.axil), gen)
 
 
 @tb_test()

@@ -28,11 +28,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from cocotb.triggers import Edge, FallingEdge, First, RisingEdge, Timer
+from cocotb.triggers import FallingEdge, RisingEdge
 
-from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, Status, counter_registers
+from hw.spec.soc_regs import CSR, SOC_ID, Ctrl, counter_registers
 from sim.tb.common import port, tb_test
-from sim.tb.soc_job_tb import PERIOD_NS, Host, load_backdoor
+from sim.tb.soc_job_tb import Host, assert_device_clean, load_backdoor, set_program, wait_program
 
 
 async def _start(dut, run_dir: Path, channels: int) -> Host:
@@ -82,22 +82,9 @@ async def _backdoor_write(dut, cfg, addr: int, data: bytes):
 
 async def _run_program(dut, host: Host, prog: dict, budget: int) -> int:
     """Start one program and wait for it; returns its cycles (counter ``cp.cycles``, as ``ianus run``)."""
-    done, error = dut.done, dut.error
-    await host.wr(CSR.PROG_ADDR, prog["addr"])
-    await host.wr(CSR.PROG_LEN, prog["n"])
-    await host.wr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+    await set_program(host, prog)
     await host.wr(CSR.CTRL, Ctrl.START)
-    timer = Timer(budget * PERIOD_NS, "ns")
-    while True:
-        trig = await First(RisingEdge(done), Edge(error), timer)
-        if int(error.value) or int(done.value) or trig is timer:
-            break
-    err = int(error.value)
-    status = await host.rd(CSR.STATUS)
-    if err:
-        pc = await host.rd(CSR.ERROR_PC)
-        raise AssertionError(f"{prog['name']}: SoC error {err:#06x} at instruction {pc} (STATUS {status:#x})")
-    assert status & Status.DONE, f"{prog['name']}: no done within {budget} cycles (STATUS {status:#x})"
+    await wait_program(host, dut.done, dut.error, prog["name"], budget)
     return await host.rd(counter_registers(1)["cp.cycles"])
 
 
@@ -135,10 +122,7 @@ async def generate(dut):
         dut._log.info("position %d: token %d, %d cycles", pos, tokens[-1], cycles)
         with open(os.environ["IANUS_TOKENS"], "a") as f:
             f.write(f"{tokens[-1]} {cycles}\n")
-    for c in range(C):
-        nviol = int(port(dut, "s", c, "nviol").value)
-        assert nviol == 0, f"channel {c}: the device flagged {nviol} protocol violations " \
-                           f"(code {int(port(dut, 's', c, 'vcode').value)})"
+    assert_device_clean(dut, C)
     refreshes = [int(port(dut, "s", c, "n_ref").value) for c in range(C)]
     test_dir = Path(os.environ.get("IANUS_TEST_DIR", "."))
     (test_dir / "result.json").write_text(json.dumps({"tokens": tokens, "steps": steps, "refreshes": refreshes}))

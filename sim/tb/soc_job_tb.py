@@ -95,6 +95,44 @@ def _now():
     return int(cocotb.utils.get_sim_time("ns")) // PERIOD_NS
 
 
+async def set_program(host: Host, prog: dict):
+    """Program ``prog`` (``addr``, ``n``) into the registers and the counters reset (START follows)."""
+    await host.wr(CSR.PROG_ADDR, prog["addr"])
+    await host.wr(CSR.PROG_LEN, prog["n"])
+    await host.wr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+
+
+async def wait_program(host: Host, done, error, name: str, budget: int, hold=None, on_end=None):
+    """After START: wait until the program is done, fails (``error``) or ``budget`` cycles pass; raise unless it
+    is done without an error. ``hold`` (the bus models' clock hold) is set while waiting; ``on_end()`` runs as
+    soon as the wait ends."""
+    timer = Timer(budget * PERIOD_NS, "ns")
+    if hold is not None:        # the host's bus models are idle until the program ends
+        hold.value = 1
+    while True:
+        trig = await First(RisingEdge(done), Edge(error), timer)
+        if int(error.value) or int(done.value) or trig is timer:
+            break
+    if hold is not None:
+        hold.value = 0
+    if on_end is not None:
+        on_end()
+    err = int(error.value)
+    status = await host.rd(CSR.STATUS)
+    if err:
+        pc = await host.rd(CSR.ERROR_PC)
+        raise AssertionError(f"{name}: SoC error {err:#06x} at instruction {pc} (STATUS {status:#x})")
+    assert status & Status.DONE, f"{name}: no done within {budget} cycles (STATUS {status:#x})"
+
+
+def assert_device_clean(dut, channels: int):
+    """The PIM device's own protocol checks: no violation flagged on any channel."""
+    for c in range(channels):
+        nviol = int(port(dut, "s", c, "nviol").value)
+        assert nviol == 0, f"channel {c}: the device flagged {nviol} protocol violations " \
+                           f"(code {int(port(dut, 's', c, 'vcode').value)})"
+
+
 async def _busy_spans(sig, spans, t0):
     """Record [start, end) cycles (relative to the program's start) of each unit's busy (MU, VQ, PCU, and the
     SRAM-PIM queue SPU on a configuration with one)."""
@@ -154,29 +192,11 @@ async def run_job(dut):
         spans = {}
         for addr, path in prog.get("writes", ()):      # host writes before the program (batched generation)
             await host.write_mem(addr, Path(path).read_bytes())
-        await host.wr(CSR.PROG_ADDR, prog["addr"])
-        await host.wr(CSR.PROG_LEN, prog["n"])
-        await host.wr(CSR.CTRL, Ctrl.RESET_COUNTERS)
+        await set_program(host, prog)
         watcher = cocotb.start_soon(_busy_spans(unit_busy, spans, _now()))
         await host.wr(CSR.CTRL, Ctrl.START)
         t_start = _now()            # the START write's response (a fixed number of cycles after the CP took it)
-        budget = spec["timeout_cycles"]
-        timer = Timer(budget * PERIOD_NS, "ns")
-        if hold is not None:        # the host's bus models are idle until the program ends
-            hold.value = 1
-        while True:
-            trig = await First(RisingEdge(done), Edge(error), timer)
-            if int(error.value) or int(done.value) or trig is timer:
-                break
-        if hold is not None:
-            hold.value = 0
-        watcher.kill()
-        err = int(error.value)
-        status = await host.rd(CSR.STATUS)
-        if err:
-            pc = await host.rd(CSR.ERROR_PC)
-            raise AssertionError(f"{prog['name']}: SoC error {err:#06x} at instruction {pc} (STATUS {status:#x})")
-        assert status & Status.DONE, f"{prog['name']}: no done within {budget} cycles (STATUS {status:#x})"
+        await wait_program(host, done, error, prog["name"], spec["timeout_cycles"], hold, watcher.kill)
         counters = {k: await host.rd(off) for k, off in regs.items()}
         results.append({"name": prog["name"], "cycles": counters["cp.cycles"], "t_start": t_start, "counters": counters,
                         "busy": {"mu": counters["mu.busy"], "vq": counters["vq.busy"], "pcu": counters["pcu.busy"],
@@ -187,10 +207,7 @@ async def run_job(dut):
             with open(os.environ["IANUS_PROGRESS"], "a") as f:
                 f.write(f"{prog['name']} {counters['cp.cycles']}\n")
     # DRAM protocol: the device's own checks (and the Python checker when enabled).
-    for c in range(C):
-        nviol = int(port(dut, "s", c, "nviol").value)
-        assert nviol == 0, f"channel {c}: the device flagged {nviol} protocol violations " \
-                           f"(code {int(port(dut, 's', c, 'vcode').value)})"
+    assert_device_clean(dut, C)
     if mon is not None:
         mon.assert_clean()
     test_dir = Path(os.environ.get("IANUS_TEST_DIR", "."))
