@@ -80,9 +80,17 @@ def run_proto_layer(config: str, sim: str = "verilator", waves: bool = False, qu
     return result
 
 
-def cmd_demo(args) -> int:
+def _results_table(title: str, columns):
+    """A rich table of per-operation results: ``operation`` left-aligned, the numbers right-aligned."""
     from rich.table import Table
 
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "operation" else "right")
+    return table
+
+
+def cmd_demo(args) -> int:
     from hw.config import preset
 
     con = _console()
@@ -97,10 +105,9 @@ def cmd_demo(args) -> int:
               "log in build/logs/) ...")
     t0 = time.perf_counter()
     res = run_proto_layer(args.config, sim=args.sim, waves=args.waves)
-    table = Table(title="through the prototype (driver, AXI, PCU, controllers, device)")
-    for col in ("operation", "K x N", "cycles", "time (us)", "internal GB/s", "of peak", "max |err| vs fp64",
-                "bound"):
-        table.add_column(col, justify="left" if col == "operation" else "right")
+    table = _results_table("through the prototype (driver, AXI, PCU, controllers, device)",
+                           ("operation", "K x N", "cycles", "time (us)", "internal GB/s", "of peak",
+                            "max |err| vs fp64", "bound"))
     for r in res["ops"]:
         table.add_row(r["name"], r["shape"], f"{r['cycles']:,}", f"{r['cycles'] / cfg.clocks.pim_mhz:.2f}",
                       f"{r['internal_gbps']:.0f}", f"{r['internal_gbps'] / r['peak_gbps']:.1%}",
@@ -142,8 +149,6 @@ def parse_shapes(text: str, config: str) -> list[tuple[int, int, bool]]:
 
 
 def cmd_gemv_table(args) -> int:
-    from rich.table import Table
-
     from hw.config import preset
 
     con = _console()
@@ -157,10 +162,9 @@ def cmd_gemv_table(args) -> int:
     shapes = parse_shapes(args.shapes, args.config)
     names = {(k, n, act): name for name, k, n, act in GPT2_SMALL_FC}
     res = run_pim_gemvs(args.config, shapes, sim=args.sim, waves=args.waves)
-    table = Table(title="PIM GEMV, bit-exact against the golden model")
-    for col in ("operation", "K x N", "cycles", "time (us)", "REFs", "bound*", "efficiency*",
-                "internal GB/s", "of peak", "max |err| vs fp64"):
-        table.add_column(col, justify="right" if col not in ("operation",) else "left")
+    table = _results_table("PIM GEMV, bit-exact against the golden model",
+                           ("operation", "K x N", "cycles", "time (us)", "REFs", "bound*", "efficiency*",
+                            "internal GB/s", "of peak", "max |err| vs fp64"))
     tot_cycles = 0
     tot_bytes = 0
     for shape, r in zip(shapes, res["shapes"], strict=True):

@@ -31,8 +31,8 @@ COMMAND = "make model && python -m sim.bench --only lowprec"
 
 TRAIN_FILES = ("sim/lm/train.py", "sim/lm/model.py", "sim/lm/data.py")
 CODE_FILES = ("sim/lm/perplexity.py", "sim/lm/model.py", "sim/lm/data.py", "sim/lm/reference.py",
-              "sim/benchmarks/lowprec.py", "firmware/quant.py", "firmware/compiler.py", "firmware/runtime.py",
-              "firmware/pim.py", "sim/soc_model.py")
+              "sim/benchmarks/lowprec.py", "firmware/quant.py", "firmware/compiler.py", "firmware/program.py",
+              "firmware/memory_plan.py", "firmware/runtime.py", "firmware/pim.py", "sim/soc_model.py")
 CODE_DIRS = ("hw/spec", "sim/golden")
 
 
