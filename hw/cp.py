@@ -64,13 +64,14 @@ unit), ``dispatch_stall`` (the head's unit not ready), ``instructions``
 (instructions retired, FENCE and END included).
 """
 
-from amaranth.hdl import Cat, Const, Module, ResetInserter, Signal
+from amaranth.hdl import Cat, Const, Module, ResetInserter, Shape, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .config import SystemConfig
 from .memif import MemPortSignature
+from .npu.counters import count_events
 from .spec.matrix_isa import INSTRUCTION
 from .spec.soc_isa import (
     INSTR_BITS,
@@ -84,22 +85,57 @@ from .spec.soc_isa import (
     units_bits,
 )
 
-__all__ = ["CommandProcessor", "COUNTERS", "UNITS"]
+__all__ = ["CommandProcessor", "COUNTERS", "UNITS", "UnitSignature", "UnitPort"]
 
 COUNTERS = data.StructLayout({
     "cycles": 32, "fetch_stall": 32, "fence_mu": 32, "fence_vq": 32, "fence_pcu": 32, "dispatch_stall": 32,
     "instructions": 32,
 })
 
-# (port name, FENCE mask bit, ops, payload width on the stream, CpError)
+
+
+class UnitSignature(wiring.Signature):
+    """The command processor's port to one unit: instructions out, the unit's state back.
+
+    Parameters
+    ----------
+    payload : shape
+        The instruction as the unit takes it.
+    error_width : int
+        Width of the unit's error code (0: no error).
+
+    Members
+    -------
+    instr : Out(stream.Signature(payload))
+    busy : In(1)
+        The unit has work: high from the cycle after it accepts an instruction until that work is done.
+    error : In(error_width)
+        The unit's error code, non-zero from the failure until the unit is cleared.
+    """
+
+    def __init__(self, payload, error_width: int):
+        super().__init__({"instr": Out(stream.Signature(payload)), "busy": In(1), "error": In(error_width)})
+
+
+class UnitPort:
+    """A unit's side of a :class:`UnitSignature` made of signals the unit already has (it keeps its own port
+    names): ``wiring.connect(m, cp.mu, UnitPort(cp.mu.signature, instr=mu.instr, busy=mu.busy,
+    error=mu.error_code))``."""
+
+    def __init__(self, signature: UnitSignature, *, instr, busy, error):
+        self.signature = signature.flip()
+        self.instr, self.busy, self.error = instr, busy, error
+
+
+# (port name, FENCE mask bit, ops, payload on the stream, error width, CpError)
 UNITS = (
-    ("mu", 0, (SocOp.MATRIX,), INSTRUCTION.size, CpError.MU),
-    ("vq", 1, (SocOp.VECTOR, SocOp.VLOAD, SocOp.VSTORE), INSTR_BITS, CpError.VQ),
-    ("pcu", 2, (SocOp.PIM,), PAYLOAD_WIDTH[SocOp.PIM], CpError.PCU),
+    ("mu", 0, (SocOp.MATRIX,), INSTRUCTION, 4, CpError.MU),
+    ("vq", 1, (SocOp.VECTOR, SocOp.VLOAD, SocOp.VSTORE), INSTR_BITS, 8, CpError.VQ),
+    ("pcu", 2, (SocOp.PIM,), PAYLOAD_WIDTH[SocOp.PIM], 8, CpError.PCU),
 )
-SPU_UNIT = ("spu", 3, SPU_OPS, INSTR_BITS, CpError.SPU)
+SPU_UNIT = ("spu", 3, SPU_OPS, INSTR_BITS, 8, CpError.SPU)
 """The SRAM-PIM queue (:mod:`hw.npu.spu`), a fourth unit on systems with ``cfg.spu``: SPIM and SLOAD legal,
-FENCE mask bit 3, ports ``spu`` / ``spu_busy`` / ``spu_error``, error :attr:`CpError.SPU`."""
+FENCE mask bit 3, port ``spu``, error :attr:`CpError.SPU`."""
 
 
 class CommandProcessor(wiring.Component):
@@ -133,10 +169,10 @@ class CommandProcessor(wiring.Component):
     clear : In(1)
         Clears ``error`` and ``error_pc`` and aborts a running program.
     reset_counters : In(1)
-    mu : Out(stream.Signature(hw.spec.matrix_isa.INSTRUCTION)), mu_busy : In(1), mu_error : In(4)
-    vq : Out(stream.Signature(256)), vq_busy : In(1), vq_error : In(8)
-    pcu : Out(stream.Signature(128)), pcu_busy : In(1), pcu_error : In(8)
-    spu : Out(stream.Signature(256)), spu_busy : In(1), spu_error : In(8)
+    mu : Out(UnitSignature(hw.spec.matrix_isa.INSTRUCTION, 4))
+    vq : Out(UnitSignature(256, 8))
+    pcu : Out(UnitSignature(128, 8))
+    spu : Out(UnitSignature(256, 8))
         Only with ``cfg.spu`` (:data:`SPU_UNIT`).
     counters : Out(COUNTERS)
     """
@@ -163,19 +199,10 @@ class CommandProcessor(wiring.Component):
             "pc": Out(32),
             "clear": In(1),
             "reset_counters": In(1),
-            "mu": Out(stream.Signature(INSTRUCTION)),
-            "mu_busy": In(1),
-            "mu_error": In(4),
-            "vq": Out(stream.Signature(INSTR_BITS)),
-            "vq_busy": In(1),
-            "vq_error": In(8),
-            "pcu": Out(stream.Signature(PAYLOAD_WIDTH[SocOp.PIM])),
-            "pcu_busy": In(1),
-            "pcu_error": In(8),
             "counters": Out(COUNTERS),
         }
-        if self._spu:
-            members.update({"spu": Out(stream.Signature(INSTR_BITS)), "spu_busy": In(1), "spu_error": In(8)})
+        for name, _, _, payload, error_width, _ in self._units:
+            members[name] = Out(UnitSignature(payload, error_width))
         super().__init__(members)
 
     @property
@@ -241,28 +268,14 @@ class CommandProcessor(wiring.Component):
         head = Signal()
         m.d.comb += head.eq(run & fifo.r_rdy)
         op = word[:4]
-        ub = units_bits(self._spu)
-        fence_mask = word[UNITS_LO:UNITS_LO + ub]
+        fence_mask = word[UNITS_LO:UNITS_LO + units_bits(self._spu)]
         payload = word[PAYLOAD_LO:]
-        illegal = Signal()
-        hdr_bad = (word[4:UNITS_LO] != 0) | (word[UNITS_LO + ub:PAYLOAD_LO] != 0)
-        widths = {**PAYLOAD_WIDTH, **(SPU_PAYLOAD_WIDTH if self._spu else {})}
-        with m.Switch(op):
-            with m.Case(SocOp.END):
-                m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload != 0))
-            with m.Case(SocOp.FENCE):
-                # Bits 32 and up of a FENCE are ignored, as hw.spec.soc_isa.decode does.
-                m.d.comb += illegal.eq(hdr_bad)
-            for sop, width in widths.items():
-                with m.Case(sop):
-                    m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload[width:] != 0))
-            with m.Default():
-                m.d.comb += illegal.eq(1)
+        illegal = self._illegal(m, word)
         legal = head & ~f_err & ~illegal
 
         # ---------------- units ----------------
         units = self._units
-        unit_err = [getattr(self, f"{u[0]}_error") for u in units]
+        unit_err = [getattr(self, u[0]).error for u in units]
         fault_unit = Signal()
         m.d.comb += fault_unit.eq(run & Cat(e != 0 for e in unit_err).any())
         idle = Signal(len(units))
@@ -270,9 +283,10 @@ class CommandProcessor(wiring.Component):
         m.d.sync += idle_prev.eq(idle)
         hs = []
         last_pc_d = []
-        for name, bit, ops, width, _ in units:
-            port = getattr(self, name)
-            busy_in = getattr(self, f"{name}_busy")
+        for name, bit, ops, shape, _, _ in units:
+            port = getattr(self, name).instr
+            busy_in = getattr(self, name).busy
+            width = Shape.cast(shape).width
             sel = Const(0)
             for o in ops:
                 sel = sel | (op == o)
@@ -315,7 +329,7 @@ class CommandProcessor(wiring.Component):
             with m.If(fault_unit):
                 m.d.sync += run.eq(0)
                 first = True
-                for k, (_, _, _, _, code) in enumerate(units):
+                for k, (*_, code) in enumerate(units):
                     with (m.If if first else m.Elif)(unit_err[k] != 0):
                         m.d.sync += [err.eq(Cat(Const(code, 8), unit_err[k])),
                                      err_pc.eq(last_pc_d[k])]
@@ -331,19 +345,38 @@ class CommandProcessor(wiring.Component):
 
         # ---------------- counters ----------------
         waiting = legal & (is_end | is_fence)
-        events = {
+        count_events(m, self.counters, self.reset_counters, {
             "cycles": run,
             "fetch_stall": run & ~fifo.r_rdy & (pc != prog_len),
             "fence_mu": waiting & (is_end | fence_mask[0]) & ~idle[0],
             "fence_vq": waiting & (is_end | fence_mask[1]) & ~idle[1],
             "fence_pcu": waiting & (is_end | fence_mask[2]) & ~idle[2],
-            "dispatch_stall": Cat(getattr(self, n).valid & ~getattr(self, n).ready for n, *_ in units).any(),
+            "dispatch_stall": Cat(getattr(self, n).instr.valid & ~getattr(self, n).instr.ready
+                                  for n, *_ in units).any(),
             "instructions": pop,
-        }
-        for name, ev in events.items():
-            reg = getattr(self.counters, name)
-            with m.If(self.reset_counters):
-                m.d.sync += reg.eq(0)
-            with m.Elif(ev):
-                m.d.sync += reg.eq(reg + 1)
+        })
         return m
+
+    def _illegal(self, m, word):
+        """The instruction is illegal: a reserved op code, a non-zero reserved header bit, payload bits set
+        beyond the op's payload width or a non-zero END payload (what :func:`hw.spec.soc_isa.decode`
+        rejects)."""
+        op = word[:4]
+        ub = units_bits(self._spu)
+        fence_mask = word[UNITS_LO:UNITS_LO + ub]
+        payload = word[PAYLOAD_LO:]
+        illegal = Signal()
+        hdr_bad = (word[4:UNITS_LO] != 0) | (word[UNITS_LO + ub:PAYLOAD_LO] != 0)
+        widths = {**PAYLOAD_WIDTH, **(SPU_PAYLOAD_WIDTH if self._spu else {})}
+        with m.Switch(op):
+            with m.Case(SocOp.END):
+                m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload != 0))
+            with m.Case(SocOp.FENCE):
+                # Bits 32 and up of a FENCE are ignored, as hw.spec.soc_isa.decode does.
+                m.d.comb += illegal.eq(hdr_bad)
+            for sop, width in widths.items():
+                with m.Case(sop):
+                    m.d.comb += illegal.eq(hdr_bad | (fence_mask != 0) | (payload[width:] != 0))
+            with m.Default():
+                m.d.comb += illegal.eq(1)
+        return illegal

@@ -71,7 +71,7 @@ from amaranth.lib.wiring import In, Out
 
 from .axil import OKAY, SLVERR, AxiLiteRegisters, AxiLiteSignature
 from .config import SystemConfig
-from .cp import CommandProcessor
+from .cp import CommandProcessor, UnitPort
 from .memif import MemPortSignature
 from .proto import AxiSignature
 from .spec.soc_isa import CpError
@@ -336,8 +336,8 @@ class SocTop(wiring.Component):
             wiring.connect(m, mem.mon[c], wiring.flipped(self.mon[c]))
             wiring.connect(m, mem.s[c], wiring.flipped(self.s[c]))
         m.d.comb += mem.bd_load.eq(self.bd_load)
-        wiring.connect(m, cp.mu, mu.instr)
-        wiring.connect(m, cp.vq, vq.instr)
+        wiring.connect(m, cp.mu, UnitPort(cp.mu.signature, instr=mu.instr, busy=mu.busy, error=mu.error_code))
+        wiring.connect(m, cp.vq, UnitPort(cp.vq.signature, instr=vq.instr, busy=vq.busy, error=vq.error))
         # The PCU takes one macro at a time; a queue lets the command processor run ahead (NPU work
         # overlaps a PIM sequence). Each entry carries its instruction index for ERROR_PC.
         clear = Signal()
@@ -347,12 +347,11 @@ class SocTop(wiring.Component):
             SyncFIFOBuffered(width=128 + 32, depth=self._macro_depth))
         pcu_busy = Signal()
         m.d.comb += [
-            mq.w_data.eq(Cat(cp.pcu.payload, cp.pc)), mq.w_en.eq(cp.pcu.valid), cp.pcu.ready.eq(mq.w_rdy),
+            mq.w_data.eq(Cat(cp.pcu.instr.payload, cp.pc)), mq.w_en.eq(cp.pcu.instr.valid),
+            cp.pcu.instr.ready.eq(mq.w_rdy),
             pcu.macro.valid.eq(mq.r_rdy), pcu.macro.payload.eq(mq.r_data[:128]), mq.r_en.eq(pcu.macro.ready),
             pcu_busy.eq(pcu.busy | mq.r_rdy),
-            cp.mu_busy.eq(mu.busy), cp.mu_error.eq(mu.error_code.as_value()),
-            cp.vq_busy.eq(vq.busy), cp.vq_error.eq(vq.error),
-            cp.pcu_busy.eq(pcu_busy), cp.pcu_error.eq(pcu.error),
+            cp.pcu.busy.eq(pcu_busy), cp.pcu.error.eq(pcu.error),
             self.done.eq(cp.done), self.busy.eq(cp.busy), self.error.eq(cp.error),
             self.unit_busy[:3].eq(Cat(mu.busy, vq.busy, pcu_busy)),
         ]
@@ -371,9 +370,8 @@ class SocTop(wiring.Component):
             m.d.sync += start_req.eq(0)
         if spu is not None:
             units_idle = units_idle & ~spu.busy
-            m.d.comb += [spu.clear.eq(clear), spu.pc.eq(cp.pc), cp.spu_busy.eq(spu.busy), cp.spu_error.eq(spu.error),
-                         self.unit_busy[3].eq(spu.busy)]
-            wiring.connect(m, cp.spu, spu.instr)
+            m.d.comb += [spu.clear.eq(clear), spu.pc.eq(cp.pc), self.unit_busy[3].eq(spu.busy)]
+            wiring.connect(m, cp.spu, UnitPort(cp.spu.signature, instr=spu.instr, busy=spu.busy, error=spu.error))
             wiring.connect(m, vq.spu_rd, spu.spm_rd)
             wiring.connect(m, vq.spu_wr, spu.spm_wr)
             m.d.comb += spu.spm_wr_ready.eq(vq.spu_wr_ready)
@@ -393,7 +391,7 @@ class SocTop(wiring.Component):
             SyncFIFOBuffered(width=32, depth=2 * VQ_DEPTH))
         vq_done_prev = Signal(32)
         m.d.sync += vq_done_prev.eq(vq.counters.instructions)
-        m.d.comb += [vq_pcs.w_data.eq(cp.pc), vq_pcs.w_en.eq(cp.vq.valid & cp.vq.ready),
+        m.d.comb += [vq_pcs.w_data.eq(cp.pc), vq_pcs.w_en.eq(cp.vq.instr.valid & cp.vq.instr.ready),
                      vq_pcs.r_en.eq(vq.counters.instructions != vq_done_prev)]
         fail_pc = Signal(32)
         fail_seen = Signal()
@@ -414,6 +412,37 @@ class SocTop(wiring.Component):
             error_pc = Mux(cp_code == CpError.SPU, spu.error_pc, error_pc)
 
         # ---------------- counters ----------------
+        sources = self._counter_sources(m, cp, mu, vq, spu, pcu, fabric, mem, reset_counters, clear)
+        writable = {reg.offset for reg in self.regs if "w" in reg.access}
+        if writable != {CSR.CTRL, CSR.PROG_ADDR, CSR.PROG_LEN}:
+            raise ValueError(f"The register table's writable registers {sorted(writable)} are not the SoC's")
+        for reg in self.regs:
+            if reg.source is not None and reg.source not in sources:
+                raise KeyError(f"Register {reg.name} reads counter {reg.source}, which the SoC does not have")
+
+        status = Cat(cp.busy, cp.done, cp.error != 0, mu.busy, vq.busy, pcu.busy, win.busy)
+        if spu is not None:
+            status = Cat(status, spu.busy)
+
+        # ---------------- registers (AXI4-Lite) ----------------
+        with m.If(regs.written(CSR.CTRL)):
+            wdata = regs.w_data
+            m.d.comb += [clear.eq(wdata[(Ctrl.CLEAR.value - 1).bit_length()]),
+                         reset_counters.eq(wdata[(Ctrl.RESET_COUNTERS.value - 1).bit_length()])]
+            with m.If(wdata[(Ctrl.START.value - 1).bit_length()] & (~cp.busy | clear)):
+                m.d.sync += start_req.eq(1)
+        readable = {CSR.ID: Const(SOC_ID, 32), CSR.STATUS: status, CSR.ERROR: cp.error, CSR.ERROR_PC: error_pc}
+        for reg in self.regs:
+            if reg.access == "r":
+                src = sources[reg.source] if reg.source is not None else readable[CSR(reg.offset)]
+                m.d.comb += regs.input(reg.offset).eq(src)
+        return m
+
+    def _counter_sources(self, m, cp, mu, vq, spu, pcu, fabric, mem, reset_counters, clear):
+        """The counters the register table reads, by (group, name): the SoC's own, the command processor's,
+        and the units', fabric's and channels' read against a snapshot taken at RESET_COUNTERS (the units'
+        zeroed by CLEAR too)."""
+        C = self._cfg.pim.channels
         cycles = Signal(32)
         pcu_busy_cycles = Signal(32)
         with m.If(reset_counters):
@@ -446,27 +475,4 @@ class SocTop(wiring.Component):
                 with m.Elif(clear):
                     m.d.sync += snap.eq(0)
             sources[key] = (raw - snap)[:32]
-        writable = {reg.offset for reg in self.regs if "w" in reg.access}
-        if writable != {CSR.CTRL, CSR.PROG_ADDR, CSR.PROG_LEN}:
-            raise ValueError(f"The register table's writable registers {sorted(writable)} are not the SoC's")
-        for reg in self.regs:
-            if reg.source is not None and reg.source not in sources:
-                raise KeyError(f"Register {reg.name} reads counter {reg.source}, which the SoC does not have")
-
-        status = Cat(cp.busy, cp.done, cp.error != 0, mu.busy, vq.busy, pcu.busy, win.busy)
-        if spu is not None:
-            status = Cat(status, spu.busy)
-
-        # ---------------- registers (AXI4-Lite) ----------------
-        with m.If(regs.written(CSR.CTRL)):
-            wdata = regs.w_data
-            m.d.comb += [clear.eq(wdata[(Ctrl.CLEAR.value - 1).bit_length()]),
-                         reset_counters.eq(wdata[(Ctrl.RESET_COUNTERS.value - 1).bit_length()])]
-            with m.If(wdata[(Ctrl.START.value - 1).bit_length()] & (~cp.busy | clear)):
-                m.d.sync += start_req.eq(1)
-        readable = {CSR.ID: Const(SOC_ID, 32), CSR.STATUS: status, CSR.ERROR: cp.error, CSR.ERROR_PC: error_pc}
-        for reg in self.regs:
-            if reg.access == "r":
-                src = sources[reg.source] if reg.source is not None else readable[CSR(reg.offset)]
-                m.d.comb += regs.input(reg.offset).eq(src)
-        return m
+        return sources

@@ -7,7 +7,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In
 
 from hw.config import preset
-from hw.cp import CommandProcessor
+from hw.cp import SPU_UNIT, UNITS, CommandProcessor, UnitPort
 from hw.npu.memmodel import STORAGE_VERILOG, MemoryModel
 from hw.simtop import forward_ports, forwarded_members
 from sim.build import build
@@ -19,12 +19,18 @@ MEM_WORDS_LOG2 = 10
 
 class CpTestTop(wiring.Component):
     """CommandProcessor + MemoryModel; every CP port except ``mem`` at the top, plus ``mem_load`` (back
-    door), ``mem_bp`` (random back-pressure) and ``mem_hold`` (block every fetch request)."""
+    door), ``mem_bp`` (random back-pressure) and ``mem_hold`` (block every fetch request). A unit port
+    (:class:`hw.cp.UnitSignature`) ``u`` is at the top as ``u`` (its instruction stream), ``u_busy`` and
+    ``u_error``: the names sim/tb/cp_tb.py drives."""
 
     def __init__(self, cfg, words_log2=MEM_WORDS_LOG2, fetch_depth=32, latency=6):
         self._cp = CommandProcessor(cfg, fetch_depth)
         self._mem = MemoryModel(cfg, words_log2, latency)
-        members = forwarded_members(self._cp, exclude=("mem",))
+        self._units = [u[0] for u in UNITS + ((SPU_UNIT,) if cfg.spu is not None else ())]
+        members = forwarded_members(self._cp, exclude=("mem", *self._units))
+        for name in self._units:
+            port = self._cp.signature.members[name].signature.members
+            members.update({name: port["instr"], f"{name}_busy": port["busy"], f"{name}_error": port["error"]})
         members.update(mem_load=In(1), mem_bp=In(1), mem_hold=In(1))
         super().__init__(members)
 
@@ -39,7 +45,10 @@ class CpTestTop(wiring.Component):
             mem.load.eq(self.mem_load), mem.bp_enable.eq(self.mem_bp),
         ]
         wiring.connect(m, mem.port.resp, cp.mem.resp)
-        forward_ports(m, self, cp, exclude=("mem",))
+        forward_ports(m, self, cp, exclude=("mem", *self._units))
+        for name in self._units:
+            wiring.connect(m, getattr(cp, name), UnitPort(getattr(cp, name).signature, instr=wiring.flipped(
+                getattr(self, name)), busy=getattr(self, f"{name}_busy"), error=getattr(self, f"{name}_error")))
         return m
 
 
