@@ -133,41 +133,8 @@ class DmaLoad(wiring.Component):
         m.d.comb += [self.busy.eq(busy), self.spm_target.eq(target), self.cmd.ready.eq(~busy)]
 
         # ---- request generator: for block b, column mc, row w of the block ----
-        g_blk_base = Signal(40)
-        g_row_addr = Signal(40)
-        g_mc_off = Signal(24)
-        g_mc = Signal(13)
-        g_w = Signal(range(W + 1))
-        g_rows_left = Signal(17)
-        g_done = Signal()
-        seq = Signal(SEQ_BITS)
-        outstanding = Signal(range(self._max_out + 1))
-
-        g_nrows = Mux(g_rows_left < blk, g_rows_left, blk)
-        req = self.mem.req
-        m.d.comb += [
-            req.valid.eq(busy & ~g_done & (outstanding < self._max_out)),
-            req.payload.addr.eq(g_row_addr + g_mc_off),
-            req.payload.write.eq(0),
-            req.payload.mask.eq(0),
-            req.payload.tag.eq(seq),
-        ]
-        issued = req.valid & req.ready
-        with m.If(issued):
-            m.d.sync += seq.eq(seq + 1)
-            with m.If(g_w + 1 < g_nrows):
-                m.d.sync += [g_w.eq(g_w + 1), g_row_addr.eq(g_row_addr + mem_stride)]
-            with m.Else():
-                m.d.sync += g_w.eq(0)
-                with m.If(g_mc + 1 < ncol):
-                    m.d.sync += [g_mc.eq(g_mc + 1), g_mc_off.eq(g_mc_off + COLUMN_BYTES),
-                                 g_row_addr.eq(g_blk_base)]
-                with m.Else():
-                    m.d.sync += [g_mc.eq(0), g_mc_off.eq(0),
-                                 g_blk_base.eq(g_blk_base + blk_step), g_row_addr.eq(g_blk_base + blk_step),
-                                 g_rows_left.eq(g_rows_left - blk)]
-                    with m.If(g_rows_left <= blk):
-                        m.d.sync += g_done.eq(1)
+        (g_blk_base, g_row_addr, g_mc_off, g_mc, g_w, g_rows_left, g_done, outstanding,
+         issued) = self._request_generator(m, busy, blk, ncol, mem_stride, blk_step)
 
         # ---- response handler, mirroring the same loops ----
         resp = self.mem.resp
@@ -270,23 +237,7 @@ class DmaLoad(wiring.Component):
                     with m.Else():
                         m.d.sync += h_w.eq(h_w + 1)
 
-        with m.If(busy & transpose):
-            # Transposed: write element column e of a gathered buffer as one scratchpad word.
-            r_full = Mux(t_rsel, t_full[1], t_full[0])
-            r_rows = Mux(t_rsel, t_rows[1], t_rows[0])
-            r_last = Mux(t_rsel, t_last[1], t_last[0])
-            with m.If(r_full):
-                m.d.comb += [spm.en.eq(1), spm.addr.eq(Mux(t_rsel, t_base[1], t_base[0]) + e_idx)]
-                for w in range(W):
-                    lane = Mux(t_rsel, tbuf[1][w], tbuf[0][w]).word_select(e_idx, 16)
-                    m.d.comb += spm.data[w].eq(Mux(w < r_rows, lane, 0))
-                with m.If(e_idx == r_last):
-                    m.d.sync += [e_idx.eq(0), t_rsel.eq(~t_rsel)]
-                    for i in range(2):
-                        with m.If(t_rsel == i):
-                            m.d.sync += t_full[i].eq(0)
-                with m.Else():
-                    m.d.sync += e_idx.eq(e_idx + 1)
+        self._emit_transposed(m, busy & transpose, tbuf, t_full, t_rsel, t_rows, t_base, t_last, e_idx)
 
         # ---- outstanding count, start, finish ----
         consumed = resp.valid & resp.ready
@@ -316,6 +267,70 @@ class DmaLoad(wiring.Component):
                 t_full.eq(0), t_wsel.eq(0), t_rsel.eq(0), e_idx.eq(0),
             ]
         return m
+
+    def _request_generator(self, m, busy, blk, ncol, mem_stride, blk_step):
+        """Read requests: for block b (``blk`` tile rows, ``blk_step`` bytes), memory column mc (of ``ncol``),
+        row w of the block; at most ``max_outstanding`` in flight. Returns its registers (the start sets
+        them), ``outstanding`` and ``issued`` (a request taken this cycle)."""
+        W = self._lanes
+        g_blk_base = Signal(40)
+        g_row_addr = Signal(40)
+        g_mc_off = Signal(24)
+        g_mc = Signal(13)
+        g_w = Signal(range(W + 1))
+        g_rows_left = Signal(17)
+        g_done = Signal()
+        seq = Signal(SEQ_BITS)
+        outstanding = Signal(range(self._max_out + 1))
+
+        g_nrows = Mux(g_rows_left < blk, g_rows_left, blk)
+        req = self.mem.req
+        m.d.comb += [
+            req.valid.eq(busy & ~g_done & (outstanding < self._max_out)),
+            req.payload.addr.eq(g_row_addr + g_mc_off),
+            req.payload.write.eq(0),
+            req.payload.mask.eq(0),
+            req.payload.tag.eq(seq),
+        ]
+        issued = req.valid & req.ready
+        with m.If(issued):
+            m.d.sync += seq.eq(seq + 1)
+            with m.If(g_w + 1 < g_nrows):
+                m.d.sync += [g_w.eq(g_w + 1), g_row_addr.eq(g_row_addr + mem_stride)]
+            with m.Else():
+                m.d.sync += g_w.eq(0)
+                with m.If(g_mc + 1 < ncol):
+                    m.d.sync += [g_mc.eq(g_mc + 1), g_mc_off.eq(g_mc_off + COLUMN_BYTES),
+                                 g_row_addr.eq(g_blk_base)]
+                with m.Else():
+                    m.d.sync += [g_mc.eq(0), g_mc_off.eq(0),
+                                 g_blk_base.eq(g_blk_base + blk_step), g_row_addr.eq(g_blk_base + blk_step),
+                                 g_rows_left.eq(g_rows_left - blk)]
+                    with m.If(g_rows_left <= blk):
+                        m.d.sync += g_done.eq(1)
+        return g_blk_base, g_row_addr, g_mc_off, g_mc, g_w, g_rows_left, g_done, outstanding, issued
+
+    def _emit_transposed(self, m, active, tbuf, t_full, t_rsel, t_rows, t_base, t_last, e_idx):
+        """Transposed load: write element column ``e_idx`` of the gathered buffer ``t_rsel`` as one scratchpad
+        word per cycle; the buffer is free again after its last column."""
+        W = self._lanes
+        spm = self.spm
+        with m.If(active):
+            r_full = Mux(t_rsel, t_full[1], t_full[0])
+            r_rows = Mux(t_rsel, t_rows[1], t_rows[0])
+            r_last = Mux(t_rsel, t_last[1], t_last[0])
+            with m.If(r_full):
+                m.d.comb += [spm.en.eq(1), spm.addr.eq(Mux(t_rsel, t_base[1], t_base[0]) + e_idx)]
+                for w in range(W):
+                    lane = Mux(t_rsel, tbuf[1][w], tbuf[0][w]).word_select(e_idx, 16)
+                    m.d.comb += spm.data[w].eq(Mux(w < r_rows, lane, 0))
+                with m.If(e_idx == r_last):
+                    m.d.sync += [e_idx.eq(0), t_rsel.eq(~t_rsel)]
+                    for i in range(2):
+                        with m.If(t_rsel == i):
+                            m.d.sync += t_full[i].eq(0)
+                with m.Else():
+                    m.d.sync += e_idx.eq(e_idx + 1)
 
 
 class DmaStore(wiring.Component):

@@ -319,7 +319,6 @@ class MatrixUnit(wiring.Component):
         m = Module()
         cfg, npu = self._cfg, self._cfg.npu
         R, C = npu.array_rows, npu.array_cols
-        log_w = R.bit_length() - 1
 
         act = m.submodules.spm_act = Scratchpad(npu.act_spm_words, R, 16)
         wgt = m.submodules.spm_wgt = Scratchpad(npu.wgt_spm_words, C, 16)
@@ -347,6 +346,79 @@ class MatrixUnit(wiring.Component):
         # ---- decode stage and checks ----
         d_valid = Signal()
         d = Signal(INSTRUCTION)
+        op = d.header.opcode
+        d_err = self._check(m, d)
+
+        # ``clear`` drops the queued instructions (and the one in decode); the running ones finish, then the
+        # tokens are zeroed (``clearing``), so nothing waits on a token that will never come.
+        queues = []
+        for name in ("load", "compute", "store"):
+            q = m.submodules[f"q_{name}"] = ResetInserter(self.clear)(
+                SyncFIFOBuffered(width=INSTRUCTION_BITS, depth=self.QUEUE_DEPTH))
+            queues.append(q)
+        q_load, q_comp, q_store = queues
+        to_load = op == Opcode.LOAD
+        to_store = op == Opcode.STORE
+        to_comp = (op == Opcode.COMPUTE) | (op == Opcode.NOP)
+        is_err = d_err != ErrorCode.NONE
+        d_leave = d_valid & (is_err | (to_load & q_load.w_rdy) | (to_store & q_store.w_rdy)
+                             | (to_comp & q_comp.w_rdy))
+        for q, sel in ((q_load, to_load), (q_comp, to_comp), (q_store, to_store)):
+            m.d.comb += [q.w_data.eq(d.as_value()), q.w_en.eq(d_valid & ~is_err & sel)]
+        m.d.comb += self.instr.ready.eq(~d_valid | d_leave)
+        with m.If(self.clear):
+            m.d.sync += d_valid.eq(0)
+        with m.Elif(self.instr.valid & self.instr.ready):
+            m.d.sync += [d_valid.eq(1), d.eq(self.instr.payload)]
+        with m.Elif(d_leave):
+            m.d.sync += d_valid.eq(0)
+
+        # ---- dependency tokens ----
+        overflow, clearing = self._tokens(m, ((q_load, load), (q_comp, comp), (q_store, store)))
+
+        # ---- errors, status, counters ----
+        err = Signal(ErrorCode)
+        event = Signal(ErrorCode)
+        with m.If(d_valid & is_err):
+            m.d.comb += event.eq(d_err)
+        with m.Elif(load.error != ErrorCode.NONE):
+            m.d.comb += event.eq(load.error)
+        with m.Elif(store.error != ErrorCode.NONE):
+            m.d.comb += event.eq(store.error)
+        with m.Elif(overflow):
+            m.d.comb += event.eq(ErrorCode.TOKEN_OVERFLOW)
+        with m.If(self.clear):
+            m.d.sync += err.eq(ErrorCode.NONE)
+        with m.Elif((err == ErrorCode.NONE) & (event != ErrorCode.NONE)):
+            m.d.sync += err.eq(event)
+        m.d.comb += [self.error_code.eq(err), self.error.eq(err != ErrorCode.NONE)]
+
+        busy = Signal()
+        # The queues' ``level``, not ``r_rdy``: a SyncFIFOBuffered shows a written entry on ``r_rdy`` one
+        # cycle after its ``level`` counts it, and ``busy`` must not drop in that cycle (a FENCE right after a
+        # MATRIX instruction passed early; found by the differential fuzzer, issue 21).
+        m.d.comb += busy.eq(d_valid | (q_load.level != 0) | (q_comp.level != 0) | (q_store.level != 0)
+                            | load.busy | comp.busy | store.busy | clearing)
+        busy_prev = Signal()
+        m.d.sync += busy_prev.eq(busy)
+        m.d.comb += [self.busy.eq(busy), self.done.eq(busy_prev & ~busy)]
+
+        cnt = self.counters
+        events = {
+            "cycles": Const(1),
+            "busy": busy,
+            "compute": comp.busy,
+            "compute_wait": q_comp.r_rdy & comp.cmd.ready & ~comp.cmd.valid,
+            "load": load.busy,
+            "store": store.busy,
+        }
+        count_events(m, cnt, self.clear, events)
+        return m
+
+    def _check(self, m, d):
+        """The decode stage's check of instruction ``d``: the first error (``ErrorCode.NONE``: it is legal)."""
+        npu = self._cfg.npu
+        log_w = npu.array_rows.bit_length() - 1
         op = d.header.opcode
         dma = d.body.dma
         cp = d.body.compute
@@ -394,34 +466,13 @@ class MatrixUnit(wiring.Component):
                 pass
             with m.Default():
                 m.d.comb += d_err.eq(ErrorCode.BAD_OPCODE)
+        return d_err
 
-        # ``clear`` drops the queued instructions (and the one in decode); the running ones finish, then the
-        # tokens are zeroed (``clearing``), so nothing waits on a token that will never come.
-        queues = []
-        for name in ("load", "compute", "store"):
-            q = m.submodules[f"q_{name}"] = ResetInserter(self.clear)(
-                SyncFIFOBuffered(width=INSTRUCTION_BITS, depth=self.QUEUE_DEPTH))
-            queues.append(q)
-        q_load, q_comp, q_store = queues
-        to_load = op == Opcode.LOAD
-        to_store = op == Opcode.STORE
-        to_comp = (op == Opcode.COMPUTE) | (op == Opcode.NOP)
-        is_err = d_err != ErrorCode.NONE
-        d_leave = d_valid & (is_err | (to_load & q_load.w_rdy) | (to_store & q_store.w_rdy)
-                             | (to_comp & q_comp.w_rdy))
-        for q, sel in ((q_load, to_load), (q_comp, to_comp), (q_store, to_store)):
-            m.d.comb += [q.w_data.eq(d.as_value()), q.w_en.eq(d_valid & ~is_err & sel)]
-        m.d.comb += self.instr.ready.eq(~d_valid | d_leave)
-        with m.If(self.clear):
-            m.d.sync += d_valid.eq(0)
-        with m.Elif(self.instr.valid & self.instr.ready):
-            m.d.sync += [d_valid.eq(1), d.eq(self.instr.payload)]
-        with m.Elif(d_leave):
-            m.d.sync += d_valid.eq(0)
-
-        # ---- dependency tokens ----
+    def _tokens(self, m, units):
+        """The dependency tokens between the engines: a queue's head waits for the tokens it names (and for
+        every earlier engine's waiting head it shares one with); an engine gives its tokens as it finishes.
+        ``units``: (queue, engine) of load, compute, store. Returns (overflow, clearing)."""
         sems = [Signal(4, name=f"sem{i}") for i in range(N_SEMAPHORES)]
-        units = ((q_load, load), (q_comp, comp), (q_store, store))
         valids, masks, handshakes = [], [], []
         nonzero = Signal(N_SEMAPHORES)
         for i in range(N_SEMAPHORES):
@@ -443,6 +494,7 @@ class MatrixUnit(wiring.Component):
             handshakes.append(hs)
         overflow = Signal()
         clearing = Signal()
+        (_, load), (_, comp), (_, store) = units
         engines_idle = ~load.busy & ~comp.busy & ~store.busy
         with m.If(self.clear):
             m.d.sync += clearing.eq(1)
@@ -462,42 +514,4 @@ class MatrixUnit(wiring.Component):
                 m.d.sync += sems[i].eq(15)
             with m.Else():
                 m.d.sync += sems[i].eq(nxt)
-
-        # ---- errors, status, counters ----
-        err = Signal(ErrorCode)
-        event = Signal(ErrorCode)
-        with m.If(d_valid & is_err):
-            m.d.comb += event.eq(d_err)
-        with m.Elif(load.error != ErrorCode.NONE):
-            m.d.comb += event.eq(load.error)
-        with m.Elif(store.error != ErrorCode.NONE):
-            m.d.comb += event.eq(store.error)
-        with m.Elif(overflow):
-            m.d.comb += event.eq(ErrorCode.TOKEN_OVERFLOW)
-        with m.If(self.clear):
-            m.d.sync += err.eq(ErrorCode.NONE)
-        with m.Elif((err == ErrorCode.NONE) & (event != ErrorCode.NONE)):
-            m.d.sync += err.eq(event)
-        m.d.comb += [self.error_code.eq(err), self.error.eq(err != ErrorCode.NONE)]
-
-        busy = Signal()
-        # The queues' ``level``, not ``r_rdy``: a SyncFIFOBuffered shows a written entry on ``r_rdy`` one
-        # cycle after its ``level`` counts it, and ``busy`` must not drop in that cycle (a FENCE right after a
-        # MATRIX instruction passed early; found by the differential fuzzer, issue 21).
-        m.d.comb += busy.eq(d_valid | (q_load.level != 0) | (q_comp.level != 0) | (q_store.level != 0)
-                            | load.busy | comp.busy | store.busy | clearing)
-        busy_prev = Signal()
-        m.d.sync += busy_prev.eq(busy)
-        m.d.comb += [self.busy.eq(busy), self.done.eq(busy_prev & ~busy)]
-
-        cnt = self.counters
-        events = {
-            "cycles": Const(1),
-            "busy": busy,
-            "compute": comp.busy,
-            "compute_wait": q_comp.r_rdy & comp.cmd.ready & ~comp.cmd.valid,
-            "load": load.busy,
-            "store": store.busy,
-        }
-        count_events(m, cnt, self.clear, events)
-        return m
+        return overflow, clearing
