@@ -241,11 +241,18 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
 class BatchCompiler:
     """Programs of one batched generation step (:meth:`step`)."""
 
-    def __init__(self, bp: BatchPlan, split: str = "auto"):
+    def __init__(self, bp: BatchPlan, split: str = "auto", timer=None):
         if split not in SPLIT_MODES:
             raise BatchError(f"neupims split mode must be one of {', '.join(SPLIT_MODES)}, not {split!r}")
+        if timer is not None and not callable(timer):
+            raise BatchError(f"the split timer must be callable (a step's stages -> cycles), not {timer!r}")
         self.bp = bp
         self.split = split
+        self.timer = timer
+        """neupims: ``timer(stages) -> cycles`` times a candidate step's programs (the caller's calibrated
+        model: :func:`sim.batch_run.perf_timer`); given, :meth:`split_point` compiles the cost model's split,
+        halves and (mode ``auto``) no split, and keeps the fastest by this timer instead of the cost model's
+        estimate. The firmware itself has no timing model beyond :mod:`firmware.costmodel`."""
         self.cfg, self.shape = bp.cfg, bp.shape
         self.mapping = {(ph, fc): "mu" for ph in ("prefill", "gen") for fc in ("qkv", "proj", "fc1", "fc2")}
 
@@ -597,10 +604,16 @@ class BatchCompiler:
     def split_point(self, reqs) -> int | None:
         """The contiguous split (A = rows ``0 .. k - 1``) of ``reqs`` in their order with the smallest
         :meth:`step_est` (ties: the one nearest halves); None (no split) under split mode ``auto`` when
-        :meth:`none_est` is not larger."""
+        :meth:`none_est` is not larger. With a :attr:`timer`: that split, halves and (``auto``) no split, each
+        compiled and timed, the fastest kept (ties: the cost model's split, then halves)."""
         att = [self.attn_est(pos) for _, pos in reqs]
         B = len(reqs)
         k = min(range(1, B), key=lambda k: (self.step_est(sum(att[:k]), sum(att[k:]), k, B - k), abs(2 * k - B)))
+        if self.timer is not None:
+            cands = [k] + ([B // 2] if B // 2 != k else []) + ([0] if self.split == "auto" else [])
+            times = {c: float(self.timer(self.step(reqs, 0, split=c))) for c in cands}
+            best = min(cands, key=lambda c: (times[c], cands.index(c)))
+            return best or None
         if self.split == "auto" and self.none_est(sum(att), B) <= self.step_est(sum(att[:k]), sum(att[k:]), k, B - k):
             return None
         return k

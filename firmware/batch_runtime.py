@@ -130,12 +130,13 @@ class BatchRuntime:
 
     def __init__(self, cfg: SystemConfig, shape: GptShape, weights: list[LayerWeights], policy: str, max_batch: int,
                  max_tokens: int, io_slots: int = 4, prog_bytes: int | None = None, max_prompt: int = 0,
-                 split: str = "auto"):
+                 split: str = "auto", timer=None):
         if len(weights) != shape.layers:
             raise BatchError(f"{shape.layers} layers but {len(weights)} given")
         self.cfg, self.shape, self.policy = cfg, shape, policy
         self.bp = plan_batch(cfg, shape, policy, max_batch, max_tokens, io_slots, prog_bytes, max_prompt)
-        self.compiler = BatchCompiler(self.bp, split)      # neupims' split mode (firmware.batch.SPLIT_MODES)
+        # neupims' split mode (firmware.batch.SPLIT_MODES) and, optionally, the model that times candidate splits
+        self.compiler = BatchCompiler(self.bp, split, timer)
         self.pool = KvPool(*self.bp.pool_rows)
         self.image = MemoryImage(cfg)
         for i, w in enumerate(weights):

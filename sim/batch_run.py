@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from firmware.batch import SPLIT_MODES, BatchError
 from firmware.batch_runtime import BatchRuntime, run_script
 from sim.presets import is_tiny
 from sim.run import reference
 from sim.soc_model import SocModel
 
 __all__ = ["run_model", "run_rtl", "dump_regions", "compare", "reference_outputs", "batch_lengths", "prepare_batch",
-           "measure_batch", "main_batch", "perf_model_steps"]
+           "measure_batch", "main_batch", "perf_model_steps", "perf_timer"]
 
 
 def run_model(rt: BatchRuntime) -> tuple[SocModel, list]:
@@ -130,17 +131,33 @@ def batch_lengths(batch: int, steps: int, max_len: int = 512, seed: int = 0) -> 
     return [int(v) for v in np.clip(scaled, 1, max_len - steps)]
 
 
+def perf_timer(cfg):
+    """The timer of :class:`firmware.batch.BatchCompiler`'s split choice: the calibrated performance model's
+    cycles of a candidate step's programs, run back to back on a fresh model (within 2.3 % of the RTL per
+    step, ``tests/test_batch.py``), where the cost model misjudges the GEMMs of a sub-batch (README, issue 18)."""
+    from sim.perfmodel import PerfModel
+
+    def timer(stages):
+        return sum(r.cycles for r in PerfModel(cfg).run_stages(stages))
+    return timer
+
+
 def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: int = 1, seed: int = 0,
                   lengths=None, max_len: int | None = None, split: str = "auto"):
     """A runtime with ``batch`` requests of ``lengths`` prompt tokens (default :func:`batch_lengths`, at most
     ``max_len``: 40 on tiny, 512 otherwise), each with room for ``steps`` more, and ``steps`` steps
-    recorded. Returns ``(runtime, step records, hidden states per request, weights)``."""
+    recorded. ``split``: neupims' mode (:data:`firmware.batch.SPLIT_MODES`), or ``model``: ``auto`` with the
+    split (or none) chosen by timing the candidates on the calibrated performance model (:func:`perf_timer`)
+    instead of by the cost model. Returns ``(runtime, step records, hidden states per request, weights)``."""
     from firmware.batch_runtime import prompt_kv
     from firmware.compiler import _up
     from firmware.gpt2 import GptShape, random_weights
     from sim.run import DEFAULT_SHAPE, TINY_SHAPE, soc_config
 
     cfg = soc_config(config)
+    if split not in (*SPLIT_MODES, "model"):
+        raise BatchError(f"neupims split mode must be one of {', '.join((*SPLIT_MODES, 'model'))}, not {split!r}")
+    timer = perf_timer(cfg) if split == "model" else None
     base = TINY_SHAPE if is_tiny(config) else DEFAULT_SHAPE
     shape = GptShape(base.d_model, base.heads, layers)
     if lengths is None:
@@ -148,7 +165,8 @@ def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: 
     ws = random_weights(shape, seed)
     rng = np.random.default_rng(seed + 1)
     cap = _up(max(lengths) + steps, 16)
-    rt = BatchRuntime(cfg, shape, ws, policy, batch, cap, io_slots=steps, split=split)
+    rt = BatchRuntime(cfg, shape, ws, policy, batch, cap, io_slots=steps, split="auto" if timer else split,
+                      timer=timer)
     xs = {}
     for j, n in enumerate(lengths):
         xs[j] = rng.standard_normal((n + steps, shape.d_model)).astype(np.float32)
@@ -159,7 +177,8 @@ def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: 
 
 
 def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "verilator", layers: int = 1,
-                  seed: int = 0, policies=("npu-only", "naive"), log_dir=None, runs=None, jobs=None) -> dict:
+                  seed: int = 0, policies=("npu-only", "naive"), log_dir=None, runs=None, jobs=None,
+                  split: str = "auto") -> dict:
     """Both policies on the same requests: per policy the cycles of every step (RTL; the cost model's
     estimate on ``backend="model"``), tokens per second at the configured clock, the outputs' bit-exactness
     with the functional model (RTL) and their error against float64. The RTL runs are simulator processes
@@ -173,7 +192,7 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
     from sim.run import soc_config
     from sim.tb.soc_run import soc_sim_build
 
-    specs = runs or [(p, config, p, "auto") for p in policies]
+    specs = runs or [(p, config, p, split) for p in policies]
     policies = [lab for lab, _, _, _ in specs]
     runs, rtl, models = {}, {}, {}
     logs = Path(log_dir or BUILD_ROOT / "logs")
@@ -234,7 +253,8 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
             rel = max(rel, float((np.abs(got - ref).max(axis=1) / np.abs(ref - x).max(axis=1)).max()))
         cyc = float(np.mean(per_step))
         out[p] = {"policy": rt.policy, "config": rt.cfg.name, "batch": batch, "steps": steps, "layers": layers,
-                  "split_mode": rt.compiler.split if rt.policy == "neupims" else None,
+                  "split_mode": (("model" if rt.compiler.timer else rt.compiler.split) if rt.policy == "neupims"
+                                 else None),
                   "splits": [rec.split for rec in recs],
                   "kv_lengths": [int(pos) for _, pos in sorted(zip(recs[0].rids, recs[0].positions, strict=True))],
                   "cycles_per_step": per_step,
@@ -258,7 +278,8 @@ def main_batch(args) -> int:
     from sim.run import soc_config
 
     policies = ("npu-only", "naive") + (("neupims",) if soc_config(args.config).pim.row_buffers == 2 else ())
-    res = measure_batch(args.config, args.batch, args.batch_steps, args.backend, args.layers, args.seed, policies)
+    res = measure_batch(args.config, args.batch, args.batch_steps, args.backend, args.layers, args.seed, policies,
+                        split=getattr(args, "neupims_split", "auto"))
     first = next(iter(res.values()))
     tab = Table(title=f"batched generation on {first['config']}: B = {args.batch}, {args.layers} layer(s), "
                       f"KV lengths {first['kv_lengths']}")

@@ -561,6 +561,10 @@ def add_parser(sub):
                         "and naive on the same requests, cycles per step and tokens/s (--policy, --prefill, "
                         "--generate, --weights, --input do not apply)")
     r.add_argument("--batch-steps", type=int, default=1, help="generation steps of the batch (with --batch)")
+    r.add_argument("--neupims-split", default="auto", choices=["auto", "always", "model"],
+                   help="with --batch on a two-row-buffer configuration: how neupims chooses its sub-batches "
+                        "(auto: the cost model, with no split when it is not faster; always: two sub-batches; "
+                        "model: the candidates timed on the calibrated performance model)")
     r.add_argument("--allow-nonfinite", action="store_true",
                    help="let NaN/Inf values in --weights and --input through (they propagate; the outputs' "
                         "NaN/Inf count is reported) instead of rejecting them")

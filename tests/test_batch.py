@@ -432,3 +432,27 @@ def test_neupims_auto_split_weighs_no_split():
     assert comp.partition(reqs) == ([0, 1, 2, 3], 2)
     with pytest.raises(BatchError, match="split mode must be one of auto, always"):
         BatchRuntime(DUAL, SHAPE, random_weights(SHAPE, 0), "neupims", 2, 16, split="never")
+
+
+def test_neupims_split_timed_on_the_performance_model():
+    """Split mode ``model`` (``sim.batch_run.perf_timer``): the candidates are compiled and timed on the calibrated
+    performance model. B = 24 on ``default-dualrb`` is the case where the cost model's ``auto`` chose 12 / 12
+    and the RTL ran it 0.78x as fast as no split (README, issue 18): timed, no split is chosen, and it is the
+    fastest candidate by the timer. Bad timers and modes are refused."""
+    from firmware.batch import BatchCompiler
+    from sim.batch_run import perf_timer, prepare_batch
+
+    rt_a, recs_a, _, _ = prepare_batch("default-dualrb", "neupims", 24, steps=1, split="auto")
+    rt_m, recs_m, _, _ = prepare_batch("default-dualrb", "neupims", 24, steps=1, split="model")
+    assert [r.split for r in recs_a] == [12] and [r.split for r in recs_m] == [0]
+    assert rt_m.compiler.timer is not None and rt_a.compiler.timer is None
+    timer = perf_timer(soc_config("default-dualrb"))
+    reqs = [(r.kv, r.length - 1) for r in rt_a.requests.values()]
+    order, _ = rt_a.compiler.partition(reqs)
+    reqs = [reqs[j] for j in order]
+    none, split = (timer(rt_a.compiler.step(reqs, 0, split=c)) for c in (0, 12))
+    assert none < split, (none, split)
+    with pytest.raises(BatchError, match="split mode must be one of auto, always, model"):
+        prepare_batch("tiny-dualrb", "neupims", 2, split="bogus")
+    with pytest.raises(BatchError, match="timer must be callable"):
+        BatchCompiler(rt_a.bp, "auto", timer=5)
