@@ -8,6 +8,9 @@ instruction's next pass needs the results of the previous one; those come back a
 (:func:`hw.npu.vector_parts.row_result_layout`) and are kept per row of the group.
 """
 
+from operator import attrgetter
+from types import SimpleNamespace
+
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -416,6 +419,37 @@ class VectorSequencer(wiring.Component):
         with m.Elif(red.valid):
             m.d.sync += sva[red.ri].eq(red.value)
 
+        self._walk(m, SimpleNamespace(
+            lg=lg, ins=ins, op=op, rows=rows, pitch_a=pitch_a, pitch_b=pitch_b, pitch_d=pitch_d,
+            mpitch=mpitch, err=err, row=row, beat=beat, phase=phase, a_row=a_row, b_row=b_row, d_row=d_row,
+            x_row=x_row, s0=s0, s1=s1, G=G, multi=multi, ri=ri, gsz=gsz, g_a=g_a, g_d=g_d, g_x=g_x,
+            glast=glast, drain=drain, cycles=cycles, busy=busy, issue=issue, ilast=ilast, stats_rd=stats_rd,
+            acc_ok=acc_ok, sc_ok=sc_ok))
+
+
+        # ---- the beat at this position ------------------------------------------------------------
+        m.submodules.beat = gen = VectorBeat(L, self._depth, G)
+        pos = gen.pos
+        m.d.comb += [
+            gen.ins.eq(ins), gen.nb.eq(nb), gen.b_mem.eq(b_mem), gen.issue.eq(issue), gen.stats_rd.eq(stats_rd),
+            pos.row.eq(row), pos.beat.eq(beat), pos.phase.eq(phase), pos.a_row.eq(a_row), pos.b_row.eq(b_row),
+            pos.d_row.eq(d_row), pos.x_row.eq(x_row), pos.ri.eq(ri), pos.glast.eq(glast),
+            pos.s0.eq(Mux(multi, s0a[ri], s0)), pos.s1.eq(Mux(multi, s1a[ri], s1)),
+            self.rd_a.addr.eq(gen.a_addr), self.rd_a.en.eq(gen.a_en), self.breq.eq(gen.breq), self.beat.eq(gen.beat),
+        ]
+        return m
+
+    def _walk(self, m, s):
+        """The sequencer's state machine: the position from instruction to instruction, row to row, pass to
+        pass (the class docstring's states). ``s``: the signals :meth:`elaborate` made, by name."""
+        (lg, ins, op, rows, pitch_a, pitch_b, pitch_d, mpitch, err, row, beat, phase, a_row, b_row, d_row,
+         x_row, s0, s1, G, multi, ri, gsz, g_a, g_d, g_x, glast, drain, cycles, busy, issue, ilast, stats_rd,
+         acc_ok, sc_ok) = attrgetter(
+            "lg", "ins", "op", "rows", "pitch_a", "pitch_b", "pitch_d", "mpitch", "err", "row", "beat",
+            "phase", "a_row", "b_row", "d_row", "x_row", "s0", "s1", "G", "multi", "ri", "gsz", "g_a",
+            "g_d", "g_x", "glast", "drain", "cycles", "busy", "issue", "ilast", "stats_rd", "acc_ok",
+            "sc_ok")(s)
+
         def next_row():
             last_row = row == rows - 1
             m.d.sync += [
@@ -530,15 +564,3 @@ class VectorSequencer(wiring.Component):
                 m.d.comb += self.done.eq(1)
                 m.d.sync += busy.eq(0)
                 m.next = "Idle"
-
-        # ---- the beat at this position ------------------------------------------------------------
-        m.submodules.beat = gen = VectorBeat(L, self._depth, G)
-        pos = gen.pos
-        m.d.comb += [
-            gen.ins.eq(ins), gen.nb.eq(nb), gen.b_mem.eq(b_mem), gen.issue.eq(issue), gen.stats_rd.eq(stats_rd),
-            pos.row.eq(row), pos.beat.eq(beat), pos.phase.eq(phase), pos.a_row.eq(a_row), pos.b_row.eq(b_row),
-            pos.d_row.eq(d_row), pos.x_row.eq(x_row), pos.ri.eq(ri), pos.glast.eq(glast),
-            pos.s0.eq(Mux(multi, s0a[ri], s0)), pos.s1.eq(Mux(multi, s1a[ri], s1)),
-            self.rd_a.addr.eq(gen.a_addr), self.rd_a.en.eq(gen.a_en), self.breq.eq(gen.breq), self.beat.eq(gen.beat),
-        ]
-        return m

@@ -259,22 +259,23 @@ class PimChannel(wiring.Component):
             rdmac_rules = [(group_uncombined, ViolationCode.PU_BUSY)]
         else:
             mac_rules = af_rules = rdmac_rules = []
-        s.update(af_mac_ok=af_mac_ok, af_ok=af_ok, af_row_ok=af_row_ok, af_rules=af_rules, all_banks=all_banks, bpw=bpw,
-                 ccd_ok=ccd_ok, dual=dual, execute=execute, faw_ok=faw_ok, is_act=is_act, is_lds=is_lds, is_mac=is_mac,
-                 is_open=is_open, lp=lp, mac_ok=mac_ok, mac_rules=mac_rules, normal_holds=normal_holds, p_open=p_open,
-                 p_ras_ok=p_ras_ok, p_rcd_ok=p_rcd_ok, p_row=p_row, p_rp_ok=p_rp_ok, p_rtp_ok=p_rtp_ok,
-                 pim_holds=pim_holds, ras_ok=ras_ok, rcdrd_ok=rcdrd_ok, rcdwr_ok=rcdwr_ok, rdmac_rules=rdmac_rules,
-                 rfc_ok=rfc_ok, rp_ok=rp_ok, rrd_ok=rrd_ok, rtp_ok=rtp_ok, sel=sel, wr_ok=wr_ok)
+        s.update(af_mac_ok=af_mac_ok, af_ok=af_ok, af_row_ok=af_row_ok, af_rules=af_rules,
+                 all_banks=all_banks, bpw=bpw, ccd_ok=ccd_ok, dual=dual, execute=execute, faw_ok=faw_ok,
+                 is_act=is_act, is_lds=is_lds, is_mac=is_mac, is_open=is_open, lp=lp, mac_ok=mac_ok,
+                 mac_rules=mac_rules, normal_holds=normal_holds, p_open=p_open, p_ras_ok=p_ras_ok,
+                 p_rcd_ok=p_rcd_ok, p_row=p_row, p_rp_ok=p_rp_ok, p_rtp_ok=p_rtp_ok, pim_holds=pim_holds,
+                 ras_ok=ras_ok, rcdrd_ok=rcdrd_ok, rcdwr_ok=rcdwr_ok, rdmac_rules=rdmac_rules, rfc_ok=rfc_ok,
+                 rp_ok=rp_ok, rrd_ok=rrd_ok, rtp_ok=rtp_ok, sel=sel, wr_ok=wr_ok)
 
     def _violation(self, m, s):
         """The first rule the command on the bus breaks (``ViolationCode.NONE``: none)."""
-        (dual, lp, op, is_lds, sel, is_open, pim_holds, rp_ok, rfc_ok, rrd_ok, faw_ok, all_banks, ras_ok, wr_ok,
-         rtp_ok, rcdrd_ok, ccd_ok, rcdwr_ok, p_open, p_rcd_ok, mac_rules, p_row, p, af_rules, af_mac_ok,
-         normal_holds, p_rp_ok, p_ras_ok, p_rtp_ok, af_row_ok, col, rdmac_rules, mac_ok, af_ok) = s.get(
-            'dual', 'lp', 'op', 'is_lds', 'sel', 'is_open', 'pim_holds', 'rp_ok', 'rfc_ok', 'rrd_ok', 'faw_ok',
-            'all_banks', 'ras_ok', 'wr_ok', 'rtp_ok', 'rcdrd_ok', 'ccd_ok', 'rcdwr_ok', 'p_open', 'p_rcd_ok',
-            'mac_rules', 'p_row', 'p', 'af_rules', 'af_mac_ok', 'normal_holds', 'p_rp_ok', 'p_ras_ok', 'p_rtp_ok',
-            'af_row_ok', 'col', 'rdmac_rules', 'mac_ok', 'af_ok')
+        (dual, lp, op, is_lds, sel, is_open, pim_holds, rp_ok, rfc_ok, rrd_ok, faw_ok, all_banks, ras_ok,
+         wr_ok, rtp_ok, rcdrd_ok, ccd_ok, rcdwr_ok, p_open, p_rcd_ok, mac_rules, p_row, p, af_rules,
+         af_mac_ok, normal_holds, p_rp_ok, p_ras_ok, p_rtp_ok, af_row_ok, col, rdmac_rules, mac_ok, af_ok) = s.get(
+            'dual', 'lp', 'op', 'is_lds', 'sel', 'is_open', 'pim_holds', 'rp_ok', 'rfc_ok', 'rrd_ok',
+            'faw_ok', 'all_banks', 'ras_ok', 'wr_ok', 'rtp_ok', 'rcdrd_ok', 'ccd_ok', 'rcdwr_ok', 'p_open',
+            'p_rcd_ok', 'mac_rules', 'p_row', 'p', 'af_rules', 'af_mac_ok', 'normal_holds', 'p_rp_ok',
+            'p_ras_ok', 'p_rtp_ok', 'af_row_ok', 'col', 'rdmac_rules', 'mac_ok', 'af_ok')
         # Violation decision (first failing rule) -------------------------
         code = Signal(ViolationCode)
         legal_ops = [c for c in PimOp if dual or c.name not in DUAL_ONLY]
@@ -446,7 +447,8 @@ class PimChannel(wiring.Component):
 
     def _read_return(self, m, s):
         """Read data: sampled one cycle after the command, delivered at tRL."""
-        p, execute, op, bank, col, bus, banks, bpw, nb, t = s.get('p', 'execute', 'op', 'bank', 'col', 'bus', 'banks', 'bpw', 'nb', 't')
+        (p, execute, op, bank, col, bus, banks, bpw, nb, t) = s.get(
+            'p', 'execute', 'op', 'bank', 'col', 'bus', 'banks', 'bpw', 'nb', 't')
         # Read return: sample one cycle after the command, deliver at tRL --------
         r_valid = Signal()
         r_kind = Signal(PimOp)
