@@ -46,7 +46,7 @@ from .memif import request_layout, response_layout
 from .pim.channel import PimBusSignature
 from .pim.commands import PimOp
 
-__all__ = ["ARBITRATION", "MemoryController", "MemCtrlSystem", "MemCtrlCounters", "BusMonitorSignature", "pim_command_layout", "pim_response_layout",
+__all__ = ["ARBITRATION", "check_system", "MemoryController", "MemCtrlSystem", "MemCtrlCounters", "BusMonitorSignature", "pim_command_layout", "pim_response_layout",
            "COUNTERS"]
 
 COUNTERS = ("busy", "commands", "refreshes", "forced_refreshes", "row_hits", "row_misses", "pim_wait",
@@ -316,6 +316,14 @@ class BusMonitorSignature(wiring.Signature):
         })
 
 
+def check_system(cfg, device_factory):
+    """Check the arguments of a top that builds the PIM device (:class:`MemCtrlSystem`, :class:`hw.soc.SocTop`)."""
+    if not isinstance(cfg, SystemConfig):
+        raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+    if not callable(device_factory):
+        raise TypeError(f"Device factory must be callable, not {device_factory!r}")
+
+
 class MemCtrlSystem(wiring.Component):
     """One :class:`MemoryController` per channel driving the PIM device (a test and prototype top).
 
@@ -343,10 +351,7 @@ class MemCtrlSystem(wiring.Component):
     def __init__(self, cfg: SystemConfig, device_factory, queue_depth: int = 8, arbitration: str = "pim_first"):
         from .pim.channel import PimStatusSignature
 
-        if not isinstance(cfg, SystemConfig):
-            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
-        if not callable(device_factory):
-            raise TypeError(f"Device factory must be callable, not {device_factory!r}")
+        check_system(cfg, device_factory)
         self._cfg = cfg
         self._device_factory = device_factory
         self._queue_depth = queue_depth

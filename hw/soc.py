@@ -267,13 +267,10 @@ class SocTop(wiring.Component):
     def __init__(self, cfg: SystemConfig, device_factory, fetch_depth: int = 32, rob_depth: int = 32,
                  macro_depth: int = 8, pe_instance: bool = True, lane_instance: bool = True,
                  clock_gate: bool = False):
-        from .memctrl import BusMonitorSignature
+        from .memctrl import BusMonitorSignature, check_system
         from .pim.channel import PimStatusSignature
 
-        if not isinstance(cfg, SystemConfig):
-            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
-        if not callable(device_factory):
-            raise TypeError(f"Device factory must be callable, not {device_factory!r}")
+        check_system(cfg, device_factory)
         self._cfg = cfg
         self._device_factory = device_factory
         self._fetch_depth = fetch_depth
