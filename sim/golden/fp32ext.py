@@ -117,11 +117,23 @@ def _fields(x):
     return (x >> 31).astype(np.int64), ((x >> 23) & 0xFF).astype(np.int64), (x & 0x7FFFFF).astype(np.int64)
 
 
-def exp2(x_bits) -> np.ndarray:
-    """2**x."""
+def _operand(x_bits):
+    """The operand as the unit loads it (:func:`load_f32`): ``(bits, sign, biased exponent, fraction, float64
+    value)``."""
     x = load_f32(x_bits)
     s, e, f = _fields(x)
-    xf = _f64(x)
+    return x, s, e, f, _f64(x)
+
+
+def _poly_arg(bits, n: int):
+    """The ``n`` low bits of ``bits`` (below a table index) times 2**-23, as FP32 bits: the polynomial's
+    argument."""
+    return G.f32_bits((bits & ((1 << n) - 1)).astype(np.float64) * 2.0**-23)
+
+
+def exp2(x_bits) -> np.ndarray:
+    """2**x."""
+    _, s, e, _, xf = _operand(x_bits)
     nan = np.isnan(xf)
     big = (e - 127 >= 7) & ~nan                   # |x| >= 128, inf included
     ok = ~nan & ~big
@@ -130,7 +142,7 @@ def exp2(x_bits) -> np.ndarray:
     n = tt >> 23
     frac = tt & 0x7FFFFF
     idx = T.EXP2_BASE + (frac >> 17)
-    r = G.f32_bits((frac & 0x1FFFF).astype(np.float64) * 2.0**-23)
+    r = _poly_arg(frac, 17)
     out = _scale(_horner(idx, r), n)
     out = np.where(big, np.where(s == 1, np.uint32(0), POS_INF), out)
     return np.where(nan, _QNAN, out).astype(np.uint32)
@@ -143,11 +155,9 @@ def exp(x_bits) -> np.ndarray:
 
 def recip(x_bits) -> np.ndarray:
     """1/x."""
-    x = load_f32(x_bits)
-    s, e, f = _fields(x)
-    xf = _f64(x)
+    _, s, e, f, xf = _operand(x_bits)
     idx = T.RECIP_BASE + (f >> 16)
-    r = G.f32_bits((f & 0xFFFF).astype(np.float64) * 2.0**-23)
+    r = _poly_arg(f, 16)
     out = _scale(_horner(idx, r), 127 - e, neg=s == 1)
     out = np.where(e == 0, POS_INF | (s.astype(np.uint32) << 31), out)
     out = np.where(np.isinf(xf), s.astype(np.uint32) << 31, out)
@@ -156,13 +166,11 @@ def recip(x_bits) -> np.ndarray:
 
 def rsqrt(x_bits) -> np.ndarray:
     """1/sqrt(x); rsqrt(-0) = -inf, rsqrt(x < 0) = NaN."""
-    x = load_f32(x_bits)
-    s, e, f = _fields(x)
-    xf = _f64(x)
+    _, s, e, f, xf = _operand(x_bits)
     E = e - 127
     odd = E & 1
     idx = T.RSQRT_BASE + (odd << T.RSQRT_BITS) + (f >> 16)
-    r = G.f32_bits((f & 0xFFFF).astype(np.float64) * 2.0**-23)
+    r = _poly_arg(f, 16)
     out = _scale(_horner(idx, r), -((E - odd) >> 1))
     out = np.where(e == 0, POS_INF | (s.astype(np.uint32) << 31), out)
     out = np.where(np.isposinf(xf), np.uint32(0), out)
@@ -172,9 +180,7 @@ def rsqrt(x_bits) -> np.ndarray:
 
 def gelu(x_bits) -> np.ndarray:
     """GELU, tanh form."""
-    x = load_f32(x_bits)
-    s, e, f = _fields(x)
-    xf = _f64(x)
+    x, s, e, f, xf = _operand(x_bits)
     E = e - 127
     small = E < T.GELU_EMIN
     large = E > T.GELU_EMAX
