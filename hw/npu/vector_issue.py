@@ -9,12 +9,12 @@ instruction's next pass needs the results of the previous one; those come back a
 """
 
 from operator import attrgetter
-from types import SimpleNamespace
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..elab import Shared
 from ..spec.vector_isa import ADDR_BITS, BMode, Fmt, MaskMode, Opcode, VecError, VectorInstr
 from .vector_parts import Phase, ReadPortSignature, beat_layout, group_index_width, row_result_layout
 
@@ -419,7 +419,7 @@ class VectorSequencer(wiring.Component):
         with m.Elif(red.valid):
             m.d.sync += sva[red.ri].eq(red.value)
 
-        self._walk(m, SimpleNamespace(
+        self._walk(m, Shared(
             lg=lg, ins=ins, op=op, rows=rows, pitch_a=pitch_a, pitch_b=pitch_b, pitch_d=pitch_d,
             mpitch=mpitch, err=err, row=row, beat=beat, phase=phase, a_row=a_row, b_row=b_row, d_row=d_row,
             x_row=x_row, s0=s0, s1=s1, G=G, multi=multi, ri=ri, gsz=gsz, g_a=g_a, g_d=g_d, g_x=g_x,

@@ -19,6 +19,7 @@ device would otherwise dominate the build).
 """
 
 import hashlib
+from operator import attrgetter
 
 from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, ResetSignal, Signal
 from amaranth.lib import wiring
@@ -26,6 +27,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
+from ..elab import Shared
 from .bank import PimBank, check_pu_timing
 from .commands import COLUMN_OPS, COMBINE_ROW_BIT, DUAL_ONLY, LOWPREC_OPCODES, READ_OPS, PimOp, ViolationCode
 from .timing import countdown, delay_pipe, faw_window, pim_row_buffer, refresh_credit
@@ -89,18 +91,6 @@ def _bank_ports(p):
     return ins, outs
 
 
-class _Scope:
-    """Signals one part of :meth:`PimChannel.elaborate` hands to the next, by name."""
-
-    def __init__(self, **names):
-        self.__dict__.update(names)
-
-    def update(self, **names):
-        self.__dict__.update(names)
-
-    def get(self, *names):
-        return tuple(self.__dict__[n] for n in names)
-
 
 class PimChannel(wiring.Component):
     """One PIM channel: ``banks`` :class:`~hw.pim.bank.PimBank` + global buffer + decoder + checks.
@@ -133,7 +123,7 @@ class PimChannel(wiring.Component):
         cfg = self.cfg
         bus = self.bus
         # The parts below hand each other their signals by name.
-        s = _Scope(cfg=cfg, p=cfg.pim, t=cfg.timing, nb=cfg.pim.banks, bus=bus, st=self.status, op=bus.op,
+        s = Shared(cfg=cfg, p=cfg.pim, t=cfg.timing, nb=cfg.pim.banks, bus=bus, st=self.status, op=bus.op,
                    bank=bus.bank, col=bus.col)
         self._banks(m, s)
         self._state(m, s)
@@ -149,7 +139,7 @@ class PimChannel(wiring.Component):
     def _banks(self, m, s):
         """The banks (:class:`~hw.pim.bank.PimBank`, or Instances of the shared bank module); their ports by
         name."""
-        p, nb, cfg = s.get('p', 'nb', 'cfg')
+        p, nb, cfg = attrgetter('p', 'nb', 'cfg')(s)
         # Banks ----------------------------------------------------------
         ins, outs = _bank_ports(p)
         banks = []
@@ -172,7 +162,7 @@ class PimChannel(wiring.Component):
 
     def _state(self, m, s):
         """The banks' state as vectors, the PIM row buffer and the channel-wide timing windows."""
-        banks, p, nb, bank, op, t, bus, col = s.get('banks', 'p', 'nb', 'bank', 'op', 't', 'bus', 'col')
+        banks, p, nb, bank, op, t, bus, col = attrgetter('banks', 'p', 'nb', 'bank', 'op', 't', 'bus', 'col')(s)
         is_open = Cat(bk["is_open"] for bk in banks)
         rcdrd_ok = Cat(bk["rcdrd_ok"] for bk in banks)
         rcdwr_ok = Cat(bk["rcdwr_ok"] for bk in banks)
@@ -271,11 +261,11 @@ class PimChannel(wiring.Component):
         """The first rule the command on the bus breaks (``ViolationCode.NONE``: none)."""
         (dual, lp, op, is_lds, sel, is_open, pim_holds, rp_ok, rfc_ok, rrd_ok, faw_ok, all_banks, ras_ok,
          wr_ok, rtp_ok, rcdrd_ok, ccd_ok, rcdwr_ok, p_open, p_rcd_ok, mac_rules, p_row, p, af_rules,
-         af_mac_ok, normal_holds, p_rp_ok, p_ras_ok, p_rtp_ok, af_row_ok, col, rdmac_rules, mac_ok, af_ok) = s.get(
+         af_mac_ok, normal_holds, p_rp_ok, p_ras_ok, p_rtp_ok, af_row_ok, col, rdmac_rules, mac_ok, af_ok) = attrgetter(
             'dual', 'lp', 'op', 'is_lds', 'sel', 'is_open', 'pim_holds', 'rp_ok', 'rfc_ok', 'rrd_ok',
             'faw_ok', 'all_banks', 'ras_ok', 'wr_ok', 'rtp_ok', 'rcdrd_ok', 'ccd_ok', 'rcdwr_ok', 'p_open',
             'p_rcd_ok', 'mac_rules', 'p_row', 'p', 'af_rules', 'af_mac_ok', 'normal_holds', 'p_rp_ok',
-            'p_ras_ok', 'p_rtp_ok', 'af_row_ok', 'col', 'rdmac_rules', 'mac_ok', 'af_ok')
+            'p_ras_ok', 'p_rtp_ok', 'af_row_ok', 'col', 'rdmac_rules', 'mac_ok', 'af_ok')(s)
         # Violation decision (first failing rule) -------------------------
         code = Signal(ViolationCode)
         legal_ops = [c for c in PimOp if dual or c.name not in DUAL_ONLY]
@@ -380,7 +370,7 @@ class PimChannel(wiring.Component):
 
     def _record(self, m, s):
         """The refresh credit and the sticky violation record."""
-        t, execute, op, st, code = s.get('t', 'execute', 'op', 'st', 'code')
+        t, execute, op, st, code = attrgetter('t', 'execute', 'op', 'st', 'code')(s)
         # Refresh credit --------------------------------------------------
         owed = refresh_credit(m, t.tREFI, t.refresh_postpone, execute & (op == PimOp.REF))
         late = owed > t.refresh_postpone
@@ -402,7 +392,7 @@ class PimChannel(wiring.Component):
 
     def _global_buffer(self, m, s):
         """The global buffer: WRGB writes it, the banks' MACs read it."""
-        lp, p, execute, op, col, bus = s.get('lp', 'p', 'execute', 'op', 'col', 'bus')
+        lp, p, execute, op, col, bus = attrgetter('lp', 'p', 'execute', 'op', 'col', 'bus')(s)
         # Global buffer ---------------------------------------------------
         if lp:
             gb_data = self._wide_gb(m, p, execute & (op == PimOp.WRGB), col, bus.data)
@@ -422,8 +412,8 @@ class PimChannel(wiring.Component):
 
     def _bank_strobes(self, m, s):
         """Each bank's command strobes and operands."""
-        (banks, bank, execute, op, bus, col, gb_data, p_row, bpw, lp, p) = s.get(
-            'banks', 'bank', 'execute', 'op', 'bus', 'col', 'gb_data', 'p_row', 'bpw', 'lp', 'p')
+        (banks, bank, execute, op, bus, col, gb_data, p_row, bpw, lp, p) = attrgetter(
+            'banks', 'bank', 'execute', 'op', 'bus', 'col', 'gb_data', 'p_row', 'bpw', 'lp', 'p')(s)
         # Bank strobes -------------------------------------------------------
         for b, bk in enumerate(banks):
             here = bank == b
@@ -447,8 +437,8 @@ class PimChannel(wiring.Component):
 
     def _read_return(self, m, s):
         """Read data: sampled one cycle after the command, delivered at tRL."""
-        (p, execute, op, bank, col, bus, banks, bpw, nb, t) = s.get(
-            'p', 'execute', 'op', 'bank', 'col', 'bus', 'banks', 'bpw', 'nb', 't')
+        (p, execute, op, bank, col, bus, banks, bpw, nb, t) = attrgetter(
+            'p', 'execute', 'op', 'bank', 'col', 'bus', 'banks', 'bpw', 'nb', 't')(s)
         # Read return: sample one cycle after the command, deliver at tRL --------
         r_valid = Signal()
         r_kind = Signal(PimOp)
@@ -480,8 +470,8 @@ class PimChannel(wiring.Component):
 
     def _counters(self, m, s):
         """The event counters (commands executed)."""
-        (op, nb, is_act, banks, sel, is_open, p_open, is_mac, st, execute) = s.get(
-            'op', 'nb', 'is_act', 'banks', 'sel', 'is_open', 'p_open', 'is_mac', 'st', 'execute')
+        (op, nb, is_act, banks, sel, is_open, p_open, is_mac, st, execute) = attrgetter(
+            'op', 'nb', 'is_act', 'banks', 'sel', 'is_open', 'p_open', 'is_mac', 'st', 'execute')(s)
         events = {
             "n_act": Mux(op.as_value().matches(PimOp.ACTAB, PimOp.PACTAB), nb, 1) * is_act,
             "n_pre": Mux(op == PimOp.PREAB, sum(bk["is_open"] for bk in banks), sel(is_open)) *
