@@ -70,6 +70,20 @@ def unpack(value: int, width: int, count: int) -> np.ndarray:
     return np.array([(int(value) >> (i * width)) & mask for i in range(count)], dtype=np.uint64)
 
 
+def pack_struct(layout, **values) -> int:
+    """The integer of an Amaranth ``StructLayout`` with the named fields set (the others 0), each masked to its
+    width: what a testbench drives onto a struct-typed port."""
+    out = 0
+    for name, fld in layout:
+        out |= (int(values.get(name, 0)) & ((1 << fld.width) - 1)) << fld.offset
+    return out
+
+
+def unpack_struct(layout, word: int) -> dict:
+    """Inverse of :func:`pack_struct`: every field of ``layout`` from the integer ``word``."""
+    return {name: (word >> fld.offset) & ((1 << fld.width) - 1) for name, fld in layout}
+
+
 async def start(dut, period_ns: int = 10, reset_cycles: int = 2, zero_inputs=()):
     """Start the clock on ``dut.clk`` and pulse ``dut.rst``; drive ``zero_inputs`` to 0 first."""
     import cocotb

@@ -36,18 +36,17 @@ from cocotb.triggers import FallingEdge, Timer
 
 from hw.config import preset
 from hw.memif import AddressMap, request_layout, response_layout
-from sim.tb.common import env_int, env_str, port, port_name, start, tb_test, write_metrics
-
-
-def pack_struct(layout, **values) -> int:
-    out = 0
-    for name, fld in layout:
-        out |= (int(values.get(name, 0)) & ((1 << fld.width) - 1)) << fld.offset
-    return out
-
-
-def unpack_struct(layout, word: int) -> dict:
-    return {name: (word >> fld.offset) & ((1 << fld.width) - 1) for name, fld in layout}
+from sim.tb.common import (
+    env_int,
+    env_str,
+    pack_struct,
+    port,
+    port_name,
+    start,
+    tb_test,
+    unpack_struct,
+    write_metrics,
+)
 
 
 class Requester:

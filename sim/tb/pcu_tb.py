@@ -34,8 +34,7 @@ from hw.spec.macro import Macro, MacroError, MacroFlag, MacroOp
 from sim.pim_checker import OPNAMES, BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.pim_sequencer import write_backdoor
-from sim.tb.common import env_str, port, port_name, start, tb_test, write_metrics
-from sim.tb.memctrl_tb import pack_struct, unpack_struct
+from sim.tb.common import env_str, pack_struct, port, port_name, start, tb_test, unpack_struct, write_metrics
 
 
 def _cfg():
