@@ -124,7 +124,7 @@ class FunctionalDevice:
             self.input = np.frombuffer(self.mem.read(mc.addr0, mc.n * 2), dtype="<u2").copy()
             return MacroError.NONE
         if mc.op == MacroOp.GEMV:
-            if mc.flags & ~(MacroFlag.BIAS | MacroFlag.GELU):
+            if int(mc.flags) & ~int(MacroFlag.BIAS | MacroFlag.GELU):   # int: ~ on an IntFlag drops undefined bits
                 return MacroError.BAD_FLAGS
             K, N = mc.n, mc.m
             if not (1 <= K <= self.limits["input_values"] and 1 <= N <= self.limits["result_values"]):
@@ -149,7 +149,7 @@ class FunctionalDevice:
             self.counters["macs"] += layout.rows_used
             return MacroError.NONE
         if mc.op == MacroOp.READ_RES:
-            if mc.flags & ~MacroFlag.BF16:
+            if int(mc.flags) & ~int(MacroFlag.BF16):
                 return MacroError.BAD_FLAGS
             if not 1 <= mc.n <= self.limits["result_values"]:
                 return MacroError.BAD_LENGTH

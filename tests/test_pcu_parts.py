@@ -35,11 +35,10 @@ def _random_macro(rng, cfg):
         return rng.choice([0, 1, 2, 17, 64, 100, limit - 1, limit, limit + 1, rng.randrange(1, limit + 1)])
 
     op = rng.choice([MacroOp.NOP, MacroOp.WRITE_VEC, MacroOp.GEMV, MacroOp.READ_RES, MacroOp.READ_RES, 7])
-    # Defined flag bits only: sim.pim_model checks ``flags & ~(...)`` on the IntFlag, whose ``~`` keeps the
-    # other *defined* flags, so it lets undefined bits (0x08, 0x80) through (the RTL rejects them: see
-    # test_macro_decoder_rejects_undefined_flag_bits_amaranth_sim).
+    # Undefined flag bits (0x08, 0x80) included: the functional model once let them through (``~`` on an IntFlag
+    # keeps only the other defined flags) where the RTL rejects them.
     flags = rng.choice([0, 0, MacroFlag.BIAS, MacroFlag.GELU, MacroFlag.BIAS | MacroFlag.GELU, MacroFlag.BF16,
-                        MacroFlag.BIAS | MacroFlag.BF16])
+                        MacroFlag.BIAS | MacroFlag.BF16, 0x08, 0x80, MacroFlag.BIAS | 0x80])
     addr0 = rng.choice([0, 32, 64 * 1024, total - 32, total - 4096, total, 16, rng.randrange(0, total // 32) * 32])
     row = rng.choice([0, 1, cfg.pim.data_rows - 1, cfg.pim.data_rows, rng.randrange(0, cfg.pim.data_rows)])
     m = length(lim_out) if op == MacroOp.GEMV else rng.choice([0, 5])
