@@ -36,6 +36,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..arith import fp32_to_bf16
 from ..config import SystemConfig
+from ..elab import Shared
 from ..memif import MemPortSignature
 from ..spec.matrix_isa import INSTRUCTION, N_SEMAPHORES, ErrorCode, Target
 from .spm import SpmReadSignature, SpmWriteSignature
@@ -112,6 +113,7 @@ class DmaLoad(wiring.Component):
         return self._lanes
 
     def elaborate(self, platform):
+        # The parts below share their signals through ``c`` (:class:`hw.elab.Shared`), in this order.
         m = Module()
         W = self._lanes
         ppc = COLUMN_ELEMS // W                  # scratchpad words per memory column
@@ -132,11 +134,28 @@ class DmaLoad(wiring.Component):
 
         m.d.comb += [self.busy.eq(busy), self.spm_target.eq(target), self.cmd.ready.eq(~busy)]
 
-        # ---- request generator: for block b, column mc, row w of the block ----
+        c = Shared(W=W, ppc=ppc, log_w=log_w, busy=busy, transpose=transpose, target=target, mem_stride=mem_stride,
+                   rows=rows, cols=cols, spm_addr=spm_addr, spm_stride=spm_stride, sig=sig, ncol=ncol, blk=blk,
+                   blk_step=blk_step)
+        self._requests(m, c)
+        self._response_handler(m, c)
+        self._finish(m, c)
+        return m
+
+    def _requests(self, m, c):
+        """The request generator: for block b, column mc, row w of the block."""
+        blk, blk_step, busy, mem_stride, ncol = c.blk, c.blk_step, c.busy, c.mem_stride, c.ncol
         (g_blk_base, g_row_addr, g_mc_off, g_mc, g_w, g_rows_left, g_done, outstanding,
          issued) = self._request_generator(m, busy, blk, ncol, mem_stride, blk_step)
 
-        # ---- response handler, mirroring the same loops ----
+        c.update(g_blk_base=g_blk_base, g_row_addr=g_row_addr, g_mc_off=g_mc_off, g_mc=g_mc, g_w=g_w,
+                 g_rows_left=g_rows_left, g_done=g_done, outstanding=outstanding, issued=issued)
+
+    def _response_handler(self, m, c):
+        """The response handler, mirroring the same loops: pieces into the scratchpad, or (transposed) a
+        block's rows gathered into a W x 16 buffer for the emitter."""
+        W, blk, busy, cols, ncol = c.W, c.blk, c.busy, c.cols, c.ncol
+        ppc, spm_stride, transpose = c.ppc, c.spm_stride, c.transpose
         resp = self.mem.resp
         h_mc = Signal(13)
         h_w = Signal(range(W + 1))
@@ -239,7 +258,23 @@ class DmaLoad(wiring.Component):
 
         self._emit_transposed(m, busy & transpose, tbuf, t_full, t_rsel, t_rows, t_base, t_last, e_idx)
 
-        # ---- outstanding count, start, finish ----
+        c.update(resp=resp, h_mc=h_mc, h_w=h_w, h_rows_left=h_rows_left, h_done=h_done, h_row_spm=h_row_spm,
+                 h_piece_addr=h_piece_addr, h_elem=h_elem, h_q=h_q, h_tbase=h_tbase, h_mc_elem=h_mc_elem,
+                 t_full=t_full, t_wsel=t_wsel, t_rsel=t_rsel, e_idx=e_idx)
+
+    def _finish(self, m, c):
+        """The outstanding count, start and finish."""
+        W, blk, blk_step, busy, cols = c.W, c.blk, c.blk_step, c.busy, c.cols
+        e_idx, g_blk_base, g_done = c.e_idx, c.g_blk_base, c.g_done
+        g_mc, g_mc_off, g_row_addr, g_rows_left, g_w = c.g_mc, c.g_mc_off, c.g_row_addr, c.g_rows_left, c.g_w
+        h_done, h_elem, h_mc = c.h_done, c.h_elem, c.h_mc
+        h_mc_elem, h_piece_addr, h_q = c.h_mc_elem, c.h_piece_addr, c.h_q
+        h_row_spm, h_rows_left = c.h_row_spm, c.h_rows_left
+        h_tbase, h_w, issued = c.h_tbase, c.h_w, c.issued
+        log_w, mem_stride, ncol, outstanding, resp = c.log_w, c.mem_stride, c.ncol, c.outstanding, c.resp
+        rows, sig, spm_addr = c.rows, c.sig, c.spm_addr
+        spm_stride, t_full, t_rsel, t_wsel, target = c.spm_stride, c.t_full, c.t_rsel, c.t_wsel, c.target
+        transpose = c.transpose
         consumed = resp.valid & resp.ready
         m.d.sync += outstanding.eq(outstanding + issued - consumed)
 
@@ -266,7 +301,6 @@ class DmaLoad(wiring.Component):
                 h_tbase.eq(b.spm_addr), h_mc_elem.eq(0),
                 t_full.eq(0), t_wsel.eq(0), t_rsel.eq(0), e_idx.eq(0),
             ]
-        return m
 
     def _request_generator(self, m, busy, blk, ncol, mem_stride, blk_step):
         """Read requests: for block b (``blk`` tile rows, ``blk_step`` bytes), memory column mc (of ``ncol``),
