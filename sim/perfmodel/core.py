@@ -171,6 +171,9 @@ class _Run(MatrixUnitModel, VectorQueueModel, PcuModel, SpuModel):
         self.events = {"mac": 0, "vec_elem": 0, "spm_rd_bytes": 0, "spm_wr_bytes": 0, "pim_mac_cols": 0,
                        "pim_gb_writes": 0, "pim_acts": 0, "pim_io_cols": 0, "pim_af": 0, "dma_bytes": 0,
                        "dram_acts": 0, "dram_reads": 0, "dram_writes": 0, "dram_refs": 0}
+        if self.has_spu:   # declared up front: _timed diffs the event counts over keys present before a DMA
+            self.events.update(sram_pim_mac=0, sram_pim_wr_bytes=0)
+            self.work.update(spu_compute=0.0, spu_load=0.0)
         # matrix unit
         self.sem = [0] * mu_isa.N_SEMAPHORES
         self.ev_sem = _Event()

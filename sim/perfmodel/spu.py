@@ -44,11 +44,11 @@ class SpuModel:
                 d = (spim_cycles(self.cfg, bool(f["mode"]), f["count"], f["heads"]) - SPIM_OVERHEAD) * kf
                 done = start + cal.spim_over * kf + d
                 macs = f["heads"] * f["count"] * spu.word_lanes
-                self.events["sram_pim_mac"] = self.events.get("sram_pim_mac", 0) + macs
+                self.events["sram_pim_mac"] += macs
                 n_out = f["count"] if f["mode"] == 0 else spu.word_lanes
                 self.events["spm_wr_bytes"] += 4 * n_out * f["heads"]
                 self.events["spm_rd_bytes"] += 2 * f["heads"] * (spu.word_lanes if f["mode"] == 0 else f["count"])
-                self.work["spu_compute"] = self.work.get("spu_compute", 0.0) + d
+                self.work["spu_compute"] += d
                 if done > K.now:
                     yield done
                 self.intervals.append((start, done, self._tag(ins, "attention")))
@@ -64,7 +64,7 @@ class SpuModel:
                 self.intervals.append((start, done - wait, self._tag(ins, "attention")))
                 if wait > 0:
                     self.intervals.append((done - wait, done, "wait_pim"))
-                self.work["spu_load"] = self.work.get("spu_load", 0.0) + done - t1
+                self.work["spu_load"] += done - t1
             free = done + cal.spu_done_over * kf
             K.at(free + cal.spu_idle_lat * kf, self._spu_down)
             yield free
@@ -81,7 +81,7 @@ class SpuModel:
         regions, positions, cols = f["regions"], f["positions"], f["cols"]
         n = regions * positions * cols
         self.events["dma_bytes"] += 32 * n
-        self.events["sram_pim_wr_bytes"] = self.events.get("sram_pim_wr_bytes", 0) + 32 * n
+        self.events["sram_pim_wr_bytes"] += 32 * n
         a = t - kf
         last_r = -INF
         cons = deque()
