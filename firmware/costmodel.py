@@ -4,7 +4,8 @@ Cycles at the SoC clock, from the configuration alone (no simulation):
 
 * matrix unit GEMM: ``max(compute, weight DMA, activation DMA) + latency``; compute is the
   array's slot arithmetic of :class:`hw.npu.matrix_unit.ComputeEngine`
-  (``max(R, 4) + max(M, R, 4) * KB * NB + R + C + 3`` per instruction), the
+  (``max(R, 4) + max(M, R, 4) * KB * NB + drain`` per instruction, the drain
+  :func:`hw.spec.pipeline.compute_drain`: ``R + C + 3`` with one-stage PEs), the
   transposed weight DMA moves ``W x 16`` elements per ``max(W, 16)`` cycles (double-buffered)
   (:class:`hw.npu.dma.DmaLoad`), plain DMA one 32-byte column per cycle, both
   capped by the channels' external bandwidth (``channels x 32`` bytes per cycle)
@@ -20,6 +21,8 @@ the runner prints side by side; it is not calibrated (that is the performance mo
 """
 
 from __future__ import annotations
+
+from hw.spec.pipeline import compute_drain
 
 __all__ = ["mu_gemm_cycles", "pim_fc_cycles", "vector_cycles", "vdma_cycles", "stage_total"]
 
@@ -45,7 +48,7 @@ def mu_gemm_parts(cfg, M, K, N, transposed=True) -> tuple[int, int]:
     n = cfg.npu
     R, C = n.array_rows, n.array_cols
     KB, NB = -(-K // R), -(-N // C)
-    compute = max(R, 4) + max(M, R, 4) * KB * NB + R + C + 3
+    compute = max(R, 4) + max(M, R, 4) * KB * NB + compute_drain(R, C, n.pe_mul_stages, n.pe_add_stages)
     w_rate = min(32 * C / max(C, 16) if transposed else 32.0, _mem_rate(cfg))
     wdma = K * N * 2 / w_rate
     adma = M * K * 2 / min(32.0, _mem_rate(cfg)) * max(1, -(-N // 256))

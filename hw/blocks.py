@@ -46,11 +46,12 @@ def _soc(name):
         return SocTop(cfg, device_factory(cfg))
 
     def sources():
-        from .npu.systolic import PE_MODULE, ProcessingElement
+        from .npu.systolic import pe_for
         from .npu.vector import LANE_MODULE, VectorLane
         from .pim import device_sources
 
-        return [*device_sources(preset(name)), verilog_for(lambda: ProcessingElement(), name=PE_MODULE, key="pe"),
+        pe_name, pe_factory, pe_key = pe_for(preset(name).npu)
+        return [*device_sources(preset(name)), verilog_for(pe_factory, name=pe_name, key="pe" + pe_key),
                 verilog_for(lambda: VectorLane(), name=LANE_MODULE, key="lane")]
 
     return factory, sources

@@ -12,6 +12,20 @@ def _array(n):
 
 
 register("array4x4", _array(4), "NPU systolic array 4x4 (tiny), BF16 x BF16 -> FP32 PEs, weight-stationary")
+
+
+def _array_pipelined(n, mul_stages, add_stages):
+    def factory():
+        from .npu.systolic import SystolicArray
+
+        return SystolicArray(n, n, mul_stages=mul_stages, add_stages=add_stages)
+    return factory
+
+
+# Issue 15 (timing closure): the array of the pipelined presets (tiny-p4, default-p4): 2-stage multipliers and
+# 4-stage FP32 adders in every PE (partial sums move one row every 4 cycles; latency 4R + C + 1).
+register("array4x4_p4", _array_pipelined(4, 2, 4), "NPU systolic array 4x4, pipelined PEs (issue 15): 2-stage "
+         "BF16 multipliers, 4-stage FP32 adders, activation skew 4 cycles per row")
 # The vector unit is not a default target: nextpnr-ecp5 did not place the 4-lane unit within 40 minutes here.
 
 

@@ -90,6 +90,17 @@ def test_bad_parameters():
         SystolicArray(0, 4)
     with pytest.raises(ValueError, match="Array columns must be a positive integer"):
         SystolicArray(4, "4")
+    with pytest.raises(ValueError, match="PE adder stages must be one of 1, 2, 3, 4, not 5"):
+        SystolicArray(4, 4, add_stages=5)
+    with pytest.raises(ValueError, match="PE multiplier stages must be one of 1, 2, not 3"):
+        SystolicArray(4, 4, mul_stages=3)
+    from hw.spec.config import ConfigError, NpuConfig
+    with pytest.raises(ConfigError, match=r"NpuConfig.pe_add_stages must be an integer in 1..4, not 0"):
+        preset("tiny").replace(**{"npu.pe_add_stages": 0})
+    with pytest.raises(ConfigError, match=r"NpuConfig.pe_mul_stages must be an integer in 1..2, not True"):
+        NpuConfig(pe_mul_stages=True)
+    # left out of repr at their defaults (module names and build keys of the other presets unchanged)
+    assert "pe_" not in repr(preset("tiny")) and "pe_mul_stages=2, pe_add_stages=4" in repr(preset("tiny-p4"))
     with pytest.raises(ValueError, match="square array"):
         MatrixUnit(preset("ianus"))
     with pytest.raises(ValueError, match="power of two of at least 2"):
@@ -100,8 +111,9 @@ def test_bad_parameters():
 
 # -- Amaranth simulator: array and rounding --------------------------------------------------
 
-def _array_schedule(R, C, passes, gap=0):
-    """Per-cycle inputs of SystolicArray(R, C) for weight-stationary passes per the timing contract."""
+def _array_schedule(R, C, passes, gap=0, latency=None):
+    """Per-cycle inputs of SystolicArray(R, C) for weight-stationary passes per the timing contract (followed by
+    ``latency + 2`` idle cycles, ``R + C + 2`` by default)."""
     M = max(a.shape[0] for a, _, _ in passes)
     slot = max(M, R) + gap
     sched = []
@@ -114,7 +126,7 @@ def _array_schedule(R, C, passes, gap=0):
             if s >= 0 and c < passes[s][0].shape[0]:
                 ins["a"] = (passes[s][0][c], c == 0)
             sched.append(ins)
-    sched += [{}] * (R + C + 2)
+    sched += [{}] * ((R + C if latency is None else latency) + 2)
     n = len(sched)
     arr = {"w_row": np.zeros((n, C), np.uint16), "w_valid": np.zeros(n, np.uint8), "w_index": np.zeros(n, np.uint8),
            "w_en": np.zeros(n, np.uint8), "act": np.full((n, R), 0x7FC1, np.uint16),   # garbage when idle
@@ -129,15 +141,17 @@ def _array_schedule(R, C, passes, gap=0):
     return arr
 
 
-def _array_sim(R, C, passes, gap=0):
-    """Run the schedule on SystolicArray(R, C) in Amaranth's simulator; return the outputs."""
+def _array_sim(R, C, passes, gap=0, stages=(1, 1)):
+    """Run the schedule on SystolicArray(R, C) (PE depths ``stages`` = (mul, add)) in Amaranth's simulator; return
+    the outputs and the cycles (schedule index) of ``out_valid``."""
     from amaranth.sim import Simulator
 
     from hw.npu.systolic import SystolicArray
+    from hw.spec.pipeline import array_latency
 
-    dut = SystolicArray(R, C)
-    s = _array_schedule(R, C, passes, gap)
-    got = []
+    dut = SystolicArray(R, C, mul_stages=stages[0], add_stages=stages[1])
+    s = _array_schedule(R, C, passes, gap, array_latency(R, C, *stages))
+    got, times = [], []
 
     async def bench(ctx):
         for t in range(len(s["w_valid"])):
@@ -149,40 +163,50 @@ def _array_sim(R, C, passes, gap=0):
                 ctx.set(dut.act[i], int(s["act"][t, i]))
             if ctx.get(dut.out_valid):
                 got.append([ctx.get(dut.out[j]) for j in range(C)])
+                times.append(t)
             await ctx.tick()
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
     sim.run()
-    return np.array(got, dtype=np.uint32)
+    return np.array(got, dtype=np.uint32), np.array(times), s
 
 
-def _array_rtl(R, C, passes, gap, test_name):
+def _array_rtl(R, C, passes, gap, test_name, stages=(1, 1)):
     """Run the schedule on the clock-gated SystolicArray(R, C) on Verilator; return the outputs.
 
     (Amaranth's simulator orders a derived clock's edge after the flops of its source clock, so a gated
     clock cannot be simulated there; Verilator follows Verilog's scheduling.)"""
     from hw.npu.systolic import SystolicArray
+    from hw.spec.pipeline import array_latency
     from sim.build import BUILD_ROOT, build
 
     run = BUILD_ROOT / "runs" / test_name
     run.mkdir(parents=True, exist_ok=True)
-    np.savez(run / "schedule.npz", **_array_schedule(R, C, passes, gap))
-    b = build(lambda: SystolicArray(R, C, clock_gate=True), name=f"array_gated_{R}x{C}", key=f"{R}x{C} gated",
+    np.savez(run / "schedule.npz", **_array_schedule(R, C, passes, gap, array_latency(R, C, *stages)))
+    depth = "" if stages == (1, 1) else f"_m{stages[0]}a{stages[1]}"
+    b = build(lambda: SystolicArray(R, C, clock_gate=True, mul_stages=stages[0], add_stages=stages[1]),
+              name=f"array_gated_{R}x{C}{depth}", key=f"{R}x{C} gated" + (f" stages={stages}" if depth else ""),
               sim="verilator")
     xml = b.run("sim.tb.array_tb", "run_schedule", test_name=test_name, env={"RUN_DIR": str(run)})
     return np.load(xml.parent / "out.npy")
 
 
+ARRAY_STAGES = [(1, 1), (2, 4)]
+"""PE depths (multiplier, adder) under test: the one-stage PE and the pipelined presets' (``tiny-p4``)."""
+
+
+@pytest.mark.parametrize("stages", ARRAY_STAGES, ids=lambda s: f"m{s[0]}a{s[1]}")
 @pytest.mark.parametrize("R,C,M,gap,gate", [(3, 5, 4, 0, False), (4, 4, 2, 1, False), (2, 3, 7, 0, False),
                                             (3, 5, 4, 0, True), (4, 4, 2, 12, True), (2, 3, 7, 9, True)])
-def test_array_amaranth_sim(R, C, M, gap, gate):
+def test_array_amaranth_sim(R, C, M, gap, gate, stages):
     """Back-to-back passes with next-pass weights loading during compute, K-row bypass, special values.
 
     ``gate``: the clock-gated array (SoC simulation build) on Verilator; gaps longer than the array's
     latency let the gate close between passes, and the first pass's weights are written while nothing
-    else is in flight."""
+    else is in flight. ``stages``: the PEs' pipeline depths; on the Amaranth simulator every output row
+    must leave exactly ``latency`` cycles after its activation row entered."""
     rng = np.random.default_rng(R * 100 + C)
     passes = []
     for p in range(5):
@@ -196,7 +220,14 @@ def test_array_amaranth_sim(R, C, M, gap, gate):
         if p == 4:
             a[:, kvalid:] = 0x7FC0  # NaN in bypassed rows must not leak
         passes.append((a, w, kvalid))
-    got = _array_rtl(R, C, passes, gap, f"array_gated_{R}_{C}_{M}_{gap}") if gate else _array_sim(R, C, passes, gap)
+    if gate:
+        depth = "" if stages == (1, 1) else f"_m{stages[0]}a{stages[1]}"
+        got = _array_rtl(R, C, passes, gap, f"array_gated_{R}_{C}_{M}_{gap}{depth}", stages)
+    else:
+        got, times, sched = _array_sim(R, C, passes, gap, stages)
+        # the latency to the cycle, written out: R + C for the one-stage PE, 4R + C + 1 for (2, 4)
+        latency = {(1, 1): R + C, (2, 4): 4 * R + C + 1}[stages]
+        np.testing.assert_array_equal(times, np.flatnonzero(sched["act_valid"]) + latency)
     want = np.concatenate([gemm(a[:, :kv], w[:kv], R) for a, w, kv in passes])
     np.testing.assert_array_equal(got, want)
 
@@ -252,6 +283,9 @@ def _npu_args(cfg):
     return n.array_rows, n.act_spm_words, n.wgt_spm_words, n.acc_spm_words
 
 
+COMPUTE_COUNTER_START = 0
+"""Cycles the compute counter counts for one COMPUTE beyond its cycle formula (measured on tiny)."""
+
 TINY_CASES = [
     # (M, K, N, options)
     (13, 10, 7, {}),
@@ -270,8 +304,8 @@ TINY_CASES = [
 ]
 
 
-def _tiny_run(name, backpressure=False):
-    cfg = preset("tiny")
+def _tiny_run(name, backpressure=False, config="tiny"):
+    cfg = preset(config)
     sb = system_build(cfg)
     rng = np.random.default_rng(7)
     img = MemImage(1 << sb.extra["words_log2"])
@@ -300,10 +334,24 @@ def _tiny_run(name, backpressure=False):
     return res
 
 
-def test_tiny_gemm_edge_cases():
+@pytest.mark.parametrize("config", ["tiny", "tiny-p4"])
+def test_tiny_gemm_edge_cases(config):
     """Shapes not multiples of the array, K = 1, one row/column, transposed weights, BF16 output,
-    multi-tile accumulation, special values, full scratchpads: all bit-exact."""
-    _tiny_run("tiny_edge")
+    multi-tile accumulation, special values, full scratchpads: all bit-exact. ``tiny-p4``: pipelined PEs
+    (2-stage multipliers, 4-stage adders; issue 15), the same bits.
+
+    The first case is one COMPUTE (a single tile): the compute counter (engine running or draining) holds it
+    to the cycle formula of :class:`hw.npu.matrix_unit.ComputeEngine`, ``max(R, 4) + max(M, R, 4) * KB * NB``
+    + :func:`hw.spec.pipeline.compute_drain`, plus the one cycle the counter starts before the first slot."""
+    from hw.spec.pipeline import compute_drain
+
+    res = _tiny_run("tiny_edge" if config == "tiny" else f"{config}_edge", config=config)
+    n = preset(config).npu
+    R, C = n.array_rows, n.array_cols
+    M, K, N, _ = TINY_CASES[0]
+    want = max(R, 4) + max(M, R, 4) * -(-K // R) * -(-N // C) + compute_drain(R, C, n.pe_mul_stages,
+                                                                                 n.pe_add_stages)
+    assert res[0]["counters"]["compute"] == want + COMPUTE_COUNTER_START, res[0]["counters"]
 
 
 def test_tiny_gemm_backpressure():

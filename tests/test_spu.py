@@ -17,18 +17,19 @@ CONFIG = "tiny-hpim"
 
 
 def soc_build(config=CONFIG):
-    from hw.npu.systolic import PE_MODULE, ProcessingElement
+    from hw.npu.systolic import pe_for
     from hw.npu.vector import LANE_MODULE, VectorLane
     from hw.pim import device_factory, device_sources
     from hw.soc import SocTop
     from sim.build import verilog_for
 
     cfg = preset(config)
-    pe_v = verilog_for(lambda: ProcessingElement(), name=PE_MODULE, key="pe")
+    pe_name, pe_factory, pe_key = pe_for(cfg.npu)
+    pe_v = verilog_for(pe_factory, name=pe_name, key="pe" + pe_key)
     lane_v = verilog_for(lambda: VectorLane(), name=LANE_MODULE, key="lane")
     return build(lambda: SocTop(cfg, device_factory(cfg)), name=f"soc_{config}", key=repr(cfg),
                  extra_sources=(*device_sources(cfg), pe_v, lane_v),
-                 no_inline=("pim_bank_*", PE_MODULE, LANE_MODULE))
+                 no_inline=("pim_bank_*", pe_name, LANE_MODULE))
 
 
 # -- RTL -------------------------------------------------------------------------------------------------------

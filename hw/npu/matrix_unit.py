@@ -38,11 +38,12 @@ from amaranth.lib.wiring import In, Out
 from ..arith import fp32_add_align, fp32_add_round
 from ..config import SystemConfig
 from ..memif import MemPortSignature
+from ..spec.pipeline import compute_drain
 from .counters import count_events
 from .dma import DmaLoad, DmaStore, MemArbiter
 from .isa import INSTRUCTION, INSTRUCTION_BITS, N_SEMAPHORES, ErrorCode, Opcode, Target
 from .spm import Scratchpad, SpmReadSignature, SpmWriteSignature
-from .systolic import SystolicArray
+from .systolic import SystolicArray, check_pe_stages
 
 __all__ = ["COUNTERS", "ComputeEngine", "MatrixUnit"]
 
@@ -71,19 +72,24 @@ class ComputeEngine(wiring.Component):
 
     Cycles of one instruction (compute engine busy, alone):
     ``max(R, 4) + slot * KB * NB + latency_drain`` with
-    ``latency_drain = R + C + 3`` (SPM read 1, array ``R + C``, RMW 2).
+    ``latency_drain = R + C + 3`` (SPM read 1, array ``R + C``, RMW 2) for
+    one-stage PEs, :func:`hw.spec.pipeline.compute_drain` in general (array
+    :func:`hw.spec.pipeline.array_latency`: ``4R + C + 1`` with ``mul_stages``
+    = 2, ``add_stages`` = 4). Nothing else depends on the PE depth: the
+    array's weight timing contract is the same at every depth.
     """
 
     MIN_SLOT = 4
 
     def __init__(self, rows: int, cols: int, act_bits: int, wgt_bits: int, acc_bits: int,
-                 pe_instance: bool = False, clock_gate: bool = False):
+                 pe_instance: bool = False, clock_gate: bool = False, mul_stages: int = 1, add_stages: int = 1):
         for what, v in (("Array rows", rows), ("Array columns", cols)):
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"{what} must be a power of two, not {v!r}")
         self._rows, self._cols = rows, cols
         self._pe_instance = pe_instance
         self._clock_gate = clock_gate
+        self._stages = check_pe_stages(mul_stages, add_stages)
         super().__init__({
             "cmd": In(stream.Signature(INSTRUCTION)),
             "act": Out(SpmReadSignature(act_bits, data.ArrayLayout(16, rows))),
@@ -98,12 +104,12 @@ class ComputeEngine(wiring.Component):
     @property
     def drain_latency(self) -> int:
         """Cycles from an activation row read to its accumulator write."""
-        return 1 + self._rows + self._cols + 2
+        return compute_drain(self._rows, self._cols, *self._stages)
 
     def elaborate(self, platform):
         m = Module()
         R, C = self._rows, self._cols
-        m.submodules.array = array = SystolicArray(R, C, self._pe_instance, self._clock_gate)
+        m.submodules.array = array = SystolicArray(R, C, self._pe_instance, self._clock_gate, *self._stages)
         log_r, log_c = R.bit_length() - 1, C.bit_length() - 1
 
         run = Signal()
@@ -324,7 +330,8 @@ class MatrixUnit(wiring.Component):
         wgt = m.submodules.spm_wgt = Scratchpad(npu.wgt_spm_words, C, 16)
         acc = m.submodules.spm_acc = Scratchpad(npu.acc_spm_words, C, 32, read_ports=2)
         comp = m.submodules.compute = ComputeEngine(R, C, act.addr_bits, wgt.addr_bits, acc.addr_bits,
-                                                    self._pe_instance, self._clock_gate)
+                                                    self._pe_instance, self._clock_gate, npu.pe_mul_stages,
+                                                    npu.pe_add_stages)
         load = m.submodules.load = DmaLoad(cfg, R)
         store = m.submodules.store = DmaStore(cfg, C, acc.addr_bits)
         arb = m.submodules.arbiter = MemArbiter(cfg)

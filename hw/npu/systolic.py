@@ -39,12 +39,31 @@ Cycle arithmetic for a GEMM ``(M x K) @ (K x N)`` with ``KB = ceil(K / R)``,
   prefill GEMM with ``L >= R``. The accumulation over K-blocks happens once
   per row in ``C`` FP32 adders at the accumulator scratchpad.
 
-Clock rate: the partial-sum path of a PE is one whole FP32 addition
-(align, add, normalise, round) between two registers; on ECP5 the 4 x 4
-array closes at 21.5 MHz (nextpnr, 16,699 LUT4, 1,776 FF, 16 MULT18). The
-planned fix keeps the order: a register between ``fp32_add_align`` and
-``fp32_add_round`` makes the partial sum move one row every 2 cycles, so the
-activation skew becomes 2 cycles per row and the latency ``2R + C``.
+Clock rate and the PE pipeline (issue 15): in the one-stage PE the partial-sum
+path is one whole FP32 addition (align, add, normalise, round) between two
+registers; on ECP5 the 4 x 4 array closes at 21.3 MHz (nextpnr, 16,699 LUT4,
+1,776 FF, 16 MULT18; ``array4x4``). The PE's depth is two parameters,
+``mul_stages`` (the BF16 multiplier, :func:`hw.arith.bf16_mul_pipe`: 1 or 2)
+and ``add_stages`` (the FP32 adder on the partial-sum path,
+:func:`hw.arith.fp32_add_pipe`: 1 to 4), rather than one knob, because they
+cost differently: the multiplier sits before the partial-sum chain, so its
+stages add to the latency once (``+ mul_stages``), while every adder stage is a
+register on the chain between two rows, so the partial sum moves one row
+every ``add_stages`` cycles and the activation skew (lane ``i`` delayed by
+``add_stages * i``) and the latency grow with ``R``:
+``latency = add_stages * R + mul_stages + C - 1``
+(:func:`hw.spec.pipeline.array_latency`; ``R + C`` at 1 / 1). The chain stays
+feed-forward (row ``m + 1`` follows row ``m`` one cycle behind through the
+adder's stages), so a row still enters every cycle and the summation order is
+untouched: only the latency changes. The pipelined presets (``tiny-p4``,
+``default-p4``: ``NpuConfig.pe_mul_stages`` = 2, ``pe_add_stages`` = 4) take
+the deepest cuts both units have (``array4x4_p4``). A row's first-row flag
+reaches row ``i`` ``add_stages * i`` cycles after row 0, so the weight bus of
+row ``i`` is delayed by ``(add_stages - 1) * i`` cycles inside the array: the
+weight timing contract below holds at every depth, and the matrix unit's
+sequencing does not depend on it (its drain is
+:func:`hw.spec.pipeline.compute_drain`). A bypassed row (``k >= K``) passes
+its partial sum through ``add_stages`` registers beside the adder.
 
 Accumulation order (the numerics contract, reproduced by
 ``sim/golden/gemm.py``): for output ``(m, n)`` and K-block ``kb``, the column
@@ -57,14 +76,15 @@ the clock edge that ends cycle ``t``):
 
 * an activation row presented in cycle ``T`` with ``act_valid`` appears,
   summed down each column, on ``out`` in cycle ``T + latency``
-  (``latency = R + C``) with ``out_valid``;
+  (``latency = R + C`` for one-stage PEs, :func:`hw.spec.pipeline.array_latency`
+  in general) with ``out_valid``;
 * ``act_first`` on the first row of a pass switches every PE to the weights
   in its shadow registers just as that row reaches it (the flag travels with
   the row);
 * weight row ``i`` of the next pass may be presented (``w_valid``,
   ``w_index = i``) in any cycle from ``T_p + i`` (``T_p``: cycle of the first
   row of the current pass) to ``T_{p+1} + i - 1``; row ``i`` of PE column
-  ``j`` captures it ``j`` cycles later, never before the PE has switched to
+  ``j`` captures it ``j + (add_stages - 1) * i`` cycles later, never before the PE has switched to
   the current pass's weights. Hence ``T_{p+1} - T_p >= R`` when rows are
   written one per cycle.
 """
@@ -73,12 +93,52 @@ from amaranth.hdl import Cat, ClockSignal, Const, DomainRenamer, Instance, Modul
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..arith import bf16_mul, check_fp_impl, fp32_add_align, fp32_add_round
+from ..arith import (
+    MAX_ADD_STAGES,
+    bf16_mul,
+    bf16_mul_pipe,
+    check_fp_impl,
+    fp32_add_align,
+    fp32_add_pipe,
+    fp32_add_round,
+)
 from ..clockgate import gated_domain
+from ..spec.pipeline import array_latency
 
-__all__ = ["PE_MODULE", "ProcessingElement", "SystolicArray"]
+__all__ = ["PE_MODULE", "PE_MUL_STAGES", "PE_ADD_STAGES", "ProcessingElement", "SystolicArray", "check_pe_stages",
+           "pe_for", "pe_module_name"]
 
 PE_MODULE = "npu_pe"
+
+
+PE_MUL_STAGES = (1, 2)
+"""Allowed multiplier depths of a PE (:func:`hw.arith.bf16_mul_pipe`)."""
+PE_ADD_STAGES = tuple(range(1, MAX_ADD_STAGES + 1))
+"""Allowed adder depths of a PE (:func:`hw.arith.fp32_add_pipe`)."""
+
+
+def check_pe_stages(mul_stages, add_stages) -> tuple[int, int]:
+    """``(mul_stages, add_stages)`` if they are allowed PE depths, else ``ValueError``."""
+    for what, value, allowed in (("PE multiplier stages", mul_stages, PE_MUL_STAGES),
+                                 ("PE adder stages", add_stages, PE_ADD_STAGES)):
+        if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
+            raise ValueError(f"{what} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+    return mul_stages, add_stages
+
+
+def pe_module_name(mul_stages: int = 1, add_stages: int = 1) -> str:
+    """Verilog module name of a PE of the given depths: :data:`PE_MODULE` for the one-stage PE (so that its
+    builds keep their names), ``npu_pe_m<mul>a<add>`` otherwise."""
+    return PE_MODULE if (mul_stages, add_stages) == (1, 1) else f"{PE_MODULE}_m{mul_stages}a{add_stages}"
+
+
+def pe_for(npu, fp_impl: str = "rtl"):
+    """The PE of an NPU configuration (``hw.spec.config.NpuConfig``) for Verilog builds with ``pe_instance``:
+    ``(module name, factory, key suffix)``; the suffix (for build-cache keys) is empty for the one-stage PE."""
+    stages = (npu.pe_mul_stages, npu.pe_add_stages)
+    suffix = "" if stages == (1, 1) else f" stages=m{stages[0]}a{stages[1]}"
+    return (pe_module_name(*stages),
+            lambda: ProcessingElement(fp_impl=fp_impl, mul_stages=stages[0], add_stages=stages[1]), suffix)
 
 
 def _check_dim(what, value):
@@ -88,6 +148,15 @@ def _check_dim(what, value):
 
 class ProcessingElement(wiring.Component):
     """One weight-stationary MAC: ``ps_out = ps_in + a * w`` (FP32, RNE), double-buffered weight.
+
+    Parameters
+    ----------
+    fp_impl : str
+        FP cells (:func:`hw.arith.check_fp_impl`).
+    mul_stages : int
+        Pipeline depth of the BF16 multiplier (:func:`hw.arith.bf16_mul_pipe`): 1 or 2.
+    add_stages : int
+        Pipeline depth of the FP32 adder on the partial-sum path (:func:`hw.arith.fp32_add_pipe`): 1 to 4.
 
     Members
     -------
@@ -101,11 +170,11 @@ class ProcessingElement(wiring.Component):
         Partial sum from above (FP32).
     ps_out : Out(32)
         Partial sum to below, registered; for the row whose activation was on
-        ``a_in`` in cycle ``t`` it is on ``ps_out`` in cycle ``t + 2``
-        (``ps_in`` must carry that row's sum in cycle ``t + 1``).
+        ``a_in`` in cycle ``t`` it is on ``ps_out`` in cycle ``t + latency``
+        (``latency = mul_stages + add_stages``; ``ps_in`` must carry that row's
+        sum in cycle ``t + mul_stages``). A bypassed row (enable 0) passes
+        ``ps_in`` unchanged, ``add_stages`` cycles later.
     """
-
-    latency = 2
 
     a_in: In(16)
     f_in: In(1)
@@ -117,9 +186,20 @@ class ProcessingElement(wiring.Component):
     ps_in: In(32)
     ps_out: Out(32)
 
-    def __init__(self, fp_impl: str = "rtl"):
+    def __init__(self, fp_impl: str = "rtl", mul_stages: int = 1, add_stages: int = 1):
         self._fp_impl = check_fp_impl(fp_impl)
+        self._mul_stages, self._add_stages = check_pe_stages(mul_stages, add_stages)
         super().__init__()
+
+    @property
+    def latency(self) -> int:
+        """Cycles from ``a_in`` to ``ps_out`` for one row."""
+        return self._mul_stages + self._add_stages
+
+    @property
+    def module_name(self) -> str:
+        """Verilog module name of this PE for ``SystolicArray(pe_instance=True)`` (:func:`pe_module_name`)."""
+        return pe_module_name(self._mul_stages, self._add_stages)
 
     def elaborate(self, platform):
         m = Module()
@@ -136,12 +216,32 @@ class ProcessingElement(wiring.Component):
         with m.If(self.w_we):
             m.d.sync += [w_sh.eq(self.w_in), en_sh.eq(self.w_en_in)]
 
-        prod = bf16_mul(m, m.d.sync, self.a_in, w_use, prefix="pe", fp_impl=self._fp_impl)
-        en_p = Signal()
-        m.d.sync += en_p.eq(en_use)
-        st = fp32_add_align(m, m.d.comb, self.ps_in, prod, prefix="pe_add", fp_impl=self._fp_impl)
-        total = fp32_add_round(m, m.d.comb, st, prefix="pe_add")
-        m.d.sync += self.ps_out.eq(Mux(en_p, total, self.ps_in))
+        if (self._mul_stages, self._add_stages) == (1, 1):
+            prod = bf16_mul(m, m.d.sync, self.a_in, w_use, prefix="pe", fp_impl=self._fp_impl)
+            en_p = Signal()
+            m.d.sync += en_p.eq(en_use)
+            st = fp32_add_align(m, m.d.comb, self.ps_in, prod, prefix="pe_add", fp_impl=self._fp_impl)
+            total = fp32_add_round(m, m.d.comb, st, prefix="pe_add")
+            m.d.sync += self.ps_out.eq(Mux(en_p, total, self.ps_in))
+            return m
+
+        # Pipelined: the product and its row enable arrive together after mul_stages; the adder's last
+        # register is ps_out, so the sum and the bypassed ps_in (delayed alongside, with the enable) meet in
+        # the mux in front of it.
+        prod = bf16_mul_pipe(m, self.a_in, w_use, self._mul_stages, prefix="pe", fp_impl=self._fp_impl)
+        en = en_use
+        for d in range(self._mul_stages):
+            nen = Signal(name=f"pe_en_m{d}")
+            m.d.sync += nen.eq(en)
+            en = nen
+        total = fp32_add_pipe(m, self.ps_in, prod, self._add_stages, prefix="pe_add", fp_impl=self._fp_impl,
+                              out_reg=False)
+        ps = self.ps_in
+        for d in range(self._add_stages - 1):
+            nen, nps = Signal(name=f"pe_en_a{d}"), Signal(32, name=f"pe_ps_a{d}")
+            m.d.sync += [nen.eq(en), nps.eq(ps)]
+            en, ps = nen, nps
+        m.d.sync += self.ps_out.eq(Mux(en, total, ps))
         return m
 
 
@@ -168,6 +268,12 @@ class SystolicArray(wiring.Component):
         is open while a row or a weight write is in flight
         (:mod:`hw.clockgate`); ``act_valid`` and ``w_valid`` must then come
         from flops.
+    mul_stages, add_stages : int
+        Pipeline depths of every PE's multiplier (1, 2) and FP32 adder (1 to 4; :class:`ProcessingElement`).
+        The partial sums move one row every ``add_stages`` cycles, so activation lane ``i`` is delayed by
+        ``add_stages * i`` cycles and the weight bus of row ``i`` by ``(add_stages - 1) * i`` (the weight
+        timing contract stays the one of the one-stage array); ``latency`` is
+        :func:`hw.spec.pipeline.array_latency`.
 
     Members
     -------
@@ -186,11 +292,13 @@ class SystolicArray(wiring.Component):
     out_valid : Out(1)
     """
 
-    def __init__(self, rows: int, cols: int, pe_instance: bool = False, clock_gate: bool = False):
+    def __init__(self, rows: int, cols: int, pe_instance: bool = False, clock_gate: bool = False,
+                 mul_stages: int = 1, add_stages: int = 1):
         _check_dim("Array rows", rows)
         _check_dim("Array columns", cols)
         self._rows = rows
         self._cols = cols
+        self._mul_stages, self._add_stages = check_pe_stages(mul_stages, add_stages)
         self._pe_instance = bool(pe_instance)
         self._clock_gate = bool(clock_gate)
         super().__init__({
@@ -216,27 +324,33 @@ class SystolicArray(wiring.Component):
     @property
     def latency(self) -> int:
         """Cycles from an activation row on ``act`` to its column sums on ``out``."""
-        return self._rows + self._cols
+        return array_latency(self._rows, self._cols, self._mul_stages, self._add_stages)
+
+    @property
+    def pe_module_name(self) -> str:
+        """Verilog module of the PEs with ``pe_instance`` (:func:`pe_module_name`)."""
+        return pe_module_name(self._mul_stages, self._add_stages)
 
     def elaborate(self, platform):
         m = Module()
         R, C = self._rows, self._cols
+        Sm, Sa = self._mul_stages, self._add_stages
         # Domain of the whole array: "sync", or the gated "arr" (see the end of this method).
         dp = "arr" if self._clock_gate else "sync"
         pe = [[None] * C for _ in range(R)]
         for i in range(R):
             for j in range(C):
                 if self._pe_instance:
-                    pe[i][j] = _PEInstance(m, f"pe_{i}_{j}", dp)
+                    pe[i][j] = _PEInstance(m, f"pe_{i}_{j}", dp, self.pe_module_name)
                 else:
-                    unit = ProcessingElement()
+                    unit = ProcessingElement(mul_stages=Sm, add_stages=Sa)
                     m.submodules[f"pe_{i}_{j}"] = DomainRenamer(dp)(unit) if self._clock_gate else unit
                     pe[i][j] = unit
 
-        # Input skew: lane i delayed by i cycles (with its first flag).
+        # Input skew: lane i delayed by Sa * i cycles (with its first flag).
         for i in range(R):
             a, f = self.act[i], self.act_first & self.act_valid
-            for d in range(i):
+            for d in range(Sa * i):
                 na, nf = Signal(16, name=f"skew_a{i}_{d}"), Signal(name=f"skew_f{i}_{d}")
                 m.d[dp] += [na.eq(a), nf.eq(f)]
                 a, f = na, nf
@@ -244,7 +358,9 @@ class SystolicArray(wiring.Component):
             for j in range(1, C):
                 m.d.comb += [pe[i][j].a_in.eq(pe[i][j - 1].a_out), pe[i][j].f_in.eq(pe[i][j - 1].f_out)]
 
-        # Weight bus: column j delayed by j cycles; row i captures when the index matches.
+        # Weight bus: column j delayed by j cycles; row i captures when the index matches. With Sa > 1 a row's
+        # first-row flag comes Sa cycles after the row above's, so the bus of row i is delayed by a further
+        # (Sa - 1) * i cycles: each row captures its weight the same number of cycles after it switched.
         w_in_flight = [self.w_valid]
         for j in range(C):
             w, v, en, idx = self.w_row[j], self.w_valid, self.w_en, self.w_index
@@ -258,6 +374,15 @@ class SystolicArray(wiring.Component):
                     w_in_flight.append(nv)
                 w, v, en, idx = nw, nv, nen, nidx
             for i in range(R):
+                for d in range(Sa - 1 if i else 0):
+                    nw = Signal(16, name=f"wrow_w{j}_{i}_{d}")
+                    nv = Signal(name=f"wrow_v{j}_{i}_{d}")
+                    nen = Signal(name=f"wrow_en{j}_{i}_{d}")
+                    nidx = Signal.like(self.w_index, name=f"wrow_i{j}_{i}_{d}")
+                    m.d[dp] += [nw.eq(w), nv.eq(v), nen.eq(en), nidx.eq(idx)]
+                    if j == C - 1:
+                        w_in_flight.append(nv)
+                    w, v, en, idx = nw, nv, nen, nidx
                 m.d.comb += [
                     pe[i][j].w_in.eq(w),
                     pe[i][j].w_en_in.eq(en),
@@ -299,10 +424,10 @@ class SystolicArray(wiring.Component):
 class _PEInstance:
     """Signals named like :class:`ProcessingElement`'s ports, wired to an ``Instance(PE_MODULE)``."""
 
-    def __init__(self, m: Module, name: str, domain: str = "sync"):
+    def __init__(self, m: Module, name: str, domain: str = "sync", module: str = PE_MODULE):
         ports = {}
         for port, member in ProcessingElement.__annotations__.items():
             sig = Signal(member.shape, name=f"{name}_{port}")
             setattr(self, port, sig)
             ports[("i_" if member.flow == In else "o_") + port] = sig
-        m.submodules[name] = Instance(PE_MODULE, i_clk=ClockSignal(domain), i_rst=ResetSignal(), **ports)
+        m.submodules[name] = Instance(module, i_clk=ClockSignal(domain), i_rst=ResetSignal(), **ports)

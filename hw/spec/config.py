@@ -439,7 +439,13 @@ class DramTiming(_Checked):
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
+# Pipeline depths of the systolic array's processing elements (issue 15; :class:`hw.npu.systolic.ProcessingElement`)
+# and their defaults (today's one-stage PE). Left out of ``repr`` at their defaults, as PimGeometry's above.
+PE_PIPE_DEFAULTS = {"pe_mul_stages": 1, "pe_add_stages": 1}
+PE_PIPE_RANGES = {"pe_mul_stages": (1, 2), "pe_add_stages": (1, 2, 3, 4)}
+
+
+@dataclass(frozen=True, repr=False)
 class NpuConfig(_Checked):
     """NPU sizes.
 
@@ -458,6 +464,10 @@ class NpuConfig(_Checked):
         NPU cores sharing the PIM channels (projection only; the RTL has one).
     vector_spm_words : int
         Depth of the vector unit's scratchpad in words of ``vector_lanes`` FP32 values.
+    pe_mul_stages, pe_add_stages : int
+        Pipeline depths of every processing element's BF16 multiplier (1 or 2) and FP32 adder (1 to 4; issue
+        15): the partial sums move one array row every ``pe_add_stages`` cycles, the array's latency is
+        :func:`hw.spec.pipeline.array_latency` (``R + C`` at the defaults, 1 and 1). The numerics do not change.
     """
 
     array_rows: int = 4
@@ -469,9 +479,20 @@ class NpuConfig(_Checked):
     acc_spm_words: int = 1024
     cores: int = 1
     vector_spm_words: int = 1024
+    pe_mul_stages: int = 1
+    pe_add_stages: int = 1
+
+    def __repr__(self):
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name not in PE_PIPE_DEFAULTS or getattr(self, f.name) != PE_PIPE_DEFAULTS[f.name]]
+        return f"{type(self).__qualname__}({', '.join(parts)})"
 
     def __post_init__(self):
         self._at_least(1, "array_rows", "array_cols", "macs_per_pe", "cores")
+        for name, allowed in PE_PIPE_RANGES.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value not in allowed:
+                self._fail(name, f"an integer in {allowed[0]}..{allowed[-1]}")
         self._pow2("vector_lanes")
         for name in ("act_spm_words", "wgt_spm_words", "acc_spm_words", "vector_spm_words"):
             self._pow2(name)

@@ -5,7 +5,7 @@ rules and the golden model read the same formulas here (``tests/test_pim_pipelin
 
 from __future__ import annotations
 
-__all__ = ["combine_schedule", "mac_latency", "combine_latency", "mac_depth"]
+__all__ = ["combine_schedule", "mac_latency", "combine_latency", "mac_depth", "array_latency", "compute_drain"]
 
 
 def combine_schedule(partials: int, adder_stages: int):
@@ -49,3 +49,20 @@ def mac_depth(lanes: int, mul_stages: int = 1, tree_stages: int = 2, acc_stages:
     """A bank's MAC result depth (``tMAC`` of a pipelined unit): the storage read, :func:`mac_latency` and
     :func:`combine_latency` (:func:`hw.pim.bank.pu_mac_depth`)."""
     return 1 + mac_latency(lanes, mul_stages, tree_stages, acc_stages) + combine_latency(acc_stages)
+
+
+def array_latency(rows: int, cols: int, mul_stages: int = 1, add_stages: int = 1) -> int:
+    """Cycles from an activation row on :class:`hw.npu.systolic.SystolicArray`'s input to its column sums on
+    the output, for processing elements with ``mul_stages``-stage multipliers and ``add_stages``-stage FP32
+    adders: the partial sum moves one row every ``add_stages`` cycles (so the activation skew is
+    ``add_stages`` cycles per row), the first product takes ``mul_stages`` cycles, and the activation
+    reaches the last column ``cols - 1`` cycles after the first (the output deskew evens the columns out):
+    ``add_stages * rows + mul_stages + cols - 1``, ``R + C`` for the one-stage PE."""
+    return add_stages * rows + mul_stages + cols - 1
+
+
+def compute_drain(rows: int, cols: int, mul_stages: int = 1, add_stages: int = 1) -> int:
+    """Cycles from an activation row's scratchpad read to its accumulator write in
+    :class:`hw.npu.matrix_unit.ComputeEngine` (the drain of a ``COMPUTE``): the read (1),
+    :func:`array_latency`, the accumulator read-modify-write (2); ``R + C + 3`` for the one-stage PE."""
+    return 1 + array_latency(rows, cols, mul_stages, add_stages) + 2

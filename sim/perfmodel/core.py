@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from hw.config import SystemConfig
 from hw.spec import matrix_isa as mu_isa
+from hw.spec.pipeline import compute_drain
 from hw.spec.soc_isa import SocOp
 from sim.perfmodel.decode import Ins, decode_program
 from sim.perfmodel.kernel import _Event, _Kernel
@@ -82,6 +83,9 @@ class PerfModel:
         n = cfg.npu
         self.R, self.C, self.L = n.array_rows, n.array_cols, n.vector_lanes
         self.macs = n.macs_per_pe
+        # COMPUTE drain (scratchpad read, array, accumulator read-modify-write): R + C + 3 for one-stage PEs,
+        # longer with pipelined ones (issue 15; the RTL's formula, hw.spec.pipeline)
+        self.mu_drain = compute_drain(self.R, self.C, n.pe_mul_stages, n.pe_add_stages)
 
     # ---------------------------------------------------------------- public
     def run_program(self, words, ins: list[Ins] | None = None, prog_addr: int | None = None,

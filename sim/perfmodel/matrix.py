@@ -129,7 +129,7 @@ class MatrixUnitModel:
         self.events["spm_rd_bytes"] += (M * Kd + Kd * N) * 2 * 1
         self.events["spm_wr_bytes"] += M * N * 4
         issue = max(R, 4) + slot * KB * NB
-        drain = R + C + 3 - (slot - M)
+        drain = self.m.mu_drain - (slot - M)
         return issue * kf, max(1, drain) * kf
 
     # DMA engines run as processes of the event kernel: every request is timed when its engine issues

@@ -242,19 +242,20 @@ def utilization(macs: int, side: int, cycles: int) -> float:
 
 # -- driver: build, run, read back ---------------------------------------------------------
 
-MEM_WORDS_LOG2 = {"tiny": 10, "default": 19}
+MEM_WORDS_LOG2 = {"tiny": 10, "default": 19, "tiny-p4": 10, "default-p4": 19}
 NO_INLINE_VLT = Path(__file__).resolve().parents[2] / "hw" / "verilog" / "npu_no_inline.vlt"
 
 
 def system_build(cfg, words_log2: int | None = None):
     """Cached Verilator build of :class:`hw.npu.memmodel.MatrixSystem` for ``cfg``."""
     from hw.npu.memmodel import CLOCK_VERILOG, STORAGE_VERILOG, MatrixSystem
-    from hw.npu.systolic import PE_MODULE, ProcessingElement
+    from hw.npu.systolic import pe_for
     from sim.build import build, verilog_for
 
     if words_log2 is None:
         words_log2 = MEM_WORDS_LOG2.get(cfg.name, 16)
-    pe_verilog = verilog_for(lambda: ProcessingElement(), name=PE_MODULE, key="pe")
+    pe_name, pe_factory, pe_key = pe_for(cfg.npu)
+    pe_verilog = verilog_for(pe_factory, name=pe_name, key="pe" + pe_key)
     sb = build(lambda: MatrixSystem(cfg, words_log2, pe_instance=True), name=f"matrix_{cfg.name}",
                key=f"{cfg!r} words_log2={words_log2} pe_instance",
                extra_sources=(STORAGE_VERILOG, CLOCK_VERILOG, pe_verilog),

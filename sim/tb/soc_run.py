@@ -103,7 +103,7 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     from hw.arith import FP_DPI_SOURCES, check_fp_impl
     early = sim == "verilator"
     clock_v = TB_CLOCK_VERILOG if early else CLOCK_VERILOG
-    from hw.npu.systolic import PE_MODULE, ProcessingElement
+    from hw.npu.systolic import pe_for
     from hw.npu.vector import LANE_MODULE, VectorLane
     from hw.pim import check_pim_impl, device_factory, device_sources
     from sim.build import build, verilog_for
@@ -116,7 +116,8 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     if pim_impl is None:
         pim_impl = os.environ.get("SOC_PIM_IMPL") or "rtl"
     check_pim_impl(pim_impl, sim)
-    pe_v = verilog_for(lambda: ProcessingElement(fp_impl=fp_impl), name=PE_MODULE, key=f"pe fp={fp_impl}")
+    pe_name, pe_factory, pe_key = pe_for(cfg.npu, fp_impl)
+    pe_v = verilog_for(pe_factory, name=pe_name, key=f"pe fp={fp_impl}" + pe_key)
     lane_v = verilog_for(lambda: VectorLane(), name=LANE_MODULE, key="lane")
     dev_v = [v for v in device_sources(cfg, fp_impl, pim_impl) if v not in FP_DPI_SOURCES]
     fp_v = FP_DPI_SOURCES if fp_impl == "dpi" else ()
@@ -132,7 +133,7 @@ def soc_sim_build(cfg, sim: str = "verilator", waves: bool | None = None, fp_imp
     return build(lambda: SocSim(cfg, device_factory(cfg), early), name=f"soc_sim_{cfg.name}",
                  key=repr(cfg) + f" socsim early_tb_clock={early}" + (" pim=behav" if pim_impl == "behav" else ""),
                  sim=sim, waves=waves, extra_sources=(*dev_v, clock_v, pe_v, lane_v, *fp_v),
-                 build_args=args, no_inline=("pim_bank_*", PE_MODULE, LANE_MODULE), make_args=make)
+                 build_args=args, no_inline=("pim_bank_*", pe_name, LANE_MODULE), make_args=make)
 
 
 def write_image_backdoor(image, directory: Path, used_bytes: int):
