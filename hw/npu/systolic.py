@@ -45,7 +45,8 @@ registers; on ECP5 the 4 x 4 array closes at 21.3 MHz (nextpnr, 16,699 LUT4,
 1,776 FF, 16 MULT18; ``array4x4``). The PE's depth is two parameters,
 ``mul_stages`` (the BF16 multiplier, :func:`hw.arith.bf16_mul_pipe`: 1 or 2)
 and ``add_stages`` (the FP32 adder on the partial-sum path,
-:func:`hw.arith.fp32_add_pipe`: 1 to 4), rather than one knob, because they
+:func:`hw.arith.fp32_add_pipe`: 1 to 4, :func:`hw.npu.pe_adder.pe_fp32_add`: 5 to
+7), rather than one knob, because they
 cost differently: the multiplier sits before the partial-sum chain, so its
 stages add to the latency once (``+ mul_stages``), while every adder stage is a
 register on the chain between two rows, so the partial sum moves one row
@@ -104,6 +105,7 @@ from ..arith import (
 )
 from ..clockgate import gated_domain
 from ..spec.pipeline import array_latency
+from .pe_adder import PE_ADD_CUTS, pe_fp32_add
 
 __all__ = ["PE_MODULE", "PE_MUL_STAGES", "PE_ADD_STAGES", "ProcessingElement", "SystolicArray", "check_pe_stages",
            "pe_for", "pe_module_name"]
@@ -113,8 +115,9 @@ PE_MODULE = "npu_pe"
 
 PE_MUL_STAGES = (1, 2)
 """Allowed multiplier depths of a PE (:func:`hw.arith.bf16_mul_pipe`)."""
-PE_ADD_STAGES = tuple(range(1, MAX_ADD_STAGES + 1))
-"""Allowed adder depths of a PE (:func:`hw.arith.fp32_add_pipe`)."""
+PE_ADD_STAGES = (*range(1, MAX_ADD_STAGES + 1), *PE_ADD_CUTS)
+"""Allowed adder depths of a PE: :func:`hw.arith.fp32_add_pipe` up to 4, :func:`hw.npu.pe_adder.pe_fp32_add` from
+5 to 7."""
 
 
 def check_pe_stages(mul_stages, add_stages) -> tuple[int, int]:
@@ -156,7 +159,8 @@ class ProcessingElement(wiring.Component):
     mul_stages : int
         Pipeline depth of the BF16 multiplier (:func:`hw.arith.bf16_mul_pipe`): 1 or 2.
     add_stages : int
-        Pipeline depth of the FP32 adder on the partial-sum path (:func:`hw.arith.fp32_add_pipe`): 1 to 4.
+        Pipeline depth of the FP32 adder on the partial-sum path: 1 to 4 (:func:`hw.arith.fp32_add_pipe`), 5 to 7
+        (:func:`hw.npu.pe_adder.pe_fp32_add`).
 
     Members
     -------
@@ -234,8 +238,11 @@ class ProcessingElement(wiring.Component):
             nen = Signal(name=f"pe_en_m{d}")
             m.d.sync += nen.eq(en)
             en = nen
-        total = fp32_add_pipe(m, self.ps_in, prod, self._add_stages, prefix="pe_add", fp_impl=self._fp_impl,
-                              out_reg=False)
+        if self._add_stages <= MAX_ADD_STAGES:
+            total = fp32_add_pipe(m, self.ps_in, prod, self._add_stages, prefix="pe_add", fp_impl=self._fp_impl,
+                                  out_reg=False)
+        else:
+            total = pe_fp32_add(m, self.ps_in, prod, self._add_stages, prefix="pe_add", fp_impl=self._fp_impl)
         ps = self.ps_in
         for d in range(self._add_stages - 1):
             nen, nps = Signal(name=f"pe_en_a{d}"), Signal(32, name=f"pe_ps_a{d}")
@@ -269,7 +276,7 @@ class SystolicArray(wiring.Component):
         (:mod:`hw.clockgate`); ``act_valid`` and ``w_valid`` must then come
         from flops.
     mul_stages, add_stages : int
-        Pipeline depths of every PE's multiplier (1, 2) and FP32 adder (1 to 4; :class:`ProcessingElement`).
+        Pipeline depths of every PE's multiplier (1, 2) and FP32 adder (1 to 7; :class:`ProcessingElement`).
         The partial sums move one row every ``add_stages`` cycles, so activation lane ``i`` is delayed by
         ``add_stages * i`` cycles and the weight bus of row ``i`` by ``(add_stages - 1) * i`` (the weight
         timing contract stays the one of the one-stage array); ``latency`` is

@@ -1,0 +1,171 @@
+"""The FP32 adder of a deeply pipelined systolic PE (issue 15): :func:`hw.arith.fp32_add_pipe`'s four parts cut
+finer, for 5 to 7 stages.
+
+:func:`hw.arith.fp32_add_pipe` registers at most between its four parts (align-a, align-b, norm, round); on ECP5
+the 4 x 4 array of 4-stage PEs closes at 82 MHz, its critical path in align-a (magnitude compare, exponent
+differences, then the swap and the clamped shift distance: 12.2 ns, three quarters of it routing). Here the
+addition is seven parts, each a few logic levels or one carry chain deep:
+
+  0 "cmp":    unpack, special cases, magnitude compare, both exponent differences (carry chains side by side);
+  1 "sel":    swap the operands, clamp the shift distance;
+  2 "shift":  alignment shift of the smaller significand with its sticky bit;
+  3 "add":    significand add / subtract;
+  4 "lzc":    leading-zero count, zero test;
+  5 "nshift": normalising shift and exponent;
+  6 "round":  round to nearest even, overflow / underflow, pack (the carry out of the increment from an AND
+              tree, the exponent's tests made for both values of that carry beside the increment).
+
+A pipeline of depth ``stages`` registers after the parts in :data:`PE_ADD_CUTS`. The bits are those of
+:func:`hw.arith.fp32_add_align` + :func:`hw.arith.fp32_add_round` (and :func:`hw.arith.fp32_add_pipe`) at every
+depth: the same operations in the same order, only cut differently (``tests/test_matrix.py`` holds the array to
+the golden GEMM at depth 7, special operands included).
+"""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
+
+from ..arith import QNAN, check_fp_impl, fp32_add_pipe, leading_zeros
+
+__all__ = ["PE_ADD_CUTS", "pe_fp32_add"]
+
+PE_ADD_PARTS = ("cmp", "sel", "shift", "add", "lzc", "nshift", "round")
+PE_ADD_CUTS = {5: (0, 2, 3, 5), 6: (0, 1, 2, 3, 5), 7: (0, 1, 2, 3, 4, 5)}
+"""Parts after which a pipeline of depth 5, 6 or 7 has a register (the last register, after part 6, is the
+caller's)."""
+
+
+def _stage(m: Module, registered: bool, values: dict, prefix: str) -> dict:
+    if not registered:
+        return values
+    out = {}
+    for key, v in values.items():
+        r = Signal(v.shape(), name=f"{prefix}_{key}")
+        m.d.sync += r.eq(v)
+        out[key] = r
+    return out
+
+
+def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
+    """FP32 sum ``a + b`` through ``stages - 1`` internal registers (5 to 7 stages with the caller's register
+    after the returned value: the sum is combinational from the last internal register, as
+    ``fp32_add_pipe(..., out_reg=False)``). ``fp_impl="dpi"``: the behavioural cell of
+    :func:`hw.arith.fp32_add_pipe` and the same number of registers."""
+    if stages not in PE_ADD_CUTS:
+        raise ValueError(f"PE adder pipeline depth must be one of {', '.join(map(str, PE_ADD_CUTS))}, not {stages!r}")
+    if check_fp_impl(fp_impl) == "dpi":
+        s = fp32_add_pipe(m, a, b, 4, prefix=prefix, fp_impl="dpi", out_reg=False)
+        for d in range(stages - 4):
+            r = Signal(32, name=f"{prefix}_dpi_d{d}")
+            m.d.sync += r.eq(s)
+            s = r
+        return s
+    cuts = PE_ADD_CUTS[stages]
+
+    def boundary(k, values):
+        return _stage(m, k in cuts, values, f"{prefix}_{PE_ADD_PARTS[k]}")
+
+    def sig(shape, name):
+        return Signal(shape, name=f"{prefix}_{name}")
+
+    # Part 0 "cmp": unpack, special cases, magnitude compare, both exponent differences.
+    def unpack(v):
+        e, f, s = v[23:31], v[0:23], v[31]
+        return s, e, f, e == 0, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
+
+    sa, ea, fa, za, ia, na = unpack(a)
+    sb, eb, fb, zb, ib, nb = unpack(b)
+    p = {"a": sig(32, "a"), "b": sig(32, "b"), "za": sig(1, "za"), "zb": sig(1, "zb"), "swap": sig(1, "swap"),
+         "d_ab": sig(8, "d_ab"), "d_ba": sig(8, "d_ba"), "nan": sig(1, "nan"), "inf": sig(1, "inf"),
+         "inf_sign": sig(1, "inf_sign"), "zero_sign": sig(1, "zero_sign")}
+    m.d.comb += [
+        p["a"].eq(a), p["b"].eq(b), p["za"].eq(za), p["zb"].eq(zb),
+        p["swap"].eq(Mux(zb, 0, b[0:31]) > Mux(za, 0, a[0:31])),
+        p["d_ab"].eq(ea - eb), p["d_ba"].eq(eb - ea),
+        p["nan"].eq(na | nb | (ia & ib & (sa != sb))),
+        p["inf"].eq(ia | ib),
+        p["inf_sign"].eq(Mux(ia, sa, sb)),
+        # -0 only for (-0) + (-0); exact cancellation gives +0.
+        p["zero_sign"].eq(za & zb & sa & sb),
+    ]
+    flags = ("nan", "inf", "inf_sign", "zero_sign")
+    st = boundary(0, p)
+
+    # Part 1 "sel": swap so that |x| >= |y|, clamp the shift distance (27 or more leaves only the sticky bit).
+    a, b, swap = st["a"], st["b"], st["swap"]
+    sa, ea, fa, sb, eb, fb = a[31], a[23:31], a[0:23], b[31], b[23:31], b[0:23]
+    sx, ex, fx, zx = Mux(swap, sb, sa), Mux(swap, eb, ea), Mux(swap, fb, fa), Mux(swap, st["zb"], st["za"])
+    sy, fy, zy = Mux(swap, sa, sb), Mux(swap, fa, fb), Mux(swap, st["za"], st["zb"])
+    d_ab, d_ba = st["d_ab"], st["d_ba"]
+    dc_ab, dc_ba = Mux(d_ab > 27, 27, d_ab), Mux(d_ba > 27, 27, d_ba)
+    p = {"mx": sig(24, "mx24"), "my": sig(24, "my24"), "dc": sig(5, "dc"), "sub": sig(1, "sub"),
+         "exp": sig(8, "ex"), "sign": sig(1, "sx")}
+    m.d.comb += [
+        p["mx"].eq(Mux(zx, 0, Cat(fx, 1))),
+        p["my"].eq(Mux(zy, 0, Cat(fy, 1))),
+        p["dc"].eq(Mux(swap, dc_ba, dc_ab)),
+        p["sub"].eq(sx ^ sy),
+        p["exp"].eq(ex),
+        p["sign"].eq(sx),
+    ]
+    st = boundary(1, {**p, **{k: st[k] for k in flags}})
+
+    # Part 2 "shift": align the smaller significand (guard, round, sticky: 27 bits).
+    my27 = Cat(Const(0, 3), st["my"])
+    shifted = sig(27, "shifted")
+    m.d.comb += shifted.eq(my27 >> st["dc"])
+    lost = sig(1, "lost")             # a one shifted out below the sticky position
+    m.d.comb += lost.eq((my27 & ~(Const(0x7FFFFFF, 27) << st["dc"])[0:27]).any())
+    my_al = sig(27, "my_al")
+    m.d.comb += my_al.eq(Cat(shifted[0] | lost, shifted[1:27]))
+    st = boundary(2, {"my_al": my_al, **{k: st[k] for k in ("mx", "sub", "exp", "sign", *flags)}})
+
+    # Part 3 "add": add or subtract the significands.
+    mx27 = Cat(Const(0, 3), st["mx"])
+    total = sig(28, "sum")
+    m.d.comb += total.eq(Mux(st["sub"], mx27 - st["my_al"], mx27 + st["my_al"]))
+    st = boundary(3, {"total": total, **{k: st[k] for k in ("exp", "sign", *flags)}})
+
+    # Part 4 "lzc": leading-zero count of the low 27 bits (padded to 32), zero test.
+    total = st["total"]
+    lz = sig(5, "lz")
+    m.d.comb += lz.eq(leading_zeros(Cat(Const(0, 5), total[0:27]))[1])
+    is_zero = sig(1, "is_zero")
+    m.d.comb += is_zero.eq(total == 0)
+    st = boundary(4, {"total": total, "lz": lz, "is_zero": is_zero, **{k: st[k] for k in ("exp", "sign", *flags)}})
+
+    # Part 5 "nshift": normalise.
+    total, lz = st["total"], st["lz"]
+    norm = sig(27, "norm")
+    nexp = sig(range(-32, 512), "nexp")
+    with m.If(total[27]):
+        m.d.comb += [norm.eq(Cat(total[1] | total[0], total[2:28])), nexp.eq(st["exp"] + 1)]
+    with m.Else():
+        m.d.comb += [norm.eq((total[0:27] << lz)[0:27]), nexp.eq(st["exp"] - lz)]
+    st = boundary(5, {"norm": norm, "nexp": nexp, **{k: st[k] for k in ("is_zero", "sign", *flags)}})
+
+    # Part 6 "round": round to nearest even and pack. The increment carries out of the 24 kept bits only when
+    # they are all ones and it rounds up (then the 23 fraction bits wrap to zero, as the packed fraction must
+    # be, and the exponent is one more): the exponent's tests are made for both values of that carry.
+    norm, nexp = st["norm"], st["nexp"]
+    round_up = norm[2] & (norm[1] | norm[0] | norm[3])
+    carry = sig(1, "rcarry")
+    m.d.comb += carry.eq(round_up & norm[3:27].all())
+    frac = sig(23, "rfrac")
+    m.d.comb += frac.eq(norm[3:26] + round_up)
+    exp_inc = sig(8, "rexp_inc")
+    m.d.comb += exp_inc.eq(nexp[0:8] + 1)
+    ovf = Mux(carry, nexp >= 254, nexp >= 255)
+    unf = Mux(carry, nexp <= -1, nexp <= 0)
+    packed = sig(32, "packed")
+    with m.If(st["nan"]):
+        m.d.comb += packed.eq(QNAN)
+    with m.Elif(st["inf"]):
+        m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["inf_sign"]))
+    with m.Elif(st["is_zero"]):
+        m.d.comb += packed.eq(Cat(Const(0, 31), st["zero_sign"]))
+    with m.Elif(ovf):
+        m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["sign"]))
+    with m.Elif(unf):
+        m.d.comb += packed.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
+    with m.Else():
+        m.d.comb += packed.eq(Cat(frac, Mux(carry, exp_inc, nexp[0:8]), st["sign"]))
+    return packed
