@@ -28,6 +28,9 @@ register("array4x4_p4", _array_pipelined(4, 2, 4), "NPU systolic array 4x4, pipe
          "BF16 multipliers, 4-stage FP32 adders, activation skew 4 cycles per row")
 register("array4x4_p7", _array_pipelined(4, 2, 7), "NPU systolic array 4x4, pipelined PEs (issue 15): 2-stage "
          "BF16 multipliers, 7-stage FP32 adders (hw.npu.pe_adder), activation skew 7 cycles per row")
+register("array4x4_p8", _array_pipelined(4, 2, 8), "NPU systolic array 4x4, pipelined PEs (issue 15): 2-stage "
+         "BF16 multipliers, 8-stage FP32 adders (hw.npu.pe_adder, operands registered first), activation skew 8 "
+         "cycles per row")
 # The vector unit is not a default target: nextpnr-ecp5 did not place the 4-lane unit within 40 minutes here.
 
 

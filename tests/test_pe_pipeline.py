@@ -21,7 +21,7 @@ DEPTHS = tuple(PE_ADD_CUTS)
 
 
 class _Adders(wiring.Component):
-    """One :func:`pe_fp32_add` of each depth 5..7, its last register here (the PE's ``ps_out``)."""
+    """One :func:`pe_fp32_add` of each depth 5..8, its last register here (the PE's ``ps_out``)."""
 
     def __init__(self):
         super().__init__({"a": In(32), "b": In(32), "s": Out(data.ArrayLayout(32, len(DEPTHS)))})
@@ -35,7 +35,7 @@ class _Adders(wiring.Component):
 
 def test_pe_adder_every_depth_bit_exact():
     """Every special pair and random pairs (alignment, carries, near-cancellation, overflow and underflow at
-    the rounding carry) through the adder at depths 5..7: the bits of hw.spec.fp.add_f32, ``latency == stages``."""
+    the rounding carry) through the adder at depths 5..8: the bits of hw.spec.fp.add_f32, ``latency == stages``."""
     dut = _Adders()
     rng = np.random.default_rng(15)
     aa, ab = fp32_pairs(rng, SPECIAL_F32.size**2 + 3000)
@@ -68,7 +68,7 @@ def test_pe_adder_every_depth_bit_exact():
 
 
 def test_pe_adder_bad_depth():
-    with pytest.raises(ValueError, match="PE adder pipeline depth must be one of 5, 6, 7, not 4"):
+    with pytest.raises(ValueError, match="PE adder pipeline depth must be one of 5, 6, 7, 8, not 4"):
         pe_fp32_add(Module(), 0, 0, 4)
 
 

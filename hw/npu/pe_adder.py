@@ -1,24 +1,25 @@
 """The FP32 adder of a deeply pipelined systolic PE (issue 15): :func:`hw.arith.fp32_add_pipe`'s four parts cut
-finer, for 5 to 7 stages.
+finer, for 5 to 8 stages.
 
 :func:`hw.arith.fp32_add_pipe` registers at most between its four parts (align-a, align-b, norm, round); on ECP5
 the 4 x 4 array of 4-stage PEs closes at 82 MHz, its critical path in align-a (magnitude compare, exponent
 differences, then the swap and the clamped shift distance: 12.2 ns, three quarters of it routing). Here the
-addition is seven parts, each a few logic levels or one carry chain deep:
+addition is eight parts, each a few logic levels or one carry chain deep:
 
-  0 "cmp":    unpack, special cases, magnitude compare, both exponent differences (carry chains side by side);
-  1 "sel":    swap the operands, clamp the shift distance;
-  2 "shift":  alignment shift of the smaller significand with its sticky bit;
-  3 "add":    significand add / subtract;
-  4 "lzc":    leading-zero count, zero test;
-  5 "nshift": normalising shift and exponent;
-  6 "round":  round to nearest even, overflow / underflow, pack (the carry out of the increment from an AND
+  0 "in":     unpack, special cases;
+  1 "cmp":    magnitude compare, both exponent differences (carry chains side by side);
+  2 "sel":    swap the operands, clamp the shift distance;
+  3 "shift":  alignment shift of the smaller significand with its sticky bit;
+  4 "add":    significand add / subtract;
+  5 "lzc":    leading-zero count, zero test;
+  6 "nshift": normalising shift and exponent;
+  7 "round":  round to nearest even, overflow / underflow, pack (the carry out of the increment from an AND
               tree, the exponent's tests made for both values of that carry beside the increment).
 
 A pipeline of depth ``stages`` registers after the parts in :data:`PE_ADD_CUTS`. The bits are those of
 :func:`hw.arith.fp32_add_align` + :func:`hw.arith.fp32_add_round` (and :func:`hw.arith.fp32_add_pipe`) at every
 depth: the same operations in the same order, only cut differently (``tests/test_matrix.py`` holds the array to
-the golden GEMM at depth 7, special operands included).
+the golden GEMM at depths 5 to 8, special operands included).
 """
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
@@ -27,10 +28,12 @@ from ..arith import QNAN, check_fp_impl, fp32_add_pipe, leading_zeros
 
 __all__ = ["PE_ADD_CUTS", "pe_fp32_add"]
 
-PE_ADD_PARTS = ("cmp", "sel", "shift", "add", "lzc", "nshift", "round")
-PE_ADD_CUTS = {5: (0, 2, 3, 5), 6: (0, 1, 2, 3, 5), 7: (0, 1, 2, 3, 4, 5)}
-"""Parts after which a pipeline of depth 5, 6 or 7 has a register (the last register, after part 6, is the
-caller's)."""
+PE_ADD_PARTS = ("in", "cmp", "sel", "shift", "add", "lzc", "nshift", "round")
+PE_ADD_CUTS = {5: (1, 3, 4, 6), 6: (1, 2, 3, 4, 6), 7: (1, 2, 3, 4, 5, 6), 8: (0, 1, 2, 3, 4, 5, 6)}
+"""Parts after which a pipeline of depth 5 to 8 has a register (the last register, after part 7, is the
+caller's). Depth 8 registers the operands after part "in" (unpacking only, a few levels), so that the hop from
+the PE above (whose partial sum may come from across the die: the PEs sit by their DSP blocks) ends in a
+register rather than in the magnitude compare."""
 
 
 def _stage(m: Module, registered: bool, values: dict, prefix: str) -> dict:
@@ -45,7 +48,7 @@ def _stage(m: Module, registered: bool, values: dict, prefix: str) -> dict:
 
 
 def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
-    """FP32 sum ``a + b`` through ``stages - 1`` internal registers (5 to 7 stages with the caller's register
+    """FP32 sum ``a + b`` through ``stages - 1`` internal registers (5 to 8 stages with the caller's register
     after the returned value: the sum is combinational from the last internal register, as
     ``fp32_add_pipe(..., out_reg=False)``). ``fp_impl="dpi"``: the behavioural cell of
     :func:`hw.arith.fp32_add_pipe` and the same number of registers."""
@@ -66,20 +69,17 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
     def sig(shape, name):
         return Signal(shape, name=f"{prefix}_{name}")
 
-    # Part 0 "cmp": unpack, special cases, magnitude compare, both exponent differences.
+    # Part 0 "in": unpack, special cases.
     def unpack(v):
         e, f, s = v[23:31], v[0:23], v[31]
         return s, e, f, e == 0, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
 
     sa, ea, fa, za, ia, na = unpack(a)
     sb, eb, fb, zb, ib, nb = unpack(b)
-    p = {"a": sig(32, "a"), "b": sig(32, "b"), "za": sig(1, "za"), "zb": sig(1, "zb"), "swap": sig(1, "swap"),
-         "d_ab": sig(8, "d_ab"), "d_ba": sig(8, "d_ba"), "nan": sig(1, "nan"), "inf": sig(1, "inf"),
-         "inf_sign": sig(1, "inf_sign"), "zero_sign": sig(1, "zero_sign")}
+    p = {"a": sig(32, "a"), "b": sig(32, "b"), "za": sig(1, "za"), "zb": sig(1, "zb"), "nan": sig(1, "nan"),
+         "inf": sig(1, "inf"), "inf_sign": sig(1, "inf_sign"), "zero_sign": sig(1, "zero_sign")}
     m.d.comb += [
         p["a"].eq(a), p["b"].eq(b), p["za"].eq(za), p["zb"].eq(zb),
-        p["swap"].eq(Mux(zb, 0, b[0:31]) > Mux(za, 0, a[0:31])),
-        p["d_ab"].eq(ea - eb), p["d_ba"].eq(eb - ea),
         p["nan"].eq(na | nb | (ia & ib & (sa != sb))),
         p["inf"].eq(ia | ib),
         p["inf_sign"].eq(Mux(ia, sa, sb)),
@@ -89,7 +89,16 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
     flags = ("nan", "inf", "inf_sign", "zero_sign")
     st = boundary(0, p)
 
-    # Part 1 "sel": swap so that |x| >= |y|, clamp the shift distance (27 or more leaves only the sticky bit).
+    # Part 1 "cmp": magnitude compare, both exponent differences.
+    a, b, za, zb = st["a"], st["b"], st["za"], st["zb"]
+    p = {"swap": sig(1, "swap"), "d_ab": sig(8, "d_ab"), "d_ba": sig(8, "d_ba")}
+    m.d.comb += [
+        p["swap"].eq(Mux(zb, 0, b[0:31]) > Mux(za, 0, a[0:31])),
+        p["d_ab"].eq(a[23:31] - b[23:31]), p["d_ba"].eq(b[23:31] - a[23:31]),
+    ]
+    st = boundary(1, {**p, **{k: st[k] for k in ("a", "b", "za", "zb", *flags)}})
+
+    # Part 2 "sel": swap so that |x| >= |y|, clamp the shift distance (27 or more leaves only the sticky bit).
     a, b, swap = st["a"], st["b"], st["swap"]
     sa, ea, fa, sb, eb, fb = a[31], a[23:31], a[0:23], b[31], b[23:31], b[0:23]
     sx, ex, fx, zx = Mux(swap, sb, sa), Mux(swap, eb, ea), Mux(swap, fb, fa), Mux(swap, st["zb"], st["za"])
@@ -106,9 +115,9 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
         p["exp"].eq(ex),
         p["sign"].eq(sx),
     ]
-    st = boundary(1, {**p, **{k: st[k] for k in flags}})
+    st = boundary(2, {**p, **{k: st[k] for k in flags}})
 
-    # Part 2 "shift": align the smaller significand (guard, round, sticky: 27 bits).
+    # Part 3 "shift": align the smaller significand (guard, round, sticky: 27 bits).
     my27 = Cat(Const(0, 3), st["my"])
     shifted = sig(27, "shifted")
     m.d.comb += shifted.eq(my27 >> st["dc"])
@@ -116,23 +125,23 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
     m.d.comb += lost.eq((my27 & ~(Const(0x7FFFFFF, 27) << st["dc"])[0:27]).any())
     my_al = sig(27, "my_al")
     m.d.comb += my_al.eq(Cat(shifted[0] | lost, shifted[1:27]))
-    st = boundary(2, {"my_al": my_al, **{k: st[k] for k in ("mx", "sub", "exp", "sign", *flags)}})
+    st = boundary(3, {"my_al": my_al, **{k: st[k] for k in ("mx", "sub", "exp", "sign", *flags)}})
 
-    # Part 3 "add": add or subtract the significands.
+    # Part 4 "add": add or subtract the significands.
     mx27 = Cat(Const(0, 3), st["mx"])
     total = sig(28, "sum")
     m.d.comb += total.eq(Mux(st["sub"], mx27 - st["my_al"], mx27 + st["my_al"]))
-    st = boundary(3, {"total": total, **{k: st[k] for k in ("exp", "sign", *flags)}})
+    st = boundary(4, {"total": total, **{k: st[k] for k in ("exp", "sign", *flags)}})
 
-    # Part 4 "lzc": leading-zero count of the low 27 bits (padded to 32), zero test.
+    # Part 5 "lzc": leading-zero count of the low 27 bits (padded to 32), zero test.
     total = st["total"]
     lz = sig(5, "lz")
     m.d.comb += lz.eq(leading_zeros(Cat(Const(0, 5), total[0:27]))[1])
     is_zero = sig(1, "is_zero")
     m.d.comb += is_zero.eq(total == 0)
-    st = boundary(4, {"total": total, "lz": lz, "is_zero": is_zero, **{k: st[k] for k in ("exp", "sign", *flags)}})
+    st = boundary(5, {"total": total, "lz": lz, "is_zero": is_zero, **{k: st[k] for k in ("exp", "sign", *flags)}})
 
-    # Part 5 "nshift": normalise.
+    # Part 6 "nshift": normalise.
     total, lz = st["total"], st["lz"]
     norm = sig(27, "norm")
     nexp = sig(range(-32, 512), "nexp")
@@ -140,9 +149,9 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
         m.d.comb += [norm.eq(Cat(total[1] | total[0], total[2:28])), nexp.eq(st["exp"] + 1)]
     with m.Else():
         m.d.comb += [norm.eq((total[0:27] << lz)[0:27]), nexp.eq(st["exp"] - lz)]
-    st = boundary(5, {"norm": norm, "nexp": nexp, **{k: st[k] for k in ("is_zero", "sign", *flags)}})
+    st = boundary(6, {"norm": norm, "nexp": nexp, **{k: st[k] for k in ("is_zero", "sign", *flags)}})
 
-    # Part 6 "round": round to nearest even and pack. The increment carries out of the 24 kept bits only when
+    # Part 7 "round": round to nearest even and pack. The increment carries out of the 24 kept bits only when
     # they are all ones and it rounds up (then the 23 fraction bits wrap to zero, as the packed fraction must
     # be, and the exponent is one more): the exponent's tests are made for both values of that carry.
     norm, nexp = st["norm"], st["nexp"]

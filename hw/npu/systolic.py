@@ -46,7 +46,7 @@ registers; on ECP5 the 4 x 4 array closes at 21.3 MHz (nextpnr, 16,699 LUT4,
 ``mul_stages`` (the BF16 multiplier, :func:`hw.arith.bf16_mul_pipe`: 1 or 2)
 and ``add_stages`` (the FP32 adder on the partial-sum path,
 :func:`hw.arith.fp32_add_pipe`: 1 to 4, :func:`hw.npu.pe_adder.pe_fp32_add`: 5 to
-7), rather than one knob, because they
+8), rather than one knob, because they
 cost differently: the multiplier sits before the partial-sum chain, so its
 stages add to the latency once (``+ mul_stages``), while every adder stage is a
 register on the chain between two rows, so the partial sum moves one row
@@ -117,7 +117,7 @@ PE_MUL_STAGES = (1, 2)
 """Allowed multiplier depths of a PE (:func:`hw.arith.bf16_mul_pipe`)."""
 PE_ADD_STAGES = (*range(1, MAX_ADD_STAGES + 1), *PE_ADD_CUTS)
 """Allowed adder depths of a PE: :func:`hw.arith.fp32_add_pipe` up to 4, :func:`hw.npu.pe_adder.pe_fp32_add` from
-5 to 7."""
+5 to 8."""
 
 
 def check_pe_stages(mul_stages, add_stages) -> tuple[int, int]:
@@ -159,7 +159,7 @@ class ProcessingElement(wiring.Component):
     mul_stages : int
         Pipeline depth of the BF16 multiplier (:func:`hw.arith.bf16_mul_pipe`): 1 or 2.
     add_stages : int
-        Pipeline depth of the FP32 adder on the partial-sum path: 1 to 4 (:func:`hw.arith.fp32_add_pipe`), 5 to 7
+        Pipeline depth of the FP32 adder on the partial-sum path: 1 to 4 (:func:`hw.arith.fp32_add_pipe`), 5 to 8
         (:func:`hw.npu.pe_adder.pe_fp32_add`).
 
     Members
@@ -276,7 +276,7 @@ class SystolicArray(wiring.Component):
         (:mod:`hw.clockgate`); ``act_valid`` and ``w_valid`` must then come
         from flops.
     mul_stages, add_stages : int
-        Pipeline depths of every PE's multiplier (1, 2) and FP32 adder (1 to 7; :class:`ProcessingElement`).
+        Pipeline depths of every PE's multiplier (1, 2) and FP32 adder (1 to 8; :class:`ProcessingElement`).
         The partial sums move one row every ``add_stages`` cycles, so activation lane ``i`` is delayed by
         ``add_stages * i`` cycles and the weight bus of row ``i`` by ``(add_stages - 1) * i`` (the weight
         timing contract stays the one of the one-stage array); ``latency`` is
