@@ -57,8 +57,8 @@ every ``add_stages`` cycles and the activation skew (lane ``i`` delayed by
 feed-forward (row ``m + 1`` follows row ``m`` one cycle behind through the
 adder's stages), so a row still enters every cycle and the summation order is
 untouched: only the latency changes. The pipelined presets (``tiny-p4``,
-``default-p4``: ``NpuConfig.pe_mul_stages`` = 2, ``pe_add_stages`` = 4) take
-the deepest cuts both units have (``array4x4_p4``). A row's first-row flag
+``default-p4``: ``NpuConfig.pe_mul_stages`` = 2, ``pe_add_stages`` = 8) take
+the deepest cuts (``array4x4_p8``). A row's first-row flag
 reaches row ``i`` ``add_stages * i`` cycles after row 0, so the weight bus of
 row ``i`` is delayed by ``(add_stages - 1) * i`` cycles inside the array: the
 weight timing contract below holds at every depth, and the matrix unit's
