@@ -328,79 +328,148 @@ def fp32_add_pipe(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl", out
             st = boundary(k, st)
         return result(st["sum"])
 
-    # Part 0: unpack, special cases, swap so that |x| >= |y|, exponent difference.
+    st = boundary(0, _add_part0(m, a, b, prefix))
+    st = boundary(1, _add_part1(m, st, prefix))
+    st = boundary(2, _add_part2(m, st, prefix))
+    return result(_add_part3(m, st, prefix))
+
+
+def _add_part0(m: Module, a, b, prefix):
+    """Part 0 of :func:`fp32_add_pipe`: unpack, special cases, swap so that |x| >= |y|, exponent difference."""
     def unpack(v):
         e, f, s = v[23:31], v[0:23], v[31]
         return s, e, f, e == 0, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
 
+    swap = Signal(name=f"{prefix}_swap")
+    m.d.comb += swap.eq(b[0:31] > a[0:31])
     sa, ea, fa, za, ia, na = unpack(a)
     sb, eb, fb, zb, ib, nb = unpack(b)
-    swap = Signal(name=f"{prefix}_swap")
-    m.d.comb += swap.eq(Mux(zb, 0, b[0:31]) > Mux(za, 0, a[0:31]))
-    sx, ex, fx, zx = Mux(swap, sb, sa), Mux(swap, eb, ea), Mux(swap, fb, fa), Mux(swap, zb, za)
-    sy, fy, zy = Mux(swap, sa, sb), Mux(swap, fa, fb), Mux(swap, za, zb)
-    # Both exponent differences, each clamped, beside the magnitude compare rather than after it (the
-    # compare only picks one): the part's depth is one carry chain, not three in a row.
-    d_ab, d_ba = Signal(8, name=f"{prefix}_d_ab"), Signal(8, name=f"{prefix}_d_ba")
+    # swap: |b| > |a|, on the raw bits. A flushed (zero-exponent) operand compares as zero against a
+    # normal one either way; when both are flushed the order does not matter (the sum is a zero, signed by
+    # zero_sign, and nothing else depends on it). Only the significands and the sign wait for this compare:
+    # the larger exponent and the shift distance are chosen by the exponents alone (equal exponents give
+    # the same either way), the operation by the signs.
+    ma = Signal(24, name=f"{prefix}_ma")
+    mb = Signal(24, name=f"{prefix}_mb")
+    m.d.comb += [ma.eq(Mux(za, 0, Cat(fa, 1))), mb.eq(Mux(zb, 0, Cat(fb, 1)))]
+    # Both exponent differences, each clamped, beside the magnitude compare rather than after it.
+    d_ab, d_ba = Signal(9, name=f"{prefix}_d_ab"), Signal(9, name=f"{prefix}_d_ba")
     m.d.comb += [d_ab.eq(ea - eb), d_ba.eq(eb - ea)]
-    dc_ab, dc_ba = Mux(d_ab > 27, 27, d_ab), Mux(d_ba > 27, 27, d_ba)
+    b_exp_larger = d_ab[8]                         # ea - eb borrows
+    dc_ab, dc_ba = Signal(5, name=f"{prefix}_dc_ab"), Signal(5, name=f"{prefix}_dc_ba")
+    # d > 27 as gates on the difference's bits (not a second carry chain after the subtraction).
+    def over27(d):
+        return d[5:8].any() | (d[4] & d[3] & d[2])
+    m.d.comb += [dc_ab.eq(Mux(over27(d_ab), 27, d_ab[0:5])), dc_ba.eq(Mux(over27(d_ba), 27, d_ba[0:5]))]
+    # The alignment shift in two steps: by the multiple of 8 of the distance here, for both operands (each
+    # by the distance it would have as the smaller one: when |b| > |a| the exponents give eb >= ea, so the
+    # distance chosen by the exponents is eb - ea, and the other way round), the rest in part 1. Each step
+    # keeps the ones it shifts out as a sticky bit (the union is what one shift by the whole distance loses).
+    def coarse(mag, dc, name):
+        m27 = Cat(Const(0, 3), mag)
+        sh = Signal(27, name=f"{prefix}_{name}_c")
+        lost = Signal(name=f"{prefix}_{name}_lost_c")
+        m.d.comb += [sh.eq(m27 >> Cat(Const(0, 3), dc[3:5])),
+                     lost.eq(Mux(dc[4], Mux(dc[3], mag[0:21].any(), mag[0:13].any()),
+                                 Mux(dc[3], mag[0:5].any(), 0)))]
+        return sh, lost
+    a_c, a_lost = coarse(ma, dc_ba, "a")
+    b_c, b_lost = coarse(mb, dc_ab, "b")
     p0 = {
-        "mx": Signal(24, name=f"{prefix}_mx24"), "my": Signal(24, name=f"{prefix}_my24"),
-        "dc": Signal(5, name=f"{prefix}_dc"), "sub": Signal(name=f"{prefix}_sub"),
+        "mx": Signal(24, name=f"{prefix}_mx24"), "my": Signal(27, name=f"{prefix}_my_c"),
+        "lost": Signal(name=f"{prefix}_lost_c"), "fine": Signal(3, name=f"{prefix}_dfine"),
+        "sub": Signal(name=f"{prefix}_sub"),
         "exp": Signal(8, name=f"{prefix}_ex"), "sign": Signal(name=f"{prefix}_sx"),
         "nan": Signal(name=f"{prefix}_nan"), "inf": Signal(name=f"{prefix}_inf"),
         "inf_sign": Signal(name=f"{prefix}_inf_sign"), "zero_sign": Signal(name=f"{prefix}_zero_sign"),
     }
     m.d.comb += [
-        p0["mx"].eq(Mux(zx, 0, Cat(fx, 1))),
-        p0["my"].eq(Mux(zy, 0, Cat(fy, 1))),
-        p0["dc"].eq(Mux(swap, dc_ba, dc_ab)),      # 27 or more leaves only the sticky bit
-        p0["sub"].eq(sx ^ sy),
-        p0["exp"].eq(ex),
-        p0["sign"].eq(sx),
+        p0["mx"].eq(Mux(swap, mb, ma)),
+        p0["my"].eq(Mux(swap, a_c, b_c)),
+        p0["lost"].eq(Mux(swap, a_lost, b_lost)),
+        p0["fine"].eq(Mux(b_exp_larger, dc_ba[0:3], dc_ab[0:3])),
+        p0["sub"].eq(sa ^ sb),
+        p0["exp"].eq(Mux(b_exp_larger, eb, ea)),
+        p0["sign"].eq(Mux(swap, sb, sa)),
         p0["nan"].eq(na | nb | (ia & ib & (sa != sb))),
         p0["inf"].eq(ia | ib),
         p0["inf_sign"].eq(Mux(ia, sa, sb)),
         # -0 only for (-0) + (-0); exact cancellation gives +0.
-        p0["zero_sign"].eq(zx & zy & sa & sb),
+        p0["zero_sign"].eq(za & zb & sa & sb),
     ]
-    st = boundary(0, p0)
+    return p0
 
-    # Part 1: align the smaller significand (guard, round, sticky: 27 bits) and add or subtract.
-    mx27, my27 = Cat(Const(0, 3), st["mx"]), Cat(Const(0, 3), st["my"])
+
+def _add_part1(m: Module, st: dict, prefix):
+    """Part 1: align the smaller significand (guard, round, sticky: 27 bits; the rest of the shift after
+    part 0's multiple of 8) and add or subtract."""
+    mx27, my_c = Cat(Const(0, 3), st["mx"]), st["my"]
     shifted = Signal(27, name=f"{prefix}_shifted")
-    m.d.comb += shifted.eq(my27 >> st["dc"])
+    m.d.comb += shifted.eq(my_c >> st["fine"])
     lost = Signal(name=f"{prefix}_lost")        # a one shifted out below the sticky position
-    m.d.comb += lost.eq((my27 & ~(Const(0x7FFFFFF, 27) << st["dc"])[0:27]).any())
+    m.d.comb += lost.eq(st["lost"] | (my_c[0:7] & ~(Const(0x7F, 7) << st["fine"])[0:7]).any())
     my_al = Cat(shifted[0] | lost, shifted[1:27])
     total = Signal(28, name=f"{prefix}_sum")
     m.d.comb += total.eq(Mux(st["sub"], mx27 - my_al, mx27 + my_al))
-    st = boundary(1, {"total": total, **{k: st[k] for k in ("exp", "sign", "nan", "inf", "inf_sign",
-                                                              "zero_sign")}})
+    return {"total": total, **{k: st[k] for k in ("exp", "sign", "nan", "inf", "inf_sign", "zero_sign")}}
 
-    # Part 2: normalise (leading-zero count of the low 27 bits, padded to 32; a zero sum is handled in part 3).
+
+def _add_part2(m: Module, st: dict, prefix):
+    """Part 2: normalise (leading-zero count of the low 27 bits, padded to 32; a zero sum is handled in part 3),
+    the shift by the count's multiple of 8 here, the rest of it in part 3; round to nearest even."""
     total = st["total"]
     lz = Signal(5, name=f"{prefix}_lz")
     m.d.comb += lz.eq(leading_zeros(Cat(Const(0, 5), total[0:27]))[1])
-    norm = Signal(27, name=f"{prefix}_norm")
+    norm = Signal(27, name=f"{prefix}_norm_c")
+    fine = Signal(3, name=f"{prefix}_lz_fine")
     nexp = Signal(range(-32, 512), name=f"{prefix}_nexp")
     with m.If(total[27]):
         m.d.comb += [norm.eq(Cat(total[1] | total[0], total[2:28])), nexp.eq(st["exp"] + 1)]
     with m.Else():
-        m.d.comb += [norm.eq((total[0:27] << lz)[0:27]), nexp.eq(st["exp"] - lz)]
+        m.d.comb += [norm.eq((total[0:27] << Cat(Const(0, 3), lz[3:5]))[0:27]), fine.eq(lz[0:3]),
+                     nexp.eq(st["exp"] - lz)]
     is_zero = Signal(name=f"{prefix}_is_zero")
     m.d.comb += is_zero.eq(total == 0)
-    st = boundary(2, {"norm": norm, "nexp": nexp, "is_zero": is_zero,
-                      **{k: st[k] for k in ("sign", "nan", "inf", "inf_sign", "zero_sign")}})
+    # Rounding, here beside the leading-zero count, from the sum's bits: only a normalising shift of at
+    # most one place (``small``: a carry out, or the top one at bit 26 or 25) may round; a shift of two or
+    # more places comes from a cancellation of operands at most one place apart, exact with zero low bits.
+    # The 24 kept bits, the guard bit and the bits below it of the normalised value, for each such shift:
+    small = Signal(name=f"{prefix}_small_shift")
+    m.d.comb += small.eq(total[25:28].any())
+    kept = Signal(24, name=f"{prefix}_kept")
+    guard, rest = Signal(name=f"{prefix}_guard"), Signal(name=f"{prefix}_rest")
+    with m.If(total[27]):
+        m.d.comb += [kept.eq(total[4:28]), guard.eq(total[3]), rest.eq(total[0:3].any())]
+    with m.Elif(total[26]):
+        m.d.comb += [kept.eq(total[3:27]), guard.eq(total[2]), rest.eq(total[0:2].any())]
+    with m.Else():
+        m.d.comb += [kept.eq(total[2:26]), guard.eq(total[1]), rest.eq(total[0])]
+    round_up = Signal(name=f"{prefix}_round_up")
+    m.d.comb += round_up.eq(small & guard & (rest | kept[0]))
+    # The carry out of the increment (all 24 kept bits ones) by an AND tree; the 23 low bits of the
+    # increment are the fraction either way (all zeros when it carries out).
+    carry = Signal(name=f"{prefix}_rcarry")
+    m.d.comb += carry.eq(round_up & kept.all())
+    frac_r = Signal(23, name=f"{prefix}_rfrac")
+    m.d.comb += frac_r.eq(kept[0:23] + round_up)
+    return {"norm": norm, "fine": fine, "small": small, "frac_r": frac_r, "carry": carry, "nexp": nexp,
+            "is_zero": is_zero, **{k: st[k] for k in ("sign", "nan", "inf", "inf_sign", "zero_sign")}}
 
-    # Part 3: round to nearest even and pack.
-    norm, nexp = st["norm"], st["nexp"]
-    round_up = norm[2] & (norm[1] | norm[0] | norm[3])
-    rounded = Signal(25, name=f"{prefix}_rounded")
-    m.d.comb += rounded.eq(norm[3:27] + round_up)
-    rexp = Signal(range(-32, 512), name=f"{prefix}_rexp")
-    m.d.comb += rexp.eq(nexp + rounded[24])
-    frac = Mux(rounded[24], 0, rounded[0:23])
+
+def _add_part3(m: Module, st: dict, prefix):
+    """Part 3: the rest of the normalising shift (a fraction that was not rounded), the rounded exponent
+    and pack. The exponent's overflow / underflow tests and its increment are made on ``nexp`` for both
+    values of the rounding carry (from part 2), which then only selects."""
+    nexp, small, carry = st["nexp"], st["small"], st["carry"]
+    norm = Signal(27, name=f"{prefix}_norm")
+    m.d.comb += norm.eq((st["norm"] << st["fine"])[0:27])
+    frac = Mux(small, st["frac_r"], norm[3:26])       # no rounding after a longer shift
+    exp_inc = Signal(8, name=f"{prefix}_rexp_inc")
+    m.d.comb += exp_inc.eq(nexp[0:8] + 1)
+    # nexp (10 bits, two's complement) >= 254 / >= 255 / <= -1 / <= 0, as gates on its bits.
+    neg, hi = nexp[9], nexp[8]
+    ovf = Mux(carry, ~neg & (hi | nexp[1:8].all()), ~neg & (hi | nexp[0:8].all()))
+    unf = Mux(carry, neg, neg | ~nexp[0:9].any())
     packed = Signal(32, name=f"{prefix}_packed")
     with m.If(st["nan"]):
         m.d.comb += packed.eq(QNAN)
@@ -408,13 +477,13 @@ def fp32_add_pipe(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl", out
         m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["inf_sign"]))
     with m.Elif(st["is_zero"]):
         m.d.comb += packed.eq(Cat(Const(0, 31), st["zero_sign"]))
-    with m.Elif(rexp >= 255):
+    with m.Elif(ovf):
         m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["sign"]))
-    with m.Elif(rexp <= 0):
+    with m.Elif(unf):
         m.d.comb += packed.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
     with m.Else():
-        m.d.comb += packed.eq(Cat(frac, rexp[0:8], st["sign"]))
-    return result(packed)
+        m.d.comb += packed.eq(Cat(frac, Mux(carry, exp_inc, nexp[0:8]), st["sign"]))
+    return packed
 
 
 def bf16_mul_pipe(m: Module, a, b, stages: int, prefix="mul", fp_impl="rtl", domain="sync"):
@@ -505,17 +574,21 @@ class FP32Adder(wiring.Component):
         of :func:`fp32_add_pipe` (registers after the parts listed in
         :data:`ADD_CUTS`). ``latency == stages``; the bits are the same at
         every depth. (Depths 0 to 2 keep the netlist they have always had.)
+    out_reg : bool
+        False (``stages`` >= 1): the last register is left out, the sum is combinational from the
+        previous one, ``stages - 1`` cycles after the operands (the caller's register is the last stage).
     """
 
     a: In(32)
     b: In(32)
     s: Out(32)
 
-    def __init__(self, stages: int = 2, fp_impl: str = "rtl"):
+    def __init__(self, stages: int = 2, fp_impl: str = "rtl", out_reg: bool = True):
         if stages not in range(MAX_ADD_STAGES + 1) or isinstance(stages, bool):
             raise ValueError(f"FP32Adder stages must be 0 to {MAX_ADD_STAGES}, not {stages!r}")
         self._stages = stages
         self._fp_impl = check_fp_impl(fp_impl)
+        self._out_reg = bool(out_reg) or stages == 0
         super().__init__()
 
     @property
@@ -525,11 +598,13 @@ class FP32Adder(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         if self._stages > 2:
-            m.d.comb += self.s.eq(fp32_add_pipe(m, self.a, self.b, self._stages, fp_impl=self._fp_impl))
+            m.d.comb += self.s.eq(fp32_add_pipe(m, self.a, self.b, self._stages, fp_impl=self._fp_impl,
+                                                out_reg=self._out_reg))
             return m
         st = fp32_add_align(m, m.d.sync if self._stages == 2 else m.d.comb, self.a, self.b,
                             fp_impl=self._fp_impl)
-        m.d.comb += self.s.eq(fp32_add_round(m, m.d.sync if self._stages >= 1 else m.d.comb, st))
+        m.d.comb += self.s.eq(fp32_add_round(m, m.d.sync if self._stages >= 1 and self._out_reg else m.d.comb,
+                                             st))
         return m
 
 
@@ -540,7 +615,9 @@ class AdderTree(wiring.Component):
     neighbouring partial sums, so 16 inputs are summed as
     ``((((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7))) + (((x8+x9)+...)))``.
     Each level is an :class:`FP32Adder` of ``stages_per_level`` stages (0 to 4,
-    default 2): ``latency = stages_per_level * log2(n)``.
+    default 2): ``latency = stages_per_level * log2(n)``. ``out_reg=False`` leaves the last register of
+    the last level out (``o`` is then combinational, ``latency - 1`` cycles after the inputs; the caller's
+    register is the last stage).
 
     Members
     -------
@@ -548,7 +625,7 @@ class AdderTree(wiring.Component):
     o : Out(32)
     """
 
-    def __init__(self, n: int, stages_per_level: int = 2, fp_impl: str = "rtl"):
+    def __init__(self, n: int, stages_per_level: int = 2, fp_impl: str = "rtl", out_reg: bool = True):
         if not isinstance(n, int) or n < 2 or n & (n - 1):
             raise ValueError(f"Adder tree width must be a power of two of at least 2, not {n!r}")
         if stages_per_level not in range(MAX_ADD_STAGES + 1) or isinstance(stages_per_level, bool):
@@ -557,6 +634,7 @@ class AdderTree(wiring.Component):
         self._n = n
         self._stages = stages_per_level
         self._fp_impl = check_fp_impl(fp_impl)
+        self._out_reg = bool(out_reg)
         super().__init__({"i": In(data.ArrayLayout(32, n)), "o": Out(32)})
 
     @property
@@ -574,7 +652,7 @@ class AdderTree(wiring.Component):
         while len(level) > 1:
             nxt = []
             for k in range(0, len(level), 2):
-                add = FP32Adder(self._stages, fp_impl=self._fp_impl)
+                add = FP32Adder(self._stages, fp_impl=self._fp_impl, out_reg=self._out_reg or len(level) > 2)
                 m.submodules[f"l{depth}_{k // 2}"] = add
                 m.d.comb += [add.a.eq(level[k]), add.b.eq(level[k + 1])]
                 nxt.append(add.s)

@@ -155,7 +155,11 @@ class MacUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         dp = "mac" if self._clock_gate else "sync"
-        tree = AdderTree(self._lanes, self._tree_stages, fp_impl=self._fp_impl)
+        if self._acc_stages > 1:
+            # The tree's last register is the accumulator's operand register (see _interleaved_accumulator).
+            tree = AdderTree(self._lanes, self._tree_stages, fp_impl=self._fp_impl, out_reg=False)
+        else:
+            tree = AdderTree(self._lanes, self._tree_stages, fp_impl=self._fp_impl)
         m.submodules.tree = DomainRenamer(dp)(tree) if dp != "sync" else tree
         for k in range(self._lanes):
             # Gated: the operands change with the bank's storage every cycle, the product register only
@@ -180,7 +184,8 @@ class MacUnit(wiring.Component):
             gated_domain(m, "mac", Cat(*in_flight).any())
 
         if self._acc_stages > 1:
-            self._interleaved_accumulator(m, valid, tree.o)
+            # The column's valid one and two cycles before the accumulator (the operand selection).
+            self._interleaved_accumulator(m, valid, in_flight[-1], in_flight[-2], tree.o)
             return m
         acc = Signal(32, name="acc_reg")
         st = fp32_add_align(m, m.d.comb, acc, tree.o, prefix="acc", fp_impl=self._fp_impl)
@@ -192,8 +197,10 @@ class MacUnit(wiring.Component):
         m.d.comb += self.acc.eq(acc)
         return m
 
-    def _interleaved_accumulator(self, m: Module, valid, term):
-        """``acc_stages`` partial sums behind one ``acc_stages``-deep adder (see the class docstring)."""
+    def _interleaved_accumulator(self, m: Module, valid, valid_1, valid_2, term):
+        """``acc_stages`` partial sums behind one ``acc_stages``-deep adder (see the class docstring).
+
+        ``valid`` is the column's valid at the accumulator, ``valid_1`` / ``valid_2`` one / two cycles earlier."""
         P = self._acc_stages
         neg_zero = 0x80000000
         parts = [Signal(32, name=f"acc_p{j}", init=0 if j == 0 else neg_zero) for j in range(P)]
@@ -205,39 +212,122 @@ class MacUnit(wiring.Component):
         # One issue per cycle: a column into its partial, or a step of the combine schedule.
         # Step 0 of the schedule is issued in the cycle of ``combine`` itself, the later ones from ``step``.
         issue = Signal(name="acc_issue")
-        sel_a = Signal(range(P), name="acc_sel_a")
-        sel_b = Signal(range(P), name="acc_sel_b")
-        b_is_part = Signal(name="acc_b_is_part")
         dest = Signal(range(P), name="acc_dest")
         with m.If(self.combine | combining):
             with m.Switch(Mux(combining, step, 0)):
                 for s, ja, jb, jd in ops:
                     with m.Case(s):
-                        m.d.comb += [issue.eq(1), sel_a.eq(ja), sel_b.eq(jb), b_is_part.eq(1), dest.eq(jd)]
+                        m.d.comb += [issue.eq(1), dest.eq(jd)]
         with m.Elif(valid):
-            m.d.comb += [issue.eq(1), sel_a.eq(slot), dest.eq(slot)]
-        op_a = Signal(32, name="acc_op_a")
-        op_b = Signal(32, name="acc_op_b")
-        part_b = Signal(32, name="acc_part_b")
-        with m.Switch(sel_a):
-            for j in range(P):
-                with m.Case(j):
-                    m.d.comb += op_a.eq(parts[j])
-        with m.Switch(sel_b):
-            for j in range(P):
-                with m.Case(j):
-                    m.d.comb += part_b.eq(parts[j])
-        m.d.comb += op_b.eq(Mux(b_is_part, part_b, term))
-        total = fp32_add_pipe(m, op_a, op_b, P, prefix="acc", fp_impl=self._fp_impl, out_reg=False)
+            m.d.comb += [issue.eq(1), dest.eq(slot)]
         # The write enable and destination travel with the operands through the adder's P - 1 registers.
-        w_en, w_dest = issue, dest
+        w_ens, w_dests = [issue], [dest]
         for k in range(P - 1):
             en_r, dest_r = Signal(name=f"acc_wen_s{k + 1}"), Signal(range(P), name=f"acc_wdest_s{k + 1}")
-            m.d.sync += [en_r.eq(w_en), dest_r.eq(w_dest)]
-            w_en, w_dest = en_r, dest_r
+            m.d.sync += [en_r.eq(w_ens[-1]), dest_r.eq(w_dests[-1])]
+            w_ens.append(en_r)
+            w_dests.append(dest_r)
+        w_en, w_dest = w_ens[-1], w_dests[-1]
+
+        # Control state and its values next cycle.
+        combining_next = Signal(name="acc_combining_next")
+        step_next = Signal(range(cycles + 1), name="acc_combine_step_next")
+        slot_next = Signal(range(P), name="acc_slot_next")
+        clear = Signal(name="acc_clear")                    # the total lands in p0 on this edge
+        m.d.comb += [combining_next.eq(combining), step_next.eq(step), slot_next.eq(slot),
+                     clear.eq(combining & (step == cycles - 1))]
+        with m.If(self.combine):
+            m.d.comb += [combining_next.eq(1), step_next.eq(1)]
+        with m.Elif(combining):
+            m.d.comb += step_next.eq(step + 1)
+            with m.If(clear):
+                m.d.comb += combining_next.eq(0)
+        with m.If(self.acc_load | clear):
+            m.d.comb += slot_next.eq(0)
+        with m.Elif(valid & ~combining):
+            m.d.comb += slot_next.eq(Mux(slot == P - 1, 0, slot + 1))
+        m.d.sync += [combining.eq(combining_next), step.eq(step_next), slot.eq(slot_next)]
+
+        # The operands are registered (issue 15: no issue decode, partial-sum mux or load in front of the
+        # adder's first part), selected from the values the partials will hold in the cycle of the issue. A
+        # partial written on the edge that loads the operand register is taken from the adder's output
+        # (bypass), as its own register takes it, so the loop stays ``P`` registers long (the operand
+        # register and the adder's first P - 1) and the latencies are those of reading the partials directly.
+        # The selection is decided two cycles ahead and registered, from what is known then: a step of the
+        # combine schedule, else a column (its valid two stages before the accumulator), else the operands
+        # of step 0 for a ``combine`` that may arrive (it never coincides with a column, see ``combine``).
+        # Only the inputs of the cycle before the issue override it: ``acc_load`` (p0 = acc_value, the
+        # others -0) and ``combine`` (then step 1 of the schedule issues next; its partials were written
+        # before, as the last column's partial was at the latest ``latency`` after it entered).
+        assert ops[0][:3] == (0, 0, 1)
+        step1 = [op for op in ops if op[0] == 1]
+        combining_2 = combining_next & ~(step_next == cycles - 1)        # combining two cycles ahead
+        clear_1 = combining_next & (step_next == cycles - 1)             # clears on the next edge
+        slot_2 = Signal(range(P), name="acc_slot_2")
+        m.d.comb += slot_2.eq(slot_next)
+        with m.If(clear_1):
+            m.d.comb += slot_2.eq(0)
+        with m.Elif(valid_1 & ~combining_next):
+            m.d.comb += slot_2.eq(Mux(slot_next == P - 1, 0, slot_next + 1))
+        sel_a2 = Signal(range(P), name="acc_sel_a2")
+        sel_b2 = Signal(range(P), name="acc_sel_b2")
+        b_is_part2 = Signal(name="acc_b_is_part2")
+        m.d.comb += [sel_a2.eq(0), sel_b2.eq(1), b_is_part2.eq(1)]       # step 0 of a combine
+        with m.If(combining_2):
+            with m.Switch(step_next + 1):
+                for s, ja, jb, jd in ops:
+                    with m.Case(s):
+                        m.d.comb += [sel_a2.eq(ja), sel_b2.eq(jb)]
+        with m.Elif(valid_2):
+            m.d.comb += [sel_a2.eq(slot_2), b_is_part2.eq(0)]
+        # Writes on the next edge: the adder's last stage then holds what its second-to-last holds now.
+        w_en_1, w_dest_1 = w_ens[-2], w_dests[-2]
+
+        def select(sel2, name, init):
+            """Registered selection of one operand: its partial, whether the partial is bypassed (written on
+            the edge that loads the operand) or cleared to -0 on it."""
+            sel = Signal(range(P), name=f"acc_sel_{name}", init=init)
+            byp = Signal(name=f"acc_byp_{name}")
+            zero = Signal(name=f"acc_zero_{name}")
+            cleared = clear_1 & (sel2 != 0)
+            m.d.sync += [sel.eq(sel2), byp.eq(~cleared & w_en_1 & (w_dest_1 == sel2)), zero.eq(cleared)]
+            return sel, byp, zero
+
+        total = Signal(32, name="acc_total")
+
+        def operand(sel2, name, init, load_value, step1_part, term=None):
+            sel, byp, zero = select(sel2, name, init)
+            rest = Signal(32, name=f"acc_rest_{name}")
+            with m.Switch(sel):
+                for j in range(P):
+                    with m.Case(j):
+                        m.d.comb += rest.eq(parts[j])
+            with m.If(self.acc_load):
+                m.d.comb += rest.eq(load_value)
+            if step1_part is not None:
+                with m.Elif(self.combine):
+                    m.d.comb += rest.eq(parts[step1_part])
+            with m.Elif(zero):
+                m.d.comb += rest.eq(neg_zero)
+            op = Signal(32, name=f"acc_{name}", init=0 if init == 0 else neg_zero)
+            value = Mux(byp & ~self.acc_load & ~self.combine, total, rest)
+            if term is not None:
+                is_term, term_value = term
+                value = Mux(is_term, term_value, value)
+            m.d.sync += op.eq(value)
+            return op
+
+        b_is_part1 = Signal(name="acc_b_is_part1", init=1)
+        m.d.sync += b_is_part1.eq(b_is_part2)
+        op_a = operand(sel_a2, "op_a", 0, self.acc_value, step1[0][1] if step1 else None)
+        # The second operand: a partial (combine) or the column's sum, ``term`` being the adder tree's
+        # output before its last register, which is this one.
+        op_b = operand(sel_b2, "op_b", 1, neg_zero, step1[0][2] if step1 else None,
+                       term=(Mux(self.combine, 0, ~b_is_part1), term))
+        m.d.comb += total.eq(fp32_add_pipe(m, op_a, op_b, P, prefix="acc", fp_impl=self._fp_impl, out_reg=False))
 
         with m.If(self.acc_load):
-            m.d.sync += [parts[0].eq(self.acc_value), slot.eq(0)]
+            m.d.sync += parts[0].eq(self.acc_value)
             m.d.sync += [p.eq(neg_zero) for p in parts[1:]]
         with m.Else():
             with m.If(w_en):
@@ -245,16 +335,7 @@ class MacUnit(wiring.Component):
                     for j in range(P):
                         with m.Case(j):
                             m.d.sync += parts[j].eq(total)
-            with m.If(valid & ~combining):
-                m.d.sync += slot.eq(Mux(slot == P - 1, 0, slot + 1))
-            with m.If(combining & (step == cycles - 1)):
-                # The total lands in p0 on this edge; the other partials restart from -0.
+            with m.If(clear):
+                # The other partials restart from -0.
                 m.d.sync += [p.eq(neg_zero) for p in parts[1:]]
-                m.d.sync += slot.eq(0)
-        with m.If(self.combine):
-            m.d.sync += [combining.eq(1), step.eq(1)]
-        with m.Elif(combining):
-            m.d.sync += step.eq(step + 1)
-            with m.If(step == cycles - 1):
-                m.d.sync += combining.eq(0)
         m.d.comb += self.acc.eq(parts[0])
