@@ -12,10 +12,10 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
-from hw.npu.pe_adder import PE_ADD_CUTS, pe_fp32_add
+from hw.npu.pe_adder import PE_ADD_CUTS, pe_bf16_mul, pe_fp32_add
 from hw.spec.pipeline import array_latency, compute_drain
 from sim.golden import fp as G
-from sim.golden.operands import SPECIAL_F32, fp32_pairs
+from sim.golden.operands import SPECIAL_BF16, SPECIAL_F32, bf16_pairs, fp32_pairs
 
 DEPTHS = tuple(PE_ADD_CUTS)
 
@@ -78,3 +78,37 @@ def test_pipeline_formulas():
     assert array_latency(16, 16) == 32 and compute_drain(16, 16) == 35
     assert array_latency(4, 4, 2, 4) == 21 and array_latency(16, 16, 2, 4) == 81
     assert array_latency(16, 16, 2, 7) == 129 and compute_drain(16, 16, 2, 7) == 132
+
+
+class _Mul3(wiring.Component):
+    def __init__(self):
+        super().__init__({"a": In(16), "b": In(16), "p": Out(32)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.p.eq(pe_bf16_mul(m, self.a, self.b, prefix="mul3"))
+        return m
+
+
+def test_pe_mul3_bit_exact():
+    """The 3-stage multiplier without a DSP block (LUT partial products): hw.spec.fp.mul_bf16's bits on every
+    special pair and random pairs, ``latency == 3``."""
+    dut = _Mul3()
+    rng = np.random.default_rng(16)
+    ma, mb = bf16_pairs(rng, SPECIAL_BF16.size**2 + 3000)
+    n = ma.size
+    trace = []
+
+    async def bench(ctx):
+        for i in range(n + 3):
+            if i < n:
+                ctx.set(dut.a, int(ma[i]))
+                ctx.set(dut.b, int(mb[i]))
+            await ctx.tick()
+            trace.append(ctx.get(dut.p))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    np.testing.assert_array_equal(np.array(trace[2:n + 2], dtype=np.uint32), G.mul_bf16(ma, mb))

@@ -24,9 +24,9 @@ the golden GEMM at depths 5 to 8, special operands included).
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 
-from ..arith import QNAN, check_fp_impl, fp32_add_pipe, leading_zeros
+from ..arith import QNAN, bf16_mul_pipe, check_fp_impl, fp32_add_pipe, leading_zeros
 
-__all__ = ["PE_ADD_CUTS", "pe_fp32_add"]
+__all__ = ["PE_ADD_CUTS", "pe_bf16_mul", "pe_fp32_add"]
 
 PE_ADD_PARTS = ("in", "cmp", "sel", "shift", "add", "lzc", "nshift", "round")
 PE_ADD_CUTS = {5: (1, 3, 4, 6), 6: (1, 2, 3, 4, 6), 7: (1, 2, 3, 4, 5, 6), 8: (0, 1, 2, 3, 4, 5, 6)}
@@ -178,3 +178,59 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
     with m.Else():
         m.d.comb += packed.eq(Cat(frac, Mux(carry, exp_inc, nexp[0:8]), st["sign"]))
     return packed
+
+
+def pe_bf16_mul(m: Module, a, b, prefix="mul", fp_impl="rtl"):
+    """BF16 x BF16 -> FP32 product in 3 stages without a DSP block: the 8 x 8 significand product as a sum of
+    partial products in LUT adders (pairs in stage 1, the rest in stage 2), normalise and pack in stage 3; the
+    bits of :func:`hw.arith.bf16_mul_pipe`. Returns the registered product (``latency == 3``).
+
+    On ECP5 the DSP blocks sit in a few rows of the die, so PEs built around them are pulled apart and the
+    partial sums cross the die between two rows of the array (``array4x4_p8``: 9 of 11 ns routing); without them
+    the array can be placed as one block. ``fp_impl="dpi"``: :func:`hw.arith.bf16_mul_pipe`'s cell and one more
+    register."""
+    if check_fp_impl(fp_impl) == "dpi":
+        p = bf16_mul_pipe(m, a, b, 2, prefix=prefix, fp_impl="dpi")
+        r = Signal(32, name=f"{prefix}_p3")
+        m.d.sync += r.eq(p)
+        return r
+    ea, eb = a[7:15], b[7:15]
+    fa, fb = a[0:7], b[0:7]
+    a_zero, b_zero = ea == 0, eb == 0
+    a_inf, b_inf = (ea == 0xFF) & (fa == 0), (eb == 0xFF) & (fb == 0)
+    a_nan, b_nan = (ea == 0xFF) & (fa != 0), (eb == 0xFF) & (fb != 0)
+    x, y = Cat(fa, 1), Cat(fb, 1)
+    pp = [Mux(y[k], x, 0) for k in range(8)]
+    flags = {"exp": Signal(range(-256, 512), name=f"{prefix}_exp0"), "sign": Signal(name=f"{prefix}_sign"),
+             "nan": Signal(name=f"{prefix}_nan"), "inf": Signal(name=f"{prefix}_inf"),
+             "zero": Signal(name=f"{prefix}_zero")}
+    m.d.sync += [
+        flags["exp"].eq(ea + eb - 127),
+        flags["sign"].eq(a[15] ^ b[15]),
+        flags["nan"].eq(a_nan | b_nan | (a_inf & b_zero) | (b_inf & a_zero)),
+        flags["inf"].eq(a_inf | b_inf),
+        flags["zero"].eq(a_zero | b_zero),
+    ]
+    # Stage 1: pairs of partial products (x * y[2k : 2k + 2]), 10 bits each.
+    s1 = [Signal(10, name=f"{prefix}_pp{k}") for k in range(4)]
+    m.d.sync += [s1[k].eq(pp[2 * k] + (pp[2 * k + 1] << 1)) for k in range(4)]
+    f2 = {k: Signal.like(v, name=f"{prefix}_{k}2") for k, v in flags.items()}
+    m.d.sync += [f2[k].eq(flags[k]) for k in flags]
+    # Stage 2: the rest of the sum, 1.fa x 1.fb in [1, 4).
+    prod = Signal(16, name=f"{prefix}_prod")
+    t0, t1 = s1[0] + (s1[1] << 2), s1[2] + (s1[3] << 2)
+    m.d.sync += prod.eq(t0 + (t1 << 4))
+    # Stage 3: normalise and pack (as bf16_mul_pipe's second stage).
+    exp = Signal(range(-256, 512), name=f"{prefix}_exp")
+    m.d.comb += exp.eq(f2["exp"] + prod[15])
+    frac = Mux(prod[15], Cat(Const(0, 8), prod[0:15]), Cat(Const(0, 9), prod[0:14]))
+    result = Signal(32, name=f"{prefix}_p")
+    with m.If(f2["nan"]):
+        m.d.sync += result.eq(QNAN)
+    with m.Elif(f2["inf"] | (exp >= 255)):
+        m.d.sync += result.eq(Cat(Const(0, 23), Const(0xFF, 8), f2["sign"]))
+    with m.Elif(f2["zero"] | (exp <= 0)):
+        m.d.sync += result.eq(Cat(Const(0, 31), f2["sign"]))
+    with m.Else():
+        m.d.sync += result.eq(Cat(frac, exp[0:8], f2["sign"]))
+    return result

@@ -105,7 +105,7 @@ from ..arith import (
 )
 from ..clockgate import gated_domain
 from ..spec.pipeline import array_latency
-from .pe_adder import PE_ADD_CUTS, pe_fp32_add
+from .pe_adder import PE_ADD_CUTS, pe_bf16_mul, pe_fp32_add
 
 __all__ = ["PE_MODULE", "PE_MUL_STAGES", "PE_ADD_STAGES", "ProcessingElement", "SystolicArray", "check_pe_stages",
            "pe_for", "pe_module_name"]
@@ -113,8 +113,9 @@ __all__ = ["PE_MODULE", "PE_MUL_STAGES", "PE_ADD_STAGES", "ProcessingElement", "
 PE_MODULE = "npu_pe"
 
 
-PE_MUL_STAGES = (1, 2)
-"""Allowed multiplier depths of a PE (:func:`hw.arith.bf16_mul_pipe`)."""
+PE_MUL_STAGES = (1, 2, 3)
+"""Allowed multiplier depths of a PE: :func:`hw.arith.bf16_mul_pipe` (1, 2: the significand product in a DSP
+block), :func:`hw.npu.pe_adder.pe_bf16_mul` (3: in LUT adders)."""
 PE_ADD_STAGES = (*range(1, MAX_ADD_STAGES + 1), *PE_ADD_CUTS)
 """Allowed adder depths of a PE: :func:`hw.arith.fp32_add_pipe` up to 4, :func:`hw.npu.pe_adder.pe_fp32_add` from
 5 to 8."""
@@ -157,7 +158,8 @@ class ProcessingElement(wiring.Component):
     fp_impl : str
         FP cells (:func:`hw.arith.check_fp_impl`).
     mul_stages : int
-        Pipeline depth of the BF16 multiplier (:func:`hw.arith.bf16_mul_pipe`): 1 or 2.
+        Pipeline depth of the BF16 multiplier: 1 or 2 (:func:`hw.arith.bf16_mul_pipe`), 3 (in LUTs,
+        :func:`hw.npu.pe_adder.pe_bf16_mul`).
     add_stages : int
         Pipeline depth of the FP32 adder on the partial-sum path: 1 to 4 (:func:`hw.arith.fp32_add_pipe`), 5 to 8
         (:func:`hw.npu.pe_adder.pe_fp32_add`).
@@ -232,7 +234,10 @@ class ProcessingElement(wiring.Component):
         # Pipelined: the product and its row enable arrive together after mul_stages; the adder's last
         # register is ps_out, so the sum and the bypassed ps_in (delayed alongside, with the enable) meet in
         # the mux in front of it.
-        prod = bf16_mul_pipe(m, self.a_in, w_use, self._mul_stages, prefix="pe", fp_impl=self._fp_impl)
+        if self._mul_stages <= 2:
+            prod = bf16_mul_pipe(m, self.a_in, w_use, self._mul_stages, prefix="pe", fp_impl=self._fp_impl)
+        else:
+            prod = pe_bf16_mul(m, self.a_in, w_use, prefix="pe", fp_impl=self._fp_impl)
         en = en_use
         for d in range(self._mul_stages):
             nen = Signal(name=f"pe_en_m{d}")
