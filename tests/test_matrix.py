@@ -97,7 +97,7 @@ def test_bad_parameters():
     from hw.spec.config import ConfigError, NpuConfig
     with pytest.raises(ConfigError, match=r"NpuConfig.pe_add_stages must be an integer in 1..8, not 0"):
         preset("tiny").replace(**{"npu.pe_add_stages": 0})
-    with pytest.raises(ConfigError, match=r"NpuConfig.pe_mul_stages must be an integer in 1..2, not True"):
+    with pytest.raises(ConfigError, match=r"NpuConfig.pe_mul_stages must be an integer in 1..3, not True"):
         NpuConfig(pe_mul_stages=True)
     # left out of repr at their defaults (module names and build keys of the other presets unchanged)
     assert "pe_" not in repr(preset("tiny")) and "pe_mul_stages=2, pe_add_stages=8" in repr(preset("tiny-p4"))

@@ -442,7 +442,7 @@ class DramTiming(_Checked):
 # Pipeline depths of the systolic array's processing elements (issue 15; :class:`hw.npu.systolic.ProcessingElement`)
 # and their defaults (today's one-stage PE). Left out of ``repr`` at their defaults, as PimGeometry's above.
 PE_PIPE_DEFAULTS = {"pe_mul_stages": 1, "pe_add_stages": 1}
-PE_PIPE_RANGES = {"pe_mul_stages": (1, 2), "pe_add_stages": (1, 2, 3, 4, 5, 6, 7, 8)}
+PE_PIPE_RANGES = {"pe_mul_stages": (1, 2, 3), "pe_add_stages": (1, 2, 3, 4, 5, 6, 7, 8)}
 
 
 @dataclass(frozen=True, repr=False)
@@ -465,9 +465,10 @@ class NpuConfig(_Checked):
     vector_spm_words : int
         Depth of the vector unit's scratchpad in words of ``vector_lanes`` FP32 values.
     pe_mul_stages, pe_add_stages : int
-        Pipeline depths of every processing element's BF16 multiplier (1 or 2) and FP32 adder (1 to 8; issue
-        15): the partial sums move one array row every ``pe_add_stages`` cycles, the array's latency is
-        :func:`hw.spec.pipeline.array_latency` (``R + C`` at the defaults, 1 and 1). The numerics do not change.
+        Pipeline depths of every processing element's BF16 multiplier (1 or 2; 3 without a DSP block) and FP32
+        adder (1 to 8; issue 15): the partial sums move one array row every ``pe_add_stages`` cycles, the array's
+        latency is :func:`hw.spec.pipeline.array_latency` (``R + C`` at the defaults, 1 and 1). The numerics do
+        not change.
     """
 
     array_rows: int = 4
