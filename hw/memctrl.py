@@ -265,6 +265,8 @@ class MemoryController(wiring.Component):
             sched.pact_pending.eq(pim.pact_pending), sched.pact_row.eq(pim.pact_row),
             sched.resp_credit.eq(pipe.resp_credit),
         ]
+        if cfg.pim.pick_stages:
+            m.d.comb += sched.resp_credit2.eq(pipe.resp_credit2)
 
         # Responses: column commands, refused PIM reads and error requests enter the read-latency pipe.
         wiring.connect(m, queue.col_resp, pipe.col)

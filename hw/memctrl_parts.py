@@ -100,7 +100,12 @@ class ChannelStateSignature(wiring.Signature):
     one row buffer), ``ccd_ok``, ``mac_ok``, ``af_ok``, ``act_timing_ok`` (tRFC, tRRD, tFAW allow an
     activation) and ``ref_ok`` (every row closed, tRP and tRFC allow a REF). With a pipelined processing
     unit (``PimGeometry.acc_stages > 1``) also ``cmb_ok``: tMAC since the last combining MAC (a MAC whose
-    ``row`` bit :data:`hw.config.COMBINE_ROW_BIT` is set), which every MAC waits for (:mod:`hw.pim.bank`)."""
+    ``row`` bit :data:`hw.config.COMBINE_ROW_BIT` is set), which every MAC waits for (:mod:`hw.pim.bank`).
+    With a registered pick (``PimGeometry.pick_stages = 1``) also the windows one cycle ahead (``rcdrd_nx``,
+    ``rcdwr_nx``, ``rp_nx``, ``pre_nx`` per bank; ``ccd_nx``, ``act_timing_nx``: allowed next cycle unless
+    this cycle's command restarts them) and this cycle's command: ``x_row`` / ``x_col`` (per bank: it
+    activates or precharges / reads or writes the bank's normal row buffer), ``x_column`` (a column-type
+    command) and ``x_act`` (an activation or a REF)."""
 
     def __init__(self, cfg: SystemConfig):
         nb = cfg.pim.banks
@@ -113,6 +118,11 @@ class ChannelStateSignature(wiring.Signature):
                                             "act_timing_ok", "ref_ok")})
         if cfg.pim.pipelined:
             members["cmb_ok"] = Out(1)
+        if cfg.pim.pick_stages:
+            # For the registered pick: the windows as they will be next cycle unless this cycle's command
+            # restarts them, and what this cycle's command does (per bank: an ACT / PRE, a column command).
+            members.update({n: Out(nb) for n in ("rcdrd_nx", "rcdwr_nx", "rp_nx", "pre_nx", "x_row", "x_col")})
+            members.update({n: Out(1) for n in ("ccd_nx", "act_timing_nx", "x_column", "x_act")})
         super().__init__(members)
 
 
@@ -167,6 +177,9 @@ class ChannelState(wiring.Component):
                                                             ("rcdrd_ok", "rcdwr_ok", "ras_ok", "rp_ok",
                                                              "wr_ok", "rtp_ok"))
         dual = p.row_buffers == 2
+        ahead = p.pick_stages > 0
+        nx = {rule: Signal(nb, name=f"{rule}_ok_next") for rule in ("rcdrd", "rcdwr", "ras", "rp", "wr", "rtp")
+              } if ahead else {}
         for b in range(nb):
             here = iss_bank == b
             do_act = iss & (((op == PimOp.ACT) & here) | (op == PimOp.ACTAB))
@@ -181,6 +194,15 @@ class ChannelState(wiring.Component):
                 m.d.sync += [is_open[b].eq(1), open_row[b].eq(iss_row)]
             with m.Elif(do_pre):
                 m.d.sync += is_open[b].eq(0)
+            if ahead:
+                rules = [(rcdrd_ok, "rcdrd", t.tRCDRD, do_act), (rcdwr_ok, "rcdwr", t.tRCDWR, do_act),
+                         (ras_ok, "ras", t.tRAS, do_act), (rp_ok, "rp", t.tRP, do_pre),
+                         (wr_ok, "wr", t.tWR, do_wr), (rtp_ok, "rtp", t.tRTP, rd_type)]
+                for vec, rule, cycles, start in rules:
+                    ok, ok_next = countdown(m, f"b{b}_{rule}", cycles, start, ahead=True)
+                    m.d.comb += [vec[b].eq(ok), nx[rule][b].eq(ok_next)]
+                m.d.comb += [s.x_row[b].eq(do_act | do_pre), s.x_col[b].eq(do_wr | rd_type)]
+                continue
             m.d.comb += [
                 rcdrd_ok[b].eq(countdown(m, f"b{b}_rcdrd", t.tRCDRD, do_act)),
                 rcdwr_ok[b].eq(countdown(m, f"b{b}_rcdwr", t.tRCDWR, do_act)),
@@ -190,6 +212,9 @@ class ChannelState(wiring.Component):
                 rtp_ok[b].eq(countdown(m, f"b{b}_rtp", t.tRTP, rd_type)),
             ]
         pre_ok = ras_ok & wr_ok & rtp_ok           # per bank: a PRE may close it now
+        if ahead:
+            m.d.comb += [s.rcdrd_nx.eq(nx["rcdrd"]), s.rcdwr_nx.eq(nx["rcdwr"]), s.rp_nx.eq(nx["rp"]),
+                         s.pre_nx.eq(nx["ras"] & nx["wr"] & nx["rtp"])]
         all_closed = is_open == 0
 
         # ------------------------------------------------------- PIM row buffer (two row buffers)
@@ -208,12 +233,22 @@ class ChannelState(wiring.Component):
         is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB, *((PimOp.PACTAB,) if dual else ()))
         col_cmd = op.as_value().matches(*COLUMN_OPS)
         is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
-        ccd_ok = countdown(m, "ccd", t.tCCD, iss & col_cmd)
-        rrd_ok = countdown(m, "rrd", t.tRRD, iss & is_act)
-        rfc_ok = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF))
+        if ahead:
+            ccd_ok, ccd_nx = countdown(m, "ccd", t.tCCD, iss & col_cmd, ahead=True)
+            rrd_ok, rrd_nx = countdown(m, "rrd", t.tRRD, iss & is_act, ahead=True)
+            rfc_ok, rfc_nx = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF), ahead=True)
+        else:
+            ccd_ok = countdown(m, "ccd", t.tCCD, iss & col_cmd)
+            rrd_ok = countdown(m, "rrd", t.tRRD, iss & is_act)
+            rfc_ok = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF))
         mac_ok = countdown(m, "mac", t.tMAC, iss & is_mac)
         af_ok = countdown(m, "afl", t.tAF, iss & (op == PimOp.AF))
-        faw_ok = faw_window(m, t.tFAW, iss & is_act)
+        if ahead:
+            faw_ok, faw_nx = faw_window(m, t.tFAW, iss & is_act, ahead=True)
+            m.d.comb += [s.ccd_nx.eq(ccd_nx), s.act_timing_nx.eq(rfc_nx & rrd_nx & faw_nx),
+                         s.x_column.eq(iss & col_cmd), s.x_act.eq(iss & (is_act | (op == PimOp.REF)))]
+        else:
+            faw_ok = faw_window(m, t.tFAW, iss & is_act)
         if p.pipelined:
             m.d.comb += s.cmb_ok.eq(countdown(m, "cmb", t.tMAC, iss & is_mac & iss_row[COMBINE_ROW_BIT]))
 
@@ -602,6 +637,9 @@ class ResponsePipe(wiring.Component):
     resp : Out(stream.Signature(response_layout(cfg)))
     pim_resp : Out(stream.Signature(pim_response_layout(cfg)))
     resp_credit, pim_credit : Out(1)
+    resp_credit2 : Out(1)
+        With a registered pick (``PimGeometry.pick_stages = 1``): room for two more responses (the pick is
+        made a cycle ahead, while the command or error response of the cycle in between may take one).
     busy : Out(1)
         A response in the pipe or a FIFO.
     pim_in_flight : Out(1)
@@ -617,6 +655,7 @@ class ResponsePipe(wiring.Component):
             "resp": Out(stream.Signature(response_layout(cfg))),
             "pim_resp": Out(stream.Signature(pim_response_layout(cfg))),
             "resp_credit": Out(1), "pim_credit": Out(1), "busy": Out(1), "pim_in_flight": Out(1),
+            **({"resp_credit2": Out(1)} if cfg.pim.pick_stages else {}),
         })
 
     def elaborate(self, platform):
@@ -678,6 +717,8 @@ class ResponsePipe(wiring.Component):
         resp_used = Signal(range(depth + 1))
         pim_used = Signal(range(depth + 1))
         m.d.comb += [self.resp_credit.eq(resp_used < depth), self.pim_credit.eq(pim_used < depth)]
+        if cfg.pim.pick_stages:
+            m.d.comb += self.resp_credit2.eq(resp_used < depth - 1)
         m.d.sync += [
             resp_used.eq(resp_used + (in_valid & ~in_pim) - (self.resp.valid & self.resp.ready)),
             pim_used.eq(pim_used + (in_valid & in_pim) - (self.pim_resp.valid & self.pim_resp.ready)),

@@ -6,6 +6,8 @@ entries could issue a command this cycle and picks one, FR-FCFS with an open-pag
 :class:`hw.memctrl.MemoryController` with the parts of :mod:`hw.memctrl_parts`.
 """
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -187,6 +189,12 @@ class Scheduler(wiring.Component):
     not activated in the normal buffer, and hits to a bank that must close for a waiting PACTAB are held
     back.
 
+    With ``PimGeometry.pick_stages = 1`` (issue 15) the pick is registered: it is decided from the windows as
+    they will be in the next cycle (``*_nx`` of the channel state; two response credits), held in registers
+    and issued the cycle after (:meth:`_candidate`), so no path runs from a queue entry through the pick into
+    the timing counters. The same policy, one cycle later; a registered column command's entry is not picked
+    again while it bids, and its index follows the queue's collapse.
+
     Members
     -------
     entries, hit_in_bank, starving : In (from :class:`RequestQueue`)
@@ -197,6 +205,8 @@ class Scheduler(wiring.Component):
         A PACTAB waits at the head of the PIM stream, for that row.
     resp_credit : In(1)
         The response FIFO has room (a column command waits for it).
+    resp_credit2 : In(1)
+        With a registered pick: room for two (the pick is decided a cycle ahead).
     mode_normal : In(1)
         Normal requests are served.
     pick : Out(range(depth))
@@ -214,6 +224,7 @@ class Scheduler(wiring.Component):
             "entries": In(data.ArrayLayout(entry_layout(cfg), depth)), "hit_in_bank": In(cfg.pim.banks),
             "starving": In(1), "picked": In(picked_layout(cfg)), "state": In(ChannelStateSignature(cfg)),
             "pact_pending": In(1), "pact_row": In(rb), "resp_credit": In(1), "mode_normal": In(1),
+            **({"resp_credit2": In(1)} if cfg.pim.pick_stages else {}),
             "pick": Out(range(depth)), "bid": Out(BidSignature(cfg)), "remove": Out(1),
         })
 
@@ -222,6 +233,7 @@ class Scheduler(wiring.Component):
         p = self._cfg.pim
         nb = p.banks
         dual = p.row_buffers == 2
+        registered = p.pick_stages > 0
         s = self.state
         is_open, p_open, p_row = s.is_open, s.p_open, s.p_row
         open_row = Array(s.open_row[b] for b in range(nb))
@@ -235,6 +247,17 @@ class Scheduler(wiring.Component):
         def bit(vec, index):
             return bit_of(vec, index, nb)
 
+        if registered:       # decide for the next cycle: the windows as they will be then
+            rcdrd_ok, rcdwr_ok, rp_ok, pre_ok = s.rcdrd_nx, s.rcdwr_nx, s.rp_nx, s.pre_nx
+            ccd_ok, act_ok, credit = s.ccd_nx, s.act_timing_nx, self.resp_credit2
+            cand = self._candidate(m)
+            # The candidate bidding now is not picked again (it may leave the queue this cycle).
+            excluded = [cand.go & cand.col & (cand.idx == i) for i in range(D)]
+        else:
+            rcdrd_ok, rcdwr_ok, rp_ok, pre_ok = s.rcdrd_ok, s.rcdwr_ok, s.rp_ok, s.pre_ok
+            ccd_ok, act_ok, credit = s.ccd_ok, s.act_timing_ok, self.resp_credit
+            excluded = None
+
         col_ready = Signal(D)
         row_ready = Signal(D)
         for i in range(D):
@@ -245,15 +268,16 @@ class Scheduler(wiring.Component):
                 row_taken = (p_open & (p_row == q_row[i])) | (pact_pending & (pact_row == q_row[i]))
             else:
                 row_taken = Const(0, 1)
-            rcd = Mux(q_write[i], bit(s.rcdwr_ok, b), bit(s.rcdrd_ok, b))
-            m.d.comb += col_ready[i].eq(hit[i] & ~blocked[i] & ~held & rcd & s.ccd_ok & self.resp_credit)
+            rcd = Mux(q_write[i], bit(rcdwr_ok, b), bit(rcdrd_ok, b))
+            ready = hit[i] & ~blocked[i] & ~held & rcd & ccd_ok & credit
+            m.d.comb += col_ready[i].eq(ready & ~excluded[i] if registered else ready)
             needs_act = q_valid[i] & ~bit(is_open, b) & ~row_taken
             needs_pre = q_valid[i] & bit(is_open, b) & ~hit[i] & \
                 (~bit(hit_in_bank, b) | (starving & (b == q_bank[0])))
-            m.d.comb += row_ready[i].eq((needs_act & bit(s.rp_ok, b) & s.act_timing_ok) |
-                                        (needs_pre & bit(s.pre_ok, b)))
+            m.d.comb += row_ready[i].eq((needs_act & bit(rp_ok, b) & act_ok) |
+                                        (needs_pre & bit(pre_ok, b)))
 
-        col_sel = self.pick
+        col_sel = Signal(range(D)) if registered else self.pick
         row_sel = Signal(range(D))
         for i in reversed(range(D)):           # the lowest index (oldest) wins
             with m.If(col_ready[i]):
@@ -262,9 +286,13 @@ class Scheduler(wiring.Component):
                 m.d.comb += row_sel.eq(i)
         any_col = col_ready.any()
         any_row = row_ready.any()
-
         sel_bank = Array(q_bank)[row_sel]
         sel_row = Array(q_row)[row_sel]
+        if registered:
+            self._register(m, cand, starving & row_ready[0], any_col, any_row, col_sel, Array(q_bank)[col_sel],
+                           (bit(is_open, q_bank[0]), q_bank[0], q_row[0]), (bit(is_open, sel_bank), sel_bank, sel_row))
+            return m
+
         k = self.picked
         col = Signal()                 # the bid is the picked entry's column command
         m.d.comb += self.bid.go.eq(self.mode_normal & ((starving & row_ready[0]) | any_col | any_row))
@@ -277,3 +305,54 @@ class Scheduler(wiring.Component):
             propose(m, self.bid.cmd, Mux(bit(is_open, sel_bank), PimOp.PRE, PimOp.ACT), sel_bank, sel_row)
         m.d.comb += self.remove.eq(self.bid.grant & col)
         return m
+
+    def _candidate(self, m):
+        """The registered pick (``pick_stages = 1``): the command decided last cycle, and whether it may go now.
+
+        It was decided from the windows as they would be this cycle; it is dropped (and picked again) when the
+        command issued last cycle (``x_*``, registered here) touched what it relies on: its bank's row (an ACT
+        or PRE there), for a PRE also a column command to its bank, for a column command a restarted tCCD,
+        for an ACT any activation or REF (tRRD, tFAW, tRFC). It bids from the queue's read port at its index
+        (column commands) or from its registers (ACT, PRE)."""
+        p, t = self._cfg.pim, self._cfg.timing
+        nb = p.banks
+        rb, bb, _ = widths(self._cfg)
+        s = self.state
+        c = SimpleNamespace(valid=Signal(name="c_valid"), col=Signal(name="c_col"), act=Signal(name="c_act"),
+                            idx=Signal(range(self._depth), name="c_idx"), bank=Signal(bb, name="c_bank"),
+                            row=Signal(rb, name="c_row"), go=Signal(name="c_go"))
+        x_row, x_col = Signal(nb, name="x_row"), Signal(nb, name="x_col")
+        x_column, x_act = Signal(name="x_column"), Signal(name="x_act")
+        m.d.sync += [x_row.eq(s.x_row), x_col.eq(s.x_col), x_column.eq(s.x_column), x_act.eq(s.x_act)]
+        row_hit = bit_of(x_row, c.bank, nb)
+        ccd_hit = x_column if t.tCCD > 1 else Const(0, 1)
+        conflict = Mux(c.col, row_hit | ccd_hit, Mux(c.act, row_hit | x_act, row_hit | bit_of(x_col, c.bank, nb)))
+        if p.row_buffers == 2:      # a PACTAB that arrived since: its row is not activated, its bank not hit
+            open_row = Array(s.open_row[b] for b in range(nb))
+            pact = self.pact_pending & Mux(c.col, open_row[c.bank] == self.pact_row,
+                                           c.act & (c.row == self.pact_row))
+            conflict = conflict | pact
+        k = self.picked
+        m.d.comb += [
+            self.pick.eq(c.idx),
+            c.go.eq(c.valid & self.mode_normal & ~conflict & (~c.col | self.resp_credit)),
+            self.bid.go.eq(c.go), self.remove.eq(self.bid.grant & c.col),
+        ]
+        with m.If(c.col):
+            propose(m, self.bid.cmd, Mux(k.write, PimOp.WR, PimOp.RD), k.bank, 0, k.col, k.data, k.mask)
+        with m.Else():
+            propose(m, self.bid.cmd, Mux(c.act, PimOp.ACT, PimOp.PRE), c.bank, c.row)
+        return c
+
+    def _register(self, m, c, starve, any_col, any_row, col_sel, col_bank, head, oldest):
+        """Register this cycle's pick for the next (``pick_stages = 1``): a starving head's ACT / PRE, else the
+        oldest ready column command (its index as it will be after this cycle's removal), else the oldest ready
+        ACT / PRE; ``head`` / ``oldest`` are ``(bank open, bank, row)`` of those row commands."""
+        m.d.sync += c.valid.eq(self.mode_normal & (starve | any_col | any_row))
+        with m.If(starve):
+            m.d.sync += [c.col.eq(0), c.act.eq(~head[0]), c.bank.eq(head[1]), c.row.eq(head[2])]
+        with m.Elif(any_col):
+            shifted = self.remove & (c.idx < col_sel)       # an older entry leaves the queue this cycle
+            m.d.sync += [c.col.eq(1), c.idx.eq(col_sel - shifted), c.bank.eq(col_bank)]
+        with m.Else():
+            m.d.sync += [c.col.eq(0), c.act.eq(~oldest[0]), c.bank.eq(oldest[1]), c.row.eq(oldest[2])]

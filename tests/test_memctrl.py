@@ -26,27 +26,33 @@ def run(config, testcase, arbitration="pim_first", **env):
     return system_build(config, arbitration).run(TB, testcase, env={"IANUS_CONFIG": config, **env})
 
 
-@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
+# -p4: the registered FR-FCFS pick (PimGeometry.pick_stages = 1, issue 15) with the pipelined processing unit
+# (tiny-p4's random traffic, GEMV and refresh runs are in tests/test_pim_pipelined.py)
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb", "tiny-dualrb-p4"])
 def test_random_traffic_tiny(config):
     run(config, "random_traffic")
 
 
-def test_error_responses_tiny():
-    run("tiny", "error_responses")
+@pytest.mark.parametrize("config", ["tiny", "tiny-p4"])
+def test_error_responses_tiny(config):
+    run(config, "error_responses")
 
 
-def test_fr_fcfs_order_tiny():
-    run("tiny", "fr_fcfs_order")
+@pytest.mark.parametrize("config", ["tiny", "tiny-p4"])
+def test_fr_fcfs_order_tiny(config):
+    run(config, "fr_fcfs_order")
 
 
 def test_pim_gemv_with_queued_traffic_tiny():
     run("tiny", "pim_gemv", GEMV_SHAPE="200x24")
 
 
-@pytest.mark.parametrize("arbitration", ["pim_first", "normal_first", "fair"])
-def test_pim_gemv_beside_normal_traffic_dual_row_buffers(arbitration):
+@pytest.mark.parametrize("config, arbitration", [("tiny-dualrb", "pim_first"), ("tiny-dualrb", "normal_first"),
+                                                 ("tiny-dualrb", "fair"), ("tiny-dualrb-p4", "pim_first"),
+                                                 ("tiny-dualrb-p4", "fair")])
+def test_pim_gemv_beside_normal_traffic_dual_row_buffers(config, arbitration):
     # Two row buffers: normal reads and writes are served while the GEMV streams, bit-exact, nothing lost.
-    run("tiny-dualrb", "pim_gemv", arbitration, GEMV_SHAPE="200x24", N_NORMAL=120)
+    run(config, "pim_gemv", arbitration, GEMV_SHAPE="200x24", N_NORMAL=120)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -71,14 +77,15 @@ def test_timing_checks():
 
 
 @pytest.mark.parametrize("config, limits", [("tiny", dict(MAX_SHARE=0.0)),
-                                            ("tiny-dualrb", dict(MIN_SHARE=0.3, MAX_SLOWDOWN=0.25))])
+                                            ("tiny-dualrb", dict(MIN_SHARE=0.3, MAX_SLOWDOWN=0.25)),
+                                            ("tiny-dualrb-p4", dict(MIN_SHARE=0.3, MAX_SLOWDOWN=0.25))])
 def test_dualrb_concurrency_tiny(config, limits):
     # Reads beside a GEMV: with one row buffer they wait for all of it (share 0), with two they keep a share
     # of their bandwidth and the GEMV stays within 25 % of its time alone (cycle counts are deterministic).
     run(config, "dualrb_concurrency", GEMV_SHAPE="96x64", N_READS=400, **limits)
 
 
-@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb", "tiny-dualrb-p4"])
 def test_pim_refresh_reopen_tiny(config):
     run(config, "pim_refresh_reopen")
 

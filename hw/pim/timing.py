@@ -24,14 +24,17 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal
 __all__ = ["countdown", "faw_window", "refresh_credit", "delay_pipe", "pim_row_buffer"]
 
 
-def countdown(m: Module, name: str, cycles: int, start):
+def countdown(m: Module, name: str, cycles: int, start, ahead: bool = False):
     """A timing window: after ``start``, ``ok`` is low for ``cycles - 1`` cycles.
 
     A command on cycle ``t`` that starts the counter allows the constrained
-    command from cycle ``t + cycles`` on. Returns ``ok``.
+    command from cycle ``t + cycles`` on. Returns ``ok``; with ``ahead``, ``(ok, ok_next)`` where
+    ``ok_next`` says the window allows the command in the next cycle unless ``start`` restarts it in this
+    one (the registered pick of :class:`hw.memctrl_queue.Scheduler` decides a cycle ahead and drops its
+    choice when the command issued in between restarted a window it needs).
     """
     if cycles <= 1:
-        return Const(1, 1)
+        return (Const(1, 1), Const(1, 1)) if ahead else Const(1, 1)
     cnt = Signal(range(cycles), name=f"{name}_cnt")
     with m.If(start):
         m.d.sync += cnt.eq(cycles - 1)
@@ -39,13 +42,20 @@ def countdown(m: Module, name: str, cycles: int, start):
         m.d.sync += cnt.eq(cnt - 1)
     ok = Signal(name=f"{name}_ok")
     m.d.comb += ok.eq(cnt == 0)
-    return ok
+    if not ahead:
+        return ok
+    ok_next = Signal(name=f"{name}_ok_next")
+    m.d.comb += ok_next.eq(cnt <= 1 if cycles > 2 else 1)
+    return ok, ok_next
 
 
-def faw_window(m: Module, tFAW: int, act, count_name: str | None = None):
+def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: bool = False):
     """tFAW: ``ok`` while fewer than four activations (``act`` high) happened in the last ``tFAW - 1``
-    cycles (a shift register), so a fifth is allowed ``tFAW`` cycles after the first. Returns ``ok``."""
+    cycles (a shift register), so a fifth is allowed ``tFAW`` cycles after the first. Returns ``ok``; with
+    ``ahead``, ``(ok, ok_next)``: ``ok_next`` counts the window as it will be next cycle without this cycle's
+    ``act`` (as :func:`countdown`)."""
     ok = Signal(name="faw_ok")
+    ok_next = Signal(name="faw_ok_next") if ahead else None
     if tFAW > 1:
         window = Signal(tFAW - 1, name="window")
         m.d.sync += window.eq(Cat(act, window[:-1]) if tFAW > 2 else act)
@@ -55,9 +65,13 @@ def faw_window(m: Module, tFAW: int, act, count_name: str | None = None):
             m.d.comb += count.eq(total)
             total = count
         m.d.comb += ok.eq(total < 4)
+        if ahead:
+            m.d.comb += ok_next.eq(sum(window[i] for i in range(len(window) - 1)) < 4 if tFAW > 2 else 1)
     else:
         m.d.comb += ok.eq(1)
-    return ok
+        if ahead:
+            m.d.comb += ok_next.eq(1)
+    return (ok, ok_next) if ahead else ok
 
 
 def refresh_credit(m: Module, tREFI: int, postpone: int, did_ref):

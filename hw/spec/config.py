@@ -93,6 +93,10 @@ LOWPREC_DEFAULTS = {"weight_format": "bf16", "act_format": "bf16", "quant_group"
 # unit). Left out of ``repr`` at their defaults as well, for the same reason.
 PIPE_DEFAULTS = {"mul_stages": 1, "tree_stages": 2, "acc_stages": 1}
 PIPE_RANGES = {"mul_stages": (1, 2), "tree_stages": (1, 2, 3, 4), "acc_stages": (1, 2, 3, 4)}
+# The memory controller's pipeline (issue 15; :class:`hw.memctrl.MemoryController`): ``pick_stages`` 0 decides
+# the FR-FCFS pick and issues it in the same cycle, 1 registers the pick and issues it the cycle after. Left out of
+# ``repr`` at its default as well.
+CTRL_DEFAULTS = {"pick_stages": 0}
 COMBINE_ROW_BIT = 0
 """Row-field bit of a MACSB / MACAB that marks a combining MAC (``acc_stages > 1``; :mod:`hw.pim.bank`)."""
 WEIGHT_FORMATS = ("bf16", "int4", "fp4")
@@ -165,6 +169,12 @@ class PimGeometry(_Checked):
         (``row`` bit :data:`COMBINE_ROW_BIT`; :mod:`hw.pim.bank`). The summation order is that
         of :func:`hw.spec.fp.accumulate` with ``stages=P`` per run of MACs between a preload and a combine.
         The device's ``tMAC`` must cover the deeper pipeline (:func:`hw.pim.bank.check_pu_timing`).
+    pick_stages : int
+        The memory controllers' FR-FCFS pick (issue 15): 0 (default) picks a normal request and issues its
+        command in the same cycle; 1 registers the pick (computed from the countdowns as they will be one cycle
+        later) and issues it the cycle after, dropping it when the command issued in between touched its bank
+        or its channel-wide window (:class:`hw.memctrl_queue.Scheduler`). Normal requests take one cycle more;
+        the policy is the same.
     """
 
     channels: int = 1
@@ -186,9 +196,10 @@ class PimGeometry(_Checked):
     mul_stages: int = 1
     tree_stages: int = 2
     acc_stages: int = 1
+    pick_stages: int = 0
 
     def __repr__(self):
-        defaults = {**LOWPREC_DEFAULTS, **PIPE_DEFAULTS}
+        defaults = {**LOWPREC_DEFAULTS, **PIPE_DEFAULTS, **CTRL_DEFAULTS}
         parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                  if f.name not in defaults or getattr(self, f.name) != defaults[f.name]]
         return f"{type(self).__qualname__}({', '.join(parts)})"
@@ -229,6 +240,8 @@ class PimGeometry(_Checked):
                 if getattr(self, name) != default:
                     self._fail(name, f"{default} with {self.weight_format} weights (the low-precision unit has "
                                      f"its own pipeline)")
+        if not _is_int(self.pick_stages) or self.pick_stages not in (0, 1):
+            self._fail("pick_stages", "0 (pick and issue in one cycle) or 1 (registered pick)")
         if self.acc_stages > 1 and self.row_addr_bits < 1:
             self._fail("acc_stages", "1 with a single row per bank (the MAC's row field carries the combine "
                                      "flag in bit 0)")

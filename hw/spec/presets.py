@@ -104,11 +104,12 @@ def _pipelined(base, mul_stages=2, tree_stages=4, acc_stages=4, pe_mul_stages=2,
     result depth (:func:`hw.spec.pipeline.mac_depth`: storage read + MacUnit latency + combine latency; 32 for
     16 lanes with 2 / 4 / 4). tAF stays: the AF unit is not pipelined deeper. The NPU's systolic array is
     pipelined alike: ``pe_mul_stages``-stage multipliers and ``pe_add_stages``-stage FP32 adders in every PE
-    (:func:`hw.spec.pipeline.array_latency`)."""
+    (:func:`hw.spec.pipeline.array_latency`). The memory controllers' FR-FCFS pick is registered
+    (``pim.pick_stages = 1``)."""
     def make() -> SystemConfig:
         cfg = base()
         pipe = {"pim.mul_stages": mul_stages, "pim.tree_stages": tree_stages, "pim.acc_stages": acc_stages,
-                "npu.pe_mul_stages": pe_mul_stages, "npu.pe_add_stages": pe_add_stages}
+                "npu.pe_mul_stages": pe_mul_stages, "npu.pe_add_stages": pe_add_stages, "pim.pick_stages": 1}
         # storage read + MacUnit latency + combine latency (tests/test_pim_pipelined.py holds the RTL to it)
         depth = mac_depth(cfg.pim.lanes, mul_stages, tree_stages, acc_stages)
         return cfg.replace(name=f"{cfg.name}-p{acc_stages}", **pipe, **{"timing.tMAC": depth})
@@ -162,8 +163,9 @@ PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
                                   "fp4", "fp8_e4m3", 8, **{"pim.grid_choice": True, "pim.quant_group": 64}),
            # the pipelined BF16 processing unit (issue 15): 2-stage multipliers, 4-stage adders, 4 interleaved
            # partial sums; tMAC from the unit's depth (32 cycles for 16 lanes); systolic-array PEs with 2-stage
-           # multipliers and 8-stage adders (array latency 8R + C + 1)
-           "tiny-p4": _pipelined(_tiny), "default-p4": _pipelined(_default)}
+           # multipliers and 8-stage adders (array latency 8R + C + 1); the memory controllers' pick registered
+           "tiny-p4": _pipelined(_tiny), "default-p4": _pipelined(_default),
+           "tiny-dualrb-p4": _pipelined(_dual(_tiny))}
 
 
 def preset(name: str) -> SystemConfig:

@@ -276,7 +276,8 @@ class Memory:
         self.row_lo = self.chan_lo + (p.channels - 1).bit_length()
         self.nb, self.nc, self.nr = p.banks, p.channels, p.rows
         self.resp = cfg.timing.tRL + calib.col_to_resp
-        self.arr = calib.req_to_ctrl
+        # a registered FR-FCFS pick (PimGeometry.pick_stages, issue 15) issues a request's first command a cycle later
+        self.arr = calib.req_to_ctrl + p.pick_stages
         self.il = micro.interleave or p.channel_interleave
         self.row_b = p.row_bytes
         self.max_col = -INF       # latest column command of the transfer being timed
