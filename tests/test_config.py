@@ -71,7 +71,7 @@ def test_replace_variants():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset.name must be one of tiny, default, ianus, tiny-dualrb, "
                                           "default-dualrb, neupims, tiny-il, default-il, default-4ch, tiny-hpim, default-hpim, tiny-w4, "
-                                          "tiny-w4a8, default-w4, default-w4a8, ianus-w4, ianus-w4a8, tiny-p4, default-p4, not 'huge'"):
+                                          "tiny-w4a8, default-w4, default-w4a8, ianus-w4, ianus-w4a8, tiny-p4, default-p4, tiny-dualrb-p4, not 'huge'"):
         preset("huge")
 
 
@@ -89,6 +89,9 @@ def test_unknown_preset():
     (PimGeometry, {"acc_stages": True}, "PimGeometry.acc_stages must be an integer in 1..4, not True"),
     (PimGeometry, {"acc_stages": 2, "weight_format": "int4", "act_format": "bf16"},
      "PimGeometry.acc_stages must be 1 with int4 weights"),
+    (PimGeometry, {"pick_stages": 2},
+     "PimGeometry.pick_stages must be 0 \\(pick and issue in one cycle\\) or 1 \\(registered pick\\), not 2"),
+    (PimGeometry, {"pick_stages": True}, "PimGeometry.pick_stages must be 0"),
     (PimGeometry, {"rows": 1, "af_rows": 0, "acc_stages": 4},
      "PimGeometry.acc_stages must be 1 with a single row per bank"),
     (PimGeometry, {"column_bits": 128}, r"PimGeometry.column_bits must be lanes x 16 bits = 256, not 128"),
