@@ -229,8 +229,9 @@ class MemoryController(wiring.Component):
 
     @property
     def resp_depth(self) -> int:
-        """Depth of each response FIFO (credits): enough for back-to-back reads at full rate."""
-        return self._cfg.timing.tRL + 4
+        """Depth of each response FIFO (credits): ``tRL + 4``, two more with a registered pick (it reserves a
+        credit a cycle ahead, and full-rate streams need them: ``tests/test_memctrl.py``)."""
+        return self._cfg.timing.tRL + 4 + 2 * self._cfg.pim.pick_stages
 
     def elaborate(self, platform):
         m = Module()

@@ -103,3 +103,21 @@ def _mac_pipelined(mul_stages, tree_stages, acc_stages):
 register("mac16_p4", _mac_pipelined(2, 4, 4),
          "PIM processing unit datapath, pipelined (issue 15): 16 BF16 multipliers in 2 stages + FP32 adder tree "
          "of 4-stage adders + 4 interleaved partial sums through a 4-stage adder")
+
+
+def _memctrl(pick_stages):
+    def factory():
+        from .config import preset
+        from .memctrl import MemoryController
+
+        return MemoryController(preset("default").replace(**{"pim.pick_stages": pick_stages}))
+    return factory
+
+
+# Issue 15: one memory controller alone (default geometry: 16 banks, paper timings; queue of 8), with the FR-FCFS
+# pick and the issue in one cycle (`memctrl`) and with the registered pick of the -p4 presets (`memctrl_p4`).
+# Place and route takes ~9 minutes each here (router2, as proto_fpga).
+register("memctrl", _memctrl(0), "one memory controller (default config): request queue + FR-FCFS "
+         "scheduler + refresh + PIM path + response pipe, pick and issue in one cycle", pnr_args=["--router", "router2"])
+register("memctrl_p4", _memctrl(1), "one memory controller (default config with the -p4 presets' registered "
+         "FR-FCFS pick, PimGeometry.pick_stages = 1)", pnr_args=["--router", "router2"])

@@ -47,6 +47,20 @@ def test_pim_gemv_with_queued_traffic_tiny():
     run("tiny", "pim_gemv", GEMV_SHAPE="200x24")
 
 
+def test_registered_pick_keeps_full_rate(tmp_path):
+    """Streams of reads from open rows (one row's columns, one column per bank) with the registered pick
+    (tiny-p4): a column command every tCCD cycles (the testbench asserts every gap); the pick costs one cycle
+    of latency (a request to an idle controller: its ACT one cycle later than on tiny)."""
+    import json
+
+    m = {}
+    for config, full_rate in (("tiny", 0), ("tiny-p4", 1)):
+        path = tmp_path / f"{config}.jsonl"
+        run(config, "stream_reads", IANUS_METRICS=str(path), FULL_RATE=full_rate)
+        m[config] = json.loads(path.read_text().splitlines()[-1])
+    assert m["tiny-p4"]["first_act"] == m["tiny"]["first_act"] + 1, m
+
+
 @pytest.mark.parametrize("config, arbitration", [("tiny-dualrb", "pim_first"), ("tiny-dualrb", "normal_first"),
                                                  ("tiny-dualrb", "fair"), ("tiny-dualrb-p4", "pim_first"),
                                                  ("tiny-dualrb-p4", "fair")])

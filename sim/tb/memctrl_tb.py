@@ -199,6 +199,50 @@ async def fr_fcfs_order(dut):
     dut._log.info("FR-FCFS order %s; same-address order %s", log, seq)
 
 
+@tb_test()
+async def stream_reads(dut):
+    """Full-rate streams: reads of every column of one row, then of one column in every bank (the row opened
+    first), with no request gaps or back-pressure. With ``FULL_RATE`` (default 1) the column commands must
+    follow each other every ``tCCD`` cycles (no bubble from the registered pick of ``pick_stages = 1``).
+    Metrics: the first command of a request to an idle controller (``first_act``, cycles after reset) and each
+    stream's span. (With the pick in one cycle and ``tRL + 4`` response credits, tiny's 8-read row stream has one
+    3-cycle gap: the credits run out before the first responses are read.)"""
+    cfg = _cfg()
+    p, t = cfg.pim, cfg.timing
+    tb = TB(dut, cfg, seed=3)
+    await tb.reset()
+    ch = tb.ch[0]
+    amap = tb.amap
+    t0 = tb.cycle
+    # 1. One request to an idle controller, bank closed: request accepted -> ACT on the bus.
+    tb.read(0, amap.encode(1, 0, 0, 0))
+    await tb.drain()
+    acts = [e[0] - t0 for e in ch.bus_log if e[1] == "ACT"]
+    # 2. Streams from open rows.
+    ncol = min(p.columns, 32)
+    runs = {"row": [amap.encode(1, 0, 0, col) for col in range(ncol)],
+            "banks": [amap.encode(1, 0, b, 0) for b in range(p.banks)]}
+    for b in range(1, p.banks):                       # open row 1 in every bank first
+        tb.read(0, amap.encode(1, 0, b, 1))
+    await tb.drain()
+    spans = {}
+    for name, addrs in runs.items():
+        n0 = len(ch.bus_log)
+        for a in addrs:
+            tb.read(0, a)
+        await tb.drain()
+        rds = [e[0] for e in ch.bus_log[n0:] if e[1] == "RD"]
+        assert len(rds) == len(addrs), f"{name}: {len(rds)} reads on the bus for {len(addrs)} requests"
+        gaps = [b - a for a, b in zip(rds, rds[1:])]
+        if env_int("FULL_RATE", 1):
+            assert all(g == t.tCCD for g in gaps), (f"{name}: column commands {t.tCCD} apart expected, gaps "
+                                                    f"{gaps}; bus {ch.bus_log[n0:]}")
+        spans[name] = rds[-1] - rds[0]
+    tb.assert_clean()
+    write_metrics(first_act=acts[0], **spans)
+    dut._log.info("stream spans %s, first ACT %s cycles after reset", spans, acts[0])
+
+
 # --------------------------------------------------------------------------- GEMV through the controller
 def _gemv_data(K, N, seed):
     rng = np.random.default_rng(seed)
