@@ -233,7 +233,7 @@ async def stream_reads(dut):
         await tb.drain()
         rds = [e[0] for e in ch.bus_log[n0:] if e[1] == "RD"]
         assert len(rds) == len(addrs), f"{name}: {len(rds)} reads on the bus for {len(addrs)} requests"
-        gaps = [b - a for a, b in zip(rds, rds[1:])]
+        gaps = [b - a for a, b in zip(rds, rds[1:], strict=False)]
         if env_int("FULL_RATE", 1):
             assert all(g == t.tCCD for g in gaps), (f"{name}: column commands {t.tCCD} apart expected, gaps "
                                                     f"{gaps}; bus {ch.bus_log[n0:]}")
