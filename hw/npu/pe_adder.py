@@ -182,8 +182,8 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
 
 def pe_bf16_mul(m: Module, a, b, prefix="mul", fp_impl="rtl"):
     """BF16 x BF16 -> FP32 product in 3 stages without a DSP block: the 8 x 8 significand product as a sum of
-    partial products in LUT adders (pairs in stage 1, the rest in stage 2), normalise and pack in stage 3; the
-    bits of :func:`hw.arith.bf16_mul_pipe`. Returns the registered product (``latency == 3``).
+    partial products in LUT adders (pairs in stage 1, the rest in stage 2, beside the exponent's range tests),
+    normalise, select and pack in stage 3; the bits of :func:`hw.arith.bf16_mul_pipe`. Returns the registered product (``latency == 3``).
 
     On ECP5 the DSP blocks sit in a few rows of the die, so PEs built around them are pulled apart and the
     partial sums cross the die between two rows of the array (``array4x4_p8``: 9 of 11 ns routing); without them
@@ -214,23 +214,30 @@ def pe_bf16_mul(m: Module, a, b, prefix="mul", fp_impl="rtl"):
     # Stage 1: pairs of partial products (x * y[2k : 2k + 2]), 10 bits each.
     s1 = [Signal(10, name=f"{prefix}_pp{k}") for k in range(4)]
     m.d.sync += [s1[k].eq(pp[2 * k] + (pp[2 * k + 1] << 1)) for k in range(4)]
-    f2 = {k: Signal.like(v, name=f"{prefix}_{k}2") for k, v in flags.items()}
-    m.d.sync += [f2[k].eq(flags[k]) for k in flags]
-    # Stage 2: the rest of the sum, 1.fa x 1.fb in [1, 4).
+    # Stage 2: the rest of the sum, 1.fa x 1.fb in [1, 4); beside it, the exponent's overflow / underflow tests
+    # for both values of the normalising carry (prod[15]), which stage 3 then only selects.
+    f2 = {k: Signal.like(flags[k], name=f"{prefix}_{k}2") for k in ("sign", "nan", "inf", "zero")}
+    m.d.sync += [f2[k].eq(flags[k]) for k in f2]
+    e0 = flags["exp"]
+    ex = {"exp": Signal(8, name=f"{prefix}_exp_0"), "exp_inc": Signal(8, name=f"{prefix}_exp_1"),
+          "ovf0": Signal(name=f"{prefix}_ovf0"), "ovf1": Signal(name=f"{prefix}_ovf1"),
+          "unf0": Signal(name=f"{prefix}_unf0"), "unf1": Signal(name=f"{prefix}_unf1")}
+    m.d.sync += [ex["exp"].eq(e0[0:8]), ex["exp_inc"].eq(e0[0:8] + 1),
+                 ex["ovf0"].eq(e0 >= 255), ex["ovf1"].eq(e0 >= 254),
+                 ex["unf0"].eq(e0 <= 0), ex["unf1"].eq(e0 <= -1)]
     prod = Signal(16, name=f"{prefix}_prod")
     t0, t1 = s1[0] + (s1[1] << 2), s1[2] + (s1[3] << 2)
     m.d.sync += prod.eq(t0 + (t1 << 4))
-    # Stage 3: normalise and pack (as bf16_mul_pipe's second stage).
-    exp = Signal(range(-256, 512), name=f"{prefix}_exp")
-    m.d.comb += exp.eq(f2["exp"] + prod[15])
-    frac = Mux(prod[15], Cat(Const(0, 8), prod[0:15]), Cat(Const(0, 9), prod[0:14]))
+    # Stage 3: normalise and pack (the bits of bf16_mul_pipe's second stage, exponent exp0 + prod[15]).
+    c = prod[15]
+    frac = Mux(c, Cat(Const(0, 8), prod[0:15]), Cat(Const(0, 9), prod[0:14]))
     result = Signal(32, name=f"{prefix}_p")
     with m.If(f2["nan"]):
         m.d.sync += result.eq(QNAN)
-    with m.Elif(f2["inf"] | (exp >= 255)):
+    with m.Elif(f2["inf"] | Mux(c, ex["ovf1"], ex["ovf0"])):
         m.d.sync += result.eq(Cat(Const(0, 23), Const(0xFF, 8), f2["sign"]))
-    with m.Elif(f2["zero"] | (exp <= 0)):
+    with m.Elif(f2["zero"] | Mux(c, ex["unf1"], ex["unf0"])):
         m.d.sync += result.eq(Cat(Const(0, 31), f2["sign"]))
     with m.Else():
-        m.d.sync += result.eq(Cat(frac, exp[0:8], f2["sign"]))
+        m.d.sync += result.eq(Cat(frac, Mux(c, ex["exp_inc"], ex["exp"]), f2["sign"]))
     return result
