@@ -43,26 +43,38 @@ Clock rate and the PE pipeline (issue 15): in the one-stage PE the partial-sum
 path is one whole FP32 addition (align, add, normalise, round) between two
 registers; on ECP5 the 4 x 4 array closes at 21.3 MHz (nextpnr, 16,699 LUT4,
 1,776 FF, 16 MULT18; ``array4x4``). The PE's depth is two parameters,
-``mul_stages`` (the BF16 multiplier, :func:`hw.arith.bf16_mul_pipe`: 1 or 2)
-and ``add_stages`` (the FP32 adder on the partial-sum path,
-:func:`hw.arith.fp32_add_pipe`: 1 to 4, :func:`hw.npu.pe_adder.pe_fp32_add`: 5 to
-8), rather than one knob, because they
-cost differently: the multiplier sits before the partial-sum chain, so its
-stages add to the latency once (``+ mul_stages``), while every adder stage is a
-register on the chain between two rows, so the partial sum moves one row
-every ``add_stages`` cycles and the activation skew (lane ``i`` delayed by
-``add_stages * i``) and the latency grow with ``R``:
-``latency = add_stages * R + mul_stages + C - 1``
+``mul_stages`` (the BF16 multiplier: 1 or 2, :func:`hw.arith.bf16_mul_pipe`
+with the significand product in a DSP block; 3, :func:`hw.npu.pe_adder.pe_bf16_mul`
+in LUT adders) and ``add_stages`` (the FP32 adder on the partial-sum path: 1
+to 4, :func:`hw.arith.fp32_add_pipe`; 5 to 8, :func:`hw.npu.pe_adder.pe_fp32_add`),
+rather than one knob, because they cost differently: the multiplier sits
+before the partial-sum chain, so its stages add to the latency once
+(``+ mul_stages``), while every adder stage is a register on the chain
+between two rows, so the partial sum moves one row every ``add_stages``
+cycles and the activation skew (lane ``i`` delayed by ``add_stages * i``) and
+the latency grow with ``R``: ``latency = add_stages * R + mul_stages + C - 1``
 (:func:`hw.spec.pipeline.array_latency`; ``R + C`` at 1 / 1). The chain stays
 feed-forward (row ``m + 1`` follows row ``m`` one cycle behind through the
 adder's stages), so a row still enters every cycle and the summation order is
-untouched: only the latency changes. The pipelined presets (``tiny-p4``,
-``default-p4``: ``NpuConfig.pe_mul_stages`` = 2, ``pe_add_stages`` = 8) take
-the deepest cuts (``array4x4_p8``). A row's first-row flag
-reaches row ``i`` ``add_stages * i`` cycles after row 0, so the weight bus of
-row ``i`` is delayed by ``(add_stages - 1) * i`` cycles inside the array: the
-weight timing contract below holds at every depth, and the matrix unit's
-sequencing does not depend on it (its drain is
+untouched: only the latency changes.
+
+Measured on the 4 x 4 array (ECP5-85, the flow of ``hw/synth.py``): 2 / 4
+(``fp32_add_pipe``'s four parts, ``array4x4_p4``) 82.1 MHz, critical path in
+align-a (magnitude compare, exponent differences, swap); 2 / 7 (the compare and
+the swap, the shift and the add, the count and the normalising shift apart)
+88.2 MHz and 2 / 8 (the operands registered before the compare) 92.6 MHz,
+both limited by routing (9 of 11 ns): each PE sits by its DSP block, the DSP
+blocks are in a few rows of the die, so two PEs of a column are up to 26 rows
+apart. With the multiplier in LUTs (3 / 8, ``array4x4_p8l``, no DSP block) the
+array is placed as one block: 99.9 MHz with the multiplier's exponent tests in
+its last stage, then those moved a stage earlier (see ``array4x4_p8l`` in
+``hw/synth_results``). The pipelined presets (``tiny-p4``, ``default-p4``)
+take 3 / 8: latency ``8R + C + 2`` (146 cycles on 16 x 16 instead of 32).
+
+A row's first-row flag reaches row ``i`` ``add_stages * i`` cycles after row
+0, so the weight bus of row ``i`` is delayed by ``(add_stages - 1) * i``
+cycles inside the array: the weight timing contract below holds at every
+depth, and the matrix unit's sequencing does not depend on it (its drain is
 :func:`hw.spec.pipeline.compute_drain`). A bypassed row (``k >= K``) passes
 its partial sum through ``add_stages`` registers beside the adder.
 
