@@ -50,6 +50,10 @@ def _proto_fpga(config="default"):
 register("proto_fpga", _proto_fpga, "prototype FPGA part (default config): AXI4-Lite CSRs + AXI4 window + macro "
          "queue + PCU + 2 memory controllers, device replaced by a PHY stand-in", pnr=False,
          pnr_args=["--router", "router2"])
+# Issue 15: the same FPGA part on default-p4 (the memory controllers' registered FR-FCFS pick; the PHY stand-in
+# and the PCU follow the p4 timing, tMAC 32). Synthesis only unless --pnr-all, as proto_fpga.
+register("proto_fpga_p4", lambda: _proto_fpga("default-p4"), "prototype FPGA part as proto_fpga, default-p4 "
+         "config (memory controllers with the registered FR-FCFS pick)", pnr=False, pnr_args=["--router", "router2"])
 # NeuPIMs' second row buffer (issue 17): the same FPGA part with row_buffers = 2 (controllers track the PIM
 # buffer and arbitrate the command bus; the PCU's PIM rows use PACTAB / PPREAB). Synthesis only.
 register("proto_fpga_dualrb", lambda: _proto_fpga("default-dualrb"), "prototype FPGA part as proto_fpga, "
