@@ -270,11 +270,14 @@ def fp32_to_bf16(x):
 
 # -- pipelined units (issue 15: timing closure) ------------------------------------------
 #
-# The FP32 addition in four parts, each a few logic levels deep on an FPGA:
-#   0 "align-a": unpack, special cases, magnitude compare and swap, exponent difference;
-#   1 "align-b": alignment shift with sticky bit, significand add/subtract;
-#   2 "norm":    leading-zero count and normalising shift;
-#   3 "round":   round to nearest even, overflow / underflow, pack.
+# The FP32 addition in four parts, each a few logic levels deep on an FPGA (balanced for the ECP5, issue 15;
+# each part's function says what it holds):
+#   0 "align-a": unpack, special cases, magnitude compare, exponent differences, both operands aligned
+#                (alignment shift with sticky bit, each as if it were the smaller one);
+#   1 "align-b": swap (the larger significand and the aligned smaller one), significand add/subtract;
+#   2 "norm":    leading-zero count, normalising shift by its multiple of 8, rounding (round bit, increment,
+#                carry out) of the sums that round (a normalising shift of at most one place);
+#   3 "round":   the rest of the normalising shift, exponent increment, overflow / underflow, pack.
 # A pipeline of depth ``stages`` registers the result of part 3 and, in between, the parts listed here
 # (register after part k). Every depth computes the same bits as fp32_add_align + fp32_add_round.
 ADD_CUTS = {1: (), 2: (1,), 3: (0, 1), 4: (0, 1, 2)}
@@ -335,7 +338,8 @@ def fp32_add_pipe(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl", out
 
 
 def _add_part0(m: Module, a, b, prefix):
-    """Part 0 of :func:`fp32_add_pipe`: unpack, special cases, swap so that |x| >= |y|, exponent difference."""
+    """Part 0 of :func:`fp32_add_pipe`: unpack, special cases, magnitude compare (swap so that |x| >= |y|),
+    exponent differences, both operands aligned."""
     def unpack(v):
         e, f, s = v[23:31], v[0:23], v[31]
         return s, e, f, e == 0, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
@@ -347,47 +351,47 @@ def _add_part0(m: Module, a, b, prefix):
     # swap: |b| > |a|, on the raw bits. A flushed (zero-exponent) operand compares as zero against a
     # normal one either way; when both are flushed the order does not matter (the sum is a zero, signed by
     # zero_sign, and nothing else depends on it). Only the significands and the sign wait for this compare:
-    # the larger exponent and the shift distance are chosen by the exponents alone (equal exponents give
-    # the same either way), the operation by the signs.
+    # the larger exponent is chosen by the exponents alone (equal exponents give the same either way), the
+    # operation by the signs.
     ma = Signal(24, name=f"{prefix}_ma")
     mb = Signal(24, name=f"{prefix}_mb")
     m.d.comb += [ma.eq(Mux(za, 0, Cat(fa, 1))), mb.eq(Mux(zb, 0, Cat(fb, 1)))]
-    # Both exponent differences, each clamped, beside the magnitude compare rather than after it.
+    # Both exponent differences, beside the magnitude compare rather than after it.
     d_ab, d_ba = Signal(9, name=f"{prefix}_d_ab"), Signal(9, name=f"{prefix}_d_ba")
     m.d.comb += [d_ab.eq(ea - eb), d_ba.eq(eb - ea)]
     b_exp_larger = d_ab[8]                         # ea - eb borrows
-    dc_ab, dc_ba = Signal(5, name=f"{prefix}_dc_ab"), Signal(5, name=f"{prefix}_dc_ba")
-    # d > 27 as gates on the difference's bits (not a second carry chain after the subtraction).
-    def over27(d):
-        return d[5:8].any() | (d[4] & d[3] & d[2])
-    m.d.comb += [dc_ab.eq(Mux(over27(d_ab), 27, d_ab[0:5])), dc_ba.eq(Mux(over27(d_ba), 27, d_ba[0:5]))]
-    # The alignment shift in two steps: by the multiple of 8 of the distance here, for both operands (each
-    # by the distance it would have as the smaller one: when |b| > |a| the exponents give eb >= ea, so the
-    # distance chosen by the exponents is eb - ea, and the other way round), the rest in part 1. Each step
-    # keeps the ones it shifts out as a sticky bit (the union is what one shift by the whole distance loses).
-    def coarse(mag, dc, name):
+    # Both operands aligned, each by the distance it would have as the smaller one (when |b| > |a| the
+    # exponents give eb >= ea, so the distance chosen by the exponents is eb - ea, and the other way round),
+    # beside the compare: the swap is applied in part 1, by a register. Significands with three extra low
+    # bits (guard, round, sticky: 27 bits); the shift in two steps (by the multiple of 8 of the distance,
+    # then the rest), each keeping the ones it shifts out as a sticky bit (the union is what one shift by the
+    # whole distance loses). A distance of 27 to 31 shifts every bit out (only the sticky bit is left), as
+    # does one of 32 or more (``big``), chosen after the shift rather than clamping the distance before it.
+    def align(mag, d, name):
         m27 = Cat(Const(0, 3), mag)
-        sh = Signal(27, name=f"{prefix}_{name}_c")
-        lost = Signal(name=f"{prefix}_{name}_lost_c")
-        m.d.comb += [sh.eq(m27 >> Cat(Const(0, 3), dc[3:5])),
-                     lost.eq(Mux(dc[4], Mux(dc[3], mag[0:21].any(), mag[0:13].any()),
-                                 Mux(dc[3], mag[0:5].any(), 0)))]
-        return sh, lost
-    a_c, a_lost = coarse(ma, dc_ba, "a")
-    b_c, b_lost = coarse(mb, dc_ab, "b")
+        coarse = Signal(27, name=f"{prefix}_{name}_c")
+        lost_c = Mux(d[4], Mux(d[3], mag[0:21].any(), mag[0:13].any()), Mux(d[3], mag[0:5].any(), 0))
+        m.d.comb += coarse.eq(m27 >> Cat(Const(0, 3), d[3:5]))
+        shifted = Signal(27, name=f"{prefix}_{name}_shifted")
+        m.d.comb += shifted.eq(coarse >> d[0:3])
+        lost = Signal(name=f"{prefix}_{name}_lost")
+        m.d.comb += lost.eq(lost_c | (coarse[0:7] & ~(Const(0x7F, 7) << d[0:3])[0:7]).any())
+        big = d[5:8].any()
+        return Mux(big, Cat(mag.any(), Const(0, 26)), Cat(shifted[0] | lost, shifted[1:27]))
     p0 = {
-        "mx": Signal(24, name=f"{prefix}_mx24"), "my": Signal(27, name=f"{prefix}_my_c"),
-        "lost": Signal(name=f"{prefix}_lost_c"), "fine": Signal(3, name=f"{prefix}_dfine"),
-        "sub": Signal(name=f"{prefix}_sub"),
+        "ma": Signal(24, name=f"{prefix}_ma24"), "mb": Signal(24, name=f"{prefix}_mb24"),
+        "a_al": Signal(27, name=f"{prefix}_a_al"), "b_al": Signal(27, name=f"{prefix}_b_al"),
+        "swap": Signal(name=f"{prefix}_swap_r"), "sub": Signal(name=f"{prefix}_sub"),
         "exp": Signal(8, name=f"{prefix}_ex"), "sign": Signal(name=f"{prefix}_sx"),
         "nan": Signal(name=f"{prefix}_nan"), "inf": Signal(name=f"{prefix}_inf"),
         "inf_sign": Signal(name=f"{prefix}_inf_sign"), "zero_sign": Signal(name=f"{prefix}_zero_sign"),
     }
     m.d.comb += [
-        p0["mx"].eq(Mux(swap, mb, ma)),
-        p0["my"].eq(Mux(swap, a_c, b_c)),
-        p0["lost"].eq(Mux(swap, a_lost, b_lost)),
-        p0["fine"].eq(Mux(b_exp_larger, dc_ba[0:3], dc_ab[0:3])),
+        p0["ma"].eq(ma),
+        p0["mb"].eq(mb),
+        p0["a_al"].eq(align(ma, d_ba, "a")),
+        p0["b_al"].eq(align(mb, d_ab, "b")),
+        p0["swap"].eq(swap),
         p0["sub"].eq(sa ^ sb),
         p0["exp"].eq(Mux(b_exp_larger, eb, ea)),
         p0["sign"].eq(Mux(swap, sb, sa)),
@@ -401,14 +405,11 @@ def _add_part0(m: Module, a, b, prefix):
 
 
 def _add_part1(m: Module, st: dict, prefix):
-    """Part 1: align the smaller significand (guard, round, sticky: 27 bits; the rest of the shift after
-    part 0's multiple of 8) and add or subtract."""
-    mx27, my_c = Cat(Const(0, 3), st["mx"]), st["my"]
-    shifted = Signal(27, name=f"{prefix}_shifted")
-    m.d.comb += shifted.eq(my_c >> st["fine"])
-    lost = Signal(name=f"{prefix}_lost")        # a one shifted out below the sticky position
-    m.d.comb += lost.eq(st["lost"] | (my_c[0:7] & ~(Const(0x7F, 7) << st["fine"])[0:7]).any())
-    my_al = Cat(shifted[0] | lost, shifted[1:27])
+    """Part 1: the larger significand and the aligned smaller one (part 0's swap), add or subtract."""
+    swap = st["swap"]
+    mx27 = Cat(Const(0, 3), Mux(swap, st["mb"], st["ma"]))
+    my_al = Signal(27, name=f"{prefix}_my_al")
+    m.d.comb += my_al.eq(Mux(swap, st["a_al"], st["b_al"]))
     total = Signal(28, name=f"{prefix}_sum")
     m.d.comb += total.eq(Mux(st["sub"], mx27 - my_al, mx27 + my_al))
     return {"total": total, **{k: st[k] for k in ("exp", "sign", "nan", "inf", "inf_sign", "zero_sign")}}

@@ -56,6 +56,10 @@ class MacUnit(wiring.Component):
         returns unchanged). The ``k``-th column since the load or the last combine is added into
         ``p(k mod P)`` through a ``P``-stage adder (:func:`fp32_add_pipe`, its last register being the
         partial itself), so a partial is read again ``P`` cycles after it was issued at the earliest.
+        For timing (issue 15) the adder's operands are registers loaded a cycle ahead (the partial the
+        issue will read, taken from the adder's output when it is written on that edge, and the adder
+        tree's sum, the tree's last register being this one): the loop is still ``P`` registers and the
+        latencies are the same.
         ``combine`` (one cycle) adds the partials in the fixed pairwise order of
         :func:`combine_schedule` (``(p0+p1)+(p2+p3)`` for 4) into ``p0``, sets the others to ``-0``
         and restarts at ``p0``; ``acc`` shows ``p0``, so it holds the total ``combine_latency`` cycles

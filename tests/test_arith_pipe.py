@@ -102,12 +102,13 @@ def test_latencies_and_default_ports():
 # -- RTL on the Amaranth simulator -----------------------------------------------------------
 
 class _Units(wiring.Component):
-    """One FP32Adder of each depth 1..4, one fp32_add_pipe of each depth 1..4 without its last register
-    (then registered here: the MAC unit's use), and the two-stage multiplier, side by side."""
+    """One FP32Adder of each depth 1..4, one fp32_add_pipe and one FP32Adder of each depth 1..4 without its
+    last register (then registered here: the MAC unit's use), and the two-stage multiplier, side by side."""
 
     def __init__(self):
         super().__init__({"a": In(32), "b": In(32), "ma": In(16), "mb": In(16),
-                          "s": Out(data.ArrayLayout(32, 4)), "s_open": Out(data.ArrayLayout(32, 4)), "p2": Out(32)})
+                          "s": Out(data.ArrayLayout(32, 4)), "s_open": Out(data.ArrayLayout(32, 4)),
+                          "s_open_c": Out(data.ArrayLayout(32, 4)), "p2": Out(32)})
 
     def elaborate(self, platform):
         m = Module()
@@ -117,6 +118,9 @@ class _Units(wiring.Component):
         for d in range(1, 5):
             open_s = fp32_add_pipe(m, self.a, self.b, d, prefix=f"open{d}", out_reg=False)
             m.d.sync += self.s_open[d - 1].eq(open_s)
+            add = m.submodules[f"open_add{d}"] = FP32Adder(d, out_reg=False)
+            m.d.comb += [add.a.eq(self.a), add.b.eq(self.b)]
+            m.d.sync += self.s_open_c[d - 1].eq(add.s)
         m.d.comb += self.p2.eq(bf16_mul_pipe(m, self.ma, self.mb, 2, prefix="mul2"))
         return m
 
@@ -130,7 +134,7 @@ def test_adders_every_depth_and_mul2_bit_exact():
     ma, mb = bf16_pairs(rng, SPECIAL_BF16.size**2 + 600)
     n = max(aa.size, ma.size)
     aa, ab, ma, mb = np.resize(aa, n), np.resize(ab, n), np.resize(ma, n), np.resize(mb, n)
-    trace_s, trace_o, trace_p = [], [], []
+    trace_s, trace_o, trace_c, trace_p = [], [], [], []
 
     async def bench(ctx):
         for i in range(n + 5):
@@ -142,6 +146,7 @@ def test_adders_every_depth_and_mul2_bit_exact():
             await ctx.tick()                             # trace[i]: the outputs at cycle i + 1
             trace_s.append([ctx.get(dut.s[d]) for d in range(4)])
             trace_o.append([ctx.get(dut.s_open[d]) for d in range(4)])
+            trace_c.append([ctx.get(dut.s_open_c[d]) for d in range(4)])
             trace_p.append(ctx.get(dut.p2))
 
     sim = Simulator(dut)
@@ -155,7 +160,52 @@ def test_adders_every_depth_and_mul2_bit_exact():
         # without its last register the sum comes d - 1 cycles after the operands (then one here)
         got = np.array([trace_o[i + d - 1][d - 1] for i in range(n)], dtype=np.uint32)
         np.testing.assert_array_equal(got, want_s, err_msg=f"fp32_add_pipe({d}, out_reg=False)")
+        got = np.array([trace_c[i + d - 1][d - 1] for i in range(n)], dtype=np.uint32)
+        np.testing.assert_array_equal(got, want_s, err_msg=f"FP32Adder({d}, out_reg=False)")
+        if d > 1:                                      # one cycle early
+            early = np.array([trace_c[i + d - 2][d - 1] for i in range(n)], dtype=np.uint32)
+            assert not np.array_equal(early, want_s), f"FP32Adder({d}, out_reg=False) one cycle early"
     np.testing.assert_array_equal(np.array(trace_p[1:n + 1], dtype=np.uint32), want_p)     # latency 2
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+def test_adder_tree_without_last_register(stages):
+    """AdderTree(out_reg=False) (the MAC unit's tree when its accumulator has interleaved partials): the sum
+    of the golden tree order, combinational ``latency - 1`` cycles after the inputs (registered here)."""
+
+    class Tree(wiring.Component):
+        def __init__(self):
+            super().__init__({"i": In(data.ArrayLayout(32, 4)), "o": Out(32)})
+
+        def elaborate(self, platform):
+            m = Module()
+            tree = m.submodules.tree = AdderTree(4, stages, out_reg=False)
+            m.d.comb += tree.i.eq(self.i)
+            m.d.sync += self.o.eq(tree.o)
+            return m
+
+    dut = Tree()
+    rng = np.random.default_rng(20 + stages)
+    n = 300
+    xs = np.stack([fp32_pairs(rng, n)[k % 2] for k in range(4)], axis=1).astype(np.uint32)
+    trace = []
+
+    async def bench(ctx):
+        for c in range(n + 2 * stages):
+            if c < n:
+                for k in range(4):
+                    ctx.set(dut.i[k], int(xs[c, k]))
+            await ctx.tick()
+            trace.append(ctx.get(dut.o))                 # trace[c]: the output at cycle c + 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    L = AdderTree(4, stages).latency                     # the caller's register is the last stage
+    want = G.adder_tree(xs)
+    np.testing.assert_array_equal(np.array(trace[L - 1:L - 1 + n], dtype=np.uint32), want)
+    assert not np.array_equal(np.array(trace[L - 2:L - 2 + n], dtype=np.uint32), want)     # one cycle early
 
 
 def test_adder_depth0_bit_exact():
