@@ -22,12 +22,11 @@ def _array_pipelined(n, mul_stages, add_stages):
     return factory
 
 
-# Issue 15 (timing closure): the array of the pipelined presets (tiny-p4, default-p4): 2-stage multipliers and
-# 4-stage FP32 adders in every PE (partial sums move one row every 4 cycles; latency 4R + C + 1).
+# Issue 15 (timing closure): the systolic array with pipelined PEs (hw.npu.systolic; latency add_stages * R +
+# mul_stages + C - 1). p4: fp32_add_pipe's four parts (82.1 MHz); p8: eight parts (92.6, routing between PEs placed
+# by their DSP blocks); p8l: the same with the multiplier in LUTs, the depth of tiny-p4 / default-p4 (107.7).
 register("array4x4_p4", _array_pipelined(4, 2, 4), "NPU systolic array 4x4, pipelined PEs (issue 15): 2-stage "
          "BF16 multipliers, 4-stage FP32 adders, activation skew 4 cycles per row")
-register("array4x4_p7", _array_pipelined(4, 2, 7), "NPU systolic array 4x4, pipelined PEs (issue 15): 2-stage "
-         "BF16 multipliers, 7-stage FP32 adders (hw.npu.pe_adder), activation skew 7 cycles per row")
 register("array4x4_p8", _array_pipelined(4, 2, 8), "NPU systolic array 4x4, pipelined PEs (issue 15): 2-stage "
          "BF16 multipliers, 8-stage FP32 adders (hw.npu.pe_adder, operands registered first), activation skew 8 "
          "cycles per row")
