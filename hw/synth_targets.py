@@ -32,6 +32,8 @@ register("array4x4_p8", _array_pipelined(4, 2, 8), "NPU systolic array 4x4, pipe
          "cycles per row")
 register("array4x4_p8l", _array_pipelined(4, 3, 8), "NPU systolic array 4x4, pipelined PEs (issue 15): 3-stage "
          "BF16 multipliers in LUTs (no DSP block: hw.npu.pe_adder.pe_bf16_mul), 8-stage FP32 adders")
+register("array4x4_p4l", _array_pipelined(4, 3, 4), "NPU systolic array 4x4, pipelined PEs (issue 15): 3-stage "
+         "BF16 multipliers in LUTs (no DSP block: hw.npu.pe_adder.pe_bf16_mul), 4-stage FP32 adders (fp32_add_pipe)")
 # The vector unit is not a default target: nextpnr-ecp5 did not place the 4-lane unit within 40 minutes here.
 
 
