@@ -193,7 +193,7 @@ def _array_rtl(R, C, passes, gap, test_name, stages=(1, 1)):
     return np.load(xml.parent / "out.npy")
 
 
-ARRAY_STAGES = [(1, 1), (2, 4), (2, 5), (2, 6), (2, 7), (2, 8), (3, 8)]
+ARRAY_STAGES = [(1, 1), (2, 4), (2, 5), (2, 6), (2, 7), (2, 8), (3, 4), (3, 8)]
 """PE depths (multiplier, adder) under test: the one-stage PE, the pipelined presets' (``tiny-p4``: 3, 8) and the
 other adder depths."""
 
@@ -237,7 +237,8 @@ def test_array_amaranth_sim(R, C, M, gap, gate, stages):
         got, times, sched = _array_sim(R, C, passes, gap, stages)
         # the latency to the cycle, written out: R + C for the one-stage PE, 4R + C + 1 for (2, 4)
         latency = {(1, 1): R + C, (2, 4): 4 * R + C + 1, (2, 5): 5 * R + C + 1, (2, 6): 6 * R + C + 1,
-                   (2, 7): 7 * R + C + 1, (2, 8): 8 * R + C + 1, (3, 8): 8 * R + C + 2}[stages]
+                   (2, 7): 7 * R + C + 1, (2, 8): 8 * R + C + 1, (3, 4): 4 * R + C + 2,
+                   (3, 8): 8 * R + C + 2}[stages]
         np.testing.assert_array_equal(times, np.flatnonzero(sched["act_valid"]) + latency)
     want = np.concatenate([gemm(a[:, :kv], w[:kv], R) for a, w, kv in passes])
     np.testing.assert_array_equal(got, want)
