@@ -24,7 +24,8 @@ def _array_pipelined(n, mul_stages, add_stages):
 
 # Issue 15 (timing closure): the systolic array with pipelined PEs (hw.npu.systolic; latency add_stages * R +
 # mul_stages + C - 1). p4: fp32_add_pipe's four parts (82.1 MHz); p8: eight parts (92.6, routing between PEs placed
-# by their DSP blocks); p8l: the same with the multiplier in LUTs, the depth of tiny-p4 / default-p4 (107.7).
+# by their DSP blocks); p8l: the same with the multiplier in LUTs (107.7); p4l: LUT multipliers and fp32_add_pipe's
+# four stages, the depth of tiny-p4 / default-p4 (106.4).
 register("array4x4_p4", _array_pipelined(4, 2, 4), "NPU systolic array 4x4, pipelined PEs (issue 15): 2-stage "
          "BF16 multipliers, 4-stage FP32 adders, activation skew 4 cycles per row")
 register("array4x4_p8", _array_pipelined(4, 2, 8), "NPU systolic array 4x4, pipelined PEs (issue 15): 2-stage "

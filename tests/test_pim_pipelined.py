@@ -31,8 +31,8 @@ def test_presets_take_tmac_from_the_unit():
         assert unit.latency == 22 and unit.combine_latency == 9
         assert cfg.timing.tMAC == pu_mac_depth(p) == 1 + unit.result_latency == 32
         base = preset(name.removesuffix("-p4"))
-        # and the systolic array's PEs (3-stage LUT multipliers, 8-stage adders; hw.npu.systolic)
-        assert (cfg.npu.pe_mul_stages, cfg.npu.pe_add_stages) == (3, 8)
+        # and the systolic array's PEs (3-stage LUT multipliers, 4-stage adders; hw.npu.systolic)
+        assert (cfg.npu.pe_mul_stages, cfg.npu.pe_add_stages) == (3, 4)
         assert cfg.replace(name=base.name, **{"pim.mul_stages": 1, "pim.tree_stages": 2, "pim.acc_stages": 1,
                                                "pim.pick_stages": 0, "timing.tMAC": base.timing.tMAC,
                                                "npu.pe_mul_stages": 1, "npu.pe_add_stages": 1}) == base
@@ -46,7 +46,7 @@ def test_presets_take_tmac_from_the_unit():
     assert preset("tiny-p4").pim.combine_flag == 1 << COMBINE_ROW_BIT
     # The default depths are left out of repr (module names and build keys of every other preset unchanged).
     assert "stages" not in repr(preset("default").pim) and "acc_stages=4" in repr(preset("default-p4").pim)
-    assert "stages" not in repr(preset("default").npu) and "pe_add_stages=8" in repr(preset("default-p4").npu)
+    assert "stages" not in repr(preset("default").npu) and "pe_add_stages=4" in repr(preset("default-p4").npu)
     with pytest.raises(ConfigError, match="PimGeometry.acc_stages must be 1 with int4 weights"):
         preset("tiny-w4").replace(**{"pim.acc_stages": 4})
 

@@ -74,8 +74,8 @@ class ComputeEngine(wiring.Component):
     ``max(R, 4) + slot * KB * NB + latency_drain`` with
     ``latency_drain = R + C + 3`` (SPM read 1, array ``R + C``, RMW 2) for
     one-stage PEs, :func:`hw.spec.pipeline.compute_drain` in general (array
-    :func:`hw.spec.pipeline.array_latency`: ``8R + C + 1`` with ``mul_stages``
-    = 2, ``add_stages`` = 8). Nothing else depends on the PE depth: the
+    :func:`hw.spec.pipeline.array_latency`: ``4R + C + 2`` with ``mul_stages``
+    = 3, ``add_stages`` = 4). Nothing else depends on the PE depth: the
     array's weight timing contract is the same at every depth.
     """
 

@@ -67,10 +67,14 @@ both limited by routing (9 of 11 ns): each PE sits by its DSP block, the DSP
 blocks are in a few rows of the die, so two PEs of a column are up to 26 rows
 apart. With the multiplier in LUTs (3 / 8, ``array4x4_p8l``, no DSP block) the
 array is placed as one block: 99.9 MHz with the multiplier's exponent tests in
-its last stage, 107.7 MHz with them a stage earlier (16,715 LUT4, 11,424 FF, no
-MULT18; critical path 9.3 ns, the adder's round part into the next PE). The
-pipelined presets (``tiny-p4``, ``default-p4``) take 3 / 8: latency
-``8R + C + 2`` (146 cycles on 16 x 16 instead of 32).
+its last stage, 107.7 MHz with them a stage earlier (``array4x4_p8l``). After
+``fp32_add_pipe``'s re-timing (align-a one carry chain deep) the four-stage
+adder reaches 99.8 MHz with DSP multipliers (``array4x4_p4``) and 106.4 MHz
+with the LUT multiplier (3 / 4, ``array4x4_p4l``: 18,570 LUT4, 7,830 FF, no
+MULT18; critical path 9.4 ns, a PE's ``ps_out`` into the next PE's align-a)
+at half the skew of 3 / 8. The pipelined presets (``tiny-p4``,
+``default-p4``) take 3 / 4: latency ``4R + C + 2`` (66 cycles on 16 x 16
+instead of 32).
 
 A row's first-row flag reaches row ``i`` ``add_stages * i`` cycles after row
 0, so the weight bus of row ``i`` is delayed by ``(add_stages - 1) * i``

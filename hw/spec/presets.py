@@ -98,7 +98,7 @@ def _lowprec(base, suffix, doc, fmt, acts, tmac, **extra):
                                           "timing.tMAC": tmac, **extra})
 
 
-def _pipelined(base, mul_stages=2, tree_stages=4, acc_stages=4, pe_mul_stages=3, pe_add_stages=8):
+def _pipelined(base, mul_stages=2, tree_stages=4, acc_stages=4, pe_mul_stages=3, pe_add_stages=4):
     """``base`` with a pipelined BF16 processing unit (issue 15): ``mul_stages``-stage multipliers,
     ``tree_stages``-stage adder-tree levels, ``acc_stages`` interleaved partial sums, and ``tMAC`` = the unit's
     result depth (:func:`hw.spec.pipeline.mac_depth`: storage read + MacUnit latency + combine latency; 32 for
@@ -163,7 +163,7 @@ PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
                                   "fp4", "fp8_e4m3", 8, **{"pim.grid_choice": True, "pim.quant_group": 64}),
            # the pipelined BF16 processing unit (issue 15): 2-stage multipliers, 4-stage adders, 4 interleaved
            # partial sums; tMAC from the unit's depth (32 cycles for 16 lanes); systolic-array PEs with 3-stage
-           # multipliers in LUTs and 8-stage adders (array latency 8R + C + 2); the memory controllers' pick registered
+           # multipliers in LUTs and 4-stage adders (array latency 4R + C + 2); the memory controllers' pick registered
            "tiny-p4": _pipelined(_tiny), "default-p4": _pipelined(_default),
            "tiny-dualrb-p4": _pipelined(_dual(_tiny))}
 
