@@ -73,7 +73,7 @@ adder reaches 99.8 MHz with DSP multipliers (``array4x4_p4``) and 106.4 MHz
 with the LUT multiplier (3 / 4, ``array4x4_p4l``: 18,570 LUT4, 7,830 FF, no
 MULT18; critical path 9.4 ns, a PE's ``ps_out`` into the next PE's align-a)
 at half the skew of 3 / 8. The pipelined presets (``tiny-p4``,
-``default-p4``) take 3 / 4: latency ``4R + C + 2`` (66 cycles on 16 x 16
+``default-p4``) take 3 / 4: latency ``4R + C + 2`` (82 cycles on 16 x 16
 instead of 32).
 
 A row's first-row flag reaches row ``i`` ``add_stages * i`` cycles after row
