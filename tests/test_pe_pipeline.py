@@ -78,6 +78,8 @@ def test_pipeline_formulas():
     assert array_latency(16, 16) == 32 and compute_drain(16, 16) == 35
     assert array_latency(4, 4, 2, 4) == 21 and array_latency(16, 16, 2, 4) == 81
     assert array_latency(16, 16, 2, 7) == 129 and compute_drain(16, 16, 2, 7) == 132
+    # the pipelined presets' PE (3-stage LUT multipliers, 4-stage adders): 4R + C + 2
+    assert array_latency(4, 4, 3, 4) == 22 and array_latency(16, 16, 3, 4) == 82 and compute_drain(16, 16, 3, 4) == 85
 
 
 class _Mul3(wiring.Component):
