@@ -74,7 +74,11 @@ with the LUT multiplier (3 / 4, ``array4x4_p4l``: 18,570 LUT4, 7,830 FF, no
 MULT18; critical path 9.4 ns, a PE's ``ps_out`` into the next PE's align-a)
 at half the skew of 3 / 8. The pipelined presets (``tiny-p4``,
 ``default-p4``) take 3 / 4: latency ``4R + C + 2`` (82 cycles on 16 x 16
-instead of 32).
+instead of 32). What the deeper drain costs (``ianus run --config default-p4
+--layers 1`` on the RTL, against the same tree with one-stage PEs): prefill
+1,222,666 cycles (1,222,876), generation 61,720 per token (61,714); GPT-2
+prefill GEMMs (L = 128) keep a compute-phase utilization of 0.972 to 0.998
+(QK^T 0.972 against 0.984: 50 more drain cycles on 4,214).
 
 A row's first-row flag reaches row ``i`` ``add_stages * i`` cycles after row
 0, so the weight bus of row ``i`` is delayed by ``(add_stages - 1) * i``
