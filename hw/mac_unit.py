@@ -219,7 +219,7 @@ class MacUnit(wiring.Component):
         dest = Signal(range(P), name="acc_dest")
         with m.If(self.combine | combining):
             with m.Switch(Mux(combining, step, 0)):
-                for s, ja, jb, jd in ops:
+                for s, _ja, _jb, jd in ops:
                     with m.Case(s):
                         m.d.comb += [issue.eq(1), dest.eq(jd)]
         with m.Elif(valid):
@@ -279,7 +279,7 @@ class MacUnit(wiring.Component):
         m.d.comb += [sel_a2.eq(0), sel_b2.eq(1), b_is_part2.eq(1)]       # step 0 of a combine
         with m.If(combining_2):
             with m.Switch(step_next + 1):
-                for s, ja, jb, jd in ops:
+                for s, ja, jb, _jd in ops:
                     with m.Case(s):
                         m.d.comb += [sel_a2.eq(ja), sel_b2.eq(jb)]
         with m.Elif(valid_2):
