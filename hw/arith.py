@@ -472,6 +472,14 @@ def _add_part3(m: Module, st: dict, prefix):
     ovf = Mux(carry, ~neg & (hi | nexp[1:8].all()), ~neg & (hi | nexp[0:8].all()))
     unf = Mux(carry, neg, neg | ~nexp[0:9].any())
     packed = Signal(32, name=f"{prefix}_packed")
+    return fp32_pack(m, packed, st, ovf, unf, frac, Mux(carry, exp_inc, nexp[0:8]))
+
+
+def fp32_pack(m: Module, packed, st: dict, ovf, unf, frac, exp):
+    """Drive ``packed`` with an FP32 adder's result: NaN, infinity (``st["inf_sign"]``), an exact zero
+    (``st["zero_sign"]``), overflow to infinity, underflow flushed to zero (both with ``st["sign"]``), else
+    ``sign | exp | frac``; shared by :func:`fp32_add_pipe` and :func:`hw.npu.pe_adder.pe_fp32_add`. Returns
+    ``packed``."""
     with m.If(st["nan"]):
         m.d.comb += packed.eq(QNAN)
     with m.Elif(st["inf"]):
@@ -483,7 +491,7 @@ def _add_part3(m: Module, st: dict, prefix):
     with m.Elif(unf):
         m.d.comb += packed.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
     with m.Else():
-        m.d.comb += packed.eq(Cat(frac, Mux(carry, exp_inc, nexp[0:8]), st["sign"]))
+        m.d.comb += packed.eq(Cat(frac, exp, st["sign"]))
     return packed
 
 

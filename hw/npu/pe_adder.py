@@ -24,7 +24,7 @@ the golden GEMM at depths 5 to 8, special operands included).
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 
-from ..arith import QNAN, bf16_mul_pipe, check_fp_impl, fp32_add_pipe, leading_zeros
+from ..arith import QNAN, bf16_mul_pipe, check_fp_impl, fp32_add_pipe, fp32_pack, leading_zeros
 
 __all__ = ["PE_ADD_CUTS", "pe_bf16_mul", "pe_fp32_add"]
 
@@ -165,19 +165,7 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
     ovf = Mux(carry, nexp >= 254, nexp >= 255)
     unf = Mux(carry, nexp <= -1, nexp <= 0)
     packed = sig(32, "packed")
-    with m.If(st["nan"]):
-        m.d.comb += packed.eq(QNAN)
-    with m.Elif(st["inf"]):
-        m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["inf_sign"]))
-    with m.Elif(st["is_zero"]):
-        m.d.comb += packed.eq(Cat(Const(0, 31), st["zero_sign"]))
-    with m.Elif(ovf):
-        m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["sign"]))
-    with m.Elif(unf):
-        m.d.comb += packed.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
-    with m.Else():
-        m.d.comb += packed.eq(Cat(frac, Mux(carry, exp_inc, nexp[0:8]), st["sign"]))
-    return packed
+    return fp32_pack(m, packed, st, ovf, unf, frac, Mux(carry, exp_inc, nexp[0:8]))
 
 
 def pe_bf16_mul(m: Module, a, b, prefix="mul", fp_impl="rtl"):

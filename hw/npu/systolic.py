@@ -395,27 +395,26 @@ class SystolicArray(wiring.Component):
         # first-row flag comes Sa cycles after the row above's, so the bus of row i is delayed by a further
         # (Sa - 1) * i cycles: each row captures its weight the same number of cycles after it switched.
         w_in_flight = [self.w_valid]
+
+        def delay(bus, j, kind, at):
+            """One register stage of column ``j``'s weight bus (``w``, ``v``, ``en``, ``idx``), its signals named
+            ``{kind}_w{at}`` etc. (``wskew_w3_0``, ``wrow_en3_1_0``)."""
+            w, v, en, idx = bus
+            nw, nv = Signal(16, name=f"{kind}_w{at}"), Signal(name=f"{kind}_v{at}")
+            nen, nidx = Signal(name=f"{kind}_en{at}"), Signal.like(self.w_index, name=f"{kind}_i{at}")
+            m.d[dp] += [nw.eq(w), nv.eq(v), nen.eq(en), nidx.eq(idx)]
+            if j == C - 1:
+                w_in_flight.append(nv)
+            return nw, nv, nen, nidx
+
         for j in range(C):
-            w, v, en, idx = self.w_row[j], self.w_valid, self.w_en, self.w_index
+            bus = (self.w_row[j], self.w_valid, self.w_en, self.w_index)
             for d in range(j):
-                nw = Signal(16, name=f"wskew_w{j}_{d}")
-                nv = Signal(name=f"wskew_v{j}_{d}")
-                nen = Signal(name=f"wskew_en{j}_{d}")
-                nidx = Signal.like(self.w_index, name=f"wskew_i{j}_{d}")
-                m.d[dp] += [nw.eq(w), nv.eq(v), nen.eq(en), nidx.eq(idx)]
-                if j == C - 1:
-                    w_in_flight.append(nv)
-                w, v, en, idx = nw, nv, nen, nidx
+                bus = delay(bus, j, "wskew", f"{j}_{d}")
             for i in range(R):
                 for d in range(Sa - 1 if i else 0):
-                    nw = Signal(16, name=f"wrow_w{j}_{i}_{d}")
-                    nv = Signal(name=f"wrow_v{j}_{i}_{d}")
-                    nen = Signal(name=f"wrow_en{j}_{i}_{d}")
-                    nidx = Signal.like(self.w_index, name=f"wrow_i{j}_{i}_{d}")
-                    m.d[dp] += [nw.eq(w), nv.eq(v), nen.eq(en), nidx.eq(idx)]
-                    if j == C - 1:
-                        w_in_flight.append(nv)
-                    w, v, en, idx = nw, nv, nen, nidx
+                    bus = delay(bus, j, "wrow", f"{j}_{i}_{d}")
+                w, v, en, idx = bus
                 m.d.comb += [
                     pe[i][j].w_in.eq(w),
                     pe[i][j].w_en_in.eq(en),
