@@ -9,7 +9,9 @@ it; a target without a stored result gives one row with ``"missing": true``.
 Rows per target: ``synth_ecp5_fmax_mhz`` (when placed and routed; ``synth_ecp5_fmax_mhz_placed`` when routing
 did not finish), ``synth_xcup`` (UltraScale+ LUTs, FF/DSP/BRAM36), ``synth_ecp5`` (ECP5 LUT4, FF/MULT18/DP16KD).
 The rows of earlier runs (``fpga_ecp5_fmax_mhz`` / ``fpga_xcup_luts`` of ``mac16``, ``proto_*`` of
-``proto_fpga``) are kept with the same fields.
+``proto_fpga``) are kept with the same fields; issue 15's Fmax rows ``fpga_ecp5_fmax_mhz`` and
+``proto_fmax_mhz_ecp5`` (``_placed`` when routing did not finish) are also given for the pipelined forms
+``mac16_p4`` and ``proto_fpga_p4`` (the ``target`` field tells them apart).
 
 ``IANUS_SYNTH_RUN=1`` runs the flow (``hw.synth.synth``, default place-and-route choice) for missing and stale
 targets first: that can take hours.
@@ -69,8 +71,27 @@ def target_rows(s: dict):
     yield from _legacy_rows(name, rec, c)
 
 
+def _proto_fmax_rows(e: dict, c: dict):
+    if e.get("fmax_mhz"):
+        yield {"name": "proto_fmax_mhz_ecp5", "value": e["fmax_mhz"], "unit": "MHz", "device": DEVICE,
+               "critical_path": e.get("critical_path"), **c}
+    elif e.get("fmax_placed_mhz"):
+        yield {"name": "proto_fmax_mhz_ecp5_placed", "value": e["fmax_placed_mhz"], "unit": "MHz",
+               "device": DEVICE, **c,
+               "estimate": "nextpnr's estimate after placement; routing did not finish: " + e.get("pnr_status", "")}
+
+
 def _legacy_rows(name: str, rec: dict, c: dict):
+    """Issue 15's row names: ``fpga_ecp5_fmax_mhz`` for the PIM unit (``mac16``, and its pipelined form
+    ``mac16_p4``), ``proto_fmax_mhz_ecp5`` for the prototype's FPGA part (``proto_fpga``, and ``proto_fpga_p4``
+    with the registered pick); every row names its ``target``."""
     e, x = rec["ecp5"], rec["xcup"]
+    if name == "mac16_p4" and rec.get("pnr"):
+        yield {"name": "fpga_ecp5_fmax_mhz", "value": e.get("fmax_mhz"), "unit": "MHz", "device": DEVICE,
+               "lut4": e["LUT4"], "ff": e["FF"], "mult18": e["MULT18X18D"], "critical_path": e.get("critical_path"),
+               **c}
+    elif name == "proto_fpga_p4":
+        yield from _proto_fmax_rows(e, c)
     if name == "mac16":
         if rec.get("pnr"):
             yield {"name": "fpga_ecp5_fmax_mhz", "value": e.get("fmax_mhz"), "unit": "MHz", "device": DEVICE,
@@ -79,13 +100,7 @@ def _legacy_rows(name: str, rec: dict, c: dict):
         yield {"name": "fpga_xcup_luts", "value": x["LUT"], "unit": "LUT", "ff": x["FF"], "dsp": x["DSP"],
                "bram36": x["BRAM36"], "share_of_xcvu9p_lut": round(x["share_of_xcvu9p"]["LUT"], 5), **c}
     elif name == "proto_fpga":
-        if e.get("fmax_mhz"):
-            yield {"name": "proto_fmax_mhz_ecp5", "value": e["fmax_mhz"], "unit": "MHz", "device": DEVICE,
-                   "critical_path": e.get("critical_path"), **c}
-        elif e.get("fmax_placed_mhz"):
-            yield {"name": "proto_fmax_mhz_ecp5_placed", "value": e["fmax_placed_mhz"], "unit": "MHz",
-                   "device": DEVICE, **c,
-                   "estimate": "nextpnr's estimate after placement; routing did not finish: " + e.get("pnr_status", "")}
+        yield from _proto_fmax_rows(e, c)
         yield {"name": "proto_ecp5_lut4", "value": e["LUT4"], "unit": "LUT4", "ff": e["FF"], "dp16kd": e["DP16KD"],
                **c}
         for key in ("LUT", "FF", "DSP", "BRAM36"):
