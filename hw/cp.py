@@ -183,8 +183,8 @@ class CommandProcessor(wiring.Component):
         if (not isinstance(fetch_depth, int) or isinstance(fetch_depth, bool) or not 2 <= fetch_depth <= 256
                 or fetch_depth & (fetch_depth - 1)):
             raise ValueError(f"Fetch depth must be a power of two in [2, 256], not {fetch_depth!r}")
-        self._cfg = cfg
-        self._fetch_depth = fetch_depth
+        self.cfg = cfg
+        self.fetch_depth = fetch_depth
         self._spu = cfg.spu is not None
         self._units = UNITS + ((SPU_UNIT,) if self._spu else ())
         members = {
@@ -205,18 +205,10 @@ class CommandProcessor(wiring.Component):
             members[name] = Out(UnitSignature(payload, error_width))
         super().__init__(members)
 
-    @property
-    def cfg(self) -> SystemConfig:
-        return self._cfg
-
-    @property
-    def fetch_depth(self) -> int:
-        return self._fetch_depth
-
     def elaborate(self, platform):
         m = Module()
-        p = self._cfg.pim
-        depth = self._fetch_depth
+        p = self.cfg.pim
+        depth = self.fetch_depth
 
         run = Signal()
         err = Signal(16)

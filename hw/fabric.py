@@ -145,26 +145,14 @@ class MemFabric(wiring.Component):
                 f"{self.rid_bits} requester-id bits and rob_depth {rob_depth} needs {self.slot_bits} slot "
                 f"bits ({self.rid_bits + self.slot_bits} > {TAG_BITS}); use fewer requesters or a smaller "
                 f"rob_depth")
-        self._cfg = cfg
-        self._n = n_requesters
-        self._depth = rob_depth
+        self.cfg = cfg
+        self.n_requesters = n_requesters
+        self.rob_depth = rob_depth
         C = cfg.pim.channels
         super().__init__({"m": In(MemPortSignature(cfg)).array(n_requesters),
                           "r": Out(stream.Signature(request_layout(cfg))).array(C),
                           "q": In(stream.Signature(response_layout(cfg))).array(C),
                           "req_stall": Out(32).array(n_requesters)})
-
-    @property
-    def cfg(self) -> SystemConfig:
-        return self._cfg
-
-    @property
-    def n_requesters(self) -> int:
-        return self._n
-
-    @property
-    def rob_depth(self) -> int:
-        return self._depth
 
     def channel_tag(self, requester: int, slot: int) -> int:
         """The channel tag of ROB slot ``slot`` of requester ``requester``."""
@@ -172,9 +160,9 @@ class MemFabric(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self._cfg
+        cfg = self.cfg
         p = cfg.pim
-        N, C, D = self._n, p.channels, self._depth
+        N, C, D = self.n_requesters, p.channels, self.rob_depth
         sb = self.slot_bits
         amap = AddressMap(p)
         rlay = request_layout(cfg)

@@ -96,12 +96,12 @@ class MacUnit(wiring.Component):
                  mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1):
         if not isinstance(lanes, int) or lanes < 2 or lanes & (lanes - 1):
             raise ValueError(f"MAC lanes must be a power of two of at least 2, not {lanes!r}")
-        self._lanes = lanes
+        self.lanes = lanes
         self._clock_gate = bool(clock_gate)
         self._fp_impl = check_fp_impl(fp_impl)
-        self._mul_stages = _check_stages("MAC multiplier stages", mul_stages, (1, 2))
-        self._tree_stages = _check_stages("MAC adder tree stages", tree_stages, tuple(range(1, MAX_ADD_STAGES + 1)))
-        self._acc_stages = _check_stages("MAC accumulator stages", acc_stages, tuple(range(1, MAX_ADD_STAGES + 1)))
+        self.mul_stages = _check_stages("MAC multiplier stages", mul_stages, (1, 2))
+        self.tree_stages = _check_stages("MAC adder tree stages", tree_stages, tuple(range(1, MAX_ADD_STAGES + 1)))
+        self.acc_stages = _check_stages("MAC accumulator stages", acc_stages, tuple(range(1, MAX_ADD_STAGES + 1)))
         ports = {
             "valid": In(1),
             "w": In(data.ArrayLayout(16, lanes)),
@@ -113,22 +113,6 @@ class MacUnit(wiring.Component):
         if acc_stages > 1:
             ports["combine"] = In(1)
         super().__init__(ports)
-
-    @property
-    def lanes(self) -> int:
-        return self._lanes
-
-    @property
-    def mul_stages(self) -> int:
-        return self._mul_stages
-
-    @property
-    def tree_stages(self) -> int:
-        return self._tree_stages
-
-    @property
-    def acc_stages(self) -> int:
-        return self._acc_stages
 
     @staticmethod
     def latency_for(lanes: int, mul_stages: int = 1, tree_stages: int = 2, acc_stages: int = 1) -> int:
@@ -144,11 +128,11 @@ class MacUnit(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return self.latency_for(self._lanes, self._mul_stages, self._tree_stages, self._acc_stages)
+        return self.latency_for(self.lanes, self.mul_stages, self.tree_stages, self.acc_stages)
 
     @property
     def combine_latency(self) -> int:
-        return self.combine_latency_for(self._acc_stages)
+        return self.combine_latency_for(self.acc_stages)
 
     @property
     def result_latency(self) -> int:
@@ -159,26 +143,26 @@ class MacUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         dp = "mac" if self._clock_gate else "sync"
-        if self._acc_stages > 1:
+        if self.acc_stages > 1:
             # The tree's last register is the accumulator's operand register (see _interleaved_accumulator).
-            tree = AdderTree(self._lanes, self._tree_stages, fp_impl=self._fp_impl, out_reg=False)
+            tree = AdderTree(self.lanes, self.tree_stages, fp_impl=self._fp_impl, out_reg=False)
         else:
-            tree = AdderTree(self._lanes, self._tree_stages, fp_impl=self._fp_impl)
+            tree = AdderTree(self.lanes, self.tree_stages, fp_impl=self._fp_impl)
         m.submodules.tree = DomainRenamer(dp)(tree) if dp != "sync" else tree
-        for k in range(self._lanes):
+        for k in range(self.lanes):
             # Gated: the operands change with the bank's storage every cycle, the product register only
             # on the gated edges; a registered behavioural cell is called only then.
-            if self._mul_stages == 1:
+            if self.mul_stages == 1:
                 p = bf16_mul(m, m.d[dp], self.w[k], self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl,
                              reg_clock=ClockSignal(dp) if self._clock_gate else None)
             else:
-                p = bf16_mul_pipe(m, self.w[k], self.x[k], self._mul_stages, prefix=f"mul{k}",
+                p = bf16_mul_pipe(m, self.w[k], self.x[k], self.mul_stages, prefix=f"mul{k}",
                                   fp_impl=self._fp_impl, domain=dp)
             m.d.comb += tree.i[k].eq(p)
         # valid travels alongside the multiplier and the tree (ungated).
         valid = self.valid
         in_flight = []
-        for stage in range(self._mul_stages + tree.latency):
+        for stage in range(self.mul_stages + tree.latency):
             in_flight.append(valid)
             nxt = Signal(name=f"valid_s{stage + 1}")
             m.d.sync += nxt.eq(valid)
@@ -187,7 +171,7 @@ class MacUnit(wiring.Component):
             # The next rising edge must clock the datapath when any stage's input holds a valid column.
             gated_domain(m, "mac", Cat(*in_flight).any())
 
-        if self._acc_stages > 1:
+        if self.acc_stages > 1:
             # The column's valid one and two cycles before the accumulator (the operand selection).
             self._interleaved_accumulator(m, valid, in_flight[-1], in_flight[-2], tree.o)
             return m
@@ -205,7 +189,7 @@ class MacUnit(wiring.Component):
         """``acc_stages`` partial sums behind one ``acc_stages``-deep adder (see the class docstring).
 
         ``valid`` is the column's valid at the accumulator, ``valid_1`` / ``valid_2`` one / two cycles earlier."""
-        P = self._acc_stages
+        P = self.acc_stages
         neg_zero = 0x80000000
         parts = [Signal(32, name=f"acc_p{j}", init=0 if j == 0 else neg_zero) for j in range(P)]
         slot = Signal(range(P), name="acc_slot")            # the partial the next column goes into

@@ -101,7 +101,7 @@ class AxiWindow(wiring.Component):
     def __init__(self, cfg: SystemConfig):
         if not isinstance(cfg, SystemConfig):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
-        self._cfg = cfg
+        self.cfg = cfg
         super().__init__({
             "s_axi": In(AxiSignature(data_width=cfg.pim.column_bits)),
             "mem": Out(MemPortSignature(cfg)),
@@ -110,7 +110,7 @@ class AxiWindow(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        p = self._cfg.pim
+        p = self.cfg.pim
         cb = p.column_bytes
         size = (cb - 1).bit_length()
         ax = self.s_axi
@@ -271,7 +271,7 @@ class SocTop(wiring.Component):
         from .pim.channel import PimStatusSignature
 
         check_system(cfg, device_factory)
-        self._cfg = cfg
+        self.cfg = cfg
         self._device_factory = device_factory
         self._fetch_depth = fetch_depth
         self._rob_depth = rob_depth
@@ -289,10 +289,6 @@ class SocTop(wiring.Component):
                           "done": Out(1), "busy": Out(1), "error": Out(16), "unit_busy": Out(4 if self._spu else 3),
                           "mon": Out(BusMonitorSignature(cfg)).array(C), "s": Out(PimStatusSignature()).array(C)})
 
-    @property
-    def cfg(self) -> SystemConfig:
-        return self._cfg
-
     def elaborate(self, platform):
         from .fabric import MemFabric
         from .memctrl import MemCtrlSystem
@@ -301,7 +297,7 @@ class SocTop(wiring.Component):
         from .pcu import Pcu
 
         m = Module()
-        cfg = self._cfg
+        cfg = self.cfg
         C = cfg.pim.channels
         cp = m.submodules.cp = CommandProcessor(cfg, self._fetch_depth)
         mu = m.submodules.mu = MatrixUnit(cfg, pe_instance=self._pe_instance, clock_gate=self._clock_gate)
@@ -439,7 +435,7 @@ class SocTop(wiring.Component):
         """The counters the register table reads, by (group, name): the SoC's own, the command processor's,
         and the units', fabric's and channels' read against a snapshot taken at RESET_COUNTERS (the units'
         zeroed by CLEAR too)."""
-        C = self._cfg.pim.channels
+        C = self.cfg.pim.channels
         cycles = Signal(32)
         pcu_busy_cycles = Signal(32)
         with m.If(reset_counters):

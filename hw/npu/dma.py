@@ -96,7 +96,7 @@ class DmaLoad(wiring.Component):
         if not isinstance(max_outstanding, int) or not 1 <= max_outstanding <= 64:
             raise ValueError(f"Outstanding requests must be an integer in [1, 64], not {max_outstanding!r}")
         self._cfg = cfg
-        self._lanes = lanes
+        self.lanes = lanes
         self._max_out = max_outstanding
         super().__init__({
             "cmd": In(stream.Signature(INSTRUCTION)),
@@ -108,14 +108,10 @@ class DmaLoad(wiring.Component):
             "error": Out(ErrorCode),
         })
 
-    @property
-    def lanes(self) -> int:
-        return self._lanes
-
     def elaborate(self, platform):
         # The parts below share their signals through ``c`` (:class:`hw.elab.Shared`), in this order.
         m = Module()
-        W = self._lanes
+        W = self.lanes
         ppc = COLUMN_ELEMS // W                  # scratchpad words per memory column
         log_w = W.bit_length() - 1
 
@@ -306,7 +302,7 @@ class DmaLoad(wiring.Component):
         """Read requests: for block b (``blk`` tile rows, ``blk_step`` bytes), memory column mc (of ``ncol``),
         row w of the block; at most ``max_outstanding`` in flight. Returns its registers (the start sets
         them), ``outstanding`` and ``issued`` (a request taken this cycle)."""
-        W = self._lanes
+        W = self.lanes
         g_blk_base = Signal(40)
         g_row_addr = Signal(40)
         g_mc_off = Signal(24)
@@ -347,7 +343,7 @@ class DmaLoad(wiring.Component):
     def _emit_transposed(self, m, active, tbuf, t_full, t_rsel, t_rows, t_base, t_last, e_idx):
         """Transposed load: write element column ``e_idx`` of the gathered buffer ``t_rsel`` as one scratchpad
         word per cycle; the buffer is free again after its last column."""
-        W = self._lanes
+        W = self.lanes
         spm = self.spm
         with m.If(active):
             r_full = Mux(t_rsel, t_full[1], t_full[0])
@@ -394,7 +390,7 @@ class DmaStore(wiring.Component):
             raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
         _check_lanes(lanes)
         self._cfg = cfg
-        self._lanes = lanes
+        self.lanes = lanes
         self._max_out = max_outstanding
         super().__init__({
             "cmd": In(stream.Signature(INSTRUCTION)),
@@ -407,7 +403,7 @@ class DmaStore(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        C = self._lanes
+        C = self.lanes
         pf, pb = min(C, 8), min(C, 16)           # piece sizes (elements): FP32, BF16
 
         busy = Signal()

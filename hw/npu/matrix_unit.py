@@ -297,7 +297,7 @@ class MatrixUnit(wiring.Component):
             if getattr(cfg.npu, name) > 1 << 16:
                 raise ValueError(f"{name} must be at most 65536 (16-bit scratchpad addresses), "
                                  f"not {getattr(cfg.npu, name)!r}")
-        self._cfg = cfg
+        self.cfg = cfg
         super().__init__({
             "instr": In(stream.Signature(INSTRUCTION)),
             "mem": Out(MemPortSignature(cfg)),
@@ -310,20 +310,16 @@ class MatrixUnit(wiring.Component):
         })
 
     @property
-    def cfg(self) -> SystemConfig:
-        return self._cfg
-
-    @property
     def rows(self) -> int:
-        return self._cfg.npu.array_rows
+        return self.cfg.npu.array_rows
 
     @property
     def cols(self) -> int:
-        return self._cfg.npu.array_cols
+        return self.cfg.npu.array_cols
 
     def elaborate(self, platform):
         m = Module()
-        cfg, npu = self._cfg, self._cfg.npu
+        cfg, npu = self.cfg, self.cfg.npu
         R, C = npu.array_rows, npu.array_cols
 
         act = m.submodules.spm_act = Scratchpad(npu.act_spm_words, R, 16)
@@ -424,7 +420,7 @@ class MatrixUnit(wiring.Component):
 
     def _check(self, m, d):
         """The decode stage's check of instruction ``d``: the first error (``ErrorCode.NONE``: it is legal)."""
-        npu = self._cfg.npu
+        npu = self.cfg.npu
         log_w = npu.array_rows.bit_length() - 1
         op = d.header.opcode
         dma = d.body.dma

@@ -329,8 +329,8 @@ class SystolicArray(wiring.Component):
                  mul_stages: int = 1, add_stages: int = 1):
         _check_dim("Array rows", rows)
         _check_dim("Array columns", cols)
-        self._rows = rows
-        self._cols = cols
+        self.rows = rows
+        self.cols = cols
         self._mul_stages, self._add_stages = check_pe_stages(mul_stages, add_stages)
         self._pe_instance = bool(pe_instance)
         self._clock_gate = bool(clock_gate)
@@ -347,17 +347,9 @@ class SystolicArray(wiring.Component):
         })
 
     @property
-    def rows(self) -> int:
-        return self._rows
-
-    @property
-    def cols(self) -> int:
-        return self._cols
-
-    @property
     def latency(self) -> int:
         """Cycles from an activation row on ``act`` to its column sums on ``out``."""
-        return array_latency(self._rows, self._cols, self._mul_stages, self._add_stages)
+        return array_latency(self.rows, self.cols, self._mul_stages, self._add_stages)
 
     @property
     def pe_module_name(self) -> str:
@@ -366,7 +358,7 @@ class SystolicArray(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        R, C = self._rows, self._cols
+        R, C = self.rows, self.cols
         Sm, Sa = self._mul_stages, self._add_stages
         # Domain of the whole array: "sync", or the gated "arr" (see the end of this method).
         dp = "arr" if self._clock_gate else "sync"

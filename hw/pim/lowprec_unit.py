@@ -142,13 +142,13 @@ class LowPrecMacUnit(wiring.Component):
         if weights != "bf16" and (not isinstance(group, int) or isinstance(group, bool) or group < lanes
                                   or group & (group - 1)):
             raise ValueError(f"Group size must be a power of two of at least {lanes}, not {group!r}")
-        self._weights, self._acts, self._group = weights, acts, group
+        self.weights, self.acts, self.group = weights, acts, group
         self._scale_format, self._grid_choice = scale_format, bool(grid_choice)
         self._fp_impl = check_fp_impl(fp_impl)
-        self._lanes = lanes
+        self.lanes = lanes
         if slots not in (1, 2) or isinstance(slots, bool) or (slots == 2 and weights == "bf16"):
             raise ValueError(f"Accumulator slots must be 1, or 2 with 4-bit weights, not {slots!r}")
-        self._slots = slots
+        self.slots = slots
         act_bits = 16 if acts == "bf16" else 8
         members = {
             "valid": In(1),
@@ -165,33 +165,13 @@ class LowPrecMacUnit(wiring.Component):
         super().__init__(members)
 
     @property
-    def lanes(self) -> int:
-        return self._lanes
-
-    @property
-    def weights(self) -> str:
-        return self._weights
-
-    @property
-    def acts(self) -> str:
-        return self._acts
-
-    @property
-    def group(self) -> int:
-        return self._group
-
-    @property
-    def slots(self) -> int:
-        return self._slots
-
-    @property
     def columns_per_group(self) -> int:
-        return 1 if self._weights == "bf16" else self._group // self._lanes
+        return 1 if self.weights == "bf16" else self.group // self.lanes
 
     @property
     def latency(self) -> int:
         """Cycles from a group's last column entering (``valid``) to the accumulator holding its term."""
-        return self.latency_for(self._weights, self._acts)
+        return self.latency_for(self.weights, self.acts)
 
     @staticmethod
     def latency_for(weights: str, acts: str) -> int:
@@ -207,7 +187,7 @@ class LowPrecMacUnit(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        if self._weights == "bf16":
+        if self.weights == "bf16":
             mac = m.submodules.mac = MacUnit(16, fp_impl=self._fp_impl)
             m.d.comb += [mac.valid.eq(self.valid), mac.acc_load.eq(self.acc_load), mac.acc_value.eq(self.acc_value),
                          self.acc.eq(mac.acc)]
@@ -228,14 +208,14 @@ class LowPrecMacUnit(wiring.Component):
                 m.d.sync += cnt.eq(Mux(cnt == cpg - 1, 0, cnt + 1))
             m.d.comb += [first.eq(cnt == 0), last.eq(cnt == cpg - 1)]
 
-        if self._acts == "fp8_e4m3":
+        if self.acts == "fp8_e4m3":
             term = self._integer_path(m, first, last)
         else:
             term = self._float_path(m, first, last)
 
         # The accumulator: one FP32 addition per group term (the BF16 unit's adder).
         acc = Signal(32, name="acc_reg")
-        if self._slots == 2:
+        if self.slots == 2:
             acc1 = Signal(32, name="acc1_reg")
             st = fp32_add_align(m, m.d.comb, Mux(term["slot"], acc1, acc), term["t"], prefix="acc",
                                 fp_impl=self._fp_impl)
@@ -262,7 +242,7 @@ class LowPrecMacUnit(wiring.Component):
                     last=Signal(name=f"{name}_last"), scale=Signal(16, name=f"{name}_scale"))
         m.d.sync += [regs["valid"].eq(valid), regs["first"].eq(first), regs["last"].eq(last),
                      regs["scale"].eq(scale)]
-        if self._slots == 2:
+        if self.slots == 2:
             regs["slot"] = Signal(name=f"{name}_slot")
             m.d.sync += regs["slot"].eq(slot)
         return regs
@@ -274,7 +254,7 @@ class LowPrecMacUnit(wiring.Component):
         c = self.w[4 * k:4 * k + 4]
         sign = Signal(name=f"wsign{k}")
         mag = Signal(5, name=f"wmag{k}")
-        if self._weights == "int4":
+        if self.weights == "int4":
             m.d.comb += [sign.eq(c[3]), mag.eq(Mux(c[3], (-c.as_signed())[0:5], c))]
         else:
             halves = Array(Const(v, 5) for v in _FP4_HALVES)
@@ -294,7 +274,7 @@ class LowPrecMacUnit(wiring.Component):
         return b[7], mag, (e == 0xF) & (f == 0x7)
 
     def _integer_path(self, m, first, last):
-        lanes = self._lanes
+        lanes = self.lanes
         pw = 24                                   # 18-bit x 5-bit magnitude and a sign
         prods = []
         nans = []
@@ -357,7 +337,7 @@ class LowPrecMacUnit(wiring.Component):
                      gmag.eq(Mux(total < 0, -total, total)), gnan.eq(nan_next), gscale.eq(s3["scale"])]
         gslot = self._slot_reg(m, s3)
         # Value = gmag * 2^exp: int4 (units 1) x E4M3 (2^-9), fp4 (units 1/2) x E4M3.
-        exp = -9 if self._weights == "int4" else -10
+        exp = -9 if self.weights == "int4" else -10
         return self._scaler(m, sv, gsign, gmag, Const(exp, signed(10)), gnan, Const(0, 1), gscale, gslot)
 
     # -- BF16 activations: FP32 order ---------------------------------------------------------------
@@ -365,26 +345,26 @@ class LowPrecMacUnit(wiring.Component):
     def _weight_bf16(self, m, k):
         """Lane ``k``'s weight code as its BF16 value (exact)."""
         c = self.w[4 * k:4 * k + 4]
-        if self._weights == "int4":
+        if self.weights == "int4":
             table = [_bf16_of_int(2 * (v - 16 if v >= 8 else v)) for v in range(16)]
         else:
             table = [_bf16_of_int(_FP4_HALVES[v & 7]) | (0x8000 if v >> 3 else 0) for v in range(16)]
         bf = Signal(16, name=f"wbf{k}")
         m.d.comb += bf.eq(Array(Const(v, 16) for v in table)[c])
-        if self._weights == "fp4" and self._grid_choice:
+        if self.weights == "fp4" and self._grid_choice:
             extra = Array(Const(_bf16_of_int(v), 16) for v in _FP4_EXTRA_HALVES)
             with m.If(c == 0b1000):
                 m.d.comb += bf.eq(extra[self.sel])
         return bf
 
     def _float_path(self, m, first, last):
-        lanes = self._lanes
+        lanes = self.lanes
         tree = m.submodules.tree = AdderTree(lanes, fp_impl=self._fp_impl)
         for k in range(lanes):
             p = bf16_mul(m, m.d.sync, self._weight_bf16(m, k), self.x[k], prefix=f"mul{k}", fp_impl=self._fp_impl)
             m.d.comb += tree.i[k].eq(p)
         ctl = dict(valid=self.valid, first=first, last=last, scale=self.scale)
-        if self._slots == 2:
+        if self.slots == 2:
             ctl["slot"] = self._slot_in()
         for stage in range(BF16Multiplier.latency + tree.latency):
             ctl = self._stage(m, f"p{stage + 1}", **ctl)
@@ -412,11 +392,11 @@ class LowPrecMacUnit(wiring.Component):
                             gslot)
 
     def _slot_in(self):
-        return self.slot if self._slots == 2 else None
+        return self.slot if self.slots == 2 else None
 
     def _slot_reg(self, m, ctl):
         """The scaler's input register of the slot (``slots = 2``), beside ``g_valid``."""
-        if self._slots != 2:
+        if self.slots != 2:
             return None
         gslot = Signal(name="g_slot")
         m.d.sync += gslot.eq(ctl["slot"])
