@@ -81,7 +81,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..config import SystemConfig
-from ..elab import Shared
+from ..elab import Shared, log2
 from ..memif import MemPortSignature
 from ..spec.soc_isa import (
     INSTR_BITS,
@@ -103,10 +103,6 @@ __all__ = ["Spu", "COUNTERS", "SPIM_OVERHEAD"]
 
 COUNTERS = data.StructLayout({"busy": 32, "compute": 32, "load": 32, "spm_stall": 32, "instructions": 32})
 
-
-
-def _log2(n: int) -> int:
-    return n.bit_length() - 1
 
 
 class Spu(wiring.Component):
@@ -153,7 +149,7 @@ class Spu(wiring.Component):
         s = cfg.spu
         self._cfg = cfg
         self._geo = g = _Geometry(cfg.npu.vector_lanes, cfg.npu.vector_spm_words)
-        self._unit = SramPimUnit(s.macros, s.rows, s.word_lanes, s.mac_lanes, s.read_latency)
+        self.unit = SramPimUnit(s.macros, s.rows, s.word_lanes, s.mac_lanes, s.read_latency)
         self._depth = queue_depth
         self._max_out = max_outstanding
         super().__init__({
@@ -170,18 +166,14 @@ class Spu(wiring.Component):
             "counters": Out(COUNTERS),
         })
 
-    @property
-    def unit(self) -> SramPimUnit:
-        return self._unit
-
     def elaborate(self, platform):
         # The parts below share their signals through ``c`` (:class:`hw.elab.Shared`), in this order.
         m = Module()
         cfg = self._cfg
         g = self._geo
-        u = m.submodules.unit = self._unit
+        u = m.submodules.unit = self.unit
         M, R, W, Lm, B = u.macros, u.rows, u.word_lanes, u.mac_lanes, u.beats
-        lgM, lgL = _log2(M), _log2(Lm)
+        lgM, lgL = log2(M), log2(Lm)
         aw = cfg.pim.addr_bits
         row_bits = g.row_bits
         row_bf16 = row_bits // 16
@@ -284,11 +276,11 @@ class Spu(wiring.Component):
         ofifo = m.submodules.operands = SyncFIFOBuffered(width=16 * Lm, depth=4)
         pending = Signal()
         pend_pv = Signal()
-        pend_slot_qk = Signal(max(1, _log2(row_bf16 // Lm)))
-        pend_slot_pv = Signal(max(1, _log2(row_bf16 // M)))
+        pend_slot_qk = Signal(max(1, log2(row_bf16 // Lm)))
+        pend_slot_pv = Signal(max(1, log2(row_bf16 // M)))
         rd_issue = Signal()
         m.d.comb += rd_issue.eq((rd_left != 0) & (ofifo.level + pending < 3))
-        m.d.comb += [self.spm_rd.addr.eq((rd_off >> _log2(row_bf16))[0:g.row_addr_bits]),
+        m.d.comb += [self.spm_rd.addr.eq((rd_off >> log2(row_bf16))[0:g.row_addr_bits]),
                      self.spm_rd.en.eq(rd_issue)]
         m.d.sync += pending.eq(rd_issue)
         with m.If(rd_issue):
@@ -337,7 +329,7 @@ class Spu(wiring.Component):
         en = Mux(wr_pv, Cat(*[Cat(e, e) for e in en_pv]), Cat(*[Cat(e, e) for e in en_qk]))
         dat = o.payload.data.as_value()
         m.d.comb += [
-            self.spm_wr.addr.eq((wr_off >> _log2(row_f32))[0:g.row_addr_bits]),
+            self.spm_wr.addr.eq((wr_off >> log2(row_f32))[0:g.row_addr_bits]),
             self.spm_wr.data.eq(Mux(wr_pv, Cat(*[dat[:32 * k_pv]] * (row_f32 // k_pv)),
                                     Cat(*[dat[:32 * k_qk]] * (row_f32 // k_qk)))),
             self.spm_wr.en.eq(Mux(o.valid, en, 0)),

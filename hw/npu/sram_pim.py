@@ -71,7 +71,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..arith import AdderTree, BF16Multiplier, bf16_mul, fp32_add_align, fp32_add_round
-from ..elab import Shared
+from ..elab import Shared, check_pow2, log2
 
 __all__ = ["SramPimOp", "SramPimUnit", "MAX_HEADS", "MAX_READ_LATENCY"]
 
@@ -83,15 +83,6 @@ MAX_ROWS = 1 << 16
 class SramPimOp(enum.Enum, shape=1):
     QK = 0
     PV = 1
-
-
-def _log2(n: int) -> int:
-    return n.bit_length() - 1
-
-
-def _check_pow2(name, value, lo):
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or value & (value - 1):
-        raise ValueError(f"SramPimUnit {name} must be a power of two of at least {lo}, not {value!r}")
 
 
 class SramPimUnit(wiring.Component):
@@ -134,11 +125,11 @@ class SramPimUnit(wiring.Component):
 
     def __init__(self, macros: int = 4, rows: int = 64, word_lanes: int = 64, mac_lanes: int = 16,
                  read_latency: int = 1):
-        _check_pow2("word_lanes", word_lanes, 2)
-        _check_pow2("mac_lanes", mac_lanes, 2)
+        check_pow2("SramPimUnit word_lanes", word_lanes, 2)
+        check_pow2("SramPimUnit mac_lanes", mac_lanes, 2)
         if mac_lanes > word_lanes:
             raise ValueError(f"SramPimUnit mac_lanes ({mac_lanes}) must not exceed word_lanes ({word_lanes})")
-        _check_pow2("macros", macros, 1)
+        check_pow2("SramPimUnit macros", macros, 1)
         if macros > mac_lanes:
             raise ValueError(f"SramPimUnit macros ({macros}) must not exceed mac_lanes ({mac_lanes}): a PV "
                              f"group's probabilities arrive in one operand beat, a QK group's scores leave in one")
@@ -148,7 +139,8 @@ class SramPimUnit(wiring.Component):
                 or not 1 <= read_latency <= MAX_READ_LATENCY):
             raise ValueError(f"SramPimUnit read_latency must be an integer in 1..{MAX_READ_LATENCY}, "
                              f"not {read_latency!r}")
-        self._M, self._R, self._W, self._L, self._RL = macros, rows, word_lanes, mac_lanes, read_latency
+        self.macros, self.rows, self.read_latency = macros, rows, read_latency
+        self.word_lanes, self.mac_lanes = word_lanes, mac_lanes
         super().__init__({
             "cmd": In(stream.Signature(self.command_layout)),
             "i": In(stream.Signature(data.ArrayLayout(16, mac_lanes))),
@@ -160,73 +152,54 @@ class SramPimUnit(wiring.Component):
 
     # ------------------------------------------------------------------ parameters
     @property
-    def macros(self) -> int:
-        return self._M
-
-    @property
-    def rows(self) -> int:
-        return self._R
-
-    @property
-    def word_lanes(self) -> int:
-        return self._W
-
-    @property
-    def mac_lanes(self) -> int:
-        return self._L
-
-    @property
-    def read_latency(self) -> int:
-        return self._RL
-
-    @property
     def beats(self) -> int:
         """Cycles a group (one row index in every macro) takes: ``word_lanes / mac_lanes``."""
-        return self._W // self._L
+        return self.word_lanes // self.mac_lanes
 
     @property
     def lines(self) -> int:
         """Rows of all macros (vectors the unit holds)."""
-        return self._M * self._R
+        return self.macros * self.rows
 
     @property
     def capacity_bytes(self) -> int:
-        return self.lines * self._W * 2
+        return self.lines * self.word_lanes * 2
 
     @property
     def multipliers(self) -> int:
-        return self._M * self._L
+        return self.macros * self.mac_lanes
 
     @property
     def command_layout(self) -> data.StructLayout:
-        return data.StructLayout({"op": SramPimOp, "base": range(self._R), "count": range(self.lines + 1),
-                                  "heads": range(MAX_HEADS + 1), "stride": range(self._R)})
+        return data.StructLayout({"op": SramPimOp, "base": range(self.rows), "count": range(self.lines + 1),
+                                  "heads": range(MAX_HEADS + 1), "stride": range(self.rows)})
 
     @property
     def write_layout(self) -> data.StructLayout:
-        return data.StructLayout({"line": range(self.lines), "data": data.ArrayLayout(16, self._W)})
+        return data.StructLayout({"line": range(self.lines), "data": data.ArrayLayout(16, self.word_lanes)})
 
     @property
     def result_layout(self) -> data.StructLayout:
-        return data.StructLayout({"data": data.ArrayLayout(32, self._L), "n": range(self._L + 1), "last": 1})
+        L = self.mac_lanes
+        return data.StructLayout({"data": data.ArrayLayout(32, L), "n": range(L + 1), "last": 1})
 
     # ------------------------------------------------------------------ timing
     @property
     def qk_tree_latency(self) -> int:
-        return 2 * _log2(self._L)
+        return 2 * log2(self.mac_lanes)
 
     @property
     def pv_tree_latency(self) -> int:
-        return 2 * _log2(self._M)
+        return 2 * log2(self.macros)
 
     @property
     def _stage_qk(self) -> int:
         """Pipeline stage (cycles after a beat issues) of the QK accumulator's addition."""
-        return self._RL + BF16Multiplier.latency + self.qk_tree_latency
+        return self.read_latency + BF16Multiplier.latency + self.qk_tree_latency
 
     @property
     def _stage_pv(self) -> int:
-        return self._RL + BF16Multiplier.latency + self.pv_tree_latency
+        return self.read_latency + BF16Multiplier.latency + self.pv_tree_latency
 
     FIFO_LATENCY = 2
     """Cycles from a write into the (empty) output FIFO to the entry on ``o`` (SyncFIFOBuffered)."""
@@ -255,7 +228,7 @@ class SramPimUnit(wiring.Component):
         return max(qk, pv)
 
     def groups(self, count: int) -> int:
-        return -(-count // self._M)
+        return -(-count // self.macros)
 
     def command_cycles(self, op, count: int, heads: int = 1) -> int:
         """Cycles from the command's handshake to the handshake of its last result beat, operands always
@@ -268,13 +241,13 @@ class SramPimUnit(wiring.Component):
 
     def macs(self, count: int, heads: int = 1) -> int:
         """BF16 MACs of one QK or PV command (stored values used; the padding of a last group not counted)."""
-        return heads * count * self._W
+        return heads * count * self.word_lanes
 
     # ------------------------------------------------------------------ RTL
     def elaborate(self, platform):
         m = Module()
-        M, R, W, L, RL, B = self._M, self._R, self._W, self._L, self._RL, self.beats
-        lgM = _log2(M)
+        M, R, W, L, RL, B = self.macros, self.rows, self.word_lanes, self.mac_lanes, self.read_latency, self.beats
+        lgM = log2(M)
         SQ, SP = self._stage_qk, self._stage_pv
         S = max(SQ, SP)
         D = self.fifo_depth
@@ -322,7 +295,7 @@ class SramPimUnit(wiring.Component):
         last_n = Signal(range(M + 1))
         heads_left = Signal(range(MAX_HEADS + 1))
         g = Signal(range(R + 1))
-        b = Signal(max(1, _log2(B)))
+        b = Signal(max(1, log2(B)))
         opnd_left = Signal(range(MAX_HEADS * max(B, R) + 1))
         fill = Signal(16 * W)            # operand being received: B slots of L lanes (PV: slot 0)
         fill_cnt = Signal(range(B + 1))
@@ -338,7 +311,7 @@ class SramPimUnit(wiring.Component):
         emit_n = Signal(range(M + 1))
         emit_last = Signal()
         draining = Signal()
-        drain_k = Signal(max(1, _log2(B)))
+        drain_k = Signal(max(1, log2(B)))
         pipe_empty = Signal()
         m.d.comb += pipe_empty.eq(~Cat(*[c.valid for c in ctl[1:]], emit_v, draining).any())
         m.d.comb += self.busy.eq(running | ~pipe_empty)

@@ -88,6 +88,7 @@ from amaranth.hdl import Module
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..elab import check_pow2
 from ..spec.vector_isa import (  # noqa: F401  (the instruction set: used here and re-exported)
     ADDR_BITS,
     EXIT_LATENCY,
@@ -136,11 +137,6 @@ def lane_verilog() -> str:
 
 # -- the unit ----------------------------------------------------------------------------------------
 
-def _check_pow2(what, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or value & (value - 1):
-        raise ValueError(f"{what} must be a power of two of at least {minimum}, not {value!r}")
-
-
 class VectorUnit(wiring.Component):
     """The vector unit.
 
@@ -187,19 +183,19 @@ class VectorUnit(wiring.Component):
 
     def __init__(self, lanes: int = 16, depth: int = 4096, max_n: int = 4096, lane_instance: bool = False,
                  clock_gate: bool = False, row_group: int = ROW_GROUP):
-        _check_pow2("Lanes", lanes, 2)
+        check_pow2("Lanes", lanes, 2)
         if not isinstance(row_group, int) or isinstance(row_group, bool) or not 1 <= row_group <= 256:
             raise ValueError(f"Row group must be an integer in 1..256, not {row_group!r}")
-        self._row_group = row_group
+        self.row_group = row_group
         self._lane_instance = bool(lane_instance)
         self._clock_gate = bool(clock_gate)
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 1 << ADDR_BITS:
             raise ValueError(f"Depth must be an integer in 1..2**{ADDR_BITS}, not {depth!r}")
         if not isinstance(max_n, int) or isinstance(max_n, bool) or not 1 <= max_n < 1 << 16:
             raise ValueError(f"Maximum row length must be an integer in 1..65535, not {max_n!r}")
-        self._lanes = lanes
-        self._depth = depth
-        self._max_n = max_n
+        self.lanes = lanes
+        self.depth = depth
+        self.max_n = max_n
         self._aw = max(1, (depth - 1).bit_length())
         width = 32 * lanes
         super().__init__({
@@ -220,22 +216,6 @@ class VectorUnit(wiring.Component):
         return cls(cfg.npu.vector_lanes, cfg.npu.act_spm_words if depth is None else depth, **kwargs)
 
     @property
-    def lanes(self) -> int:
-        return self._lanes
-
-    @property
-    def depth(self) -> int:
-        return self._depth
-
-    @property
-    def max_n(self) -> int:
-        return self._max_n
-
-    @property
-    def row_group(self) -> int:
-        return self._row_group
-
-    @property
     def addr_width(self) -> int:
         return self._aw
 
@@ -245,7 +225,7 @@ class VectorUnit(wiring.Component):
 
     @property
     def tree_latency(self) -> int:
-        return 2 * (self._lanes.bit_length() - 1)
+        return 2 * (self.lanes.bit_length() - 1)
 
     @property
     def drain_cycles(self) -> int:
@@ -254,8 +234,8 @@ class VectorUnit(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        L, aw, G = self._lanes, self._aw, self._row_group
-        m.submodules.seq = seq = VectorSequencer(L, self._depth, self._max_n, G, self.drain_cycles)
+        L, aw, G = self.lanes, self._aw, self.row_group
+        m.submodules.seq = seq = VectorSequencer(L, self.depth, self.max_n, G, self.drain_cycles)
         m.submodules.operand_b = opb = VectorOperandB(L, aw)
         m.submodules.lanes = lanes = VectorLanes(L, aw, G, self._lane_instance, self._clock_gate)
         m.submodules.reduce = red = VectorReduce(L, aw, G)
@@ -296,8 +276,8 @@ class VectorTop(wiring.Component):
     """
 
     def __init__(self, lanes: int = 4, depth: int = 1024, max_n: int = 4096, lane_instance: bool = False):
-        self._unit = VectorUnit(lanes, depth, max_n, lane_instance)
-        aw, W = self._unit.addr_width, 32 * lanes
+        self.unit = VectorUnit(lanes, depth, max_n, lane_instance)
+        aw, W = self.unit.addr_width, 32 * lanes
         super().__init__({
             "instr": In(stream.Signature(VectorInstr)),
             "busy": Out(1), "done": Out(1), "error": Out(VecError), "cycles": Out(32),
@@ -305,13 +285,9 @@ class VectorTop(wiring.Component):
             "host_rd_addr": In(aw), "host_rd_en": In(1), "host_rd_data": Out(W),
         })
 
-    @property
-    def unit(self) -> VectorUnit:
-        return self._unit
-
     def elaborate(self, platform):
         m = Module()
-        u = self._unit
+        u = self.unit
         m.submodules.unit = u
         m.submodules.spm = spm = memory.Memory(shape=32 * u.lanes, depth=u.depth, init=[])
         ra = spm.read_port()
