@@ -40,6 +40,10 @@ __all__ = [
     "fp32_add_round",
     "fp32_to_bf16",
     "fp32_add_pipe",
+    "fp32_pack",
+    "fp_unpack",
+    "fp_mul_unpack",
+    "stage_reg",
     "bf16_mul_pipe",
     "combine_schedule",
     "leading_zeros",
@@ -86,6 +90,23 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name} must be an integer of at least {minimum}, not {value!r}")
 
 
+def fp_unpack(x, frac_bits: int = 23):
+    """Fields and class of an FP32 (``frac_bits = 23``) or BF16 (``frac_bits = 7``) value, as expressions:
+    ``(sign, exp, frac, zero, inf, nan)``; a zero exponent is a zero (subnormals flush, DAZ)."""
+    e, f, s = x[frac_bits:frac_bits + 8], x[0:frac_bits], x[frac_bits + 8]
+    return s, e, f, e == 0, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
+
+
+def fp_mul_unpack(a, b, frac_bits: int):
+    """Both operands of a product ``a x b`` unpacked (:func:`fp_unpack`) and the product's special cases: a dict
+    of ``ea``, ``eb``, ``fa``, ``fb`` and the expressions ``sign``, ``nan`` (a NaN operand, or infinity times
+    zero), ``inf`` (an infinite operand) and ``zero`` (a zero operand)."""
+    sa, ea, fa, za, ia, na = fp_unpack(a, frac_bits)
+    sb, eb, fb, zb, ib, nb = fp_unpack(b, frac_bits)
+    return dict(ea=ea, eb=eb, fa=fa, fb=fb, sign=sa ^ sb, nan=na | nb | (ia & zb) | (ib & za), inf=ia | ib,
+                zero=za | zb)
+
+
 def bf16_mul(m: Module, dom, a, b, prefix="mul", fp_impl="rtl", reg_clock=None):
     """Build a BF16 x BF16 -> FP32 multiplier; the result is assigned in domain ``dom``.
 
@@ -102,14 +123,8 @@ def bf16_mul(m: Module, dom, a, b, prefix="mul", fp_impl="rtl", reg_clock=None):
         else:
             dom += result.eq(_dpi_cell(m, "ianus_bf16_mul_dpi", a, b, 32, prefix))
         return result
-    ea, eb = a[7:15], b[7:15]
-    fa, fb = a[0:7], b[0:7]
-    sign = a[15] ^ b[15]
-    a_zero, b_zero = ea == 0, eb == 0           # subnormals are zeros (DAZ)
-    a_inf = (ea == 0xFF) & (fa == 0)
-    b_inf = (eb == 0xFF) & (fb == 0)
-    a_nan = (ea == 0xFF) & (fa != 0)
-    b_nan = (eb == 0xFF) & (fb != 0)
+    op = fp_mul_unpack(a, b, 7)
+    ea, eb, fa, fb, sign = op["ea"], op["eb"], op["fa"], op["fb"], op["sign"]
 
     prod = Signal(16, name=f"{prefix}_prod")
     m.d.comb += prod.eq(Cat(fa, 1) * Cat(fb, 1))    # 1.fa x 1.fb in [1, 4)
@@ -120,11 +135,11 @@ def bf16_mul(m: Module, dom, a, b, prefix="mul", fp_impl="rtl", reg_clock=None):
     m.d.comb += frac.eq(Mux(prod[15], Cat(Const(0, 8), prod[0:15]), Cat(Const(0, 9), prod[0:14])))
 
     result = Signal(32, name=f"{prefix}_p")
-    with m.If(a_nan | b_nan | (a_inf & b_zero) | (b_inf & a_zero)):
+    with m.If(op["nan"]):
         dom += result.eq(QNAN)
-    with m.Elif(a_inf | b_inf | (exp >= 255)):
+    with m.Elif(op["inf"] | (exp >= 255)):
         dom += result.eq(Cat(Const(0, 23), Const(0xFF, 8), sign))
-    with m.Elif(a_zero | b_zero | (exp <= 0)):
+    with m.Elif(op["zero"] | (exp <= 0)):
         dom += result.eq(Cat(Const(0, 31), sign))
     with m.Else():
         dom += result.eq(Cat(frac, exp[0:8], sign))
@@ -143,13 +158,8 @@ def fp32_add_align(m: Module, dom, a, b, prefix="add", fp_impl="rtl"):
         total = Signal(32, name=f"{prefix}_dpi_sum")
         dom += total.eq(_dpi_cell(m, "ianus_fp32_add_dpi", a, b, 32, prefix))
         return dict(dpi_sum=total)
-    def unpack(x):
-        e, f, s = x[23:31], x[0:23], x[31]
-        zero = e == 0
-        return s, e, f, zero, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
-
-    sa, ea, fa, za, ia, na = unpack(a)
-    sb, eb, fb, zb, ib, nb = unpack(b)
+    sa, ea, fa, za, ia, na = fp_unpack(a)
+    sb, eb, fb, zb, ib, nb = fp_unpack(b)
     mag_a = Mux(za, 0, a[0:31])
     mag_b = Mux(zb, 0, b[0:31])
     swap = Signal(name=f"{prefix}_swap")
@@ -241,19 +251,7 @@ def fp32_add_round(m: Module, dom, st: dict, prefix="add"):
     frac = Mux(rounded[24], 0, rounded[0:23])
 
     result = Signal(32, name=f"{prefix}_s")
-    with m.If(st["nan"]):
-        dom += result.eq(QNAN)
-    with m.Elif(st["inf"]):
-        dom += result.eq(Cat(Const(0, 23), Const(0xFF, 8), st["inf_sign"]))
-    with m.Elif(total == 0):
-        dom += result.eq(Cat(Const(0, 31), st["zero_sign"]))
-    with m.Elif(rexp >= 255):
-        dom += result.eq(Cat(Const(0, 23), Const(0xFF, 8), st["sign"]))
-    with m.Elif(rexp <= 0):
-        dom += result.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
-    with m.Else():
-        dom += result.eq(Cat(frac, rexp[0:8], st["sign"]))
-    return result
+    return fp32_pack(m, result, dict(st, is_zero=total == 0), rexp >= 255, rexp <= 0, frac, rexp[0:8], dom=dom)
 
 
 def fp32_to_bf16(x):
@@ -291,7 +289,7 @@ def _check_stages(what, value, allowed):
     return value
 
 
-def _stage_reg(m: Module, registered: bool, values: dict, prefix: str) -> dict:
+def stage_reg(m: Module, registered: bool, values: dict, prefix: str) -> dict:
     """Carry ``values`` across a pipeline boundary: a register each when ``registered``, else wires."""
     if not registered:
         return values
@@ -317,7 +315,7 @@ def fp32_add_pipe(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl", out
     cuts = ADD_CUTS[stages]
 
     def boundary(k, values):
-        return _stage_reg(m, k in cuts, values, f"{prefix}_{ADD_PART_NAMES[k]}")
+        return stage_reg(m, k in cuts, values, f"{prefix}_{ADD_PART_NAMES[k]}")
 
     def result(value):
         s = Signal(32, name=f"{prefix}_s")
@@ -340,14 +338,10 @@ def fp32_add_pipe(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl", out
 def _add_part0(m: Module, a, b, prefix):
     """Part 0 of :func:`fp32_add_pipe`: unpack, special cases, magnitude compare (swap so that |x| >= |y|),
     exponent differences, both operands aligned."""
-    def unpack(v):
-        e, f, s = v[23:31], v[0:23], v[31]
-        return s, e, f, e == 0, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
-
     swap = Signal(name=f"{prefix}_swap")
     m.d.comb += swap.eq(b[0:31] > a[0:31])
-    sa, ea, fa, za, ia, na = unpack(a)
-    sb, eb, fb, zb, ib, nb = unpack(b)
+    sa, ea, fa, za, ia, na = fp_unpack(a)
+    sb, eb, fb, zb, ib, nb = fp_unpack(b)
     # swap: |b| > |a|, on the raw bits. A flushed (zero-exponent) operand compares as zero against a
     # normal one either way; when both are flushed the order does not matter (the sum is a zero, signed by
     # zero_sign, and nothing else depends on it). Only the significands and the sign wait for this compare:
@@ -475,23 +469,25 @@ def _add_part3(m: Module, st: dict, prefix):
     return fp32_pack(m, packed, st, ovf, unf, frac, Mux(carry, exp_inc, nexp[0:8]))
 
 
-def fp32_pack(m: Module, packed, st: dict, ovf, unf, frac, exp):
-    """Drive ``packed`` with an FP32 adder's result: NaN, infinity (``st["inf_sign"]``), an exact zero
-    (``st["zero_sign"]``), overflow to infinity, underflow flushed to zero (both with ``st["sign"]``), else
-    ``sign | exp | frac``; shared by :func:`fp32_add_pipe` and :func:`hw.npu.pe_adder.pe_fp32_add`. Returns
-    ``packed``."""
+def fp32_pack(m: Module, packed, st: dict, ovf, unf, frac, exp, dom=None):
+    """Drive ``packed`` (in ``dom``, by default ``m.d.comb``) with an FP32 adder's result: NaN, infinity
+    (``st["inf_sign"]``), an exact zero (``st["zero_sign"]``), overflow to infinity, underflow flushed to zero
+    (both with ``st["sign"]``), else ``sign | exp | frac``; shared by :func:`fp32_add_round`,
+    :func:`fp32_add_pipe` and :func:`hw.npu.pe_adder.pe_fp32_add`. Returns ``packed``."""
+    if dom is None:
+        dom = m.d.comb
     with m.If(st["nan"]):
-        m.d.comb += packed.eq(QNAN)
+        dom += packed.eq(QNAN)
     with m.Elif(st["inf"]):
-        m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["inf_sign"]))
+        dom += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["inf_sign"]))
     with m.Elif(st["is_zero"]):
-        m.d.comb += packed.eq(Cat(Const(0, 31), st["zero_sign"]))
+        dom += packed.eq(Cat(Const(0, 31), st["zero_sign"]))
     with m.Elif(ovf):
-        m.d.comb += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["sign"]))
+        dom += packed.eq(Cat(Const(0, 23), Const(0xFF, 8), st["sign"]))
     with m.Elif(unf):
-        m.d.comb += packed.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
+        dom += packed.eq(Cat(Const(0, 31), st["sign"]))      # flush to zero
     with m.Else():
-        m.d.comb += packed.eq(Cat(frac, exp, st["sign"]))
+        dom += packed.eq(Cat(frac, exp, st["sign"]))
     return packed
 
 
@@ -512,23 +508,19 @@ def bf16_mul_pipe(m: Module, a, b, stages: int, prefix="mul", fp_impl="rtl", dom
         result = Signal(32, name=f"{prefix}_p")
         dom += result.eq(p1)
         return result
-    ea, eb = a[7:15], b[7:15]
-    fa, fb = a[0:7], b[0:7]
-    a_zero, b_zero = ea == 0, eb == 0
-    a_inf, b_inf = (ea == 0xFF) & (fa == 0), (eb == 0xFF) & (fb == 0)
-    a_nan, b_nan = (ea == 0xFF) & (fa != 0), (eb == 0xFF) & (fb != 0)
+    op = fp_mul_unpack(a, b, 7)
     s1 = {
         "prod": Signal(16, name=f"{prefix}_prod"), "exp": Signal(range(-256, 512), name=f"{prefix}_exp0"),
         "sign": Signal(name=f"{prefix}_sign"), "nan": Signal(name=f"{prefix}_nan"),
         "inf": Signal(name=f"{prefix}_inf"), "zero": Signal(name=f"{prefix}_zero"),
     }
     dom += [
-        s1["prod"].eq(Cat(fa, 1) * Cat(fb, 1)),
-        s1["exp"].eq(ea + eb - 127),
-        s1["sign"].eq(a[15] ^ b[15]),
-        s1["nan"].eq(a_nan | b_nan | (a_inf & b_zero) | (b_inf & a_zero)),
-        s1["inf"].eq(a_inf | b_inf),
-        s1["zero"].eq(a_zero | b_zero),
+        s1["prod"].eq(Cat(op["fa"], 1) * Cat(op["fb"], 1)),
+        s1["exp"].eq(op["ea"] + op["eb"] - 127),
+        s1["sign"].eq(op["sign"]),
+        s1["nan"].eq(op["nan"]),
+        s1["inf"].eq(op["inf"]),
+        s1["zero"].eq(op["zero"]),
     ]
     prod = s1["prod"]
     exp = Signal(range(-256, 512), name=f"{prefix}_exp")

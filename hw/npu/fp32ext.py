@@ -24,7 +24,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import enum, memory, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..arith import QNAN, fp32_add_align, fp32_add_round
+from ..arith import QNAN, fp32_add_align, fp32_add_round, fp_mul_unpack
 from . import vector_tables as T
 
 __all__ = [
@@ -57,11 +57,8 @@ def fp32_mul_product(m: Module, dom, a, b, prefix="fmul"):
 
     Assigns its outputs in ``dom`` and returns them as a dict for :func:`fp32_mul_round`.
     """
-    ea, eb = a[23:31], b[23:31]
-    fa, fb = a[0:23], b[0:23]
-    za, zb = ea == 0, eb == 0
-    ia, ib = (ea == 0xFF) & (fa == 0), (eb == 0xFF) & (fb == 0)
-    na, nb = (ea == 0xFF) & (fa != 0), (eb == 0xFF) & (fb != 0)
+    op = fp_mul_unpack(a, b, 23)
+    ea, eb, fa, fb = op["ea"], op["eb"], op["fa"], op["fb"]
     prod = Signal(48, name=f"{prefix}_prod")
     m.d.comb += prod.eq(Cat(fa, 1) * Cat(fb, 1))     # 1.fa x 1.fb in [1, 4)
     hi = prod[47]
@@ -80,10 +77,10 @@ def fp32_mul_product(m: Module, dom, a, b, prefix="fmul"):
         st["guard"].eq(Mux(hi, prod[23], prod[22])),
         st["sticky"].eq(Mux(hi, prod[0:23] != 0, prod[0:22] != 0)),
         st["exp"].eq(ea + eb - 127 + hi),
-        st["sign"].eq(a[31] ^ b[31]),
-        st["nan"].eq(na | nb | (ia & zb) | (ib & za)),
-        st["inf"].eq(ia | ib),
-        st["zero"].eq(za | zb),
+        st["sign"].eq(op["sign"]),
+        st["nan"].eq(op["nan"]),
+        st["inf"].eq(op["inf"]),
+        st["zero"].eq(op["zero"]),
     ]
     return st
 

@@ -24,7 +24,17 @@ the golden GEMM at depths 5 to 8, special operands included).
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 
-from ..arith import QNAN, bf16_mul_pipe, check_fp_impl, fp32_add_pipe, fp32_pack, leading_zeros
+from ..arith import (
+    QNAN,
+    bf16_mul_pipe,
+    check_fp_impl,
+    fp32_add_pipe,
+    fp32_pack,
+    fp_mul_unpack,
+    fp_unpack,
+    leading_zeros,
+    stage_reg,
+)
 
 __all__ = ["PE_ADD_CUTS", "pe_bf16_mul", "pe_fp32_add"]
 
@@ -34,17 +44,6 @@ PE_ADD_CUTS = {5: (1, 3, 4, 6), 6: (1, 2, 3, 4, 6), 7: (1, 2, 3, 4, 5, 6), 8: (0
 caller's). Depth 8 registers the operands after part "in" (unpacking only, a few levels), so that the hop from
 the PE above (whose partial sum may come from across the die: the PEs sit by their DSP blocks) ends in a
 register rather than in the magnitude compare."""
-
-
-def _stage(m: Module, registered: bool, values: dict, prefix: str) -> dict:
-    if not registered:
-        return values
-    out = {}
-    for key, v in values.items():
-        r = Signal(v.shape(), name=f"{prefix}_{key}")
-        m.d.sync += r.eq(v)
-        out[key] = r
-    return out
 
 
 def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
@@ -64,18 +63,14 @@ def pe_fp32_add(m: Module, a, b, stages: int, prefix="add", fp_impl="rtl"):
     cuts = PE_ADD_CUTS[stages]
 
     def boundary(k, values):
-        return _stage(m, k in cuts, values, f"{prefix}_{PE_ADD_PARTS[k]}")
+        return stage_reg(m, k in cuts, values, f"{prefix}_{PE_ADD_PARTS[k]}")
 
     def sig(shape, name):
         return Signal(shape, name=f"{prefix}_{name}")
 
     # Part 0 "in": unpack, special cases.
-    def unpack(v):
-        e, f, s = v[23:31], v[0:23], v[31]
-        return s, e, f, e == 0, (e == 0xFF) & (f == 0), (e == 0xFF) & (f != 0)
-
-    sa, ea, fa, za, ia, na = unpack(a)
-    sb, eb, fb, zb, ib, nb = unpack(b)
+    sa, ea, fa, za, ia, na = fp_unpack(a)
+    sb, eb, fb, zb, ib, nb = fp_unpack(b)
     p = {"a": sig(32, "a"), "b": sig(32, "b"), "za": sig(1, "za"), "zb": sig(1, "zb"), "nan": sig(1, "nan"),
          "inf": sig(1, "inf"), "inf_sign": sig(1, "inf_sign"), "zero_sign": sig(1, "zero_sign")}
     m.d.comb += [
@@ -182,22 +177,15 @@ def pe_bf16_mul(m: Module, a, b, prefix="mul", fp_impl="rtl"):
         r = Signal(32, name=f"{prefix}_p3")
         m.d.sync += r.eq(p)
         return r
-    ea, eb = a[7:15], b[7:15]
-    fa, fb = a[0:7], b[0:7]
-    a_zero, b_zero = ea == 0, eb == 0
-    a_inf, b_inf = (ea == 0xFF) & (fa == 0), (eb == 0xFF) & (fb == 0)
-    a_nan, b_nan = (ea == 0xFF) & (fa != 0), (eb == 0xFF) & (fb != 0)
-    x, y = Cat(fa, 1), Cat(fb, 1)
+    op = fp_mul_unpack(a, b, 7)
+    x, y = Cat(op["fa"], 1), Cat(op["fb"], 1)
     pp = [Mux(y[k], x, 0) for k in range(8)]
     flags = {"exp": Signal(range(-256, 512), name=f"{prefix}_exp0"), "sign": Signal(name=f"{prefix}_sign"),
              "nan": Signal(name=f"{prefix}_nan"), "inf": Signal(name=f"{prefix}_inf"),
              "zero": Signal(name=f"{prefix}_zero")}
     m.d.sync += [
-        flags["exp"].eq(ea + eb - 127),
-        flags["sign"].eq(a[15] ^ b[15]),
-        flags["nan"].eq(a_nan | b_nan | (a_inf & b_zero) | (b_inf & a_zero)),
-        flags["inf"].eq(a_inf | b_inf),
-        flags["zero"].eq(a_zero | b_zero),
+        flags["exp"].eq(op["ea"] + op["eb"] - 127),
+        *(flags[k].eq(op[k]) for k in ("sign", "nan", "inf", "zero")),
     ]
     # Stage 1: pairs of partial products (x * y[2k : 2k + 2]), 10 bits each.
     s1 = [Signal(10, name=f"{prefix}_pp{k}") for k in range(4)]
