@@ -6,26 +6,20 @@ from __future__ import annotations
 from collections import deque
 
 from sim.perfmodel.memory import Channel
+from sim.perfmodel.queue import QueueModel
 
 OP_WRITE_VEC, OP_GEMV, OP_READ_RES = 1, 2, 3
 F_BIAS, F_GELU, F_BF16 = 1, 2, 4
 
 
-class PcuModel:
+class PcuModel(QueueModel):
     """Methods of :class:`sim.perfmodel.core._Run` for the PCU's macro queue (:mod:`hw.pcu`)."""
 
     def _pcu(self):
         K, cal, kf = self.K, self.cal, self.m.k
         free = K.now
         while True:
-            while not self.pcu_q:
-                yield self.ev_pcu
-            ins, t_in = self.pcu_q[0]
-            tt = max(t_in + cal.macro_q_lat * kf, free)
-            if tt > K.now:
-                yield tt
-            self.pcu_q.popleft()
-            K.notify(self.ev_pcu_space)
+            ins = yield from self._pop_head(self.pcu_q, self.ev_pcu, self.ev_pcu_space, cal.macro_q_lat * kf, free)
             start = K.now
             f = ins.f
             key = ("pim", f["op"], f["flags"], f["n"], f["m"], f["addr0"] % self.m.align)
@@ -41,12 +35,8 @@ class PcuModel:
             self.win_log.append((start + 1, end + 1))
             self._pim_window(start, end + 1)
             free = end + cal.pcu_end
-            K.at(free + cal.pcu_idle_lat, self._pcu_down)
+            K.at(free + cal.pcu_idle_lat, lambda: self._unit_down("pcu"))
             yield free
-
-    def _pcu_down(self):
-        self.units["pcu"].down(self.K.now)
-        self.K.notify(self.ev_idle)
 
 
 class _PcuMacro:

@@ -20,9 +20,10 @@ from firmware.hpim import spim_cycles
 from hw.spec.soc_isa import SPIM_OVERHEAD, SocOp
 from sim.perfmodel.memory import _take
 from sim.perfmodel.params import INF
+from sim.perfmodel.queue import QueueModel
 
 
-class SpuModel:
+class SpuModel(QueueModel):
     """Methods of :class:`sim.perfmodel.core._Run` for the SRAM-PIM queue."""
 
     def _spu(self):
@@ -30,14 +31,7 @@ class SpuModel:
         spu = self.cfg.spu
         free = K.now
         while True:
-            while not self.spu_q:
-                yield self.ev_spu
-            ins, t_in = self.spu_q[0]
-            tt = max(t_in + cal.spu_fifo_lat * kf, free)
-            if tt > K.now:
-                yield tt
-            self.spu_q.popleft()
-            K.notify(self.ev_spu_space)
+            ins = yield from self._pop_head(self.spu_q, self.ev_spu, self.ev_spu_space, cal.spu_fifo_lat * kf, free)
             start = K.now
             f = ins.f
             if ins.op == SocOp.SPIM:
@@ -59,19 +53,11 @@ class SpuModel:
                 done = yield from self._held(self._sload(f, t1))
                 if done > K.now:
                     yield done
-                wait = min(done - start, self._pim_overlap(start, done, nw))
-                self.work["pim_block"] += wait
-                self.intervals.append((start, done - wait, self._tag(ins, "attention")))
-                if wait > 0:
-                    self.intervals.append((done - wait, done, "wait_pim"))
+                self._split_pim_wait(start, done, self._pim_overlap(start, done, nw), self._tag(ins, "attention"))
                 self.work["spu_load"] += done - t1
             free = done + cal.spu_done_over * kf
-            K.at(free + cal.spu_idle_lat * kf, self._spu_down)
+            K.at(free + cal.spu_idle_lat * kf, lambda: self._unit_down("spu"))
             yield free
-
-    def _spu_down(self):
-        self.units["spu"].down(self.K.now)
-        self.K.notify(self.ev_idle)
 
     def _sload(self, f, t):
         """SLOAD (a generator): returns the cycle the engine is done (its last response taken)."""

@@ -9,23 +9,17 @@ from hw.spec.soc_isa import SocOp
 from hw.spec.vector_isa import vector_cycles
 from sim.perfmodel.memory import _take
 from sim.perfmodel.params import INF
+from sim.perfmodel.queue import QueueModel
 
 
-class VectorQueueModel:
+class VectorQueueModel(QueueModel):
     """Methods of :class:`sim.perfmodel.core._Run` for the vector queue (:mod:`hw.npu.vector_queue`)."""
 
     def _vq(self):
         K, cal, kf = self.K, self.cal, self.m.k
         free = K.now
         while True:
-            while not self.vq_q:
-                yield self.ev_vq
-            ins, t_in = self.vq_q[0]
-            tt = max(t_in + cal.vq_fifo_lat * kf, free)
-            if tt > K.now:
-                yield tt
-            self.vq_q.popleft()
-            K.notify(self.ev_vq_space)
+            ins = yield from self._pop_head(self.vq_q, self.ev_vq, self.ev_vq_space, cal.vq_fifo_lat * kf, free)
             start = K.now
             if ins.op == SocOp.VECTOR:
                 d = self._vec_cycles(ins.f) * kf
@@ -43,19 +37,12 @@ class VectorQueueModel:
                     done = yield from self._dma_pushback(done, nw)
                 elif done > K.now:
                     yield done
-                wait = min(done - start, self._pim_overlap(start, done, 0 if not cached else nw))
-                self.work["pim_block"] += wait
-                self.intervals.append((start, done - wait, self._tag(ins, "vector")))
-                if wait > 0:
-                    self.intervals.append((done - wait, done, "wait_pim"))
+                self._split_pim_wait(start, done, self._pim_overlap(start, done, 0 if not cached else nw),
+                                     self._tag(ins, "vector"))
                 self.work["vq_dma"] += done - t1
             free = done + cal.vq_done_over * kf
-            K.at(free + cal.vq_idle_lat * kf, self._vq_down)
+            K.at(free + cal.vq_idle_lat * kf, lambda: self._unit_down("vq"))
             yield free
-
-    def _vq_down(self):
-        self.units["vq"].down(self.K.now)
-        self.K.notify(self.ev_idle)
 
     def _vec_cycles(self, f):
         n, rows, op = f["n"], f["rows"], f["op"]
