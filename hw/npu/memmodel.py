@@ -63,7 +63,7 @@ class MemoryModel(wiring.Component):
         if not isinstance(latency, int) or latency < 1:
             raise ValueError(f"Memory model latency must be a positive integer, not {latency!r}")
         self._cfg = cfg
-        self._words_log2 = words_log2
+        self.words_log2 = words_log2
         self._latency = latency
         super().__init__({
             "port": In(MemPortSignature(cfg)),
@@ -79,15 +79,11 @@ class MemoryModel(wiring.Component):
         """Cycles from request accepted to response valid, without back-pressure."""
         return self._latency + 2
 
-    @property
-    def words_log2(self) -> int:
-        return self._words_log2
-
     def elaborate(self, platform):
         m = Module()
         cfg = self._cfg
         lo = cfg.pim.column_offset_bits
-        aw = self._words_log2
+        aw = self.words_log2
         depth = self._latency + 4
         req, resp = self.port.req, self.port.resp
 
@@ -154,7 +150,44 @@ class MemoryModel(wiring.Component):
         return m
 
 
-class MatrixSystem(wiring.Component):
+class MemoryModelTop(wiring.Component):
+    """Base of the test tops that put one unit on a :class:`MemoryModel`, with their own clock
+    (:class:`MatrixSystem`, :class:`hw.npu.vector_queue.VectorQueueSystem`).
+
+    A subclass names the unit's attribute in ``UNIT`` (also its submodule name), passes the unit's members
+    it exposes to ``__init__`` and connects them in :meth:`_forward`. The top adds the memory model's back
+    door ``bp_enable``, ``load``, ``dump``, ``dump_lo``, ``dump_hi`` as ``mem_bp_enable``, ``mem_load``, ...,
+    and ``clk_out``; the unit's ``mem`` port goes to the memory model.
+    """
+
+    UNIT = "unit"
+    BACKDOOR = ("bp_enable", "load", "dump", "dump_lo", "dump_hi")
+
+    def __init__(self, cfg: SystemConfig, words_log2: int, mem_latency: int, members: dict):
+        self.memory = MemoryModel(cfg, words_log2, mem_latency)
+        for name in self.BACKDOOR:
+            members[f"mem_{name}"] = self.memory.signature.members[name]
+        members["clk_out"] = Out(1)
+        super().__init__(members)
+
+    def _forward(self, m, unit):
+        """Connect the unit's ports other than ``mem`` to the top's."""
+        raise NotImplementedError
+
+    def elaborate(self, platform):
+        m = Module()
+        clk, _ = free_running_clock(m)
+        m.d.comb += self.clk_out.eq(clk)
+        m.submodules[self.UNIT] = unit = getattr(self, self.UNIT)
+        m.submodules.memory = memory = self.memory
+        wiring.connect(m, unit.mem, memory.port)      # the memory controller replaces this line
+        self._forward(m, unit)
+        for name in self.BACKDOOR:
+            m.d.comb += getattr(memory, name).eq(getattr(self, f"mem_{name}"))
+        return m
+
+
+class MatrixSystem(MemoryModelTop):
     """Test top: :class:`MatrixUnit` + :class:`MemoryModel`, with its own clock.
 
     The clock comes from ``hw/verilog/npu_clock_gen.v`` (10 ns period; build
@@ -175,30 +208,8 @@ class MatrixSystem(wiring.Component):
                  clock_gate: bool = True):
         from .matrix_unit import MatrixUnit
 
-        self._unit = MatrixUnit(cfg, pe_instance, clock_gate=clock_gate)
-        self._memory = MemoryModel(cfg, words_log2, mem_latency)
-        members = forwarded_members(self._unit, exclude=("mem",))
-        for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):
-            members[f"mem_{name}"] = self._memory.signature.members[name]
-        members["clk_out"] = Out(1)
-        super().__init__(members)
+        self.unit = MatrixUnit(cfg, pe_instance, clock_gate=clock_gate)
+        super().__init__(cfg, words_log2, mem_latency, forwarded_members(self.unit, exclude=("mem",)))
 
-    @property
-    def unit(self):
-        return self._unit
-
-    @property
-    def memory(self):
-        return self._memory
-
-    def elaborate(self, platform):
-        m = Module()
-        clk, _ = free_running_clock(m)
-        m.d.comb += self.clk_out.eq(clk)
-        m.submodules.unit = unit = self._unit
-        m.submodules.memory = memory = self._memory
-        wiring.connect(m, unit.mem, memory.port)      # the memory controller replaces this line
+    def _forward(self, m, unit):
         forward_ports(m, self, unit, exclude=("mem",))
-        for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):
-            m.d.comb += getattr(memory, name).eq(getattr(self, f"mem_{name}"))
-        return m

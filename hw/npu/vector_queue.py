@@ -94,6 +94,7 @@ from ..config import SystemConfig
 from ..memif import MemPortSignature
 from ..spec.soc_isa import PAYLOAD_LO, VDMA_FIELDS, SocOp, VqError
 from .counters import count_events
+from .memmodel import MemoryModelTop
 from .spm import SpmReadSignature
 from .vector import VectorUnit, WritePortSignature
 
@@ -171,7 +172,7 @@ class VectorDma(wiring.Component):
                 or not 1 <= max_outstanding < 1 << SEQ_BITS:
             raise ValueError(f"Outstanding requests must be an integer in [1, {(1 << SEQ_BITS) - 1}], "
                              f"not {max_outstanding!r}")
-        self._cfg = cfg
+        self.cfg = cfg
         self._geo = g = _Geometry(lanes, words)
         self._max_out = max_outstanding
         aw = cfg.pim.addr_bits
@@ -189,7 +190,7 @@ class VectorDma(wiring.Component):
         m = Module()
         g = self._geo
         P, log_p = g.p, g.log_p
-        aw = self._cfg.pim.addr_bits
+        aw = self.cfg.pim.addr_bits
         cw = g.col_bits
         max_out = self._max_out
 
@@ -351,11 +352,11 @@ class VectorQueue(wiring.Component):
         if not isinstance(queue_depth, int) or isinstance(queue_depth, bool) or queue_depth < 2:
             raise ValueError(f"Queue depth must be an integer of at least 2, not {queue_depth!r}")
         lanes, words = cfg.npu.vector_lanes, cfg.npu.vector_spm_words
-        self._cfg = cfg
+        self.cfg = cfg
         self._geo = _Geometry(lanes, words)
         self._queue_depth = queue_depth
-        self._unit = VectorUnit(lanes, words, lane_instance=lane_instance, clock_gate=clock_gate)
-        self._dma = VectorDma(cfg, lanes, words, max_outstanding)
+        self.unit = VectorUnit(lanes, words, lane_instance=lane_instance, clock_gate=clock_gate)
+        self.dma = VectorDma(cfg, lanes, words, max_outstanding)
         self._spu_port = bool(spu_port)
         members = {
             "instr": In(stream.Signature(8 * 32)),
@@ -373,18 +374,6 @@ class VectorQueue(wiring.Component):
         super().__init__(members)
 
     @property
-    def cfg(self) -> SystemConfig:
-        return self._cfg
-
-    @property
-    def unit(self) -> VectorUnit:
-        return self._unit
-
-    @property
-    def dma(self) -> VectorDma:
-        return self._dma
-
-    @property
     def spm_columns(self) -> int:
         """32-byte columns in the scratchpad (the ``DMA_SPM`` limit)."""
         return self._geo.columns
@@ -393,9 +382,9 @@ class VectorQueue(wiring.Component):
         m = Module()
         g = self._geo
         L, K, log_k = g.lanes, g.k, g.log_k
-        aw = self._cfg.pim.addr_bits
-        u = m.submodules.unit = self._unit
-        dma = m.submodules.dma = self._dma
+        aw = self.cfg.pim.addr_bits
+        u = m.submodules.unit = self.unit
+        dma = m.submodules.dma = self.dma
         wiring.connect(m, dma.mem, wiring.flipped(self.mem))
 
         # ---- scratchpad, ports shared between the vector unit and the DMA ----
@@ -537,7 +526,7 @@ class VectorQueue(wiring.Component):
         return m
 
 
-class VectorQueueSystem(wiring.Component):
+class VectorQueueSystem(MemoryModelTop):
     """Test top: :class:`VectorQueue` + :class:`hw.npu.memmodel.MemoryModel`, with its own clock.
 
     As :class:`hw.npu.memmodel.MatrixSystem`: the clock comes from
@@ -551,38 +540,15 @@ class VectorQueueSystem(wiring.Component):
     ``dump_hi`` as ``mem_bp_enable``, ...; ``clk_out``.
     """
 
+    UNIT = "queue"
+
     def __init__(self, cfg: SystemConfig, words_log2: int, mem_latency: int = 6, queue_depth: int = 8,
                  max_outstanding: int = 32, lane_instance: bool = True, clock_gate: bool = True):
-        from .memmodel import MemoryModel
+        self.queue = VectorQueue(cfg, queue_depth, max_outstanding, lane_instance, clock_gate)
+        members = {name: member for name, member in self.queue.signature.members.items() if name != "mem"}
+        super().__init__(cfg, words_log2, mem_latency, members)
 
-        self._queue = VectorQueue(cfg, queue_depth, max_outstanding, lane_instance, clock_gate)
-        self._memory = MemoryModel(cfg, words_log2, mem_latency)
-        members = {name: member for name, member in self._queue.signature.members.items() if name != "mem"}
-        for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):
-            members[f"mem_{name}"] = self._memory.signature.members[name]
-        members["clk_out"] = Out(1)
-        super().__init__(members)
-
-    @property
-    def queue(self) -> VectorQueue:
-        return self._queue
-
-    @property
-    def memory(self):
-        return self._memory
-
-    def elaborate(self, platform):
-        from ..simtop import free_running_clock
-
-        m = Module()
-        clk, _ = free_running_clock(m)
-        m.d.comb += self.clk_out.eq(clk)
-        q = m.submodules.queue = self._queue
-        mem = m.submodules.memory = self._memory
-        wiring.connect(m, q.mem, mem.port)
+    def _forward(self, m, q):
         wiring.connect(m, wiring.flipped(self.instr), q.instr)
         m.d.comb += [self.busy.eq(q.busy), self.error.eq(q.error), q.clear.eq(self.clear),
                      self.counters.eq(q.counters)]
-        for name in ("bp_enable", "load", "dump", "dump_lo", "dump_hi"):
-            m.d.comb += getattr(mem, name).eq(getattr(self, f"mem_{name}"))
-        return m
