@@ -64,22 +64,26 @@ def _rows(f: dict):
         yield slice(m, m + n), slice(s, s + n)
 
 
-def vload(spm: np.ndarray, mem: np.ndarray, fields: dict, device_bytes: int | None = None) -> VqError:
-    """Memory -> scratchpad, in place on ``spm``; returns the error code."""
+def _copy(spm: np.ndarray, mem: np.ndarray, fields: dict, device_bytes: int | None, store: bool) -> VqError:
+    """:func:`check`, then (no error) the rows in order: memory -> scratchpad, or the other way when ``store``."""
     err = check(fields, spm.size, mem.size, device_bytes)
     if err == VqError.NONE:
         for ms, ss in _rows(_get(fields)):
-            spm[ss] = mem[ms]
+            if store:
+                mem[ms] = spm[ss]
+            else:
+                spm[ss] = mem[ms]
     return err
+
+
+def vload(spm: np.ndarray, mem: np.ndarray, fields: dict, device_bytes: int | None = None) -> VqError:
+    """Memory -> scratchpad, in place on ``spm``; returns the error code."""
+    return _copy(spm, mem, fields, device_bytes, store=False)
 
 
 def vstore(spm: np.ndarray, mem: np.ndarray, fields: dict, device_bytes: int | None = None) -> VqError:
     """Scratchpad -> memory, in place on ``mem``; returns the error code."""
-    err = check(fields, spm.size, mem.size, device_bytes)
-    if err == VqError.NONE:
-        for ms, ss in _rows(_get(fields)):
-            mem[ms] = spm[ss]
-    return err
+    return _copy(spm, mem, fields, device_bytes, store=True)
 
 
 def columns(fields: dict) -> int:
