@@ -54,7 +54,43 @@ def _check_lanes(lanes):
                          f"(one memory column), not {lanes!r}")
 
 
-class DmaLoad(wiring.Component):
+class _DmaEngine(wiring.Component):
+    """What both engines share: the configuration check, the word lanes (``lanes``), the request limit and the
+    members
+
+    cmd : In(stream.Signature(INSTRUCTION))
+        An instruction whose tokens have been taken; accepted when idle.
+    mem : Out(MemPortSignature(cfg))
+    signal : Out(N_SEMAPHORES)
+        Tokens to give, for one cycle, when the instruction has finished.
+    busy : Out(1)
+    error : Out(ErrorCode)
+        Error event (``NONE`` otherwise), one cycle per event.
+
+    with the engine's scratchpad port(s) (:meth:`_spm_members`) between ``mem`` and ``signal``.
+    """
+
+    def __init__(self, cfg: SystemConfig, lanes: int, max_outstanding: int):
+        if not isinstance(cfg, SystemConfig):
+            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
+        _check_lanes(lanes)
+        self._cfg = cfg
+        self.lanes = lanes
+        self._max_out = max_outstanding
+        super().__init__({
+            "cmd": In(stream.Signature(INSTRUCTION)),
+            "mem": Out(MemPortSignature(cfg)),
+            **self._spm_members(),
+            "signal": Out(N_SEMAPHORES),
+            "busy": Out(1),
+            "error": Out(ErrorCode),
+        })
+
+    def _spm_members(self) -> dict:
+        raise NotImplementedError
+
+
+class DmaLoad(_DmaEngine):
     """``LOAD`` engine: memory -> activation / weight scratchpad, optionally transposed.
 
     A transposed load is double-buffered: the response handler gathers block
@@ -75,38 +111,21 @@ class DmaLoad(wiring.Component):
 
     Members
     -------
-    cmd : In(stream.Signature(INSTRUCTION))
-        A LOAD whose tokens have been taken; accepted when idle.
-    mem : Out(MemPortSignature(cfg))
+    cmd, mem, signal, busy, error
+        As for every engine (``_DmaEngine``); ``cmd`` takes LOADs.
     spm : Out(SpmWriteSignature(16, ArrayLayout(16, lanes)))
     spm_target : Out(Target)
-    signal : Out(N_SEMAPHORES)
-        Tokens to give, for one cycle, when the instruction has finished.
-    busy : Out(1)
-    error : Out(ErrorCode)
-        Error event (``NONE`` otherwise), one cycle per event.
     """
 
     transpose_buffers = 2
 
     def __init__(self, cfg: SystemConfig, lanes: int, max_outstanding: int = 32):
-        if not isinstance(cfg, SystemConfig):
-            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
-        _check_lanes(lanes)
         if not isinstance(max_outstanding, int) or not 1 <= max_outstanding <= 64:
             raise ValueError(f"Outstanding requests must be an integer in [1, 64], not {max_outstanding!r}")
-        self._cfg = cfg
-        self.lanes = lanes
-        self._max_out = max_outstanding
-        super().__init__({
-            "cmd": In(stream.Signature(INSTRUCTION)),
-            "mem": Out(MemPortSignature(cfg)),
-            "spm": Out(SpmWriteSignature(16, data.ArrayLayout(16, lanes))),
-            "spm_target": Out(Target),
-            "signal": Out(N_SEMAPHORES),
-            "busy": Out(1),
-            "error": Out(ErrorCode),
-        })
+        super().__init__(cfg, lanes, max_outstanding)
+
+    def _spm_members(self) -> dict:
+        return {"spm": Out(SpmWriteSignature(16, data.ArrayLayout(16, self.lanes))), "spm_target": Out(Target)}
 
     def elaborate(self, platform):
         # The parts below share their signals through ``c`` (:class:`hw.elab.Shared`), in this order.
@@ -363,7 +382,7 @@ class DmaLoad(wiring.Component):
                     m.d.sync += e_idx.eq(e_idx + 1)
 
 
-class DmaStore(wiring.Component):
+class DmaStore(_DmaEngine):
     """``STORE`` engine: accumulator scratchpad -> memory, FP32 or BF16.
 
     Parameters
@@ -376,30 +395,19 @@ class DmaStore(wiring.Component):
 
     Members
     -------
-    cmd : In(stream.Signature(INSTRUCTION))
-    mem : Out(MemPortSignature(cfg))
+    cmd, mem, signal, busy, error
+        As for every engine (``_DmaEngine``); ``cmd`` takes STOREs.
     acc : Out(SpmReadSignature(acc_addr_bits, ArrayLayout(32, lanes)))
-    signal, busy, error
-        As for :class:`DmaLoad`.
     """
 
     FIFO_DEPTH = 4
 
     def __init__(self, cfg: SystemConfig, lanes: int, acc_addr_bits: int, max_outstanding: int = 32):
-        if not isinstance(cfg, SystemConfig):
-            raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
-        _check_lanes(lanes)
-        self._cfg = cfg
-        self.lanes = lanes
-        self._max_out = max_outstanding
-        super().__init__({
-            "cmd": In(stream.Signature(INSTRUCTION)),
-            "mem": Out(MemPortSignature(cfg)),
-            "acc": Out(SpmReadSignature(acc_addr_bits, data.ArrayLayout(32, lanes))),
-            "signal": Out(N_SEMAPHORES),
-            "busy": Out(1),
-            "error": Out(ErrorCode),
-        })
+        self._acc_addr_bits = acc_addr_bits
+        super().__init__(cfg, lanes, max_outstanding)
+
+    def _spm_members(self) -> dict:
+        return {"acc": Out(SpmReadSignature(self._acc_addr_bits, data.ArrayLayout(32, self.lanes)))}
 
     def elaborate(self, platform):
         m = Module()
