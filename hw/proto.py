@@ -65,6 +65,23 @@ class AxiSignature(wiring.Signature):
         })
 
 
+def axi_discard_write(m, ax):
+    """In an AXI4 slave's state machine: take the data beats of a write burst the slave refuses, then go to
+    state ``Write-Response`` (where :func:`axi_write_response_state` answers it)."""
+    m.d.comb += ax.wready.eq(1)
+    with m.If(ax.wvalid & ax.wlast):
+        m.next = "Write-Response"
+
+
+def axi_write_response_state(m, ax):
+    """An AXI4 slave's state ``Write-Response``: the B beat (``bid`` / ``bresp`` driven by the caller) until it
+    is taken, then state ``Idle``."""
+    with m.State("Write-Response"):
+        m.d.comb += ax.bvalid.eq(1)
+        with m.If(ax.bready):
+            m.next = "Idle"
+
+
 class ProtoTop(wiring.Component):
     """The prototype: AXI4-Lite CSRs + AXI4 memory window + macro queue + :class:`hw.pcu.PcuSystem`.
 
@@ -164,6 +181,16 @@ class ProtoTop(wiring.Component):
         for c in range(C):
             pl = reqs[c].payload
             m.d.comb += [pl.addr.eq(t_addr), pl.data.eq(ax.wdata), pl.mask.eq(ax.wstrb), pl.tag.eq(0)]
+
+        def taken_responses():
+            """Channel ``cur_ch``'s response, taken (``ready``) when valid: yields each channel's response stream
+            inside ``If(cur_ch == c)`` and ``If(valid)``, where the loop body's statements land."""
+            for c in range(C):
+                with m.If(cur_ch == c):
+                    m.d.comb += resps[c].ready.eq(1)
+                    with m.If(resps[c].valid):
+                        yield resps[c]
+
         with m.FSM(name="axi"):
             with m.State("Idle"):
                 with m.If(ax.awvalid):
@@ -178,9 +205,7 @@ class ProtoTop(wiring.Component):
                     m.next = "Read-Request"
             with m.State("Write-Data"):
                 with m.If(t_bad):
-                    m.d.comb += ax.wready.eq(1)
-                    with m.If(ax.wvalid & ax.wlast):
-                        m.next = "Write-Response"
+                    axi_discard_write(m, ax)
                 with m.Else():
                     for c in range(C):
                         with m.If(t_ch == c):
@@ -190,19 +215,13 @@ class ProtoTop(wiring.Component):
                         m.d.sync += [t_addr.eq(t_addr + cb), cur_ch.eq(t_ch), t_left.eq(ax.wlast)]
                         m.next = "Write-Ack"
             with m.State("Write-Ack"):
-                for c in range(C):
-                    with m.If(cur_ch == c):
-                        m.d.comb += resps[c].ready.eq(1)
-                        with m.If(resps[c].valid):
-                            m.d.sync += t_err.eq(t_err | resps[c].payload.error)
-                            with m.If(t_left[0]):
-                                m.next = "Write-Response"
-                            with m.Else():
-                                m.next = "Write-Data"
-            with m.State("Write-Response"):
-                m.d.comb += ax.bvalid.eq(1)
-                with m.If(ax.bready):
-                    m.next = "Idle"
+                for resp in taken_responses():
+                    m.d.sync += t_err.eq(t_err | resp.payload.error)
+                    with m.If(t_left[0]):
+                        m.next = "Write-Response"
+                    with m.Else():
+                        m.next = "Write-Data"
+            axi_write_response_state(m, ax)
             with m.State("Read-Request"):
                 with m.If(t_bad):
                     m.d.sync += [t_data.eq(0), t_resp.eq(SLVERR)]
@@ -215,13 +234,9 @@ class ProtoTop(wiring.Component):
                                 m.d.sync += cur_ch.eq(t_ch)
                                 m.next = "Read-Wait"
             with m.State("Read-Wait"):
-                for c in range(C):
-                    with m.If(cur_ch == c):
-                        m.d.comb += resps[c].ready.eq(1)
-                        with m.If(resps[c].valid):
-                            m.d.sync += [t_data.eq(resps[c].payload.data),
-                                         t_resp.eq(Mux(resps[c].payload.error, SLVERR, OKAY))]
-                            m.next = "Read-Beat"
+                for resp in taken_responses():
+                    m.d.sync += [t_data.eq(resp.payload.data), t_resp.eq(Mux(resp.payload.error, SLVERR, OKAY))]
+                    m.next = "Read-Beat"
             with m.State("Read-Beat"):
                 m.d.comb += ax.rvalid.eq(1)
                 with m.If(ax.rready):

@@ -73,7 +73,7 @@ from .axil import OKAY, SLVERR, AxiLiteRegisters, AxiLiteSignature
 from .config import SystemConfig
 from .cp import CommandProcessor, UnitPort
 from .memif import MemPortSignature
-from .proto import AxiSignature
+from .proto import AxiSignature, axi_discard_write, axi_write_response_state
 from .spec.soc_isa import CpError
 from .spec.soc_regs import CSR, REQUESTERS, SOC_ID, Ctrl, register_table
 
@@ -150,9 +150,7 @@ class AxiWindow(wiring.Component):
                     m.next = "Read"
             with m.State("Write"):
                 with m.If(t_bad):
-                    m.d.comb += ax.wready.eq(1)
-                    with m.If(ax.wvalid & ax.wlast):
-                        m.next = "Write-Response"
+                    axi_discard_write(m, ax)
                 with m.Else():
                     m.d.comb += resp.ready.eq(1)
                     with m.If(~w_last_in):
@@ -167,10 +165,7 @@ class AxiWindow(wiring.Component):
                         m.d.sync += [answered.eq(answered + 1), t_err.eq(t_err | resp.payload.error)]
                     with m.If(w_last_in & ~take & (answered + got == issued)):
                         m.next = "Write-Response"
-            with m.State("Write-Response"):
-                m.d.comb += ax.bvalid.eq(1)
-                with m.If(ax.bready):
-                    m.next = "Idle"
+            axi_write_response_state(m, ax)
             with m.State("Read"):
                 with m.If(t_bad):
                     m.d.comb += [ax.rvalid.eq(1), ax.rdata.eq(0), ax.rresp.eq(SLVERR), ax.rlast.eq(answered == t_len)]
