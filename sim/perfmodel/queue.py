@@ -1,6 +1,6 @@
 """What the performance model's in-order instruction queues share (the PCU's macro queue, the vector queue, the
 SRAM-PIM queue): taking the head instruction, splitting a transfer's time into work and waiting for PIM, and
-releasing the unit when it goes idle."""
+releasing the unit when it goes idle; the NPU-side queues (vector, SRAM-PIM) share their whole process."""
 
 from __future__ import annotations
 
@@ -21,6 +21,20 @@ class QueueModel:
         q.popleft()
         K.notify(ev_space)
         return ins
+
+    def _npu_queue(self, unit, q, ev, ev_space, fifo_lat, serve, done_over, idle_lat):
+        """The process of an NPU-side queue (a generator): forever take the head instruction ``fifo_lat`` after
+        it entered (:meth:`_pop_head`), run ``serve(ins, start)`` (a generator; returns the cycle the
+        instruction is done), take the next one ``done_over`` after that; ``unit`` goes idle ``idle_lat``
+        later. The three latencies are NPU cycles (scaled by ``m.k``)."""
+        K, kf = self.K, self.m.k
+        free = K.now
+        while True:
+            ins = yield from self._pop_head(q, ev, ev_space, fifo_lat * kf, free)
+            done = yield from serve(ins, K.now)
+            free = done + done_over * kf
+            K.at(free + idle_lat * kf, lambda: self._unit_down(unit))
+            yield free
 
     def _split_pim_wait(self, start, done, overlap, tag):
         """A transfer from ``start`` to ``done`` of which up to ``overlap`` cycles waited for PIM windows: the

@@ -27,37 +27,37 @@ class SpuModel(QueueModel):
     """Methods of :class:`sim.perfmodel.core._Run` for the SRAM-PIM queue."""
 
     def _spu(self):
+        cal = self.cal
+        yield from self._npu_queue("spu", self.spu_q, self.ev_spu, self.ev_spu_space, cal.spu_fifo_lat,
+                                   self._spu_serve, cal.spu_done_over, cal.spu_idle_lat)
+
+    def _spu_serve(self, ins, start):
+        """One SPIM or SLOAD from ``start`` (a generator): returns the cycle it is done."""
         K, cal, kf = self.K, self.cal, self.m.k
         spu = self.cfg.spu
-        free = K.now
-        while True:
-            ins = yield from self._pop_head(self.spu_q, self.ev_spu, self.ev_spu_space, cal.spu_fifo_lat * kf, free)
-            start = K.now
-            f = ins.f
-            if ins.op == SocOp.SPIM:
-                d = (spim_cycles(self.cfg, bool(f["mode"]), f["count"], f["heads"]) - SPIM_OVERHEAD) * kf
-                done = start + cal.spim_over * kf + d
-                macs = f["heads"] * f["count"] * spu.word_lanes
-                self.events["sram_pim_mac"] += macs
-                n_out = f["count"] if f["mode"] == 0 else spu.word_lanes
-                self.events["spm_wr_bytes"] += 4 * n_out * f["heads"]
-                self.events["spm_rd_bytes"] += 2 * f["heads"] * (spu.word_lanes if f["mode"] == 0 else f["count"])
-                self.work["spu_compute"] += d
-                if done > K.now:
-                    yield done
-                self.intervals.append((start, done, self._tag(ins, "attention")))
-            else:
-                t1 = start + cal.sload_over * kf
-                nw = len(self.win_log)
-                self.mem.max_col = -INF
-                done = yield from self._held(self._sload(f, t1))
-                if done > K.now:
-                    yield done
-                self._split_pim_wait(start, done, self._pim_overlap(start, done, nw), self._tag(ins, "attention"))
-                self.work["spu_load"] += done - t1
-            free = done + cal.spu_done_over * kf
-            K.at(free + cal.spu_idle_lat * kf, lambda: self._unit_down("spu"))
-            yield free
+        f = ins.f
+        if ins.op == SocOp.SPIM:
+            d = (spim_cycles(self.cfg, bool(f["mode"]), f["count"], f["heads"]) - SPIM_OVERHEAD) * kf
+            done = start + cal.spim_over * kf + d
+            macs = f["heads"] * f["count"] * spu.word_lanes
+            self.events["sram_pim_mac"] += macs
+            n_out = f["count"] if f["mode"] == 0 else spu.word_lanes
+            self.events["spm_wr_bytes"] += 4 * n_out * f["heads"]
+            self.events["spm_rd_bytes"] += 2 * f["heads"] * (spu.word_lanes if f["mode"] == 0 else f["count"])
+            self.work["spu_compute"] += d
+            if done > K.now:
+                yield done
+            self.intervals.append((start, done, self._tag(ins, "attention")))
+        else:
+            t1 = start + cal.sload_over * kf
+            nw = len(self.win_log)
+            self.mem.max_col = -INF
+            done = yield from self._held(self._sload(f, t1))
+            if done > K.now:
+                yield done
+            self._split_pim_wait(start, done, self._pim_overlap(start, done, nw), self._tag(ins, "attention"))
+            self.work["spu_load"] += done - t1
+        return done
 
     def _sload(self, f, t):
         """SLOAD (a generator): returns the cycle the engine is done (its last response taken)."""

@@ -16,33 +16,33 @@ class VectorQueueModel(QueueModel):
     """Methods of :class:`sim.perfmodel.core._Run` for the vector queue (:mod:`hw.npu.vector_queue`)."""
 
     def _vq(self):
+        cal = self.cal
+        yield from self._npu_queue("vq", self.vq_q, self.ev_vq, self.ev_vq_space, cal.vq_fifo_lat, self._vq_serve,
+                                   cal.vq_done_over, cal.vq_idle_lat)
+
+    def _vq_serve(self, ins, start):
+        """One VECTOR, VLOAD or VSTORE from ``start`` (a generator): returns the cycle it is done."""
         K, cal, kf = self.K, self.cal, self.m.k
-        free = K.now
-        while True:
-            ins = yield from self._pop_head(self.vq_q, self.ev_vq, self.ev_vq_space, cal.vq_fifo_lat * kf, free)
-            start = K.now
-            if ins.op == SocOp.VECTOR:
-                d = self._vec_cycles(ins.f) * kf
-                done = start + cal.vq_vec_over * kf + d
-                self.work["vq_vector"] += d
-                self.intervals.append((start, done, self._tag(ins, "vector")))
-            else:
-                t1 = start + cal.vq_dma_over * kf
-                nw = len(self.win_log)
-                self.mem.max_col = -INF
-                f = ins.f
-                key = (int(ins.op), f["rows"], f["cols"], f["mem_stride"], f["mem_addr"] % self.m.align)
-                done, cached = yield from self._timed(key, t1, lambda t, ins=ins: self._held(self._vdma(ins, t)))
-                if cached:
-                    done = yield from self._dma_pushback(done, nw)
-                elif done > K.now:
-                    yield done
-                self._split_pim_wait(start, done, self._pim_overlap(start, done, 0 if not cached else nw),
-                                     self._tag(ins, "vector"))
-                self.work["vq_dma"] += done - t1
-            free = done + cal.vq_done_over * kf
-            K.at(free + cal.vq_idle_lat * kf, lambda: self._unit_down("vq"))
-            yield free
+        if ins.op == SocOp.VECTOR:
+            d = self._vec_cycles(ins.f) * kf
+            done = start + cal.vq_vec_over * kf + d
+            self.work["vq_vector"] += d
+            self.intervals.append((start, done, self._tag(ins, "vector")))
+        else:
+            t1 = start + cal.vq_dma_over * kf
+            nw = len(self.win_log)
+            self.mem.max_col = -INF
+            f = ins.f
+            key = (int(ins.op), f["rows"], f["cols"], f["mem_stride"], f["mem_addr"] % self.m.align)
+            done, cached = yield from self._timed(key, t1, lambda t, ins=ins: self._held(self._vdma(ins, t)))
+            if cached:
+                done = yield from self._dma_pushback(done, nw)
+            elif done > K.now:
+                yield done
+            self._split_pim_wait(start, done, self._pim_overlap(start, done, 0 if not cached else nw),
+                                 self._tag(ins, "vector"))
+            self.work["vq_dma"] += done - t1
+        return done
 
     def _vec_cycles(self, f):
         n, rows, op = f["n"], f["rows"], f["op"]
