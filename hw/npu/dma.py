@@ -55,19 +55,28 @@ def _check_lanes(lanes):
 
 
 class _DmaEngine(wiring.Component):
-    """What both engines share: the configuration check, the word lanes (``lanes``), the request limit and the
-    members
+    """What both engines share: their parameters and the members other than the scratchpad port(s), which each
+    engine adds (:meth:`_spm_members`) between ``mem`` and ``signal``.
 
+    Parameters
+    ----------
+    cfg : SystemConfig
+    lanes : int
+        Lanes per scratchpad word, a power of two up to 16: BF16 lanes of an activation / weight word
+        (``W``) for :class:`DmaLoad`, FP32 lanes of an accumulator word (``C``) for :class:`DmaStore`.
+    max_outstanding : int
+        Memory requests in flight at most.
+
+    Members
+    -------
     cmd : In(stream.Signature(INSTRUCTION))
-        An instruction whose tokens have been taken; accepted when idle.
+        An instruction (a LOAD, a STORE) whose tokens have been taken; accepted when idle.
     mem : Out(MemPortSignature(cfg))
     signal : Out(N_SEMAPHORES)
         Tokens to give, for one cycle, when the instruction has finished.
     busy : Out(1)
     error : Out(ErrorCode)
         Error event (``NONE`` otherwise), one cycle per event.
-
-    with the engine's scratchpad port(s) (:meth:`_spm_members`) between ``mem`` and ``signal``.
     """
 
     def __init__(self, cfg: SystemConfig, lanes: int, max_outstanding: int):
@@ -101,18 +110,9 @@ class DmaLoad(_DmaEngine):
     ``transpose_buffers`` (2) is that number of ``W x 16`` buffers; the
     performance model reads it.
 
-    Parameters
-    ----------
-    cfg : SystemConfig
-    lanes : int
-        BF16 lanes per scratchpad word (``W``); a power of two up to 16.
-    max_outstanding : int
-        Read requests in flight at most.
+    Parameters (``cfg``, ``lanes`` = ``W``, ``max_outstanding`` up to 64) and members as for every engine
+    (``_DmaEngine``), and
 
-    Members
-    -------
-    cmd, mem, signal, busy, error
-        As for every engine (``_DmaEngine``); ``cmd`` takes LOADs.
     spm : Out(SpmWriteSignature(16, ArrayLayout(16, lanes)))
     spm_target : Out(Target)
     """
@@ -385,18 +385,11 @@ class DmaLoad(_DmaEngine):
 class DmaStore(_DmaEngine):
     """``STORE`` engine: accumulator scratchpad -> memory, FP32 or BF16.
 
-    Parameters
-    ----------
-    cfg : SystemConfig
-    lanes : int
-        FP32 lanes per accumulator word (``C``); a power of two up to 16.
+    Parameters (``cfg``, ``lanes`` = ``C``, ``max_outstanding``) and members as for every engine
+    (``_DmaEngine``), and
+
     acc_addr_bits : int
         Address width of the accumulator scratchpad.
-
-    Members
-    -------
-    cmd, mem, signal, busy, error
-        As for every engine (``_DmaEngine``); ``cmd`` takes STOREs.
     acc : Out(SpmReadSignature(acc_addr_bits, ArrayLayout(32, lanes)))
     """
 
