@@ -71,11 +71,17 @@ def af_lut_row(cfg: SystemConfig, fn=gelu) -> np.ndarray:
     return np.frombuffer(words.astype("<u4").tobytes(), dtype="<u2").reshape(p.columns, p.lanes).copy()
 
 
+@dataclass(frozen=True)
 class OutputTiles:
     """The output tiling every PIM weight layout shares (:class:`GemvLayout`; the 4-bit
     :class:`firmware.pim_lowprec.W4GemvLayout` and :class:`firmware.quant.PimLowPrecLayout`): output ``n`` in
-    tile ``n // (banks * channels)``, channel ``(n // banks) % channels``, bank ``n % banks``. The layout
-    (a dataclass) has ``cfg``, ``K``, ``N``, ``base_row`` and ``rows_used``."""
+    tile ``n // (banks * channels)``, channel ``(n // banks) % channels``, bank ``n % banks``. The fields
+    ``cfg`` (a :class:`hw.spec.config.SystemConfig`), ``K`` and ``N`` (the GEMV's ``[K, N]``) come first in
+    every layout; a layout adds ``base_row`` and ``rows_used``."""
+
+    cfg: SystemConfig
+    K: int
+    N: int
 
     @property
     def per_tile(self) -> int:
@@ -106,9 +112,6 @@ class OutputTiles:
 class GemvLayout(OutputTiles):
     """Where the weights of one ``[K, N]`` GEMV live. See the module docstring."""
 
-    cfg: SystemConfig
-    K: int
-    N: int
     base_row: int = 0
 
     def __post_init__(self):

@@ -58,9 +58,6 @@ def _pow2_ceil(n: int) -> int:
 class W4GemvLayout(OutputTiles):
     """Where the 4-bit weights of one ``[K, N]`` GEMV live on a low-precision device (module docstring)."""
 
-    cfg: object
-    K: int
-    N: int
     base_row: int = 0
     chunk_size: int = 0
 

@@ -406,9 +406,6 @@ class PimLowPrecLayout(OutputTiles):
     ``cfg``: a :class:`hw.spec.config.SystemConfig` (only ``cfg.pim`` is read: channels, banks, columns, lanes,
     data_rows). DRAM contents are ``[channels, banks, rows_used, columns, 32]`` bytes.
     """
-    cfg: object
-    K: int
-    N: int
     fmt: str = "int4"
     group: int = 128
     grid_choice: bool = True
