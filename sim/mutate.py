@@ -103,8 +103,8 @@ MUTANTS = (
     Mutant("arith.align_clamp", "hw/arith.py", "dc.eq(Mux(d > 27, 27, d))", "dc.eq(Mux(d > 26, 26, d))",
            ARITH_T, "FP32 add: alignment shift clamped one short (equivalent: a shift of 26 or 27 leaves "
                     "only the sticky bit of a 27-bit significand)"),
-    Mutant("arith.carry_sticky", "hw/arith.py", "norm.eq(Cat(total[1] | total[0], total[2:28]))",
-           "norm.eq(Cat(total[1], total[2:28]))", ARITH_T, "FP32 add: sticky lost on carry-out"),
+    Mutant("arith.carry_sticky", "hw/arith.py", "norm.eq(Cat(total[1] | total[0], total[2:28])), nexp.eq(exp + 1)",
+           "norm.eq(Cat(total[1], total[2:28])), nexp.eq(exp + 1)", ARITH_T, "FP32 add: sticky lost on carry-out"),
     # ---- vector unit's FP32 extension (hw/npu/fp32ext.py) ----
     Mutant("fp32ext.mul_round", "hw/npu/fp32ext.py", 'up = st["guard"] & (st["sticky"] | sig[0])',
            'up = st["guard"]', FP32EXT_T, "FP32 mul: ties round up"),
