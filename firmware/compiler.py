@@ -51,6 +51,8 @@ from firmware.program import (
     TIMING_ONLY,
     Blocked,
     CompileError,
+    HeadsK,
+    HeadsN,
     MuBlock,
     PimWeights,
     ProgramBuilder,
@@ -68,8 +70,8 @@ from hw.spec.config import SystemConfig
 from hw.spec.macro import MacroFlag, MacroOp
 from hw.spec.soc_isa import SocOp, Unit
 
-__all__ = ["POLICIES", "STAGES", "CompileError", "MemoryPlan", "compile_model", "CompiledModel", "Stage",
-           "plan_memory", "pack_layer"]
+__all__ = ["POLICIES", "STAGES", "HEAD_BATCH", "CompileError", "MemoryPlan", "compile_model", "CompiledModel", "Stage",
+           "plan_memory", "pack_layer", "head_batch_on", "kv_layout"]
 
 POLICIES = ("ianus", "npu-mem", "naive", "hpim")
 STAGES = ("ln1", "qkv_attn", "proj", "ln2", "fc1", "fc2")
@@ -96,8 +98,35 @@ attention of every head), ``split`` (a GEMV per head group, PIM computing group 
 group g) or ``auto`` (the one the cost model estimates faster)."""
 
 
+HEAD_BATCH = ("auto", "on", "off")
+"""Generation attention (one token) on the matrix unit: ``on``: the heads of a step as one GEMM each for
+``Q K^T`` (the block-diagonal query ``[heads, heads * hd]`` against the heads' K caches) and ``P V`` (the
+probabilities of every head against the heads' V caches, the diagonal blocks stored); ``off``: a GEMM per head
+and product; ``auto``: ``on`` where one head's ``hd`` inputs underfill the array's K tile (rows x MACs per PE),
+so that the weight loads of a head-sized GEMM would cost a whole tile each."""
+
+
+def head_batch_on(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: str = "auto") -> bool:
+    """Whether generation attention runs batched across heads (:data:`HEAD_BATCH`); the plan's K / V caches
+    are then token-major (:data:`firmware.memory_plan.KV_LAYOUTS`, :func:`kv_layout`)."""
+    if head_batch not in HEAD_BATCH:
+        raise CompileError(f"head_batch must be one of {', '.join(HEAD_BATCH)}, not {head_batch!r}")
+    npu, hd = cfg.npu, shape.head_dim
+    fits = hd % npu.array_cols == 0 and policy != "hpim"
+    if head_batch == "on" and not fits:
+        raise CompileError(f"head_batch 'on' needs head_dim ({hd}) a multiple of the array's {npu.array_cols} "
+                           f"columns and a policy other than hpim (its attention runs on the SRAM-PIM unit)")
+    return fits and (head_batch == "on" or (head_batch == "auto" and npu.array_rows * npu.macs_per_pe > hd))
+
+
+def kv_layout(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: str = "auto") -> str:
+    """The K / V cache layout that goes with :func:`head_batch_on`."""
+    return "token" if head_batch_on(cfg, shape, policy, head_batch) else "head"
+
+
 class LayerCompiler:
-    def __init__(self, plan: MemoryPlan, policy: str, mapping: dict, head_groups: str = "auto"):
+    def __init__(self, plan: MemoryPlan, policy: str, mapping: dict, head_groups: str = "auto",
+                 head_batch: str = "auto"):
         if head_groups not in HEAD_GROUPS:
             raise CompileError(f"head_groups must be one of {', '.join(HEAD_GROUPS)}, not {head_groups!r}")
         self.plan = plan
@@ -106,6 +135,7 @@ class LayerCompiler:
         self.policy = policy
         self.mapping = mapping       # (phase, fc) -> "mu" | "pim"
         self.head_groups = head_groups
+        self.head_batch = head_batch_on(self.cfg, self.shape, policy, head_batch) and "qd" in plan.buffers
 
     # -- vector helpers ----------------------------------------------------------------------
     def _groups(self, rows, per_row_words, fixed_words=0):
@@ -169,7 +199,8 @@ class LayerCompiler:
                         mem, stride = b["q"] + r0 * d * 2 + h * hd * 2, d * 2
                     else:
                         cache = lp.kc[h] if kind == 1 else lp.vc[h]
-                        mem, stride = cache + (pos0 + r0) * hd * 2, hd * 2
+                        ks = lp.k_stride if kind == 1 else lp.v_stride
+                        mem, stride = cache + (pos0 + r0) * ks, ks
                     pb.vdma_units(False, mem, stride, rg, hd * 2, unit, pb.unit(pitch))
             pb.spm_top = top
 
@@ -198,12 +229,17 @@ class LayerCompiler:
         h0, n = run[0], len(run)
         for kind in range(3):
             unit = pb.unit(T) + self.plan.qkv_col(kind, h0) * 2 // 32
+            if kind == 0 and self.head_batch:        # q of head h -> row h, columns h hd .. of qd
+                d = self.shape.d_model
+                pb.vdma_units(False, b["qd"] + h0 * (d + hd) * 2, (d + hd) * 2, n, hd * 2, unit, hd * 2 // 32)
+                continue
             if kind == 0:
                 pb.vdma_units(False, b["q"] + h0 * hd * 2, 32, 1, n * hd * 2, unit, 1)
                 continue
             cache = lp.kc if kind == 1 else lp.vc
             stride = cache[run[1]] - cache[h0] if n > 1 else 32
-            pb.vdma_units(False, cache[h0] + pos * hd * 2, stride, n, hd * 2, unit, hd * 2 // 32)
+            ks = lp.k_stride if kind == 1 else lp.v_stride
+            pb.vdma_units(False, cache[h0] + pos * ks, stride, n, hd * 2, unit, hd * 2 // 32)
 
     def attention(self, pb, lp, rows, pos0, heads):
         """S = Q K^T (MU), softmax (VQ), O = P V (MU) for ``heads``; O -> the o buffer."""
@@ -225,9 +261,16 @@ class LayerCompiler:
         mb_max = 2 * max(16, cfg.npu.array_rows) if rows > 1 else 1
         blocks = [(r0, min(mb_max, rows - r0), min(Lk, pos0 + r0 + mb_max)) for r0 in range(0, rows, mb_max)]
         blk = MuBlock()
-        for h in heads:
+        heads = list(heads)
+        h0, nh = heads[0], len(heads)
+        batch = rows == 1 and self.head_batch
+        if batch:       # one GEMM: qd's rows h0.. (q_h at columns h hd ..) x the heads' K caches
+            assert heads == list(range(h0, h0 + nh))
+            gemm(cfg, blk, b["qd"] + h0 * (d + hd) * 2, d * 2, HeadsN([lp.kc[h] for h in heads], hd, lp.k_stride),
+                 b["s"] + h0 * Lp * 4, Lp * 4, nh, nh * hd, Lk, False, pb.est)
+        for h in heads if not batch else ():
             for r0, mb, nk in blocks:
-                gemm(cfg, blk, b["q"] + r0 * d * 2 + h * hd * 2, d * 2, RowsN(lp.kc[h], hd * 2),
+                gemm(cfg, blk, b["q"] + r0 * d * 2 + h * hd * 2, d * 2, RowsN(lp.kc[h], lp.k_stride),
                      b["s"] + (h * rows + r0) * Lp * sb, Lp * sb, mb, hd, nk, sb == 2, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)
@@ -251,9 +294,13 @@ class LayerCompiler:
                     pb.spm_top = top
         pb.fence(Unit.VQ)
         blk = MuBlock()
-        for h in heads:
+        if batch:       # one GEMM: every head's probabilities x the heads' V caches, the diagonal blocks stored
+            gemm(cfg, blk, b["p"] + h0 * Lp * 2, Lp * 2, HeadsK([lp.vc[h] for h in heads], hd, lp.v_stride,
+                                                                 cfg.npu.array_cols),
+                 b["o"] + h0 * hd * 2, d * 2, nh, Lk, nh * hd, True, pb.est, diag=hd)
+        for h in heads if not batch else ():
             for r0, mb, nk in blocks:
-                gemm(cfg, blk, b["p"] + (h * rows + r0) * Lp * 2, Lp * 2, RowsK(lp.vc[h], hd * 2),
+                gemm(cfg, blk, b["p"] + (h * rows + r0) * Lp * 2, Lp * 2, RowsK(lp.vc[h], lp.v_stride),
                      b["o"] + r0 * d * 2 + h * hd * 2, d * 2, mb, nk, hd, True, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)
@@ -525,14 +572,15 @@ def choose_mapping(cfg, shape, policy, prefill) -> dict:
 
 
 def compile_model(cfg: SystemConfig, shape: GptShape, policy: str, prefill: int, total: int,
-                  groups: int = 4, head_groups: str = "auto") -> CompiledModel:
+                  groups: int = 4, head_groups: str = "auto", head_batch: str = "auto") -> CompiledModel:
     if policy not in POLICIES:
         raise CompileError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     if not 1 <= prefill <= total:
         raise CompileError(f"prefill ({prefill}) must be in 1..tokens ({total})")
-    plan = plan_memory(cfg, shape, total, groups=groups, pim_layout=(policy != "npu-mem"))
+    plan = plan_memory(cfg, shape, total, groups=groups, pim_layout=(policy != "npu-mem"),
+                       kv_layout=kv_layout(cfg, shape, policy, head_batch))
     mapping = choose_mapping(cfg, shape, policy, prefill)
-    lc = LayerCompiler(plan, policy, mapping, head_groups)
+    lc = LayerCompiler(plan, policy, mapping, head_groups, head_batch)
     stages = []
     for i in range(shape.layers):
         for name in STAGES:

@@ -132,6 +132,8 @@ def _group(lc, pb, lp, Lk: int, heads: list, rph: int, error) -> None:
     OB = pb.unit(pb.spm(word(_cols(n * hd * 2, word_cols))))
 
     # K and V of the group into the unit; q into the scratchpad.
+    if lp.k_stride != hd * 2 or lp.v_stride != hd * 2:
+        raise error("policy hpim: the K / V caches must be head-major (kv_layout 'head')")
     kv_stride = lp.kc[1] - lp.kc[0] if len(lp.kc) > 1 else 0
     k_base, v_base = 0, n * rph
     for cache, base in ((lp.kc, k_base), (lp.vc, v_base)):

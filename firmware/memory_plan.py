@@ -20,7 +20,7 @@ from hw.spec import fp as G
 from hw.spec.addrmap import AddressMap
 from hw.spec.config import SystemConfig
 
-__all__ = ["ALIGN", "LayerPlan", "MemoryPlan", "plan_memory", "pack_layer"]
+__all__ = ["ALIGN", "KV_LAYOUTS", "LayerPlan", "MemoryPlan", "plan_memory", "pack_layer"]
 
 ALIGN = 64
 
@@ -41,6 +41,8 @@ class LayerPlan:
     vc: list
     x_in: int        # [T, d] FP32 (hidden states entering the layer)
     x_out: int       # [T, d] FP32
+    k_stride: int = 0    # bytes from one token to the next in a head's K cache (hd * 2, or d * 2 token-major)
+    v_stride: int = 0    # the same in a head's V cache
     lin: dict = field(default_factory=dict)     # npu-mem: FC name -> address of row-major W [K, N] BF16
 
 
@@ -77,11 +79,20 @@ class MemoryPlan:
         return g * 3 * hd * hpg + kind * hd * hpg + j * hd
 
 
+KV_LAYOUTS = ("head", "token")
+"""How a layer's K (and V) cache is laid out: ``head``: a contiguous ``[T, hd]`` per head (a head's
+transposed load stays in few DRAM rows); ``token``: one ``[T, d]`` with the heads side by side, token after
+token (a load of all heads' keys reads ``d`` consecutive values per token, spread over channels and banks:
+the layout of generation attention batched across heads, :data:`firmware.compiler.HEAD_BATCH`)."""
+
+
 def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int = 4,
-                pim_layout: bool = True) -> MemoryPlan:
+                pim_layout: bool = True, kv_layout: str = "head") -> MemoryPlan:
     """Addresses of everything. ``pim_layout=False`` (policy npu-mem: memory is plain DRAM) stores the FC
     weights in column blocks (:class:`Blocked`), the layout the matrix unit's non-transposed DMA streams
-    fastest."""
+    fastest. ``kv_layout``: :data:`KV_LAYOUTS`."""
+    if kv_layout not in KV_LAYOUTS:
+        raise CompileError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, not {kv_layout!r}")
     p = cfg.pim
     d, f, H, hd = shape.d_model, shape.ffn, shape.heads, shape.head_dim
     if d % 16 or hd % 16:
@@ -129,12 +140,17 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
 
     T = max_tokens
     xs = [alloc(T * d * 4) for _ in range(shape.layers + 1)]
+    def caches(v=False):
+        if kv_layout == "head" or not v:
+            return [alloc(T * hd * 2) for _ in range(H)]
+        base = alloc(T * d * 2)
+        return [base + h * hd * 2 for h in range(H)]
+
     for i, (q, pr, f1, f2) in enumerate(lays):
         plan.layers.append(LayerPlan(
             qkv=q, proj=pr, fc1=f1, fc2=f2, ln1=alloc(d * 4), ln2=alloc(d * 4), qkv_b=alloc(3 * d * 4),
-            proj_b=alloc(d * 4), fc1_b=alloc(f * 4), fc2_b=alloc(d * 4),
-            kc=[alloc(T * hd * 2) for _ in range(H)], vc=[alloc(T * hd * 2) for _ in range(H)],
-            x_in=xs[i], x_out=xs[i + 1]))
+            proj_b=alloc(d * 4), fc1_b=alloc(f * 4), fc2_b=alloc(d * 4), kc=caches(), vc=caches(True),
+            x_in=xs[i], x_out=xs[i + 1], k_stride=hd * 2, v_stride=hd * 2 if kv_layout == "head" else d * 2))
         if not pim_layout:
             nb = blocked_tile(cfg)
             plan.layers[-1].lin = {name: alloc(K * _up(N, nb) * 2) for name, K, N in
@@ -150,6 +166,8 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
     b["y"] = alloc(T * max(d, f) * 4)
     b["x2"] = alloc(T * d * 4)
     b["g"] = alloc(T * f * 2)
+    if kv_layout == "token":          # generation's block-diagonal query, zero off the diagonal (compiler.attention)
+        b["qd"] = alloc(H * d * 2)
     plan.prog_base = _up(top, ALIGN)       # programs follow (placed by firmware.runtime.build_job)
     plan.top = top
     return plan

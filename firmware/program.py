@@ -30,7 +30,7 @@ from hw.spec.macro import Macro
 from hw.spec.macro import encode as macro_encode
 from hw.spec.soc_isa import SocOp
 
-__all__ = ["CompileError", "TIMING_ONLY", "ProgramBuilder", "MuBlock", "PimWeights", "RowsN", "RowsK", "Blocked",
+__all__ = ["CompileError", "TIMING_ONLY", "ProgramBuilder", "MuBlock", "PimWeights", "RowsN", "RowsK", "HeadsN", "HeadsK", "Blocked",
            "blocked_tile", "gemm"]
 
 
@@ -204,6 +204,74 @@ class RowsK(_CacheRows):
                      rows=kt, cols=nt)]
 
 
+def _coalesce(loads, step):
+    """Adjacent per-head loads of one tile as one where the heads' caches are side by side (token-major)."""
+    out = []
+    for ld in loads:
+        p = out[-1] if out else None
+        if p and ld["mem_addr"] == p["mem_addr"] + p[step] * 2 and ld["mem_stride"] == p["mem_stride"]:
+            p[step] += ld[step]
+        else:
+            out.append(ld)
+    return out
+
+
+@dataclass
+class HeadsN:
+    """The K caches of consecutive heads as one ``W [heads * hd, L]``: ``W[k, n] = K_{k // hd}[n, k % hd]``
+    (``addrs``: each head's cache, token ``n`` at ``+ n * stride``). The weights of one generation step's
+    ``Q K^T`` for all heads at once, against the block-diagonal query
+    (:meth:`firmware.compiler.LayerCompiler.attention`): a tile's input range spans several heads, a transposed
+    load per head into its place, one load where the caches are token-major (heads side by side)."""
+    addrs: list
+    hd: int
+    stride: int
+
+    def nt(self, cfg):
+        return 4 * cfg.npu.array_cols
+
+    def chunk(self):
+        return None
+
+    def loads(self, n0, nt, k0, kt):
+        out, k = [], k0
+        while k < k0 + kt:
+            h, i = divmod(k, self.hd)
+            piece = min(self.hd - i, k0 + kt - k)
+            out.append(dict(transpose=1, mem_addr=self.addrs[h] + n0 * self.stride + i * 2, mem_stride=self.stride,
+                            rows=nt, cols=piece, spm_off=k - k0))
+            k += piece
+        return _coalesce(out, "cols")
+
+
+@dataclass
+class HeadsK:
+    """The V caches of consecutive heads as one ``W [L, heads * hd]``: ``W[k, n] = V_{n // hd}[k, n % hd]``;
+    a tile's outputs span several heads, a load per head into its place (``hd`` a multiple of the array's
+    ``cols``: a head's outputs fill whole weight words), one where the caches are token-major."""
+    addrs: list
+    hd: int
+    stride: int
+    cols: int
+
+    def nt(self, cfg):
+        return 4 * cfg.npu.array_cols
+
+    def chunk(self):
+        return None
+
+    def loads(self, n0, nt, k0, kt):
+        out, n = [], n0
+        while n < n0 + nt:
+            h, i = divmod(n, self.hd)
+            piece = min(self.hd - i, n0 + nt - n)
+            assert (n - n0) % self.cols == 0
+            out.append(dict(transpose=0, mem_addr=self.addrs[h] + k0 * self.stride + i * 2, mem_stride=self.stride,
+                            rows=kt, cols=piece, spm_off=(n - n0) // self.cols * kt))
+            n += piece
+        return _coalesce(out, "cols")
+
+
 def blocked_tile(cfg) -> int:
     """Columns per block of the npu-mem weight layout (:class:`Blocked`)."""
     return 4 * cfg.npu.array_cols
@@ -242,8 +310,10 @@ class Blocked:
 
 
 def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_stride, M, K, N, out_bf16,
-         est: dict | None = None):
-    """``out[M, N] = A[M, K] @ W[K, N]`` on the matrix unit (tiled, double-buffered)."""
+         est: dict | None = None, diag: int = 0):
+    """``out[M, N] = A[M, K] @ W[K, N]`` on the matrix unit (tiled, double-buffered). ``diag``: only the
+    diagonal blocks are wanted, row ``m``'s outputs ``m diag .. (m + 1) diag - 1``, stored side by side as one
+    row at ``out_addr`` (the heads' ``P V`` of one generation step, :class:`HeadsK`)."""
     npu = cfg.npu
     R, C = npu.array_rows, npu.array_cols
     AW, WW, CW = npu.act_spm_words // 2, npu.wgt_spm_words // 2, npu.acc_spm_words // 2
@@ -299,13 +369,21 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
                 bufs["act"] ^= 1
             n0g = grp[0][0]
             cols = sum(nt for _, nt in grp)
-            s = blk.add(S, [c], bf16=int(out_bf16), mem_addr=out_addr + m0 * out_stride + n0g * esize,
-                        mem_stride=out_stride, rows=mt, cols=cols, spm_addr=acc_base, spm_stride=mt)
+            s = None
+            if not diag:
+                s = blk.add(S, [c], bf16=int(out_bf16), mem_addr=out_addr + m0 * out_stride + n0g * esize,
+                            mem_stride=out_stride, rows=mt, cols=cols, spm_addr=acc_base, spm_stride=mt)
+            for r in range(m0, m0 + mt) if diag else ():
+                lo, hi = max(r * diag, n0g), min((r + 1) * diag, n0g + cols)
+                if lo < hi:
+                    assert (lo - n0g) % C == 0
+                    s = blk.add(S, [c], bf16=int(out_bf16), mem_addr=out_addr + lo * esize, mem_stride=out_stride,
+                                rows=1, cols=hi - lo, spm_addr=acc_base + (lo - n0g) // C * mt + r - m0, spm_stride=mt)
             last_s[ab] = s
             bufs["acc"] ^= 1
     if est is not None:
         from firmware import costmodel
-        mem, comp = costmodel.mu_gemm_parts(cfg, M, K, N, transposed=isinstance(w, (PimWeights, RowsN)))
+        mem, comp = costmodel.mu_gemm_parts(cfg, M, K, N, transposed=isinstance(w, (PimWeights, RowsN, HeadsN)))
         est["mu"] = est.get("mu", 0) + mem + comp
         est["npu_mem"] = est.get("npu_mem", 0) + mem
 

@@ -63,6 +63,8 @@ def build_job(compiled: CompiledModel, weights: list[LayerWeights], x: np.ndarra
         row = af_lut_row(cfg)
         img.set_rows(p.data_rows, np.broadcast_to(row, (1, p.channels, p.banks, p.columns, p.lanes)))
     img.write(plan.layers[0].x_in, x.astype("<f4").tobytes())
+    if "qd" in plan.buffers:    # zeros off the diagonal of generation's block-diagonal query (programs write blocks)
+        img.write(plan.buffers["qd"], bytes(shape.heads * shape.d_model * 2))
     programs = []
     addr = plan.prog_base
     limit = p.data_rows * plan.row_bytes

@@ -111,7 +111,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from firmware.compiler import LayerCompiler, ProgramBuilder, _bf16_words, _f32, _fp32_words, _up, plan_memory
+from firmware.compiler import (
+    LayerCompiler,
+    ProgramBuilder,
+    _bf16_words,
+    _f32,
+    _fp32_words,
+    _up,
+    kv_layout,
+    plan_memory,
+)
 from firmware.gpt2 import GptShape
 from hw.config import SystemConfig, preset
 from hw.spec.soc_isa import Unit
@@ -323,7 +332,8 @@ class NeuPimsModel:
         return self._cache[ck]
 
     def _compiler(self, cfg, rows):
-        plan = plan_memory(cfg, self.one, max(rows, MAX_SEQ + 1), pim_layout=False)
+        plan = plan_memory(cfg, self.one, max(rows, MAX_SEQ + 1), pim_layout=False,
+                           kv_layout=kv_layout(cfg, self.one, "npu-mem"))
         mapping = {(ph, fc): "mu" for ph in ("prefill", "gen") for fc in ("qkv", "proj", "fc1", "fc2")}
         lc = LayerCompiler(plan, "npu-mem", mapping)
         lc._layer = 0

@@ -22,7 +22,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from firmware.compiler import STAGES, LayerCompiler, choose_mapping, plan_memory
+from firmware.compiler import STAGES, LayerCompiler, choose_mapping, kv_layout, plan_memory
 from firmware.gpt2 import SHAPES, GptShape
 from hw.config import SystemConfig, preset
 from hw.spec.soc_isa import SocOp
@@ -226,7 +226,8 @@ def project_programs(name: str, policy: str, n_in: int, n_out: int, cfg: SystemC
     cfg = cfg or preset("ianus")
     shape = shape or SHAPES[name]
     one = GptShape(shape.d_model, shape.heads, 1, shape.eps)
-    plan = plan_memory(cfg, one, n_in + max(n_out, 1), pim_layout=(policy != "npu-mem"))
+    plan = plan_memory(cfg, one, n_in + max(n_out, 1), pim_layout=(policy != "npu-mem"),
+                       kv_layout=kv_layout(cfg, one, policy))
     mapping = choose_mapping(cfg, one, policy, n_in)
     lc = LayerCompiler(plan, policy, mapping)
     micro = micro_for(cfg)

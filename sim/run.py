@@ -129,7 +129,7 @@ def load_input(path, d_model: int | None = None, allow_nonfinite: bool = False) 
 
 
 def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weights=None, input_file=None,
-            heads=None, seed=0, allow_nonfinite=False, head_groups="auto"):
+            heads=None, seed=0, allow_nonfinite=False, head_groups="auto", head_batch="auto"):
     """Compile and lay out a job. With ``input_file`` the first ``prefill`` of its tokens are prefilled
     and the next ``generate`` generated (all the rest when ``generate`` is None)."""
     cfg = soc_config(config)
@@ -158,7 +158,7 @@ def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weig
         ws = random_weights(shape, seed)
     if x is None:
         x = np.random.default_rng(seed + 1).standard_normal((total, shape.d_model)).astype(np.float32)
-    cm = compile_model(cfg, shape, policy, prefill, total, head_groups=head_groups)
+    cm = compile_model(cfg, shape, policy, prefill, total, head_groups=head_groups, head_batch=head_batch)
     job = build_job(cm, ws, x)
     return cm, job, x, ws
 
@@ -346,7 +346,8 @@ def prepare_baseline(args, console):
     from sim.soc_model import SocModel
 
     cm2, job2, _, _ = prepare(args.config, "npu-mem", args.layers, args.prefill, args.generate, args.weights,
-                              args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False))
+                              args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False),
+                              head_batch=getattr(args, "head_batch", "auto"))
     mode = "full" if args.backend == "model" else args.baseline
     rows, steps, title = None, None, None
     if mode == "gen":
@@ -429,7 +430,8 @@ def main_run(args) -> int:
     if getattr(args, "pim_model", "rtl") == "behav":
         os.environ["SOC_PIM_IMPL"] = "behav"        # read by sim.tb.soc_run.soc_sim_build (a separate build)
     cm, job, x, ws = prepare(args.config, args.policy, args.layers, args.prefill, args.generate, args.weights,
-                             args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False))
+                             args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False),
+                             head_batch=getattr(args, "head_batch", "auto"))
     console.print(f"compiled {len(cm.stages)} stage programs, "
                   f"{sum(len(s.words) for s in cm.stages):,} instructions; mapping: "
                   + ", ".join(f"{ph}/{fc}={w}" for (ph, fc), w in cm.mapping.items()))
@@ -568,6 +570,9 @@ def add_parser(sub):
     r.add_argument("--allow-nonfinite", action="store_true",
                    help="let NaN/Inf values in --weights and --input through (they propagate; the outputs' "
                         "NaN/Inf count is reported) instead of rejecting them")
+    r.add_argument("--head-batch", default="auto", choices=["auto", "on", "off"],
+                   help="generation attention as one GEMM per product for all heads (on) or one per head (off); "
+                        "auto: on where a head underfills the array's K tile (firmware.compiler.HEAD_BATCH)")
     return r
 
 

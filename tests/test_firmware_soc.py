@@ -254,3 +254,49 @@ def test_reference_block_is_causal():
     x = np.random.default_rng(0).standard_normal((6, 32))
     full = reference_block(x, w, shape)
     np.testing.assert_allclose(reference_block(x[:4], w, shape), full[:4], rtol=1e-12, atol=1e-12)
+
+
+def test_head_batch_choice_layouts_and_errors():
+    """Generation attention batched across heads (:data:`firmware.compiler.HEAD_BATCH`): ``auto`` turns it on
+    only where one head's ``hd`` inputs underfill the array's K tile (``ianus`` preset: 128 rows x 4 MACs >
+    64), never under hpim; ``on`` gives token-major V caches; bad values and impossible shapes are refused."""
+    from firmware.compiler import head_batch_on, kv_layout
+    from firmware.gpt2 import SHAPES
+
+    xl = SHAPES["xl"]
+    assert not head_batch_on(CFG, SHAPE, "ianus") and not head_batch_on(soc_config("default"), GptShape(768, 12, 1),
+                                                                        "ianus")
+    assert head_batch_on(preset("ianus"), xl, "ianus") and head_batch_on(preset("ianus"), xl, "npu-mem")
+    assert not head_batch_on(preset("ianus"), xl, "hpim") and kv_layout(preset("ianus"), xl, "hpim") == "head"
+    cm = compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="on")
+    lp = cm.plan.layers[0]
+    assert (lp.k_stride, lp.v_stride) == (SHAPE.head_dim * 2, SHAPE.d_model * 2)
+    assert lp.vc[1] - lp.vc[0] == SHAPE.head_dim * 2
+    with pytest.raises(CompileError, match="head_batch must be one of auto, on, off, not 'yes'"):
+        compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="yes")
+    with pytest.raises(CompileError, match="head_batch 'on' needs head_dim"):
+        compile_model(CFG, GptShape(36, 2, 1), "ianus", 4, 6, head_batch="on")     # hd 18, array of 4 columns
+    with pytest.raises(CompileError, match="kv_layout must be one of head, token"):
+        plan_memory(CFG, SHAPE, 8, kv_layout="rows")
+
+
+def test_head_weight_sources_place_every_head_and_coalesce():
+    """:class:`HeadsN` / :class:`HeadsK` loads: one per head piece of a tile, at the head's cache and the
+    piece's place in the weight scratchpad; one load where the caches sit side by side (token-major)."""
+    from firmware.program import HeadsK, HeadsN
+
+    hd = 16
+    apart = HeadsN([0x1000, 0x3000, 0x5000], hd, hd * 2)          # head-major: three separate caches
+    lds = apart.loads(n0=4, nt=8, k0=8, kt=32)                      # inputs 8..39: heads 0 (8..15), 1, 2 (32..39)
+    assert [(ld["mem_addr"], ld["cols"], ld["spm_off"]) for ld in lds] == [
+        (0x1000 + 4 * 32 + 16, 8, 0), (0x3000 + 4 * 32, 16, 8), (0x5000 + 4 * 32, 8, 24)]
+    assert all(ld["transpose"] == 1 and ld["rows"] == 8 and ld["mem_stride"] == 32 for ld in lds)
+    side = HeadsN([0x1000, 0x1020, 0x1040], hd, 96)                 # token-major: heads side by side
+    assert side.loads(n0=4, nt=8, k0=8, kt=32) == [dict(transpose=1, mem_addr=0x1000 + 4 * 96 + 16, mem_stride=96,
+                                                          rows=8, cols=32, spm_off=0)]
+    v = HeadsK([0x1000, 0x3000], hd, hd * 2, cols=4)
+    lds = v.loads(n0=0, nt=32, k0=2, kt=5)
+    assert [(ld["mem_addr"], ld["cols"], ld["spm_off"]) for ld in lds] == [(0x1000 + 2 * 32, 16, 0),
+                                                                           (0x3000 + 2 * 32, 16, 4 * 5)]
+    assert HeadsK([0x1000, 0x1020], hd, 64, cols=4).loads(0, 32, 2, 5) == [
+        dict(transpose=0, mem_addr=0x1000 + 2 * 64, mem_stride=64, rows=5, cols=32, spm_off=0)]

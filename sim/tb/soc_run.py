@@ -176,8 +176,8 @@ def run_rtl(job, sim="verilator", waves=False, test_name=None, checker=None, tim
     plan = cm.plan
     dumps = {"out": [plan.layers[-1].x_out, cm.total * cm.shape.d_model * 4]}
     for i, lp in enumerate(plan.layers):
-        H = cm.shape.heads
-        dumps[f"k{i}"] = [lp.kc[0], (lp.vc[H - 1] + cm.total * cm.shape.head_dim * 2) - lp.kc[0]]
+        end = max(c + (cm.total - 1) * lp.v_stride + cm.shape.head_dim * 2 for c in lp.vc)
+        dumps[f"k{i}"] = [lp.kc[0], end - lp.kc[0]]
     if dump_buffers:
         ends = sorted(plan.buffers.values()) + [plan.prog_base]
         for k, a in plan.buffers.items():
