@@ -20,7 +20,7 @@ from hw.spec import fp as G
 from hw.spec.addrmap import AddressMap
 from hw.spec.config import SystemConfig
 
-__all__ = ["ALIGN", "KV_LAYOUTS", "LayerPlan", "MemoryPlan", "plan_memory", "pack_layer"]
+__all__ = ["ALIGN", "KV_LAYOUTS", "k_group", "LayerPlan", "MemoryPlan", "plan_memory", "pack_layer"]
 
 ALIGN = 64
 
@@ -80,10 +80,20 @@ class MemoryPlan:
 
 
 KV_LAYOUTS = ("head", "token")
-"""How a layer's K (and V) cache is laid out: ``head``: a contiguous ``[T, hd]`` per head (a head's
-transposed load stays in few DRAM rows); ``token``: one ``[T, d]`` with the heads side by side, token after
-token (a load of all heads' keys reads ``d`` consecutive values per token, spread over channels and banks:
-the layout of generation attention batched across heads, :data:`firmware.compiler.HEAD_BATCH`)."""
+"""How a layer's K and V caches are laid out: ``head``: a contiguous ``[T, hd]`` per head (a head's
+transposed load stays in few DRAM rows); ``token``: the layout of generation attention batched across heads
+(:data:`firmware.compiler.HEAD_BATCH`): V one ``[T, d]`` with the heads side by side, token after token (a
+tile of ``P V``'s weights is one load of consecutive values per token, spread over channels and banks); K
+in groups of :func:`k_group` heads, ``[T, group * hd]`` each (a tile of ``Q K^T``'s weights is one transposed
+load per group, and the load's walk down the keys of one 32-byte column, then the next, stays in rows it
+opened: a group's token fits a DRAM row)."""
+
+
+def k_group(cfg: SystemConfig, shape: GptShape) -> int:
+    """Heads per K-cache group of the ``token`` layout: the largest divisor of the head count whose token
+    (``group * head_dim`` BF16) fits one DRAM row."""
+    hd, H = shape.head_dim, shape.heads
+    return max(g for g in range(1, H + 1) if H % g == 0 and g * hd * 2 <= cfg.pim.row_bytes)
 
 
 def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int = 4,
@@ -140,17 +150,22 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
 
     T = max_tokens
     xs = [alloc(T * d * 4) for _ in range(shape.layers + 1)]
-    def caches(v=False):
-        if kv_layout == "head" or not v:
-            return [alloc(T * hd * 2) for _ in range(H)]
-        base = alloc(T * d * 2)
-        return [base + h * hd * 2 for h in range(H)]
+    gk = k_group(cfg, shape) if kv_layout == "token" else 1
+
+    def caches(group):
+        """Caches in groups of ``group`` heads, token-major within a group (``group`` 1: head-major)."""
+        out = []
+        for _ in range(H // group):
+            base = alloc(T * group * hd * 2)
+            out += [base + j * hd * 2 for j in range(group)]
+        return out
 
     for i, (q, pr, f1, f2) in enumerate(lays):
         plan.layers.append(LayerPlan(
             qkv=q, proj=pr, fc1=f1, fc2=f2, ln1=alloc(d * 4), ln2=alloc(d * 4), qkv_b=alloc(3 * d * 4),
-            proj_b=alloc(d * 4), fc1_b=alloc(f * 4), fc2_b=alloc(d * 4), kc=caches(), vc=caches(True),
-            x_in=xs[i], x_out=xs[i + 1], k_stride=hd * 2, v_stride=hd * 2 if kv_layout == "head" else d * 2))
+            proj_b=alloc(d * 4), fc1_b=alloc(f * 4), fc2_b=alloc(d * 4), kc=caches(gk),
+            vc=caches(H if kv_layout == "token" else 1),
+            x_in=xs[i], x_out=xs[i + 1], k_stride=gk * hd * 2, v_stride=hd * 2 if kv_layout == "head" else d * 2))
         if not pim_layout:
             nb = blocked_tile(cfg)
             plan.layers[-1].lin = {name: alloc(K * _up(N, nb) * 2) for name, K, N in

@@ -268,10 +268,13 @@ def test_head_batch_choice_layouts_and_errors():
                                                                         "ianus")
     assert head_batch_on(preset("ianus"), xl, "ianus") and head_batch_on(preset("ianus"), xl, "npu-mem")
     assert not head_batch_on(preset("ianus"), xl, "hpim") and kv_layout(preset("ianus"), xl, "hpim") == "head"
+    from firmware.memory_plan import k_group
+    assert k_group(preset("ianus"), xl) == 12           # 12 x 64 BF16 = 1.5 KB of a 2 KB row, 24 heads
+    assert k_group(CFG, GptShape(64, 4, 1)) == 4 and k_group(CFG, GptShape(256, 4, 1)) == 2   # 256-B rows
     cm = compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="on")
     lp = cm.plan.layers[0]
-    assert (lp.k_stride, lp.v_stride) == (SHAPE.head_dim * 2, SHAPE.d_model * 2)
-    assert lp.vc[1] - lp.vc[0] == SHAPE.head_dim * 2
+    assert (lp.k_stride, lp.v_stride) == (2 * SHAPE.head_dim * 2, SHAPE.d_model * 2)   # both heads one K group
+    assert lp.vc[1] - lp.vc[0] == SHAPE.head_dim * 2 and lp.kc[1] - lp.kc[0] == SHAPE.head_dim * 2
     with pytest.raises(CompileError, match="head_batch must be one of auto, on, off, not 'yes'"):
         compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="yes")
     with pytest.raises(CompileError, match="head_batch 'on' needs head_dim"):
