@@ -273,7 +273,7 @@ def test_head_batch_choice_layouts_and_errors():
     assert k_group(CFG, GptShape(64, 4, 1)) == 4 and k_group(CFG, GptShape(256, 4, 1)) == 2   # 256-B rows
     cm = compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="on")
     lp = cm.plan.layers[0]
-    assert (lp.k_stride, lp.v_stride) == (2 * SHAPE.head_dim * 2, SHAPE.d_model * 2)   # both heads one K group
+    assert lp.k_stride == lp.v_stride == 2 * SHAPE.head_dim * 2 == SHAPE.d_model * 2   # both heads one group
     assert lp.vc[1] - lp.vc[0] == SHAPE.head_dim * 2 and lp.kc[1] - lp.kc[0] == SHAPE.head_dim * 2
     with pytest.raises(CompileError, match="head_batch must be one of auto, on, off, not 'yes'"):
         compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="yes")
