@@ -45,7 +45,7 @@ import math
 from dataclasses import dataclass
 
 from firmware.gpt2 import GptShape
-from firmware.memory_plan import MemoryPlan, pack_layer, plan_memory
+from firmware.memory_plan import MemoryPlan, k_group, pack_layer, plan_memory
 from firmware.pim import GemvLayout
 from firmware.program import (
     TIMING_ONLY,
@@ -112,10 +112,11 @@ def head_batch_on(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: s
     if head_batch not in HEAD_BATCH:
         raise CompileError(f"head_batch must be one of {', '.join(HEAD_BATCH)}, not {head_batch!r}")
     npu, hd = cfg.npu, shape.head_dim
-    fits = hd % npu.array_cols == 0 and policy != "hpim"
+    fits = (k_group(cfg, shape) * hd) % npu.array_cols == 0 and policy != "hpim"
     if head_batch == "on" and not fits:
-        raise CompileError(f"head_batch 'on' needs head_dim ({hd}) a multiple of the array's {npu.array_cols} "
-                           f"columns and a policy other than hpim (its attention runs on the SRAM-PIM unit)")
+        raise CompileError(f"head_batch 'on' needs a head group's width ({k_group(cfg, shape)} x head_dim {hd}) a "
+                           f"multiple of the array's {npu.array_cols} columns and a policy other than hpim (its "
+                           f"attention runs on the SRAM-PIM unit)")
     return fits and (head_batch == "on" or (head_batch == "auto" and npu.array_rows * npu.macs_per_pe > hd))
 
 
@@ -263,14 +264,18 @@ class LayerCompiler:
         blk = MuBlock()
         heads = list(heads)
         h0, nh = heads[0], len(heads)
-        batch = rows == 1 and self.head_batch
+        # (the first head's outputs must start on an accumulator word: the diagonal stores of P V write from
+        # the word holding a head's first output on)
+        batch = rows == 1 and self.head_batch and h0 * hd % cfg.npu.array_cols == 0
         if batch:       # one GEMM: qd's rows h0.. (q_h at columns h hd ..) x the heads' K caches
             assert heads == list(range(h0, h0 + nh))
             gemm(cfg, blk, b["qd"] + h0 * (d + hd) * 2, d * 2, HeadsN([lp.kc[h] for h in heads], hd, lp.k_stride),
                  b["s"] + h0 * Lp * 4, Lp * 4, nh, nh * hd, Lk, False, pb.est)
+        in_qd = rows == 1 and self.head_batch       # a step's q is in qd then: head h at row h, columns h hd ..
         for h in heads if not batch else ():
             for r0, mb, nk in blocks:
-                gemm(cfg, blk, b["q"] + r0 * d * 2 + h * hd * 2, d * 2, RowsN(lp.kc[h], lp.k_stride),
+                q = b["qd"] + h * (d + hd) * 2 if in_qd else b["q"] + r0 * d * 2 + h * hd * 2
+                gemm(cfg, blk, q, d * 2, RowsN(lp.kc[h], lp.k_stride),
                      b["s"] + (h * rows + r0) * Lp * sb, Lp * sb, mb, hd, nk, sb == 2, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)

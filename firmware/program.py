@@ -247,8 +247,8 @@ class HeadsN:
 @dataclass
 class HeadsK:
     """The V caches of consecutive heads as one ``W [L, heads * hd]``: ``W[k, n] = V_{n // hd}[k, n % hd]``;
-    a tile's outputs span several heads, a load per head into its place (``hd`` a multiple of the array's
-    ``cols``: a head's outputs fill whole weight words), one where the caches are token-major."""
+    a tile's outputs span several heads, a load per head into its place, one per group of heads side by side
+    (token-major); a load must start on a whole weight word of the array's ``cols`` outputs."""
     addrs: list
     hd: int
     stride: int
@@ -265,11 +265,16 @@ class HeadsK:
         while n < n0 + nt:
             h, i = divmod(n, self.hd)
             piece = min(self.hd - i, n0 + nt - n)
-            assert (n - n0) % self.cols == 0
             out.append(dict(transpose=0, mem_addr=self.addrs[h] + k0 * self.stride + i * 2, mem_stride=self.stride,
-                            rows=kt, cols=piece, spm_off=(n - n0) // self.cols * kt))
+                            rows=kt, cols=piece, spm_off=n - n0))
             n += piece
-        return _coalesce(out, "cols")
+        out = _coalesce(out, "cols")
+        for ld in out:      # a load fills whole weight words from its first output on
+            if ld["spm_off"] % self.cols:
+                raise CompileError(f"a V cache load starts at output {ld['spm_off']} of a tile, inside a weight word "
+                                   f"of {self.cols}: heads side by side must start on whole words")
+            ld["spm_off"] = ld["spm_off"] // self.cols * kt
+        return out
 
 
 def blocked_tile(cfg) -> int:
@@ -330,6 +335,8 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
         Mt = min(M, CW // nbt, AW // -(-kt_max // R))
     if Mt < 1:
         raise CompileError("scratchpads too small for one row of this GEMM")
+    if diag and Mt < M:
+        raise CompileError(f"a diagonal-block GEMM of {M} rows must be one row tile ({Mt} rows fit)")
     ktiles = []
     for c0 in range(0, K, chunk):
         c1 = min(K, c0 + chunk)
@@ -373,12 +380,14 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
             if not diag:
                 s = blk.add(S, [c], bf16=int(out_bf16), mem_addr=out_addr + m0 * out_stride + n0g * esize,
                             mem_stride=out_stride, rows=mt, cols=cols, spm_addr=acc_base, spm_stride=mt)
-            for r in range(m0, m0 + mt) if diag else ():
+            # diag: row r's block, from the accumulator word holding its first column (that word's columns
+            # before it belong to row r - 1, whose store follows and writes them again: rows go down)
+            for r in range(m0 + mt - 1, m0 - 1, -1) if diag else ():
                 lo, hi = max(r * diag, n0g), min((r + 1) * diag, n0g + cols)
                 if lo < hi:
-                    assert (lo - n0g) % C == 0
-                    s = blk.add(S, [c], bf16=int(out_bf16), mem_addr=out_addr + lo * esize, mem_stride=out_stride,
-                                rows=1, cols=hi - lo, spm_addr=acc_base + (lo - n0g) // C * mt + r - m0, spm_stride=mt)
+                    a = n0g + (lo - n0g) // C * C
+                    s = blk.add(S, [c], bf16=int(out_bf16), mem_addr=out_addr + a * esize, mem_stride=out_stride,
+                                rows=1, cols=hi - a, spm_addr=acc_base + (a - n0g) // C * mt + r - m0, spm_stride=mt)
             last_s[ab] = s
             bufs["acc"] ^= 1
     if est is not None:

@@ -277,8 +277,8 @@ def test_head_batch_choice_layouts_and_errors():
     assert lp.vc[1] - lp.vc[0] == SHAPE.head_dim * 2 and lp.kc[1] - lp.kc[0] == SHAPE.head_dim * 2
     with pytest.raises(CompileError, match="head_batch must be one of auto, on, off, not 'yes'"):
         compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="yes")
-    with pytest.raises(CompileError, match="head_batch 'on' needs head_dim"):
-        compile_model(CFG, GptShape(36, 2, 1), "ianus", 4, 6, head_batch="on")     # hd 18, array of 4 columns
+    with pytest.raises(CompileError, match="policy other than hpim"):
+        compile_model(soc_config("tiny-hpim"), SHAPE, "hpim", 4, 6, head_batch="on")
     with pytest.raises(CompileError, match="kv_layout must be one of head, token"):
         plan_memory(CFG, SHAPE, 8, kv_layout="rows")
 
@@ -303,3 +303,21 @@ def test_head_weight_sources_place_every_head_and_coalesce():
                                                                            (0x3000 + 2 * 32, 16, 4 * 5)]
     assert HeadsK([0x1000, 0x1020], hd, 64, cols=4).loads(0, 32, 2, 5) == [
         dict(transpose=0, mem_addr=0x1000 + 2 * 64, mem_stride=64, rows=5, cols=32, spm_off=0)]
+
+
+def test_head_batch_heads_narrower_than_an_accumulator_word():
+    """An array wider than a head (32 columns, heads of 16): ``P V``'s diagonal blocks start inside an
+    accumulator word; the stores go from the last head to the first, each from the word holding its first
+    output, so a head's store rewrites the columns its successor's store covered. Same bits as one GEMM per
+    head on the functional model (the RTL's tiny array has 4 columns, where every head is whole words)."""
+    cfg = CFG.replace(name="tiny-c32", **{"npu.array_cols": 32})
+    shape = GptShape(64, 4, 1)
+    w = random_weights(shape, 3)
+    x = np.random.default_rng(4).standard_normal((8, shape.d_model)).astype(np.float32)
+    outs = {}
+    for hb in ("off", "on"):
+        cm = compile_model(cfg, shape, "ianus", 5, 8, head_batch=hb)
+        outs[hb] = read_outputs(cm, run_job(build_job(cm, w, x)).read)
+    np.testing.assert_array_equal(outs["on"].view(np.uint32), outs["off"].view(np.uint32))
+    with pytest.raises(CompileError, match=r"head group's width \(3 x head_dim 16\) a multiple of the array's 32"):
+        compile_model(cfg, GptShape(48, 3, 1), "ianus", 5, 8, head_batch="on")
