@@ -85,19 +85,27 @@ transposed load stays in few DRAM rows); ``token``: the layout of generation att
 (:data:`firmware.compiler.HEAD_BATCH`): groups of :func:`k_group` heads, ``[T, group * hd]`` each, token after
 token. A tile of the step's ``Q K^T`` or ``P V`` weights is then one load per group instead of one per head,
 and a transposed load's walk down the keys of one 32-byte column, then the next, stays in the rows it opened
-(a group's token fits a DRAM row). XL on the ``ianus`` preset (24 heads, groups of 12), performance model,
-one generation step's attention at position 160: 20.5k cycles with a GEMM per head and head-major caches,
-12.8k batched with V one ``[T, d]`` and K head-major, 9.5k with K in groups, 9.6k with V in groups too.
-V in groups rather than one ``[T, d]`` (projection, XL, 64 generated): npu-mem's generation attention 0.535 ->
-0.448 ms per token at 128 input tokens, its summarization attention 4.53 -> 4.68 ms at 128 and 30.2 -> 27.8 ms
-at 512 (per-head P V loads read 128 bytes a token, 1.5 instead of 3 KB apart)."""
+(a group's token is a quarter of a DRAM row). XL on the ``ianus`` preset (24 heads), performance model, one
+generation step's attention at position 160: 20.5k cycles with a GEMM per head and head-major caches, 12.8k
+batched with V one ``[T, d]`` and K head-major, 9.5k with K in groups of 12 (1.5 KB a token), 9.6k with V in
+the same groups. V in groups rather than one ``[T, d]`` (projection, XL, 64 generated): npu-mem's generation
+attention 0.535 -> 0.448 ms per token at 128 input tokens, its summarization attention 4.53 -> 4.68 ms at 128
+and 30.2 -> 27.8 ms at 512 (per-head P V loads read 128 bytes a token, 1.5 instead of 3 KB apart). The group
+size: :func:`k_group`."""
 
 
 def k_group(cfg: SystemConfig, shape: GptShape) -> int:
     """Heads per K / V cache group of the ``token`` layout: the largest divisor of the head count whose token
-    (``group * head_dim`` BF16) fits one DRAM row."""
+    (``group * head_dim`` BF16) fits a quarter of a DRAM row (512 bytes on the ``ianus`` preset).
+
+    Measured on the performance model (``ianus`` preset): groups up to a whole row (2 KB) were better for
+    GPT-2 XL / 2.5B (generation attention 2.41 / 2.26x its bound at 128 input tokens, against 2.54 / 2.55x
+    with a quarter) but much worse for GPT-3 7B's 128-wide heads (npu-only attention of a 2,048-key request
+    133k cycles per device against 49k with a GEMM per head and 47k with a quarter row): a transposed load
+    walks one 32-byte column down 128 keys, then the next, and with a whole row per token those keys' rows
+    crowd the channels' 128 banks. A quarter row was not slower than a GEMM per head on any shape tried."""
     hd, H = shape.head_dim, shape.heads
-    return max(g for g in range(1, H + 1) if H % g == 0 and g * hd * 2 <= cfg.pim.row_bytes)
+    return max([g for g in range(1, H + 1) if H % g == 0 and g * hd * 2 <= cfg.pim.row_bytes // 4] or [1])
 
 
 def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int = 4,

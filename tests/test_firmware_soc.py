@@ -269,8 +269,9 @@ def test_head_batch_choice_layouts_and_errors():
     assert head_batch_on(preset("ianus"), xl, "ianus") and head_batch_on(preset("ianus"), xl, "npu-mem")
     assert not head_batch_on(preset("ianus"), xl, "hpim") and kv_layout(preset("ianus"), xl, "hpim") == "head"
     from firmware.memory_plan import k_group
-    assert k_group(preset("ianus"), xl) == 12           # 12 x 64 BF16 = 1.5 KB of a 2 KB row, 24 heads
-    assert k_group(CFG, GptShape(64, 4, 1)) == 4 and k_group(CFG, GptShape(256, 4, 1)) == 2   # 256-B rows
+    assert k_group(preset("ianus"), xl) == 4            # 4 x 64 BF16 = 512 B, a quarter of a 2 KB row
+    assert k_group(preset("ianus"), GptShape(4096, 32, 1)) == 2 and k_group(preset("ianus"), GptShape(1920, 20, 1)) == 2
+    assert k_group(CFG, GptShape(32, 2, 1)) == 2 and k_group(CFG, GptShape(64, 4, 1)) == 2   # 256-B rows: 64 B
     cm = compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="on")
     lp = cm.plan.layers[0]
     assert lp.k_stride == lp.v_stride == 2 * SHAPE.head_dim * 2 == SHAPE.d_model * 2   # both heads one group
@@ -319,5 +320,5 @@ def test_head_batch_heads_narrower_than_an_accumulator_word():
         cm = compile_model(cfg, shape, "ianus", 5, 8, head_batch=hb)
         outs[hb] = read_outputs(cm, run_job(build_job(cm, w, x)).read)
     np.testing.assert_array_equal(outs["on"].view(np.uint32), outs["off"].view(np.uint32))
-    with pytest.raises(CompileError, match=r"head group's width \(3 x head_dim 16\) a multiple of the array's 32"):
+    with pytest.raises(CompileError, match=r"head group.s width \(1 x head_dim 16\) a multiple of the array.s 32"):
         compile_model(cfg, GptShape(48, 3, 1), "ianus", 5, 8, head_batch="on")
