@@ -174,18 +174,21 @@ class PimWeights:
         return out
 
 
-@dataclass
-class _CacheRows:
-    """A KV cache as a weight source: rows of BF16 at ``addr``, ``stride`` bytes apart, tiles of four array
-    widths of outputs, no input chunks."""
-    addr: int
-    stride: int
+class _CacheTiles:
+    """Tiles of a KV-cache weight source: four array widths of outputs, no input chunks."""
 
     def nt(self, cfg):
         return 4 * cfg.npu.array_cols
 
     def chunk(self):
         return None
+
+
+@dataclass
+class _CacheRows(_CacheTiles):
+    """A KV cache as a weight source: rows of BF16 at ``addr``, ``stride`` bytes apart."""
+    addr: int
+    stride: int
 
 
 class RowsN(_CacheRows):
@@ -204,72 +207,52 @@ class RowsK(_CacheRows):
                      rows=kt, cols=nt)]
 
 
-def _coalesce(loads, step):
-    """Adjacent per-head loads of one tile as one where the heads' caches are side by side (token-major)."""
-    out = []
-    for ld in loads:
-        p = out[-1] if out else None
-        if p and ld["mem_addr"] == p["mem_addr"] + p[step] * 2 and ld["mem_stride"] == p["mem_stride"]:
-            p[step] += ld[step]
-        else:
-            out.append(ld)
-    return out
-
-
 @dataclass
-class HeadsN:
-    """The K caches of consecutive heads as one ``W [heads * hd, L]``: ``W[k, n] = K_{k // hd}[n, k % hd]``
-    (``addrs``: each head's cache, token ``n`` at ``+ n * stride``). The weights of one generation step's
-    ``Q K^T`` for all heads at once, against the block-diagonal query
-    (:meth:`firmware.compiler.LayerCompiler.attention`): a tile's input range spans several heads, a transposed
-    load per head into its place, one load where the caches are token-major (heads side by side)."""
+class _HeadCaches(_CacheTiles):
+    """The K (or V) caches of consecutive heads side by side as one weight matrix (``addrs``: each head's
+    cache, token ``t`` at ``+ t * stride``); a tile's range of head dimensions spans several heads: a load per
+    head into its place, one per group of heads side by side (the ``token`` layout,
+    :data:`firmware.memory_plan.KV_LAYOUTS`)."""
     addrs: list
     hd: int
     stride: int
 
-    def nt(self, cfg):
-        return 4 * cfg.npu.array_cols
+    def _loads(self, x0, xt, token0, **fields):
+        """One load per head's run of the dimensions ``x0 .. x0 + xt - 1`` (``cols`` of them, ``spm_off`` its
+        offset from ``x0`` for now), adjacent ones merged where the caches sit side by side."""
+        out, x = [], x0
+        while x < x0 + xt:
+            h, i = divmod(x, self.hd)
+            piece = min(self.hd - i, x0 + xt - x)
+            ld = dict(fields, mem_addr=self.addrs[h] + token0 * self.stride + i * 2, mem_stride=self.stride,
+                      cols=piece, spm_off=x - x0)
+            p = out[-1] if out else None
+            if p and ld["mem_addr"] == p["mem_addr"] + p["cols"] * 2:
+                p["cols"] += piece
+            else:
+                out.append(ld)
+            x += piece
+        return out
 
-    def chunk(self):
-        return None
+
+class HeadsN(_HeadCaches):
+    """The heads' K caches as one ``W [heads * hd, L]``: ``W[k, n] = K_{k // hd}[n, k % hd]``, the weights
+    of one generation step's ``Q K^T`` for all heads at once against the block-diagonal query
+    (:meth:`firmware.compiler.LayerCompiler.attention`); transposed loads, each into its inputs' place."""
 
     def loads(self, n0, nt, k0, kt):
-        out, k = [], k0
-        while k < k0 + kt:
-            h, i = divmod(k, self.hd)
-            piece = min(self.hd - i, k0 + kt - k)
-            out.append(dict(transpose=1, mem_addr=self.addrs[h] + n0 * self.stride + i * 2, mem_stride=self.stride,
-                            rows=nt, cols=piece, spm_off=k - k0))
-            k += piece
-        return _coalesce(out, "cols")
+        return self._loads(k0, kt, n0, transpose=1, rows=nt)
 
 
 @dataclass
-class HeadsK:
-    """The V caches of consecutive heads as one ``W [L, heads * hd]``: ``W[k, n] = V_{n // hd}[k, n % hd]``;
-    a tile's outputs span several heads, a load per head into its place, one per group of heads side by side
-    (token-major); a load must start on a whole weight word of the array's ``cols`` outputs."""
-    addrs: list
-    hd: int
-    stride: int
+class HeadsK(_HeadCaches):
+    """The heads' V caches as one ``W [L, heads * hd]``: ``W[k, n] = V_{n // hd}[k, n % hd]``; a load must
+    start on a whole weight word of the array's ``cols`` outputs."""
     cols: int
 
-    def nt(self, cfg):
-        return 4 * cfg.npu.array_cols
-
-    def chunk(self):
-        return None
-
     def loads(self, n0, nt, k0, kt):
-        out, n = [], n0
-        while n < n0 + nt:
-            h, i = divmod(n, self.hd)
-            piece = min(self.hd - i, n0 + nt - n)
-            out.append(dict(transpose=0, mem_addr=self.addrs[h] + k0 * self.stride + i * 2, mem_stride=self.stride,
-                            rows=kt, cols=piece, spm_off=n - n0))
-            n += piece
-        out = _coalesce(out, "cols")
-        for ld in out:      # a load fills whole weight words from its first output on
+        out = self._loads(n0, nt, k0, transpose=0, rows=kt)
+        for ld in out:
             if ld["spm_off"] % self.cols:
                 raise CompileError(f"a V cache load starts at output {ld['spm_off']} of a tile, inside a weight word "
                                    f"of {self.cols}: heads side by side must start on whole words")

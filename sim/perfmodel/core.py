@@ -353,31 +353,27 @@ class _Run(MatrixUnitModel, VectorQueueModel, PcuModel, SpuModel):
                     self.units["mu"].handoff = K.now
                     K.notify(self.ev_mudec_in)
                 elif op in (SocOp.SPIM, SocOp.SLOAD):
-                    while len(self.spu_q) >= mi.spu_depth:
-                        yield self.ev_spu_space
-                    self.spu_q.append((ins, K.now))
-                    self.units["spu"].up(K.now)
-                    self.units["spu"].handoff = K.now
-                    K.notify(self.ev_spu)
+                    yield from self._enqueue(ins, "spu", self.spu_q, mi.spu_depth, self.ev_spu_space, self.ev_spu)
                 elif op == SocOp.PIM:
-                    while len(self.pcu_q) >= mi.macro_depth:
-                        yield self.ev_pcu_space
-                    self.pcu_q.append((ins, K.now))
-                    self.units["pcu"].up(K.now)
-                    self.units["pcu"].handoff = K.now
-                    K.notify(self.ev_pcu)
+                    yield from self._enqueue(ins, "pcu", self.pcu_q, mi.macro_depth, self.ev_pcu_space, self.ev_pcu)
                 else:
-                    while len(self.vq_q) >= mi.vq_depth:
-                        yield self.ev_vq_space
-                    self.vq_q.append((ins, K.now))
-                    self.units["vq"].up(K.now)
-                    self.units["vq"].handoff = K.now
-                    K.notify(self.ev_vq)
+                    yield from self._enqueue(ins, "vq", self.vq_q, mi.vq_depth, self.ev_vq_space, self.ev_vq)
             t = K.now + kf
             st["popped"] = i + 1          # the pop frees a FIFO credit: the next fetch may go out
             st["pop_time"] = K.now
             K.notify(self.ev_pop)
         self.end_time = K.now
+
+    def _enqueue(self, ins, unit, q, depth, ev_space, ev):
+        """The dispatcher hands ``ins`` to a unit's instruction FIFO ``q`` (waiting while it holds ``depth``):
+        the unit is busy from then on and wakes up on ``ev``."""
+        K = self.K
+        while len(q) >= depth:
+            yield ev_space
+        q.append((ins, K.now))
+        self.units[unit].up(K.now)
+        self.units[unit].handoff = K.now
+        K.notify(ev)
 
     def _pim_window(self, s, e):
         """A macro holds the channels from cycle ``s`` to ``e``: fetches not yet decided wait for its end."""
