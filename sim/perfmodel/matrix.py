@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from sim.perfmodel.memory import _take
+from sim.perfmodel.memory import DmaStream, _take
 from sim.perfmodel.params import INF
 
 _MU_QUEUE = {"LOAD": 0, "COMPUTE": 1, "NOP": 1, "STORE": 2}
@@ -159,36 +159,17 @@ class MatrixUnitModel:
         outmax = mi.dma_outstanding * mi.cores
         port = self._port()
         la = self.LOOKAHEAD
-        cons = deque()
-        a = t - gap
-        last_r = -INF
+        s = DmaStream(t - gap, gap, rgap, outmax, port)
+        issue, deliver, cons = s.issue, s.deliver, s.cons
         h = t
         per = kf / mi.cores        # engine cycles per scratchpad word (cores in parallel)
-
-        def issue(addr):
-            nonlocal a, last_r
-            a += gap
-            if len(cons) >= outmax:
-                a = max(a, cons.popleft() + 1)
-            if port is not None:
-                a = _take(port[0], a)
-            return a
-
-        def deliver(rr, ready):
-            nonlocal last_r
-            rr = max(rr, last_r + rgap, ready)
-            if port is not None:
-                rr = max(rr, port[1][0] + 1)       # behind every earlier response of the port
-                port[1][0] = rr
-            last_r = rr
-            return rr
 
         if not f["transpose"]:
             ppc = max(1, 16 // min(W, 16))
             for r in range(rows):
                 ra = base + r * stride
                 for c in range(ncol):
-                    ai = issue(ra + 32 * c)
+                    ai = issue()
                     if ai > K.now + la:
                         yield ai
                     rem = cols - c * 16
@@ -210,7 +191,7 @@ class MatrixUnitModel:
                     ne = min(16, cols - c * 16)
                     for w in range(nr):
                         addr = base + (b0 + w) * stride + 32 * c
-                        ai = issue(addr)
+                        ai = issue()
                         if ai > K.now + la:
                             yield ai
                         rr = deliver(mem.request(addr, False, ai), max(h, buf_free[k]))

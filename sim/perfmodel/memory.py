@@ -62,6 +62,40 @@ def _take(slots: _Slots, t) -> int:
     return c
 
 
+class DmaStream:
+    """One DMA engine's requests to the memory system, in order: a request every ``gap`` cycles from ``a0 +
+    gap`` on, at most ``outmax`` in flight (``cons``: the cycles the engine consumed the responses, oldest
+    first; the caller appends them), through the requester's ``port`` where one is shared
+    (:meth:`sim.perfmodel.core.PerfModel`'s ``mu_port`` / ``vq_port``); responses in request order, ``rgap``
+    apart."""
+
+    __slots__ = ("a", "gap", "rgap", "outmax", "port", "cons", "last_r")
+
+    def __init__(self, a0, gap, rgap, outmax, port):
+        self.a, self.gap, self.rgap, self.outmax, self.port = a0, gap, rgap, outmax, port
+        self.cons = deque()
+        self.last_r = -INF
+
+    def issue(self):
+        """The next request's cycle."""
+        a = self.a + self.gap
+        if len(self.cons) >= self.outmax:
+            a = max(a, self.cons.popleft() + 1)
+        if self.port is not None:
+            a = _take(self.port[0], a)
+        self.a = a
+        return a
+
+    def deliver(self, rr, ready=-INF):
+        """The cycle the engine has the response the memory answers in cycle ``rr`` (not before ``ready``)."""
+        rr = max(rr, self.last_r + self.rgap, ready)
+        if self.port is not None:
+            rr = max(rr, self.port[1][0] + 1)       # behind every earlier response of the port
+            self.port[1][0] = rr
+        self.last_r = rr
+        return rr
+
+
 class Channel:
     """Timing state of one channel's controller and banks (see the module docstring)."""
 

@@ -3,11 +3,9 @@ streaming requests through the memory model."""
 
 from __future__ import annotations
 
-from collections import deque
-
 from hw.spec.soc_isa import SocOp
 from hw.spec.vector_isa import vector_cycles
-from sim.perfmodel.memory import _take
+from sim.perfmodel.memory import DmaStream
 from sim.perfmodel.params import INF
 from sim.perfmodel.queue import QueueModel
 
@@ -63,25 +61,12 @@ class VectorQueueModel(QueueModel):
         rgap = 1 if mi.dma_issue * mi.cores == 1 else gap
         outmax = mi.dma_outstanding * mi.cores
         port = self.m.vq_port if self.has_spu else None     # shared with the SRAM-PIM queue's SLOAD engine
-        a = t - gap + (cal.vdma_store_lat * kf if store else 0)
-        last_r = -INF
-        cons = deque()
+        s = DmaStream(t - gap + (cal.vdma_store_lat * kf if store else 0), gap, rgap, outmax, port)
         for r in range(rows):
             ra = base + r * stride
             for c in range(cols):
-                a += gap
-                if len(cons) >= outmax:
-                    a = max(a, cons.popleft() + 1)
-                if port is not None:
-                    a = _take(port[0], a)
+                a = s.issue()
                 if a > K.now + self.LOOKAHEAD:
                     yield a
-                rr = mem.request(ra + 32 * c, store, a)
-                if rr < last_r + rgap:
-                    rr = last_r + rgap
-                if port is not None:
-                    rr = max(rr, port[1][0] + 1)
-                    port[1][0] = rr
-                last_r = rr
-                cons.append(rr)
-        return last_r + cal.vdma_end * kf
+                s.cons.append(s.deliver(mem.request(ra + 32 * c, store, a)))
+        return s.last_r + cal.vdma_end * kf
