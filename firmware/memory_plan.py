@@ -88,7 +88,8 @@ and a transposed load's walk down the keys of one 32-byte column, then the next,
 (a group's token is a quarter of a DRAM row). XL on the ``ianus`` preset (24 heads), performance model, one
 generation step's attention at position 160: 20.5k cycles with a GEMM per head and head-major caches, 12.8k
 batched with V one ``[T, d]`` and K head-major, 9.5k with K in groups of 12 (1.5 KB a token), 9.6k with V in
-the same groups. V in groups rather than one ``[T, d]`` (projection, XL, 64 generated): npu-mem's generation
+the same groups, 10.4k with groups of 4 (512 bytes a token, :func:`k_group`). V in groups rather than one
+``[T, d]`` (projection, XL, 64 generated): npu-mem's generation
 attention 0.535 -> 0.448 ms per token at 128 input tokens, its summarization attention 4.53 -> 4.68 ms at 128
 and 30.2 -> 27.8 ms at 512 (per-head P V loads read 128 bytes a token, 1.5 instead of 3 KB apart). The group
 size: :func:`k_group`."""
