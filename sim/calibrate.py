@@ -51,6 +51,8 @@ JOBS["tiny-il"], JOBS["default-il"] = JOBS["tiny"], JOBS["default"]
 # the SRAM-PIM configurations (issue 20): generation attention on the SRAM-PIM unit, and ianus on the same RTL
 JOBS["tiny-hpim"] = [(pol, layers, pre, gen) for pol in ("hpim", "ianus") for layers, pre, gen in ((1, 8, 2), (2, 3, 5))]
 JOBS["default-hpim"] = [("hpim", 1, 32, 4)]
+# the pipelined processing unit and array (issue 15): a prefill + generation job
+JOBS["tiny-p4"] = [("ianus", 1, 8, 2)]
 
 
 def job_key(config, policy, layers, prefill, generate) -> str:

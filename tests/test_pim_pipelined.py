@@ -174,7 +174,7 @@ def test_performance_model_vs_rtl_tiny_p4():
     tolerance)."""
     from sim import calibrate
 
-    spec = ("ianus", 1, 8, 2)
+    spec, = calibrate.JOBS["tiny-p4"]           # also `python -m sim.calibrate --config tiny-p4`
     rtl = calibrate.run_rtl_job("tiny-p4", *spec, test_name="perfmodel_cal_tiny_p4")
     rows = calibrate.compare("tiny-p4", *spec, rtl)
     print()
