@@ -112,11 +112,14 @@ def head_batch_on(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: s
     if head_batch not in HEAD_BATCH:
         raise CompileError(f"head_batch must be one of {', '.join(HEAD_BATCH)}, not {head_batch!r}")
     npu, hd = cfg.npu, shape.head_dim
-    fits = (k_group(cfg, shape) * hd) % npu.array_cols == 0 and policy != "hpim"
-    if head_batch == "on" and not fits:
+    whole = (k_group(cfg, shape) * hd) % npu.array_cols == 0
+    if head_batch == "on" and policy == "hpim":
+        raise CompileError("head_batch 'on' does not apply to policy hpim (its generation attention runs on the "
+                           "SRAM-PIM unit)")
+    if head_batch == "on" and not whole:
         raise CompileError(f"head_batch 'on' needs a head group's width ({k_group(cfg, shape)} x head_dim {hd}) a "
-                           f"multiple of the array's {npu.array_cols} columns and a policy other than hpim (its "
-                           f"attention runs on the SRAM-PIM unit)")
+                           f"multiple of the array's {npu.array_cols} columns")
+    fits = whole and policy != "hpim"
     return fits and (head_batch == "on" or (head_batch == "auto" and npu.array_rows * npu.macs_per_pe > hd))
 
 

@@ -278,7 +278,7 @@ def test_head_batch_choice_layouts_and_errors():
     assert lp.vc[1] - lp.vc[0] == SHAPE.head_dim * 2 and lp.kc[1] - lp.kc[0] == SHAPE.head_dim * 2
     with pytest.raises(CompileError, match="head_batch must be one of auto, on, off, not 'yes'"):
         compile_model(CFG, SHAPE, "ianus", 4, 6, head_batch="yes")
-    with pytest.raises(CompileError, match="policy other than hpim"):
+    with pytest.raises(CompileError, match="does not apply to policy hpim"):
         compile_model(soc_config("tiny-hpim"), SHAPE, "hpim", 4, 6, head_batch="on")
     with pytest.raises(CompileError, match="kv_layout must be one of head, token"):
         plan_memory(CFG, SHAPE, 8, kv_layout="rows")
