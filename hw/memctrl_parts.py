@@ -123,6 +123,8 @@ class ChannelStateSignature(wiring.Signature):
             # restarts them, and what this cycle's command does (per bank: an ACT / PRE, a column command).
             members.update({n: Out(nb) for n in ("rcdrd_nx", "rcdwr_nx", "rp_nx", "pre_nx", "x_row", "x_col")})
             members.update({n: Out(1) for n in ("ccd_nx", "act_timing_nx", "x_column", "x_act")})
+            # For the per-entry readiness the request queue registers: the bank windows two cycles ahead.
+            members.update({n: Out(nb) for n in ("rcdrd_n2", "rcdwr_n2", "rp_n2", "pre_n2")})
         super().__init__(members)
 
 
@@ -180,6 +182,8 @@ class ChannelState(wiring.Component):
         ahead = p.pick_stages > 0
         nx = {rule: Signal(nb, name=f"{rule}_ok_next") for rule in ("rcdrd", "rcdwr", "ras", "rp", "wr", "rtp")
               } if ahead else {}
+        n2 = {rule: Signal(nb, name=f"{rule}_ok_next2") for rule in ("rcdrd", "rcdwr", "ras", "rp", "wr", "rtp")
+              } if ahead else {}
         for b in range(nb):
             here = iss_bank == b
             do_act = iss & (((op == PimOp.ACT) & here) | (op == PimOp.ACTAB))
@@ -199,8 +203,11 @@ class ChannelState(wiring.Component):
                          (ras_ok, "ras", t.tRAS, do_act), (rp_ok, "rp", t.tRP, do_pre),
                          (wr_ok, "wr", t.tWR, do_wr), (rtp_ok, "rtp", t.tRTP, rd_type)]
                 for vec, rule, cycles, start in rules:
-                    ok, ok_next = countdown(m, f"b{b}_{rule}", cycles, start, ahead=True)
-                    m.d.comb += [vec[b].eq(ok), nx[rule][b].eq(ok_next)]
+                    ok, ok_next, ok_next2 = countdown(m, f"b{b}_{rule}", cycles, start, ahead=2)
+                    # two cycles ahead: also when this cycle's command restarts the window, if it is short
+                    if cycles > 2:
+                        ok_next2 = ok_next2 & ~start
+                    m.d.comb += [vec[b].eq(ok), nx[rule][b].eq(ok_next), n2[rule][b].eq(ok_next2)]
                 m.d.comb += [s.x_row[b].eq(do_act | do_pre), s.x_col[b].eq(do_wr | rd_type)]
                 continue
             m.d.comb += [
@@ -214,7 +221,9 @@ class ChannelState(wiring.Component):
         pre_ok = ras_ok & wr_ok & rtp_ok           # per bank: a PRE may close it now
         if ahead:
             m.d.comb += [s.rcdrd_nx.eq(nx["rcdrd"]), s.rcdwr_nx.eq(nx["rcdwr"]), s.rp_nx.eq(nx["rp"]),
-                         s.pre_nx.eq(nx["ras"] & nx["wr"] & nx["rtp"])]
+                         s.pre_nx.eq(nx["ras"] & nx["wr"] & nx["rtp"]),
+                         s.rcdrd_n2.eq(n2["rcdrd"]), s.rcdwr_n2.eq(n2["rcdwr"]), s.rp_n2.eq(n2["rp"]),
+                         s.pre_n2.eq(n2["ras"] & n2["wr"] & n2["rtp"])]
         all_closed = is_open == 0
 
         # ------------------------------------------------------- PIM row buffer (two row buffers)

@@ -32,7 +32,12 @@ def entry_layout(cfg: SystemConfig) -> data.StructLayout:
     """What the scheduler sees of one queue entry: ``valid``, its ``bank``, ``row``, ``write``, whether its
     row is open (``hit``) and whether an older queued request has the same address (``blocked``)."""
     rb, bb, _ = widths(cfg)
-    return data.StructLayout({"valid": 1, "bank": bb, "row": rb, "write": 1, "hit": 1, "blocked": 1})
+    fields = {"valid": 1, "bank": bb, "row": rb, "write": 1, "hit": 1, "blocked": 1}
+    if cfg.pim.pick_stages:
+        # The readiness registered per entry (:class:`RequestQueue`): for the command the registered pick
+        # decides this cycle, which goes on the bus next cycle.
+        fields.update({"r_col": 1, "r_act": 1, "r_pre": 1, "r_hib": 1})
+    return data.StructLayout(fields)
 
 
 def picked_layout(cfg: SystemConfig) -> data.StructLayout:
@@ -119,10 +124,14 @@ class RequestQueue(wiring.Component):
         for i, e in enumerate(self.entries):
             m.d.comb += [e.valid.eq(q_valid[i]), e.bank.eq(q_bank[i]), e.row.eq(q_row[i]), e.write.eq(q_write[i]),
                          e.hit.eq(hit[i]), e.blocked.eq(blocked[i])]
+        registered = p.pick_stages > 0
+        if registered:
+            ready, ready_next = self._readiness(m, q_valid, q_bank, q_write, hit, blocked)
 
         # Starvation guard: the oldest request waited too long behind younger hits.
         head_age = Signal(range(self._starve_limit + 1))
-        m.d.comb += self.starving.eq(q_valid[0] & ~hit[0] & (head_age == self._starve_limit))
+        head_hit = ready["hit"][0] if registered else hit[0]
+        m.d.comb += self.starving.eq(q_valid[0] & ~head_hit & (head_age == self._starve_limit))
 
         # Read port: the picked entry.
         sel = self.pick
@@ -170,12 +179,72 @@ class RequestQueue(wiring.Component):
                              q_tag[i].eq(q_tag[j]), q_miss[i].eq(miss_next[j])]
             with m.Else():
                 m.d.sync += q_miss[i].eq(miss_next[i])
+        if registered:
+            # A new entry's readiness from the request: as :meth:`_readiness` computes it for a queued one.
+            in_row, in_bank, in_col = fields["row"], fields["bank"], fields["column"]
+            in_hit = bit_of(s.is_open, in_bank, nb) & (open_row[in_bank] == in_row)
+            in_blocked = Cat(*[q_valid[j] & (q_row[j] == in_row) & (q_bank[j] == in_bank) & (q_col[j] == in_col)
+                               for j in range(D)]).any()
+            ready_in = self._entry_ready(m, Const(1, 1), in_bank, inc.write, in_hit, in_blocked, "in")
+            for i in range(D):
+                with m.If(enq & (slot == i)):
+                    m.d.sync += [r[i].eq(ready_in[name]) for name, r in ready.items()]
+                with m.Elif(rm & (col_sel <= i)):       # the entry above shifts in (the last one empties)
+                    m.d.sync += [r[i].eq(ready_next[name][i + 1] if i < D - 1 else 0) for name, r in ready.items()]
+                with m.Else():
+                    m.d.sync += [r[i].eq(ready_next[name][i]) for name, r in ready.items()]
         m.d.sync += count.eq(count - rm + enq)
         with m.If((rm & (col_sel == 0)) | (count == 0) | hit[0]):
             m.d.sync += head_age.eq(0)
         with m.Elif(head_age != self._starve_limit):
             m.d.sync += head_age.eq(head_age + 1)
         return m
+
+    def _readiness(self, m, q_valid, q_bank, q_write, hit, blocked):
+        """The per-entry readiness for the registered pick (``pick_stages = 1``), registered a cycle ahead.
+
+        Computed in cycle ``t`` from the entries and the channel state of ``t`` and registered (following
+        the queue's collapse; a new entry's from the request), it is read by the pick of ``t + 1``, which
+        decides the command for the bus register of ``t + 2``. So the bank windows are the ones two cycles
+        ahead (``*_n2`` of the channel state: they include a restart by the command of ``t``), and an
+        entry whose bank the command of ``t`` activates or precharges (``x_row``) is not ready (its row
+        state is stale); a command of ``t + 1`` drops the pick itself (:meth:`Scheduler._candidate`).
+        Per entry: ``r_col`` (a row hit, not blocked, tRCD allows), ``r_act`` (its bank closed, tRP
+        allows), ``r_pre`` (another row open, tRAS / tWR / tRTP allow), ``r_hib`` (some request hits its
+        bank's open row: the policy holds the PRE back), ``hit`` (a row hit, for the starvation guard).
+        Returns the registers and their inputs (dicts of ``Signal(depth)`` by name)."""
+        D = self._depth
+        names = ("r_col", "r_act", "r_pre", "r_hib", "hit")
+        ready = {n: Signal(D, name=f"q_{n}") for n in names}
+        ready_next = {n: Signal(D, name=f"q_{n}_next") for n in names}
+
+        for i in range(D):
+            e = self._entry_ready(m, q_valid[i], q_bank[i], q_write[i], hit[i], blocked[i], f"q{i}")
+            m.d.comb += [ready_next[n][i].eq(e[n]) for n in names]
+        for i, e in enumerate(self.entries):
+            m.d.comb += [e.r_col.eq(ready["r_col"][i]), e.r_act.eq(ready["r_act"][i]),
+                         e.r_pre.eq(ready["r_pre"][i]), e.r_hib.eq(ready["r_hib"][i])]
+        return ready, ready_next
+
+    def _entry_ready(self, m, valid, bank, write, hit, blocked, prefix):
+        """One entry's readiness (:meth:`_readiness`) from its fields; a dict of 1-bit signals by name."""
+        nb = self._cfg.pim.banks
+        s = self.state
+
+        def bit(vec):
+            return bit_of(vec, bank, nb)
+
+        is_open, touched = bit(s.is_open), bit(s.x_row)
+        rcd = Mux(write, bit(s.rcdwr_n2), bit(s.rcdrd_n2))
+        e = {n: Signal(name=f"{prefix}_{n}_in") for n in ("r_col", "r_act", "r_pre", "r_hib", "hit")}
+        m.d.comb += [
+            e["r_col"].eq(hit & ~blocked & rcd & ~touched),
+            e["r_act"].eq(valid & ~is_open & bit(s.rp_n2) & ~touched),
+            e["r_pre"].eq(valid & is_open & ~hit & bit(s.pre_n2) & ~touched),
+            e["r_hib"].eq(bit(self.hit_in_bank)),
+            e["hit"].eq(hit),
+        ]
+        return e
 
 
 class Scheduler(wiring.Component):
@@ -247,16 +316,10 @@ class Scheduler(wiring.Component):
         def bit(vec, index):
             return bit_of(vec, index, nb)
 
-        if registered:       # decide for the next cycle: the windows as they will be then
-            rcdrd_ok, rcdwr_ok, rp_ok, pre_ok = s.rcdrd_nx, s.rcdwr_nx, s.rp_nx, s.pre_nx
-            ccd_ok, act_ok, credit = s.ccd_nx, s.act_timing_nx, self.resp_credit2
-            cand = self._candidate(m)
-            # The candidate bidding now is not picked again (it may leave the queue this cycle).
-            excluded = [cand.go & cand.col & (cand.idx == i) for i in range(D)]
-        else:
-            rcdrd_ok, rcdwr_ok, rp_ok, pre_ok = s.rcdrd_ok, s.rcdwr_ok, s.rp_ok, s.pre_ok
-            ccd_ok, act_ok, credit = s.ccd_ok, s.act_timing_ok, self.resp_credit
-            excluded = None
+        if registered:
+            return self._registered_pick(m)
+        rcdrd_ok, rcdwr_ok, rp_ok, pre_ok = s.rcdrd_ok, s.rcdwr_ok, s.rp_ok, s.pre_ok
+        ccd_ok, act_ok, credit = s.ccd_ok, s.act_timing_ok, self.resp_credit
 
         col_ready = Signal(D)
         row_ready = Signal(D)
@@ -270,14 +333,14 @@ class Scheduler(wiring.Component):
                 row_taken = Const(0, 1)
             rcd = Mux(q_write[i], bit(rcdwr_ok, b), bit(rcdrd_ok, b))
             ready = hit[i] & ~blocked[i] & ~held & rcd & ccd_ok & credit
-            m.d.comb += col_ready[i].eq(ready & ~excluded[i] if registered else ready)
+            m.d.comb += col_ready[i].eq(ready)
             needs_act = q_valid[i] & ~bit(is_open, b) & ~row_taken
             needs_pre = q_valid[i] & bit(is_open, b) & ~hit[i] & \
                 (~bit(hit_in_bank, b) | (starving & (b == q_bank[0])))
             m.d.comb += row_ready[i].eq((needs_act & bit(rp_ok, b) & act_ok) |
                                         (needs_pre & bit(pre_ok, b)))
 
-        col_sel = Signal(range(D)) if registered else self.pick
+        col_sel = self.pick
         row_sel = Signal(range(D))
         for i in reversed(range(D)):           # the lowest index (oldest) wins
             with m.If(col_ready[i]):
@@ -288,10 +351,6 @@ class Scheduler(wiring.Component):
         any_row = row_ready.any()
         sel_bank = Array(q_bank)[row_sel]
         sel_row = Array(q_row)[row_sel]
-        if registered:
-            self._register(m, cand, starving & row_ready[0], any_col, any_row, col_sel, Array(q_bank)[col_sel],
-                           (bit(is_open, q_bank[0]), q_bank[0], q_row[0]), (bit(is_open, sel_bank), sel_bank, sel_row))
-            return m
 
         k = self.picked
         col = Signal()                 # the bid is the picked entry's column command
@@ -304,6 +363,51 @@ class Scheduler(wiring.Component):
         with m.Elif(any_row):
             propose(m, self.bid.cmd, Mux(bit(is_open, sel_bank), PimOp.PRE, PimOp.ACT), sel_bank, sel_row)
         m.d.comb += self.remove.eq(self.bid.grant & col)
+        return m
+
+    def _registered_pick(self, m):
+        """The registered pick (``pick_stages = 1``): a priority choice over the readiness the queue registered
+        per entry (``r_col``, ``r_act``, ``r_pre``, ``r_hib``: :meth:`RequestQueue._readiness`), combined with
+        the channel-wide windows one cycle ahead (tCCD; tRFC, tRRD, tFAW; two response credits), the
+        starvation guard and, with two row buffers, the PIM buffer's rows; registered by :meth:`_register`."""
+        p = self._cfg.pim
+        dual = p.row_buffers == 2
+        s = self.state
+        open_row = Array(s.open_row[b] for b in range(p.banks))
+        D = self._depth
+        q = self.entries
+        q_bank, q_row = [q[i].bank for i in range(D)], [q[i].row for i in range(D)]
+        starving, pact_pending, pact_row = self.starving, self.pact_pending, self.pact_row
+        cand = self._candidate(m)
+        col_ready = Signal(D)
+        act_ready = Signal(D)
+        row_ready = Signal(D)
+        for i in range(D):
+            b = q_bank[i]
+            head_bank = (b == q_bank[0]) if i > 0 else Const(1, 1)
+            held = starving & head_bank if i > 0 else Const(0, 1)
+            if dual:
+                held = held | (pact_pending & (open_row[b] == pact_row))
+                row_taken = (s.p_open & (s.p_row == q_row[i])) | (pact_pending & (pact_row == q_row[i]))
+            else:
+                row_taken = Const(0, 1)
+            # The candidate bidding now is not picked again (it may leave the queue this cycle).
+            excluded = cand.go & cand.col & (cand.idx == i)
+            m.d.comb += [
+                col_ready[i].eq(q[i].r_col & ~held & s.ccd_nx & self.resp_credit2 & ~excluded),
+                act_ready[i].eq(q[i].r_act & s.act_timing_nx & ~row_taken),
+                row_ready[i].eq(act_ready[i] | (q[i].r_pre & (~q[i].r_hib | (starving & head_bank)))),
+            ]
+        col_sel = Signal(range(D))
+        row_sel = Signal(range(D))
+        for i in reversed(range(D)):           # the lowest index (oldest) wins
+            with m.If(col_ready[i]):
+                m.d.comb += col_sel.eq(i)
+            with m.If(row_ready[i]):
+                m.d.comb += row_sel.eq(i)
+        self._register(m, cand, starving & row_ready[0], col_ready.any(), row_ready.any(), col_sel,
+                       Array(q_bank)[col_sel], (~act_ready[0], q_bank[0], q_row[0]),
+                       (~act_ready.bit_select(row_sel, 1), Array(q_bank)[row_sel], Array(q_row)[row_sel]))
         return m
 
     def _candidate(self, m):

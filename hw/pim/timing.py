@@ -24,17 +24,20 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal
 __all__ = ["countdown", "faw_window", "refresh_credit", "delay_pipe", "pim_row_buffer"]
 
 
-def countdown(m: Module, name: str, cycles: int, start, ahead: bool = False):
+def countdown(m: Module, name: str, cycles: int, start, ahead: bool | int = False):
     """A timing window: after ``start``, ``ok`` is low for ``cycles - 1`` cycles.
 
     A command on cycle ``t`` that starts the counter allows the constrained
     command from cycle ``t + cycles`` on. Returns ``ok``; with ``ahead``, ``(ok, ok_next)`` where
     ``ok_next`` says the window allows the command in the next cycle unless ``start`` restarts it in this
     one (the registered pick of :class:`hw.memctrl_queue.Scheduler` decides a cycle ahead and drops its
-    choice when the command issued in between restarted a window it needs).
+    choice when the command issued in between restarted a window it needs). With ``ahead=2``,
+    ``(ok, ok_next, ok_next2)``: ``ok_next2`` looks two cycles ahead (no restart in this cycle or the next;
+    the per-entry readiness the request queue registers for the registered pick).
     """
+    n_ahead = int(ahead)
     if cycles <= 1:
-        return (Const(1, 1), Const(1, 1)) if ahead else Const(1, 1)
+        return (Const(1, 1),) * (n_ahead + 1) if n_ahead else Const(1, 1)
     cnt = Signal(range(cycles), name=f"{name}_cnt")
     with m.If(start):
         m.d.sync += cnt.eq(cycles - 1)
@@ -46,7 +49,11 @@ def countdown(m: Module, name: str, cycles: int, start, ahead: bool = False):
         return ok
     ok_next = Signal(name=f"{name}_ok_next")
     m.d.comb += ok_next.eq(cnt <= 1 if cycles > 2 else 1)
-    return ok, ok_next
+    if n_ahead == 1:
+        return ok, ok_next
+    ok_next2 = Signal(name=f"{name}_ok_next2")
+    m.d.comb += ok_next2.eq(cnt <= 2 if cycles > 3 else 1)
+    return ok, ok_next, ok_next2
 
 
 def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: bool = False):
