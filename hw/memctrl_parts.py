@@ -124,7 +124,7 @@ class ChannelStateSignature(wiring.Signature):
             members.update({n: Out(nb) for n in ("rcdrd_nx", "rcdwr_nx", "rp_nx", "pre_nx", "x_row", "x_col")})
             members.update({n: Out(1) for n in ("ccd_nx", "act_timing_nx", "x_column", "x_act")})
             # For the per-entry readiness the request queue registers: the bank windows two cycles ahead.
-            members.update({n: Out(nb) for n in ("rcdrd_n2", "rcdwr_n2", "rp_n2", "pre_n2")})
+            members.update({n: Out(nb) for n in ("rcdrd_n2", "rcdwr_n2", "rp_n2", "pre_n2", "x_pre2")})
         super().__init__(members)
 
 
@@ -204,11 +204,11 @@ class ChannelState(wiring.Component):
                          (wr_ok, "wr", t.tWR, do_wr), (rtp_ok, "rtp", t.tRTP, rd_type)]
                 for vec, rule, cycles, start in rules:
                     ok, ok_next, ok_next2 = countdown(m, f"b{b}_{rule}", cycles, start, ahead=2)
-                    # two cycles ahead: also when this cycle's command restarts the window, if it is short
-                    if cycles > 2:
-                        ok_next2 = ok_next2 & ~start
                     m.d.comb += [vec[b].eq(ok), nx[rule][b].eq(ok_next), n2[rule][b].eq(ok_next2)]
-                m.d.comb += [s.x_row[b].eq(do_act | do_pre), s.x_col[b].eq(do_wr | rd_type)]
+                # a PRE window this cycle's command restarts and that still runs two cycles later
+                pre2 = [start for _, rule, cycles, start in rules if rule in ("ras", "wr", "rtp") and cycles > 2]
+                m.d.comb += [s.x_row[b].eq(do_act | do_pre), s.x_col[b].eq(do_wr | rd_type),
+                             s.x_pre2[b].eq(Cat(*pre2).any() if pre2 else 0)]
                 continue
             m.d.comb += [
                 rcdrd_ok[b].eq(countdown(m, f"b{b}_rcdrd", t.tRCDRD, do_act)),

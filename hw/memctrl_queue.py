@@ -206,9 +206,11 @@ class RequestQueue(wiring.Component):
         Computed in cycle ``t`` from the entries and the channel state of ``t`` and registered (following
         the queue's collapse; a new entry's from the request), it is read by the pick of ``t + 1``, which
         decides the command for the bus register of ``t + 2``. So the bank windows are the ones two cycles
-        ahead (``*_n2`` of the channel state: they include a restart by the command of ``t``), and an
-        entry whose bank the command of ``t`` activates or precharges (``x_row``) is not ready (its row
-        state is stale); a command of ``t + 1`` drops the pick itself (:meth:`Scheduler._candidate`).
+        ahead (``*_n2`` of the channel state). The command of ``t`` is not in them (the arbiter decides it
+        late in the cycle): the pick of ``t + 1`` holds back the entries whose bank it activated or
+        precharged (``x_row``: their row state is stale) and the PRE of a bank where it restarted a PRE
+        window that still runs (``x_pre2``), both registered per bank; a command of ``t + 1`` drops the
+        pick itself (:meth:`Scheduler._candidate`).
         Per entry: ``r_col`` (a row hit, not blocked, tRCD allows), ``r_act`` (its bank closed, tRP
         allows), ``r_pre`` (another row open, tRAS / tWR / tRTP allow), ``r_hib`` (some request hits its
         bank's open row: the policy holds the PRE back), ``hit`` (a row hit, for the starvation guard).
@@ -234,13 +236,13 @@ class RequestQueue(wiring.Component):
         def bit(vec):
             return bit_of(vec, bank, nb)
 
-        is_open, touched = bit(s.is_open), bit(s.x_row)
+        is_open = bit(s.is_open)
         rcd = Mux(write, bit(s.rcdwr_n2), bit(s.rcdrd_n2))
         e = {n: Signal(name=f"{prefix}_{n}_in") for n in ("r_col", "r_act", "r_pre", "r_hib", "hit")}
         m.d.comb += [
-            e["r_col"].eq(hit & ~blocked & rcd & ~touched),
-            e["r_act"].eq(valid & ~is_open & bit(s.rp_n2) & ~touched),
-            e["r_pre"].eq(valid & is_open & ~hit & bit(s.pre_n2) & ~touched),
+            e["r_col"].eq(hit & ~blocked & rcd),
+            e["r_act"].eq(valid & ~is_open & bit(s.rp_n2)),
+            e["r_pre"].eq(valid & is_open & ~hit & bit(s.pre_n2)),
             e["r_hib"].eq(bit(self.hit_in_bank)),
             e["hit"].eq(hit),
         ]
@@ -379,11 +381,17 @@ class Scheduler(wiring.Component):
         q_bank, q_row = [q[i].bank for i in range(D)], [q[i].row for i in range(D)]
         starving, pact_pending, pact_row = self.starving, self.pact_pending, self.pact_row
         cand = self._candidate(m)
+        # The command issued last cycle (after the queue computed the readiness): its bank's row state is
+        # stale (an ACT or PRE there), or a PRE window it restarted still runs.
+        x_pre2 = Signal(p.banks, name="x_pre2")
+        m.d.sync += x_pre2.eq(s.x_pre2)
         col_ready = Signal(D)
         act_ready = Signal(D)
         row_ready = Signal(D)
         for i in range(D):
             b = q_bank[i]
+            touched = bit_of(cand.x_row, b, p.banks)
+            pre_touched = bit_of(cand.x_row | x_pre2, b, p.banks)
             head_bank = (b == q_bank[0]) if i > 0 else Const(1, 1)
             held = starving & head_bank if i > 0 else Const(0, 1)
             if dual:
@@ -394,9 +402,10 @@ class Scheduler(wiring.Component):
             # The candidate bidding now is not picked again (it may leave the queue this cycle).
             excluded = cand.go & cand.col & (cand.idx == i)
             m.d.comb += [
-                col_ready[i].eq(q[i].r_col & ~held & s.ccd_nx & self.resp_credit2 & ~excluded),
-                act_ready[i].eq(q[i].r_act & s.act_timing_nx & ~row_taken),
-                row_ready[i].eq(act_ready[i] | (q[i].r_pre & (~q[i].r_hib | (starving & head_bank)))),
+                col_ready[i].eq(q[i].r_col & ~touched & ~held & s.ccd_nx & self.resp_credit2 & ~excluded),
+                act_ready[i].eq(q[i].r_act & ~touched & s.act_timing_nx & ~row_taken),
+                row_ready[i].eq(act_ready[i] |
+                                (q[i].r_pre & ~pre_touched & (~q[i].r_hib | (starving & head_bank)))),
             ]
         col_sel = Signal(range(D))
         row_sel = Signal(range(D))
@@ -428,6 +437,7 @@ class Scheduler(wiring.Component):
         x_row, x_col = Signal(nb, name="x_row"), Signal(nb, name="x_col")
         x_column, x_act = Signal(name="x_column"), Signal(name="x_act")
         m.d.sync += [x_row.eq(s.x_row), x_col.eq(s.x_col), x_column.eq(s.x_column), x_act.eq(s.x_act)]
+        c.x_row = x_row
         row_hit = bit_of(x_row, c.bank, nb)
         ccd_hit = x_column if t.tCCD > 1 else Const(0, 1)
         conflict = Mux(c.col, row_hit | ccd_hit, Mux(c.act, row_hit | x_act, row_hit | bit_of(x_col, c.bank, nb)))
