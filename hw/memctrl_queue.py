@@ -114,8 +114,15 @@ class RequestQueue(wiring.Component):
         # Per-entry status.
         hit = Signal(D)
         blocked = Signal(D)
+        registered = p.pick_stages > 0
+        # With a registered pick the row hits are registers, kept up to date by the issued commands.
+        q_hit = Signal(D, name="q_hit") if registered else None
         for i in range(D):
-            m.d.comb += hit[i].eq(q_valid[i] & bit_of(s.is_open, q_bank[i], nb) & (open_row[q_bank[i]] == q_row[i]))
+            if registered:
+                m.d.comb += hit[i].eq(q_valid[i] & q_hit[i])
+            else:
+                m.d.comb += hit[i].eq(q_valid[i] & bit_of(s.is_open, q_bank[i], nb) &
+                                      (open_row[q_bank[i]] == q_row[i]))
             same = [q_valid[j] & (q_row[j] == q_row[i]) & (q_bank[j] == q_bank[i]) & (q_col[j] == q_col[i])
                     for j in range(i)]
             m.d.comb += blocked[i].eq(Cat(*same).any() if same else 0)
@@ -124,14 +131,12 @@ class RequestQueue(wiring.Component):
         for i, e in enumerate(self.entries):
             m.d.comb += [e.valid.eq(q_valid[i]), e.bank.eq(q_bank[i]), e.row.eq(q_row[i]), e.write.eq(q_write[i]),
                          e.hit.eq(hit[i]), e.blocked.eq(blocked[i])]
-        registered = p.pick_stages > 0
         if registered:
             ready, ready_next = self._readiness(m, q_valid, q_bank, q_write, hit, blocked)
 
         # Starvation guard: the oldest request waited too long behind younger hits.
         head_age = Signal(range(self._starve_limit + 1))
-        head_hit = ready["hit"][0] if registered else hit[0]
-        m.d.comb += self.starving.eq(q_valid[0] & ~head_hit & (head_age == self._starve_limit))
+        m.d.comb += self.starving.eq(q_valid[0] & ~hit[0] & (head_age == self._starve_limit))
 
         # Read port: the picked entry.
         sel = self.pick
@@ -186,6 +191,18 @@ class RequestQueue(wiring.Component):
             in_blocked = Cat(*[q_valid[j] & (q_row[j] == in_row) & (q_bank[j] == in_bank) & (q_col[j] == in_col)
                                for j in range(D)]).any()
             ready_in = self._entry_ready(m, Const(1, 1), in_bank, inc.write, in_hit, in_blocked, "in")
+            # The row hits after this cycle's command: an ACT / ACTAB of the entry's bank makes it a hit if it
+            # opens the entry's row, a PRE / PREAB makes it a miss.
+            row_op = self.issued.valid & op.as_value().matches(PimOp.ACT, PimOp.PRE)
+            all_op = self.issued.valid & op.as_value().matches(PimOp.ACTAB, PimOp.PREAB)
+            opens = op.as_value().matches(PimOp.ACT, PimOp.ACTAB)
+
+            def hit_after(bank, row, now):
+                return Mux(all_op | (row_op & (iss_bank == bank)), opens & (iss_row == row), now)
+
+            ready["hit"], ready_in["hit"] = q_hit, hit_after(in_bank, in_row, in_hit)
+            for i in range(D):
+                m.d.comb += ready_next["hit"][i].eq(hit_after(q_bank[i], q_row[i], hit[i]))
             for i in range(D):
                 with m.If(enq & (slot == i)):
                     m.d.sync += [r[i].eq(ready_in[name]) for name, r in ready.items()]
@@ -213,12 +230,12 @@ class RequestQueue(wiring.Component):
         pick itself (:meth:`Scheduler._candidate`).
         Per entry: ``r_col`` (a row hit, not blocked, tRCD allows), ``r_act`` (its bank closed, tRP
         allows), ``r_pre`` (another row open, tRAS / tWR / tRTP allow), ``r_hib`` (some request hits its
-        bank's open row: the policy holds the PRE back), ``hit`` (a row hit, for the starvation guard).
-        Returns the registers and their inputs (dicts of ``Signal(depth)`` by name)."""
+        bank's open row: the policy holds the PRE back). Returns the registers and their inputs (dicts of
+        ``Signal(depth)`` by name; the caller adds the row-hit registers, ``hit``, whose input it computes)."""
         D = self._depth
-        names = ("r_col", "r_act", "r_pre", "r_hib", "hit")
+        names = ("r_col", "r_act", "r_pre", "r_hib")
         ready = {n: Signal(D, name=f"q_{n}") for n in names}
-        ready_next = {n: Signal(D, name=f"q_{n}_next") for n in names}
+        ready_next = {n: Signal(D, name=f"q_{n}_next") for n in (*names, "hit")}
 
         for i in range(D):
             e = self._entry_ready(m, q_valid[i], q_bank[i], q_write[i], hit[i], blocked[i], f"q{i}")
@@ -238,13 +255,12 @@ class RequestQueue(wiring.Component):
 
         is_open = bit(s.is_open)
         rcd = Mux(write, bit(s.rcdwr_n2), bit(s.rcdrd_n2))
-        e = {n: Signal(name=f"{prefix}_{n}_in") for n in ("r_col", "r_act", "r_pre", "r_hib", "hit")}
+        e = {n: Signal(name=f"{prefix}_{n}_in") for n in ("r_col", "r_act", "r_pre", "r_hib")}
         m.d.comb += [
             e["r_col"].eq(hit & ~blocked & rcd),
             e["r_act"].eq(valid & ~is_open & bit(s.rp_n2)),
             e["r_pre"].eq(valid & is_open & ~hit & bit(s.pre_n2)),
             e["r_hib"].eq(bit(self.hit_in_bank)),
-            e["hit"].eq(hit),
         ]
         return e
 
