@@ -105,7 +105,11 @@ class ChannelStateSignature(wiring.Signature):
     ``rcdwr_nx``, ``rp_nx``, ``pre_nx`` per bank; ``ccd_nx``, ``act_timing_nx``: allowed next cycle unless
     this cycle's command restarts them) and this cycle's command: ``x_row`` / ``x_col`` (per bank: it
     activates or precharges / reads or writes the bank's normal row buffer), ``x_column`` (a column-type
-    command) and ``x_act`` (an activation or a REF)."""
+    command) and ``x_act`` (an activation or a REF); for the readiness the request queue registers per entry
+    (:meth:`hw.memctrl_queue.RequestQueue._readiness`) the bank windows two cycles ahead (``rcdrd_n2``,
+    ``rcdwr_n2``, ``rp_n2``, ``pre_n2``: allowed in two cycles unless this cycle's or the next cycle's
+    command restarts them) and ``x_pre2`` (per bank: this cycle's command restarts a PRE window, tRAS / tWR
+    / tRTP, that still runs two cycles later)."""
 
     def __init__(self, cfg: SystemConfig):
         nb = cfg.pim.banks

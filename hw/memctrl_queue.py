@@ -70,6 +70,11 @@ class RequestQueue(wiring.Component):
     picked : Out(picked_layout(cfg))
     hit_in_bank : Out(banks)
         Some queued request hits the bank's open row.
+
+    With a registered pick (``PimGeometry.pick_stages = 1``) the row hits are registers, updated by the
+    issued ACT / ACTAB / PRE / PREAB (no open-row lookup per entry), and each entry carries its readiness
+    for the pick, registered a cycle ahead (``r_col``, ``r_act``, ``r_pre``, ``r_hib`` of
+    :func:`entry_layout`; :meth:`_readiness`).
     starving : Out(1)
         The oldest request waited ``starve_limit`` cycles without its row being open.
     count : Out(range(depth + 1))
@@ -280,7 +285,10 @@ class Scheduler(wiring.Component):
     they will be in the next cycle (``*_nx`` of the channel state; two response credits), held in registers
     and issued the cycle after (:meth:`_candidate`), so no path runs from a queue entry through the pick into
     the timing counters. The same policy, one cycle later; a registered column command's entry is not picked
-    again while it bids, and its index follows the queue's collapse.
+    again while it bids, and its index follows the queue's collapse. The per-entry part of the decision (row
+    hit, the bank's windows) is registered by the queue a cycle before the pick
+    (:meth:`RequestQueue._readiness`), so the pick itself is a priority choice over registered bits
+    (:meth:`_registered_pick`).
 
     Members
     -------
