@@ -48,6 +48,15 @@ def picked_layout(cfg: SystemConfig) -> data.StructLayout:
                               "tag": TAG_BITS, "miss": 1})
 
 
+def _oldest_first(m, depth, *choices):
+    """FR-FCFS's age order: for each ``(ready, sel)``, ``sel`` = the lowest index (the oldest entry) whose
+    ``ready`` bit is set (unchanged when none is)."""
+    for i in reversed(range(depth)):
+        for ready, sel in choices:
+            with m.If(ready[i]):
+                m.d.comb += sel.eq(i)
+
+
 class RequestQueue(wiring.Component):
     """The normal requests, oldest first.
 
@@ -368,11 +377,7 @@ class Scheduler(wiring.Component):
 
         col_sel = self.pick
         row_sel = Signal(range(D))
-        for i in reversed(range(D)):           # the lowest index (oldest) wins
-            with m.If(col_ready[i]):
-                m.d.comb += col_sel.eq(i)
-            with m.If(row_ready[i]):
-                m.d.comb += row_sel.eq(i)
+        _oldest_first(m, D, (col_ready, col_sel), (row_ready, row_sel))
         any_col = col_ready.any()
         any_row = row_ready.any()
         sel_bank = Array(q_bank)[row_sel]
@@ -433,11 +438,7 @@ class Scheduler(wiring.Component):
             ]
         col_sel = Signal(range(D))
         row_sel = Signal(range(D))
-        for i in reversed(range(D)):           # the lowest index (oldest) wins
-            with m.If(col_ready[i]):
-                m.d.comb += col_sel.eq(i)
-            with m.If(row_ready[i]):
-                m.d.comb += row_sel.eq(i)
+        _oldest_first(m, D, (col_ready, col_sel), (row_ready, row_sel))
         self._register(m, cand, starving & row_ready[0], col_ready.any(), row_ready.any(), col_sel,
                        Array(q_bank)[col_sel], (~act_ready[0], q_bank[0], q_row[0]),
                        (~act_ready.bit_select(row_sel, 1), Array(q_bank)[row_sel], Array(q_row)[row_sel]))
