@@ -139,11 +139,11 @@ from firmware.program import (
     MuBlock,
     ProgramBuilder,
     RowsN,
-    _bf16_words,
-    _f32,
-    _fp32_words,
-    _up,
+    bf16_words,
+    f32_imm,
+    fp32_words,
     gemm,
+    round_up,
 )
 from hw.spec import soc_isa as isa
 from hw.spec.config import SystemConfig
@@ -195,13 +195,13 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
 
     def alloc(nbytes):
         nonlocal top
-        a = _up(top, ALIGN)
-        top = a + _up(nbytes, ALIGN)
+        a = round_up(top, ALIGN)
+        top = a + round_up(nbytes, ALIGN)
         if top > limit:
             raise BatchError(f"device memory exhausted by the batch plan: need {top:#x} bytes of {limit:#x}")
         return a
 
-    H, d, LP = shape.heads, shape.d_model, _up(max_tokens, 16)
+    H, d, LP = shape.heads, shape.d_model, round_up(max_tokens, 16)
     s = [alloc(H * LP * 4) for _ in range(2)]
     pr = [alloc(H * LP * 2) for _ in range(2)]
     ident = alloc(hd * hd * 2)
@@ -214,17 +214,17 @@ def plan_batch(cfg: SystemConfig, shape: GptShape, policy: str, max_batch: int, 
         if policy in PIM_POLICIES:
             bp.pre_kv = tuple([alloc(max_prompt * hd * 2) for _ in range(H)] for _ in range(2))
     if prog_bytes is None:
-        bp.prog_base = _up(top, ALIGN)
+        bp.prog_base = round_up(top, ALIGN)
         bp.prog_bytes = 1 << 40
         probe = BatchCompiler(bp)
         kv = bp.layout(0, max_tokens)
         splits = [0] + ([max_batch // 2] if policy == "neupims" and max_batch > 1 else [])
-        prog_bytes = max(sum(_up(32 * len(st.words), ALIGN) for st in
+        prog_bytes = max(sum(round_up(32 * len(st.words), ALIGN) for st in
                              probe.step([(kv, max_tokens - 1)] * max_batch, 0, k)) for k in splits)
         if max_prompt:
             pre = probe.prefill(kv, max_prompt)
-            prog_bytes = max(prog_bytes, sum(_up(32 * len(st.words), ALIGN) for st in pre))
-        prog_bytes = _up(prog_bytes + prog_bytes // 8, 4096)
+            prog_bytes = max(prog_bytes, sum(round_up(32 * len(st.words), ALIGN) for st in pre))
+        prog_bytes = round_up(prog_bytes + prog_bytes // 8, 4096)
     bp.prog_base = alloc(prog_bytes)
     bp.prog_bytes = prog_bytes
     first = -(-top // bp.row_index_bytes)
@@ -342,7 +342,7 @@ class BatchCompiler:
         bp, H, hd = self.bp, self.shape.heads, self.shape.head_dim
         pb = ProgramBuilder(self.cfg)
         W = pb.L
-        pitch = _bf16_words(W, hd)
+        pitch = bf16_words(W, hd)
         pu = pb.unit(pitch)
         rows = max(1, min(P, (self.cfg.npu.vector_spm_words - 8) // pitch))
         for h in range(H):
@@ -391,16 +391,16 @@ class BatchCompiler:
         n3, B = 3 * d, len(reqs)
         b, lp = lc.plan.buffers, lc.plan.layers[i]
         pb.spm_reset()
-        bias = pb.spm(_fp32_words(L, n3))
-        pb.vdma(True, lp.qkv_b, n3 * 4, 1, n3 * 4, bias, _fp32_words(L, n3))
-        per_row = _fp32_words(L, n3) + _bf16_words(L, n3)
-        pitch = _bf16_words(L, n3)
+        bias = pb.spm(fp32_words(L, n3))
+        pb.vdma(True, lp.qkv_b, n3 * 4, 1, n3 * 4, bias, fp32_words(L, n3))
+        per_row = fp32_words(L, n3) + bf16_words(L, n3)
+        pitch = bf16_words(L, n3)
         pu = pb.unit(pitch)
-        for r0, rg in lc._groups(B, per_row, _fp32_words(L, n3)):
+        for r0, rg in lc._groups(B, per_row, fp32_words(L, n3)):
             top = pb.spm_top
             T = pb.spm(rg * pitch)
-            X = pb.spm(rg * _fp32_words(L, n3))
-            pb.vdma(True, b["qkv"] + r0 * n3 * 4, n3 * 4, rg, n3 * 4, X, _fp32_words(L, n3))
+            X = pb.spm(rg * fp32_words(L, n3))
+            pb.vdma(True, b["qkv"] + r0 * n3 * 4, n3 * 4, rg, n3 * 4, X, fp32_words(L, n3))
             pb.vec(op="ADD", a=X, b=bias, d=T, n=n3, rows=rg, a_fmt="FP32", b_fmt="FP32", d_fmt="BF16",
                    b_mode="VEC")
             tu = pb.unit(T)
@@ -431,7 +431,7 @@ class BatchCompiler:
         pb.mu(blk)
         pb.fence(Unit.MU)
         W = pb.L
-        pitch = _bf16_words(W, n)
+        pitch = bf16_words(W, n)
         pb.spm_reset()
         X = pb.spm(hd * pitch)
         xu, pu = pb.unit(X), pb.unit(pitch)
@@ -482,9 +482,9 @@ class BatchCompiler:
 
         def softmax(j):
             kv, pos = reqs[j]
-            Lp = _up(pos + 1, 16)
+            Lp = round_up(pos + 1, 16)
             W = pb.L
-            fw, bw = _fp32_words(W, Lp), _bf16_words(W, Lp)
+            fw, bw = fp32_words(W, Lp), bf16_words(W, Lp)
             pb.spm_reset()
             for h0, hg in self._head_groups():
                 top = pb.spm_top
@@ -492,7 +492,7 @@ class BatchCompiler:
                 P = pb.spm(hg * bw)
                 pb.vdma(True, bp.s[j % 2] + h0 * LP * 4, LP * 4, hg, Lp * 4, X, fw)
                 pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=hg, a_fmt="FP32", d_fmt="FP32",
-                       imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
+                       imm0=f32_imm(1.0 / math.sqrt(hd)), imm1=0x80000000)
                 for h in range(hg):        # one row each: the causal mask's position is per row
                     pb.vec(op="SOFTMAX", a=X + h * fw, d=P + h * bw, n=Lp, rows=1, a_fmt="FP32", d_fmt="BF16",
                            mask="CAUSAL", pos=pos)
@@ -587,7 +587,7 @@ class BatchCompiler:
         from hw.spec.vector_isa import vector_cycles
         H, hd, L = self.shape.heads, self.shape.head_dim, pos + 1
         gemv = costmodel.pim_fc_cycles(self.cfg, hd, L, False, True) + costmodel.pim_fc_cycles(self.cfg, L, hd)
-        return H * (gemv + vector_cycles("SOFTMAX", _up(L, 16), 1, self.cfg.npu.vector_lanes))
+        return H * (gemv + vector_cycles("SOFTMAX", round_up(L, 16), 1, self.cfg.npu.vector_lanes))
 
     def step_est(self, att_a: int, att_b: int, na: int, nb: int) -> int:
         """The cost model's neupims step of one layer: ``qkv(A) + max(attn(A), qkv(B)) + max(attn(B),
@@ -640,7 +640,7 @@ class BatchCompiler:
     def _head_groups(self):
         W = self.cfg.npu.vector_lanes
         LP = self.bp.LP
-        per = _fp32_words(W, LP) + _bf16_words(W, LP)
+        per = fp32_words(W, LP) + bf16_words(W, LP)
         avail = self.cfg.npu.vector_spm_words - 4 * max(1, 8 // W)
         hg = max(1, min(self.shape.heads, avail // per))
         if avail < per:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from firmware.gpt2 import GptShape
 from firmware.memory_plan import ALIGN
 from firmware.pim import GemvLayout
-from firmware.program import _up
+from firmware.program import round_up
 from hw.spec.addrmap import AddressMap
 from hw.spec.config import SystemConfig
 
@@ -73,7 +73,7 @@ class BatchPlan:
 
     @property
     def LP(self) -> int:
-        return _up(self.max_tokens, 16)
+        return round_up(self.max_tokens, 16)
 
     @property
     def row_index_bytes(self) -> int:
@@ -93,8 +93,8 @@ class BatchPlan:
         """Bytes of one request's normal-layout caches (K and V under npu-only, V under naive)."""
         s = self.shape
         if self.policy in PIM_POLICIES:     # V only, group-major: whole groups of 16 tokens
-            return s.layers * _up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
-        return 2 * s.layers * s.heads * _up(capacity * s.head_dim * 2, ALIGN)
+            return s.layers * round_up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
+        return 2 * s.layers * s.heads * round_up(capacity * s.head_dim * 2, ALIGN)
 
     def request_rows(self, capacity: int) -> int:
         """Row indices one request of ``capacity`` tokens takes from the KV pool."""
@@ -123,12 +123,12 @@ class BatchPlan:
                 row += s.heads * vr
         addr = row * self.row_index_bytes
         if self.policy in PIM_POLICIES:          # V group-major: head h of a group at 16 h rows
-            step = _up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
+            step = round_up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
             for _ in range(s.layers):
                 kv.v.append([addr + h * 16 * s.head_dim * 2 for h in range(s.heads)])
                 addr += step
         else:
-            step = _up(capacity * s.head_dim * 2, ALIGN)
+            step = round_up(capacity * s.head_dim * 2, ALIGN)
             for _ in range(s.layers):
                 for lst in (kv.k, kv.v):
                     lst.append([addr + h * step for h in range(s.heads)])

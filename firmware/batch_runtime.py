@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from firmware.batch import BatchCompiler, BatchError, KvLayout, identity_bytes, plan_batch
-from firmware.compiler import _up, pack_layer
+from firmware.compiler import pack_layer
 from firmware.gpt2 import GptShape, LayerWeights, _ln, reference_block
 from firmware.memimage import MemoryImage
+from firmware.program import round_up
 from hw.spec import fp as G
 from hw.spec import soc_isa as isa
 from hw.spec.config import SystemConfig
@@ -276,11 +277,11 @@ class BatchRuntime:
         for st in stages:
             data = isa.to_bytes(st.words)
             blobs.append((addr, data, st))
-            addr += _up(len(data), 64)
+            addr += round_up(len(data), 64)
         if addr - bp.prog_base > bp.prog_bytes:
             raise BatchError(f"{label}: {addr - bp.prog_base} bytes of programs; the program area holds "
                              f"{bp.prog_bytes}")
-        self.write(bp.prog_base, b"".join(data + bytes(_up(len(data), 64) - len(data)) for _, data, _ in blobs))
+        self.write(bp.prog_base, b"".join(data + bytes(round_up(len(data), 64) - len(data)) for _, data, _ in blobs))
         out = []
         for a, _, st in blobs:
             name = f"{label} L{st.layer} {st.name}"

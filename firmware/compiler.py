@@ -58,12 +58,12 @@ from firmware.program import (
     ProgramBuilder,
     RowsK,
     RowsN,
-    _bf16_words,
-    _f32,
-    _fp32_words,
-    _up,
+    bf16_words,
     blocked_tile,
+    f32_imm,
+    fp32_words,
     gemm,
+    round_up,
 )
 from hw.spec import soc_isa as isa
 from hw.spec.config import SystemConfig
@@ -150,19 +150,19 @@ class LayerCompiler:
     def layernorm(self, pb, x_addr, rows, gb_addr, out_addr):
         d, L = self.shape.d_model, pb.L
         pb.spm_reset()
-        gbw = pb.spm(_fp32_words(L, d))
-        pb.vdma(True, gb_addr, d * 4, 1, d * 4, gbw, _fp32_words(L, d))
-        per_row = _fp32_words(L, d) + _bf16_words(L, d) + 2
-        for r0, rg in self._groups(rows, per_row, _fp32_words(L, d)):
+        gbw = pb.spm(fp32_words(L, d))
+        pb.vdma(True, gb_addr, d * 4, 1, d * 4, gbw, fp32_words(L, d))
+        per_row = fp32_words(L, d) + bf16_words(L, d) + 2
+        for r0, rg in self._groups(rows, per_row, fp32_words(L, d)):
             top = pb.spm_top
-            X = pb.spm(rg * _fp32_words(L, d))
+            X = pb.spm(rg * fp32_words(L, d))
             ST = pb.spm(-(-2 * rg // L))
-            Hh = pb.spm(rg * _bf16_words(L, d))
-            pb.vdma(True, x_addr + r0 * d * 4, d * 4, rg, d * 4, X, _fp32_words(L, d))
+            Hh = pb.spm(rg * bf16_words(L, d))
+            pb.vdma(True, x_addr + r0 * d * 4, d * 4, rg, d * 4, X, fp32_words(L, d))
             pb.vec(op="LN_STATS", a=X, d=ST, n=d, rows=rg, a_fmt="FP32", d_fmt="FP32",
-                   imm0=_f32(1.0 / d), imm1=_f32(self.shape.eps))
+                   imm0=f32_imm(1.0 / d), imm1=f32_imm(self.shape.eps))
             pb.vec(op="LN_APPLY", a=X, b=gbw, d=Hh, aux=ST, n=d, rows=rg, a_fmt="FP32", d_fmt="BF16")
-            pb.vdma(False, out_addr + r0 * d * 2, d * 2, rg, d * 2, Hh, _bf16_words(L, d))
+            pb.vdma(False, out_addr + r0 * d * 2, d * 2, rg, d * 2, Hh, bf16_words(L, d))
             pb.spm_top = top
 
     def scatter_qkv(self, pb, lp, rows, pos0, src_fp32, heads, bias):
@@ -173,21 +173,21 @@ class LayerCompiler:
         pb.spm_reset()
         fixed = 0
         if bias:
-            B = pb.spm(_fp32_words(L, n3))
-            pb.vdma(True, lp.qkv_b, n3 * 4, 1, n3 * 4, B, _fp32_words(L, n3))
-            fixed = _fp32_words(L, n3)
-        per_row = (_fp32_words(L, n3) if src_fp32 else 0) + _bf16_words(L, n3)
+            B = pb.spm(fp32_words(L, n3))
+            pb.vdma(True, lp.qkv_b, n3 * 4, 1, n3 * 4, B, fp32_words(L, n3))
+            fixed = fp32_words(L, n3)
+        per_row = (fp32_words(L, n3) if src_fp32 else 0) + bf16_words(L, n3)
         for r0, rg in self._groups(rows, per_row, fixed):
             top = pb.spm_top
-            T = pb.spm(rg * _bf16_words(L, n3))
+            T = pb.spm(rg * bf16_words(L, n3))
             if src_fp32:
-                X = pb.spm(rg * _fp32_words(L, n3))
-                pb.vdma(True, b["qkv"] + r0 * n3 * 4, n3 * 4, rg, n3 * 4, X, _fp32_words(L, n3))
+                X = pb.spm(rg * fp32_words(L, n3))
+                pb.vdma(True, b["qkv"] + r0 * n3 * 4, n3 * 4, rg, n3 * 4, X, fp32_words(L, n3))
                 pb.vec(op="ADD", a=X, b=B, d=T, n=n3, rows=rg, a_fmt="FP32", b_fmt="FP32", d_fmt="BF16",
                        b_mode="VEC")
             else:
-                pb.vdma(True, b["qkv"] + r0 * n3 * 2, n3 * 2, rg, n3 * 2, T, _bf16_words(L, n3))
-            pitch = _bf16_words(L, n3)
+                pb.vdma(True, b["qkv"] + r0 * n3 * 2, n3 * 2, rg, n3 * 2, T, bf16_words(L, n3))
+            pitch = bf16_words(L, n3)
             if rg == 1:
                 # One token: the q, K and V rows of the heads of one head group are one VSTORE each (a row
                 # per head: the group's columns are consecutive in T, the heads' caches equally far apart).
@@ -254,7 +254,7 @@ class LayerCompiler:
         L = pb.L
         b = self.plan.buffers
         Lk = pos0 + rows
-        Lp = _up(Lk, 16)
+        Lp = round_up(Lk, 16)
         # Summarization's scores leave the matrix unit in BF16 (rounded once from the FP32 accumulation, as a
         # BF16 framework's Q K^T does): the score round trip through memory, L^2 elements per head, is the
         # largest traffic of prefill attention. One token's scores stay FP32 (a row per head, no gain).
@@ -287,18 +287,18 @@ class LayerCompiler:
             self._softmax_one_token(pb, pos0, Lp, list(heads))
         for h in (heads if rows > 1 else ()):
             for r0, mb, nk in blocks:
-                Lb = _up(nk, 16)
-                for g0, rg in self._groups(mb, _fp32_words(L, Lb) + _bf16_words(L, Lb)):
+                Lb = round_up(nk, 16)
+                for g0, rg in self._groups(mb, fp32_words(L, Lb) + bf16_words(L, Lb)):
                     rr = r0 + g0
                     top = pb.spm_top
-                    X = pb.spm(rg * _fp32_words(L, Lb))
-                    P = pb.spm(rg * _bf16_words(L, Lb))        # the BF16 scores first, then the probabilities
-                    pb.vdma(True, b["s"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, _bf16_words(L, Lb))
+                    X = pb.spm(rg * fp32_words(L, Lb))
+                    P = pb.spm(rg * bf16_words(L, Lb))        # the BF16 scores first, then the probabilities
+                    pb.vdma(True, b["s"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, bf16_words(L, Lb))
                     pb.vec(op="SCALE", a=P, d=X, n=Lb, rows=rg, a_fmt="BF16", d_fmt="FP32",
-                           imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
+                           imm0=f32_imm(1.0 / math.sqrt(hd)), imm1=0x80000000)
                     pb.vec(op="SOFTMAX", a=X, d=P, n=Lb, rows=rg, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL",
                            pos=pos0 + rr)
-                    pb.vdma(False, b["p"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, _bf16_words(L, Lb))
+                    pb.vdma(False, b["p"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, bf16_words(L, Lb))
                     pb.spm_top = top
         pb.fence(Unit.VQ)
         blk = MuBlock()
@@ -319,35 +319,35 @@ class LayerCompiler:
         ``0..pos0``), instead of a load, two instructions and a store per head. The same bits: a row's max and
         sum do not depend on the other rows."""
         L, b, hd = pb.L, self.plan.buffers, self.shape.head_dim
-        for i0, hn in self._groups(len(heads), _fp32_words(L, Lp) + _bf16_words(L, Lp)):
+        for i0, hn in self._groups(len(heads), fp32_words(L, Lp) + bf16_words(L, Lp)):
             h = heads[i0]
             top = pb.spm_top
-            X = pb.spm(hn * _fp32_words(L, Lp))
-            P = pb.spm(hn * _bf16_words(L, Lp))
-            pb.vdma(True, b["s"] + h * Lp * 4, Lp * 4, hn, Lp * 4, X, _fp32_words(L, Lp))
+            X = pb.spm(hn * fp32_words(L, Lp))
+            P = pb.spm(hn * bf16_words(L, Lp))
+            pb.vdma(True, b["s"] + h * Lp * 4, Lp * 4, hn, Lp * 4, X, fp32_words(L, Lp))
             pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=hn, a_fmt="FP32", d_fmt="FP32",
-                   imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
+                   imm0=f32_imm(1.0 / math.sqrt(hd)), imm1=0x80000000)
             pb.vec(op="SOFTMAX", a=X, d=P, n=Lp, rows=hn, a_fmt="FP32", d_fmt="BF16", mask="PREFIX", pos=pos0)
-            pb.vdma(False, b["p"] + h * Lp * 2, Lp * 2, hn, Lp * 2, P, _bf16_words(L, Lp))
+            pb.vdma(False, b["p"] + h * Lp * 2, Lp * 2, hn, Lp * 2, P, bf16_words(L, Lp))
             pb.spm_top = top
 
     def bias_act(self, pb, src, rows, n, bias, gelu, out_addr):
         """out (BF16) = act(src (FP32) + bias) over ``rows`` rows of ``n``."""
         L = pb.L
         pb.spm_reset()
-        B = pb.spm(_fp32_words(L, n))
-        pb.vdma(True, bias, n * 4, 1, n * 4, B, _fp32_words(L, n))
-        for r0, rg in self._groups(rows, _fp32_words(L, n) + _bf16_words(L, n), _fp32_words(L, n)):
+        B = pb.spm(fp32_words(L, n))
+        pb.vdma(True, bias, n * 4, 1, n * 4, B, fp32_words(L, n))
+        for r0, rg in self._groups(rows, fp32_words(L, n) + bf16_words(L, n), fp32_words(L, n)):
             top = pb.spm_top
-            X = pb.spm(rg * _fp32_words(L, n))
-            O = pb.spm(rg * _bf16_words(L, n))
-            pb.vdma(True, src + r0 * n * 4, n * 4, rg, n * 4, X, _fp32_words(L, n))
+            X = pb.spm(rg * fp32_words(L, n))
+            O = pb.spm(rg * bf16_words(L, n))
+            pb.vdma(True, src + r0 * n * 4, n * 4, rg, n * 4, X, fp32_words(L, n))
             if gelu:
                 pb.vec(op="ADD", a=X, b=B, d=X, n=n, rows=rg, a_fmt="FP32", b_fmt="FP32", d_fmt="FP32", b_mode="VEC")
                 pb.vec(op="GELU", a=X, d=O, n=n, rows=rg, a_fmt="FP32", d_fmt="BF16")
             else:
                 pb.vec(op="ADD", a=X, b=B, d=O, n=n, rows=rg, a_fmt="FP32", b_fmt="FP32", d_fmt="BF16", b_mode="VEC")
-            pb.vdma(False, out_addr + r0 * n * 2, n * 2, rg, n * 2, O, _bf16_words(L, n))
+            pb.vdma(False, out_addr + r0 * n * 2, n * 2, rg, n * 2, O, bf16_words(L, n))
             pb.spm_top = top
 
     def residual(self, pb, x_addr, y_addr, rows, bias, out_addr):
@@ -356,19 +356,19 @@ class LayerCompiler:
         pb.spm_reset()
         fixed = 0
         if bias is not None:
-            B = pb.spm(_fp32_words(L, d))
-            pb.vdma(True, bias, d * 4, 1, d * 4, B, _fp32_words(L, d))
-            fixed = _fp32_words(L, d)
-        for r0, rg in self._groups(rows, 2 * _fp32_words(L, d), fixed):
+            B = pb.spm(fp32_words(L, d))
+            pb.vdma(True, bias, d * 4, 1, d * 4, B, fp32_words(L, d))
+            fixed = fp32_words(L, d)
+        for r0, rg in self._groups(rows, 2 * fp32_words(L, d), fixed):
             top = pb.spm_top
-            X = pb.spm(rg * _fp32_words(L, d))
-            Y = pb.spm(rg * _fp32_words(L, d))
-            pb.vdma(True, x_addr + r0 * d * 4, d * 4, rg, d * 4, X, _fp32_words(L, d))
-            pb.vdma(True, y_addr + r0 * d * 4, d * 4, rg, d * 4, Y, _fp32_words(L, d))
+            X = pb.spm(rg * fp32_words(L, d))
+            Y = pb.spm(rg * fp32_words(L, d))
+            pb.vdma(True, x_addr + r0 * d * 4, d * 4, rg, d * 4, X, fp32_words(L, d))
+            pb.vdma(True, y_addr + r0 * d * 4, d * 4, rg, d * 4, Y, fp32_words(L, d))
             if bias is not None:
                 pb.vec(op="ADD", a=Y, b=B, d=Y, n=d, rows=rg, a_fmt="FP32", b_fmt="FP32", d_fmt="FP32", b_mode="VEC")
             pb.vec(op="ADD", a=X, b=Y, d=X, n=d, rows=rg, a_fmt="FP32", b_fmt="FP32", d_fmt="FP32", b_mode="ROW")
-            pb.vdma(False, out_addr + r0 * d * 4, d * 4, rg, d * 4, X, _fp32_words(L, d))
+            pb.vdma(False, out_addr + r0 * d * 4, d * 4, rg, d * 4, X, fp32_words(L, d))
             pb.spm_top = top
 
     # -- FCs --------------------------------------------------------------------------------------

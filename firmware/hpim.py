@@ -35,19 +35,13 @@ from __future__ import annotations
 
 import math
 
+from firmware.program import f32_imm
 from hw.spec import soc_isa as isa
 from hw.spec.soc_isa import SPIM_OVERHEAD, SocOp, Unit
 
 __all__ = ["attention", "spim_cycles"]
 
 COL = 32
-
-
-def _f32(x: float) -> int:
-    import numpy as np
-
-    from hw.spec import fp as G
-    return int(G.f32_bits(np.float32(x)))
 
 
 def _cols(nbytes: int, word_cols: int) -> int:
@@ -154,7 +148,7 @@ def _group(lc, pb, lp, Lk: int, heads: list, rph: int, error) -> None:
         per_word = L if fp32 else 2 * L
         return pitch_cols * COL == -(-n_elems // per_word) * 4 * L
 
-    scale = dict(op="SCALE", a_fmt="FP32", d_fmt="FP32", imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
+    scale = dict(op="SCALE", a_fmt="FP32", d_fmt="FP32", imm0=f32_imm(1.0 / math.sqrt(hd)), imm1=0x80000000)
     softmax = dict(op="SOFTMAX", a_fmt="FP32", d_fmt="BF16", mask="NONE")
     if n > 1 and rows_fit(s_pitch, Lk, True) and rows_fit(p_pitch, Lk, False):
         pb.vec(a=word(S), d=word(S), n=Lk, rows=n, **scale)

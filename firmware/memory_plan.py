@@ -15,7 +15,7 @@ import numpy as np
 
 from firmware.gpt2 import GptShape, LayerWeights
 from firmware.pim import GemvLayout
-from firmware.program import Blocked, CompileError, _up, blocked_tile
+from firmware.program import Blocked, CompileError, blocked_tile, round_up
 from hw.spec import fp as G
 from hw.spec.addrmap import AddressMap
 from hw.spec.config import SystemConfig
@@ -154,8 +154,8 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
 
     def alloc(nbytes):
         nonlocal top
-        a = _up(top, ALIGN)
-        top = a + _up(nbytes, ALIGN)
+        a = round_up(top, ALIGN)
+        top = a + round_up(nbytes, ALIGN)
         if top > limit:
             raise CompileError(f"device memory exhausted: need {top:#x} bytes of {limit:#x} "
                                f"(configuration {cfg.name!r}, {shape.layers} layers, {max_tokens} tokens)")
@@ -181,9 +181,9 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
             x_in=xs[i], x_out=xs[i + 1], k_stride=gk * hd * 2, v_stride=gk * hd * 2))
         if not pim_layout:
             nb = blocked_tile(cfg)
-            plan.layers[-1].lin = {name: alloc(K * _up(N, nb) * 2) for name, K, N in
+            plan.layers[-1].lin = {name: alloc(K * round_up(N, nb) * 2) for name, K, N in
                                    (("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, f), ("fc2", f, d))}
-    Tp = _up(T, 16)
+    Tp = round_up(T, 16)
     b = plan.buffers
     b["h"] = alloc(T * d * 2)
     b["qkv"] = alloc(T * 3 * d * 4)
@@ -196,7 +196,7 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
     b["g"] = alloc(T * f * 2)
     if kv_layout == "token":          # generation's block-diagonal query, zero off the diagonal (compiler.attention)
         b["qd"] = alloc(H * d * 2)
-    plan.prog_base = _up(top, ALIGN)       # programs follow (placed by firmware.runtime.build_job)
+    plan.prog_base = round_up(top, ALIGN)       # programs follow (placed by firmware.runtime.build_job)
     plan.top = top
     return plan
 

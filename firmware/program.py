@@ -31,7 +31,7 @@ from hw.spec.macro import encode as macro_encode
 from hw.spec.soc_isa import SocOp
 
 __all__ = ["CompileError", "TIMING_ONLY", "ProgramBuilder", "MuBlock", "PimWeights", "RowsN", "RowsK", "HeadsN", "HeadsK", "Blocked",
-           "blocked_tile", "gemm"]
+           "blocked_tile", "gemm", "f32_imm", "round_up", "fp32_words", "bf16_words"]
 
 
 class CompileError(ValueError):
@@ -43,11 +43,13 @@ class CompileError(ValueError):
 TIMING_ONLY: set = set()
 
 
-def _f32(x: float) -> int:
+def f32_imm(x: float) -> int:
+    """The FP32 bit pattern of ``x`` (rounded to nearest), as an instruction immediate."""
     return int(G.f32_bits(np.float32(x)))
 
 
-def _up(x: int, a: int) -> int:
+def round_up(x: int, a: int) -> int:
+    """``x`` rounded up to a multiple of ``a``."""
     return -(-x // a) * a
 
 
@@ -305,11 +307,11 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
     npu = cfg.npu
     R, C = npu.array_rows, npu.array_cols
     AW, WW, CW = npu.act_spm_words // 2, npu.wgt_spm_words // 2, npu.acc_spm_words // 2
-    Nt = min(_up(N, C), w.nt(cfg))
+    Nt = min(round_up(N, C), w.nt(cfg))
     nbt = -(-Nt // C)
     kq = math.lcm(16, R)
     chunk = w.chunk() or K
-    kt_max = min(_up(K, kq), _up(chunk, kq), (WW // nbt) // kq * kq)
+    kt_max = min(round_up(K, kq), round_up(chunk, kq), (WW // nbt) // kq * kq)
     if kt_max < kq:
         raise CompileError(f"weight scratchpad ({npu.wgt_spm_words} words) too small for a {Nt}-column tile")
     Mt = min(M, CW // nbt, AW // -(-min(kt_max, K) // R))
@@ -397,7 +399,7 @@ class ProgramBuilder:
         self.spm_top = 0
 
     def spm(self, words: int) -> int:
-        a = _up(self.spm_top, max(1, 8 // self.L))
+        a = round_up(self.spm_top, max(1, 8 // self.L))
         self.spm_top = a + words
         if self.spm_top > self.cfg.npu.vector_spm_words:
             raise CompileError(f"vector scratchpad overflow: {self.spm_top} > {self.cfg.npu.vector_spm_words} words")
@@ -445,10 +447,12 @@ class ProgramBuilder:
         self.words.append(isa.encode(SocOp.PIM, word=sum(v << (32 * i) for i, v in enumerate(w))))
 
 
-def _fp32_words(L, n):
+def fp32_words(L, n):
+    """Scratchpad words of ``L`` lanes that hold ``n`` FP32 values."""
     return -(-n // L)
 
 
-def _bf16_words(L, n):
+def bf16_words(L, n):
+    """Scratchpad words of ``L`` lanes that hold ``n`` BF16 values (two per lane)."""
     return -(-n // (2 * L))
 

@@ -150,8 +150,8 @@ def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: 
     split (or none) chosen by timing the candidates on the calibrated performance model (:func:`perf_timer`)
     instead of by the cost model. Returns ``(runtime, step records, hidden states per request, weights)``."""
     from firmware.batch_runtime import prompt_kv
-    from firmware.compiler import _up
     from firmware.gpt2 import GptShape, random_weights
+    from firmware.program import round_up
     from sim.run import DEFAULT_SHAPE, TINY_SHAPE, soc_config
 
     cfg = soc_config(config)
@@ -164,7 +164,7 @@ def prepare_batch(config: str, policy: str, batch: int, steps: int = 1, layers: 
         lengths = batch_lengths(batch, steps, max_len or (40 if is_tiny(config) else 512), seed)
     ws = random_weights(shape, seed)
     rng = np.random.default_rng(seed + 1)
-    cap = _up(max(lengths) + steps, 16)
+    cap = round_up(max(lengths) + steps, 16)
     rt = BatchRuntime(cfg, shape, ws, policy, batch, cap, io_slots=steps, split="auto" if timer else split,
                       timer=timer)
     xs = {}

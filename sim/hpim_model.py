@@ -72,18 +72,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from firmware.compiler import (
-    LayerCompiler,
-    ProgramBuilder,
-    _bf16_words,
-    _f32,
-    _fp32_words,
-    _up,
-    choose_mapping,
-    plan_memory,
-)
+from firmware.compiler import LayerCompiler, choose_mapping, plan_memory
 from firmware.gpt2 import SHAPES, GptShape
 from firmware.pim import GemvLayout
+from firmware.program import ProgramBuilder, bf16_words, f32_imm, fp32_words, round_up
 from hw.config import SystemConfig, preset
 from hw.npu.sram_pim import SramPimOp, SramPimUnit
 from hw.spec import soc_isa as isa
@@ -371,17 +363,17 @@ class HpimLayer:
 
     def _softmax(self, pos):
         hd = self.shape.head_dim
-        Lp = _up(pos + 1, 16)
+        Lp = round_up(pos + 1, 16)
 
         def build(pb):
             L = pb.L
             pb.spm_reset()
             for _h in range(self.hpg):
                 top = pb.spm_top
-                X = pb.spm(_fp32_words(L, Lp))
-                P = pb.spm(_bf16_words(L, Lp))
+                X = pb.spm(fp32_words(L, Lp))
+                P = pb.spm(bf16_words(L, Lp))
                 pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=1, a_fmt="FP32", d_fmt="FP32",
-                       imm0=_f32(1.0 / math.sqrt(hd)), imm1=0x80000000)
+                       imm0=f32_imm(1.0 / math.sqrt(hd)), imm1=0x80000000)
                 pb.vec(op="SOFTMAX", a=X, d=P, n=Lp, rows=1, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL", pos=pos)
                 pb.spm_top = top
             pb.fence(Unit.VQ)
@@ -394,15 +386,15 @@ class HpimLayer:
         def build(pb):
             L = pb.L
             pb.spm_reset()
-            X = [pb.spm(_fp32_words(L, kg)) for _ in range(U)]
-            O = pb.spm(_bf16_words(L, kg))
+            X = [pb.spm(fp32_words(L, kg)) for _ in range(U)]
+            O = pb.spm(bf16_words(L, kg))
             if U == 1:
-                pb.vec(op="SCALE", a=X[0], d=O, n=kg, rows=1, a_fmt="FP32", d_fmt="BF16", imm0=_f32(1.0), imm1=0)
+                pb.vec(op="SCALE", a=X[0], d=O, n=kg, rows=1, a_fmt="FP32", d_fmt="BF16", imm0=f32_imm(1.0), imm1=0)
             for u in range(1, U):
                 last = u == U - 1
                 pb.vec(op="ADD", a=X[0], b=X[u], d=O if last else X[0], n=kg, rows=1, a_fmt="FP32", b_fmt="FP32",
                        d_fmt="BF16" if last else "FP32", b_mode="ROW")
-            pb.vdma(False, b["o"] + g * kg * 2, kg * 2, 1, kg * 2, O, _bf16_words(L, kg))
+            pb.vdma(False, b["o"] + g * kg * 2, kg * 2, 1, kg * 2, O, bf16_words(L, kg))
             pb.fence(Unit.VQ)
         return self._time(("o_store", g), build)
 

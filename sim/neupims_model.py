@@ -111,17 +111,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from firmware.compiler import (
-    LayerCompiler,
-    ProgramBuilder,
-    _bf16_words,
-    _f32,
-    _fp32_words,
-    _up,
-    kv_layout,
-    plan_memory,
-)
+from firmware.compiler import LayerCompiler, kv_layout, plan_memory
 from firmware.gpt2 import GptShape
+from firmware.program import ProgramBuilder, bf16_words, f32_imm, fp32_words, round_up
 from hw.config import SystemConfig, preset
 from hw.spec.soc_isa import Unit
 from sim.perfmodel import PerfModel, decode_program, micro_for, stage_tags
@@ -210,7 +202,7 @@ def pv_segs(cfg: SystemConfig, hd: int, L: int) -> list[Seg]:
     tiles = -(-hd // p.banks)
     if L <= p.gb_values:
         n = _cols(cfg, L)
-        granule = _cols(cfg, _up(L, V_GRANULE))
+        granule = _cols(cfg, round_up(L, V_GRANULE))
         spr = max(1, p.columns // granule)
         return [Seg(n, i % spr == 0, n if i == 0 else 0) for i in range(tiles)]
     chunks = -(-L // p.gb_values)
@@ -228,7 +220,7 @@ def kv_rows_per_bank(cfg: SystemConfig, hd: int, L: int) -> int:
     k_rows = -(-L // (p.banks * (p.columns // n)))
     tiles = -(-hd // p.banks)
     if L <= p.gb_values:
-        spr = max(1, p.columns // _cols(cfg, _up(L, V_GRANULE)))
+        spr = max(1, p.columns // _cols(cfg, round_up(L, V_GRANULE)))
         v_rows = -(-tiles // spr)
     else:
         v_rows = tiles * -(-L // p.gb_values)
@@ -388,7 +380,7 @@ class NeuPimsModel:
         spreads the rows over the cores' vector units). The marginal cost of one more request in a stream of
         them: ``(T(1 + REPS) - T(1)) / REPS`` of programs of 1 and 1 + REPS requests, so that the program's
         start-up and END are not charged per request."""
-        Lp = _up(L, 16)
+        Lp = round_up(L, 16)
         h = self.heads_dev
 
         def prog(reps):
@@ -397,10 +389,10 @@ class NeuPimsModel:
             pb.spm_reset()
             for _ in range(reps):
                 top = pb.spm_top
-                X = pb.spm(h * _fp32_words(Lw, Lp))
-                P = pb.spm(h * _bf16_words(Lw, Lp))
+                X = pb.spm(h * fp32_words(Lw, Lp))
+                P = pb.spm(h * bf16_words(Lw, Lp))
                 pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=h, a_fmt="FP32", d_fmt="FP32",
-                       imm0=_f32(1.0 / math.sqrt(self.hd)), imm1=0x80000000)
+                       imm0=f32_imm(1.0 / math.sqrt(self.hd)), imm1=0x80000000)
                 pb.vec(op="SOFTMAX", a=X, d=P, n=Lp, rows=h, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL", pos=L - 1)
                 pb.spm_top = top
             pb.fence(Unit.VQ)
