@@ -90,15 +90,21 @@ def _results_table(title: str, columns):
     return table
 
 
-def cmd_demo(args) -> int:
+def _pim_device(args):
+    """``(console, configuration, geometry)`` for a command that runs ``args.config``'s PIM device; ``geometry``
+    names the configuration with its channels and banks, as the commands' headers print it."""
     from hw.config import preset
 
-    con = _console()
     cfg = preset(args.config)
+    return _console(), cfg, f"{args.config}: {cfg.pim.channels} channels x {cfg.pim.banks} banks"
+
+
+def cmd_demo(args) -> int:
+    con, cfg, geometry = _pim_device(args)
     p = cfg.pim
     con.print(f"[bold]IANUS-RTL demo[/]: one generated token's FC GEMVs of a GPT-2-small decoder layer through "
               f"the host driver -> AXI4 -> registers -> PCU -> memory controllers -> PIM device RTL "
-              f"({args.config}: {p.channels} channels x {p.banks} banks, {cfg.clocks.pim_mhz:.0f} MHz), "
+              f"({geometry}, {cfg.clocks.pim_mhz:.0f} MHz), "
               f"simulated with {args.sim}; bit-exact against the functional model, protocol checker on every "
               f"channel.")
     con.print("building and simulating (the first run builds the Verilator model, several minutes; "
@@ -149,15 +155,11 @@ def parse_shapes(text: str, config: str) -> list[tuple[int, int, bool]]:
 
 
 def cmd_gemv_table(args) -> int:
-    from hw.config import preset
-
-    con = _console()
-    cfg = preset(args.config)
+    con, cfg, geometry = _pim_device(args)
     p = cfg.pim
-    con.print(f"[bold]PIM GEMV[/] on the PIM device RTL alone ({args.config}: {p.channels} channels x "
-              f"{p.banks} banks, {p.gb_bytes} B global buffer, {cfg.clocks.pim_mhz:.0f} MHz command clock), "
-              f"commands placed at their earliest legal cycle by the test sequencer, simulated with {args.sim}, "
-              f"protocol checker on every channel.")
+    con.print(f"[bold]PIM GEMV[/] on the PIM device RTL alone ({geometry}, {p.gb_bytes} B global buffer, "
+              f"{cfg.clocks.pim_mhz:.0f} MHz command clock), commands placed at their earliest legal cycle by the "
+              f"test sequencer, simulated with {args.sim}, protocol checker on every channel.")
     t0 = time.perf_counter()
     shapes = parse_shapes(args.shapes, args.config)
     names = {(k, n, act): name for name, k, n, act in GPT2_SMALL_FC}
