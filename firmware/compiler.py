@@ -123,6 +123,21 @@ def head_batch_on(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: s
     return fits and (head_batch == "on" or (head_batch == "auto" and npu.array_rows * npu.macs_per_pe > hd))
 
 
+ATTN_PIPELINE = ("auto", "on", "off")
+"""A prompt's attention on the NPU: ``on``: a software pipeline over the heads (the vector unit's softmax of
+one head beside the matrix unit's ``P V`` of the one before and ``Q K^T`` of the one after, a FENCE per
+stage; :meth:`LayerCompiler._attention_pipelined`); ``off``: every head's ``Q K^T``, then every softmax, then
+every ``P V``, a FENCE after each phase; ``auto``: ``on`` on a multi-core NPU (the paper-scale presets, where
+the softmaxes are as long as the matrix work), ``off`` on the single-core RTL configurations."""
+
+
+def attn_pipeline_on(cfg: SystemConfig, attn_pipeline: str = "auto") -> bool:
+    """Whether a prompt's attention runs as a pipeline over the heads (:data:`ATTN_PIPELINE`)."""
+    if attn_pipeline not in ATTN_PIPELINE:
+        raise CompileError(f"attn_pipeline must be one of {', '.join(ATTN_PIPELINE)}, not {attn_pipeline!r}")
+    return attn_pipeline == "on" or (attn_pipeline == "auto" and cfg.npu.cores > 1)
+
+
 def kv_layout(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: str = "auto") -> str:
     """The K / V cache layout that goes with :func:`head_batch_on`."""
     return "token" if head_batch_on(cfg, shape, policy, head_batch) else "head"
@@ -130,7 +145,7 @@ def kv_layout(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: str =
 
 class LayerCompiler:
     def __init__(self, plan: MemoryPlan, policy: str, mapping: dict, head_groups: str = "auto",
-                 head_batch: str = "auto"):
+                 head_batch: str = "auto", attn_pipeline: str = "auto"):
         if head_groups not in HEAD_GROUPS:
             raise CompileError(f"head_groups must be one of {', '.join(HEAD_GROUPS)}, not {head_groups!r}")
         self.plan = plan
@@ -140,6 +155,7 @@ class LayerCompiler:
         self.mapping = mapping       # (phase, fc) -> "mu" | "pim"
         self.head_groups = head_groups
         self.head_batch = head_batch_on(self.cfg, self.shape, policy, head_batch) and "qd" in plan.buffers
+        self.attn_pipeline = attn_pipeline_on(self.cfg, attn_pipeline)
 
     # -- vector helpers ----------------------------------------------------------------------
     def _groups(self, rows, per_row_words, fixed_words=0):
@@ -251,7 +267,6 @@ class LayerCompiler:
             from firmware import hpim
             return hpim.attention(self, pb, lp, pos0, heads, CompileError)
         cfg, d, hd = self.cfg, self.shape.d_model, self.shape.head_dim
-        L = pb.L
         b = self.plan.buffers
         Lk = pos0 + rows
         Lp = round_up(Lk, 16)
@@ -275,31 +290,30 @@ class LayerCompiler:
             gemm(cfg, blk, b["qd"] + h0 * (d + hd) * 2, d * 2, HeadsN([lp.kc[h] for h in heads], hd, lp.k_stride),
                  b["s"] + h0 * Lp * 4, Lp * 4, nh, nh * hd, Lk, False, pb.est)
         in_qd = rows == 1 and self.head_batch       # a step's q is in qd then: head h at row h, columns h hd ..
-        for h in heads if not batch else ():
+
+        def qk(blk, h):
             for r0, mb, nk in blocks:
                 q = b["qd"] + h * (d + hd) * 2 if in_qd else b["q"] + r0 * d * 2 + h * hd * 2
                 gemm(cfg, blk, q, d * 2, RowsN(lp.kc[h], lp.k_stride),
                      b["s"] + (h * rows + r0) * Lp * sb, Lp * sb, mb, hd, nk, sb == 2, pb.est)
+
+        def pv(blk, h):
+            for r0, mb, nk in blocks:
+                gemm(cfg, blk, b["p"] + (h * rows + r0) * Lp * 2, Lp * 2, RowsK(lp.vc[h], lp.v_stride),
+                     b["o"] + r0 * d * 2 + h * hd * 2, d * 2, mb, nk, hd, True, pb.est)
+
+        if rows > 1 and self.attn_pipeline and nh > 1:
+            self._attention_pipelined(pb, heads, qk, pv, lambda h: self._softmax_rows(pb, h, rows, pos0, blocks, Lp))
+            return
+        for h in heads if not batch else ():
+            qk(blk, h)
         pb.mu(blk)
         pb.fence(Unit.MU)
         pb.spm_reset()
         if rows == 1:
             self._softmax_one_token(pb, pos0, Lp, list(heads))
         for h in (heads if rows > 1 else ()):
-            for r0, mb, nk in blocks:
-                Lb = round_up(nk, 16)
-                for g0, rg in self._groups(mb, fp32_words(L, Lb) + bf16_words(L, Lb)):
-                    rr = r0 + g0
-                    top = pb.spm_top
-                    X = pb.spm(rg * fp32_words(L, Lb))
-                    P = pb.spm(rg * bf16_words(L, Lb))        # the BF16 scores first, then the probabilities
-                    pb.vdma(True, b["s"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, bf16_words(L, Lb))
-                    pb.vec(op="SCALE", a=P, d=X, n=Lb, rows=rg, a_fmt="BF16", d_fmt="FP32",
-                           imm0=f32_imm(1.0 / math.sqrt(hd)), imm1=0x80000000)
-                    pb.vec(op="SOFTMAX", a=X, d=P, n=Lb, rows=rg, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL",
-                           pos=pos0 + rr)
-                    pb.vdma(False, b["p"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, bf16_words(L, Lb))
-                    pb.spm_top = top
+            self._softmax_rows(pb, h, rows, pos0, blocks, Lp)
         pb.fence(Unit.VQ)
         blk = MuBlock()
         if batch:       # one GEMM: every head's probabilities x the heads' V caches, the diagonal blocks stored
@@ -307,11 +321,52 @@ class LayerCompiler:
                                                                  cfg.npu.array_cols),
                  b["o"] + h0 * hd * 2, d * 2, nh, Lk, nh * hd, True, pb.est, diag=hd)
         for h in heads if not batch else ():
-            for r0, mb, nk in blocks:
-                gemm(cfg, blk, b["p"] + (h * rows + r0) * Lp * 2, Lp * 2, RowsK(lp.vc[h], lp.v_stride),
-                     b["o"] + r0 * d * 2 + h * hd * 2, d * 2, mb, nk, hd, True, pb.est)
+            pv(blk, h)
         pb.mu(blk)
         pb.fence(Unit.MU)
+
+    @staticmethod
+    def _attention_pipelined(pb, heads, qk, pv, softmax):
+        """A prompt's attention as a software pipeline over the heads (:data:`ATTN_PIPELINE`): in stage ``k``
+        the vector queue runs head ``k - 1``'s softmax while the matrix unit runs head ``k - 2``'s ``P V`` and
+        head ``k``'s ``Q K^T``; a FENCE on both ends the stage. The vector instructions go first (a head's few
+        fit in the vector queue, so the command processor reaches the matrix instructions at once). The same
+        work as the phased schedule in another order (the matrix unit's blocks, and so its semaphores, are
+        per stage): the same bits."""
+        n = len(heads)
+        for k in range(n + 2):
+            units = Unit(0)
+            if 1 <= k <= n:
+                if k == 1:
+                    pb.spm_reset()
+                softmax(heads[k - 1])
+                units |= Unit.VQ
+            blk = MuBlock()
+            if k >= 2:
+                pv(blk, heads[k - 2])
+            if k < n:
+                qk(blk, heads[k])
+            pb.mu(blk)
+            pb.fence(units | Unit.MU)
+
+    def _softmax_rows(self, pb, h, rows, pos0, blocks, Lp):
+        """Scale + causal softmax of head ``h``'s score rows of a prompt (BF16 scores in, BF16 probabilities
+        out), in row groups that fit the vector scratchpad."""
+        L, b, hd = pb.L, self.plan.buffers, self.shape.head_dim
+        for r0, mb, nk in blocks:
+            Lb = round_up(nk, 16)
+            for g0, rg in self._groups(mb, fp32_words(L, Lb) + bf16_words(L, Lb)):
+                rr = r0 + g0
+                top = pb.spm_top
+                X = pb.spm(rg * fp32_words(L, Lb))
+                P = pb.spm(rg * bf16_words(L, Lb))        # the BF16 scores first, then the probabilities
+                pb.vdma(True, b["s"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, bf16_words(L, Lb))
+                pb.vec(op="SCALE", a=P, d=X, n=Lb, rows=rg, a_fmt="BF16", d_fmt="FP32",
+                       imm0=f32_imm(1.0 / math.sqrt(hd)), imm1=0x80000000)
+                pb.vec(op="SOFTMAX", a=X, d=P, n=Lb, rows=rg, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL",
+                       pos=pos0 + rr)
+                pb.vdma(False, b["p"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, bf16_words(L, Lb))
+                pb.spm_top = top
 
     def _softmax_one_token(self, pb, pos0, Lp, heads):
         """Scale + softmax of one token's scores for ``heads`` (consecutive: their score rows are ``Lp``
@@ -580,7 +635,8 @@ def choose_mapping(cfg, shape, policy, prefill) -> dict:
 
 
 def compile_model(cfg: SystemConfig, shape: GptShape, policy: str, prefill: int, total: int,
-                  groups: int = 4, head_groups: str = "auto", head_batch: str = "auto") -> CompiledModel:
+                  groups: int = 4, head_groups: str = "auto", head_batch: str = "auto",
+                  attn_pipeline: str = "auto") -> CompiledModel:
     if policy not in POLICIES:
         raise CompileError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     if not 1 <= prefill <= total:
@@ -588,7 +644,7 @@ def compile_model(cfg: SystemConfig, shape: GptShape, policy: str, prefill: int,
     plan = plan_memory(cfg, shape, total, groups=groups, pim_layout=(policy != "npu-mem"),
                        kv_layout=kv_layout(cfg, shape, policy, head_batch))
     mapping = choose_mapping(cfg, shape, policy, prefill)
-    lc = LayerCompiler(plan, policy, mapping, head_groups, head_batch)
+    lc = LayerCompiler(plan, policy, mapping, head_groups, head_batch, attn_pipeline)
     stages = []
     for i in range(shape.layers):
         for name in STAGES:

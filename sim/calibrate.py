@@ -59,12 +59,14 @@ def job_key(config, policy, layers, prefill, generate) -> str:
     return f"{config}/{policy}/{layers}L/{prefill}+{generate}"
 
 
-def run_rtl_job(config, policy, layers, prefill, generate, test_name=None, head_batch="auto") -> list[dict]:
+def run_rtl_job(config, policy, layers, prefill, generate, test_name=None, head_batch="auto",
+                attn_pipeline="auto") -> list[dict]:
     """Run one job on the RTL (Verilator); returns per program ``{"name", "cycles", "counters"}``."""
     from sim.run import prepare
     from sim.tb.soc_run import run_rtl
 
-    cm, job, x, ws = prepare(config, policy, layers, prefill, generate, head_batch=head_batch)
+    cm, job, x, ws = prepare(config, policy, layers, prefill, generate, head_batch=head_batch,
+                             attn_pipeline=attn_pipeline)
     _, res = run_rtl(job, test_name=test_name or f"pmcal_{config}_{policy}_{layers}")
     return [{"name": r["name"], "cycles": r["cycles"], "t_start": r.get("t_start"), "counters": r.get("counters", {})}
             for r in res]
@@ -77,14 +79,15 @@ memory traffic or between two, so the model reports the mean over this uncertain
 
 
 def compare(config, policy, layers, prefill, generate, rtl_programs, anchored=True, calib=None,
-            jitter=JITTER, head_batch="auto") -> list[dict]:
+            jitter=JITTER, head_batch="auto", attn_pipeline="auto") -> list[dict]:
     """Model vs RTL for every program of the job; rows with ``rtl``, ``model``, ``err``."""
     import dataclasses
 
     from sim.perfmodel import Calib, PerfModel, decode_program
     from sim.run import prepare
 
-    cm, job, x, ws = prepare(config, policy, layers, prefill, generate, head_batch=head_batch)
+    cm, job, x, ws = prepare(config, policy, layers, prefill, generate, head_batch=head_batch,
+                             attn_pipeline=attn_pipeline)
     if len(job.programs) != len(rtl_programs):
         raise ValueError(f"{job_key(config, policy, layers, prefill, generate)}: {len(job.programs)} programs "
                          f"compiled, {len(rtl_programs)} in the RTL results")

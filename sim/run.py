@@ -129,7 +129,7 @@ def load_input(path, d_model: int | None = None, allow_nonfinite: bool = False) 
 
 
 def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weights=None, input_file=None,
-            heads=None, seed=0, allow_nonfinite=False, head_groups="auto", head_batch="auto"):
+            heads=None, seed=0, allow_nonfinite=False, head_groups="auto", head_batch="auto", attn_pipeline="auto"):
     """Compile and lay out a job. With ``input_file`` the first ``prefill`` of its tokens are prefilled
     and the next ``generate`` generated (all the rest when ``generate`` is None)."""
     cfg = soc_config(config)
@@ -158,7 +158,8 @@ def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weig
         ws = random_weights(shape, seed)
     if x is None:
         x = np.random.default_rng(seed + 1).standard_normal((total, shape.d_model)).astype(np.float32)
-    cm = compile_model(cfg, shape, policy, prefill, total, head_groups=head_groups, head_batch=head_batch)
+    cm = compile_model(cfg, shape, policy, prefill, total, head_groups=head_groups, head_batch=head_batch,
+                       attn_pipeline=attn_pipeline)
     job = build_job(cm, ws, x)
     return cm, job, x, ws
 
@@ -347,7 +348,8 @@ def prepare_baseline(args, console):
 
     cm2, job2, _, _ = prepare(args.config, "npu-mem", args.layers, args.prefill, args.generate, args.weights,
                               args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False),
-                              head_batch=getattr(args, "head_batch", "auto"))
+                              head_batch=getattr(args, "head_batch", "auto"),
+                              attn_pipeline=getattr(args, "attn_pipeline", "auto"))
     mode = "full" if args.backend == "model" else args.baseline
     rows, steps, title = None, None, None
     if mode == "gen":
@@ -431,7 +433,8 @@ def main_run(args) -> int:
         os.environ["SOC_PIM_IMPL"] = "behav"        # read by sim.tb.soc_run.soc_sim_build (a separate build)
     cm, job, x, ws = prepare(args.config, args.policy, args.layers, args.prefill, args.generate, args.weights,
                              args.input, args.heads, args.seed, getattr(args, "allow_nonfinite", False),
-                             head_batch=getattr(args, "head_batch", "auto"))
+                             head_batch=getattr(args, "head_batch", "auto"),
+                             attn_pipeline=getattr(args, "attn_pipeline", "auto"))
     console.print(f"compiled {len(cm.stages)} stage programs, "
                   f"{sum(len(s.words) for s in cm.stages):,} instructions; mapping: "
                   + ", ".join(f"{ph}/{fc}={w}" for (ph, fc), w in cm.mapping.items()))
@@ -573,6 +576,10 @@ def add_parser(sub):
     r.add_argument("--head-batch", default="auto", choices=["auto", "on", "off"],
                    help="generation attention as one GEMM per product for all heads (on) or one per head (off); "
                         "auto: on where a head underfills the array's K tile (firmware.compiler.HEAD_BATCH)")
+    r.add_argument("--attn-pipeline", default="auto", choices=["auto", "on", "off"],
+                   help="a prompt's attention as a pipeline over the heads (softmax of one head beside the matrix "
+                        "unit's work on its neighbours) or in three phases (off); auto: on on a multi-core NPU "
+                        "(firmware.compiler.ATTN_PIPELINE)")
     return r
 
 

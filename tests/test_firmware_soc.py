@@ -322,3 +322,31 @@ def test_head_batch_heads_narrower_than_an_accumulator_word():
     np.testing.assert_array_equal(outs["on"].view(np.uint32), outs["off"].view(np.uint32))
     with pytest.raises(CompileError, match=r"head group.s width \(1 x head_dim 16\) a multiple of the array.s 32"):
         compile_model(cfg, GptShape(48, 3, 1), "ianus", 5, 8, head_batch="on")
+
+
+def test_attention_pipeline_choice_and_order():
+    """``attn_pipeline``: ``auto`` is on for the multi-core presets only (the single-core configurations keep
+    the phased schedule, their programs unchanged); a bad value is a CompileError; ``on`` puts every head's
+    softmax between a FENCE before it (its Q K^T done) and one after it (before its P V), with the same
+    vector instructions as ``off`` in another order."""
+    from firmware.compiler import attn_pipeline_on
+
+    assert attn_pipeline_on(preset("ianus")) and not attn_pipeline_on(preset("default"))
+    assert not attn_pipeline_on(preset("tiny")) and attn_pipeline_on(preset("tiny"), "on")
+    with pytest.raises(CompileError, match="attn_pipeline must be one of auto, on, off"):
+        attn_pipeline_on(preset("tiny"), "bogus")
+    cfg = soc_config("default")
+    shape = GptShape(768, 12, 1)
+    stages = {}
+    for ap in ("off", "on"):
+        cm = compile_model(cfg, shape, "ianus", 32, 34, attn_pipeline=ap)
+        stages[ap] = next(st for st in cm.stages if st.phase == "prefill" and st.name == "qkv_attn")
+    on, off = (stages[k].words for k in ("on", "off"))
+    vq = [sorted(w for w in ws if isa.decode(w)["op"] in (SocOp.VECTOR, SocOp.VLOAD, SocOp.VSTORE)) for ws in (on, off)]
+    assert vq[0] == vq[1] and len(vq[0]) >= 4 * 12
+    ops = [isa.decode(w)["op"] for w in on]
+    fences = [i for i, op in enumerate(ops) if op == SocOp.FENCE]
+    softmax_heads = [i for i, op in enumerate(ops) if op == SocOp.VLOAD]
+    # 12 heads: QKV GEMM (+ scatter) fences, then 14 pipeline stages of one FENCE each
+    assert len(fences) - sum(1 for w in off if isa.decode(w)["op"] == SocOp.FENCE) == 12 + 2 - 3
+    assert all(any(f < v for f in fences) for v in softmax_heads)

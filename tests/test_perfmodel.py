@@ -101,3 +101,19 @@ def test_projection_small():
         two = p.summary(4, devices=2)
         assert two["comm_ms"] > 0
     assert res["ianus"]["gen_ms_per_token"] < res["npu-mem"]["gen_ms_per_token"]
+
+
+def test_vector_cycles_split_over_cores():
+    """A multi-core vector instruction takes the faster split: the rows over the units for a prompt's
+    128 x 128 scores (a 2-beat row over 4 units would leave two idle), every row's beats for one token's
+    scores; one unit is the RTL's formula unchanged."""
+    from hw.spec.vector_isa import vector_cycles
+
+    one = vector_cycles("SOFTMAX", 128, 32, 64)
+    assert vector_cycles("SOFTMAX", 128, 128, 64, cores=4) == one            # 32 rows per unit
+    assert vector_cycles("SOFTMAX", 128, 128, 64, cores=4) < vector_cycles("SOFTMAX", 128, 128, 64, cores=1) / 3
+    assert vector_cycles("SOFTMAX", 1024, 1, 64, cores=4) == vector_cycles("SOFTMAX", 256, 1, 64)
+    for op in ("SOFTMAX", "LN_STATS", "LN_APPLY", "ADD"):
+        for rows in (1, 5, 128):
+            c4 = vector_cycles(op, 1600, rows, 64, cores=4)
+            assert c4 <= vector_cycles(op, 1600, -(-rows // 4), 64) and c4 <= vector_cycles(op, 1600, rows, 64)

@@ -141,7 +141,11 @@ ROW_GROUP = 16
 def vector_cycles(op: str, n: int, rows: int, lanes: int, row_group: int = ROW_GROUP, cores: int = 1) -> int:
     """Cycles from acceptance to ``done`` of vector instruction ``op`` over ``rows`` rows of ``n`` elements.
 
-    ``nb = ceil(n / lanes)`` beats per row pass (``cores`` units splitting every row: ``ceil(nb / cores)``),
+    ``nb = ceil(n / lanes)`` beats per row pass. With ``cores`` units (the projection's multi-core NPU, one
+    instruction's work split over them) the faster of two splits: every row's beats over the units
+    (``ceil(nb / cores)`` each: one generated token's scores) or the rows (``ceil(rows / cores)`` rows each:
+    a prompt's score rows, whose reductions are per row; splitting a 2-beat row over four units leaves two
+    idle and pays every row group's reduction waits in full on each).
     ``E`` = :data:`EXIT_LATENCY`, ``R = 2 log2 lanes`` (reduction tree), ``C = E + R + 6`` once per
     instruction (check, fill, drain). Element-wise ops, MAX and SUM stream rows back to back:
     ``rows nb + C``; LN_APPLY reads a row's statistics first: ``rows (nb + 2) + C``. The multi-pass ops
@@ -153,6 +157,13 @@ def vector_cycles(op: str, n: int, rows: int, lanes: int, row_group: int = ROW_G
     """
     if lanes < 2 or lanes & (lanes - 1):
         raise ValueError(f"lanes must be a power of two of at least 2, not {lanes!r}")
+    if cores > 1 and rows > 1:
+        return min(_cycles(op, n, rows, lanes, row_group, cores),
+                   _cycles(op, n, -(-rows // cores), lanes, row_group, 1))
+    return _cycles(op, n, rows, lanes, row_group, cores)
+
+
+def _cycles(op: str, n: int, rows: int, lanes: int, row_group: int, cores: int) -> int:
     E, R = EXIT_LATENCY, 2 * (lanes.bit_length() - 1)
     C = E + R + 6
     beats = -(-n // lanes)
