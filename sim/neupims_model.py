@@ -561,24 +561,38 @@ def choose_devices(shape: GptShape, lengths, cfg: SystemConfig | None = None) ->
     divs = [D for D in range(1, shape.heads + 1) if shape.heads % D == 0]
     for D in divs:
         try:
-            NeuPimsModel(shape, D).check_capacity(lengths, cfg)
+            NeuPimsModel(shape, D, cfg_single=cfg or preset("ianus")).check_capacity(lengths, cfg)
             return D
         except NeuPimsCapacityError:
             continue
     return divs[-1]
 
 
+def system_configs(config: str = "neupims") -> tuple[SystemConfig, SystemConfig]:
+    """``(one row buffer, two row buffers)`` configurations of a dual-row-buffer preset: ``neupims`` (the
+    ``ianus`` system with two row buffers; its single-buffer twin is ``ianus``) or ``neupims-hw`` (NeuPIMs'
+    evaluated NPU and channel count, :mod:`hw.spec.presets`)."""
+    dual = preset(config)
+    if dual.pim.row_buffers != 2:
+        raise ValueError(f"configuration {config!r} has {dual.pim.row_buffers} row buffer(s); NeuPIMs needs 2")
+    single = preset("ianus") if config == "neupims" else dual.replace(name=f"{dual.name}-rb1",
+                                                                        **{"pim.row_buffers": 1})
+    return single, dual
+
+
 def throughput_rows(models=("7b", "13b", "30b"), batches=BATCHES, devices: int | None = None, seed: int = 0,
-                    progress=None) -> list[dict]:
-    """Per model, batch and policy: tokens/s (devices' step without the link, and with it), and the ratios."""
+                    progress=None, config: str = "neupims") -> list[dict]:
+    """Per model, batch and policy: tokens/s (devices' step without the link, and with it), and the ratios.
+    ``config``: the dual-row-buffer system (:func:`system_configs`)."""
+    single, dual = system_configs(config)
     rows = []
     for m in models:
         shape = MODELS[m]
-        D = devices or choose_devices(shape, request_lengths(max(batches), seed))
-        nm = NeuPimsModel(shape, D)
+        D = devices or choose_devices(shape, request_lengths(max(batches), seed), single)
+        nm = NeuPimsModel(shape, D, cfg_single=single, cfg_dual=dual)
         for B in batches:
             lengths = request_lengths(B, seed)
-            row = {"model": m, "batch": B, "devices": D, "mean_len": float(np.mean(lengths))}
+            row = {"model": m, "batch": B, "devices": D, "mean_len": float(np.mean(lengths)), "config": config}
             try:
                 for pol in POLICIES:
                     r = nm.throughput(pol, lengths)
@@ -662,11 +676,11 @@ def main_neupims(args) -> int:
                 raise UsageError(f"--devices {devices} must divide the {MODELS[m].heads} heads of {m}")
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     t0 = time.perf_counter()
-    rows = throughput_rows(models, batches, devices, seed=args.seed,
+    rows = throughput_rows(models, batches, devices, seed=args.seed, config=args.neupims_config,
                            progress=lambda m, b, p: console.print(f"[dim]{m} batch {b} {p}: "
                                                                   f"{time.perf_counter() - t0:.0f} s[/dim]"))
-    tab = Table(title="NeuPIMs batched generation (one step at ShareGPT-like KV lengths, seed "
-                      f"{args.seed}): tokens/s without | with the PCIe link")
+    tab = Table(title=f"NeuPIMs batched generation on {args.neupims_config} (one step at ShareGPT-like KV lengths, "
+                      f"seed {args.seed}): tokens/s without | with the PCIe link")
     for c in ("model", "batch", "devices", "mean KV", "npu-only", "naive", "neupims", "partition",
               "neupims / npu-only", "neupims / naive"):
         tab.add_column(c, justify="right")

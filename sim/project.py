@@ -433,6 +433,9 @@ def add_parser(sub):
                         "(sim/neupims_model.py; --models of 7b,13b,30b, --batches, --devices one count or auto)")
     p.add_argument("--batches", default="64,128,256,512", help="--system neupims: batch sizes")
     p.add_argument("--seed", type=int, default=0, help="--system neupims: seed of the request lengths")
+    p.add_argument("--neupims-config", choices=("neupims", "neupims-hw"), default="neupims",
+                   help="--system neupims: the system (neupims: the ianus system with two row buffers; neupims-hw: "
+                        "NeuPIMs' evaluated NPU, 8 arrays of 128x128 at 1 GHz, and 32 channels of 32 banks)")
     p.add_argument("--bounds", action="store_true",
                    help="per operation: the physical lower bound (sim.bounds) and achieved / bound, also for the "
                         "RTL's default layer; writes bounds.csv, bounds_default.csv, bounds_default_stages.csv")

@@ -161,3 +161,19 @@ def test_configs_checked():
         NeuPimsModel(SMALL, 1, cfg_dual=preset("ianus"))
     with pytest.raises(ValueError, match="divide"):
         NeuPimsModel(SMALL, 3)
+
+
+def test_neupims_hw_system_configs():
+    """``neupims-hw`` (NeuPIMs' evaluated NPU and channel count) pairs with a one-row-buffer twin of the same
+    system; ``neupims`` with ``ianus``; a single-buffer preset is refused."""
+    from hw.spec.presets import preset
+    from sim.neupims_model import system_configs
+
+    single, dual = system_configs("neupims-hw")
+    assert (single.pim.row_buffers, dual.pim.row_buffers) == (1, 2)
+    assert dual.npu.array_rows == dual.npu.array_cols == 128 and dual.npu.cores == 8
+    assert (dual.pim.channels, dual.pim.banks, dual.clocks.npu_mhz) == (32, 32, 1000.0)
+    assert single.replace(name="x", **{"pim.row_buffers": 2}) == dual.replace(name="x")
+    assert system_configs("neupims") == (preset("ianus"), preset("neupims"))
+    with pytest.raises(ValueError, match="1 row buffer"):
+        system_configs("ianus")

@@ -134,8 +134,19 @@ def _neupims() -> SystemConfig:
     return _ianus().replace(name="neupims", **{"pim.row_buffers": 2})
 
 
+def _neupims_hw() -> SystemConfig:
+    # The system NeuPIMs' artifact evaluates (casys-kaist/NeuPIMs): 8 systolic arrays of 128 x 128 at 1 GHz,
+    # 32 memory channels of 32 banks with 16 multipliers per bank, dual row buffers. The memory keeps this
+    # project's GDDR6-AiM timings and 32-byte columns (HBM's timings are not modelled): what changes is the
+    # NPU's compute against the memory's bandwidth (projection only; issue 18).
+    return _neupims().replace(name="neupims-hw", **{
+        "npu.array_rows": 128, "npu.array_cols": 128, "npu.macs_per_pe": 1, "npu.cores": 8,
+        "clocks.npu_mhz": 1000.0, "pim.channels": 32, "pim.banks": 32})
+
+
 PRESETS = {"tiny": _tiny, "default": _default, "ianus": _ianus,
            "tiny-dualrb": _dual(_tiny), "default-dualrb": _dual(_default), "neupims": _neupims,
+           "neupims-hw": _neupims_hw,
            # channel-interleaved RTL variants: tiny with two-column runs (64 B, both column fields in use),
            # default with one-row runs (2 KB, the ianus preset's map)
            "tiny-il": _interleaved(_tiny, 64), "default-il": _interleaved(_default, 2048),
