@@ -52,9 +52,11 @@ Scaling to the paper's system (``ianus`` preset, projection only): the NPU clock
 the memory clock (times are kept in memory-clock cycles; NPU-side durations are scaled by
 ``pim_mhz / npu_mhz``); :class:`Micro` holds the microarchitecture parameters (DMA request rate and
 requests in flight, core count). With ``cores > 1`` every matrix-unit and vector instruction's work
-is split evenly over the cores (FCs column-wise, heads across cores), their DMA engines issue in
-parallel into the shared channels, and the PCU and the PIM channels are shared; a FENCE costs
-``sync_cycles`` more (the cores synchronise).
+is split evenly over the cores (FCs column-wise, heads across cores; a vector instruction's rows or
+each row's beats, whichever is faster: :func:`hw.spec.vector_isa.vector_cycles`), their DMA engines
+issue in parallel into the shared channels (``dma_issue`` requests per NPU cycle each, reads and
+writes; every core's store engine has its own write FIFO), and the PCU and the PIM channels are
+shared; a FENCE costs ``sync_cycles`` more (the cores synchronise).
 """
 
 from __future__ import annotations

@@ -213,7 +213,11 @@ class MatrixUnitModel:
         E = 16 if bf16 else 8
         piece = min(C, E)
         self.events["spm_rd_bytes"] += rows * cols * 4
-        per = kf / mi.cores
+        # The RTL's engine (one core, one request per cycle) emits a column per cycle through a 4-entry write
+        # FIFO. Scaled like the read side (:func:`sim.perfmodel.params.micro_for`): every core's engine, with
+        # its own FIFO, writes ``dma_issue`` columns per NPU cycle (an accumulator word of the paper-scale
+        # array is eight columns), so that the cores together can fill the channels' write bandwidth too.
+        per = kf / (mi.cores * mi.dma_issue)
         rgap = 1 if mi.dma_issue * mi.cores == 1 else kf / (mi.dma_issue * mi.cores)
         g = t
         last_req = -INF
@@ -228,7 +232,7 @@ class MatrixUnitModel:
             ra = base + r * stride
             for c in range(ncol):
                 n_el = min(E, cols - c * E)
-                if len(issued) >= 4:            # FIFO full: the generator waits for a request to leave
+                if len(issued) >= 4 * mi.cores:    # FIFO full: the generator waits for a request to leave
                     g = max(g, issued.popleft())
                 g += (-(-n_el // piece) if C <= E else n_el / C) * per
                 a = max(g + kf, last_req + per)
