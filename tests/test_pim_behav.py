@@ -23,20 +23,24 @@ from sim.build import CocotbFailure, build
 TB = "sim.tb.pim_lockstep_tb"
 
 
-def _cfg(config, timing=None):
+def _cfg(config, timing=None, pim=None):
     cfg = preset(config)
+    if pim:
+        cfg = cfg.replace(**{f"pim.{k}": v for k, v in pim.items()})
     return cfg.replace(**{f"timing.{k}": v for k, v in timing.items()}) if timing else cfg
 
 
-def lockstep_build(config, timing=None, behav_timing=None, mutation=0):
-    """The RTL channel of ``config`` beside a behavioural channel (of ``config`` with ``behav_timing`` and
-    ``mutation``, to show the comparison catches a wrong model)."""
+def lockstep_build(config, timing=None, behav_timing=None, mutation=0, pim=None):
+    """The RTL channel of ``config`` (with ``pim`` geometry overrides) beside a behavioural channel (of
+    ``config`` with ``behav_timing`` and ``mutation``, to show the comparison catches a wrong model)."""
     from sim.tb.pim_lockstep_tb import PimLockstep
 
-    cfg = _cfg(config, timing)
+    cfg = _cfg(config, timing, pim)
     cfg_b = cfg.replace(**{f"timing.{k}": v for k, v in behav_timing.items()}) if behav_timing else cfg
     rtl = pim_module_names(cfg)["channel"]
-    tag = "" if cfg_b == cfg and not mutation else "_mutant"
+    tag = "" if cfg_b == cfg and not mutation else f"_mutant{mutation or ''}"
+    if pim:
+        tag += "_" + rtl[-8:]
     behav = rtl.replace("pim_channel_", "pim_channel_behav_") + tag
     sources = (*device_sources(cfg), *behav_channel_sources(cfg_b, module=behav, mutation=mutation))
     return build(lambda: PimLockstep(cfg, rtl, behav), name=f"pim_lockstep_{config}{tag}",
@@ -47,6 +51,8 @@ def run_lockstep(config, n_cycles, seed, timing=None, **kw):
     env = {"IANUS_CONFIG": config, "N_CYCLES": n_cycles, "SEED": seed}
     if timing:
         env["IANUS_TIMING"] = ",".join(f"{k}={v}" for k, v in timing.items())
+    if kw.get("pim"):
+        env["IANUS_PIM"] = ",".join(f"{k}={v}" for k, v in kw["pim"].items())
     env.update(kw.pop("env", {}))
     return lockstep_build(config, timing, **kw).run(TB, "lockstep", env=env)
 
@@ -66,6 +72,29 @@ def test_lockstep_wide_tccd_trrd():
 def test_lockstep_default(config):
     """Paper timings (tRL 20, tRCD 36, tREFI 1900), 16 banks, 4096 rows: a build of the RTL channel each."""
     run_lockstep(config, 30000, 5)
+
+
+@pytest.mark.parametrize("config,seed", [("tiny-w4a8", 7), ("tiny-w4", 8)])
+def test_lockstep_random_commands_4bit(config, seed):
+    """4-bit weights (issue 19): FP4 with grid choice x FP8 and INT4 x BF16, two accumulator slots; the stream
+    also draws LDSCAB / LDSLAB and MACs, WRBIAS and RDMAC with random scale and accumulator slots."""
+    run_lockstep(config, 20000, seed)
+
+
+@pytest.mark.parametrize("config,changes,seed", [
+    ("tiny-w4a8", {"weight_format": "int4", "grid_choice": False, "acc_slots": 1, "scale_format": "bf16"}, 9),
+])
+def test_lockstep_random_commands_4bit_variants(config, changes, seed):
+    """The other weight / scale formats and one accumulator slot: INT4 x FP8 with BF16 scales (LDSLAB illegal)."""
+    run_lockstep(config, 12000, seed, pim=changes)
+
+
+@pytest.mark.parametrize("mutation", [2, 3])
+def test_lockstep_catches_a_wrong_4bit_model(mutation):
+    """A 4-bit model with the scale applied to every product before an FP32 sum (2) or with the nibbles of each
+    byte taken in the wrong order (3) must be caught."""
+    with pytest.raises(CocotbFailure, match="rtl .* behav"):
+        run_lockstep("tiny-w4a8", 20000, 10, env={"MIN_EXECUTED": 0}, mutation=mutation)
 
 
 @pytest.mark.parametrize("what", ["timing", "adder_order"])

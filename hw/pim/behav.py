@@ -44,8 +44,22 @@ PARAM_NAMES = (
     "pair_bits", "row_buffers", "mac_depth", "af_edge",
     "tRCDRD", "tRCDWR", "tRP", "tRAS", "tCCD", "tRRD", "tFAW", "tWR", "tRTP", "tRFC",
     "tREFI", "tRL", "tMAC", "tAF", "refresh_postpone", "mutation",
+    # 4-bit weights (issue 19), appended: formats as codes (WEIGHT_CODES ...), columns per quantization group,
+    # the unit's accumulator slots, global-buffer columns per MAC and MAC-wide slots
+    "weight_format", "act_format", "group_columns", "scale_format", "grid_choice", "acc_slots", "act_ratio",
+    "gb_slots",
 )
 MAGIC = 0x50494D42
+
+#: Codes of the formats in the parameter vector (``WeightFormat`` ... in ``pim_behav.cpp``).
+WEIGHT_CODES = {"bf16": 0, "int4": 1, "fp4": 2}
+ACT_CODES = {"bf16": 0, "fp8_e4m3": 1}
+SCALE_CODES = {"fp16": 0, "bf16": 1}
+
+#: ``mutation`` test hooks (each must be caught by the lockstep harness): 1 the BF16 unit's lanes added left
+#: to right; 2 the 4-bit unit's scale applied to every product (rounded) before an FP32 sum; 3 the 4-bit
+#: unit's nibbles taken in the wrong order within each byte.
+MUTATIONS = {0: "none", 1: "bf16_lane_order", 2: "w4_scale_per_product", 3: "w4_nibble_order"}
 
 # The AF pipeline of hw/pim/bank.py: af_out is written at the third edge after the AF command
 # (x and the segment registered; product and intercept registered; aligned sum registered; rounded
@@ -67,15 +81,17 @@ def check_pim_impl(pim_impl, sim: str | None = None) -> str:
 
 def behav_params(cfg: SystemConfig, mutation: int = 0) -> list[int]:
     """The model's parameter vector for ``cfg`` (:data:`PARAM_NAMES` order). ``mutation`` is a test hook
-    (1: the lanes summed left to right instead of by the adder tree), 0 otherwise."""
-    from .bank import mac_depth
+    (:data:`MUTATIONS`), 0 otherwise."""
+    from .bank import mac_depth, pu_mac_depth
 
     if not isinstance(cfg, SystemConfig):
         raise TypeError(f"Configuration must be a SystemConfig, not {cfg!r}")
     p, t = cfg.pim, cfg.timing
-    if p.lowprec:
-        raise ValueError(f"The behavioural PIM channel models the BF16 processing unit only, not "
-                         f"weight_format={p.weight_format!r} ({cfg.name}): use pim_impl='rtl'")
+    if mutation not in MUTATIONS:
+        raise ValueError(f"mutation must be one of {sorted(MUTATIONS)}, not {mutation!r}")
+    if p.lowprec and (p.gb_slots & (p.gb_slots - 1) or p.gb_columns & (p.gb_columns - 1)):
+        raise ValueError(f"The behavioural PIM channel needs a power-of-two number of global-buffer columns and "
+                         f"slots, not {p.gb_columns} / {p.gb_slots} ({cfg.name}): use pim_impl='rtl'")
     if p.acc_stages > 1:
         raise ValueError(f"The behavioural PIM channel models one accumulator per bank, not acc_stages="
                          f"{p.acc_stages} interleaved partial sums ({cfg.name}): use pim_impl='rtl'")
@@ -85,11 +101,16 @@ def behav_params(cfg: SystemConfig, mutation: int = 0) -> list[int]:
         "column_addr_bits": p.column_addr_bits, "gb_columns": p.gb_columns, "acc_groups": p.acc_groups,
         "banks_per_word": p.banks_per_word, "data_rows": p.data_rows, "af_rows": p.af_rows,
         "af_segments": p.af_segments, "af_scale_log2": max(p.af_scale_log2, 0), "pairs_per_col": pairs,
-        "pair_bits": (pairs - 1).bit_length(), "row_buffers": p.row_buffers, "mac_depth": mac_depth(p.lanes, p.mul_stages, p.tree_stages),
+        "pair_bits": (pairs - 1).bit_length(), "row_buffers": p.row_buffers,
+        "mac_depth": pu_mac_depth(p) if p.lowprec else mac_depth(p.lanes, p.mul_stages, p.tree_stages),
         "af_edge": AF_RESULT_EDGE,
         **{name: getattr(t, name) for name in ("tRCDRD", "tRCDWR", "tRP", "tRAS", "tCCD", "tRRD", "tFAW", "tWR",
                                                "tRTP", "tRFC", "tREFI", "tRL", "tMAC", "tAF", "refresh_postpone")},
         "mutation": mutation,
+        "weight_format": WEIGHT_CODES[p.weight_format], "act_format": ACT_CODES[p.act_format],
+        "group_columns": max(p.quant_group // 64, 1) if p.lowprec else 1,
+        "scale_format": SCALE_CODES[p.scale_format], "grid_choice": int(p.grid_choice), "acc_slots": p.acc_slots,
+        "act_ratio": p.act_ratio, "gb_slots": p.gb_slots,
     }
     out = [int(values[name]) for name in PARAM_NAMES]
     if any(not 0 <= v < 2**32 for v in out):

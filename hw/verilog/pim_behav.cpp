@@ -80,7 +80,7 @@ namespace {
 enum Op : int {
     OP_NOP = 0, OP_ACT = 1, OP_ACTAB = 2, OP_PRE = 3, OP_PREAB = 4, OP_RD = 5, OP_WR = 6, OP_REF = 7,
     OP_WRGB = 8, OP_MACSB = 9, OP_MACAB = 10, OP_WRBIAS = 11, OP_RDMAC = 12, OP_AF = 13, OP_RDAF = 14,
-    OP_PACTAB = 15, OP_PPREAB = 16,
+    OP_PACTAB = 15, OP_PPREAB = 16, OP_LDSCAB = 17, OP_LDSLAB = 18,
 };
 enum Code : uint32_t {
     V_NONE = 0, V_ILLEGAL_OPCODE = 1, V_BANK_CLOSED = 2, V_BANK_OPEN = 3, V_T_RCD = 4, V_T_RAS = 5,
@@ -94,7 +94,9 @@ enum Param : int {
     P_BANKS_PER_WORD, P_DATA_ROWS, P_AF_ROWS, P_AF_SEGMENTS, P_AF_SCALE_LOG2, P_PAIRS_PER_COL,
     P_PAIR_BITS, P_ROW_BUFFERS, P_MAC_DEPTH, P_AF_EDGE,
     P_T_RCDRD, P_T_RCDWR, P_T_RP, P_T_RAS, P_T_CCD, P_T_RRD, P_T_FAW, P_T_WR, P_T_RTP, P_T_RFC,
-    P_T_REFI, P_T_RL, P_T_MAC, P_T_AF, P_REFRESH_POSTPONE, P_MUTATION, P_COUNT,
+    P_T_REFI, P_T_RL, P_T_MAC, P_T_AF, P_REFRESH_POSTPONE, P_MUTATION,
+    P_WEIGHT_FORMAT, P_ACT_FORMAT, P_GROUP_COLUMNS, P_SCALE_FORMAT, P_GRID_CHOICE, P_ACC_SLOTS, P_ACT_RATIO,
+    P_GB_SLOTS, P_COUNT,
 };
 const char* const kParam[] = {
     "magic", "banks", "rows", "columns", "lanes", "column_addr_bits", "gb_columns", "acc_groups",
@@ -102,7 +104,13 @@ const char* const kParam[] = {
     "pair_bits", "row_buffers", "mac_depth", "af_edge",
     "tRCDRD", "tRCDWR", "tRP", "tRAS", "tCCD", "tRRD", "tFAW", "tWR", "tRTP", "tRFC",
     "tREFI", "tRL", "tMAC", "tAF", "refresh_postpone", "mutation",
+    "weight_format", "act_format", "group_columns", "scale_format", "grid_choice", "acc_slots", "act_ratio",
+    "gb_slots",
 };
+// Encodings of the 4-bit parameters (hw/pim/behav.py: WEIGHT_CODES, ACT_CODES, SCALE_CODES).
+enum WeightFormat : uint32_t { W_BF16 = 0, W_INT4 = 1, W_FP4 = 2 };
+enum ActFormat : uint32_t { A_BF16 = 0, A_FP8_E4M3 = 1 };
+enum ScaleFormat : uint32_t { S_FP16 = 0, S_BF16 = 1 };
 constexpr uint32_t kMagic = 0x50494d42u;       // "PIMB"
 constexpr int kStatusWords = 16;               // violation vcode vop vcycle nviol owed + 10 counters
 constexpr int64_t NEVER = INT64_MIN / 4;
@@ -129,6 +137,99 @@ inline uint32_t fp32_to_bf16(uint32_t x) {
     if (e == 0)
         return (x >> 31) << 15;
     return (uint32_t)((((uint64_t)x + 0x7FFFu + ((x >> 16) & 1u)) >> 16) & 0xFFFFu);
+}
+
+// ---- 4-bit weights (issue 19): sim/golden/lowprec_unit.py's definition, rule by rule ------------------
+// FP4-E2M1 magnitudes in halves by the code's low three bits; BitMoD's extra value of code 0b1000 (halves)
+// by grid selector (firmware/quant.py FP4_MAGNITUDES, BITMOD_EXTRA).
+const int kFp4Halves[8] = {0, 1, 2, 3, 4, 6, 8, 12};
+const int kFp4ExtraHalves[4] = {10, -10, 16, -16};
+
+// A value before the scale multiply: NaN, an infinity, or (sign) mag * 2^exp with mag an exact integer.
+struct Exact {
+    bool nan = false, inf = false, neg = false;
+    uint64_t mag = 0;
+    int exp = 0;
+};
+
+// An FP32 pattern as an Exact (FP32 values reaching here are never subnormal: every adder output is flushed).
+Exact exact_of_f32(uint32_t x) {
+    Exact r;
+    const uint32_t e = (x >> 23) & 0xFFu, f = x & 0x7FFFFFu;
+    r.neg = x >> 31;
+    if (e == 0xFFu) {
+        r.nan = f != 0;
+        r.inf = f == 0;
+    } else if (e != 0) {
+        r.mag = f | 0x800000u;
+        r.exp = (int)e - 150;
+    }
+    return r;
+}
+
+// The golden's round_f32 of the exact value (neg) m * 2^e, m > 0: 24 significant bits, nearest even,
+// unbounded exponent; then below 2^-126 a zero of its sign, 2^128 or more an infinity.
+uint32_t round_exact(bool neg, uint64_t m, int e) {
+    const uint32_t sign = neg ? 0x80000000u : 0u;
+    int n = 64 - __builtin_clzll(m);
+    uint64_t keep;
+    if (n <= 24) {
+        keep = m << (24 - n);
+    } else {
+        const int sh = n - 24;
+        keep = m >> sh;
+        const uint64_t rem = m & ((uint64_t(1) << sh) - 1), half = uint64_t(1) << (sh - 1);
+        if (rem > half || (rem == half && (keep & 1)))
+            keep++;
+        if (keep >> 24) {
+            keep >>= 1;
+            n++;
+        }
+    }
+    const int biased = e + n - 1 + 127;
+    if (biased <= 0)
+        return sign;
+    if (biased >= 255)
+        return sign | 0x7F800000u;
+    return sign | ((uint32_t)biased << 23) | (uint32_t)(keep & 0x7FFFFFu);
+}
+
+// t = rnd(x * s) for a 16-bit scale pattern: FP16 (subnormals kept) or BF16 (subnormals are zeros).
+uint32_t scaled_term(const Exact& x, uint32_t s, uint32_t fmt) {
+    bool s_nan = false, s_inf = false, s_zero = false;
+    uint64_t sig = 0;
+    int sexp = 0;
+    if (fmt == S_FP16) {
+        const uint32_t se = (s >> 10) & 0x1Fu, sf = s & 0x3FFu;
+        if (se == 0x1Fu) {
+            s_nan = sf != 0, s_inf = sf == 0;
+        } else if (se == 0) {
+            sig = sf, sexp = -24, s_zero = sf == 0;
+        } else {
+            sig = sf | 0x400u, sexp = (int)se - 25;
+        }
+    } else {
+        const uint32_t se = (s >> 7) & 0xFFu, sf = s & 0x7Fu;
+        if (se == 0xFFu) {
+            s_nan = sf != 0, s_inf = sf == 0;
+        } else if (se == 0) {
+            s_zero = true;
+        } else {
+            sig = sf | 0x80u, sexp = (int)se - 134;
+        }
+    }
+    const bool neg = x.neg != (((s >> 15) & 1u) != 0);
+    const uint32_t sign = neg ? 0x80000000u : 0u;
+    const bool x_zero = !x.inf && !x.nan && x.mag == 0;
+    if (x.nan || s_nan)
+        return 0x7FC00000u;
+    if (x.inf)
+        return s_zero ? 0x7FC00000u : sign | 0x7F800000u;
+    if (s_inf)
+        return x_zero ? 0x7FC00000u : sign | 0x7F800000u;
+    if (x_zero || s_zero)
+        return sign;
+    return round_exact(neg, x.mag * sig, x.exp + sexp);
 }
 
 // A FIFO of events with a due cycle and `width` payload words each (grows when full).
@@ -164,6 +265,13 @@ struct Bank {
     uint32_t row = 0;
     int64_t act = NEVER, pre = NEVER, wr = NEVER, rtp = NEVER;
     uint32_t acc = 0, af_out = 0;
+    // 4-bit weights: accumulator slot 1, the unit's column count in its group and group partial sum
+    // (FP8 activations: an exact integer and a NaN flag; BF16 activations: FP32), the scale and selector
+    // registers (LDSCAB / LDSLAB).
+    uint32_t acc1 = 0, cnt = 0, part_f = 0, sels = 0;
+    int64_t part_i = 0;
+    bool part_nan = false;
+    uint16_t scales[16] = {0};
 };
 
 struct Model {
@@ -176,7 +284,9 @@ struct Model {
     std::vector<uint32_t> rdreg;        // each bank's storage read register [bank][nw] (no reset)
     std::vector<Bank> banks;
     // channel registers
-    int64_t ccd = NEVER, rrd = NEVER, rfc = NEVER, mac = NEVER, af = NEVER;
+    bool lp = false;                    // 4-bit weights (the low-precision unit)
+    int64_t ccd = NEVER, rrd = NEVER, rfc = NEVER, af = NEVER;
+    int64_t mac[2] = {NEVER, NEVER};    // the last MAC into each accumulator slot (slot 0 without slots)
     int64_t acts[4] = {NEVER, NEVER, NEVER, NEVER};   // last four activations, acts[3] the newest
     bool p_open = false;
     uint32_t p_row = 0;
@@ -195,7 +305,7 @@ struct Model {
     void reset_registers() {
         for (auto& b : banks)
             b = Bank();
-        ccd = rrd = rfc = mac = af = NEVER;
+        ccd = rrd = rfc = af = mac[0] = mac[1] = NEVER;
         for (auto& a : acts)
             a = NEVER;
         p_open = false;
@@ -253,15 +363,21 @@ struct Model {
         return tmp[0];
     }
 
+    // The accumulator slot a command's row field selects (bit 4 with acc_slots = 2, else 0).
+    int acc_slot(uint32_t row) const { return p[P_ACC_SLOTS] == 2 ? (int)((row >> 4) & 1u) : 0; }
+
     uint32_t decode(int64_t c, int op, int bank, uint32_t row, uint32_t col) const {
         const auto& t = p;
         const uint32_t all_nb = (uint32_t)nb;
-        bool legal = (op >= 0 && op <= OP_RDAF) || (dual && (op == OP_PACTAB || op == OP_PPREAB));
+        bool legal = (op >= 0 && op <= OP_RDAF) || (dual && (op == OP_PACTAB || op == OP_PPREAB)) ||
+                     (lp && op == OP_LDSCAB) || (lp && t[P_GRID_CHOICE] && op == OP_LDSLAB);
         if (!legal)
             return V_ILLEGAL_OPCODE;
         const Bank& B = banks[bank];
         const bool ccd_ok = ok(c, ccd, t[P_T_CCD]), rrd_ok = ok(c, rrd, t[P_T_RRD]);
-        const bool rfc_ok = ok(c, rfc, t[P_T_RFC]), mac_ok = ok(c, mac, t[P_T_MAC]);
+        // PU_BUSY per accumulator slot (row bit 4 with two slots); AF uses slot 0.
+        const bool rfc_ok = ok(c, rfc, t[P_T_RFC]), mac_ok = ok(c, mac[acc_slot(row)], t[P_T_MAC]);
+        const bool mac0_ok = ok(c, mac[0], t[P_T_MAC]);
         const bool af_ok = ok(c, af, t[P_T_AF]);
         const bool faw_ok = c - acts[0] >= (int64_t)t[P_T_FAW];
         const bool pim_holds = dual && p_open && p_row == row;
@@ -338,7 +454,18 @@ struct Model {
                 if (n_afrow != all_nb) return V_BAD_ADDRESS;
                 if (n_rcd != all_nb) return V_T_RCD;
             }
-            if (!mac_ok) return V_PU_BUSY;
+            if (!mac0_ok) return V_PU_BUSY;
+            if (!ccd_ok) return V_T_CCD;
+            return V_NONE;
+        case OP_LDSCAB:
+        case OP_LDSLAB:                 // (legal only with 4-bit weights, above): all-bank reads like MACAB
+            if (dual) {
+                if (!p_open) return V_BANK_CLOSED;
+                if (!p_rcd_ok) return V_T_RCD;
+            } else {
+                if (n_open != all_nb) return V_BANK_CLOSED;
+                if (n_rcd != all_nb) return V_T_RCD;
+            }
             if (!ccd_ok) return V_T_CCD;
             return V_NONE;
         case OP_PACTAB:
@@ -387,6 +514,106 @@ struct Model {
         (void)c;
     }
 
+    // 4-bit weights: lane k's code (bits 4k..4k+3 of the column; mutation 3: the nibbles of each byte
+    // swapped, which lockstep must catch) and its value in halves (int4: two's complement; fp4: E2M1, or
+    // the group's extra value for code 0b1000 with grid choice).
+    uint32_t code_of(const uint32_t* w, int k) const {
+        if (p[P_MUTATION] == 3)
+            k ^= 1;
+        return (w[k / 8] >> (4 * (k % 8))) & 0xFu;
+    }
+    int halves_of(uint32_t code, uint32_t sel) const {
+        if (p[P_WEIGHT_FORMAT] == W_INT4)
+            return 2 * (code >= 8 ? (int)code - 16 : (int)code);
+        if (p[P_GRID_CHOICE] && code == 8)
+            return kFp4ExtraHalves[sel & 3];
+        return (code & 8) ? -kFp4Halves[code & 7] : kFp4Halves[code & 7];
+    }
+
+    // The low-precision MAC of bank b at edge c (MAC row field `mrow`: scale / selector slot in bits 0-3,
+    // accumulator slot in bit 4): the column against GB slot col mod gb_slots, into the group partial sum;
+    // on the group's last column the term rnd(partial x scale) is due at edge c + mac_depth - 1.
+    void do_mac_lp(int b, uint32_t col, uint32_t mrow, uint32_t* terms) {
+        Bank& B = banks[b];
+        const uint32_t row = dual ? p_row : B.row;
+        const uint32_t* w = word(b, (size_t)row * p[P_COLUMNS] + col);
+        memcpy(&rdreg[(size_t)b * nw], w, sizeof(uint32_t) * nw);
+        const uint32_t* x = &gb[(size_t)(col & (p[P_GB_SLOTS] - 1)) * p[P_ACT_RATIO] * nw];
+        const uint32_t scale = B.scales[mrow & 15u], sel = (B.sels >> (2 * (mrow & 15u))) & 3u;
+        const bool first = B.cnt == 0, last = B.cnt + 1 == p[P_GROUP_COLUMNS];
+        B.cnt = last ? 0 : B.cnt + 1;
+        const int lanes = nw * 8;
+        const bool fp8 = p[P_ACT_FORMAT] == A_FP8_E4M3;
+        if (p[P_MUTATION] == 2) {
+            // Test hook (must be caught): the scale applied to every product (rounded to FP32), the lanes
+            // summed by the FP32 tree, the group's columns in FP32: dequantize-then-multiply.
+            for (int k = 0; k < lanes; k++) {
+                Exact e;
+                const int h = halves_of(code_of(w, k), sel);
+                if (fp8) {
+                    const uint32_t a = (x[k / 4] >> (8 * (k % 4))) & 0xFFu, ae = (a >> 3) & 0xFu, af = a & 7u;
+                    e.nan = ae == 15 && af == 7;
+                    const int64_t units = ae == 0 ? af : (int64_t)(8 + af) << (ae - 1);
+                    const int64_t v = (a >> 7 ? -units : units) * h;
+                    e.neg = v < 0, e.mag = (uint64_t)(v < 0 ? -v : v), e.exp = -10;
+                } else {
+                    const uint32_t a = (x[k / 2] >> (16 * (k % 2))) & 0xFFFFu;
+                    e = exact_of_f32(out_bits((float)(0.5 * h * (double)as_f(ftz(a << 16)))));
+                }
+                tmp[k] = scaled_term(e, scale, p[P_SCALE_FORMAT]);
+            }
+            for (int n_ = lanes; n_ > 1; n_ /= 2)
+                for (int k = 0; k < n_ / 2; k++)
+                    tmp[k] = fp32_add(tmp[2 * k], tmp[2 * k + 1]);
+            B.part_f = first ? tmp[0] : fp32_add(B.part_f, tmp[0]);
+            if (last) {
+                terms[b] = B.part_f;
+                terms[nb + b] = 1u | ((uint32_t)acc_slot(mrow) << 1);
+            }
+            return;
+        }
+        Exact part;
+        if (fp8) {
+            // Exact integer datapath: weights in halves, E4M3 values in units of 2^-9 (subnormal f, normal
+            // (8 + f) << (e - 1)), every product an integer times 2^-10; a NaN activation poisons the group.
+            int64_t sum = 0;
+            bool nan = false;
+            for (int k = 0; k < lanes; k++) {
+                const uint32_t a = (x[k / 4] >> (8 * (k % 4))) & 0xFFu, ae = (a >> 3) & 0xFu, af = a & 7u;
+                nan |= ae == 15 && af == 7;
+                const int64_t units = ae == 0 ? af : (int64_t)(8 + af) << (ae - 1);
+                sum += (a >> 7 ? -units : units) * halves_of(code_of(w, k), sel);
+            }
+            B.part_i = first ? sum : B.part_i + sum;
+            B.part_nan = first ? nan : (B.part_nan || nan);
+            part.nan = B.part_nan;
+            part.neg = B.part_i < 0;
+            part.mag = (uint64_t)(B.part_i < 0 ? -B.part_i : B.part_i);
+            part.exp = -10;
+        } else {
+            // FP32 order: exact products (BF16 activation flushed, times the code's value; rounded to FP32,
+            // flushed, NaN canonical), the pairwise FP32 tree, the group's column sums added in order.
+            for (int k = 0; k < lanes; k++) {
+                const uint32_t code = code_of(w, k);
+                const uint32_t a = (x[k / 2] >> (16 * (k % 2))) & 0xFFFFu;
+                const int h = halves_of(code, sel);
+                double v = 0.5 * h;
+                if (h == 0 && (code & 8) && p[P_WEIGHT_FORMAT] == W_FP4)
+                    v = -0.0;                             // fp4 code 0b1000 without grid choice: -0
+                tmp[k] = out_bits((float)(v * (double)as_f(ftz(a << 16))));
+            }
+            for (int n_ = lanes; n_ > 1; n_ /= 2)
+                for (int k = 0; k < n_ / 2; k++)
+                    tmp[k] = fp32_add(tmp[2 * k], tmp[2 * k + 1]);
+            B.part_f = first ? tmp[0] : fp32_add(B.part_f, tmp[0]);
+            part = exact_of_f32(B.part_f);
+        }
+        if (last) {
+            terms[b] = scaled_term(part, scale, p[P_SCALE_FORMAT]);
+            terms[nb + b] = 1u | ((uint32_t)acc_slot(mrow) << 1);
+        }
+    }
+
     void do_af(int b, uint32_t* ys) {
         const uint32_t x = banks[b].acc;
         const uint32_t seg = p[P_AF_ROWS] ? af_segment(x) : 0u;
@@ -414,8 +641,9 @@ struct Model {
         const bool bad = op != OP_NOP && code != V_NONE;
         const bool exec = op != OP_NOP && code == V_NONE;
         const bool is_mac = op == OP_MACSB || op == OP_MACAB;
+        const bool is_lds = op == OP_LDSCAB || op == OP_LDSLAB;     // (executed only with 4-bit weights)
         const bool col_cmd = op == OP_RD || op == OP_WR || op == OP_WRGB || is_mac || op == OP_WRBIAS ||
-                             op == OP_RDMAC || op == OP_AF || op == OP_RDAF;
+                             op == OP_RDMAC || op == OP_AF || op == OP_RDAF || is_lds;
         const bool is_act = op == OP_ACT || op == OP_ACTAB || (dual && op == OP_PACTAB);
         if (exec) {
             // Counters (from the state before the edge).
@@ -435,7 +663,25 @@ struct Model {
             if (op == OP_AF) n[8]++;
             n[9]++;
             // Datapath and storage, from the state before the edge.
-            if (is_mac) {
+            if (is_mac && lp) {
+                uint32_t* terms = macq.push(c + (int64_t)t[P_MAC_DEPTH] - 1, 0);
+                std::fill(terms, terms + 2 * nb, 0u);
+                for (int b = 0; b < nb; b++)
+                    if (op == OP_MACAB || b == bank)
+                        do_mac_lp(b, col, row, terms);
+            } else if (is_lds) {
+                // Every bank reads column col of its open (PIM) row; the register takes it at the next edge,
+                // before any later MAC's column enters its unit (so applied now).
+                for (int b = 0; b < nb; b++) {
+                    const uint32_t* w = word(b, (size_t)(dual ? p_row : banks[b].row) * t[P_COLUMNS] + col);
+                    memcpy(&rdreg[(size_t)b * nw], w, sizeof(uint32_t) * nw);
+                    if (op == OP_LDSCAB)
+                        for (int k = 0; k < 16; k++)
+                            banks[b].scales[k] = (uint16_t)(w[k / 2] >> (16 * (k % 2)));
+                    else
+                        banks[b].sels = w[0];
+                }
+            } else if (is_mac) {
                 uint32_t* sums = macq.push(c + (int64_t)t[P_MAC_DEPTH] - 1, op == OP_MACAB ? -1 : bank);
                 if (op == OP_MACAB) {
                     for (int b = 0; b < nb; b++)
@@ -492,6 +738,8 @@ struct Model {
             case OP_MACSB:
             case OP_MACAB:
             case OP_AF:
+            case OP_LDSCAB:
+            case OP_LDSLAB:
                 if (dual)
                     p_rtp = c;
                 else if (op == OP_MACSB)
@@ -501,8 +749,8 @@ struct Model {
                         b.rtp = c;
                 if (op == OP_AF)
                     af = c;
-                else
-                    mac = c;
+                else if (is_mac)
+                    mac[acc_slot(row)] = c;
                 break;
             case OP_REF:
                 rfc = c;
@@ -529,17 +777,26 @@ struct Model {
             if (macq.at_due(0) == c) {
                 const int32_t tag = macq.at_tag(0);
                 const uint32_t* sums = macq.at_data(0);
-                for (int b = 0; b < nb; b++)
-                    if (tag < 0 || tag == b)
+                for (int b = 0; b < nb; b++) {
+                    if (lp) {                           // a group's term into its slot (flags: valid, slot)
+                        const uint32_t flags = sums[nb + b];
+                        uint32_t& a = (flags >> 1) ? banks[b].acc1 : banks[b].acc;
+                        if (flags & 1u)
+                            a = fp32_add(a, sums[b]);
+                    } else if (tag < 0 || tag == b) {
                         banks[b].acc = fp32_add(banks[b].acc, sums[b]);
+                    }
+                }
             }
             macq.pop();
         }
         if (exec && op == OP_WRBIAS) {
             const int bpw = (int)t[P_BANKS_PER_WORD];
             for (int b = 0; b < nb; b++)
-                if ((uint32_t)(b / bpw) == col)
-                    banks[b].acc = data[b % bpw];
+                if ((uint32_t)(b / bpw) == col) {
+                    (acc_slot(row) ? banks[b].acc1 : banks[b].acc) = data[b % bpw];
+                    banks[b].cnt = 0;           // the unit's column count restarts at every load
+                }
         }
         while (afq.count && afq.at_due(0) <= c) {
             if (afq.at_due(0) == c)
@@ -577,7 +834,7 @@ struct Model {
                 const int bpw = (int)t[P_BANKS_PER_WORD];
                 for (int k = 0; k < bpw && (int)col * bpw + k < nb; k++) {
                     const Bank& b = banks[col * bpw + k];
-                    w[k] = op == OP_RDMAC ? b.acc : b.af_out;
+                    w[k] = op == OP_RDMAC ? (acc_slot(row) ? b.acc1 : b.acc) : b.af_out;
                 }
             }
         }
@@ -720,6 +977,7 @@ extern "C" void* ianus_pimb_new(const svBitVecVal* params) {
     m->nw = (int)(m->p[P_LANES] / 2);
     m->depth = (size_t)m->p[P_ROWS] * m->p[P_COLUMNS];
     m->dual = m->p[P_ROW_BUFFERS] == 2;
+    m->lp = m->p[P_WEIGHT_FORMAT] != W_BF16;
     m->mem = static_cast<uint32_t*>(calloc((size_t)m->nb * m->depth * m->nw, sizeof(uint32_t)));
     if (!m->mem) {
         fprintf(stderr, "pim_behav: cannot allocate %zu bytes of bank storage\n",
@@ -729,11 +987,11 @@ extern "C" void* ianus_pimb_new(const svBitVecVal* params) {
     m->gb.assign((size_t)m->p[P_GB_COLUMNS] * m->nw, 0u);
     m->rdreg.assign((size_t)m->nb * m->nw, 0u);
     m->banks.assign(m->nb, Bank());
-    m->macq.init(m->nb, (int)m->p[P_MAC_DEPTH] + 2);
+    m->macq.init(m->lp ? 2 * m->nb : m->nb, (int)m->p[P_MAC_DEPTH] + 2);
     m->afq.init(m->nb, (int)m->p[P_AF_EDGE] + 2);
     m->readq.init(m->nw, (int)m->p[P_T_RL] + 2);
     m->out.assign(m->nw, 0u);
-    m->tmp.assign(m->p[P_LANES], 0u);
+    m->tmp.assign(m->lp ? (size_t)m->nw * 8 : (size_t)m->p[P_LANES], 0u);
     return m;
 }
 

@@ -10,7 +10,8 @@ a stretch without refresh (REFRESH_LATE), resets in the middle of traffic and ba
 It also requires every command of the configuration's table to have executed and violations to have
 happened (the stream must cover what it claims to).
 
-Environment: ``IANUS_CONFIG`` (preset), ``IANUS_TIMING`` (``"tCCD=2,tRRD=3"``), ``N_CYCLES``, ``SEED``,
+Environment: ``IANUS_CONFIG`` (preset), ``IANUS_PIM`` (geometry overrides, ``"weight_format=int4,acc_slots=1"``),
+``IANUS_TIMING`` (``"tCCD=2,tRRD=3"``), ``N_CYCLES``, ``SEED``,
 ``MIN_EXECUTED`` (per command; 0 for runs meant to fail early).
 """
 
@@ -34,6 +35,8 @@ WEIGHTS = (("ACT", 10, 1, 0), ("ACTAB", 5, 8, 0), ("PRE", 6, 1, 6), ("PREAB", 4,
            ("WRBIAS", 5, 6, 2), ("RDMAC", 6, 6, 2), ("AF", 7, 14, 1), ("RDAF", 6, 8, 2), ("PACTAB", 4, 8, 0),
            ("PPREAB", 3, 6, 12), ("BAD", 1, 1, 1))
 PHASES = ("normal", "pim", "refresh")
+# With 4-bit weights also the scale / selector loads (LDSLAB is an illegal opcode without grid choice).
+LOWPREC_WEIGHTS = (("LDSCAB", 3, 6, 1), ("LDSLAB", 2, 4, 1))
 
 
 IMAGE_ROWS = 24
@@ -47,10 +50,11 @@ class Stream:
         from sim.pim_checker import ProtocolChecker
 
         self.cfg, self.rng = cfg, rng
-        self.names = [w[0] for w in WEIGHTS]
+        weights = WEIGHTS + (LOWPREC_WEIGHTS if cfg.pim.lowprec else ())
+        self.names = [w[0] for w in weights]
         self.probs = []
         for k in range(1, 1 + len(PHASES)):
-            w = np.array([w[k] for w in WEIGHTS], dtype=float)
+            w = np.array([w[k] for w in weights], dtype=float)
             self.probs.append(w / w.sum())
         self.phase = 0
         self.checker = ProtocolChecker(cfg)
@@ -81,6 +85,28 @@ class Stream:
         bits = np.where((kind >= 0.1) & (kind < 0.13), rng.choice(specials, p.lanes), bits)
         return int.from_bytes(bits.astype("<u2").tobytes(), "little")
 
+    def lp_words(self) -> int:
+        """4-bit weights: a storage column (64 codes, or 16 FP16 / BF16 scales, or selectors): mostly normal
+        scales of a moderate range (whose nibbles are varied codes), some random words, some special scales."""
+        return _lp_column(self.cfg, self.rng)
+
+    def act_column(self) -> int:
+        """4-bit weights: a global-buffer column of activations (BF16 or E4M3), NaN / infinity in about one
+        column in ten (64 lanes per MAC: more would leave most accumulators NaN)."""
+        p, rng = self.cfg.pim, self.rng
+        if p.act_format == "bf16":
+            bits = (rng.standard_normal(p.lanes) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32).view(np.uint32)
+            bits = (bits >> 16).astype(np.uint32)
+            n, width, specials = p.lanes, "<u2", [0x7F80, 0xFF80, 0x7FC1, 0x0001, 0x8040, 0x7F7F, 0x0080, 0x8000]
+        else:
+            n, width = p.column_bytes, "u1"
+            bits = rng.integers(0, 256, n).astype(np.uint32)
+            bits = np.where((bits & 0x7F) == 0x7F, bits ^ 0x01, bits)            # no NaN ...
+            specials = [0x7F, 0xFF, 0x00, 0x80, 0x01, 0x7E, 0xFE, 0x08]
+        if rng.random() < 0.1:                                                   # ... but now and then
+            bits[rng.integers(n)] = rng.choice(specials)
+        return int.from_bytes(bits.astype(width).tobytes(), "little")
+
     def fp32_words(self) -> int:
         p, rng = self.cfg.pim, self.rng
         n = p.column_bits // 32
@@ -101,6 +127,8 @@ class Stream:
             row = int(rng.integers(p.data_rows, p.rows))
         else:
             row = int(rng.integers(p.rows if rng.random() < 0.05 else min(p.data_rows, IMAGE_ROWS)))
+        if p.lowprec and op in ("MACSB", "MACAB", "WRBIAS", "RDMAC"):
+            row = int(rng.integers(p.rows))          # the row field: scale slot (bits 0-3), accumulator slot (bit 4)
         if op == "WRGB":
             col = int(rng.integers(min(p.columns, p.gb_columns + 1)))
         elif op in ("WRBIAS", "RDMAC", "RDAF"):
@@ -108,7 +136,11 @@ class Stream:
         else:
             col = int(rng.integers(p.columns))
         data = 0
-        if op in ("WR", "WRGB"):
+        if p.lowprec and op == "WR":
+            data = self.lp_words()
+        elif p.lowprec and op == "WRGB":
+            data = self.act_column()
+        elif op in ("WR", "WRGB"):
             data = self.bf16_lanes()
         elif op == "WRBIAS":
             data = self.fp32_words()
@@ -134,7 +166,7 @@ class Stream:
             if op == "REF" and not refresh:
                 continue
             bank, row, col, data, mask = self.fields(op)
-            code = int(rng.integers(17, 32)) if op == "BAD" else OPCODES[op]
+            code = int(rng.integers(19 if self.cfg.pim.lowprec else 17, 32)) if op == "BAD" else OPCODES[op]
             cand = (code, bank, row, col, data, mask)
             first = first or cand
             if op != "BAD" and self.checker.violation(cycle, op, bank, row, col) is None:
@@ -149,6 +181,25 @@ class Stream:
         return 0, 0, 0, 0, 0, 0
 
 
+def _lp_column(cfg, rng, n=1):
+    """``n`` storage columns for 4-bit weights as one integer each (see :meth:`Stream.lp_words`)."""
+    p = cfg.pim
+    out = []
+    for _ in range(n):
+        mant = rng.integers(0, 1 << 16, p.lanes)
+        if p.scale_format == "fp16":
+            normal = (rng.integers(8, 20, p.lanes) << 10) | (mant & 0x83FF)          # 2^-7 .. 2^4, either sign
+            specials = [0x7C00, 0xFC00, 0x7E00, 0x0001, 0x83FF, 0x0000, 0x8000, 0x7BFF]
+        else:
+            normal = (rng.integers(120, 132, p.lanes) << 7) | (mant & 0x807F)
+            specials = [0x7F80, 0xFF80, 0x7FC0, 0x0001, 0x807F, 0x0000, 0x8000, 0x7F7F]
+        kind = rng.random(p.lanes)
+        words = np.where(kind < 0.15, mant, normal)
+        words = np.where(kind > 0.98, rng.choice(specials, p.lanes), words)
+        out.append(int.from_bytes(words.astype("<u2").tobytes(), "little"))
+    return out[0] if n == 1 else out
+
+
 def _write_images(cfg, directory, chan, rng, generation):
     """Back-door images of channel ``chan``: even banks as ``.bin`` segments, odd banks as ``.hex``."""
     from firmware.pim import af_lut_row
@@ -159,14 +210,26 @@ def _write_images(cfg, directory, chan, rng, generation):
         os.unlink(os.path.join(directory, f))
     for b in range(p.banks):
         n = min(p.data_rows, IMAGE_ROWS)
-        rows = (rng.standard_normal((n, p.columns, p.lanes)) * (1 + generation)).astype(np.float32)
-        bits = (rows.view(np.uint32) >> 16).astype(np.uint16)
+        if p.lowprec:
+            words = _lp_column(cfg, rng, n * p.columns)
+            bits = np.frombuffer(b"".join(w.to_bytes(p.column_bytes, "little") for w in words),
+                                 dtype="<u2").reshape(n, p.columns, p.lanes)
+        else:
+            rows = (rng.standard_normal((n, p.columns, p.lanes)) * (1 + generation)).astype(np.float32)
+            bits = (rows.view(np.uint32) >> 16).astype(np.uint16)
         first = int(rng.integers(0, 2))
         writer = write_backdoor_bin if b % 2 == 0 else write_backdoor
         writer(directory, chan, b, first, bits[first:], p.columns)
         if p.af_rows:
             lut = af_lut_row(cfg) if b % 3 else rng.integers(0, 1 << 16, (p.columns, p.lanes), dtype=np.uint16)
             writer(directory, chan, b, p.data_rows, lut[None], p.columns)
+
+
+def _value(text: str):
+    """An ``IANUS_PIM`` value: an integer, True / False, or a string (``weight_format=int4``)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return {"True": True, "False": False}.get(text, text)
 
 
 @tb_test()
@@ -179,6 +242,9 @@ async def lockstep(dut):
     from sim.tb.common import start
 
     cfg = preset(env_str("IANUS_CONFIG", "tiny"))
+    geo = env_str("IANUS_PIM", "")
+    if geo:
+        cfg = cfg.replace(**{f"pim.{k}": _value(v) for k, v in (kv.split("=") for kv in geo.split(","))})
     over = env_str("IANUS_TIMING", "")
     if over:
         cfg = cfg.replace(**{f"timing.{k}": int(v) for k, v in (kv.split("=") for kv in over.split(","))})
@@ -263,9 +329,10 @@ async def lockstep(dut):
     if min_executed:
         from hw.pim.commands import COMMANDS, DUAL_ONLY, LOWPREC_ONLY
 
-        # (the 4-bit-weight commands do not exist on the BF16 devices the behavioural model covers)
+        # (the 4-bit-weight commands exist on 4-bit devices only, LDSLAB with grid choice only)
+        lp_cmds = ("LDSCAB", "LDSLAB") if p.grid_choice else ("LDSCAB",) if p.lowprec else ()
         want = [c.name for c in COMMANDS if c.name != "NOP" and (p.row_buffers == 2 or c.name not in DUAL_ONLY)
-                and c.name not in LOWPREC_ONLY]
+                and (c.name not in LOWPREC_ONLY or c.name in lp_cmds)]
         missing = [n for n in want if counts.get(n, 0) < min_executed]
         assert not missing, f"the stream executed too few of {missing} (counts {counts})"
         assert stream.illegal > 100 and rvalids > 100 and violations > 0, (stream.illegal, rvalids, violations)
