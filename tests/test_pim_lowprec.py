@@ -2,7 +2,8 @@
 
 GEMVs bit-exact against the golden unit model (sim/tb/pim_lowprec_tb.py), the per-slot PU_BUSY rule at its
 edge, LDSCAB/LDSLAB legality, configuration and layout errors. Tiny configurations only (the default-size
-device is measured by ``sim/benchmarks/lowprec.py``).
+device is measured by ``sim/benchmarks/lowprec.py``). The device testbenches run on the RTL channel and on the
+behavioural one (``impl="behav"``, hw/pim/behav.py; tests/test_pim_behav.py compares the two cycle by cycle).
 """
 
 import pytest
@@ -14,44 +15,52 @@ from sim.build import build
 TB = "sim.tb.pim_lowprec_tb"
 
 
-def lp_build(config: str, **pim):
+IMPLS = ["rtl", "behav"]
+
+
+def lp_build(config: str, impl: str = "rtl", **pim):
     cfg = preset(config)
     if pim:
         cfg = cfg.replace(**{f"pim.{k}": v for k, v in pim.items()})
     return build(device_factory(cfg), name=f"pim_device_{config}", key=repr(cfg), sim="verilator",
-                 extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+                 extra_sources=tuple(device_sources(cfg, pim_impl=impl)), no_inline=("pim_bank_*",))
 
 
-def run(config, testcase, pim=None, **env):
+def run(config, testcase, pim=None, impl="rtl", **env):
     pim = pim or {}
     env = {"IANUS_CONFIG": config, **env}
     if pim:
         env["IANUS_PIM"] = ",".join(f"{k}={v}" for k, v in pim.items())
-    return lp_build(config, **pim).run(TB, testcase, env=env)
+    return lp_build(config, impl, **pim).run(TB, testcase, env=env)
 
 
-def test_w4_gemv_tiny_int4():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_w4_gemv_tiny_int4(impl):
     # 2 units per row; several rows; K chunked (the tiny GB holds 128 BF16 inputs) with partial sums
     # read back and preloaded; one tile over three chunks (the read-back right before its preload).
-    run("tiny-w4", "w4_gemv", GEMV_SHAPES="128x32,128x80,256x48,384x16")
+    run("tiny-w4", "w4_gemv", impl=impl, GEMV_SHAPES="128x32,128x80,256x48,384x16")
 
 
-def test_w4_gemv_tiny_int4_one_slot():
-    run("tiny-w4", "w4_gemv", pim={"acc_slots": 1}, GEMV_SHAPES="128x32,256x48")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_w4_gemv_tiny_int4_one_slot(impl):
+    run("tiny-w4", "w4_gemv", pim={"acc_slots": 1}, impl=impl, GEMV_SHAPES="128x32,256x48")
 
 
-def test_w4_gemv_tiny_fp4_fp8():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_w4_gemv_tiny_fp4_fp8(impl):
     # FP4 with grid choice (LDSLAB), FP8 activations (the GB holds 256: one or two units per row).
-    run("tiny-w4a8", "w4_gemv", GEMV_SHAPES="128x48,256x32,512x16")
+    run("tiny-w4a8", "w4_gemv", impl=impl, GEMV_SHAPES="128x48,256x32,512x16")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("config", ["tiny-w4", "tiny-w4a8"])
-def test_w4_pu_busy_per_slot_at_its_edge(config):
-    run(config, "w4_edges")
+def test_w4_pu_busy_per_slot_at_its_edge(config, impl):
+    run(config, "w4_edges", impl=impl)
 
 
-def test_w4_pu_busy_one_slot_at_its_edge():
-    run("tiny-w4", "w4_edges", pim={"acc_slots": 1})
+@pytest.mark.parametrize("impl", IMPLS)
+def test_w4_pu_busy_one_slot_at_its_edge(impl):
+    run("tiny-w4", "w4_edges", pim={"acc_slots": 1}, impl=impl)
 
 
 def test_lds_illegal_on_bf16_device():
@@ -104,14 +113,18 @@ def test_lowprec_presets_tmac_is_the_unit_depth():
     assert (a.channels, a.banks, a.rows, a.columns, a.gb_bytes) == (b.channels, b.banks, b.rows, b.columns, b.gb_bytes)
 
 
-def test_behavioural_device_refuses_4bit_weights():
-    from hw.pim.behav import behav_channel_sources
+def test_behavioural_device_takes_4bit_weights():
+    """The behavioural channel's parameters for 4-bit devices: the unit's depth and formats from the configuration."""
+    from hw.pim.bank import pu_mac_depth
+    from hw.pim.behav import PARAM_NAMES, behav_params
 
-    with pytest.raises(ValueError, match="behavioural PIM channel models the BF16 processing unit only, not "
-                                         "weight_format='int4'"):
-        device_sources(preset("tiny-w4"), pim_impl="behav")
-    with pytest.raises(ValueError, match="weight_format='fp4'"):
-        behav_channel_sources(preset("default-w4a8"))
+    for name in ("tiny-w4", "tiny-w4a8", "default-w4", "default-w4a8"):
+        cfg = preset(name)
+        v = dict(zip(PARAM_NAMES, behav_params(cfg), strict=True))
+        assert v["mac_depth"] == pu_mac_depth(cfg.pim) and v["acc_slots"] == cfg.pim.acc_slots, name
+        assert v["group_columns"] == cfg.pim.quant_group // 64 and v["act_ratio"] == cfg.pim.act_ratio, name
+        assert v["grid_choice"] == int(cfg.pim.grid_choice), name
+    assert len(device_sources(preset("tiny-w4"), pim_impl="behav")) == 2
 
 
 def test_command_table_lowprec_rows():

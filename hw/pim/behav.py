@@ -13,9 +13,17 @@ asked for); otherwise it only counts the cycle. The file header of
 ``pim_behav.cpp`` states the semantics it reproduces, rule by rule.
 
 Every number the model needs (geometry, timings, the AF lookup-table layout,
-the processing unit's pipeline depths) is passed from the configuration as one
+the processing unit's pipeline depths, with 4-bit weights the formats, the
+group size and the accumulator slots) is passed from the configuration as one
 parameter vector (:data:`PARAM_NAMES`, :func:`behav_params`); nothing is
 hard-coded in the C++. Verilator only: Icarus has no DPI-C.
+
+Processing units: the BF16 unit (``acc_stages = 1``; interleaved partial sums
+are refused) and, with ``PimGeometry.weight_format`` ``int4`` / ``fp4`` (issue
+19), the low-precision unit of :class:`hw.pim.lowprec_unit.LowPrecMacUnit` with
+the banks' scale and selector registers (LDSCAB / LDSLAB), per-slot
+accumulators and PU_BUSY; its arithmetic follows the golden model
+:mod:`sim.golden.lowprec_unit`, not the RTL's code.
 
 ``tests/test_pim_behav.py`` holds it equal to the RTL channel on every cycle
 and every output (lockstep), and runs the device testbenches and a SoC layer
@@ -31,7 +39,8 @@ from filelock import FileLock
 from ..config import SystemConfig
 from ..gen import BUILD_ROOT, ROOT, sha
 
-__all__ = ["BEHAV_CPP", "channel_ports", "PARAM_NAMES", "PIM_IMPLS", "check_pim_impl", "behav_params", "behav_channel_sources"]
+__all__ = ["BEHAV_CPP", "channel_ports", "PARAM_NAMES", "PIM_IMPLS", "check_pim_impl", "behav_params", "behav_channel_sources",
+           "WEIGHT_CODES", "ACT_CODES", "SCALE_CODES", "MUTATIONS"]
 
 BEHAV_CPP = ROOT / "hw" / "verilog" / "pim_behav.cpp"
 

@@ -30,6 +30,25 @@
  *    The operands are fixed at edge c (storage read register, global-buffer read port), so the sum is
  *    computed when the command arrives and only the accumulation waits. A WRBIAS load at the same edge
  *    wins over an accumulation (acc_load has priority), as in MacUnit.
+ *  - 4-bit weights (PimGeometry.weight_format int4 / fp4, issue 19; bank.py, lowprec_unit.py, channel.py):
+ *    LDSCAB / LDSLAB (opcodes 17 / 18; LDSLAB only with grid choice, else ILLEGAL_OPCODE, as both are on a
+ *    BF16 device) are all-bank read-type column commands with MACAB's rules (BANK_CLOSED, T_RCD, T_CCD; the
+ *    PIM buffer with two row buffers), starting tRTP and tCCD; every bank reads column `col` of its open
+ *    (PIM) row into its read register, and at the next edge into its scale register (16 x 16 bits,
+ *    slot s = bits 16s..16s+15) or selector register (16 x 2 bits, the low 32 bits). A MAC's column enters
+ *    the unit at c + 1 with slot row[0:4] of those registers as they are then: an LDS command before the
+ *    MAC reaches it, one after it does not (so both are applied when their commands arrive). The unit counts
+ *    columns per bank (a group is quant_group / 64 columns; WRBIAS of the bank restarts the count), takes
+ *    lane k = nibble k of the column against activation k of GB slot col mod gb_slots (act_ratio columns),
+ *    and on a group's last column forms the term rnd(P x scale of that column) (sim/golden/lowprec_unit.py:
+ *    FP8 activations: P the exact integer sum, NaN if any activation of the group is NaN; BF16
+ *    activations: exact products rounded to FP32, the pairwise FP32 tree, the group's column sums added in
+ *    order; rnd: 24 bits nearest even, below 2^-126 a signed zero, FP16 scale subnormals kept, BF16 ones
+ *    zero, NaN / inf x 0 -> 0x7FC00000). The term is added to the accumulator slot row[4] (acc_slots = 2)
+ *    at edge c + mac_depth - 1 (mac_depth = 1 + the unit's latency: 8 with FP8, 18 with BF16
+ *    activations); a WRBIAS into the same slot at that edge wins. PU_BUSY is per slot: WRBIAS / RDMAC of
+ *    slot row[4] within tMAC of a MAC into that slot; AF reads and waits for slot 0; RDMAC returns slot
+ *    row[4] (the word is formed from the slot the command names, executed or not).
  *  - AF (bank.py): from the accumulator x during cycle c: the LUT segment index (af_segment_index),
  *    x rounded to BF16 (fp32_to_bf16), slope = high half of LUT word 2*sel, intercept = word 2*sel+1,
  *    y = fp32_add(bf16_mul(x, slope), intercept) into af_out at edge c + 3 (visible from c + 4).
@@ -56,7 +75,9 @@
  * floating-point environment (round to nearest, no -ffast-math, SSE arithmetic).
  *
  * Parameters come from the configuration (hw/pim/behav.py: PARAM_NAMES, the same order as kParam
- * below), never from constants here. Opcodes and violation codes are hw/pim/commands.py's table;
+ * below; the 4-bit ones appended at the end), never from constants here. Test hooks (`mutation`, each
+ * must be caught by tests/test_pim_behav.py's lockstep): 1 the BF16 lanes added left to right, 2 the
+ * 4-bit scale applied to every product before an FP32 sum, 3 the nibbles of each byte swapped. Opcodes and violation codes are hw/pim/commands.py's table;
  * tests/test_pim_behav.py checks the enums below against it.
  *
  * Back door (as pim_storage.v): on a rising edge of bd_load with +PIM_BACKDOOR=<dir>, every bank

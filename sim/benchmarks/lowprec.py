@@ -88,8 +88,9 @@ EXPECTED_S = 110
 a fresh-clone make bench at e2d5642."""
 
 
-def run_w4_gemvs(config: str, shapes, check_all: bool = False, quiet: bool = True) -> dict:
-    """4-bit GEMVs ``[(K, N), ...]`` on the RTL PIM device ``config``; the testbench's metrics (``shapes``)."""
+def run_w4_gemvs(config: str, shapes, check_all: bool = False, quiet: bool = True, pim_impl: str = "rtl") -> dict:
+    """4-bit GEMVs ``[(K, N), ...]`` on the PIM device ``config`` (``pim_impl``: the RTL channel or the behavioural
+    one, :mod:`hw.pim.behav`); the testbench's metrics (``shapes``)."""
     import contextlib
     import json
     import os
@@ -102,17 +103,18 @@ def run_w4_gemvs(config: str, shapes, check_all: bool = False, quiet: bool = Tru
     from sim.console import Quiet
 
     cfg = preset(config)
-    log = str(BUILD_ROOT / "logs" / f"w4_gemv_{config}.log")
+    tag = "" if pim_impl == "rtl" else f"_{pim_impl}"
+    log = str(BUILD_ROOT / "logs" / f"w4_gemv_{config}{tag}.log")
     with tempfile.TemporaryDirectory() as tmp, (Quiet(log) if quiet else contextlib.nullcontext()):
         t0 = time.perf_counter()
         b = build(device_factory(cfg), name=f"pim_device_{config}", key=repr(cfg), sim="verilator",
-                  extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+                  extra_sources=tuple(device_sources(cfg, pim_impl=pim_impl)), no_inline=("pim_bank_*",))
         build_s = time.perf_counter() - t0
         metrics = os.path.join(tmp, "metrics.jsonl")
         env = {"IANUS_CONFIG": config, "GEMV_SHAPES": ",".join(f"{k}x{n}" for k, n in shapes),
                "IANUS_METRICS": metrics, "CHECK_ALL": int(check_all)}
         t0 = time.perf_counter()
-        b.run("sim.tb.pim_lowprec_tb", "w4_gemv", env=env, test_name=f"bench_w4_gemv_{config}")
+        b.run("sim.tb.pim_lowprec_tb", "w4_gemv", env=env, test_name=f"bench_w4_gemv_{config}{tag}")
         wall = time.perf_counter() - t0
         result = [json.loads(line) for line in open(metrics)][-1]
     result.update(wall_s=wall, build_s=build_s)
