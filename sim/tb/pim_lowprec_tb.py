@@ -69,7 +69,8 @@ def w4_golden(cfg, q, x, bias) -> np.ndarray:
 
 
 async def run_w4_gemv(drv: PimDriver, sch: Scheduler, layout: W4GemvLayout, q, x, bias):
-    """Back-door load, schedule and play the program on every channel: (y bits [N], cycles, refreshes)."""
+    """Back-door load, schedule and play the program on every channel: (y bits [N], cycles, refreshes, wall
+    seconds of the play alone: the simulation of the program's cycles, without the setup)."""
     cfg = drv.cfg
     p, t = cfg.pim, cfg.timing
     d = _backdoor_dir()
@@ -117,7 +118,9 @@ async def run_w4_gemv(drv: PimDriver, sch: Scheduler, layout: W4GemvLayout, q, x
         results[(c, *slot.tag)] = _words_to_u32(word, bpw)
 
     t0 = slots[first].cycle
+    w0 = time.perf_counter()
     await drv.play([slots] * p.channels, resolve=resolve, on_read=on_read)
+    play_s = time.perf_counter() - w0
     cycles = slots[-1].cycle + t.tRL + 1 - t0
     y = np.zeros(layout.tiles * layout.per_tile, np.uint32)
     for (c, kind, tile, g), vals in results.items():
@@ -128,7 +131,7 @@ async def run_w4_gemv(drv: PimDriver, sch: Scheduler, layout: W4GemvLayout, q, x
             if b < p.banks:
                 y[layout.output_index(tile, c, b)] = vals[k]
     refs = sum(1 for s_ in slots[first:] if s_.op == "REF")
-    return y[:layout.N], cycles, refs
+    return y[:layout.N], cycles, refs, play_s
 
 
 @tb_test()
@@ -145,7 +148,7 @@ async def w4_gemv(dut):
         q, x, bias = w4_data(cfg, K, N, seed=300 + i)
         layout = W4GemvLayout(cfg, K, N)
         t0 = time.perf_counter()
-        y, cycles, refs = await run_w4_gemv(drv, sch, layout, q, x, bias)
+        y, cycles, refs, play_s = await run_w4_gemv(drv, sch, layout, q, x, bias)
         wall = time.perf_counter() - t0
         # Every output, or (CHECK_ALL=0, long benches) every output of a sample of tiles incl. the last.
         idx = np.arange(N) if check else np.unique(np.concatenate(
@@ -160,6 +163,7 @@ async def w4_gemv(dut):
                        "amortized_cycles": am, "amortized_bound": lb["amortized_cycles"],
                        "efficiency": lb["amortized_cycles"] / am, "per_row": layout.per_row,
                        "rows": layout.rows_used, "checked_outputs": int(idx.size), "wall_s": wall,
+                       "play_s": play_s,
                        "weight_bytes": gemv_bytes(cfg, K, N)})
         dut._log.info("w4 GEMV %dx%d: %d cycles (%d REF), bound %d, amortized efficiency %.3f, %d units/row, "
                       "%d outputs bit-exact", K, N, cycles, refs, lb["cycles"], report[-1]["efficiency"],
