@@ -95,12 +95,12 @@ def test_lockstep_random_commands_4bit_variants(config, changes, seed):
     run_lockstep(config, 20000, seed, pim=changes)
 
 
-@pytest.mark.parametrize("mutation", [2, 3])
-def test_lockstep_catches_a_wrong_4bit_model(mutation):
-    """A 4-bit model with the scale applied to every product before an FP32 sum (2) or with the nibbles of each
-    byte taken in the wrong order (3) must be caught."""
+def test_lockstep_catches_a_wrong_4bit_model():
+    """A 4-bit model with the scale applied to every product before an FP32 sum (mutation 2) must be caught
+    (one mutant build; mutation 3, the nibbles of each byte swapped, is caught by the lockstep as well, measured
+    at 31c01a6, and is kept by the cheaper test_model_4bit_unit_mutations_are_caught)."""
     with pytest.raises(CocotbFailure, match="rtl .* behav"):
-        run_lockstep("tiny-w4a8", 20000, 10, env={"MIN_EXECUTED": 0}, mutation=mutation)
+        run_lockstep("tiny-w4a8", 20000, 10, env={"MIN_EXECUTED": 0}, mutation=2)
 
 
 @pytest.mark.parametrize("what", ["timing", "adder_order"])
@@ -325,3 +325,11 @@ def test_model_4bit_unit_against_golden(weights, acts, scale_format, group, grid
             assert got[b] == want, (f"round {rnd} ({kind}) bank {b}: model {got[b]:#010x} golden {want:#010x}")
             checked += 1
     assert checked == 24 * p.banks and groups >= 1
+
+
+@pytest.mark.parametrize("mutation", [2, 3])
+def test_model_4bit_unit_mutations_are_caught(mutation):
+    """The golden comparison is not blind: the scale applied per product (2), the nibbles of a byte swapped (3)."""
+    for case in (("fp4", "fp8_e4m3", "fp16", 128, True), ("int4", "bf16", "fp16", 128, False)):
+        with pytest.raises(AssertionError, match="model .* golden"):
+            test_model_4bit_unit_against_golden(*case, mutation=mutation)
