@@ -30,7 +30,7 @@ from hw.spec import fp as G
 from sim.golden import lowprec_unit as LU
 from sim.pim_sequencer import PimDriver, Scheduler, write_backdoor_bin
 from sim.tb.common import env_config, env_int, env_str, tb_test, write_metrics
-from sim.tb.pim_tb import _backdoor_dir, _words_to_u32
+from sim.tb.pim_tb import _backdoor_dir, _words_to_u32, gather_outputs
 
 
 def _cfg():
@@ -122,14 +122,8 @@ async def run_w4_gemv(drv: PimDriver, sch: Scheduler, layout: W4GemvLayout, q, x
     await drv.play([slots] * p.channels, resolve=resolve, on_read=on_read)
     play_s = time.perf_counter() - w0
     cycles = slots[-1].cycle + t.tRL + 1 - t0
-    y = np.zeros(layout.tiles * layout.per_tile, np.uint32)
-    for (c, kind, tile, g), vals in results.items():
-        if kind != "result":
-            continue
-        for k in range(bpw):
-            b = g * bpw + k
-            if b < p.banks:
-                y[layout.output_index(tile, c, b)] = vals[k]
+    y = gather_outputs(layout, (((c, tile, g), vals) for (c, kind, tile, g), vals in results.items()
+                                if kind == "result"), bpw, p.banks, layout.tiles * layout.per_tile)
     refs = sum(1 for s_ in slots[first:] if s_.op == "REF")
     return y[:layout.N], cycles, refs, play_s
 

@@ -150,14 +150,22 @@ async def run_gemv(drv: PimDriver, sch_for, layout: GemvLayout, w, x, bias, back
     t0 = slots[first].cycle
     end = await drv.play([slots] * p.channels, resolve=resolve, on_read=on_read)
     cycles = slots[-1].cycle + cfg.timing.tRL + 1 - t0
-    y = np.zeros(npad, dtype=np.uint32)
-    for (c, tile, g), vals in results.items():
-        for k in range(bpw):
-            b = g * bpw + k
-            if b < p.banks:
-                y[layout.output_index(tile, c, b)] = vals[k]
+    y = gather_outputs(layout, results.items(), bpw, p.banks, npad)
     refs = sum(1 for s_ in slots[first:] if s_.op == "REF")
     return y[:layout.N], cycles, end, refs
+
+
+def gather_outputs(layout, words, bpw: int, banks: int, size: int) -> np.ndarray:
+    """The GEMV's output vector (``size`` uint32) from its RDMAC words: ``((channel, tile, group), values)``
+    with ``bpw`` banks' results per word, bank ``group * bpw + k`` at ``layout.output_index(tile, channel,
+    bank)`` (the words of padding banks past ``banks`` ignored)."""
+    y = np.zeros(size, dtype=np.uint32)
+    for (c, tile, g), vals in words:
+        for k in range(bpw):
+            b = g * bpw + k
+            if b < banks:
+                y[layout.output_index(tile, c, b)] = vals[k]
+    return y
 
 
 @tb_test()
