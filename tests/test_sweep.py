@@ -64,9 +64,10 @@ def rows_of(path):
     (spec_of(axes={}), "axes must name at least one field"),
     (spec_of(mode="random"), "samples must be an integer in 1..1000000 in random mode, not 0"),
     (spec_of(samples=5), "samples is for mode random"),
-    (spec_of(base="huge"), "base must be one of tiny, default, ianus, tiny-dualrb, default-dualrb, neupims, tiny-il, "
-                                "default-il, default-4ch, tiny-hpim, default-hpim, tiny-w4, tiny-w4a8, default-w4, default-w4a8, ianus-w4, ianus-w4a8, tiny-p4, "
-                                "default-p4, tiny-dualrb-p4, not 'huge'"),
+    (spec_of(base="huge"), "base must be one of tiny, default, ianus, tiny-dualrb, default-dualrb, neupims, "
+                           "neupims-hw, tiny-il, default-il, default-4ch, tiny-hpim, default-hpim, tiny-w4, tiny-w4a8, "
+                           "default-w4, default-w4a8, ianus-w4, ianus-w4a8, tiny-p4, default-p4, tiny-dualrb-p4, "
+                           "not 'huge'"),
     (spec_of(positions=0), "positions must be an integer in 1..64, not 0"),
     (spec_of(timeout_s=-1), "timeout_s must be a positive number of seconds, not -1"),
     (spec_of(colour="red"), "unknown spec key 'colour'"),
