@@ -70,8 +70,9 @@ def test_replace_variants():
 
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset.name must be one of tiny, default, ianus, tiny-dualrb, "
-                                          "default-dualrb, neupims, tiny-il, default-il, default-4ch, tiny-hpim, default-hpim, tiny-w4, "
-                                          "tiny-w4a8, default-w4, default-w4a8, ianus-w4, ianus-w4a8, tiny-p4, default-p4, tiny-dualrb-p4, not 'huge'"):
+                                          "default-dualrb, neupims, neupims-hw, tiny-il, default-il, default-4ch, "
+                                          "tiny-hpim, default-hpim, tiny-w4, tiny-w4a8, default-w4, default-w4a8, "
+                                          "ianus-w4, ianus-w4a8, tiny-p4, default-p4, tiny-dualrb-p4, not 'huge'"):
         preset("huge")
 
 
