@@ -267,7 +267,7 @@ class MemoryController(wiring.Component):
             sched.resp_credit.eq(pipe.resp_credit),
         ]
         if cfg.pim.pick_stages:
-            m.d.comb += sched.resp_credit2.eq(pipe.resp_credit2)
+            m.d.comb += [sched.resp_credit2.eq(pipe.resp_credit2), sched.collapse.eq(queue.collapse)]
 
         # Responses: column commands, refused PIM reads and error requests enter the read-latency pipe.
         wiring.connect(m, queue.col_resp, pipe.col)

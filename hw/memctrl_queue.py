@@ -83,10 +83,17 @@ class RequestQueue(wiring.Component):
     With a registered pick (``PimGeometry.pick_stages = 1``) the row hits are registers, updated by the
     issued ACT / ACTAB / PRE / PREAB (no open-row lookup per entry), and each entry carries its readiness
     for the pick, registered a cycle ahead (``r_col``, ``r_act``, ``r_pre``, ``r_hib`` of
-    :func:`entry_layout`; :meth:`_readiness`).
+    :func:`entry_layout`; :meth:`_readiness`). The removal is registered too: an entry granted in cycle
+    ``t`` (``remove``) is a hole in ``t + 1`` (not valid, ready for nothing, not counted) and the queue
+    collapses over it at the end of ``t + 1``, so no path runs from the grant into the shift of the
+    entries.
+    collapse : Out(depth)
+        With a registered pick: the entries that shift down at the end of this cycle (a registered
+        thermometer, from the hole up; the scheduler follows it with the index of its pick).
     starving : Out(1)
         The oldest request waited ``starve_limit`` cycles without its row being open.
     count : Out(range(depth + 1))
+        The queued requests (a hole not counted).
     col_resp, err_resp : Out(ResponseSourceSignature())
         The removed entry's response (a read or a write acknowledgement) and the error response.
     """
@@ -102,6 +109,7 @@ class RequestQueue(wiring.Component):
             "entries": Out(data.ArrayLayout(entry_layout(cfg), depth)), "picked": Out(picked_layout(cfg)),
             "hit_in_bank": Out(cfg.pim.banks), "starving": Out(1), "count": Out(range(depth + 1)),
             "col_resp": Out(ResponseSourceSignature()), "err_resp": Out(ResponseSourceSignature()),
+            **({"collapse": Out(depth)} if cfg.pim.pick_stages else {}),
         })
 
     def elaborate(self, platform):
@@ -122,13 +130,23 @@ class RequestQueue(wiring.Component):
         q_mask = [Signal(p.column_bytes, name=f"q{i}_mask") for i in range(D)]
         q_tag = [Signal(TAG_BITS, name=f"q{i}_tag") for i in range(D)]
         q_miss = [Signal(name=f"q{i}_miss") for i in range(D)]
-        count = self.count
-        q_valid = [count > i for i in range(D)]
+        registered = p.pick_stages > 0
+        if registered:
+            # The removal is registered: the entry granted in cycle t leaves the queue at the end of t + 1. In
+            # t + 1 it is a hole (``gone``, one-hot), invisible to everything else; ``collapse`` (registered,
+            # a thermometer) says which entries shift down at the end of t + 1.
+            count = Signal(range(D + 1), name="q_count")
+            collapse = self.collapse
+            gone = Signal(D, name="q_gone")
+            m.d.comb += gone.eq(collapse & ~(collapse << 1)[:D])
+            q_valid = [(count > i) & ~gone[i] for i in range(D)]
+        else:
+            count = self.count
+            q_valid = [count > i for i in range(D)]
 
         # Per-entry status.
         hit = Signal(D)
         blocked = Signal(D)
-        registered = p.pick_stages > 0
         # With a registered pick the row hits are registers, kept up to date by the issued commands.
         q_hit = Signal(D, name="q_hit") if registered else None
         for i in range(D):
@@ -146,11 +164,14 @@ class RequestQueue(wiring.Component):
             m.d.comb += [e.valid.eq(q_valid[i]), e.bank.eq(q_bank[i]), e.row.eq(q_row[i]), e.write.eq(q_write[i]),
                          e.hit.eq(hit[i]), e.blocked.eq(blocked[i])]
         if registered:
-            ready, ready_next = self._readiness(m, q_valid, q_bank, q_write, hit, blocked)
+            ready, ready_next = self._readiness(m, q_valid, q_bank, q_write, hit, blocked, gone)
 
         # Starvation guard: the oldest request waited too long behind younger hits.
         head_age = Signal(range(self._starve_limit + 1))
         m.d.comb += self.starving.eq(q_valid[0] & ~hit[0] & (head_age == self._starve_limit))
+        if registered:
+            # With a hole at the head (a removal of entry 0) the head is entry 1.
+            head_hit = Mux(gone[0], hit[1] if D > 1 else 0, hit[0])
 
         # Read port: the picked entry.
         sel = self.pick
@@ -165,9 +186,12 @@ class RequestQueue(wiring.Component):
         req_err = fields["misaligned"] | (fields["channel"] != self.chan_id)
         enq = Signal()
         inc = self.req.payload
+        rm, col_sel = (collapse[D - 1], None) if registered else (self.remove, self.pick)
+        slot = count - rm
+        room = (slot < D) if registered else (count < D)
         m.d.comb += [
-            self.req.ready.eq(Mux(req_err, self.err_accept, count < D)),
-            enq.eq(self.req.valid & ~req_err & (count < D)),
+            self.req.ready.eq(Mux(req_err, self.err_accept, room)),
+            enq.eq(self.req.valid & ~req_err & room),
             self.err_resp.valid.eq(self.req.valid & req_err), self.err_resp.err.eq(1),
             self.err_resp.write.eq(inc.write), self.err_resp.tag.eq(inc.tag),
             self.col_resp.valid.eq(self.remove), self.col_resp.write.eq(k.write), self.col_resp.tag.eq(k.tag),
@@ -182,11 +206,12 @@ class RequestQueue(wiring.Component):
         for i in range(D):
             m.d.comb += miss_next[i].eq(q_miss[i] | (act_now & ((op == PimOp.ACTAB) | (iss_bank == q_bank[i])) &
                                                      (iss_row == q_row[i])))
-        rm, col_sel = self.remove, self.pick
-        slot = count - rm
         for i in range(D):
             # The last entry never shifts in from above: on removal it empties (count drops).
-            shift = rm & (col_sel <= i) if i < D - 1 else None
+            if i == D - 1:
+                shift = None
+            else:
+                shift = collapse[i] if registered else rm & (col_sel <= i)
             with m.If(enq & (slot == i)):
                 m.d.sync += [q_row[i].eq(fields["row"]), q_bank[i].eq(fields["bank"]), q_col[i].eq(fields["column"]),
                              q_write[i].eq(inc.write), q_data[i].eq(inc.data), q_mask[i].eq(inc.mask),
@@ -220,18 +245,30 @@ class RequestQueue(wiring.Component):
             for i in range(D):
                 with m.If(enq & (slot == i)):
                     m.d.sync += [r[i].eq(ready_in[name]) for name, r in ready.items()]
-                with m.Elif(rm & (col_sel <= i)):       # the entry above shifts in (the last one empties)
+                with m.Elif(collapse[i]):       # the entry above shifts in (the last one empties)
                     m.d.sync += [r[i].eq(ready_next[name][i + 1] if i < D - 1 else 0) for name, r in ready.items()]
                 with m.Else():
                     m.d.sync += [r[i].eq(ready_next[name][i]) for name, r in ready.items()]
         m.d.sync += count.eq(count - rm + enq)
+        if registered:
+            # The granted entry's place as it will be next cycle, after this cycle's collapse.
+            at = self.pick - collapse.bit_select(self.pick, 1)
+            m.d.sync += collapse.eq(Mux(self.remove, Cat(*[at <= i for i in range(D)]), 0))
+            m.d.comb += self.count.eq(slot)
+            with m.If((slot == 0) | head_hit):
+                m.d.sync += head_age.eq(0)
+            with m.Elif(gone[0]):       # the new head's first cycle
+                m.d.sync += head_age.eq(1)
+            with m.Elif(head_age != self._starve_limit):
+                m.d.sync += head_age.eq(head_age + 1)
+            return m
         with m.If((rm & (col_sel == 0)) | (count == 0) | hit[0]):
             m.d.sync += head_age.eq(0)
         with m.Elif(head_age != self._starve_limit):
             m.d.sync += head_age.eq(head_age + 1)
         return m
 
-    def _readiness(self, m, q_valid, q_bank, q_write, hit, blocked):
+    def _readiness(self, m, q_valid, q_bank, q_write, hit, blocked, gone):
         """The per-entry readiness for the registered pick (``pick_stages = 1``), registered a cycle ahead.
 
         Computed in cycle ``t`` from the entries and the channel state of ``t`` and registered (following
@@ -254,9 +291,9 @@ class RequestQueue(wiring.Component):
         for i in range(D):
             e = self._entry_ready(m, q_valid[i], q_bank[i], q_write[i], hit[i], blocked[i], f"q{i}")
             m.d.comb += [ready_next[n][i].eq(e[n]) for n in names]
-        for i, e in enumerate(self.entries):
-            m.d.comb += [e.r_col.eq(ready["r_col"][i]), e.r_act.eq(ready["r_act"][i]),
-                         e.r_pre.eq(ready["r_pre"][i]), e.r_hib.eq(ready["r_hib"][i])]
+        for i, e in enumerate(self.entries):       # a hole (``gone``) is ready for nothing
+            m.d.comb += [e.r_col.eq(ready["r_col"][i] & ~gone[i]), e.r_act.eq(ready["r_act"][i] & ~gone[i]),
+                         e.r_pre.eq(ready["r_pre"][i] & ~gone[i]), e.r_hib.eq(ready["r_hib"][i])]
         return ready, ready_next
 
     def _entry_ready(self, m, valid, bank, write, hit, blocked, prefix):
@@ -311,6 +348,9 @@ class Scheduler(wiring.Component):
         The response FIFO has room (a column command waits for it).
     resp_credit2 : In(1)
         With a registered pick: room for two (the pick is decided a cycle ahead).
+    collapse : In(depth)
+        With a registered pick: the queue's entries that shift down at the end of this cycle
+        (:class:`RequestQueue`'s registered removal).
     mode_normal : In(1)
         Normal requests are served.
     pick : Out(range(depth))
@@ -328,7 +368,7 @@ class Scheduler(wiring.Component):
             "entries": In(data.ArrayLayout(entry_layout(cfg), depth)), "hit_in_bank": In(cfg.pim.banks),
             "starving": In(1), "picked": In(picked_layout(cfg)), "state": In(ChannelStateSignature(cfg)),
             "pact_pending": In(1), "pact_row": In(rb), "resp_credit": In(1), "mode_normal": In(1),
-            **({"resp_credit2": In(1)} if cfg.pim.pick_stages else {}),
+            **({"resp_credit2": In(1), "collapse": In(depth)} if cfg.pim.pick_stages else {}),
             "pick": Out(range(depth)), "bid": Out(BidSignature(cfg)), "remove": Out(1),
         })
 
@@ -491,7 +531,7 @@ class Scheduler(wiring.Component):
         with m.If(starve):
             m.d.sync += [c.col.eq(0), c.act.eq(~head[0]), c.bank.eq(head[1]), c.row.eq(head[2])]
         with m.Elif(any_col):
-            shifted = self.remove & (c.idx < col_sel)       # an older entry leaves the queue this cycle
+            shifted = self.collapse.bit_select(col_sel, 1)      # an older entry leaves the queue this cycle
             m.d.sync += [c.col.eq(1), c.idx.eq(col_sel - shifted), c.bank.eq(col_bank)]
         with m.Else():
             m.d.sync += [c.col.eq(0), c.act.eq(~oldest[0]), c.bank.eq(oldest[1]), c.row.eq(oldest[2])]
