@@ -336,6 +336,12 @@ class RefreshMachine(wiring.Component):
             with m.If(reopen[b]):
                 m.d.comb += reopen_bank.eq(b)
         same_rows = Cat(*[open_row[b] == open_row[0] for b in range(nb)]).all()
+        if p.pick_stages:
+            # Registered (with the registered pick, for Fmax): the rows Reopen activates are only changed by
+            # an ACT, and Drain (at least a REF) precedes Reopen with nothing else issued.
+            same_rows_r = Signal(name="same_rows")
+            m.d.sync += same_rows_r.eq(same_rows)
+            same_rows = same_rows_r
         refreshing = self.refreshing
         ref_start = Signal()
         forced = Signal()

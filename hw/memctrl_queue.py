@@ -147,11 +147,32 @@ class RequestQueue(wiring.Component):
         # Per-entry status.
         hit = Signal(D)
         blocked = Signal(D)
-        # With a registered pick the row hits are registers, kept up to date by the issued commands.
+        # With a registered pick the row hits are registers, kept up to date by the issued commands: the
+        # command of a cycle is registered (``xq_*``) and applied in the next (to the row hits and the row
+        # misses), so no path runs from the arbiter into the per-entry registers.
         q_hit = Signal(D, name="q_hit") if registered else None
+        if registered:
+            iss, iop = self.issued, self.issued.op.as_value()
+            x_rowop, x_allop, x_opens, x_act, x_actab = (Signal(name=f"xq_{n}") for n in
+                                                         ("rowop", "allop", "opens", "act", "actab"))
+            x_bank, x_row = Signal(bb, name="xq_bank"), Signal(rb, name="xq_row")
+            fresh = Signal(D, name="q_fresh")       # entered last cycle (last cycle's ACT is not its miss)
+            m.d.sync += [x_rowop.eq(iss.valid & iop.matches(PimOp.ACT, PimOp.PRE)),
+                         x_allop.eq(iss.valid & iop.matches(PimOp.ACTAB, PimOp.PREAB)),
+                         x_opens.eq(iop.matches(PimOp.ACT, PimOp.ACTAB)),
+                         x_act.eq(iss.valid & iop.matches(PimOp.ACT, PimOp.ACTAB,
+                                                          *((PimOp.PACTAB,) if dual else ()))),
+                         x_actab.eq(iss.op == PimOp.ACTAB), x_bank.eq(iss.bank), x_row.eq(iss.row)]
+            miss_now = [Signal(name=f"q{i}_miss_now") for i in range(D)]
         for i in range(D):
             if registered:
-                m.d.comb += hit[i].eq(q_valid[i] & q_hit[i])
+                # An ACT / ACTAB of the entry's bank makes it a hit if it opens the entry's row (and a miss
+                # if the entry was queued before), a PRE / PREAB makes it a miss.
+                same_row, same_bank = x_row == q_row[i], x_bank == q_bank[i]
+                m.d.comb += [
+                    hit[i].eq(q_valid[i] & Mux(x_allop | (x_rowop & same_bank), x_opens & same_row, q_hit[i])),
+                    miss_now[i].eq(q_miss[i] | (x_act & (x_actab | same_bank) & same_row & ~fresh[i])),
+                ]
             else:
                 m.d.comb += hit[i].eq(q_valid[i] & bit_of(s.is_open, q_bank[i], nb) &
                                       (open_row[q_bank[i]] == q_row[i]))
@@ -178,7 +199,7 @@ class RequestQueue(wiring.Component):
         k = self.picked
         m.d.comb += [k.bank.eq(Array(q_bank)[sel]), k.col.eq(Array(q_col)[sel]), k.write.eq(Array(q_write)[sel]),
                      k.data.eq(Array(q_data)[sel]), k.mask.eq(Array(q_mask)[sel]), k.tag.eq(Array(q_tag)[sel]),
-                     k.miss.eq(Array(q_miss)[sel])]
+                     k.miss.eq(Array(miss_now if registered else q_miss)[sel])]
 
         # Incoming requests; responses.
         amap = AddressMap(p)
@@ -199,13 +220,16 @@ class RequestQueue(wiring.Component):
 
         # ------------------------------------------------------- queue update
         # Flag entries whose row is being activated (they will count as misses).
-        op, iss_bank, iss_row = self.issued.op, self.issued.bank, self.issued.row
-        is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB, *((PimOp.PACTAB,) if dual else ()))
-        miss_next = [Signal(name=f"q{i}_miss_next") for i in range(D)]
-        act_now = self.issued.valid & is_act
-        for i in range(D):
-            m.d.comb += miss_next[i].eq(q_miss[i] | (act_now & ((op == PimOp.ACTAB) | (iss_bank == q_bank[i])) &
-                                                     (iss_row == q_row[i])))
+        if registered:
+            miss_next = miss_now
+        else:
+            op, iss_bank, iss_row = self.issued.op, self.issued.bank, self.issued.row
+            is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB, *((PimOp.PACTAB,) if dual else ()))
+            miss_next = [Signal(name=f"q{i}_miss_next") for i in range(D)]
+            act_now = self.issued.valid & is_act
+            for i in range(D):
+                m.d.comb += miss_next[i].eq(q_miss[i] | (act_now & ((op == PimOp.ACTAB) | (iss_bank == q_bank[i])) &
+                                                         (iss_row == q_row[i])))
         for i in range(D):
             # The last entry never shifts in from above: on removal it empties (count drops).
             if i == D - 1:
@@ -230,18 +254,10 @@ class RequestQueue(wiring.Component):
             in_blocked = Cat(*[q_valid[j] & (q_row[j] == in_row) & (q_bank[j] == in_bank) & (q_col[j] == in_col)
                                for j in range(D)]).any()
             ready_in = self._entry_ready(m, Const(1, 1), in_bank, inc.write, in_hit, in_blocked, "in")
-            # The row hits after this cycle's command: an ACT / ACTAB of the entry's bank makes it a hit if it
-            # opens the entry's row, a PRE / PREAB makes it a miss.
-            row_op = self.issued.valid & op.as_value().matches(PimOp.ACT, PimOp.PRE)
-            all_op = self.issued.valid & op.as_value().matches(PimOp.ACTAB, PimOp.PREAB)
-            opens = op.as_value().matches(PimOp.ACT, PimOp.ACTAB)
-
-            def hit_after(bank, row, now):
-                return Mux(all_op | (row_op & (iss_bank == bank)), opens & (iss_row == row), now)
-
-            ready["hit"], ready_in["hit"] = q_hit, hit_after(in_bank, in_row, in_hit)
-            for i in range(D):
-                m.d.comb += ready_next["hit"][i].eq(hit_after(q_bank[i], q_row[i], hit[i]))
+            # The row hits before this cycle's command (applied next cycle, with ``xq_*``).
+            ready["hit"], ready_in["hit"] = q_hit, in_hit
+            m.d.comb += ready_next["hit"].eq(hit)
+            m.d.sync += fresh.eq(Mux(enq, Cat(*[slot == i for i in range(D)]), 0))
             for i in range(D):
                 with m.If(enq & (slot == i)):
                     m.d.sync += [r[i].eq(ready_in[name]) for name, r in ready.items()]

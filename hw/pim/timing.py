@@ -60,10 +60,18 @@ def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: 
     """tFAW: ``ok`` while fewer than four activations (``act`` high) happened in the last ``tFAW - 1``
     cycles (a shift register), so a fifth is allowed ``tFAW`` cycles after the first. Returns ``ok``; with
     ``ahead``, ``(ok, ok_next)``: ``ok_next`` counts the window as it will be next cycle without this cycle's
-    ``act`` (as :func:`countdown`)."""
+    ``act`` (as :func:`countdown`), and the activations in the window are a register (``faw_count``, updated
+    with the bit that enters and the one that leaves) instead of a sum over the window."""
     ok = Signal(name="faw_ok")
     ok_next = Signal(name="faw_ok_next") if ahead else None
-    if tFAW > 1:
+    if tFAW > 1 and ahead:
+        window = Signal(tFAW - 1, name="window")
+        m.d.sync += window.eq(Cat(act, window[:-1]) if tFAW > 2 else act)
+        count = Signal(range(tFAW), name="faw_count")
+        m.d.sync += count.eq(count + act - window[-1])
+        m.d.comb += [ok.eq(count < 4),
+                     ok_next.eq((count < 4) | ((count == 4) & window[-1]) if tFAW > 2 else 1)]
+    elif tFAW > 1:
         window = Signal(tFAW - 1, name="window")
         m.d.sync += window.eq(Cat(act, window[:-1]) if tFAW > 2 else act)
         total = sum(window[i] for i in range(len(window)))
@@ -72,8 +80,6 @@ def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: 
             m.d.comb += count.eq(total)
             total = count
         m.d.comb += ok.eq(total < 4)
-        if ahead:
-            m.d.comb += ok_next.eq(sum(window[i] for i in range(len(window) - 1)) < 4 if tFAW > 2 else 1)
     else:
         m.d.comb += ok.eq(1)
         if ahead:
