@@ -109,7 +109,8 @@ class ChannelStateSignature(wiring.Signature):
     (:meth:`hw.memctrl_queue.RequestQueue._readiness`) the bank windows two cycles ahead (``rcdrd_n2``,
     ``rcdwr_n2``, ``rp_n2``, ``pre_n2``: allowed in two cycles unless this cycle's or the next cycle's
     command restarts them) and ``x_pre2`` (per bank: this cycle's command restarts a PRE window, tRAS / tWR
-    / tRTP, that still runs two cycles later)."""
+    / tRTP, that still runs two cycles later); and ``af_row`` (per bank: ``open_row`` is at least
+    ``PimGeometry.data_rows``, an AF row)."""
 
     def __init__(self, cfg: SystemConfig):
         nb = cfg.pim.banks
@@ -129,6 +130,8 @@ class ChannelStateSignature(wiring.Signature):
             members.update({n: Out(1) for n in ("ccd_nx", "act_timing_nx", "x_column", "x_act")})
             # For the per-entry readiness the request queue registers: the bank windows two cycles ahead.
             members.update({n: Out(nb) for n in ("rcdrd_n2", "rcdwr_n2", "rp_n2", "pre_n2", "x_pre2")})
+            # Per bank: its open row is an AF row (registered with the row, for the PIM path's AF check).
+            members["af_row"] = Out(nb)
         super().__init__(members)
 
 
@@ -200,6 +203,8 @@ class ChannelState(wiring.Component):
                                  op.as_value().matches(PimOp.MACAB, PimOp.AF))
             with m.If(do_act):
                 m.d.sync += [is_open[b].eq(1), open_row[b].eq(iss_row)]
+                if ahead:
+                    m.d.sync += s.af_row[b].eq(iss_row >= p.data_rows)
             with m.Elif(do_pre):
                 m.d.sync += is_open[b].eq(0)
             if ahead:
@@ -286,7 +291,9 @@ class RefreshMachine(wiring.Component):
     or forced when ``refresh_postpone`` are owed. ``Drain``: PREAB (and PPREAB) when tRAS/tWR/tRTP allow,
     then REF when tRP and tRFC allow. A forced refresh in PIM mode closes the PIM stream's rows, so
     ``Reopen`` activates them again (ACTAB when every bank had the same row, else ACT per bank under
-    tRRD/tFAW; PACTAB for the PIM buffer) before the stream continues.
+    tRRD/tFAW; PACTAB for the PIM buffer) before the stream continues. With the registered pick
+    (``PimGeometry.pick_stages = 1``, for Fmax) the banks left to reopen come with registers of the lowest
+    one, its row and whether none / all are left, and the every-bank-same-row check is registered.
 
     Members
     -------
@@ -332,9 +339,38 @@ class RefreshMachine(wiring.Component):
 
         reopen = Signal(nb)
         reopen_bank = Signal(bb)
-        for b in reversed(range(nb)):
-            with m.If(reopen[b]):
-                m.d.comb += reopen_bank.eq(b)
+        reg = p.pick_stages > 0
+        if reg:
+            # With the registered pick (for Fmax): the banks still to reopen are followed by registers of their
+            # lowest bank, its row and whether none / all are left, computed from the next value (``reopen_next``).
+            rb, _, _ = widths(self._cfg)
+            reopen_next = Signal(nb, name="reopen_next")
+            first = Signal(bb, name="reopen_first")
+            reopen_row, reopen_none, reopen_all = Signal(rb, name="reopen_row"), Signal(name="reopen_none"), \
+                Signal(name="reopen_all")
+            m.d.comb += reopen_next.eq(reopen)
+            for b in reversed(range(nb)):
+                with m.If(reopen_next[b]):
+                    m.d.comb += first.eq(b)
+            m.d.sync += [reopen.eq(reopen_next), reopen_bank.eq(first), reopen_row.eq(open_row[first]),
+                         reopen_none.eq(reopen_next == 0), reopen_all.eq(reopen_next == all_banks)]
+
+            def set_reopen(value):
+                m.d.comb += reopen_next.eq(value)
+
+            def clear_reopen():
+                m.d.comb += reopen_next.bit_select(reopen_bank, 1).eq(0) if nb > 1 else reopen_next.eq(0)
+        else:
+            for b in reversed(range(nb)):
+                with m.If(reopen[b]):
+                    m.d.comb += reopen_bank.eq(b)
+            reopen_row, reopen_none, reopen_all = open_row[reopen_bank], reopen == 0, reopen == all_banks
+
+            def set_reopen(value):
+                m.d.sync += reopen.eq(value)
+
+            def clear_reopen():
+                m.d.sync += reopen.bit_select(reopen_bank, 1).eq(0) if nb > 1 else reopen.eq(0)
         same_rows = Cat(*[open_row[b] == open_row[0] for b in range(nb)]).all()
         if p.pick_stages:
             # Registered (with the registered pick, for Fmax): the rows Reopen activates are only changed by
@@ -355,8 +391,8 @@ class RefreshMachine(wiring.Component):
                 with m.If((owed >= 1) & (urgent | chan_idle)):
                     # Nothing else issues in this cycle either, so ``is_open`` is what Drain closes.
                     m.d.comb += ref_start.eq(1)
-                    m.d.sync += [reopen.eq(Mux(mode_pim, s.is_open, 0)), forced.eq(urgent),
-                                 p_reopen.eq(s.p_open)]
+                    set_reopen(Mux(mode_pim, s.is_open, 0))
+                    m.d.sync += [forced.eq(urgent), p_reopen.eq(s.p_open)]
                     m.next = "Drain"
             with m.State("Drain"):
                 m.d.comb += refreshing.eq(1)
@@ -378,16 +414,16 @@ class RefreshMachine(wiring.Component):
                         with m.If(s.p_rp_ok & s.act_timing_ok):
                             propose(m, cmd, PimOp.PACTAB, row=s.p_row)
                             m.d.sync += p_reopen.eq(0)
-                with (m.Elif if dual else m.If)(reopen == 0):
+                with (m.Elif if dual else m.If)(reopen_none):
                     m.next = "Idle"
-                with m.Elif((reopen == all_banks) & same_rows):
+                with m.Elif(reopen_all & same_rows):
                     with m.If((s.rp_ok == all_banks) & s.act_timing_ok):
                         propose(m, cmd, PimOp.ACTAB, row=open_row[0])
-                        m.d.sync += reopen.eq(0)
+                        set_reopen(0)
                         m.next = "Idle"
                 with m.Elif(bit_of(s.rp_ok, reopen_bank, nb) & s.act_timing_ok):
-                    propose(m, cmd, PimOp.ACT, bank=reopen_bank, row=open_row[reopen_bank])
-                    m.d.sync += reopen.bit_select(reopen_bank, 1).eq(0) if nb > 1 else reopen.eq(0)
+                    propose(m, cmd, PimOp.ACT, bank=reopen_bank, row=reopen_row)
+                    clear_reopen()
         return m
 
 
@@ -543,7 +579,7 @@ class PimPath(wiring.Component):
                     m.d.comb += [state_bad.eq(is_open != all_banks),
                                  timing_ok.eq(mac_timing((s.rcdrd_ok == all_banks) & ccd_ok))]
                 with m.Case(PimOp.AF):
-                    af_rows = Cat(*[open_row[b] >= p.data_rows for b in range(nb)])
+                    af_rows = s.af_row if p.pick_stages else Cat(*[open_row[b] >= p.data_rows for b in range(nb)])
                     m.d.comb += [state_bad.eq((is_open != all_banks) | (af_rows != all_banks)),
                                  timing_ok.eq((s.rcdrd_ok == all_banks) & mac_ok & ccd_ok)]
             with m.Case(PimOp.REF):

@@ -496,7 +496,8 @@ class Scheduler(wiring.Component):
         row_sel = Signal(range(D))
         _oldest_first(m, D, (col_ready, col_sel), (row_ready, row_sel))
         self._register(m, cand, starving & row_ready[0], col_ready.any(), row_ready.any(), col_sel,
-                       Array(q_bank)[col_sel], (~act_ready[0], q_bank[0], q_row[0]),
+                       (Array(q_bank)[col_sel], Array(q[i].write for i in range(D))[col_sel]),
+                       (~act_ready[0], q_bank[0], q_row[0]),
                        (~act_ready.bit_select(row_sel, 1), Array(q_bank)[row_sel], Array(q_row)[row_sel]))
         return m
 
@@ -506,15 +507,16 @@ class Scheduler(wiring.Component):
         It was decided from the windows as they would be this cycle; it is dropped (and picked again) when the
         command issued last cycle (``x_*``, registered here) touched what it relies on: its bank's row (an ACT
         or PRE there), for a PRE also a column command to its bank, for a column command a restarted tCCD,
-        for an ACT any activation or REF (tRRD, tFAW, tRFC). It bids from the queue's read port at its index
-        (column commands) or from its registers (ACT, PRE)."""
+        for an ACT any activation or REF (tRRD, tFAW, tRFC). It bids from its registers (bank, row; for a column
+        command its direction) and, for a column command, the queue's read port at its index (column, data,
+        mask)."""
         p, t = self._cfg.pim, self._cfg.timing
         nb = p.banks
         rb, bb, _ = widths(self._cfg)
         s = self.state
         c = SimpleNamespace(valid=Signal(name="c_valid"), col=Signal(name="c_col"), act=Signal(name="c_act"),
                             idx=Signal(range(self._depth), name="c_idx"), bank=Signal(bb, name="c_bank"),
-                            row=Signal(rb, name="c_row"), go=Signal(name="c_go"))
+                            row=Signal(rb, name="c_row"), go=Signal(name="c_go"), write=Signal(name="c_write"))
         x_row, x_col = Signal(nb, name="x_row"), Signal(nb, name="x_col")
         x_column, x_act = Signal(name="x_column"), Signal(name="x_act")
         m.d.sync += [x_row.eq(s.x_row), x_col.eq(s.x_col), x_column.eq(s.x_column), x_act.eq(s.x_act)]
@@ -533,21 +535,22 @@ class Scheduler(wiring.Component):
             c.go.eq(c.valid & self.mode_normal & ~conflict & (~c.col | self.resp_credit)),
             self.bid.go.eq(c.go), self.remove.eq(self.bid.grant & c.col),
         ]
-        with m.If(c.col):
-            propose(m, self.bid.cmd, Mux(k.write, PimOp.WR, PimOp.RD), k.bank, 0, k.col, k.data, k.mask)
+        with m.If(c.col):      # the bank and direction registered with the pick, the rest from the read port
+            propose(m, self.bid.cmd, Mux(c.write, PimOp.WR, PimOp.RD), c.bank, 0, k.col, k.data, k.mask)
         with m.Else():
             propose(m, self.bid.cmd, Mux(c.act, PimOp.ACT, PimOp.PRE), c.bank, c.row)
         return c
 
-    def _register(self, m, c, starve, any_col, any_row, col_sel, col_bank, head, oldest):
+    def _register(self, m, c, starve, any_col, any_row, col_sel, col_entry, head, oldest):
         """Register this cycle's pick for the next (``pick_stages = 1``): a starving head's ACT / PRE, else the
         oldest ready column command (its index as it will be after this cycle's removal), else the oldest ready
-        ACT / PRE; ``head`` / ``oldest`` are ``(bank open, bank, row)`` of those row commands."""
+        ACT / PRE; ``col_entry`` is ``(bank, write)`` of the column command's entry, ``head`` / ``oldest`` are
+        ``(bank open, bank, row)`` of those row commands."""
         m.d.sync += c.valid.eq(self.mode_normal & (starve | any_col | any_row))
         with m.If(starve):
             m.d.sync += [c.col.eq(0), c.act.eq(~head[0]), c.bank.eq(head[1]), c.row.eq(head[2])]
         with m.Elif(any_col):
             shifted = self.collapse.bit_select(col_sel, 1)      # an older entry leaves the queue this cycle
-            m.d.sync += [c.col.eq(1), c.idx.eq(col_sel - shifted), c.bank.eq(col_bank)]
+            m.d.sync += [c.col.eq(1), c.idx.eq(col_sel - shifted), c.bank.eq(col_entry[0]), c.write.eq(col_entry[1])]
         with m.Else():
             m.d.sync += [c.col.eq(0), c.act.eq(~oldest[0]), c.bank.eq(oldest[1]), c.row.eq(oldest[2])]
