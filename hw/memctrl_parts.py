@@ -110,7 +110,7 @@ class ChannelStateSignature(wiring.Signature):
     ``rcdwr_n2``, ``rp_n2``, ``pre_n2``: allowed in two cycles unless this cycle's or the next cycle's
     command restarts them) and ``x_pre2`` (per bank: this cycle's command restarts a PRE window, tRAS / tWR
     / tRTP, that still runs two cycles later); and ``af_row`` (per bank: ``open_row`` is at least
-    ``PimGeometry.data_rows``, an AF row)."""
+    ``PimGeometry.data_rows``, an AF row) and ``rp_all`` (``rp_ok`` all ones, from a register)."""
 
     def __init__(self, cfg: SystemConfig):
         nb = cfg.pim.banks
@@ -130,8 +130,10 @@ class ChannelStateSignature(wiring.Signature):
             members.update({n: Out(1) for n in ("ccd_nx", "act_timing_nx", "x_column", "x_act")})
             # For the per-entry readiness the request queue registers: the bank windows two cycles ahead.
             members.update({n: Out(nb) for n in ("rcdrd_n2", "rcdwr_n2", "rp_n2", "pre_n2", "x_pre2")})
-            # Per bank: its open row is an AF row (registered with the row, for the PIM path's AF check).
+            # Per bank: its open row is an AF row (registered with the row, for the PIM path's AF check);
+            # channel-wide: tRP allows every bank (``rp_ok`` all ones, registered a cycle ahead).
             members["af_row"] = Out(nb)
+            members["rp_all"] = Out(1)
         super().__init__(members)
 
 
@@ -191,6 +193,7 @@ class ChannelState(wiring.Component):
               } if ahead else {}
         n2 = {rule: Signal(nb, name=f"{rule}_ok_next2") for rule in ("rcdrd", "rcdwr", "ras", "rp", "wr", "rtp")
               } if ahead else {}
+        rp_next = []                # per bank: tRP allows an ACT next cycle (this cycle's command included)
         for b in range(nb):
             here = iss_bank == b
             do_act = iss & (((op == PimOp.ACT) & here) | (op == PimOp.ACTAB))
@@ -218,6 +221,7 @@ class ChannelState(wiring.Component):
                 pre2 = [start for _, rule, cycles, start in rules if rule in ("ras", "wr", "rtp") and cycles > 2]
                 m.d.comb += [s.x_row[b].eq(do_act | do_pre), s.x_col[b].eq(do_wr | rd_type),
                              s.x_pre2[b].eq(Cat(*pre2).any() if pre2 else 0)]
+                rp_next.append(nx["rp"][b] & ~do_pre if t.tRP > 1 else Const(1, 1))
                 continue
             m.d.comb += [
                 rcdrd_ok[b].eq(countdown(m, f"b{b}_rcdrd", t.tRCDRD, do_act)),
@@ -277,8 +281,13 @@ class ChannelState(wiring.Component):
             s.p_open.eq(p_open), s.p_row.eq(p_row), s.p_rcd_ok.eq(p_rcd_ok), s.p_rp_ok.eq(p_rp_ok),
             s.p_pre_ok.eq(p_pre_ok), s.ccd_ok.eq(ccd_ok), s.mac_ok.eq(mac_ok), s.af_ok.eq(af_ok),
             s.act_timing_ok.eq(rfc_ok & rrd_ok & faw_ok),      # plus the bank's tRP
-            s.ref_ok.eq(all_closed & (rp_ok == all_banks) & rfc_ok & ~p_open & p_rp_ok),
+            s.ref_ok.eq(all_closed & (s.rp_all if ahead else (rp_ok == all_banks)) & rfc_ok & ~p_open & p_rp_ok),
         ]
+        if ahead:
+            # tRP allows every bank: registered from next cycle's per-bank windows (reset: every bank allows).
+            rp_all = Signal(init=1, name="rp_all_r")
+            m.d.sync += rp_all.eq(Cat(*rp_next).all())
+            m.d.comb += s.rp_all.eq(rp_all)
         return m
 
 
@@ -417,7 +426,7 @@ class RefreshMachine(wiring.Component):
                 with (m.Elif if dual else m.If)(reopen_none):
                     m.next = "Idle"
                 with m.Elif(reopen_all & same_rows):
-                    with m.If((s.rp_ok == all_banks) & s.act_timing_ok):
+                    with m.If((s.rp_all if reg else (s.rp_ok == all_banks)) & s.act_timing_ok):
                         propose(m, cmd, PimOp.ACTAB, row=open_row[0])
                         set_reopen(0)
                         m.next = "Idle"
@@ -552,7 +561,8 @@ class PimPath(wiring.Component):
                              timing_ok.eq(bit(s.rp_ok, pbank) & act_timing_ok)]
             with m.Case(PimOp.ACTAB):
                 m.d.comb += [state_bad.eq(~all_closed | pim_holds),
-                             timing_ok.eq((s.rp_ok == all_banks) & act_timing_ok)]
+                             timing_ok.eq((s.rp_all if p.pick_stages else (s.rp_ok == all_banks)) &
+                                          act_timing_ok)]
             with m.Case(PimOp.PRE):
                 m.d.comb += timing_ok.eq(~p_open_b | bit(s.pre_ok, pbank))
             with m.Case(PimOp.PREAB):
