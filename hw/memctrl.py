@@ -19,7 +19,7 @@ Structure (issue 16): :class:`MemoryController` only wires its parts, each a
 :class:`~amaranth.lib.wiring.Component` that can be simulated alone
 (``tests/test_memctrl_parts.py``): :class:`~hw.memctrl_parts.ChannelState`
 (bank state and timing windows), :class:`~hw.memctrl_parts.RefreshMachine`,
-:class:`~hw.memctrl_parts.PimPath` (mode machine and PIM command legality),
+:class:`~hw.memctrl_pim.PimPath` (mode machine and PIM command legality),
 :class:`~hw.memctrl_queue.RequestQueue` and :class:`~hw.memctrl_queue.Scheduler`
 (FR-FCFS), :class:`~hw.memctrl_parts.Arbiter` (one command per cycle among the
 clients' bids) and :class:`~hw.memctrl_parts.ResponsePipe` (read-latency pipe
@@ -35,12 +35,12 @@ from .memctrl_parts import (
     ARBITRATION,
     Arbiter,
     ChannelState,
-    PimPath,
     RefreshMachine,
     ResponsePipe,
     pim_command_layout,
     pim_response_layout,
 )
+from .memctrl_pim import PimPath
 from .memctrl_queue import RequestQueue, Scheduler
 from .memif import request_layout, response_layout
 from .pim.channel import PimBusSignature

@@ -248,41 +248,55 @@ class RequestQueue(wiring.Component):
             with m.Else():
                 m.d.sync += q_miss[i].eq(miss_next[i])
         if registered:
-            # A new entry's readiness from the request: as :meth:`_readiness` computes it for a queued one.
-            in_row, in_bank, in_col = fields["row"], fields["bank"], fields["column"]
-            in_hit = bit_of(s.is_open, in_bank, nb) & (open_row[in_bank] == in_row)
-            in_blocked = Cat(*[q_valid[j] & (q_row[j] == in_row) & (q_bank[j] == in_bank) & (q_col[j] == in_col)
-                               for j in range(D)]).any()
-            ready_in = self._entry_ready(m, Const(1, 1), in_bank, inc.write, in_hit, in_blocked, "in")
-            # The row hits before this cycle's command (applied next cycle, with ``xq_*``).
-            ready["hit"], ready_in["hit"] = q_hit, in_hit
-            m.d.comb += ready_next["hit"].eq(hit)
-            m.d.sync += fresh.eq(Mux(enq, Cat(*[slot == i for i in range(D)]), 0))
-            for i in range(D):
-                with m.If(enq & (slot == i)):
-                    m.d.sync += [r[i].eq(ready_in[name]) for name, r in ready.items()]
-                with m.Elif(collapse[i]):       # the entry above shifts in (the last one empties)
-                    m.d.sync += [r[i].eq(ready_next[name][i + 1] if i < D - 1 else 0) for name, r in ready.items()]
-                with m.Else():
-                    m.d.sync += [r[i].eq(ready_next[name][i]) for name, r in ready.items()]
-        m.d.sync += count.eq(count - rm + enq)
-        if registered:
-            # The granted entry's place as it will be next cycle, after this cycle's collapse.
-            at = self.pick - collapse.bit_select(self.pick, 1)
-            m.d.sync += collapse.eq(Mux(self.remove, Cat(*[at <= i for i in range(D)]), 0))
-            m.d.comb += self.count.eq(slot)
-            with m.If((slot == 0) | head_hit):
-                m.d.sync += head_age.eq(0)
-            with m.Elif(gone[0]):       # the new head's first cycle
-                m.d.sync += head_age.eq(1)
-            with m.Elif(head_age != self._starve_limit):
-                m.d.sync += head_age.eq(head_age + 1)
+            self._registered_update(m, SimpleNamespace(
+                fields=fields, inc=inc, open_row=open_row, q_valid=q_valid, q_row=q_row, q_bank=q_bank, q_col=q_col,
+                ready=ready, ready_next=ready_next, hit=hit, q_hit=q_hit, fresh=fresh, enq=enq, slot=slot,
+                collapse=collapse, count=count, rm=rm, gone=gone, head_hit=head_hit, head_age=head_age))
             return m
+        m.d.sync += count.eq(count - rm + enq)
         with m.If((rm & (col_sel == 0)) | (count == 0) | hit[0]):
             m.d.sync += head_age.eq(0)
         with m.Elif(head_age != self._starve_limit):
             m.d.sync += head_age.eq(head_age + 1)
         return m
+
+    def _registered_update(self, m, c):
+        """The registered pick's queue update (``pick_stages = 1``): the per-entry readiness registers of new
+        and shifted entries, the count, the registered collapse of the removed entry and the head's age."""
+        s, nb, D = self.state, self._cfg.pim.banks, self._depth
+        fields, inc, open_row, q_valid, q_row, q_bank, q_col = (c.fields, c.inc, c.open_row, c.q_valid, c.q_row,
+                                                                c.q_bank, c.q_col)
+        ready, ready_next, hit, q_hit, fresh, enq, slot = (c.ready, c.ready_next, c.hit, c.q_hit, c.fresh, c.enq,
+                                                           c.slot)
+        collapse, count, rm, gone, head_hit, head_age = c.collapse, c.count, c.rm, c.gone, c.head_hit, c.head_age
+        # A new entry's readiness from the request: as :meth:`_readiness` computes it for a queued one.
+        in_row, in_bank, in_col = fields["row"], fields["bank"], fields["column"]
+        in_hit = bit_of(s.is_open, in_bank, nb) & (open_row[in_bank] == in_row)
+        in_blocked = Cat(*[q_valid[j] & (q_row[j] == in_row) & (q_bank[j] == in_bank) & (q_col[j] == in_col)
+                           for j in range(D)]).any()
+        ready_in = self._entry_ready(m, Const(1, 1), in_bank, inc.write, in_hit, in_blocked, "in")
+        # The row hits before this cycle's command (applied next cycle, with ``xq_*``).
+        ready["hit"], ready_in["hit"] = q_hit, in_hit
+        m.d.comb += ready_next["hit"].eq(hit)
+        m.d.sync += fresh.eq(Mux(enq, Cat(*[slot == i for i in range(D)]), 0))
+        for i in range(D):
+            with m.If(enq & (slot == i)):
+                m.d.sync += [r[i].eq(ready_in[name]) for name, r in ready.items()]
+            with m.Elif(collapse[i]):       # the entry above shifts in (the last one empties)
+                m.d.sync += [r[i].eq(ready_next[name][i + 1] if i < D - 1 else 0) for name, r in ready.items()]
+            with m.Else():
+                m.d.sync += [r[i].eq(ready_next[name][i]) for name, r in ready.items()]
+        m.d.sync += count.eq(count - rm + enq)
+        # The granted entry's place as it will be next cycle, after this cycle's collapse.
+        at = self.pick - collapse.bit_select(self.pick, 1)
+        m.d.sync += collapse.eq(Mux(self.remove, Cat(*[at <= i for i in range(D)]), 0))
+        m.d.comb += self.count.eq(slot)
+        with m.If((slot == 0) | head_hit):
+            m.d.sync += head_age.eq(0)
+        with m.Elif(gone[0]):       # the new head's first cycle
+            m.d.sync += head_age.eq(1)
+        with m.Elif(head_age != self._starve_limit):
+            m.d.sync += head_age.eq(head_age + 1)
 
     def _readiness(self, m, q_valid, q_bank, q_write, hit, blocked, gone):
         """The per-entry readiness for the registered pick (``pick_stages = 1``), registered a cycle ahead.
