@@ -561,7 +561,7 @@ def choose_devices(shape: GptShape, lengths, cfg: SystemConfig | None = None) ->
     divs = [D for D in range(1, shape.heads + 1) if shape.heads % D == 0]
     for D in divs:
         try:
-            NeuPimsModel(shape, D, cfg_single=cfg or preset("ianus")).check_capacity(lengths, cfg)
+            NeuPimsModel(shape, D).check_capacity(lengths, cfg)
             return D
         except NeuPimsCapacityError:
             continue
