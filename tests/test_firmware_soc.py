@@ -344,9 +344,12 @@ def test_attention_pipeline_choice_and_order():
     on, off = (stages[k].words for k in ("on", "off"))
     vq = [sorted(w for w in ws if isa.decode(w)["op"] in (SocOp.VECTOR, SocOp.VLOAD, SocOp.VSTORE)) for ws in (on, off)]
     assert vq[0] == vq[1] and len(vq[0]) >= 4 * 12
-    ops = [isa.decode(w)["op"] for w in on]
-    fences = [i for i, op in enumerate(ops) if op == SocOp.FENCE]
-    softmax_heads = [i for i, op in enumerate(ops) if op == SocOp.VLOAD]
-    # 12 heads: QKV GEMM (+ scatter) fences, then 14 pipeline stages of one FENCE each
-    assert len(fences) - sum(1 for w in off if isa.decode(w)["op"] == SocOp.FENCE) == 12 + 2 - 3
-    assert all(any(f < v for f in fences) for v in softmax_heads)
+    code = {SocOp.FENCE: "F", SocOp.VLOAD: "L", SocOp.VSTORE: "S", SocOp.VECTOR: "v", SocOp.MATRIX: "m"}
+    ops = "".join(code.get(isa.decode(w)["op"], "?") for w in on)
+    assert ops.count("F") - sum(1 for w in off if isa.decode(w)["op"] == SocOp.FENCE) == 12 + 2 - 3
+    # after the scatter's FENCE, 14 stages each ended by one FENCE: stage 0 Q K^T only, stages 1..12 one head's
+    # softmax (a load, SCALE, SOFTMAX, a store) first and then matrix work, stage 13 the last P V only
+    stages = ops[:-2].split("F")[-14:]
+    assert ops.endswith("F?") and len(stages) == 14, ops
+    assert stages[0].strip("m") == "" and stages[0] and stages[-1].strip("m") == "" and stages[-1], stages
+    assert all(st.startswith("LvvS") and st[4:].strip("m") == "" and st[4:] for st in stages[1:-1]), stages
