@@ -134,10 +134,10 @@ class DmaLoad(_DmaEngine):
         ppc = COLUMN_ELEMS // W                  # scratchpad words per memory column
         log_w = W.bit_length() - 1
 
-        busy = Signal()
+        # The response handler's instruction (``h_act``: it has one) ...
+        h_act = Signal()
         transpose = Signal()
         target = Signal(Target)
-        mem_stride = Signal(24)
         rows = Signal(16)
         cols = Signal(16)
         spm_addr = Signal(16)
@@ -145,23 +145,34 @@ class DmaLoad(_DmaEngine):
         sig = Signal(N_SEMAPHORES)
         ncol = Signal(13)                         # memory columns per tile row
         blk = Signal(range(W + 1))                # tile rows per request block (1, or W transposed)
-        blk_step = Signal(40)                     # blk * mem_stride
+        # ... the request generator's (``g_done`` high: idle, every request issued) ...
+        g_ncol = Signal(13)
+        g_blk = Signal(range(W + 1))
+        g_stride = Signal(24)
+        g_blk_step = Signal(40)                   # blk * mem_stride
+        # ... and the pending one, accepted while the handler still has the previous instruction's responses
+        # to take: the generator issues its requests behind the previous instruction's (two LOADs in flight)
+        pend = Signal()
+        p_regs = dict(transpose=Signal(name="p_transpose"), target=Signal(Target, name="p_target"),
+                      rows=Signal(16, name="p_rows"), cols=Signal(16, name="p_cols"),
+                      spm_addr=Signal(16, name="p_spm_addr"), spm_stride=Signal(16, name="p_spm_stride"),
+                      sig=Signal(N_SEMAPHORES, name="p_sig"), ncol=Signal(13, name="p_ncol"),
+                      blk=Signal(range(W + 1), name="p_blk"))
 
-        m.d.comb += [self.busy.eq(busy), self.spm_target.eq(target), self.cmd.ready.eq(~busy)]
-
-        c = Shared(W=W, ppc=ppc, log_w=log_w, busy=busy, transpose=transpose, target=target, mem_stride=mem_stride,
+        c = Shared(W=W, ppc=ppc, log_w=log_w, h_act=h_act, transpose=transpose, target=target,
                    rows=rows, cols=cols, spm_addr=spm_addr, spm_stride=spm_stride, sig=sig, ncol=ncol, blk=blk,
-                   blk_step=blk_step)
+                   g_ncol=g_ncol, g_blk=g_blk, g_stride=g_stride, g_blk_step=g_blk_step, pend=pend, p_regs=p_regs)
         self._requests(m, c)
+        m.d.comb += [self.busy.eq(h_act | pend | ~c.g_done), self.spm_target.eq(target),
+                     self.cmd.ready.eq(c.g_done & ~pend)]
         self._response_handler(m, c)
         self._finish(m, c)
         return m
 
     def _requests(self, m, c):
         """The request generator: for block b, column mc, row w of the block."""
-        blk, blk_step, busy, mem_stride, ncol = c.blk, c.blk_step, c.busy, c.mem_stride, c.ncol
         (g_blk_base, g_row_addr, g_mc_off, g_mc, g_w, g_rows_left, g_done, outstanding,
-         issued) = self._request_generator(m, busy, blk, ncol, mem_stride, blk_step)
+         issued) = self._request_generator(m, c.g_blk, c.g_ncol, c.g_stride, c.g_blk_step)
 
         c.update(g_blk_base=g_blk_base, g_row_addr=g_row_addr, g_mc_off=g_mc_off, g_mc=g_mc, g_w=g_w,
                  g_rows_left=g_rows_left, g_done=g_done, outstanding=outstanding, issued=issued)
@@ -169,7 +180,7 @@ class DmaLoad(_DmaEngine):
     def _response_handler(self, m, c):
         """The response handler, mirroring the same loops: pieces into the scratchpad, or (transposed) a
         block's rows gathered into a W x 16 buffer for the emitter."""
-        W, blk, busy, cols, ncol = c.W, c.blk, c.busy, c.cols, c.ncol
+        W, blk, busy, cols, ncol = c.W, c.blk, c.h_act, c.cols, c.ncol
         ppc, spm_stride, transpose = c.ppc, c.spm_stride, c.transpose
         resp = self.mem.resp
         h_mc = Signal(13)
@@ -278,49 +289,52 @@ class DmaLoad(_DmaEngine):
                  t_full=t_full, t_wsel=t_wsel, t_rsel=t_rsel, e_idx=e_idx)
 
     def _finish(self, m, c):
-        """The outstanding count, start and finish."""
-        W, blk, blk_step, busy, cols = c.W, c.blk, c.blk_step, c.busy, c.cols
-        e_idx, g_blk_base, g_done = c.e_idx, c.g_blk_base, c.g_done
-        g_mc, g_mc_off, g_row_addr, g_rows_left, g_w = c.g_mc, c.g_mc_off, c.g_row_addr, c.g_rows_left, c.g_w
-        h_done, h_elem, h_mc = c.h_done, c.h_elem, c.h_mc
-        h_mc_elem, h_piece_addr, h_q = c.h_mc_elem, c.h_piece_addr, c.h_q
-        h_row_spm, h_rows_left = c.h_row_spm, c.h_rows_left
-        h_tbase, h_w, issued = c.h_tbase, c.h_w, c.issued
-        log_w, mem_stride, ncol, outstanding, resp = c.log_w, c.mem_stride, c.ncol, c.outstanding, c.resp
-        rows, sig, spm_addr = c.rows, c.sig, c.spm_addr
-        spm_stride, t_full, t_rsel, t_wsel, target = c.spm_stride, c.t_full, c.t_rsel, c.t_wsel, c.target
-        transpose = c.transpose
+        """The outstanding count; accepting an instruction (the generator at once, the handler at once when it
+        is free or finishing, else through the pending slot); the handler's finish."""
+        W, log_w, h_act, outstanding, resp, pend, p_regs = c.W, c.log_w, c.h_act, c.outstanding, c.resp, c.pend, c.p_regs
         consumed = resp.valid & resp.ready
-        m.d.sync += outstanding.eq(outstanding + issued - consumed)
+        m.d.sync += outstanding.eq(outstanding + c.issued - consumed)
 
-        with m.If(busy & h_done & g_done & (t_full == 0)):
-            m.d.sync += busy.eq(0)
-            m.d.comb += self.signal.eq(sig)
+        finish = Signal()
+        m.d.comb += finish.eq(h_act & c.h_done & (c.t_full == 0))
+        with m.If(finish):
+            m.d.sync += h_act.eq(0)
+            m.d.comb += self.signal.eq(c.sig)
 
-        with m.If(self.cmd.valid & self.cmd.ready):
-            h = self.cmd.payload.header
-            b = self.cmd.payload.body.dma
-            c_cols = b.cols
-            t = h.transpose
+        accept = self.cmd.valid & self.cmd.ready
+        h = self.cmd.payload.header
+        b = self.cmd.payload.body.dma
+        t = h.transpose
+        new = dict(transpose=t, target=h.target, rows=b.rows, cols=b.cols, spm_addr=b.spm_addr,
+                   spm_stride=b.spm_stride, sig=h.signal, ncol=(b.cols + COLUMN_ELEMS - 1) >> 4, blk=Mux(t, W, 1))
+        with m.If(accept):
             m.d.sync += [
-                busy.eq(1), transpose.eq(t), target.eq(h.target), sig.eq(h.signal),
-                mem_stride.eq(b.mem_stride), rows.eq(b.rows), cols.eq(c_cols),
-                spm_addr.eq(b.spm_addr), spm_stride.eq(b.spm_stride),
-                ncol.eq((c_cols + COLUMN_ELEMS - 1) >> 4),
-                blk.eq(Mux(t, W, 1)),
-                blk_step.eq(Mux(t, b.mem_stride << log_w, b.mem_stride)),
-                g_blk_base.eq(b.mem_addr), g_row_addr.eq(b.mem_addr), g_mc_off.eq(0), g_mc.eq(0),
-                g_w.eq(0), g_rows_left.eq(b.rows), g_done.eq(0),
-                h_mc.eq(0), h_w.eq(0), h_rows_left.eq(b.rows), h_done.eq(0),
-                h_row_spm.eq(b.spm_addr), h_piece_addr.eq(b.spm_addr), h_elem.eq(0), h_q.eq(0),
-                h_tbase.eq(b.spm_addr), h_mc_elem.eq(0),
-                t_full.eq(0), t_wsel.eq(0), t_rsel.eq(0), e_idx.eq(0),
+                c.g_ncol.eq(new["ncol"]), c.g_blk.eq(new["blk"]), c.g_stride.eq(b.mem_stride),
+                c.g_blk_step.eq(Mux(t, b.mem_stride << log_w, b.mem_stride)),
+                c.g_blk_base.eq(b.mem_addr), c.g_row_addr.eq(b.mem_addr), c.g_mc_off.eq(0), c.g_mc.eq(0),
+                c.g_w.eq(0), c.g_rows_left.eq(b.rows), c.g_done.eq(0),
             ]
+        # The handler takes the pending instruction, or the accepted one when nothing is pending.
+        h_free = ~h_act | finish
+        take = h_free & (pend | accept)
+        with m.If(take):
+            src = {k: Mux(pend, p_regs[k], v) for k, v in new.items()}
+            m.d.sync += [h_act.eq(1)] + [getattr(c, k).eq(v) for k, v in src.items()] + [
+                c.h_mc.eq(0), c.h_w.eq(0), c.h_rows_left.eq(src["rows"]), c.h_done.eq(0),
+                c.h_row_spm.eq(src["spm_addr"]), c.h_piece_addr.eq(src["spm_addr"]), c.h_elem.eq(0), c.h_q.eq(0),
+                c.h_tbase.eq(src["spm_addr"]), c.h_mc_elem.eq(0),
+                c.t_full.eq(0), c.t_wsel.eq(0), c.t_rsel.eq(0), c.e_idx.eq(0),
+            ]
+        with m.If(accept & ~(h_free & ~pend)):          # the handler is busy (or takes the pending one)
+            m.d.sync += [pend.eq(1)] + [p_regs[k].eq(v) for k, v in new.items()]
+        with m.Elif(take):
+            m.d.sync += pend.eq(0)
 
-    def _request_generator(self, m, busy, blk, ncol, mem_stride, blk_step):
+    def _request_generator(self, m, blk, ncol, mem_stride, blk_step):
         """Read requests: for block b (``blk`` tile rows, ``blk_step`` bytes), memory column mc (of ``ncol``),
-        row w of the block; at most ``max_outstanding`` in flight. Returns its registers (the start sets
-        them), ``outstanding`` and ``issued`` (a request taken this cycle)."""
+        row w of the block; at most ``max_outstanding`` in flight (of this and the previous instruction).
+        Returns its registers (the start sets them; ``g_done`` high: every request issued, or idle),
+        ``outstanding`` and ``issued`` (a request taken this cycle)."""
         W = self.lanes
         g_blk_base = Signal(40)
         g_row_addr = Signal(40)
@@ -328,14 +342,14 @@ class DmaLoad(_DmaEngine):
         g_mc = Signal(13)
         g_w = Signal(range(W + 1))
         g_rows_left = Signal(17)
-        g_done = Signal()
+        g_done = Signal(init=1)
         seq = Signal(SEQ_BITS)
         outstanding = Signal(range(self._max_out + 1))
 
         g_nrows = Mux(g_rows_left < blk, g_rows_left, blk)
         req = self.mem.req
         m.d.comb += [
-            req.valid.eq(busy & ~g_done & (outstanding < self._max_out)),
+            req.valid.eq(~g_done & (outstanding < self._max_out)),
             req.payload.addr.eq(g_row_addr + g_mc_off),
             req.payload.write.eq(0),
             req.payload.mask.eq(0),

@@ -186,6 +186,12 @@ class _Run(MatrixUnitModel, VectorQueueModel, PcuModel, SpuModel):
         self.ev_muq = [_Event(), _Event(), _Event()]
         self.ev_mudec = _Event()
         self.ev_mudec_in = _Event()
+        # the load engine's two instructions in flight (hw/npu/dma.py): the previous LOAD's handler end, its
+        # request stream (outstanding requests carried over) and the event "the current LOAD has issued all"
+        self.ld_done = -INF
+        self.ld_stream = None
+        self.ld_gen_end = None
+        self.ev_ldgen = _Event()
         # vector queue / PCU queues
         self.vq_q = deque()
         self.ev_vq = _Event()

@@ -78,19 +78,28 @@ class MatrixUnitModel:
             K.notify(self.ev_muq[qi])
             start = K.now
             op = f["opcode"]
-            if op in ("LOAD", "STORE"):
+            if op == "LOAD":
+                # The engine takes the next LOAD once this one has issued its requests (and the previous one's
+                # handler has taken this one: hw/npu/dma.py's pending slot); the rest runs beside it.
+                prev_done = self.ld_done
+                self.ld_gen_end = None
+                K.spawn(self._mu_load_proc(ins, start))
+                while self.ld_gen_end is None:
+                    yield self.ev_ldgen
+                free = max(self.ld_gen_end + kf, prev_done)
+                continue
+            if op == "STORE":
                 nw = len(self.win_log)
                 self.mem.max_col = -INF
                 key = (op, f["transpose"], f["bf16"], f["rows"], f["cols"], f["mem_stride"],
                        f["mem_addr"] % self.m.align)
                 done, cached = yield from self._timed(
-                    key, start + cal.mu_dma_start * kf,
-                    lambda t, f=f, op=op: self._held((self._mu_load if op == "LOAD" else self._mu_store)(f, t)))
+                    key, start + cal.mu_dma_start * kf, lambda t, f=f: self._held(self._mu_store(f, t)))
                 if cached:          # a macro started meanwhile holds the transfer back
                     done = yield from self._dma_pushback(done, nw)
                 elif done > K.now:
                     yield done
-                self.work["mu_load" if op == "LOAD" else "mu_store"] += done - start
+                self.work["mu_store"] += done - start
                 wait = min(done - start, self._pim_overlap(start, done, 0 if not cached else nw))
                 self.work["pim_block"] += wait
                 self.intervals.append((start, done - wait, self._tag(ins, "mu")))
@@ -112,6 +121,43 @@ class MatrixUnitModel:
                 K.at(sig_at + cal.sem_lat * kf, lambda s=sig: self._give(s))
             extra = cal.mu_store_extra if op == "STORE" else 0
             K.at(sig_at + (cal.mu_idle_lat + extra) * kf, self._mu_down)
+
+    def _mu_load_proc(self, ins, start):
+        """One LOAD, beside the engine's next instruction once its requests are issued (``ev_ldgen``): its
+        responses are taken after the previous LOAD's (``ld_done``); gives its tokens when done."""
+        K, cal, kf = self.K, self.cal, self.m.k
+        f = ins.f
+        nw = len(self.win_log)
+        self.mem.max_col = -INF
+        t0 = start + cal.mu_dma_start * kf
+        ready = self.ld_done
+        lag = max(0, round(ready - t0, 3))
+        key = ("LOAD", f["transpose"], f["rows"], f["cols"], f["mem_stride"], f["mem_addr"] % self.m.align, lag)
+        self.ld_key = (("gen",) + key, t0)
+        done, cached = yield from self._timed(key, t0, lambda t: self._held(self._mu_load(f, t, ready)))
+        if cached:
+            self._ld_issued(t0 + self.m.cache[("gen",) + key], done, None)
+            done = yield from self._dma_pushback(done, nw)
+        elif done > K.now:
+            yield done
+        self.work["mu_load"] += done - start
+        wait = min(done - start, self._pim_overlap(start, done, 0 if not cached else nw))
+        self.work["pim_block"] += wait
+        self.intervals.append((start, done - wait, self._tag(ins, "mu")))
+        if wait > 0:
+            self.intervals.append((done - wait, done, "wait_pim"))
+        sig = f["signal"]
+        if sig:
+            K.at(done + cal.sem_lat * kf, lambda s=sig: self._give(s))
+        K.at(done + cal.mu_idle_lat * kf, self._mu_down)
+
+    def _ld_issued(self, gen_end, done, stream):
+        """The current LOAD has issued its last request (``gen_end``); its handler ends at ``done``."""
+        if stream is not None and self.mi.cache:
+            gkey, t0 = self.ld_key
+            self.m.cache[gkey] = gen_end - t0
+        self.ld_gen_end, self.ld_done, self.ld_stream = gen_end, done, stream
+        self.K.notify(self.ev_ldgen)
 
     def _mu_down(self):
         self.units["mu"].down(self.K.now)
@@ -146,8 +192,10 @@ class MatrixUnitModel:
             return None
         return self.m.mu_port
 
-    def _mu_load(self, f, t):
-        """LOAD (a generator): returns the cycle the engine finishes."""
+    def _mu_load(self, f, t, ready=-INF):
+        """LOAD (a generator) whose first request goes at ``t``, its responses taken from ``ready`` on (the
+        previous LOAD's handler end): returns the cycle the engine finishes (:meth:`_ld_issued` told when the
+        last request is issued)."""
         mem, kf, mi, K = self.mem, self.m.k, self.mi, self.K
         W = self.m.R
         rows, cols, stride, base = f["rows"], f["cols"], f["mem_stride"], f["mem_addr"]
@@ -160,8 +208,12 @@ class MatrixUnitModel:
         port = self._port()
         la = self.LOOKAHEAD
         s = DmaStream(t - gap, gap, rgap, outmax, port)
+        prev = self.ld_stream
+        if prev is not None and not mi.cache:      # the previous LOAD's requests still in flight
+            s.cons.extend(list(prev.cons)[-outmax:])
+            s.last_r = prev.last_r
         issue, deliver, cons = s.issue, s.deliver, s.cons
-        h = t
+        h = max(t, ready)
         per = kf / mi.cores        # engine cycles per scratchpad word (cores in parallel)
 
         if not f["transpose"]:
@@ -182,8 +234,8 @@ class MatrixUnitModel:
             Wb = min(W, 16) if self.cfg.npu.array_rows <= 16 else W
             gper = per / mi.dma_issue          # the gather buffer takes dma_issue rows per cycle
             nbuf = mi.transpose_buffers
-            buf_free = [t] * nbuf              # a W x 16 buffer is free again when its words are written
-            emit_free = t
+            buf_free = [h] * nbuf              # a W x 16 buffer is free again when its words are written
+            emit_free = h
             k = 0
             for b0 in range(0, rows, Wb):
                 nr = min(Wb, rows - b0)
@@ -202,7 +254,9 @@ class MatrixUnitModel:
                     buf_free[k] = emit_free
                     k = (k + 1) % nbuf
             h = max(h, emit_free)
-        return h + self.cal.mu_dma_end * kf
+        done = h + self.cal.mu_dma_end * kf
+        self._ld_issued(s.a, done, s)
+        return done
 
     def _mu_store(self, f, t):
         """STORE (a generator): returns the cycle the engine finishes."""
