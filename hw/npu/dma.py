@@ -22,6 +22,12 @@ port and routes responses back by it.
     ``max(W, 16)`` cycles per block (32 bytes per cycle at ``W = 16``), plus
     the memory latency and the last block's 16 words. The response stream is
     held (``resp.ready`` low) while both buffers are full.
+    Two LOADs in flight: the request generator takes the next LOAD as soon as it
+    has issued every request of the current one (a pending slot holds the next
+    LOAD's scratchpad side), so its requests follow the previous ones without
+    waiting for their responses; the response handler takes it when it has
+    written the previous LOAD's last word. Each LOAD still gives its tokens when
+    its own last word is written, in order.
 :class:`DmaStore`
     ``STORE``: accumulator tile ``rows x cols`` to memory as FP32 or rounded
     to BF16 (RNE, flush-to-zero, canonical NaN ``0x7FC0``), byte-masked at the
