@@ -78,14 +78,15 @@ DEVICE_BYTES = 8 << 30
 
 
 def project(name: str, policy: str, n_in: int, n_out: int, cfg: SystemConfig | None = None,
-            samples: int = 16, shape: GptShape | None = None, progress=None) -> Projection:
+            samples: int = 16, shape: GptShape | None = None, progress=None, exact: bool = False) -> Projection:
     """Simulate one layer of ``name`` (a :data:`firmware.gpt2.SHAPES` key or ``shape``) for the
     summarization of ``n_in`` tokens and ``n_out - 1`` generation steps: policy ``hpim`` by
     :func:`sim.hpim_model.project_hpim`, the others by :func:`sim.projection_core.project_programs`."""
     if policy == "hpim":
         from sim.hpim_model import project_hpim
         return project_hpim(name, n_in, n_out, cfg, samples=samples, shape=shape, progress=progress)
-    return project_programs(name, policy, n_in, n_out, cfg, samples=samples, shape=shape, progress=progress)
+    return project_programs(name, policy, n_in, n_out, cfg, samples=samples, shape=shape, progress=progress,
+                            exact=exact)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def main_project(args) -> int:
     for m in models:
         for n_in in inputs:
             for pol in policies:
-                p = project(m, pol, n_in, max(outputs), cfg, samples=args.samples)
+                p = project(m, pol, n_in, max(outputs), cfg, samples=args.samples, exact=args.exact)
                 projections[(m, pol, n_in)] = p
                 console.print(f"[dim]{m} {pol} input {n_in}: simulated in {p.wall_s:.1f} s[/dim]")
                 for n_out in outputs:
@@ -424,6 +425,9 @@ def add_parser(sub):
     p.add_argument("--policies", default=",".join(POLICIES),
                    help=f"comma-separated, of {', '.join(POLICIES + EXTRA_POLICIES)} (hpim: sim/hpim_model.py)")
     p.add_argument("--samples", type=int, default=12, help="generation positions simulated (interpolated between)")
+    p.add_argument("--exact", action="store_true",
+                   help="time every DMA request (no reuse of a transfer's timing by shape): slower, a few per cent "
+                        "slower figures (the calibrated model as on the RTL configurations)")
     p.add_argument("--devices", default="2,4,8", help="device counts for the 6.7B/13B/30B scaling ('' to skip)")
     p.add_argument("--scaling-input", type=int, default=128)
     p.add_argument("--scaling-output", type=int, default=64)

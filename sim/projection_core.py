@@ -218,10 +218,13 @@ def program_traffic(ins, tags) -> dict:
 
 
 def project_programs(name: str, policy: str, n_in: int, n_out: int, cfg: SystemConfig | None = None,
-                     samples: int = 16, shape: GptShape | None = None, progress=None) -> Projection:
+                     samples: int = 16, shape: GptShape | None = None, progress=None, exact: bool = False) -> Projection:
     """:func:`sim.project.project` for the policies that run the compiled programs (``ianus``, ``npu-mem``):
     simulate one layer of ``name`` (a :data:`firmware.gpt2.SHAPES` key or ``shape``) for the summarization of
-    ``n_in`` tokens and ``n_out - 1`` generation steps (``samples`` of them, :func:`sample_positions`)."""
+    ``n_in`` tokens and ``n_out - 1`` generation steps (``samples`` of them, :func:`sample_positions`).
+    ``exact``: every DMA request timed (``Micro.cache`` off), as the calibrated RTL configurations are; by
+    default a paper-scale system reuses a transfer's timing by shape (:func:`sim.perfmodel.micro_for`),
+    several times faster and a few per cent optimistic (``sim/benchmarks/bounds.py`` measures by how much)."""
     t0 = time.perf_counter()
     cfg = cfg or preset("ianus")
     shape = shape or SHAPES[name]
@@ -231,6 +234,8 @@ def project_programs(name: str, policy: str, n_in: int, n_out: int, cfg: SystemC
     mapping = choose_mapping(cfg, one, policy, n_in)
     lc = LayerCompiler(plan, policy, mapping)
     micro = micro_for(cfg)
+    if exact:
+        micro = dataclasses.replace(micro, cache=False)
     if policy == "npu-mem":
         micro = dataclasses.replace(micro, interleave=256)
     model = PerfModel(cfg, micro)

@@ -158,3 +158,24 @@ def test_project_bounds_writes_csv(tmp_path, monkeypatch):
     assert all(r["rtl_cycles"] for r in st)         # the stored npu-mem 32 + 1 job covers every program
     roof = list(csv.DictReader(open(tmp_path / "roofline.csv")))
     assert all(float(r["bound_gflops"]) >= float(r["gflops"]) for r in roof)
+
+
+def test_projection_exact_times_every_request(monkeypatch):
+    """``project(..., exact=True)`` runs the paper-scale model with ``Micro.cache`` off (every DMA request timed,
+    as on the calibrated RTL configurations); the default reuses a transfer's timing by shape."""
+    import sim.projection_core as pc
+    from sim.perfmodel import PerfModel
+
+    seen = []
+    orig = PerfModel.__init__
+
+    def spy(self, cfg, micro=None, calib=None):
+        seen.append(micro.cache)
+        orig(self, cfg, micro, calib)
+
+    monkeypatch.setattr(PerfModel, "__init__", spy)
+    shape = GptShape(256, 4, 1)
+    cached = pc.project_programs("tiny-shape", "ianus", 16, 2, samples=2, shape=shape)
+    exact = pc.project_programs("tiny-shape", "ianus", 16, 2, samples=2, shape=shape, exact=True)
+    assert seen == [True, False]
+    assert cached.prefill.cycles > 0 and exact.prefill.cycles > 0
