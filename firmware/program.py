@@ -307,7 +307,14 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
     npu = cfg.npu
     R, C = npu.array_rows, npu.array_cols
     AW, WW, CW = npu.act_spm_words // 2, npu.wgt_spm_words // 2, npu.acc_spm_words // 2
-    Nt = min(round_up(N, C), w.nt(cfg))
+    per = w.nt(cfg)
+    # PIM-layout weights come in tiles of banks x channels outputs; where one is narrower than the cores'
+    # columns together (the ianus preset: 128 outputs for 4 cores x 64), a COMPUTE takes several side by
+    # side (a transposed load per tile, each into its place), so that every core has columns to work on.
+    sub = per if isinstance(w, PimWeights) and per % C == 0 else 0
+    if sub:
+        per *= max(1, npu.cores * C // sub)
+    Nt = min(round_up(N, C), per)
     nbt = -(-Nt // C)
     kq = math.lcm(16, R)
     chunk = w.chunk() or K
@@ -347,10 +354,11 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
                 for j, (n0, nt) in enumerate(grp):
                     wb = bufs["wgt"]
                     lw = None
-                    for ld in w.loads(n0, nt, k0, kt):
-                        off = ld.pop("spm_off", 0)
-                        lw = blk.add(L, [last_c.get(("wgt", wb))], target=mu_isa.Target.WGT,
-                                     spm_addr=wb * WW + off, spm_stride=kt, **ld)
+                    for s0 in range(n0, n0 + nt, sub or nt):
+                        for ld in w.loads(s0, min(sub or nt, n0 + nt - s0), k0, kt):
+                            off = ld.pop("spm_off", 0) + (s0 - n0) // C * kt
+                            lw = blk.add(L, [last_c.get(("wgt", wb))], target=mu_isa.Target.WGT,
+                                         spm_addr=wb * WW + off, spm_stride=kt, **ld)
                     deps = [la, lw] + ([last_s.get(ab)] if ki == 0 else [])
                     c = blk.add(Cc, deps, accumulate=int(ki > 0), act_addr=b * AW, act_stride=mt,
                                 wgt_addr=wb * WW, wgt_stride=kt, acc_addr=acc_base + j * nbt * mt, acc_stride=mt,

@@ -353,3 +353,25 @@ def test_attention_pipeline_choice_and_order():
     assert ops.endswith("F?") and len(stages) == 14, ops
     assert stages[0].strip("m") == "" and stages[0] and stages[-1].strip("m") == "" and stages[-1], stages
     assert all(st.startswith("LvvS") and st[4:].strip("m") == "" and st[4:] for st in stages[1:-1]), stages
+
+
+def test_pim_tiles_side_by_side_for_several_cores():
+    """A prefill FC over PIM-layout weights on a multi-core NPU (``default`` with 4 cores: tiles of 32 outputs,
+    4 x 16 array columns) puts two tiles side by side in one COMPUTE of 64 columns (a transposed load per
+    tile, each into its place) so that every core has columns; the outputs are the same bits as with one
+    core (functional model), and the one-core programs are the ones they were (one tile per COMPUTE)."""
+    from sim.perfmodel import decode_program
+
+    shape = GptShape(768, 12, 1)
+    ws = random_weights(shape, 0)
+    x = np.random.default_rng(1).standard_normal((5, shape.d_model)).astype(np.float32)
+    outs, ns = [], []
+    for cores in (1, 4):
+        cfg = soc_config("default").replace(**{"npu.cores": cores})
+        cm = compile_model(cfg, shape, "ianus", 4, 5, attn_pipeline="off")
+        fc1 = next(st for st in cm.stages if st.phase == "prefill" and st.name == "fc1")
+        ns.append({i.f["n"] for i in decode_program(fc1.words) if i.f.get("opcode") == "COMPUTE"})
+        job = build_job(cm, ws, x)
+        outs.append(read_outputs(cm, run_job(job).read))
+    assert ns == [{32}, {64}]
+    np.testing.assert_array_equal(outs[0], outs[1])
