@@ -36,7 +36,7 @@ import numpy as np
 from hw.spec import fp as G
 from hw.spec.config import SystemConfig
 
-__all__ = ["gelu", "af_lut_row", "OutputTiles", "GemvLayout", "gemv_golden", "gemv_program", "gemv_lower_bound",
+__all__ = ["gelu", "af_lut_row", "OutputTiles", "GemvLayout", "PackingError", "gemv_golden", "gemv_program", "gemv_lower_bound",
            "amortized_cycles",
            "hex_lines"]
 
@@ -108,11 +108,22 @@ class OutputTiles:
                         f"but only {p.data_rows} data rows exist per bank")
 
 
+class PackingError(ValueError):
+    """A packed GEMV layout that cannot exist (the device's ``BAD_PACKING``, :mod:`hw.spec.macro`)."""
+
+
 @dataclass(frozen=True)
 class GemvLayout(OutputTiles):
-    """Where the weights of one ``[K, N]`` GEMV live. See the module docstring."""
+    """Where the weights of one ``[K, N]`` GEMV live. See the module docstring.
+
+    Packed (``pitch`` > 0, the GEMV macro's ``addr1``: :func:`hw.spec.macro.pack_addr1`): one input chunk;
+    a bank row holds ``per_row = columns / pitch`` tile slots; tile ``t`` is in slot ``q = slot0 + t``, row
+    ``base_row + q // per_row``, columns ``(q % per_row) * pitch`` .. ``+ chunk_cols(0) - 1``; the other
+    columns of the row are not part of the layout (other GEMVs' tiles may live there)."""
 
     base_row: int = 0
+    pitch: int = 0
+    slot0: int = 0
 
     def __post_init__(self):
         for name in ("K", "N"):
@@ -120,7 +131,41 @@ class GemvLayout(OutputTiles):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"GEMV {name} must be a positive integer, not {v!r}")
         self._check_base_row()
+        self._check_packing()
         self._check_rows()
+
+    def _check_packing(self):
+        p = self.cfg.pim
+        pitch, slot0 = self.pitch, self.slot0
+        if not isinstance(pitch, int) or not isinstance(slot0, int) or pitch < 0 or slot0 < 0:
+            raise PackingError(f"GEMV pitch and slot0 must be non-negative integers, not {pitch!r}, {slot0!r}")
+        if not pitch:
+            if slot0:
+                raise PackingError(f"GEMV first slot {slot0} without packing (pitch 0)")
+            return
+        if pitch & (pitch - 1) or pitch > p.gb_columns:
+            raise PackingError(f"GEMV tile pitch {pitch} must be a power of two of at most the {p.gb_columns} "
+                               f"global-buffer columns")
+        ncols = -(-self.K // p.lanes)
+        if ncols > pitch:
+            raise PackingError(f"GEMV K = {self.K} takes {ncols} columns per tile, more than the pitch {pitch}")
+        if slot0 >= self.per_row:
+            raise PackingError(f"GEMV first slot {slot0} past the {self.per_row} slots of a row (pitch {pitch})")
+
+    @property
+    def packed(self) -> bool:
+        return self.pitch > 0
+
+    @property
+    def per_row(self) -> int:
+        """Tile slots per bank row (packed)."""
+        return self.cfg.pim.columns // self.pitch if self.pitch else 1
+
+    @property
+    def addr1(self) -> int:
+        """The GEMV macro's ``addr1`` for this layout."""
+        from hw.spec.macro import pack_addr1
+        return pack_addr1(self.pitch, self.slot0)
 
     @property
     def chunk(self) -> int:
@@ -132,6 +177,8 @@ class GemvLayout(OutputTiles):
 
     @property
     def rows_used(self) -> int:
+        if self.pitch:
+            return (self.slot0 + self.tiles - 1) // self.per_row + 1
         return self.tiles * self.chunks
 
     def chunk_cols(self, c: int) -> int:
@@ -140,10 +187,24 @@ class GemvLayout(OutputTiles):
         return -(-length // self.cfg.pim.lanes)
 
     def row_of(self, tile: int, chunk: int) -> int:
+        if self.pitch:
+            return self.base_row + (self.slot0 + tile) // self.per_row
         return self.base_row + tile * self.chunks + chunk
 
+    def col_of(self, tile: int) -> int:
+        """First column of ``tile`` in its row (0 unless packed)."""
+        if self.pitch:
+            return (self.slot0 + tile) % self.per_row * self.pitch
+        return 0
+
+    def _place(self):
+        """(row index within the layout's rows, first column, columns) of every tile's first chunk (packed)."""
+        n = self.chunk_cols(0)
+        return [(self.row_of(t, 0) - self.base_row, self.col_of(t), n) for t in range(self.tiles)]
+
     def pack(self, w_bits: np.ndarray) -> np.ndarray:
-        """BF16 weights ``[K, N]`` -> DRAM contents ``[channels, banks, rows_used, columns, lanes]``."""
+        """BF16 weights ``[K, N]`` -> DRAM contents ``[channels, banks, rows_used, columns, lanes]`` (packed: the
+        columns outside the layout's tiles are zero)."""
         p = self.cfg.pim
         if w_bits.shape != (self.K, self.N):
             raise ValueError(f"weights must have shape ({self.K}, {self.N}), not {w_bits.shape}")
@@ -155,10 +216,29 @@ class GemvLayout(OutputTiles):
         gbc = self.chunk // p.lanes
         v = wp.reshape(self.chunks, gbc, p.lanes, self.tiles, p.channels, p.banks)
         v = v.transpose(4, 5, 3, 0, 1, 2)          # channels, banks, tiles, chunks, gbc, lanes
+        if self.pitch:
+            out = np.zeros((p.channels, p.banks, self.rows_used, p.columns, p.lanes), dtype=np.uint16)
+            for t, (r, c0, n) in enumerate(self._place()):
+                out[:, :, r, c0:c0 + n] = v[:, :, t, 0, :n]
+            return out
         out = np.zeros((p.channels, p.banks, self.tiles, self.chunks, p.columns, p.lanes), dtype=np.uint16)
         out[..., :gbc, :] = v
         return out.reshape(p.channels, p.banks, self.rows_used, p.columns, p.lanes)
 
+    def unpack(self, rows: np.ndarray) -> np.ndarray:
+        """DRAM rows ``[rows_used, channels, banks, columns, lanes]`` (:meth:`firmware.memimage.MemoryImage.rows`)
+        -> the ``[K, N]`` BF16 weights (inverse of :meth:`pack`)."""
+        p = self.cfg.pim
+        gbc = self.chunk // p.lanes
+        if self.pitch:
+            v = np.zeros((self.tiles, 1, p.channels, p.banks, gbc, p.lanes), dtype=np.uint16)
+            for t, (r, c0, n) in enumerate(self._place()):
+                v[t, 0, ..., :n, :] = rows[r, :, :, c0:c0 + n]
+        else:
+            v = rows.reshape(self.tiles, self.chunks, p.channels, p.banks, p.columns, p.lanes)[..., :gbc, :]
+        # -> [chunks, gbc, lanes, tiles, channels, banks] = [K_pad, N_pad]
+        w = v.transpose(1, 4, 5, 0, 2, 3).reshape(self.chunks * self.chunk, self.tiles * self.per_tile)
+        return np.ascontiguousarray(w[:self.K, :self.N])
 
 
 def gemv_golden(cfg: SystemConfig, w_bits: np.ndarray, x_bits: np.ndarray, bias_bits=None) -> np.ndarray:
@@ -219,6 +299,9 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True, activation: bool = 
     With a pipelined processing unit (``acc_stages > 1``) the last MACAB of every row has ``row`` =
     ``PimGeometry.combine_flag``: the combining MAC (the partial sums are added up before RDMAC / AF read them).
     """
+    if layout.pitch:
+        yield from _packed_program(layout, with_bias, activation)
+        return
     cfg = layout.cfg
     p, t = cfg.pim, cfg.timing
     groups = p.acc_groups
@@ -268,6 +351,44 @@ def gemv_program(layout: GemvLayout, with_bias: bool = True, activation: bool = 
             written += extra
     for g in range(groups):
         yield ("RDAF" if activation else "RDMAC"), {"col": g, "tag": ("result", rows[-1][0], g)}
+
+
+def _packed_program(layout: GemvLayout, with_bias: bool, activation: bool):
+    """:func:`gemv_program` of a packed layout (one input chunk; :class:`GemvLayout` ``pitch``): per tile
+    (``REFRESH_POINT`` and ACTAB only when the tile starts a row) the previous tile's RDMAC, WRBIAS, the input's
+    columns at the tile's global-buffer slots (tiles ``t < gb_columns / pitch`` only: later tiles read slots
+    written before), its MACs at its columns, PREAB when the next tile is in another row (always with
+    ``activation``: the LUT row follows)."""
+    p = layout.cfg.pim
+    groups = p.acc_groups
+    act, pre = ("PACTAB", "PPREAB") if p.row_buffers == 2 else ("ACTAB", "PREAB")
+    n = layout.chunk_cols(0)
+    per_gb = p.gb_columns // layout.pitch
+    read = "RDAF" if activation else "RDMAC"
+    for tile in range(layout.tiles):
+        c0 = layout.col_of(tile)
+        if tile == 0 or activation or c0 == 0:
+            yield "REFRESH_POINT", {}
+            yield act, {"row": layout.row_of(tile, 0)}
+        if tile > 0:
+            for g in range(groups):
+                yield read, {"col": g, "tag": ("result", tile - 1, g)}
+        for g in range(groups):
+            yield "WRBIAS", {"col": g, "data": ("bias", tile, g) if with_bias else ("zero",)}
+        if tile < per_gb:
+            for c in range(n):
+                yield "WRGB", {"col": (c0 + c) % p.gb_columns, "data": ("x", 0, c)}
+        for c in range(n):
+            yield "MACAB", ({"col": c0 + c, "row": p.combine_flag} if p.combine_flag and c == n - 1
+                            else {"col": c0 + c})
+        if tile == layout.tiles - 1 or activation or layout.col_of(tile + 1) == 0:
+            yield pre, {}
+        if activation:
+            yield act, {"row": p.data_rows}
+            yield "AF", {}
+            yield pre, {}
+    for g in range(groups):
+        yield read, {"col": g, "tag": ("result", layout.tiles - 1, g)}
 
 
 def gemv_lower_bound(cfg: SystemConfig, K: int, N: int, activation: bool = False) -> dict:

@@ -207,6 +207,7 @@ class Pcu(wiring.Component):
         s.g = Signal(8)
         s.row_i = Signal(16)        # rows emitted so far (tile-major within a chunk)
         s.ncols = Signal(16)
+        self._packing(s)
         s.last_chunk = s.chunk == s.chunks - 1
         s.last_tile = s.tile == s.tiles - 1
         s.one_tile = s.tiles == 1
@@ -325,6 +326,30 @@ class Pcu(wiring.Component):
         s.emit = emit
 
     # ---------------- helpers of the state machine ----------------
+    def _packing(self, s):
+        """Packed GEMV (``addr1``, hw/spec/macro.py): the tile's slot in its row and its row offset, its first
+        column, whether it writes the input into the global buffer, whether the next tile shares its row."""
+        m, p, dec = s.m, self.cfg.pim, s.dec
+        gbc = p.gb_columns
+        s.packed, s.plog = dec.packed, dec.plog
+        s.slot = Signal(8)                  # the tile's slot in its row (packed; 0 otherwise)
+        s.trow = Signal(16)                 # its row's offset from the macro's row (packed)
+        s.colbase = Signal(p.column_addr_bits + 1)
+        m.d.comb += s.colbase.eq(Mux(s.packed, s.slot << s.plog, 0))
+        last_slot = Signal(8)
+        m.d.comb += last_slot.eq((p.columns >> s.plog) - 1)
+        # Tiles that write the input at their global-buffer slots: the first only, or (packed) the first
+        # gb_columns / pitch (later tiles' slots repeat theirs).
+        s.gb_tile = Mux(s.packed, s.tile < (Const(gbc, 16) >> s.plog), s.tile == 0)
+        s.row_end = ~s.packed | (s.slot == last_slot)
+
+        def next_tile():
+            """The slot / row / input-column bookkeeping of the step to the next tile (packed)."""
+            with m.If(s.packed):
+                m.d.sync += [s.written.eq(0), s.slot.eq(Mux(s.row_end, 0, s.slot + 1)),
+                             s.trow.eq(s.trow + s.row_end)]
+        s.next_tile = next_tile
+
     def _ncols(self, s, ch):
         """Global-buffer columns of input chunk ``ch``."""
         p = self.cfg.pim
@@ -341,7 +366,8 @@ class Pcu(wiring.Component):
         xcol = (chunk_value << (p.gb_columns.bit_length() - 1)) + s.written
         left = Signal(signed(18))           # input values from this column's first lane to K
         m.d.comb += [s.x_r.addr.eq(xcol), s.x_r.en.eq(1), left.eq(s.K - (xcol << (L.bit_length() - 1)))]
-        m.d.sync += s.emit(PimOp.WRGB, col=s.written, src=SRC_X)
+        gb_col = Mux(s.packed, (s.colbase + s.written)[:(p.gb_columns - 1).bit_length()], s.written)
+        m.d.sync += s.emit(PimOp.WRGB, col=gb_col, src=SRC_X)
         m.d.sync += s.o_xmask.eq(Cat(left > k for k in range(L)))
         m.d.sync += s.written.eq(s.written + 1)
 
@@ -372,7 +398,7 @@ class Pcu(wiring.Component):
                 start_xfer()
             with m.Elif(mc.op == OP_GEMV):
                 m.d.sync += [s.tile.eq(0), s.chunk.eq(0), s.row_i.eq(0), s.have_prev.eq(0), s.g.eq(0),
-                             s.ncols.eq(self._ncols(s, 0))]
+                             s.ncols.eq(self._ncols(s, 0)), s.slot.eq(s.dec.slot0), s.trow.eq(0)]
                 with m.If(s.with_bias):
                     m.d.sync += s.phase.eq(Phase.BIAS)
                     start_xfer()
@@ -476,6 +502,7 @@ class Pcu(wiring.Component):
                     m.next = "Row-Act"
             with m.Else():
                 m.d.sync += tile.eq(tile + 1)
+                s.next_tile()
                 m.next = "Row-Act"
 
         def read_back():
@@ -484,7 +511,7 @@ class Pcu(wiring.Component):
 
         with m.State("Row-Act"):
             with m.If(can_load):
-                m.d.sync += emit(ACT_PIM, row=s.mc.row + tile * s.chunks + chunk)
+                m.d.sync += emit(ACT_PIM, row=s.mc.row + Mux(s.packed, s.trow, tile * s.chunks + chunk))
                 m.d.sync += [g.eq(0), colc.eq(0)]
                 with m.If(s.have_prev & ~s.one_tile):
                     m.next = "Row-Read"
@@ -515,7 +542,7 @@ class Pcu(wiring.Component):
                 m.d.sync += emit(PimOp.WRBIAS, col=g, src=Mux((chunk != 0) | s.with_bias, SRC_R, SRC_ZERO))
                 with m.If(g == G - 1):
                     m.d.sync += [g.eq(0), colc.eq(0)]
-                    with m.If((tile == 0) & (written < ncols)):
+                    with m.If(s.gb_tile & (written < ncols)):
                         m.next = "Row-Gb"
                     with m.Else():
                         m.next = "Row-Mac"
@@ -530,12 +557,18 @@ class Pcu(wiring.Component):
             with m.If(can_load):
                 if p.pipelined:
                     # The row's last MAC combines the interleaved partial sums (hw/pim/bank.py).
-                    m.d.sync += emit(PimOp.MACAB, col=colc, row=Mux(colc == ncols - 1, p.combine_flag, 0))
+                    m.d.sync += emit(PimOp.MACAB, col=s.colbase + colc, row=Mux(colc == ncols - 1, p.combine_flag, 0))
                 else:
-                    m.d.sync += emit(PimOp.MACAB, col=colc)
+                    m.d.sync += emit(PimOp.MACAB, col=s.colbase + colc)
                 m.d.sync += colc.eq(colc + 1)
                 with m.If(colc == ncols - 1):
-                    with m.If(s.last_tile & ~s.last_chunk):
+                    with m.If(~s.row_end & ~s.last_tile & ~s.gelu):
+                        # Packed: the next tile is in this row, which stays open (no PREAB / ACTAB).
+                        m.d.sync += [s.prev_tile.eq(tile), s.have_prev.eq(1), s.prev_af.eq(0),
+                                     s.row_i.eq(s.row_i + 1), tile.eq(tile + 1), g.eq(0)]
+                        s.next_tile()
+                        m.next = "Row-Read"
+                    with m.Elif(s.last_tile & ~s.last_chunk):
                         m.d.sync += written.eq(0)
                         m.next = "Next-Gb-Pre" if before_pre else "Row-Pre"
                     with m.Else():

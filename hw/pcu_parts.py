@@ -33,9 +33,9 @@ __all__ = ["MacroLayout", "MacroDecoder", "StepKind", "step_layout", "RowAccessS
 OP_NOP, OP_WRITE_VEC, OP_GEMV, OP_READ_RES = (int(MacroOp[n]) for n in ("NOP", "WRITE_VEC", "GEMV", "READ_RES"))
 F_BIAS, F_GELU, F_BF16 = (int(MacroFlag[n]) for n in ("BIAS", "GELU", "BF16"))
 (E_NONE, E_BAD_OPCODE, E_BAD_FLAGS, E_BAD_LENGTH, E_BAD_ADDRESS, E_BAD_REGION, E_NO_INPUT, E_NO_RESULT,
- E_DEVICE_VIOLATION, E_RESERVED_NONZERO) = (int(MacroError[n]) for n in (
+ E_DEVICE_VIOLATION, E_RESERVED_NONZERO, E_BAD_PACKING) = (int(MacroError[n]) for n in (
     "NONE", "BAD_OPCODE", "BAD_FLAGS", "BAD_LENGTH", "BAD_ADDRESS", "BAD_REGION", "NO_INPUT", "NO_RESULT",
-    "DEVICE_VIOLATION", "RESERVED_NONZERO"))
+    "DEVICE_VIOLATION", "RESERVED_NONZERO", "BAD_PACKING"))
 
 # The 128-bit macro command, field for field as the table lays it out (contiguous from bit 0, in order).
 MacroLayout = data.StructLayout({name: width for name, _, width in MACRO_FIELDS})
@@ -68,13 +68,20 @@ class MacroDecoder(wiring.Component):
     words : Out(XFER_WORD_BITS)
         Column words the command's memory transfer moves: the input (WRITE_VEC), the bias (GEMV), the
         results (READ_RES, FP32 or BF16).
+    packed : Out(1)
+        GEMV packed mode (``addr1``'s ``pack`` != 0, :mod:`hw.spec.macro`).
+    plog : Out(range(log2(gb_columns) + 1))
+        log2 of the tile pitch (packed; valid when ``code`` is NONE).
+    slot0 : Out(8)
+        The first tile's slot.
     """
 
     def __init__(self, cfg: SystemConfig):
         _check_config(cfg)
         self.cfg = cfg
         super().__init__({"macro": In(MacroLayout), "input_n": In(16), "result_n": In(16), "code": Out(8),
-                          "tiles": Out(16), "chunks": Out(16), "words": Out(XFER_WORD_BITS)})
+                          "tiles": Out(16), "chunks": Out(16), "words": Out(XFER_WORD_BITS), "packed": Out(1),
+                          "plog": Out(range(cfg.pim.gb_columns.bit_length())), "slot0": Out(8)})
 
     def elaborate(self, platform):
         m = Module()
@@ -105,7 +112,18 @@ class MacroDecoder(wiring.Component):
             with m.Case(OP_READ_RES):
                 m.d.comb += self.words.eq(words(mc.n, Mux(bf16, 2, 4)))
 
-        with m.If(mc.addr1 != 0):
+        # addr1 of a GEMV: pack (bits 0..7), slot0 (8..15), the rest reserved (hw/spec/macro.py).
+        pack, slot0 = mc.addr1[:8], mc.addr1[8:16]
+        gb_lg, col_lg = p.gb_columns.bit_length() - 1, p.columns.bit_length() - 1
+        m.d.comb += [self.packed.eq(pack != 0), self.plog.eq(pack - 1), self.slot0.eq(slot0)]
+        ncols = (K + p.lanes - 1) >> (p.lanes.bit_length() - 1)
+        per_row_lg = Signal(range(col_lg + 1))
+        m.d.comb += per_row_lg.eq(col_lg - self.plog)
+        bad_packing = Mux(pack == 0, slot0 != 0,
+                          (pack > gb_lg + 1) | (ncols > (Const(1, 1) << self.plog)) |
+                          ((slot0 >> per_row_lg) != 0))
+        rows_used = Mux(pack == 0, self.tiles * self.chunks, ((slot0 + self.tiles - 1) >> per_row_lg) + 1)
+        with m.If(Mux(mc.op == OP_GEMV, mc.addr1[16:] != 0, mc.addr1 != 0)):
             m.d.comb += code.eq(E_RESERVED_NONZERO)
         with m.Elif(mc.op == OP_NOP):
             m.d.comb += code.eq(E_NONE)
@@ -124,7 +142,9 @@ class MacroDecoder(wiring.Component):
                 m.d.comb += code.eq(E_BAD_LENGTH)
             with m.Elif(K > self.input_n):
                 m.d.comb += code.eq(E_NO_INPUT)
-            with m.Elif(mc.row + self.tiles * self.chunks > p.data_rows):
+            with m.Elif(bad_packing):
+                m.d.comb += code.eq(E_BAD_PACKING)
+            with m.Elif(mc.row + rows_used > p.data_rows):
                 m.d.comb += code.eq(E_BAD_REGION)
             with m.Elif(mc.flags[0] & ~addr_ok(N, 4)):
                 m.d.comb += code.eq(E_BAD_ADDRESS)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from firmware.memimage import MemoryImage
-from firmware.pim import GemvLayout, gemv_golden
+from firmware.pim import GemvLayout, PackingError, gemv_golden
 from hw.config import SystemConfig
 from hw.spec import fp as G
 from hw.spec.macro import (
@@ -30,6 +30,7 @@ from hw.spec.macro import (
     decode,
     geometry_word,
     pcu_limits,
+    unpack_addr1,
 )
 from sim.golden.pim import af_eval
 
@@ -109,7 +110,8 @@ class FunctionalDevice:
     def execute(self, mc) -> MacroError:
         p = self.cfg.pim
         col = p.column_bytes
-        if mc.addr1 != 0:
+        pack, slot0, rest = unpack_addr1(mc.addr1)
+        if (rest if mc.op == MacroOp.GEMV else mc.addr1) != 0:
             return MacroError.RESERVED_NONZERO
         if mc.op == MacroOp.NOP:
             return MacroError.NONE
@@ -131,8 +133,12 @@ class FunctionalDevice:
                 return MacroError.BAD_LENGTH
             if K > self.input.size:
                 return MacroError.NO_INPUT
+            if pack > p.gb_columns.bit_length():           # pitch 2 ** (pack - 1) > gb_columns
+                return MacroError.BAD_PACKING
             try:
-                layout = GemvLayout(self.cfg, K, N, base_row=mc.row)
+                layout = GemvLayout(self.cfg, K, N, base_row=mc.row, pitch=1 << pack >> 1, slot0=slot0)
+            except PackingError:
+                return MacroError.BAD_PACKING
             except ValueError:
                 return MacroError.BAD_REGION
             bias = None
@@ -166,13 +172,7 @@ class FunctionalDevice:
 
     def weights(self, layout: GemvLayout) -> np.ndarray:
         """The ``[K, N]`` BF16 weights stored for ``layout`` (inverse of :meth:`GemvLayout.pack`)."""
-        p = self.cfg.pim
-        rows = self.mem.rows(layout.base_row, layout.rows_used)      # [rows, ch, banks, cols, lanes]
-        gbc = layout.chunk // p.lanes
-        v = rows.reshape(layout.tiles, layout.chunks, p.channels, p.banks, p.columns, p.lanes)[..., :gbc, :]
-        # -> [chunks, gbc, lanes, tiles, channels, banks] = [K_pad, N_pad]
-        w = v.transpose(1, 4, 5, 0, 2, 3).reshape(layout.chunks * layout.chunk, layout.tiles * layout.per_tile)
-        return np.ascontiguousarray(w[:layout.K, :layout.N])
+        return layout.unpack(self.mem.rows(layout.base_row, layout.rows_used))   # [rows, ch, banks, cols, lanes]
 
     def _gelu(self, layout: GemvLayout, y: np.ndarray) -> np.ndarray:
         """AF unit per output, with the LUT from the reserved row of the bank that owns it."""

@@ -73,6 +73,20 @@ def test_pcu_gemv_tiny(config):
                                                                "120x112n,32x16h"})
 
 
+# Packed GEMVs (addr1, hw/spec/macro.py): KxN, pitch, first slot, options (g GELU, h BF16 results, n no bias):
+# tiles in one row from slot 3; 13 tiles over four rows from slot 1 (the input at four global-buffer slots);
+# 19 tiles over three rows without bias; K = 100 at the whole-buffer pitch with GELU (one tile per row); a
+# V^T-like GEMV (K = 33 tokens, one tile at slot 1 of pitch 4) with BF16 results.
+PACKED_SHAPES = "16x40p1s3,32x200p2s1,16x300p1s5n,100x40p8s0g,33x16p4s1h,16x130p1s7g"
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb", "tiny-p4"])
+def test_pcu_gemv_packed_tiny(config):
+    """Packed GEMVs bit-exact with the functional model on the RTL PCU, the rest of every packed row random:
+    a PCU that ignored the column offsets or the global-buffer slots would read it (sim/tb/pcu_tb.py)."""
+    pcu_build(config).run(TB, "pcu_gemv_packed", env={"IANUS_CONFIG": config, "PCU_PACKED": PACKED_SHAPES})
+
+
 def test_pcu_errors_tiny():
     pcu_build("tiny").run(TB, "pcu_errors", env={"IANUS_CONFIG": "tiny"})
 

@@ -45,7 +45,19 @@ def _random_macro(rng, cfg):
     if op == MacroOp.GEMV and m > 256 and rng.random() < 0.8:
         m = rng.randrange(1, 257)         # keep the functional model's GEMVs small
     return Macro(op=int(op), flags=int(flags), n=length(lim_in if op != MacroOp.READ_RES else lim_out), m=m,
-                 row=row, addr0=addr0, addr1=rng.choice([0] * 9 + [1]))
+                 row=row, addr0=addr0, addr1=rng.choice([0] * 9 + [1] + _packings(rng, cfg)))
+
+
+def _packings(rng, cfg):
+    """``addr1`` values of packed GEMVs (hw/spec/macro.py) near the edges of their checks: pitch up to one past
+    the global buffer, slot0 up to one past the row, reserved bits 16..31."""
+    lg = cfg.pim.gb_columns.bit_length()
+    out = []
+    for _ in range(6):
+        pack = rng.choice([1, 2, lg, lg + 1, rng.randrange(1, lg + 2), 255])
+        per_row = cfg.pim.columns >> max(0, min(pack, lg) - 1)
+        out.append(pack | rng.choice([0, 0, 1, per_row - 1, per_row, 255]) << 8)
+    return out + [1 << 8, 1 << 16]
 
 
 @pytest.mark.parametrize("config", ["tiny", "tiny-il"])
@@ -67,7 +79,7 @@ def test_macro_decoder_matches_the_functional_model_amaranth_sim(config):
     assert {code for *_, code in cases} >= {MacroError.NONE, MacroError.BAD_OPCODE, MacroError.BAD_FLAGS,
                                             MacroError.BAD_LENGTH, MacroError.BAD_ADDRESS, MacroError.BAD_REGION,
                                             MacroError.NO_INPUT, MacroError.NO_RESULT,
-                                            MacroError.RESERVED_NONZERO}
+                                            MacroError.RESERVED_NONZERO, MacroError.BAD_PACKING}
 
     async def bench(ctx):
         for mc, input_n, result_n, code in cases:

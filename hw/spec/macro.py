@@ -14,7 +14,8 @@ n          16..31  WRITE_VEC / READ_RES: values; GEMV: K (inputs)
 m          32..47  GEMV: N (outputs)
 row        48..63  GEMV: first DRAM row of the weight region (GemvLayout.base_row)
 addr0      64..95  WRITE_VEC: source; READ_RES: destination; GEMV: bias address
-addr1      96..127 reserved, must be 0
+addr1      96..127 GEMV: packing (below: ``pack`` bits 96..103, ``slot0`` bits 104..111, bits 112..127
+                   must be 0); every other op: reserved, must be 0
 =========  ======  =====================================================
 
 :data:`FIELDS` lists the fields in this order (the PCU's macro layout is built from it); :func:`encode`
@@ -46,7 +47,8 @@ import numpy as np
 
 __all__ = ["MacroOp", "MacroFlag", "MacroError", "MACRO_TABLE", "Macro", "FIELDS", "MACRO_BITS", "encode", "decode",
            "CSR", "CSR_TABLE", "register_table", "CH_COUNTERS", "QUEUE_DEPTH", "DEVICE_ID", "MACRO_LIMITS", "pcu_limits",
-           "GEOMETRY_FIELDS", "geometry_fields", "geometry_word", "words_to_f32_bits"]
+           "GEOMETRY_FIELDS", "geometry_fields", "geometry_word", "words_to_f32_bits", "pack_addr1", "unpack_addr1",
+           "ADDR1_PACK_BITS", "ADDR1_SLOT_BITS"]
 
 QUEUE_DEPTH = 8
 DEVICE_ID = 0x1A_A05_001      # "IANUS", version 1
@@ -77,13 +79,16 @@ class MacroError(enum.IntEnum):
     NO_RESULT = 7           # READ_RES of more results than the last GEMV produced
     QUEUE_OVERFLOW = 8      # doorbell with a full queue (the command is dropped)
     DEVICE_VIOLATION = 9    # a PIM channel flagged a protocol violation (a controller bug)
-    RESERVED_NONZERO = 10   # a reserved field is not zero
+    RESERVED_NONZERO = 10   # a reserved field is not zero (addr1 outside GEMV, addr1[31:16] of a GEMV)
+    BAD_PACKING = 11        # GEMV packed mode (addr1): pitch past the global buffer, tiles wider than the
+                            # pitch, first slot past the row, or a first slot without packing
 
 
 MACRO_TABLE = (
     (MacroOp.NOP, "no operation", ()),
     (MacroOp.WRITE_VEC, "device memory -> PCU input buffer (BF16)", ("n", "addr0")),
-    (MacroOp.GEMV, "y = x @ W (+bias) (GELU) over all channels", ("n=K", "m=N", "row", "addr0=bias", "flags")),
+    (MacroOp.GEMV, "y = x @ W (+bias) (GELU) over all channels", ("n=K", "m=N", "row", "addr0=bias", "flags",
+                                                                   "addr1=packing")),
     (MacroOp.READ_RES, "PCU result buffer -> device memory (FP32 or BF16)", ("n", "addr0", "flags")),
 )
 
@@ -105,6 +110,31 @@ FIELDS = (("op", 0, 8), ("flags", 8, 8), ("n", 16, 16), ("m", 32, 16), ("row", 4
 MACRO_BITS = 128
 assert all(lo == sum(w for _, _, w in FIELDS[:i]) for i, (_, lo, _) in enumerate(FIELDS))
 assert sum(w for _, _, w in FIELDS) == MACRO_BITS
+
+
+ADDR1_PACK_BITS = 8       # addr1[7:0]: pack = log2(pitch) + 1, 0 = unpacked
+ADDR1_SLOT_BITS = 8       # addr1[15:8]: slot0, the first tile's slot in the first row
+
+
+def pack_addr1(pitch: int = 0, slot0: int = 0) -> int:
+    """A GEMV's ``addr1``: tile pitch ``pitch`` columns (a power of two; 0 = the unpacked layout) and first tile
+    slot ``slot0``. Raises ValueError for a pitch that is not a power of two or fields that do not fit (the
+    device checks the rest: ``BAD_PACKING``)."""
+    if pitch == 0:
+        pack = 0
+    elif isinstance(pitch, int) and pitch > 0 and pitch & (pitch - 1) == 0:
+        pack = pitch.bit_length()
+    else:
+        raise ValueError(f"GEMV tile pitch must be 0 (unpacked) or a power of two, not {pitch!r}")
+    if not isinstance(slot0, int) or not 0 <= slot0 < 1 << ADDR1_SLOT_BITS:
+        raise ValueError(f"GEMV first slot must be an integer in 0..{(1 << ADDR1_SLOT_BITS) - 1}, not {slot0!r}")
+    return pack | slot0 << ADDR1_PACK_BITS
+
+
+def unpack_addr1(addr1: int) -> tuple[int, int, int]:
+    """``(pack, slot0, rest)`` of a GEMV's ``addr1``: ``pitch = 2 ** (pack - 1)`` when ``pack``, ``rest`` (bits
+    16..31) must be 0."""
+    return (addr1 & 0xFF, (addr1 >> ADDR1_PACK_BITS) & 0xFF, addr1 >> (ADDR1_PACK_BITS + ADDR1_SLOT_BITS))
 
 
 def encode(macro: Macro) -> list[int]:

@@ -275,6 +275,85 @@ async def pcu_gemv(dut):
     write_metrics(name="pcu_gemv", config=cfg.name, runs=report)
 
 
+def prepare_packed(cfg, K, N, pitch, slot0, gelu, bf16, seed, bias=True):
+    """A packed GEMV (hw/spec/macro.py ``addr1``) on the functional model: the weights in the packed layout
+    (:class:`firmware.pim.GemvLayout` with ``pitch`` and ``slot0``) at row 0, every other column of its rows
+    random BF16 (a GEMV that ignored the column offsets would read them), bias, GELU table and x by the driver.
+    Returns ``(fd, macros, y_addr, expected, rows)`` like :func:`prepare`; without GELU the expected result is
+    also checked against :func:`firmware.pim.gemv_golden` of the same weights."""
+    from firmware.pim import GemvLayout, gemv_golden
+
+    fd = FunctionalDevice(cfg)
+    dev = D.Device(D.FunctionalTransport(fd), cfg)
+    rng = np.random.default_rng(seed)
+    w = G.bf16_bits(rng.standard_normal((K, N)) * (3 / np.sqrt(K)))
+    b = (rng.standard_normal(N) * 0.1).astype(np.float32)
+    x = G.bf16_bits(rng.standard_normal(K))
+    lay = GemvLayout(cfg, K, N, base_row=0, pitch=pitch, slot0=slot0)
+    p = cfg.pim
+
+    async def setup():
+        await dev.upload_gelu_table()
+        addrs = [dev.alloc(n) for n in (N * 4, K * 2, N * 4)]
+        await dev.write(addrs[0], b.tobytes())
+        await dev.write(addrs[1], x.astype("<u2").tobytes())
+        return addrs
+
+    b_addr, x_addr, y_addr = asyncio.run(setup())
+    assert lay.rows_used <= dev.next_data_row, "the packed weights overlap the data buffers"
+    rows = G.bf16_bits(rng.standard_normal((lay.rows_used, p.channels, p.banks, p.columns, p.lanes)))
+    packed = lay.pack(w).transpose(2, 0, 1, 3, 4)
+    n = lay.chunk_cols(0)
+    for t in range(lay.tiles):
+        r, c0 = lay.row_of(t, 0), lay.col_of(t)
+        rows[r, ..., c0:c0 + n, :] = packed[r, ..., c0:c0 + n, :]
+    fd.mem.set_rows(0, rows)
+    flags = (MacroFlag.BIAS if bias else 0) | (MacroFlag.GELU if gelu else 0)
+    macros = [Macro(MacroOp.WRITE_VEC, n=K, addr0=x_addr),
+              Macro(MacroOp.GEMV, flags=int(flags), n=K, m=N, row=0, addr0=b_addr if bias else 0, addr1=lay.addr1),
+              Macro(MacroOp.READ_RES, flags=int(MacroFlag.BF16) if bf16 else 0, n=N, addr0=y_addr)]
+    snapshot = fd.mem.data.copy()
+    for mc in macros:
+        assert fd.execute(mc) == MacroError.NONE, mc
+    if not gelu:
+        y = gemv_golden(cfg, w, x, G.f32_bits(b) if bias else None)
+        assert (fd.result == y).all(), "packed GEMV of the functional model differs from gemv_golden"
+    y_bytes = -(-N * (2 if bf16 else 4) // 32) * 32
+    expected = fd.mem.read(y_addr, y_bytes)
+    fd.mem.data[:] = snapshot
+    return fd, macros, y_addr, expected, [(0, lay.rows_used), (dev.next_data_row, p.rows - dev.next_data_row)]
+
+
+@tb_test()
+async def pcu_gemv_packed(dut):
+    """Packed GEMVs (``PCU_PACKED``: ``KxN`` ``p<pitch>`` ``s<slot0>`` [g GELU] [h BF16] [n no bias]) on the RTL:
+    identical bytes to the functional model, the other columns of the packed rows random (a PCU that ignored
+    the column offsets, or wrote the input at the wrong global-buffer slots, would read them)."""
+    import re
+
+    cfg = _cfg()
+    tb = PcuTB(dut, cfg)
+    await tb.reset()
+    report = []
+    for i, spec in enumerate(env_str("PCU_PACKED", "16x40p1s3").split(",")):
+        K, N, pitch, slot0, opts = re.fullmatch(r"(\d+)x(\d+)p(\d+)s(\d+)([ghn]*)", spec).groups()
+        fd, macros, y_addr, expected, rows = prepare_packed(cfg, int(K), int(N), int(pitch), int(slot0), "g" in opts,
+                                                            "h" in opts, seed=40 + i, bias="n" not in opts)
+        await tb.backdoor(fd, rows)
+        per = [await tb.run_macros([mc]) for mc in macros]
+        assert int(tb.error.value) == 0, f"{spec}: PCU error {MacroError(int(tb.error.value)).name}"
+        got = await tb.read_words(y_addr, len(expected) // 32)
+        if got != expected:
+            a, e = np.frombuffer(got, dtype="<u4"), np.frombuffer(expected, dtype="<u4")
+            bad = np.flatnonzero(a != e)
+            raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
+                                 f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
+        report.append({"shape": spec, "write_vec": per[0], "gemv": per[1], "read_res": per[2]})
+        dut._log.info("%s: GEMV %d cycles, identical to the functional model", spec, per[1])
+    tb.assert_clean()
+    write_metrics(name="pcu_gemv_packed", config=cfg.name, runs=report)
+
+
 @tb_test()
 async def pcu_errors(dut):
     """Malformed macro commands set the same error code as the functional model; after CLEAR the PCU works."""
@@ -291,9 +370,23 @@ async def pcu_errors(dut):
         (Macro(MacroOp.GEMV, n=16, m=8, row=0), MacroError.NO_INPUT),
         (Macro(MacroOp.WRITE_VEC, n=16, addr0=0, flags=1), MacroError.BAD_FLAGS),
         (Macro(MacroOp.NOP, addr1=5), MacroError.RESERVED_NONZERO),
+        (Macro(MacroOp.GEMV, n=16, m=8, addr1=1 << 16), MacroError.RESERVED_NONZERO),
+        (Macro(MacroOp.WRITE_VEC, n=64, addr0=0), MacroError.NONE),
+        # Packed GEMVs (addr1 = pack | slot0 << 8): pitch past the global buffer, tiles wider than the pitch,
+        # first slot past the row, a first slot without packing; the last slot's row past the data rows.
+        (Macro(MacroOp.GEMV, n=16, m=8, addr1=cfg.pim.gb_columns.bit_length() + 1), MacroError.BAD_PACKING),
+        (Macro(MacroOp.GEMV, n=40, m=8, addr1=2), MacroError.BAD_PACKING),
+        (Macro(MacroOp.GEMV, n=16, m=8, addr1=1 | cfg.pim.columns << 8), MacroError.BAD_PACKING),
+        (Macro(MacroOp.GEMV, n=16, m=8, addr1=1 << 8), MacroError.BAD_PACKING),
+        (Macro(MacroOp.GEMV, n=16, m=2 * cfg.pim.banks * cfg.pim.channels, row=cfg.pim.data_rows - 1,
+               addr1=1 | (cfg.pim.columns - 1) << 8), MacroError.BAD_REGION),
     ]
+    loaded = 0          # input values the PCU holds (from the WRITE_VEC case on)
     for mc, code in cases:
         fd = FunctionalDevice(cfg)
+        fd.input = np.zeros(loaded, dtype=np.uint16)
+        if mc.op == MacroOp.WRITE_VEC and code == MacroError.NONE:
+            loaded = mc.n
         assert fd.execute(mc) == code, f"functional model gives {fd.execute(mc)!r} for {mc}"
         await tb.run_macros([mc])
         got = int(tb.error.value)
