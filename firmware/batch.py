@@ -435,12 +435,15 @@ class BatchCompiler:
         pb.spm_reset()
         X = pb.spm(hd * pitch)
         xu, pu = pb.unit(X), pb.unit(pitch)
+        per_tile = p.banks * p.channels
         for r, (kv, pos) in enumerate(reqs, row0):
             pb.vdma(True, bp.vt_scratch + r * hd * n * 2, n * 2, hd, n * 2, X, pitch)
             for h in range(H):
-                addr = bp.vt_addr(kv, i, h, 0, pos // 16)
-                assert bp.vt_addr(kv, i, h, hd - 1, pos // 16) == addr + (hd - 1) * p.row_bytes
-                pb.vdma_units(False, addr, p.row_bytes, hd, 32, xu + h, pu)
+                for n0 in range(0, hd, per_tile):       # one VSTORE per tile (tiles of a row: other columns)
+                    rows = min(per_tile, hd - n0)
+                    addr = bp.vt_addr(kv, i, h, n0, pos // 16)
+                    assert bp.vt_addr(kv, i, h, n0 + rows - 1, pos // 16) == addr + (rows - 1) * p.row_bytes
+                    pb.vdma_units(False, addr, p.row_bytes, rows, 32, xu + h + n0 * pu, pu)
         pb.fence(Unit.VQ)
 
     # -- attention ------------------------------------------------------------------------------------
@@ -467,6 +470,7 @@ class BatchCompiler:
         d, H, hd, LP = shape.d_model, shape.heads, shape.head_dim, bp.LP
         q, o = bp.plan.buffers["q"], bp.plan.buffers["o"]
         from firmware import costmodel
+        from firmware.batch_plan import gemv_layouts
 
         def pim(**f):
             pb.pim(**f)
@@ -475,10 +479,12 @@ class BatchCompiler:
             kv, pos = reqs[j]
             L = pos + 1
             for h in range(H):
+                lay = gemv_layouts(bp, kv, i, h, L)[0]
                 pim(op=MacroOp.WRITE_VEC, n=hd, addr0=q + (row0 + j) * d * 2 + h * hd * 2)
-                pim(op=MacroOp.GEMV, n=hd, m=L, row=kv.k_row[i][h])
+                pim(op=MacroOp.GEMV, n=hd, m=L, row=lay.base_row, addr1=lay.addr1)
                 pim(op=MacroOp.READ_RES, n=L, addr0=bp.s[j % 2] + h * LP * 4)
-                pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, hd, L, False, True)
+                pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, hd, L, False, True,
+                                                                               lay.pitch)
 
         def softmax(j):
             kv, pos = reqs[j]
@@ -503,10 +509,12 @@ class BatchCompiler:
             kv, pos = reqs[j]
             L = pos + 1
             for h in range(H):
+                lay = gemv_layouts(bp, kv, i, h, L)[1]
                 pim(op=MacroOp.WRITE_VEC, n=L, addr0=bp.p[j % 2] + h * LP * 2)
-                pim(op=MacroOp.GEMV, n=L, m=hd, row=kv.vt_row[i][h])
+                pim(op=MacroOp.GEMV, n=L, m=hd, row=lay.base_row, addr1=lay.addr1)
                 pim(op=MacroOp.READ_RES, n=hd, addr0=o + (row0 + j) * d * 2 + h * hd * 2, flags=int(MacroFlag.BF16))
-                pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, L, hd, False, True)
+                pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, L, hd, False, True,
+                                                                               lay.pitch)
 
         scores(0)
         pb.fence(Unit.PCU)
@@ -586,7 +594,9 @@ class BatchCompiler:
         from firmware import costmodel
         from hw.spec.vector_isa import vector_cycles
         H, hd, L = self.shape.heads, self.shape.head_dim, pos + 1
-        gemv = costmodel.pim_fc_cycles(self.cfg, hd, L, False, True) + costmodel.pim_fc_cycles(self.cfg, L, hd)
+        (kp, _), (vp, _) = self.bp.pim_packing(L)         # packed GEMVs (V^T's pitch: the capacity's, at least L's)
+        gemv = (costmodel.pim_fc_cycles(self.cfg, hd, L, False, True, kp)
+                + costmodel.pim_fc_cycles(self.cfg, L, hd, pitch=vp))
         return H * (gemv + vector_cycles("SOFTMAX", round_up(L, 16), 1, self.cfg.npu.vector_lanes))
 
     def step_est(self, att_a: int, att_b: int, na: int, nb: int) -> int:

@@ -48,6 +48,10 @@ class KvLayout:
     v: list = field(default_factory=list)       # [layer][head] address of V token 0 (both)
     k_row: list = field(default_factory=list)   # [layer][head] first row of K in the PIM layout (naive)
     vt_row: list = field(default_factory=list)  # [layer][head] first row of V^T in the PIM layout (naive)
+    k_slot: list = field(default_factory=list)  # [layer][head] K's first tile slot in row k_row (packed GEMV)
+    vt_slot: list = field(default_factory=list)  # [layer][head] V^T's first tile slot in row vt_row
+    k_pitch: int = 0                # K's tile pitch (columns): head_dim / 16 rounded up to a power of two
+    vt_pitch: int = 0               # V^T's: capacity / 16 rounded up to a power of two
 
 
 @dataclass
@@ -81,13 +85,23 @@ class BatchPlan:
         return p.channels * p.banks * p.row_bytes
 
     # -- per-request footprint ------------------------------------------------------------------
-    def k_rows_per_head(self, capacity: int) -> int:
+    def pim_packing(self, capacity: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Packed GEMV layouts (:mod:`hw.spec.macro` ``addr1``) of one head's K and V^T:
+        ``((K pitch, K tiles), (V^T pitch, V^T tiles))``. A pitch is the tile's columns (``head_dim / 16``,
+        ``capacity / 16``) rounded up to a power of two; a row holds ``columns / pitch`` tiles."""
         p = self.cfg.pim
-        return -(-capacity // (p.banks * p.channels))
+        per_tile = p.banks * p.channels
 
-    def vt_rows_per_head(self) -> int:
-        p = self.cfg.pim
-        return -(-self.shape.head_dim // (p.banks * p.channels))
+        def pitch(values):
+            return 1 << (-(-values // p.lanes) - 1).bit_length()
+
+        hd = self.shape.head_dim
+        return (pitch(hd), -(-capacity // per_tile)), (pitch(capacity), -(-hd // per_tile))
+
+    def pim_rows_per_layer(self, capacity: int) -> tuple[int, int]:
+        """Row indices of one layer's K and V^T (every head's tiles packed one after the other)."""
+        cols, heads = self.cfg.pim.columns, self.shape.heads
+        return tuple(-(-heads * tiles // (cols // pitch)) for pitch, tiles in self.pim_packing(capacity))
 
     def normal_bytes(self, capacity: int) -> int:
         """Bytes of one request's normal-layout caches (K and V under npu-only, V under naive)."""
@@ -101,7 +115,7 @@ class BatchPlan:
         s = self.shape
         pim = 0
         if self.policy in PIM_POLICIES:
-            pim = s.layers * s.heads * (self.k_rows_per_head(capacity) + self.vt_rows_per_head())
+            pim = s.layers * sum(self.pim_rows_per_layer(capacity))
         return pim + -(-self.normal_bytes(capacity) // self.row_index_bytes)
 
     def check_capacity(self, capacity: int):
@@ -115,12 +129,15 @@ class BatchPlan:
         kv = KvLayout(capacity, row0, self.request_rows(capacity))
         row = row0
         if self.policy in PIM_POLICIES:
-            kr, vr = self.k_rows_per_head(capacity), self.vt_rows_per_head()
+            packing = self.pim_packing(capacity)
+            (kv.k_pitch, _), (kv.vt_pitch, _) = packing
             for _ in range(s.layers):
-                kv.k_row.append([row + h * kr for h in range(s.heads)])
-                row += s.heads * kr
-                kv.vt_row.append([row + h * vr for h in range(s.heads)])
-                row += s.heads * vr
+                for (pitch, tiles), rows, slots, used in zip(packing, (kv.k_row, kv.vt_row), (kv.k_slot, kv.vt_slot),
+                                                             self.pim_rows_per_layer(capacity), strict=True):
+                    per_row = self.cfg.pim.columns // pitch
+                    rows.append([row + h * tiles // per_row for h in range(s.heads)])
+                    slots.append([h * tiles % per_row for h in range(s.heads)])
+                    row += used
         addr = row * self.row_index_bytes
         if self.policy in PIM_POLICIES:          # V group-major: head h of a group at 16 h rows
             step = round_up(-(-capacity // 16) * 16 * s.heads * s.head_dim * 2, ALIGN)
@@ -143,7 +160,8 @@ class BatchPlan:
             return kv.k[i][h] + t * self.shape.head_dim * 2
         p = self.cfg.pim
         tile, n = divmod(t, p.banks * p.channels)
-        return AddressMap(p).encode(kv.k_row[i][h] + tile, n // p.banks, n % p.banks, 0)
+        row, col = _slot(p, kv.k_row[i][h], kv.k_slot[i][h] + tile, kv.k_pitch)
+        return AddressMap(p).encode(row, n // p.banks, n % p.banks, col)
 
     def v_addr(self, kv: KvLayout, i: int, h: int, t: int) -> int:
         """Address of token ``t``'s V row (``head_dim`` BF16) in the normal-layout copy."""
@@ -157,10 +175,19 @@ class BatchPlan:
         """Address of column ``col`` (tokens ``16 col ..``) of V^T output row ``n`` (naive)."""
         p = self.cfg.pim
         tile, m = divmod(n, p.banks * p.channels)
-        return AddressMap(p).encode(kv.vt_row[i][h] + tile, m // p.banks, m % p.banks, col)
+        row, c0 = _slot(p, kv.vt_row[i][h], kv.vt_slot[i][h] + tile, kv.vt_pitch)
+        return AddressMap(p).encode(row, m // p.banks, m % p.banks, c0 + col)
+
+
+def _slot(p, row: int, q: int, pitch: int) -> tuple[int, int]:
+    """Row and first column of tile slot ``q`` counted from row ``row`` (``columns / pitch`` slots a row)."""
+    r, k = divmod(q, p.columns // pitch)
+    return row + r, k * pitch
 
 
 def gemv_layouts(bp: BatchPlan, kv: KvLayout, i: int, h: int, L: int) -> tuple[GemvLayout, GemvLayout]:
-    """The GEMV layouts the naive policy's macros read: K (``[head_dim, L]``) and V^T (``[L, head_dim]``)."""
+    """The packed GEMV layouts the PIM policies' macros read: K (``[head_dim, L]``) and V^T (``[L, head_dim]``);
+    their :attr:`~firmware.pim.GemvLayout.addr1` goes in the macros."""
     hd = bp.shape.head_dim
-    return GemvLayout(bp.cfg, hd, L, kv.k_row[i][h]), GemvLayout(bp.cfg, L, hd, kv.vt_row[i][h])
+    return (GemvLayout(bp.cfg, hd, L, kv.k_row[i][h], kv.k_pitch, kv.k_slot[i][h]),
+            GemvLayout(bp.cfg, L, hd, kv.vt_row[i][h], kv.vt_pitch, kv.vt_slot[i][h]))

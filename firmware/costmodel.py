@@ -56,10 +56,12 @@ def mu_gemm_parts(cfg, M, K, N, transposed=True) -> tuple[int, int]:
     return int(mem), int(max(0, compute - max(wdma, adma)))
 
 
-def pim_fc_cycles(cfg, K, N, gelu=False, write_vec=True) -> int:
+def pim_fc_cycles(cfg, K, N, gelu=False, write_vec=True, pitch=0) -> int:
+    """A GEMV macro with its input moved in and its results out; ``pitch``: a packed GEMV (hw/spec/macro.py
+    ``addr1``: the tiles of one row back to back)."""
     from firmware.pim import gemv_lower_bound
 
-    b = gemv_lower_bound(cfg, K, N, activation=gelu)["cycles"]
+    b = gemv_lower_bound(cfg, K, N, activation=gelu, pitch=pitch)["cycles"]
     io = (K * 2 / 32 if write_vec else 0) + N * 4 / 32
     return int(PCU_OVERHEAD * b + io + 2 * MEM_LATENCY)
 

@@ -391,7 +391,8 @@ def _packed_program(layout: GemvLayout, with_bias: bool, activation: bool):
         yield read, {"col": g, "tag": ("result", layout.tiles - 1, g)}
 
 
-def gemv_lower_bound(cfg: SystemConfig, K: int, N: int, activation: bool = False) -> dict:
+def gemv_lower_bound(cfg: SystemConfig, K: int, N: int, activation: bool = False, pitch: int = 0,
+                     slot0: int = 0) -> dict:
     """Lower bound on the cycles of a GEMV on one channel, from the timing parameters alone.
 
     Measured from the first command to the last result word. With ``n`` MACs in
@@ -419,10 +420,15 @@ def gemv_lower_bound(cfg: SystemConfig, K: int, N: int, activation: bool = False
     its bank path gains ``tRP + max(tRAS, tRCD + tRTP)`` (the AF row's ACT to
     PRE, after the data row's precharge) and the AF waits ``tMAC`` after the
     last MAC; the last row ends ``tAF + groups*tCCD + tRL`` after its AF.
+
+    Packed (``pitch``, ``slot0``: :class:`GemvLayout`'s): a tile in the row of the previous one (no
+    activation) has no bank path (the row stays open), and each of the first ``gb_columns / pitch`` tiles
+    writes its ``n`` global-buffer slots (bus: ``2*groups + 2n`` column commands); ACTAB / PREAB only per row.
     """
     t, p = cfg.timing, cfg.pim
-    layout = GemvLayout(cfg, K, N)
+    layout = GemvLayout(cfg, K, N, 0, pitch, slot0) if pitch else GemvLayout(cfg, K, N)
     g = p.acc_groups
+    per_gb = p.gb_columns // pitch if pitch else 1
     rows = [(tile, chunk) for chunk in range(layout.chunks) for tile in range(layout.tiles)]
     n0 = layout.chunk_cols(0)
     # Up to the first row's last MAC: tRCD and its MACs; on the bus ACT, the preloads and the
@@ -431,24 +437,28 @@ def gemv_lower_bound(cfg: SystemConfig, K: int, N: int, activation: bool = False
     col_cmds = 0
     for i, (tile, chunk) in enumerate(rows):
         n = layout.chunk_cols(chunk)
-        col_cmds += n + 2 * g + (n if tile == 0 else 0) + (1 if activation and chunk == layout.chunks - 1 else 0)
+        writes = tile == 0 or (pitch and tile < per_gb)
+        col_cmds += n + 2 * g + (n if writes else 0) + (1 if activation and chunk == layout.chunks - 1 else 0)
         if i == 0:
             continue
         # From the previous row's last MAC to this row's last MAC.
         bank = t.tRTP + t.tRP + t.tRCDRD + (n - 1) * t.tCCD
+        if pitch and not activation and layout.row_of(tile, 0) == layout.row_of(tile - 1, 0):
+            bank = 0                                     # packed: the same row, still open
         if activation and rows[i - 1][1] == layout.chunks - 1:
             bank += t.tRP + max(t.tRAS, t.tRCDRD + t.tRTP)
         acc = t.tMAC + 2 * g * t.tCCD + (n - 1) * t.tCCD
         # A new chunk: with a single global buffer its writes cannot overlap the previous
         # row's back-to-back MACs, so PRE, ACT, the RDMAC/WRBIAS pairs, n WRGB and n MACs follow it.
-        bus = (2 + 2 * g + 2 * n) * t.tCCD if tile == 0 else 0
+        bus = (2 + 2 * g + 2 * n) * t.tCCD if tile == 0 else (2 * g + 2 * n) * t.tCCD if writes else 0
         total += max(bank, acc, bus)
     if activation:
         af_at = max(t.tMAC, t.tRTP + t.tRP + t.tRCDRD)
         total += af_at + t.tAF + g * t.tCCD + t.tRL
     else:
         total += t.tMAC + g * t.tCCD + t.tRL
-    bus = col_cmds * t.tCCD + 2 * len(rows) + (2 * layout.tiles if activation else 0)
+    acts = len(rows) if not pitch or activation else layout.rows_used
+    bus = col_cmds * t.tCCD + 2 * acts + (2 * layout.tiles if activation else 0)
     compute = max(total, bus)
     refresh_factor = t.tREFI / (t.tREFI - t.tRFC)
     return {"cycles": compute, "amortized_cycles": compute * refresh_factor, "refresh_factor": refresh_factor,

@@ -17,13 +17,14 @@ bit in every step slot (inputs, hidden states, outputs of every step) and every 
 device's protocol checks and, on tiny, the independent Python checker watch every DRAM command.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from firmware.batch import BATCH_STAGES, BatchError, plan_batch
+from firmware.batch import BATCH_STAGES, BatchError, gemv_layouts, plan_batch
 from firmware.batch_runtime import BatchRuntime, KvCapacityError, prompt_kv, run_script
 from firmware.gpt2 import GptShape, random_weights
-from firmware.pim import GemvLayout
 from hw.spec import fp as G
 from hw.spec.soc_isa import SocOp
 from sim.batch_run import compare, perf_model_steps, reference_outputs, run_model, run_rtl
@@ -101,12 +102,13 @@ def test_naive_pim_layouts_hold_the_caches():
         for h in range(SHAPE.heads):
             k = np.frombuffer(mo.read(qo.kv.k[0][h], L * hd * 2), dtype="<u2").reshape(L, hd)
             v = np.frombuffer(mo.read(qo.kv.v[0][h], L * hd * 2), dtype="<u2").reshape(L, hd)
-            kw = mn.dev.weights(GemvLayout(CFG, hd, L, qn.kv.k_row[0][h]))       # [hd, L]
-            vw = mn.dev.weights(GemvLayout(CFG, L, hd, qn.kv.vt_row[0][h]))      # [L, hd]
+            lk, lv = gemv_layouts(rt_n.bp, qn.kv, 0, h, L)                        # packed (hw/spec/macro.py)
+            kw = mn.dev.weights(lk)                                               # [hd, L]
+            vw = mn.dev.weights(lv)                                               # [L, hd]
             assert np.array_equal(kw.T, k), (rid, h)
             assert np.array_equal(vw, v), (rid, h)
             # lanes after the last token are still zero (the GEMV of the next step reads them times 0)
-            vt_tail = mn.dev.weights(GemvLayout(CFG, rt_n.bp.max_tokens, hd, qn.kv.vt_row[0][h]))[L:]
+            vt_tail = mn.dev.weights(dataclasses.replace(lv, K=qn.kv.capacity))[L:]
             assert not vt_tail.any()
 
 
@@ -116,13 +118,14 @@ def test_kv_capacity_error_leaves_the_batch_intact():
     def run(attempt):
         ws = random_weights(SHAPE, 3)
         rng = np.random.default_rng(4)
-        rt = BatchRuntime(CFG, SHAPE, ws, "naive", max_batch=4, max_tokens=96)
+        # max_batch 12: the packed K / V^T layouts (several tiles a row) fit 8 requests of 96 tokens, not 3
+        rt = BatchRuntime(CFG, SHAPE, ws, "naive", max_batch=12, max_tokens=96)
         per = rt.bp.request_rows(96)
         fit = rt.pool.rows // per
-        assert 1 <= fit < 4, (rt.pool.rows, per)
+        assert 1 <= fit < 12, (rt.pool.rows, per)
         xs = {}
         for j in range(fit):
-            xs[j] = rng.standard_normal((8, SHAPE.d_model)).astype(np.float32)
+            xs[j] = rng.standard_normal((16, SHAPE.d_model)).astype(np.float32)
             k, v = prompt_kv(ws, SHAPE, xs[j][:3 + j])
             rt.join(j, k, v)
         rt.step({j: xs[j][rt.requests[j].length] for j in rt.requests})

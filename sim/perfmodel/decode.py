@@ -47,7 +47,8 @@ def decode_program(words, spu: bool = False) -> list[Ins]:
             f = _decode_vec(d["word"])
         elif op == SocOp.PIM:
             m = mcmod.decode([(d["word"] >> (32 * k)) & 0xFFFFFFFF for k in range(4)])
-            f = {"op": int(m.op), "flags": int(m.flags), "n": m.n, "m": m.m, "row": m.row, "addr0": m.addr0}
+            f = {"op": int(m.op), "flags": int(m.flags), "n": m.n, "m": m.m, "row": m.row, "addr0": m.addr0,
+                 "addr1": m.addr1}
         elif op in isa.FIELDS:
             f = {k: d[k] for k, _, _ in isa.FIELDS[op]}
         elif op == SocOp.FENCE:

@@ -22,7 +22,7 @@ class PcuModel(QueueModel):
             ins = yield from self._pop_head(self.pcu_q, self.ev_pcu, self.ev_pcu_space, cal.macro_q_lat * kf, free)
             start = K.now
             f = ins.f
-            key = ("pim", f["op"], f["flags"], f["n"], f["m"], f["addr0"] % self.m.align)
+            key = ("pim", f["op"], f["flags"], f["n"], f["m"], f["addr0"] % self.m.align, f.get("addr1", 0))
             end = self._pcu_macro(key, start, f)
             self.work["pcu"] += end - start
             self.intervals.append((start, end, self._tag(ins, "pim")))
@@ -212,6 +212,8 @@ class _PcuMacro:
         elif op == OP_GEMV:
             if self.p.lowprec:
                 self._gemv_w4()
+            elif f.get("addr1", 0) & 0xFF:
+                self._gemv_packed()
             else:
                 self._gemv()
         elif op == OP_READ_RES:
@@ -333,6 +335,58 @@ class _PcuMacro:
                     written += k
         for _g in range(G):
             self.emit("RDAF" if prev_af else "RDMAC", reads=True)
+
+    def _gemv_packed(self):
+        """A packed GEMV (``addr1``, hw/spec/macro.py; one input chunk): :class:`hw.pcu.Pcu`'s rows with the
+        tiles of one row back to back (no PREAB / ACTAB between them unless GELU), each of the first
+        ``gb_columns / pitch`` tiles writing the input at its own global-buffer slots."""
+        f, p, tm = self.f, self.p, self.tm
+        K, N = f["n"], f["m"]
+        pitch, slot0 = 1 << ((f["addr1"] & 0xFF) - 1), (f["addr1"] >> 8) & 0xFF
+        per_row, per_gb = p.columns // pitch, p.gb_columns // pitch
+        tiles = -(-N // (p.banks * p.channels))
+        n = -(-K // p.lanes)
+        G, nch = p.acc_groups, p.channels
+        gelu = bool(f["flags"] & F_GELU)
+        after_act = max(0, tm.tRCDRD // tm.tCCD - 1 - G)
+        before_act = max(0, tm.tRP // tm.tCCD - 1)
+
+        def wrgb(k):
+            for _ in range(k):
+                self.emit("WRGB")
+            self.ev["pim_gb_writes"] += k * nch
+
+        written = bias_in = 0
+        if f["flags"] & F_BIAS:
+            self._xfer(f["addr0"], -(-N * 4 // 32), "RD")
+            bias_in = self._all_served()
+            self.served = [[] for _ in range(nch)]
+            written = min(max(0, n - after_act), before_act)
+            wrgb(written)
+        for tile in range(tiles):
+            q = slot0 + tile
+            if tile == 0 or gelu or q % per_row == 0:
+                self.emit("ACTAB", row=f["row"] + q // per_row)
+            if tile:
+                for _g in range(G):
+                    self.emit("RDAF" if gelu else "RDMAC", reads=True)
+            for _g in range(G):
+                self.t = max(self.t, bias_in)
+                self.emit("WRBIAS")
+            if tile < per_gb:
+                wrgb(n - written)
+            written = 0
+            for c in range(n):
+                self.emit("MACAB", row=p.combine_flag if c == n - 1 else 0)
+            self.ev["pim_mac_cols"] += n * p.banks * nch
+            if tile == tiles - 1 or gelu or (q + 1) % per_row == 0:
+                self.emit("PREAB")
+            if gelu:
+                self.emit("ACTAB", row=p.data_rows)
+                self.emit("AF")
+                self.emit("PREAB")
+        for _g in range(G):
+            self.emit("RDAF" if gelu else "RDMAC", reads=True)
 
     def _gemv_w4(self):
         """A GEMV on a device with 4-bit weights (issue 19): the command program of
