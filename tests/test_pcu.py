@@ -87,6 +87,24 @@ def test_pcu_gemv_packed_tiny(config):
     pcu_build(config).run(TB, "pcu_gemv_packed", env={"IANUS_CONFIG": config, "PCU_PACKED": PACKED_SHAPES})
 
 
+@pytest.mark.parametrize("config", ["tiny", "default"])
+def test_packed_gemv_functional_model_reads_the_offsets(config):
+    """The functional model's packed GEMV (the reference semantics) equals gemv_golden of the same weights while
+    every column of the packed rows outside the layout's tiles is random, and the layout's K / V^T rows hold
+    several tiles (sim/tb/pcu_tb.py prepare_packed checks it; a model that ignored the column offsets or the
+    first slot would read the random columns)."""
+    from sim.tb.pcu_tb import prepare_packed
+
+    cfg = preset(config)
+    shapes = [s for s in PACKED_SHAPES.split(",") if "g" not in s] if config == "tiny" else \
+        ["64x528p4s5", "528x64p64s0h", "300x64p32s1n"]
+    for i, spec in enumerate(shapes):
+        kn, rest = spec.split("p")
+        K, N = (int(v) for v in kn.split("x"))
+        pitch, slot0 = (int(v) for v in rest.rstrip("ghn").split("s"))
+        prepare_packed(cfg, K, N, pitch, slot0, False, "h" in rest, seed=i, bias="n" not in rest)
+
+
 def test_pcu_errors_tiny():
     pcu_build("tiny").run(TB, "pcu_errors", env={"IANUS_CONFIG": "tiny"})
 
