@@ -26,18 +26,22 @@ Policies (:data:`POLICIES`):
 ``naive``
     Attention in PIM, one row buffer, no overlap of the NPU stage with PIM: per request and head
 
-    * K in the PIM GEMV layout of a ``[head_dim, capacity]`` weight matrix (:class:`firmware.pim.GemvLayout`:
-      token ``t`` is output ``t``, in bank ``t % banks``, channel ``(t // banks) % channels``, row
-      ``k_row + t // (banks * channels)``, its ``head_dim`` values in columns ``0 .. head_dim/16 - 1``), so
-      ``scores = K q`` is one GEMV macro with ``N = L`` outputs and ``K = head_dim`` inputs (WRITE_VEC of q,
-      GEMV, READ_RES FP32). Appending token ``t`` writes its ``head_dim`` values into one bank row: one VSTORE
-      of the scatter (contiguous bytes).
+    * K in the packed PIM GEMV layout of a ``[head_dim, capacity]`` weight matrix (:class:`firmware.pim.GemvLayout`
+      with ``pitch`` and ``slot0``, the GEMV macro's ``addr1``: :mod:`hw.spec.macro`): token ``t`` is output
+      ``t``, in bank ``t % banks``, channel ``(t // banks) % channels``, tile ``t // (banks * channels)`` in
+      slot ``q = k_slot + tile`` counted from row ``k_row`` (``columns / k_pitch`` slots a row, ``k_pitch`` =
+      ``head_dim / 16`` rounded up to a power of two), its ``head_dim`` values in columns ``(q % per_row) *
+      k_pitch ..``; the heads of a layer take consecutive slots (:meth:`BatchPlan.pim_packing`). So ``scores =
+      K q`` is one GEMV macro with ``N = L`` outputs and ``K = head_dim`` inputs (WRITE_VEC of q, GEMV,
+      READ_RES FP32) whose tiles of one row run back to back in the open row. Appending token ``t`` writes its
+      ``head_dim`` values into one bank row: one VSTORE of the scatter (contiguous bytes).
     * V as ``V^T`` (the weight matrix ``[L, head_dim]`` of ``o = p @ V``: dimension ``n`` is output ``n``, in
-      bank ``n % banks``, channel ``(n // banks) % channels``, row ``vt_row + n // (banks * channels)``; token
-      ``t`` is lane ``t % 16`` of column ``t // 16``), so ``o = P V`` is one GEMV macro with ``K = L`` inputs
-      and ``N = head_dim`` outputs (WRITE_VEC of the probabilities, GEMV, READ_RES BF16 into the O buffer).
-      With the Row-Channel-Bank-Column map the ``head_dim`` output rows of one column are ``row_bytes`` apart,
-      one uniform stride. Appending token ``t`` changes one lane in each of the ``head_dim`` output rows.
+      bank ``n % banks``, channel ``(n // banks) % channels``, tile ``n // (banks * channels)`` packed like K
+      from ``vt_row`` / ``vt_slot`` with ``vt_pitch`` = ``capacity / 16`` rounded up to a power of two; token
+      ``t`` is lane ``t % 16`` of the tile's column ``t // 16``), so ``o = P V`` is one GEMV macro with ``K = L``
+      inputs and ``N = head_dim`` outputs (WRITE_VEC of the probabilities, GEMV, READ_RES BF16 into the O
+      buffer). With the Row-Channel-Bank-Column map the output rows of one tile's column are ``row_bytes``
+      apart, one uniform stride (one VSTORE per tile). Appending token ``t`` changes one lane in each of the ``head_dim`` output rows.
       **Scheme:** a normal-layout copy of V is the source, kept group-major under naive (per layer
       ``[token group][head][16][head_dim]``: the 16 tokens of one group of all heads are ``16 x heads``
       consecutive rows), appended by the scatter like K. Per request one matrix-unit GEMM,
@@ -60,10 +64,11 @@ Policies (:data:`POLICIES`):
 
     The V^T layout keeps one input chunk (``K = L <= gb_values``: a request's capacity is at most the global
     buffer's values, 128 on ``tiny`` and 1024 on ``default``) so that ``GemvLayout``'s rows do not move as L
-    grows. The macro has no column offset: each tile of ``banks x channels`` tokens of a head's K takes a
-    whole row index and uses ``head_dim / 16`` of every bank row's columns (4 of 64 on ``default``), so a
-    naive request needs about ten times the KV memory of an npu-only one (``default``, one GPT-2-small layer,
-    528 tokens: 241 row indices of 64 KB against 25).
+    grows. Packing (issue 18): before the GEMV macro had a column offset, each tile of ``banks x channels``
+    tokens of a head's K took a whole row index and used ``head_dim / 16`` of its columns (4 of 64 on
+    ``default``): a naive request of 528 tokens (one GPT-2-small layer) needed 241 row indices against 25
+    under npu-only, and every scores tile opened a row. Packed, 16 K tiles share a row on ``default`` (the
+    528-token request: 13 K rows + 24 V^T rows + 13 of normal-layout V = 50 row indices).
 
 ``neupims``
     NeuPIMs' sub-batch interleaving on two row buffers (``pim.row_buffers == 2``: ``tiny-dualrb``,

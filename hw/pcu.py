@@ -34,6 +34,14 @@ then, when the next row starts a new chunk, its first WRGBs in the tRTP slot
 before ``PREAB`` and the tRP wait after it; with GELU on the last chunk
 ``ACTAB`` (LUT row), ``AF``, ``PREAB``. Finally the last row's reads.
 
+Packed GEMV (``addr1``, :mod:`hw.spec.macro`; one input chunk): tile ``t`` is in slot ``slot0 + t`` of rows
+of ``columns / pitch`` slots (registers ``slot`` and ``trow`` step with the tile); its MACs read columns
+``slot * pitch + c`` and each of the first ``gb_columns / pitch`` tiles writes the input's columns at global-
+buffer slots ``(slot * pitch + c) mod gb_columns`` (its WRGBs after its WRBIAS, as the first tile's). When
+the next tile is in the same row (and no GELU), the last MAC is followed by the next tile's RDMAC of the
+previous results, WRBIAS, WRGB and MACs without PREAB / ACTAB (the controller holds them tMAC after the last
+MAC); the order is :func:`firmware.pim.gemv_program`'s for a packed layout.
+
 Buffers
 -------
 ``xbuf``: the input vector, one 16-lane BF16 column word per entry
