@@ -26,7 +26,7 @@ from sim.run import reference
 from sim.soc_model import SocModel
 
 __all__ = ["run_model", "run_rtl", "dump_regions", "compare", "reference_outputs", "batch_lengths", "prepare_batch",
-           "measure_batch", "main_batch", "perf_model_steps", "perf_timer"]
+           "measure_batch", "main_batch", "perf_model_steps", "perf_model_programs", "perf_timer"]
 
 
 def run_model(rt: BatchRuntime) -> tuple[SocModel, list]:
@@ -95,6 +95,13 @@ def compare(rt: BatchRuntime, model: SocModel, raw: dict) -> dict:
 def perf_model_steps(rt: BatchRuntime, rtl_programs: list) -> list[float]:
     """The calibrated performance model's cycles of every step (:mod:`sim.perfmodel`), each program started at
     the RTL's measured start (``t_start``, as :mod:`sim.calibrate` does: the same refresh phase)."""
+    cyc = perf_model_programs(rt, rtl_programs)
+    return [float(sum(cyc[name] for name, _, _, _ in rec.programs)) for rec in rt.steps]
+
+
+def perf_model_programs(rt: BatchRuntime, rtl_programs: list) -> dict:
+    """The calibrated performance model's cycles of every program of the script, by name (started as in
+    :func:`perf_model_steps`)."""
     import dataclasses
 
     from sim.perfmodel import PerfModel, decode_program
@@ -105,9 +112,8 @@ def perf_model_steps(rt: BatchRuntime, rtl_programs: list) -> list[float]:
         raise ValueError(f"{len(progs)} programs in the script, {len(rtl_programs)} in the RTL results")
     starts = [r["t_start"] for r in rtl_programs]
     m = PerfModel(rt.cfg, calib=dataclasses.replace(Calib(), first_start=starts[0]))
-    cyc = {name: m.run_program(None, ins=decode_program(words), prog_addr=addr, start=t - starts[0]).cycles
-           for (name, addr, _, words), t in zip(progs, starts, strict=True)}
-    return [float(sum(cyc[name] for name, _, _, _ in rec.programs)) for rec in rt.steps]
+    return {name: m.run_program(None, ins=decode_program(words), prog_addr=addr, start=t - starts[0]).cycles
+            for (name, addr, _, words), t in zip(progs, starts, strict=True)}
 
 
 def reference_outputs(rt: BatchRuntime, rec, xs: dict, weights) -> np.ndarray:
@@ -225,7 +231,7 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
         rt, recs, xs, ws = runs[p]
         m = models[p] if p in models else run_model(rt)[0]
         mhz = rt.cfg.clocks.pim_mhz
-        per_step = []
+        per_step, perf_stages = [], {}
         if p in rtl:
             progs, res = rtl[p]
             diff = compare(rt, m, res["dumps_raw"])
@@ -236,7 +242,12 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
                 if r["name"].startswith("step"):
                     key = r["name"].split(" ", 2)[2]
                     stages[key] = stages.get(key, 0) + r["cycles"]
-            perf = perf_model_steps(rt, progs)
+            model = perf_model_programs(rt, progs)
+            perf = [float(sum(model[name] for name, _, _, _ in rec.programs)) for rec in rt.steps]
+            for name, cycles in model.items():
+                if name.startswith("step"):
+                    key = name.split(" ", 2)[2]
+                    perf_stages[key] = perf_stages.get(key, 0.0) + cycles
         else:
             diff, perf = None, None
             stages = {}
@@ -260,7 +271,8 @@ def measure_batch(config: str, batch: int, steps: int = 1, backend: str = "veril
                   "cycles_per_step": per_step,
                   "tokens_per_s": batch / (cyc / (mhz * 1e6)) if cyc else 0.0, "stage_cycles": stages,
                   "bit_exact": (not any(diff.values())) if diff is not None else None,
-                  "rel_err_vs_float64": rel, "measured": p in rtl, "perfmodel_cycles_per_step": perf}
+                  "rel_err_vs_float64": rel, "measured": p in rtl, "perfmodel_cycles_per_step": perf,
+                  "perfmodel_stage_cycles": perf_stages}
     return out
 
 

@@ -274,7 +274,8 @@ def test_ianus_run_batch_cli(tmp_path):
 def test_default_batch_of_8_bit_exact_and_naive_faster():
     """The bench's case (sim/benchmarks/neupims_rtl.py): one step of 8 requests (KV lengths 145..511) of the
     GPT-2-small-shaped layer on the default RTL, both policies bit-exact with the functional model and within
-    bound; attention in PIM makes the step faster than on the NPU (measured 1.254x), and the performance model
+    bound; attention in PIM makes the step faster than on the NPU (measured 1.295x with the packed K / V^T GEMV
+    layouts, 1.233x before), and the performance model
     is within 5 % of the RTL."""
     from sim.batch_run import measure_batch
 
@@ -282,6 +283,9 @@ def test_default_batch_of_8_bit_exact_and_naive_faster():
     for r in res.values():
         assert r["bit_exact"] and r["rel_err_vs_float64"] <= BOUND, r
         assert abs(r["perfmodel_cycles_per_step"][0] / r["cycles_per_step"][0] - 1) <= 0.05, r
+    # naive's attention (packed GEMV macros, hw/spec/macro.py addr1) timed within 5 % (measured -3.5 %)
+    att = res["naive"]
+    assert abs(att["perfmodel_stage_cycles"]["attn"] / att["stage_cycles"]["attn"] - 1) <= 0.05, att
     assert res["naive"]["tokens_per_s"] > 1.1 * res["npu-only"]["tokens_per_s"], res
 
 

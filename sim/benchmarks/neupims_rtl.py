@@ -63,6 +63,7 @@ def run(quick: bool = False):
                "unit": "tokens/s", "config": r["config"], "batch": batch, "kv_lengths": r["kv_lengths"],
                "split_mode": r["split_mode"], "split": r["splits"][0],
                "cycles_per_step": r["cycles_per_step"][0], "stage_cycles": r["stage_cycles"],
+               "perfmodel_stage_cycles": {k: round(v) for k, v in r["perfmodel_stage_cycles"].items()},
                "bit_exact": r["bit_exact"], "rel_err_vs_float64": round(r["rel_err_vs_float64"], 5),
                "perfmodel_cycles_per_step": round(r["perfmodel_cycles_per_step"][0]),
                "perfmodel_vs_rtl": round(r["perfmodel_cycles_per_step"][0] / r["cycles_per_step"][0] - 1, 4)}
