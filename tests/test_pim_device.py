@@ -41,6 +41,13 @@ def test_gemv_tiny(config, impl):
     run(config, "gemv", impl=impl, GEMV_SHAPES="96x64,200x24,128x8,17x5,200x24g,64x16g")
 
 
+@pytest.mark.parametrize("config", ["tiny", "tiny-dualrb"])
+def test_gemv_packed_tiny(config):
+    """firmware.pim.gemv_program of packed layouts (the GEMV macro's addr1): tiles of a row back to back in the
+    open row, the input at several global-buffer slots; bit-exact with gemv_golden, within the bound."""
+    run(config, "gemv", GEMV_SHAPES="16x40p1s3,32x200p2s1,16x300p1s5,100x40p8s0g,33x16p4s1,16x130p1s7g")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gemv_default_gpt2_small(impl):
     run("default", "gemv", impl=impl, GEMV_SHAPES="768x768,768x2304,768x3072,3072x768,768x3072g")

@@ -172,9 +172,14 @@ def gather_outputs(layout, words, bpw: int, banks: int, size: int) -> np.ndarray
 async def gemv(dut):
     """GEMV shapes from env GEMV_SHAPES ("KxN,KxN"): bit-exact vs golden, bounded vs float64, cycle efficiency."""
     cfg, drv = await _driver(dut)
-    # "KxN" or "KxNg" (with GELU through the AF units).
-    shapes = [(int(s.split("x")[0]), int(s.split("x")[1].rstrip("g")), s.endswith("g"))
-              for s in env_str("GEMV_SHAPES", "96x64").split(",")]
+    # "KxN" or "KxNg" (with GELU through the AF units); "KxNpPsS[g]": a packed layout (pitch P, first slot S:
+    # firmware.pim.GemvLayout, the GEMV macro's addr1) run by gemv_program's packed order.
+    shapes = []
+    for s in env_str("GEMV_SHAPES", "96x64").split(","):
+        kn, _, pk = s.rstrip("g").partition("p")
+        pitch, _, slot0 = pk.partition("s")
+        shapes.append((int(kn.split("x")[0]), int(kn.split("x")[1]), s.endswith("g"), int(pitch or 0),
+                       int(slot0 or 0)))
     min_eff = float(env_str("MIN_EFFICIENCY", "0.95"))
     state = {}
 
@@ -188,9 +193,9 @@ async def gemv(dut):
         return sch
 
     report = []
-    for i, (K, N, act) in enumerate(shapes):
+    for i, (K, N, act, pitch, slot0) in enumerate(shapes):
         w, x, bias = _gemv_data(cfg, K, N, seed=100 + i)
-        layout = GemvLayout(cfg, K, N, base_row=0)
+        layout = GemvLayout(cfg, K, N, 0, pitch, slot0)
         y, cycles, _, refs = await run_gemv(drv, sch_for, layout, w, x, bias, activation=act)
         want = gemv_golden(cfg, w, x, bias)
         pre = want
@@ -216,13 +221,14 @@ async def gemv(dut):
             scale = np.maximum(np.abs(exact), 1.0)
         err = np.abs(G.bits_to_f32(y).astype(np.float64) - exact)
         assert np.all(err <= bound), f"GEMV {K}x{N}: error vs float64 above bound at {np.argmax(err - bound)}"
-        lb = gemv_lower_bound(cfg, K, N, activation=act)
+        lb = gemv_lower_bound(cfg, K, N, activation=act, pitch=pitch, slot0=slot0)
         measured_am = amortized_cycles(cfg, cycles, refs)
         eff = lb["amortized_cycles"] / measured_am
         rel = float(np.max(err / np.maximum(scale, 1e-30)))
         p = cfg.pim
         weight_bytes = lb["macs"] * p.banks * p.channels * p.column_bytes
-        report.append({"shape": f"{K}x{N}" + ("+GELU" if act else ""), "cycles": cycles, "bound": lb["cycles"], "efficiency": eff,
+        report.append({"shape": f"{K}x{N}" + (f"p{pitch}s{slot0}" if pitch else "") + ("+GELU" if act else ""),
+                       "cycles": cycles, "bound": lb["cycles"], "efficiency": eff,
                        "amortized_cycles": measured_am, "amortized_bound": lb["amortized_cycles"],
                        "max_rel_err": rel, "max_abs_err": float(err.max()), "refreshes": refs,
                        "weight_bytes": weight_bytes,
