@@ -340,11 +340,11 @@ class Pcu(wiring.Component):
         m, p, dec = s.m, self.cfg.pim, s.dec
         gbc = p.gb_columns
         s.packed, s.plog = dec.packed, dec.plog
-        s.slot = Signal(8)                  # the tile's slot in its row (packed; 0 otherwise)
+        s.slot = Signal(max(8, p.column_addr_bits + 1))   # the tile's slot in its row (packed; 0 otherwise)
         s.trow = Signal(16)                 # its row's offset from the macro's row (packed)
         s.colbase = Signal(p.column_addr_bits + 1)
         m.d.comb += s.colbase.eq(Mux(s.packed, s.slot << s.plog, 0))
-        last_slot = Signal(8)
+        last_slot = Signal(len(s.slot))
         m.d.comb += last_slot.eq((p.columns >> s.plog) - 1)
         # Tiles that write the input at their global-buffer slots: the first only, or (packed) the first
         # gb_columns / pitch (later tiles' slots repeat theirs).

@@ -119,6 +119,11 @@ def test_device_errors_are_typed_and_recoverable():
     with pytest.raises(D.BadRegionError):
         run(dev.wait_idle())
     run(dev.clear_error())
+    # A packed GEMV (addr1 = pack | slot0 << 8) whose first slot is past the row's columns / pitch slots.
+    run(dev.submit(Macro(MacroOp.GEMV, n=16, m=8, row=0, addr1=1 | cfg.pim.columns << 8)))
+    with pytest.raises(D.BadPackingError, match="BAD_PACKING"):
+        run(dev.wait_idle())
+    run(dev.clear_error())
     # The device still works after all that.
     w, x, b = data(np.random.default_rng(5), 32, 8)
     h = run(dev.upload_weights(w, bias=b))
