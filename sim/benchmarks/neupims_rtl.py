@@ -27,7 +27,10 @@ model's cycles for the same programs started at the RTL's measured starts, the s
 Measured (``python -m sim.bench --only neupims_rtl``, every run bit-exact with the functional model, 0.53 % of
 the block's change against float64): npu-only 1,341,056 cycles per step, naive 1,069,356 (1.254x npu-only),
 neupims 1,065,556 (no split chosen; 1.259x npu-only, 1.004x naive), neupims-split 1,720,415 (0.779x npu-only,
-0.622x naive; performance model +2.5 %). In neupims-split the attention is hidden (the PCU busy 58,494 cycles
+0.622x naive; performance model +2.5 %). With the packed GEMV layouts of K and V^T (the macro's ``addr1``,
+issue 18; 243 s): npu-only 1,318,256, naive 1,018,056 (1.295x; its ``attn`` stage 105,978 cycles against
+153,438 unpacked, performance model -3.5 %), neupims 1,012,356 (no split; 1.302x, 1.006x naive),
+neupims-split 1,711,862 (0.770x, 0.595x naive); performance model within -0.6 .. +1.0 % per step. In neupims-split the attention is hidden (the PCU busy 58,494 cycles
 in ``attn_a|qkv_b``, all of it beside the matrix unit; 78,433 of 81,524 in ``post_a|attn_b``), but each
 sub-batch's QKV (249,716 cycles for 4 rows against 309,807 for 8) and projection + FFN (579,763 against
 601,690 for 8 rows, default-dualrb) cost nearly what the whole batch's do: the GEMMs are bound by streaming
