@@ -250,6 +250,9 @@ class Channel:
             self.wr_ok[bank] = a + t.tRCDWR
             self.pre_ok[bank] = max(self.pre_ok[bank], a + t.tRAS)
             self.open[bank] = row
+            # the ACT is a bank-state change of its own: a macro starting between it and the column
+            # command keeps the row open (the controller issued the ACT), and closes it first
+            self._record(bank, a)
             col = self.wr_ok[bank] if write else self.rd_ok[bank]
         slots = self.slots              # the column command's slot (as slot())
         col = slots.take(col)
