@@ -95,16 +95,7 @@ class MatrixUnitModel:
                        f["mem_addr"] % self.m.align)
                 done, cached = yield from self._timed(
                     key, start + cal.mu_dma_start * kf, lambda t, f=f: self._held(self._mu_store(f, t)))
-                if cached:          # a macro started meanwhile holds the transfer back
-                    done = yield from self._dma_pushback(done, nw)
-                elif done > K.now:
-                    yield done
-                self.work["mu_store"] += done - start
-                wait = min(done - start, self._pim_overlap(start, done, 0 if not cached else nw))
-                self.work["pim_block"] += wait
-                self.intervals.append((start, done - wait, self._tag(ins, "mu")))
-                if wait > 0:
-                    self.intervals.append((done - wait, done, "wait_pim"))
+                done = yield from self._dma_done(ins, "mu_store", start, done, cached, nw)
                 free = done + kf
                 sig_at = done
             elif op == "COMPUTE":
@@ -137,19 +128,27 @@ class MatrixUnitModel:
         done, cached = yield from self._timed(key, t0, lambda t: self._held(self._mu_load(f, t, ready)))
         if cached:
             self._ld_issued(t0 + self.m.cache[("gen",) + key], done, None)
+        done = yield from self._dma_done(ins, "mu_load", start, done, cached, nw)
+        sig = f["signal"]
+        if sig:
+            K.at(done + cal.sem_lat * kf, lambda s=sig: self._give(s))
+        K.at(done + cal.mu_idle_lat * kf, self._mu_down)
+
+    def _dma_done(self, ins, work, start, done, cached, nw):
+        """Wait for a LOAD / STORE to finish (a macro started meanwhile holds a cached transfer back) and
+        account its cycles (``work``), the part spent waiting for PIM and its intervals; returns its end."""
+        K = self.K
+        if cached:
             done = yield from self._dma_pushback(done, nw)
         elif done > K.now:
             yield done
-        self.work["mu_load"] += done - start
+        self.work[work] += done - start
         wait = min(done - start, self._pim_overlap(start, done, 0 if not cached else nw))
         self.work["pim_block"] += wait
         self.intervals.append((start, done - wait, self._tag(ins, "mu")))
         if wait > 0:
             self.intervals.append((done - wait, done, "wait_pim"))
-        sig = f["signal"]
-        if sig:
-            K.at(done + cal.sem_lat * kf, lambda s=sig: self._give(s))
-        K.at(done + cal.mu_idle_lat * kf, self._mu_down)
+        return done
 
     def _ld_issued(self, gen_end, done, stream):
         """The current LOAD has issued its last request (``gen_end``); its handler ends at ``done``."""

@@ -182,15 +182,21 @@ class PcuTB:
         self.monitor.assert_clean()
 
 
-def prepare(cfg, K, N, gelu, bf16, seed, bias=True):
-    """Driver on the functional model: weights, bias, GELU table, x; returns (fd, macros, y_addr, y_bytes, rows).
-    Without ``bias`` the GEMV macro has no BIAS flag (the accumulators start at zero)."""
+def _operands(cfg, K, N, seed):
+    """A functional device with its driver, the seeded generator, and random BF16 weights [K, N], FP32 bias, x."""
     fd = FunctionalDevice(cfg)
     dev = D.Device(D.FunctionalTransport(fd), cfg)
     rng = np.random.default_rng(seed)
     w = G.bf16_bits(rng.standard_normal((K, N)) * (3 / np.sqrt(K)))
     b = (rng.standard_normal(N) * 0.1).astype(np.float32)
     x = G.bf16_bits(rng.standard_normal(K))
+    return fd, dev, rng, w, b, x
+
+
+def prepare(cfg, K, N, gelu, bf16, seed, bias=True):
+    """Driver on the functional model: weights, bias, GELU table, x; returns (fd, macros, y_addr, y_bytes, rows).
+    Without ``bias`` the GEMV macro has no BIAS flag (the accumulators start at zero)."""
+    fd, dev, rng, w, b, x = _operands(cfg, K, N, seed)
 
     async def setup():
         await dev.upload_gelu_table()
@@ -283,12 +289,7 @@ def prepare_packed(cfg, K, N, pitch, slot0, gelu, bf16, seed, bias=True):
     also checked against :func:`firmware.pim.gemv_golden` of the same weights."""
     from firmware.pim import GemvLayout, gemv_golden
 
-    fd = FunctionalDevice(cfg)
-    dev = D.Device(D.FunctionalTransport(fd), cfg)
-    rng = np.random.default_rng(seed)
-    w = G.bf16_bits(rng.standard_normal((K, N)) * (3 / np.sqrt(K)))
-    b = (rng.standard_normal(N) * 0.1).astype(np.float32)
-    x = G.bf16_bits(rng.standard_normal(K))
+    fd, dev, rng, w, b, x = _operands(cfg, K, N, seed)
     lay = GemvLayout(cfg, K, N, base_row=0, pitch=pitch, slot0=slot0)
     p = cfg.pim
 
