@@ -361,12 +361,8 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
                 for j, (n0, nt) in enumerate(grp):
                     wb = bufs["wgt"]
                     lw = None
-                    # multi-core: one LOAD per C outputs, so that consecutive LOADs alternate between the halves
-                    # of the banks (a tile's outputs are bank-major) and the next one's row switches overlap the
-                    # current one's reads (GPT-2 XL 128 summarization, exact timing: 23.24 -> 23.16 ms under ianus)
-                    step = (C if sub and npu.cores > 1 else sub) or nt
-                    for s0 in range(n0, n0 + nt, step):
-                        for ld in w.loads(s0, min(step, n0 + nt - s0), k0, kt):
+                    for s0 in range(n0, n0 + nt, sub or nt):
+                        for ld in w.loads(s0, min(sub or nt, n0 + nt - s0), k0, kt):
                             off = ld.pop("spm_off", 0) + (s0 - n0) // C * kt
                             lw = blk.add(L, [last_c.get(("wgt", wb))], target=mu_isa.Target.WGT,
                                          spm_addr=wb * WW + off, spm_stride=kt, **ld)
