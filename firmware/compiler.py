@@ -213,7 +213,7 @@ class LayerCompiler:
                 continue
             # Multi-core: one VSTORE per run of heads whose rows lie side by side both in T and in memory (q, or
             # caches that interleave a group's heads per token), else one per head. GPT-2 XL 128 summarization,
-            # exact: ianus 23.16 -> 22.79 ms, npu-mem 22.74 -> 22.10. Not on the single-core RTL configurations:
+            # exact: ianus 23.24 -> 22.97 ms, npu-mem 22.74 -> 22.10. Not on the single-core RTL configurations:
             # there it gained 0.56 % on the default layer's prefill qkv_attn, moved the refresh phase of the
             # programs after it, and one generation program's model error then read 5.94 % (bound 5 %).
             merge = self.cfg.npu.cores > 1
