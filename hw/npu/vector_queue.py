@@ -355,7 +355,8 @@ class VectorQueue(wiring.Component):
         self.cfg = cfg
         self._geo = _Geometry(lanes, words)
         self._queue_depth = queue_depth
-        self.unit = VectorUnit(lanes, words, lane_instance=lane_instance, clock_gate=clock_gate)
+        self.unit = VectorUnit(lanes, words, lane_instance=lane_instance, clock_gate=clock_gate,
+                               acc_stages=cfg.npu.vec_acc_stages)
         self.dma = VectorDma(cfg, lanes, words, max_outstanding)
         self._spu_port = bool(spu_port)
         members = {

@@ -11,8 +11,8 @@ from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..arith import AdderTree, fp32_add_align, fp32_add_round
-from ..spec.vector_isa import Fmt, Opcode, VectorInstr
+from ..arith import AdderTree, _check_stages, fp32_add_align, fp32_add_pipe, fp32_add_round
+from ..spec.vector_isa import Fmt, Opcode, VectorInstr, reduce_latency
 from .fp32ext import bf16_store, delay, max_key
 from .vector_parts import Phase, WritePortSignature, beat_layout, row_result_layout
 
@@ -40,10 +40,25 @@ class VectorReduce(wiring.Component):
     at the exit) carries ``acc`` with the beat's phase, row index and group-last flag; ``fin`` asks for
     the write of ``acc`` (MAX / SUM) at the same time, to the address the beat's tag carried.
 
+    With ``acc_stages = P > 1`` (issue 15: no full FP32 addition in a one-cycle loop) the sums go into ``P``
+    **interleaved partial sums** instead: beat ``k`` of a row is added into partial ``k mod P`` through a
+    ``P``-stage adder (:func:`hw.arith.fp32_add_pipe`), the partial being read again ``P`` cycles later at
+    the earliest (its operand register takes the adder's output when the partial is written on that edge);
+    the first ``P`` beats of a row add ``-0``, the exact identity, instead of the partial. When the row's
+    last beat has been added (``P`` cycles after it), the partials are combined pairwise in a fixed order by
+    an :class:`hw.arith.AdderTree` of ``P``-stage adders (``(p0+p1)+(p2+p3)``, ``(p0+p1)+p2``; a partial
+    the row did not reach, fewer than ``P`` beats, is ``-0``). The maxima keep the one-cycle accumulator
+    (a comparison), its result delayed to the sum's. The golden order is
+    :func:`sim.golden.vector.row_sum` with ``acc_stages=P``; ``latency`` is
+    :func:`hw.spec.vector_isa.reduce_latency` (``tree_latency + P + P ceil(log2 P)``). Beats may come with
+    gaps; rows back to back.
+
     Parameters
     ----------
     lanes, addr_width, row_group
         As for :class:`hw.npu.vector.VectorUnit`.
+    acc_stages : int
+        1 (default: the netlist it has always had) to 4.
 
     Members
     -------
@@ -57,8 +72,9 @@ class VectorReduce(wiring.Component):
     fin : Out(fin_write_layout(lanes, addr_width))
     """
 
-    def __init__(self, lanes: int, addr_width: int, row_group: int):
+    def __init__(self, lanes: int, addr_width: int, row_group: int, acc_stages: int = 1):
         self._lanes, self._aw, self._row_group = lanes, addr_width, row_group
+        self._acc_stages = _check_stages("Vector accumulator stages", acc_stages, (1, 2, 3, 4))
         super().__init__({
             "ins": In(VectorInstr),
             "beat": In(beat_layout(lanes, addr_width, row_group)),
@@ -74,7 +90,7 @@ class VectorReduce(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return self.tree_latency + 1
+        return reduce_latency(self._lanes, self._acc_stages)
 
     def elaborate(self, platform):
         m = Module()
@@ -112,10 +128,16 @@ class VectorReduce(wiring.Component):
 
         # The row accumulator: the first beat loads it, the others add or compare.
         acc = Signal(32)
+        P = self._acc_stages
         part = Mux(r_max, max_out, tree.o)
-        st = fp32_add_align(m, m.d.comb, acc, tree.o, prefix="acc")
-        acc_sum = fp32_add_round(m, m.d.comb, st, prefix="acc")
         acc_max = Mux(max_key(max_out) > max_key(acc), max_out, acc)
+        if P == 1:
+            st = fp32_add_align(m, m.d.comb, acc, tree.o, prefix="acc")
+            acc_sum = fp32_add_round(m, m.d.comb, st, prefix="acc")
+        else:
+            # acc keeps the maxima only; the sums go into the interleaved partials.
+            part, acc_sum = max_out, acc
+            csum = self._interleaved_sum(m, te, r_valid, tree.o)
         with m.If(r_valid):
             with m.If(r_first):
                 m.d.sync += acc.eq(part)
@@ -131,10 +153,78 @@ class VectorReduce(wiring.Component):
         m.d.sync += [done_q.eq(r_valid & r_last), fin_q.eq(r_valid & r_last & r_fin),
                      fin_addr.eq(r_addr), fin_en.eq(r_en),
                      done_glast.eq(r_glast), done_phase.eq(r_phase), done_ri.eq(r_ri)]
+        value = acc
+        if P > 1:
+            # The row's tag and maximum wait for the combined sum (P + combine latency - 1 more cycles).
+            done_max = Signal()
+            m.d.sync += done_max.eq(r_max)
+            extra = self.latency - self.tree_latency - 1
+            fields = (done_q, fin_q, fin_addr, fin_en, done_glast, done_phase.as_value(), done_ri, done_max, acc)
+            late = delay(m, Cat(*fields), extra, "row_done")
+            done_q, fin_q, fin_addr, fin_en, done_glast, done_phase, done_ri, done_max, late_max = [
+                late[lo:hi] for lo, hi in _fields([len(f) for f in fields])]
+            value = Mux(done_max, late_max, csum)
         res, fin = self.result, self.fin
-        m.d.comb += [res.valid.eq(done_q), res.value.eq(acc), res.phase.eq(done_phase), res.ri.eq(done_ri),
+        m.d.comb += [res.valid.eq(done_q), res.value.eq(value), res.phase.eq(done_phase), res.ri.eq(done_ri),
                      res.glast.eq(done_glast), fin.valid.eq(fin_q), fin.addr.eq(fin_addr), fin.en.eq(fin_en)]
         return m
+
+    def _interleaved_sum(self, m: Module, te, r_valid, term):
+        """The ``acc_stages`` interleaved partial sums of the beat sums ``term`` and their combine (see the
+        class docstring); returns the combined sum, valid ``latency`` cycles after a row's last beat at the
+        exit. ``r_valid``: a reduced beat's sum is on ``term``."""
+        P = self._acc_stages
+        neg_zero = 0x80000000
+        # The beat's tag one cycle ahead (its partial is selected into the operand register then).
+        pre = delay(m, Cat(te.valid & te.red, te.first), self.tree_latency - 1, "acc_pre")
+        pre_valid, pre_first = pre[0], pre[1]
+        parts = [Signal(32, name=f"acc_p{j}", init=neg_zero) for j in range(P)]
+        slot = Signal(range(P), name="acc_slot")            # the partial of the row's next beat
+        wrapped = Signal(name="acc_wrapped")                # every partial of the row has been written
+        cur = Signal(range(P), name="acc_cur")              # the partial of the beat ahead
+        fresh = Signal(name="acc_fresh")                    # ... not yet written in its row: it adds -0
+        m.d.comb += [cur.eq(Mux(pre_first, 0, slot)), fresh.eq(pre_first | ~wrapped)]
+        with m.If(pre_valid):
+            m.d.sync += [slot.eq(Mux(cur == P - 1, 0, cur + 1)), wrapped.eq((wrapped & ~pre_first) | (cur == P - 1))]
+
+        # Write enable and destination alongside the adder's P - 1 internal registers.
+        dest0 = Signal(range(P), name="acc_dest")
+        m.d.sync += dest0.eq(cur)
+        w = delay(m, Cat(r_valid, dest0), P - 1, "acc_w")
+        w_en, w_dest = w[0], w[1:]
+
+        op_a = Signal(32, name="acc_op_a", init=neg_zero)
+        total = fp32_add_pipe(m, op_a, term, P, prefix="acc", out_reg=False)
+        held = Signal(32, name="acc_held")
+        with m.Switch(cur):
+            for j in range(P):
+                with m.Case(j):
+                    m.d.comb += held.eq(parts[j])
+        bypass = w_en & (w_dest == cur)                     # the partial is written on this edge
+        m.d.sync += op_a.eq(Mux(fresh, neg_zero, Mux(bypass, total, held)))
+        with m.If(w_en):
+            with m.Switch(w_dest):
+                for j in range(P):
+                    with m.Case(j):
+                        m.d.sync += parts[j].eq(total)
+
+        # The partials the row reached, known at its last beat, used P cycles later when the last write is in.
+        used = delay(m, Cat(*[wrapped | (slot > j) for j in range(P)]), P, "acc_used")
+        width = 1 << (P - 1).bit_length()
+        m.submodules.combine = comb = AdderTree(width, P)
+        for j in range(width):
+            m.d.comb += comb.i[j].eq(Mux(used[j], parts[j], neg_zero) if j < P else neg_zero)
+        assert P + comb.latency == self.latency - self.tree_latency
+        return comb.o
+
+
+def _fields(widths):
+    """``(lo, hi)`` bit ranges of consecutive fields of ``widths``."""
+    out, lo = [], 0
+    for w in widths:
+        out.append((lo, lo + w))
+        lo += w
+    return out
 
 
 class VectorWriteBack(wiring.Component):

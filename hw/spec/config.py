@@ -456,6 +456,10 @@ class DramTiming(_Checked):
 # and their defaults (today's one-stage PE). Left out of ``repr`` at their defaults, as PimGeometry's above.
 PE_PIPE_DEFAULTS = {"pe_mul_stages": 1, "pe_add_stages": 1}
 PE_PIPE_RANGES = {"pe_mul_stages": (1, 2, 3), "pe_add_stages": (1, 2, 3, 4, 5, 6, 7, 8)}
+# Pipeline depth of the vector unit's row accumulator (issue 15; :class:`hw.npu.vector_reduce.VectorReduce`) and its
+# default (today's one-cycle accumulator). Left out of ``repr`` at its default, as the PE depths above.
+VEC_PIPE_DEFAULTS = {"vec_acc_stages": 1}
+VEC_PIPE_RANGES = {"vec_acc_stages": (1, 2, 3, 4)}
 
 
 @dataclass(frozen=True, repr=False)
@@ -482,6 +486,12 @@ class NpuConfig(_Checked):
         adder (1 to 8; issue 15): the partial sums move one array row every ``pe_add_stages`` cycles, the array's
         latency is :func:`hw.spec.pipeline.array_latency` (``R + C`` at the defaults, 1 and 1). The numerics do
         not change.
+    vec_acc_stages : int
+        The vector unit's row accumulator (issue 15): 1 (default) one FP32 addition per beat in a one-cycle loop;
+        ``P`` in 2 to 4: ``P`` interleaved partial sums behind a ``P``-stage FP32 adder, combined pairwise at the
+        row's end (:class:`hw.npu.vector_reduce.VectorReduce`). Changes the order of a row's sum (the golden
+        :func:`sim.golden.vector.row_sum` with ``acc_stages=P``) and the reduction latency
+        (:func:`hw.spec.vector_isa.reduce_latency`).
     """
 
     array_rows: int = 4
@@ -495,15 +505,17 @@ class NpuConfig(_Checked):
     vector_spm_words: int = 1024
     pe_mul_stages: int = 1
     pe_add_stages: int = 1
+    vec_acc_stages: int = 1
 
     def __repr__(self):
+        defaults = {**PE_PIPE_DEFAULTS, **VEC_PIPE_DEFAULTS}
         parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                 if f.name not in PE_PIPE_DEFAULTS or getattr(self, f.name) != PE_PIPE_DEFAULTS[f.name]]
+                 if f.name not in defaults or getattr(self, f.name) != defaults[f.name]]
         return f"{type(self).__qualname__}({', '.join(parts)})"
 
     def __post_init__(self):
         self._at_least(1, "array_rows", "array_cols", "macs_per_pe", "cores")
-        for name, allowed in PE_PIPE_RANGES.items():
+        for name, allowed in {**PE_PIPE_RANGES, **VEC_PIPE_RANGES}.items():
             value = getattr(self, name)
             if not _is_int(value) or value not in allowed:
                 self._fail(name, f"an integer in {allowed[0]}..{allowed[-1]}")

@@ -94,8 +94,9 @@ def gpt2_program(lanes=16, depth=4096, seed=0, ln_rows=16, seqs=(1, 7, 64, 128),
     return p, reg
 
 
-def vector_build(lanes, depth, sim="verilator"):
-    """Cached simulator build of the harness; the lanes are one shared ``vector_lane`` module (faster build)."""
+def vector_build(lanes, depth, sim="verilator", acc_stages=1):
+    """Cached simulator build of the harness; the lanes are one shared ``vector_lane`` module (faster build).
+    ``acc_stages``: the row accumulator's depth (``npu.vec_acc_stages``)."""
     from hw.npu.vector import LANE_MODULE, VectorLane, VectorTop
     from sim.build import build, verilog_for
 
@@ -107,8 +108,10 @@ def vector_build(lanes, depth, sim="verilator"):
         if not vlt.exists():
             vlt.write_text(f'`verilator_config\nno_inline -module "{LANE_MODULE}"\n')
         args = (str(vlt),)
-    return build(lambda: VectorTop(lanes, depth, lane_instance=True), name=f"vector_top_l{lanes}",
-                 key=f"L={lanes},depth={depth},lane_instance", sim=sim, extra_sources=(lane_v,), build_args=args)
+    pipe = "" if acc_stages == 1 else f"_p{acc_stages}"
+    return build(lambda: VectorTop(lanes, depth, lane_instance=True, acc_stages=acc_stages),
+                 name=f"vector_top_l{lanes}{pipe}", key=f"L={lanes},depth={depth},lane_instance{pipe}", sim=sim,
+                 extra_sources=(lane_v,), build_args=args)
 
 
 def run_program(program, lanes, depth, test_name):
@@ -117,8 +120,9 @@ def run_program(program, lanes, depth, test_name):
         path = os.path.join(tmp, "scenario.npz")
         metrics = os.path.join(tmp, "m.jsonl")
         program.save(path)
-        vector_build(lanes, depth).run("sim.tb.vector_tb", "run_scenarios", test_name=test_name,
-                                       env={"SCENARIOS": path, "IANUS_METRICS": metrics})
+        vector_build(lanes, depth, acc_stages=program.model.acc_stages).run(
+            "sim.tb.vector_tb", "run_scenarios", test_name=test_name,
+            env={"SCENARIOS": path, "IANUS_METRICS": metrics})
         return [json.loads(line) for line in open(metrics)]
 
 

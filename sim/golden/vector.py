@@ -9,7 +9,9 @@ slots) and executes instructions given as field dicts (the fields of
   operations of :mod:`sim.golden.fp` and :mod:`sim.golden.fp32ext`;
 * row sums: each beat of ``L`` elements is summed by a pairwise tree
   (:func:`sim.golden.fp.adder_tree`; missing elements of the last beat are
-  ``-0``, the exact identity), then the beat sums are accumulated in order;
+  ``-0``, the exact identity), then the beat sums are accumulated in order,
+  or, with ``acc_stages = P > 1`` (the configuration's ``npu.vec_acc_stages``),
+  into ``P`` interleaved partial sums combined pairwise (:func:`row_sum`);
 * row max: NaN if any element is NaN, ``+0 > -0`` (order-independent);
 * stores round to BF16 (nearest even) when the destination is BF16.
 
@@ -42,14 +44,22 @@ def _ceil(a, b):
     return -(-a // b)
 
 
-def row_sum(bits: np.ndarray, lanes: int) -> np.ndarray:
-    """Sum of the last axis in the vector unit's order (lane tree per beat, beats in order)."""
+def row_sum(bits: np.ndarray, lanes: int, acc_stages: int = 1) -> np.ndarray:
+    """Sum of the last axis in the vector unit's order (lane tree per beat, beats in order).
+
+    ``acc_stages = P > 1`` (:class:`hw.npu.vector_reduce.VectorReduce` with ``P`` interleaved partial
+    sums): beat ``k``'s sum goes into partial ``k mod P`` (every partial starting at ``-0``, the exact
+    identity), then the partials are combined pairwise, ``(p0+p1)+(p2+p3)`` for 4, ``(p0+p1)+p2`` for 3
+    (:func:`hw.spec.fp.accumulate` with ``stages=P`` onto ``-0``)."""
     bits = np.asarray(bits, dtype=np.uint32)
     n = bits.shape[-1]
     nb = _ceil(n, lanes)
     pad = np.full(bits.shape[:-1] + (nb * lanes - n,), SIGN, dtype=np.uint32)
     beats = np.concatenate([bits, pad], axis=-1).reshape(bits.shape[:-1] + (nb, lanes))
     partial = G.adder_tree(beats)
+    if acc_stages > 1:
+        init = np.full(partial.shape[:-1], SIGN, dtype=np.uint32)
+        return G.accumulate(init, np.moveaxis(partial, -1, 0), stages=acc_stages)
     acc = partial[..., 0]
     for k in range(1, nb):
         acc = G.add_f32(acc, partial[..., k])
@@ -68,10 +78,11 @@ def row_max(bits: np.ndarray) -> np.ndarray:
 class VectorModel:
     """Scratchpad image plus the instruction semantics of the vector unit."""
 
-    def __init__(self, lanes: int, depth: int, max_n: int = 4096):
+    def __init__(self, lanes: int, depth: int, max_n: int = 4096, acc_stages: int = 1):
         self.L = lanes
         self.depth = depth
         self.max_n = max_n
+        self.acc_stages = acc_stages          # the row sums' order (row_sum; npu.vec_acc_stages)
         self.mem = np.zeros((depth, lanes), dtype=np.uint32)
 
     # -- data placement ----------------------------------------------------------------------
@@ -196,13 +207,13 @@ class VectorModel:
             f = dict(EXP=X.exp, RECIP=X.recip, RSQRT=X.rsqrt, GELU=X.gelu)[name]
             self.store(d, f(x), d_fmt)
         elif name in ("MAX", "SUM"):
-            v = row_max(x) if name == "MAX" else row_sum(x, L)
+            v = row_max(x) if name == "MAX" else row_sum(x, L, self.acc_stages)
             out = X.store_bf16(v) if d_fmt == BF16 else v
             self.put_elems(d, out, d_fmt)
         elif name == "LN_STATS":
-            mean = X.mul_f32(row_sum(x, L), imm0)
+            mean = X.mul_f32(row_sum(x, L, self.acc_stages), imm0)
             cen = G.add_f32(x, (mean ^ SIGN)[:, None])
-            var_sum = row_sum(X.mul_f32(cen, cen), L)
+            var_sum = row_sum(X.mul_f32(cen, cen), L, self.acc_stages)
             rstd = X.rsqrt(G.add_f32(X.mul_f32(var_sum, imm0), imm1))
             self.put_elems(d, np.stack([mean, rstd], axis=1).reshape(-1), FP32)
         elif name == "LN_APPLY":
@@ -222,7 +233,7 @@ class VectorModel:
             dead = m == X.NEG_INF
             e = X.exp2(X.mul_f32(G.add_f32(x, (m ^ SIGN)[:, None]), LOG2E_BITS))
             e = np.where(vis & ~dead[:, None], e, np.uint32(0))
-            s = row_sum(np.where(vis, e, SIGN), L)
+            s = row_sum(np.where(vis, e, SIGN), L, self.acc_stages)
             y = X.mul_f32(e, X.recip(s)[:, None])
             y = np.where(vis & ~dead[:, None], y, np.uint32(0))
             self.store(d, y, d_fmt)
@@ -264,8 +275,8 @@ class Program:
     ``sim/tb/vector_tb.py``.
     """
 
-    def __init__(self, lanes: int, depth: int, max_n: int = 4096):
-        self.model = VectorModel(lanes, depth, max_n)
+    def __init__(self, lanes: int, depth: int, max_n: int = 4096, acc_stages: int = 1):
+        self.model = VectorModel(lanes, depth, max_n, acc_stages)
         self.L = lanes
         self.depth = depth
         self.top = 0

@@ -1,0 +1,232 @@
+"""The vector unit's pipelined row accumulator (issue 15: ``npu.vec_acc_stages``, ``P`` interleaved partial
+sums behind a ``P``-stage FP32 adder, :class:`hw.npu.vector_reduce.VectorReduce`).
+
+* golden model: the order of :func:`sim.golden.vector.row_sum` with ``acc_stages=P`` (partials round robin,
+  combined pairwise), still within the stated bounds against float64 (softmax rows, layernorm);
+* Amaranth simulator: :class:`VectorReduce` alone, rows shorter than ``P`` beats, equal, longer, odd, back
+  to back and with gaps, bit-exact against the golden, each result exactly
+  :func:`hw.spec.vector_isa.reduce_latency` cycles after its row's last beat;
+* Verilator: the whole unit (:class:`hw.npu.vector.VectorTop`) on SUM, MAX, SOFTMAX and LN_STATS rows of
+  several lengths, every scratchpad word bit-exact against the golden model with the same ``P`` and every
+  instruction's cycle count the closed form :func:`hw.spec.vector_isa.vector_cycles` with ``acc_stages=P``.
+"""
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from hw.config import preset
+from hw.npu.vector import Opcode, VectorUnit
+from hw.npu.vector_parts import Phase
+from hw.npu.vector_reduce import VectorReduce
+from hw.spec import fp as G
+from hw.spec.config import ConfigError, NpuConfig
+from hw.spec.vector_isa import encode, reduce_latency, vector_cycles
+from sim.golden import fp32ext as X
+from sim.golden.operands import SPECIAL_F32
+from sim.golden.vector import BF16, FP32, MASK_BITMAP, MASK_CAUSAL, Program, VectorModel, row_max, row_sum
+
+L = 4
+R = 2 * (L.bit_length() - 1)         # the lane tree's latency
+SIGN = np.uint32(0x80000000)
+
+
+def _word(values, width=32):
+    return sum(int(v) << (width * k) for k, v in enumerate(values))
+
+
+def _canon(rng, count, special=0.2):
+    x = G.f32_bits((rng.standard_normal(count) * 2.0 ** rng.integers(-8, 9, count)).astype(np.float32))
+    sp = rng.random(count) < special
+    x[sp] = rng.choice(SPECIAL_F32, int(sp.sum()))
+    return X.load_f32(x)
+
+
+# =====================================================================================================
+# Configuration, latency
+# =====================================================================================================
+
+def test_config_parameter():
+    """Default 1, left out of ``repr`` there; 2 to 4 accepted; anything else a clear error."""
+    assert NpuConfig().vec_acc_stages == 1 and "vec_acc_stages" not in repr(NpuConfig())
+    assert "vec_acc_stages=4" in repr(NpuConfig(vec_acc_stages=4))
+    for bad in (0, 5, 2.0, True, "4"):
+        with pytest.raises(ConfigError, match="vec_acc_stages"):
+            NpuConfig(vec_acc_stages=bad)
+    cfg = preset("tiny").replace(**{"npu.vec_acc_stages": 3})
+    assert VectorUnit.from_config(cfg).acc_stages == 3
+    assert VectorUnit.from_config(preset("tiny")).acc_stages == 1
+    with pytest.raises(ValueError, match="accumulator stages"):
+        VectorReduce(L, 10, 16, acc_stages=5)
+
+
+def test_reduce_latency_closed_form():
+    """``P = 1``: the tree and one cycle (what the unit always had); ``P > 1``: the tree, the ``P``-stage adder
+    and the combine (ceil(log2 P) levels of ``P``-stage adders)."""
+    assert [reduce_latency(L, p) for p in (1, 2, 3, 4)] == [R + 1, R + 4, R + 9, R + 12]
+    assert reduce_latency(16, 1) == 9
+    for p in (1, 2, 3, 4):
+        assert VectorReduce(L, 10, 16, p).latency == reduce_latency(L, p)
+        assert VectorUnit(L, 64, acc_stages=p).drain_cycles == VectorUnit.EXIT + reduce_latency(L, p) + 2
+    # the closed form with P = 1 is the one the unit always had
+    for op in ("SUM", "SOFTMAX", "LN_STATS", "COPY"):
+        assert vector_cycles(op, 13, 5, L) == vector_cycles(op, 13, 5, L, acc_stages=1)
+    extra = reduce_latency(L, 4) - reduce_latency(L, 1)
+    assert vector_cycles("SUM", 13, 5, L, acc_stages=4) == vector_cycles("SUM", 13, 5, L) + extra
+    assert vector_cycles("SOFTMAX", 13, 40, L, acc_stages=4) == vector_cycles("SOFTMAX", 13, 40, L) + 7 * extra
+
+
+# =====================================================================================================
+# Golden model: the order, the bounds
+# =====================================================================================================
+
+def test_golden_row_sum_order():
+    """Beat sums round robin into ``P`` partials, combined pairwise: an order that differs from the sequential
+    one, and equal to it for a row of one beat (a partial alone plus ``-0`` partials)."""
+    big, one = G.f32_bits(np.float32(2.0 ** 24)), G.f32_bits(np.float32(1.0))
+    # beats: [2^24], [1], [-2^24], [1] (one element each, 3 missing lanes = -0)
+    x = np.array([big, 0x80000000, 0x80000000, 0x80000000, one, 0x80000000, 0x80000000, 0x80000000,
+                  big | 0x80000000, 0x80000000, 0x80000000, 0x80000000, one], dtype=np.uint32)[None, :]
+    val = lambda b: float(G.bits_to_f32(b)[0])           # noqa: E731
+    assert val(row_sum(x, L)) == 1.0            # ((2^24 + 1) - 2^24) + 1, 2^24 + 1 rounding to 2^24
+    assert val(row_sum(x, L, 2)) == 2.0         # p0 = 2^24 - 2^24 = 0, p1 = 1 + 1: 0 + 2
+    assert val(row_sum(x, L, 3)) == 0.0         # p0 = 2^24 + 1 -> 2^24, p1 = 1, p2 = -2^24: (p0 + p1) + p2
+    assert val(row_sum(x, L, 4)) == 1.0         # (2^24 + 1) + (-2^24 + 1) = 2^24 - (2^24 - 1)
+
+
+def test_golden_row_sum_stages_reference():
+    """``row_sum`` with ``P`` stages against an independent loop over the beat sums."""
+    rng = np.random.default_rng(150)
+    for p in (2, 3, 4):
+        for n in (1, 3, 4, 5, 8, 13, 17, 33):
+            x = _canon(rng, 3 * n).reshape(3, n)
+            nb = -(-n // L)
+            pad = np.concatenate([x, np.full((3, nb * L - n), SIGN, np.uint32)], axis=1).reshape(3, nb, L)
+            beats = G.adder_tree(pad)
+            parts = [np.full(3, SIGN, np.uint32) for _ in range(p)]
+            for k in range(nb):
+                parts[k % p] = G.add_f32(parts[k % p], beats[:, k])
+            want = G.combine_partials(parts)
+            np.testing.assert_array_equal(row_sum(x, L, p), want, err_msg=f"P={p} n={n}")
+            if nb == 1:
+                np.testing.assert_array_equal(row_sum(x, L, p), row_sum(x, L))
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_golden_bounds_hold(p):
+    """The softmax and layernorm bounds of tests/test_vector.py hold with the pipelined order (GPT-2 rows)."""
+    from tests.test_vector import _layernorm64, _softmax64
+
+    rng = np.random.default_rng(151 + p)
+    lanes = 16
+    for seq in (1, 7, 64, 128):
+        s = (rng.standard_normal((seq, seq)) * 4).astype(np.float32)
+        vis = np.tril(np.ones((seq, seq), bool))
+        m = VectorModel(lanes, 8192, acc_stages=p)
+        m.put(0, G.f32_bits(s), FP32)
+        d = seq * m.pitch(seq, FP32)
+        m.run(dict(op=Opcode.SOFTMAX.value, a=0, d=d, n=seq, rows=seq, mask=MASK_CAUSAL))
+        y = G.bits_to_f32(m.get(d, seq, seq, FP32)).astype(np.float64)
+        np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(y, _softmax64(s.astype(np.float64), vis), atol=2e-6, rtol=1e-4)
+    x = (rng.standard_normal((16, 768)) * 2 + 3).astype(np.float32)
+    m = VectorModel(lanes, 8192, acc_stages=p)
+    m.put(0, G.f32_bits(x), FP32)
+    st = 16 * m.pitch(768, FP32)
+    m.run(dict(op=Opcode.LN_STATS.value, a=0, d=st, n=768, rows=16, imm0=int(G.f32_bits(np.float32(1 / 768))),
+               imm1=int(G.f32_bits(np.float32(1e-5)))))
+    stats = G.bits_to_f32(m.get_elems(st, 32, FP32)).astype(np.float64).reshape(16, 2)
+    mean, var = x.astype(np.float64).mean(axis=1), x.astype(np.float64).var(axis=1)
+    np.testing.assert_allclose(stats[:, 0], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats[:, 1], 1 / np.sqrt(var + 1e-5), rtol=1e-4)
+    assert _layernorm64 is not None
+
+
+# =====================================================================================================
+# VectorReduce on the Amaranth simulator
+# =====================================================================================================
+
+def _reduce_run(p, op, rows, vis=None, phase=Phase.MAIN, gaps=()):
+    """Rows of canonical FP32 values as reduced beats through ``VectorReduce(acc_stages=p)``; ``gaps``: idle
+    cycles after each beat, cycled. Returns every cycle's (result, fin), the cycles of the last beats, the
+    latency."""
+    dut = VectorReduce(L, 10, 16, acc_stages=p)
+    beats, g = [], 0
+    idle = dict(tag={"valid": 0}, y=[0] * L, vis=0)
+    for r, x in enumerate(rows):
+        nb = -(-len(x) // L)
+        pad = np.concatenate([x, np.full(nb * L - len(x), 0x7FC00000, np.uint32)])
+        v = np.ones(nb * L, bool) if vis is None else np.concatenate([vis[r], np.zeros(nb * L - len(x), bool)])
+        for k in range(nb):
+            lanes_ok = [k * L + j < len(x) for j in range(L)]
+            fin = op in (Opcode.MAX, Opcode.SUM) and k == nb - 1
+            beats.append(dict(tag={"valid": 1, "red": 1, "fin": int(fin), "first": int(k == 0),
+                                   "last": int(k == nb - 1), "phase": phase, "ri": r % 16,
+                                   "glast": int(r == len(rows) - 1), "lane_valid": _word(lanes_ok, 1),
+                                   "wr_addr": 100 + r, "wr_en": 1 << (r % 8)},
+                              y=[int(t) for t in pad[k * L:(k + 1) * L]], vis=_word(v[k * L:(k + 1) * L], 1)))
+            if gaps:
+                beats += [idle] * gaps[g % len(gaps)]
+                g += 1
+    out = []
+
+    async def bench(ctx):
+        ctx.set(dut.ins.as_value(), encode(op=op.value))
+        for cycle in range(len(beats) + dut.latency + 3):
+            b = beats[cycle] if cycle < len(beats) else idle
+            ctx.set(dut.beat, b["tag"])
+            ctx.set(dut.vis, b["vis"])
+            for j in range(L):
+                ctx.set(dut.y[j], b["y"][j])
+            res, fin = ctx.get(dut.result), ctx.get(dut.fin)
+            out.append((cycle, res, fin))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    last = [i for i, b in enumerate(beats) if b["tag"].get("last")]
+    return out, last, dut.latency
+
+
+# Row lengths in elements: 1 beat, P - 1, P, P + 1 beats, odd lengths, long rows (4 lanes).
+LENGTHS = (1, 4, 9, 12, 16, 17, 3, 29, 45, 2, 64, 7)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("gaps", [(), (0, 1, 0, 0, 3), (2,)])
+def test_reduce_rows_bit_exact(p, gaps):
+    """SUM and MAX rows of 1 to 16 beats, back to back or with gaps between beats: one result per row, exactly
+    ``latency`` cycles after the row's last beat, the golden row sum with ``P`` stages (row max), with the
+    row's tag and the write request."""
+    rng = np.random.default_rng(160 + p + 7 * len(gaps))
+    for op, model in ((Opcode.SUM, lambda x: row_sum(x, L, p)), (Opcode.MAX, row_max)):
+        rows = [_canon(rng, n) for n in LENGTHS]
+        out, last, lat = _reduce_run(p, op, rows, gaps=gaps)
+        assert lat == reduce_latency(L, p)
+        results = [(c, res, fin) for c, res, fin in out if res.valid]
+        assert [c for c, *_ in results] == [c + lat for c in last]
+        for r, (_, res, fin) in enumerate(results):
+            assert res.value == model(rows[r][None, :])[0], (op, p, gaps, r)
+            assert (res.ri, res.glast, Phase(res.phase)) == (r % 16, r == len(rows) - 1, Phase.MAIN)
+            assert fin.valid and (fin.addr, fin.en) == (100 + r, 1 << (r % 8))
+        assert sum(1 for _, _, fin in out if fin.valid) == len(rows)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_reduce_softmax_masked(p):
+    """SOFTMAX: the max over visible elements (a fully masked row -inf), then the sum over visible ones in the
+    pipelined order; no write request."""
+    rng = np.random.default_rng(170 + p)
+    rows = [_canon(rng, n) for n in (10, 5, 3, 21, 16)]
+    vis = [rng.random(len(x)) < 0.6 for x in rows]
+    vis[1][:] = False
+    out, _, _ = _reduce_run(p, Opcode.SOFTMAX, rows, vis=vis, phase=Phase.MAIN)
+    got = [res.value for _, res, _ in out if res.valid]
+    want = [row_max(np.where(v, x, X.NEG_INF)[None, :])[0] for x, v in zip(rows, vis, strict=True)]
+    assert got == [int(w) for w in want] and not any(fin.valid for *_, fin in out)
+    out, _, _ = _reduce_run(p, Opcode.SOFTMAX, rows, vis=vis, phase=Phase.PASS2)
+    got = [res.value for _, res, _ in out if res.valid]
+    want = [row_sum(np.where(v, x, SIGN)[None, :], L, p)[0] for x, v in zip(rows, vis, strict=True)]
+    assert got == [int(w) for w in want] and not any(fin.valid for *_, fin in out)
