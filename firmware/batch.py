@@ -602,7 +602,8 @@ class BatchCompiler:
         (kp, _), (vp, _) = self.bp.pim_packing(L)         # packed GEMVs (V^T's pitch: the capacity's, at least L's)
         gemv = (costmodel.pim_fc_cycles(self.cfg, hd, L, False, True, kp)
                 + costmodel.pim_fc_cycles(self.cfg, L, hd, pitch=vp))
-        return H * (gemv + vector_cycles("SOFTMAX", round_up(L, 16), 1, self.cfg.npu.vector_lanes))
+        return H * (gemv + vector_cycles("SOFTMAX", round_up(L, 16), 1, self.cfg.npu.vector_lanes,
+                                              acc_stages=self.cfg.npu.vec_acc_stages))
 
     def step_est(self, att_a: int, att_b: int, na: int, nb: int) -> int:
         """The cost model's neupims step of one layer: ``qkv(A) + max(attn(A), qkv(B)) + max(attn(B),

@@ -63,7 +63,7 @@ def instruction_costs(cfg: SystemConfig, words: list[int]) -> list[float]:
         elif op == SocOp.VECTOR:
             word = w >> isa.PAYLOAD_LO
             c = vu.vector_cycles(vu.Opcode(vfield(word, "op")).name, vfield(word, "n"), vfield(word, "rows"),
-                                 npu.vector_lanes)
+                                 npu.vector_lanes, acc_stages=npu.vec_acc_stages)
         elif op in (SocOp.VLOAD, SocOp.VSTORE):
             f = isa.decode(w)
             c = costmodel.vdma_cycles(cfg, f["rows"], 32 * f["cols"])

@@ -70,7 +70,8 @@ def vector_cycles(cfg, f: dict) -> int:
     """Vector-unit cycles of one instruction (:func:`hw.spec.vector_isa.vector_cycles`)."""
     from hw.spec.vector_isa import vector_cycles as cycles
 
-    return cycles(f.get("op"), int(f.get("n", 1)), int(f.get("rows", 1)), cfg.npu.vector_lanes)
+    return cycles(f.get("op"), int(f.get("n", 1)), int(f.get("rows", 1)), cfg.npu.vector_lanes,
+                  acc_stages=cfg.npu.vec_acc_stages)
 
 
 def vdma_cycles(cfg, rows, row_bytes) -> int:

@@ -309,7 +309,7 @@ def build_case(spec: dict, name: str = "case") -> Case:
             if N * es == sc:
                 outputs.append(C)
         else:
-            vm = VectorModel(c.npu.vector_lanes, c.npu.vector_spm_words)
+            vm = VectorModel(c.npu.vector_lanes, c.npu.vector_spm_words, acc_stages=c.npu.vec_acc_stages)
             L = vm.L
             rows, cols = t["rows"], t["cols"]
             stride = COL * (cols + t["gap"])

@@ -72,7 +72,7 @@ class SocModel:
         self.mem = self.dev.mem
         self.mu = MatrixModel(cfg, self.mem)
         n = cfg.npu
-        self.vu = VectorModel(n.vector_lanes, n.vector_spm_words)
+        self.vu = VectorModel(n.vector_lanes, n.vector_spm_words, acc_stages=n.vec_acc_stages)
         self.spm_bytes = self.vu.mem.view(np.uint8).reshape(-1)
         self.spu = None
         if cfg.spu is not None:

@@ -192,9 +192,9 @@ def _softmax64(x, vis):
         return e / e.sum(axis=1, keepdims=True)
 
 
-def _softmax_golden(lanes, x_bits, vis, d_fmt, mode=MASK_BITMAP, pos=0):
+def _softmax_golden(lanes, x_bits, vis, d_fmt, mode=MASK_BITMAP, pos=0, acc_stages=1):
     rows, n = x_bits.shape
-    model = VectorModel(lanes, 8192)
+    model = VectorModel(lanes, 8192, acc_stages=acc_stages)
     model.put(0, x_bits, FP32)
     ins = dict(op=Opcode.SOFTMAX.value, a=0, d=4096, n=n, rows=rows, d_fmt=d_fmt, mask=mode, pos=pos)
     if mode == MASK_BITMAP:
@@ -206,19 +206,21 @@ def _softmax_golden(lanes, x_bits, vis, d_fmt, mode=MASK_BITMAP, pos=0):
     return vals(y) if d_fmt == FP32 else G.bf16_to_f32(y).astype(np.float64)
 
 
+@pytest.mark.parametrize("acc_stages", [1, 4])
 @pytest.mark.parametrize("seq", [1, 2, 7, 31, 64, 100, 128])
-def test_golden_softmax_gpt2_causal(seq):
-    """12 heads of causal attention scores (seq x seq): rows sum to 1, elements close to float64."""
+def test_golden_softmax_gpt2_causal(seq, acc_stages):
+    """12 heads of causal attention scores (seq x seq): rows sum to 1, elements close to float64; with the
+    one-cycle row accumulator and with 4 interleaved partial sums (``npu.vec_acc_stages``)."""
     rng = np.random.default_rng(seq)
     for _head in range(HEADS):
         x = (rng.standard_normal((seq, seq)) * rng.uniform(0.5, 8)).astype(np.float32)
         vis = np.arange(seq)[None, :] <= np.arange(seq)[:, None]
-        y = _softmax_golden(DEFAULT, F(x), vis, FP32, mode=MASK_CAUSAL)
+        y = _softmax_golden(DEFAULT, F(x), vis, FP32, mode=MASK_CAUSAL, acc_stages=acc_stages)
         ref = _softmax64(x.astype(np.float64), vis)
         assert np.all(np.abs(y.sum(axis=1) - 1) <= SOFTMAX_SUM_F32)
         assert np.all(np.abs(y - ref) <= SOFTMAX_ELEM_F32 * np.maximum(ref, 2.0**-20))
         assert np.all(y[~vis] == 0)
-        yb = _softmax_golden(DEFAULT, F(x), vis, BF16, mode=MASK_CAUSAL)
+        yb = _softmax_golden(DEFAULT, F(x), vis, BF16, mode=MASK_CAUSAL, acc_stages=acc_stages)
         assert np.all(np.abs(yb.sum(axis=1) - 1) <= SOFTMAX_SUM_BF16)
 
 
@@ -246,8 +248,10 @@ def test_golden_softmax_prefix_rows_equal_one_row_causal(fmt):
         assert np.all(together[:, n_keys:] == 0)
 
 
-def test_golden_softmax_hostile():
-    """Large magnitudes, all-equal rows, rows masked but one, -inf from masking, zeros, fully masked rows."""
+@pytest.mark.parametrize("acc_stages", [1, 2, 3, 4])
+def test_golden_softmax_hostile(acc_stages):
+    """Large magnitudes, all-equal rows, rows masked but one, -inf from masking, zeros, fully masked rows; every
+    row accumulator depth (``npu.vec_acc_stages``)."""
     rng = np.random.default_rng(5)
     n = 40
     x = (rng.standard_normal((9, n)) * 4).astype(np.float32)
@@ -264,7 +268,7 @@ def test_golden_softmax_hostile():
     x[7, 3] = 3e38
     x[8] = 1e-40                                        # subnormals (flushed)
     vis[[0, 1, 3, 4, 7, 8], 0] = True
-    y = _softmax_golden(TINY, F(x), vis, FP32)
+    y = _softmax_golden(TINY, F(x), vis, FP32, acc_stages=acc_stages)
     ref = _softmax64(x.astype(np.float64), vis)
     for r in (0, 1, 2, 3, 4, 7, 8):
         assert abs(y[r].sum() - 1) <= SOFTMAX_SUM_F32, r
@@ -274,9 +278,9 @@ def test_golden_softmax_hostile():
     assert np.all(y[~vis] == 0)
 
 
-def _layernorm_golden(lanes, x_bits, x_fmt, gamma, beta, eps=1e-5, d_fmt=FP32):
+def _layernorm_golden(lanes, x_bits, x_fmt, gamma, beta, eps=1e-5, d_fmt=FP32, acc_stages=1):
     rows, n = x_bits.shape
-    model = VectorModel(lanes, 16384)
+    model = VectorModel(lanes, 16384, acc_stages=acc_stages)
     model.put(0, x_bits, x_fmt)
     gb = gamma.astype(np.uint32) | (beta.astype(np.uint32) << 16)
     model.put_elems(8000, gb, FP32)
@@ -295,22 +299,24 @@ def _layernorm64(x, eps=1e-5):
     return (x - mean) / np.sqrt(var + eps), var
 
 
+@pytest.mark.parametrize("acc_stages", [1, 4])
 @pytest.mark.parametrize("seq", [1, 16, 128])
-def test_golden_layernorm_gpt2(seq):
-    """d = 768 rows: output mean ~0 and variance ~var/(var+eps) (gamma 1, beta 0); elements close to float64."""
+def test_golden_layernorm_gpt2(seq, acc_stages):
+    """d = 768 rows: output mean ~0 and variance ~var/(var+eps) (gamma 1, beta 0); elements close to float64;
+    with the one-cycle row accumulator and with 4 interleaved partial sums (``npu.vec_acc_stages``)."""
     rng = np.random.default_rng(100 + seq)
     x = (rng.standard_normal((seq, D_MODEL)) * rng.uniform(0.1, 30, (seq, 1))
          + rng.uniform(-50, 50, (seq, 1))).astype(np.float32)
     xb = G.bf16_bits(x)
     ones, zeros = G.bf16_bits(np.ones(D_MODEL)), G.bf16_bits(np.zeros(D_MODEL))
-    y, stats = _layernorm_golden(DEFAULT, xb, BF16, ones, zeros)
+    y, stats = _layernorm_golden(DEFAULT, xb, BF16, ones, zeros, acc_stages=acc_stages)
     ref, var = _layernorm64(G.bf16_to_f32(xb).astype(np.float64))
     assert np.all(np.abs(y.mean(axis=1)) <= LN_MEAN)
     assert np.all(np.abs(y.var(axis=1) - (var / (var + 1e-5))[:, 0]) <= LN_VAR)
     assert np.all(np.abs(y - ref) <= LN_ELEM * (1 + np.abs(ref)))
     # With gamma / beta: y = ln(x) * gamma + beta.
     gamma, beta = G.bf16_bits(1 + rng.standard_normal(D_MODEL) * 0.2), G.bf16_bits(rng.standard_normal(D_MODEL))
-    y2, _ = _layernorm_golden(DEFAULT, xb, BF16, gamma, beta)
+    y2, _ = _layernorm_golden(DEFAULT, xb, BF16, gamma, beta, acc_stages=acc_stages)
     ref2 = ref * G.bf16_to_f32(gamma) + G.bf16_to_f32(beta)
     assert np.all(np.abs(y2 - ref2) <= LN_ELEM * (1 + np.abs(ref2)) * 2)
 

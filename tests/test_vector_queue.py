@@ -74,7 +74,7 @@ class QueueRef:
     def __init__(self, cfg, mem_bytes):
         n = cfg.npu
         self.lanes = n.vector_lanes
-        self.vu = VectorModel(n.vector_lanes, n.vector_spm_words)
+        self.vu = VectorModel(n.vector_lanes, n.vector_spm_words, acc_stages=n.vec_acc_stages)
         self.spm = self.vu.mem.view(np.uint8).reshape(-1)
         self.mem = np.zeros(mem_bytes, dtype=np.uint8)
         self.device = cfg.pim.total_bytes

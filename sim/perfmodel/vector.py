@@ -47,7 +47,7 @@ class VectorQueueModel(QueueModel):
         self.events["vec_elem"] += n * rows * (3 if op in ("SOFTMAX", "LN_STATS") else 1)
         self.events["spm_rd_bytes"] += n * rows * 4
         self.events["spm_wr_bytes"] += n * rows * 4
-        return vector_cycles(op, n, rows, self.m.L, cores=self.mi.cores)
+        return vector_cycles(op, n, rows, self.m.L, cores=self.mi.cores, acc_stages=self.cfg.npu.vec_acc_stages)
 
     def _vdma(self, ins, t):
         """VLOAD / VSTORE (a generator): returns the cycle the transfer is done."""

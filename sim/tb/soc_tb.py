@@ -71,7 +71,7 @@ class Golden:
         self.cfg = cfg
         self.dev = FunctionalDevice(cfg)
         n = cfg.npu
-        self.vm = VectorModel(n.vector_lanes, n.vector_spm_words)
+        self.vm = VectorModel(n.vector_lanes, n.vector_spm_words, acc_stages=n.vec_acc_stages)
         self.spm = self.vm.mem.view(np.uint8).reshape(-1)
 
     def write(self, addr, data):
