@@ -207,11 +207,12 @@ def test_reduce_softmax_masked(p):
 # Verilator: the whole unit
 # =====================================================================================================
 
-def _rows_program(p, depth, seed):
+def _rows_program(p, depth, seed, model_stages=None):
     """SUM, MAX (FP32 and BF16 results), SOFTMAX (bitmap and causal masks, more rows than a row group) and
-    LN_STATS over rows of 1 beat, ``P - 1``, ``P``, ``P + 1`` beats, odd and long lengths."""
+    LN_STATS over rows of 1 beat, ``P - 1``, ``P``, ``P + 1`` beats, odd and long lengths (the golden model's
+    order: ``model_stages``, default ``P``)."""
     rng = np.random.default_rng(seed)
-    prog = Program(L, depth, acc_stages=p)
+    prog = Program(L, depth, acc_stages=p if model_stages is None else model_stages)
     regions = []
     for rows, n in ((3, 1), (5, 4), (4, 4 * (p - 1) - 1), (3, 4 * p), (6, 4 * p + 1), (2, 29), (18, 13), (2, 123)):
         x = (rng.standard_normal((rows, n)) * 2.0 ** rng.integers(-6, 7, (rows, 1))).astype(np.float32)
@@ -253,5 +254,5 @@ def test_vector_rtl_pipelined_accumulator(p):
         want = vector_cycles(Opcode(fields["op"]).name, fields["n"], fields["rows"], L, acc_stages=p)
         assert met["cycles"] == want, (met["name"], met["cycles"], want)
     # The order differs from the one-cycle accumulator's somewhere (so the golden's P is what is checked).
-    one = _rows_program(1, depth, seed=40 + p)
+    one = _rows_program(p, depth, seed=40 + p, model_stages=1)
     assert not np.array_equal(one.model.mem, prog.model.mem)
