@@ -35,7 +35,9 @@ def test_presets_take_tmac_from_the_unit():
         assert (cfg.npu.pe_mul_stages, cfg.npu.pe_add_stages) == (3, 4)
         assert cfg.replace(name=base.name, **{"pim.mul_stages": 1, "pim.tree_stages": 2, "pim.acc_stages": 1,
                                                "pim.pick_stages": 0, "timing.tMAC": base.timing.tMAC,
-                                               "npu.pe_mul_stages": 1, "npu.pe_add_stages": 1}) == base
+                                               "npu.pe_mul_stages": 1, "npu.pe_add_stages": 1,
+                                               "npu.vec_acc_stages": 1}) == base
+        assert cfg.npu.vec_acc_stages == 4          # the vector unit's row accumulator (hw.npu.vector_reduce)
         check_pu_timing(cfg)
         with pytest.raises(ValueError, match=r"tMAC must be at least the PIM MAC pipeline depth 32 \(mul_stages=2, "
                                              r"tree_stages=4, acc_stages=4\), not 31"):

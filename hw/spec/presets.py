@@ -98,24 +98,27 @@ def _lowprec(base, suffix, doc, fmt, acts, tmac, **extra):
                                           "timing.tMAC": tmac, **extra})
 
 
-def _pipelined(base, mul_stages=2, tree_stages=4, acc_stages=4, pe_mul_stages=3, pe_add_stages=4):
+def _pipelined(base, mul_stages=2, tree_stages=4, acc_stages=4, pe_mul_stages=3, pe_add_stages=4, vec_acc_stages=4):
     """``base`` with a pipelined BF16 processing unit (issue 15): ``mul_stages``-stage multipliers,
     ``tree_stages``-stage adder-tree levels, ``acc_stages`` interleaved partial sums, and ``tMAC`` = the unit's
     result depth (:func:`hw.spec.pipeline.mac_depth`: storage read + MacUnit latency + combine latency; 32 for
     16 lanes with 2 / 4 / 4). tAF stays: the AF unit is not pipelined deeper. The NPU's systolic array is
     pipelined alike: ``pe_mul_stages``-stage multipliers and ``pe_add_stages``-stage FP32 adders in every PE
-    (:func:`hw.spec.pipeline.array_latency`). The memory controllers' FR-FCFS pick is registered
+    (:func:`hw.spec.pipeline.array_latency`). The vector unit's row accumulator has ``vec_acc_stages`` interleaved
+    partial sums (:class:`hw.npu.vector_reduce.VectorReduce`). The memory controllers' FR-FCFS pick is registered
     (``pim.pick_stages = 1``)."""
     def make() -> SystemConfig:
         cfg = base()
         pipe = {"pim.mul_stages": mul_stages, "pim.tree_stages": tree_stages, "pim.acc_stages": acc_stages,
-                "npu.pe_mul_stages": pe_mul_stages, "npu.pe_add_stages": pe_add_stages, "pim.pick_stages": 1}
+                "npu.pe_mul_stages": pe_mul_stages, "npu.pe_add_stages": pe_add_stages,
+                "npu.vec_acc_stages": vec_acc_stages, "pim.pick_stages": 1}
         # storage read + MacUnit latency + combine latency (tests/test_pim_pipelined.py holds the RTL to it)
         depth = mac_depth(cfg.pim.lanes, mul_stages, tree_stages, acc_stages)
         return cfg.replace(name=f"{cfg.name}-p{acc_stages}", **pipe, **{"timing.tMAC": depth})
     make.__doc__ = (f"The {base.__name__.strip('_')} preset with the pipelined processing unit ({mul_stages}-stage "
                     f"multipliers, {tree_stages}-stage adders, {acc_stages} interleaved partial sums; systolic array PEs "
-                    f"with {pe_mul_stages}-stage multipliers and {pe_add_stages}-stage adders).")
+                    f"with {pe_mul_stages}-stage multipliers and {pe_add_stages}-stage adders; a vector row accumulator of "
+                    f"{vec_acc_stages} interleaved partial sums).")
     return make
 
 
