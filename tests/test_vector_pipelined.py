@@ -22,7 +22,7 @@ from hw.npu.vector_parts import Phase
 from hw.npu.vector_reduce import VectorReduce
 from hw.spec import fp as G
 from hw.spec.config import ConfigError, NpuConfig
-from hw.spec.vector_isa import encode, reduce_latency, vector_cycles
+from hw.spec.vector_isa import encode, exit_latency, reduce_latency, vector_cycles
 from sim.golden import fp32ext as X
 from sim.golden.operands import SPECIAL_F32
 from sim.golden.vector import BF16, FP32, MASK_BITMAP, MASK_CAUSAL, Program, row_max, row_sum
@@ -214,7 +214,8 @@ def _rows_program(p, depth, seed, model_stages=None):
     rng = np.random.default_rng(seed)
     prog = Program(L, depth, acc_stages=p if model_stages is None else model_stages)
     regions = []
-    for rows, n in ((3, 1), (5, 4), (4, 4 * (p - 1) - 1), (3, 4 * p), (6, 4 * p + 1), (2, 29), (18, 13), (2, 123)):
+    q = max(p, 2)
+    for rows, n in ((3, 1), (5, 4), (4, 4 * (q - 1) - 1), (3, 4 * q), (6, 4 * q + 1), (2, 29), (18, 13), (2, 123)):
         x = (rng.standard_normal((rows, n)) * 2.0 ** rng.integers(-6, 7, (rows, 1))).astype(np.float32)
         if rows > 2:
             x[1, ::2] = 3e38                         # huge, cancelling
@@ -256,3 +257,43 @@ def test_vector_rtl_pipelined_accumulator(p):
     # The order differs from the one-cycle accumulator's somewhere (so the golden's P is what is checked).
     one = _rows_program(p, depth, seed=40 + p, model_stages=1)
     assert not np.array_equal(one.model.mem, prog.model.mem)
+
+
+@pytest.mark.parametrize("a,p", [(4, 4), (3, 1)])
+def test_vector_rtl_deeper_lane_adders(a, p):
+    """``VectorUnit(add_stages=A)``: the lanes' and the lane tree's FP32 adders ``A`` stages deep. The same bits
+    (golden model unchanged) on the reduction rows and on element-wise and function instructions; every cycle
+    count the closed form with ``E`` = :func:`hw.spec.vector_isa.exit_latency` (``13 + 5 A``)."""
+    from sim.benchmarks.vector import run_program
+    from tests.test_vector import _ops_program
+    from tests.test_vector import _rows_program as _ln_program
+
+    assert exit_latency(2) == VectorUnit.EXIT == 23 and exit_latency(a) == 13 + 5 * a
+    unit = VectorUnit(L, 64, acc_stages=p, add_stages=a)
+    assert unit.EXIT == exit_latency(a) and unit.reduce_latency == reduce_latency(L, p, a)
+    unit._MustUse__silence = True
+    depth = 1024
+    programs = (("rows", _rows_program(p, depth, seed=50 + a)), ("ops", _ops_program(L, depth, seed=51)),
+                ("ln", _ln_program(L, depth, seed=52)))
+    for name, prog in programs:
+        prog.model.acc_stages = p            # the golden order of the unit's accumulator
+        if name != "rows":
+            prog = _replay(prog, p)
+        metrics = run_program(prog, L, depth, f"test_vector_rtl_a{a}_p{p}_{name}", add_stages=a)
+        for met, fields, err in zip(metrics, prog.fields, prog.errors, strict=True):
+            if err:
+                continue
+            want = vector_cycles(Opcode(fields["op"]).name, fields["n"], fields["rows"], L, acc_stages=p,
+                                 add_stages=a)
+            assert met["cycles"] == want, (met["name"], met["cycles"], want)
+
+
+def _replay(prog, p):
+    """``prog``'s data and instructions on a golden model with ``acc_stages=p``."""
+    out = Program(prog.L, prog.depth, acc_stages=p)
+    out.model.mem[:] = prog.init
+    out.top = prog.top
+    for name, fields in zip(prog.names, prog.fields, strict=True):
+        out.add(name, **fields)
+    assert out.errors == prog.errors
+    return out

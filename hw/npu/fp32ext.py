@@ -24,7 +24,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import enum, memory, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..arith import QNAN, fp32_add_align, fp32_add_round, fp_mul_unpack
+from ..arith import QNAN, fp32_add_align, fp32_add_pipe, fp32_add_round, fp_mul_unpack
 from . import vector_tables as T
 
 __all__ = [
@@ -113,8 +113,11 @@ def fp32_mul(m: Module, a, b, prefix="fmul"):
     return fp32_mul_round(m, m.d.sync, fp32_mul_product(m, m.d.sync, a, b, prefix), prefix)
 
 
-def fp32_add(m: Module, a, b, prefix="fadd"):
-    """Two-stage FP32 adder of :mod:`hw.arith` (``latency == 2``); returns the registered sum."""
+def fp32_add(m: Module, a, b, prefix="fadd", stages: int = 2):
+    """Two-stage FP32 adder of :mod:`hw.arith` (``latency == 2``); returns the registered sum. ``stages`` 3 or
+    4: the re-timed :func:`hw.arith.fp32_add_pipe` of that depth (same bits)."""
+    if stages != 2:
+        return fp32_add_pipe(m, a, b, stages, prefix=prefix)
     return fp32_add_round(m, m.d.sync, fp32_add_align(m, m.d.sync, a, b, prefix), prefix)
 
 
@@ -219,7 +222,16 @@ class FuncUnit(wiring.Component):
     latency = 11
     rom_latency_stage = 1
 
-    def __init__(self):
+    @staticmethod
+    def latency_for(add_stages: int = 2) -> int:
+        """``latency`` with Horner adders of ``add_stages`` stages: ``7 + 2 add_stages``."""
+        return 7 + 2 * add_stages
+
+    def __init__(self, add_stages: int = 2):
+        if add_stages not in (2, 3, 4) or isinstance(add_stages, bool):
+            raise ValueError(f"Function unit adder stages must be 2, 3 or 4, not {add_stages!r}")
+        self.add_stages = add_stages
+        self.latency = self.latency_for(add_stages)
         super().__init__({
             "x": In(32), "func": In(Func), "y": Out(32),
             "rom_addr": Out(range(T.ROM_DEPTH)), "rom_data": In(96),
@@ -342,15 +354,16 @@ class FuncUnit(wiring.Component):
         special2 = delay(m, special, 1, "special")
         sval2 = delay(m, sval, 1, "sval")
 
-        # -- stage 3: Horner, 8 cycles --------------------------------------------------
+        # -- stage 3: Horner, 8 cycles (4 + 2 add_stages) ----------------------------------
+        A = self.add_stages
         p = fp32_mul(m, c2, r, prefix="h_m1")
-        p = fp32_add(m, p, delay(m, c1, 2, "c1"), prefix="h_a1")
-        p = fp32_mul(m, p, delay(m, r, 4, "r"), prefix="h_m2")
-        p = fp32_add(m, p, delay(m, c0, 6, "c0"), prefix="h_a2")
-        scale3 = delay(m, scale2, 8, "scale")
-        osign3 = delay(m, osign2, 8, "osign")
-        special3 = delay(m, special2, 8, "special")
-        sval3 = delay(m, sval2, 8, "sval")
+        p = fp32_add(m, p, delay(m, c1, 2, "c1"), prefix="h_a1", stages=A)
+        p = fp32_mul(m, p, delay(m, r, 2 + A, "r"), prefix="h_m2")
+        p = fp32_add(m, p, delay(m, c0, 4 + A, "c0"), prefix="h_a2", stages=A)
+        scale3 = delay(m, scale2, 4 + 2 * A, "scale")
+        osign3 = delay(m, osign2, 4 + 2 * A, "osign")
+        special3 = delay(m, special2, 4 + 2 * A, "special")
+        sval3 = delay(m, sval2, 4 + 2 * A, "sval")
 
         # -- stage 4: p * 2**scale ---------------------------------------------------------
         pe = p[23:31]

@@ -103,6 +103,7 @@ from ..spec.vector_isa import (  # noqa: F401  (the instruction set: used here a
     VecError,
     VectorInstr,
     encode,
+    exit_latency,
     reduce_latency,
 )
 from . import vector_parts
@@ -170,6 +171,11 @@ class VectorUnit(wiring.Component):
         FP32 addition per beat in a one-cycle loop, 2 to 4 interleaved partial sums
         (:class:`hw.npu.vector_reduce.VectorReduce`); the timing below then has ``R + 1`` =
         :func:`hw.spec.vector_isa.reduce_latency`.
+    add_stages : int
+        Pipeline depth of the lanes' FP32 adders (S1, S3, S6 and the function unit's two), and of each level
+        of the reduction's lane tree (issue 15): 2 (default), 3 or 4 (:func:`hw.arith.fp32_add_pipe`, the
+        same bits). ``E`` below is then :func:`hw.spec.vector_isa.exit_latency` (``13 + 5 add_stages``) and
+        the tree ``add_stages log2 L``. Not with ``lane_instance``.
 
     Members
     -------
@@ -188,9 +194,15 @@ class VectorUnit(wiring.Component):
     """
 
     def __init__(self, lanes: int = 16, depth: int = 4096, max_n: int = 4096, lane_instance: bool = False,
-                 clock_gate: bool = False, row_group: int = ROW_GROUP, acc_stages: int = 1):
+                 clock_gate: bool = False, row_group: int = ROW_GROUP, acc_stages: int = 1, add_stages: int = 2):
         check_pow2("Lanes", lanes, 2)
+        if add_stages not in (2, 3, 4) or isinstance(add_stages, bool):
+            raise ValueError(f"Lane adder stages must be 2, 3 or 4, not {add_stages!r}")
+        if lane_instance and add_stages != 2:
+            raise ValueError("Instance lanes (lane_instance) have the default adder depth 2")
         self.acc_stages = acc_stages
+        self.add_stages = add_stages
+        self.EXIT = exit_latency(add_stages)
         if not isinstance(row_group, int) or isinstance(row_group, bool) or not 1 <= row_group <= 256:
             raise ValueError(f"Row group must be an integer in 1..256, not {row_group!r}")
         self.row_group = row_group
@@ -234,12 +246,12 @@ class VectorUnit(wiring.Component):
 
     @property
     def tree_latency(self) -> int:
-        return 2 * (self.lanes.bit_length() - 1)
+        return self.add_stages * (self.lanes.bit_length() - 1)
 
     @property
     def reduce_latency(self) -> int:
         """Cycles from a row's last beat at the exit to its reduction (:func:`hw.spec.vector_isa.reduce_latency`)."""
-        return reduce_latency(self.lanes, self.acc_stages)
+        return reduce_latency(self.lanes, self.acc_stages, self.add_stages)
 
     @property
     def drain_cycles(self) -> int:
@@ -250,9 +262,10 @@ class VectorUnit(wiring.Component):
         m = Module()
         L, aw, G = self.lanes, self._aw, self.row_group
         m.submodules.seq = seq = VectorSequencer(L, self.depth, self.max_n, G, self.drain_cycles)
-        m.submodules.operand_b = opb = VectorOperandB(L, aw)
-        m.submodules.lanes = lanes = VectorLanes(L, aw, G, self._lane_instance, self._clock_gate)
-        m.submodules.reduce = red = VectorReduce(L, aw, G, self.acc_stages)
+        A = self.add_stages
+        m.submodules.operand_b = opb = VectorOperandB(L, aw, A)
+        m.submodules.lanes = lanes = VectorLanes(L, aw, G, self._lane_instance, self._clock_gate, A)
+        m.submodules.reduce = red = VectorReduce(L, aw, G, self.acc_stages, A)
         m.submodules.write_back = wb = VectorWriteBack(L, aw, G)
 
         # Issue: instructions in, status out; A reads (and LN_APPLY's statistics) on rd_a.
@@ -285,13 +298,13 @@ class VectorTop(wiring.Component):
 
     Parameters
     ----------
-    lanes, depth, max_n, lane_instance, acc_stages
+    lanes, depth, max_n, lane_instance, acc_stages, add_stages
         As for :class:`VectorUnit`; ``depth`` words of ``lanes x 32`` bits.
     """
 
     def __init__(self, lanes: int = 4, depth: int = 1024, max_n: int = 4096, lane_instance: bool = False,
-                 acc_stages: int = 1):
-        self.unit = VectorUnit(lanes, depth, max_n, lane_instance, acc_stages=acc_stages)
+                 acc_stages: int = 1, add_stages: int = 2):
+        self.unit = VectorUnit(lanes, depth, max_n, lane_instance, acc_stages=acc_stages, add_stages=add_stages)
         aw, W = self.unit.addr_width, 32 * lanes
         super().__init__({
             "instr": In(stream.Signature(VectorInstr)),

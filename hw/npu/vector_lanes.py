@@ -52,6 +52,8 @@ class VectorOperandB(wiring.Component):
     ----------
     lanes : int
     addr_width : int
+    add_stages : int
+        The lanes' FP32 adder depth (:class:`hw.npu.vector.VectorUnit`): the stage offsets follow.
 
     Members
     -------
@@ -62,8 +64,9 @@ class VectorOperandB(wiring.Component):
     mask : Out(lanes)
     """
 
-    def __init__(self, lanes: int, addr_width: int):
+    def __init__(self, lanes: int, addr_width: int, add_stages: int = 2):
         self._lanes, self._aw = lanes, addr_width
+        self._offsets = VectorLane.offsets_for(add_stages)
         super().__init__({
             "ins": In(VectorInstr),
             "req": In(b_request_layout(addr_width)),
@@ -82,7 +85,7 @@ class VectorOperandB(wiring.Component):
         b_bf = ins.b_fmt == Fmt.BF16
 
         # Consumer stage of B, in cycles after issue: data is registered at issue + delay + 2.
-        off = VectorLane.OFFSETS
+        off = self._offsets
         b_delay_add = LOAD + off["s1"] - 2
         b_delay_mul = LOAD + off["s2"] - 2
         b_delay_ln = LOAD + off["s5"] - 2
@@ -152,8 +155,8 @@ class VectorLanes(wiring.Component):
     Parameters
     ----------
     lanes, addr_width, row_group
-    lane_instance, clock_gate
-        As for :class:`hw.npu.vector.VectorUnit`.
+    lane_instance, clock_gate, add_stages
+        As for :class:`hw.npu.vector.VectorUnit` (``lane_instance`` only with the default ``add_stages``).
 
     Members
     -------
@@ -172,7 +175,12 @@ class VectorLanes(wiring.Component):
     latency = EXIT
 
     def __init__(self, lanes: int, addr_width: int, row_group: int, lane_instance: bool = False,
-                 clock_gate: bool = False):
+                 clock_gate: bool = False, add_stages: int = 2):
+        if lane_instance and add_stages != 2:
+            raise ValueError("Instance lanes (lane_instance) have the default adder depth 2, "
+                             f"not add_stages={add_stages!r}")
+        self._add_stages = add_stages
+        self.latency = LOAD + VectorLane.latency_for(add_stages)
         self._lanes, self._aw, self._row_group = lanes, addr_width, row_group
         self._lane_instance, self._clock_gate = bool(lane_instance), bool(clock_gate)
         tag = beat_layout(lanes, addr_width, row_group)
@@ -198,6 +206,7 @@ class VectorLanes(wiring.Component):
         op = ins.op
 
         # ---- tags ------------------------------------------------------------------------------
+        EXIT = self.latency
         tags = [self.beat]
         for k in range(EXIT):
             nxt = Signal(beat_layout(L, self._aw, self._row_group), name=f"tag_d{k + 1}")
@@ -219,7 +228,7 @@ class VectorLanes(wiring.Component):
 
         # ---- lanes --------------------------------------------------------------------------------
         m.submodules.rom = rom = coefficient_rom()
-        off = VectorLane.OFFSETS
+        off = VectorLane.offsets_for(self._add_stages)
 
         def stage_cfg(stage_name):
             """Micro settings of ``stage_name`` for the beat at that stage."""
@@ -251,7 +260,7 @@ class VectorLanes(wiring.Component):
             lane_dom = "lanes"
             gated_domain(m, "lanes", Cat(*(tags[k].valid for k in range(LOAD, EXIT))).any())
         for ln in range(L):
-            lane = VectorLane()
+            lane = VectorLane(self._add_stages)
             if self._lane_instance:
                 lane._MustUse__silence = True       # only its ports are used, for the Instance
                 m.submodules[f"lane{ln}"] = Instance(

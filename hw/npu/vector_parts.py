@@ -129,7 +129,21 @@ class VectorLane(wiring.Component):
     OFFSETS = dict(s1=0, s2=2, s3=4, s4=6, s5=6 + FuncUnit.latency, s6=8 + FuncUnit.latency)
     latency = 10 + FuncUnit.latency
 
-    def __init__(self):
+    @staticmethod
+    def offsets_for(add_stages: int = 2) -> dict:
+        """Stage offsets with FP32 adders of ``add_stages`` stages (issue 15; :data:`OFFSETS` for 2)."""
+        A, F = add_stages, FuncUnit.latency_for(add_stages)
+        return dict(s1=0, s2=A, s3=A + 2, s4=2 * A + 2, s5=2 * A + 2 + F, s6=2 * A + 4 + F)
+
+    @staticmethod
+    def latency_for(add_stages: int = 2) -> int:
+        """``latency`` with FP32 adders of ``add_stages`` stages: ``3 add_stages + 4 + F``."""
+        return 3 * add_stages + 4 + FuncUnit.latency_for(add_stages)
+
+    def __init__(self, add_stages: int = 2):
+        self.add_stages = add_stages
+        self.OFFSETS = self.offsets_for(add_stages)
+        self.latency = self.latency_for(add_stages)
         super().__init__({
             "x": In(32),
             "en1": In(1), "p1": In(32),
@@ -150,15 +164,16 @@ class VectorLane(wiring.Component):
             m.d.comb += out.eq(Mux(delay(m, en, lat, f"{name}_en"), result, delay(m, value, lat, f"{name}_by")))
             return out
 
-        t1 = stage(self.x, self.en1, fp32_add(m, self.x, self.p1, "s1"), 2, "s1")
+        A = self.add_stages
+        t1 = stage(self.x, self.en1, fp32_add(m, self.x, self.p1, "s1", A), A, "s1")
         t2 = stage(t1, self.en2, fp32_mul(m, t1, Mux(self.sq2, t1, self.q2), "s2"), 2, "s2")
-        t3 = stage(t2, self.en3, fp32_add(m, t2, self.c3, "s3"), 2, "s3")
-        m.submodules.func = fu = FuncUnit()
+        t3 = stage(t2, self.en3, fp32_add(m, t2, self.c3, "s3", A), A, "s3")
+        m.submodules.func = fu = FuncUnit(A)
         m.d.comb += [fu.x.eq(t3), fu.func.eq(self.func), self.rom_addr.eq(fu.rom_addr),
                      fu.rom_data.eq(self.rom_data)]
-        t4 = stage(t3, self.en4, fu.y, FuncUnit.latency, "s4")
+        t4 = stage(t3, self.en4, fu.y, fu.latency, "s4")
         t5 = stage(t4, self.en5, fp32_mul(m, t4, self.r5, "s5"), 2, "s5")
-        t6 = stage(t5, self.en6, fp32_add(m, t5, self.c6, "s6"), 2, "s6")
+        t6 = stage(t5, self.en6, fp32_add(m, t5, self.c6, "s6", A), A, "s6")
         m.d.comb += self.y.eq(t6)
         return m
 

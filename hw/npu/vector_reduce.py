@@ -59,6 +59,9 @@ class VectorReduce(wiring.Component):
         As for :class:`hw.npu.vector.VectorUnit`.
     acc_stages : int
         1 (default: the netlist it has always had) to 4.
+    tree_stages : int
+        Pipeline depth of each lane-tree level (:class:`hw.arith.AdderTree`): 2 (default), 3 or 4
+        (``VectorUnit(add_stages=...)``); ``tree_latency = tree_stages log2 L``.
 
     Members
     -------
@@ -72,9 +75,10 @@ class VectorReduce(wiring.Component):
     fin : Out(fin_write_layout(lanes, addr_width))
     """
 
-    def __init__(self, lanes: int, addr_width: int, row_group: int, acc_stages: int = 1):
+    def __init__(self, lanes: int, addr_width: int, row_group: int, acc_stages: int = 1, tree_stages: int = 2):
         self._lanes, self._aw, self._row_group = lanes, addr_width, row_group
         self._acc_stages = _check_stages("Vector accumulator stages", acc_stages, (1, 2, 3, 4))
+        self._tree_stages = _check_stages("Vector lane tree stages", tree_stages, (2, 3, 4))
         super().__init__({
             "ins": In(VectorInstr),
             "beat": In(beat_layout(lanes, addr_width, row_group)),
@@ -86,11 +90,11 @@ class VectorReduce(wiring.Component):
 
     @property
     def tree_latency(self) -> int:
-        return 2 * (self._lanes.bit_length() - 1)
+        return self._tree_stages * (self._lanes.bit_length() - 1)
 
     @property
     def latency(self) -> int:
-        return reduce_latency(self._lanes, self._acc_stages)
+        return reduce_latency(self._lanes, self._acc_stages, self._tree_stages)
 
     def elaborate(self, platform):
         m = Module()
@@ -99,7 +103,7 @@ class VectorReduce(wiring.Component):
         te, ys, vis = self.beat, self.y, self.vis
 
         redmax = (op == Opcode.MAX) | ((op == Opcode.SOFTMAX) & (te.phase == Phase.MAIN))
-        m.submodules.tree = tree = AdderTree(L)
+        m.submodules.tree = tree = AdderTree(L, self._tree_stages)
         assert tree.latency == self.tree_latency
         mx = []
         for ln in range(L):

@@ -14,7 +14,7 @@ from collections import namedtuple
 from amaranth.lib import data, enum
 
 __all__ = ["ADDR_BITS", "OpSpec", "ISA_TABLE", "OPSPEC", "Opcode", "Fmt", "BMode", "MaskMode", "VecError",
-           "VectorInstr", "encode", "EXIT_LATENCY", "ROW_GROUP", "reduce_latency", "vector_cycles"]
+           "VectorInstr", "encode", "EXIT_LATENCY", "ROW_GROUP", "exit_latency", "reduce_latency", "vector_cycles"]
 
 ADDR_BITS = 24
 """Width of the word-address fields of an instruction."""
@@ -138,21 +138,29 @@ ROW_GROUP = 16
 """Rows a multi-pass instruction (SOFTMAX, LN_STATS) works on at once (``VectorUnit(row_group=...)``)."""
 
 
-def reduce_latency(lanes: int, acc_stages: int = 1) -> int:
+def exit_latency(add_stages: int = 2) -> int:
+    """Cycles from a beat's issue to its lane result with FP32 adders of ``add_stages`` stages in the lanes and
+    their function units (``VectorUnit(add_stages=...)``, issue 15): load 2, the lane's three adders, two
+    multipliers (2 each) and function unit (``7 + 2 add_stages``): ``13 + 5 add_stages``
+    (:data:`EXIT_LATENCY` = 23 with the default 2)."""
+    return 13 + 5 * add_stages
+
+
+def reduce_latency(lanes: int, acc_stages: int = 1, add_stages: int = 2) -> int:
     """Cycles from a reduced row's last beat at the lanes' exit to its result (``VectorReduce.latency``).
 
-    The lane tree (``2 log2 lanes``), then the row accumulator: one cycle with ``acc_stages = 1``; with
-    ``P = acc_stages`` interleaved partial sums, the ``P``-stage adder of the last beat and the pairwise
-    combine of the partials (``log2`` of ``P`` rounded up to a power of two levels of ``P``-stage adders):
-    ``P + P ceil(log2 P)`` (4, 9, 12 for ``P`` = 2, 3, 4)."""
-    tree = 2 * (lanes.bit_length() - 1)
+    The lane tree (``add_stages log2 lanes``, 2 per level by default), then the row accumulator: one cycle
+    with ``acc_stages = 1``; with ``P = acc_stages`` interleaved partial sums, the ``P``-stage adder of the
+    last beat and the pairwise combine of the partials (``log2`` of ``P`` rounded up to a power of two levels
+    of ``P``-stage adders): ``P + P ceil(log2 P)`` (4, 9, 12 for ``P`` = 2, 3, 4)."""
+    tree = add_stages * (lanes.bit_length() - 1)
     if acc_stages == 1:
         return tree + 1
     return tree + acc_stages + acc_stages * (acc_stages - 1).bit_length()
 
 
 def vector_cycles(op: str, n: int, rows: int, lanes: int, row_group: int = ROW_GROUP, cores: int = 1,
-                  acc_stages: int = 1) -> int:
+                  acc_stages: int = 1, add_stages: int = 2) -> int:
     """Cycles from acceptance to ``done`` of vector instruction ``op`` over ``rows`` rows of ``n`` elements.
 
     ``nb = ceil(n / lanes)`` beats per row pass. With ``cores`` units (the projection's multi-core NPU, one
@@ -169,18 +177,20 @@ def vector_cycles(op: str, n: int, rows: int, lanes: int, row_group: int = ROW_G
     LN_STATS ``rows (2 nb + 2) + g (2 (E + R + 1) + E) + C``;
     SOFTMAX ``rows (3 nb + 1) + g (2 (E + R + 1) + E) + C``.
     ``acc_stages`` (the configuration's ``npu.vec_acc_stages``, issue 15) lengthens the reduction:
-    ``R + 1`` = :func:`reduce_latency` in every formula.
+    ``R + 1`` = :func:`reduce_latency` in every formula; ``add_stages`` (``VectorUnit(add_stages=...)``)
+    lengthens the lanes and the lane tree: ``E`` = :func:`exit_latency`.
     """
     if lanes < 2 or lanes & (lanes - 1):
         raise ValueError(f"lanes must be a power of two of at least 2, not {lanes!r}")
     if cores > 1 and rows > 1:
-        return min(_cycles(op, n, rows, lanes, row_group, cores, acc_stages),
-                   _cycles(op, n, -(-rows // cores), lanes, row_group, 1, acc_stages))
-    return _cycles(op, n, rows, lanes, row_group, cores, acc_stages)
+        return min(_cycles(op, n, rows, lanes, row_group, cores, acc_stages, add_stages),
+                   _cycles(op, n, -(-rows // cores), lanes, row_group, 1, acc_stages, add_stages))
+    return _cycles(op, n, rows, lanes, row_group, cores, acc_stages, add_stages)
 
 
-def _cycles(op: str, n: int, rows: int, lanes: int, row_group: int, cores: int, acc_stages: int = 1) -> int:
-    E, R = EXIT_LATENCY, reduce_latency(lanes, acc_stages) - 1
+def _cycles(op: str, n: int, rows: int, lanes: int, row_group: int, cores: int, acc_stages: int = 1,
+            add_stages: int = 2) -> int:
+    E, R = exit_latency(add_stages), reduce_latency(lanes, acc_stages, add_stages) - 1
     C = E + R + 6
     beats = -(-n // lanes)
     nb = -(-beats // cores)

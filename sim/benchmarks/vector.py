@@ -94,9 +94,10 @@ def gpt2_program(lanes=16, depth=4096, seed=0, ln_rows=16, seqs=(1, 7, 64, 128),
     return p, reg
 
 
-def vector_build(lanes, depth, sim="verilator", acc_stages=1):
+def vector_build(lanes, depth, sim="verilator", acc_stages=1, add_stages=2):
     """Cached simulator build of the harness; the lanes are one shared ``vector_lane`` module (faster build).
-    ``acc_stages``: the row accumulator's depth (``npu.vec_acc_stages``)."""
+    ``acc_stages``: the row accumulator's depth (``npu.vec_acc_stages``); ``add_stages``: the lanes' FP32
+    adder depth (``VectorUnit(add_stages=...)``; the lanes are then elaborated in the harness)."""
     from hw.npu.vector import LANE_MODULE, VectorLane, VectorTop
     from sim.build import build, verilog_for
 
@@ -109,18 +110,22 @@ def vector_build(lanes, depth, sim="verilator", acc_stages=1):
             vlt.write_text(f'`verilator_config\nno_inline -module "{LANE_MODULE}"\n')
         args = (str(vlt),)
     pipe = "" if acc_stages == 1 else f"_p{acc_stages}"
+    if add_stages != 2:
+        pipe += f"_a{add_stages}"
+        return build(lambda: VectorTop(lanes, depth, acc_stages=acc_stages, add_stages=add_stages),
+                     name=f"vector_top_l{lanes}{pipe}", key=f"L={lanes},depth={depth}{pipe}", sim=sim)
     return build(lambda: VectorTop(lanes, depth, lane_instance=True, acc_stages=acc_stages),
                  name=f"vector_top_l{lanes}{pipe}", key=f"L={lanes},depth={depth},lane_instance{pipe}", sim=sim,
                  extra_sources=(lane_v,), build_args=args)
 
 
-def run_program(program, lanes, depth, test_name):
+def run_program(program, lanes, depth, test_name, add_stages=2):
     """Run ``program`` on the RTL; returns the per-instruction metrics (raises on a mismatch)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "scenario.npz")
         metrics = os.path.join(tmp, "m.jsonl")
         program.save(path)
-        vector_build(lanes, depth, acc_stages=program.model.acc_stages).run(
+        vector_build(lanes, depth, acc_stages=program.model.acc_stages, add_stages=add_stages).run(
             "sim.tb.vector_tb", "run_scenarios", test_name=test_name,
             env={"SCENARIOS": path, "IANUS_METRICS": metrics})
         return [json.loads(line) for line in open(metrics)]
