@@ -13,8 +13,8 @@ The rows of earlier runs (``fpga_ecp5_fmax_mhz`` / ``fpga_xcup_luts`` of ``mac16
 ``proto_fpga``) are kept with the same fields; issue 15's Fmax rows ``fpga_ecp5_fmax_mhz`` and
 ``proto_fmax_mhz_ecp5`` (``_placed`` when routing did not finish) are also given for the pipelined forms
 ``mac16_p4`` and ``proto_fpga_p4`` (the ``target`` field tells them apart). ``vector_fmax_mhz_ecp5``: the 4-lane
-vector unit (``vector4``) against issue 15's goal of 80 MHz (``goal_met``; None without a routed Fmax), with its
-ECP5 LUT4 / FF / MULT18 / DP16KD.
+vector unit (``vector4``, and its pipelined forms ``vector4_p4`` / ``vector4_p4a4``) against issue 15's goal of
+80 MHz (``goal_met``; None without a routed Fmax), with its ECP5 LUT4 / FF / MULT18 / DP16KD.
 
 ``IANUS_SYNTH_RUN=1`` runs the flow (``hw.synth.synth``, default place-and-route choice) for missing and stale
 targets first: that can take hours.
@@ -117,7 +117,7 @@ def _legacy_rows(name: str, rec: dict, c: dict):
                **c}
     elif name == "proto_fpga_p4":
         yield from _proto_fmax_rows(e, c)
-    elif name == "vector4":
+    elif name in ("vector4", "vector4_p4", "vector4_p4a4"):       # and its pipelined forms (issue 15)
         yield _vector_row(rec, c)
     if name == "mac16":
         if rec.get("pnr"):
