@@ -81,6 +81,10 @@ register("vector4_p4", _vector4_pipelined(4), "NPU vector unit, 4 FP32 lanes (ti
 
 # Issue 15: vector4_p4 with every FP32 adder of the lanes (S1, S3, S6, the function unit's Horner adders) and of
 # the lane tree 4 stages deep (VectorUnit(add_stages=4): fp32_add_pipe's re-timed parts; exit latency 33).
+# `--pnr-all` (2026-12-07): synthesis 44.5k cells placed, nextpnr's estimate after placement 27.2 MHz, then
+# router2 failed on the clock net (`Failed to route arc 0.0 of net 'clk$TRELLIS_IO_IN'` to the global buffer)
+# with the flow's seed 1, so no result is stored. The 2-stage FP32 multipliers (fp32ext.fp32_mul) and the
+# function unit's range reduction / residual conversion are still one-cycle parts of that size.
 register("vector4_p4a4", _vector4_pipelined(4, 4), "NPU vector unit, 4 FP32 lanes (tiny, as vector4), row "
          "accumulator of 4 interleaved partial sums, 4-stage FP32 adders in the lanes and the lane tree", pnr=False,
          pnr_args=["--router", "router2"],
