@@ -27,10 +27,10 @@ from amaranth.lib.wiring import In, Out
 
 from .config import COMBINE_ROW_BIT, SystemConfig
 from .memif import TAG_BITS, response_layout
-from .pim.commands import COLUMN_OPS, PimOp
+from .pim.commands import COLUMN_OPS, LOWPREC_OPCODES, PimOp
 from .pim.timing import countdown, faw_window, pim_row_buffer, refresh_credit
 
-__all__ = ["pim_command_layout", "pim_response_layout", "CommandSignature", "BidSignature", "ChannelStateSignature",
+__all__ = ["lds_op", "pim_command_layout", "pim_response_layout", "CommandSignature", "BidSignature", "ChannelStateSignature",
            "ResponseSourceSignature", "ChannelState", "RefreshMachine", "Arbiter", "ResponsePipe",
            "ARBITRATION", "bit_of", "propose", "widths"]
 
@@ -145,6 +145,15 @@ class ResponseSourceSignature(wiring.Signature):
         super().__init__({"valid": Out(1), "write": Out(1), "err": Out(1), "tag": Out(TAG_BITS)})
 
 
+def lds_op(op, p):
+    """4-bit weights: ``op`` is LDSCAB (or LDSLAB, fp4 with grid choice), opcodes outside :class:`PimOp`
+    (:mod:`hw.pim.commands`); ``None`` on a BF16 device (nothing is elaborated)."""
+    if not p.lowprec:
+        return None
+    ops = [LOWPREC_OPCODES["LDSCAB"]] + ([LOWPREC_OPCODES["LDSLAB"]] if p.grid_choice else [])
+    return op.as_value().matches(*ops)
+
+
 def propose(m: Module, cmd, op, bank=0, row=0, col=0, data_=0, mask=0):
     """Drive ``cmd`` (a :class:`CommandSignature` interface) with a command in the current ``m.If`` branch."""
     m.d.comb += [cmd.valid.eq(1), cmd.op.eq(op), cmd.bank.eq(bank), cmd.row.eq(row), cmd.col.eq(col),
@@ -194,6 +203,7 @@ class ChannelState(wiring.Component):
         n2 = {rule: Signal(nb, name=f"{rule}_ok_next2") for rule in ("rcdrd", "rcdwr", "ras", "rp", "wr", "rtp")
               } if ahead else {}
         rp_next = []                # per bank: tRP allows an ACT next cycle (this cycle's command included)
+        is_lds = lds_op(op, p)
         for b in range(nb):
             here = iss_bank == b
             do_act = iss & (((op == PimOp.ACT) & here) | (op == PimOp.ACTAB))
@@ -204,6 +214,8 @@ class ChannelState(wiring.Component):
             else:
                 rd_type = iss & ((op.as_value().matches(PimOp.RD, PimOp.MACSB) & here) |
                                  op.as_value().matches(PimOp.MACAB, PimOp.AF))
+                if p.lowprec:   # LDSCAB / LDSLAB: all-bank reads of the open row (tRTP)
+                    rd_type = rd_type | (iss & is_lds)
             with m.If(do_act):
                 m.d.sync += [is_open[b].eq(1), open_row[b].eq(iss_row)]
                 if ahead:
@@ -242,6 +254,8 @@ class ChannelState(wiring.Component):
         # ------------------------------------------------------- PIM row buffer (two row buffers)
         # Only all-bank commands use it, so one state stands for every bank's PIM buffer (as in the device).
         pim_rd_op = op.as_value().matches(PimOp.MACSB, PimOp.MACAB, PimOp.AF)
+        if p.lowprec:
+            pim_rd_op = pim_rd_op | is_lds
         if dual:
             p_open, p_row, p_rcd_ok, p_ras_ok, p_rp_ok, p_rtp_ok = pim_row_buffer(
                 m, t, iss & (op == PimOp.PACTAB), iss & (op == PimOp.PPREAB), iss & pim_rd_op, iss_row)
@@ -254,6 +268,8 @@ class ChannelState(wiring.Component):
         # ------------------------------------------------------- channel-wide timing
         is_act = op.as_value().matches(PimOp.ACT, PimOp.ACTAB, *((PimOp.PACTAB,) if dual else ()))
         col_cmd = op.as_value().matches(*COLUMN_OPS)
+        if p.lowprec:
+            col_cmd = col_cmd | is_lds
         is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
         if ahead:
             ccd_ok, ccd_nx = countdown(m, "ccd", t.tCCD, iss & col_cmd, ahead=True)

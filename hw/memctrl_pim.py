@@ -13,6 +13,7 @@ from .memctrl_parts import (
     ChannelStateSignature,
     ResponseSourceSignature,
     bit_of,
+    lds_op,
     pim_command_layout,
     propose,
     widths,
@@ -188,6 +189,14 @@ class PimPath(wiring.Component):
                 m.d.comb += [state_bad.eq(pc.col >= p.acc_groups), timing_ok.eq(s.af_ok & ccd_ok)]
             with m.Default():
                 m.d.comb += [state_bad.eq(1), timing_ok.eq(1)]
+        if p.lowprec:
+            # LDSCAB / LDSLAB (opcodes outside PimOp): all-bank read-type column commands, like MACAB.
+            with m.If(lds_op(pc.op, p)):
+                if dual:
+                    m.d.comb += [state_bad.eq(~p_open), timing_ok.eq(s.p_rcd_ok & ccd_ok)]
+                else:
+                    m.d.comb += [state_bad.eq(is_open != all_banks),
+                                 timing_ok.eq((s.rcdrd_ok == all_banks) & ccd_ok)]
         p_reads = pop.matches(*READ_OPS)
 
         # ------------------------------------------------------- the bid and its outcome

@@ -106,6 +106,7 @@ from .pcu_parts import (
     RowAccessSequencer,
     StepKind,
 )
+from .pcu_w4 import W4Decoder, w4_row_states
 from .pim.commands import PimOp
 from .spec.macro import MACRO_LIMITS
 
@@ -192,6 +193,13 @@ class Pcu(wiring.Component):
         s.dec = dec = m.submodules.decoder = MacroDecoder(cfg)
         m.d.comb += [dec.macro.eq(mc), dec.input_n.eq(input_n), dec.result_n.eq(result_n)]
         s.K, s.N, s.tiles, s.chunks = mc.n, mc.m, dec.tiles, dec.chunks
+        s.code = dec.code
+        if p.lowprec:
+            # 4-bit weights (hw/pcu_w4.py): the GEMV's own check and layout.
+            s.w4 = w4 = m.submodules.w4 = W4Decoder(cfg)
+            m.d.comb += [w4.macro.eq(mc), w4.input_n.eq(input_n), w4.tiles.eq(dec.tiles)]
+            s.code = Mux(mc.op == OP_GEMV, w4.code, dec.code)
+        s.SRC_ZERO, s.SRC_X, s.SRC_R = SRC_ZERO, SRC_X, SRC_R
         s.seq = seq = m.submodules.row_access = RowAccessSequencer(cfg)
         s.rsp = rsp = m.submodules.responses = ResponseRouter(cfg, self.x_words, self.r_words, G)
         wiring.connect(m, rsp.xw, x_w)
@@ -231,7 +239,8 @@ class Pcu(wiring.Component):
         s.n_next = Signal(16)
         m.d.comb += s.n_next.eq(self._ncols(s, s.chunk + 1))
         s.bias_gb = Signal(16)
-        m.d.comb += s.bias_gb.eq(_cmin(Mux(s.ncols > after_act, s.ncols - after_act, 0), s.before_act))
+        if not p.lowprec:           # (4-bit: the input is written after the first ACTAB)
+            m.d.comb += s.bias_gb.eq(_cmin(Mux(s.ncols > after_act, s.ncols - after_act, 0), s.before_act))
 
         s.busy = busy = Signal()
         m.d.comb += self.busy.eq(busy)
@@ -257,7 +266,10 @@ class Pcu(wiring.Component):
                     m.next = "Check"
             self._check_state(s)
             self._transfer_states(s)
-            self._row_states(s)
+            if p.lowprec:
+                w4_row_states(self, s)
+            else:
+                self._row_states(s)
             with m.State("Finish"):
                 # Every command taken, every response in, the controllers idle.
                 with m.If(s.free & all_idle & (rsp.total == s.need_total)):
@@ -281,7 +293,7 @@ class Pcu(wiring.Component):
         C, L, bpw = p.channels, p.lanes, p.banks_per_word
         pins, x_r, r_rs = self.p, s.x_r, s.r_rs
         s.o_valid = o_valid = Signal(C)     # channels still to accept the offered command
-        o_op = Signal(PimOp)
+        s.o_op = o_op = Signal(PimOp)
         o_bank = Signal(max(p.bank_addr_bits, 1))
         o_row = Signal(p.row_addr_bits)
         o_col = Signal(p.column_addr_bits)
@@ -393,7 +405,7 @@ class Pcu(wiring.Component):
             m.next = "Xfer"
 
         with m.State("Check"):
-            code = s.dec.code
+            code = s.code
             m.d.comb += s.rsp.clear.eq(1)
             m.d.sync += s.written.eq(0)
             with m.If(self.error != E_NONE):

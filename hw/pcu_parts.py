@@ -33,9 +33,9 @@ __all__ = ["MacroLayout", "MacroDecoder", "StepKind", "step_layout", "RowAccessS
 OP_NOP, OP_WRITE_VEC, OP_GEMV, OP_READ_RES = (int(MacroOp[n]) for n in ("NOP", "WRITE_VEC", "GEMV", "READ_RES"))
 F_BIAS, F_GELU, F_BF16 = (int(MacroFlag[n]) for n in ("BIAS", "GELU", "BF16"))
 (E_NONE, E_BAD_OPCODE, E_BAD_FLAGS, E_BAD_LENGTH, E_BAD_ADDRESS, E_BAD_REGION, E_NO_INPUT, E_NO_RESULT,
- E_DEVICE_VIOLATION, E_RESERVED_NONZERO, E_BAD_PACKING) = (int(MacroError[n]) for n in (
+ E_DEVICE_VIOLATION, E_RESERVED_NONZERO, E_BAD_PACKING, E_UNSUPPORTED) = (int(MacroError[n]) for n in (
     "NONE", "BAD_OPCODE", "BAD_FLAGS", "BAD_LENGTH", "BAD_ADDRESS", "BAD_REGION", "NO_INPUT", "NO_RESULT",
-    "DEVICE_VIOLATION", "RESERVED_NONZERO", "BAD_PACKING"))
+    "DEVICE_VIOLATION", "RESERVED_NONZERO", "BAD_PACKING", "UNSUPPORTED"))
 
 # The 128-bit macro command, field for field as the table lays it out (contiguous from bit 0, in order).
 MacroLayout = data.StructLayout({name: width for name, _, width in MACRO_FIELDS})
@@ -104,9 +104,11 @@ class MacroDecoder(wiring.Component):
             end = mc.addr0 + words(nvals, bytes_per_value) * col_bytes
             return (mc.addr0[:amap.col_lo] == 0) & (end <= p.total_bytes)
 
+        # Bytes per input value: BF16, or an FP8-E4M3 code on a device with FP8 activations (issue 19).
+        xb = 1 if p.act_format == "fp8_e4m3" else 2
         with m.Switch(mc.op):
             with m.Case(OP_WRITE_VEC):
-                m.d.comb += self.words.eq(words(mc.n, 2))
+                m.d.comb += self.words.eq(words(mc.n, xb))
             with m.Case(OP_GEMV):
                 m.d.comb += self.words.eq(words(N, 4))
             with m.Case(OP_READ_RES):
@@ -132,7 +134,7 @@ class MacroDecoder(wiring.Component):
                 m.d.comb += code.eq(E_BAD_FLAGS)
             with m.Elif((mc.n == 0) | (mc.n > MACRO_LIMITS["input_values"])):
                 m.d.comb += code.eq(E_BAD_LENGTH)
-            with m.Elif(~addr_ok(mc.n, 2)):
+            with m.Elif(~addr_ok(mc.n, xb)):
                 m.d.comb += code.eq(E_BAD_ADDRESS)
         with m.Elif(mc.op == OP_GEMV):
             with m.If((mc.flags & ~(F_BIAS | F_GELU)) != 0):

@@ -9,6 +9,12 @@ column ``acc += tree(w * x)`` (:func:`firmware.pim.gemv_golden`), GELU through
 the AF unit's lookup table read from each bank's reserved row
 (:func:`sim.golden.pim.af_eval`).
 
+On a device with 4-bit weights (``PimGeometry.weight_format`` ``int4`` / ``fp4``) the GEMV is the 4-bit
+macro of :mod:`hw.spec.macro` (:meth:`FunctionalDevice._w4_gemv`): the weights laid out by
+:class:`firmware.pim_lowprec.W4GemvLayout` with one input chunk, every output the golden
+:func:`sim.golden.lowprec_unit.unit_acc` of its unit with the bias as the accumulator's initial value; with
+FP8 activations the input buffer holds E4M3 codes (WRITE_VEC's ``n`` counts them, one byte each).
+
 Timing is not modelled (``CYCLES`` counts macro commands, not cycles).
 """
 
@@ -120,11 +126,14 @@ class FunctionalDevice:
                 return MacroError.BAD_FLAGS
             if not 1 <= mc.n <= self.limits["input_values"]:
                 return MacroError.BAD_LENGTH
-            nbytes = -(-mc.n * 2 // col) * col
+            xb = 1 if p.act_format == "fp8_e4m3" else 2      # bytes per input: BF16 or an E4M3 code
+            nbytes = -(-mc.n * xb // col) * col
             if mc.addr0 % col or mc.addr0 + nbytes > self.mem.size:
                 return MacroError.BAD_ADDRESS
-            self.input = np.frombuffer(self.mem.read(mc.addr0, mc.n * 2), dtype="<u2").copy()
+            self.input = np.frombuffer(self.mem.read(mc.addr0, mc.n * xb), dtype="<u2" if xb == 2 else "u1").copy()
             return MacroError.NONE
+        if mc.op == MacroOp.GEMV and p.lowprec:
+            return self._w4_gemv(mc)
         if mc.op == MacroOp.GEMV:
             if int(mc.flags) & ~int(MacroFlag.BIAS | MacroFlag.GELU):   # int: ~ on an IntFlag drops undefined bits
                 return MacroError.BAD_FLAGS
@@ -184,3 +193,67 @@ class FunctionalDevice:
             b = n % p.banks
             out[n] = af_eval(self.cfg, y[n:n + 1], lut_rows[c, b])[0]
         return out
+
+    def _w4_gemv(self, mc) -> MacroError:
+        """The 4-bit GEMV macro (hw/spec/macro.py): checks in the PCU's order (:class:`hw.pcu_w4.W4Decoder`),
+        then every output's :func:`sim.golden.lowprec_unit.unit_acc` from the weights stored for the layout."""
+        from firmware.pim_lowprec import W4GemvLayout
+
+        p = self.cfg.pim
+        col = p.column_bytes
+        K, N, q = mc.n, mc.m, p.quant_group
+        if int(mc.flags) & ~int(MacroFlag.BIAS):         # GELU after a 4-bit GEMV is not supported
+            return MacroError.BAD_FLAGS
+        if not (1 <= K <= self.limits["input_values"] and 1 <= N <= self.limits["result_values"]) or K % q:
+            return MacroError.BAD_LENGTH
+        if K > self.input.size:
+            return MacroError.NO_INPUT
+        if mc.addr1 & 0xFFFF:
+            return MacroError.BAD_PACKING
+        sc = -(-(K // q) // 16)
+        sl = sc if p.grid_choice else 0
+        if K > p.gb_slots * 64 // q * q or K // 64 + sc + sl > p.columns or sl > 1:
+            return MacroError.UNSUPPORTED
+        try:
+            layout = W4GemvLayout(self.cfg, K, N, base_row=mc.row, chunk_size=K)
+        except ValueError:
+            return MacroError.BAD_REGION
+        bias = np.zeros(N, np.uint32)
+        if mc.flags & MacroFlag.BIAS:
+            nbytes = -(-N * 4 // col) * col
+            if mc.addr0 % col or mc.addr0 + nbytes > self.mem.size:
+                return MacroError.BAD_ADDRESS
+            bias = np.frombuffer(self.mem.read(mc.addr0, N * 4), dtype="<u4").copy()
+        self.result = w4_gemv_from_memory(self.cfg, layout, self.mem, self.input[:K], bias)
+        self.counters["macs"] += layout.rows_used
+        return MacroError.NONE
+
+
+def w4_gemv_from_memory(cfg, layout, mem, x, bias) -> np.ndarray:
+    """FP32 bits ``[N]``: the units' accumulators (``acc0`` = ``bias``) over the 4-bit weights stored in ``mem`` for
+    ``layout`` (one input chunk; the inverse of :meth:`firmware.pim_lowprec.W4GemvLayout.image`)."""
+    from firmware.quant import unpack_nibbles
+    from sim.golden.lowprec_unit import unit_acc
+
+    p = cfg.pim
+    assert layout.chunks == 1, "the 4-bit GEMV macro takes one input chunk"
+    rows = mem.rows(layout.base_row, layout.rows_used)              # [rows, ch, banks, cols, 16] uint16
+    cols = np.ascontiguousarray(rows).view(np.uint8)                # [rows, ch, banks, cols, 32] bytes
+    K, N = layout.K, layout.N
+    G = K // p.quant_group
+    xc = np.asarray(x).reshape(K // 64, 64)
+    out = np.empty(N, np.uint32)
+    for n in range(N):
+        t = n // layout.per_tile
+        c, b = (n // p.banks) % p.channels, n % p.banks
+        code_cols, sc_cols, sl_cols = layout.unit_columns_at(t % layout.per_row, 0)
+        r = layout.row_of(t, 0) - layout.base_row
+        w = unpack_nibbles(cols[r, c, b, code_cols])                # [n, 64]
+        scales = np.concatenate([cols[r, c, b, k].view("<u2") for k in sc_cols])[:G]
+        sel = None
+        if sl_cols:
+            words = [int(cols[r, c, b, k, :4].view("<u4")[0]) for k in sl_cols]
+            sel = np.array([(words[g // 16] >> (2 * (g % 16))) & 3 for g in range(G)], np.uint8)
+        out[n] = unit_acc(p.weight_format, p.act_format, w, xc, scales, sel, int(bias[n]), p.quant_group,
+                          p.scale_format, p.grid_choice)
+    return out

@@ -117,3 +117,24 @@ def test_pcu_gemv_default_gpt2_small():
     pcu_build("default").run(TB, "pcu_gemv", env={"IANUS_CONFIG": "default", "PCU_MAX_ROW_RATIO": ROW_RATIO,
                                                   "PCU_MAX_RATIO": ROW_RATIO,
                                                   "PCU_SHAPES": "768x768,768x3072g,3072x768,768x2304"})
+
+
+# 4-bit weights (issue 19, hw/pcu_w4.py): KxN, h BF16 results, n no bias, r<row> base row. tiny-w4: K = 128 (one
+# chunk), one tile; three tiles in two rows (two units per row) without bias; 13 tiles in seven rows from row 3
+# with BF16 results. tiny-w4a8 (fp4 with grid selectors, FP8 activations): also K = 256 (one unit per row).
+W4_SHAPES = {"tiny-w4": "128x16,128x40n,128x200hr3,128x32",
+             "tiny-w4a8": "128x16,256x48n,128x200hr3,256x16h"}
+
+
+@pytest.mark.parametrize("config", ["tiny-w4"])
+def test_pcu_w4_gemv_tiny(config):
+    """4-bit GEMVs through the PCU bit-exact with the functional model (checked against the golden unit model),
+    the rest of the weight rows random, the protocol checker clean (sim/tb/pcu_tb.py pcu_w4_gemv)."""
+    pcu_build(config).run(TB, "pcu_w4_gemv", env={"IANUS_CONFIG": config, "PCU_W4": W4_SHAPES[config]})
+
+
+@pytest.mark.parametrize("config", ["tiny-w4"])
+def test_pcu_w4_errors_tiny(config):
+    """4-bit GEMVs the PCU does not issue (GELU, K not whole groups, two input chunks, packing, rows, bias
+    address) give the functional model's error code, no command reaches the device; recovery after CLEAR."""
+    pcu_build(config).run(TB, "pcu_w4_errors", env={"IANUS_CONFIG": config})

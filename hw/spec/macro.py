@@ -81,7 +81,10 @@ class MacroError(enum.IntEnum):
     DEVICE_VIOLATION = 9    # a PIM channel flagged a protocol violation (a controller bug)
     RESERVED_NONZERO = 10   # a reserved field is not zero (addr1 outside GEMV, addr1[31:16] of a GEMV)
     BAD_PACKING = 11        # GEMV packed mode (addr1): pitch past the global buffer, tiles wider than the
-                            # pitch, first slot past the row, or a first slot without packing
+                            # pitch, first slot past the row, or a first slot without packing; a 4-bit
+                            # GEMV with addr1[15:0] != 0 (the 4-bit layout places its units itself)
+    UNSUPPORTED = 12        # a legal request the device does not implement: on a 4-bit device a GEMV whose K
+                            # needs more than one input chunk or whose unit does not fit a row (below)
 
 
 MACRO_TABLE = (

@@ -407,3 +407,136 @@ async def pcu_errors(dut):
     assert int(tb.error.value) == 0
     assert await tb.read_words(y_addr, len(expected) // 32) == expected
     tb.assert_clean()
+
+
+# -- 4-bit weights (issue 19; hw/pcu_w4.py) ----------------------------------------------------------------
+
+def _w4_addr(cfg, row):
+    """Byte address of the first column of data row ``row`` (every channel and bank of it)."""
+    return row * (cfg.pim.total_bytes // cfg.pim.rows)
+
+
+def prepare_w4(cfg, K, N, bf16, seed, bias=True, base_row=0):
+    """A 4-bit GEMV on the functional model: weights quantized and placed by ``W4GemvLayout(cfg, K, N, base_row,
+    chunk_size=K)`` (the macro's layout), the rest of the weight rows random (a PCU that read a wrong column would
+    take them), the input (BF16, or E4M3 codes on an FP8 device) and the bias in data rows. Returns ``(fd, macros,
+    y_addr, expected, rows)`` like :func:`prepare`; the GEMV's result is also checked against the independent
+    golden of ``sim/tb/pim_lowprec_tb.py`` (:func:`w4_golden`)."""
+    from firmware.pim_lowprec import W4GemvLayout
+    from sim.tb.pim_lowprec_tb import w4_data, w4_golden
+
+    p = cfg.pim
+    fd = FunctionalDevice(cfg)
+    rng = np.random.default_rng(seed + 1000)
+    q, x, b = w4_data(cfg, K, N, seed)
+    lay = W4GemvLayout(cfg, K, N, base_row=base_row, chunk_size=K)
+    img = lay.image(q).transpose(2, 0, 1, 3, 4).copy().view("<u2")       # [rows, ch, banks, cols, 16]
+    used = set()
+    for j in range(lay.per_row):
+        for cols in lay.unit_columns_at(j, 0):
+            used.update(cols)
+    for c in range(p.columns):
+        if c not in used:
+            img[:, :, :, c] = rng.integers(0, 1 << 16, img[:, :, :, c].shape, dtype=np.uint16)
+    fd.mem.set_rows(base_row, img)
+    data_row = p.data_rows - 6
+    assert base_row + lay.rows_used <= data_row, "the weights overlap the data rows of the test"
+    x_addr, b_addr, y_addr = (_w4_addr(cfg, data_row + 2 * i) for i in range(3))
+    fd.mem.write(x_addr, (x.astype("<u2") if p.act_format == "bf16" else x.astype(np.uint8)).tobytes())
+    fd.mem.write(b_addr, b.astype("<u4").tobytes())
+    macros = [Macro(MacroOp.WRITE_VEC, n=K, addr0=x_addr),
+              Macro(MacroOp.GEMV, flags=int(MacroFlag.BIAS) if bias else 0, n=K, m=N, row=base_row,
+                    addr0=b_addr if bias else 0),
+              Macro(MacroOp.READ_RES, flags=int(MacroFlag.BF16) if bf16 else 0, n=N, addr0=y_addr)]
+    snapshot = fd.mem.data.copy()
+    for mc in macros[:2]:
+        assert fd.execute(mc) == MacroError.NONE, mc
+    want = w4_golden(cfg, q, x, b if bias else np.zeros(N, np.uint32))
+    assert (fd.result == want).all(), "the functional model's 4-bit GEMV differs from the golden unit model"
+    assert fd.execute(macros[2]) == MacroError.NONE
+    y_bytes = -(-N * (2 if bf16 else 4) // 32) * 32
+    expected = fd.mem.read(y_addr, y_bytes)
+    fd.mem.data[:] = snapshot
+    return fd, macros, y_addr, expected, [(base_row, lay.rows_used), (data_row, 6)]
+
+
+@tb_test()
+async def pcu_w4_gemv(dut):
+    """4-bit GEMVs (``PCU_W4``: ``KxN`` [h BF16 results] [n no bias] [r<row> base row]) through the PCU on a 4-bit
+    device: identical bytes to the functional model (itself checked against the golden unit model), the protocol
+    checker clean."""
+    import re
+
+    cfg = _cfg()
+    tb = PcuTB(dut, cfg)
+    await tb.reset()
+    report = []
+    for i, spec in enumerate(env_str("PCU_W4", "128x16").split(",")):
+        K, N, opts, row = re.fullmatch(r"(\d+)x(\d+)([hn]*)(?:r(\d+))?", spec).groups()
+        fd, macros, y_addr, expected, rows = prepare_w4(cfg, int(K), int(N), "h" in opts, seed=60 + i,
+                                                        bias="n" not in opts, base_row=int(row or 0))
+        assert any(expected), "the expected result is all zeros: the test would prove nothing"
+        await tb.backdoor(fd, rows)
+        per = [await tb.run_macros([mc]) for mc in macros]
+        assert int(tb.error.value) == 0, f"{spec}: PCU error {MacroError(int(tb.error.value)).name}"
+        got = await tb.read_words(y_addr, len(expected) // 32)
+        if got != expected:
+            a, e = np.frombuffer(got, dtype="<u4"), np.frombuffer(expected, dtype="<u4")
+            bad = np.flatnonzero(a != e)
+            raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
+                                 f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
+        report.append({"shape": spec, "write_vec": per[0], "gemv": per[1], "read_res": per[2]})
+        dut._log.info("4-bit %s: GEMV %d cycles, identical to the functional model", spec, per[1])
+    tb.assert_clean()
+    write_metrics(name="pcu_w4_gemv", config=cfg.name, runs=report)
+
+
+@tb_test()
+async def pcu_w4_errors(dut):
+    """4-bit GEMV macros the PCU does not issue set the functional model's error code (GELU: BAD_FLAGS, K not whole
+    groups: BAD_LENGTH, more than one input chunk: UNSUPPORTED, addr1: BAD_PACKING, rows: BAD_REGION, bias address:
+    BAD_ADDRESS) and nothing reaches the device; after CLEAR a GEMV works."""
+    cfg = _cfg()
+    p = cfg.pim
+    tb = PcuTB(dut, cfg)
+    await tb.reset()
+    q = p.quant_group
+    big = p.gb_slots * 64 // q * q + q                      # one group more than one chunk holds
+    two_rows = (p.columns + 1) * p.banks * p.channels       # more tiles than one row holds
+    cases = [
+        (Macro(MacroOp.GEMV, n=q, m=8), MacroError.NO_INPUT),
+        (Macro(MacroOp.WRITE_VEC, n=big, addr0=0), MacroError.NONE),
+        (Macro(MacroOp.GEMV, flags=int(MacroFlag.GELU), n=q, m=8), MacroError.BAD_FLAGS),
+        (Macro(MacroOp.GEMV, flags=int(MacroFlag.BIAS | MacroFlag.GELU), n=q, m=8), MacroError.BAD_FLAGS),
+        (Macro(MacroOp.GEMV, n=q // 2, m=8), MacroError.BAD_LENGTH),
+        (Macro(MacroOp.GEMV, n=q + 64, m=8), MacroError.BAD_LENGTH),
+        (Macro(MacroOp.GEMV, n=q, m=8, addr1=1), MacroError.BAD_PACKING),
+        (Macro(MacroOp.GEMV, n=q, m=8, addr1=1 << 16), MacroError.RESERVED_NONZERO),
+        (Macro(MacroOp.GEMV, n=big, m=8), MacroError.UNSUPPORTED),
+        (Macro(MacroOp.GEMV, n=q, m=two_rows, row=p.data_rows - 1), MacroError.BAD_REGION),
+        (Macro(MacroOp.GEMV, n=q, m=8, row=p.data_rows), MacroError.BAD_REGION),
+        (Macro(MacroOp.GEMV, flags=int(MacroFlag.BIAS), n=q, m=8, addr0=4), MacroError.BAD_ADDRESS),
+        (Macro(MacroOp.GEMV, n=q, m=8, row=p.data_rows - 1), MacroError.NONE),
+    ]
+    fd = FunctionalDevice(cfg)
+    for mc, code in cases:
+        assert fd.execute(mc) == code, f"functional model gives {fd.execute(mc)!r} for {mc}"
+        commands0 = len(tb.bus_log)
+        await tb.run_macros([mc])
+        got = int(tb.error.value)
+        assert got == code, f"{mc}: PCU error {got}, expected {code.name} ({int(code)})"
+        if code != MacroError.NONE:
+            assert len(tb.bus_log) == commands0 or all(op == "REF" for _, _, op in tb.bus_log[commands0:]), \
+                f"{mc}: refused, but commands reached the device: {tb.bus_log[commands0:]}"
+            tb.clear.value = 1
+            await tb.tick()
+            tb.clear.value = 0
+            await tb.tick()
+            assert int(tb.error.value) == 0
+    # Recovery: a real GEMV afterwards.
+    fd, macros, y_addr, expected, rows = prepare_w4(cfg, q, 24, False, seed=7)
+    await tb.backdoor(fd, rows)
+    await tb.run_macros(macros)
+    assert int(tb.error.value) == 0
+    assert await tb.read_words(y_addr, len(expected) // 32) == expected
+    tb.assert_clean()

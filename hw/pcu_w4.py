@@ -1,0 +1,249 @@
+"""The PCU's 4-bit GEMV (issue 19): the macro's check and layout (:class:`W4Decoder`) and its command rows
+(:func:`w4_row_states`), elaborated only for a device with 4-bit weights (``PimGeometry.weight_format``
+``int4`` / ``fp4``): the Verilog of BF16 devices does not change.
+
+Macro semantics (:mod:`hw.spec.macro`): the weights of a ``[K, N]`` GEMV are laid out by
+``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row, chunk_size=K)``: one input chunk (``K`` a
+multiple of ``quant_group``, at most ``W4GemvLayout.max_chunk``); ``per_row`` units (tiles) share a row.
+Every output's accumulator starts from its bias (FP32, ``BIAS``) or zero and takes the unit's columns
+(:func:`sim.golden.lowprec_unit.unit_acc`); the result is the accumulator (FP8 activations: without the
+per-token scale, which the host applies).
+
+Command order (per channel, all channels in lockstep): the order of
+:func:`firmware.pim_lowprec.w4_gemv_program` with one accumulator slot (slot 0; on a two-slot device the
+other slot stays unused): per row ``ACTAB``, (first row) the input's ``WRGB`` at every global-buffer slot
+``k * period + i`` (``i`` < the unit's code columns; GB columns ``slot * act_ratio + r``), then per unit
+``WRBIAS`` per accumulator group (bias or zero), per scale column ``LDSCAB`` (``LDSLAB``) and the
+``MACAB`` of its groups' code columns (``row`` field: the scale slot), ``RDMAC`` per group; ``PREAB``.
+
+Layout registers: code column ``i`` of unit ``j`` of a row is ``j * period + i``; the scale (and selector)
+columns are the row's free columns in order (:meth:`W4GemvLayout.unit_columns_at`), which a walker
+(``fc``) steps through: the column after a free column ``c`` is ``c + 1``, or ``c + 1 + n`` when ``c + 1``
+starts a block of code columns (``n`` code columns per unit, blocks of ``period`` columns, ``per_row``
+blocks hold code).
+
+Not issued (``UNSUPPORTED``): ``K`` above one chunk, a unit wider than a row, grid selectors of more than
+one scale column (``fp4`` with grid choice, more than 16 groups in a chunk).
+"""
+
+from amaranth.hdl import Array, Const, Module, Mux, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import SystemConfig
+from .memif import AddressMap
+from .pcu_parts import (
+    E_BAD_ADDRESS,
+    E_BAD_FLAGS,
+    E_BAD_LENGTH,
+    E_BAD_PACKING,
+    E_BAD_REGION,
+    E_NO_INPUT,
+    E_NONE,
+    E_RESERVED_NONZERO,
+    E_UNSUPPORTED,
+    F_BIAS,
+    MacroLayout,
+)
+from .pim.commands import LOWPREC_OPCODES, PimOp
+from .spec.macro import MACRO_LIMITS
+
+__all__ = ["w4_units", "W4Decoder", "w4_row_states"]
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def w4_units(cfg: SystemConfig) -> list:
+    """Per ``K`` in quantization groups (index ``kg`` = 0 .. ``max_chunk / quant_group``; 0 unused): the one-chunk
+    unit's ``dict(n, plog, sc, sl, per_row)`` (code, scale and selector columns, log2 of its column period, units
+    per row before the tile count limits it), or ``None`` when the PCU does not issue it (module docstring)."""
+    p = cfg.pim
+    q = p.quant_group
+    max_chunk = p.gb_slots * 64 // q * q
+    out = [None]
+    for kg in range(1, max_chunk // q + 1):
+        n = kg * q // 64
+        sc = -(-kg // 16)
+        sl = sc if p.grid_choice else 0
+        period = _pow2_ceil(n)
+        unit = n + sc + sl
+        if unit > p.columns or sl > 1:
+            out.append(None)
+            continue
+        out.append({"n": n, "plog": period.bit_length() - 1, "sc": sc, "sl": sl,
+                    "per_row": max(1, min(p.columns // period, p.columns // unit))})
+    return out
+
+
+class W4Decoder(wiring.Component):
+    """A 4-bit GEMV macro's check (the functional model's order, :meth:`sim.pim_model.FunctionalDevice.execute`)
+    and its layout (combinational).
+
+    Members
+    -------
+    macro : In(MacroLayout)
+    input_n : In(16)
+    tiles : In(16)
+        Tiles of ``banks * channels`` outputs.
+    code : Out(8)
+        The GEMV's error code (``NONE``: it is issued).
+    ncols, sc : Out(8)
+        Code columns of a unit; its scale columns (as many selector columns with grid choice).
+    plog : Out(4)
+        log2 of the code columns' period.
+    per_row : Out(8)
+        Units per row.
+    first_free : Out(8)
+        The row's first column that is not a code column.
+    """
+
+    def __init__(self, cfg: SystemConfig):
+        if not cfg.pim.lowprec:
+            raise ValueError(f"the 4-bit GEMV decoder needs a 4-bit device, not weight_format={cfg.pim.weight_format!r}")
+        self.cfg = cfg
+        super().__init__({"macro": In(MacroLayout), "input_n": In(16), "tiles": In(16), "code": Out(8),
+                          "ncols": Out(8), "sc": Out(8), "plog": Out(4), "per_row": Out(8), "first_free": Out(8)})
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self.cfg.pim
+        table = w4_units(self.cfg)
+        KG = len(table) - 1
+        qlog = p.quant_group.bit_length() - 1
+        mc, code = self.macro, self.code
+        K, N = mc.n, mc.m
+        kg = Signal(range(KG + 1))
+        m.d.comb += kg.eq(Mux((K >> qlog) <= KG, K >> qlog, 0))
+
+        def col(key):
+            return Array(Const(r[key] if r else 0, 8) for r in table)[kg]
+
+        ok = Array(Const(r is not None, 1) for r in table)[kg]
+        p0 = Signal(8)
+        m.d.comb += [self.ncols.eq(col("n")), self.sc.eq(col("sc")), self.plog.eq(col("plog")), p0.eq(col("per_row")),
+                     self.per_row.eq(Mux(self.tiles < p0, self.tiles, p0))]
+        period = Const(1, 1) << self.plog
+        m.d.comb += self.first_free.eq(Mux(self.ncols < period, self.ncols, self.per_row << self.plog))
+
+        amap = AddressMap(p)
+        col_bytes = p.column_bytes
+        end = mc.addr0 + ((N * 4 + col_bytes - 1) >> (col_bytes.bit_length() - 1)) * col_bytes
+        bias_ok = (mc.addr0[:amap.col_lo] == 0) & (end <= p.total_bytes)
+        avail = Signal(16)
+        m.d.comb += avail.eq(p.data_rows - mc.row)
+        with m.If(mc.addr1[16:] != 0):
+            m.d.comb += code.eq(E_RESERVED_NONZERO)
+        with m.Elif((mc.flags & ~F_BIAS) != 0):            # GELU after a 4-bit GEMV is not supported
+            m.d.comb += code.eq(E_BAD_FLAGS)
+        with m.Elif((K == 0) | (K > MACRO_LIMITS["input_values"]) | (N == 0) | (N > MACRO_LIMITS["result_values"]) |
+                    (K[:qlog] != 0)):
+            m.d.comb += code.eq(E_BAD_LENGTH)
+        with m.Elif(K > self.input_n):
+            m.d.comb += code.eq(E_NO_INPUT)
+        with m.Elif(mc.addr1[:16] != 0):
+            m.d.comb += code.eq(E_BAD_PACKING)
+        with m.Elif(((K >> qlog) > KG) | ~ok):
+            m.d.comb += code.eq(E_UNSUPPORTED)
+        with m.Elif((mc.row >= p.data_rows) | (self.tiles > avail * self.per_row)):
+            m.d.comb += code.eq(E_BAD_REGION)
+        with m.Elif(mc.flags[0] & ~bias_ok):
+            m.d.comb += code.eq(E_BAD_ADDRESS)
+        with m.Else():
+            m.d.comb += code.eq(E_NONE)
+        return m
+
+
+def w4_row_states(pcu, s):
+    """The 4-bit GEMV's rows (the module docstring's order): states ``Row-Act`` .. ``W4-Pre`` of the PCU's
+    state machine (entered from ``Check`` or the bias transfer like the BF16 rows)."""
+    m, p = s.m, pcu.cfg.pim
+    G = pcu.groups
+    C = p.channels
+    w4 = s.w4
+    emit, can_load, g, tile = s.emit, s.can_load, s.g, s.tile
+    colc, gcol = s.colc, s.written
+    ar_log = p.act_ratio.bit_length() - 1
+    cpg_log = (p.quant_group // 64).bit_length() - 1
+    j = Signal(8, name="w4_unit")              # the unit's position in its row
+    fc = Signal(8, name="w4_free_col")         # the next scale / selector column (walker)
+    nfree = Signal(8, name="w4_next_free")
+    period_mask = (Const(1, 1) << w4.plog) - 1
+
+    def is_code(c):
+        return ((c & period_mask) < w4.ncols) & ((c >> w4.plog) < w4.per_row)
+
+    m.d.comb += nfree.eq(Mux(is_code(fc + 1), fc + 1 + w4.ncols, fc + 1))
+    ldscab, ldslab = LOWPREC_OPCODES["LDSCAB"], LOWPREC_OPCODES["LDSLAB"]
+
+    with m.State("Row-Act"):
+        with m.If(can_load):
+            m.d.sync += emit(PimOp.ACTAB, row=s.mc.row + s.trow)
+            m.d.sync += [j.eq(0), g.eq(0), fc.eq(w4.first_free)]
+            with m.If(s.trow == 0):
+                m.d.sync += gcol.eq(0)
+                m.next = "W4-Gb"
+            with m.Else():
+                m.next = "W4-Bias"
+    with m.State("W4-Gb"):
+        # GB column gcol = slot * act_ratio + r holds the input's word (slot mod period) * act_ratio + r.
+        nxt = Signal(16)
+        slot_n = Signal(16)
+        m.d.comb += slot_n.eq((gcol + 1) >> ar_log)
+        m.d.comb += nxt.eq(Mux((slot_n & period_mask) < w4.ncols, gcol + 1,
+                               ((slot_n >> w4.plog) + 1) << (w4.plog + ar_log)))
+        with m.If(can_load):
+            m.d.comb += [s.x_r.addr.eq(gcol & ((Const(1, 1) << (w4.plog + ar_log)) - 1)), s.x_r.en.eq(1)]
+            m.d.sync += emit(PimOp.WRGB, col=gcol, src=s.SRC_X)
+            m.d.sync += [s.o_xmask.eq(-1), gcol.eq(nxt)]
+            with m.If(nxt >= p.gb_columns):
+                m.next = "W4-Bias"
+    with m.State("W4-Bias"):
+        with m.If(can_load & s.bias_in):
+            m.d.comb += pcu._rbuf_read(s, tile * G + g)
+            m.d.sync += emit(PimOp.WRBIAS, col=g, src=Mux(s.with_bias, s.SRC_R, s.SRC_ZERO))
+            with m.If(g == G - 1):
+                m.d.sync += [g.eq(0), colc.eq(0)]
+                m.next = "W4-Lds"
+            with m.Else():
+                m.d.sync += g.eq(g + 1)
+    with m.State("W4-Lds"):
+        with m.If(can_load):
+            m.d.sync += emit(PimOp.MACAB, col=fc)
+            m.d.sync += [s.o_op.eq(ldscab), fc.eq(nfree)]
+            m.next = "W4-Lsl" if p.grid_choice else "W4-Mac"
+    if p.grid_choice:
+        with m.State("W4-Lsl"):
+            with m.If(can_load):
+                m.d.sync += emit(PimOp.MACAB, col=fc)
+                m.d.sync += [s.o_op.eq(ldslab), fc.eq(nfree)]
+                m.next = "W4-Mac"
+    with m.State("W4-Mac"):
+        with m.If(can_load):
+            grp = colc >> cpg_log
+            m.d.sync += emit(PimOp.MACAB, col=(j << w4.plog) + colc, row=grp[:4])
+            m.d.sync += colc.eq(colc + 1)
+            with m.If(colc + 1 == w4.ncols):
+                m.d.sync += g.eq(0)
+                m.next = "W4-Rd"
+            with m.Elif(((colc + 1) & ((16 << cpg_log) - 1)) == 0):
+                m.next = "W4-Lds"           # the next 16 groups' scale column (int4 / fp4 without grid choice)
+    with m.State("W4-Rd"):
+        with m.If(can_load):
+            m.d.sync += emit(PimOp.RDMAC, col=g, tag=(tile * G + g)[:8])
+            with m.If(g != G - 1):
+                m.d.sync += g.eq(g + 1)
+            with m.Elif((tile == s.tiles - 1) | (j + 1 == w4.per_row)):
+                m.next = "W4-Pre"
+            with m.Else():
+                m.d.sync += [g.eq(0), j.eq(j + 1), tile.eq(tile + 1)]
+                m.next = "W4-Bias"
+    with m.State("W4-Pre"):
+        with m.If(can_load):
+            m.d.sync += emit(PimOp.PREAB)
+            with m.If(tile == s.tiles - 1):
+                pcu._finish(s, n_resp=s.tiles * (G * C), res=True)
+            with m.Else():
+                m.d.sync += [tile.eq(tile + 1), s.trow.eq(s.trow + 1)]
+                m.next = "Row-Act"
