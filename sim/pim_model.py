@@ -194,37 +194,49 @@ class FunctionalDevice:
             out[n] = af_eval(self.cfg, y[n:n + 1], lut_rows[c, b])[0]
         return out
 
-    def _w4_gemv(self, mc) -> MacroError:
-        """The 4-bit GEMV macro (hw/spec/macro.py): checks in the PCU's order (:class:`hw.pcu_w4.W4Decoder`),
-        then every output's :func:`sim.golden.lowprec_unit.unit_acc` from the weights stored for the layout."""
+    def w4_check(self, mc):
+        """``(code, layout)`` of a 4-bit GEMV macro (hw/spec/macro.py), the checks in the PCU's order
+        (:class:`hw.pcu_w4.W4Decoder`); ``layout`` is its ``W4GemvLayout`` when ``code`` is ``NONE``."""
         from firmware.pim_lowprec import W4GemvLayout
 
         p = self.cfg.pim
         col = p.column_bytes
         K, N, q = mc.n, mc.m, p.quant_group
+        if (mc.addr1 >> 16) != 0:
+            return MacroError.RESERVED_NONZERO, None
         if int(mc.flags) & ~int(MacroFlag.BIAS):         # GELU after a 4-bit GEMV is not supported
-            return MacroError.BAD_FLAGS
+            return MacroError.BAD_FLAGS, None
         if not (1 <= K <= self.limits["input_values"] and 1 <= N <= self.limits["result_values"]) or K % q:
-            return MacroError.BAD_LENGTH
+            return MacroError.BAD_LENGTH, None
         if K > self.input.size:
-            return MacroError.NO_INPUT
+            return MacroError.NO_INPUT, None
         if mc.addr1 & 0xFFFF:
-            return MacroError.BAD_PACKING
+            return MacroError.BAD_PACKING, None
         sc = -(-(K // q) // 16)
         sl = sc if p.grid_choice else 0
         if K > p.gb_slots * 64 // q * q or K // 64 + sc + sl > p.columns or sl > 1:
-            return MacroError.UNSUPPORTED
+            return MacroError.UNSUPPORTED, None
         try:
             layout = W4GemvLayout(self.cfg, K, N, base_row=mc.row, chunk_size=K)
         except ValueError:
-            return MacroError.BAD_REGION
-        bias = np.zeros(N, np.uint32)
+            return MacroError.BAD_REGION, None
         if mc.flags & MacroFlag.BIAS:
             nbytes = -(-N * 4 // col) * col
             if mc.addr0 % col or mc.addr0 + nbytes > self.mem.size:
-                return MacroError.BAD_ADDRESS
+                return MacroError.BAD_ADDRESS, None
+        return MacroError.NONE, layout
+
+    def _w4_gemv(self, mc) -> MacroError:
+        """The 4-bit GEMV macro (hw/spec/macro.py): :meth:`w4_check`, then every output's
+        :func:`sim.golden.lowprec_unit.unit_acc` from the weights stored for the layout."""
+        code, layout = self.w4_check(mc)
+        if code != MacroError.NONE:
+            return code
+        N = mc.m
+        bias = np.zeros(N, np.uint32)
+        if mc.flags & MacroFlag.BIAS:
             bias = np.frombuffer(self.mem.read(mc.addr0, N * 4), dtype="<u4").copy()
-        self.result = w4_gemv_from_memory(self.cfg, layout, self.mem, self.input[:K], bias)
+        self.result = w4_gemv_from_memory(self.cfg, layout, self.mem, self.input[:mc.n], bias)
         self.counters["macs"] += layout.rows_used
         return MacroError.NONE
 

@@ -126,14 +126,14 @@ W4_SHAPES = {"tiny-w4": "128x16,128x40n,128x200hr3,128x32",
              "tiny-w4a8": "128x16,256x48n,128x200hr3,256x16h"}
 
 
-@pytest.mark.parametrize("config", ["tiny-w4"])
+@pytest.mark.parametrize("config", ["tiny-w4", "tiny-w4a8"])
 def test_pcu_w4_gemv_tiny(config):
     """4-bit GEMVs through the PCU bit-exact with the functional model (checked against the golden unit model),
     the rest of the weight rows random, the protocol checker clean (sim/tb/pcu_tb.py pcu_w4_gemv)."""
     pcu_build(config).run(TB, "pcu_w4_gemv", env={"IANUS_CONFIG": config, "PCU_W4": W4_SHAPES[config]})
 
 
-@pytest.mark.parametrize("config", ["tiny-w4"])
+@pytest.mark.parametrize("config", ["tiny-w4", "tiny-w4a8"])
 def test_pcu_w4_errors_tiny(config):
     """4-bit GEMVs the PCU does not issue (GELU, K not whole groups, two input chunks, packing, rows, bias
     address) give the functional model's error code, no command reaches the device; recovery after CLEAR."""

@@ -1,0 +1,142 @@
+"""The PCU's 4-bit GEMV (hw/pcu_w4.py, issue 19) without a Verilator build: the macro decoder's error codes and
+layout against the functional model (Amaranth simulator), the row walker of scale / selector columns and the
+global-buffer writes against :class:`firmware.pim_lowprec.W4GemvLayout` on every 4-bit preset (the tiny ones
+also run on the RTL: tests/test_pcu.py)."""
+
+import random
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from firmware.pim_lowprec import W4GemvLayout, _wrgbs, act_words
+from hw.config import preset
+from hw.pcu_w4 import W4Decoder, w4_units
+from hw.spec.macro import MACRO_LIMITS, Macro, MacroError, MacroFlag, MacroOp
+from sim.pim_model import FunctionalDevice
+
+W4_PRESETS = ["tiny-w4", "tiny-w4a8", "default-w4", "default-w4a8"]
+
+
+def _max_chunk(p):
+    return p.gb_slots * 64 // p.quant_group * p.quant_group
+
+
+def _random_gemv(rng, cfg):
+    p = cfg.pim
+    q, mx = p.quant_group, _max_chunk(p)
+    total = p.total_bytes
+    K = rng.choice([0, 64, q // 2, q, q + 64, 2 * q, mx, mx - q, mx + q, MACRO_LIMITS["input_values"],
+                    MACRO_LIMITS["input_values"] + 1, q * rng.randrange(1, mx // q + 1)])
+    N = rng.choice([0, 1, 16, 17, 200, MACRO_LIMITS["result_values"], MACRO_LIMITS["result_values"] + 1,
+                    rng.randrange(1, 4097)])
+    per_tile = p.banks * p.channels
+    row = rng.choice([0, 1, p.data_rows - 1, p.data_rows, rng.randrange(0, p.data_rows),
+                      max(0, p.data_rows - -(-N // per_tile) // 2)])
+    flags = rng.choice([0, 0, MacroFlag.BIAS, MacroFlag.BIAS, MacroFlag.GELU, MacroFlag.BIAS | MacroFlag.GELU, 0x80])
+    addr0 = rng.choice([0, 4, total - 32, total, rng.randrange(0, total // 32) * 32])
+    addr1 = rng.choice([0] * 8 + [1, 1 << 8, 1 << 16])
+    return Macro(op=int(MacroOp.GEMV), flags=int(flags), n=K, m=N, row=row, addr0=addr0, addr1=addr1)
+
+
+@pytest.mark.parametrize("config", W4_PRESETS)
+def test_w4_decoder_matches_the_functional_model(config):
+    """Error code (the model's check order) and the layout (code / scale columns, period, units per row, first
+    free column) of random 4-bit GEMV macros near the edges of every check."""
+    cfg = preset(config)
+    p = cfg.pim
+    dut = W4Decoder(cfg)
+    rng = random.Random(19)
+    cases = []
+    for _ in range(400):
+        mc = _random_gemv(rng, cfg)
+        input_n = rng.choice([0, p.quant_group, _max_chunk(p), MACRO_LIMITS["input_values"]])
+        dev = FunctionalDevice(cfg)
+        dev.input = np.zeros(input_n, dtype=np.uint16)
+        code, layout = dev.w4_check(mc)
+        cases.append((mc, input_n, code, layout))
+    codes = {code for _, _, code, _ in cases}
+    assert codes >= {MacroError.NONE, MacroError.BAD_FLAGS, MacroError.BAD_LENGTH, MacroError.NO_INPUT,
+                     MacroError.BAD_PACKING, MacroError.UNSUPPORTED, MacroError.BAD_REGION, MacroError.BAD_ADDRESS,
+                     MacroError.RESERVED_NONZERO}, codes
+
+    async def bench(ctx):
+        for mc, input_n, code, layout in cases:
+            for name in ("op", "flags", "n", "m", "row", "addr0", "addr1"):
+                ctx.set(getattr(dut.macro, name), getattr(mc, name))
+            ctx.set(dut.input_n, input_n)
+            ctx.set(dut.tiles, -(-mc.m // (p.banks * p.channels)))
+            assert ctx.get(dut.code) == code, (mc, input_n, ctx.get(dut.code))
+            if layout is not None:
+                assert ctx.get(dut.ncols) == layout.chunk_cols(0), mc
+                assert ctx.get(dut.sc) == layout.scale_cols(0), mc
+                assert 1 << ctx.get(dut.plog) == layout.period, mc
+                assert ctx.get(dut.per_row) == layout.per_row, mc
+
+    sim = Simulator(dut)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def _walk(u, per_row, columns):
+    """The PCU's scale / selector column walker (hw/pcu_w4.py) over one row: per unit its scale then selector
+    columns."""
+    n, period = u["n"], 1 << u["plog"]
+
+    def is_code(c):
+        return c % period < n and c // period < per_row
+
+    fc = n if n < period else per_row * period
+    out = []
+    for _ in range(per_row):
+        unit = []
+        for _ in range(u["sc"] + u["sl"]):
+            unit.append(fc)
+            fc = fc + 1 + n if is_code(fc + 1) else fc + 1
+        out.append(unit)
+    assert all(c < columns for unit in out for c in unit)
+    return out
+
+
+def _gb_writes(u, p):
+    """The PCU's global-buffer writes (hw/pcu_w4.py ``W4-Gb``): ``(gb column, input word)`` in order."""
+    ar, n, period = p.act_ratio, u["n"], 1 << u["plog"]
+    out, gcol = [], 0
+    while True:
+        out.append((gcol, gcol % (period * ar)))
+        slot = (gcol + 1) // ar
+        gcol = gcol + 1 if slot % period < n else (slot // period + 1) * period * ar
+        if gcol >= p.gb_columns:
+            return out
+
+
+@pytest.mark.parametrize("config", W4_PRESETS)
+def test_w4_walker_and_gb_writes_match_the_layout(config):
+    """Every K of one chunk and tile counts around the units per row: the walker's scale / selector columns are
+    ``W4GemvLayout.unit_columns_at``'s, the units per row and the code columns' period are the layout's, the
+    global-buffer writes are the program's (``w4_gemv_program``) with the input words of ``act_words``."""
+    cfg = preset(config)
+    p = cfg.pim
+    table = w4_units(cfg)
+    assert len(table) - 1 == _max_chunk(p) // p.quant_group
+    for kg, u in enumerate(table[1:], start=1):
+        K = kg * p.quant_group
+        if u is None:
+            sc = -(-kg // 16)
+            assert K // 64 + sc + (sc if p.grid_choice else 0) > p.columns or (p.grid_choice and sc > 1), K
+            continue
+        for tiles in sorted({1, 2, u["per_row"], u["per_row"] + 1, 3 * u["per_row"] + 1}):
+            lay = W4GemvLayout(cfg, K, tiles * p.banks * p.channels, chunk_size=K)
+            per_row = min(u["per_row"], tiles)
+            assert (lay.per_row, lay.period, lay.chunk_cols(0)) == (per_row, 1 << u["plog"], u["n"]), (K, tiles)
+            walk = _walk(u, per_row, p.columns)
+            for j in range(per_row):
+                _, sc, sl = lay.unit_columns_at(j, 0)
+                assert walk[j] == sc + sl, (K, tiles, j)
+        x = np.arange(K, dtype=np.uint16) if p.act_format == "bf16" else (np.arange(K) % 120).astype(np.uint8)
+        words = act_words(lay, x)
+        writes = _gb_writes(u, p)
+        assert [g for g, _ in writes] == _wrgbs(lay, 0), K
+        raw = (x.astype("<u2") if p.act_format == "bf16" else x).tobytes()
+        for g, w in writes:
+            assert words[(0, g)] == int.from_bytes(raw[w * p.column_bytes:(w + 1) * p.column_bytes], "little"), (K, g)
