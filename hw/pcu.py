@@ -42,6 +42,11 @@ the next tile is in the same row (and no GELU), the last MAC is followed by the 
 previous results, WRBIAS, WRGB and MACs without PREAB / ACTAB (the controller holds them tMAC after the last
 MAC); the order is :func:`firmware.pim.gemv_program`'s for a packed layout.
 
+4-bit weights (issue 19): on a device with ``weight_format`` ``int4`` / ``fp4`` the GEMV is the 4-bit macro of
+:mod:`hw.spec.macro`: its check and rows are :mod:`hw.pcu_w4`'s (:class:`~hw.pcu_w4.W4Decoder`,
+:func:`~hw.pcu_w4.w4_row_states`, the order of :func:`firmware.pim_lowprec.w4_gemv_program` with one accumulator
+slot), elaborated only for such a device; the bias transfer, the result buffers and READ_RES are the ones above.
+
 Buffers
 -------
 ``xbuf``: the input vector, one 16-lane BF16 column word per entry

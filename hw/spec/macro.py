@@ -36,6 +36,29 @@ Semantics (the functional model in ``sim/pim_model.py`` is the reference):
 ``READ_RES(addr0, n, flags)``
     Write the first ``n`` results to device memory at ``addr0``, as FP32, or
     rounded to BF16 when ``BF16`` is set.
+
+On a device with 4-bit weights (``PimGeometry.weight_format`` ``int4`` /
+``fp4``, issue 19; the PCU's :mod:`hw.pcu_w4`):
+
+``WRITE_VEC(addr0, n)``
+    With FP8 activations (``act_format`` ``fp8_e4m3``) the input is ``n``
+    E4M3 codes, one byte each (the host quantizes the vector; its per-token
+    scale stays with the host); with BF16 activations as above.
+``GEMV(row, K, N, addr0, flags)``
+    ``y = acc`` per output: the processing unit's FP32 accumulator
+    (:func:`sim.golden.lowprec_unit.unit_acc`) over the 4-bit weights laid
+    out by ``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row,
+    chunk_size=K)`` (codes, group scales, grid selectors), starting from the
+    bias (FP32 from ``addr0``, ``BIAS``) or zero. FP8 activations: the
+    per-token scale is not applied (the host multiplies the results by it;
+    a bias is then in units of the unscaled accumulator). Checks, in order:
+    ``addr1[31:16]`` (RESERVED_NONZERO); any flag but ``BIAS`` (BAD_FLAGS:
+    GELU after a 4-bit GEMV is not supported); ``K`` or ``N`` out of range
+    or ``K`` not a multiple of ``quant_group`` (BAD_LENGTH); NO_INPUT;
+    ``addr1[15:0]`` != 0 (BAD_PACKING: the layout packs units itself);
+    ``K`` above one input chunk (``W4GemvLayout.max_chunk``), a unit wider
+    than a row, or grid selectors in more than one column (UNSUPPORTED);
+    the rows (BAD_REGION); the bias address (BAD_ADDRESS).
 """
 
 from __future__ import annotations
