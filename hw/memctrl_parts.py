@@ -110,7 +110,9 @@ class ChannelStateSignature(wiring.Signature):
     ``rcdwr_n2``, ``rp_n2``, ``pre_n2``: allowed in two cycles unless this cycle's or the next cycle's
     command restarts them) and ``x_pre2`` (per bank: this cycle's command restarts a PRE window, tRAS / tWR
     / tRTP, that still runs two cycles later); and ``af_row`` (per bank: ``open_row`` is at least
-    ``PimGeometry.data_rows``, an AF row) and ``rp_all`` (``rp_ok`` all ones, from a register)."""
+    ``PimGeometry.data_rows``, an AF row) and ``rp_all`` (``rp_ok`` all ones, from a register). With 4-bit
+    weights and two accumulator slots also ``mac_ok0`` / ``mac_ok1``: tMAC since the last MAC into slot 0 / 1
+    (``row`` bit 4), which WRBIAS and RDMAC into that slot wait for (``mac_ok`` counts every MAC)."""
 
     def __init__(self, cfg: SystemConfig):
         nb = cfg.pim.banks
@@ -123,6 +125,8 @@ class ChannelStateSignature(wiring.Signature):
                                             "act_timing_ok", "ref_ok")})
         if cfg.pim.pipelined:
             members["cmb_ok"] = Out(1)
+        if cfg.pim.lowprec and cfg.pim.acc_slots == 2:
+            members.update({n: Out(1) for n in ("mac_ok0", "mac_ok1")})     # PU_BUSY per accumulator slot
         if cfg.pim.pick_stages:
             # For the registered pick: the windows as they will be next cycle unless this cycle's command
             # restarts them, and what this cycle's command does (per bank: an ACT / PRE, a column command).
@@ -280,6 +284,10 @@ class ChannelState(wiring.Component):
             rrd_ok = countdown(m, "rrd", t.tRRD, iss & is_act)
             rfc_ok = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF))
         mac_ok = countdown(m, "mac", t.tMAC, iss & is_mac)
+        if p.lowprec and p.acc_slots == 2:
+            # tMAC after the last MAC into each accumulator slot (``row`` bit 4), as the device's PU_BUSY.
+            m.d.comb += [s.mac_ok0.eq(countdown(m, "mac0", t.tMAC, iss & is_mac & ~iss_row[4])),
+                         s.mac_ok1.eq(countdown(m, "mac1", t.tMAC, iss & is_mac & iss_row[4]))]
         af_ok = countdown(m, "afl", t.tAF, iss & (op == PimOp.AF))
         if ahead:
             faw_ok, faw_nx = faw_window(m, t.tFAW, iss & is_act, ahead=True)

@@ -190,13 +190,7 @@ class PimPath(wiring.Component):
             with m.Default():
                 m.d.comb += [state_bad.eq(1), timing_ok.eq(1)]
         if p.lowprec:
-            # LDSCAB / LDSLAB (opcodes outside PimOp): all-bank read-type column commands, like MACAB.
-            with m.If(lds_op(pc.op, p)):
-                if dual:
-                    m.d.comb += [state_bad.eq(~p_open), timing_ok.eq(s.p_rcd_ok & ccd_ok)]
-                else:
-                    m.d.comb += [state_bad.eq(is_open != all_banks),
-                                 timing_ok.eq((s.rcdrd_ok == all_banks) & ccd_ok)]
+            self._lowprec_rules(m, state_bad, timing_ok)
         p_reads = pop.matches(*READ_OPS)
 
         # ------------------------------------------------------- the bid and its outcome
@@ -219,3 +213,18 @@ class PimPath(wiring.Component):
             self.pact_row.eq(pc.row),
         ]
         return m
+
+    def _lowprec_rules(self, m, state_bad, timing_ok):
+        """4-bit weights: LDSCAB / LDSLAB (opcodes outside PimOp) are all-bank read-type column commands, like
+        MACAB; with two accumulator slots WRBIAS / RDMAC wait tMAC after the last MAC into their slot (``row``
+        bit 4). (Later assignments than the command switch's: they take precedence.)"""
+        p, s, pc = self._cfg.pim, self.state, self.pim.payload
+        all_banks = (1 << p.banks) - 1
+        if p.acc_slots == 2:
+            with m.If(pc.op.as_value().matches(PimOp.WRBIAS, PimOp.RDMAC)):
+                m.d.comb += timing_ok.eq(Mux(pc.row[4], s.mac_ok1, s.mac_ok0) & s.ccd_ok)
+        with m.If(lds_op(pc.op, p)):
+            if p.row_buffers == 2:
+                m.d.comb += [state_bad.eq(~s.p_open), timing_ok.eq(s.p_rcd_ok & s.ccd_ok)]
+            else:
+                m.d.comb += [state_bad.eq(s.is_open != all_banks), timing_ok.eq((s.rcdrd_ok == all_banks) & s.ccd_ok)]

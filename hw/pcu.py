@@ -44,8 +44,9 @@ MAC); the order is :func:`firmware.pim.gemv_program`'s for a packed layout.
 
 4-bit weights (issue 19): on a device with ``weight_format`` ``int4`` / ``fp4`` the GEMV is the 4-bit macro of
 :mod:`hw.spec.macro`: its check and rows are :mod:`hw.pcu_w4`'s (:class:`~hw.pcu_w4.W4Decoder`,
-:func:`~hw.pcu_w4.w4_row_states`, the order of :func:`firmware.pim_lowprec.w4_gemv_program` with one accumulator
-slot), elaborated only for such a device; the bias transfer, the result buffers and READ_RES are the ones above.
+:func:`~hw.pcu_w4.w4_row_states`, the order of :func:`firmware.pim_lowprec.w4_gemv_program` with one or two
+accumulator slots, K in input chunks), elaborated only for such a device; the bias transfer, the result buffers and
+READ_RES are the ones above.
 
 Buffers
 -------

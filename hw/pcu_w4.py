@@ -3,30 +3,37 @@
 ``int4`` / ``fp4``): the Verilog of BF16 devices does not change.
 
 Macro semantics (:mod:`hw.spec.macro`): the weights of a ``[K, N]`` GEMV are laid out by
-``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row, chunk_size=K)``: one input chunk (``K`` a
-multiple of ``quant_group``, at most ``W4GemvLayout.max_chunk``); ``per_row`` units (tiles) share a row.
-Every output's accumulator starts from its bias (FP32, ``BIAS``) or zero and takes the unit's columns
-(:func:`sim.golden.lowprec_unit.unit_acc`); the result is the accumulator (FP8 activations: without the
-per-token scale, which the host applies).
+``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row, chunk_size=min(K, max_chunk))``: ``K`` a multiple
+of ``quant_group``, cut into chunks of ``max_chunk`` inputs (what the global buffer holds; the last chunk the
+rest); ``per_row`` units (tiles of one chunk) share a row. Every output's accumulator starts from its bias (FP32,
+``BIAS``) or zero and takes the units' columns chunk by chunk (:func:`sim.golden.lowprec_unit.unit_acc`); the
+result is the accumulator (FP8 activations: without the per-token scale, which the host applies).
 
 Command order (per channel, all channels in lockstep): the order of
-:func:`firmware.pim_lowprec.w4_gemv_program` with one accumulator slot (slot 0; on a two-slot device the
-other slot stays unused): per row ``ACTAB``, (first row) the input's ``WRGB`` at every global-buffer slot
-``k * period + i`` (``i`` < the unit's code columns; GB columns ``slot * act_ratio + r``), then per unit
-``WRBIAS`` per accumulator group (bias or zero), per scale column ``LDSCAB`` (``LDSLAB``) and the
-``MACAB`` of its groups' code columns (``row`` field: the scale slot), ``RDMAC`` per group; ``PREAB``.
+:func:`firmware.pim_lowprec.w4_gemv_program`, chunk by chunk: per row ``ACTAB``, (the chunk's first row) the
+chunk's ``WRGB`` at every global-buffer slot ``k * period + i`` (``i`` < the unit's code columns; GB columns
+``slot * act_ratio + r``), then per unit ``WRBIAS`` per accumulator group into the unit's accumulator slot (chunk
+0: bias or zero; later chunks: the partial sums the unit of the same tile left in the previous chunk, once its
+RDMAC data is back), per scale column ``LDSCAB`` (``LDSLAB``) and the ``MACAB`` of its groups' code columns
+(``row`` field: the scale slot | the accumulator slot << 4), then ``RDMAC`` per group: with one accumulator slot
+the unit's own, with two (``acc_slots = 2``: unit ``u`` of the GEMV in slot ``u mod 2``) the previous unit's of
+the row (its tMAC runs during this unit's MACs; the memory controller times PU_BUSY per slot), and the row's last
+unit's after the row's ``PREAB``. Two differences from the program: a later chunk's WRGBs all go after its first
+row's ACTAB (the program sends the first of them before the previous row's PREAB), and the second unit's preload
+is never hoisted before the first unit's MACs (the program does so when a unit's reads cover tMAC); the device
+accepts both (the previous chunk's MACs are issued; each preload still follows the RDMAC of its slot).
 
 Layout registers: code column ``i`` of unit ``j`` of a row is ``j * period + i``; the scale (and selector)
 columns are the row's free columns in order (:meth:`W4GemvLayout.unit_columns_at`), which a walker
 (``fc``) steps through: the column after a free column ``c`` is ``c + 1``, or ``c + 1 + n`` when ``c + 1``
-starts a block of code columns (``n`` code columns per unit, blocks of ``period`` columns, ``per_row``
-blocks hold code).
+starts a block of code columns (``n`` code columns per unit of the chunk, blocks of ``period`` columns,
+``per_row`` blocks hold code).
 
-Not issued (``UNSUPPORTED``): ``K`` above one chunk, a unit wider than a row, grid selectors of more than
-one scale column (``fp4`` with grid choice, more than 16 groups in a chunk).
+Not issued (``UNSUPPORTED``): a full chunk's unit wider than a row, grid selectors in more than one column
+(``fp4`` with grid choice, more than 16 groups in a chunk); neither arises on the presets.
 """
 
-from amaranth.hdl import Array, Const, Module, Mux, Signal
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -56,9 +63,10 @@ def _pow2_ceil(n: int) -> int:
 
 
 def w4_units(cfg: SystemConfig) -> list:
-    """Per ``K`` in quantization groups (index ``kg`` = 0 .. ``max_chunk / quant_group``; 0 unused): the one-chunk
+    """Per chunk length in quantization groups (index ``kg`` = 0 .. ``max_chunk / quant_group``; 0 unused): the
     unit's ``dict(n, plog, sc, sl, per_row)`` (code, scale and selector columns, log2 of its column period, units
-    per row before the tile count limits it), or ``None`` when the PCU does not issue it (module docstring)."""
+    per row before the tile count limits it: the first chunk's ``plog`` and ``per_row`` hold for every chunk), or
+    ``None`` when the PCU does not issue it (module docstring)."""
     p = cfg.pim
     q = p.quant_group
     max_chunk = p.gb_slots * 64 // q * q
@@ -89,14 +97,18 @@ class W4Decoder(wiring.Component):
         Tiles of ``banks * channels`` outputs.
     code : Out(8)
         The GEMV's error code (``NONE``: it is issued).
+    chunks : Out(16)
+        Input chunks (of ``max_chunk`` inputs, the last one the rest).
     ncols, sc : Out(8)
-        Code columns of a unit; its scale columns (as many selector columns with grid choice).
+        Code columns of a unit of the first chunk; its scale columns (as many selector columns with grid choice).
+    nlast, sclast : Out(8)
+        The same for the last chunk.
     plog : Out(4)
         log2 of the code columns' period.
     per_row : Out(8)
         Units per row.
-    first_free : Out(8)
-        The row's first column that is not a code column.
+    first_free, ff_last : Out(8)
+        The row's first column that is not a code column (first chunk; last chunk).
     """
 
     def __init__(self, cfg: SystemConfig):
@@ -104,28 +116,39 @@ class W4Decoder(wiring.Component):
             raise ValueError(f"the 4-bit GEMV decoder needs a 4-bit device, not weight_format={cfg.pim.weight_format!r}")
         self.cfg = cfg
         super().__init__({"macro": In(MacroLayout), "input_n": In(16), "tiles": In(16), "code": Out(8),
-                          "ncols": Out(8), "sc": Out(8), "plog": Out(4), "per_row": Out(8), "first_free": Out(8)})
+                          "chunks": Out(16), "ncols": Out(8), "sc": Out(8), "nlast": Out(8), "sclast": Out(8),
+                          "plog": Out(4), "per_row": Out(8), "first_free": Out(8), "ff_last": Out(8)})
 
     def elaborate(self, platform):
         m = Module()
         p = self.cfg.pim
         table = w4_units(self.cfg)
-        KG = len(table) - 1
+        KG = len(table) - 1                 # groups of a full chunk (a power of two)
+        kg_log = KG.bit_length() - 1
         qlog = p.quant_group.bit_length() - 1
         mc, code = self.macro, self.code
         K, N = mc.n, mc.m
-        kg = Signal(range(KG + 1))
-        m.d.comb += kg.eq(Mux((K >> qlog) <= KG, K >> qlog, 0))
+        groups = Signal(16)
+        m.d.comb += [groups.eq(K >> qlog), self.chunks.eq((groups + KG - 1) >> kg_log)]
+        kg, kg_last = Signal(range(KG + 1)), Signal(range(KG + 1))
+        m.d.comb += [kg.eq(Mux(groups > KG, KG, groups)),
+                     kg_last.eq(Mux(groups == 0, 0, groups - ((self.chunks - 1) << kg_log)))]
 
-        def col(key):
-            return Array(Const(r[key] if r else 0, 8) for r in table)[kg]
+        def col(key, index):
+            return Array(Const(r[key] if r else 0, 8) for r in table)[index]
 
         ok = Array(Const(r is not None, 1) for r in table)[kg]
         p0 = Signal(8)
-        m.d.comb += [self.ncols.eq(col("n")), self.sc.eq(col("sc")), self.plog.eq(col("plog")), p0.eq(col("per_row")),
+        m.d.comb += [self.ncols.eq(col("n", kg)), self.sc.eq(col("sc", kg)), self.plog.eq(col("plog", kg)),
+                     self.nlast.eq(col("n", kg_last)), self.sclast.eq(col("sc", kg_last)), p0.eq(col("per_row", kg)),
                      self.per_row.eq(Mux(self.tiles < p0, self.tiles, p0))]
         period = Const(1, 1) << self.plog
-        m.d.comb += self.first_free.eq(Mux(self.ncols < period, self.ncols, self.per_row << self.plog))
+        for ff, n in ((self.first_free, self.ncols), (self.ff_last, self.nlast)):
+            m.d.comb += ff.eq(Mux(n < period, n, self.per_row << self.plog))
+        # Rows: chunks * ceil(tiles / per_row) (per_row >= 1 when the code is NONE).
+        rows_used = Signal(24)
+        m.d.comb += rows_used.eq(self.chunks * ((self.tiles + self.per_row - 1) // Mux(self.per_row == 0, 1,
+                                                                                          self.per_row)))
 
         amap = AddressMap(p)
         col_bytes = p.column_bytes
@@ -144,9 +167,9 @@ class W4Decoder(wiring.Component):
             m.d.comb += code.eq(E_NO_INPUT)
         with m.Elif(mc.addr1[:16] != 0):
             m.d.comb += code.eq(E_BAD_PACKING)
-        with m.Elif(((K >> qlog) > KG) | ~ok):
+        with m.Elif(~ok):
             m.d.comb += code.eq(E_UNSUPPORTED)
-        with m.Elif((mc.row >= p.data_rows) | (self.tiles > avail * self.per_row)):
+        with m.Elif((mc.row >= p.data_rows) | (rows_used > avail)):
             m.d.comb += code.eq(E_BAD_REGION)
         with m.Elif(mc.flags[0] & ~bias_ok):
             m.d.comb += code.eq(E_BAD_ADDRESS)
@@ -162,47 +185,88 @@ def w4_row_states(pcu, s):
     G = pcu.groups
     C = p.channels
     w4 = s.w4
-    emit, can_load, g, tile = s.emit, s.can_load, s.g, s.tile
+    emit, can_load, g, tile, chunk = s.emit, s.can_load, s.g, s.tile, s.chunk
     colc, gcol = s.colc, s.written
     ar_log = p.act_ratio.bit_length() - 1
     cpg_log = (p.quant_group // 64).bit_length() - 1
+    # Input words of a full chunk: max_chunk / 64 MAC-wide slots of act_ratio words (a power of two).
+    chunk_words_log = (p.gb_slots * 64 // p.quant_group * p.quant_group // 64 * p.act_ratio).bit_length() - 1
     j = Signal(8, name="w4_unit")              # the unit's position in its row
+    ui = Signal(16, name="w4_unit_index")      # units read out so far (chunk-major)
+    new_chunk = Signal(name="w4_new_chunk")    # the row is its chunk's first
     fc = Signal(8, name="w4_free_col")         # the next scale / selector column (walker)
     nfree = Signal(8, name="w4_next_free")
+    last_chunk = chunk == w4.chunks - 1
+    last_tile = tile == s.tiles - 1
+    n_c = Signal(8, name="w4_ncols")           # code columns of a unit of this chunk
+    m.d.comb += n_c.eq(Mux(last_chunk, w4.nlast, w4.ncols))
     period_mask = (Const(1, 1) << w4.plog) - 1
 
     def is_code(c):
-        return ((c & period_mask) < w4.ncols) & ((c >> w4.plog) < w4.per_row)
+        return ((c & period_mask) < n_c) & ((c >> w4.plog) < w4.per_row)
 
-    m.d.comb += nfree.eq(Mux(is_code(fc + 1), fc + 1 + w4.ncols, fc + 1))
+    m.d.comb += nfree.eq(Mux(is_code(fc + 1), fc + 1 + n_c, fc + 1))
     ldscab, ldslab = LOWPREC_OPCODES["LDSCAB"], LOWPREC_OPCODES["LDSLAB"]
 
     with m.State("Row-Act"):
         with m.If(can_load):
             m.d.sync += emit(PimOp.ACTAB, row=s.mc.row + s.trow)
-            m.d.sync += [j.eq(0), g.eq(0), fc.eq(w4.first_free)]
-            with m.If(s.trow == 0):
-                m.d.sync += gcol.eq(0)
+            m.d.sync += [j.eq(0), g.eq(0), fc.eq(Mux(last_chunk, w4.ff_last, w4.first_free))]
+            with m.If((s.trow == 0) | new_chunk):
+                # The chunk's input, after its first row's ACTAB (the previous chunk's MACs are done).
+                m.d.sync += [gcol.eq(0), new_chunk.eq(0)]
+                with m.If(s.trow == 0):
+                    m.d.sync += ui.eq(0)
                 m.next = "W4-Gb"
             with m.Else():
                 m.next = "W4-Bias"
     with m.State("W4-Gb"):
-        # GB column gcol = slot * act_ratio + r holds the input's word (slot mod period) * act_ratio + r.
+        # GB column gcol = slot * act_ratio + r holds the chunk's word (slot mod period) * act_ratio + r.
         nxt = Signal(16)
         slot_n = Signal(16)
         m.d.comb += slot_n.eq((gcol + 1) >> ar_log)
-        m.d.comb += nxt.eq(Mux((slot_n & period_mask) < w4.ncols, gcol + 1,
+        m.d.comb += nxt.eq(Mux((slot_n & period_mask) < n_c, gcol + 1,
                                ((slot_n >> w4.plog) + 1) << (w4.plog + ar_log)))
         with m.If(can_load):
-            m.d.comb += [s.x_r.addr.eq(gcol & ((Const(1, 1) << (w4.plog + ar_log)) - 1)), s.x_r.en.eq(1)]
+            m.d.comb += [s.x_r.addr.eq((chunk << chunk_words_log) + (gcol & ((Const(1, 1) << (w4.plog + ar_log)) - 1))),
+                         s.x_r.en.eq(1)]
             m.d.sync += emit(PimOp.WRGB, col=gcol, src=s.SRC_X)
             m.d.sync += [s.o_xmask.eq(-1), gcol.eq(nxt)]
             with m.If(nxt >= p.gb_columns):
                 m.next = "W4-Bias"
+    two = p.acc_slots == 2
+    slot = ui[0] if two else Const(0, 1)      # the current unit's accumulator slot (unit index mod 2)
+
+    def next_unit():
+        """After a unit's MACs (and the RDMAC that follows them): the row's next unit, or its PREAB."""
+        with m.If(last_tile | (j + 1 == w4.per_row)):
+            m.next = "W4-Pre"
+        with m.Else():
+            m.d.sync += [g.eq(0), j.eq(j + 1), tile.eq(tile + 1), ui.eq(ui + 1)]
+            m.next = "W4-Bias"
+
+    def next_row():
+        """After a row (its PREAB, with two slots also the RDMAC of its last unit): the next row or the end."""
+        m.d.sync += [g.eq(0), ui.eq(ui + 1)]
+        with m.If(last_tile & last_chunk):
+            pcu._finish(s, n_resp=w4.chunks * s.tiles * (G * C), res=True)
+        with m.Elif(last_tile):
+            m.d.sync += [tile.eq(0), chunk.eq(chunk + 1), new_chunk.eq(1)]
+            m.next = "Row-Act"
+        with m.Else():
+            m.d.sync += tile.eq(tile + 1)
+            m.next = "Row-Act"
+
     with m.State("W4-Bias"):
-        with m.If(can_load & s.bias_in):
+        # Chunk 0: the bias (once it is in) or zero; chunk > 0: the partial sums this tile's unit of the previous
+        # chunk left (unit index ui - tiles): its responses must be in on every channel.
+        need = Signal(16)
+        m.d.comb += need.eq((ui - s.tiles + 1) * G)
+        dep_ok = Mux(chunk == 0, s.bias_in, Cat(r >= need for r in s.rsp.recv) == (1 << C) - 1)
+        with m.If(can_load & dep_ok):
             m.d.comb += pcu._rbuf_read(s, tile * G + g)
-            m.d.sync += emit(PimOp.WRBIAS, col=g, src=Mux(s.with_bias, s.SRC_R, s.SRC_ZERO))
+            m.d.sync += emit(PimOp.WRBIAS, col=g, row=slot << 4,
+                             src=Mux(s.with_bias | (chunk != 0), s.SRC_R, s.SRC_ZERO))
             with m.If(g == G - 1):
                 m.d.sync += [g.eq(0), colc.eq(0)]
                 m.next = "W4-Lds"
@@ -222,28 +286,45 @@ def w4_row_states(pcu, s):
     with m.State("W4-Mac"):
         with m.If(can_load):
             grp = colc >> cpg_log
-            m.d.sync += emit(PimOp.MACAB, col=(j << w4.plog) + colc, row=grp[:4])
+            m.d.sync += emit(PimOp.MACAB, col=(j << w4.plog) + colc, row=grp[:4] | (slot << 4))
             m.d.sync += colc.eq(colc + 1)
-            with m.If(colc + 1 == w4.ncols):
+            with m.If(colc + 1 == n_c):
                 m.d.sync += g.eq(0)
-                m.next = "W4-Rd"
+                if two:
+                    # The previous unit's RDMAC (its tMAC ran during these MACs); the row's first unit has none.
+                    with m.If(j != 0):
+                        m.next = "W4-Rd"
+                    with m.Else():
+                        next_unit()
+                else:
+                    m.next = "W4-Rd"
             with m.Elif(((colc + 1) & ((16 << cpg_log) - 1)) == 0):
                 m.next = "W4-Lds"           # the next 16 groups' scale column (int4 / fp4 without grid choice)
     with m.State("W4-Rd"):
+        # One slot: the unit's own RDMAC; two slots: the previous unit's (tile - 1, the other slot).
         with m.If(can_load):
-            m.d.sync += emit(PimOp.RDMAC, col=g, tag=(tile * G + g)[:8])
+            if two:
+                m.d.sync += emit(PimOp.RDMAC, col=g, row=(~slot) << 4, tag=((tile - 1) * G + g)[:8])
+            else:
+                m.d.sync += emit(PimOp.RDMAC, col=g, tag=(tile * G + g)[:8])
             with m.If(g != G - 1):
                 m.d.sync += g.eq(g + 1)
-            with m.Elif((tile == s.tiles - 1) | (j + 1 == w4.per_row)):
-                m.next = "W4-Pre"
             with m.Else():
-                m.d.sync += [g.eq(0), j.eq(j + 1), tile.eq(tile + 1)]
-                m.next = "W4-Bias"
+                next_unit()
     with m.State("W4-Pre"):
         with m.If(can_load):
             m.d.sync += emit(PimOp.PREAB)
-            with m.If(tile == s.tiles - 1):
-                pcu._finish(s, n_resp=s.tiles * (G * C), res=True)
-            with m.Else():
-                m.d.sync += [tile.eq(tile + 1), s.trow.eq(s.trow + 1)]
-                m.next = "Row-Act"
+            m.d.sync += [s.trow.eq(s.trow + 1), g.eq(0)]
+            if two:
+                m.next = "W4-Rd-Last"
+            else:
+                next_row()
+    if two:
+        with m.State("W4-Rd-Last"):
+            # The row's last unit's RDMAC, after the PREAB.
+            with m.If(can_load):
+                m.d.sync += emit(PimOp.RDMAC, col=g, row=slot << 4, tag=(tile * G + g)[:8])
+                with m.If(g != G - 1):
+                    m.d.sync += g.eq(g + 1)
+                with m.Else():
+                    next_row()

@@ -11,7 +11,7 @@ the AF unit's lookup table read from each bank's reserved row
 
 On a device with 4-bit weights (``PimGeometry.weight_format`` ``int4`` / ``fp4``) the GEMV is the 4-bit
 macro of :mod:`hw.spec.macro` (:meth:`FunctionalDevice._w4_gemv`): the weights laid out by
-:class:`firmware.pim_lowprec.W4GemvLayout` with one input chunk, every output the golden
+:class:`firmware.pim_lowprec.W4GemvLayout` (chunks of what the global buffer holds), every output the golden
 :func:`sim.golden.lowprec_unit.unit_acc` of its unit with the bias as the accumulator's initial value; with
 FP8 activations the input buffer holds E4M3 codes (WRITE_VEC's ``n`` counts them, one byte each).
 
@@ -212,12 +212,13 @@ class FunctionalDevice:
             return MacroError.NO_INPUT, None
         if mc.addr1 & 0xFFFF:
             return MacroError.BAD_PACKING, None
-        sc = -(-(K // q) // 16)
+        chunk = min(K, p.gb_slots * 64 // q * q)         # inputs per chunk: as many as the global buffer holds
+        sc = -(-(chunk // q) // 16)
         sl = sc if p.grid_choice else 0
-        if K > p.gb_slots * 64 // q * q or K // 64 + sc + sl > p.columns or sl > 1:
+        if chunk // 64 + sc + sl > p.columns or sl > 1:
             return MacroError.UNSUPPORTED, None
         try:
-            layout = W4GemvLayout(self.cfg, K, N, base_row=mc.row, chunk_size=K)
+            layout = W4GemvLayout(self.cfg, K, N, base_row=mc.row, chunk_size=chunk)
         except ValueError:
             return MacroError.BAD_REGION, None
         if mc.flags & MacroFlag.BIAS:
@@ -243,29 +244,31 @@ class FunctionalDevice:
 
 def w4_gemv_from_memory(cfg, layout, mem, x, bias) -> np.ndarray:
     """FP32 bits ``[N]``: the units' accumulators (``acc0`` = ``bias``) over the 4-bit weights stored in ``mem`` for
-    ``layout`` (one input chunk; the inverse of :meth:`firmware.pim_lowprec.W4GemvLayout.image`)."""
+    ``layout`` (the inverse of :meth:`firmware.pim_lowprec.W4GemvLayout.image`), chunk by chunk (each chunk's
+    accumulator starts from the previous chunk's, read back and preloaded unchanged)."""
     from firmware.quant import unpack_nibbles
     from sim.golden.lowprec_unit import unit_acc
 
     p = cfg.pim
-    assert layout.chunks == 1, "the 4-bit GEMV macro takes one input chunk"
     rows = mem.rows(layout.base_row, layout.rows_used)              # [rows, ch, banks, cols, 16] uint16
     cols = np.ascontiguousarray(rows).view(np.uint8)                # [rows, ch, banks, cols, 32] bytes
-    K, N = layout.K, layout.N
-    G = K // p.quant_group
-    xc = np.asarray(x).reshape(K // 64, 64)
-    out = np.empty(N, np.uint32)
-    for n in range(N):
-        t = n // layout.per_tile
-        c, b = (n // p.banks) % p.channels, n % p.banks
-        code_cols, sc_cols, sl_cols = layout.unit_columns_at(t % layout.per_row, 0)
-        r = layout.row_of(t, 0) - layout.base_row
-        w = unpack_nibbles(cols[r, c, b, code_cols])                # [n, 64]
-        scales = np.concatenate([cols[r, c, b, k].view("<u2") for k in sc_cols])[:G]
-        sel = None
-        if sl_cols:
-            words = [int(cols[r, c, b, k, :4].view("<u4")[0]) for k in sl_cols]
-            sel = np.array([(words[g // 16] >> (2 * (g % 16))) & 3 for g in range(G)], np.uint8)
-        out[n] = unit_acc(p.weight_format, p.act_format, w, xc, scales, sel, int(bias[n]), p.quant_group,
-                          p.scale_format, p.grid_choice)
+    N = layout.N
+    x = np.asarray(x)
+    out = np.asarray(bias, np.uint32).copy()
+    for ch in range(layout.chunks):
+        k0, G = ch * layout.chunk, layout.chunk_groups(ch)
+        xc = x[k0:k0 + layout.chunk_len(ch)].reshape(-1, 64)
+        for n in range(N):
+            t = n // layout.per_tile
+            c, b = (n // p.banks) % p.channels, n % p.banks
+            code_cols, sc_cols, sl_cols = layout.unit_columns_at(t % layout.per_row, ch)
+            r = layout.row_of(t, ch) - layout.base_row
+            w = unpack_nibbles(cols[r, c, b, code_cols])            # [n, 64]
+            scales = np.concatenate([cols[r, c, b, k].view("<u2") for k in sc_cols])[:G]
+            sel = None
+            if sl_cols:
+                words = [int(cols[r, c, b, k, :4].view("<u4")[0]) for k in sl_cols]
+                sel = np.array([(words[g // 16] >> (2 * (g % 16))) & 3 for g in range(G)], np.uint8)
+            out[n] = unit_acc(p.weight_format, p.act_format, w, xc, scales, sel, int(out[n]), p.quant_group,
+                              p.scale_format, p.grid_choice)
     return out

@@ -119,11 +119,13 @@ def test_pcu_gemv_default_gpt2_small():
                                                   "PCU_SHAPES": "768x768,768x3072g,3072x768,768x2304"})
 
 
-# 4-bit weights (issue 19, hw/pcu_w4.py): KxN, h BF16 results, n no bias, r<row> base row. tiny-w4: K = 128 (one
-# chunk), one tile; three tiles in two rows (two units per row) without bias; 13 tiles in seven rows from row 3
-# with BF16 results. tiny-w4a8 (fp4 with grid selectors, FP8 activations): also K = 256 (one unit per row).
-W4_SHAPES = {"tiny-w4": "128x16,128x40n,128x200hr3,128x32",
-             "tiny-w4a8": "128x16,256x48n,128x200hr3,256x16h"}
+# 4-bit weights (issue 19, hw/pcu_w4.py): KxN, h BF16 results, n no bias, r<row> base row. tiny-w4 (chunks of 128
+# inputs): one chunk with one tile; three tiles in two rows (two units per row) without bias; 13 tiles in seven
+# rows from row 3 with BF16 results; two and three chunks (partial sums read back and preloaded) with one tile,
+# three tiles, 13 tiles. tiny-w4a8 (fp4 with grid selectors, FP8 activations, chunks of 256: one unit per row):
+# also a shorter last chunk (384 = 256 + 128).
+W4_SHAPES = {"tiny-w4": "128x16,128x40n,128x200hr3,256x16,384x40n,256x200hr1,128x32",
+             "tiny-w4a8": "128x16,256x48n,128x200hr3,256x16h,512x48n,384x16h,768x40"}
 
 
 @pytest.mark.parametrize("config", ["tiny-w4", "tiny-w4a8"])
@@ -135,6 +137,6 @@ def test_pcu_w4_gemv_tiny(config):
 
 @pytest.mark.parametrize("config", ["tiny-w4", "tiny-w4a8"])
 def test_pcu_w4_errors_tiny(config):
-    """4-bit GEMVs the PCU does not issue (GELU, K not whole groups, two input chunks, packing, rows, bias
+    """4-bit GEMVs the PCU does not issue (GELU, K not whole groups or above the input buffer, packing, rows, bias
     address) give the functional model's error code, no command reaches the device; recovery after CLEAR."""
     pcu_build(config).run(TB, "pcu_w4_errors", env={"IANUS_CONFIG": config})

@@ -16,6 +16,15 @@ from hw.spec.macro import MACRO_LIMITS, Macro, MacroError, MacroFlag, MacroOp
 from sim.pim_model import FunctionalDevice
 
 W4_PRESETS = ["tiny-w4", "tiny-w4a8", "default-w4", "default-w4a8"]
+# Groups of 64 with grid selectors: a full chunk of 2048 FP8 inputs has 32 groups, selectors in two columns, which
+# the PCU does not issue (UNSUPPORTED from K = 1088 on; on every preset a full chunk is issued).
+WIDE_GB = ("default-w4a8", {"pim.quant_group": 64})
+
+
+def _cfg(config):
+    if isinstance(config, tuple):
+        return preset(config[0]).replace(**config[1])
+    return preset(config)
 
 
 def _max_chunk(p):
@@ -26,8 +35,9 @@ def _random_gemv(rng, cfg):
     p = cfg.pim
     q, mx = p.quant_group, _max_chunk(p)
     total = p.total_bytes
-    K = rng.choice([0, 64, q // 2, q, q + 64, 2 * q, mx, mx - q, mx + q, MACRO_LIMITS["input_values"],
-                    MACRO_LIMITS["input_values"] + 1, q * rng.randrange(1, mx // q + 1)])
+    K = rng.choice([0, 64, q // 2, q, q + 64, 2 * q, mx, mx - q, mx + q, 3 * mx, MACRO_LIMITS["input_values"],
+                    MACRO_LIMITS["input_values"] + 1, q * rng.randrange(1, mx // q + 1),
+                    q * rng.randrange(1, MACRO_LIMITS["input_values"] // q + 1)])
     N = rng.choice([0, 1, 16, 17, 200, MACRO_LIMITS["result_values"], MACRO_LIMITS["result_values"] + 1,
                     rng.randrange(1, 4097)])
     per_tile = p.banks * p.channels
@@ -39,11 +49,11 @@ def _random_gemv(rng, cfg):
     return Macro(op=int(MacroOp.GEMV), flags=int(flags), n=K, m=N, row=row, addr0=addr0, addr1=addr1)
 
 
-@pytest.mark.parametrize("config", W4_PRESETS)
+@pytest.mark.parametrize("config", W4_PRESETS + [WIDE_GB])
 def test_w4_decoder_matches_the_functional_model(config):
-    """Error code (the model's check order) and the layout (code / scale columns, period, units per row, first
-    free column) of random 4-bit GEMV macros near the edges of every check."""
-    cfg = preset(config)
+    """Error code (the model's check order) and the layout (chunks, code / scale columns of the first and the last
+    chunk, period, units per row, first free columns) of random 4-bit GEMV macros near the edges of every check."""
+    cfg = _cfg(config)
     p = cfg.pim
     dut = W4Decoder(cfg)
     rng = random.Random(19)
@@ -57,8 +67,8 @@ def test_w4_decoder_matches_the_functional_model(config):
         cases.append((mc, input_n, code, layout))
     codes = {code for _, _, code, _ in cases}
     assert codes >= {MacroError.NONE, MacroError.BAD_FLAGS, MacroError.BAD_LENGTH, MacroError.NO_INPUT,
-                     MacroError.BAD_PACKING, MacroError.UNSUPPORTED, MacroError.BAD_REGION, MacroError.BAD_ADDRESS,
-                     MacroError.RESERVED_NONZERO}, codes
+                     MacroError.BAD_PACKING, MacroError.BAD_REGION, MacroError.BAD_ADDRESS,
+                     MacroError.RESERVED_NONZERO} | ({MacroError.UNSUPPORTED} if config == WIDE_GB else set()), codes
 
     async def bench(ctx):
         for mc, input_n, code, layout in cases:
@@ -68,21 +78,25 @@ def test_w4_decoder_matches_the_functional_model(config):
             ctx.set(dut.tiles, -(-mc.m // (p.banks * p.channels)))
             assert ctx.get(dut.code) == code, (mc, input_n, ctx.get(dut.code))
             if layout is not None:
-                assert ctx.get(dut.ncols) == layout.chunk_cols(0), mc
-                assert ctx.get(dut.sc) == layout.scale_cols(0), mc
+                last = layout.chunks - 1
+                assert ctx.get(dut.chunks) == layout.chunks, mc
+                assert (ctx.get(dut.ncols), ctx.get(dut.sc)) == (layout.chunk_cols(0), layout.scale_cols(0)), mc
+                assert (ctx.get(dut.nlast), ctx.get(dut.sclast)) == (layout.chunk_cols(last),
+                                                                     layout.scale_cols(last)), mc
                 assert 1 << ctx.get(dut.plog) == layout.period, mc
                 assert ctx.get(dut.per_row) == layout.per_row, mc
+                for c, port in ((0, dut.first_free), (last, dut.ff_last)):
+                    _, sc, sl = layout.unit_columns_at(0, c)
+                    assert ctx.get(port) == (sc + sl)[0], mc
 
     sim = Simulator(dut)
     sim.add_testbench(bench)
     sim.run()
 
 
-def _walk(u, per_row, columns):
-    """The PCU's scale / selector column walker (hw/pcu_w4.py) over one row: per unit its scale then selector
-    columns."""
-    n, period = u["n"], 1 << u["plog"]
-
+def _walk(n, period, nsc, per_row, columns):
+    """The PCU's scale / selector column walker (hw/pcu_w4.py) over one row of a chunk whose units have ``n`` code
+    columns and ``nsc`` scale and selector columns: per unit its columns in order."""
     def is_code(c):
         return c % period < n and c // period < per_row
 
@@ -90,7 +104,7 @@ def _walk(u, per_row, columns):
     out = []
     for _ in range(per_row):
         unit = []
-        for _ in range(u["sc"] + u["sl"]):
+        for _ in range(nsc):
             unit.append(fc)
             fc = fc + 1 + n if is_code(fc + 1) else fc + 1
         out.append(unit)
@@ -98,9 +112,10 @@ def _walk(u, per_row, columns):
     return out
 
 
-def _gb_writes(u, p):
-    """The PCU's global-buffer writes (hw/pcu_w4.py ``W4-Gb``): ``(gb column, input word)`` in order."""
-    ar, n, period = p.act_ratio, u["n"], 1 << u["plog"]
+def _gb_writes(n, period, p):
+    """The PCU's global-buffer writes of a chunk (hw/pcu_w4.py ``W4-Gb``): ``(gb column, the chunk's input word)``
+    in order."""
+    ar = p.act_ratio
     out, gcol = [], 0
     while True:
         out.append((gcol, gcol % (period * ar)))
@@ -112,31 +127,36 @@ def _gb_writes(u, p):
 
 @pytest.mark.parametrize("config", W4_PRESETS)
 def test_w4_walker_and_gb_writes_match_the_layout(config):
-    """Every K of one chunk and tile counts around the units per row: the walker's scale / selector columns are
-    ``W4GemvLayout.unit_columns_at``'s, the units per row and the code columns' period are the layout's, the
-    global-buffer writes are the program's (``w4_gemv_program``) with the input words of ``act_words``."""
+    """K of one chunk and of several (the last one shorter), tile counts around the units per row: the walker's
+    scale / selector columns are ``W4GemvLayout.unit_columns_at``'s in every chunk, the units per row and the code
+    columns' period are the layout's, the global-buffer writes are the program's (``w4_gemv_program``) with the
+    input words of ``act_words``."""
     cfg = preset(config)
     p = cfg.pim
     table = w4_units(cfg)
-    assert len(table) - 1 == _max_chunk(p) // p.quant_group
-    for kg, u in enumerate(table[1:], start=1):
-        K = kg * p.quant_group
-        if u is None:
-            sc = -(-kg // 16)
-            assert K // 64 + sc + (sc if p.grid_choice else 0) > p.columns or (p.grid_choice and sc > 1), K
-            continue
+    mx = _max_chunk(p)
+    assert len(table) - 1 == mx // p.quant_group
+    assert all(u is not None for u in table[1:]), "a preset's chunk does not fit a row"
+    for K in sorted({p.quant_group * k for k in range(1, mx // p.quant_group + 1)} | {mx + p.quant_group, 3 * mx - p.quant_group}):
+        u = table[min(K, mx) // p.quant_group]
         for tiles in sorted({1, 2, u["per_row"], u["per_row"] + 1, 3 * u["per_row"] + 1}):
-            lay = W4GemvLayout(cfg, K, tiles * p.banks * p.channels, chunk_size=K)
+            lay = W4GemvLayout(cfg, K, tiles * p.banks * p.channels, chunk_size=min(K, mx))
             per_row = min(u["per_row"], tiles)
             assert (lay.per_row, lay.period, lay.chunk_cols(0)) == (per_row, 1 << u["plog"], u["n"]), (K, tiles)
-            walk = _walk(u, per_row, p.columns)
-            for j in range(per_row):
-                _, sc, sl = lay.unit_columns_at(j, 0)
-                assert walk[j] == sc + sl, (K, tiles, j)
+            for c in range(lay.chunks):
+                uc = table[lay.chunk_groups(c)]
+                walk = _walk(uc["n"], lay.period, uc["sc"] + uc["sl"], per_row, p.columns)
+                for j in range(per_row):
+                    _, sc, sl = lay.unit_columns_at(j, c)
+                    assert walk[j] == sc + sl, (K, tiles, c, j)
         x = np.arange(K, dtype=np.uint16) if p.act_format == "bf16" else (np.arange(K) % 120).astype(np.uint8)
         words = act_words(lay, x)
-        writes = _gb_writes(u, p)
-        assert [g for g, _ in writes] == _wrgbs(lay, 0), K
         raw = (x.astype("<u2") if p.act_format == "bf16" else x).tobytes()
-        for g, w in writes:
-            assert words[(0, g)] == int.from_bytes(raw[w * p.column_bytes:(w + 1) * p.column_bytes], "little"), (K, g)
+        chunk_words = mx // 64 * p.act_ratio
+        for c in range(lay.chunks):
+            writes = _gb_writes(lay.chunk_cols(c), lay.period, p)
+            assert [g for g, _ in writes] == _wrgbs(lay, c), (K, c)
+            for g, w in writes:
+                w += c * chunk_words
+                assert words[(c, g)] == int.from_bytes(raw[w * p.column_bytes:(w + 1) * p.column_bytes], "little"), \
+                    (K, c, g)

@@ -48,16 +48,17 @@ On a device with 4-bit weights (``PimGeometry.weight_format`` ``int4`` /
     ``y = acc`` per output: the processing unit's FP32 accumulator
     (:func:`sim.golden.lowprec_unit.unit_acc`) over the 4-bit weights laid
     out by ``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row,
-    chunk_size=K)`` (codes, group scales, grid selectors), starting from the
-    bias (FP32 from ``addr0``, ``BIAS``) or zero. FP8 activations: the
+    chunk_size=min(K, max_chunk))`` (codes, group scales, grid selectors;
+    input chunks of what the global buffer holds), starting from the bias
+    (FP32 from ``addr0``, ``BIAS``) or zero, chunk by chunk. FP8 activations: the
     per-token scale is not applied (the host multiplies the results by it;
     a bias is then in units of the unscaled accumulator). Checks, in order:
     ``addr1[31:16]`` (RESERVED_NONZERO); any flag but ``BIAS`` (BAD_FLAGS:
     GELU after a 4-bit GEMV is not supported); ``K`` or ``N`` out of range
     or ``K`` not a multiple of ``quant_group`` (BAD_LENGTH); NO_INPUT;
     ``addr1[15:0]`` != 0 (BAD_PACKING: the layout packs units itself);
-    ``K`` above one input chunk (``W4GemvLayout.max_chunk``), a unit wider
-    than a row, or grid selectors in more than one column (UNSUPPORTED);
+    a full chunk's unit wider than a row, or grid selectors in more than
+    one column (UNSUPPORTED; not on the presets);
     the rows (BAD_REGION); the bias address (BAD_ADDRESS).
 """
 
@@ -106,8 +107,8 @@ class MacroError(enum.IntEnum):
     BAD_PACKING = 11        # GEMV packed mode (addr1): pitch past the global buffer, tiles wider than the
                             # pitch, first slot past the row, or a first slot without packing; a 4-bit
                             # GEMV with addr1[15:0] != 0 (the 4-bit layout places its units itself)
-    UNSUPPORTED = 12        # a legal request the device does not implement: on a 4-bit device a GEMV whose K
-                            # needs more than one input chunk or whose unit does not fit a row (below)
+    UNSUPPORTED = 12        # a legal request the device does not implement: on a 4-bit device a GEMV whose
+                            # unit does not fit a row or has grid selectors in more than one column (below)
 
 
 MACRO_TABLE = (

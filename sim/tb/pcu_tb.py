@@ -30,7 +30,7 @@ from hw.config import preset
 from hw.memif import AddressMap, request_layout, response_layout
 from hw.pcu import MacroLayout
 from hw.spec import fp as G
-from hw.spec.macro import Macro, MacroError, MacroFlag, MacroOp
+from hw.spec.macro import MACRO_LIMITS, Macro, MacroError, MacroFlag, MacroOp
 from sim.pim_checker import OPNAMES, BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.pim_sequencer import write_backdoor
@@ -418,7 +418,7 @@ def _w4_addr(cfg, row):
 
 def prepare_w4(cfg, K, N, bf16, seed, bias=True, base_row=0):
     """A 4-bit GEMV on the functional model: weights quantized and placed by ``W4GemvLayout(cfg, K, N, base_row,
-    chunk_size=K)`` (the macro's layout), the rest of the weight rows random (a PCU that read a wrong column would
+    chunk_size=min(K, max_chunk))`` (the macro's layout), the rest of the weight rows random (a PCU that read a wrong column would
     take them), the input (BF16, or E4M3 codes on an FP8 device) and the bias in data rows. Returns ``(fd, macros,
     y_addr, expected, rows)`` like :func:`prepare`; the GEMV's result is also checked against the independent
     golden of ``sim/tb/pim_lowprec_tb.py`` (:func:`w4_golden`)."""
@@ -429,15 +429,18 @@ def prepare_w4(cfg, K, N, bf16, seed, bias=True, base_row=0):
     fd = FunctionalDevice(cfg)
     rng = np.random.default_rng(seed + 1000)
     q, x, b = w4_data(cfg, K, N, seed)
-    lay = W4GemvLayout(cfg, K, N, base_row=base_row, chunk_size=K)
+    max_chunk = p.gb_slots * 64 // p.quant_group * p.quant_group
+    lay = W4GemvLayout(cfg, K, N, base_row=base_row, chunk_size=min(K, max_chunk))
     img = lay.image(q).transpose(2, 0, 1, 3, 4).copy().view("<u2")       # [rows, ch, banks, cols, 16]
-    used = set()
-    for j in range(lay.per_row):
-        for cols in lay.unit_columns_at(j, 0):
-            used.update(cols)
-    for c in range(p.columns):
-        if c not in used:
-            img[:, :, :, c] = rng.integers(0, 1 << 16, img[:, :, :, c].shape, dtype=np.uint16)
+    for ch in range(lay.chunks):
+        used = set()
+        for j in range(lay.per_row):
+            for cols in lay.unit_columns_at(j, ch):
+                used.update(cols)
+        rows = slice(ch * lay.rows_per_chunk, (ch + 1) * lay.rows_per_chunk)
+        for c in range(p.columns):
+            if c not in used:
+                img[rows, :, :, c] = rng.integers(0, 1 << 16, img[rows, :, :, c].shape, dtype=np.uint16)
     fd.mem.set_rows(base_row, img)
     data_row = p.data_rows - 6
     assert base_row + lay.rows_used <= data_row, "the weights overlap the data rows of the test"
@@ -494,14 +497,16 @@ async def pcu_w4_gemv(dut):
 @tb_test()
 async def pcu_w4_errors(dut):
     """4-bit GEMV macros the PCU does not issue set the functional model's error code (GELU: BAD_FLAGS, K not whole
-    groups: BAD_LENGTH, more than one input chunk: UNSUPPORTED, addr1: BAD_PACKING, rows: BAD_REGION, bias address:
-    BAD_ADDRESS) and nothing reaches the device; after CLEAR a GEMV works."""
+    groups or too long: BAD_LENGTH, addr1: BAD_PACKING, rows: BAD_REGION, bias address: BAD_ADDRESS) and nothing
+    reaches the device; after CLEAR a GEMV works. (UNSUPPORTED, a unit of a full chunk wider than a row, does
+    not arise on the presets: tests/test_pcu_w4.py checks it on the decoder.)"""
     cfg = _cfg()
     p = cfg.pim
     tb = PcuTB(dut, cfg)
     await tb.reset()
     q = p.quant_group
     big = p.gb_slots * 64 // q * q + q                      # one group more than one chunk holds
+    too_long = (MACRO_LIMITS["input_values"] // q + 1) * q
     two_rows = (p.columns + 1) * p.banks * p.channels       # more tiles than one row holds
     cases = [
         (Macro(MacroOp.GEMV, n=q, m=8), MacroError.NO_INPUT),
@@ -512,7 +517,7 @@ async def pcu_w4_errors(dut):
         (Macro(MacroOp.GEMV, n=q + 64, m=8), MacroError.BAD_LENGTH),
         (Macro(MacroOp.GEMV, n=q, m=8, addr1=1), MacroError.BAD_PACKING),
         (Macro(MacroOp.GEMV, n=q, m=8, addr1=1 << 16), MacroError.RESERVED_NONZERO),
-        (Macro(MacroOp.GEMV, n=big, m=8), MacroError.UNSUPPORTED),
+        (Macro(MacroOp.GEMV, n=too_long, m=8), MacroError.BAD_LENGTH),
         (Macro(MacroOp.GEMV, n=q, m=two_rows, row=p.data_rows - 1), MacroError.BAD_REGION),
         (Macro(MacroOp.GEMV, n=q, m=8, row=p.data_rows), MacroError.BAD_REGION),
         (Macro(MacroOp.GEMV, flags=int(MacroFlag.BIAS), n=q, m=8, addr0=4), MacroError.BAD_ADDRESS),
