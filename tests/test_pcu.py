@@ -32,10 +32,17 @@ from sim.build import build
 TB = "sim.tb.pcu_tb"
 
 
-def pcu_build(config):
+def pcu_build(config, **pim):
+    """The PCU system's build for a preset, with ``pim.*`` overrides (run with ``IANUS_PIM``, :func:`_pim_env`)."""
     cfg = preset(config)
+    if pim:
+        cfg = cfg.replace(**{f"pim.{k}": v for k, v in pim.items()})
     return build(lambda: PcuSystem(cfg, device_factory(cfg)), name=f"pcu_system_{config}", key=repr(cfg),
                  extra_sources=tuple(device_sources(cfg)), no_inline=("pim_bank_*",))
+
+
+def _pim_env(**pim):
+    return {"IANUS_PIM": ",".join(f"{k}={v}" for k, v in pim.items())} if pim else {}
 
 
 def test_constants_match_the_table():
@@ -128,11 +135,14 @@ W4_SHAPES = {"tiny-w4": "128x16,128x40n,128x200hr3,256x16,384x40n,256x200hr1,128
              "tiny-w4a8": "128x16,256x48n,128x200hr3,256x16h,512x48n,384x16h,768x40"}
 
 
-@pytest.mark.parametrize("config", ["tiny-w4", "tiny-w4a8"])
-def test_pcu_w4_gemv_tiny(config):
+@pytest.mark.parametrize("config, pim", [("tiny-w4", {}), ("tiny-w4a8", {}), ("tiny-w4", {"acc_slots": 1})],
+                         ids=["tiny-w4", "tiny-w4a8", "tiny-w4-one-slot"])
+def test_pcu_w4_gemv_tiny(config, pim):
     """4-bit GEMVs through the PCU bit-exact with the functional model (checked against the golden unit model),
-    the rest of the weight rows random, the protocol checker clean (sim/tb/pcu_tb.py pcu_w4_gemv)."""
-    pcu_build(config).run(TB, "pcu_w4_gemv", env={"IANUS_CONFIG": config, "PCU_W4": W4_SHAPES[config]})
+    the rest of the weight rows random, the protocol checker clean, with two accumulator slots (the presets: slot 1
+    used) and one (sim/tb/pcu_tb.py pcu_w4_gemv)."""
+    pcu_build(config, **pim).run(TB, "pcu_w4_gemv", env={"IANUS_CONFIG": config, "PCU_W4": W4_SHAPES[config],
+                                                          **_pim_env(**pim)})
 
 
 @pytest.mark.parametrize("config", ["tiny-w4", "tiny-w4a8"])

@@ -26,7 +26,6 @@ from cocotb.triggers import FallingEdge, ReadOnly
 
 from firmware import driver as D
 from firmware.pim import amortized_cycles, gemv_lower_bound
-from hw.config import preset
 from hw.memif import AddressMap, request_layout, response_layout
 from hw.pcu import MacroLayout
 from hw.spec import fp as G
@@ -34,11 +33,22 @@ from hw.spec.macro import MACRO_LIMITS, Macro, MacroError, MacroFlag, MacroOp
 from sim.pim_checker import OPNAMES, BusMonitor
 from sim.pim_model import FunctionalDevice
 from sim.pim_sequencer import write_backdoor
-from sim.tb.common import env_str, pack_struct, port, port_name, start, tb_test, unpack_struct, write_metrics
+from sim.tb.common import (
+    env_config,
+    env_str,
+    pack_struct,
+    port,
+    port_name,
+    start,
+    tb_test,
+    unpack_struct,
+    write_metrics,
+)
 
 
 def _cfg():
-    return preset(env_str("IANUS_CONFIG", "tiny"))
+    """The preset ``IANUS_CONFIG`` with the ``pim.*`` overrides of ``IANUS_PIM`` (``"acc_slots=1"``)."""
+    return env_config("tiny", "IANUS_PIM", "pim")
 
 
 class PcuTB:
@@ -64,15 +74,20 @@ class PcuTB:
         cocotb.start_soon(self.monitor.run())
         self.cycle = self.monitor.cycle
         self.bus_log = []               # (cycle, channel, op name) of every command on the device's buses
+        self.slot1_macs = 0             # MACAB commands into accumulator slot 1 (row bit 4; 4-bit devices)
         cocotb.start_soon(self._record(self.cycle))
 
     async def _record(self, cycle):
         ops = [port(self.dut, "mon", c, "op") for c in range(self.cfg.pim.channels)]
+        rows = [port(self.dut, "mon", c, "row") for c in range(self.cfg.pim.channels)]
+        slots = self.cfg.pim.acc_slots == 2
         while True:
             for c, op in enumerate(ops):
                 v = int(op.value)
                 if v:
                     self.bus_log.append((cycle, c, OPNAMES[v]))
+                    if slots and OPNAMES[v] == "MACAB" and int(rows[c].value) >> 4 & 1:
+                        self.slot1_macs += 1
             await FallingEdge(self.dut.clk)
             cycle += 1
 
@@ -470,6 +485,8 @@ async def pcu_w4_gemv(dut):
     checker clean."""
     import re
 
+    from firmware.pim_lowprec import w4_gemv_lower_bound
+
     cfg = _cfg()
     tb = PcuTB(dut, cfg)
     await tb.reset()
@@ -480,6 +497,7 @@ async def pcu_w4_gemv(dut):
                                                         bias="n" not in opts, base_row=int(row or 0))
         assert any(expected), "the expected result is all zeros: the test would prove nothing"
         await tb.backdoor(fd, rows)
+        slot1 = tb.slot1_macs
         per = [await tb.run_macros([mc]) for mc in macros]
         assert int(tb.error.value) == 0, f"{spec}: PCU error {MacroError(int(tb.error.value)).name}"
         got = await tb.read_words(y_addr, len(expected) // 32)
@@ -488,8 +506,15 @@ async def pcu_w4_gemv(dut):
             bad = np.flatnonzero(a != e)
             raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
                                  f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
-        report.append({"shape": spec, "write_vec": per[0], "gemv": per[1], "read_res": per[2]})
-        dut._log.info("4-bit %s: GEMV %d cycles, identical to the functional model", spec, per[1])
+        K_, N_ = macros[1].n, macros[1].m
+        units = -(-K_ // (cfg.pim.gb_slots * 64)) * -(-N_ // (cfg.pim.banks * cfg.pim.channels))
+        if cfg.pim.acc_slots == 2 and units > 1:
+            assert tb.slot1_macs > slot1, f"{spec}: {units} units, but no MAC into accumulator slot 1"
+        # (The bound is for the layout firmware.pim_lowprec chooses, which may cut K differently: information.)
+        lb = w4_gemv_lower_bound(cfg, K_, N_)["cycles"]
+        report.append({"shape": spec, "write_vec": per[0], "gemv": per[1], "read_res": per[2], "bound": lb})
+        dut._log.info("4-bit %s: GEMV %d cycles (w4_gemv_lower_bound %d), identical to the functional model",
+                      spec, per[1], lb)
     tb.assert_clean()
     write_metrics(name="pcu_w4_gemv", config=cfg.name, runs=report)
 
