@@ -3,9 +3,9 @@
 ``int4`` / ``fp4``): the Verilog of BF16 devices does not change.
 
 Macro semantics (:mod:`hw.spec.macro`): the weights of a ``[K, N]`` GEMV are laid out by
-``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row, chunk_size=min(K, max_chunk))``: ``K`` a multiple
-of ``quant_group``, cut into chunks of ``max_chunk`` inputs (what the global buffer holds; the last chunk the
-rest); ``per_row`` units (tiles of one chunk) share a row. Every output's accumulator starts from its bias (FP32,
+``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row, chunk_size=cg * quant_group)``: ``K`` a multiple
+of ``quant_group``, cut into chunks of ``cg`` groups (``addr1[7:0]``, at most ``max_chunk / quant_group``; 0: that
+many, what the global buffer holds; the last chunk the rest; firmware passes the chunk its layout chose); ``per_row`` units (tiles of one chunk) share a row. Every output's accumulator starts from its bias (FP32,
 ``BIAS``) or zero and takes the units' columns chunk by chunk (:func:`sim.golden.lowprec_unit.unit_acc`); the
 result is the accumulator (FP8 activations: without the per-token scale, which the host applies).
 
@@ -98,7 +98,9 @@ class W4Decoder(wiring.Component):
     code : Out(8)
         The GEMV's error code (``NONE``: it is issued).
     chunks : Out(16)
-        Input chunks (of ``max_chunk`` inputs, the last one the rest).
+        Input chunks (of ``cg`` groups, the last one the rest).
+    cg : Out(8)
+        Groups per chunk: ``addr1[7:0]``, or (0) ``max_chunk / quant_group``.
     ncols, sc : Out(8)
         Code columns of a unit of the first chunk; its scale columns (as many selector columns with grid choice).
     nlast, sclast : Out(8)
@@ -116,7 +118,7 @@ class W4Decoder(wiring.Component):
             raise ValueError(f"the 4-bit GEMV decoder needs a 4-bit device, not weight_format={cfg.pim.weight_format!r}")
         self.cfg = cfg
         super().__init__({"macro": In(MacroLayout), "input_n": In(16), "tiles": In(16), "code": Out(8),
-                          "chunks": Out(16), "ncols": Out(8), "sc": Out(8), "nlast": Out(8), "sclast": Out(8),
+                          "chunks": Out(16), "cg": Out(8), "ncols": Out(8), "sc": Out(8), "nlast": Out(8), "sclast": Out(8),
                           "plog": Out(4), "per_row": Out(8), "first_free": Out(8), "ff_last": Out(8)})
 
     def elaborate(self, platform):
@@ -124,15 +126,20 @@ class W4Decoder(wiring.Component):
         p = self.cfg.pim
         table = w4_units(self.cfg)
         KG = len(table) - 1                 # groups of a full chunk (a power of two)
-        kg_log = KG.bit_length() - 1
         qlog = p.quant_group.bit_length() - 1
         mc, code = self.macro, self.code
         K, N = mc.n, mc.m
         groups = Signal(16)
-        m.d.comb += [groups.eq(K >> qlog), self.chunks.eq((groups + KG - 1) >> kg_log)]
+        cg = self.cg
+        bad_chunk = (mc.addr1[8:16] != 0) | (mc.addr1[:8] > KG)
+        m.d.comb += [groups.eq(K >> qlog), cg.eq(Mux((mc.addr1[:8] == 0) | bad_chunk, KG, mc.addr1[:8]))]
+        if KG > 1:      # (a divider only when the chunk size can vary)
+            m.d.comb += self.chunks.eq((groups + cg - 1) // cg)
+        else:
+            m.d.comb += self.chunks.eq(groups)
         kg, kg_last = Signal(range(KG + 1)), Signal(range(KG + 1))
-        m.d.comb += [kg.eq(Mux(groups > KG, KG, groups)),
-                     kg_last.eq(Mux(groups == 0, 0, groups - ((self.chunks - 1) << kg_log)))]
+        m.d.comb += [kg.eq(Mux(groups > cg, cg, groups)),
+                     kg_last.eq(Mux(groups == 0, 0, groups - (self.chunks - 1) * cg))]
 
         def col(key, index):
             return Array(Const(r[key] if r else 0, 8) for r in table)[index]
@@ -165,7 +172,7 @@ class W4Decoder(wiring.Component):
             m.d.comb += code.eq(E_BAD_LENGTH)
         with m.Elif(K > self.input_n):
             m.d.comb += code.eq(E_NO_INPUT)
-        with m.Elif(mc.addr1[:16] != 0):
+        with m.Elif(bad_chunk):
             m.d.comb += code.eq(E_BAD_PACKING)
         with m.Elif(~ok):
             m.d.comb += code.eq(E_UNSUPPORTED)
@@ -189,8 +196,9 @@ def w4_row_states(pcu, s):
     colc, gcol = s.colc, s.written
     ar_log = p.act_ratio.bit_length() - 1
     cpg_log = (p.quant_group // 64).bit_length() - 1
-    # Input words of a full chunk: max_chunk / 64 MAC-wide slots of act_ratio words (a power of two).
-    chunk_words_log = (p.gb_slots * 64 // p.quant_group * p.quant_group // 64 * p.act_ratio).bit_length() - 1
+    # Input words of a group: quant_group / 64 MAC-wide slots of act_ratio words (a power of two).
+    group_words_log = (p.quant_group // 64 * p.act_ratio).bit_length() - 1
+    chunk_word0 = Signal(16, name="w4_chunk_word0")     # the chunk's first input word
     j = Signal(8, name="w4_unit")              # the unit's position in its row
     ui = Signal(16, name="w4_unit_index")      # units read out so far (chunk-major)
     new_chunk = Signal(name="w4_new_chunk")    # the row is its chunk's first
@@ -216,7 +224,7 @@ def w4_row_states(pcu, s):
                 # The chunk's input, after its first row's ACTAB (the previous chunk's MACs are done).
                 m.d.sync += [gcol.eq(0), new_chunk.eq(0)]
                 with m.If(s.trow == 0):
-                    m.d.sync += ui.eq(0)
+                    m.d.sync += [ui.eq(0), chunk_word0.eq(0)]
                 m.next = "W4-Gb"
             with m.Else():
                 m.next = "W4-Bias"
@@ -228,7 +236,7 @@ def w4_row_states(pcu, s):
         m.d.comb += nxt.eq(Mux((slot_n & period_mask) < n_c, gcol + 1,
                                ((slot_n >> w4.plog) + 1) << (w4.plog + ar_log)))
         with m.If(can_load):
-            m.d.comb += [s.x_r.addr.eq((chunk << chunk_words_log) + (gcol & ((Const(1, 1) << (w4.plog + ar_log)) - 1))),
+            m.d.comb += [s.x_r.addr.eq(chunk_word0 + (gcol & ((Const(1, 1) << (w4.plog + ar_log)) - 1))),
                          s.x_r.en.eq(1)]
             m.d.sync += emit(PimOp.WRGB, col=gcol, src=s.SRC_X)
             m.d.sync += [s.o_xmask.eq(-1), gcol.eq(nxt)]
@@ -251,7 +259,8 @@ def w4_row_states(pcu, s):
         with m.If(last_tile & last_chunk):
             pcu._finish(s, n_resp=w4.chunks * s.tiles * (G * C), res=True)
         with m.Elif(last_tile):
-            m.d.sync += [tile.eq(0), chunk.eq(chunk + 1), new_chunk.eq(1)]
+            m.d.sync += [tile.eq(0), chunk.eq(chunk + 1), new_chunk.eq(1),
+                         chunk_word0.eq(chunk_word0 + (w4.cg << group_words_log))]
             m.next = "Row-Act"
         with m.Else():
             m.d.sync += tile.eq(tile + 1)

@@ -210,15 +210,16 @@ class FunctionalDevice:
             return MacroError.BAD_LENGTH, None
         if K > self.input.size:
             return MacroError.NO_INPUT, None
-        if mc.addr1 & 0xFFFF:
+        max_groups = p.gb_slots * 64 // q                 # a chunk: at most what the global buffer holds
+        if (mc.addr1 >> 8) & 0xFF or (mc.addr1 & 0xFF) > max_groups:
             return MacroError.BAD_PACKING, None
-        chunk = min(K, p.gb_slots * 64 // q * q)         # inputs per chunk: as many as the global buffer holds
+        chunk = min(K, ((mc.addr1 & 0xFF) or max_groups) * q)    # inputs per chunk: addr1[7:0] groups
         sc = -(-(chunk // q) // 16)
         sl = sc if p.grid_choice else 0
         if chunk // 64 + sc + sl > p.columns or sl > 1:
             return MacroError.UNSUPPORTED, None
         try:
-            layout = W4GemvLayout(self.cfg, K, N, base_row=mc.row, chunk_size=chunk)
+            layout = W4GemvLayout(self.cfg, K, N, base_row=mc.row, chunk_size=((mc.addr1 & 0xFF) or max_groups) * q)
         except ValueError:
             return MacroError.BAD_REGION, None
         if mc.flags & MacroFlag.BIAS:

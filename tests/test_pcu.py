@@ -130,9 +130,9 @@ def test_pcu_gemv_default_gpt2_small():
 # inputs): one chunk with one tile; three tiles in two rows (two units per row) without bias; 13 tiles in seven
 # rows from row 3 with BF16 results; two and three chunks (partial sums read back and preloaded) with one tile,
 # three tiles, 13 tiles. tiny-w4a8 (fp4 with grid selectors, FP8 activations, chunks of 256: one unit per row):
-# also a shorter last chunk (384 = 256 + 128).
+# also a shorter last chunk (384 = 256 + 128), chunks of one group (c1: addr1 = 1) of 256 and 384 inputs.
 W4_SHAPES = {"tiny-w4": "128x16,128x40n,128x200hr3,256x16,384x40n,256x200hr1,128x32",
-             "tiny-w4a8": "128x16,256x48n,128x200hr3,256x16h,512x48n,384x16h,768x40"}
+             "tiny-w4a8": "128x16,256x48n,128x200hr3,256x16h,512x48n,384x16h,768x40,256x48c1,384x40nc1"}
 
 
 @pytest.mark.parametrize("config, pim", [("tiny-w4", {}), ("tiny-w4a8", {}), ("tiny-w4", {"acc_slots": 1})],

@@ -45,7 +45,8 @@ def _random_gemv(rng, cfg):
                       max(0, p.data_rows - -(-N // per_tile) // 2)])
     flags = rng.choice([0, 0, MacroFlag.BIAS, MacroFlag.BIAS, MacroFlag.GELU, MacroFlag.BIAS | MacroFlag.GELU, 0x80])
     addr0 = rng.choice([0, 4, total - 32, total, rng.randrange(0, total // 32) * 32])
-    addr1 = rng.choice([0] * 8 + [1, 1 << 8, 1 << 16])
+    KG = mx // q        # addr1[7:0]: groups per chunk (0: KG)
+    addr1 = rng.choice([0] * 8 + [1, 2, KG, KG + 1, 255, 1 << 8, 1 << 16, rng.randrange(1, KG + 1)])
     return Macro(op=int(MacroOp.GEMV), flags=int(flags), n=K, m=N, row=row, addr0=addr0, addr1=addr1)
 
 
@@ -80,6 +81,7 @@ def test_w4_decoder_matches_the_functional_model(config):
             if layout is not None:
                 last = layout.chunks - 1
                 assert ctx.get(dut.chunks) == layout.chunks, mc
+                assert ctx.get(dut.cg) * p.quant_group == layout.chunk, mc
                 assert (ctx.get(dut.ncols), ctx.get(dut.sc)) == (layout.chunk_cols(0), layout.scale_cols(0)), mc
                 assert (ctx.get(dut.nlast), ctx.get(dut.sclast)) == (layout.chunk_cols(last),
                                                                      layout.scale_cols(last)), mc
@@ -137,10 +139,13 @@ def test_w4_walker_and_gb_writes_match_the_layout(config):
     mx = _max_chunk(p)
     assert len(table) - 1 == mx // p.quant_group
     assert all(u is not None for u in table[1:]), "a preset's chunk does not fit a row"
-    for K in sorted({p.quant_group * k for k in range(1, mx // p.quant_group + 1)} | {mx + p.quant_group, 3 * mx - p.quant_group}):
-        u = table[min(K, mx) // p.quant_group]
+    q = p.quant_group
+    cases = [(K, mx) for K in sorted({q * k for k in range(1, mx // q + 1)} | {mx + q, 3 * mx - q})]
+    cases += [(K, cs) for cs in range(q, mx, q) for K in (cs + q, 3 * cs)]      # chunks of addr1[7:0] groups
+    for K, cs in cases:
+        u = table[min(K, cs) // q]
         for tiles in sorted({1, 2, u["per_row"], u["per_row"] + 1, 3 * u["per_row"] + 1}):
-            lay = W4GemvLayout(cfg, K, tiles * p.banks * p.channels, chunk_size=min(K, mx))
+            lay = W4GemvLayout(cfg, K, tiles * p.banks * p.channels, chunk_size=cs)
             per_row = min(u["per_row"], tiles)
             assert (lay.per_row, lay.period, lay.chunk_cols(0)) == (per_row, 1 << u["plog"], u["n"]), (K, tiles)
             for c in range(lay.chunks):
@@ -152,7 +157,7 @@ def test_w4_walker_and_gb_writes_match_the_layout(config):
         x = np.arange(K, dtype=np.uint16) if p.act_format == "bf16" else (np.arange(K) % 120).astype(np.uint8)
         words = act_words(lay, x)
         raw = (x.astype("<u2") if p.act_format == "bf16" else x).tobytes()
-        chunk_words = mx // 64 * p.act_ratio
+        chunk_words = cs // 64 * p.act_ratio
         for c in range(lay.chunks):
             writes = _gb_writes(lay.chunk_cols(c), lay.period, p)
             assert [g for g, _ in writes] == _wrgbs(lay, c), (K, c)

@@ -15,7 +15,8 @@ m          32..47  GEMV: N (outputs)
 row        48..63  GEMV: first DRAM row of the weight region (GemvLayout.base_row)
 addr0      64..95  WRITE_VEC: source; READ_RES: destination; GEMV: bias address
 addr1      96..127 GEMV: packing (below: ``pack`` bits 96..103, ``slot0`` bits 104..111, bits 112..127
-                   must be 0); every other op: reserved, must be 0
+                   must be 0); 4-bit device: groups per input chunk (bits 96..103), bits 104..127 0;
+                   every other op: reserved, must be 0
 =========  ======  =====================================================
 
 :data:`FIELDS` lists the fields in this order (the PCU's macro layout is built from it); :func:`encode`
@@ -48,15 +49,18 @@ On a device with 4-bit weights (``PimGeometry.weight_format`` ``int4`` /
     ``y = acc`` per output: the processing unit's FP32 accumulator
     (:func:`sim.golden.lowprec_unit.unit_acc`) over the 4-bit weights laid
     out by ``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row,
-    chunk_size=min(K, max_chunk))`` (codes, group scales, grid selectors;
-    input chunks of what the global buffer holds), starting from the bias
-    (FP32 from ``addr0``, ``BIAS``) or zero, chunk by chunk. FP8 activations: the
+    chunk_size=cg * quant_group)`` (codes, group scales, grid selectors;
+    ``cg`` = ``addr1[7:0]`` groups per input chunk, 0: what the global
+    buffer holds, ``max_chunk / quant_group``; firmware passes
+    ``layout.chunk // quant_group`` of the layout it chose), starting from
+    the bias (FP32 from ``addr0``, ``BIAS``) or zero, chunk by chunk. FP8 activations: the
     per-token scale is not applied (the host multiplies the results by it;
     a bias is then in units of the unscaled accumulator). Checks, in order:
     ``addr1[31:16]`` (RESERVED_NONZERO); any flag but ``BIAS`` (BAD_FLAGS:
     GELU after a 4-bit GEMV is not supported); ``K`` or ``N`` out of range
     or ``K`` not a multiple of ``quant_group`` (BAD_LENGTH); NO_INPUT;
-    ``addr1[15:0]`` != 0 (BAD_PACKING: the layout packs units itself);
+    ``addr1[7:0]`` above ``max_chunk / quant_group`` or ``addr1[15:8]`` != 0
+    (BAD_PACKING);
     a full chunk's unit wider than a row, or grid selectors in more than
     one column (UNSUPPORTED; not on the presets);
     the rows (BAD_REGION); the bias address (BAD_ADDRESS).
@@ -106,7 +110,7 @@ class MacroError(enum.IntEnum):
     RESERVED_NONZERO = 10   # a reserved field is not zero (addr1 outside GEMV, addr1[31:16] of a GEMV)
     BAD_PACKING = 11        # GEMV packed mode (addr1): pitch past the global buffer, tiles wider than the
                             # pitch, first slot past the row, or a first slot without packing; a 4-bit
-                            # GEMV with addr1[15:0] != 0 (the 4-bit layout places its units itself)
+                            # GEMV whose chunk (addr1[7:0]) exceeds the global buffer, or addr1[15:8] != 0
     UNSUPPORTED = 12        # a legal request the device does not implement: on a 4-bit device a GEMV whose
                             # unit does not fit a row or has grid selectors in more than one column (below)
 

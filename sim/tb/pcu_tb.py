@@ -431,9 +431,9 @@ def _w4_addr(cfg, row):
     return row * (cfg.pim.total_bytes // cfg.pim.rows)
 
 
-def prepare_w4(cfg, K, N, bf16, seed, bias=True, base_row=0):
+def prepare_w4(cfg, K, N, bf16, seed, bias=True, base_row=0, cg=0):
     """A 4-bit GEMV on the functional model: weights quantized and placed by ``W4GemvLayout(cfg, K, N, base_row,
-    chunk_size=min(K, max_chunk))`` (the macro's layout), the rest of the weight rows random (a PCU that read a wrong column would
+    chunk_size=cg * quant_group)`` (the macro's layout; ``cg`` = 0: max_chunk), the rest of the weight rows random (a PCU that read a wrong column would
     take them), the input (BF16, or E4M3 codes on an FP8 device) and the bias in data rows. Returns ``(fd, macros,
     y_addr, expected, rows)`` like :func:`prepare`; the GEMV's result is also checked against the independent
     golden of ``sim/tb/pim_lowprec_tb.py`` (:func:`w4_golden`)."""
@@ -445,7 +445,7 @@ def prepare_w4(cfg, K, N, bf16, seed, bias=True, base_row=0):
     rng = np.random.default_rng(seed + 1000)
     q, x, b = w4_data(cfg, K, N, seed)
     max_chunk = p.gb_slots * 64 // p.quant_group * p.quant_group
-    lay = W4GemvLayout(cfg, K, N, base_row=base_row, chunk_size=min(K, max_chunk))
+    lay = W4GemvLayout(cfg, K, N, base_row=base_row, chunk_size=cg * p.quant_group or max_chunk)
     img = lay.image(q).transpose(2, 0, 1, 3, 4).copy().view("<u2")       # [rows, ch, banks, cols, 16]
     for ch in range(lay.chunks):
         used = set()
@@ -464,7 +464,7 @@ def prepare_w4(cfg, K, N, bf16, seed, bias=True, base_row=0):
     fd.mem.write(b_addr, b.astype("<u4").tobytes())
     macros = [Macro(MacroOp.WRITE_VEC, n=K, addr0=x_addr),
               Macro(MacroOp.GEMV, flags=int(MacroFlag.BIAS) if bias else 0, n=K, m=N, row=base_row,
-                    addr0=b_addr if bias else 0),
+                    addr0=b_addr if bias else 0, addr1=cg),
               Macro(MacroOp.READ_RES, flags=int(MacroFlag.BF16) if bf16 else 0, n=N, addr0=y_addr)]
     snapshot = fd.mem.data.copy()
     for mc in macros[:2]:
@@ -480,7 +480,8 @@ def prepare_w4(cfg, K, N, bf16, seed, bias=True, base_row=0):
 
 @tb_test()
 async def pcu_w4_gemv(dut):
-    """4-bit GEMVs (``PCU_W4``: ``KxN`` [h BF16 results] [n no bias] [r<row> base row]) through the PCU on a 4-bit
+    """4-bit GEMVs (``PCU_W4``: ``KxN`` [h BF16 results] [n no bias] [r<row> base row] [c<g> chunks of g groups,
+    addr1]) through the PCU on a 4-bit
     device: identical bytes to the functional model (itself checked against the golden unit model), the protocol
     checker clean."""
     import re
@@ -492,9 +493,9 @@ async def pcu_w4_gemv(dut):
     await tb.reset()
     report = []
     for i, spec in enumerate(env_str("PCU_W4", "128x16").split(",")):
-        K, N, opts, row = re.fullmatch(r"(\d+)x(\d+)([hn]*)(?:r(\d+))?", spec).groups()
+        K, N, opts, row, cg = re.fullmatch(r"(\d+)x(\d+)([hn]*)(?:r(\d+))?(?:c(\d+))?", spec).groups()
         fd, macros, y_addr, expected, rows = prepare_w4(cfg, int(K), int(N), "h" in opts, seed=60 + i,
-                                                        bias="n" not in opts, base_row=int(row or 0))
+                                                        bias="n" not in opts, base_row=int(row or 0), cg=int(cg or 0))
         assert any(expected), "the expected result is all zeros: the test would prove nothing"
         await tb.backdoor(fd, rows)
         slot1 = tb.slot1_macs
@@ -507,7 +508,8 @@ async def pcu_w4_gemv(dut):
             raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
                                  f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
         K_, N_ = macros[1].n, macros[1].m
-        units = -(-K_ // (cfg.pim.gb_slots * 64)) * -(-N_ // (cfg.pim.banks * cfg.pim.channels))
+        units = -(-K_ // (int(cg or 0) * cfg.pim.quant_group or cfg.pim.gb_slots * 64)) * \
+            -(-N_ // (cfg.pim.banks * cfg.pim.channels))
         if cfg.pim.acc_slots == 2 and units > 1:
             assert tb.slot1_macs > slot1, f"{spec}: {units} units, but no MAC into accumulator slot 1"
         # (The bound is for the layout firmware.pim_lowprec chooses, which may cut K differently: information.)
@@ -522,7 +524,7 @@ async def pcu_w4_gemv(dut):
 @tb_test()
 async def pcu_w4_errors(dut):
     """4-bit GEMV macros the PCU does not issue set the functional model's error code (GELU: BAD_FLAGS, K not whole
-    groups or too long: BAD_LENGTH, addr1: BAD_PACKING, rows: BAD_REGION, bias address: BAD_ADDRESS) and nothing
+    groups or too long: BAD_LENGTH, addr1 (a chunk above the global buffer, bits 8..15): BAD_PACKING, rows: BAD_REGION, bias address: BAD_ADDRESS) and nothing
     reaches the device; after CLEAR a GEMV works. (UNSUPPORTED, a unit of a full chunk wider than a row, does
     not arise on the presets: tests/test_pcu_w4.py checks it on the decoder.)"""
     cfg = _cfg()
@@ -540,7 +542,8 @@ async def pcu_w4_errors(dut):
         (Macro(MacroOp.GEMV, flags=int(MacroFlag.BIAS | MacroFlag.GELU), n=q, m=8), MacroError.BAD_FLAGS),
         (Macro(MacroOp.GEMV, n=q // 2, m=8), MacroError.BAD_LENGTH),
         (Macro(MacroOp.GEMV, n=q + 64, m=8), MacroError.BAD_LENGTH),
-        (Macro(MacroOp.GEMV, n=q, m=8, addr1=1), MacroError.BAD_PACKING),
+        (Macro(MacroOp.GEMV, n=q, m=8, addr1=p.gb_slots * 64 // q + 1), MacroError.BAD_PACKING),
+        (Macro(MacroOp.GEMV, n=q, m=8, addr1=1 << 8), MacroError.BAD_PACKING),
         (Macro(MacroOp.GEMV, n=q, m=8, addr1=1 << 16), MacroError.RESERVED_NONZERO),
         (Macro(MacroOp.GEMV, n=too_long, m=8), MacroError.BAD_LENGTH),
         (Macro(MacroOp.GEMV, n=q, m=two_rows, row=p.data_rows - 1), MacroError.BAD_REGION),
