@@ -165,3 +165,25 @@ def test_w4_walker_and_gb_writes_match_the_layout(config):
                 w += c * chunk_words
                 assert words[(c, g)] == int.from_bytes(raw[w * p.column_bytes:(w + 1) * p.column_bytes], "little"), \
                     (K, c, g)
+
+
+def test_perfmodel_takes_the_macro_chunk():
+    """The performance model's 4-bit GEMV (sim/perfmodel/pcu.py) cuts K as the macro's ``addr1[7:0]`` says; 0 keeps
+    the chunk ``W4GemvLayout`` chooses (the compiler's timing-only programs), which explicit firmware passes."""
+    from firmware.compiler import ProgramBuilder
+    from hw.spec.soc_isa import Unit
+    from sim.perfmodel import PerfModel, decode_program
+
+    cfg = preset("default-w4")
+    K, N = 3072, 768
+
+    def cycles(addr1):
+        pb = ProgramBuilder(cfg)
+        pb.pim(op=MacroOp.GEMV, n=K, m=N, row=0, addr0=0, addr1=addr1)
+        pb.fence(Unit.PCU)
+        pb.end()
+        return PerfModel(cfg).run_program(None, ins=decode_program(pb.words)).cycles
+
+    chosen = W4GemvLayout(cfg, K, N).chunk // cfg.pim.quant_group
+    assert cycles(chosen) == cycles(0)
+    assert cycles(1) > cycles(chosen)          # chunks of one group: more rows, more WRGBs and preloads

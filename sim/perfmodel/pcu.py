@@ -402,7 +402,10 @@ class _PcuMacro:
         nch = p.channels
         if f["flags"] & F_GELU:
             raise ValueError("a 4-bit PIM GEMV has no activation function (GELU runs on the vector unit)")
-        lay = W4GemvLayout(self.r.cfg, f["n"], N)
+        # addr1[7:0]: groups per input chunk (hw/spec/macro.py); 0 here: the chunk W4GemvLayout chooses (the
+        # PCU RTL takes 0 as max_chunk, so firmware that runs on the RTL passes the chosen chunk explicitly).
+        cg = f.get("addr1", 0) & 0xFF
+        lay = W4GemvLayout(self.r.cfg, f["n"], N, chunk_size=cg * p.quant_group)
         bias_in = 0
         with_bias = bool(f["flags"] & F_BIAS)
         if with_bias:
