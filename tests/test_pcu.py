@@ -135,12 +135,14 @@ W4_SHAPES = {"tiny-w4": "128x16,128x40n,128x200hr3,256x16,384x40n,256x200hr1,128
              "tiny-w4a8": "128x16,256x48n,128x200hr3,256x16h,512x48n,384x16h,768x40,256x48c1,384x40nc1"}
 
 
-@pytest.mark.parametrize("config, pim", [("tiny-w4", {}), ("tiny-w4a8", {}), ("tiny-w4", {"acc_slots": 1})],
-                         ids=["tiny-w4", "tiny-w4a8", "tiny-w4-one-slot"])
+@pytest.mark.parametrize("config, pim", [("tiny-w4", {}), ("tiny-w4a8", {}), ("tiny-w4", {"acc_slots": 1}),
+                                         ("tiny-w4a8", {"banks": 16})],
+                         ids=["tiny-w4", "tiny-w4a8", "tiny-w4-one-slot", "tiny-w4a8-16-banks"])
 def test_pcu_w4_gemv_tiny(config, pim):
     """4-bit GEMVs through the PCU bit-exact with the functional model (checked against the golden unit model),
     the rest of the weight rows random, the protocol checker clean, with two accumulator slots (the presets: slot 1
-    used) and one (sim/tb/pcu_tb.py pcu_w4_gemv)."""
+    used) and one, with one accumulator group per bank word and two (16 banks, as the default device)
+    (sim/tb/pcu_tb.py pcu_w4_gemv)."""
     pcu_build(config, **pim).run(TB, "pcu_w4_gemv", env={"IANUS_CONFIG": config, "PCU_W4": W4_SHAPES[config],
                                                           **_pim_env(**pim)})
 
