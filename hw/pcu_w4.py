@@ -18,10 +18,10 @@ RDMAC data is back), per scale column ``LDSCAB`` (``LDSLAB``) and the ``MACAB`` 
 (``row`` field: the scale slot | the accumulator slot << 4), then ``RDMAC`` per group: with one accumulator slot
 the unit's own, with two (``acc_slots = 2``: unit ``u`` of the GEMV in slot ``u mod 2``) the previous unit's of
 the row (its tMAC runs during this unit's MACs; the memory controller times PU_BUSY per slot), and the row's last
-unit's after the row's ``PREAB``. Two differences from the program: a later chunk's WRGBs all go after its first
-row's ACTAB (the program sends the first of them before the previous row's PREAB), and the second unit's preload
-is never hoisted before the first unit's MACs (the program does so when a unit's reads cover tMAC); the device
-accepts both (the previous chunk's MACs are issued; each preload still follows the RDMAC of its slot).
+unit's after the row's ``PREAB``. One difference from the program: a later chunk's WRGBs all go after its first
+row's ACTAB (the program sends the first of them before the previous row's PREAB); the device accepts it (the
+previous chunk's MACs are issued). With two slots the row's second unit is preloaded right after the first unit's
+preload when a unit's reads cover tMAC less the read-out and preload, as the program's ``hoist``.
 
 Layout registers: code column ``i`` of unit ``j`` of a row is ``j * period + i``; the scale (and selector)
 columns are the row's free columns in order (:meth:`W4GemvLayout.unit_columns_at`), which a walker
@@ -216,10 +216,46 @@ def w4_row_states(pcu, s):
     m.d.comb += nfree.eq(Mux(is_code(fc + 1), fc + 1 + n_c, fc + 1))
     ldscab, ldslab = LOWPREC_OPCODES["LDSCAB"], LOWPREC_OPCODES["LDSLAB"]
 
+    two = p.acc_slots == 2
+    slot = ui[0] if two else Const(0, 1)      # the current unit's accumulator slot (unit index mod 2)
+    # Two slots: the row's second unit is preloaded right after the first (while the row activates) when a
+    # unit's reads cover tMAC less the read-out and preload (w4_gemv_program's ``hoist``).
+    t = pcu.cfg.timing
+    hoisted = Signal(name="w4_hoisted")        # the current unit's preload was hoisted
+    hoist = Signal(name="w4_hoist")
+    thr = t.tMAC - 2 * G * t.tCCD
+    reads_c = n_c + Mux(last_chunk, w4.sclast, w4.sc) * (2 if p.grid_choice else 1)
+    m.d.comb += hoist.eq((reads_c * t.tCCD >= thr) if two and thr > 0 else int(two))
+
+    def next_unit():
+        """After a unit's MACs (and the RDMAC that follows them): the row's next unit, or its PREAB."""
+        with m.If(last_tile | (j + 1 == w4.per_row)):
+            m.next = "W4-Pre"
+        with m.Else():
+            m.d.sync += [g.eq(0), j.eq(j + 1), tile.eq(tile + 1), ui.eq(ui + 1)]
+            with m.If(hoisted):
+                m.d.sync += [hoisted.eq(0), colc.eq(0)]
+                m.next = "W4-Lds"
+            with m.Else():
+                m.next = "W4-Bias"
+
+    def next_row():
+        """After a row (its PREAB, with two slots also the RDMAC of its last unit): the next row or the end."""
+        m.d.sync += [g.eq(0), ui.eq(ui + 1)]
+        with m.If(last_tile & last_chunk):
+            pcu._finish(s, n_resp=w4.chunks * s.tiles * (G * C), res=True)
+        with m.Elif(last_tile):
+            m.d.sync += [tile.eq(0), chunk.eq(chunk + 1), new_chunk.eq(1),
+                         chunk_word0.eq(chunk_word0 + (w4.cg << group_words_log))]
+            m.next = "Row-Act"
+        with m.Else():
+            m.d.sync += tile.eq(tile + 1)
+            m.next = "Row-Act"
+
     with m.State("Row-Act"):
         with m.If(can_load):
             m.d.sync += emit(PimOp.ACTAB, row=s.mc.row + s.trow)
-            m.d.sync += [j.eq(0), g.eq(0), fc.eq(Mux(last_chunk, w4.ff_last, w4.first_free))]
+            m.d.sync += [j.eq(0), g.eq(0), fc.eq(Mux(last_chunk, w4.ff_last, w4.first_free)), hoisted.eq(0)]
             with m.If((s.trow == 0) | new_chunk):
                 # The chunk's input, after its first row's ACTAB (the previous chunk's MACs are done).
                 m.d.sync += [gcol.eq(0), new_chunk.eq(0)]
@@ -242,30 +278,6 @@ def w4_row_states(pcu, s):
             m.d.sync += [s.o_xmask.eq(-1), gcol.eq(nxt)]
             with m.If(nxt >= p.gb_columns):
                 m.next = "W4-Bias"
-    two = p.acc_slots == 2
-    slot = ui[0] if two else Const(0, 1)      # the current unit's accumulator slot (unit index mod 2)
-
-    def next_unit():
-        """After a unit's MACs (and the RDMAC that follows them): the row's next unit, or its PREAB."""
-        with m.If(last_tile | (j + 1 == w4.per_row)):
-            m.next = "W4-Pre"
-        with m.Else():
-            m.d.sync += [g.eq(0), j.eq(j + 1), tile.eq(tile + 1), ui.eq(ui + 1)]
-            m.next = "W4-Bias"
-
-    def next_row():
-        """After a row (its PREAB, with two slots also the RDMAC of its last unit): the next row or the end."""
-        m.d.sync += [g.eq(0), ui.eq(ui + 1)]
-        with m.If(last_tile & last_chunk):
-            pcu._finish(s, n_resp=w4.chunks * s.tiles * (G * C), res=True)
-        with m.Elif(last_tile):
-            m.d.sync += [tile.eq(0), chunk.eq(chunk + 1), new_chunk.eq(1),
-                         chunk_word0.eq(chunk_word0 + (w4.cg << group_words_log))]
-            m.next = "Row-Act"
-        with m.Else():
-            m.d.sync += tile.eq(tile + 1)
-            m.next = "Row-Act"
-
     with m.State("W4-Bias"):
         # Chunk 0: the bias (once it is in) or zero; chunk > 0: the partial sums this tile's unit of the previous
         # chunk left (unit index ui - tiles): its responses must be in on every channel.
@@ -279,8 +291,26 @@ def w4_row_states(pcu, s):
             with m.If(g == G - 1):
                 m.d.sync += [g.eq(0), colc.eq(0)]
                 m.next = "W4-Lds"
+                if two:
+                    with m.If((j == 0) & hoist & (w4.per_row > 1) & ~last_tile):
+                        m.next = "W4-Bias2"
             with m.Else():
                 m.d.sync += g.eq(g + 1)
+    if two:
+        with m.State("W4-Bias2"):
+            # The hoisted preload of the row's second unit (tile + 1, the other slot; unit index ui + 1).
+            need2 = Signal(16)
+            m.d.comb += need2.eq((ui - s.tiles + 2) * G)
+            dep2 = Mux(chunk == 0, s.bias_in, Cat(r >= need2 for r in s.rsp.recv) == (1 << C) - 1)
+            with m.If(can_load & dep2):
+                m.d.comb += pcu._rbuf_read(s, (tile + 1) * G + g)
+                m.d.sync += emit(PimOp.WRBIAS, col=g, row=(~slot) << 4,
+                                 src=Mux(s.with_bias | (chunk != 0), s.SRC_R, s.SRC_ZERO))
+                with m.If(g == G - 1):
+                    m.d.sync += [g.eq(0), hoisted.eq(1)]
+                    m.next = "W4-Lds"
+                with m.Else():
+                    m.d.sync += g.eq(g + 1)
     with m.State("W4-Lds"):
         with m.If(can_load):
             m.d.sync += emit(PimOp.MACAB, col=fc)
