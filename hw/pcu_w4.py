@@ -5,7 +5,8 @@
 Macro semantics (:mod:`hw.spec.macro`): the weights of a ``[K, N]`` GEMV are laid out by
 ``firmware.pim_lowprec.W4GemvLayout(cfg, K, N, base_row=row, chunk_size=cg * quant_group)``: ``K`` a multiple
 of ``quant_group``, cut into chunks of ``cg`` groups (``addr1[7:0]``, at most ``max_chunk / quant_group``; 0: that
-many, what the global buffer holds; the last chunk the rest; firmware passes the chunk its layout chose); ``per_row`` units (tiles of one chunk) share a row. Every output's accumulator starts from its bias (FP32,
+many, what the global buffer holds; the last chunk the rest; firmware passes the chunk its layout chose);
+``per_row`` units (tiles of one chunk) share a row. Every output's accumulator starts from its bias (FP32,
 ``BIAS``) or zero and takes the units' columns chunk by chunk (:func:`sim.golden.lowprec_unit.unit_acc`); the
 result is the accumulator (FP8 activations: without the per-token scale, which the host applies).
 
