@@ -481,6 +481,7 @@ def _load_extra_targets():
     NO_PNR.update(importlib.import_module("hw.synth").NO_PNR)
     PNR_ARGS.update(importlib.import_module("hw.synth").PNR_ARGS)
     NO_XCUP.update(importlib.import_module("hw.synth").NO_XCUP)
+    XCUP_ABC.update(importlib.import_module("hw.synth").XCUP_ABC)
 
 
 if __name__ == "__main__":
