@@ -156,6 +156,16 @@ class PcuTB:
                 raise AssertionError(f"PCU did not finish {len(macros)} macro commands in {limit} cycles")
         return self.cycle - start_cycle
 
+    async def expect_words(self, spec, addr, expected: bytes):
+        """Read the results at ``addr`` and compare them word for word with ``expected`` (the functional model's
+        bytes); the first differing FP32 word is named."""
+        got = await self.read_words(addr, len(expected) // 32)
+        if got != expected:
+            a, e = np.frombuffer(got, dtype="<u4"), np.frombuffer(expected, dtype="<u4")
+            bad = np.flatnonzero(a != e)
+            raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
+                                 f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
+
     async def read_words(self, addr, n_words):
         """Read ``n_words`` 32-byte columns through the normal-request ports (the host window)."""
         amap = AddressMap(self.cfg.pim)
@@ -269,13 +279,7 @@ async def pcu_gemv(dut):
         ratio = amortized_cycles(cfg, g_cycles, g_refs) / lb["amortized_cycles"]
         row_cycles, row_refs = tb.row_window(g_t0, g_t1)
         row_ratio = amortized_cycles(cfg, row_cycles, row_refs) / lb["amortized_cycles"]
-        got = await tb.read_words(y_addr, len(expected) // 32)
-        if got != expected:
-            a = np.frombuffer(got, dtype="<u4")
-            e = np.frombuffer(expected, dtype="<u4")
-            bad = np.flatnonzero(a != e)
-            raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
-                                 f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
+        await tb.expect_words(spec, y_addr, expected)
         report.append({"shape": spec, "cycles": cycles, "write_vec": per[0][0], "gemv": g_cycles,
                        "gemv_refreshes": g_refs, "read_res": per[2][0], "bound": lb["cycles"],
                        "ratio": ratio, "row_cycles": row_cycles, "row_refreshes": row_refs, "row_ratio": row_ratio})
@@ -358,12 +362,7 @@ async def pcu_gemv_packed(dut):
         await tb.backdoor(fd, rows)
         per = [await tb.run_macros([mc]) for mc in macros]
         assert int(tb.error.value) == 0, f"{spec}: PCU error {MacroError(int(tb.error.value)).name}"
-        got = await tb.read_words(y_addr, len(expected) // 32)
-        if got != expected:
-            a, e = np.frombuffer(got, dtype="<u4"), np.frombuffer(expected, dtype="<u4")
-            bad = np.flatnonzero(a != e)
-            raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
-                                 f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
+        await tb.expect_words(spec, y_addr, expected)
         report.append({"shape": spec, "write_vec": per[0], "gemv": per[1], "read_res": per[2]})
         dut._log.info("%s: GEMV %d cycles, identical to the functional model", spec, per[1])
     tb.assert_clean()
@@ -501,12 +500,7 @@ async def pcu_w4_gemv(dut):
         slot1 = tb.slot1_macs
         per = [await tb.run_macros([mc]) for mc in macros]
         assert int(tb.error.value) == 0, f"{spec}: PCU error {MacroError(int(tb.error.value)).name}"
-        got = await tb.read_words(y_addr, len(expected) // 32)
-        if got != expected:
-            a, e = np.frombuffer(got, dtype="<u4"), np.frombuffer(expected, dtype="<u4")
-            bad = np.flatnonzero(a != e)
-            raise AssertionError(f"{spec}: {bad.size} result words differ from the functional model; first at "
-                                 f"{bad[0]}: RTL {a[bad[0]]:#x} model {e[bad[0]]:#x}")
+        await tb.expect_words(spec, y_addr, expected)
         K_, N_ = macros[1].n, macros[1].m
         units = -(-K_ // (int(cg or 0) * cfg.pim.quant_group or cfg.pim.gb_slots * 64)) * \
             -(-N_ // (cfg.pim.banks * cfg.pim.channels))
