@@ -446,20 +446,25 @@ class LayerCompiler:
     def fc_mu(self, pb, a_addr, K, lay, N, rows, out_addr, name):
         blk = MuBlock()
         lp = self.plan.layers[self._layer]
-        src = (PimWeights(lay, self.plan.row_bytes) if lay is not None
-               else Blocked(lp.lin[name], K, blocked_tile(self.cfg)))
+        src = (Blocked(lp.lin[name], K, blocked_tile(self.cfg)) if name in lp.lin     # npu-mem, 4-bit PIM
+               else PimWeights(lay, self.plan.row_bytes))
         gemm(self.cfg, blk, a_addr, K * 2, src, out_addr, N * 4, rows, K, N, False, pb.est)
         pb.mu(blk)
         pb.fence(Unit.MU)
 
     def fc_pim(self, pb, a_addr, K, lay, N, bias, out_addr, gelu=False, bf16=False, write_vec=True):
         from firmware import costmodel
-        if self.cfg.pim.lowprec:
-            TIMING_ONLY.add(self.cfg)       # 4-bit weights: not in the PCU and the weight plan yet (fc1 above)
+        p, addr1 = self.cfg.pim, 0
+        if p.lowprec:
+            # 4-bit weights (W4GemvLayout): addr1[7:0] = the layout's input chunk in groups (hw/spec/macro.py).
+            addr1 = lay.chunk // p.quant_group
+            if p.act_format != "bf16":
+                # WRITE_VEC takes E4M3 codes, which the vector unit does not write yet: timing only
+                TIMING_ONLY.add(self.cfg)
         if write_vec:
             pb.pim(op=MacroOp.WRITE_VEC, n=K, addr0=a_addr)
         flags = (MacroFlag.BIAS if bias is not None else 0) | (MacroFlag.GELU if gelu else 0)
-        pb.pim(op=MacroOp.GEMV, n=K, m=N, row=lay.base_row, addr0=bias or 0, flags=int(flags))
+        pb.pim(op=MacroOp.GEMV, n=K, m=N, row=lay.base_row, addr0=bias or 0, flags=int(flags), addr1=addr1)
         pb.pim(op=MacroOp.READ_RES, n=N, addr0=out_addr, flags=int(MacroFlag.BF16) if bf16 else 0)
         pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, K, N, gelu, write_vec)
 
@@ -533,7 +538,10 @@ class LayerCompiler:
                 # Head-group pipelining (PIM computes group g + 1 while the NPU attends to group g) when
                 # the cost model says the overlap beats its extra per-group overheads.
                 split, split_est = ProgramBuilder(cfg), None
-                if H // plan.hpg > 1 and self.head_groups != "plain":
+                if self.head_groups == "split" and cfg.pim.lowprec:
+                    raise CompileError("the head-group split of the QKV GEMV needs the BF16 PIM layout (a 4-bit "
+                                       "layout shares rows between head groups' tiles)")
+                if H // plan.hpg > 1 and self.head_groups != "plain" and not cfg.pim.lowprec:
                     split_est = self._qkv_attn_split(split, lp, pos0)
                 plain = ProgramBuilder(cfg)
                 self._qkv_attn_plain(plain, lp, pos0)
@@ -569,10 +577,8 @@ class LayerCompiler:
                 self.bias_act(pb, b["y"], rows, f, lp.fc1_b, True, b["g"])
             elif cfg.pim.lowprec:
                 # 4-bit PIM (issue 19): the GEMV program has no activation function (several tiles share a
-                # row), so FC1 leaves FP32 and its bias and GELU run on the vector unit. The PIM GEMV of a
-                # 4-bit device exists in the device RTL and the performance model, not yet in the PCU and the
-                # weight plan: such programs are for the performance model only (TIMING_ONLY).
-                TIMING_ONLY.add(cfg)
+                # row; the PCU refuses GELU with BAD_FLAGS), so FC1 leaves FP32 and its bias and GELU run on
+                # the vector unit.
                 self.fc_pim(pb, b["h"], d, lp.fc1, f, None, b["y"])
                 pb.fence(Unit.PCU)
                 self.bias_act(pb, b["y"], rows, f, lp.fc1_b, True, b["g"])

@@ -5,22 +5,32 @@ buffer of the compiled layers lives in device memory, and the packing of a layer
 npu-mem the matrix unit's column blocks, :class:`firmware.program.Blocked`), the per-layer parameters, the
 hidden states, the KV caches and the shared buffers (:class:`MemoryPlan`, :class:`LayerPlan`);
 :func:`pack_layer` turns a layer's weights into ``(address, bytes)`` pieces of that plan.
+
+On a device with 4-bit PIM weights (``PimGeometry.lowprec``, issue 19) the FC weights are quantized
+(:func:`firmware.quant.quantize_weights` in the device's format, round to nearest with group scales) and laid out
+by :class:`firmware.pim_lowprec.W4GemvLayout` for the PIM GEMVs; the matrix unit has no 4-bit path, so its
+FCs (the prefill's) read a BF16 copy of the *dequantized* weights in column blocks (:class:`Blocked`, as
+under npu-mem): both units compute with the same quantized model, up to the copy's rounding to BF16 (the
+dequantized values are exact in FP32: a 4-bit value times an FP16 scale). The copy costs 4x the 4-bit
+weights' memory (a BF16 device would hold the one BF16 layout).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from firmware.gpt2 import GptShape, LayerWeights
 from firmware.pim import GemvLayout
+from firmware.pim_lowprec import W4GemvLayout
 from firmware.program import Blocked, CompileError, blocked_tile, round_up
+from firmware.quant import quantize_weights
 from hw.spec import fp as G
 from hw.spec.addrmap import AddressMap
 from hw.spec.config import SystemConfig
 
-__all__ = ["ALIGN", "KV_LAYOUTS", "k_group", "LayerPlan", "MemoryPlan", "plan_memory", "pack_layer"]
+__all__ = ["ALIGN", "KV_LAYOUTS", "k_group", "LayerPlan", "MemoryPlan", "plan_memory", "quant_format", "quantized_weights", "pack_layer"]
 
 ALIGN = 64
 
@@ -43,7 +53,7 @@ class LayerPlan:
     x_out: int       # [T, d] FP32
     k_stride: int = 0    # bytes from one token to the next in a head's K cache (hd * 2, or k_group * hd * 2)
     v_stride: int = 0    # the same in a head's V cache
-    lin: dict = field(default_factory=dict)     # npu-mem: FC name -> address of row-major W [K, N] BF16
+    lin: dict = field(default_factory=dict)     # npu-mem, 4-bit PIM: FC name -> address of W [K, N] BF16 (Blocked)
 
 
 @dataclass
@@ -133,9 +143,9 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
 
     def layout(K, N):
         nonlocal row
-        lay = GemvLayout(cfg, K, N, base_row=row) if row < p.data_rows else None
-        if lay is None:
+        if row >= p.data_rows:
             raise CompileError("out of DRAM rows")
+        lay = W4GemvLayout(cfg, K, N, base_row=row) if p.lowprec else GemvLayout(cfg, K, N, base_row=row)
         row += lay.rows_used
         return lay
 
@@ -179,7 +189,7 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
             proj_b=alloc(d * 4), fc1_b=alloc(f * 4), fc2_b=alloc(d * 4), kc=caches(gk),
             vc=caches(gk),
             x_in=xs[i], x_out=xs[i + 1], k_stride=gk * hd * 2, v_stride=gk * hd * 2))
-        if not pim_layout:
+        if not pim_layout or p.lowprec:     # 4-bit PIM: the matrix unit reads a BF16 copy (module docstring)
             nb = blocked_tile(cfg)
             plan.layers[-1].lin = {name: alloc(K * round_up(N, nb) * 2) for name, K, N in
                                    (("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, f), ("fc2", f, d))}
@@ -201,21 +211,43 @@ def plan_memory(cfg: SystemConfig, shape: GptShape, max_tokens: int, groups: int
     return plan
 
 
+def quant_format(cfg: SystemConfig) -> dict:
+    """:func:`firmware.quant.quantize_weights`' format arguments for a device with 4-bit weights."""
+    p = cfg.pim
+    return dict(fmt=p.weight_format, group=p.quant_group, scale_format=p.scale_format, grid_choice=p.grid_choice)
+
+
+def quantized_weights(cfg: SystemConfig, weights: list[LayerWeights]) -> list[LayerWeights]:
+    """``weights`` with every FC matrix replaced by its dequantized 4-bit form (float32, exact) in ``cfg``'s
+    format: the model a device with 4-bit PIM weights computes (:func:`pack_layer`); ``weights`` on a BF16 device."""
+    if not cfg.pim.lowprec:
+        return list(weights)
+    fmt = quant_format(cfg)
+    return [replace(w, **{k: quantize_weights(getattr(w, k), **fmt).dequantize().astype(np.float32)
+                          for k in ("qkv_w", "proj_w", "fc1_w", "fc2_w")}) for w in weights]
+
+
 def pack_layer(plan: MemoryPlan, i: int, w: LayerWeights) -> list[tuple[int, bytes]]:
     """(address, bytes) pieces that put layer ``i``'s parameters in device memory."""
     lp = plan.layers[i]
     d = plan.shape.d_model
     out = []
 
-    def put_w(name, lay: GemvLayout, mat):
-        if lay is None:
+    amap = AddressMap(plan.cfg.pim)                             # whole rows in address order
+
+    def put_w(name, lay: GemvLayout | W4GemvLayout | None, mat):
+        if isinstance(lay, W4GemvLayout):
+            q = quantize_weights(mat, **quant_format(plan.cfg))
+            arr = lay.image(q).transpose(2, 0, 1, 3, 4).copy().view("<u2")     # rows, ch, banks, cols, lanes
+            out.append((amap.encode(lay.base_row, 0, 0, 0), amap.pack_rows(arr).astype("<u2").tobytes()))
+            mat = q.dequantize().astype(np.float32)            # exact; the matrix unit's copy: RNE to BF16
+        if name in lp.lin:
             packed = Blocked.pack(G.bf16_bits(mat), blocked_tile(plan.cfg))
             out.append((lp.lin[name], packed.astype("<u2").tobytes()))
-            return
-        packed = lay.pack(G.bf16_bits(mat))                    # [ch, banks, rows, cols, lanes]
-        arr = packed.transpose(2, 0, 1, 3, 4)                   # rows, ch, banks, cols, lanes
-        amap = AddressMap(plan.cfg.pim)                         # whole rows in address order
-        out.append((amap.encode(lay.base_row, 0, 0, 0), amap.pack_rows(arr).astype("<u2").tobytes()))
+        if isinstance(lay, GemvLayout):
+            packed = lay.pack(G.bf16_bits(mat))                # [ch, banks, rows, cols, lanes]
+            arr = packed.transpose(2, 0, 1, 3, 4)               # rows, ch, banks, cols, lanes
+            out.append((amap.encode(lay.base_row, 0, 0, 0), amap.pack_rows(arr).astype("<u2").tobytes()))
 
     perm = plan.qkv_perm()
     put_w("qkv", lp.qkv, w.qkv_w[:, perm])

@@ -230,10 +230,10 @@ def _token_limits(config: str, max_layers: int = 16) -> dict:
     """``ianus run``'s limits: per layer count of the built-in GPT-2 shape, the most tokens (prefill +
     generated) that fit the device memory under each kind of weight layout (0: the layers do not fit)."""
     from firmware.gpt2 import GptShape
-    from sim.run import DEFAULT_SHAPE, TINY_SHAPE, is_tiny, soc_config, token_limit
+    from sim.run import base_shape, soc_config, token_limit
 
     cfg = soc_config(config)
-    base = TINY_SHAPE if is_tiny(config) else DEFAULT_SHAPE
+    base = base_shape(config)
     out = {}
     for layers in range(1, max_layers + 1):
         shape = GptShape(base.d_model, base.heads, layers)

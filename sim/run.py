@@ -31,23 +31,35 @@ from sim.presets import RTL_CONFIGS, is_tiny  # noqa: F401  (RTL_CONFIGS for ian
 from sim.soc_model import run_job
 from sim.usage import UsageError, check_input_path, check_int, check_output_path, write_atomic
 
-__all__ = ["soc_config", "prepare", "run_backend", "run_rtl_jobs", "main_run", "TINY_SHAPE", "DEFAULT_SHAPE",
+__all__ = ["soc_config", "base_shape", "prepare", "run_backend", "run_rtl_jobs", "main_run", "TINY_SHAPE", "TINY_W4_SHAPE",
+           "DEFAULT_SHAPE",
            "validate_args", "load_input", "stage_progress", "report_rates", "token_limit", "check_fits",
            "MAX_TOKENS", "MAX_LAYERS", "ERROR_BOUND"]
 
 TINY_SHAPE = GptShape(32, 2, 1)
+TINY_W4_SHAPE = GptShape(64, 2, 1)
 DEFAULT_SHAPE = GptShape(768, 12, 1)
 
 
 def soc_config(name: str):
     """The SoC configurations: ``tiny`` gets 64 DRAM rows per bank (a tiny GPT layer's weights, KV cache
-    and programs need more than the PIM unit tests' 16); ``default`` is the preset."""
+    and programs need more than the PIM unit tests' 16); ``default`` is the preset. A tiny variant with 4-bit
+    PIM weights (``tiny-w4``) gets 128 rows (its layer also keeps a BF16 copy of the weights for the matrix
+    unit, :mod:`firmware.memory_plan`) and groups of 64 inputs (its layer, :data:`TINY_W4_SHAPE`, has
+    d_model 64: a 4-bit unit takes 64 inputs per column)."""
     from hw.config import preset
 
     cfg = preset(name)
     if is_tiny(name):
-        cfg = cfg.replace(**{"pim.rows": 64})
+        cfg = cfg.replace(**({"pim.rows": 128, "pim.quant_group": 64} if cfg.pim.lowprec else {"pim.rows": 64}))
     return cfg
+
+
+def base_shape(name: str) -> GptShape:
+    """The one-layer GPT shape of configuration ``name``'s SoC runs (random weights)."""
+    if not is_tiny(name):
+        return DEFAULT_SHAPE
+    return TINY_W4_SHAPE if soc_config(name).pim.lowprec else TINY_SHAPE
 
 
 def reference(x, weights, shape, prefill=None):
@@ -137,7 +149,7 @@ def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weig
     if weights:
         shape, ws = load_weights(weights, heads=heads, layers=layers, allow_nonfinite=allow_nonfinite)
     else:
-        base = TINY_SHAPE if is_tiny(config) else DEFAULT_SHAPE
+        base = base_shape(config)
         shape = GptShape(base.d_model, heads or base.heads, layers)
     if input_file:
         x = load_input(input_file, shape.d_model, allow_nonfinite)

@@ -10,6 +10,7 @@ generation step must beat ``naive`` and ``npu-mem``.
 import numpy as np
 import pytest
 
+from firmware.memory_plan import quantized_weights
 from firmware.runtime import Job, read_outputs
 from hw.spec.soc_isa import SocOp
 from sim.run import prepare, reference
@@ -31,7 +32,7 @@ def _rtl_vs_model(config, policy, prefill, generate, layers=1, name=None, sim="v
     for key, d in job.rtl["dumps"].items():
         got = open(d["path"], "rb").read()
         assert got == m.read(d["addr"], d["n"]), f"{policy}: RTL and model differ in {key}"
-    ref = reference(x, ws, cm.shape)
+    ref = reference(x, quantized_weights(cm.cfg, ws), cm.shape)     # 4-bit PIM: the quantized model
     delta = np.abs(ref - x).max()
     err = np.abs(out - ref).max()
     assert err <= (MU_BOUND if policy == "npu-mem" else PIM_BOUND) * delta, (err, delta)
@@ -236,3 +237,16 @@ def test_tiny_long_prefill_causal_blocks_bit_exact():
     st = [s for s in cm.stages if s.phase == "prefill" and s.name == "qkv_attn"][0]
     lengths = {i.f["n"] for i in decode_program(st.words) if i.op.name == "VECTOR" and i.f["op"] == "SOFTMAX"}
     assert lengths == {32, 48}, lengths
+
+
+def test_tiny_w4_layer_bit_exact():
+    """4-bit PIM weights on the SoC (issue 19): ``tiny-w4`` (INT4 weights in groups of 64, BF16 activations, two
+    accumulator slots) runs a GPT layer of d_model 64 (sim.run.TINY_W4_SHAPE), prefill on the matrix unit from
+    the BF16 copy of the dequantized weights, generation's four FCs as 4-bit GEMV macros (``addr1`` = the
+    layout's chunk; FC1 without GELU, its bias and GELU on the vector unit). RTL bit-exact with the functional
+    model (outputs and K / V), the protocol checker on, within the PIM bound of a float64 block with the
+    dequantized weights; every generation FC stage used the PCU."""
+    cm, res = _rtl_vs_model("tiny-w4", "ianus", 6, 3, name="e2e_ianus_tiny_w4")
+    assert cm.plan.layers[0].lin and all(m == "pim" for (ph, _), m in cm.mapping.items() if ph == "gen")
+    gen = [r for r in res if " gen@" in r["name"] and r["name"].split()[-1] in ("qkv_attn", "proj", "fc1", "fc2")]
+    assert len(gen) == 12 and all(r["counters"]["pcu.completed"] > 0 for r in gen)
