@@ -53,6 +53,8 @@ JOBS["tiny-hpim"] = [(pol, layers, pre, gen) for pol in ("hpim", "ianus") for la
 JOBS["default-hpim"] = [("hpim", 1, 32, 4)]
 # the pipelined processing unit and array (issue 15): a prefill + generation job
 JOBS["tiny-p4"] = [("ianus", 1, 8, 2)]
+# 4-bit PIM weights (issue 19; tests/test_soc_e2e.py::test_tiny_w4_layer_bit_exact's job)
+JOBS["tiny-w4"] = [("ianus", 1, 6, 3)]
 
 
 def job_key(config, policy, layers, prefill, generate) -> str:

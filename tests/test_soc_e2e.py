@@ -245,8 +245,16 @@ def test_tiny_w4_layer_bit_exact():
     the BF16 copy of the dequantized weights, generation's four FCs as 4-bit GEMV macros (``addr1`` = the
     layout's chunk; FC1 without GELU, its bias and GELU on the vector unit). RTL bit-exact with the functional
     model (outputs and K / V), the protocol checker on, within the PIM bound of a float64 block with the
-    dequantized weights; every generation FC stage used the PCU."""
+    dequantized weights; every generation FC stage used the PCU; the performance model (its PCU issues the
+    same 4-bit command program) within 5 % of every program's RTL cycles (sim.calibrate's job ``tiny-w4``)."""
+    from sim import calibrate
+
     cm, res = _rtl_vs_model("tiny-w4", "ianus", 6, 3, name="e2e_ianus_tiny_w4")
     assert cm.plan.layers[0].lin and all(m == "pim" for (ph, _), m in cm.mapping.items() if ph == "gen")
     gen = [r for r in res if " gen@" in r["name"] and r["name"].split()[-1] in ("qkv_attn", "proj", "fc1", "fc2")]
     assert len(gen) == 12 and all(r["counters"]["pcu.completed"] > 0 for r in gen)
+    assert calibrate.JOBS["tiny-w4"] == [("ianus", 1, 6, 3)]
+    rows = calibrate.compare("tiny-w4", "ianus", 1, 6, 3, res)
+    print(calibrate.table(rows, "performance model vs RTL, tiny-w4"))
+    bad = [r for r in rows if abs(r["err"]) > 0.05]
+    assert not bad, bad
