@@ -6,13 +6,18 @@ grid choice and FP8 activations; groups of 64 inputs since XL's d_model 1600 is 
 accumulator slots, ``tMAC`` of the low-precision unit). The performance model's PCU issues the 4-bit GEMV
 program of :mod:`firmware.pim_lowprec` (the program the device RTL runs); FC1's GELU moves to the vector
 unit (the 4-bit program has no activation function). The NPU's summarization reads BF16 weights on every
-variant (the compiler has no 4-bit weight path for the matrix unit), so only generation changes; the KV cache
-stays BF16 (the INT4 KV cache is not modelled), so attention and the vector work do not speed up.
+variant (the matrix unit has no 4-bit path: a 4-bit device keeps a BF16 copy of the dequantized weights in
+column blocks, :mod:`firmware.memory_plan`, which streams faster than the BF16 device's PIM layout on 4 cores);
+the KV cache stays BF16 (the INT4 KV cache is not modelled), so attention and the vector work do not speed up.
 
 Rows: ``lowprec_gen_speedup`` per format (BF16 ms per token / 4-bit ms per token, with the per-operation
 breakdown of both in ms per token) and ``lowprec_gemv_model_speedup`` per GPT-2-small FC shape on the
 ``default`` geometry (one GEMV macro on the performance model: BF16 cycles / 4-bit cycles, and the 4-bit
-program's row-timing bound), the model's counterpart of the RTL rows of :mod:`sim.benchmarks.lowprec`.
+program's row-timing bound), the model's counterpart of the RTL rows of :mod:`sim.benchmarks.lowprec`;
+``lowprec_soc_gen_speedup``: the compiled GPT-2-small layer of the SoC (``default`` geometry, one core, prompt
+of 32, 4 generated tokens; the programs ``ianus run`` runs on the RTL) on the performance model, BF16 cycles per
+generation step / 4-bit cycles, with the per-stage cycles (the model is within 5 % of the RTL on ``tiny-w4``'s
+4-bit programs, tests/test_soc_e2e.py::test_tiny_w4_layer_bit_exact).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def run(quick: bool = False):
                "bf16_ms_per_token": round(rs["gen_ms_per_token"], 4), "ms_per_token": round(s["gen_ms_per_token"], 4),
                "summarization_ms": round(s["summarization_ms"], 3), "bf16_ops_ms": ref_ops, "ops_ms": per_token(p),
                "target": 2.5, "note": "projection (performance model); KV cache BF16, prefill on BF16 weights"}
+    yield from _soc_rows(quick)
     bf = preset("default")
     for name in ("default-w4a8",) if quick else ("default-w4", "default-w4a8"):
         cfg = preset(name)
@@ -72,3 +78,30 @@ def run(quick: bool = False):
                    "config": name, "bf16_cycles": int(a), "w4_cycles": int(b),
                    "w4_bound_cycles": int(bound["cycles"]), "w4_vs_bound": round(b / bound["amortized_cycles"], 3),
                    "note": "one GEMV macro on the performance model (PCU + controllers + device timing)"}
+
+
+def _gen_stage_cycles(config: str) -> dict:
+    """Mean performance-model cycles per generation stage of the SoC's compiled one-layer job."""
+    from firmware.compiler import compile_model
+    from sim.perfmodel import PerfModel, decode_program
+    from sim.run import base_shape, soc_config
+
+    cfg = soc_config(config)
+    cm = compile_model(cfg, base_shape(config), "ianus", 32, 36)
+    m = PerfModel(cfg)
+    per: dict = {}
+    for st in cm.stages:
+        cycles = m.run_program(None, ins=decode_program(st.words)).cycles
+        if st.phase == "gen":
+            per.setdefault(st.name, []).append(cycles)
+    return {k: round(sum(v) / len(v)) for k, v in per.items()}
+
+
+def _soc_rows(quick: bool):
+    ref = _gen_stage_cycles("default")
+    for name in ("default-w4",) if quick else ("default-w4", "default-w4a8"):
+        st = _gen_stage_cycles(name)
+        yield {"name": "lowprec_soc_gen_speedup", "value": round(sum(ref.values()) / sum(st.values()), 3), "unit": "x",
+               "config": name, "bf16_cycles": sum(ref.values()), "w4_cycles": sum(st.values()),
+               "bf16_stages": ref, "w4_stages": st,
+               "note": "GPT-2-small layer, one generation step, SoC programs on the performance model"}
