@@ -217,12 +217,13 @@ def quant_format(cfg: SystemConfig) -> dict:
     return dict(fmt=p.weight_format, group=p.quant_group, scale_format=p.scale_format, grid_choice=p.grid_choice)
 
 
-def quantized_weights(cfg: SystemConfig, weights: list[LayerWeights]) -> list[LayerWeights]:
-    """``weights`` with every FC matrix replaced by its dequantized 4-bit form (float32, exact) in ``cfg``'s
-    format: the model a device with 4-bit PIM weights computes (:func:`pack_layer`); ``weights`` on a BF16 device."""
-    if not cfg.pim.lowprec:
+def quantized_weights(plan: MemoryPlan, weights: list[LayerWeights]) -> list[LayerWeights]:
+    """The model ``plan`` computes: ``weights`` with every FC matrix replaced by its dequantized 4-bit form
+    (float32, exact) when the plan keeps them in the 4-bit PIM layout (:func:`pack_layer`), else ``weights``
+    (a BF16 device, or npu-mem on any device: BF16 weights in column blocks)."""
+    if not plan.layers or not isinstance(plan.layers[0].qkv, W4GemvLayout):
         return list(weights)
-    fmt = quant_format(cfg)
+    fmt = quant_format(plan.cfg)
     return [replace(w, **{k: quantize_weights(getattr(w, k), **fmt).dequantize().astype(np.float32)
                           for k in ("qkv_w", "proj_w", "fc1_w", "fc2_w")}) for w in weights]
 

@@ -26,6 +26,7 @@ from firmware.gpt2 import (
     random_weights,
     reference_block,
 )
+from firmware.memory_plan import quantized_weights
 from firmware.runtime import build_job, read_outputs
 from sim.presets import RTL_CONFIGS, is_tiny  # noqa: F401  (RTL_CONFIGS for ianus run --config)
 from sim.soc_model import run_job
@@ -281,7 +282,8 @@ def summarize(job, out, x, weights, console, wall=None, rows=None, steps=None, t
 
     cm = job.compiled
     rows = cm.total if rows is None else rows
-    ref = reference(x, weights, cm.shape)[:rows]
+    # 4-bit PIM weights: the reference is the quantized model (firmware.memory_plan.quantized_weights)
+    ref = reference(x, quantized_weights(cm.plan, weights), cm.shape)[:rows]
     err = np.abs(out[:rows].astype(np.float64) - ref)
     delta = np.abs(ref - x[:rows]).max()
     mhz = cm.cfg.clocks.pim_mhz

@@ -345,7 +345,7 @@ def test_help_shows_defaults(capsys):
     assert code == 0
     text = " ".join(out.split())
     for opt in ("--config {tiny,default,tiny-dualrb,default-dualrb,tiny-il,default-il,default-4ch,tiny-p4,"
-                "default-p4,tiny-hpim,default-hpim} (default: default)",
+                "default-p4,tiny-hpim,default-hpim,tiny-w4,default-w4} (default: default)",
                 "--policy {ianus,npu-mem,naive,hpim} (default: ianus)",
                 "--seed SEED (default: 0)", "--baseline-steps BASELINE_STEPS generation steps of the baseline "
                 "(gen mode) (default: 1)"):

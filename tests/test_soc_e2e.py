@@ -32,7 +32,7 @@ def _rtl_vs_model(config, policy, prefill, generate, layers=1, name=None, sim="v
     for key, d in job.rtl["dumps"].items():
         got = open(d["path"], "rb").read()
         assert got == m.read(d["addr"], d["n"]), f"{policy}: RTL and model differ in {key}"
-    ref = reference(x, quantized_weights(cm.cfg, ws), cm.shape)     # 4-bit PIM: the quantized model
+    ref = reference(x, quantized_weights(cm.plan, ws), cm.shape)     # 4-bit PIM: the quantized model
     delta = np.abs(ref - x).max()
     err = np.abs(out - ref).max()
     assert err <= (MU_BOUND if policy == "npu-mem" else PIM_BOUND) * delta, (err, delta)
