@@ -93,6 +93,8 @@ class Stage:
 
 
 HEAD_GROUPS = ("auto", "plain", "split")
+GELU_UNITS = ("auto", "pim", "vector")
+"""Where generation's FC1 on a BF16 PIM device applies GELU (:meth:`LayerCompiler._fc1_pim`)."""
 """How generation's QKV GEMV and attention are scheduled under ``ianus``: ``plain`` (one QKV GEMV, then the
 attention of every head), ``split`` (a GEMV per head group, PIM computing group g + 1 while the NPU attends to
 group g) or ``auto`` (the one the cost model estimates faster)."""
@@ -145,9 +147,12 @@ def kv_layout(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: str =
 
 class LayerCompiler:
     def __init__(self, plan: MemoryPlan, policy: str, mapping: dict, head_groups: str = "auto",
-                 head_batch: str = "auto", attn_pipeline: str = "auto"):
+                 head_batch: str = "auto", attn_pipeline: str = "auto", gelu_unit: str = "auto"):
         if head_groups not in HEAD_GROUPS:
             raise CompileError(f"head_groups must be one of {', '.join(HEAD_GROUPS)}, not {head_groups!r}")
+        if gelu_unit not in GELU_UNITS:
+            raise CompileError(f"gelu_unit must be one of {', '.join(GELU_UNITS)}, not {gelu_unit!r}")
+        self.gelu_unit = gelu_unit
         self.plan = plan
         self.cfg = plan.cfg
         self.shape = plan.shape
@@ -403,17 +408,22 @@ class LayerCompiler:
             pb.spm_top = top
 
     def bias_act(self, pb, src, rows, n, bias, gelu, out_addr):
-        """out (BF16) = act(src (FP32) + bias) over ``rows`` rows of ``n``."""
+        """out (BF16) = act(src (FP32) + bias) over ``rows`` rows of ``n`` (``bias`` None: act(src))."""
         L = pb.L
         pb.spm_reset()
-        B = pb.spm(fp32_words(L, n))
-        pb.vdma(True, bias, n * 4, 1, n * 4, B, fp32_words(L, n))
-        for r0, rg in self._groups(rows, fp32_words(L, n) + bf16_words(L, n), fp32_words(L, n)):
+        fixed = 0
+        if bias is not None:
+            B = pb.spm(fp32_words(L, n))
+            pb.vdma(True, bias, n * 4, 1, n * 4, B, fp32_words(L, n))
+            fixed = fp32_words(L, n)
+        for r0, rg in self._groups(rows, fp32_words(L, n) + bf16_words(L, n), fixed):
             top = pb.spm_top
             X = pb.spm(rg * fp32_words(L, n))
             O = pb.spm(rg * bf16_words(L, n))
             pb.vdma(True, src + r0 * n * 4, n * 4, rg, n * 4, X, fp32_words(L, n))
-            if gelu:
+            if bias is None:        # bias already in src (a PIM GEMV's preload)
+                pb.vec(op="GELU" if gelu else "COPY", a=X, d=O, n=n, rows=rg, a_fmt="FP32", d_fmt="BF16")
+            elif gelu:
                 pb.vec(op="ADD", a=X, b=B, d=X, n=n, rows=rg, a_fmt="FP32", b_fmt="FP32", d_fmt="FP32", b_mode="VEC")
                 pb.vec(op="GELU", a=X, d=O, n=n, rows=rg, a_fmt="FP32", d_fmt="BF16")
             else:
@@ -467,6 +477,25 @@ class LayerCompiler:
         pb.pim(op=MacroOp.GEMV, n=K, m=N, row=lay.base_row, addr0=bias or 0, flags=int(flags), addr1=addr1)
         pb.pim(op=MacroOp.READ_RES, n=N, addr0=out_addr, flags=int(MacroFlag.BF16) if bf16 else 0)
         pb.est["pim"] = pb.est.get("pim", 0) + costmodel.pim_fc_cycles(self.cfg, K, N, gelu, write_vec)
+
+    def _fc1_pim(self, pb, lp):
+        """Generation's FC1 on a BF16 PIM device, its GELU in the PIM AF units (one GEMV macro with ``GELU``,
+        BF16 results) or on the vector unit (the GEMV with its bias preloaded, FP32 results, then ``GELU`` in the
+        vector unit): ``gelu_unit``, ``auto`` the cheaper by the cost model. The AF step switches every bank to
+        its LUT row and back once per tile; on the performance model the vector unit's GELU was cheaper on
+        both presets (XL FC1 on ``ianus``: 17,745 -> 15,054 cycles; GPT-2 small on ``default``: 20,597 ->
+        14,837). The two GELUs are different approximations (the AF's LUT, the vector unit's tanh form:
+        the prefill's)."""
+        from firmware import costmodel
+        b, d, f = self.plan.buffers, self.shape.d_model, self.shape.ffn
+        unit = costmodel.gelu_unit(self.cfg, d, f) if self.gelu_unit == "auto" else self.gelu_unit
+        if unit == "pim":
+            self.fc_pim(pb, b["h"], d, lp.fc1, f, lp.fc1_b, b["g"], gelu=True, bf16=True)
+        else:
+            self.fc_pim(pb, b["h"], d, lp.fc1, f, lp.fc1_b, b["y"])
+            pb.fence(Unit.PCU)
+            self.bias_act(pb, b["y"], 1, f, None, True, b["g"])
+        pb.est["gelu_unit"] = unit
 
     def _qkv_attn_plain(self, pb, lp, pos0):
         b, d, H = self.plan.buffers, self.shape.d_model, self.shape.heads
@@ -583,7 +612,7 @@ class LayerCompiler:
                 pb.fence(Unit.PCU)
                 self.bias_act(pb, b["y"], rows, f, lp.fc1_b, True, b["g"])
             else:
-                self.fc_pim(pb, b["h"], d, lp.fc1, f, lp.fc1_b, b["g"], gelu=True, bf16=True)
+                self._fc1_pim(pb, lp)
         elif name == "fc2":
             where = self.mapping[(phase, "fc2")]
             if where == "mu":
@@ -658,7 +687,7 @@ def choose_mapping(cfg, shape, policy, prefill) -> dict:
 
 def compile_model(cfg: SystemConfig, shape: GptShape, policy: str, prefill: int, total: int,
                   groups: int = 4, head_groups: str = "auto", head_batch: str = "auto",
-                  attn_pipeline: str = "auto") -> CompiledModel:
+                  attn_pipeline: str = "auto", gelu_unit: str = "auto") -> CompiledModel:
     if policy not in POLICIES:
         raise CompileError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     if not 1 <= prefill <= total:
@@ -666,7 +695,7 @@ def compile_model(cfg: SystemConfig, shape: GptShape, policy: str, prefill: int,
     plan = plan_memory(cfg, shape, total, groups=groups, pim_layout=(policy != "npu-mem"),
                        kv_layout=kv_layout(cfg, shape, policy, head_batch))
     mapping = choose_mapping(cfg, shape, policy, prefill)
-    lc = LayerCompiler(plan, policy, mapping, head_groups, head_batch, attn_pipeline)
+    lc = LayerCompiler(plan, policy, mapping, head_groups, head_batch, attn_pipeline, gelu_unit)
     stages = []
     for i in range(shape.layers):
         for name in STAGES:

@@ -66,6 +66,17 @@ def pim_fc_cycles(cfg, K, N, gelu=False, write_vec=True, pitch=0) -> int:
     return int(PCU_OVERHEAD * b + io + 2 * MEM_LATENCY)
 
 
+def gelu_unit(cfg, K: int, N: int) -> str:
+    """Where generation's FC1 (``K x N``, a GEMV on a BF16 PIM device) applies its GELU: ``"pim"`` (the GEMV
+    macro's AF step: every bank switches to its LUT row and back once per tile) or ``"vector"`` (the GEMV with
+    its bias, FP32 results, a FENCE, then one VLOAD, the vector unit's GELU and one VSTORE), whichever this
+    model estimates cheaper (:meth:`firmware.compiler.LayerCompiler._fc1_pim`, :mod:`sim.bounds`)."""
+    pim = pim_fc_cycles(cfg, K, N, gelu=True)
+    vec = (pim_fc_cycles(cfg, K, N, gelu=False) + FENCE_CYCLES + vdma_cycles(cfg, 1, N * 4)
+           + vector_cycles(cfg, {"op": "GELU", "n": N, "rows": 1}) + vdma_cycles(cfg, 1, N * 2))
+    return "vector" if vec < pim else "pim"
+
+
 def vector_cycles(cfg, f: dict) -> int:
     """Vector-unit cycles of one instruction (:func:`hw.spec.vector_isa.vector_cycles`)."""
     from hw.spec.vector_isa import vector_cycles as cycles

@@ -236,7 +236,8 @@ def stage_work(shape: GptShape, mapping: dict, phase: str, stage: str, rows: int
     """{op: :class:`Work`} of one compiled stage (:data:`firmware.compiler.STAGES`) of one layer.
 
     ``phase`` is ``"prefill"`` / ``"gen"`` (the compiler's names) or ``"summarization"`` /
-    ``"generation"``; ``mapping`` is :func:`firmware.compiler.choose_mapping`'s ``{(phase, fc): "mu" | "pim"}``;
+    ``"generation"``; ``mapping`` is :func:`firmware.compiler.choose_mapping`'s ``{(phase, fc): "mu" | "pim"}``
+    (with ``(phase, "gelu"): "pim" | "vector"``, where a PIM FC1's GELU runs, default ``"pim"``);
     ``rows`` tokens starting at position ``pos0``."""
     ph = {"summarization": "prefill", "generation": "gen"}.get(phase, phase)
     if ph not in ("prefill", "gen"):
@@ -259,9 +260,13 @@ def stage_work(shape: GptShape, mapping: dict, phase: str, stage: str, rows: int
         return {"proj": _fc(d, d, T, where["proj"], bias=not mu), "vector": _residual(d, T, mu)}
     if stage == "fc1":
         mu = where["fc1"] == "mu"
-        out = {"ffn": _fc(d, f, T, where["fc1"], gelu=not mu, bias=not mu)}
+        # a PIM FC1's GELU: in the AF step (gelu "pim") or on the vector unit (firmware.costmodel.gelu_unit)
+        af = not mu and mapping.get((ph, "gelu"), "pim") == "pim"
+        out = {"ffn": _fc(d, f, T, where["fc1"], gelu=af, bias=not mu)}
         if mu:
             out["vector"] = Work(vdma_bytes=2 * BF16 * T * f, io_bytes=FP32 * f, vec_elems=T * f)
+        elif not af:
+            out["vector"] = Work(vdma_bytes=(FP32 + BF16) * T * f, vec_elems=T * f)
         return out
     mu = where["fc2"] == "mu"
     return {"ffn": _fc(f, d, T, where["fc2"], bias=not mu), "vector": _residual(d, T, mu)}
@@ -277,7 +282,11 @@ def phase_work(shape: GptShape, mapping: dict, phase: str, rows: int, pos0: int)
 
 
 def _mapping(cfg, shape, policy, n_in):
-    return choose_mapping(cfg, GptShape(shape.d_model, shape.heads, 1, shape.eps), policy, n_in)
+    """The compiler's mapping, and (key ``(phase, "gelu")``) where a PIM FC1 applies its GELU."""
+    from firmware.costmodel import gelu_unit
+
+    m = choose_mapping(cfg, GptShape(shape.d_model, shape.heads, 1, shape.eps), policy, n_in)
+    return {**m, **{(ph, "gelu"): gelu_unit(cfg, shape.d_model, shape.ffn) for ph in ("prefill", "gen")}}
 
 
 def op_bounds(cfg: SystemConfig, shape: GptShape, policy: str, n_in: int, phase: str, rows: int, pos0: int,

@@ -142,7 +142,8 @@ def load_input(path, d_model: int | None = None, allow_nonfinite: bool = False) 
 
 
 def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weights=None, input_file=None,
-            heads=None, seed=0, allow_nonfinite=False, head_groups="auto", head_batch="auto", attn_pipeline="auto"):
+            heads=None, seed=0, allow_nonfinite=False, head_groups="auto", head_batch="auto", attn_pipeline="auto",
+            gelu_unit="auto"):
     """Compile and lay out a job. With ``input_file`` the first ``prefill`` of its tokens are prefilled
     and the next ``generate`` generated (all the rest when ``generate`` is None)."""
     cfg = soc_config(config)
@@ -172,7 +173,7 @@ def prepare(config="tiny", policy="ianus", layers=1, prefill=8, generate=2, weig
     if x is None:
         x = np.random.default_rng(seed + 1).standard_normal((total, shape.d_model)).astype(np.float32)
     cm = compile_model(cfg, shape, policy, prefill, total, head_groups=head_groups, head_batch=head_batch,
-                       attn_pipeline=attn_pipeline)
+                       attn_pipeline=attn_pipeline, gelu_unit=gelu_unit)
     job = build_job(cm, ws, x)
     return cm, job, x, ws
 

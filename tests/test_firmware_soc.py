@@ -187,6 +187,29 @@ def test_head_group_split_same_bits_and_auto_follows_the_performance_model():
     assert cycles["auto"] == min(cycles["plain"], cycles["split"]), cycles
 
 
+@pytest.mark.parametrize("config, d", [("tiny", 32), ("default", 768)])
+def test_gelu_unit_choice_is_the_faster_on_the_performance_model(config, d):
+    """Generation's FC1 with its GELU in the PIM AF units or on the vector unit (``gelu_unit``): ``auto`` takes
+    the one the calibrated performance model runs faster (the AF units on tiny, the vector unit on default)."""
+    from firmware.compiler import LayerCompiler, choose_mapping
+    from sim.perfmodel import PerfModel, decode_program
+
+    cfg = soc_config(config)
+    shape = GptShape(d, 2 if config == "tiny" else 12, 1)
+    plan = plan_memory(cfg, shape, 40)
+    cycles, units = {}, {}
+    for gu in ("auto", "pim", "vector"):
+        lc = LayerCompiler(plan, "ianus", choose_mapping(cfg, shape, "ianus", 32), gelu_unit=gu)
+        st = lc.stage(0, "gen", "fc1", 1, 32)
+        cycles[gu] = PerfModel(cfg).run_program(None, ins=decode_program(st.words)).cycles
+        units[gu] = st.est["gelu_unit"]
+    assert units["pim"] == "pim" and units["vector"] == "vector"
+    assert cycles["auto"] == min(cycles["pim"], cycles["vector"]), (units, cycles)
+    assert units["auto"] == ("pim" if config == "tiny" else "vector"), (units, cycles)
+    with pytest.raises(CompileError, match="gelu_unit must be one of auto, pim, vector, not 'npu'"):
+        LayerCompiler(plan, "ianus", choose_mapping(cfg, shape, "ianus", 32), gelu_unit="npu")
+
+
 def test_compile_errors():
     with pytest.raises(CompileError, match="policy must be one of"):
         compile_model(CFG, SHAPE, "fast", 4, 4)

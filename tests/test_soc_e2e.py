@@ -21,9 +21,9 @@ MU_BOUND, PIM_BOUND = 0.01, 0.10
 
 
 def _rtl_vs_model(config, policy, prefill, generate, layers=1, name=None, sim="verilator", head_groups="auto",
-                  head_batch="auto", attn_pipeline="auto"):
+                  head_batch="auto", attn_pipeline="auto", gelu_unit="auto"):
     cm, job, x, ws = prepare(config, policy, layers, prefill, generate, head_groups=head_groups,
-                             head_batch=head_batch, attn_pipeline=attn_pipeline)
+                             head_batch=head_batch, attn_pipeline=attn_pipeline, gelu_unit=gelu_unit)
     out, res = run_rtl(job, sim=sim, test_name=name or f"e2e_{policy}_{config}")
     m = run_job(Job(job.compiled, job.image, job.programs))
     want = read_outputs(cm, m.read)
@@ -54,6 +54,26 @@ def test_tiny_all_policies_bit_exact_and_ianus_fastest():
                 assert r["counters"]["pcu.completed"] == 0, "npu-mem must not use PIM"
     assert cycles["ianus"] < cycles["npu-mem"], cycles
     assert cycles["ianus"] <= cycles["naive"], cycles
+
+
+def test_tiny_gelu_on_the_vector_unit_bit_exact():
+    """Generation's FC1 with its GELU on the vector unit (``gelu_unit='vector'``: the GEMV with the bias
+    preloaded, FP32 results, GELU in the vector unit), which ``auto`` chooses on ``default`` and ``ianus`` (not on
+    tiny, where the AF step is cheaper): on the RTL, bit-exact with the functional model, the protocol checker
+    on; the PIM GEMV had no GELU flag."""
+    from hw.spec import soc_isa
+    from hw.spec.macro import MacroFlag, MacroOp, decode
+
+    cm, res = _rtl_vs_model("tiny", "ianus", 6, 2, name="e2e_ianus_tiny_gelu_vector", gelu_unit="vector")
+    fc1 = [st for st in cm.stages if st.phase == "gen" and st.name == "fc1"]
+    assert fc1 and all(st.est["gelu_unit"] == "vector" for st in fc1)
+    for st in fc1:
+        macros = [decode([(w["word"] >> (32 * i)) & 0xFFFFFFFF for i in range(4)])
+                  for w in map(soc_isa.decode, st.words) if w["op"] == soc_isa.SocOp.PIM]
+        gemv = [mc for mc in macros if mc.op == MacroOp.GEMV]
+        assert len(gemv) == 1 and not gemv[0].flags & MacroFlag.GELU and gemv[0].flags & MacroFlag.BIAS
+    auto, *_ = prepare("tiny", "ianus", 1, 6, 2)
+    assert all(st.est["gelu_unit"] == "pim" for st in auto.stages if st.phase == "gen" and st.name == "fc1")
 
 
 def test_tiny_head_group_split_bit_exact():
