@@ -113,9 +113,10 @@ import numpy as np
 
 from firmware.compiler import LayerCompiler, kv_layout, plan_memory
 from firmware.gpt2 import GptShape
-from firmware.program import ProgramBuilder, bf16_words, f32_imm, fp32_words, round_up
+from firmware.program import ProgramBuilder, round_up
 from hw.config import SystemConfig, preset
 from hw.spec.soc_isa import Unit
+from sim.neupims_fw import FW_SAMPLES, attention_sample, interp, pim_config, vt_append_sample
 from sim.perfmodel import PerfModel, decode_program, micro_for, stage_tags
 from sim.projection_core import allreduce_s
 
@@ -131,7 +132,6 @@ LEN_MEDIAN, LEN_SIGMA = 217.0, 0.75
 V_GRANULE = 128
 """Positions per allocation granule of a head's V rows (8 columns of 16 BF16)."""
 NPU_ATT_SAMPLES = (16, 128, 512, 1024, 2048)
-SOFTMAX_REPS = 4
 
 
 class NeuPimsCapacityError(ValueError):
@@ -296,12 +296,23 @@ class NeuPimsModel:
     devices: int = 1
     cfg_single: SystemConfig = field(default_factory=lambda: preset("ianus"))
     cfg_dual: SystemConfig = field(default_factory=lambda: preset("neupims"))
+    npu_interleave: int = 256
+    """Channel interleave (bytes) of the NPU's normal traffic in the performance model: 256 (plain GDDR6, the
+    ``npu-mem`` mapping) at paper scale, 0 for the configuration's own map (the RTL's Row-Channel-Bank-Column
+    map of the batched programs: the small cases checked against the RTL)."""
+    pim_layout: str = "channel"
+    """``channel``: NeuPIMs' layout, each request's K and V in one channel whose PIM commands are scheduled on
+    their own (the firmware's attention timed on a one-channel configuration, channels in parallel);
+    ``spread``: the RTL's (:mod:`firmware.batch`), a request's tokens over all channels, one PCU driving every
+    channel, requests one after the other."""
 
     def __post_init__(self):
         if self.shape.heads % self.devices:
             raise ValueError(f"devices ({self.devices}) must divide the {self.shape.heads} heads")
         if self.cfg_dual.pim.row_buffers != 2 or self.cfg_single.pim.row_buffers != 1:
             raise ValueError("cfg_single needs row_buffers = 1 and cfg_dual row_buffers = 2")
+        if self.pim_layout not in ("channel", "spread"):
+            raise ValueError(f"pim_layout must be channel or spread, not {self.pim_layout!r}")
         self.hd = self.shape.head_dim
         self.heads_dev = self.shape.heads // self.devices
         self._models, self._cache = {}, {}
@@ -311,7 +322,7 @@ class NeuPimsModel:
     def _perf(self, cfg):
         k = _cfg_key(cfg)
         if k not in self._models:
-            micro = dataclasses.replace(micro_for(cfg), interleave=256)
+            micro = dataclasses.replace(micro_for(cfg), interleave=self.npu_interleave)
             self._models[k] = PerfModel(cfg, micro)
         return self._models[k]
 
@@ -342,11 +353,12 @@ class NeuPimsModel:
         bus = acc / cfg.pim.channels * cfg.timing.tCCD
         return {"cycles": c, "vector": sbd.get("vector", 0.0), "mem_bus": bus}
 
-    def npu_stage(self, cfg, rows: int, link: bool = False) -> tuple[dict, dict]:
+    def npu_stage(self, cfg, rows: int, link: bool = False, pim: bool = False) -> tuple[dict, dict]:
         """(pre, post) NPU work of ``rows`` requests per layer and device: cycles, vector cycles, DRAM-bound
-        share; ``pre`` = ln1 + QKV (+ bias, scatter), ``post`` = projection + residual, ln2, FC1 + GELU, FC2 +
-        residual (with its two all-reduces over the link when ``link``)."""
-        key = ("npu", _cfg_key(cfg), rows, link)
+        share; ``pre`` = ln1 + QKV (+ bias, scatter; ``pim``: + every request's V^T append,
+        :meth:`vt_append`), ``post`` = projection + residual, ln2, FC1 + GELU, FC2 + residual (with its two
+        all-reduces over the link when ``link``)."""
+        key = ("npu", _cfg_key(cfg), rows, link, pim)
         if key in self._cache:
             return self._cache[key]
         lc = self._compiler(cfg, rows)
@@ -362,6 +374,10 @@ class NeuPimsModel:
         pb.fence(Unit.VQ)
         pb.end()
         parts["qkv"] = self._scaled(cfg, *self._run(cfg, ("qkv", rows), pb.words, "qkv_attn"))
+        if pim:
+            vt = self.vt_append(cfg)
+            parts["qkv"] = {"cycles": parts["qkv"]["cycles"] + rows * vt["cycles"], "vector": parts["qkv"]["vector"],
+                            "mem_bus": parts["qkv"]["mem_bus"] + rows * vt["mem_bus"]}
         comm = 0.0
         if link and self.devices > 1:
             comm = allreduce_s(cfg, self.shape, rows, self.devices)[0] * cfg.clocks.pim_mhz * 1e6
@@ -374,31 +390,27 @@ class NeuPimsModel:
         self._cache[key] = out
         return out
 
-    def softmax_cycles(self, cfg, L: int) -> float:
-        """Scale + softmax of one request's heads on this device (FP32 scores -> BF16 probabilities): one SCALE
-        and one SOFTMAX over ``heads`` rows (the heads of a request share its length; the performance model
-        spreads the rows over the cores' vector units). The marginal cost of one more request in a stream of
-        them: ``(T(1 + REPS) - T(1)) / REPS`` of programs of 1 and 1 + REPS requests, so that the program's
-        start-up and END are not charged per request."""
-        Lp = round_up(L, 16)
-        h = self.heads_dev
+    def fw_request(self, cfg, L: int) -> dict:
+        """The firmware's PIM attention of one request of ``L`` keys on this device, timed on the performance
+        model (:func:`sim.neupims_fw.attention_sample`, interpolated between :data:`sim.neupims_fw.FW_SAMPLES`)
+        on the request's channel (``pim_layout`` ``channel``) or on all channels (``spread``): ``marginal``,
+        ``start``, ``vector``, ``pcu``, ``commands`` (per channel the request uses)."""
+        key = ("fw", repr(cfg), self.pim_layout)
+        if key not in self._cache:
+            c = pim_config(cfg, self.pim_layout == "channel")
+            self._cache[key] = [attention_sample(c, self.heads_dev, self.hd, x) for x in FW_SAMPLES]
+        ss = self._cache[key]
+        out = {k: max(0.0, interp(FW_SAMPLES, [s[k] for s in ss], L)) for k in ss[0]}
+        out["commands"] /= 1 if self.pim_layout == "channel" else cfg.pim.channels
+        return out
 
-        def prog(reps):
-            pb = ProgramBuilder(cfg)
-            Lw = pb.L
-            pb.spm_reset()
-            for _ in range(reps):
-                top = pb.spm_top
-                X = pb.spm(h * fp32_words(Lw, Lp))
-                P = pb.spm(h * bf16_words(Lw, Lp))
-                pb.vec(op="SCALE", a=X, d=X, n=Lp, rows=h, a_fmt="FP32", d_fmt="FP32",
-                       imm0=f32_imm(1.0 / math.sqrt(self.hd)), imm1=0x80000000)
-                pb.vec(op="SOFTMAX", a=X, d=P, n=Lp, rows=h, a_fmt="FP32", d_fmt="BF16", mask="CAUSAL", pos=L - 1)
-                pb.spm_top = top
-            pb.fence(Unit.VQ)
-            pb.end()
-            return self._run(cfg, ("softmax", h, Lp, reps), pb.words, "ln1")[0]
-        return (prog(1 + SOFTMAX_REPS) - prog(1)) / SOFTMAX_REPS
+    def vt_append(self, cfg) -> dict:
+        """One request's V^T append in the ``qkv`` stage, per device (:func:`sim.neupims_fw.vt_append_sample`
+        on all channels: the matrix unit's GEMM reads over every channel)."""
+        key = ("vt", repr(cfg))
+        if key not in self._cache:
+            self._cache[key] = vt_append_sample(pim_config(cfg, False), self.heads_dev, self.hd)
+        return self._cache[key]
 
     def pim_request(self, cfg, L: int) -> dict:
         """PIM cycles (refresh amortized) and bus commands of one request's attention on this device."""
@@ -467,28 +479,23 @@ class NeuPimsModel:
         self.assign_channels(cfg or self.cfg_single, lengths)
 
     def attention(self, cfg, lengths, chans, members) -> dict:
-        """PIM attention of the requests ``members`` (a set of indices) over their channels."""
-        per = [0.0] * len(chans)
-        cmds = [0.0] * len(chans)
-        sm, short = 0.0, None
-        for c, reqs in enumerate(chans):
-            for i in reqs:
-                if i not in members:
-                    continue
-                r = self.pim_request(cfg, int(lengths[i]))
-                per[c] += r["cycles"]
-                cmds[c] += r["commands"]
-                sm += self.softmax_cycles(cfg, int(lengths[i]))
-                if short is None or lengths[i] < lengths[short]:
-                    short = i
-        if short is None:
+        """PIM attention of the requests ``members`` (a set of indices): per stream (a channel's requests, or
+        all of them one after the other with ``pim_layout`` ``spread``) the firmware's pipeline, ``start`` of
+        its first request + every request's ``marginal`` (:meth:`fw_request`); the streams in parallel, the
+        vector unit shared (at least every softmax + the shortest request's PIM work)."""
+        streams = chans if self.pim_layout == "channel" else [sorted(i for r in chans for i in r)]
+        per, cmds, vec, pcu = [], [], 0.0, []
+        for reqs in streams:
+            f = [self.fw_request(cfg, int(lengths[i])) for i in reqs if i in members]
+            per.append(sum(x["marginal"] for x in f) + (f[0]["start"] if f else 0.0))
+            cmds.append(sum(x["commands"] for x in f))
+            vec += sum(x["vector"] for x in f)
+            pcu += [x["pcu"] for x in f]
+        if not pcu:
             return {"cycles": 0.0, "bus_util": 0.0, "softmax": 0.0}
-        busiest = max(range(len(per)), key=lambda c: per[c])
-        one_sm = self.softmax_cycles(cfg, int(lengths[short]))
-        one_gemv = self.pim_request(cfg, int(lengths[short]))["one_head"]
-        cyc = max(per[busiest] + one_sm, sm + one_gemv)
-        util = max(cmds[c] / cyc for c in range(len(per)))
-        return {"cycles": cyc, "bus_util": min(1.0, util), "softmax": sm, "pim_busiest": per[busiest]}
+        cyc = max(max(per), vec + min(pcu))
+        util = max(c / cyc for c in cmds)
+        return {"cycles": cyc, "bus_util": min(1.0, util), "softmax": vec, "pim_busiest": max(per)}
 
     # -- policies ---------------------------------------------------------------------------------
     def step(self, policy: str, lengths, link: bool = False) -> dict:
@@ -508,7 +515,7 @@ class NeuPimsModel:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         cfg = self.cfg_single if policy == "naive" else self.cfg_dual
         chans = self.assign_channels(cfg, lengths)
-        pre, post = self.npu_stage(cfg, B, link)
+        pre, post = self.npu_stage(cfg, B, link, pim=True)
         att = self.attention(cfg, lengths, chans, set(range(B)))
         serial = Ly * (pre["cycles"] + post["cycles"] + att["cycles"])
         out = {"cycles": serial, "npu": Ly * (pre["cycles"] + post["cycles"]), "attention": Ly * att["cycles"],
@@ -519,7 +526,8 @@ class NeuPimsModel:
             sizes = (len(split[0]), len(split[1]))
             if 0 in sizes:
                 continue
-            pres, posts, atts = zip(*[(*self.npu_stage(cfg, len(s), link), self.attention(cfg, lengths, chans, s))
+            pres, posts, atts = zip(*[(*self.npu_stage(cfg, len(s), link, pim=True),
+                                       self.attention(cfg, lengths, chans, s))
                                       for s in split], strict=True)
             t = interleaved_cycles(Ly, list(pres), list(posts), list(atts), dual=True)
             out["candidates"][name] = t

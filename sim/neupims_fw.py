@@ -1,0 +1,120 @@
+"""The firmware's PIM attention and V^T appends timed on the calibrated performance model, for the NeuPIMs
+projection (:mod:`sim.neupims_model`, issue 18).
+
+What the RTL does per request of ``L`` keys under ``naive`` / ``neupims`` (:mod:`firmware.batch`), and what an
+analytic GEMV bound leaves out:
+
+* **Attention** (:meth:`firmware.batch.BatchCompiler.pim_attention`): per head six PIM macros, each a PCU command
+  of its own (queue latency, hand-over to the next macro): WRITE_VEC of q from DRAM into the global buffer,
+  the scores GEMV over the packed K tiles, READ_RES of the ``L`` FP32 scores to DRAM, WRITE_VEC of the
+  probabilities from DRAM, the ``P V`` GEMV over the packed V^T tiles, READ_RES of the BF16 outputs; between
+  them the softmax on the vector unit with its own DRAM round trip (VLOAD of the scores, SCALE, one SOFTMAX per
+  head, VSTORE of the probabilities) and the FENCEs of the software pipeline (PIM computes request ``j + 1``'s
+  scores while the vector unit normalises request ``j``; ``P V`` of ``j`` then waits for the softmax).
+* **V^T append** (:meth:`firmware.batch.BatchCompiler.vt_update`, in the ``qkv`` stage): per request one
+  matrix-unit GEMM ``I[hd, hd] @ V[group]^T`` into a scratch buffer, then per head and tile one VSTORE of
+  ``head_dim`` 32-byte rows (a column of V^T, one write per DRAM row).
+
+Rather than adding each of these as an analytic term, the firmware's own programs are compiled for one layer of
+``heads`` heads of ``head_dim`` (a reduced ``d_model = heads x head_dim``: only the heads matter to these
+programs) and timed on the calibrated performance model (:mod:`sim.perfmodel`, within 1 % of the RTL's batched
+steps, README), for ``1`` and ``1 + REPS`` identical requests of ``L`` keys: the difference over ``REPS`` is
+the marginal cost of one more request in the pipeline, the rest the one-off start of a stream (the first
+request's scores, which nothing overlaps, the program's start and END). Sampled at :data:`FW_SAMPLES` lengths
+and interpolated linearly (the work is linear in L except for the V^T pitch, a power of two of ``L / 16``: the
+samples are at the powers of two, where the pitch is exact). Beyond the global buffer's values (1,024 keys:
+the firmware keeps V^T in one input chunk and refuses longer requests) the last two samples are extrapolated
+linearly.
+
+The programs need the Row-Channel-Bank-Column address map (the firmware's PIM layouts): they are planned and
+timed on the configuration with ``channel_interleave = 0``. This module only times the firmware; it is not
+imported by it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from firmware.gpt2 import GptShape
+from firmware.program import ProgramBuilder, round_up
+from hw.config import SystemConfig
+from hw.spec.soc_isa import Unit
+
+__all__ = ["FW_SAMPLES", "REPS", "pim_config", "attention_sample", "vt_append_sample", "interp"]
+
+FW_SAMPLES = (16, 32, 48, 64, 80, 128, 144, 256, 272, 512, 528, 1024)
+"""Lengths timed: the ends of every V^T pitch's range (a power of two of ``ceil(L / 16)``: ``2^k + 16 .. 2^(k+1)``),
+so that the interpolation stays within one pitch."""
+REPS = 3
+
+
+def pim_config(cfg: SystemConfig, one_channel: bool) -> SystemConfig:
+    """``cfg`` with the firmware's Row-Channel-Bank-Column map; ``one_channel``: a single channel (NeuPIMs'
+    layout: a request's K and V in one channel, its macros driving that channel alone)."""
+    over = {"pim.channel_interleave": 0}
+    if one_channel:
+        over["pim.channels"] = 1
+    return cfg.replace(**over)
+
+
+def _compiler(cfg: SystemConfig, heads: int, hd: int, n: int, cap: int):
+    from firmware.batch import BatchCompiler, plan_batch
+    shape = GptShape(heads * hd, heads, 1)
+    bp = plan_batch(cfg, shape, "naive", n, cap, io_slots=1, prog_bytes=1 << 16)
+    return BatchCompiler(bp), bp.layout(bp.pool_rows[0], cap)
+
+
+def _time(cfg: SystemConfig, words) -> tuple[float, dict, dict]:
+    from sim.perfmodel import PerfModel, decode_program, micro_for
+    r = PerfModel(cfg, micro_for(cfg)).run_program(None, ins=decode_program(words))
+    return float(r.cycles), dict(r.busy), dict(r.events)
+
+
+def _commands(ev: dict) -> float:
+    """Commands on the channels' buses (PIM columns and row commands, DRAM bursts), summed over channels."""
+    return float(ev.get("pim_mac_cols", 0) + ev.get("pim_gb_writes", 0) + ev.get("pim_io_cols", 0)
+                 + 2 * ev.get("pim_acts", 0) + ev.get("dram_reads", 0) + ev.get("dram_writes", 0)
+                 + 2 * ev.get("dram_acts", 0))
+
+
+def attention_sample(cfg: SystemConfig, heads: int, hd: int, L: int) -> dict:
+    """The firmware's PIM attention of requests of ``L`` keys (``heads`` heads of ``head_dim`` ``hd``) on
+    ``cfg`` (already :func:`pim_config`): ``marginal`` (cycles of one more request in the pipeline),
+    ``start`` (the one-off cycles of a stream), ``vector`` and ``pcu`` (busy cycles of the vector unit and the
+    PCU per request) and ``commands`` (bus commands per request, summed over channels)."""
+    out = []
+    for n in (1, 1 + REPS):
+        bc, kv = _compiler(cfg, heads, hd, n, L)
+        pb = ProgramBuilder(cfg)
+        bc.pim_attention(pb, 0, [(kv, L - 1)] * n)
+        pb.end()
+        out.append(_time(cfg, pb.words))
+    (c1, b1, e1), (cn, _, en) = out
+    m = (cn - c1) / REPS
+    return {"marginal": m, "start": c1 - m, "vector": b1.get("vq", 0.0), "pcu": b1.get("pcu", 0.0),
+            "commands": (_commands(en) - _commands(e1)) / REPS}
+
+
+def vt_append_sample(cfg: SystemConfig, heads: int, hd: int, L: int = 256) -> dict:
+    """One request's V^T append (:meth:`firmware.batch.BatchCompiler.vt_update`: the identity GEMM and the
+    per-head column writes) on ``cfg`` (already :func:`pim_config`), marginal in a batch: ``cycles`` and
+    ``mem_bus`` (its DRAM accesses' command-bus cycles per channel). It does not depend on the request's length
+    beyond V^T's pitch (the column's address); ``L`` a typical one."""
+    res = []
+    for n in (1, 1 + REPS):
+        bc, kv = _compiler(cfg, heads, hd, n, round_up(L, 16))
+        pb = ProgramBuilder(cfg)
+        bc.vt_update(pb, 0, [(kv, L - 1)] * n)
+        pb.fence(Unit.MU)
+        pb.end()
+        res.append(_time(cfg, pb.words))
+    (c1, _, e1), (cn, _, en) = res
+    acc = sum(en.get(k, 0) - e1.get(k, 0) for k in ("dram_reads", "dram_writes")) / REPS
+    return {"cycles": (cn - c1) / REPS, "mem_bus": acc / cfg.pim.channels * cfg.timing.tCCD}
+
+
+def interp(xs, ys, x: float) -> float:
+    """Linear in ``x`` through the samples, extrapolated from the last two beyond them."""
+    if x > xs[-1]:
+        return float(ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (x - xs[-1]))
+    return float(np.interp(x, xs, ys))
