@@ -18,7 +18,7 @@ analytic GEMV bound leaves out:
 Rather than adding each of these as an analytic term, the firmware's own programs are compiled for one layer of
 ``heads`` heads of ``head_dim`` (a reduced ``d_model = heads x head_dim``: only the heads matter to these
 programs) and timed on the calibrated performance model (:mod:`sim.perfmodel`, within 1 % of the RTL's batched
-steps, README), for ``1`` and ``1 + REPS`` identical requests of ``L`` keys: the difference over ``REPS`` is
+steps, README), for ``1`` and ``1 + REPS`` requests of ``L`` keys (each its own KV allocation): the difference over ``REPS`` is
 the marginal cost of one more request in the pipeline, the rest the one-off start of a stream (the first
 request's scores, which nothing overlaps, the program's start and END). Sampled at :data:`FW_SAMPLES` lengths
 and interpolated linearly (the work is linear in L except for the V^T pitch, a power of two of ``L / 16``: the
@@ -40,12 +40,17 @@ from firmware.program import ProgramBuilder, round_up
 from hw.config import SystemConfig
 from hw.spec.soc_isa import Unit
 
-__all__ = ["FW_SAMPLES", "REPS", "pim_config", "attention_sample", "vt_append_sample", "interp"]
+__all__ = ["FW_SAMPLES", "REPS", "samples", "pim_config", "attention_sample", "npu_attention_sample", "append_sample", "interp"]
 
 FW_SAMPLES = (16, 32, 48, 64, 80, 128, 144, 256, 272, 512, 528, 1024)
 """Lengths timed: the ends of every V^T pitch's range (a power of two of ``ceil(L / 16)``: ``2^k + 16 .. 2^(k+1)``),
 so that the interpolation stays within one pitch."""
 REPS = 3
+
+
+def samples(cfg: SystemConfig) -> tuple[int, ...]:
+    """The lengths of :data:`FW_SAMPLES` the firmware can compile on ``cfg`` (at most its global buffer's values)."""
+    return tuple(x for x in FW_SAMPLES if x <= cfg.pim.gb_values)
 
 
 def pim_config(cfg: SystemConfig, one_channel: bool) -> SystemConfig:
@@ -57,16 +62,23 @@ def pim_config(cfg: SystemConfig, one_channel: bool) -> SystemConfig:
     return cfg.replace(**over)
 
 
-def _compiler(cfg: SystemConfig, heads: int, hd: int, n: int, cap: int):
+def _compiler(cfg: SystemConfig, heads: int, hd: int, n: int, cap: int, policy: str = "naive"):
     from firmware.batch import BatchCompiler, plan_batch
     shape = GptShape(heads * hd, heads, 1)
-    bp = plan_batch(cfg, shape, "naive", n, cap, io_slots=1, prog_bytes=1 << 16)
-    return BatchCompiler(bp), bp.layout(bp.pool_rows[0], cap)
+    bp = plan_batch(cfg, shape, policy, n, cap, io_slots=1, prog_bytes=1 << 16)
+    kvs, row = [], bp.pool_rows[0]
+    for _ in range(n):              # each request its own allocation, as the runtime's KV pool gives them
+        kvs.append(bp.layout(row, cap))
+        row += kvs[-1].rows
+    return BatchCompiler(bp), kvs
 
 
-def _time(cfg: SystemConfig, words) -> tuple[float, dict, dict]:
+def _time(cfg: SystemConfig, words, interleave: int = 0) -> tuple[float, dict, dict]:
+    import dataclasses
+
     from sim.perfmodel import PerfModel, decode_program, micro_for
-    r = PerfModel(cfg, micro_for(cfg)).run_program(None, ins=decode_program(words))
+    micro = dataclasses.replace(micro_for(cfg), interleave=interleave)
+    r = PerfModel(cfg, micro).run_program(None, ins=decode_program(words))
     return float(r.cycles), dict(r.busy), dict(r.events)
 
 
@@ -84,9 +96,9 @@ def attention_sample(cfg: SystemConfig, heads: int, hd: int, L: int) -> dict:
     PCU per request) and ``commands`` (bus commands per request, summed over channels)."""
     out = []
     for n in (1, 1 + REPS):
-        bc, kv = _compiler(cfg, heads, hd, n, L)
+        bc, kvs = _compiler(cfg, heads, hd, n, L)
         pb = ProgramBuilder(cfg)
-        bc.pim_attention(pb, 0, [(kv, L - 1)] * n)
+        bc.pim_attention(pb, 0, [(kv, L - 1) for kv in kvs])
         pb.end()
         out.append(_time(cfg, pb.words))
     (c1, b1, e1), (cn, _, en) = out
@@ -95,22 +107,46 @@ def attention_sample(cfg: SystemConfig, heads: int, hd: int, L: int) -> dict:
             "commands": (_commands(en) - _commands(e1)) / REPS}
 
 
-def vt_append_sample(cfg: SystemConfig, heads: int, hd: int, L: int = 256) -> dict:
-    """One request's V^T append (:meth:`firmware.batch.BatchCompiler.vt_update`: the identity GEMM and the
-    per-head column writes) on ``cfg`` (already :func:`pim_config`), marginal in a batch: ``cycles`` and
-    ``mem_bus`` (its DRAM accesses' command-bus cycles per channel). It does not depend on the request's length
-    beyond V^T's pitch (the column's address); ``L`` a typical one."""
-    res = []
+def npu_attention_sample(cfg: SystemConfig, heads: int, hd: int, L: int, interleave: int = 0) -> dict:
+    """npu-only: the firmware's attention of requests of ``L`` keys on the matrix and vector units (the compiler's
+    generation attention over each request's own caches, one program for the batch:
+    :meth:`firmware.batch.BatchCompiler._attn`) on ``cfg`` (already :func:`pim_config`; traffic interleaved every
+    ``interleave`` bytes, 0: the configuration's map): ``marginal`` (one more request; consecutive requests'
+    loads and softmax overlap in the program) and ``start``."""
+    cyc = []
     for n in (1, 1 + REPS):
-        bc, kv = _compiler(cfg, heads, hd, n, round_up(L, 16))
+        bc, kvs = _compiler(cfg, heads, hd, n, L, "npu-only")
+        cyc.append(_time(cfg, bc._attn(0, 0, [(kv, L - 1) for kv in kvs]).words, interleave)[0])
+    m = (cyc[1] - cyc[0]) / REPS
+    return {"marginal": m, "start": cyc[0] - m}
+
+
+def append_sample(cfg: SystemConfig, policy: str, heads: int, hd: int, interleave: int = 0, L: int = 256) -> dict:
+    """One request's share of the ``qkv`` stage after the GEMM (:meth:`firmware.batch.BatchCompiler.scatter`:
+    the bias, its Q row, its K and V rows into its own caches, a VSTORE per head each; under ``naive`` also the
+    V^T append, :meth:`~firmware.batch.BatchCompiler.vt_update`) on ``cfg`` (already :func:`pim_config`; NPU
+    traffic interleaved every ``interleave`` bytes, 0: the configuration's map), for ``policy`` ``npu-only`` or
+    ``naive``: ``cycles`` (marginal in a batch), ``start`` (once per program: the bias load), ``vector``
+    (busy cycles of the vector unit per request) and ``mem_bus`` (its DRAM accesses' command-bus cycles per
+    channel). It does not depend on the request's length beyond addresses; ``L`` a typical one (at most the
+    global buffer's values)."""
+    res = []
+    L = min(L, cfg.pim.gb_values)
+    for n in (1, 1 + REPS):
+        bc, kvs = _compiler(cfg, heads, hd, n, round_up(L, 16), policy)
         pb = ProgramBuilder(cfg)
-        bc.vt_update(pb, 0, [(kv, L - 1)] * n)
-        pb.fence(Unit.MU)
+        reqs = [(kv, L - 1) for kv in kvs]
+        bc.scatter(pb, bc._lc(0, 0), 0, reqs)
+        pb.fence(Unit.VQ)
+        if policy != "npu-only":
+            bc.vt_update(pb, 0, reqs)
         pb.end()
-        res.append(_time(cfg, pb.words))
-    (c1, _, e1), (cn, _, en) = res
+        res.append(_time(cfg, pb.words, interleave))
+    (c1, b1, e1), (cn, bn, en) = res
+    m = (cn - c1) / REPS
     acc = sum(en.get(k, 0) - e1.get(k, 0) for k in ("dram_reads", "dram_writes")) / REPS
-    return {"cycles": (cn - c1) / REPS, "mem_bus": acc / cfg.pim.channels * cfg.timing.tCCD}
+    return {"cycles": m, "start": c1 - m, "vector": (bn.get("vq", 0.0) - b1.get("vq", 0.0)) / REPS,
+            "mem_bus": acc / cfg.pim.channels * cfg.timing.tCCD}
 
 
 def interp(xs, ys, x: float) -> float:

@@ -115,8 +115,7 @@ from firmware.compiler import LayerCompiler, kv_layout, plan_memory
 from firmware.gpt2 import GptShape
 from firmware.program import ProgramBuilder, round_up
 from hw.config import SystemConfig, preset
-from hw.spec.soc_isa import Unit
-from sim.neupims_fw import FW_SAMPLES, attention_sample, interp, pim_config, vt_append_sample
+from sim.neupims_fw import append_sample, attention_sample, interp, npu_attention_sample, pim_config, samples
 from sim.perfmodel import PerfModel, decode_program, micro_for, stage_tags
 from sim.projection_core import allreduce_s
 
@@ -131,7 +130,9 @@ MAX_SEQ = 2048
 LEN_MEDIAN, LEN_SIGMA = 217.0, 0.75
 V_GRANULE = 128
 """Positions per allocation granule of a head's V rows (8 columns of 16 BF16)."""
-NPU_ATT_SAMPLES = (16, 128, 512, 1024, 2048)
+NPU_ATT_SAMPLES = (16, *range(32, 512, 32), *range(512, 2049, 128))
+"""Lengths at which npu-only's attention is timed: its cost steps where the caches cross DRAM rows (+15 % from
+256 to 257 keys on ``default``), so every 32 keys up to 512 and every 128 beyond."""
 
 
 class NeuPimsCapacityError(ValueError):
@@ -362,22 +363,19 @@ class NeuPimsModel:
         if key in self._cache:
             return self._cache[key]
         lc = self._compiler(cfg, rows)
-        d, H = self.shape.d_model, self.shape.heads
+        d = self.shape.d_model
         parts = {}
         for st in ("ln1", "proj", "ln2", "fc1", "fc2"):
             s = lc.stage(0, "prefill", st, rows, 0)
             parts[st] = self._scaled(cfg, *self._run(cfg, (st, rows), s.words, st))
-        b, lp = lc.plan.buffers, lc.plan.layers[0]
+        b = lc.plan.buffers
         pb = ProgramBuilder(cfg)
         lc.fc_mu(pb, b["h"], d, None, 3 * d, rows, b["qkv"], "qkv")
-        lc.scatter_qkv(pb, lp, rows, 0, True, range(H), True)
-        pb.fence(Unit.VQ)
         pb.end()
-        parts["qkv"] = self._scaled(cfg, *self._run(cfg, ("qkv", rows), pb.words, "qkv_attn"))
-        if pim:
-            vt = self.vt_append(cfg)
-            parts["qkv"] = {"cycles": parts["qkv"]["cycles"] + rows * vt["cycles"], "vector": parts["qkv"]["vector"],
-                            "mem_bus": parts["qkv"]["mem_bus"] + rows * vt["mem_bus"]}
+        q = self._scaled(cfg, *self._run(cfg, ("qkv", rows), pb.words, "qkv_attn"))
+        ap = self.append(cfg, pim)
+        parts["qkv"] = {"cycles": q["cycles"] + ap["start"] + rows * ap["cycles"],
+                        "vector": q["vector"] + rows * ap["vector"], "mem_bus": q["mem_bus"] + rows * ap["mem_bus"]}
         comm = 0.0
         if link and self.devices > 1:
             comm = allreduce_s(cfg, self.shape, rows, self.devices)[0] * cfg.clocks.pim_mhz * 1e6
@@ -392,24 +390,26 @@ class NeuPimsModel:
 
     def fw_request(self, cfg, L: int) -> dict:
         """The firmware's PIM attention of one request of ``L`` keys on this device, timed on the performance
-        model (:func:`sim.neupims_fw.attention_sample`, interpolated between :data:`sim.neupims_fw.FW_SAMPLES`)
+        model (:func:`sim.neupims_fw.attention_sample`, interpolated between :func:`sim.neupims_fw.samples`)
         on the request's channel (``pim_layout`` ``channel``) or on all channels (``spread``): ``marginal``,
         ``start``, ``vector``, ``pcu``, ``commands`` (per channel the request uses)."""
         key = ("fw", repr(cfg), self.pim_layout)
         if key not in self._cache:
             c = pim_config(cfg, self.pim_layout == "channel")
-            self._cache[key] = [attention_sample(c, self.heads_dev, self.hd, x) for x in FW_SAMPLES]
-        ss = self._cache[key]
-        out = {k: max(0.0, interp(FW_SAMPLES, [s[k] for s in ss], L)) for k in ss[0]}
+            self._cache[key] = [attention_sample(c, self.heads_dev, self.hd, x) for x in samples(cfg)]
+        ss, xs = self._cache[key], samples(cfg)
+        out = {k: max(0.0, interp(xs, [s[k] for s in ss], L)) for k in ss[0]}
         out["commands"] /= 1 if self.pim_layout == "channel" else cfg.pim.channels
         return out
 
-    def vt_append(self, cfg) -> dict:
-        """One request's V^T append in the ``qkv`` stage, per device (:func:`sim.neupims_fw.vt_append_sample`
-        on all channels: the matrix unit's GEMM reads over every channel)."""
-        key = ("vt", repr(cfg))
+    def append(self, cfg, pim: bool) -> dict:
+        """Each request's scatter of its Q, K and V rows (and with ``pim`` its V^T append) in the ``qkv``
+        stage, per device (:func:`sim.neupims_fw.append_sample` on all channels: the scatter's rows go to every
+        request's own caches, one VSTORE per head; the V^T append's GEMM reads over every channel)."""
+        key = ("append", repr(cfg), pim)
         if key not in self._cache:
-            self._cache[key] = vt_append_sample(pim_config(cfg, False), self.heads_dev, self.hd)
+            self._cache[key] = append_sample(pim_config(cfg, False), "naive" if pim else "npu-only", self.heads_dev,
+                                             self.hd, 0 if pim else self.npu_interleave)
         return self._cache[key]
 
     def pim_request(self, cfg, L: int) -> dict:
@@ -424,22 +424,18 @@ class NeuPimsModel:
                                 "one_head": sc["amortized_cycles"] + pv["amortized_cycles"]}
         return self._cache[key]
 
-    def npu_attention(self, cfg, L: int) -> float:
-        """npu-only attention of one request with ``L`` keys, per device (interpolated between samples)."""
-        xs = NPU_ATT_SAMPLES
-        ys = [self._npu_att_sample(cfg, x) for x in xs]
-        if L <= xs[0]:
-            return max(0.0, ys[0] + (ys[1] - ys[0]) / (xs[1] - xs[0]) * (L - xs[0]))
-        return float(np.interp(L, xs, ys))
-
-    def _npu_att_sample(self, cfg, L):
-        key = ("npu_att", _cfg_key(cfg), L)
+    def npu_attention(self, cfg, L: int) -> dict:
+        """npu-only attention of one request with ``L`` keys, per device: ``marginal`` and ``start``
+        (:func:`sim.neupims_fw.npu_attention_sample`), interpolated between :data:`NPU_ATT_SAMPLES` up to
+        ``MAX_SEQ``, extrapolated linearly beyond."""
+        xs = [x for x in NPU_ATT_SAMPLES if x <= MAX_SEQ]
+        xs = xs if len(xs) > 1 else list(NPU_ATT_SAMPLES[:2])
+        key = ("npu_att", repr(cfg), tuple(xs))
         if key not in self._cache:
-            lc = self._compiler(cfg, 1)
-            st = lc.stage(0, "gen", "qkv_attn", 1, L - 1)
-            cyc, bd, ev = self._run(cfg, ("gen_qkv_attn", L), st.words, "qkv_attn")
-            self._cache[key] = bd.get("attention", 0.0) / self.devices
-        return self._cache[key]
+            c = pim_config(cfg, False)
+            self._cache[key] = [npu_attention_sample(c, self.heads_dev, self.hd, x, self.npu_interleave) for x in xs]
+        ss = self._cache[key]
+        return {k: max(0.0, interp(xs, [s[k] for s in ss], L)) for k in ss[0]}
 
     # -- channels and capacity --------------------------------------------------------------------
     def capacity_per_channel(self, cfg) -> float:
@@ -507,7 +503,8 @@ class NeuPimsModel:
             cfg = self.cfg_single
             self.check_capacity(lengths, cfg)
             pre, post = self.npu_stage(cfg, B, link)
-            att = sum(self.npu_attention(cfg, int(L)) for L in lengths)
+            f = [self.npu_attention(cfg, int(L)) for L in lengths]
+            att = sum(x["marginal"] for x in f) + f[0]["start"]
             layer = pre["cycles"] + post["cycles"] + att
             return {"cycles": Ly * layer, "npu": Ly * (pre["cycles"] + post["cycles"]), "attention": Ly * att,
                     "partition": "-", "cfg": cfg}
