@@ -119,12 +119,13 @@ def test_policies_order_and_bounds(small, B):
 def test_npu_only_scales_with_bytes_over_bandwidth(small):
     cfg = small.cfg_single
     peak = cfg.pim_peak_external_gbps * 1e9 / (cfg.clocks.pim_mhz * 1e6)        # bytes per DRAM cycle
-    att = {L: small.npu_attention(cfg, L) for L in (512, 1024, 2048)}
+    att = {L: small.npu_attention(cfg, L)["marginal"] for L in (512, 1024, 2048)}
     for L, c in att.items():
         kv = 2 * L * SMALL.d_model * 2
         assert kv / peak <= c <= 6 * kv / peak, (L, c, kv / peak)
-    # linear in the keys: the second 1024 cost what the first 512 cost twice, within 15 %
-    assert (att[2048] - att[1024]) == pytest.approx(2 * (att[1024] - att[512]), rel=0.15)
+    # about linear in the keys (the batched firmware's marginal request: the second 1024 keys cost 0.82x what the
+    # 512 before them cost twice, longer GEMMs using the array better)
+    assert 0.7 <= (att[2048] - att[1024]) / (2 * (att[1024] - att[512])) <= 1.15
     lengths = request_lengths(64, 0)
     st = small.step("npu-only", lengths)
     kv = sum(2 * int(L) * SMALL.d_model * 2 for L in lengths) * SMALL.layers
@@ -177,3 +178,47 @@ def test_neupims_hw_system_configs():
     assert system_configs("neupims") == (preset("ianus"), preset("neupims"))
     with pytest.raises(ValueError, match="1 row buffer"):
         system_configs("ianus")
+
+
+RTL_B8 = {"npu-only": 1_260_846, "naive": 994_574, "neupims": 988_874}
+"""Cycles per step on the RTL, ``python -m sim.bench --only neupims_rtl`` (README, session 16): one
+GPT-2-small-shaped layer, B = 8 at :func:`sim.batch_run.batch_lengths` (8, 1), ``default`` (npu-only, naive) and
+``default-dualrb`` (neupims, split mode auto: no split chosen)."""
+
+
+@pytest.fixture(scope="module")
+def rtl_case():
+    """The projection on the RTL's small case (the RTL's address map and layout: ``npu_interleave`` 0,
+    ``pim_layout`` spread; ``MAX_SEQ`` 600, the plans of ``default`` hold no 2,049 tokens) and the calibrated
+    performance model's stages of the batch compiler's naive step on the same requests."""
+    import sim.neupims_model as nm
+    from sim.batch_run import batch_lengths, prepare_batch
+    from sim.perfmodel import PerfModel
+    from sim.run import DEFAULT_SHAPE
+
+    pos = batch_lengths(8, 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nm, "MAX_SEQ", 600)
+        m = NeuPimsModel(GptShape(DEFAULT_SHAPE.d_model, DEFAULT_SHAPE.heads, 1), 1, preset("default"),
+                         preset("default-dualrb"), npu_interleave=0, pim_layout="spread")
+        steps = {p: m.step(p, [x + 1 for x in pos]) for p in RTL_B8}
+        pre, _ = m.npu_stage(m.cfg_single, 8, pim=True)
+    rt, recs, _, _ = prepare_batch("default", "naive", 8, 1, lengths=pos)
+    st = rt.compiler.step([(rt.requests[j].kv, q) for j, q in zip(recs[0].rids, recs[0].positions, strict=True)], 0)
+    perf = {}
+    for s_, r in zip(st, PerfModel(rt.cfg).run_stages(st), strict=True):
+        perf[s_.name] = perf.get(s_.name, 0) + r.cycles
+    return steps, pre, perf
+
+
+def test_projection_calibrated_against_the_rtl(rtl_case):
+    """Issue 18: on the RTL's small case every policy's step within 5 % of the RTL (measured -0.3 .. +0.3 %),
+    and the naive step's stages within 10 % of the performance model's for the batch compiler's programs (qkv
+    +4.6 % with the V^T appends and the per-request scatter, attention -3.8 % timed from the firmware's macro
+    stream: without them the projection's qkv was 31 % and its attention 65 % short)."""
+    steps, pre, perf = rtl_case
+    for p, want in RTL_B8.items():
+        assert steps[p]["cycles"] == pytest.approx(want, rel=0.05), (p, steps[p]["cycles"], want)
+    assert steps["neupims"]["partition"] == "none"                  # as the RTL's cost model chose
+    assert pre["cycles"] == pytest.approx(perf["ln1"] + perf["qkv"], rel=0.10)
+    assert steps["naive"]["attention"] == pytest.approx(perf["attn"], rel=0.10)
