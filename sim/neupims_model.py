@@ -21,41 +21,36 @@ hardware model:
 
 **What is timed, and by what.**
 
-* *NPU stage of b rows* (``ln1``, QKV GEMM + bias + scatter of the new K/V rows, projection GEMM + residual,
-  ``ln2``, FC1 GEMM + GELU, FC2 GEMM + residual): programs built by the compiler's own code
-  (:class:`firmware.compiler.LayerCompiler`, policy ``npu-mem``: its prefill stages with ``rows = b`` are
-  exactly the batched FCs and vector work of a generation step) and timed by the calibrated performance model
-  (:mod:`sim.perfmodel`), 256-B channel interleave for this normal traffic. The KV-cache writes of the scatter
-  are counted at their byte size (the compiled scatter writes contiguous caches, not the PIM layout).
-* *PIM attention* by the row-timing bound of :func:`firmware.pim.gemv_lower_bound`, generalised to the KV
-  cache's layout (:func:`segmented_gemv`; it equals ``gemv_lower_bound`` on a one-channel configuration when
-  every segment opens its own row, ``tests/test_neupims_model.py``), refresh charged at its steady-state rate.
-  Layout (per request, per head, in one channel; NeuPIMs keeps each request's K and V in one channel,
-  ``request->K_cache`` with channel ``ch`` in ``Scheduler::allocate_requests``):
-
-  - K: position ``p`` in bank ``p % banks``; a DRAM row holds ``columns / (head_dim / lanes)`` positions of a
-    head (8 for head_dim 128). Scores ``K^T q``: per tile of ``banks`` positions ``head_dim / lanes`` MAC
-    columns, then the accumulators leave (RDMAC) and are preloaded (WRBIAS); a row activation every 8 tiles.
-  - V: dimension ``c`` of the head in bank ``c % banks`` (``head_dim / banks`` tiles); positions along the row,
-    padded to a granule of 128. ``P V``: per tile ``ceil(L / lanes)`` MAC columns; tiles whose segments share a
-    row follow without a new activation; beyond 1024 positions (the 2 KB global buffer) the standard GEMV layout
-    (chunks of 1024 inputs, bias-chained).
-
-  The input vector (q, or the probabilities) enters the global buffer by WRGB and the results leave by RDMAC,
-  both in the bound; the PCU is assumed to deliver them to the vector unit's scratchpad (no DRAM round trip).
-  Each GEMV is timed alone (first command to last result) and the GEMVs of a channel are summed (no overlap
-  between consecutive GEMVs, a conservative choice).
-* *Softmax* (scale + masked softmax of the request's heads, FP32 scores in, BF16 probabilities out) on the
-  vector unit: one SCALE and one SOFTMAX over the request's heads (they share its length), timed by the
-  performance model as the marginal cost of one more request in a stream (:meth:`NeuPimsModel.softmax_cycles`).
-  Attention of a set of requests = ``max(busiest channel's PIM time + one request's softmax, all softmax + one
-  head's GEMVs)``: PIM computes the next request's scores while the vector unit normalises the previous one.
-  (The causal mask's position is the request's last key; rows after the first would admit one padding key:
-  a functional detail that does not change the timing.)
-* *npu-only attention* of one request of L keys: the ``attention`` part (QK^T and S.V on the matrix unit, scale
-  and softmax on the vector unit) of the compiled ``npu-mem`` generation stage ``qkv_attn`` at position L - 1,
-  performance model, sampled at :data:`NPU_ATT_SAMPLES` lengths and interpolated linearly (the work is linear
-  in L); a batch's attention is the sum over its requests (each has its own cache; nothing is shared).
+* *NPU stage of b rows* (``ln1``, QKV GEMM, projection GEMM + residual, ``ln2``, FC1 GEMM + GELU, FC2 GEMM +
+  residual): programs built by the compiler's own code (:class:`firmware.compiler.LayerCompiler`, policy
+  ``npu-mem``: its prefill stages with ``rows = b`` are exactly the batched FCs and vector work of a generation
+  step) and timed by the calibrated performance model (:mod:`sim.perfmodel`), normal traffic interleaved every
+  ``npu_interleave`` bytes (256 at paper scale; 0, the configuration's own map, on the RTL's small cases).
+* *What the batched firmware adds* (:mod:`firmware.batch`; its programs timed on the performance model by
+  :mod:`sim.neupims_fw`, per request the marginal cost in a batch of requests with their own KV allocations,
+  sampled at a few lengths and interpolated): in the ``qkv`` stage each request's scatter (bias, Q row, its K
+  and V rows into its own caches: a VSTORE per head each) and, in PIM policies, its V^T append (an identity
+  GEMM on the matrix unit, a column write per head and tile); npu-only's attention over each request's own
+  caches in one program (consecutive requests' loads and softmax overlap); the PIM attention as the firmware
+  issues it: per request and head six macros (WRITE_VEC of q from DRAM, the scores GEMV over the packed K,
+  READ_RES of the FP32 scores to DRAM, WRITE_VEC of the probabilities, the ``P V`` GEMV over the packed V^T,
+  READ_RES of the outputs), each a PCU command with its queue latency and hand-over, and the softmax between
+  them on the vector unit with its own DRAM round trip (VLOAD, SCALE, SOFTMAX per head, VSTORE), software
+  pipelined (PIM computes the next request's scores while the vector unit normalises this one; ``P V`` waits
+  for the softmax). A stream of requests costs the first one's ``start`` plus every request's ``marginal``.
+  The analytic GEMV bound this replaced (:func:`segmented_gemv` over the layout below) left out the transfers,
+  the hand-overs, the DRAM round trip of the softmax and the appends: on the RTL's B = 8 case it put naive's
+  attention at 35.5k cycles against 103k and its qkv stage 82k short (``tests/test_neupims_model.py``).
+* *Layouts* (``pim_layout``). ``channel`` (paper scale): NeuPIMs keeps each request's K and V in one channel
+  (``request->K_cache`` with channel ``ch`` in ``Scheduler::allocate_requests``) and schedules each channel's
+  PIM commands on its own: the firmware's attention timed on a one-channel configuration, the channels' streams
+  in parallel, attention of a set of requests = ``max(busiest channel's stream, every softmax + the shortest
+  request's PIM work)`` (the vector unit is shared). ``spread`` (the RTL, :mod:`firmware.batch` on
+  :mod:`hw.pcu`): a request's tokens over all channels, one PCU driving them all, the requests one stream.
+  The analytic layout (:func:`scores_segs`, :func:`pv_segs`; K: position ``p`` in bank ``p % banks``, V:
+  dimension ``c`` in bank ``c % banks``, positions along the row in granules of 128) still sizes the caches
+  (:func:`kv_rows_per_bank`) and balances the channels (:meth:`NeuPimsModel.pim_request`). Beyond the global
+  buffer's 1,024 values (V^T in one input chunk, the firmware's limit) the PIM samples are extrapolated.
 * *Concurrency with two row buffers* (:func:`phase_cycles`): while PIM runs attention in a channel, the NPU's
   normal requests get the command-bus slots the PIM stream leaves free, ``s = 1 - (PIM commands / PIM
   cycles)``, and PIM is not slowed (``arbitration = pim_first``). Checked against the RTL: for the 768x3072
@@ -98,8 +93,7 @@ hardware model:
   heads, including the new token) in its channel; a request goes to the least-loaded channel (NeuPIMs' greedy
   channel load balancing, ``trace-generator/channel_load_balancing.py``) that has room. If a request finds no
   channel with room, :class:`NeuPimsCapacityError` names the numbers; the CLI prints ``does not fit``.
-* Not modelled: pipelining consecutive PIM GEMVs of a channel; the NPU prefetching weights during attention
-  under ``naive``; the matrix unit's and the vector unit's contention between the two sub-batches beyond the
+* Not modelled: the NPU prefetching weights during attention under ``naive``; the matrix unit's and the vector unit's contention between the two sub-batches beyond the
   vector-unit bound above; prefill (summarization) of new requests.
 """
 
@@ -413,7 +407,9 @@ class NeuPimsModel:
         return self._cache[key]
 
     def pim_request(self, cfg, L: int) -> dict:
-        """PIM cycles (refresh amortized) and bus commands of one request's attention on this device."""
+        """The analytic GEMV bound of one request's attention on this device (refresh amortized; bus commands):
+        the weight by which requests are balanced over channels and sub-batches (the step is timed by
+        :meth:`fw_request`, which this bound underestimates: it leaves out the transfers and hand-overs)."""
         key = ("pim", _cfg_key(cfg), L)
         if key not in self._cache:
             c1 = cfg.replace(**{"pim.channels": 1})
