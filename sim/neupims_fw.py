@@ -77,23 +77,24 @@ def _time(cfg: SystemConfig, words, interleave: int = 0) -> tuple[float, dict, d
     import dataclasses
 
     from sim.perfmodel import PerfModel, decode_program, micro_for
-    micro = dataclasses.replace(micro_for(cfg), interleave=interleave)
+    micro = dataclasses.replace(micro_for(cfg), interleave=interleave, cache=False)
     r = PerfModel(cfg, micro).run_program(None, ins=decode_program(words))
-    return float(r.cycles), dict(r.busy), dict(r.events)
+    return float(r.cycles), dict(r.busy), r
 
 
-def _commands(ev: dict) -> float:
-    """Commands on the channels' buses (PIM columns and row commands, DRAM bursts), summed over channels."""
-    return float(ev.get("pim_mac_cols", 0) + ev.get("pim_gb_writes", 0) + ev.get("pim_io_cols", 0)
-                 + 2 * ev.get("pim_acts", 0) + ev.get("dram_reads", 0) + ev.get("dram_writes", 0)
-                 + 2 * ev.get("dram_acts", 0))
+def _commands(res) -> float:
+    """Commands on the busiest channel's command bus (normal and PIM commands, the performance model's
+    per-channel counters)."""
+    c = res.counters
+    n = len({k.split(".")[0] for k in c})
+    return float(max(c.get(f"ch{i}.commands", 0) + c.get(f"ch{i}.pim_commands", 0) for i in range(n)))
 
 
 def attention_sample(cfg: SystemConfig, heads: int, hd: int, L: int) -> dict:
     """The firmware's PIM attention of requests of ``L`` keys (``heads`` heads of ``head_dim`` ``hd``) on
     ``cfg`` (already :func:`pim_config`): ``marginal`` (cycles of one more request in the pipeline),
     ``start`` (the one-off cycles of a stream), ``vector`` and ``pcu`` (busy cycles of the vector unit and the
-    PCU per request) and ``commands`` (bus commands per request, summed over channels)."""
+    PCU per request) and ``commands`` (commands per request on the busiest channel's bus)."""
     out = []
     for n in (1, 1 + REPS):
         bc, kvs = _compiler(cfg, heads, hd, n, L)
@@ -101,10 +102,10 @@ def attention_sample(cfg: SystemConfig, heads: int, hd: int, L: int) -> dict:
         bc.pim_attention(pb, 0, [(kv, L - 1) for kv in kvs])
         pb.end()
         out.append(_time(cfg, pb.words))
-    (c1, b1, e1), (cn, _, en) = out
+    (c1, b1, r1), (cn, _, rn) = out
     m = (cn - c1) / REPS
     return {"marginal": m, "start": c1 - m, "vector": b1.get("vq", 0.0), "pcu": b1.get("pcu", 0.0),
-            "commands": (_commands(en) - _commands(e1)) / REPS}
+            "commands": (_commands(rn) - _commands(r1)) / REPS}
 
 
 def npu_attention_sample(cfg: SystemConfig, heads: int, hd: int, L: int, interleave: int = 0) -> dict:
@@ -142,9 +143,9 @@ def append_sample(cfg: SystemConfig, policy: str, heads: int, hd: int, interleav
             bc.vt_update(pb, 0, reqs)
         pb.end()
         res.append(_time(cfg, pb.words, interleave))
-    (c1, b1, e1), (cn, bn, en) = res
+    (c1, b1, r1), (cn, bn, rn) = res
     m = (cn - c1) / REPS
-    acc = sum(en.get(k, 0) - e1.get(k, 0) for k in ("dram_reads", "dram_writes")) / REPS
+    acc = sum(rn.events.get(k, 0) - r1.events.get(k, 0) for k in ("dram_reads", "dram_writes")) / REPS
     return {"cycles": m, "start": c1 - m, "vector": (bn.get("vq", 0.0) - b1.get("vq", 0.0)) / REPS,
             "mem_bus": acc / cfg.pim.channels * cfg.timing.tCCD}
 

@@ -386,15 +386,13 @@ class NeuPimsModel:
         """The firmware's PIM attention of one request of ``L`` keys on this device, timed on the performance
         model (:func:`sim.neupims_fw.attention_sample`, interpolated between :func:`sim.neupims_fw.samples`)
         on the request's channel (``pim_layout`` ``channel``) or on all channels (``spread``): ``marginal``,
-        ``start``, ``vector``, ``pcu``, ``commands`` (per channel the request uses)."""
+        ``start``, ``vector``, ``pcu``, ``commands`` (on the busiest channel it uses)."""
         key = ("fw", repr(cfg), self.pim_layout)
         if key not in self._cache:
             c = pim_config(cfg, self.pim_layout == "channel")
             self._cache[key] = [attention_sample(c, self.heads_dev, self.hd, x) for x in samples(cfg)]
         ss, xs = self._cache[key], samples(cfg)
-        out = {k: max(0.0, interp(xs, [s[k] for s in ss], L)) for k in ss[0]}
-        out["commands"] /= 1 if self.pim_layout == "channel" else cfg.pim.channels
-        return out
+        return {k: max(0.0, interp(xs, [s[k] for s in ss], L)) for k in ss[0]}
 
     def append(self, cfg, pim: bool) -> dict:
         """Each request's scatter of its Q, K and V rows (and with ``pim`` its V^T append) in the ``qkv``
