@@ -73,11 +73,15 @@ def _compiler(cfg: SystemConfig, heads: int, hd: int, n: int, cap: int, policy: 
     return BatchCompiler(bp), kvs
 
 
-def _time(cfg: SystemConfig, words, interleave: int = 0) -> tuple[float, dict, dict]:
+def _time(cfg: SystemConfig, words, interleave: int = 0, cache: bool = True) -> tuple[float, dict, object]:
+    """Cycles, busy cycles per unit and the result of ``words`` on the performance model; ``cache``: the
+    macro-timing cache of paper-scale configurations allowed (``Micro.cache``: reused timings do not count
+    their commands, and misjudge short macros; off for the PIM attention)."""
     import dataclasses
 
     from sim.perfmodel import PerfModel, decode_program, micro_for
-    micro = dataclasses.replace(micro_for(cfg), interleave=interleave, cache=False)
+    micro = micro_for(cfg)
+    micro = dataclasses.replace(micro, interleave=interleave, cache=micro.cache and cache)
     r = PerfModel(cfg, micro).run_program(None, ins=decode_program(words))
     return float(r.cycles), dict(r.busy), r
 
@@ -101,7 +105,7 @@ def attention_sample(cfg: SystemConfig, heads: int, hd: int, L: int) -> dict:
         pb = ProgramBuilder(cfg)
         bc.pim_attention(pb, 0, [(kv, L - 1) for kv in kvs])
         pb.end()
-        out.append(_time(cfg, pb.words))
+        out.append(_time(cfg, pb.words, cache=False))
     (c1, b1, r1), (cn, _, rn) = out
     m = (cn - c1) / REPS
     return {"marginal": m, "start": c1 - m, "vector": b1.get("vq", 0.0), "pcu": b1.get("pcu", 0.0),
