@@ -130,7 +130,8 @@ ATTN_PIPELINE = ("auto", "on", "off")
 one head beside the matrix unit's ``P V`` of the one before and ``Q K^T`` of the one after, a FENCE per
 stage; :meth:`LayerCompiler._attention_pipelined`); ``off``: every head's ``Q K^T``, then every softmax, then
 every ``P V``, a FENCE after each phase; ``auto``: ``on`` on a multi-core NPU (the paper-scale presets, where
-the softmaxes are as long as the matrix work), ``off`` on the single-core RTL configurations."""
+the softmaxes are as long as the matrix work), ``off`` on the single-core RTL configurations. On a multi-core
+NPU a stage takes :data:`ATTN_GROUP` heads (one head per stage on one core: those programs are unchanged)."""
 
 
 def attn_pipeline_on(cfg: SystemConfig, attn_pipeline: str = "auto") -> bool:
@@ -138,6 +139,17 @@ def attn_pipeline_on(cfg: SystemConfig, attn_pipeline: str = "auto") -> bool:
     if attn_pipeline not in ATTN_PIPELINE:
         raise CompileError(f"attn_pipeline must be one of {', '.join(ATTN_PIPELINE)}, not {attn_pipeline!r}")
     return attn_pipeline == "on" or (attn_pipeline == "auto" and cfg.npu.cores > 1)
+
+
+ATTN_GROUP = 2
+"""Heads per stage of a prompt's attention pipeline on a multi-core NPU (:meth:`LayerCompiler.attention`):
+one VLOAD, SCALE and VSTORE for the group's score rows, a SOFTMAX per head, fewer FENCEs. GPT-2 XL 128
+summarization, ianus, the qkv_attn stage alone (cached / exact timing): attention 45.3k / 46.0k cycles with one
+head per stage, 35.3k / 37.1k with 2 (with :data:`ATTN_SLOTS`), 35.6k / 38.9k with 4, 38.6k with 6."""
+ATTN_SLOTS = 8
+"""Scratchpad buffers of the matrix-unit blocks of that pipeline (:class:`firmware.program.MuBlock`): with the
+two halves, a head's ``Q K^T`` waited for the STORE of the GEMM two before it (8 x 644-cycle COMPUTEs of 4 heads
+took 5.2k cycles, issue-bound 2.9k); 2 heads per stage: 37.7k cycles with 2 slots, 35.3k with 4 or 8."""
 
 
 def kv_layout(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: str = "auto") -> str:
@@ -161,6 +173,8 @@ class LayerCompiler:
         self.head_groups = head_groups
         self.head_batch = head_batch_on(self.cfg, self.shape, policy, head_batch) and "qd" in plan.buffers
         self.attn_pipeline = attn_pipeline_on(self.cfg, attn_pipeline)
+        self.attn_group = ATTN_GROUP        # heads per stage of a prompt's attention pipeline (multi-core)
+        self.attn_slots = ATTN_SLOTS        # scratchpad buffers of its matrix-unit blocks
 
     # -- vector helpers ----------------------------------------------------------------------
     def _groups(self, rows, per_row_words, fixed_words=0):
@@ -324,6 +338,14 @@ class LayerCompiler:
                      b["o"] + r0 * d * 2 + h * hd * 2, d * 2, mb, nk, hd, True, pb.est)
 
         if rows > 1 and self.attn_pipeline and nh > 1:
+            if cfg.npu.cores > 1:       # several heads per pipeline stage (the single-core programs unchanged)
+                G = self._attn_group_size(nh)
+                groups = [heads[i:i + G] for i in range(0, nh, G)]
+                self._attention_pipelined(
+                    pb, groups, lambda blk, hs: [qk(blk, h) for h in hs], lambda blk, hs: [pv(blk, h) for h in hs],
+                    lambda hs: self._softmax_heads(pb, hs, rows, pos0, blocks, Lp),
+                    lambda: MuBlock(slots=self.attn_slots))
+                return
             self._attention_pipelined(pb, heads, qk, pv, lambda h: self._softmax_rows(pb, h, rows, pos0, blocks, Lp))
             return
         for h in heads if not batch else ():
@@ -347,7 +369,7 @@ class LayerCompiler:
         pb.fence(Unit.MU)
 
     @staticmethod
-    def _attention_pipelined(pb, heads, qk, pv, softmax):
+    def _attention_pipelined(pb, heads, qk, pv, softmax, block=MuBlock):
         """A prompt's attention as a software pipeline over the heads (:data:`ATTN_PIPELINE`): in stage ``k``
         the vector queue runs head ``k - 1``'s softmax while the matrix unit runs head ``k - 2``'s ``P V`` and
         head ``k``'s ``Q K^T``; a FENCE on both ends the stage. The vector instructions go first (a head's few
@@ -362,7 +384,7 @@ class LayerCompiler:
                     pb.spm_reset()
                 softmax(heads[k - 1])
                 units |= Unit.VQ
-            blk = MuBlock()
+            blk = block()
             if k >= 2:
                 pv(blk, heads[k - 2])
             if k < n:
@@ -388,6 +410,43 @@ class LayerCompiler:
                        pos=pos0 + rr)
                 pb.vdma(False, b["p"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, bf16_words(L, Lb))
                 pb.spm_top = top
+
+    def _attn_group_size(self, nh):
+        """Heads per stage of a prompt's attention pipeline on a multi-core NPU (:meth:`attention`)."""
+        g = self.attn_group
+        return max(1, min(nh, g))
+
+    def _softmax_heads(self, pb, hs, rows, pos0, blocks, Lp):
+        """:meth:`_softmax_rows` of the consecutive heads ``hs`` at once (multi-core NPUs): per row block one
+        VLOAD of every head's score rows (one transfer where the heads' rows follow each other in memory), one
+        SCALE over all of them, a SOFTMAX per head (its own causal mask) and one VSTORE of the probabilities.
+        The same operations on every row as one head at a time: the same bits."""
+        L, b, hd = pb.L, self.plan.buffers, self.shape.head_dim
+        n = len(hs)
+        assert hs == list(range(hs[0], hs[0] + n))
+        for r0, mb, nk in blocks:
+            Lb = round_up(nk, 16)
+            fw, bw = fp32_words(L, Lb), bf16_words(L, Lb)
+            if len(self._groups(n * mb, fw + bw)) > 1:      # does not fit the scratchpad: a head at a time
+                for h in hs:
+                    self._softmax_rows(pb, h, rows, pos0, [(r0, mb, nk)], Lp)
+                continue
+            top = pb.spm_top
+            X = pb.spm(n * mb * fw)
+            P = pb.spm(n * mb * bw)
+            whole = mb == rows          # head h + 1's rows follow head h's: one transfer for all
+            for i, h in enumerate(hs if not whole else hs[:1]):
+                pb.vdma(True, b["s"] + (h * rows + r0) * Lp * 2, Lp * 2, n * mb if whole else mb, Lb * 2,
+                        P + i * mb * bw, bw)
+            pb.vec(op="SCALE", a=P, d=X, n=Lb, rows=n * mb, a_fmt="BF16", d_fmt="FP32",
+                   imm0=f32_imm(1.0 / math.sqrt(hd)), imm1=0x80000000)
+            for i in range(n):
+                pb.vec(op="SOFTMAX", a=X + i * mb * fw, d=P + i * mb * bw, n=Lb, rows=mb, a_fmt="FP32", d_fmt="BF16",
+                       mask="CAUSAL", pos=pos0 + r0)
+            for i, h in enumerate(hs if not whole else hs[:1]):
+                pb.vdma(False, b["p"] + (h * rows + r0) * Lp * 2, Lp * 2, n * mb if whole else mb, Lb * 2,
+                        P + i * mb * bw, bw)
+            pb.spm_top = top
 
     def _softmax_one_token(self, pb, pos0, Lp, heads):
         """Scale + softmax of one token's scores for ``heads`` (consecutive: their score rows are ``Lp``

@@ -70,10 +70,14 @@ class MuBlock:
     only producers that some consumer waits for signal, so every token is taken (no leftovers).
     """
 
-    def __init__(self):
+    def __init__(self, slots: int = 2):
         self.ins: list[dict] = []
         # Scratchpad double-buffer state shared by every GEMM of the block: the next buffer of each kind
         # and the last instruction that used each buffer (so a later GEMM waits for an earlier one).
+        # ``slots``: buffers per scratchpad (2: double-buffered halves; more for many small GEMMs, such as a
+        # prompt's per-head attention on a multi-core NPU, so that a COMPUTE does not wait for the STORE of
+        # the GEMM two before it: :meth:`firmware.compiler.LayerCompiler.attention`).
+        self.slots = slots
         self.bufs = {"act": 0, "wgt": 0, "acc": 0}
         self.last_c: dict = {}
         self.last_s: dict = {}
@@ -306,7 +310,8 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
     row at ``out_addr`` (the heads' ``P V`` of one generation step, :class:`HeadsK`)."""
     npu = cfg.npu
     R, C = npu.array_rows, npu.array_cols
-    AW, WW, CW = npu.act_spm_words // 2, npu.wgt_spm_words // 2, npu.acc_spm_words // 2
+    ns = blk.slots
+    AW, WW, CW = npu.act_spm_words // ns, npu.wgt_spm_words // ns, npu.acc_spm_words // ns
     per = w.nt(cfg)
     # PIM-layout weights come in tiles of banks x channels outputs; where one is narrower than the cores'
     # columns together (the ianus preset: 128 outputs for 4 cores x 64), a COMPUTE takes several side by
@@ -371,9 +376,9 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
                                 wgt_addr=wb * WW, wgt_stride=kt, acc_addr=acc_base + j * nbt * mt, acc_stride=mt,
                                 m=mt, k=kt, n=nt)
                     last_c[("wgt", wb)] = c
-                    bufs["wgt"] ^= 1
+                    bufs["wgt"] = (wb + 1) % ns
                 last_c[("act", b)] = c
-                bufs["act"] ^= 1
+                bufs["act"] = (b + 1) % ns
             n0g = grp[0][0]
             cols = sum(nt for _, nt in grp)
             s = None
@@ -391,7 +396,7 @@ def gemm(cfg: SystemConfig, blk: MuBlock, a_addr, a_stride, w, out_addr, out_str
             last_s[ab] = s
             if npu.cores > 1:
                 gate = s
-            bufs["acc"] ^= 1
+            bufs["acc"] = (ab + 1) % ns
     if est is not None:
         from firmware import costmodel
         mem, comp = costmodel.mu_gemm_parts(cfg, M, K, N, transposed=isinstance(w, (PimWeights, RowsN, HeadsN)))

@@ -404,3 +404,33 @@ def test_pim_tiles_side_by_side_for_several_cores():
     assert ns == [{32}, {64}]
     assert vst[1] < vst[0]
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_attention_pipeline_groups_heads_for_several_cores():
+    """A prompt's attention pipeline on a multi-core NPU (``default`` with 4 cores, 12 heads) takes
+    ``ATTN_GROUP`` heads per stage: one VLOAD of their scores, one SCALE, a SOFTMAX per head, one VSTORE of
+    their probabilities, and matrix-unit blocks of ``ATTN_SLOTS`` scratchpad buffers; the outputs are the same
+    bits as with one core (functional model), whose programs keep one head per stage."""
+    from firmware.compiler import ATTN_GROUP
+    from sim.perfmodel import decode_program
+
+    assert ATTN_GROUP > 1
+    shape = GptShape(768, 12, 1)
+    ws = random_weights(shape, 2)
+    x = np.random.default_rng(3).standard_normal((6, shape.d_model)).astype(np.float32)
+    outs, counts = [], []
+    for cores in (1, 4):
+        cfg = soc_config("default").replace(**{"npu.cores": cores})
+        cm = compile_model(cfg, shape, "ianus", 5, 6, attn_pipeline="on")
+        qkv = next(st for st in cm.stages if st.phase == "prefill" and st.name == "qkv_attn")
+        ins = decode_program(qkv.words)
+        counts.append({op: sum(1 for i in ins if i.op == op) for op in (SocOp.VLOAD, SocOp.FENCE)}
+                      | {"SOFTMAX": sum(1 for i in ins if i.op == SocOp.VECTOR and i.f["op"] == "SOFTMAX"),
+                         "SCALE": sum(1 for i in ins if i.op == SocOp.VECTOR and i.f["op"] == "SCALE")})
+        outs.append(read_outputs(cm, run_job(build_job(cm, ws, x)).read))
+    stages = -(-shape.heads // ATTN_GROUP)
+    assert counts[0]["SOFTMAX"] == counts[1]["SOFTMAX"] == shape.heads
+    assert counts[0]["SCALE"] == shape.heads and counts[1]["SCALE"] == stages
+    assert counts[0][SocOp.FENCE] - counts[1][SocOp.FENCE] == shape.heads - stages
+    assert counts[0][SocOp.VLOAD] - counts[1][SocOp.VLOAD] == shape.heads - stages
+    np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
