@@ -151,6 +151,16 @@ ATTN_SLOTS = 8
 two halves, a head's ``Q K^T`` waited for the STORE of the GEMM two before it (8 x 644-cycle COMPUTEs of 4 heads
 took 5.2k cycles, issue-bound 2.9k); 2 heads per stage: 37.7k cycles with 2 slots, 35.3k with 4 or 8."""
 
+GEN_SLOTS = 3
+"""Scratchpad buffers of one generated token's attention GEMMs on a multi-core NPU: a third of the weight
+scratchpad per buffer cuts ``Q K^T``'s inputs (the heads' K caches side by side, 24 x 64 on GPT-2 XL) into
+k-tiles, so that a COMPUTE starts while the next tile's transposed loads run (with the halves one tile, the
+COMPUTE after all six loads). GPT-2 XL, ianus, 128 in, the qkv_attn stage alone, exact timing, attention at
+positions 128 / 160 / 191: 8.71k / 8.88k / 9.16k cycles with 2 buffers, 8.32k / 8.35k / 8.67k with 3 (4: 8.26k /
+8.39k / 8.94k). Pipelining the step's heads in groups (softmax of one beside the other's GEMMs) was slower:
+9.2k-12.1k at 160 for 2-6 groups (each group's GEMM pays the array's fixed cost, and every stage's FENCE idles the
+matrix unit)."""
+
 
 def kv_layout(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: str = "auto") -> str:
     """The K / V cache layout that goes with :func:`head_batch_on`."""
@@ -175,6 +185,7 @@ class LayerCompiler:
         self.attn_pipeline = attn_pipeline_on(self.cfg, attn_pipeline)
         self.attn_group = ATTN_GROUP        # heads per stage of a prompt's attention pipeline (multi-core)
         self.attn_slots = ATTN_SLOTS        # scratchpad buffers of its matrix-unit blocks
+        self.gen_slots = GEN_SLOTS          # ... and of one token's attention GEMMs (multi-core)
 
     # -- vector helpers ----------------------------------------------------------------------
     def _groups(self, rows, per_row_words, fixed_words=0):
@@ -314,7 +325,7 @@ class LayerCompiler:
         # L^2 work and traffic of a long prompt.
         mb_max = 2 * max(16, cfg.npu.array_rows) if rows > 1 else 1
         blocks = [(r0, min(mb_max, rows - r0), min(Lk, pos0 + r0 + mb_max)) for r0 in range(0, rows, mb_max)]
-        blk = MuBlock()
+        blk = self._attn_block(rows)
         heads = list(heads)
         h0, nh = heads[0], len(heads)
         # (the first head's outputs must start on an accumulator word: the diagonal stores of P V write from
@@ -339,8 +350,7 @@ class LayerCompiler:
 
         if rows > 1 and self.attn_pipeline and nh > 1:
             if cfg.npu.cores > 1:       # several heads per pipeline stage (the single-core programs unchanged)
-                G = self._attn_group_size(nh)
-                groups = [heads[i:i + G] for i in range(0, nh, G)]
+                groups = self._attn_groups(heads)
                 self._attention_pipelined(
                     pb, groups, lambda blk, hs: [qk(blk, h) for h in hs], lambda blk, hs: [pv(blk, h) for h in hs],
                     lambda hs: self._softmax_heads(pb, hs, rows, pos0, blocks, Lp),
@@ -358,7 +368,7 @@ class LayerCompiler:
         for h in (heads if rows > 1 else ()):
             self._softmax_rows(pb, h, rows, pos0, blocks, Lp)
         pb.fence(Unit.VQ)
-        blk = MuBlock()
+        blk = self._attn_block(rows)
         if batch:       # one GEMM: every head's probabilities x the heads' V caches, the diagonal blocks stored
             gemm(cfg, blk, b["p"] + h0 * Lp * 2, Lp * 2, HeadsK([lp.vc[h] for h in heads], hd, lp.v_stride,
                                                                  cfg.npu.array_cols),
@@ -411,10 +421,15 @@ class LayerCompiler:
                 pb.vdma(False, b["p"] + (h * rows + rr) * Lp * 2, Lp * 2, rg, Lb * 2, P, bf16_words(L, Lb))
                 pb.spm_top = top
 
-    def _attn_group_size(self, nh):
-        """Heads per stage of a prompt's attention pipeline on a multi-core NPU (:meth:`attention`)."""
-        g = self.attn_group
-        return max(1, min(nh, g))
+    def _attn_block(self, rows):
+        """The matrix-unit block of the phased attention schedule: on a multi-core NPU one token's GEMMs use
+        :data:`GEN_SLOTS` scratchpad buffers (:class:`firmware.program.MuBlock`), else the two halves."""
+        return MuBlock(slots=self.gen_slots) if rows == 1 and self.cfg.npu.cores > 1 else MuBlock()
+
+    def _attn_groups(self, heads):
+        """The heads of each stage of a prompt's attention pipeline on a multi-core NPU (:meth:`attention`)."""
+        g = max(1, min(len(heads), self.attn_group))
+        return [heads[i:i + g] for i in range(0, len(heads), g)]
 
     def _softmax_heads(self, pb, hs, rows, pos0, blocks, Lp):
         """:meth:`_softmax_rows` of the consecutive heads ``hs`` at once (multi-core NPUs): per row block one

@@ -434,3 +434,20 @@ def test_attention_pipeline_groups_heads_for_several_cores():
     assert counts[0][SocOp.FENCE] - counts[1][SocOp.FENCE] == shape.heads - stages
     assert counts[0][SocOp.VLOAD] - counts[1][SocOp.VLOAD] == shape.heads - stages
     np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+
+
+def test_generation_attention_slots_for_several_cores():
+    """One token's attention GEMMs on a multi-core NPU use ``GEN_SLOTS`` scratchpad buffers (the heads batched
+    into one GEMM each, ``head_batch='on'``, on an array 32 columns wide): the same bits as one core."""
+    from firmware.compiler import GEN_SLOTS
+
+    assert GEN_SLOTS > 2
+    shape = GptShape(64, 4, 1)
+    w = random_weights(shape, 3)
+    x = np.random.default_rng(4).standard_normal((8, shape.d_model)).astype(np.float32)
+    outs = []
+    for cores in (1, 4):
+        cfg = CFG.replace(name="tiny-c32", **{"npu.array_cols": 32, "npu.cores": cores})
+        cm = compile_model(cfg, shape, "ianus", 5, 8, head_batch="on")
+        outs.append(read_outputs(cm, run_job(build_job(cm, w, x)).read))
+    np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
