@@ -141,11 +141,13 @@ def attn_pipeline_on(cfg: SystemConfig, attn_pipeline: str = "auto") -> bool:
     return attn_pipeline == "on" or (attn_pipeline == "auto" and cfg.npu.cores > 1)
 
 
-ATTN_GROUP = 2
+ATTN_GROUP = 5
 """Heads per stage of a prompt's attention pipeline on a multi-core NPU (:meth:`LayerCompiler.attention`):
-one VLOAD, SCALE and VSTORE for the group's score rows, a SOFTMAX per head, fewer FENCEs. GPT-2 XL 128
-summarization, ianus, the qkv_attn stage alone (cached / exact timing): attention 45.3k / 46.0k cycles with one
-head per stage, 35.3k / 37.1k with 2 (with :data:`ATTN_SLOTS`), 35.6k / 38.9k with 4, 38.6k with 6."""
+one VLOAD, SCALE and VSTORE for the group's score rows, a SOFTMAX per head, fewer FENCEs. The stage is the
+vector queue's (its SOFTMAX, SCALE and score transfers run one after the other; the matrix unit's per-head GEMMs
+fit beside them). GPT-2 XL, 128 in / 64 out, ianus, ``project(..., exact=True)``: summarization attention 7.43x
+its bound with one head per stage, 6.02x with 2 heads, 6.05x with 3, 6.27x with 4, 5.72x with 5 (cached timing:
+5.84x, 5.67x, 5.80x, 5.83x: between 2 and 5 heads the order of the DRAM traffic, not the work, decides)."""
 ATTN_SLOTS = 8
 """Scratchpad buffers of the matrix-unit blocks of that pipeline (:class:`firmware.program.MuBlock`): with the
 two halves, a head's ``Q K^T`` waited for the STORE of the GEMM two before it (8 x 644-cycle COMPUTEs of 4 heads
