@@ -148,6 +148,13 @@ vector queue's (its SOFTMAX, SCALE and score transfers run one after the other; 
 fit beside them). GPT-2 XL, 128 in / 64 out, ianus, ``project(..., exact=True)``: summarization attention 7.43x
 its bound with one head per stage, 6.02x with 2 heads, 6.05x with 3, 6.27x with 4, 5.72x with 5 (cached timing:
 5.84x, 5.67x, 5.80x, 5.83x: between 2 and 5 heads the order of the DRAM traffic, not the work, decides)."""
+ATTN_GROUP_ROWS = 640
+"""Score rows per stage of that pipeline: a longer prompt takes fewer heads per stage (its per-head GEMMs grow
+faster than its softmaxes, and the first and last stages, one unit's alone, grow with the group). XL, ianus,
+the prefill qkv_attn stage alone (cached timing), attention cycles for 1 / 2 / 3 / 5 heads per stage: 256 tokens
+107.8k / 100.0k / 100.1k / 110.4k; 512 tokens 266.0k / 284.9k / - / 332.1k (5 heads per stage at 512 put the
+summarization attention at 13.6x its bound instead of 10.8x). 640 rows: 5 heads at 128 tokens, 2 at 256, 1 at
+512."""
 ATTN_SLOTS = 8
 """Scratchpad buffers of the matrix-unit blocks of that pipeline (:class:`firmware.program.MuBlock`): with the
 two halves, a head's ``Q K^T`` waited for the STORE of the GEMM two before it (8 x 644-cycle COMPUTEs of 4 heads
@@ -352,7 +359,7 @@ class LayerCompiler:
 
         if rows > 1 and self.attn_pipeline and nh > 1:
             if cfg.npu.cores > 1:       # several heads per pipeline stage (the single-core programs unchanged)
-                groups = self._attn_groups(heads)
+                groups = self._attn_groups(heads, rows)
                 self._attention_pipelined(
                     pb, groups, lambda blk, hs: [qk(blk, h) for h in hs], lambda blk, hs: [pv(blk, h) for h in hs],
                     lambda hs: self._softmax_heads(pb, hs, rows, pos0, blocks, Lp),
@@ -428,9 +435,10 @@ class LayerCompiler:
         :data:`GEN_SLOTS` scratchpad buffers (:class:`firmware.program.MuBlock`), else the two halves."""
         return MuBlock(slots=self.gen_slots) if rows == 1 and self.cfg.npu.cores > 1 else MuBlock()
 
-    def _attn_groups(self, heads):
-        """The heads of each stage of a prompt's attention pipeline on a multi-core NPU (:meth:`attention`)."""
-        g = max(1, min(len(heads), self.attn_group))
+    def _attn_groups(self, heads, rows):
+        """The heads of each stage of a prompt's attention pipeline on a multi-core NPU (:meth:`attention`):
+        :data:`ATTN_GROUP_ROWS` score rows per stage (at most :data:`ATTN_GROUP` heads, at least one)."""
+        g = max(1, min(len(heads), self.attn_group, ATTN_GROUP_ROWS // rows))
         return [heads[i:i + g] for i in range(0, len(heads), g)]
 
     def _softmax_heads(self, pb, hs, rows, pos0, blocks, Lp):
