@@ -142,12 +142,10 @@ def attn_pipeline_on(cfg: SystemConfig, attn_pipeline: str = "auto") -> bool:
 
 
 ATTN_GROUP = 5
-"""Heads per stage of a prompt's attention pipeline on a multi-core NPU (:meth:`LayerCompiler.attention`):
-one VLOAD, SCALE and VSTORE for the group's score rows, a SOFTMAX per head, fewer FENCEs. The stage is the
-vector queue's (its SOFTMAX, SCALE and score transfers run one after the other; the matrix unit's per-head GEMMs
-fit beside them). GPT-2 XL, 128 in / 64 out, ianus, ``project(..., exact=True)``: summarization attention 7.43x
-its bound with one head per stage, 6.02x with 2 heads, 6.05x with 3, 6.27x with 4, 5.72x with 5 (cached timing:
-5.84x, 5.67x, 5.80x, 5.83x: between 2 and 5 heads the order of the DRAM traffic, not the work, decides)."""
+"""Heads per stage of a prompt's attention pipeline on a multi-core NPU (:meth:`LayerCompiler.attention`): one
+VLOAD, SCALE and VSTORE of their score rows, a SOFTMAX per head, fewer FENCEs (the vector queue binds). XL 128/64,
+ianus, exact: summarization attention 7.43x its bound with 1 head per stage, 6.02x / 6.05x / 6.27x / 5.72x with
+2 / 3 / 4 / 5 (cached: 5.84x / 5.67x / 5.80x / 5.83x: from 2 to 5 the DRAM traffic's order decides)."""
 ATTN_GROUP_ROWS = 640
 """Score rows per stage of that pipeline: a longer prompt takes fewer heads per stage (its per-head GEMMs grow
 faster than its softmaxes, and the first and last stages, one unit's alone, grow with the group). XL, ianus,
@@ -156,19 +154,14 @@ the prefill qkv_attn stage alone (cached timing), attention cycles for 1 / 2 / 3
 summarization attention at 13.6x its bound instead of 10.8x). 640 rows: 5 heads at 128 tokens, 2 at 256, 1 at
 512."""
 ATTN_SLOTS = 8
-"""Scratchpad buffers of the matrix-unit blocks of that pipeline (:class:`firmware.program.MuBlock`): with the
-two halves, a head's ``Q K^T`` waited for the STORE of the GEMM two before it (8 x 644-cycle COMPUTEs of 4 heads
-took 5.2k cycles, issue-bound 2.9k); 2 heads per stage: 37.7k cycles with 2 slots, 35.3k with 4 or 8."""
+"""Scratchpad buffers of that pipeline's matrix-unit blocks (:class:`firmware.program.MuBlock`): with two, a
+COMPUTE waited for the STORE of the GEMM two before it (2 heads per stage, XL 128: 37.7k -> 35.3k cycles)."""
 
 GEN_SLOTS = 3
-"""Scratchpad buffers of one generated token's attention GEMMs on a multi-core NPU: a third of the weight
-scratchpad per buffer cuts ``Q K^T``'s inputs (the heads' K caches side by side, 24 x 64 on GPT-2 XL) into
-k-tiles, so that a COMPUTE starts while the next tile's transposed loads run (with the halves one tile, the
-COMPUTE after all six loads). GPT-2 XL, ianus, 128 in, the qkv_attn stage alone, exact timing, attention at
-positions 128 / 160 / 191: 8.71k / 8.88k / 9.16k cycles with 2 buffers, 8.32k / 8.35k / 8.67k with 3 (4: 8.26k /
-8.39k / 8.94k). Pipelining the step's heads in groups (softmax of one beside the other's GEMMs) was slower:
-9.2k-12.1k at 160 for 2-6 groups (each group's GEMM pays the array's fixed cost, and every stage's FENCE idles the
-matrix unit)."""
+"""Scratchpad buffers of one generated token's attention GEMMs on a multi-core NPU: ``Q K^T``'s inputs (the heads'
+K caches side by side) in k-tiles, a COMPUTE beside the next tile's loads. XL, ianus, the qkv_attn stage alone,
+exact, attention at positions 128 / 160 / 191: 8.71k / 8.88k / 9.16k cycles with 2 buffers, 8.32k / 8.35k / 8.67k
+with 3. A pipeline over head groups was slower (9.2k-12.1k at 160: a GEMM per group, FENCEs idling the MU)."""
 
 
 def kv_layout(cfg: SystemConfig, shape: GptShape, policy: str, head_batch: str = "auto") -> str:
