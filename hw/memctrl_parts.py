@@ -231,7 +231,7 @@ class ChannelState(wiring.Component):
                          (ras_ok, "ras", t.tRAS, do_act), (rp_ok, "rp", t.tRP, do_pre),
                          (wr_ok, "wr", t.tWR, do_wr), (rtp_ok, "rtp", t.tRTP, rd_type)]
                 for vec, rule, cycles, start in rules:
-                    ok, ok_next, ok_next2 = countdown(m, f"b{b}_{rule}", cycles, start, ahead=2)
+                    ok, ok_next, ok_next2 = countdown(m, f"b{b}_{rule}", cycles, start, ahead=2, late=True)
                     m.d.comb += [vec[b].eq(ok), nx[rule][b].eq(ok_next), n2[rule][b].eq(ok_next2)]
                 # a PRE window this cycle's command restarts and that still runs two cycles later
                 pre2 = [start for _, rule, cycles, start in rules if rule in ("ras", "wr", "rtp") and cycles > 2]
@@ -262,7 +262,7 @@ class ChannelState(wiring.Component):
             pim_rd_op = pim_rd_op | is_lds
         if dual:
             p_open, p_row, p_rcd_ok, p_ras_ok, p_rp_ok, p_rtp_ok = pim_row_buffer(
-                m, t, iss & (op == PimOp.PACTAB), iss & (op == PimOp.PPREAB), iss & pim_rd_op, iss_row)
+                m, t, iss & (op == PimOp.PACTAB), iss & (op == PimOp.PPREAB), iss & pim_rd_op, iss_row, late=ahead)
             p_pre_ok = ~p_open | (p_ras_ok & p_rtp_ok)
         else:
             p_open = Const(0, 1)
@@ -276,19 +276,19 @@ class ChannelState(wiring.Component):
             col_cmd = col_cmd | is_lds
         is_mac = op.as_value().matches(PimOp.MACSB, PimOp.MACAB)
         if ahead:
-            ccd_ok, ccd_nx = countdown(m, "ccd", t.tCCD, iss & col_cmd, ahead=True)
-            rrd_ok, rrd_nx = countdown(m, "rrd", t.tRRD, iss & is_act, ahead=True)
-            rfc_ok, rfc_nx = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF), ahead=True)
+            ccd_ok, ccd_nx = countdown(m, "ccd", t.tCCD, iss & col_cmd, ahead=True, late=True)
+            rrd_ok, rrd_nx = countdown(m, "rrd", t.tRRD, iss & is_act, ahead=True, late=True)
+            rfc_ok, rfc_nx = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF), ahead=True, late=True)
         else:
             ccd_ok = countdown(m, "ccd", t.tCCD, iss & col_cmd)
             rrd_ok = countdown(m, "rrd", t.tRRD, iss & is_act)
             rfc_ok = countdown(m, "rfc", t.tRFC, iss & (op == PimOp.REF))
-        mac_ok = countdown(m, "mac", t.tMAC, iss & is_mac)
+        mac_ok = countdown(m, "mac", t.tMAC, iss & is_mac, late=ahead)
         if p.lowprec and p.acc_slots == 2:
             # tMAC after the last MAC into each accumulator slot (``row`` bit 4), as the device's PU_BUSY.
-            m.d.comb += [s.mac_ok0.eq(countdown(m, "mac0", t.tMAC, iss & is_mac & ~iss_row[4])),
-                         s.mac_ok1.eq(countdown(m, "mac1", t.tMAC, iss & is_mac & iss_row[4]))]
-        af_ok = countdown(m, "afl", t.tAF, iss & (op == PimOp.AF))
+            m.d.comb += [s.mac_ok0.eq(countdown(m, "mac0", t.tMAC, iss & is_mac & ~iss_row[4], late=ahead)),
+                         s.mac_ok1.eq(countdown(m, "mac1", t.tMAC, iss & is_mac & iss_row[4], late=ahead))]
+        af_ok = countdown(m, "afl", t.tAF, iss & (op == PimOp.AF), late=ahead)
         if ahead:
             faw_ok, faw_nx = faw_window(m, t.tFAW, iss & is_act, ahead=True)
             m.d.comb += [s.ccd_nx.eq(ccd_nx), s.act_timing_nx.eq(rfc_nx & rrd_nx & faw_nx),
@@ -296,7 +296,7 @@ class ChannelState(wiring.Component):
         else:
             faw_ok = faw_window(m, t.tFAW, iss & is_act)
         if p.pipelined:
-            m.d.comb += s.cmb_ok.eq(countdown(m, "cmb", t.tMAC, iss & is_mac & iss_row[COMBINE_ROW_BIT]))
+            m.d.comb += s.cmb_ok.eq(countdown(m, "cmb", t.tMAC, iss & is_mac & iss_row[COMBINE_ROW_BIT], late=ahead))
 
         m.d.comb += [s.open_row[b].eq(open_row[b]) for b in range(nb)]
         m.d.comb += [

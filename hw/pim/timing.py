@@ -24,7 +24,7 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal
 __all__ = ["countdown", "faw_window", "refresh_credit", "delay_pipe", "pim_row_buffer"]
 
 
-def countdown(m: Module, name: str, cycles: int, start, ahead: bool | int = False):
+def countdown(m: Module, name: str, cycles: int, start, ahead: bool | int = False, late: bool = False):
     """A timing window: after ``start``, ``ok`` is low for ``cycles - 1`` cycles.
 
     A command on cycle ``t`` that starts the counter allows the constrained
@@ -34,10 +34,17 @@ def countdown(m: Module, name: str, cycles: int, start, ahead: bool | int = Fals
     choice when the command issued in between restarted a window it needs). With ``ahead=2``,
     ``(ok, ok_next, ok_next2)``: ``ok_next2`` looks two cycles ahead (no restart in this cycle or the next;
     the per-entry readiness the request queue registers for the registered pick).
+
+    With ``late`` (for Fmax: the memory controller's registered pick) ``start`` is registered first
+    (``{name}_go``) and the counter is loaded from that register with ``cycles - 2``; ``ok`` and the
+    look-ahead outputs are the same on every cycle (the register stands for the counter's first value, so
+    ``start`` only drives one flip-flop instead of the counter's next-value logic).
     """
     n_ahead = int(ahead)
     if cycles <= 1:
         return (Const(1, 1),) * (n_ahead + 1) if n_ahead else Const(1, 1)
+    if late:
+        return _countdown_late(m, name, cycles, start, n_ahead)
     cnt = Signal(range(cycles), name=f"{name}_cnt")
     with m.If(start):
         m.d.sync += cnt.eq(cycles - 1)
@@ -54,6 +61,25 @@ def countdown(m: Module, name: str, cycles: int, start, ahead: bool | int = Fals
     ok_next2 = Signal(name=f"{name}_ok_next2")
     m.d.comb += ok_next2.eq(cnt <= 2 if cycles > 3 else 1)
     return ok, ok_next, ok_next2
+
+
+def _countdown_late(m: Module, name: str, cycles: int, start, n_ahead: int):
+    """:func:`countdown` with the start registered (``late``): the original counter is ``cycles - 1`` in the
+    cycle after a start (``go`` high) and ``cnt`` otherwise."""
+    go = Signal(name=f"{name}_go")
+    m.d.sync += go.eq(start)
+    ok, ok_next, ok_next2 = (Signal(name=f"{name}_ok{sfx}") for sfx in ("", "_next", "_next2"))
+    if cycles == 2:
+        m.d.comb += [ok.eq(~go), ok_next.eq(1), ok_next2.eq(1)]
+    else:
+        cnt = Signal(range(cycles - 1), name=f"{name}_cnt")
+        with m.If(go):
+            m.d.sync += cnt.eq(cycles - 2)
+        with m.Elif(cnt != 0):
+            m.d.sync += cnt.eq(cnt - 1)
+        m.d.comb += [ok.eq(~go & (cnt == 0)), ok_next.eq(~go & (cnt <= 1)),
+                     ok_next2.eq(~go & (cnt <= 2) if cycles > 3 else 1)]
+    return (ok, ok_next, ok_next2)[:n_ahead + 1] if n_ahead else ok
 
 
 def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: bool = False):
@@ -110,7 +136,7 @@ def delay_pipe(m: Module, valid, data, stages: int, prefix: str):
     return valid, data
 
 
-def pim_row_buffer(m: Module, t, act, pre, rd, row):
+def pim_row_buffer(m: Module, t, act, pre, rd, row, late: bool = False):
     """The PIM row buffer (two row buffers per bank; every command on it is all-bank, so one state stands
     for every bank's): ``act`` (PACTAB) opens ``row``, ``pre`` (PPREAB) closes it, ``rd`` (MAC / AF) reads it.
     Returns ``(open, row, rcd_ok, ras_ok, rp_ok, rtp_ok)`` with the buffer's own tRCDRD, tRAS, tRP and tRTP."""
@@ -121,5 +147,5 @@ def pim_row_buffer(m: Module, t, act, pre, rd, row):
     with m.Elif(pre):
         m.d.sync += p_open.eq(0)
     return (p_open, p_row,
-            countdown(m, "p_rcdrd", t.tRCDRD, act), countdown(m, "p_ras", t.tRAS, act),
-            countdown(m, "p_rp", t.tRP, pre & p_open), countdown(m, "p_rtp", t.tRTP, rd))
+            countdown(m, "p_rcdrd", t.tRCDRD, act, late=late), countdown(m, "p_ras", t.tRAS, act, late=late),
+            countdown(m, "p_rp", t.tRP, pre & p_open, late=late), countdown(m, "p_rtp", t.tRTP, rd, late=late))
