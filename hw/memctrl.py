@@ -258,7 +258,7 @@ class MemoryController(wiring.Component):
         m.d.comb += [
             pim.pim_mode.eq(self.pim_mode), pim.credit.eq(pipe.pim_credit),
             refresh.mode_pim.eq(pim.mode_pim), refresh.mode_normal.eq(pim.mode_normal),
-            refresh.queue_empty.eq(queue.count == 0),
+            refresh.queue_empty.eq(queue.empty if cfg.pim.pick_stages else queue.count == 0),
             queue.chan_id.eq(self.chan_id), queue.pick.eq(sched.pick), queue.remove.eq(sched.remove),
             queue.err_accept.eq(pipe.err_accept),
             sched.entries.eq(queue.entries), sched.picked.eq(queue.picked), sched.starving.eq(queue.starving),
@@ -280,11 +280,16 @@ class MemoryController(wiring.Component):
         # ------------------------------------------------------- bus register
         iss = arb.issued
         bus = self.bus
-        m.d.sync += [
-            bus.op.eq(Mux(iss.valid, iss.op, PimOp.NOP)),
-            bus.bank.eq(iss.bank), bus.row.eq(iss.row), bus.col.eq(iss.col),
-            bus.data.eq(iss.data), bus.mask.eq(iss.mask),
-        ]
+        if cfg.pim.pick_stages:     # the arbiter's fields are only meaningful with ``valid`` (:class:`Arbiter`)
+            m.d.sync += [bus.op.eq(Mux(iss.valid, iss.op, PimOp.NOP))]
+            m.d.sync += [getattr(bus, n).eq(Mux(iss.valid, getattr(iss, n), 0))
+                         for n in ("bank", "row", "col", "data", "mask")]
+        else:
+            m.d.sync += [
+                bus.op.eq(Mux(iss.valid, iss.op, PimOp.NOP)),
+                bus.bank.eq(iss.bank), bus.row.eq(iss.row), bus.col.eq(iss.col),
+                bus.data.eq(iss.data), bus.mask.eq(iss.mask),
+            ]
 
         # ------------------------------------------------------- status and counters
         m.d.comb += [self.refresh_owed.eq(refresh.owed), self.pim_idle.eq(~self.pim.valid & ~pipe.pim_in_flight)]

@@ -472,7 +472,10 @@ class Arbiter(wiring.Component):
     -------
     refresh, close, pim, normal : In(BidSignature(cfg))
     issued : Out(CommandSignature(cfg))
-        The granted bid's command (``valid`` low and every field 0 when no command is issued).
+        The granted bid's command (``valid`` low and every field 0 when no command is issued). With the
+        registered pick (``PimGeometry.pick_stages = 1``, for Fmax) the fields are the granted bid's whatever
+        its ``valid`` (a bid may drive them without a command), so only ``valid`` waits for the bids' timing
+        checks; every user qualifies them with ``valid`` and the bus register zeroes them without a command.
     """
 
     def __init__(self, cfg: SystemConfig, arbitration: str = "pim_first"):
@@ -499,8 +502,14 @@ class Arbiter(wiring.Component):
             with m.If(pim_go & norm_go & ~busy):
                 m.d.sync += last_pim.eq(pim_win)
 
+        ungated = self._cfg.pim.pick_stages > 0
+
         def grant(bid):
             m.d.comb += bid.grant.eq(1)
+            if ungated:     # the fields follow the grant alone (meaningful with ``valid``; the bus gates them)
+                m.d.comb += [getattr(self.issued, n).eq(getattr(bid.cmd, n))
+                             for n in ("valid", "op", "bank", "row", "col", "data", "mask")]
+                return
             with m.If(bid.cmd.valid):
                 m.d.comb += [getattr(self.issued, n).eq(getattr(bid.cmd, n))
                              for n in ("valid", "op", "bank", "row", "col", "data", "mask")]

@@ -199,12 +199,26 @@ class PimPath(wiring.Component):
         serve_pim = (mode_pim | mode_normal) if dual else mode_pim
         m.d.comb += self.bid.go.eq(serve_pim & self.pim.valid & (~p_reads | self.credit) &
                                    (state_bad | timing_ok | conflict_pre))
-        with m.If(~state_bad):
-            with m.If(timing_ok):
-                with m.If(pc.op != PimOp.NOP):
-                    propose(m, self.bid.cmd, pc.op, pbank, pc.row, pc.col, pc.data, pc.mask)
-            with m.Else():             # close a normal row the PACTAB needs (two row buffers)
-                propose(m, self.bid.cmd, PimOp.PRE, bank=conflict_bank)
+        if p.pick_stages:
+            # For Fmax: the fields do not wait for the checks (only ``valid`` does; :class:`Arbiter`).
+            cmd = self.bid.cmd
+            m.d.comb += cmd.valid.eq(~state_bad & (~timing_ok | (pc.op != PimOp.NOP)))
+            if dual:
+                m.d.comb += [cmd.op.eq(Mux(timing_ok, pc.op, PimOp.PRE)),
+                             cmd.bank.eq(Mux(timing_ok, pbank, conflict_bank))]
+            else:
+                m.d.comb += [cmd.op.eq(pc.op), cmd.bank.eq(pbank)]
+            m.d.comb += [cmd.row.eq(pc.row), cmd.col.eq(pc.col), cmd.data.eq(pc.data), cmd.mask.eq(pc.mask)]
+            if dual:        # the conflict PRE carries no row or column
+                with m.If(~timing_ok):
+                    m.d.comb += [cmd.row.eq(0), cmd.col.eq(0), cmd.data.eq(0), cmd.mask.eq(0)]
+        else:
+            with m.If(~state_bad):
+                with m.If(timing_ok):
+                    with m.If(pc.op != PimOp.NOP):
+                        propose(m, self.bid.cmd, pc.op, pbank, pc.row, pc.col, pc.data, pc.mask)
+                with m.Else():             # close a normal row the PACTAB needs (two row buffers)
+                    propose(m, self.bid.cmd, PimOp.PRE, bank=conflict_bank)
         take = self.bid.grant & (state_bad | timing_ok)
         m.d.comb += [
             self.take.eq(take), self.refused.eq(self.bid.grant & state_bad), self.pim.ready.eq(take),

@@ -94,6 +94,8 @@ class RequestQueue(wiring.Component):
         The oldest request waited ``starve_limit`` cycles without its row being open.
     count : Out(range(depth + 1))
         The queued requests (a hole not counted).
+    empty : Out(1)
+        With a registered pick: ``count == 0``, from a register.
     col_resp, err_resp : Out(ResponseSourceSignature())
         The removed entry's response (a read or a write acknowledgement) and the error response.
     """
@@ -109,7 +111,7 @@ class RequestQueue(wiring.Component):
             "entries": Out(data.ArrayLayout(entry_layout(cfg), depth)), "picked": Out(picked_layout(cfg)),
             "hit_in_bank": Out(cfg.pim.banks), "starving": Out(1), "count": Out(range(depth + 1)),
             "col_resp": Out(ResponseSourceSignature()), "err_resp": Out(ResponseSourceSignature()),
-            **({"collapse": Out(depth)} if cfg.pim.pick_stages else {}),
+            **({"collapse": Out(depth), "empty": Out(1)} if cfg.pim.pick_stages else {}),
         })
 
     def elaborate(self, platform):
@@ -286,11 +288,19 @@ class RequestQueue(wiring.Component):
                 m.d.sync += [r[i].eq(ready_next[name][i + 1] if i < D - 1 else 0) for name, r in ready.items()]
             with m.Else():
                 m.d.sync += [r[i].eq(ready_next[name][i]) for name, r in ready.items()]
-        m.d.sync += count.eq(count - rm + enq)
+        count_next = Signal.like(count, name="q_count_next")
+        m.d.comb += count_next.eq(count - rm + enq)
+        m.d.sync += count.eq(count_next)
         # The granted entry's place as it will be next cycle, after this cycle's collapse.
         at = self.pick - collapse.bit_select(self.pick, 1)
-        m.d.sync += collapse.eq(Mux(self.remove, Cat(*[at <= i for i in range(D)]), 0))
+        collapse_next = Signal.like(collapse, name="q_collapse_next")
+        m.d.comb += collapse_next.eq(Mux(self.remove, Cat(*[at <= i for i in range(D)]), 0))
+        m.d.sync += collapse.eq(collapse_next)
         m.d.comb += self.count.eq(slot)
+        # ``count == 0`` registered (for Fmax: the refresh machine's idle check): next cycle's ``slot``.
+        empty = Signal(init=1, name="q_empty")
+        m.d.sync += empty.eq(count_next == collapse_next[D - 1])
+        m.d.comb += self.empty.eq(empty)
         with m.If((slot == 0) | head_hit):
             m.d.sync += head_age.eq(0)
         with m.Elif(gone[0]):       # the new head's first cycle
