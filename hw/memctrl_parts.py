@@ -110,7 +110,8 @@ class ChannelStateSignature(wiring.Signature):
     ``rcdwr_n2``, ``rp_n2``, ``pre_n2``: allowed in two cycles unless this cycle's or the next cycle's
     command restarts them) and ``x_pre2`` (per bank: this cycle's command restarts a PRE window, tRAS / tWR
     / tRTP, that still runs two cycles later); and ``af_row`` (per bank: ``open_row`` is at least
-    ``PimGeometry.data_rows``, an AF row) and ``rp_all`` (``rp_ok`` all ones, from a register). With 4-bit
+    ``PimGeometry.data_rows``, an AF row), ``rp_all`` and ``rcdrd_all`` (``rp_ok`` / ``rcdrd_ok`` all ones, from a
+    register). With 4-bit
     weights and two accumulator slots also ``mac_ok0`` / ``mac_ok1``: tMAC since the last MAC into slot 0 / 1
     (``row`` bit 4), which WRBIAS and RDMAC into that slot wait for (``mac_ok`` counts every MAC)."""
 
@@ -138,6 +139,7 @@ class ChannelStateSignature(wiring.Signature):
             # channel-wide: tRP allows every bank (``rp_ok`` all ones, registered a cycle ahead).
             members["af_row"] = Out(nb)
             members["rp_all"] = Out(1)
+            members["rcdrd_all"] = Out(1)
         super().__init__(members)
 
 
@@ -206,7 +208,7 @@ class ChannelState(wiring.Component):
               } if ahead else {}
         n2 = {rule: Signal(nb, name=f"{rule}_ok_next2") for rule in ("rcdrd", "rcdwr", "ras", "rp", "wr", "rtp")
               } if ahead else {}
-        rp_next = []                # per bank: tRP allows an ACT next cycle (this cycle's command included)
+        dec_act, dec_pre = Signal(nb, name="dec_act"), Signal(nb, name="dec_pre")    # ungated (ahead only)
         is_lds = lds_op(op, p)
         for b in range(nb):
             here = iss_bank == b
@@ -237,7 +239,8 @@ class ChannelState(wiring.Component):
                 pre2 = [start for _, rule, cycles, start in rules if rule in ("ras", "wr", "rtp") and cycles > 2]
                 m.d.comb += [s.x_row[b].eq(do_act | do_pre), s.x_col[b].eq(do_wr | rd_type),
                              s.x_pre2[b].eq(Cat(*pre2).any() if pre2 else 0)]
-                rp_next.append(nx["rp"][b] & ~do_pre if t.tRP > 1 else Const(1, 1))
+                m.d.comb += [dec_act[b].eq(((op == PimOp.ACT) & here) | (op == PimOp.ACTAB)),
+                             dec_pre[b].eq(is_open[b] & (((op == PimOp.PRE) & here) | (op == PimOp.PREAB)))]
                 continue
             m.d.comb += [
                 rcdrd_ok[b].eq(countdown(m, f"b{b}_rcdrd", t.tRCDRD, do_act)),
@@ -309,9 +312,18 @@ class ChannelState(wiring.Component):
         ]
         if ahead:
             # tRP allows every bank: registered from next cycle's per-bank windows (reset: every bank allows).
+            # Likewise tRCDRD for every bank (the all-bank MACs and AF). Written as a choice on ``iss`` between
+            # the two cases, each from registers and the (ungated) decode, so it waits for ``iss`` one level.
             rp_all = Signal(init=1, name="rp_all_r")
-            m.d.sync += rp_all.eq(Cat(*rp_next).all())
-            m.d.comb += s.rp_all.eq(rp_all)
+            rcdrd_all = Signal(init=1, name="rcdrd_all_r")
+
+            def all_next(ok_next, dec, cycles):
+                if cycles <= 1:
+                    return Const(1, 1)
+                return Mux(iss, (ok_next & ~dec).all(), ok_next.all())
+            m.d.sync += [rp_all.eq(all_next(nx["rp"], dec_pre, t.tRP)),
+                         rcdrd_all.eq(all_next(nx["rcdrd"], dec_act, t.tRCDRD))]
+            m.d.comb += [s.rp_all.eq(rp_all), s.rcdrd_all.eq(rcdrd_all)]
         return m
 
 

@@ -84,6 +84,10 @@ class PimPath(wiring.Component):
         open_row = Array(s.open_row[b] for b in range(nb))
         act_timing_ok = s.act_timing_ok
 
+        def rcdrd_all():
+            """tRCDRD allows every bank (registered with the registered pick)."""
+            return s.rcdrd_all if p.pick_stages else (s.rcdrd_ok == all_banks)
+
         def bit(vec, index):
             return bit_of(vec, index, nb)
 
@@ -174,11 +178,11 @@ class PimPath(wiring.Component):
                     m.d.comb += [state_bad.eq(~p_open_b), timing_ok.eq(mac_timing(bit(s.rcdrd_ok, pbank) & ccd_ok))]
                 with m.Case(PimOp.MACAB):
                     m.d.comb += [state_bad.eq(is_open != all_banks),
-                                 timing_ok.eq(mac_timing((s.rcdrd_ok == all_banks) & ccd_ok))]
+                                 timing_ok.eq(mac_timing(rcdrd_all() & ccd_ok))]
                 with m.Case(PimOp.AF):
                     af_rows = s.af_row if p.pick_stages else Cat(*[open_row[b] >= p.data_rows for b in range(nb)])
                     m.d.comb += [state_bad.eq((is_open != all_banks) | (af_rows != all_banks)),
-                                 timing_ok.eq((s.rcdrd_ok == all_banks) & mac_ok & ccd_ok)]
+                                 timing_ok.eq(rcdrd_all() & mac_ok & ccd_ok)]
             with m.Case(PimOp.REF):
                 m.d.comb += [state_bad.eq(~all_closed | p_open), timing_ok.eq(s.ref_ok)]
             with m.Case(PimOp.WRGB):
@@ -241,4 +245,5 @@ class PimPath(wiring.Component):
             if p.row_buffers == 2:
                 m.d.comb += [state_bad.eq(~s.p_open), timing_ok.eq(s.p_rcd_ok & s.ccd_ok)]
             else:
-                m.d.comb += [state_bad.eq(s.is_open != all_banks), timing_ok.eq((s.rcdrd_ok == all_banks) & s.ccd_ok)]
+                rcdrd_all = s.rcdrd_all if p.pick_stages else (s.rcdrd_ok == all_banks)
+                m.d.comb += [state_bad.eq(s.is_open != all_banks), timing_ok.eq(rcdrd_all & s.ccd_ok)]
