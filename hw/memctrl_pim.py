@@ -203,6 +203,21 @@ class PimPath(wiring.Component):
         serve_pim = (mode_pim | mode_normal) if dual else mode_pim
         m.d.comb += self.bid.go.eq(serve_pim & self.pim.valid & (~p_reads | self.credit) &
                                    (state_bad | timing_ok | conflict_pre))
+        self._bid_command(m, pbank, state_bad, timing_ok, conflict_bank)
+        take = self.bid.grant & (state_bad | timing_ok)
+        m.d.comb += [
+            self.take.eq(take), self.refused.eq(self.bid.grant & state_bad), self.pim.ready.eq(take),
+            self.resp.valid.eq(take & p_reads), self.resp.err.eq(self.refused), self.resp.tag.eq(pc.tag),
+            self.pact_pending.eq((self.pim.valid & (pc.op == PimOp.PACTAB)) if dual else Const(0, 1)),
+            self.pact_row.eq(pc.row),
+        ]
+        return m
+
+    def _bid_command(self, m, pbank, state_bad, timing_ok, conflict_bank):
+        """The bid's command: the head command when it may issue, else (two row buffers) the PRE that closes a
+        normal row its PACTAB needs."""
+        p, pc = self._cfg.pim, self.pim.payload
+        dual = p.row_buffers == 2
         if p.pick_stages:
             # For Fmax: the fields do not wait for the checks (only ``valid`` does; :class:`Arbiter`).
             cmd = self.bid.cmd
@@ -223,14 +238,6 @@ class PimPath(wiring.Component):
                         propose(m, self.bid.cmd, pc.op, pbank, pc.row, pc.col, pc.data, pc.mask)
                 with m.Else():             # close a normal row the PACTAB needs (two row buffers)
                     propose(m, self.bid.cmd, PimOp.PRE, bank=conflict_bank)
-        take = self.bid.grant & (state_bad | timing_ok)
-        m.d.comb += [
-            self.take.eq(take), self.refused.eq(self.bid.grant & state_bad), self.pim.ready.eq(take),
-            self.resp.valid.eq(take & p_reads), self.resp.err.eq(self.refused), self.resp.tag.eq(pc.tag),
-            self.pact_pending.eq((self.pim.valid & (pc.op == PimOp.PACTAB)) if dual else Const(0, 1)),
-            self.pact_row.eq(pc.row),
-        ]
-        return m
 
     def _lowprec_rules(self, m, state_bad, timing_ok):
         """4-bit weights: LDSCAB / LDSLAB (opcodes outside PimOp) are all-bank read-type column commands, like
