@@ -65,7 +65,7 @@ def countdown(m: Module, name: str, cycles: int, start, ahead: bool | int = Fals
 
 def _countdown_late(m: Module, name: str, cycles: int, start, n_ahead: int):
     """:func:`countdown` with the start registered (``late``): the original counter is ``cycles - 1`` in the
-    cycle after a start (``go`` high) and ``cnt`` otherwise; ``ok`` is a register."""
+    cycle after a start (``go`` high) and ``cnt`` otherwise."""
     go = Signal(name=f"{name}_go")
     m.d.sync += go.eq(start)
     ok, ok_next, ok_next2 = (Signal(name=f"{name}_ok{sfx}") for sfx in ("", "_next", "_next2"))
@@ -77,10 +77,7 @@ def _countdown_late(m: Module, name: str, cycles: int, start, n_ahead: int):
             m.d.sync += cnt.eq(cycles - 2)
         with m.Elif(cnt != 0):
             m.d.sync += cnt.eq(cnt - 1)
-        # ``ok`` itself a register (next cycle's ``ok``: allowed next cycle and not restarted now)
-        ok_r = Signal(init=1, name=f"{name}_ok_r")
-        m.d.sync += ok_r.eq(~start & ~go & (cnt <= 1))
-        m.d.comb += [ok.eq(ok_r), ok_next.eq(~go & (cnt <= 1)),
+        m.d.comb += [ok.eq(~go & (cnt == 0)), ok_next.eq(~go & (cnt <= 1)),
                      ok_next2.eq(~go & (cnt <= 2) if cycles > 3 else 1)]
     return (ok, ok_next, ok_next2)[:n_ahead + 1] if n_ahead else ok
 
