@@ -180,7 +180,10 @@ class ChannelState(wiring.Component):
     open bank) starts tRP; WR starts tWR; RD, MACSB, MACAB and AF start tRTP (with two row buffers, MAC and
     AF read the PIM buffer, :func:`hw.pim.timing.pim_row_buffer`). Channel-wide: tCCD (every column-type
     command), tRRD (ACT, ACTAB, PACTAB), tFAW (:func:`hw.pim.timing.faw_window`), tRFC (REF), tMAC (MACSB,
-    MACAB) and tAF (AF).
+    MACAB) and tAF (AF). With the registered pick (``PimGeometry.pick_stages = 1``, for Fmax) the countdowns
+    load from their registered start (``countdown(..., late=True)``: the same windows on every cycle, but the
+    issued command only drives one flip-flop per window), and ``rp_all`` / ``rcdrd_all`` are registers whose
+    inputs choose on ``issued.valid`` between two terms computed from registers and the ungated decode.
     """
 
     def __init__(self, cfg: SystemConfig):
