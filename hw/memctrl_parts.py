@@ -296,14 +296,7 @@ class ChannelState(wiring.Component):
                          s.mac_ok1.eq(countdown(m, "mac1", t.tMAC, iss & is_mac & iss_row[4], late=ahead))]
         af_ok = countdown(m, "afl", t.tAF, iss & (op == PimOp.AF), late=ahead)
         if ahead:
-            faw_ok, faw_nx, faw_nx_act = faw_window(m, t.tFAW, iss & is_act, ahead=2)
-            # tRFC, tRRD and tFAW allow an activation: a register, whose input chooses on ``iss`` between this
-            # cycle's command restarting them or not (both from registers and the ungated decode).
-            act_timing_r = Signal(init=1, name="act_timing_r")
-            rfc_t = rfc_nx & (op != PimOp.REF) if t.tRFC > 1 else Const(1, 1)
-            rrd_t = rrd_nx & ~is_act if t.tRRD > 1 else Const(1, 1)
-            m.d.sync += act_timing_r.eq(Mux(iss, rfc_t & rrd_t & Mux(is_act, faw_nx_act, faw_nx),
-                                            rfc_nx & rrd_nx & faw_nx))
+            faw_ok, faw_nx = faw_window(m, t.tFAW, iss & is_act, ahead=True)
             m.d.comb += [s.ccd_nx.eq(ccd_nx), s.act_timing_nx.eq(rfc_nx & rrd_nx & faw_nx),
                          s.x_column.eq(iss & col_cmd), s.x_act.eq(iss & (is_act | (op == PimOp.REF)))]
         else:
@@ -317,7 +310,7 @@ class ChannelState(wiring.Component):
             s.pre_ok.eq(pre_ok), s.all_closed.eq(all_closed), s.preab_ok.eq((is_open & ~pre_ok) == 0),
             s.p_open.eq(p_open), s.p_row.eq(p_row), s.p_rcd_ok.eq(p_rcd_ok), s.p_rp_ok.eq(p_rp_ok),
             s.p_pre_ok.eq(p_pre_ok), s.ccd_ok.eq(ccd_ok), s.mac_ok.eq(mac_ok), s.af_ok.eq(af_ok),
-            s.act_timing_ok.eq(act_timing_r if ahead else (rfc_ok & rrd_ok & faw_ok)),      # plus the bank's tRP
+            s.act_timing_ok.eq(rfc_ok & rrd_ok & faw_ok),      # plus the bank's tRP
             s.ref_ok.eq(all_closed & (s.rp_all if ahead else (rp_ok == all_banks)) & rfc_ok & ~p_open & p_rp_ok),
         ]
         if ahead:

@@ -82,16 +82,14 @@ def _countdown_late(m: Module, name: str, cycles: int, start, n_ahead: int):
     return (ok, ok_next, ok_next2)[:n_ahead + 1] if n_ahead else ok
 
 
-def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: bool | int = False):
+def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: bool = False):
     """tFAW: ``ok`` while fewer than four activations (``act`` high) happened in the last ``tFAW - 1``
     cycles (a shift register), so a fifth is allowed ``tFAW`` cycles after the first. Returns ``ok``; with
     ``ahead``, ``(ok, ok_next)``: ``ok_next`` counts the window as it will be next cycle without this cycle's
     ``act`` (as :func:`countdown`), and the activations in the window are a register (``faw_count``, updated
-    with the bit that enters and the one that leaves) instead of a sum over the window. With ``ahead=2``,
-    ``(ok, ok_next, ok_next_act)``: ``ok_next_act`` is next cycle's ``ok`` if ``act`` is high this cycle."""
+    with the bit that enters and the one that leaves) instead of a sum over the window."""
     ok = Signal(name="faw_ok")
     ok_next = Signal(name="faw_ok_next") if ahead else None
-    ok_next_act = Signal(name="faw_ok_next_act") if ahead == 2 else None
     if tFAW > 1 and ahead:
         window = Signal(tFAW - 1, name="window")
         m.d.sync += window.eq(Cat(act, window[:-1]) if tFAW > 2 else act)
@@ -99,8 +97,6 @@ def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: 
         m.d.sync += count.eq(count + act - window[-1])
         m.d.comb += [ok.eq(count < 4),
                      ok_next.eq((count < 4) | ((count == 4) & window[-1]) if tFAW > 2 else 1)]
-        if ok_next_act is not None:
-            m.d.comb += ok_next_act.eq((count < 3) | ((count == 3) & window[-1]) if tFAW > 2 else 1)
     elif tFAW > 1:
         window = Signal(tFAW - 1, name="window")
         m.d.sync += window.eq(Cat(act, window[:-1]) if tFAW > 2 else act)
@@ -114,10 +110,6 @@ def faw_window(m: Module, tFAW: int, act, count_name: str | None = None, ahead: 
         m.d.comb += ok.eq(1)
         if ahead:
             m.d.comb += ok_next.eq(1)
-        if ok_next_act is not None:
-            m.d.comb += ok_next_act.eq(1)
-    if ahead == 2:
-        return ok, ok_next, ok_next_act
     return (ok, ok_next) if ahead else ok
 
 
